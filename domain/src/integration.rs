@@ -1,0 +1,627 @@
+//! An integration (a provider configuration: provider, OAuth client, scopes) as a pure
+//! event-sourced aggregate.
+//!
+//! An integration's stream is [`stream_id`]`(provider_config_key)`, derived deterministically so
+//! that two concurrent creations meet at the store's expected-version check.
+//!
+//! Invariants [`decide`] keeps:
+//! - At most one live integration per key: creating one that exists is refused; creating it again
+//!   after a deletion is allowed and continues the same stream.
+//! - Only a live integration can be updated or deleted.
+//! - The client secret appears only [`Sealed`].
+//!
+//! [`apply`] is total and trusts the log: events that cannot concern the state they meet (an
+//! update of an integration that does not exist) are ignored; `decide` never produces them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::event::{DecodeError, DomainEvent};
+use crate::keys::Sealed;
+use crate::store::StreamId;
+
+/// The stream category of integrations.
+pub const CATEGORY: &str = "integration";
+
+/// The UUID v5 namespace of integration stream ids. Changing it orphans every existing stream.
+pub const STREAM_NAMESPACE: Uuid = Uuid::from_u128(0x446a_214a_c532_4392_b628_5eca_fbff_7bb4);
+
+const EVENT_VERSION: i16 = 1;
+const INTEGRATION_CREATED: &str = "IntegrationCreated";
+const INTEGRATION_UPDATED: &str = "IntegrationUpdated";
+const INTEGRATION_DELETED: &str = "IntegrationDeleted";
+
+/// The stream of the integration `provider_config_key`. Deterministic.
+pub fn stream_id(provider_config_key: &str) -> StreamId {
+    StreamId::new(
+        CATEGORY,
+        Uuid::new_v5(&STREAM_NAMESPACE, provider_config_key.as_bytes()),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------------
+
+/// The integration was created (first time, or again after a deletion).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IntegrationCreated {
+    /// The integration's key, unique among live integrations.
+    pub provider_config_key: String,
+    /// The provider template's name.
+    pub provider: String,
+    /// The OAuth client id (not a secret).
+    pub oauth_client_id: String,
+    /// The OAuth client secret, sealed.
+    pub client_secret: Sealed,
+    /// The scopes to request.
+    pub oauth_scopes: Vec<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The integration's configuration was replaced.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IntegrationUpdated {
+    /// The provider template's name.
+    pub provider: String,
+    /// The OAuth client id.
+    pub oauth_client_id: String,
+    /// The OAuth client secret, sealed.
+    pub client_secret: Sealed,
+    /// The scopes to request.
+    pub oauth_scopes: Vec<String>,
+    /// When it was updated.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The integration was deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IntegrationDeleted {
+    /// When it was deleted.
+    pub deleted_at: DateTime<Utc>,
+}
+
+/// Everything that happens to an integration. Stored with the variant's name as `event_type`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntegrationEvent {
+    /// See [`IntegrationCreated`].
+    IntegrationCreated(IntegrationCreated),
+    /// See [`IntegrationUpdated`].
+    IntegrationUpdated(IntegrationUpdated),
+    /// See [`IntegrationDeleted`].
+    IntegrationDeleted(IntegrationDeleted),
+}
+
+impl DomainEvent for IntegrationEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::IntegrationCreated(_) => INTEGRATION_CREATED,
+            Self::IntegrationUpdated(_) => INTEGRATION_UPDATED,
+            Self::IntegrationDeleted(_) => INTEGRATION_DELETED,
+        }
+    }
+
+    fn event_version(&self) -> i16 {
+        EVENT_VERSION
+    }
+
+    fn to_payload(&self) -> Value {
+        match self {
+            Self::IntegrationCreated(payload) => payload_json(payload),
+            Self::IntegrationUpdated(payload) => payload_json(payload),
+            Self::IntegrationDeleted(payload) => payload_json(payload),
+        }
+    }
+
+    fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError> {
+        match (event_type, event_version) {
+            (INTEGRATION_CREATED, 1) => read(event_type, payload).map(Self::IntegrationCreated),
+            (INTEGRATION_UPDATED, 1) => read(event_type, payload).map(Self::IntegrationUpdated),
+            (INTEGRATION_DELETED, 1) => read(event_type, payload).map(Self::IntegrationDeleted),
+            _ => Err(DecodeError::Unknown {
+                event_type: event_type.to_owned(),
+                event_version,
+            }),
+        }
+    }
+}
+
+/// A payload as JSON.
+fn payload_json<T: Serialize>(payload: &T) -> Value {
+    // Serializing into a `Value` fails only for a map with non-string keys or a `Serialize` impl
+    // that reports an error. These payloads hold strings, uuids, RFC 3339 timestamps and base64,
+    // none of which can fail; the pinning tests serialize every type.
+    match serde_json::to_value(payload) {
+        Ok(value) => value,
+        Err(error) => panic!("integration event payloads always serialize: {error}"),
+    }
+}
+
+/// Reads a payload by borrowing it (`Sealed` deserializes from a borrowed string).
+fn read<'a, T: Deserialize<'a>>(event_type: &str, payload: &'a Value) -> Result<T, DecodeError> {
+    T::deserialize(payload).map_err(|error| DecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------------
+
+/// An integration as its events leave it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Integration {
+    /// No event yet.
+    #[default]
+    NeverCreated,
+    /// Created and not deleted since.
+    Active(ActiveIntegration),
+    /// Deleted; it may be created again.
+    Deleted(DeletedIntegration),
+}
+
+/// The state of a live integration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActiveIntegration {
+    /// The integration's key.
+    pub provider_config_key: String,
+    /// The provider template's name.
+    pub provider: String,
+    /// The OAuth client id.
+    pub oauth_client_id: String,
+    /// The OAuth client secret, sealed.
+    pub client_secret: Sealed,
+    /// The scopes to request.
+    pub oauth_scopes: Vec<String>,
+    /// When it was (last) created.
+    pub created_at: DateTime<Utc>,
+    /// When it was last updated, if ever since its creation.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// The state of a deleted integration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeletedIntegration {
+    /// When it was deleted.
+    pub deleted_at: DateTime<Utc>,
+}
+
+impl Integration {
+    /// The state after `events`, in stream order.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a IntegrationEvent>) -> Self {
+        let mut state = Self::default();
+        for event in events {
+            apply(&mut state, event);
+        }
+        state
+    }
+
+    /// The live state, unless never created or deleted.
+    pub fn active(&self) -> Option<&ActiveIntegration> {
+        match self {
+            Self::Active(active) => Some(active),
+            Self::NeverCreated | Self::Deleted(_) => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// What may be asked of an integration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntegrationCommand {
+    /// Create the integration (again, if it was deleted).
+    Create {
+        provider_config_key: String,
+        provider: String,
+        oauth_client_id: String,
+        client_secret: Sealed,
+        oauth_scopes: Vec<String>,
+        now: DateTime<Utc>,
+    },
+    /// Replace the live integration's configuration.
+    Update {
+        provider: String,
+        oauth_client_id: String,
+        client_secret: Sealed,
+        oauth_scopes: Vec<String>,
+        now: DateTime<Utc>,
+    },
+    /// Delete the live integration.
+    Delete { now: DateTime<Utc> },
+}
+
+/// Why an integration command was refused. A domain answer, not a failure of the store.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntegrationRejected {
+    /// A live integration with this key exists.
+    #[error("the integration already exists")]
+    AlreadyExists,
+    /// The integration was never created.
+    #[error("the integration does not exist")]
+    NotFound,
+    /// The integration was deleted.
+    #[error("the integration was deleted")]
+    Deleted,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decide and apply
+// ---------------------------------------------------------------------------------------------
+
+/// The events `command` produces in `state`, or why it is refused.
+pub fn decide(
+    state: &Integration,
+    command: IntegrationCommand,
+) -> Result<Vec<IntegrationEvent>, IntegrationRejected> {
+    let event = match command {
+        IntegrationCommand::Create {
+            provider_config_key,
+            provider,
+            oauth_client_id,
+            client_secret,
+            oauth_scopes,
+            now,
+        } => {
+            if let Integration::Active(_) = state {
+                return Err(IntegrationRejected::AlreadyExists);
+            }
+            IntegrationEvent::IntegrationCreated(IntegrationCreated {
+                provider_config_key,
+                provider,
+                oauth_client_id,
+                client_secret,
+                oauth_scopes,
+                created_at: now,
+            })
+        }
+        IntegrationCommand::Update {
+            provider,
+            oauth_client_id,
+            client_secret,
+            oauth_scopes,
+            now,
+        } => {
+            existing(state)?;
+            IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+                provider,
+                oauth_client_id,
+                client_secret,
+                oauth_scopes,
+                updated_at: now,
+            })
+        }
+        IntegrationCommand::Delete { now } => {
+            existing(state)?;
+            IntegrationEvent::IntegrationDeleted(IntegrationDeleted { deleted_at: now })
+        }
+    };
+    Ok(vec![event])
+}
+
+/// The live integration, or `NotFound` / `Deleted`.
+fn existing(state: &Integration) -> Result<&ActiveIntegration, IntegrationRejected> {
+    match state {
+        Integration::NeverCreated => Err(IntegrationRejected::NotFound),
+        Integration::Deleted(_) => Err(IntegrationRejected::Deleted),
+        Integration::Active(active) => Ok(active),
+    }
+}
+
+/// `state` after `event`.
+pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
+    match event {
+        IntegrationEvent::IntegrationCreated(event) => {
+            *state = Integration::Active(ActiveIntegration {
+                provider_config_key: event.provider_config_key.clone(),
+                provider: event.provider.clone(),
+                oauth_client_id: event.oauth_client_id.clone(),
+                client_secret: event.client_secret.clone(),
+                oauth_scopes: event.oauth_scopes.clone(),
+                created_at: event.created_at,
+                updated_at: None,
+            });
+        }
+        IntegrationEvent::IntegrationUpdated(event) => {
+            if let Integration::Active(active) = state {
+                active.provider = event.provider.clone();
+                active.oauth_client_id = event.oauth_client_id.clone();
+                active.client_secret = event.client_secret.clone();
+                active.oauth_scopes = event.oauth_scopes.clone();
+                active.updated_at = Some(event.updated_at);
+            }
+        }
+        IntegrationEvent::IntegrationDeleted(event) => {
+            *state = Integration::Deleted(DeletedIntegration {
+                deleted_at: event.deleted_at,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// 2024-05-01T12:00:00Z plus `minutes`.
+    fn at(minutes: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_714_564_800 + minutes * 60, 0).unwrap()
+    }
+
+    fn secret(bytes: &[u8]) -> Sealed {
+        Sealed {
+            key_id: Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_00bb),
+            ciphertext: bytes.to_vec(),
+        }
+    }
+
+    fn create(now: DateTime<Utc>) -> IntegrationCommand {
+        IntegrationCommand::Create {
+            provider_config_key: "github-prod".to_owned(),
+            provider: "github".to_owned(),
+            oauth_client_id: "client-1".to_owned(),
+            client_secret: secret(b"secret-1"),
+            oauth_scopes: vec!["repo".to_owned()],
+            now,
+        }
+    }
+
+    fn created(now: DateTime<Utc>) -> IntegrationEvent {
+        IntegrationEvent::IntegrationCreated(IntegrationCreated {
+            provider_config_key: "github-prod".to_owned(),
+            provider: "github".to_owned(),
+            oauth_client_id: "client-1".to_owned(),
+            client_secret: secret(b"secret-1"),
+            oauth_scopes: vec!["repo".to_owned()],
+            created_at: now,
+        })
+    }
+
+    fn update(now: DateTime<Utc>) -> IntegrationCommand {
+        IntegrationCommand::Update {
+            provider: "github".to_owned(),
+            oauth_client_id: "client-2".to_owned(),
+            client_secret: secret(b"secret-2"),
+            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            now,
+        }
+    }
+
+    fn updated(now: DateTime<Utc>) -> IntegrationEvent {
+        IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+            provider: "github".to_owned(),
+            oauth_client_id: "client-2".to_owned(),
+            client_secret: secret(b"secret-2"),
+            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            updated_at: now,
+        })
+    }
+
+    fn deleted(now: DateTime<Utc>) -> IntegrationEvent {
+        IntegrationEvent::IntegrationDeleted(IntegrationDeleted { deleted_at: now })
+    }
+
+    struct Given(Integration);
+
+    fn given(events: &[IntegrationEvent]) -> Given {
+        Given(Integration::from_events(events))
+    }
+
+    impl Given {
+        fn when(self, command: IntegrationCommand) -> Then {
+            let result = decide(&self.0, command);
+            Then {
+                state: self.0,
+                result,
+            }
+        }
+    }
+
+    struct Then {
+        state: Integration,
+        result: Result<Vec<IntegrationEvent>, IntegrationRejected>,
+    }
+
+    impl Then {
+        /// Asserts the decided events and returns the state after them.
+        #[track_caller]
+        fn then(self, expected: &[IntegrationEvent]) -> Integration {
+            assert_eq!(self.result, Ok(expected.to_vec()));
+            let mut state = self.state;
+            for event in expected {
+                apply(&mut state, event);
+            }
+            state
+        }
+
+        #[track_caller]
+        fn then_rejected(self, expected: IntegrationRejected) {
+            assert_eq!(self.result, Err(expected));
+        }
+    }
+
+    #[test]
+    fn an_integration_is_created() {
+        let state = given(&[]).when(create(at(0))).then(&[created(at(0))]);
+        let active = state.active().unwrap();
+        assert_eq!(active.provider_config_key, "github-prod");
+        assert_eq!(active.client_secret, secret(b"secret-1"));
+        assert_eq!(active.created_at, at(0));
+        assert_eq!(active.updated_at, None);
+    }
+
+    #[test]
+    fn creating_an_existing_integration_is_rejected() {
+        given(&[created(at(0))])
+            .when(create(at(1)))
+            .then_rejected(IntegrationRejected::AlreadyExists);
+        given(&[created(at(0)), updated(at(1))])
+            .when(create(at(2)))
+            .then_rejected(IntegrationRejected::AlreadyExists);
+    }
+
+    #[test]
+    fn an_integration_can_be_created_again_after_its_deletion() {
+        let state = given(&[created(at(0)), updated(at(1)), deleted(at(2))])
+            .when(create(at(3)))
+            .then(&[created(at(3))]);
+        let active = state.active().unwrap();
+        assert_eq!(active.oauth_client_id, "client-1");
+        assert_eq!(active.created_at, at(3));
+        assert_eq!(active.updated_at, None);
+    }
+
+    #[test]
+    fn an_update_replaces_the_configuration() {
+        let state = given(&[created(at(0))])
+            .when(update(at(1)))
+            .then(&[updated(at(1))]);
+        let active = state.active().unwrap();
+        assert_eq!(active.oauth_client_id, "client-2");
+        assert_eq!(active.client_secret, secret(b"secret-2"));
+        assert_eq!(active.oauth_scopes, vec!["repo", "user"]);
+        assert_eq!(active.created_at, at(0));
+        assert_eq!(active.updated_at, Some(at(1)));
+    }
+
+    #[test]
+    fn updating_a_missing_or_deleted_integration_is_rejected() {
+        given(&[])
+            .when(update(at(1)))
+            .then_rejected(IntegrationRejected::NotFound);
+        given(&[created(at(0)), deleted(at(1))])
+            .when(update(at(2)))
+            .then_rejected(IntegrationRejected::Deleted);
+    }
+
+    #[test]
+    fn an_integration_is_deleted() {
+        let state = given(&[created(at(0))])
+            .when(IntegrationCommand::Delete { now: at(1) })
+            .then(&[deleted(at(1))]);
+        assert_eq!(
+            state,
+            Integration::Deleted(DeletedIntegration { deleted_at: at(1) })
+        );
+    }
+
+    #[test]
+    fn deleting_a_missing_integration_or_deleting_twice_is_rejected() {
+        given(&[])
+            .when(IntegrationCommand::Delete { now: at(1) })
+            .then_rejected(IntegrationRejected::NotFound);
+        given(&[created(at(0)), deleted(at(1))])
+            .when(IntegrationCommand::Delete { now: at(2) })
+            .then_rejected(IntegrationRejected::Deleted);
+    }
+
+    #[test]
+    fn the_stream_id_is_deterministic_and_pinned() {
+        assert_eq!(stream_id("github-prod"), stream_id("github-prod"));
+        assert_ne!(stream_id("github-prod"), stream_id("github"));
+        assert_eq!(
+            stream_id("github-prod").as_str(),
+            "integration-a8a5781f-e345-50ba-884a-76864e834cd3"
+        );
+        assert_eq!(stream_id("github-prod").category(), CATEGORY);
+    }
+
+    // --- JSON pinning -------------------------------------------------------------------------
+
+    /// Checks the type name, version and JSON of `event`, and that it decodes back to itself.
+    #[track_caller]
+    fn assert_pinned(event: &IntegrationEvent, event_type: &str, expected: &Value) {
+        assert_eq!(event.event_type(), event_type);
+        assert_eq!(event.event_version(), 1);
+        assert_eq!(&event.to_payload(), expected);
+        assert_eq!(
+            IntegrationEvent::decode(event_type, 1, expected).as_ref(),
+            Ok(event)
+        );
+    }
+
+    #[test]
+    fn integration_created_json_is_pinned() {
+        assert_pinned(
+            &created(at(0)),
+            "IntegrationCreated",
+            &json!({
+                "provider_config_key": "github-prod",
+                "provider": "github",
+                "oauth_client_id": "client-1",
+                "client_secret": {
+                    "key_id": "00000000-0000-4000-8000-0000000000bb",
+                    "ciphertext": "c2VjcmV0LTE="
+                },
+                "oauth_scopes": ["repo"],
+                "created_at": "2024-05-01T12:00:00Z"
+            }),
+        );
+    }
+
+    #[test]
+    fn integration_updated_json_is_pinned() {
+        assert_pinned(
+            &updated(at(1)),
+            "IntegrationUpdated",
+            &json!({
+                "provider": "github",
+                "oauth_client_id": "client-2",
+                "client_secret": {
+                    "key_id": "00000000-0000-4000-8000-0000000000bb",
+                    "ciphertext": "c2VjcmV0LTI="
+                },
+                "oauth_scopes": ["repo", "user"],
+                "updated_at": "2024-05-01T12:01:00Z"
+            }),
+        );
+    }
+
+    #[test]
+    fn integration_deleted_json_is_pinned() {
+        assert_pinned(
+            &deleted(at(2)),
+            "IntegrationDeleted",
+            &json!({"deleted_at": "2024-05-01T12:02:00Z"}),
+        );
+    }
+
+    #[test]
+    fn decoding_an_unknown_type_or_version_is_unknown() {
+        assert_eq!(
+            IntegrationEvent::decode("IntegrationRenamed", 1, &json!({})),
+            Err(DecodeError::Unknown {
+                event_type: "IntegrationRenamed".to_owned(),
+                event_version: 1
+            })
+        );
+        assert_eq!(
+            IntegrationEvent::decode("IntegrationDeleted", 2, &deleted(at(0)).to_payload()),
+            Err(DecodeError::Unknown {
+                event_type: "IntegrationDeleted".to_owned(),
+                event_version: 2
+            })
+        );
+    }
+
+    #[test]
+    fn decoding_a_payload_without_a_required_field_is_malformed() {
+        let mut payload = created(at(0)).to_payload();
+        payload.as_object_mut().unwrap().remove("client_secret");
+        let error = IntegrationEvent::decode("IntegrationCreated", 1, &payload).unwrap_err();
+        let DecodeError::Malformed { event_type, reason } = error else {
+            panic!("expected Malformed, got {error:?}");
+        };
+        assert_eq!(event_type, "IntegrationCreated");
+        assert!(reason.contains("client_secret"), "{reason}");
+    }
+}

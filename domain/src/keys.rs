@@ -1,0 +1,528 @@
+//! Envelope encryption (AES-256-GCM) and crypto-shredding.
+//!
+//! A master key (from configuration, never stored) wraps data keys; each connection generation
+//! and each integration gets its own data key, kept wrapped in the `data_keys` table outside the
+//! log. Events carry only [`Sealed`] values: ciphertext, nonce and the data key's id.
+//!
+//! Guarantees:
+//! - The database never holds a plaintext secret or an unwrapped key.
+//! - [`Vault::destroy`] shreds an owner's data keys: its sealed values can then not be opened by
+//!   anyone, the holder of the master key included, while the events stay.
+//! - A wrong master key is refused when the vault opens, by the check value stored with each
+//!   master key, not at the first decrypt.
+//! - [`Vault::rotate`] re-wraps every data key under the active master key, one key per update,
+//!   so it can be stopped and resumed at any point; events are never touched.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::store::{StoreError, StreamId};
+
+const NONCE_LEN: usize = 12;
+const CHECK_PLAINTEXT: &[u8] = b"grantline master key check v1";
+
+/// A failure to seal, open or manage keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The configured master key is not base64 of exactly 32 bytes.
+    #[error("a master key must be base64 of exactly 32 bytes ({0})")]
+    MasterKeyFormat(String),
+    /// The configured master key is not the one the database's data keys are wrapped with.
+    #[error(
+        "the master key (id {given}) does not match the database's active master key (id \
+         {active}): its key check value failed. To rotate keys, configure the old key as the \
+         previous key"
+    )]
+    WrongMasterKey { given: String, active: String },
+    /// Data keys are wrapped by a master key that is not configured.
+    #[error("{count} data keys are wrapped by master key {key_id}, which is not configured")]
+    MissingMasterKey { key_id: String, count: u64 },
+    /// No data key with this id exists.
+    #[error("data key {0} does not exist")]
+    UnknownDataKey(Uuid),
+    /// The data key was destroyed: whatever it sealed is gone for good.
+    #[error("data key {0} was destroyed; the secrets it sealed are shredded")]
+    Shredded(Uuid),
+    /// Authentication of a ciphertext failed: wrong key or tampered data.
+    #[error("decryption failed: wrong key or tampered ciphertext")]
+    Decrypt,
+    /// A sealed value decrypted but is not the expected JSON.
+    #[error("sealed value is not the expected data: {0}")]
+    Format(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A master key. Its `Debug` shows only its id.
+#[derive(Clone)]
+pub struct MasterKey {
+    id: String,
+    cipher: Aes256Gcm,
+}
+
+impl MasterKey {
+    /// Parses base64 of 32 bytes.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        let bytes = Zeroizing::new(
+            BASE64
+                .decode(text.trim())
+                .map_err(|e| KeyError::MasterKeyFormat(format!("not base64: {e}")))?,
+        );
+        if bytes.len() != 32 {
+            return Err(KeyError::MasterKeyFormat(format!(
+                "{} bytes after decoding",
+                bytes.len()
+            )));
+        }
+        Ok(Self::from_bytes(&bytes))
+    }
+
+    /// A new random key.
+    pub fn generate() -> (Self, Zeroizing<String>) {
+        let key = Aes256Gcm::generate_key(OsRng);
+        let encoded = Zeroizing::new(BASE64.encode(key.as_slice()));
+        (Self::from_bytes(key.as_slice()), encoded)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"grantline master key id\0");
+        hasher.update(bytes);
+        let digest = hasher.finalize();
+        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            id,
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(bytes)),
+        }
+    }
+
+    /// A short identifier derived from the key; safe to store and print.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A fresh check value: the key-check plaintext sealed under this key.
+    pub fn check_value(&self) -> Vec<u8> {
+        encrypt(&self.cipher, CHECK_PLAINTEXT, self.id.as_bytes())
+    }
+
+    /// Whether `check_value` was made by this key.
+    pub fn verifies(&self, check_value: &[u8]) -> bool {
+        decrypt(&self.cipher, check_value, self.id.as_bytes())
+            .is_ok_and(|plain| plain.as_slice() == CHECK_PLAINTEXT)
+    }
+
+    fn wrap(&self, key_id: Uuid, data_key: &Key<Aes256Gcm>) -> Vec<u8> {
+        encrypt(&self.cipher, data_key.as_slice(), key_id.as_bytes())
+    }
+
+    fn unwrap_key(&self, key_id: Uuid, wrapped: &[u8]) -> Result<Aes256Gcm, KeyError> {
+        let bytes = decrypt(&self.cipher, wrapped, key_id.as_bytes())?;
+        if bytes.len() != 32 {
+            return Err(KeyError::Decrypt);
+        }
+        Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)))
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MasterKey({})", self.id)
+    }
+}
+
+fn encrypt(cipher: &Aes256Gcm, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+    let nonce = Aes256Gcm::generate_nonce(OsRng);
+    let mut out = nonce.to_vec();
+    // Encryption with a valid key and an in-memory buffer cannot fail (aes-gcm only errors on
+    // plaintexts beyond 64 GiB).
+    let sealed = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .unwrap_or_default();
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn decrypt(cipher: &Aes256Gcm, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    if sealed.len() < NONCE_LEN {
+        return Err(KeyError::Decrypt);
+    }
+    let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+    cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| KeyError::Decrypt)
+}
+
+/// A secret sealed under a data key, as it appears in event payloads.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// The data key that sealed it.
+    pub key_id: Uuid,
+    /// Base64 of nonce ‖ ciphertext ‖ tag.
+    #[serde(with = "base64_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Sealed(key {}, {} bytes)",
+            self.key_id,
+            self.ciphertext.len()
+        )
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&BASE64.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        BASE64.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A master key as recorded in the database.
+#[derive(Clone, Debug)]
+pub struct MasterKeyRecord {
+    pub key_id: String,
+    pub check_value: Vec<u8>,
+    pub active: bool,
+    /// Live data keys wrapped by it.
+    pub data_keys: u64,
+}
+
+/// A data key row: `wrapped` and `master_key_id` are `None` once destroyed.
+#[derive(Clone, Debug)]
+pub struct StoredDataKey {
+    pub key_id: Uuid,
+    pub owner: String,
+    pub master_key_id: Option<String>,
+    pub wrapped: Option<Vec<u8>>,
+}
+
+/// Storage of master-key records and wrapped data keys (each database backend implements it).
+#[async_trait]
+pub trait KeyRepository: Send + Sync {
+    async fn master_keys(&self) -> Result<Vec<MasterKeyRecord>, StoreError>;
+    /// Records the key if new and makes it the only active one.
+    async fn activate_master_key(&self, key_id: &str, check_value: &[u8])
+    -> Result<(), StoreError>;
+    /// Removes an inactive master key's record once no data key depends on it.
+    async fn forget_master_key(&self, key_id: &str) -> Result<(), StoreError>;
+    async fn insert_data_key(
+        &self,
+        key_id: Uuid,
+        owner: &str,
+        master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError>;
+    async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError>;
+    /// Destroys every live data key of `owner`; returns how many.
+    async fn destroy_data_keys(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Live data keys not wrapped by the active master key.
+    async fn data_keys_to_rewrap(
+        &self,
+        active_master_key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredDataKey>, StoreError>;
+    /// Replaces the wrapping if the key is still wrapped by `from_master_key_id`.
+    async fn rewrap_data_key(
+        &self,
+        key_id: Uuid,
+        from_master_key_id: &str,
+        to_master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError>;
+}
+
+/// Seals and opens secrets; creates, caches and destroys data keys.
+#[derive(Clone)]
+pub struct Vault {
+    inner: Arc<VaultInner>,
+}
+
+struct VaultInner {
+    repository: Arc<dyn KeyRepository>,
+    active: MasterKey,
+    previous: Option<MasterKey>,
+    cache: RwLock<HashMap<Uuid, Aes256Gcm>>,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Vault(active {})", self.inner.active.id)
+    }
+}
+
+/// What a rotation did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RotationReport {
+    pub rewrapped: u64,
+}
+
+impl Vault {
+    /// Opens the vault with the configured `active` key (and the `previous` one during a
+    /// rotation), checking them against the database's records.
+    ///
+    /// A new database records `active`. A database whose active key is `previous` switches to
+    /// `active` (new data keys are wrapped with it; [`Vault::rotate`] re-wraps the old ones).
+    /// Anything else is [`KeyError::WrongMasterKey`], and data keys wrapped by a key that is not
+    /// configured are [`KeyError::MissingMasterKey`].
+    pub async fn open(
+        repository: Arc<dyn KeyRepository>,
+        active: MasterKey,
+        previous: Option<MasterKey>,
+    ) -> Result<Self, KeyError> {
+        let records = repository.master_keys().await?;
+        let known = |key: &MasterKey| records.iter().find(|r| r.key_id == key.id);
+        if let Some(record) = known(&active)
+            && !active.verifies(&record.check_value)
+        {
+            return Err(KeyError::WrongMasterKey {
+                given: active.id.clone(),
+                active: record.key_id.clone(),
+            });
+        }
+        match records.iter().find(|r| r.active) {
+            None => {
+                repository
+                    .activate_master_key(&active.id, &active.check_value())
+                    .await?;
+            }
+            Some(current) if current.key_id == active.id => {}
+            Some(current) => {
+                let previous_matches = previous
+                    .as_ref()
+                    .is_some_and(|p| p.id == current.key_id && p.verifies(&current.check_value));
+                if !previous_matches {
+                    return Err(KeyError::WrongMasterKey {
+                        given: active.id.clone(),
+                        active: current.key_id.clone(),
+                    });
+                }
+                repository
+                    .activate_master_key(&active.id, &active.check_value())
+                    .await?;
+            }
+        }
+        let configured =
+            |id: &str| id == active.id || previous.as_ref().is_some_and(|p| p.id == id);
+        if let Some(missing) = records
+            .iter()
+            .find(|r| r.data_keys > 0 && !configured(&r.key_id))
+        {
+            return Err(KeyError::MissingMasterKey {
+                key_id: missing.key_id.clone(),
+                count: missing.data_keys,
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(VaultInner {
+                repository,
+                active,
+                previous,
+                cache: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The id of the master key new data keys are wrapped with.
+    pub fn active_key_id(&self) -> &str {
+        &self.inner.active.id
+    }
+
+    /// Creates a data key for `owner` (a connection generation or an integration) and stores it
+    /// wrapped. Returns its id.
+    pub async fn create_data_key(&self, owner: &StreamId) -> Result<Uuid, KeyError> {
+        let key_id = Uuid::new_v4();
+        let key = Aes256Gcm::generate_key(OsRng);
+        let wrapped = self.inner.active.wrap(key_id, &key);
+        self.inner
+            .repository
+            .insert_data_key(key_id, owner.as_str(), &self.inner.active.id, &wrapped)
+            .await?;
+        self.cache_insert(key_id, Aes256Gcm::new(&key));
+        Ok(key_id)
+    }
+
+    /// Seals `plaintext` under the data key `key_id`.
+    pub async fn seal(&self, key_id: Uuid, plaintext: &[u8]) -> Result<Sealed, KeyError> {
+        let cipher = self.data_key(key_id).await?;
+        Ok(Sealed {
+            key_id,
+            ciphertext: encrypt(&cipher, plaintext, key_id.as_bytes()),
+        })
+    }
+
+    /// Seals `value` serialized as JSON.
+    pub async fn seal_json<T: Serialize>(
+        &self,
+        key_id: Uuid,
+        value: &T,
+    ) -> Result<Sealed, KeyError> {
+        let plain =
+            Zeroizing::new(serde_json::to_vec(value).map_err(|e| KeyError::Format(e.to_string()))?);
+        self.seal(key_id, &plain).await
+    }
+
+    /// Opens a sealed value. [`KeyError::Shredded`] once its data key is destroyed.
+    pub async fn unseal(&self, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let cipher = self.data_key(sealed.key_id).await?;
+        decrypt(&cipher, &sealed.ciphertext, sealed.key_id.as_bytes())
+    }
+
+    /// Opens a sealed JSON value.
+    pub async fn unseal_json<T: DeserializeOwned>(&self, sealed: &Sealed) -> Result<T, KeyError> {
+        let plain = self.unseal(sealed).await?;
+        serde_json::from_slice(&plain).map_err(|e| KeyError::Format(e.to_string()))
+    }
+
+    /// Destroys every data key of `owner`: their sealed values become unrecoverable.
+    pub async fn destroy(&self, owner: &StreamId) -> Result<u64, KeyError> {
+        let destroyed = self
+            .inner
+            .repository
+            .destroy_data_keys(owner.as_str())
+            .await?;
+        // Drop cached copies of this owner's keys; a cache miss re-reads the (now empty) row.
+        if let Ok(mut cache) = self.inner.cache.write() {
+            cache.clear();
+        }
+        Ok(destroyed)
+    }
+
+    /// Re-wraps every data key that is not under the active master key, in batches of `batch`,
+    /// calling `progress` with the running count. Safe to interrupt and run again.
+    pub async fn rotate(
+        &self,
+        batch: usize,
+        mut progress: impl FnMut(u64),
+    ) -> Result<RotationReport, KeyError> {
+        let active = &self.inner.active;
+        let mut report = RotationReport::default();
+        loop {
+            let keys = self
+                .inner
+                .repository
+                .data_keys_to_rewrap(&active.id, batch.max(1))
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            for stored in keys {
+                let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped)
+                else {
+                    continue;
+                };
+                let master = self
+                    .master(&master_id)
+                    .ok_or_else(|| KeyError::MissingMasterKey {
+                        key_id: master_id.clone(),
+                        count: 1,
+                    })?;
+                let cipher_key =
+                    Zeroizing::new(decrypt(&master.cipher, &wrapped, stored.key_id.as_bytes())?);
+                let key = Key::<Aes256Gcm>::from_slice(cipher_key.as_slice());
+                let rewrapped = active.wrap(stored.key_id, key);
+                if self
+                    .inner
+                    .repository
+                    .rewrap_data_key(stored.key_id, &master_id, &active.id, &rewrapped)
+                    .await?
+                {
+                    report.rewrapped += 1;
+                    progress(report.rewrapped);
+                }
+            }
+        }
+        for record in self.inner.repository.master_keys().await? {
+            if !record.active && record.data_keys == 0 {
+                self.inner
+                    .repository
+                    .forget_master_key(&record.key_id)
+                    .await?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn master(&self, id: &str) -> Option<&MasterKey> {
+        if self.inner.active.id == id {
+            return Some(&self.inner.active);
+        }
+        self.inner.previous.as_ref().filter(|p| p.id == id)
+    }
+
+    async fn data_key(&self, key_id: Uuid) -> Result<Aes256Gcm, KeyError> {
+        if let Some(cipher) = self
+            .inner
+            .cache
+            .read()
+            .ok()
+            .and_then(|cache| cache.get(&key_id).cloned())
+        {
+            return Ok(cipher);
+        }
+        let stored = self
+            .inner
+            .repository
+            .data_key(key_id)
+            .await?
+            .ok_or(KeyError::UnknownDataKey(key_id))?;
+        let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped) else {
+            return Err(KeyError::Shredded(key_id));
+        };
+        let master = self
+            .master(&master_id)
+            .ok_or_else(|| KeyError::MissingMasterKey {
+                key_id: master_id.clone(),
+                count: 1,
+            })?;
+        let cipher = master.unwrap_key(key_id, &wrapped)?;
+        self.cache_insert(key_id, cipher.clone());
+        Ok(cipher)
+    }
+
+    fn cache_insert(&self, key_id: Uuid, cipher: Aes256Gcm) {
+        if let Ok(mut cache) = self.inner.cache.write() {
+            // Bounded: a full cache starts over rather than growing with every connection.
+            if cache.len() >= 100_000 {
+                cache.clear();
+            }
+            cache.insert(key_id, cipher);
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Grantline's domain: the events of connections and integrations, their pure aggregates, the
+//! event store with its PostgreSQL and SQLite backends, and envelope encryption.
+//!
+//! Nothing here knows about HTTP. Aggregates take time and provider answers as command data and
+//! do no I/O; the store and the vault are the only parts that touch the database.
+
+pub mod connection;
+pub mod event;
+pub mod integration;
+pub mod keys;
+pub mod store;
+pub mod testing;

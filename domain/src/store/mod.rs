@@ -1,0 +1,416 @@
+//! The event store: an append-only log of streams, each stream versioned from 1 without gaps.
+//!
+//! Guarantees every backend keeps (one contract suite in `domain/tests` holds them to it):
+//! - `append` writes all of its events or none, and only if the stream is at the expected version;
+//!   losing that race is [`StoreError::Conflict`], never a partial write.
+//! - A reader that follows the log with [`EventStore::read_all`] from a [`Position`] sees every
+//!   committed event exactly once, in one total order, even when transactions commit out of
+//!   position order. On PostgreSQL the order is `(transaction id, global position)` read below the
+//!   oldest running transaction (the xid8 horizon); on SQLite, with a single writer, it is the rowid.
+//! - [`Listener::wait`] returns soon after a new commit (NOTIFY on PostgreSQL, an in-process signal
+//!   on both) and in any case after the poll interval, because notifications can be lost.
+//! - Events are never updated or deleted (the schema refuses it).
+
+mod postgres;
+mod sqlite;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::keys::KeyRepository;
+
+/// The identity of a stream: `<category>-<id>`, e.g. `connection-3f0c…`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(String);
+
+impl StreamId {
+    /// A stream id from its category and the id within it.
+    pub fn new(category: &str, id: impl fmt::Display) -> Self {
+        Self(format!("{category}-{id}"))
+    }
+
+    /// Wraps an id read back from storage.
+    pub fn from_raw(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The part before the first `-`.
+    pub fn category(&self) -> &str {
+        self.0
+            .split_once('-')
+            .map_or(&self.0, |(category, _)| category)
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the appender believes the stream's current version to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream's last event must have exactly this version (≥ 1).
+    Exact(u32),
+    /// Append at the end, whatever the version.
+    Any,
+}
+
+/// An event ready to be appended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub event_version: i16,
+    pub payload: Value,
+    pub metadata: Value,
+}
+
+impl NewEvent {
+    /// A new event with a fresh id and empty metadata.
+    pub fn new(event_type: impl Into<String>, event_version: i16, payload: Value) -> Self {
+        Self {
+            event_id: Uuid::new_v4(),
+            event_type: event_type.into(),
+            event_version,
+            payload,
+            metadata: Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    pub fn with_metadata(mut self, metadata: Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A place in the global order of the log. Readers checkpoint it and read after it.
+///
+/// `commit` is the writing transaction's id on PostgreSQL and always 0 on SQLite; `global` is the
+/// position assigned at insert. Ordered by `(commit, global)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit: u64,
+    pub global: i64,
+}
+
+impl Position {
+    /// Before the first event.
+    pub const START: Position = Position {
+        commit: 0,
+        global: 0,
+    };
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.commit, self.global)
+    }
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub stream_id: StreamId,
+    pub stream_version: u32,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub event_version: i16,
+    pub payload: Value,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What a successful append wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream's version after the append (the version of its last new event).
+    pub stream_version: u32,
+    /// The global position of each appended event, in stream order.
+    pub global_positions: Vec<i64>,
+}
+
+/// A failure of the store, as opposed to a rejection by an aggregate.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream was not at the expected version; someone else appended first.
+    #[error("stream {stream} is at version {actual}, not at the expected {expected:?}")]
+    Conflict {
+        stream: StreamId,
+        expected: ExpectedVersion,
+        actual: u32,
+    },
+    /// An event with this id is already in the log.
+    #[error("event {0} is already in the log")]
+    DuplicateEvent(Uuid),
+    /// An append with no events, or an `Exact(0)` expectation.
+    #[error("invalid append: {0}")]
+    InvalidAppend(&'static str),
+    /// A stored row that cannot be read back; the reader must stop here.
+    #[error("corrupt event at global position {global_position}: {reason}")]
+    Corrupt {
+        global_position: i64,
+        reason: String,
+    },
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// The operations every event-log backend provides. Narrow on purpose: a KurrentDB backend must fit.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` if it is at `expected`, atomically.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError>;
+
+    /// The events of `stream` with a version above `after_version`, in version order.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after_version: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Up to `limit` events after `after` in the log's global order; only events that can no
+    /// longer be preceded by a later commit are returned.
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The highest global position written so far (0 for an empty log), for lag reporting.
+    async fn head_position(&self) -> Result<i64, StoreError>;
+
+    /// A handle that waits for new commits.
+    fn listener(&self) -> Listener;
+}
+
+/// Waits for new events: woken by commits (in-process and, on PostgreSQL, NOTIFY) and by a poll
+/// interval, since wake-ups can be lost.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    changes: watch::Receiver<u64>,
+    poll_interval: Duration,
+}
+
+impl Listener {
+    pub(crate) fn new(changes: watch::Receiver<u64>, poll_interval: Duration) -> Self {
+        Self {
+            changes,
+            poll_interval,
+        }
+    }
+
+    /// Returns when an event may have been appended since the last call, or after the poll
+    /// interval. Call it after a read came back short.
+    pub async fn wait(&mut self) {
+        let poll_interval = self.poll_interval;
+        self.wait_at_most(poll_interval).await;
+    }
+
+    /// Like [`Listener::wait`] with an explicit bound.
+    pub async fn wait_at_most(&mut self, bound: Duration) {
+        // A closed sender means the store is gone; fall back to the timer alone.
+        let _ = tokio::time::timeout(bound, self.changes.changed()).await;
+    }
+}
+
+/// Signals in-process listeners and, where the backend has one, the cross-process notifier.
+#[derive(Debug)]
+pub(crate) struct ChangeSignal {
+    changes: watch::Sender<u64>,
+    // Keeps the channel open while the store lives, so a notifier task (which ends when the
+    // channel closes) outlives moments without listeners.
+    _alive: watch::Receiver<u64>,
+}
+
+impl ChangeSignal {
+    pub(crate) fn new() -> Self {
+        let (changes, alive) = watch::channel(0);
+        Self {
+            changes,
+            _alive: alive,
+        }
+    }
+
+    pub(crate) fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub(crate) fn sender(&self) -> watch::Sender<u64> {
+        self.changes.clone()
+    }
+}
+
+/// A database backend: the event store and the key repository on one connection pool.
+#[derive(Clone)]
+pub enum Backend {
+    Postgres(PostgresStore),
+    Sqlite(SqliteStore),
+}
+
+impl Backend {
+    /// Opens the database named by `url` (`postgres://…` or `sqlite://path`), applies the
+    /// migrations under a lock, and returns the backend.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(PostgresStore::open(url, options).await?))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            Ok(Self::Sqlite(SqliteStore::open(path, options).await?))
+        } else {
+            Err(StoreError::Database(
+                "the database URL must start with postgres:// or sqlite://".into(),
+            ))
+        }
+    }
+
+    pub fn events(&self) -> &dyn EventStore {
+        match self {
+            Self::Postgres(store) => store,
+            Self::Sqlite(store) => store,
+        }
+    }
+
+    pub fn keys(&self) -> &dyn KeyRepository {
+        match self {
+            Self::Postgres(store) => store,
+            Self::Sqlite(store) => store,
+        }
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Backend({})", self.kind())
+    }
+}
+
+/// Tuning shared by the backends.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Maximum connections in the pool.
+    pub pool_size: usize,
+    /// How often listeners poll when no wake-up arrives.
+    pub poll_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The version a stream is expected to be at before the append, as a number (0 = no stream).
+fn expected_number(expected: ExpectedVersion) -> Result<Option<u32>, StoreError> {
+    match expected {
+        ExpectedVersion::NoStream => Ok(Some(0)),
+        ExpectedVersion::Exact(0) => Err(StoreError::InvalidAppend(
+            "Exact(0) is not a version; use NoStream",
+        )),
+        ExpectedVersion::Exact(n) => Ok(Some(n)),
+        ExpectedVersion::Any => Ok(None),
+    }
+}
+
+/// Follows the log from a position, batch by batch. It moves past an event only once that event
+/// was read (and, with [`LogReader::next_decoded`], decoded): an unreadable event stops it at that
+/// event, every time, instead of being skipped.
+#[derive(Clone, Debug)]
+pub struct LogReader {
+    position: Position,
+    batch_size: usize,
+}
+
+/// Why a [`LogReader`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Unreadable(#[from] crate::event::UnreadableEvent),
+}
+
+impl LogReader {
+    pub fn new(from: Position, batch_size: usize) -> Self {
+        Self {
+            position: from,
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    /// The position of the last event handed out.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The next batch of raw events (empty when caught up).
+    pub async fn next_batch(
+        &mut self,
+        store: &dyn EventStore,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let events = store.read_all(self.position, self.batch_size).await?;
+        if let Some(last) = events.last() {
+            self.position = last.position;
+        }
+        Ok(events)
+    }
+
+    /// The next batch decoded as `E`, with their records. Events of other categories are the
+    /// caller's to filter; an event that cannot be decoded ends the batch with an error, and the
+    /// reader stays just before it.
+    pub async fn next_decoded<E: crate::event::DomainEvent>(
+        &mut self,
+        store: &dyn EventStore,
+        accept: impl Fn(&RecordedEvent) -> bool,
+    ) -> Result<Vec<(RecordedEvent, E)>, ReadError> {
+        let events = store.read_all(self.position, self.batch_size).await?;
+        let mut decoded = Vec::with_capacity(events.len());
+        for event in events {
+            if accept(&event) {
+                let domain = E::from_recorded(&event)?;
+                self.position = event.position;
+                decoded.push((event, domain));
+            } else {
+                self.position = event.position;
+            }
+        }
+        Ok(decoded)
+    }
+}

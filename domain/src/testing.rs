@@ -1,0 +1,130 @@
+//! Test support shared by the crates' test suites: a fresh database per test.
+//!
+//! PostgreSQL tests get a new database on the server named by `GRANTLINE_TEST_POSTGRES`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`), dropped when the handle drops. SQLite
+//! tests get a file in a fresh temporary directory, removed on drop. Panics here are test
+//! failures, not production paths.
+#![allow(clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::store::{Backend, StoreOptions};
+
+/// The server test databases are created on.
+pub fn admin_url() -> String {
+    std::env::var("GRANTLINE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database that exists for one test.
+#[derive(Debug)]
+pub enum TestDatabase {
+    Postgres { name: String, url: String },
+    Sqlite { dir: PathBuf, url: String },
+}
+
+impl TestDatabase {
+    /// Creates an empty PostgreSQL database.
+    pub async fn postgres() -> Self {
+        let admin = admin_url();
+        let name = format!("grantline_test_{}", Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls)
+            .await
+            .expect("PostgreSQL must be reachable for the tests (see README)");
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the test database");
+        drop(client);
+        let _ = driver.await;
+        let url = replace_database(&admin, &name);
+        Self::Postgres { name, url }
+    }
+
+    /// Creates an empty SQLite database file in a new temporary directory.
+    pub fn sqlite() -> Self {
+        let dir = std::env::temp_dir().join(format!("grantline-test-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        let url = format!("sqlite://{}", dir.join("grantline.db").display());
+        Self::Sqlite { dir, url }
+    }
+
+    /// The `GRANTLINE_DATABASE_URL` of this database.
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Postgres { url, .. } | Self::Sqlite { url, .. } => url,
+        }
+    }
+
+    /// Opens (and migrates) a backend on this database, polling every 100 ms.
+    pub async fn open(&self) -> Backend {
+        let options = StoreOptions {
+            poll_interval: std::time::Duration::from_millis(100),
+            ..StoreOptions::default()
+        };
+        self.open_with(&options).await
+    }
+
+    /// Opens a backend with explicit options.
+    pub async fn open_with(&self, options: &StoreOptions) -> Backend {
+        Backend::open(self.url(), options)
+            .await
+            .expect("open the test database")
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut replaced = format!("{}/{name}", &base[..host_end]);
+    if let Some(query) = query {
+        replaced.push('?');
+        replaced.push_str(query);
+    }
+    replaced
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        match self {
+            Self::Postgres { name, .. } => {
+                let name = name.clone();
+                // Drop runs inside the test's runtime; a thread with its own runtime can block.
+                let dropped = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime to drop the test database");
+                    runtime.block_on(async move {
+                        if let Ok((client, connection)) =
+                            tokio_postgres::connect(&admin_url(), NoTls).await
+                        {
+                            let driver = tokio::spawn(connection);
+                            let _ = client
+                                .batch_execute(&format!(
+                                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                                ))
+                                .await;
+                            drop(client);
+                            let _ = driver.await;
+                        }
+                    });
+                });
+                let _ = dropped.join();
+            }
+            Self::Sqlite { dir, .. } => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}

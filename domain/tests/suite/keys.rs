@@ -1,0 +1,259 @@
+//! Envelope encryption on both backends: no plaintext at rest, crypto-shredding, key checks,
+//! rotation.
+
+use std::sync::Arc;
+
+use grantline_domain::keys::{KeyError, MasterKey, Vault};
+use grantline_domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
+use grantline_domain::testing::TestDatabase;
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+crate::on_both_backends!(
+    no_plaintext_token_is_stored_anywhere_in_the_database,
+    a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_the_master_key,
+    a_wrong_master_key_is_refused_when_the_vault_opens,
+    rotation_rewraps_data_keys_and_old_events_still_decrypt,
+    data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening,
+);
+
+const TOKEN: &str = "gho_ThisIsAPlaintextAccessToken0123456789";
+
+fn vault_repo(backend: &Backend) -> Arc<dyn grantline_domain::keys::KeyRepository> {
+    match backend {
+        Backend::Postgres(store) => Arc::new(store.clone()),
+        Backend::Sqlite(store) => Arc::new(store.clone()),
+    }
+}
+
+async fn store_token(
+    backend: &Backend,
+    vault: &Vault,
+    owner: &StreamId,
+) -> grantline_domain::keys::Sealed {
+    let key_id = vault.create_data_key(owner).await.unwrap();
+    let sealed = vault
+        .seal_json(key_id, &json!({ "access_token": TOKEN }))
+        .await
+        .unwrap();
+    backend
+        .events()
+        .append(
+            owner,
+            ExpectedVersion::Any,
+            vec![NewEvent::new(
+                "TestSealed",
+                1,
+                serde_json::to_value(&sealed).unwrap(),
+            )],
+        )
+        .await
+        .unwrap();
+    sealed
+}
+
+async fn no_plaintext_token_is_stored_anywhere_in_the_database(db: &TestDatabase) {
+    let backend = db.open().await;
+    let (master, master_b64) = MasterKey::generate();
+    let vault = Vault::open(vault_repo(&backend), master, None)
+        .await
+        .unwrap();
+    let sealed = store_token(&backend, &vault, &StreamId::new("connection", "x")).await;
+    let opened: serde_json::Value = vault.unseal_json(&sealed).await.unwrap();
+    assert_eq!(opened["access_token"], TOKEN);
+
+    let dump = dump_database(db, &backend).await;
+    assert!(dump.len() > 1000, "the dump has the database's content");
+    assert!(
+        dump.contains("TestSealed"),
+        "the dump reaches the event rows"
+    );
+    assert!(!dump.contains(TOKEN), "plaintext token at rest");
+    assert!(!dump.contains(master_b64.as_str()), "master key at rest");
+}
+
+/// Everything the database holds, as text: every row of every table on PostgreSQL; the raw bytes
+/// of the database file and its WAL on SQLite.
+async fn dump_database(db: &TestDatabase, backend: &Backend) -> String {
+    match backend {
+        Backend::Postgres(_) => {
+            let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+            tokio::spawn(connection);
+            let tables = client
+                .query(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let mut dump = String::new();
+            for table in tables {
+                let name: String = table.get(0);
+                for row in client
+                    .query(&format!("SELECT row_to_json(t)::text FROM {name} t"), &[])
+                    .await
+                    .unwrap()
+                {
+                    dump.push_str(&row.get::<_, String>(0));
+                    dump.push('\n');
+                }
+            }
+            dump
+        }
+        Backend::Sqlite(_) => {
+            let path = db.url().trim_start_matches("sqlite://");
+            let mut bytes = std::fs::read(path).unwrap();
+            bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+}
+
+async fn a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_the_master_key(
+    db: &TestDatabase,
+) {
+    let backend = db.open().await;
+    let (master, master_b64) = MasterKey::generate();
+    let vault = Vault::open(vault_repo(&backend), master, None)
+        .await
+        .unwrap();
+    let owner = StreamId::new("connection", "doomed");
+    let keep = StreamId::new("connection", "kept");
+    let sealed = store_token(&backend, &vault, &owner).await;
+    let kept = store_token(&backend, &vault, &keep).await;
+
+    assert_eq!(vault.destroy(&owner).await.unwrap(), 1);
+    assert!(matches!(
+        vault.unseal(&sealed).await,
+        Err(KeyError::Shredded(_))
+    ));
+
+    // An operator with the database and the master key, in a fresh process: still nothing.
+    let operator = Vault::open(
+        vault_repo(&db.open().await),
+        MasterKey::from_base64(&master_b64).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        operator.unseal(&sealed).await,
+        Err(KeyError::Shredded(_))
+    ));
+    assert!(
+        operator.unseal(&kept).await.is_ok(),
+        "other owners are untouched"
+    );
+    // The event that carried it is still in the log.
+    assert_eq!(
+        backend.events().read_stream(&owner, 0).await.unwrap().len(),
+        1
+    );
+}
+
+async fn a_wrong_master_key_is_refused_when_the_vault_opens(db: &TestDatabase) {
+    let backend = db.open().await;
+    let (right, _) = MasterKey::generate();
+    let right_id = right.id().to_owned();
+    Vault::open(vault_repo(&backend), right, None)
+        .await
+        .unwrap();
+    let (wrong, _) = MasterKey::generate();
+    let err = Vault::open(vault_repo(&backend), wrong, None)
+        .await
+        .unwrap_err();
+    match err {
+        KeyError::WrongMasterKey { active, .. } => assert_eq!(active, right_id),
+        other => panic!("expected WrongMasterKey, got {other:?}"),
+    }
+}
+
+async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDatabase) {
+    let backend = db.open().await;
+    let (old, old_b64) = MasterKey::generate();
+    let vault = Vault::open(vault_repo(&backend), old.clone(), None)
+        .await
+        .unwrap();
+    let mut sealed = Vec::new();
+    for n in 0..5 {
+        sealed.push(store_token(&backend, &vault, &StreamId::new("connection", n)).await);
+    }
+    let shredded = StreamId::new("connection", 0);
+    vault.destroy(&shredded).await.unwrap();
+    let events_before = dump_events(&backend).await;
+
+    let (new, _) = MasterKey::generate();
+    let rotating = Vault::open(vault_repo(&backend), new.clone(), Some(old))
+        .await
+        .unwrap();
+    assert_eq!(rotating.active_key_id(), new.id());
+    let mut progress = Vec::new();
+    let report = rotating.rotate(2, |n| progress.push(n)).await.unwrap();
+    assert_eq!(
+        report.rewrapped, 4,
+        "every live data key, not the destroyed one"
+    );
+    assert_eq!(progress, vec![1, 2, 3, 4]);
+    assert_eq!(
+        rotating.rotate(2, |_| {}).await.unwrap().rewrapped,
+        0,
+        "resuming finds nothing left"
+    );
+
+    // A fresh vault with only the new key opens every live secret.
+    let after = Vault::open(vault_repo(&db.open().await), new, None)
+        .await
+        .unwrap();
+    for s in &sealed[1..] {
+        let opened: serde_json::Value = after.unseal_json(s).await.unwrap();
+        assert_eq!(opened["access_token"], TOKEN);
+    }
+    assert!(matches!(
+        after.unseal(&sealed[0]).await,
+        Err(KeyError::Shredded(_))
+    ));
+    assert_eq!(
+        dump_events(&backend).await,
+        events_before,
+        "events are never touched"
+    );
+    // The old key is no longer accepted on its own.
+    let old_again = MasterKey::from_base64(&old_b64).unwrap();
+    assert!(matches!(
+        Vault::open(vault_repo(&backend), old_again, None).await,
+        Err(KeyError::WrongMasterKey { .. })
+    ));
+}
+
+async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(db: &TestDatabase) {
+    let backend = db.open().await;
+    let (old, _) = MasterKey::generate();
+    let vault = Vault::open(vault_repo(&backend), old.clone(), None)
+        .await
+        .unwrap();
+    store_token(&backend, &vault, &StreamId::new("connection", "a")).await;
+    let (new, _) = MasterKey::generate();
+    // Switch to the new key (rotation started) but do not rotate...
+    Vault::open(vault_repo(&backend), new.clone(), Some(old))
+        .await
+        .unwrap();
+    // ...then start without the previous key: its data keys would be unreadable.
+    let err = Vault::open(vault_repo(&backend), new, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyError::MissingMasterKey { count: 1, .. }),
+        "{err:?}"
+    );
+}
+
+async fn dump_events(backend: &Backend) -> Vec<(i64, String)> {
+    let mut reader = grantline_domain::store::LogReader::new(Default::default(), 1000);
+    reader
+        .next_batch(backend.events())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.position.global, e.payload.to_string()))
+        .collect()
+}

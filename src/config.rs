@@ -1,0 +1,508 @@
+//! Configuration: command-line flags, each backed by a `GRANTLINE_*` environment variable.
+//!
+//! Values arrive as text and are checked by [`ServeArgs::validate`] before anything starts; every
+//! error names the variable (and flag) it came from.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use domain::keys::MasterKey;
+
+const AFTER_HELP: &str = "\
+Every option can also be set through the environment variable shown with it.
+Durations take a unit: 90s, 15m, 1h, 7d.";
+
+/// Grantline: OAuth connections and always-fresh access tokens, over the Nango Connections API.
+#[derive(Debug, Parser)]
+#[command(name = "grantline", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: HTTP API, projection runner and refresh scheduler (each can be turned off).
+    Serve(Box<ServeArgs>),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Manage encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a new random master key (base64 of 32 bytes) for GRANTLINE_ENCRYPTION_KEY.
+    Generate,
+    /// Re-wrap every data key under GRANTLINE_ENCRYPTION_KEY, reading the old ones with
+    /// GRANTLINE_ENCRYPTION_KEY_PREVIOUS. Safe to interrupt and run again.
+    Rotate(DatabaseArgs),
+}
+
+/// Where the data lives and how it is encrypted.
+#[derive(Clone, Debug, Args)]
+pub struct DatabaseArgs {
+    /// Database: postgres://user@host:port/db or sqlite://path. Default: a SQLite file in the data
+    /// directory.
+    #[arg(long, env = "GRANTLINE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Directory for the embedded SQLite database and the generated master-key file.
+    #[arg(long, env = "GRANTLINE_DATA_DIR", default_value = ".grantline")]
+    pub data_dir: PathBuf,
+
+    /// Master key, base64 of 32 bytes. Required with PostgreSQL; with SQLite, a key file in the
+    /// data directory is created on first start when it is not set.
+    #[arg(long, env = "GRANTLINE_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+
+    /// The previous master key, during a key rotation.
+    #[arg(
+        long,
+        env = "GRANTLINE_ENCRYPTION_KEY_PREVIOUS",
+        hide_env_values = true
+    )]
+    pub encryption_key_previous: Option<String>,
+
+    /// Maximum database connections of this instance.
+    #[arg(long, env = "GRANTLINE_DATABASE_POOL_SIZE", default_value = "16")]
+    pub database_pool_size: String,
+}
+
+/// Options of `grantline serve`.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "GRANTLINE_LISTEN", default_value = "127.0.0.1:3003")]
+    pub listen: String,
+
+    /// Public base URL; the OAuth callback is SERVER_URL/oauth/callback. Default: http://LISTEN.
+    #[arg(long, env = "GRANTLINE_SERVER_URL")]
+    pub server_url: Option<String>,
+
+    /// Secret key for the API (Bearer or Basic). Without it the API is open and only listens on
+    /// loopback addresses.
+    #[arg(long, env = "GRANTLINE_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+
+    /// Public key checked by /oauth/connect.
+    #[arg(long, env = "GRANTLINE_PUBLIC_KEY")]
+    pub public_key: Option<String>,
+
+    /// YAML file of provider templates (Nango providers.yaml format) added to the catalog.
+    #[arg(long, env = "GRANTLINE_PROVIDERS_FILE")]
+    pub providers_file: Option<PathBuf>,
+
+    /// Comma-separated origins that api_redirect_url may point to (e.g. https://app.example.com).
+    #[arg(long, env = "GRANTLINE_REDIRECT_ALLOWLIST", default_value = "")]
+    pub redirect_allowlist: String,
+
+    /// Refresh on read when the token expires within this margin.
+    #[arg(long, env = "GRANTLINE_REFRESH_MARGIN", default_value = "15m")]
+    pub refresh_margin: String,
+
+    /// The scheduler refreshes tokens expiring within this window (wider than the margin).
+    #[arg(long, env = "GRANTLINE_REFRESH_WINDOW", default_value = "30m")]
+    pub refresh_window: String,
+
+    /// Scheduler cron expression (sec min hour day-of-month month day-of-week).
+    #[arg(
+        long,
+        env = "GRANTLINE_REFRESH_SCHEDULE",
+        default_value = "0 * * * * *"
+    )]
+    pub refresh_schedule: String,
+
+    /// Refreshes the scheduler runs at once.
+    #[arg(long, env = "GRANTLINE_REFRESH_CONCURRENCY", default_value = "16")]
+    pub refresh_concurrency: String,
+
+    /// Refresh idle connections whose last refresh is older than this, to keep refresh tokens
+    /// alive.
+    #[arg(long, env = "GRANTLINE_REFRESH_IDLE_AFTER", default_value = "7d")]
+    pub refresh_idle_after: String,
+
+    /// How long a refresh lease lasts; the provider call times out before it ends.
+    #[arg(long, env = "GRANTLINE_REFRESH_LEASE", default_value = "60s")]
+    pub refresh_lease: String,
+
+    /// Timeout of a call to a provider's token endpoint (shorter than the lease).
+    #[arg(long, env = "GRANTLINE_PROVIDER_TIMEOUT", default_value = "30s")]
+    pub provider_timeout: String,
+
+    /// Roles this instance runs, comma-separated: api, projections, scheduler.
+    #[arg(
+        long,
+        env = "GRANTLINE_ROLES",
+        default_value = "api,projections,scheduler"
+    )]
+    pub roles: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "GRANTLINE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// A configuration value that cannot be used; its message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable} (--{flag}): {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    let flag = FLAGS
+        .iter()
+        .find(|(v, _)| *v == variable)
+        .map_or("", |(_, f)| *f);
+    ConfigError {
+        variable,
+        flag,
+        problem: problem.into(),
+    }
+}
+
+const FLAGS: &[(&str, &str)] = &[
+    ("GRANTLINE_DATABASE_URL", "database-url"),
+    ("GRANTLINE_DATA_DIR", "data-dir"),
+    ("GRANTLINE_ENCRYPTION_KEY", "encryption-key"),
+    (
+        "GRANTLINE_ENCRYPTION_KEY_PREVIOUS",
+        "encryption-key-previous",
+    ),
+    ("GRANTLINE_DATABASE_POOL_SIZE", "database-pool-size"),
+    ("GRANTLINE_LISTEN", "listen"),
+    ("GRANTLINE_SERVER_URL", "server-url"),
+    ("GRANTLINE_SECRET_KEY", "secret-key"),
+    ("GRANTLINE_PUBLIC_KEY", "public-key"),
+    ("GRANTLINE_PROVIDERS_FILE", "providers-file"),
+    ("GRANTLINE_REDIRECT_ALLOWLIST", "redirect-allowlist"),
+    ("GRANTLINE_REFRESH_MARGIN", "refresh-margin"),
+    ("GRANTLINE_REFRESH_WINDOW", "refresh-window"),
+    ("GRANTLINE_REFRESH_SCHEDULE", "refresh-schedule"),
+    ("GRANTLINE_REFRESH_CONCURRENCY", "refresh-concurrency"),
+    ("GRANTLINE_REFRESH_IDLE_AFTER", "refresh-idle-after"),
+    ("GRANTLINE_REFRESH_LEASE", "refresh-lease"),
+    ("GRANTLINE_PROVIDER_TIMEOUT", "provider-timeout"),
+    ("GRANTLINE_ROLES", "roles"),
+    ("GRANTLINE_LOG_FORMAT", "log-format"),
+];
+
+/// Every environment variable the binary reads (for the help test and the README).
+pub fn variables() -> impl Iterator<Item = &'static str> {
+    FLAGS.iter().map(|(v, _)| *v)
+}
+
+/// A secret string from configuration; its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Where the master key comes from.
+#[derive(Clone, Debug)]
+pub enum MasterKeySource {
+    /// Given in `GRANTLINE_ENCRYPTION_KEY`.
+    Configured(Box<MasterKey>),
+    /// The embedded default's key file (created with mode 0600 if missing).
+    File(PathBuf),
+}
+
+/// Validated storage settings.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub master_key: MasterKeySource,
+    pub previous_master_key: Option<MasterKey>,
+    pub pool_size: usize,
+}
+
+impl DatabaseArgs {
+    pub fn validate(&self) -> Result<DatabaseConfig, ConfigError> {
+        let url = match &self.database_url {
+            Some(url) => {
+                if !(url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.starts_with("sqlite://"))
+                {
+                    return Err(invalid(
+                        "GRANTLINE_DATABASE_URL",
+                        "must start with postgres:// or sqlite://",
+                    ));
+                }
+                url.clone()
+            }
+            None => format!("sqlite://{}", self.data_dir.join("grantline.db").display()),
+        };
+        let is_postgres = !url.starts_with("sqlite://");
+        let master_key = match &self.encryption_key {
+            Some(text) => MasterKeySource::Configured(Box::new(
+                MasterKey::from_base64(text)
+                    .map_err(|e| invalid("GRANTLINE_ENCRYPTION_KEY", e.to_string()))?,
+            )),
+            None if is_postgres => {
+                return Err(invalid(
+                    "GRANTLINE_ENCRYPTION_KEY",
+                    "required with PostgreSQL, so that every instance shares it; create one \
+                     with `grantline keys generate`",
+                ));
+            }
+            None => MasterKeySource::File(self.data_dir.join("master.key")),
+        };
+        let previous_master_key = self
+            .encryption_key_previous
+            .as_deref()
+            .map(MasterKey::from_base64)
+            .transpose()
+            .map_err(|e| invalid("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", e.to_string()))?;
+        let pool_size = parse_positive("GRANTLINE_DATABASE_POOL_SIZE", &self.database_pool_size)?;
+        Ok(DatabaseConfig {
+            url,
+            master_key,
+            previous_master_key,
+            pool_size,
+        })
+    }
+}
+
+/// The roles one instance runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub projections: bool,
+    pub scheduler: bool,
+}
+
+/// Refresh policy and scheduler settings.
+#[derive(Clone, Debug)]
+pub struct RefreshConfig {
+    pub margin: Duration,
+    pub window: Duration,
+    pub schedule: cron::Schedule,
+    pub concurrency: usize,
+    pub idle_after: Duration,
+    pub lease: Duration,
+    pub provider_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration of `grantline serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub listen: SocketAddr,
+    pub server_url: String,
+    pub secret_key: Option<Secret>,
+    pub public_key: Option<String>,
+    pub providers_file: Option<PathBuf>,
+    pub redirect_allowlist: Vec<String>,
+    pub refresh: RefreshConfig,
+    pub roles: Roles,
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Checks every value; the first problem found is returned, naming its variable.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let database = self.database.validate()?;
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            invalid(
+                "GRANTLINE_LISTEN",
+                format!("{:?} is not an address like 127.0.0.1:3003", self.listen),
+            )
+        })?;
+        let secret_key = non_empty(self.secret_key.as_deref()).map(|s| Secret(s.to_owned()));
+        if secret_key.is_none() && !listen.ip().is_loopback() {
+            return Err(invalid(
+                "GRANTLINE_LISTEN",
+                format!(
+                    "{listen} is not a loopback address, and without GRANTLINE_SECRET_KEY the API \
+                     is open to anyone: set a secret key or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        let server_url = match non_empty(self.server_url.as_deref()) {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        "GRANTLINE_SERVER_URL",
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+                url.trim_end_matches('/').to_owned()
+            }
+            None => format!("http://{listen}"),
+        };
+        if let Some(file) = &self.providers_file
+            && !Path::new(file).is_file()
+        {
+            return Err(invalid(
+                "GRANTLINE_PROVIDERS_FILE",
+                format!("{} is not a readable file", file.display()),
+            ));
+        }
+        let redirect_allowlist = self
+            .redirect_allowlist
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|origin| {
+                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin["https://".len().min(origin.len())..].contains('/');
+                if valid {
+                    Ok(origin.trim_end_matches('/').to_owned())
+                } else {
+                    Err(invalid(
+                        "GRANTLINE_REDIRECT_ALLOWLIST",
+                        format!("{origin:?} is not an origin like https://app.example.com"),
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let refresh = self.refresh()?;
+        Ok(Config {
+            database,
+            listen,
+            server_url,
+            secret_key,
+            public_key: non_empty(self.public_key.as_deref()).map(str::to_owned),
+            providers_file: self.providers_file.clone(),
+            redirect_allowlist,
+            refresh,
+            roles: parse_roles(&self.roles)?,
+            log_format: parse_log_format(&self.log_format)?,
+        })
+    }
+
+    fn refresh(&self) -> Result<RefreshConfig, ConfigError> {
+        let margin = parse_duration("GRANTLINE_REFRESH_MARGIN", &self.refresh_margin)?;
+        let window = parse_duration("GRANTLINE_REFRESH_WINDOW", &self.refresh_window)?;
+        if window <= margin {
+            return Err(invalid(
+                "GRANTLINE_REFRESH_WINDOW",
+                "must be wider than GRANTLINE_REFRESH_MARGIN, so the scheduler refreshes before \
+                 reads have to",
+            ));
+        }
+        let schedule = cron::Schedule::from_str(&self.refresh_schedule).map_err(|e| {
+            invalid(
+                "GRANTLINE_REFRESH_SCHEDULE",
+                format!("{:?} is not a cron expression: {e}", self.refresh_schedule),
+            )
+        })?;
+        let lease = parse_duration("GRANTLINE_REFRESH_LEASE", &self.refresh_lease)?;
+        let provider_timeout =
+            parse_duration("GRANTLINE_PROVIDER_TIMEOUT", &self.provider_timeout)?;
+        if provider_timeout >= lease {
+            return Err(invalid(
+                "GRANTLINE_PROVIDER_TIMEOUT",
+                "must be shorter than GRANTLINE_REFRESH_LEASE, or a slow provider could answer \
+                 after the lease passed to another refresher",
+            ));
+        }
+        Ok(RefreshConfig {
+            margin,
+            window,
+            schedule,
+            concurrency: parse_positive(
+                "GRANTLINE_REFRESH_CONCURRENCY",
+                &self.refresh_concurrency,
+            )?,
+            idle_after: parse_duration("GRANTLINE_REFRESH_IDLE_AFTER", &self.refresh_idle_after)?,
+            lease,
+            provider_timeout,
+        })
+    }
+}
+
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn parse_positive(variable: &'static str, text: &str) -> Result<usize, ConfigError> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(invalid(
+            variable,
+            format!("{text:?} is not a whole number above 0"),
+        )),
+    }
+}
+
+fn parse_duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(invalid(variable, "must be longer than zero")),
+        Err(e) => Err(invalid(
+            variable,
+            format!("{text:?} is not a duration like 90s, 15m or 7d: {e}"),
+        )),
+    }
+}
+
+fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
+    let mut roles = Roles {
+        api: false,
+        projections: false,
+        scheduler: false,
+    };
+    for role in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match role {
+            "api" => roles.api = true,
+            "projections" => roles.projections = true,
+            "scheduler" => roles.scheduler = true,
+            other => {
+                return Err(invalid(
+                    "GRANTLINE_ROLES",
+                    format!("unknown role {other:?}; the roles are api, projections, scheduler"),
+                ));
+            }
+        }
+    }
+    if roles
+        == (Roles {
+            api: false,
+            projections: false,
+            scheduler: false,
+        })
+    {
+        return Err(invalid("GRANTLINE_ROLES", "name at least one role"));
+    }
+    Ok(roles)
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, ConfigError> {
+    match text.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(invalid(
+            "GRANTLINE_LOG_FORMAT",
+            format!("{other:?} is neither text nor json"),
+        )),
+    }
+}

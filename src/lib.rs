@@ -1,0 +1,10 @@
+//! Grantline: an OAuth connection and token service that speaks the Nango Connections API.
+//!
+//! This crate is the composition root: configuration, start-up, the HTTP API and the command
+//! line. The domain, the read models and the workers live in their own crates.
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,162 @@
+//! The composition root: opens storage, checks keys, binds the listener and runs the service.
+//! Tests build the real [`Application`] on port 0.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use domain::keys::{MasterKey, Vault};
+use domain::store::{Backend, StoreOptions};
+use tokio::net::TcpListener;
+
+use crate::config::{Config, DatabaseConfig, MasterKeySource};
+use crate::http;
+
+/// What the request handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub backend: Backend,
+    pub vault: Vault,
+    pub config: Arc<Config>,
+}
+
+/// A built service, bound to its port and ready to run.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+}
+
+impl Application {
+    /// Migrates the database, opens the vault (refusing a wrong master key) and binds the
+    /// listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let (backend, vault) = open_storage(&config.database).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (GRANTLINE_LISTEN)", config.listen))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            listener,
+            port,
+            state: AppState {
+                backend,
+                vault,
+                config: Arc::new(config),
+            },
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "grantline listening");
+        axum::serve(self.listener, http::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("the HTTP server failed")
+    }
+}
+
+/// Opens the database (applying migrations under a lock) and the vault.
+pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, Vault)> {
+    let options = StoreOptions {
+        pool_size: config.pool_size,
+        ..StoreOptions::default()
+    };
+    let backend = Backend::open(&config.url, &options)
+        .await
+        .context("cannot open the database (GRANTLINE_DATABASE_URL)")?;
+    let master = match &config.master_key {
+        MasterKeySource::Configured(key) => (**key).clone(),
+        MasterKeySource::File(path) => load_or_create_key_file(path)?,
+    };
+    let repository: Arc<dyn domain::keys::KeyRepository> = match &backend {
+        Backend::Postgres(store) => Arc::new(store.clone()),
+        Backend::Sqlite(store) => Arc::new(store.clone()),
+    };
+    let vault = Vault::open(repository, master, config.previous_master_key.clone())
+        .await
+        .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?;
+    Ok((backend, vault))
+}
+
+/// Reads the embedded default's master key, creating it (mode 0600) on first start.
+fn load_or_create_key_file(path: &Path) -> anyhow::Result<MasterKey> {
+    for _ in 0..2 {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                warn_if_readable_by_others(path);
+                return MasterKey::from_base64(&text)
+                    .with_context(|| format!("the key file {} is damaged", path.display()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let (key, encoded) = MasterKey::generate();
+                match create_private_file(path) {
+                    Ok(mut file) => {
+                        file.write_all(encoded.as_bytes())?;
+                        file.write_all(b"\n")?;
+                        file.sync_all()?;
+                        tracing::info!(path = %path.display(), "created a new master key file");
+                        return Ok(key);
+                    }
+                    // Another instance created it first: read theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot create {}", path.display()));
+                    }
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+    bail!("cannot read or create the key file {}", path.display())
+}
+
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), "the master key file is readable by others; chmod 600 it");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The service starts on each backend, answers health checks and JSON errors, and guards keys.
+
+use domain::testing::TestDatabase;
+use grantline::startup::Application;
+use serde_json::Value;
+
+use crate::{new_key, serve_config, spawn_app, spawn_config};
+
+#[tokio::test]
+async fn health_answers_ok_on_postgres() {
+    let db = TestDatabase::postgres().await;
+    let app = spawn_app(&db, &new_key()).await;
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["result"], "ok");
+}
+
+#[tokio::test]
+async fn health_answers_ok_on_sqlite() {
+    let db = TestDatabase::sqlite();
+    let app = spawn_app(&db, &new_key()).await;
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let db = TestDatabase::sqlite();
+    let app = spawn_app(&db, &new_key()).await;
+    let response = app.get("/no/such/route").await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let response = app
+        .client
+        .delete(format!("{}/health", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test]
+async fn a_wrong_master_key_stops_start_up_before_serving() {
+    let db = TestDatabase::postgres().await;
+    drop(spawn_app(&db, &new_key()).await);
+    let config = serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        &new_key(),
+    ]);
+    let error = Application::build(config).await.unwrap_err();
+    let message = format!("{error:#}");
+    assert!(message.contains("GRANTLINE_ENCRYPTION_KEY"), "{message}");
+    assert!(message.contains("key check value failed"), "{message}");
+}
+
+#[tokio::test]
+async fn the_embedded_default_creates_a_private_key_file_once_and_reuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let config = || serve_config(&["--listen", "127.0.0.1:0", "--data-dir", data_dir]);
+
+    let first = spawn_config(config()).await;
+    assert_eq!(first.get("/health").await.status(), 200);
+    let key_file = dir.path().join("data/master.key");
+    let written = std::fs::read_to_string(&key_file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the key file is private");
+    }
+    assert!(dir.path().join("data/grantline.db").exists());
+    drop(first);
+
+    // A second start reads the same key; the key check against the database passes.
+    let second = spawn_config(config()).await;
+    assert_eq!(second.get("/health").await.status(), 200);
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), written);
+}
