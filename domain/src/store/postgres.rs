@@ -33,6 +33,8 @@ mod embedded {
 
 /// The channel commits are announced on.
 const CHANNEL: &str = "grantline_events";
+/// The shortest time between two NOTIFYs of one instance.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// Key of the session advisory lock that serializes migrations across instances.
 const MIGRATION_LOCK: i64 = 0x6772_616e_746c_696e; // "grantlin"
 
@@ -175,6 +177,9 @@ async fn notifier(config: tokio_postgres::Config, changes: watch::Sender<u64>, k
                                 if client.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await.is_err() {
                                     break;
                                 }
+                                // Each NOTIFY is a transaction with an xid: cap them, since
+                                // readers only need to know that something changed.
+                                tokio::time::sleep(NOTIFY_INTERVAL).await;
                             }
                             _ = &mut driver => break,
                             () = changes.closed() => {
@@ -212,7 +217,9 @@ FROM head, unnest($2::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[])
      WITH ORDINALITY AS e(id, typ, ver, payload, meta, ord)
 RETURNING global_position, stream_version";
 
-const SELECT_COLUMNS: &str = "global_position, transaction_id::text, stream_id, stream_version, \
+// The transaction id leaves as text under another name: an output column called
+// `transaction_id` would make `ORDER BY transaction_id` sort by the text.
+const SELECT_COLUMNS: &str = "global_position, transaction_id::text AS commit_id, stream_id, stream_version, \
      event_id, event_type, event_version, payload, metadata, recorded_at";
 
 #[async_trait]
@@ -340,7 +347,7 @@ impl EventStore for PostgresStore {
                 "SELECT {SELECT_COLUMNS} FROM events \
                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
                    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY transaction_id, global_position LIMIT $3"
+                 ORDER BY events.transaction_id, events.global_position LIMIT $3"
             ))
             .await
             .map_err(db_error)?;
