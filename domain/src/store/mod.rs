@@ -17,10 +17,13 @@ mod sqlite;
 use std::fmt;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use postgres::PostgresStore;
@@ -297,6 +300,14 @@ impl Backend {
         }
     }
 
+    /// The event store as a shared handle, for readers that outlive a borrow.
+    pub fn event_store(&self) -> Arc<dyn EventStore> {
+        match self {
+            Self::Postgres(store) => Arc::new(store.clone()),
+            Self::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
     pub fn keys(&self) -> &dyn KeyRepository {
         match self {
             Self::Postgres(store) => store,
@@ -352,10 +363,27 @@ fn expected_number(expected: ExpectedVersion) -> Result<Option<u32>, StoreError>
 /// Follows the log from a position, batch by batch. It moves past an event only once that event
 /// was read (and, with [`LogReader::next_decoded`], decoded): an unreadable event stops it at that
 /// event, every time, instead of being skipped.
-#[derive(Clone, Debug)]
+///
+/// After a full batch it already fetches the next one in the background, so the database works on
+/// batch n + 1 while the caller handles batch n. A prefetched batch that came back empty is never
+/// handed out: the caller may have waited for new events since, so it reads afresh.
 pub struct LogReader {
+    store: Arc<dyn EventStore>,
     position: Position,
     batch_size: usize,
+    prefetch: Option<(Position, Prefetch)>,
+}
+
+/// A batch being read ahead.
+type Prefetch = JoinHandle<Result<Vec<RecordedEvent>, StoreError>>;
+
+impl fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogReader")
+            .field("position", &self.position)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a [`LogReader`] stopped.
@@ -368,10 +396,12 @@ pub enum ReadError {
 }
 
 impl LogReader {
-    pub fn new(from: Position, batch_size: usize) -> Self {
+    pub fn new(store: Arc<dyn EventStore>, from: Position, batch_size: usize) -> Self {
         Self {
+            store,
             position: from,
             batch_size: batch_size.max(1),
+            prefetch: None,
         }
     }
 
@@ -380,37 +410,67 @@ impl LogReader {
         self.position
     }
 
+    async fn fetch(&mut self) -> Result<Vec<RecordedEvent>, StoreError> {
+        if let Some((from, handle)) = self.prefetch.take()
+            && from == self.position
+        {
+            match handle.await {
+                Ok(Ok(events)) if events.is_empty() => {}
+                Ok(result) => return result,
+                Err(join) => return Err(StoreError::Database(format!("prefetch failed: {join}"))),
+            }
+        }
+        self.store.read_all(self.position, self.batch_size).await
+    }
+
+    /// Starts reading the batch after `events` if they filled a batch (a prefetch from a position
+    /// the reader does not reach, after an unreadable event, is dropped unused).
+    fn prefetch_after(&mut self, events: &[RecordedEvent]) {
+        if events.len() == self.batch_size
+            && let Some(last) = events.last()
+        {
+            let (store, from, limit) = (self.store.clone(), last.position, self.batch_size);
+            let handle = tokio::spawn(async move { store.read_all(from, limit).await });
+            self.prefetch = Some((from, handle));
+        }
+    }
+
     /// The next batch of raw events (empty when caught up).
-    pub async fn next_batch(
-        &mut self,
-        store: &dyn EventStore,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let events = store.read_all(self.position, self.batch_size).await?;
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, StoreError> {
+        let events = self.fetch().await?;
         if let Some(last) = events.last() {
             self.position = last.position;
         }
+        self.prefetch_after(&events);
         Ok(events)
     }
 
-    /// The next batch decoded as `E`, with their records. Events of other categories are the
-    /// caller's to filter; an event that cannot be decoded ends the batch with an error, and the
-    /// reader stays just before it.
+    /// The next batch decoded as `E`, with their records, for the events `accept` takes (the
+    /// others are passed over). An event that cannot be decoded ends the batch with an error,
+    /// and the reader stays just before it.
     pub async fn next_decoded<E: crate::event::DomainEvent>(
         &mut self,
-        store: &dyn EventStore,
         accept: impl Fn(&RecordedEvent) -> bool,
     ) -> Result<Vec<(RecordedEvent, E)>, ReadError> {
-        let events = store.read_all(self.position, self.batch_size).await?;
+        let events = self.fetch().await?;
+        self.prefetch_after(&events);
         let mut decoded = Vec::with_capacity(events.len());
         for event in events {
+            let position = event.position;
             if accept(&event) {
                 let domain = E::from_recorded(&event)?;
-                self.position = event.position;
                 decoded.push((event, domain));
-            } else {
-                self.position = event.position;
             }
+            self.position = position;
         }
         Ok(decoded)
+    }
+}
+
+impl Drop for LogReader {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.prefetch.take() {
+            handle.abort();
+        }
     }
 }

@@ -209,6 +209,13 @@ FROM unnest($3::uuid[], $4::text[], $5::int2[], $6::jsonb[], $7::jsonb[])
 WHERE $2 = 0 OR EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)
 RETURNING global_position, stream_version";
 
+/// `INSERT_AT` for the common single event, without arrays.
+const INSERT_ONE_AT: &str = "\
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT $1, $2 + 1, $3, $4, $5, $6, $7
+WHERE $2 = 0 OR EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)
+RETURNING global_position, stream_version";
+
 const INSERT_AT_END: &str = "\
 WITH head AS (SELECT coalesce(max(stream_version), 0) AS v FROM events WHERE stream_id = $1)
 INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
@@ -217,10 +224,8 @@ FROM head, unnest($2::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[])
      WITH ORDINALITY AS e(id, typ, ver, payload, meta, ord)
 RETURNING global_position, stream_version";
 
-// The transaction id leaves as text under another name: an output column called
-// `transaction_id` would make `ORDER BY transaction_id` sort by the text.
-const SELECT_COLUMNS: &str = "global_position, transaction_id::text AS commit_id, stream_id, stream_version, \
-     event_id, event_type, event_version, payload, metadata, recorded_at";
+const SELECT_COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, \
+     event_id, event_type, event_version, payload::text, metadata::text, recorded_at";
 
 #[async_trait]
 impl EventStore for PostgresStore {
@@ -244,8 +249,30 @@ impl EventStore for PostgresStore {
         let client = self.client().await?;
         // `Any` can lose the race for the end of the stream; it just tries again.
         for _ in 0..8 {
-            let result = match expected_at {
-                Some(at) => {
+            let result = match (expected_at, events.as_slice()) {
+                (Some(at), [event]) => {
+                    let statement = client
+                        .prepare_cached(INSERT_ONE_AT)
+                        .await
+                        .map_err(db_error)?;
+                    let at = i32::try_from(at)
+                        .map_err(|_| StoreError::InvalidAppend("version out of range"))?;
+                    client
+                        .query(
+                            &statement,
+                            &[
+                                &stream.as_str(),
+                                &at,
+                                &event.event_id,
+                                &event.event_type,
+                                &event.event_version,
+                                &event.payload,
+                                &event.metadata,
+                            ],
+                        )
+                        .await
+                }
+                (Some(at), _) => {
                     let statement = client.prepare_cached(INSERT_AT).await.map_err(db_error)?;
                     let at = i32::try_from(at)
                         .map_err(|_| StoreError::InvalidAppend("version out of range"))?;
@@ -264,7 +291,7 @@ impl EventStore for PostgresStore {
                         )
                         .await
                 }
-                None => {
+                (None, _) => {
                     let statement = client
                         .prepare_cached(INSERT_AT_END)
                         .await
@@ -342,24 +369,31 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let client = self.client().await?;
+        // The limit is part of the text: a generic plan with `LIMIT $n` guesses a large result
+        // and sorts the whole tail instead of walking the commit-order index.
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {SELECT_COLUMNS} FROM events \
                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
                    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY events.transaction_id, events.global_position LIMIT $3"
+                 ORDER BY events.transaction_id, events.global_position LIMIT {}",
+                limit.max(1)
             ))
             .await
             .map_err(db_error)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Decode rows as they stream in, while the server is still sending the rest.
+        let commit = after.commit.to_string();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&commit, &after.global];
         let rows = client
-            .query(
-                &statement,
-                &[&after.commit.to_string(), &after.global, &limit],
-            )
+            .query_raw(&statement, params)
             .await
             .map_err(db_error)?;
-        rows.iter().map(decode_row).collect()
+        futures_util::pin_mut!(rows);
+        let mut events = Vec::with_capacity(limit.min(4096));
+        while let Some(row) = rows.next().await {
+            events.push(decode_row(&row.map_err(db_error)?)?);
+        }
+        Ok(events)
     }
 
     async fn head_position(&self) -> Result<i64, StoreError> {
@@ -382,10 +416,7 @@ fn decode_row(row: &Row) -> Result<RecordedEvent, StoreError> {
         global_position: global,
         reason,
     };
-    let commit: String = row.try_get(1).map_err(|e| corrupt(e.to_string()))?;
-    let commit = commit
-        .parse::<u64>()
-        .map_err(|e| corrupt(format!("transaction id: {e}")))?;
+    let Xid8(commit) = row.try_get(1).map_err(|e| corrupt(e.to_string()))?;
     let stream_version: i32 = row.try_get(3).map_err(|e| corrupt(e.to_string()))?;
     Ok(RecordedEvent {
         position: Position { commit, global },
@@ -397,12 +428,34 @@ fn decode_row(row: &Row) -> Result<RecordedEvent, StoreError> {
         event_id: row.try_get(4).map_err(|e| corrupt(e.to_string()))?,
         event_type: row.try_get(5).map_err(|e| corrupt(e.to_string()))?,
         event_version: row.try_get(6).map_err(|e| corrupt(e.to_string()))?,
-        payload: row.try_get(7).map_err(|e| corrupt(e.to_string()))?,
-        metadata: row.try_get(8).map_err(|e| corrupt(e.to_string()))?,
+        // Sent as text (cheaper for the server than jsonb's binary form) and parsed here.
+        payload: serde_json::from_str(row.try_get(7).map_err(|e| corrupt(e.to_string()))?)
+            .map_err(|e| corrupt(format!("payload: {e}")))?,
+        metadata: match row.try_get(8).map_err(|e| corrupt(e.to_string()))? {
+            "{}" => Value::Object(serde_json::Map::new()),
+            text => serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?,
+        },
         recorded_at: row
             .try_get::<_, DateTime<Utc>>(9)
             .map_err(|e| corrupt(e.to_string()))?,
     })
+}
+
+/// PostgreSQL's 64-bit transaction id, read in its binary form (8 bytes, big-endian).
+struct Xid8(u64);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Xid8 {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "xid8 is not 8 bytes")?;
+        Ok(Self(u64::from_be_bytes(bytes)))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        ty.name() == "xid8"
+    }
 }
 
 /// The constraint a unique violation hit, if the error is one.

@@ -248,9 +248,10 @@ async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(
 }
 
 async fn dump_events(backend: &Backend) -> Vec<(i64, String)> {
-    let mut reader = grantline_domain::store::LogReader::new(Default::default(), 1000);
+    let mut reader =
+        grantline_domain::store::LogReader::new(backend.event_store(), Default::default(), 1000);
     reader
-        .next_batch(backend.events())
+        .next_batch()
         .await
         .unwrap()
         .into_iter()

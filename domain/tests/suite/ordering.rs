@@ -4,9 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use grantline_domain::store::{
-    EventStore, ExpectedVersion, LogReader, NewEvent, Position, StreamId,
-};
+use grantline_domain::store::{ExpectedVersion, LogReader, NewEvent, Position, StreamId};
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -15,10 +13,10 @@ fn event(n: u64) -> NewEvent {
     NewEvent::new("TestEvent", 1, json!({ "n": n }))
 }
 
-async fn read_to_end(reader: &mut LogReader, store: &dyn EventStore) -> Vec<i64> {
+async fn read_to_end(reader: &mut LogReader) -> Vec<i64> {
     let mut seen = Vec::new();
     loop {
-        let batch = reader.next_batch(store).await.unwrap();
+        let batch = reader.next_batch().await.unwrap();
         if batch.is_empty() {
             return seen;
         }
@@ -63,9 +61,9 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
     let naive_checkpoint = *naive_seen.iter().max().unwrap();
 
     // The store's reader does not pass the open transaction.
-    let mut reader = LogReader::new(Position::START, 7);
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 7);
     assert!(
-        read_to_end(&mut reader, store).await.is_empty(),
+        read_to_end(&mut reader).await.is_empty(),
         "read past an open transaction"
     );
 
@@ -76,7 +74,7 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while seen.len() < 21 && tokio::time::Instant::now() < deadline {
-        seen.extend(read_to_end(&mut reader, store).await);
+        seen.extend(read_to_end(&mut reader).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(seen.len(), 21, "every event exactly once");
@@ -134,19 +132,18 @@ async fn a_follower_sees_every_event_while_writers_commit_in_random_order() {
         }));
     }
 
-    let store = backend.events();
-    let mut reader = LogReader::new(Position::START, 5);
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 5);
     let mut seen = Vec::new();
     let total = writers * per_writer;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while seen.len() < total && tokio::time::Instant::now() < deadline {
-        seen.extend(read_to_end(&mut reader, store).await);
+        seen.extend(read_to_end(&mut reader).await);
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     for handle in handles {
         handle.await.unwrap();
     }
-    seen.extend(read_to_end(&mut reader, store).await);
+    seen.extend(read_to_end(&mut reader).await);
 
     let all = naive_positions_after(&db, 0).await;
     assert_eq!(all.len(), total);
@@ -209,8 +206,8 @@ async fn on_sqlite_a_held_write_transaction_holds_back_later_appends_and_nothing
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut reader = LogReader::new(Position::START, 3);
-    let before = read_to_end(&mut reader, store).await;
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 3);
+    let before = read_to_end(&mut reader).await;
     assert_eq!(
         before.len(),
         1,
@@ -224,7 +221,7 @@ async fn on_sqlite_a_held_write_transaction_holds_back_later_appends_and_nothing
     release_tx.send(()).unwrap();
     holder.join().unwrap();
     later.await.unwrap();
-    let after = read_to_end(&mut reader, store).await;
+    let after = read_to_end(&mut reader).await;
     assert_eq!(
         after.len(),
         6,

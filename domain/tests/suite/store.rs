@@ -257,11 +257,11 @@ async fn read_all_in_batches_returns_every_event_once_in_order(db: &TestDatabase
             .unwrap();
     }
     assert!(store.head_position().await.unwrap() >= 50);
-    let mut reader = LogReader::new(Position::START, 8);
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 8);
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while seen.len() < 50 && tokio::time::Instant::now() < deadline {
-        let batch = reader.next_batch(store).await.unwrap();
+        let batch = reader.next_batch().await.unwrap();
         assert!(batch.len() <= 8);
         if batch.is_empty() {
             // On PostgreSQL another test's open transaction can hold the horizon back a moment.
@@ -269,7 +269,7 @@ async fn read_all_in_batches_returns_every_event_once_in_order(db: &TestDatabase
         }
         seen.extend(batch);
     }
-    assert!(reader.next_batch(store).await.unwrap().is_empty());
+    assert!(reader.next_batch().await.unwrap().is_empty());
     let ns: Vec<u64> = seen
         .iter()
         .map(|e| e.payload["n"].as_u64().unwrap())
@@ -384,14 +384,14 @@ async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabas
         .await
         .unwrap();
 
-    let mut reader = LogReader::new(Position::START, 100);
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 100);
     match &backend {
         Backend::Sqlite(_) => {
             // SQLite keeps payloads as text, so a damaged row fails the read itself.
             for _ in 0..2 {
-                let mut result = reader.next_batch(store).await;
+                let mut result = reader.next_batch().await;
                 while matches!(&result, Ok(batch) if batch.is_empty()) {
-                    result = reader.next_batch(store).await;
+                    result = reader.next_batch().await;
                 }
                 let err = result.unwrap_err();
                 assert!(
@@ -408,7 +408,7 @@ async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabas
         Backend::Postgres(_) => {
             // jsonb cannot hold invalid JSON: the row was stored as a JSON string instead, which
             // the decoding reader must refuse (see the unknown-type test for the mechanism).
-            let err = decode_until_error(&mut reader, store).await;
+            let err = decode_until_error(&mut reader).await;
             assert!(
                 err.to_string()
                     .contains(&format!("global position {bad_position}")),
@@ -439,9 +439,9 @@ async fn an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position(db:
         .await
         .unwrap();
 
-    let mut reader = LogReader::new(Position::START, 100);
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 100);
     for _ in 0..2 {
-        let err = decode_until_error(&mut reader, store).await;
+        let err = decode_until_error(&mut reader).await;
         let message = err.to_string();
         assert!(
             message.contains(&format!("global position {bad}")),
@@ -471,13 +471,10 @@ async fn empty_appends_and_exact_zero_are_refused(db: &TestDatabase) {
 }
 
 /// Reads on until the reader stops at an undecodable event (waiting out horizon lag).
-async fn decode_until_error(
-    reader: &mut LogReader,
-    store: &dyn grantline_domain::store::EventStore,
-) -> grantline_domain::store::ReadError {
+async fn decode_until_error(reader: &mut LogReader) -> grantline_domain::store::ReadError {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match reader.next_decoded::<TestEvent>(store, |_| true).await {
+        match reader.next_decoded::<TestEvent>(|_| true).await {
             Err(err) => return err,
             Ok(_) if tokio::time::Instant::now() > deadline => panic!("no error within 30 s"),
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
