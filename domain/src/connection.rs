@@ -344,7 +344,7 @@ fn read<'a, T: Deserialize<'a>>(event_type: &str, payload: &'a Value) -> Result<
 // ---------------------------------------------------------------------------------------------
 
 /// A connection as its events leave it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[expect(
     clippy::large_enum_variant,
     reason = "one state per loaded stream; boxing would only add an allocation"
@@ -360,7 +360,7 @@ pub enum Connection {
 }
 
 /// The state of an authorized connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ActiveConnection {
     /// The integration's key.
     pub provider_config_key: String,
@@ -405,10 +405,15 @@ pub struct ActiveConnection {
     pub authorized_at: DateTime<Utc>,
     /// When tokens were last refreshed in this generation.
     pub last_refreshed_at: Option<DateTime<Utc>>,
+    /// When the connection was first authorized (kept across re-authorizations, reset by a
+    /// deletion).
+    pub created_at: DateTime<Utc>,
+    /// When the last event changed it.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A lease without an outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RefreshLease {
     /// The lease's id.
     pub lease_id: Uuid,
@@ -430,7 +435,7 @@ impl RefreshLease {
 }
 
 /// A failure as recorded in state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RecordedFailure {
     /// The lease the failed refresh ran under.
     pub lease_id: Uuid,
@@ -441,7 +446,7 @@ pub struct RecordedFailure {
 }
 
 /// The state of a deleted connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DeletedConnection {
     /// The last generation before the deletion.
     pub generation: u32,
@@ -758,10 +763,14 @@ fn holding(state: &Connection, lease_id: Uuid) -> Result<&ActiveConnection, Conn
 pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
     match event {
         ConnectionEvent::ConnectionAuthorized(event) => {
-            let (mut data_key_ids, metadata) = match std::mem::take(state) {
-                Connection::NeverAuthorized => (Vec::new(), Map::new()),
-                Connection::Active(active) => (active.data_key_ids, active.metadata),
-                Connection::Deleted(deleted) => (deleted.data_key_ids, Map::new()),
+            let (mut data_key_ids, metadata, created_at) = match std::mem::take(state) {
+                Connection::NeverAuthorized => (Vec::new(), Map::new(), event.authorized_at),
+                Connection::Active(active) => {
+                    (active.data_key_ids, active.metadata, active.created_at)
+                }
+                Connection::Deleted(deleted) => {
+                    (deleted.data_key_ids, Map::new(), event.authorized_at)
+                }
             };
             if !data_key_ids.contains(&event.data_key_id) {
                 data_key_ids.push(event.data_key_id);
@@ -788,6 +797,8 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 metadata,
                 authorized_at: event.authorized_at,
                 last_refreshed_at: None,
+                created_at,
+                updated_at: event.authorized_at,
             });
         }
         ConnectionEvent::RefreshLeased(event) => {
@@ -799,6 +810,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                     leased_at: event.leased_at,
                     expires_at: event.lease_expires_at,
                 });
+                active.updated_at = event.leased_at;
             }
         }
         ConnectionEvent::TokensRefreshed(event) => {
@@ -813,6 +825,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 active.blocking_failure = None;
                 active.consecutive_transient_failures = 0;
                 active.last_refreshed_at = Some(event.refreshed_at);
+                active.updated_at = event.refreshed_at;
             }
         }
         ConnectionEvent::RefreshFailed(event) => {
@@ -834,6 +847,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 }
                 active.last_failure = Some(recorded);
                 active.lease = None;
+                active.updated_at = event.failed_at;
             }
         }
         ConnectionEvent::MetadataSet(event) => {
@@ -848,6 +862,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                         }
                     }
                 }
+                active.updated_at = event.set_at;
             }
         }
         ConnectionEvent::ConnectionDeleted(event) => {

@@ -153,7 +153,7 @@ fn read<'a, T: Deserialize<'a>>(event_type: &str, payload: &'a Value) -> Result<
 // ---------------------------------------------------------------------------------------------
 
 /// An integration as its events leave it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub enum Integration {
     /// No event yet.
     #[default]
@@ -165,7 +165,7 @@ pub enum Integration {
 }
 
 /// The state of a live integration.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ActiveIntegration {
     /// The integration's key.
     pub provider_config_key: String,
@@ -184,7 +184,7 @@ pub struct ActiveIntegration {
 }
 
 /// The state of a deleted integration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DeletedIntegration {
     /// When it was deleted.
     pub deleted_at: DateTime<Utc>,
