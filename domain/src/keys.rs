@@ -12,6 +12,8 @@
 //!   master key, not at the first decrypt.
 //! - [`Vault::rotate`] re-wraps every data key under the active master key, one key per update,
 //!   so it can be stopped and resumed at any point; events are never touched.
+//! - [`Vault::fingerprint`] is keyed by one data key with a fixed id, the same for every instance
+//!   on a database and across master-key rotations, so a token's fingerprint never changes.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +24,7 @@ use aes_gcm::{Aes256Gcm, Key, Nonce};
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -32,6 +35,17 @@ use crate::store::{StoreError, StreamId};
 
 const NONCE_LEN: usize = 12;
 const CHECK_PLAINTEXT: &[u8] = b"grantline master key check v1";
+/// The owner of the fingerprint key in `data_keys`; no stream is named like this.
+const FINGERPRINT_KEY_OWNER: &str = "system-fingerprint";
+/// The name the fingerprint key's fixed id is derived from.
+const FINGERPRINT_KEY_NAME: &[u8] = b"grantline.fingerprint-key";
+/// How many bytes of the HMAC a fingerprint shows.
+const FINGERPRINT_BYTES: usize = 8;
+
+/// The id of the fingerprint key: fixed, so every instance on a database finds the same key.
+fn fingerprint_key_id() -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, FINGERPRINT_KEY_NAME)
+}
 
 /// A failure to seal, open or manage keys.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +192,12 @@ fn decrypt(cipher: &Aes256Gcm, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Ve
         .map_err(|_| KeyError::Decrypt)
 }
 
+/// An HMAC-SHA256 keyed with `key`.
+fn fingerprint_mac(key: &[u8]) -> Result<Hmac<Sha256>, KeyError> {
+    // HMAC takes keys of any length; the error cannot occur.
+    <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| KeyError::Decrypt)
+}
+
 /// A secret sealed under a data key, as it appears in event payloads.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
@@ -279,6 +299,8 @@ struct VaultInner {
     active: MasterKey,
     previous: Option<MasterKey>,
     cache: RwLock<HashMap<Uuid, Aes256Gcm>>,
+    /// The fingerprint HMAC, keyed once per vault (the key never changes).
+    fingerprint: tokio::sync::OnceCell<Hmac<Sha256>>,
 }
 
 impl fmt::Debug for Vault {
@@ -355,6 +377,7 @@ impl Vault {
                 active,
                 previous,
                 cache: RwLock::new(HashMap::new()),
+                fingerprint: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -407,7 +430,15 @@ impl Vault {
     /// Opens a sealed JSON value.
     pub async fn unseal_json<T: DeserializeOwned>(&self, sealed: &Sealed) -> Result<T, KeyError> {
         let plain = self.unseal(sealed).await?;
-        serde_json::from_slice(&plain).map_err(|e| KeyError::Format(e.to_string()))
+        // serde's message can quote the plaintext: keep only where it failed.
+        serde_json::from_slice(&plain).map_err(|e| {
+            KeyError::Format(format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })
     }
 
     /// Destroys every data key of `owner`: their sealed values become unrecoverable.
@@ -479,6 +510,82 @@ impl Vault {
         Ok(report)
     }
 
+    /// A short keyed fingerprint of `secret` (`fp_` and 16 hex digits: the first 8 bytes of an
+    /// HMAC-SHA256), so that auditors can tell token generations apart without seeing a token.
+    ///
+    /// The same secret has the same fingerprint on every instance sharing the database and
+    /// across master-key rotations: the HMAC key is a data key with a fixed id, created by the
+    /// first instance that needs it (when two race, the loser reads the winner's key).
+    pub async fn fingerprint(&self, secret: &str) -> Result<String, KeyError> {
+        let keyed = self
+            .inner
+            .fingerprint
+            .get_or_try_init(|| self.fingerprint_key())
+            .await?;
+        let mut mac = keyed.clone();
+        Mac::update(&mut mac, secret.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let hex: String = tag[..FINGERPRINT_BYTES]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(format!("fp_{hex}"))
+    }
+
+    /// The fingerprint HMAC keyed with the fingerprint data key, which is created if missing.
+    async fn fingerprint_key(&self) -> Result<Hmac<Sha256>, KeyError> {
+        let key_id = fingerprint_key_id();
+        if let Some(raw) = self.raw_data_key(key_id).await? {
+            return fingerprint_mac(&raw);
+        }
+        let key = Zeroizing::new(Aes256Gcm::generate_key(OsRng).to_vec());
+        let wrapped = self
+            .inner
+            .active
+            .wrap(key_id, Key::<Aes256Gcm>::from_slice(&key));
+        match self
+            .inner
+            .repository
+            .insert_data_key(
+                key_id,
+                FINGERPRINT_KEY_OWNER,
+                &self.inner.active.id,
+                &wrapped,
+            )
+            .await
+        {
+            Ok(()) => fingerprint_mac(&key),
+            // Most likely another instance inserted it first (the repository does not tell a
+            // unique violation apart): theirs is the key. If it is still missing, the insert
+            // failed for another reason, which is the error to report.
+            Err(insert_error) => match self.raw_data_key(key_id).await? {
+                Some(raw) => fingerprint_mac(&raw),
+                None => Err(insert_error.into()),
+            },
+        }
+    }
+
+    /// The plaintext bytes of a data key, read from the repository; `None` if it does not exist.
+    async fn raw_data_key(&self, key_id: Uuid) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
+        let Some(stored) = self.inner.repository.data_key(key_id).await? else {
+            return Ok(None);
+        };
+        let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped) else {
+            return Err(KeyError::Shredded(key_id));
+        };
+        let master = self
+            .master(&master_id)
+            .ok_or_else(|| KeyError::MissingMasterKey {
+                key_id: master_id.clone(),
+                count: 1,
+            })?;
+        let bytes = decrypt(&master.cipher, &wrapped, key_id.as_bytes())?;
+        if bytes.len() != 32 {
+            return Err(KeyError::Decrypt);
+        }
+        Ok(Some(bytes))
+    }
+
     fn master(&self, id: &str) -> Option<&MasterKey> {
         if self.inner.active.id == id {
             return Some(&self.inner.active);
@@ -524,5 +631,19 @@ impl Vault {
             }
             cache.insert(key_id, cipher);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_key_id_is_pinned() {
+        // Every database's fingerprint key has this id; changing it changes every fingerprint.
+        assert_eq!(
+            fingerprint_key_id().to_string(),
+            "818e3b46-1c4d-593e-8393-1c2d3bd97082"
+        );
     }
 }

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 
 use crate::keys::KeyRepository;
 
@@ -205,6 +205,10 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The highest global position written so far (0 for an empty log), for lag reporting.
     async fn head_position(&self) -> Result<i64, StoreError>;
+
+    /// The position of the last event a reader can see now ([`Position::START`] for an empty
+    /// log): a reader that starts here sees every event committed from now on, and none before.
+    async fn last_position(&self) -> Result<Position, StoreError>;
 
     /// A handle that waits for new commits.
     fn listener(&self) -> Listener;

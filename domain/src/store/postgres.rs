@@ -405,6 +405,26 @@ impl EventStore for PostgresStore {
         Ok(row.get(0))
     }
 
+    async fn last_position(&self) -> Result<Position, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT transaction_id, global_position FROM events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map_or(Position::START, |r| {
+            let Xid8(commit) = r.get(0);
+            Position {
+                commit,
+                global: r.get(1),
+            }
+        }))
+    }
+
     fn listener(&self) -> Listener {
         Listener::new(self.inner.signal.subscribe(), self.inner.poll_interval)
     }

@@ -174,6 +174,24 @@ fn query_events(
     Ok(events)
 }
 
+/// [`EventStore::read_all`] on a connection the caller holds, e.g. the writer inside a
+/// transaction, which sees every committed event.
+pub fn read_all_on(
+    conn: &rusqlite::Connection,
+    after: Position,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    query_events(
+        conn,
+        &format!(
+            "SELECT {SELECT_COLUMNS} FROM events \
+             WHERE global_position > ?1 ORDER BY global_position LIMIT ?2"
+        ),
+        params![after.global, limit],
+    )
+}
+
 fn stream_head(conn: &rusqlite::Connection, stream: &str) -> Result<u32, StoreError> {
     let head: i64 = conn
         .prepare_cached("SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = ?1")
@@ -278,18 +296,7 @@ impl EventStore for SqliteStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |conn| {
-            query_events(
-                conn,
-                &format!(
-                    "SELECT {SELECT_COLUMNS} FROM events \
-                     WHERE global_position > ?1 ORDER BY global_position LIMIT ?2"
-                ),
-                params![after.global, limit],
-            )
-        })
-        .await
+        self.read(move |conn| read_all_on(conn, after, limit)).await
     }
 
     async fn head_position(&self) -> Result<i64, StoreError> {
@@ -302,6 +309,11 @@ impl EventStore for SqliteStore {
             .map_err(db_error)
         })
         .await
+    }
+
+    async fn last_position(&self) -> Result<Position, StoreError> {
+        let global = self.head_position().await?;
+        Ok(Position { commit: 0, global })
     }
 
     fn listener(&self) -> Listener {

@@ -26,6 +26,7 @@ crate::on_both_backends!(
     an_unreadable_payload_stops_the_reader_at_its_position,
     an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position,
     empty_appends_and_exact_zero_are_refused,
+    a_reader_started_at_the_last_position_sees_only_what_comes_after,
 );
 
 fn event(n: u64) -> NewEvent {
@@ -556,4 +557,35 @@ pub async fn insert_raw(
                 .unwrap()
         }
     }
+}
+
+async fn a_reader_started_at_the_last_position_sees_only_what_comes_after(db: &TestDatabase) {
+    let backend = db.open().await;
+    let store = backend.events();
+    assert_eq!(store.last_position().await.unwrap(), Position::START);
+    for n in 0..3 {
+        store
+            .append(&stream("a"), ExpectedVersion::Any, vec![event(n)])
+            .await
+            .unwrap();
+    }
+    // Another test's open transaction can hide the newest events for a moment; wait for them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = store.last_position().await.unwrap();
+    while last.global < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        last = store.last_position().await.unwrap();
+    }
+    let mut reader = LogReader::new(backend.event_store(), last, 10);
+    assert!(reader.next_batch().await.unwrap().is_empty());
+    store
+        .append(&stream("a"), ExpectedVersion::Any, vec![event(9)])
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.is_empty() && tokio::time::Instant::now() < deadline {
+        seen = reader.next_batch().await.unwrap();
+    }
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].payload["n"], 9);
 }

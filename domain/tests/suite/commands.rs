@@ -1,0 +1,604 @@
+//! The command service on both backends: load → decide → append, sealing, fingerprints,
+//! crypto-shredding on deletion, and conflict retries.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use grantline_domain::commands::{
+    AuthorizeConnection, CommandError, Commands, IntegrationConfig, Loaded,
+};
+use grantline_domain::connection::{
+    self, Connection, ConnectionEvent, ConnectionRejected, CredentialsType, Flow, MetadataMode,
+};
+use grantline_domain::credentials::{ClientSecret, Credentials};
+use grantline_domain::event::DomainEvent;
+use grantline_domain::integration::{self, Integration, IntegrationRejected};
+use grantline_domain::keys::{KeyError, KeyRepository, MasterKey, Vault};
+use grantline_domain::store::{Backend, StreamId};
+use grantline_domain::testing::TestDatabase;
+use serde_json::{Map, Value, json};
+
+crate::on_both_backends!(
+    an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events,
+    re_authorization_makes_generation_two_under_a_new_data_key,
+    fingerprints_are_stable_per_token_differ_between_tokens_and_survive_another_vault,
+    metadata_is_replaced_or_merged_and_must_be_an_object,
+    deletion_shreds_every_generation_and_a_second_delete_is_rejected,
+    twenty_concurrent_metadata_merges_on_one_connection_all_land,
+    an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed,
+);
+
+const KEY: &str = "github-prod";
+const ID: &str = "user-1";
+const ACCESS: &str = "gho_PlaintextAccessTokenGenerationOne0123";
+const REFRESH: &str = "ghr_PlaintextRefreshTokenGenerationOne0123";
+const RAW_SECRET: &str = "PlaintextIdTokenInTheRawResponse0123";
+const ACCESS_2: &str = "gho_PlaintextAccessTokenGenerationTwo0123";
+const REFRESH_2: &str = "ghr_PlaintextRefreshTokenGenerationTwo0123";
+
+fn repository(backend: &Backend) -> Arc<dyn KeyRepository> {
+    match backend {
+        Backend::Postgres(store) => Arc::new(store.clone()),
+        Backend::Sqlite(store) => Arc::new(store.clone()),
+    }
+}
+
+/// A command service on a freshly opened backend, and the base64 of its master key.
+async fn commands(db: &TestDatabase) -> (Commands, String) {
+    let backend = db.open().await;
+    let (master, master_b64) = MasterKey::generate();
+    let vault = Vault::open(repository(&backend), master, None)
+        .await
+        .unwrap();
+    (Commands::new(backend, vault), master_b64.to_string())
+}
+
+/// 2024-05-01T12:00:00Z plus `minutes`.
+fn at(minutes: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_714_564_800 + minutes * 60, 0).unwrap()
+}
+
+fn oauth2(access: &str, refresh: &str) -> Credentials {
+    Credentials::OAuth2 {
+        access_token: access.to_owned(),
+        refresh_token: Some(refresh.to_owned()),
+        expires_at: Some(at(60)),
+        raw: json!({ "access_token": access, "refresh_token": refresh, "id_token": RAW_SECRET }),
+    }
+}
+
+fn import(credentials: Credentials, now: DateTime<Utc>) -> AuthorizeConnection {
+    let mut connection_config = Map::new();
+    connection_config.insert("subdomain".to_owned(), json!("acme"));
+    AuthorizeConnection {
+        provider_config_key: KEY.to_owned(),
+        connection_id: ID.to_owned(),
+        provider: "github".to_owned(),
+        flow: Flow::Import,
+        credentials,
+        scopes: vec!["repo".to_owned()],
+        connection_config,
+        now,
+    }
+}
+
+/// Every recorded event of `stream`, payload and metadata, as one string.
+async fn stream_text(commands: &Commands, stream: &StreamId) -> String {
+    let events = commands
+        .backend()
+        .events()
+        .read_stream(stream, 0)
+        .await
+        .unwrap();
+    assert!(!events.is_empty());
+    events
+        .iter()
+        .map(|e| format!("{} {} {}", e.event_type, e.payload, e.metadata))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The decoded events of a connection's stream.
+async fn connection_events(commands: &Commands) -> Vec<ConnectionEvent> {
+    commands
+        .backend()
+        .events()
+        .read_stream(&connection::stream_id(KEY, ID), 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| ConnectionEvent::from_recorded(e).unwrap())
+        .collect()
+}
+
+/// How many live data keys the active master key wraps.
+async fn live_data_keys(commands: &Commands) -> u64 {
+    let records = commands.backend().keys().master_keys().await.unwrap();
+    records.iter().map(|r| r.data_keys).sum()
+}
+
+fn active(loaded: &Loaded<Connection>) -> &connection::ActiveConnection {
+    loaded.state.active().expect("an active connection")
+}
+
+async fn an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events(
+    db: &TestDatabase,
+) {
+    let (commands, _) = commands(db).await;
+    let command = import(oauth2(ACCESS, REFRESH), at(0));
+    assert!(!format!("{command:?} {commands:?}").contains(ACCESS));
+
+    let authorized = commands.authorize_connection(command).await.unwrap();
+    assert_eq!(authorized.version, 1);
+    assert_eq!(authorized.stream_id, connection::stream_id(KEY, ID));
+    assert_eq!(authorized.events.len(), 1);
+    assert_eq!(authorized.events[0].stream_version, 1);
+    assert!(authorized.events[0].global_position > 0);
+    assert!(matches!(
+        authorized.events[0].event,
+        ConnectionEvent::ConnectionAuthorized(_)
+    ));
+
+    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(loaded.version, 1);
+    assert!(loaded.events.is_empty(), "a load appends nothing");
+    assert_eq!(loaded.state, authorized.state);
+    let connection = active(&loaded);
+    assert_eq!(connection.generation, 1);
+    assert_eq!(connection.flow, Flow::Import);
+    assert_eq!(connection.credentials_type, CredentialsType::Oauth2);
+    assert!(connection.has_refresh_token);
+    assert_eq!(connection.expires_at, Some(at(60)));
+    assert_eq!(connection.scopes, vec!["repo".to_owned()]);
+    assert_eq!(connection.connection_config["subdomain"], json!("acme"));
+    assert_eq!(connection.data_key_ids, vec![connection.credentials.key_id]);
+    assert_eq!(
+        connection.fingerprints.access_token,
+        Some(commands.vault().fingerprint(ACCESS).await.unwrap())
+    );
+    assert_eq!(
+        connection.fingerprints.refresh_token,
+        Some(commands.vault().fingerprint(REFRESH).await.unwrap())
+    );
+
+    assert_eq!(
+        commands.reveal_credentials(connection).await.unwrap(),
+        oauth2(ACCESS, REFRESH)
+    );
+
+    let stored = stream_text(&commands, &loaded.stream_id).await;
+    assert!(stored.contains(ID), "the text holds the events: {stored}");
+    for secret in [ACCESS, REFRESH, RAW_SECRET] {
+        assert!(!stored.contains(secret), "plaintext {secret} in {stored}");
+    }
+}
+
+async fn re_authorization_makes_generation_two_under_a_new_data_key(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    let first = commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+    let mut again = import(oauth2(ACCESS_2, REFRESH_2), at(5));
+    again.flow = Flow::Oauth2;
+    let second = commands.authorize_connection(again).await.unwrap();
+
+    assert_eq!(second.version, 2);
+    assert_eq!(second.events[0].stream_version, 2);
+    let ConnectionEvent::ConnectionAuthorized(event) = &second.events[0].event else {
+        panic!("expected ConnectionAuthorized");
+    };
+    assert_eq!(event.generation, 2);
+    let (before, after) = (active(&first), active(&second));
+    assert_ne!(after.credentials.key_id, before.credentials.key_id);
+    assert_eq!(
+        after.data_key_ids,
+        vec![before.credentials.key_id, after.credentials.key_id]
+    );
+    assert_eq!(after.flow, Flow::Oauth2);
+    assert_eq!(
+        after.created_at,
+        at(0),
+        "created_at survives re-authorization"
+    );
+    assert_ne!(after.fingerprints, before.fingerprints);
+
+    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(loaded.state, second.state);
+    assert_eq!(
+        commands.reveal_credentials(active(&loaded)).await.unwrap(),
+        oauth2(ACCESS_2, REFRESH_2)
+    );
+    // The earlier generation's key lives on until the connection is deleted.
+    assert_eq!(
+        commands
+            .vault()
+            .unseal_json::<Credentials>(&before.credentials)
+            .await
+            .unwrap(),
+        oauth2(ACCESS, REFRESH)
+    );
+}
+
+async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_another_vault(
+    db: &TestDatabase,
+) {
+    let backend = db.open().await;
+    let (master, master_b64) = MasterKey::generate();
+    // Two instances on a database without a fingerprint key fingerprint at once: one creates
+    // the key, the other must end up with the same one.
+    let first = Vault::open(repository(&backend), master.clone(), None)
+        .await
+        .unwrap();
+    let second = Vault::open(repository(&db.open().await), master, None)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(first.fingerprint(ACCESS), second.fingerprint(ACCESS));
+    let fingerprint = a.unwrap();
+    assert_eq!(b.unwrap(), fingerprint);
+
+    let hex = fingerprint.strip_prefix("fp_").expect("an fp_ prefix");
+    assert_eq!(hex.len(), 16);
+    assert!(
+        hex.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    assert!(!fingerprint.contains(ACCESS));
+    assert_eq!(first.fingerprint(ACCESS).await.unwrap(), fingerprint);
+    assert_ne!(first.fingerprint(ACCESS_2).await.unwrap(), fingerprint);
+    assert_ne!(first.fingerprint("").await.unwrap(), fingerprint);
+
+    // A later instance, with the master key read from configuration.
+    let restarted = Vault::open(
+        repository(&db.open().await),
+        MasterKey::from_base64(&master_b64).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(restarted.fingerprint(ACCESS).await.unwrap(), fingerprint);
+
+    // After a master-key rotation.
+    let (new_master, _) = MasterKey::generate();
+    let rotated = Vault::open(
+        repository(&db.open().await),
+        new_master,
+        Some(MasterKey::from_base64(&master_b64).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(rotated.rotate(10, |_| {}).await.unwrap().rewrapped >= 1);
+    assert_eq!(rotated.fingerprint(ACCESS).await.unwrap(), fingerprint);
+
+    // Keyed: another database has another key, so the same token looks different there.
+    let other_db = match db {
+        TestDatabase::Postgres { .. } => TestDatabase::postgres().await,
+        TestDatabase::Sqlite { .. } => TestDatabase::sqlite(),
+    };
+    let other_backend = other_db.open().await;
+    let other = Vault::open(repository(&other_backend), MasterKey::generate().0, None)
+        .await
+        .unwrap();
+    assert_ne!(other.fingerprint(ACCESS).await.unwrap(), fingerprint);
+}
+
+async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    assert!(matches!(
+        commands
+            .set_metadata(KEY, ID, json!({"a": 1}), MetadataMode::Replace, at(0))
+            .await,
+        Err(CommandError::Connection(ConnectionRejected::NotFound))
+    ));
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+
+    let replaced = commands
+        .set_metadata(
+            KEY,
+            ID,
+            json!({"a": 1, "b": {"x": 1}}),
+            MetadataMode::Replace,
+            at(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.version, 2);
+    assert_eq!(
+        Value::Object(active(&replaced).metadata.clone()),
+        json!({"a": 1, "b": {"x": 1}})
+    );
+
+    let merged = commands
+        .set_metadata(
+            KEY,
+            ID,
+            json!({"b": {"y": 2}, "c": 3}),
+            MetadataMode::Merge,
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(merged.version, 3);
+    assert_eq!(
+        Value::Object(active(&merged).metadata.clone()),
+        json!({"a": 1, "b": {"y": 2}, "c": 3})
+    );
+
+    let error = commands
+        .set_metadata(
+            KEY,
+            ID,
+            json!(["not", "an", "object"]),
+            MetadataMode::Merge,
+            at(3),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            CommandError::Connection(ConnectionRejected::MetadataNotObject)
+        ),
+        "{error:?}"
+    );
+
+    let replaced = commands
+        .set_metadata(KEY, ID, json!({"z": 0}), MetadataMode::Replace, at(4))
+        .await
+        .unwrap();
+    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(loaded.version, 4, "the rejection appended nothing");
+    assert_eq!(loaded.state, replaced.state);
+    assert_eq!(
+        Value::Object(active(&loaded).metadata.clone()),
+        json!({"z": 0})
+    );
+}
+
+async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &TestDatabase) {
+    let (commands, master_b64) = commands(db).await;
+    assert!(matches!(
+        commands.delete_connection(KEY, ID, at(0)).await,
+        Err(CommandError::Connection(ConnectionRejected::NotFound))
+    ));
+    let first = commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+    let second = commands
+        .authorize_connection(import(oauth2(ACCESS_2, REFRESH_2), at(1)))
+        .await
+        .unwrap();
+    let key_ids = active(&second).data_key_ids.clone();
+    assert_eq!(key_ids.len(), 2);
+
+    let deleted = commands.delete_connection(KEY, ID, at(2)).await.unwrap();
+    assert_eq!(deleted.version, 3);
+    let ConnectionEvent::ConnectionDeleted(event) = &deleted.events[0].event else {
+        panic!("expected ConnectionDeleted");
+    };
+    assert_eq!(event.shredded_data_keys, key_ids);
+    let Connection::Deleted(state) = &deleted.state else {
+        panic!("expected a deleted connection, got {:?}", deleted.state);
+    };
+    assert_eq!(state.generation, 2);
+
+    // The last authorization's secret, read from the log, is gone; so is the first one's, and
+    // for another instance with the master key as well.
+    let last_sealed = connection_events(&commands)
+        .await
+        .into_iter()
+        .rev()
+        .find_map(|event| match event {
+            ConnectionEvent::ConnectionAuthorized(authorized) => Some(authorized.credentials),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(last_sealed, active(&second).credentials);
+    let operator = Vault::open(
+        repository(&db.open().await),
+        MasterKey::from_base64(&master_b64).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    for (vault, sealed) in [
+        (commands.vault(), &last_sealed),
+        (commands.vault(), &active(&first).credentials),
+        (&operator, &last_sealed),
+    ] {
+        let error = vault.unseal(sealed).await.unwrap_err();
+        assert!(matches!(error, KeyError::Shredded(_)), "{error:?}");
+    }
+    let error = commands
+        .reveal_credentials(active(&second))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, CommandError::Keys(KeyError::Shredded(_))),
+        "{error:?}"
+    );
+
+    let again = commands
+        .delete_connection(KEY, ID, at(3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(again, CommandError::Connection(ConnectionRejected::Deleted)),
+        "{again:?}"
+    );
+    assert!(matches!(
+        commands
+            .set_metadata(KEY, ID, json!({}), MetadataMode::Merge, at(3))
+            .await,
+        Err(CommandError::Connection(ConnectionRejected::Deleted))
+    ));
+    assert_eq!(connection_events(&commands).await.len(), 3);
+
+    // The history stays, and a later authorization starts generation 3 with a live key.
+    let revived = commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(4)))
+        .await
+        .unwrap();
+    assert_eq!(active(&revived).generation, 3);
+    assert_eq!(
+        commands.reveal_credentials(active(&revived)).await.unwrap(),
+        oauth2(ACCESS, REFRESH)
+    );
+}
+
+async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+
+    let writers: Vec<_> = (0..20)
+        .map(|n| {
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                commands
+                    .set_metadata(
+                        KEY,
+                        ID,
+                        json!({ format!("writer-{n}"): n }),
+                        MetadataMode::Merge,
+                        at(1),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = BTreeSet::new();
+    for writer in writers {
+        let loaded = writer.await.unwrap().unwrap();
+        assert_eq!(loaded.events.len(), 1);
+        assert_eq!(loaded.events[0].stream_version, loaded.version);
+        versions.insert(loaded.version);
+    }
+    assert_eq!(
+        versions,
+        (2..=21).collect(),
+        "each writer got its own version"
+    );
+
+    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(loaded.version, 1 + 20);
+    let metadata = &active(&loaded).metadata;
+    assert_eq!(metadata.len(), 20);
+    for n in 0..20 {
+        assert_eq!(metadata[&format!("writer-{n}")], json!(n));
+    }
+}
+
+async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed(
+    db: &TestDatabase,
+) {
+    let (commands, _) = commands(db).await;
+    let config = |client_id: &str, secret: &str| IntegrationConfig {
+        provider: "github".to_owned(),
+        oauth_client_id: client_id.to_owned(),
+        client_secret: ClientSecret::new(secret),
+        oauth_scopes: vec!["repo".to_owned()],
+    };
+    const SECRET_1: &str = "client-secret-PlaintextOne0123456789";
+    const SECRET_2: &str = "client-secret-PlaintextTwo0123456789";
+    assert!(!format!("{:?}", config("c", SECRET_1)).contains(SECRET_1));
+
+    assert!(matches!(
+        commands
+            .update_integration(KEY, config("c", SECRET_1), at(0))
+            .await,
+        Err(CommandError::Integration(IntegrationRejected::NotFound))
+    ));
+    let created = commands
+        .create_integration(KEY, config("client-1", SECRET_1), at(0))
+        .await
+        .unwrap();
+    assert_eq!(created.version, 1);
+    assert_eq!(created.stream_id, integration::stream_id(KEY));
+    let live = created.state.active().unwrap();
+    assert_eq!(live.oauth_client_id, "client-1");
+    assert_eq!(
+        commands.reveal_client_secret(live).await.unwrap(),
+        ClientSecret::new(SECRET_1)
+    );
+
+    let keys_before = live_data_keys(&commands).await;
+    let twice = commands
+        .create_integration(KEY, config("client-x", SECRET_2), at(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            twice,
+            CommandError::Integration(IntegrationRejected::AlreadyExists)
+        ),
+        "{twice:?}"
+    );
+    assert_eq!(
+        live_data_keys(&commands).await,
+        keys_before,
+        "a rejected command makes no data key"
+    );
+
+    let updated = commands
+        .update_integration(KEY, config("client-2", SECRET_2), at(2))
+        .await
+        .unwrap();
+    assert_eq!(updated.version, 2);
+    let loaded = commands.load_integration(KEY).await.unwrap();
+    assert_eq!(loaded.state, updated.state);
+    let live = loaded.state.active().unwrap();
+    assert_eq!(live.oauth_client_id, "client-2");
+    assert_eq!(live.updated_at, Some(at(2)));
+    assert_eq!(
+        commands.reveal_client_secret(live).await.unwrap(),
+        ClientSecret::new(SECRET_2)
+    );
+    let stored = stream_text(&commands, &loaded.stream_id).await;
+    assert!(stored.contains("client-2"), "{stored}");
+    assert!(
+        !stored.contains(SECRET_1) && !stored.contains(SECRET_2),
+        "{stored}"
+    );
+
+    let deleted = commands.delete_integration(KEY, at(3)).await.unwrap();
+    assert_eq!(deleted.version, 3);
+    assert!(matches!(deleted.state, Integration::Deleted(_)));
+    for sealed in [
+        &created.state.active().unwrap().client_secret,
+        &live.client_secret,
+    ] {
+        let error = commands.vault().unseal(sealed).await.unwrap_err();
+        assert!(matches!(error, KeyError::Shredded(_)), "{error:?}");
+    }
+    assert!(matches!(
+        commands.delete_integration(KEY, at(4)).await,
+        Err(CommandError::Integration(IntegrationRejected::Deleted))
+    ));
+    assert!(matches!(
+        commands
+            .update_integration(KEY, config("c", SECRET_1), at(4))
+            .await,
+        Err(CommandError::Integration(IntegrationRejected::Deleted))
+    ));
+
+    let recreated = commands
+        .create_integration(KEY, config("client-3", SECRET_1), at(5))
+        .await
+        .unwrap();
+    assert_eq!(recreated.version, 4);
+    assert_eq!(
+        commands
+            .reveal_client_secret(recreated.state.active().unwrap())
+            .await
+            .unwrap(),
+        ClientSecret::new(SECRET_1)
+    );
+}
