@@ -1,0 +1,274 @@
+//! The read models: how an aggregate's state becomes a row.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use domain::connection::{self, Connection, ConnectionEvent};
+use domain::event::DomainEvent;
+use domain::integration::{self, Integration, IntegrationEvent};
+use domain::store::{Backend, RecordedEvent};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ProjectionError;
+use crate::table;
+
+/// A read model of aggregate snapshots: one row per stream of `CATEGORY`.
+pub trait StateModel: Send + Sync + 'static {
+    type State: Serialize + DeserializeOwned + Default + Send + Sync + 'static;
+    type Event: DomainEvent + Send + 'static;
+    /// The projection's name, which is also its table's.
+    const NAME: &'static str;
+    /// The shadow table a rebuild fills.
+    const SHADOW: &'static str;
+    /// The stream category it reads.
+    const CATEGORY: &'static str;
+
+    fn apply(state: &mut Self::State, event: &Self::Event);
+
+    /// The row for `state`, or `None` while the stream has not yet created anything.
+    fn row(stream_id: &str, version: u32, state: &Self::State) -> Option<Row>;
+}
+
+/// One stored snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub stream_id: String,
+    pub version: u32,
+    /// A stable number for the stream (Nango's numeric `id`), the same on every rebuild.
+    pub id: i64,
+    pub provider_config_key: String,
+    pub connection_id: String,
+    pub provider: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub refresh_state: &'static str,
+    pub state: Value,
+}
+
+/// A stable, JSON-safe (53-bit) number for a stream: the top bits of its UUID.
+pub fn stable_id(stream_id: &str) -> i64 {
+    let uuid = stream_id
+        .split_once('-')
+        .and_then(|(_, id)| uuid::Uuid::parse_str(id).ok())
+        .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, stream_id.as_bytes()));
+    let top = (uuid.as_u128() >> 75) as i64; // 53 bits
+    top.max(1)
+}
+
+fn state_json<S: Serialize>(state: &S) -> Value {
+    // The states hold strings, numbers, timestamps, uuids and JSON objects: serializing them
+    // cannot fail (the aggregate tests serialize every variant).
+    serde_json::to_value(state).unwrap_or(Value::Null)
+}
+
+/// The `connections` read model.
+#[derive(Debug)]
+pub struct ConnectionsModel;
+
+impl StateModel for ConnectionsModel {
+    type State = Connection;
+    type Event = ConnectionEvent;
+    const NAME: &'static str = "connections";
+    const SHADOW: &'static str = "connections_shadow";
+    const CATEGORY: &'static str = connection::CATEGORY;
+
+    fn apply(state: &mut Connection, event: &ConnectionEvent) {
+        connection::apply(state, event);
+    }
+
+    fn row(stream_id: &str, version: u32, state: &Connection) -> Option<Row> {
+        let base = |key: &str, id: &str, provider: &str, created, updated| Row {
+            stream_id: stream_id.to_owned(),
+            version,
+            id: stable_id(stream_id),
+            provider_config_key: key.to_owned(),
+            connection_id: id.to_owned(),
+            provider: provider.to_owned(),
+            created_at: created,
+            updated_at: updated,
+            deleted_at: None,
+            expires_at: None,
+            refresh_state: "",
+            state: state_json(state),
+        };
+        match state {
+            Connection::NeverAuthorized => None,
+            Connection::Active(active) => Some(Row {
+                expires_at: active.expires_at,
+                refresh_state: refresh_state(active),
+                ..base(
+                    &active.provider_config_key,
+                    &active.connection_id,
+                    &active.provider,
+                    active.created_at,
+                    active.updated_at,
+                )
+            }),
+            // A deleted connection's row keeps the keys and creation time it had (the upsert
+            // does not overwrite them with these blanks).
+            Connection::Deleted(deleted) => Some(Row {
+                deleted_at: Some(deleted.deleted_at),
+                refresh_state: "deleted",
+                ..base("", "", "", deleted.deleted_at, deleted.deleted_at)
+            }),
+        }
+    }
+}
+
+/// A one-word summary of where a connection's refresh stands.
+fn refresh_state(active: &connection::ActiveConnection) -> &'static str {
+    if active.blocking_failure.is_some() {
+        "failed"
+    } else if active.lease.is_some() {
+        "leased"
+    } else if active.consecutive_transient_failures > 0 {
+        "retrying"
+    } else if !active.has_refresh_token {
+        "no_refresh_token"
+    } else if active.expires_at.is_none() {
+        "no_expiry"
+    } else {
+        "ok"
+    }
+}
+
+/// The `integrations` read model.
+#[derive(Debug)]
+pub struct IntegrationsModel;
+
+impl StateModel for IntegrationsModel {
+    type State = Integration;
+    type Event = IntegrationEvent;
+    const NAME: &'static str = "integrations";
+    const SHADOW: &'static str = "integrations_shadow";
+    const CATEGORY: &'static str = integration::CATEGORY;
+
+    fn apply(state: &mut Integration, event: &IntegrationEvent) {
+        integration::apply(state, event);
+    }
+
+    fn row(stream_id: &str, version: u32, state: &Integration) -> Option<Row> {
+        let row = |key: &str, provider: &str, created, updated, deleted| Row {
+            stream_id: stream_id.to_owned(),
+            version,
+            id: stable_id(stream_id),
+            provider_config_key: key.to_owned(),
+            connection_id: String::new(),
+            provider: provider.to_owned(),
+            created_at: created,
+            updated_at: updated,
+            deleted_at: deleted,
+            expires_at: None,
+            refresh_state: "",
+            state: state_json(state),
+        };
+        match state {
+            Integration::NeverCreated => None,
+            Integration::Active(active) => Some(row(
+                &active.provider_config_key,
+                &active.provider,
+                active.created_at,
+                active.updated_at.unwrap_or(active.created_at),
+                None,
+            )),
+            Integration::Deleted(deleted) => Some(row(
+                "",
+                "",
+                deleted.deleted_at,
+                deleted.deleted_at,
+                Some(deleted.deleted_at),
+            )),
+        }
+    }
+}
+
+/// A stored snapshot as loaded for folding.
+pub(crate) struct Snapshot {
+    pub version: u32,
+    pub state: Value,
+}
+
+/// Decodes the events of `M`'s category in `events` (stopping at the first unreadable one).
+pub(crate) fn decode<M: StateModel>(
+    events: &[RecordedEvent],
+) -> Result<Vec<(String, u32, M::Event)>, ProjectionError> {
+    events
+        .iter()
+        .filter(|e| e.stream_id.category() == M::CATEGORY)
+        .map(|e| {
+            Ok((
+                e.stream_id.to_string(),
+                e.stream_version,
+                M::Event::from_recorded(e)?,
+            ))
+        })
+        .collect()
+}
+
+/// Folds decoded events onto the stored snapshots and returns the rows to write. Events at or
+/// below a snapshot's version were applied already and are skipped.
+pub(crate) fn fold<M: StateModel>(
+    table: &'static str,
+    mut snapshots: HashMap<String, Snapshot>,
+    events: Vec<(String, u32, M::Event)>,
+) -> Result<Vec<Row>, ProjectionError> {
+    let mut states: HashMap<String, (u32, M::State)> = HashMap::new();
+    let mut order = Vec::new();
+    for (stream_id, version, event) in events {
+        if !states.contains_key(&stream_id) {
+            let (v, state) = match snapshots.get(&stream_id) {
+                Some(snapshot) => (
+                    snapshot.version,
+                    serde_json::from_value(snapshot.state.clone()).map_err(|e| {
+                        ProjectionError::CorruptRow {
+                            table,
+                            stream_id: stream_id.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?,
+                ),
+                None => (0, M::State::default()),
+            };
+            states.insert(stream_id.clone(), (v, state));
+            order.push(stream_id.clone());
+        }
+        if let Some((v, state)) = states.get_mut(&stream_id)
+            && version > *v
+        {
+            M::apply(state, &event);
+            *v = version;
+        }
+    }
+    let mut rows = Vec::with_capacity(order.len());
+    for stream_id in order {
+        let Some((version, state)) = states.remove(&stream_id) else {
+            continue;
+        };
+        if snapshots
+            .remove(&stream_id)
+            .is_some_and(|previous| previous.version >= version)
+        {
+            continue;
+        }
+        rows.extend(M::row(&stream_id, version, &state));
+    }
+    Ok(rows)
+}
+
+/// Writes the state a command just produced, so the next read sees it at once
+/// (read-your-writes). Skipped if the row is already at or past `version`.
+pub async fn upsert_state<M: StateModel>(
+    backend: &Backend,
+    stream_id: &str,
+    version: u32,
+    state: &M::State,
+) -> Result<(), ProjectionError> {
+    let Some(row) = M::row(stream_id, version, state) else {
+        return Ok(());
+    };
+    table::upsert_row::<M>(backend, row).await
+}

@@ -1,0 +1,103 @@
+//! The projections crate's tests, one binary: the runner, idempotence, unreadable events and
+//! rebuilds, on PostgreSQL and SQLite.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+extern crate grantline_projections as projections;
+
+mod runner;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use domain::commands::{AuthorizeConnection, Commands, IntegrationConfig};
+use domain::connection::Flow;
+use domain::credentials::{ClientSecret, Credentials};
+use domain::keys::{MasterKey, Vault};
+use domain::store::Backend;
+use domain::testing::TestDatabase;
+
+/// Runs each listed `async fn(&TestDatabase)` on a fresh PostgreSQL database and a fresh SQLite
+/// file.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = domain::testing::TestDatabase::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = domain::testing::TestDatabase::sqlite();
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}
+
+/// A backend with a vault and the command service.
+pub struct Fixture {
+    pub backend: Backend,
+    pub commands: Commands,
+}
+
+pub async fn fixture(db: &TestDatabase) -> Fixture {
+    let backend = db.open().await;
+    let repository: Arc<dyn domain::keys::KeyRepository> = match &backend {
+        Backend::Postgres(store) => Arc::new(store.clone()),
+        Backend::Sqlite(store) => Arc::new(store.clone()),
+    };
+    let vault = Vault::open(repository, MasterKey::generate().0, None)
+        .await
+        .unwrap();
+    Fixture {
+        commands: Commands::new(backend.clone(), vault),
+        backend,
+    }
+}
+
+impl Fixture {
+    pub async fn integration(&self, key: &str) {
+        self.commands
+            .create_integration(
+                key,
+                IntegrationConfig {
+                    provider: "github".into(),
+                    oauth_client_id: "client".into(),
+                    client_secret: ClientSecret::new("secret"),
+                    oauth_scopes: vec!["repo".into()],
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn connection(&self, key: &str, id: &str) {
+        self.commands
+            .authorize_connection(AuthorizeConnection {
+                provider_config_key: key.into(),
+                connection_id: id.into(),
+                provider: "github".into(),
+                flow: Flow::Import,
+                credentials: Credentials::OAuth2 {
+                    access_token: format!("token-{id}"),
+                    refresh_token: Some(format!("refresh-{id}")),
+                    expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
+                    raw: serde_json::json!({}),
+                },
+                scopes: vec![],
+                connection_config: serde_json::Map::new(),
+                now: Utc::now(),
+            })
+            .await
+            .unwrap();
+    }
+}

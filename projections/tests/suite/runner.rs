@@ -1,0 +1,420 @@
+//! The projection runner against both backends.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::connection::{Connection, MetadataMode};
+use domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
+use domain::testing::TestDatabase;
+use projections::model::upsert_state;
+use projections::queries;
+use projections::runner::Step;
+use projections::{ConnectionsModel, IntegrationsModel, Runner};
+use serde_json::json;
+
+use crate::fixture;
+
+crate::on_both_backends!(
+    catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head,
+    an_event_written_early_by_its_command_is_not_applied_twice,
+    an_unreadable_event_stops_the_projection_right_before_it_and_is_reported,
+    a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_the_live_model,
+    deleted_connections_and_connections_of_deleted_integrations_are_hidden,
+);
+
+/// Catches up, waiting out PostgreSQL's horizon (another test's open transaction) if needed.
+async fn settle(runner: &Runner) {
+    for _ in 0..300 {
+        runner.catch_up().await.unwrap();
+        let status = runner.status().await.unwrap();
+        if status.iter().all(|s| s.lag == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the projections did not catch up");
+}
+
+async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head(
+    db: &TestDatabase,
+) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    for id in ["a", "b", "c"] {
+        f.connection("github", id).await;
+    }
+    let runner = Runner::new(f.backend.clone()).with_batch_size(2);
+    settle(&runner).await;
+
+    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let found = queries::find_connection(&f.backend, "github", "b")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.connection.connection_id, "b");
+    assert_eq!(found.version, 1);
+    let integration = queries::find_integration(&f.backend, "github")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(integration.integration.oauth_client_id, "client");
+
+    let status = runner.status().await.unwrap();
+    assert_eq!(status.len(), 2);
+    for s in &status {
+        assert_eq!(s.checkpoint_position, s.head_position, "{s:?}");
+        assert_eq!(s.lag, 0);
+        assert!(s.last_error.is_none());
+    }
+    // Nothing more to do.
+    assert_eq!(runner.run_once().await.unwrap(), 0);
+}
+
+async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "a").await;
+    let runner = Runner::new(f.backend.clone());
+    settle(&runner).await;
+
+    // A merge applied by the command itself (read-your-writes) and later by the runner: applying
+    // it twice would not show here, so use a merge whose second application is visible: the
+    // version number must stay the stream's.
+    let loaded = f
+        .commands
+        .set_metadata(
+            "github",
+            "a",
+            json!({"n": 1}),
+            MetadataMode::Merge,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    upsert_state::<ConnectionsModel>(
+        &f.backend,
+        loaded.stream_id.as_str(),
+        loaded.version,
+        &loaded.state,
+    )
+    .await
+    .unwrap();
+    let early = queries::find_connection(&f.backend, "github", "a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.version, 2);
+    assert_eq!(early.connection.metadata.get("n"), Some(&json!(1)));
+
+    // An older state arriving late (a slow request) does not move the row back.
+    let Connection::Active(_) = &loaded.state else {
+        panic!("active")
+    };
+    let stale = f.commands.load_connection("github", "a").await.unwrap();
+    let mut older = stale.state.clone();
+    if let Connection::Active(active) = &mut older {
+        active.metadata.clear();
+    }
+    upsert_state::<ConnectionsModel>(&f.backend, stale.stream_id.as_str(), 1, &older)
+        .await
+        .unwrap();
+
+    settle(&runner).await;
+    let after = queries::find_connection(&f.backend, "github", "a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.version, 2);
+    assert_eq!(after.connection, early.connection);
+}
+
+async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reported(
+    db: &TestDatabase,
+) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "a").await;
+    let store = f.backend.events();
+    let bad_stream = StreamId::new("connection", uuid::Uuid::new_v4());
+    let bad = store
+        .append(
+            &bad_stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("FromTheFuture", 7, json!({}))],
+        )
+        .await
+        .unwrap()
+        .global_positions[0];
+    f.connection("github", "b").await;
+
+    let runner = Runner::new(f.backend.clone());
+    let mut error = None;
+    for _ in 0..300 {
+        match runner.step::<ConnectionsModel>().await {
+            Ok(Step::Idle | Step::Busy) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(Step::Applied(_)) => {}
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let error = error.expect("the projection stopped at the unreadable event");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("global position {bad}")),
+        "{error}"
+    );
+    // Again and again at the same place: never skipped.
+    assert!(runner.step::<ConnectionsModel>().await.is_err());
+
+    let status = runner.status().await.unwrap();
+    let connections = status.iter().find(|s| s.name == "connections").unwrap();
+    assert!(connections.checkpoint_position < bad, "{connections:?}");
+    assert!(
+        connections
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("FromTheFuture")
+    );
+    // What came before is there, what comes after is not (the runner did not skip ahead).
+    assert!(
+        queries::find_connection(&f.backend, "github", "a")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        queries::find_connection(&f.backend, "github", "b")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The integrations projection does not read connection events and is not held up.
+    for _ in 0..300 {
+        if runner.step::<IntegrationsModel>().await.unwrap() == Step::Idle {
+            break;
+        }
+    }
+    assert!(
+        queries::find_integration(&f.backend, "github")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_the_live_model(
+    db: &TestDatabase,
+) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    let count = 60;
+    for n in 0..count {
+        f.connection("github", &format!("c{n}")).await;
+        if n % 3 == 0 {
+            f.commands
+                .set_metadata(
+                    "github",
+                    &format!("c{n}"),
+                    json!({"n": n}),
+                    MetadataMode::Replace,
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    f.commands
+        .delete_connection("github", "c1", Utc::now())
+        .await
+        .unwrap();
+    let runner = Runner::new(f.backend.clone()).with_batch_size(7);
+    settle(&runner).await;
+    let before = snapshot(&f.backend).await;
+    assert_eq!(before.len(), count - 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for r in 0..3 {
+        let (backend, stop, reads) = (f.backend.clone(), stop.clone(), reads.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = r;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("c{}", (n % (count - 2)) + 2);
+                let found = queries::find_connection(&backend, "github", &id).await;
+                assert!(
+                    matches!(found, Ok(Some(_))),
+                    "read of {id} failed during the rebuild: {found:?}"
+                );
+                let listed = queries::list_connections(&backend, None).await.unwrap();
+                assert_eq!(listed.len(), count - 1);
+                reads.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    // The live runner keeps running beside the rebuild.
+    let live = {
+        let runner = runner.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                runner.run_once().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut progress = Vec::new();
+    let replayed = runner
+        .rebuild("connections", |n| progress.push(n))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    live.await.unwrap();
+
+    assert!(replayed as usize >= count, "replayed {replayed}");
+    assert!(!progress.is_empty());
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        snapshot(&f.backend).await,
+        before,
+        "the rebuilt model equals the live one"
+    );
+    settle(&runner).await;
+    // The rebuilt model keeps following the log.
+    f.connection("github", "late").await;
+    settle(&runner).await;
+    assert!(
+        queries::find_connection(&f.backend, "github", "late")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        runner.rebuild("nonsense", |_| {}).await,
+        Err(projections::ProjectionError::UnknownProjection(_))
+    ));
+}
+
+/// Every live connection's (id, version, state), sorted.
+async fn snapshot(backend: &Backend) -> Vec<(String, u32, String)> {
+    let mut rows = Vec::new();
+    for summary in queries::list_connections(backend, None).await.unwrap() {
+        let record = queries::find_connection(
+            backend,
+            &summary.provider_config_key,
+            &summary.connection_id,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        rows.push((
+            summary.connection_id,
+            record.version,
+            serde_json::to_string(&record.connection).unwrap(),
+        ));
+    }
+    rows.sort();
+    rows
+}
+
+async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.integration("gitlab").await;
+    f.connection("github", "a").await;
+    f.connection("github", "b").await;
+    f.connection("gitlab", "a").await;
+    f.commands
+        .delete_connection("github", "b", Utc::now())
+        .await
+        .unwrap();
+    f.commands
+        .delete_integration("gitlab", Utc::now())
+        .await
+        .unwrap();
+    let runner = Runner::new(f.backend.clone());
+    settle(&runner).await;
+    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].provider_config_key.as_str(),
+            listed[0].connection_id.as_str()
+        ),
+        ("github", "a")
+    );
+    assert!(
+        queries::find_connection(&f.backend, "github", "b")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        queries::find_integration(&f.backend, "gitlab")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        queries::list_connections(&f.backend, Some("a"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        queries::list_connections_of(&f.backend, "github")
+            .await
+            .unwrap(),
+        vec!["a".to_owned()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waited_for() {
+    let db = TestDatabase::postgres().await;
+    let f = fixture(&db).await;
+    f.integration("github").await;
+    f.connection("github", "a").await;
+    // Another instance's runner in the middle of a batch holds the checkpoint row.
+    let (mut client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let other = client.transaction().await.unwrap();
+    other
+        .query_one(
+            "SELECT global_position FROM projection_checkpoints WHERE name = 'connections' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let runner = Runner::new(f.backend.clone());
+    let step = tokio::time::timeout(Duration::from_secs(10), runner.step::<ConnectionsModel>())
+        .await
+        .expect("the runner does not block on a claimed checkpoint")
+        .unwrap();
+    assert_eq!(step, Step::Busy);
+    other.rollback().await.unwrap();
+    settle(&runner).await;
+    assert!(
+        queries::find_connection(&f.backend, "github", "a")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
