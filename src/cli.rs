@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::config::{Cli, Command, KeysCommand, LogFormat};
+use crate::config::{Cli, Command, KeysCommand, LogFormat, ProjectionsCommand};
 use crate::startup::{Application, open_storage};
 use crate::telemetry;
 
@@ -25,6 +25,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Generate) => {
             let (_, encoded) = domain::keys::MasterKey::generate();
             println!("{}", encoded.as_str());
+            Ok(())
+        }
+        Command::Projections(ProjectionsCommand::Status(args)) => {
+            let config = args.validate()?;
+            telemetry::init(LogFormat::Text);
+            let (backend, _) = open_storage(&config).await?;
+            let statuses = projections::Runner::new(backend).status().await?;
+            println!(
+                "{:<14} {:>22} {:>12} {:>10}  last error",
+                "projection", "checkpoint", "head", "lag"
+            );
+            for s in statuses {
+                println!(
+                    "{:<14} {:>22} {:>12} {:>10}  {}",
+                    s.name,
+                    s.checkpoint,
+                    s.head_position,
+                    s.lag,
+                    s.last_error.unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        Command::Projections(ProjectionsCommand::Rebuild { name, database }) => {
+            let config = database.validate()?;
+            telemetry::init(LogFormat::Text);
+            let (backend, _) = open_storage(&config).await?;
+            let started = std::time::Instant::now();
+            let mut last_report = std::time::Instant::now();
+            let replayed = projections::Runner::new(backend)
+                .rebuild(&name, |n| {
+                    if last_report.elapsed().as_secs() >= 1 {
+                        last_report = std::time::Instant::now();
+                        let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
+                        eprintln!("{name}: {n} events replayed ({rate:.0}/s)");
+                    }
+                })
+                .await?;
+            println!(
+                "rebuilt {name} from {replayed} events in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Keys(KeysCommand::Rotate(args)) => {

@@ -33,6 +33,22 @@ pub enum Command {
     /// Manage encryption keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Inspect and rebuild the read models.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Print each projection's checkpoint, the log's head position and the lag.
+    Status(DatabaseArgs),
+    /// Replay the whole log into a shadow table and swap it in; the API keeps serving meanwhile.
+    Rebuild {
+        /// connections or integrations
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod http;
+pub mod integrations;
 pub mod startup;
 pub mod telemetry;

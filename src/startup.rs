@@ -7,8 +7,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use domain::commands::Commands;
 use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
+use projections::Runner;
+use projections::cache::ConnectionCache;
+
+/// How long a cached connection is served without hearing of a change (a safety net: changes
+/// invalidate it at once).
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+const CACHE_CAPACITY: usize = 100_000;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
@@ -18,7 +26,10 @@ use crate::http;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub backend: Backend,
-    pub vault: Vault,
+    pub commands: Commands,
+    pub runner: Runner,
+    /// The hot path's in-memory replica of the connections read model.
+    pub cache: Arc<ConnectionCache>,
     pub config: Arc<Config>,
 }
 
@@ -43,8 +54,10 @@ impl Application {
             listener,
             port,
             state: AppState {
+                commands: Commands::new(backend.clone(), vault),
+                runner: Runner::new(backend.clone()),
+                cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
-                vault,
                 config: Arc::new(config),
             },
         })
@@ -64,11 +77,35 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stopping = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let mut workers = Vec::new();
+        if self.state.config.roles.projections {
+            let runner = self.state.runner.clone();
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move { runner.run(until).await }));
+        }
+        if self.state.config.roles.api {
+            let (cache, backend) = (self.state.cache.clone(), self.state.backend.clone());
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(
+                async move { cache.follow(backend, until).await },
+            ));
+        }
         tracing::info!(port = self.port, "grantline listening");
-        axum::serve(self.listener, http::router(self.state))
-            .with_graceful_shutdown(shutdown)
+        let serving = axum::serve(self.listener, http::router(self.state))
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = stop.send(true);
+            })
             .await
-            .context("the HTTP server failed")
+            .context("the HTTP server failed");
+        for worker in workers {
+            let _ = worker.await;
+        }
+        serving
     }
 }
 

@@ -1,26 +1,133 @@
-//! The one error type of the HTTP API: `{"error": {"code", "message", "payload"}}`.
+//! The one error type of the HTTP API: `{"error": {"code", "message", "payload"}}`, with the
+//! codes and statuses Nango's clients know (reference §1.7). 5xx bodies carry no internals; the
+//! cause is logged once.
 
 use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use domain::commands::CommandError;
+use domain::connection::ConnectionRejected;
+use domain::integration::IntegrationRejected;
+use domain::keys::KeyError;
+use domain::store::StoreError;
+use projections::ProjectionError;
+use serde_json::{Value, json};
 
 /// A failed request. Each variant's doc names its status.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// 401: a secret key is configured and the request has no `Authorization` header.
+    #[error("authentication required: send Authorization: Bearer <secret key>")]
+    MissingAuthHeader,
+    /// 401: the `Authorization` header is neither `Bearer <key>` nor `Basic <base64(key:)>`.
+    #[error("the Authorization header must be Bearer <secret key> or Basic base64(<secret key>:)")]
+    MalformedAuthHeader,
+    /// 401: the key does not match the configured secret key.
+    #[error("invalid secret key")]
+    InvalidSecretKey,
+    /// 400: `provider_config_key` is missing or empty.
+    #[error("missing param 'provider_config_key'")]
+    MissingProviderConfig,
+    /// 400: the `provider_config_key` a request refers to does not exist.
+    #[error("unknown provider config key {0:?}")]
+    UnknownProviderConfig(String),
+    /// 404: the integration named in the path does not exist.
+    #[error("no provider config with key {0:?}")]
+    ProviderConfigNotFound(String),
+    /// 409: an integration with this key exists already.
+    #[error("a provider config with key {0:?} exists already")]
+    DuplicateProviderConfig(String),
+    /// 400: `connection_id` is missing or empty.
+    #[error("missing param 'connection_id'")]
+    MissingConnection,
+    /// 404: no such connection for this provider config key.
+    #[error("no connection {connection_id:?} for provider config key {provider_config_key:?}")]
+    UnknownConnection {
+        connection_id: String,
+        provider_config_key: String,
+    },
+    /// 400: a required field of the body is missing (`code` names it, e.g. `missing_access_token`).
+    #[error("{message}")]
+    MissingField {
+        code: &'static str,
+        message: &'static str,
+    },
+    /// 400: the body is valid JSON but not what this endpoint takes.
+    #[error("invalid body: {0}")]
+    InvalidBody(String),
+    /// 400: the body is not valid JSON.
+    #[error("the body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// 415: the body is not sent as `application/json`.
+    #[error("send the body as application/json")]
+    UnsupportedMediaType,
+    /// 413: the body is larger than the server accepts.
+    #[error("the body is too large")]
+    PayloadTooLarge,
+    /// 400: a query parameter has a value this endpoint does not accept.
+    #[error("invalid query parameters: {0}")]
+    InvalidQuery(String),
+    /// 400: a path segment is not valid (bad encoding, too long, control characters).
+    #[error("invalid path parameter: {0}")]
+    InvalidPath(String),
+    /// 409: other requests kept changing the same connection; try again.
+    #[error("the resource was changed concurrently; try again")]
+    Conflict,
     /// 404: no route matches the path.
     #[error("no route matches this path")]
     UnknownRoute,
     /// 405: the route exists but not for this method.
     #[error("this route does not accept this method")]
     MethodNotAllowed,
+    /// 503: the database cannot be reached.
+    #[error("the service is temporarily unavailable")]
+    Unavailable(String),
+    /// 500: a bug or broken data; the cause is logged, not sent.
+    #[error("internal error")]
+    Internal(String),
 }
 
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            Self::UnknownRoute => (StatusCode::NOT_FOUND, "not_found"),
-            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::MissingAuthHeader => (S::UNAUTHORIZED, "missing_auth_header"),
+            Self::MalformedAuthHeader => (S::UNAUTHORIZED, "malformed_auth_header"),
+            Self::InvalidSecretKey => (S::UNAUTHORIZED, "invalid_secret_key"),
+            Self::MissingProviderConfig => (S::BAD_REQUEST, "missing_provider_config"),
+            Self::UnknownProviderConfig(_) => (S::BAD_REQUEST, "unknown_provider_config"),
+            Self::ProviderConfigNotFound(_) => (S::NOT_FOUND, "unknown_provider_config"),
+            Self::DuplicateProviderConfig(_) => (S::CONFLICT, "duplicate_provider_config"),
+            Self::MissingConnection => (S::BAD_REQUEST, "missing_connection"),
+            Self::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection"),
+            Self::MissingField { code, .. } => (S::BAD_REQUEST, code),
+            Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
+            Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
+            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::InvalidQuery(_) => (S::BAD_REQUEST, "invalid_query_params"),
+            Self::InvalidPath(_) => (S::BAD_REQUEST, "invalid_uri_params"),
+            Self::Conflict => (S::CONFLICT, "conflict"),
+            Self::UnknownRoute => (S::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
+            Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    fn payload(&self) -> Value {
+        match self {
+            Self::UnknownConnection {
+                connection_id,
+                provider_config_key,
+            } => {
+                json!({ "connection_id": connection_id, "provider_config_key": provider_config_key })
+            }
+            Self::UnknownProviderConfig(key)
+            | Self::ProviderConfigNotFound(key)
+            | Self::DuplicateProviderConfig(key) => json!({ "provider_config_key": key }),
+            _ => json!({}),
         }
     }
 }
@@ -28,7 +135,92 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body = json!({ "error": { "code": code, "message": self.to_string(), "payload": {} } });
+        match &self {
+            Self::Internal(cause) => tracing::error!(error.message = %cause, "request failed"),
+            Self::Unavailable(cause) => {
+                tracing::warn!(error.message = %cause, "database unavailable")
+            }
+            _ => {}
+        }
+        let body = json!({
+            "error": { "code": code, "message": self.to_string(), "payload": self.payload() }
+        });
         (status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            JsonRejection::JsonSyntaxError(e) => Self::InvalidJson(e.body_text()),
+            JsonRejection::JsonDataError(e) => Self::InvalidBody(e.body_text()),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            other => Self::InvalidBody(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::InvalidQuery(rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::InvalidPath(rejection.body_text())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Database(cause) => Self::Unavailable(cause),
+            StoreError::Conflict { .. } => Self::Conflict,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ProjectionError> for ApiError {
+    fn from(e: ProjectionError) -> Self {
+        match e {
+            ProjectionError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Maps a command's failure; `key` and `id` name the resource for 404s.
+pub fn command_error(e: CommandError, key: &str, id: &str) -> ApiError {
+    match e {
+        CommandError::Connection(ConnectionRejected::NotFound | ConnectionRejected::Deleted) => {
+            ApiError::UnknownConnection {
+                connection_id: id.to_owned(),
+                provider_config_key: key.to_owned(),
+            }
+        }
+        CommandError::Connection(ConnectionRejected::MetadataNotObject) => {
+            ApiError::InvalidBody("metadata must be a JSON object".into())
+        }
+        CommandError::Connection(other) => ApiError::InvalidBody(other.to_string()),
+        CommandError::Integration(IntegrationRejected::AlreadyExists) => {
+            ApiError::DuplicateProviderConfig(key.to_owned())
+        }
+        CommandError::Integration(_) => ApiError::ProviderConfigNotFound(key.to_owned()),
+        CommandError::Store(e) => e.into(),
+        CommandError::Keys(e) => e.into(),
+        CommandError::Unreadable(e) => ApiError::Internal(e.to_string()),
+        CommandError::Conflict => ApiError::Conflict,
     }
 }

@@ -1,0 +1,215 @@
+//! What the API does with connections: read, list, import, metadata, delete. Every write
+//! answers from the state it produced and writes that state to the read model before it returns
+//! (read-your-writes).
+
+use chrono::{DateTime, Utc};
+use domain::commands::{AuthorizeConnection, Loaded};
+use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode};
+use domain::credentials::Credentials;
+use projections::model::upsert_state;
+use projections::queries::{self, ConnectionSummary};
+use projections::{ConnectionsModel, StateModel};
+use serde_json::{Map, Value};
+
+use crate::http::ApiError;
+use crate::http::error::command_error;
+use crate::startup::AppState;
+
+/// A live connection with its credentials opened.
+#[derive(Debug)]
+pub struct ConnectionView {
+    pub id: i64,
+    pub connection: ActiveConnection,
+    pub credentials: Credentials,
+}
+
+/// The connection `connection_id` of `provider_config_key`.
+pub async fn get(
+    state: &AppState,
+    provider_config_key: &str,
+    connection_id: &str,
+) -> Result<ConnectionView, ApiError> {
+    let Some(record) = state
+        .cache
+        .find(&state.backend, provider_config_key, connection_id)
+        .await?
+    else {
+        return Err(missing(state, provider_config_key, connection_id).await);
+    };
+    let credentials = state
+        .commands
+        .reveal_credentials(&record.connection)
+        .await
+        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+    Ok(ConnectionView {
+        id: record.id,
+        connection: record.connection.clone(),
+        credentials,
+    })
+}
+
+/// The error for a connection that is not there: its integration may be missing instead.
+async fn missing(state: &AppState, provider_config_key: &str, connection_id: &str) -> ApiError {
+    match queries::find_integration(&state.backend, provider_config_key).await {
+        Ok(None) => ApiError::UnknownProviderConfig(provider_config_key.to_owned()),
+        Ok(Some(_)) => ApiError::UnknownConnection {
+            connection_id: connection_id.to_owned(),
+            provider_config_key: provider_config_key.to_owned(),
+        },
+        Err(e) => e.into(),
+    }
+}
+
+pub async fn list(
+    state: &AppState,
+    connection_id: Option<&str>,
+) -> Result<Vec<ConnectionSummary>, ApiError> {
+    Ok(queries::list_connections(&state.backend, connection_id).await?)
+}
+
+/// Existing credentials to record as a connection.
+#[derive(Debug)]
+pub struct Import {
+    pub provider_config_key: String,
+    pub connection_id: String,
+    pub credentials: Credentials,
+    pub connection_config: Map<String, Value>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Records imported credentials (a new connection, or the next generation of an existing one).
+pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ApiError> {
+    let key = import.provider_config_key.clone();
+    let id = import.connection_id.clone();
+    let integration = queries::find_integration(&state.backend, &key)
+        .await?
+        .ok_or_else(|| ApiError::UnknownProviderConfig(key.clone()))?;
+    let now = Utc::now();
+    let mut loaded = state
+        .commands
+        .authorize_connection(AuthorizeConnection {
+            provider_config_key: key.clone(),
+            connection_id: id.clone(),
+            provider: integration.integration.provider.clone(),
+            flow: Flow::Import,
+            credentials: import.credentials.clone(),
+            scopes: integration.integration.oauth_scopes.clone(),
+            connection_config: import.connection_config,
+            now,
+        })
+        .await
+        .map_err(|e| command_error(e, &key, &id))?;
+    if let Some(metadata) = import.metadata {
+        loaded = state
+            .commands
+            .set_metadata(
+                &key,
+                &id,
+                Value::Object(metadata),
+                MetadataMode::Replace,
+                now,
+            )
+            .await
+            .map_err(|e| command_error(e, &key, &id))?;
+    }
+    let connection = publish(state, &loaded).await?;
+    Ok(ConnectionView {
+        id: projections::model::stable_id(loaded.stream_id.as_str()),
+        connection,
+        credentials: import.credentials,
+    })
+}
+
+/// Sets (replace) or merges metadata on each of `connection_ids`; if any is unknown, nothing is
+/// written.
+pub async fn set_metadata(
+    state: &AppState,
+    provider_config_key: &str,
+    connection_ids: &[String],
+    metadata: Map<String, Value>,
+    mode: MetadataMode,
+) -> Result<(), ApiError> {
+    for id in connection_ids {
+        if queries::find_connection(&state.backend, provider_config_key, id)
+            .await?
+            .is_none()
+        {
+            return Err(missing(state, provider_config_key, id).await);
+        }
+    }
+    let now = Utc::now();
+    for id in connection_ids {
+        let loaded = state
+            .commands
+            .set_metadata(
+                provider_config_key,
+                id,
+                Value::Object(metadata.clone()),
+                mode,
+                now,
+            )
+            .await
+            .map_err(|e| command_error(e, provider_config_key, id))?;
+        publish(state, &loaded).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the connection and shreds its secrets.
+pub async fn delete(
+    state: &AppState,
+    provider_config_key: &str,
+    connection_id: &str,
+) -> Result<(), ApiError> {
+    if queries::find_connection(&state.backend, provider_config_key, connection_id)
+        .await?
+        .is_none()
+    {
+        return Err(missing(state, provider_config_key, connection_id).await);
+    }
+    let loaded = state
+        .commands
+        .delete_connection(provider_config_key, connection_id, Utc::now())
+        .await
+        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+    write_read_model(state, &loaded).await
+}
+
+/// Writes a command's resulting state to the read model (and drops the cached copy).
+async fn write_read_model(state: &AppState, loaded: &Loaded<Connection>) -> Result<(), ApiError> {
+    upsert_state::<ConnectionsModel>(
+        &state.backend,
+        loaded.stream_id.as_str(),
+        loaded.version,
+        &loaded.state,
+    )
+    .await?;
+    state.cache.invalidate(loaded.stream_id.as_str());
+    Ok(())
+}
+
+/// Writes a command's resulting state to the read model and returns it, which must be live.
+async fn publish(
+    state: &AppState,
+    loaded: &Loaded<Connection>,
+) -> Result<ActiveConnection, ApiError> {
+    write_read_model(state, loaded).await?;
+    match &loaded.state {
+        Connection::Active(active) => Ok(active.clone()),
+        _ => Err(ApiError::Internal(format!(
+            "{} is not live after the command",
+            ConnectionsModel::NAME
+        ))),
+    }
+}
+
+/// `expires_at` of a token response or an import: UNIX seconds, or an RFC 3339 string.
+pub fn parse_expires_at(value: &Value) -> Option<DateTime<Utc>> {
+    match value {
+        Value::Number(n) => n.as_i64().and_then(|s| DateTime::from_timestamp(s, 0)),
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        _ => None,
+    }
+}

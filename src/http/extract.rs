@@ -1,0 +1,98 @@
+//! Extractors whose rejections are [`ApiError`]s, so malformed input gets our JSON errors.
+
+use axum::extract::{FromRequest, FromRequestParts};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use super::ApiError;
+
+/// A JSON body.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// Query parameters; unknown ones are ignored.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Path parameters.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// A boolean query flag: `true`/`false` (also `1`/`0`); anything else is refused.
+pub fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?;
+    match text.as_deref() {
+        None | Some("") => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "{other:?} is not true or false"
+        ))),
+    }
+}
+
+/// Checks an identifier from the path, the query or a body: 1 to 255 characters, no control
+/// characters.
+pub fn identifier(value: &str, what: &str) -> Result<(), ApiError> {
+    if value.chars().count() > 255 {
+        return Err(ApiError::InvalidPath(format!(
+            "{what} is longer than 255 characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::InvalidPath(format!(
+            "{what} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A required `provider_config_key`: present, not blank, well-formed.
+pub fn provider_config_key(value: Option<&str>) -> Result<String, ApiError> {
+    match value.map(str::trim) {
+        None | Some("") => Err(ApiError::MissingProviderConfig),
+        Some(key) => {
+            identifier(key, "provider_config_key")?;
+            Ok(key.to_owned())
+        }
+    }
+}
+
+/// Re-labels an [`identifier`] error for a value that came from the query string.
+pub fn in_query(e: ApiError) -> ApiError {
+    match e {
+        ApiError::InvalidPath(message) => ApiError::InvalidQuery(message),
+        other => other,
+    }
+}
+
+/// Re-labels an [`identifier`] error for a value that came from the body.
+pub fn in_body(e: ApiError) -> ApiError {
+    match e {
+        ApiError::InvalidPath(message) => ApiError::InvalidBody(message),
+        other => other,
+    }
+}
+
+/// Refuses a body holding U+0000 in any string or key: PostgreSQL's `jsonb` cannot store it
+/// (the request would fail as a 5xx on one backend and succeed on the other), and no id, token,
+/// scope or metadata needs it.
+pub fn without_nul(value: &Value) -> Result<(), ApiError> {
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    if has_nul(value) {
+        return Err(ApiError::InvalidBody(
+            "the body must not contain NUL (\\u0000) characters".into(),
+        ));
+    }
+    Ok(())
+}
