@@ -1,13 +1,43 @@
 //! End-to-end tests of the `grantline` service and binary, against real PostgreSQL and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// Runs each listed `async fn(&TestDatabase)` once on a fresh PostgreSQL database and once on a
+/// fresh SQLite file, as `postgres::name` and `sqlite::name` inside the calling module.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = domain::testing::TestDatabase::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = domain::testing::TestDatabase::sqlite();
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}
+
+mod auth;
 mod cli;
+mod connections;
+mod malformed;
 mod serve;
 
 use clap::Parser;
 use domain::testing::TestDatabase;
 use grantline::config::{Cli, Command, Config};
 use grantline::startup::Application;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 /// A running service on a random port, stopped when dropped.
@@ -44,6 +74,21 @@ pub async fn spawn_app(db: &TestDatabase, key: &str) -> TestApp {
     spawn_config(config).await
 }
 
+/// A running service that requires `secret` as its API secret key.
+pub async fn spawn_app_with_secret(db: &TestDatabase, key: &str, secret: &str) -> TestApp {
+    let config = serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        key,
+        "--secret-key",
+        secret,
+    ]);
+    spawn_config(config).await
+}
+
 pub async fn spawn_config(config: Config) -> TestApp {
     let app = Application::build(config).await.unwrap();
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -59,11 +104,101 @@ pub async fn spawn_config(config: Config) -> TestApp {
 }
 
 impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
+    /// Sends `body` as JSON with `method`.
+    pub async fn send_json(&self, method: Method, path: &str, body: &Value) -> reqwest::Response {
         self.client
-            .get(format!("{}{path}", self.address))
+            .request(method, self.url(path))
+            .json(body)
             .send()
             .await
             .unwrap()
     }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send_json(Method::POST, path, body).await
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send_json(Method::PUT, path, body).await
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send_json(Method::PATCH, path, body).await
+    }
+
+    /// `GET path`, expecting 200 and a JSON body.
+    pub async fn get_ok(&self, path: &str) -> Value {
+        ok_json(self.get(path).await).await
+    }
+}
+
+/// The JSON body of a 2xx answer; panics with the body otherwise.
+pub async fn ok_json(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(
+        status.is_success(),
+        "expected success, got {status}: {text}"
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+/// Asserts `response` is the JSON error `{"error": {"code", "message", "payload"}}` with this
+/// status and code, and returns the error object.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let actual = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, StatusCode::from_u16(status).unwrap(), "{text}");
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    assert_error_shape(&body);
+    assert_eq!(body["error"]["code"], code, "{text}");
+    body["error"].clone()
+}
+
+/// Asserts `body` is exactly `{"error": {"code": string, "message": string, "payload": object}}`.
+pub fn assert_error_shape(body: &Value) {
+    if let Some(problem) = error_shape_problem(body) {
+        panic!("{problem}: {body}");
+    }
+}
+
+/// What is wrong with `body` as an error body, if anything.
+pub fn error_shape_problem(body: &Value) -> Option<&'static str> {
+    let Some(outer) = body.as_object() else {
+        return Some("not an object");
+    };
+    if outer.len() != 1 {
+        return Some("more than `error` at the top");
+    }
+    let Some(error) = body["error"].as_object() else {
+        return Some("no `error` object");
+    };
+    let mut keys: Vec<&str> = error.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    if keys != ["code", "message", "payload"] {
+        return Some("`error` is not exactly {code, message, payload}");
+    }
+    if error["code"].as_str().is_none_or(str::is_empty) {
+        return Some("`code` is not a non-empty string");
+    }
+    if error["message"].as_str().is_none_or(str::is_empty) {
+        return Some("`message` is not a non-empty string");
+    }
+    if !error["payload"].is_object() {
+        return Some("`payload` is not an object");
+    }
+    None
 }

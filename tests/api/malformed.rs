@@ -1,0 +1,834 @@
+//! Bad input is an answer, not a crash: a table of malformed requests, each with the status and
+//! code it must get, on PostgreSQL and SQLite. None may answer 5xx, every error has the one JSON
+//! shape, and nothing is half-written.
+
+use domain::testing::TestDatabase;
+use reqwest::Method;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{Value, json};
+
+use crate::{TestApp, error_shape_problem, new_key, ok_json, spawn_app};
+
+on_both_backends!(every_malformed_request_gets_its_4xx_and_writes_nothing);
+
+enum Body {
+    None,
+    Json(Value),
+    /// Raw bytes with this `Content-Type`, or none.
+    Raw(Option<&'static str>, Vec<u8>),
+}
+
+struct Case {
+    method: Method,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+    body: Body,
+    status: u16,
+    code: &'static str,
+}
+
+fn case(
+    method: Method,
+    path: impl Into<String>,
+    body: Body,
+    status: u16,
+    code: &'static str,
+) -> Case {
+    Case {
+        method,
+        path: path.into(),
+        headers: Vec::new(),
+        body,
+        status,
+        code,
+    }
+}
+
+fn get(path: impl Into<String>, status: u16, code: &'static str) -> Case {
+    case(Method::GET, path, Body::None, status, code)
+}
+
+fn delete(path: impl Into<String>, status: u16, code: &'static str) -> Case {
+    case(Method::DELETE, path, Body::None, status, code)
+}
+
+fn post(path: &str, body: Value, status: u16, code: &'static str) -> Case {
+    case(Method::POST, path, Body::Json(body), status, code)
+}
+
+fn with_header(mut case: Case, name: &'static str, value: &'static str) -> Case {
+    case.headers.push((name, value));
+    case
+}
+
+/// A complete, valid import into `gh`, with `changes` applied (a `null` removes the field).
+fn import_body(changes: Value) -> Value {
+    let mut body = json!({
+        "provider_config_key": "gh",
+        "connection_id": "new-one",
+        "access_token": "fresh_access",
+        "refresh_token": "fresh_refresh",
+        "expires_at": "2030-01-01T00:00:00Z",
+    });
+    merge(&mut body, changes);
+    body
+}
+
+/// A complete, valid `/config` body, with `changes` applied (a `null` removes the field).
+fn config_body(changes: Value) -> Value {
+    let mut body = json!({
+        "provider_config_key": "fresh",
+        "provider": "github",
+        "oauth_client_id": "id",
+        "oauth_client_secret": "secret",
+        "oauth_scopes": "repo",
+    });
+    merge(&mut body, changes);
+    body
+}
+
+fn merge(body: &mut Value, changes: Value) {
+    let (Value::Object(body), Value::Object(changes)) = (body, changes) else {
+        unreachable!("both are objects")
+    };
+    for (field, value) in changes {
+        if value.is_null() {
+            body.remove(&field);
+        } else {
+            body.insert(field, value);
+        }
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let long_id = "x".repeat(300);
+    let oversized = {
+        let mut body = import_body(json!({ "connection_id": "too-big" }));
+        body["access_token"] = json!("a".repeat(1024 * 1024 + 1));
+        serde_json::to_vec(&body).unwrap()
+    };
+    let key = "provider_config_key=gh";
+    vec![
+        // GET /connection/:id: the provider config key.
+        get("/connection/c1", 400, "missing_provider_config"),
+        get(
+            "/connection/c1?provider_config_key=",
+            400,
+            "missing_provider_config",
+        ),
+        get(
+            "/connection/c1?provider_config_key=%20%20",
+            400,
+            "missing_provider_config",
+        ),
+        get("/connections/c1?foo=bar", 400, "missing_provider_config"),
+        get(
+            "/connection/c1?provider_config_key=nope",
+            400,
+            "unknown_provider_config",
+        ),
+        get(
+            format!("/connection/nobody?{key}"),
+            404,
+            "unknown_connection",
+        ),
+        get(format!("/connections/C1?{key}"), 404, "unknown_connection"),
+        // Query flags.
+        get(
+            format!("/connection/c1?{key}&force_refresh=yes"),
+            400,
+            "invalid_query_params",
+        ),
+        get(
+            format!("/connection/c1?{key}&refresh_token=maybe"),
+            400,
+            "invalid_query_params",
+        ),
+        get(
+            format!("/connections/c1?{key}&refresh_token=TRUE!"),
+            400,
+            "invalid_query_params",
+        ),
+        get("/config/gh?include_creds=sure", 400, "invalid_query_params"),
+        // Identifiers in the query are query errors, not path errors.
+        get(
+            "/connection/c1?provider_config_key=g%01h",
+            400,
+            "invalid_query_params",
+        ),
+        delete(
+            format!("/connection/c1?provider_config_key={}", "k".repeat(300)),
+            400,
+            "invalid_query_params",
+        ),
+        get(
+            format!("/connection?connectionId={long_id}"),
+            400,
+            "invalid_query_params",
+        ),
+        get("/connections?connectionId=%00", 400, "invalid_query_params"),
+        // Path segments.
+        get(format!("/connection/%00?{key}"), 400, "invalid_uri_params"),
+        get(
+            format!("/connection/a%01b?{key}"),
+            400,
+            "invalid_uri_params",
+        ),
+        get(format!("/connection/%FF?{key}"), 400, "invalid_uri_params"),
+        get(
+            format!("/connection/ok%C3?{key}"),
+            400,
+            "invalid_uri_params",
+        ),
+        get(
+            format!("/connection/{long_id}?{key}"),
+            400,
+            "invalid_uri_params",
+        ),
+        get("/config/%00", 400, "invalid_uri_params"),
+        delete(format!("/connections/%FF?{key}"), 400, "invalid_uri_params"),
+        // DELETE /connection/:id.
+        delete("/connection/c1", 400, "missing_provider_config"),
+        delete(
+            "/connection/c1?provider_config_key=",
+            400,
+            "missing_provider_config",
+        ),
+        delete(
+            "/connection/c1?provider_config_key=nope",
+            400,
+            "unknown_provider_config",
+        ),
+        delete(
+            format!("/connection/nobody?{key}"),
+            404,
+            "unknown_connection",
+        ),
+        delete(
+            format!("/connection/{long_id}?{key}"),
+            400,
+            "invalid_uri_params",
+        ),
+        // POST /connection: the body as a whole.
+        case(
+            Method::POST,
+            "/connection",
+            Body::Raw(Some("application/json"), br#"{"connection_id": "#.to_vec()),
+            400,
+            "invalid_json",
+        ),
+        case(
+            Method::POST,
+            "/connections",
+            Body::Raw(Some("application/json"), b"".to_vec()),
+            400,
+            "invalid_json",
+        ),
+        case(
+            Method::POST,
+            "/connection",
+            Body::Raw(
+                Some("text/plain"),
+                import_body(json!({})).to_string().into_bytes(),
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        case(
+            Method::POST,
+            "/connection",
+            Body::Raw(
+                Some("application/x-www-form-urlencoded"),
+                b"provider_config_key=gh&connection_id=form".to_vec(),
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        case(
+            Method::POST,
+            "/connections",
+            Body::Raw(None, import_body(json!({})).to_string().into_bytes()),
+            415,
+            "unsupported_media_type",
+        ),
+        case(
+            Method::POST,
+            "/connection",
+            Body::Raw(Some("application/json"), oversized),
+            413,
+            "payload_too_large",
+        ),
+        post(
+            "/connection",
+            json!([import_body(json!({}))]),
+            400,
+            "invalid_body",
+        ),
+        post("/connection", json!(42), 400, "invalid_body"),
+        post("/connections", json!(null), 400, "invalid_body"),
+        post("/connection", json!({}), 400, "missing_provider_config"),
+        // POST /connection: fields.
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": null })),
+            400,
+            "missing_connection",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": " " })),
+            400,
+            "missing_connection",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "access_token": null })),
+            400,
+            "missing_access_token",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "access_token": "" })),
+            400,
+            "missing_access_token",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "provider_config_key": "nope" })),
+            400,
+            "unknown_provider_config",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "provider_config_key": "" })),
+            400,
+            "missing_provider_config",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": 5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "provider_config_key": 5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "access_token": 5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "refresh_token": ["r"] })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": long_id.clone() })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": "bell\u{7}" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "provider_config_key": "k".repeat(300) })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "expires_at": "next tuesday" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "expires_at": true })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "expires_at": null, "expires_in": -5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "metadata": [1, 2] })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "metadata": "text" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_config": 1 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "raw": "token=abc" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            json!({ "provider_config_key": "gh", "connection_id": "o1", "oauth_token": "t" }),
+            400,
+            "missing_oauth_token_secret",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1",
+                    "credentials": { "type": "SAML", "assertion": "x" } }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1",
+                    "credentials": { "access_token": "x" } }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1", "credentials": "x" }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1",
+                    "credentials": { "type": "OAUTH2" } }),
+            400,
+            "missing_access_token",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1",
+                    "credentials": { "type": "API_KEY" } }),
+            400,
+            "missing_api_key",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connection_id": "n1",
+                    "credentials": { "type": "BASIC", "password": "p" } }),
+            400,
+            "missing_username",
+        ),
+        // Nesting deeper than any token response, and NUL characters (PostgreSQL's jsonb refuses
+        // them).
+        case(
+            Method::POST,
+            "/connection",
+            Body::Raw(
+                Some("application/json"),
+                format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            ),
+            400,
+            "invalid_json",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_id": "nul\u{0}" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "metadata": { "note": "nul\u{0}" } })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection",
+            import_body(json!({ "connection_config": { "nul\u{0}": "x" } })),
+            400,
+            "invalid_body",
+        ),
+        // Metadata of one connection.
+        post(
+            &format!("/connection/c1/metadata?{key}"),
+            json!({ "nul\u{0}": 1 }),
+            400,
+            "invalid_body",
+        ),
+        case(
+            Method::PATCH,
+            format!("/connections/c1/metadata?{key}"),
+            Body::Json(json!({ "deep": { "nul": ["\u{0}"] } })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            &format!("/connection/c1/metadata?{key}"),
+            json!([1, 2]),
+            400,
+            "invalid_body",
+        ),
+        post(
+            &format!("/connections/c1/metadata?{key}"),
+            json!(null),
+            400,
+            "invalid_body",
+        ),
+        case(
+            Method::PATCH,
+            format!("/connection/c1/metadata?{key}"),
+            Body::Json(json!("text")),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection/c1/metadata",
+            json!({ "a": 1 }),
+            400,
+            "missing_provider_config",
+        ),
+        post(
+            &format!("/connection/nobody/metadata?{key}"),
+            json!({}),
+            404,
+            "unknown_connection",
+        ),
+        post(
+            "/connection/c1/metadata?provider_config_key=nope",
+            json!({}),
+            400,
+            "unknown_provider_config",
+        ),
+        case(
+            Method::POST,
+            format!("/connection/c1/metadata?{key}"),
+            Body::Raw(Some("application/json"), b"{'a': 1}".to_vec()),
+            400,
+            "invalid_json",
+        ),
+        case(
+            Method::PATCH,
+            format!("/connection/c1/metadata?{key}"),
+            Body::Raw(Some("text/plain"), b"{}".to_vec()),
+            415,
+            "unsupported_media_type",
+        ),
+        post(
+            &format!("/connection/%00/metadata?{key}"),
+            json!({}),
+            400,
+            "invalid_uri_params",
+        ),
+        // Metadata of several connections.
+        post(
+            "/connections/metadata",
+            json!({ "provider_config_key": "gh", "metadata": {} }),
+            400,
+            "missing_connection",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": 5, "provider_config_key": "gh", "metadata": {} }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": [], "provider_config_key": "gh", "metadata": {} }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection/metadata",
+            json!({ "connection_id": ["c1", 3], "provider_config_key": "gh", "metadata": {} }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": "c1", "provider_config_key": "gh", "metadata": [1] }),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": "c1", "provider_config_key": "gh" }),
+            400,
+            "invalid_body",
+        ),
+        case(
+            Method::PATCH,
+            "/connections/metadata",
+            Body::Json(json!({ "connection_id": "c1", "metadata": {} })),
+            400,
+            "missing_provider_config",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": "c1", "provider_config_key": "nope", "metadata": {} }),
+            400,
+            "unknown_provider_config",
+        ),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": ["c1", "nobody"], "provider_config_key": "gh",
+                    "metadata": { "written": true } }),
+            404,
+            "unknown_connection",
+        ),
+        post("/connections/metadata", json!(["c1"]), 400, "invalid_body"),
+        // /config.
+        post("/config", json!({}), 400, "missing_body"),
+        post("/config", json!(null), 400, "missing_body"),
+        post("/config", json!([1]), 400, "invalid_body"),
+        post(
+            "/config",
+            config_body(json!({ "provider_config_key": null })),
+            400,
+            "missing_provider_config",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "provider": null })),
+            400,
+            "missing_provider_template",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "provider": "" })),
+            400,
+            "missing_provider_template",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_client_id": null })),
+            400,
+            "missing_client_id",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_client_secret": null })),
+            400,
+            "missing_client_secret",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_client_id": "id\u{0}" })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_scopes": ["repo", "nul\u{0}"] })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "provider_config_key": "k".repeat(300) })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_scopes": 5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "oauth_client_id": 5 })),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/config",
+            config_body(json!({ "provider_config_key": "gh" })),
+            409,
+            "duplicate_provider_config",
+        ),
+        case(
+            Method::POST,
+            "/config",
+            Body::Raw(Some("application/json"), b"{\"provider\":".to_vec()),
+            400,
+            "invalid_json",
+        ),
+        case(
+            Method::PUT,
+            "/config",
+            Body::Json(config_body(json!({ "provider_config_key": "nope" }))),
+            400,
+            "unknown_provider_config",
+        ),
+        case(
+            Method::PUT,
+            "/config",
+            Body::Json(json!({})),
+            400,
+            "missing_body",
+        ),
+        get("/config/unknown", 404, "unknown_provider_config"),
+        delete("/config/unknown", 404, "unknown_provider_config"),
+        // Routes and methods; `Nango-*` and (without a secret key) `Authorization` are ignored.
+        get("/nope", 404, "not_found"),
+        with_header(
+            get("/connection/c1/extra/segment", 404, "not_found"),
+            "Nango-Is-Sync",
+            "true",
+        ),
+        with_header(
+            case(
+                Method::PUT,
+                format!("/connection/c1?{key}"),
+                Body::None,
+                405,
+                "method_not_allowed",
+            ),
+            "Authorization",
+            "Bearer ",
+        ),
+        delete("/connection", 405, "method_not_allowed"),
+        case(
+            Method::PATCH,
+            "/config",
+            Body::Json(json!({})),
+            405,
+            "method_not_allowed",
+        ),
+        with_header(
+            get(
+                format!("/connection/nobody?{key}"),
+                404,
+                "unknown_connection",
+            ),
+            "Nango-Is-Dry-Run",
+            "true",
+        ),
+    ]
+}
+
+async fn send(app: &TestApp, case: &Case) -> reqwest::Response {
+    let mut request = app.client.request(case.method.clone(), app.url(&case.path));
+    for (name, value) in &case.headers {
+        request = request.header(*name, *value);
+    }
+    request = match &case.body {
+        Body::None => request,
+        Body::Json(value) => request.json(value),
+        Body::Raw(content_type, bytes) => {
+            let request = match content_type {
+                Some(content_type) => request.header(CONTENT_TYPE, *content_type),
+                None => request,
+            };
+            request.body(bytes.clone())
+        }
+    };
+    request.send().await.unwrap()
+}
+
+async fn every_malformed_request_gets_its_4xx_and_writes_nothing(db: &TestDatabase) {
+    let app = spawn_app(db, &new_key()).await;
+    ok_json(
+        app.post_json(
+            "/config",
+            &json!({ "provider_config_key": "gh", "provider": "github",
+                     "oauth_client_id": "id", "oauth_client_secret": "secret" }),
+        )
+        .await,
+    )
+    .await;
+    let response = app
+        .post_json(
+            "/connection",
+            &json!({ "provider_config_key": "gh", "connection_id": "c1", "access_token": "t1",
+                     "metadata": { "kept": true } }),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let before = app.get_ok("/connection/c1?provider_config_key=gh").await;
+
+    let cases = cases();
+    assert!(cases.len() >= 35);
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let label = format!("case {i}, {} {}", case.method, truncate(&case.path));
+        let response = send(&app, case).await;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        if status >= 500 {
+            failures.push(format!("{label}: answered {status}: {text}"));
+            continue;
+        }
+        let body: Value = match serde_json::from_str(&text) {
+            Ok(body) => body,
+            Err(e) => {
+                failures.push(format!("{label}: {status}, not JSON ({e}): {text:?}"));
+                continue;
+            }
+        };
+        if let Some(problem) = error_shape_problem(&body) {
+            failures.push(format!("{label}: bad error shape, {problem}: {text}"));
+        }
+        let code = body["error"]["code"].as_str().unwrap_or("<none>");
+        if status != case.status || code != case.code {
+            failures.push(format!(
+                "{label}: expected {} {}, got {status} {code}: {}",
+                case.status,
+                case.code,
+                truncate(&text)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+
+    // Nothing was half-written: the connection list, the connection and the configs are as the
+    // setup left them.
+    let list = app.get_ok("/connection").await;
+    let items = list["connections"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["connection_id"], "c1");
+    assert_eq!(
+        app.get_ok("/connection/c1?provider_config_key=gh").await,
+        before
+    );
+    let configs = app.get_ok("/config").await;
+    let configs = configs["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 1, "{configs:?}");
+    assert_eq!(configs[0]["unique_key"], "gh");
+    assert_eq!(
+        app.get_ok("/config/gh?include_creds=true").await["config"]["oauth_client_secret"],
+        "secret"
+    );
+}
+
+fn truncate(text: &str) -> String {
+    if text.chars().count() > 200 {
+        format!("{}…", text.chars().take(200).collect::<String>())
+    } else {
+        text.to_owned()
+    }
+}
