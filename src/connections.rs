@@ -2,12 +2,14 @@
 //! answers from the state it produced and writes that state to the read model before it returns
 //! (read-your-writes).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use domain::commands::{AuthorizeConnection, Loaded};
 use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode};
 use domain::credentials::Credentials;
 use projections::model::upsert_state;
-use projections::queries::{self, ConnectionSummary};
+use projections::queries::{self, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, StateModel};
 use serde_json::{Map, Value};
 
@@ -18,8 +20,7 @@ use crate::startup::AppState;
 /// A live connection with its credentials opened.
 #[derive(Debug)]
 pub struct ConnectionView {
-    pub id: i64,
-    pub connection: ActiveConnection,
+    pub connection: Arc<ConnectionRecord>,
     pub credentials: Credentials,
 }
 
@@ -42,8 +43,7 @@ pub async fn get(
         .await
         .map_err(|e| command_error(e, provider_config_key, connection_id))?;
     Ok(ConnectionView {
-        id: record.id,
-        connection: record.connection.clone(),
+        connection: record,
         credentials,
     })
 }
@@ -114,8 +114,11 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
     }
     let connection = publish(state, &loaded).await?;
     Ok(ConnectionView {
-        id: projections::model::stable_id(loaded.stream_id.as_str()),
-        connection,
+        connection: Arc::new(ConnectionRecord {
+            id: projections::model::stable_id(loaded.stream_id.as_str()),
+            version: loaded.version,
+            connection,
+        }),
         credentials: import.credentials,
     })
 }

@@ -22,9 +22,22 @@ use tokio::net::TcpListener;
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
 
-/// What the request handlers share.
+/// What the request handlers share: one allocation, so handing it to a request is one
+/// reference-count increment.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub struct Shared {
     pub backend: Backend,
     pub commands: Commands,
     pub runner: Runner,
@@ -53,13 +66,13 @@ impl Application {
         Ok(Self {
             listener,
             port,
-            state: AppState {
+            state: AppState(Arc::new(Shared {
                 commands: Commands::new(backend.clone(), vault),
                 runner: Runner::new(backend.clone()),
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
                 config: Arc::new(config),
-            },
+            })),
         })
     }
 

@@ -298,7 +298,7 @@ struct VaultInner {
     repository: Arc<dyn KeyRepository>,
     active: MasterKey,
     previous: Option<MasterKey>,
-    cache: RwLock<HashMap<Uuid, Aes256Gcm>>,
+    cache: RwLock<HashMap<Uuid, Arc<Aes256Gcm>>>,
     /// The fingerprint HMAC, keyed once per vault (the key never changes).
     fingerprint: tokio::sync::OnceCell<Hmac<Sha256>>,
 }
@@ -397,7 +397,7 @@ impl Vault {
             .repository
             .insert_data_key(key_id, owner.as_str(), &self.inner.active.id, &wrapped)
             .await?;
-        self.cache_insert(key_id, Aes256Gcm::new(&key));
+        self.cache_insert(key_id, Arc::new(Aes256Gcm::new(&key)));
         Ok(key_id)
     }
 
@@ -593,7 +593,7 @@ impl Vault {
         self.inner.previous.as_ref().filter(|p| p.id == id)
     }
 
-    async fn data_key(&self, key_id: Uuid) -> Result<Aes256Gcm, KeyError> {
+    async fn data_key(&self, key_id: Uuid) -> Result<Arc<Aes256Gcm>, KeyError> {
         if let Some(cipher) = self
             .inner
             .cache
@@ -618,12 +618,12 @@ impl Vault {
                 key_id: master_id.clone(),
                 count: 1,
             })?;
-        let cipher = master.unwrap_key(key_id, &wrapped)?;
+        let cipher = Arc::new(master.unwrap_key(key_id, &wrapped)?);
         self.cache_insert(key_id, cipher.clone());
         Ok(cipher)
     }
 
-    fn cache_insert(&self, key_id: Uuid, cipher: Aes256Gcm) {
+    fn cache_insert(&self, key_id: Uuid, cipher: Arc<Aes256Gcm>) {
         if let Ok(mut cache) = self.inner.cache.write() {
             // Bounded: a full cache starts over rather than growing with every connection.
             if cache.len() >= 100_000 {

@@ -6,7 +6,10 @@ use axum::http::StatusCode;
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::connection::MetadataMode;
 use domain::credentials::Credentials;
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
@@ -36,36 +39,79 @@ pub async fn get_connection(
     State(state): State<AppState>,
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<GetQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     identifier(&connection_id, "connection_id")?;
     let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
     // Refreshing on read arrives with the refresh service; the flag is accepted already.
     let _ = query.force_refresh;
     let view = connections::get(&state, &key, &connection_id).await?;
-    Ok(Json(connection_json(
-        &view,
-        query.refresh_token != Some(false),
-    )))
+    Ok(Json(connection_json(&view, query.refresh_token != Some(false))).into_response())
 }
 
-/// The seed's Connection object.
-pub fn connection_json(view: &ConnectionView, with_refresh_token: bool) -> Value {
-    let c = &view.connection;
-    json!({
-        "id": view.id,
-        "created_at": timestamp(c.created_at),
-        "updated_at": timestamp(c.updated_at),
-        "provider_config_key": c.provider_config_key,
-        "connection_id": c.connection_id,
-        "provider": c.provider,
-        "credentials": credentials_json(&view.credentials, with_refresh_token),
-        "connection_config": c.connection_config,
-        "account_id": 0,
-        "metadata": c.metadata,
-    })
+/// The seed's Connection object, serialized straight from the state (no intermediate tree: this
+/// is the hot path).
+#[derive(Serialize)]
+pub struct ConnectionBody<'a> {
+    id: i64,
+    created_at: String,
+    updated_at: String,
+    provider_config_key: &'a str,
+    connection_id: &'a str,
+    provider: &'a str,
+    credentials: CredentialsBody<'a>,
+    connection_config: &'a Map<String, Value>,
+    account_id: u8,
+    metadata: &'a Map<String, Value>,
 }
 
-fn credentials_json(credentials: &Credentials, with_refresh_token: bool) -> Value {
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum CredentialsBody<'a> {
+    #[serde(rename = "OAUTH2")]
+    OAuth2 {
+        access_token: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refresh_token: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+        raw: Cow<'a, Value>,
+    },
+    #[serde(rename = "OAUTH1")]
+    OAuth1 {
+        oauth_token: &'a str,
+        oauth_token_secret: &'a str,
+        raw: &'a Value,
+    },
+    #[serde(rename = "API_KEY")]
+    ApiKey {
+        #[serde(rename = "apiKey")]
+        api_key: &'a str,
+    },
+    #[serde(rename = "BASIC")]
+    Basic {
+        username: &'a str,
+        password: &'a str,
+    },
+}
+
+/// The seed's Connection object for `view`; without the refresh token unless asked for.
+pub fn connection_json(view: &ConnectionView, with_refresh_token: bool) -> ConnectionBody<'_> {
+    let c = &view.connection.connection;
+    ConnectionBody {
+        id: view.connection.id,
+        created_at: timestamp(c.created_at),
+        updated_at: timestamp(c.updated_at),
+        provider_config_key: &c.provider_config_key,
+        connection_id: &c.connection_id,
+        provider: &c.provider,
+        credentials: credentials_body(&view.credentials, with_refresh_token),
+        connection_config: &c.connection_config,
+        account_id: 0,
+        metadata: &c.metadata,
+    }
+}
+
+fn credentials_body(credentials: &Credentials, with_refresh_token: bool) -> CredentialsBody<'_> {
     match credentials {
         Credentials::OAuth2 {
             access_token,
@@ -73,37 +119,34 @@ fn credentials_json(credentials: &Credentials, with_refresh_token: bool) -> Valu
             expires_at,
             raw,
         } => {
-            let mut out = Map::new();
-            out.insert("type".into(), "OAUTH2".into());
-            out.insert("access_token".into(), access_token.as_str().into());
-            let mut raw = raw.clone();
-            if with_refresh_token {
-                if let Some(token) = refresh_token {
-                    out.insert("refresh_token".into(), token.as_str().into());
+            let raw = match raw {
+                Value::Object(fields)
+                    if !with_refresh_token && fields.contains_key("refresh_token") =>
+                {
+                    let mut stripped = fields.clone();
+                    stripped.remove("refresh_token");
+                    Cow::Owned(Value::Object(stripped))
                 }
-            } else if let Value::Object(fields) = &mut raw {
-                fields.remove("refresh_token");
+                other => Cow::Borrowed(other),
+            };
+            CredentialsBody::OAuth2 {
+                access_token,
+                refresh_token: refresh_token.as_deref().filter(|_| with_refresh_token),
+                expires_at: expires_at.map(timestamp),
+                raw,
             }
-            if let Some(at) = expires_at {
-                out.insert("expires_at".into(), timestamp(*at).into());
-            }
-            out.insert("raw".into(), raw);
-            Value::Object(out)
         }
         Credentials::OAuth1 {
             oauth_token,
             oauth_token_secret,
             raw,
-        } => json!({
-            "type": "OAUTH1",
-            "oauth_token": oauth_token,
-            "oauth_token_secret": oauth_token_secret,
-            "raw": raw,
-        }),
-        Credentials::ApiKey { api_key } => json!({ "type": "API_KEY", "apiKey": api_key }),
-        Credentials::Basic { username, password } => {
-            json!({ "type": "BASIC", "username": username, "password": password })
-        }
+        } => CredentialsBody::OAuth1 {
+            oauth_token,
+            oauth_token_secret,
+            raw,
+        },
+        Credentials::ApiKey { api_key } => CredentialsBody::ApiKey { api_key },
+        Credentials::Basic { username, password } => CredentialsBody::Basic { username, password },
     }
 }
 
@@ -160,7 +203,7 @@ pub async fn delete_connection(
 pub async fn get_connection_named_metadata(
     state: State<AppState>,
     query: ApiQuery<GetQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     get_connection(state, ApiPath("metadata".to_owned()), query).await
 }
 
@@ -177,10 +220,10 @@ pub async fn delete_connection_named_metadata(
 pub async fn import_connection(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let import = parse_import(&body)?;
     let view = connections::import(&state, import).await?;
-    Ok((StatusCode::CREATED, Json(connection_json(&view, true))))
+    Ok((StatusCode::CREATED, Json(connection_json(&view, true))).into_response())
 }
 
 fn parse_import(body: &Value) -> Result<Import, ApiError> {
