@@ -16,6 +16,9 @@ use crate::table::{
 };
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
+/// Lag is counted up to this many events.
+const LAG_CAP: usize = 10_000;
+
 /// What one step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -267,21 +270,25 @@ impl Runner {
                     .await?
             }
         };
-        Ok(rows
-            .into_iter()
-            .filter(|(name, ..)| PROJECTIONS.contains(&name.as_str()))
-            .map(
-                |(name, commit, global, updated_at, last_error)| ProjectionStatus {
-                    name,
-                    checkpoint: checkpoint_from(commit, global).to_string(),
-                    checkpoint_position: global,
-                    head_position: head,
-                    lag: (head - global).max(0),
-                    updated_at,
-                    last_error,
-                },
-            )
-            .collect())
+        let mut statuses = Vec::new();
+        for (name, commit, global, updated_at, last_error) in rows {
+            if !PROJECTIONS.contains(&name.as_str()) {
+                continue;
+            }
+            let checkpoint = checkpoint_from(commit, global);
+            // Counted in log order: positions alone are not commit order on PostgreSQL.
+            let behind = self.store.read_all(checkpoint, LAG_CAP).await?.len();
+            statuses.push(ProjectionStatus {
+                name,
+                checkpoint: checkpoint.to_string(),
+                checkpoint_position: global,
+                head_position: head,
+                lag: i64::try_from(behind).unwrap_or(i64::MAX),
+                updated_at,
+                last_error,
+            });
+        }
+        Ok(statuses)
     }
 
     /// Rebuilds the projection `name` from the whole log into its shadow table and swaps it in
@@ -469,7 +476,7 @@ pub struct ProjectionStatus {
     pub checkpoint: String,
     pub checkpoint_position: i64,
     pub head_position: i64,
-    /// Positions between the checkpoint and the head.
+    /// Events after the checkpoint that a reader can see now (counted up to 10,000).
     pub lag: i64,
     pub updated_at: DateTime<Utc>,
     pub last_error: Option<String>,
