@@ -113,9 +113,18 @@ pub struct ServeArgs {
     #[arg(long, env = "GRANTLINE_PUBLIC_KEY")]
     pub public_key: Option<String>,
 
+    /// Key for /oauth/connect's `hmac` parameter. When set, every connect request must carry
+    /// hmac = hex HMAC-SHA256 of "<provider_config_key>:<connection_id>" under this key.
+    #[arg(long, env = "GRANTLINE_HMAC_KEY", hide_env_values = true)]
+    pub hmac_key: Option<String>,
+
     /// YAML file of provider templates (Nango providers.yaml format) added to the catalog.
     #[arg(long, env = "GRANTLINE_PROVIDERS_FILE")]
     pub providers_file: Option<PathBuf>,
+
+    /// How long an OAuth flow's state stays valid between /oauth/connect and the callback.
+    #[arg(long, env = "GRANTLINE_OAUTH_SESSION_LIFETIME", default_value = "10m")]
+    pub oauth_session_lifetime: String,
 
     /// Comma-separated origins that api_redirect_url may point to (e.g. https://app.example.com).
     #[arg(long, env = "GRANTLINE_REDIRECT_ALLOWLIST", default_value = "")]
@@ -201,7 +210,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_SERVER_URL", "server-url"),
     ("GRANTLINE_SECRET_KEY", "secret-key"),
     ("GRANTLINE_PUBLIC_KEY", "public-key"),
+    ("GRANTLINE_HMAC_KEY", "hmac-key"),
     ("GRANTLINE_PROVIDERS_FILE", "providers-file"),
+    ("GRANTLINE_OAUTH_SESSION_LIFETIME", "oauth-session-lifetime"),
     ("GRANTLINE_REDIRECT_ALLOWLIST", "redirect-allowlist"),
     ("GRANTLINE_REFRESH_MARGIN", "refresh-margin"),
     ("GRANTLINE_REFRESH_WINDOW", "refresh-window"),
@@ -335,7 +346,11 @@ pub struct Config {
     pub server_url: String,
     pub secret_key: Option<Secret>,
     pub public_key: Option<String>,
+    /// The key `/oauth/connect`'s `hmac` parameter is checked with, when set.
+    pub hmac_key: Option<Secret>,
     pub providers_file: Option<PathBuf>,
+    /// How long an OAuth flow's state is accepted.
+    pub oauth_session_lifetime: Duration,
     pub redirect_allowlist: Vec<String>,
     pub refresh: RefreshConfig,
     pub roles: Roles,
@@ -401,13 +416,19 @@ impl ServeArgs {
             })
             .collect::<Result<_, _>>()?;
         let refresh = self.refresh()?;
+        let oauth_session_lifetime = parse_duration(
+            "GRANTLINE_OAUTH_SESSION_LIFETIME",
+            &self.oauth_session_lifetime,
+        )?;
         Ok(Config {
             database,
             listen,
             server_url,
             secret_key,
             public_key: non_empty(self.public_key.as_deref()).map(str::to_owned),
+            hmac_key: non_empty(self.hmac_key.as_deref()).map(|s| Secret(s.to_owned())),
             providers_file: self.providers_file.clone(),
+            oauth_session_lifetime,
             redirect_allowlist,
             refresh,
             roles: parse_roles(&self.roles)?,

@@ -192,7 +192,7 @@ async fn write_read_model(state: &AppState, loaded: &Loaded<Connection>) -> Resu
 }
 
 /// Writes a command's resulting state to the read model and returns it, which must be live.
-async fn publish(
+pub(crate) async fn publish(
     state: &AppState,
     loaded: &Loaded<Connection>,
 ) -> Result<ActiveConnection, ApiError> {

@@ -8,5 +8,6 @@ pub mod config;
 pub mod connections;
 pub mod http;
 pub mod integrations;
+pub mod oauth;
 pub mod startup;
 pub mod telemetry;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use domain::catalog::Catalog;
 use domain::commands::Commands;
 use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
+use crate::oauth::{self, Flows};
 
 /// What the request handlers share: one allocation, so handing it to a request is one
 /// reference-count increment.
@@ -44,6 +46,10 @@ pub struct Shared {
     /// The hot path's in-memory replica of the connections read model.
     pub cache: Arc<ConnectionCache>,
     pub config: Arc<Config>,
+    /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
+    pub catalog: Arc<Catalog>,
+    /// The OAuth flow machinery (provider client, session sealing key, WebSocket clients).
+    pub oauth: Flows,
 }
 
 /// A built service, bound to its port and ready to run.
@@ -57,12 +63,20 @@ pub struct Application {
 impl Application {
     /// Migrates the database, opens the vault (refusing a wrong master key) and binds the
     /// listener.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(mut config: Config) -> anyhow::Result<Self> {
+        let catalog = load_catalog(&config)?;
+        let oauth = Flows::new(config.refresh.provider_timeout)?;
         let (backend, vault) = open_storage(&config.database).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (GRANTLINE_LISTEN)", config.listen))?;
-        let port = listener.local_addr()?.port();
+        let bound = listener.local_addr()?;
+        let port = bound.port();
+        // The default server URL is http://LISTEN; with port 0 that is the port actually bound,
+        // or OAuth callbacks would point nowhere.
+        if config.listen.port() == 0 && config.server_url == format!("http://{}", config.listen) {
+            config.server_url = format!("http://{bound}");
+        }
         Ok(Self {
             listener,
             port,
@@ -72,6 +86,8 @@ impl Application {
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
                 config: Arc::new(config),
+                catalog: Arc::new(catalog),
+                oauth,
             })),
         })
     }
@@ -107,6 +123,22 @@ impl Application {
                 async move { cache.follow(backend, until).await },
             ));
         }
+        if self.state.config.roles.api {
+            let backend = self.state.backend.clone();
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move {
+                oauth::run_session_sweeper(backend, until).await;
+            }));
+        }
+        {
+            // Upgraded (WebSocket) connections outlive the graceful shutdown unless told.
+            let state = self.state.clone();
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move {
+                until.await;
+                state.oauth.sockets.close_all();
+            }));
+        }
         tracing::info!(port = self.port, "grantline listening");
         let serving = axum::serve(self.listener, http::router(self.state))
             .with_graceful_shutdown(async move {
@@ -120,6 +152,25 @@ impl Application {
         }
         serving
     }
+}
+
+/// The built-in provider templates, plus those of `GRANTLINE_PROVIDERS_FILE`; a file that
+/// cannot be used stops start-up with the catalog's message (file, entry, problem).
+fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
+    let catalog = match &config.providers_file {
+        Some(path) => Catalog::with_file(path)
+            .context("cannot load the provider templates (GRANTLINE_PROVIDERS_FILE)")?,
+        None => Catalog::builtin(),
+    };
+    for (name, mode) in catalog.skipped() {
+        tracing::debug!(
+            provider = name,
+            auth_mode = mode,
+            "provider template not served"
+        );
+    }
+    tracing::info!(templates = catalog.len(), "provider catalog loaded");
+    Ok(catalog)
 }
 
 /// Opens the database (applying migrations under a lock) and the vault.

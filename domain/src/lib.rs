@@ -4,11 +4,13 @@
 //! Nothing here knows about HTTP. Aggregates take time and provider answers as command data and
 //! do no I/O; the store and the vault are the only parts that touch the database.
 
+pub mod catalog;
 pub mod commands;
 pub mod connection;
 pub mod credentials;
 pub mod event;
 pub mod integration;
 pub mod keys;
+pub mod oauth_session;
 pub mod store;
 pub mod testing;

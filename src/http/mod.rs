@@ -7,6 +7,7 @@ mod config;
 mod connection;
 pub mod error;
 mod extract;
+mod oauth;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -69,8 +70,14 @@ pub fn router(state: AppState) -> Router {
     } else {
         api
     };
+    // The browser's side of OAuth flows: no secret key (connect checks the public key).
+    let flows = Router::new()
+        .route("/oauth/connect/{provider_config_key}", get(oauth::connect))
+        .route("/oauth/callback", get(oauth::callback))
+        .route("/", get(oauth::websocket));
     Router::new()
         .route("/health", get(health))
+        .merge(flows)
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

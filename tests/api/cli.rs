@@ -56,6 +56,7 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_REFRESH_CONCURRENCY", "-3"),
         ("GRANTLINE_REFRESH_IDLE_AFTER", "0s"),
         ("GRANTLINE_PROVIDER_TIMEOUT", "2m"),
+        ("GRANTLINE_OAUTH_SESSION_LIFETIME", "0s"),
         ("GRANTLINE_ROLES", "api,cache"),
         ("GRANTLINE_LOG_FORMAT", "xml"),
         ("GRANTLINE_PROVIDERS_FILE", "/no/such/file.yaml"),

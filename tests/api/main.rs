@@ -29,7 +29,10 @@ macro_rules! on_both_backends {
 mod auth;
 mod cli;
 mod connections;
+mod fake_provider;
 mod malformed;
+mod oauth;
+mod operators;
 mod serve;
 
 use clap::Parser;

@@ -30,6 +30,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 
 use crate::keys::KeyRepository;
+use crate::oauth_session::SessionRepository;
 
 /// The identity of a stream: `<category>-<id>`, e.g. `connection-3f0c…`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -275,7 +276,8 @@ impl ChangeSignal {
     }
 }
 
-/// A database backend: the event store and the key repository on one connection pool.
+/// A database backend: the event store, the key repository and the OAuth flow sessions on one
+/// connection pool.
 #[derive(Clone)]
 pub enum Backend {
     Postgres(PostgresStore),
@@ -313,6 +315,14 @@ impl Backend {
     }
 
     pub fn keys(&self) -> &dyn KeyRepository {
+        match self {
+            Self::Postgres(store) => store,
+            Self::Sqlite(store) => store,
+        }
+    }
+
+    /// The OAuth flow sessions.
+    pub fn sessions(&self) -> &dyn SessionRepository {
         match self {
             Self::Postgres(store) => store,
             Self::Sqlite(store) => store,

@@ -1,0 +1,316 @@
+//! `GET /oauth/connect/:provider_config_key` and `GET /oauth/callback`: the browser's side of an
+//! OAuth flow. Neither takes the secret key (the browser has none); `/oauth/connect` checks the
+//! public key when one is configured.
+//!
+//! The outcome goes to an allow-listed `api_redirect_url` as a 302, or else to a small HTML page
+//! that posts it to `window.opener` (Nango's frontend ≤ 0.8 protocol) and closes. Every text on
+//! the page is HTML-escaped, the JSON in its script has `<`, `>` and `&` escaped, and a
+//! Content-Security-Policy allows that one script only. When the flow names a `ws_client_id`,
+//! the outcome is also sent over that WebSocket (`GET /` with an upgrade).
+
+use std::collections::BTreeMap;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::header::{self, HeaderValue};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::Utc;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::ApiError;
+use super::extract::ApiPath;
+use crate::oauth::{self, ConnectRequest, FlowError, Report};
+use crate::startup::AppState;
+
+/// How much longer than a session a WebSocket client may wait for its outcome.
+const SOCKET_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `GET /oauth/connect/:provider_config_key`: starts a flow and redirects to the provider.
+pub async fn connect(
+    State(state): State<AppState>,
+    ApiPath(provider_config_key): ApiPath<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let request = connect_request(provider_config_key, query.as_deref().unwrap_or(""));
+    match oauth::connect(&state, request, Utc::now()).await {
+        Ok(authorization_url) => found(&authorization_url),
+        Err(failure) => {
+            state.oauth.sockets.notify_failure(&failure);
+            failed(&failure.error, &failure.report)
+        }
+    }
+}
+
+/// `GET /oauth/callback`: the provider sends the browser back here with `code` and `state`.
+pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let pairs: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let outcome = oauth::callback(&state, &pairs, Utc::now()).await;
+    match &outcome {
+        Ok(done) => state.oauth.sockets.notify_success(done),
+        Err(failure) => state.oauth.sockets.notify_failure(failure),
+    }
+    match outcome {
+        Ok(done) => match &done.report.api_redirect_url {
+            Some(url) => found(&oauth::success_redirect(
+                &state.config,
+                url,
+                &done.connection_id,
+                &done.provider_config_key,
+                Utc::now(),
+            )),
+            None => page(
+                StatusCode::OK,
+                "Authorization succeeded",
+                "The connection is set up. You can close this window.",
+                &json!({
+                    "eventType": "AUTHORIZATION_SUCEEDED",
+                    "data": {
+                        "connectionId": done.connection_id,
+                        "providerConfigKey": done.provider_config_key,
+                    }
+                }),
+            ),
+        },
+        Err(failure) => failed(&failure.error, &failure.report),
+    }
+}
+
+/// `GET /` with `Upgrade: websocket`: the `@nangohq/frontend` WebSocket (reference §3.4). The
+/// client gets `{"message_type":"connection_ack","ws_client_id":…}`, passes the id to
+/// `/oauth/connect`, and receives one `success` or `error` message when that flow ends on this
+/// instance; then the socket closes. Without an upgrade, `/` is an unknown route.
+pub async fn websocket(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return ApiError::UnknownRoute.into_response();
+    };
+    upgrade
+        .max_message_size(16 * 1024)
+        .on_upgrade(move |socket| serve_socket(state, socket))
+}
+
+async fn serve_socket(state: AppState, mut socket: WebSocket) {
+    let (outcomes, mut outcome) = mpsc::channel(1);
+    let registration = state.oauth.sockets.register(outcomes);
+    let ack = json!({ "message_type": "connection_ack", "ws_client_id": registration.id });
+    if socket.send(Message::text(ack.to_string())).await.is_err() {
+        return;
+    }
+    // A flow cannot outlive its session; the socket waits that long and a little more.
+    let deadline = tokio::time::sleep(state.config.oauth_session_lifetime + SOCKET_GRACE);
+    let closing = state.oauth.sockets.closing();
+    tokio::pin!(deadline, closing);
+    loop {
+        tokio::select! {
+            message = outcome.recv() => {
+                if let Some(message) = message {
+                    let _ = socket.send(Message::text(message)).await;
+                }
+                break;
+            }
+            incoming = socket.recv() => match incoming {
+                // The client says nothing we need; pings are answered by the library.
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            () = &mut deadline => break,
+            () = &mut closing => break,
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// The connect request in `query`: plain parameters, `params[x]` and
+/// `authorization_params[x]`. Unknown parameters are ignored; a repeated one keeps its last value.
+fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
+    let mut request = ConnectRequest {
+        provider_config_key,
+        ..ConnectRequest::default()
+    };
+    let mut params = BTreeMap::new();
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()).into_owned() {
+        if let Some(inner) = bracketed(&name, "params") {
+            params.insert(inner.to_owned(), value);
+        } else if let Some(inner) = bracketed(&name, "authorization_params") {
+            request.authorization_params.push((inner.to_owned(), value));
+        } else {
+            let slot = match name.as_str() {
+                "connection_id" => &mut request.connection_id,
+                "public_key" => &mut request.public_key,
+                "hmac" => &mut request.hmac,
+                "scopes" => &mut request.scopes,
+                "api_redirect_url" => &mut request.api_redirect_url,
+                "ws_client_id" => &mut request.ws_client_id,
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+    }
+    request.params = params;
+    request
+}
+
+/// `x` of `prefix[x]`.
+fn bracketed<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    name.strip_prefix(prefix)?
+        .strip_prefix('[')?
+        .strip_suffix(']')
+        .filter(|inner| !inner.is_empty())
+}
+
+/// A failure: to the allow-listed `api_redirect_url` if there is one, else on the page.
+fn failed(error: &FlowError, report: &Report) -> Response {
+    if let Some(url) = &report.api_redirect_url {
+        return found(&oauth::error_redirect(url, error));
+    }
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    page(
+        status,
+        "Authorization failed",
+        &format!("{} ({})", error, error.error_type()),
+        &json!({
+            "eventType": "AUTHORIZATION_FAILED",
+            "data": { "error": { "type": error.error_type(), "message": error.to_string() } }
+        }),
+    )
+}
+
+/// A 302 to `location`.
+fn found(location: &str) -> Response {
+    let mut headers = HeaderMap::new();
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            headers.insert(header::LOCATION, value);
+        }
+        // A URL built by the url crate is always a valid header value.
+        Err(_) => {
+            return ApiError::Internal("redirect URL is not a header value".into()).into_response();
+        }
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    (StatusCode::FOUND, headers).into_response()
+}
+
+/// The page that reports an outcome: `text` for the user, `message` posted to the opener.
+fn page(status: StatusCode, title: &str, text: &str, message: &Value) -> Response {
+    let script = format!(
+        "(function () {{\n  var message = {};\n  if (window.opener) {{\n    try {{ \
+         window.opener.postMessage(message, '*'); }} catch (e) {{}}\n    setTimeout(function () \
+         {{ window.close(); }}, 300);\n  }}\n}})();",
+        script_json(message)
+    );
+    let hash = BASE64.encode(Sha256::digest(script.as_bytes()));
+    let body = format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\"><title>{}</title></head>\n\
+         <body>\n<h1>{}</h1>\n<p>{}</p>\n<script>{}</script>\n</body>\n</html>\n",
+        escape_html(title),
+        escape_html(title),
+        escape_html(text),
+        script
+    );
+    let csp = format!("default-src 'none'; script-src 'sha256-{hash}'; frame-ancestors 'none'");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    if let Ok(value) = HeaderValue::from_str(&csp) {
+        headers.insert("content-security-policy", value);
+    }
+    (status, headers, body).into_response()
+}
+
+/// JSON that is safe inside a `<script>` element: nothing in it can close the element or start
+/// markup, and the JavaScript line terminators U+2028/U+2029 are escaped.
+fn script_json(value: &Value) -> String {
+    let text = value.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bracketed_parameters_are_collected_and_others_ignored() {
+        let request = connect_request(
+            "k".into(),
+            "connection_id=c&params%5Bsubdomain%5D=acme&params[x]=1&authorization_params[prompt]=consent\
+             &scopes=a+b&unknown=1&params[]=no&connection_id=d",
+        );
+        assert_eq!(request.connection_id.as_deref(), Some("d"));
+        assert_eq!(
+            request.params,
+            BTreeMap::from([
+                ("subdomain".into(), "acme".into()),
+                ("x".into(), "1".into())
+            ])
+        );
+        assert_eq!(
+            request.authorization_params,
+            vec![("prompt".to_owned(), "consent".to_owned())]
+        );
+        assert_eq!(request.scopes.as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn json_in_a_script_cannot_close_it() {
+        let value = json!({ "message": "</script><script>alert(1)</script> & \u{2028}" });
+        let text = script_json(&value);
+        assert!(!text.contains('<') && !text.contains('>') && !text.contains('&'));
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), value);
+    }
+
+    #[test]
+    fn html_text_is_escaped() {
+        assert_eq!(
+            escape_html(r#"<b a="x">'&"#),
+            "&lt;b a=&quot;x&quot;&gt;&#39;&amp;"
+        );
+    }
+}
