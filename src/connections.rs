@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use domain::commands::{AuthorizeConnection, Loaded};
-use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode};
+use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode, RefreshTrigger};
 use domain::credentials::Credentials;
 use projections::model::upsert_state;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, StateModel};
 use serde_json::{Map, Value};
+use workers::refresh::RefreshError;
 
 use crate::http::ApiError;
 use crate::http::error::command_error;
@@ -24,11 +25,18 @@ pub struct ConnectionView {
     pub credentials: Credentials,
 }
 
-/// The connection `connection_id` of `provider_config_key`.
+/// The connection `connection_id` of `provider_config_key`, with a fresh token: refreshed
+/// through the refresh service when it expires within the margin, or when `force_refresh`.
+///
+/// When a due token's refresh fails transiently and the old token has not expired yet, the old
+/// token is answered: it still works, and the next read after the backoff tries again. An
+/// expired token is never answered after a failed refresh (503 `connection_refresh_retrying`
+/// or 424 `connection_refresh_failed`).
 pub async fn get(
     state: &AppState,
     provider_config_key: &str,
     connection_id: &str,
+    force_refresh: bool,
 ) -> Result<ConnectionView, ApiError> {
     let Some(record) = state
         .cache
@@ -37,6 +45,54 @@ pub async fn get(
     else {
         return Err(missing(state, provider_config_key, connection_id).await);
     };
+    let now = Utc::now();
+    let active = &record.connection;
+    if force_refresh || state.refresh.needs_refresh(active, now) {
+        // A permanent failure in the read model answers at once: the provider is not asked
+        // again, and the stream is not even loaded.
+        if !force_refresh && let Some(blocking) = &active.blocking_failure {
+            return Err(ApiError::RefreshFailed(blocking.clone()));
+        }
+        let trigger = if force_refresh {
+            RefreshTrigger::Force
+        } else {
+            RefreshTrigger::Read
+        };
+        match state
+            .refresh
+            .refresh(provider_config_key, connection_id, trigger)
+            .await
+        {
+            Ok(fresh) => {
+                let connection = publish(state, &fresh.loaded).await?;
+                return Ok(ConnectionView {
+                    connection: Arc::new(ConnectionRecord {
+                        id: projections::model::stable_id(fresh.loaded.stream_id.as_str()),
+                        version: fresh.loaded.version,
+                        connection,
+                    }),
+                    credentials: fresh.credentials,
+                });
+            }
+            Err(RefreshError::NotFound | RefreshError::Deleted) => {
+                state.cache.invalidate(
+                    domain::connection::stream_id(provider_config_key, connection_id).as_str(),
+                );
+                return Err(missing(state, provider_config_key, connection_id).await);
+            }
+            Err(RefreshError::Transient { .. })
+                if !force_refresh && active.expires_at.is_some_and(|t| t > now) =>
+            {
+                // Still valid: answered below. The failure is in the log; show it.
+                let _ = refresh_read_model(state, provider_config_key, connection_id).await;
+            }
+            Err(e) => {
+                // The failure is in the log: the read model should show it.
+                let _ = refresh_read_model(state, provider_config_key, connection_id).await;
+                return Err(e.into());
+            }
+        }
+    }
     let credentials = state
         .commands
         .reveal_credentials(&record.connection)
@@ -46,6 +102,20 @@ pub async fn get(
         connection: record,
         credentials,
     })
+}
+
+/// Writes the connection's state as its stream leaves it to the read model.
+async fn refresh_read_model(
+    state: &AppState,
+    provider_config_key: &str,
+    connection_id: &str,
+) -> Result<(), ApiError> {
+    let loaded = state
+        .commands
+        .load_connection(provider_config_key, connection_id)
+        .await
+        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+    write_read_model(state, &loaded).await
 }
 
 /// The error for a connection that is not there: its integration may be missing instead.

@@ -13,6 +13,7 @@ use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
 use projections::Runner;
 use projections::cache::ConnectionCache;
+use workers::refresh::{RefreshService, RefreshSettings};
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
@@ -50,6 +51,8 @@ pub struct Shared {
     pub catalog: Arc<Catalog>,
     /// The OAuth flow machinery (provider client, session sealing key, WebSocket clients).
     pub oauth: Flows,
+    /// The refresh service: the only code that refreshes tokens.
+    pub refresh: RefreshService,
 }
 
 /// A built service, bound to its port and ready to run.
@@ -77,16 +80,30 @@ impl Application {
         if config.listen.port() == 0 && config.server_url == format!("http://{}", config.listen) {
             config.server_url = format!("http://{bound}");
         }
+        let commands = Commands::new(backend.clone(), vault);
+        let catalog = Arc::new(catalog);
+        let refresh = RefreshService::new(
+            commands.clone(),
+            catalog.clone(),
+            RefreshSettings {
+                margin: config.refresh.margin,
+                lease: config.refresh.lease,
+                provider_timeout: config.refresh.provider_timeout,
+                holder: format!("grantline-{}", uuid::Uuid::new_v4().simple()),
+            },
+        )
+        .context("cannot start the refresh service")?;
         Ok(Self {
             listener,
             port,
             state: AppState(Arc::new(Shared {
-                commands: Commands::new(backend.clone(), vault),
+                commands,
+                refresh,
                 runner: Runner::new(backend.clone()),
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
                 config: Arc::new(config),
-                catalog: Arc::new(catalog),
+                catalog,
                 oauth,
             })),
         })

@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::connection::{
     self, ActiveConnection, Connection, ConnectionCommand, ConnectionEvent, ConnectionRejected,
-    Flow, MetadataMode, TokenFingerprints,
+    Flow, MetadataMode, RefreshFailure, RefreshTrigger, TokenFingerprints,
 };
 use crate::credentials::{ClientSecret, Credentials};
 use crate::event::{DomainEvent, UnreadableEvent};
@@ -169,6 +169,21 @@ pub struct AuthorizeConnection {
     /// Provider-specific configuration.
     pub connection_config: Map<String, Value>,
     /// When the authorization completed.
+    pub now: DateTime<Utc>,
+}
+
+/// Take a connection's refresh lease.
+#[derive(Clone, Debug)]
+pub struct LeaseRefresh {
+    /// The new lease's id; its outcome names it.
+    pub lease_id: Uuid,
+    /// The instance taking it.
+    pub holder: String,
+    /// What started the refresh.
+    pub trigger: RefreshTrigger,
+    /// How long it lasts; longer than the provider call's timeout.
+    pub lease_duration: chrono::Duration,
+    /// When it is taken.
     pub now: DateTime<Utc>,
 }
 
@@ -370,6 +385,134 @@ impl Commands {
         self.reveal(&connection.credentials).await
     }
 
+    /// Takes the refresh lease on `loaded` as it is: one attempt, appended with `loaded.version`
+    /// as the expected version. A conflict is returned as [`StoreError::Conflict`] (someone else
+    /// moved first: the caller starts over from the head, DESIGN.md §3 step 3); a rejection
+    /// (`LeaseHeld`, `RefreshBlocked`, `NoRefreshToken`, …) is returned as is.
+    #[tracing::instrument(
+        name = "refresh.lease",
+        skip_all,
+        fields(stream_version = loaded.version, lease_id = %lease.lease_id)
+    )]
+    pub async fn lease_refresh(
+        &self,
+        loaded: Loaded<Connection>,
+        lease: LeaseRefresh,
+    ) -> Result<Loaded<Connection>, CommandError> {
+        self.execute_at_most(
+            loaded,
+            |state| {
+                Ok(connection::decide(
+                    state,
+                    ConnectionCommand::LeaseRefresh {
+                        lease_id: lease.lease_id,
+                        holder: lease.holder.clone(),
+                        trigger: lease.trigger,
+                        now: lease.now,
+                        lease_duration: lease.lease_duration,
+                    },
+                )?)
+            },
+            1,
+        )
+        .await
+    }
+
+    /// Records the provider's new tokens under the lease taken in `leased` (the state right after
+    /// the lease). The append expects `leased.version` (the fence); on a conflict the events since
+    /// are folded in and the outcome decided again: events that leave the lease open (metadata)
+    /// let it append at the new head, a later lease, a re-authorization or a deletion make it
+    /// [`ConnectionRejected::LeaseNotHeld`] and nothing is appended.
+    ///
+    /// The credentials are sealed under the current generation's data key (the one that seals
+    /// the credentials they replace), so no key is made. A deletion can shred that key; if it is
+    /// in the log before this outcome, the fence refuses the outcome (the lease is no longer
+    /// held), and if it comes after, shredding what the outcome sealed is what it meant. So unlike
+    /// [`Commands::authorize_connection`] nothing is sealed again. A key shredded before sealing
+    /// is [`KeyError::Shredded`]: a deletion is in the log and the lease is lost.
+    #[tracing::instrument(
+        name = "refresh.complete",
+        skip_all,
+        fields(stream_version = leased.version, lease_id = %lease_id)
+    )]
+    pub async fn complete_refresh(
+        &self,
+        leased: Loaded<Connection>,
+        lease_id: Uuid,
+        credentials: &Credentials,
+        refresh_token_rotated: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Loaded<Connection>, CommandError> {
+        let Some(active) = leased.state.active() else {
+            return Err(ConnectionRejected::LeaseNotHeld { lease_id }.into());
+        };
+        let sealed = self
+            .vault
+            .seal_json(active.credentials.key_id, credentials)
+            .await?;
+        let fingerprints = self.fingerprints(credentials).await?;
+        self.execute_from(leased, |state| {
+            Ok(connection::decide(
+                state,
+                ConnectionCommand::CompleteRefresh {
+                    lease_id,
+                    credentials: sealed.clone(),
+                    expires_at: credentials.expires_at(),
+                    has_refresh_token: credentials.has_refresh_token(),
+                    refresh_token_rotated,
+                    fingerprints: fingerprints.clone(),
+                    now,
+                },
+            )?)
+        })
+        .await
+    }
+
+    /// Records a failed refresh under the lease taken in `leased`; fenced as
+    /// [`Commands::complete_refresh`]. The stored credentials are left as they are.
+    #[tracing::instrument(
+        name = "refresh.fail",
+        skip_all,
+        fields(stream_version = leased.version, lease_id = %lease_id)
+    )]
+    pub async fn fail_refresh(
+        &self,
+        leased: Loaded<Connection>,
+        lease_id: Uuid,
+        failure: RefreshFailure,
+        now: DateTime<Utc>,
+    ) -> Result<Loaded<Connection>, CommandError> {
+        self.execute_from(leased, |state| {
+            Ok(connection::decide(
+                state,
+                ConnectionCommand::FailRefresh {
+                    lease_id,
+                    failure: failure.clone(),
+                    now,
+                },
+            )?)
+        })
+        .await
+    }
+
+    /// The connection's events after `after_version`, folded onto nothing: what a waiter reads
+    /// to see whether a lease got its outcome.
+    pub async fn connection_events_after(
+        &self,
+        stream_id: &StreamId,
+        after_version: u32,
+    ) -> Result<Vec<ConnectionEvent>, CommandError> {
+        let recorded = self
+            .backend
+            .events()
+            .read_stream(stream_id, after_version)
+            .await?;
+        recorded
+            .iter()
+            .map(|record| Ok(ConnectionEvent::from_recorded(record)?))
+            .collect()
+    }
+
     // -----------------------------------------------------------------------------------------
     // Integrations
     // -----------------------------------------------------------------------------------------
@@ -552,12 +695,27 @@ impl Commands {
         self.execute_from(loaded, decide).await
     }
 
-    /// Decides on `loaded` and appends at its version; on a conflict, catches up and decides
-    /// again (a rejection ends it), at most [`MAX_ATTEMPTS`] times in all.
+    /// [`Commands::execute_from`] with up to `max_attempts` attempts.
     async fn execute_from<S, F>(
+        &self,
+        loaded: Loaded<S>,
+        decide: F,
+    ) -> Result<Loaded<S>, CommandError>
+    where
+        S: Aggregate,
+        F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
+    {
+        self.execute_at_most(loaded, decide, MAX_ATTEMPTS).await
+    }
+
+    /// Decides on `loaded` and appends at its version; on a conflict, catches up and decides
+    /// again (a rejection ends it), at most `max_attempts` times in all. With one attempt, a
+    /// conflict is returned as [`StoreError::Conflict`].
+    async fn execute_at_most<S, F>(
         &self,
         mut loaded: Loaded<S>,
         mut decide: F,
+        max_attempts: u32,
     ) -> Result<Loaded<S>, CommandError>
     where
         S: Aggregate,
@@ -594,8 +752,11 @@ impl Commands {
                     loaded.version = appended.stream_version;
                     return Ok(loaded);
                 }
+                Err(conflict @ StoreError::Conflict { .. }) if max_attempts <= 1 => {
+                    return Err(conflict.into());
+                }
                 Err(StoreError::Conflict { actual, .. }) => {
-                    if attempt >= MAX_ATTEMPTS {
+                    if attempt >= max_attempts {
                         tracing::warn!(
                             attempts = attempt,
                             stream_version = actual,

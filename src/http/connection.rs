@@ -42,9 +42,8 @@ pub async fn get_connection(
 ) -> Result<Response, ApiError> {
     identifier(&connection_id, "connection_id")?;
     let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
-    // Refreshing on read arrives with the refresh service; the flag is accepted already.
-    let _ = query.force_refresh;
-    let view = connections::get(&state, &key, &connection_id).await?;
+    let force = query.force_refresh == Some(true);
+    let view = connections::get(&state, &key, &connection_id, force).await?;
     Ok(Json(connection_json(&view, query.refresh_token != Some(false))).into_response())
 }
 

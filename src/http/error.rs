@@ -6,13 +6,16 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use domain::commands::CommandError;
 use domain::connection::ConnectionRejected;
+use domain::connection::RecordedFailure;
 use domain::integration::IntegrationRejected;
 use domain::keys::KeyError;
 use domain::store::StoreError;
 use projections::ProjectionError;
 use serde_json::{Value, json};
+use workers::refresh::RefreshError;
 
 /// A failed request. Each variant's doc names its status.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,18 @@ pub enum ApiError {
     /// 405: the route exists but not for this method.
     #[error("this route does not accept this method")]
     MethodNotAllowed,
+    /// 424: the token is due and its last refresh failed permanently (`invalid_grant`, another
+    /// 4xx): the provider is not asked again until `force_refresh=true` or a re-authorization.
+    #[error(
+        "refreshing the token failed permanently; re-authorize the connection or force a refresh"
+    )]
+    RefreshFailed(RecordedFailure),
+    /// 503: the token has expired and refreshing it failed transiently; retried with backoff.
+    #[error("refreshing the token failed temporarily; try again later")]
+    RefreshRetrying {
+        failure: RecordedFailure,
+        retry_at: DateTime<Utc>,
+    },
     /// 503: the database cannot be reached.
     #[error("the service is temporarily unavailable")]
     Unavailable(String),
@@ -111,6 +126,8 @@ impl ApiError {
             Self::Conflict => (S::CONFLICT, "conflict"),
             Self::UnknownRoute => (S::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::RefreshFailed(_) => (S::FAILED_DEPENDENCY, "connection_refresh_failed"),
+            Self::RefreshRetrying { .. } => (S::SERVICE_UNAVAILABLE, "connection_refresh_retrying"),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -127,7 +144,41 @@ impl ApiError {
             Self::UnknownProviderConfig(key)
             | Self::ProviderConfigNotFound(key)
             | Self::DuplicateProviderConfig(key) => json!({ "provider_config_key": key }),
+            Self::RefreshFailed(failure) => failure_payload(failure, None),
+            Self::RefreshRetrying { failure, retry_at } => {
+                failure_payload(failure, Some(*retry_at))
+            }
             _ => json!({}),
+        }
+    }
+}
+
+/// What a client may see of a refresh failure: class, provider status and error code, time, and
+/// the provider's description (a [`TokenError`](workers::provider::TokenError) text, which never
+/// holds a secret).
+fn failure_payload(failure: &RecordedFailure, retry_at: Option<DateTime<Utc>>) -> Value {
+    let mut payload = json!({
+        "failure_class": failure.failure.class,
+        "provider_status": failure.failure.provider_status,
+        "provider_error": failure.failure.code,
+        "description": failure.failure.description,
+        "failed_at": crate::http::connection::timestamp(failure.failed_at),
+    });
+    if let Some(retry_at) = retry_at {
+        payload["retry_at"] = json!(crate::http::connection::timestamp(retry_at));
+    }
+    payload
+}
+
+impl From<RefreshError> for ApiError {
+    fn from(e: RefreshError) -> Self {
+        match e {
+            RefreshError::Permanent(failure) => Self::RefreshFailed(failure),
+            RefreshError::Transient { failure, retry_at } => {
+                Self::RefreshRetrying { failure, retry_at }
+            }
+            RefreshError::Unavailable(cause) => Self::Unavailable(cause),
+            other => Self::Internal(other.to_string()),
         }
     }
 }

@@ -46,6 +46,20 @@ pub enum TokenMode {
     Status(u16),
     /// Answers 200 with an HTML page.
     NotJson,
+    /// Answers 400 `invalid_grant` (the grant is gone).
+    InvalidGrant,
+}
+
+/// The refresh tokens the fake accepts: each use rotates the token; a spent token is refused
+/// with `invalid_grant` (and, if told, revokes the whole family, as Salesforce does), except
+/// within a grace period after its rotation (as Xero does).
+#[derive(Default)]
+struct RefreshTokens {
+    /// Live tokens, and for rotated ones the end of their grace period.
+    live: HashMap<String, Option<std::time::Instant>>,
+    grace: Duration,
+    revoke_family_on_reuse: bool,
+    issued: usize,
 }
 
 /// What `/token` was sent.
@@ -80,11 +94,13 @@ struct Inner {
     authorize_calls: Vec<(Option<String>, BTreeMap<String, String>)>,
     token_calls: Vec<TokenCall>,
     issued: usize,
+    refresh: RefreshTokens,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
     token_requests: AtomicUsize,
+    refresh_requests: AtomicUsize,
     base: Mutex<String>,
 }
 
@@ -107,8 +123,10 @@ impl FakeProvider {
                 authorize_calls: Vec::new(),
                 token_calls: Vec::new(),
                 issued: 0,
+                refresh: RefreshTokens::default(),
             }),
             token_requests: AtomicUsize::new(0),
+            refresh_requests: AtomicUsize::new(0),
             base: Mutex::new(String::new()),
         });
         let router = Router::new()
@@ -146,6 +164,37 @@ impl FakeProvider {
 
     pub fn set_mode(&self, mode: TokenMode) {
         self.shared.inner.lock().unwrap().mode = mode;
+    }
+
+    /// How many `grant_type=refresh_token` requests reached `/token`.
+    pub fn refresh_requests(&self) -> usize {
+        self.shared.refresh_requests.load(Ordering::SeqCst)
+    }
+
+    /// Makes `token` a live refresh token (one the service imported).
+    pub fn accept_refresh_token(&self, token: &str) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        inner.refresh.live.insert(token.to_owned(), None);
+    }
+
+    /// A rotated refresh token keeps working for `grace` (Xero: 30 minutes); zero is strict.
+    pub fn set_refresh_grace(&self, grace: Duration) {
+        self.shared.inner.lock().unwrap().refresh.grace = grace;
+    }
+
+    /// Reusing a spent refresh token revokes every live one (Salesforce).
+    pub fn revoke_family_on_reuse(&self, revoke: bool) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap()
+            .refresh
+            .revoke_family_on_reuse = revoke;
+    }
+
+    /// The tokens the n-th successful refresh (from 1) issues.
+    pub fn refreshed_tokens(n: usize) -> (String, String) {
+        (format!("fake-access-r{n}"), format!("fake-refresh-r{n}"))
     }
 
     /// How many requests reached `/token`.
@@ -277,8 +326,15 @@ async fn token_for(
     body: &[u8],
 ) -> Response {
     let n = shared.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let refreshing = body_field(headers, body, "grant_type").as_deref() == Some("refresh_token");
+    if refreshing {
+        shared.refresh_requests.fetch_add(1, Ordering::SeqCst);
+    }
     let mode = shared.inner.lock().unwrap().mode;
     match mode {
+        TokenMode::InvalidGrant => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "grant revoked");
+        }
         TokenMode::Slow(delay) => tokio::time::sleep(delay).await,
         TokenMode::Status(status) => {
             return oauth_error(
@@ -338,6 +394,9 @@ async fn token_for(
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "bad client");
     }
     let field = |name: &str| params.get(name).cloned().unwrap_or_default();
+    if field("grant_type") == "refresh_token" {
+        return refresh_grant(&mut inner.refresh, &field("refresh_token"), mode);
+    }
     if field("grant_type") != "authorization_code" {
         return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "");
     }
@@ -400,6 +459,71 @@ async fn token_for(
                 (k.clone(), text)
             }))
             .finish();
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],
+            body,
+        )
+            .into_response();
+    }
+    (StatusCode::OK, axum::Json(answer)).into_response()
+}
+
+/// One field of a form or JSON body.
+fn body_field(headers: &HeaderMap, body: &[u8], name: &str) -> Option<String> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        serde_json::from_slice::<Value>(body)
+            .ok()?
+            .get(name)?
+            .as_str()
+            .map(str::to_owned)
+    } else {
+        url::form_urlencoded::parse(body)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// `grant_type=refresh_token`: rotates a live token; refuses a spent one.
+fn refresh_grant(tokens: &mut RefreshTokens, presented: &str, mode: TokenMode) -> Response {
+    let now = std::time::Instant::now();
+    let usable = match tokens.live.get(presented) {
+        Some(None) => true,
+        Some(Some(grace_until)) => now < *grace_until,
+        None => false,
+    };
+    if !usable {
+        if tokens.revoke_family_on_reuse {
+            tokens.live.clear();
+        }
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "refresh token spent or unknown",
+        );
+    }
+    if tokens.grace.is_zero() {
+        tokens.live.remove(presented);
+    } else if tokens.live.get(presented) == Some(&None) {
+        tokens
+            .live
+            .insert(presented.to_owned(), Some(now + tokens.grace));
+    }
+    tokens.issued += 1;
+    let (access, refresh) = FakeProvider::refreshed_tokens(tokens.issued);
+    tokens.live.insert(refresh.clone(), None);
+    let answer = json!({
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "bearer",
+        "expires_in": 3600,
+    });
+    if mode == TokenMode::Form {
+        let body = format!("access_token={access}&refresh_token={refresh}&expires_in=3600");
         return (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],

@@ -33,6 +33,7 @@ mod fake_provider;
 mod malformed;
 mod oauth;
 mod operators;
+mod refresh;
 mod serve;
 
 use clap::Parser;

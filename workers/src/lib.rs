@@ -1,5 +1,7 @@
 //! Grantline's workers: the provider HTTP client (OAuth 2.0 token requests, OAuth 1.0a signed
-//! requests, and the parsing of their answers), and later the refresh service and its scheduler.
+//! requests, and the parsing of their answers), and the refresh service
+//! (the only code that refreshes tokens).
 
 pub mod oauth1;
 pub mod provider;
+pub mod refresh;

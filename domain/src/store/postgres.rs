@@ -36,6 +36,8 @@ mod embedded {
 const CHANNEL: &str = "grantline_events";
 /// The shortest time between two NOTIFYs of one instance.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
+/// Key of the transaction advisory lock that serializes master-key activation.
+const MASTER_KEY_LOCK: i64 = 0x6772_616e_746b_6579; // "grantkey"
 /// Key of the session advisory lock that serializes migrations across instances.
 const MIGRATION_LOCK: i64 = 0x6772_616e_746c_696e; // "grantlin"
 
@@ -532,6 +534,11 @@ impl KeyRepository for PostgresStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
+        // Instances starting together would otherwise race on the one-active-key index, which
+        // ON CONFLICT (key_id) does not arbitrate.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MASTER_KEY_LOCK])
+            .await
+            .map_err(db_error)?;
         tx.execute(
             "UPDATE master_keys SET active = false WHERE active AND key_id <> $1",
             &[&key_id],
