@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use domain::commands::{AuthorizeConnection, Loaded};
 use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode, RefreshTrigger};
 use domain::credentials::Credentials;
@@ -273,16 +273,5 @@ pub(crate) async fn publish(
             "{} is not live after the command",
             ConnectionsModel::NAME
         ))),
-    }
-}
-
-/// `expires_at` of a token response or an import: UNIX seconds, or an RFC 3339 string.
-pub fn parse_expires_at(value: &Value) -> Option<DateTime<Utc>> {
-    match value {
-        Value::Number(n) => n.as_i64().and_then(|s| DateTime::from_timestamp(s, 0)),
-        Value::String(s) => DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
-        _ => None,
     }
 }

@@ -13,6 +13,33 @@ use uuid::Uuid;
 
 use crate::store::{Backend, StoreOptions};
 
+/// Runs each listed `async fn(&TestDatabase)` once on a fresh PostgreSQL database and once on a
+/// fresh SQLite file, as `postgres::name` and `sqlite::name` inside the calling module. The
+/// calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = $crate::testing::TestDatabase::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = $crate::testing::TestDatabase::sqlite();
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}
+
 /// The server test databases are created on.
 pub fn admin_url() -> String {
     std::env::var("GRANTLINE_TEST_POSTGRES")

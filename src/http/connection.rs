@@ -17,7 +17,9 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, flag, identifier, in_body, in_query, provider_config_key,
     without_nul,
 };
-use crate::connections::{self, ConnectionView, Import, parse_expires_at};
+use workers::provider::parse_expires_at;
+
+use crate::connections::{self, ConnectionView, Import};
 use crate::startup::AppState;
 
 /// Timestamps as the seed shows them: `2023-03-08T09:43:03.725Z`.

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{TestApp, assert_error, new_key, ok_json, spawn_app};
 
-on_both_backends!(
+domain::on_both_backends!(
     an_imported_connection_reads_back_as_exactly_the_seeds_connection_object,
     the_nested_credentials_form_on_the_plural_route_imports_too,
     oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes,

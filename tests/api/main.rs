@@ -1,31 +1,6 @@
 //! End-to-end tests of the `grantline` service and binary, against real PostgreSQL and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-/// Runs each listed `async fn(&TestDatabase)` once on a fresh PostgreSQL database and once on a
-/// fresh SQLite file, as `postgres::name` and `sqlite::name` inside the calling module.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = domain::testing::TestDatabase::postgres().await;
-                    super::$name(&db).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = domain::testing::TestDatabase::sqlite();
-                    super::$name(&db).await;
-                }
-            )*
-        }
-    };
-}
-
 mod auth;
 mod cli;
 mod connections;

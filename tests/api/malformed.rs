@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::{TestApp, error_shape_problem, new_key, ok_json, spawn_app};
 
-on_both_backends!(every_malformed_request_gets_its_4xx_and_writes_nothing);
+domain::on_both_backends!(every_malformed_request_gets_its_4xx_and_writes_nothing);
 
 enum Body {
     None,

@@ -17,7 +17,7 @@ use url::Url;
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
 use crate::{TestApp, assert_error, new_key, ok_json, serve_config, spawn_config};
 
-on_both_backends!(
+domain::on_both_backends!(
     a_pkce_flow_records_the_providers_tokens_and_the_next_read_sees_them,
     the_session_keeps_the_flow_with_its_verifier_sealed,
     without_pkce_the_client_authenticates_with_basic_auth_and_a_json_body,

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::{new_key, spawn_app};
 
-on_both_backends!(admin_projections_reports_each_checkpoint_the_head_and_the_lag);
+domain::on_both_backends!(admin_projections_reports_each_checkpoint_the_head_and_the_lag);
 
 async fn admin_projections_reports_each_checkpoint_the_head_and_the_lag(db: &TestDatabase) {
     let app = spawn_app(db, &new_key()).await;

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
 use crate::{TestApp, assert_error, new_key, ok_json, serve_config};
 
-on_both_backends!(
+domain::on_both_backends!(
     fifty_concurrent_reads_of_an_expired_token_make_one_provider_refresh,
     a_slow_provider_is_still_refreshed_once,
     invalid_grant_is_permanent_until_forced_or_reauthorized,

@@ -19,7 +19,7 @@ use grantline_domain::store::{Backend, StreamId};
 use grantline_domain::testing::TestDatabase;
 use serde_json::{Map, Value, json};
 
-crate::on_both_backends!(
+grantline_domain::on_both_backends!(
     an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events,
     re_authorization_makes_generation_two_under_a_new_data_key,
     fingerprints_are_stable_per_token_differ_between_tokens_and_survive_another_vault,

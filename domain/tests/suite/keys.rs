@@ -9,7 +9,7 @@ use grantline_domain::testing::TestDatabase;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
-crate::on_both_backends!(
+grantline_domain::on_both_backends!(
     no_plaintext_token_is_stored_anywhere_in_the_database,
     a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_the_master_key,
     a_wrong_master_key_is_refused_when_the_vault_opens,

@@ -6,29 +6,3 @@ mod commands;
 mod keys;
 mod ordering;
 mod store;
-
-/// Runs each listed `async fn(&TestDatabase)` once on a fresh PostgreSQL database and once on a
-/// fresh SQLite file, as `postgres::name` and `sqlite::name`.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = grantline_domain::testing::TestDatabase::postgres().await;
-                    super::$name(&db).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = grantline_domain::testing::TestDatabase::sqlite();
-                    super::$name(&db).await;
-                }
-            )*
-        }
-    };
-}

@@ -10,7 +10,7 @@ use grantline_domain::store::{
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
 
-crate::on_both_backends!(
+grantline_domain::on_both_backends!(
     first_append_with_no_stream_starts_the_stream_at_version_one,
     append_with_the_exact_version_extends_the_stream,
     append_with_a_stale_version_is_a_conflict_and_writes_nothing,

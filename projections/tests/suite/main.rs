@@ -16,32 +16,6 @@ use domain::keys::{MasterKey, Vault};
 use domain::store::Backend;
 use domain::testing::TestDatabase;
 
-/// Runs each listed `async fn(&TestDatabase)` on a fresh PostgreSQL database and a fresh SQLite
-/// file.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = domain::testing::TestDatabase::postgres().await;
-                    super::$name(&db).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = domain::testing::TestDatabase::sqlite();
-                    super::$name(&db).await;
-                }
-            )*
-        }
-    };
-}
-
 /// A backend with a vault and the command service.
 pub struct Fixture {
     pub backend: Backend,

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::fixture;
 
-crate::on_both_backends!(
+domain::on_both_backends!(
     catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head,
     an_event_written_early_by_its_command_is_not_applied_twice,
     an_unreadable_event_stops_the_projection_right_before_it_and_is_reported,
