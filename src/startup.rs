@@ -14,6 +14,7 @@ use domain::store::{Backend, StoreOptions};
 use projections::Runner;
 use projections::cache::ConnectionCache;
 use workers::refresh::{RefreshService, RefreshSettings};
+use workers::scheduler::Scheduler;
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
@@ -53,6 +54,9 @@ pub struct Shared {
     pub oauth: Flows,
     /// The refresh service: the only code that refreshes tokens.
     pub refresh: RefreshService,
+    /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
+    /// serves tests and its counters `/metrics`).
+    pub scheduler: Scheduler,
 }
 
 /// A built service, bound to its port and ready to run.
@@ -93,12 +97,20 @@ impl Application {
             },
         )
         .context("cannot start the refresh service")?;
+        let scheduler = Scheduler::new(
+            refresh.clone(),
+            backend.clone(),
+            config.refresh.window,
+            config.refresh.idle_after,
+            config.refresh.concurrency,
+        );
         Ok(Self {
             listener,
             port,
             state: AppState(Arc::new(Shared {
                 commands,
                 refresh,
+                scheduler,
                 runner: Runner::new(backend.clone()),
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
@@ -132,6 +144,14 @@ impl Application {
             let runner = self.state.runner.clone();
             let until = stopping(stopped.clone());
             workers.push(tokio::spawn(async move { runner.run(until).await }));
+        }
+        if self.state.config.roles.scheduler {
+            let scheduler = self.state.scheduler.clone();
+            let schedule = self.state.config.refresh.schedule.clone();
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move {
+                scheduler.run(schedule, until).await;
+            }));
         }
         if self.state.config.roles.api {
             let (cache, backend) = (self.state.cache.clone(), self.state.backend.clone());

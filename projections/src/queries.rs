@@ -325,3 +325,78 @@ pub async fn list_connections_of(
         }
     }
 }
+
+/// Live OAuth 2.0 connections with a refresh token and no blocking (permanent) failure whose
+/// access token expires before `expiring_before`, or whose tokens were last refreshed (or
+/// authorized) before `idle_before`: what a scheduler tick refreshes, as
+/// `(provider_config_key, connection_id)`, soonest expiry first (no expiry last), at most `limit`.
+/// Connections of a deleted integration are left out (their refresh could only fail).
+pub async fn due_for_refresh(
+    backend: &Backend,
+    expiring_before: DateTime<Utc>,
+    idle_before: DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<(String, String)>, ProjectionError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    match backend {
+        Backend::Postgres(store) => {
+            let client = store.pool().get().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                     WHERE c.deleted_at IS NULL \
+                       AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+                       AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
+                       AND (c.expires_at < $1 \
+                            OR COALESCE(c.state->'Active'->>'last_refreshed_at', \
+                                        c.state->'Active'->>'authorized_at')::timestamptz < $2) \
+                       AND EXISTS (SELECT 1 FROM integrations i \
+                         WHERE i.provider_config_key = c.provider_config_key \
+                           AND i.deleted_at IS NULL) \
+                     ORDER BY c.expires_at NULLS LAST, c.stream_id LIMIT $3",
+                )
+                .await?;
+            Ok(client
+                .query(&statement, &[&expiring_before, &idle_before, &limit])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        }
+        Backend::Sqlite(store) => {
+            let expiring_before = crate::table::micros(expiring_before);
+            // The state's timestamps are RFC 3339 text; julianday() reads them with any number
+            // of fractional digits and a `Z` or offset suffix.
+            let idle_before = idle_before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            Ok(store
+                .read(move |conn| {
+                    let mut statement = conn
+                        .prepare_cached(
+                            "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                             WHERE c.deleted_at IS NULL \
+                               AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+                               AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
+                               AND (c.expires_at < ?1 \
+                                    OR julianday(COALESCE( \
+                                         json_extract(c.state, '$.Active.last_refreshed_at'), \
+                                         json_extract(c.state, '$.Active.authorized_at'))) \
+                                       < julianday(?2)) \
+                               AND EXISTS (SELECT 1 FROM integrations i \
+                                 WHERE i.provider_config_key = c.provider_config_key \
+                                   AND i.deleted_at IS NULL) \
+                             ORDER BY c.expires_at IS NULL, c.expires_at, c.stream_id LIMIT ?3",
+                        )
+                        .map_err(|e| domain::store::StoreError::Database(e.to_string()))?;
+                    let rows = statement
+                        .query_map(
+                            rusqlite::params![expiring_before, idle_before, limit],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .map_err(|e| domain::store::StoreError::Database(e.to_string()))?;
+                    rows.collect::<Result<Vec<(String, String)>, _>>()
+                        .map_err(|e| domain::store::StoreError::Database(e.to_string()))
+                })
+                .await?)
+        }
+    }
+}

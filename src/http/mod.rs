@@ -7,6 +7,7 @@ mod config;
 mod connection;
 pub mod error;
 mod extract;
+mod metrics;
 mod oauth;
 
 use axum::Router;
@@ -60,7 +61,8 @@ pub fn router(state: AppState) -> Router {
             "/config/{provider_config_key}",
             get(config::get_config).delete(config::delete_config),
         )
-        .route("/admin/projections", get(projections_status));
+        .route("/admin/projections", get(projections_status))
+        .route("/metrics", get(metrics::metrics));
     // Without a secret key the API is open: no layer at all on the hot path.
     let api = if state.config.secret_key.is_some() {
         api.route_layer(middleware::from_fn_with_state(

@@ -9,6 +9,7 @@ mod malformed;
 mod oauth;
 mod operators;
 mod refresh;
+mod scheduler;
 mod serve;
 
 use clap::Parser;
@@ -26,10 +27,15 @@ pub struct TestApp {
     _stop: oneshot::Sender<()>,
 }
 
-/// Parses `grantline serve` arguments as the binary would.
+/// Parses `grantline serve` arguments as the binary would. Without `--roles`, the instance runs
+/// the API and the projections but not the scheduler, whose ticks (every minute) would make
+/// provider call counts depend on the clock; scheduler tests drive `tick_once` themselves.
 pub fn serve_config(args: &[&str]) -> Config {
     let mut argv = vec!["grantline", "serve"];
     argv.extend_from_slice(args);
+    if !args.contains(&"--roles") {
+        argv.extend_from_slice(&["--roles", "api,projections"]);
+    }
     match Cli::try_parse_from(argv).unwrap().command {
         Command::Serve(args) => args.validate().unwrap(),
         _ => unreachable!(),

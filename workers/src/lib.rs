@@ -1,7 +1,8 @@
 //! Grantline's workers: the provider HTTP client (OAuth 2.0 token requests, OAuth 1.0a signed
 //! requests, and the parsing of their answers), and the refresh service
-//! (the only code that refreshes tokens).
+//! (the only code that refreshes tokens) with its proactive scheduler.
 
 pub mod oauth1;
 pub mod provider;
 pub mod refresh;
+pub mod scheduler;

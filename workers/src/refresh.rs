@@ -1,5 +1,5 @@
-//! The refresh service: the only code that refreshes OAuth 2.0 tokens. The read path uses it (and
-//! a scheduler would too); it implements the fenced protocol of DESIGN.md §3:
+//! The refresh service: the only code that refreshes OAuth 2.0 tokens. The read path and the
+//! scheduler ([`crate::scheduler`]) use it; it implements the fenced protocol of DESIGN.md §3:
 //!
 //! 1. Load the connection's stream head (version `v`); a token that is fresh there is answered.
 //! 2. An unexpired `RefreshLeased` without outcome at the head: wait until an event follows it
@@ -84,6 +84,26 @@ pub enum SettingsError {
     /// The HTTP client.
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+}
+
+/// When a scheduled refresh finds a connection due, besides the read margin: an access token
+/// expiring before `expiring_before`, or tokens last refreshed (or authorized) before
+/// `idle_before`.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduledDue {
+    pub expiring_before: DateTime<Utc>,
+    pub idle_before: DateTime<Utc>,
+}
+
+impl ScheduledDue {
+    /// Whether `active` is due by these bounds (refreshability is checked by the caller).
+    pub fn covers(&self, active: &ActiveConnection) -> bool {
+        let renewed_at = active.last_refreshed_at.unwrap_or(active.authorized_at);
+        active
+            .expires_at
+            .is_some_and(|expires_at| expires_at < self.expiring_before)
+            || renewed_at < self.idle_before
+    }
 }
 
 /// A connection whose token is fresh (or cannot be refreshed: no refresh token, not OAuth 2.0).
@@ -260,6 +280,36 @@ impl RefreshService {
         connection_id: &str,
         trigger: RefreshTrigger,
     ) -> Result<Fresh, RefreshError> {
+        self.refresh_when(provider_config_key, connection_id, trigger, None)
+            .await
+    }
+
+    /// A scheduler's refresh ([`RefreshTrigger::Schedule`]): as [`Self::refresh`], but the
+    /// connection is also due when `due` says so (a window wider than the margin, keep-alive of
+    /// idle refresh tokens). One that another scheduler refreshed meanwhile is no longer due and
+    /// is answered without calling the provider.
+    pub async fn refresh_scheduled(
+        &self,
+        provider_config_key: &str,
+        connection_id: &str,
+        due: ScheduledDue,
+    ) -> Result<Fresh, RefreshError> {
+        self.refresh_when(
+            provider_config_key,
+            connection_id,
+            RefreshTrigger::Schedule,
+            Some(due),
+        )
+        .await
+    }
+
+    async fn refresh_when(
+        &self,
+        provider_config_key: &str,
+        connection_id: &str,
+        trigger: RefreshTrigger,
+        due: Option<ScheduledDue>,
+    ) -> Result<Fresh, RefreshError> {
         let stream_id = connection::stream_id(provider_config_key, connection_id);
         let slot = (stream_id, trigger == RefreshTrigger::Force);
         let shared = {
@@ -281,7 +331,7 @@ impl RefreshService {
                 );
                 // Spawned: the refresh runs to its outcome even if every caller goes away.
                 let task = tokio::spawn(async move {
-                    let result = inner.ensure_fresh(&key, &conn, trigger).await;
+                    let result = inner.ensure_fresh(&key, &conn, trigger, due).await;
                     let mut in_flight = inner
                         .in_flight
                         .lock()
@@ -384,6 +434,7 @@ impl Inner {
         provider_config_key: &str,
         connection_id: &str,
         trigger: RefreshTrigger,
+        due: Option<ScheduledDue>,
     ) -> Result<Fresh, RefreshError> {
         let forced = trigger == RefreshTrigger::Force;
         let requested_at = Utc::now();
@@ -406,7 +457,9 @@ impl Inner {
                 active.credentials_type == CredentialsType::Oauth2 && active.has_refresh_token;
             if !refreshable
                 || (forced && renewed_since)
-                || (!forced && !self.needs_refresh(active, now))
+                || (!forced
+                    && !self.needs_refresh(active, now)
+                    && !due.is_some_and(|due| due.covers(active)))
             {
                 return self.fresh(loaded, false).await;
             }

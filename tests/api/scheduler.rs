@@ -1,0 +1,346 @@
+//! The proactive refresh scheduler against the fake provider (rotating refresh tokens that fail
+//! on reuse): due connections refreshed once however many schedulers tick at once, permanently
+//! failed ones skipped, idle ones kept alive; and `/metrics`.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::connection::ConnectionEvent;
+use domain::event::DomainEvent;
+use domain::store::{Backend, StoreOptions};
+use domain::testing::TestDatabase;
+use futures_util::StreamExt;
+use grantline::startup::{AppState, Application};
+use serde_json::json;
+use tokio::sync::oneshot;
+use workers::scheduler::TickReport;
+
+use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
+use crate::{TestApp, assert_error, new_key, ok_json, serve_config};
+
+domain::on_both_backends!(
+    a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_alive,
+    metrics_show_the_refresh_counters_after_a_refresh,
+    an_instance_with_the_scheduler_role_refreshes_due_connections_on_its_schedule,
+);
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_schedulers_refresh_a_thousand_due_connections_exactly_once() {
+        let db = domain::testing::TestDatabase::postgres().await;
+        super::three_schedulers(&db, 1000).await;
+    }
+}
+
+const KEY: &str = "fake";
+
+/// Instances on one database, a fake provider and its integration.
+struct Env {
+    apps: Vec<TestApp>,
+    states: Vec<AppState>,
+    fake: FakeProvider,
+    db_url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(db: &TestDatabase, instances: usize) -> Env {
+    env_with(db, instances, &[]).await
+}
+
+async fn env_with(db: &TestDatabase, instances: usize, extra: &[&str]) -> Env {
+    let fake = FakeProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("providers.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
+             {base}/token\n",
+            base = fake.base
+        ),
+    )
+    .unwrap();
+    let key = new_key();
+    let mut apps = Vec::new();
+    let mut states = Vec::new();
+    for _ in 0..instances {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+            "--encryption-key",
+            &key,
+            "--providers-file",
+            file.to_str().unwrap(),
+            "--refresh-concurrency",
+            "16",
+        ];
+        args.extend_from_slice(extra);
+        let app = Application::build(serve_config(&args)).await.unwrap();
+        states.push(app.state().clone());
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        apps.push(TestApp {
+            address,
+            client: reqwest::Client::new(),
+            _stop: stop,
+        });
+    }
+    ok_json(
+        apps[0]
+            .post_json(
+                "/config",
+                &json!({
+                    "provider_config_key": KEY, "provider": "fake",
+                    "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
+                }),
+            )
+            .await,
+    )
+    .await;
+    Env {
+        apps,
+        states,
+        fake,
+        db_url: db.url().to_owned(),
+        _dir: dir,
+    }
+}
+
+impl Env {
+    /// Imports connection `id` with refresh token `rt-{id}` and an access token expiring
+    /// `expires_in` seconds from now (none: no known expiry).
+    async fn import(&self, id: &str, expires_in: Option<i64>) {
+        let refresh = format!("rt-{id}");
+        self.fake.accept_refresh_token(&refresh);
+        let mut body = json!({
+            "provider_config_key": KEY, "connection_id": id,
+            "access_token": format!("old-access-{id}"), "refresh_token": refresh,
+        });
+        if let Some(expires_in) = expires_in {
+            body["expires_at"] = json!(Utc::now().timestamp() + expires_in);
+        }
+        let response = self.apps[0].post_json("/connection", &body).await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+
+    /// Waits until the read models have everything committed so far (schedulers read them).
+    /// The instances' own runners may hold the checkpoints, so this waits for the lag to go.
+    async fn catch_up(&self) {
+        let runner = &self.states[0].runner;
+        for _ in 0..500 {
+            runner.catch_up().await.unwrap();
+            if runner.status().await.unwrap().iter().all(|s| s.lag == 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the projections did not catch up");
+    }
+
+    /// Whether connection `id`'s stream has a `TokensRefreshed`, and how many.
+    async fn refreshes_of(&self, id: &str) -> usize {
+        let backend = Backend::open(&self.db_url, &StoreOptions::default())
+            .await
+            .unwrap();
+        backend
+            .events()
+            .read_stream(&domain::connection::stream_id(KEY, id), 0)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                matches!(
+                    ConnectionEvent::from_recorded(r).unwrap(),
+                    ConnectionEvent::TokensRefreshed(_)
+                )
+            })
+            .count()
+    }
+}
+
+async fn a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_alive(
+    db: &TestDatabase,
+) {
+    let env = env(db, 1).await;
+    // Outside the read margin (15 minutes), inside the scheduler's window (30 minutes).
+    env.import("due", Some(20 * 60)).await;
+    env.import("fresh", Some(2 * 3600)).await;
+    env.import("idle", None).await;
+    env.import("broken", Some(-60)).await;
+    // `broken` fails permanently on read.
+    env.fake.set_mode(TokenMode::InvalidGrant);
+    let read = env.apps[0]
+        .get("/connection/broken?provider_config_key=fake")
+        .await;
+    assert_error(read, 424, "connection_refresh_failed").await;
+    env.fake.set_mode(TokenMode::Json);
+    assert_eq!(env.fake.refresh_requests(), 1);
+    env.catch_up().await;
+
+    let scheduler = &env.states[0].scheduler;
+    let report = scheduler.tick_once(Utc::now()).await.unwrap();
+    assert_eq!(
+        report,
+        TickReport {
+            due: 1,
+            refreshed: 1,
+            failed: 0,
+            skipped: 0
+        }
+    );
+    assert_eq!(env.fake.refresh_requests(), 2);
+    assert_eq!(env.refreshes_of("due").await, 1);
+    // Nothing is due any more: the tick does nothing.
+    env.catch_up().await;
+    let report = scheduler.tick_once(Utc::now()).await.unwrap();
+    assert_eq!(report, TickReport::default());
+    assert_eq!(env.fake.refresh_requests(), 2);
+
+    // A week and an hour later (the default idle age is 7 days) every live token is due, and
+    // `idle`, which has no known expiry, is refreshed to keep its refresh token alive; `broken`
+    // stays skipped.
+    let later = Utc::now() + chrono::Duration::days(7) + chrono::Duration::hours(1);
+    let report = scheduler.tick_once(later).await.unwrap();
+    assert_eq!(report.due, 3, "{report:?}");
+    assert_eq!(report.refreshed, 3, "{report:?}");
+    assert_eq!(env.fake.refresh_requests(), 5);
+    assert_eq!(env.refreshes_of("idle").await, 1);
+    assert_eq!(env.refreshes_of("broken").await, 0);
+}
+
+async fn metrics_show_the_refresh_counters_after_a_refresh(db: &TestDatabase) {
+    let env = env(db, 1).await;
+    env.import("expired", Some(-60)).await;
+    env.import("soon", Some(20 * 60)).await;
+    env.apps[0]
+        .get_ok("/connection/expired?provider_config_key=fake")
+        .await;
+    env.catch_up().await;
+    env.states[0].scheduler.tick_once(Utc::now()).await.unwrap();
+    let response = env.apps[0].get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "# TYPE grantline_refresh_provider_calls_total counter",
+        "grantline_refresh_provider_calls_total{trigger=\"read\"} 1",
+        "grantline_refresh_provider_calls_total{trigger=\"schedule\"} 1",
+        "grantline_refresh_outcomes_total{outcome=\"refreshed\"} 2",
+        "grantline_refresh_outcomes_total{outcome=\"failed_permanent\"} 0",
+        "grantline_refresh_provider_duration_seconds_count 2",
+        "grantline_refresh_lease_waits_total 0",
+        "grantline_scheduler_ticks_total 1",
+        "grantline_scheduler_connections_total{result=\"refreshed\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    // Every sample line is `name{labels} number`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+}
+
+async fn three_schedulers(db: &TestDatabase, n: usize) {
+    let env = env(db, 3).await;
+    let ids: Vec<String> = (0..n).map(|i| format!("c-{i:04}")).collect();
+    futures_util::stream::iter(ids.iter())
+        .map(|id| env.import(id, Some(20 * 60)))
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    env.import("broken", Some(-60)).await;
+    env.fake.set_mode(TokenMode::InvalidGrant);
+    let read = env.apps[0]
+        .get("/connection/broken?provider_config_key=fake")
+        .await;
+    assert_error(read, 424, "connection_refresh_failed").await;
+    env.fake.set_mode(TokenMode::Json);
+    env.catch_up().await;
+    assert_eq!(env.fake.refresh_requests(), 1);
+
+    let now = Utc::now();
+    let (a, b, c) = tokio::join!(
+        env.states[0].scheduler.tick_once(now),
+        env.states[1].scheduler.tick_once(now),
+        env.states[2].scheduler.tick_once(now),
+    );
+    let reports = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(env.fake.refresh_requests(), 1 + n, "{reports:?}");
+    assert_eq!(
+        reports.iter().map(|r| r.refreshed).sum::<usize>(),
+        n,
+        "{reports:?}"
+    );
+    // A scheduler that lists a connection another one refreshed meanwhile skips it.
+    assert!(
+        reports.iter().all(|r| r.failed == 0 && r.due <= n),
+        "{reports:?}"
+    );
+
+    // Exactly one TokensRefreshed per connection, none for the failed one.
+    let (client, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT stream_id, count(*) FROM events WHERE event_type = 'TokensRefreshed' \
+             GROUP BY stream_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), n);
+    assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1));
+    assert_eq!(env.refreshes_of("broken").await, 0);
+    for id in ids.iter().step_by(97) {
+        assert_eq!(env.refreshes_of(id).await, 1, "{id}");
+    }
+
+    // Once the read model has the refreshes, nothing is due.
+    env.catch_up().await;
+    let report = env.states[1].scheduler.tick_once(Utc::now()).await.unwrap();
+    assert_eq!(report, TickReport::default());
+    assert_eq!(env.fake.refresh_requests(), 1 + n);
+}
+
+async fn an_instance_with_the_scheduler_role_refreshes_due_connections_on_its_schedule(
+    db: &TestDatabase,
+) {
+    let env = env_with(
+        db,
+        1,
+        &[
+            "--roles",
+            "api,projections,scheduler",
+            "--refresh-schedule",
+            "* * * * * *",
+        ],
+    )
+    .await;
+    env.import("due", Some(20 * 60)).await;
+    for _ in 0..100 {
+        if env.refreshes_of("due").await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.refreshes_of("due").await, 1);
+    assert_eq!(env.fake.refresh_requests(), 1);
+}
