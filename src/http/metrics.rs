@@ -38,7 +38,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let refresh = state.refresh.counters();
     let calls = refresh.provider_calls.each_ref().map(load);
-    let outcomes = refresh.outcomes.each_ref().map(load);
+    let outcomes = refresh
+        .outcomes
+        .each_ref()
+        .map(|row| row.each_ref().map(load));
     let mut out = String::with_capacity(4096);
     family(
         &mut out,
@@ -51,18 +54,33 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ("trigger=\"force\"", calls[2] as f64),
         ],
     );
+    let mut outcome_samples = Vec::new();
+    for (t, trigger) in ["read", "schedule", "force"].iter().enumerate() {
+        for (o, outcome) in [
+            "refreshed",
+            "failed_permanent",
+            "failed_transient",
+            "lease_lost",
+        ]
+        .iter()
+        .enumerate()
+        {
+            outcome_samples.push((
+                format!("trigger=\"{trigger}\",outcome=\"{outcome}\""),
+                outcomes[t][o] as f64,
+            ));
+        }
+    }
     family(
         &mut out,
         "grantline_refresh_outcomes_total",
         "counter",
-        "Refresh outcomes: appended (refreshed, failed permanently or transiently) or dropped \
-         because the lease was lost.",
-        &[
-            ("outcome=\"refreshed\"", outcomes[0] as f64),
-            ("outcome=\"failed_permanent\"", outcomes[1] as f64),
-            ("outcome=\"failed_transient\"", outcomes[2] as f64),
-            ("outcome=\"lease_lost\"", outcomes[3] as f64),
-        ],
+        "Refresh outcomes by trigger: appended (refreshed, failed permanently or transiently) \
+         or dropped because the lease was lost.",
+        &outcome_samples
+            .iter()
+            .map(|(labels, value)| (labels.as_str(), *value))
+            .collect::<Vec<_>>(),
     );
     family(
         &mut out,

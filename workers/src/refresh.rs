@@ -204,8 +204,9 @@ type SharedRefresh = Shared<BoxFuture<'static, Result<Fresh, RefreshError>>>;
 pub struct RefreshCounters {
     /// Provider refresh calls, by trigger: read, schedule, force.
     pub provider_calls: [AtomicU64; 3],
-    /// Outcomes appended: refreshed, failed permanently, failed transiently, lease lost.
-    pub outcomes: [AtomicU64; 4],
+    /// Outcomes by trigger (read, schedule, force) and outcome (refreshed, failed permanently,
+    /// failed transiently, lease lost).
+    pub outcomes: [[AtomicU64; 4]; 3],
     /// Callers that joined an in-process refresh.
     pub joined: AtomicU64,
     /// Waits on another holder's lease.
@@ -387,6 +388,15 @@ impl RefreshService {
         answer: ProviderAnswer,
     ) -> Result<Fresh, RefreshError> {
         self.inner.record(leased, answer).await
+    }
+}
+
+/// The counters' index of a trigger: read, schedule, force.
+fn trigger_slot(trigger: RefreshTrigger) -> usize {
+    match trigger {
+        RefreshTrigger::Read => 0,
+        RefreshTrigger::Schedule => 1,
+        RefreshTrigger::Force => 2,
     }
 }
 
@@ -633,12 +643,7 @@ impl Inner {
             body_format: template.body_format,
             params,
         };
-        let slot = match trigger {
-            RefreshTrigger::Read => 0,
-            RefreshTrigger::Schedule => 1,
-            RefreshTrigger::Force => 2,
-        };
-        self.counters.provider_calls[slot].fetch_add(1, Ordering::Relaxed);
+        self.counters.provider_calls[trigger_slot(trigger)].fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         // The client's own timeout bounds the call; this one is a second guard.
         let answer = match tokio::time::timeout(
@@ -682,6 +687,13 @@ impl Inner {
     async fn record(&self, leased: Leased, answer: ProviderAnswer) -> Result<Fresh, RefreshError> {
         let Leased { loaded, lease_id } = leased;
         let stream_id = loaded.stream_id.clone();
+        // The lease this outcome closes says what started the refresh.
+        let trigger = match &loaded.state {
+            Connection::Active(active) => active.lease.as_ref().map(|lease| lease.trigger),
+            _ => None,
+        };
+        let outcomes =
+            &self.counters.outcomes[trigger_slot(trigger.unwrap_or(RefreshTrigger::Read))];
         let result = match &answer {
             Ok((credentials, rotated)) => {
                 self.commands
@@ -700,7 +712,7 @@ impl Inner {
                 CommandError::Connection(ConnectionRejected::LeaseNotHeld { .. })
                 | CommandError::Keys(KeyError::Shredded(_)),
             ) => {
-                self.counters.outcomes[3].fetch_add(1, Ordering::Relaxed);
+                outcomes[3].fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     stream_id = %stream_id,
                     lease_id = %lease_id,
@@ -713,7 +725,7 @@ impl Inner {
         };
         match answer {
             Ok((credentials, _)) => {
-                self.counters.outcomes[0].fetch_add(1, Ordering::Relaxed);
+                outcomes[0].fetch_add(1, Ordering::Relaxed);
                 tracing::info!(stream_version = loaded.version, "tokens refreshed");
                 Ok(Fresh {
                     loaded,
@@ -738,11 +750,11 @@ impl Inner {
                 );
                 match failure.failure.class {
                     FailureClass::Permanent => {
-                        self.counters.outcomes[1].fetch_add(1, Ordering::Relaxed);
+                        outcomes[1].fetch_add(1, Ordering::Relaxed);
                         Err(RefreshError::Permanent(failure))
                     }
                     FailureClass::Transient => {
-                        self.counters.outcomes[2].fetch_add(1, Ordering::Relaxed);
+                        outcomes[2].fetch_add(1, Ordering::Relaxed);
                         let retry_at = Self::retry_at(active).unwrap_or(failure.failed_at);
                         Err(RefreshError::Transient { failure, retry_at })
                     }
