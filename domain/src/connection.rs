@@ -55,7 +55,8 @@ const CONNECTION_DELETED: &str = "ConnectionDeleted";
 /// Deterministic, and unambiguous: the pair is encoded as a JSON array before hashing, so
 /// `("a", "b:c")` and `("a:b", "c")` are different streams.
 pub fn stream_id(provider_config_key: &str, connection_id: &str) -> StreamId {
-    let name = Value::from(vec![provider_config_key, connection_id]).to_string();
+    // A JSON array of two strings; serializing cannot fail.
+    let name = serde_json::to_string(&[provider_config_key, connection_id]).unwrap_or_default();
     StreamId::new(CATEGORY, Uuid::new_v5(&STREAM_NAMESPACE, name.as_bytes()))
 }
 

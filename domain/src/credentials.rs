@@ -27,7 +27,7 @@ impl fmt::Debug for Redacted {
 /// A connection's credentials, tagged by `type` with the Nango API's names (`OAUTH2`, `OAUTH1`,
 /// `API_KEY`, `BASIC`). Its `Debug` shows no secret.
 #[derive(Serialize, Deserialize, Clone, PartialEq)]
-#[serde(tag = "type")]
+#[serde(tag = "type", try_from = "CredentialsFields")]
 pub enum Credentials {
     /// OAuth 2 tokens.
     #[serde(rename = "OAUTH2")]
@@ -69,6 +69,54 @@ pub enum Credentials {
         /// The password.
         password: String,
     },
+}
+
+/// The stored form read in one pass: serde's internally tagged enums buffer every field before
+/// choosing the variant, which showed in the read path's profile. Same JSON either way.
+#[derive(Deserialize)]
+struct CredentialsFields {
+    #[serde(rename = "type")]
+    kind: String,
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+    raw: Option<Value>,
+    oauth_token: Option<String>,
+    oauth_token_secret: Option<String>,
+    api_key: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl TryFrom<CredentialsFields> for Credentials {
+    type Error = String;
+
+    fn try_from(f: CredentialsFields) -> Result<Self, String> {
+        let missing = |field: &str| format!("missing field `{field}`");
+        Ok(match f.kind.as_str() {
+            "OAUTH2" => Self::OAuth2 {
+                access_token: f.access_token.ok_or_else(|| missing("access_token"))?,
+                refresh_token: f.refresh_token,
+                expires_at: f.expires_at,
+                raw: f.raw.unwrap_or_else(empty_object),
+            },
+            "OAUTH1" => Self::OAuth1 {
+                oauth_token: f.oauth_token.ok_or_else(|| missing("oauth_token"))?,
+                oauth_token_secret: f
+                    .oauth_token_secret
+                    .ok_or_else(|| missing("oauth_token_secret"))?,
+                raw: f.raw.unwrap_or_else(empty_object),
+            },
+            "API_KEY" => Self::ApiKey {
+                api_key: f.api_key.ok_or_else(|| missing("api_key"))?,
+            },
+            "BASIC" => Self::Basic {
+                username: f.username.ok_or_else(|| missing("username"))?,
+                password: f.password.ok_or_else(|| missing("password"))?,
+            },
+            other => return Err(format!("unknown credentials type `{other}`")),
+        })
+    }
 }
 
 fn empty_object() -> Value {
