@@ -75,17 +75,24 @@ pub async fn spawn_app_with_secret(db: &TestDatabase, key: &str, secret: &str) -
 }
 
 pub async fn spawn_config(config: Config) -> TestApp {
+    spawn_with_state(config).await.0
+}
+
+/// Like [`spawn_config`], also handing out the application's shared state (its services).
+pub async fn spawn_with_state(config: Config) -> (TestApp, grantline::startup::AppState) {
     let app = Application::build(config).await.unwrap();
+    let state = app.state().clone();
     let address = format!("http://127.0.0.1:{}", app.port());
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    TestApp {
+    let app = TestApp {
         address,
         client: reqwest::Client::new(),
         _stop: stop,
-    }
+    };
+    (app, state)
 }
 
 impl TestApp {

@@ -10,9 +10,8 @@ use domain::event::DomainEvent;
 use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
 use futures_util::StreamExt;
-use grantline::startup::{AppState, Application};
+use grantline::startup::AppState;
 use serde_json::json;
-use tokio::sync::oneshot;
 use workers::scheduler::TickReport;
 
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
@@ -77,18 +76,9 @@ async fn env_with(db: &TestDatabase, instances: usize, extra: &[&str]) -> Env {
             "16",
         ];
         args.extend_from_slice(extra);
-        let app = Application::build(serve_config(&args)).await.unwrap();
-        states.push(app.state().clone());
-        let address = format!("http://127.0.0.1:{}", app.port());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(app.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
-        apps.push(TestApp {
-            address,
-            client: reqwest::Client::new(),
-            _stop: stop,
-        });
+        let (app, state) = crate::spawn_with_state(serve_config(&args)).await;
+        states.push(state);
+        apps.push(app);
     }
     ok_json(
         apps[0]
