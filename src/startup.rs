@@ -153,12 +153,15 @@ impl Application {
                 scheduler.run(schedule, until).await;
             }));
         }
-        if self.state.config.roles.api {
+        {
+            // Every role opens secrets (the API on reads, the scheduler on refreshes), so every
+            // instance follows the log to drop the data keys other instances shred.
             let (cache, backend) = (self.state.cache.clone(), self.state.backend.clone());
+            let vault = self.state.commands.vault().clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(
-                async move { cache.follow(backend, until).await },
-            ));
+            workers.push(tokio::spawn(async move {
+                cache.follow(backend, vault, until).await;
+            }));
         }
         if self.state.config.roles.api {
             let backend = self.state.backend.clone();

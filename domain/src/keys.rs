@@ -455,6 +455,24 @@ impl Vault {
         Ok(destroyed)
     }
 
+    /// Drops these data keys from this process's memory. Every instance calls it for the keys a
+    /// deletion shredded (seen in the log), so a key destroyed by another instance stops opening
+    /// anything here too, not only after an eviction or a restart.
+    pub fn forget_cached(&self, key_ids: &[Uuid]) {
+        if let Ok(mut cache) = self.inner.cache.write() {
+            for key_id in key_ids {
+                cache.remove(key_id);
+            }
+        }
+    }
+
+    /// Drops every cached data key (a later use re-reads it from the database).
+    pub fn clear_cache(&self) {
+        if let Ok(mut cache) = self.inner.cache.write() {
+            cache.clear();
+        }
+    }
+
     /// Re-wraps every data key that is not under the active master key, in batches of `batch`,
     /// calling `progress` with the running count. Safe to interrupt and run again.
     pub async fn rotate(

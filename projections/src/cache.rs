@@ -4,6 +4,11 @@
 //! the log, woken by NOTIFY), when a write on this instance touches them, and in any case after
 //! a short time to live. A read that raced with an invalidation does not fill the cache, so a
 //! stale row can only be served between a commit and the moment this instance hears of it.
+//!
+//! The follower also makes crypto-shredding hold across instances: when the log shows a
+//! deletion, the data keys it shredded are dropped from this process's vault cache, so a key
+//! destroyed by another instance stops opening anything here as soon as this instance hears of
+//! it (and whenever following restarts, the whole key cache is dropped).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use domain::connection;
+use domain::connection::{self, ConnectionEvent};
+use domain::event::DomainEvent;
+use domain::keys::Vault;
 use domain::store::{Backend, LogReader};
 
 use crate::ProjectionError;
@@ -88,9 +95,10 @@ impl ConnectionCache {
         }
     }
 
-    /// Follows the log from now on and invalidates the streams it changes, until `shutdown`.
-    /// After a failure it clears everything and starts again from the log's end.
-    pub async fn follow(&self, backend: Backend, shutdown: impl Future<Output = ()>) {
+    /// Follows the log from now on and invalidates the streams it changes, and forgets the data
+    /// keys deletions shredded from `vault`'s cache, until `shutdown`. After a failure it clears
+    /// everything and starts again from the log's end.
+    pub async fn follow(&self, backend: Backend, vault: Vault, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let store = backend.event_store();
         let mut listener = store.listener();
@@ -107,6 +115,7 @@ impl ConnectionCache {
             };
             // Whatever happened before `start` may be cached stale: start clean.
             self.clear();
+            vault.clear_cache();
             let mut reader = LogReader::new(store.clone(), start, 1000);
             loop {
                 match reader.next_batch().await {
@@ -122,6 +131,12 @@ impl ConnectionCache {
                             .filter(|e| e.stream_id.category() == connection::CATEGORY)
                         {
                             self.invalidate(event.stream_id.as_str());
+                            if event.event_type == "ConnectionDeleted"
+                                && let Ok(ConnectionEvent::ConnectionDeleted(deleted)) =
+                                    ConnectionEvent::from_recorded(event)
+                            {
+                                vault.forget_cached(&deleted.shredded_data_keys);
+                            }
                         }
                     }
                     Err(error) => {

@@ -983,3 +983,65 @@ async fn concurrent_writes_to_one_connection_all_land(db: &TestDatabase) {
         1
     );
 }
+
+/// Crypto-shredding holds across instances: once instance B deletes a connection, instance A,
+/// which had opened its credentials (and so holds the data key in memory), can no longer open
+/// them either, as soon as it hears of the deletion through the log.
+#[tokio::test]
+async fn a_deletion_on_one_instance_shreds_the_keys_cached_by_another() {
+    use domain::connection::ConnectionEvent;
+    use domain::event::DomainEvent;
+
+    let db = TestDatabase::postgres().await;
+    let key = new_key();
+    let (a, state_a) = crate::spawn_with_state(crate::serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        &key,
+    ]))
+    .await;
+    let b = spawn_app(&db, &key).await;
+    create_config(&a, "s").await;
+    import_oauth2(&a, "s", "c", "token-to-shred").await;
+    let read = a.get_ok("/connection/c?provider_config_key=s").await;
+    assert_eq!(read["credentials"]["access_token"], "token-to-shred");
+
+    let stream = domain::connection::stream_id("s", "c");
+    let events = state_a
+        .backend
+        .events()
+        .read_stream(&stream, 0)
+        .await
+        .unwrap();
+    let sealed = events
+        .iter()
+        .find_map(|e| match ConnectionEvent::from_recorded(e) {
+            Ok(ConnectionEvent::ConnectionAuthorized(authorized)) => Some(authorized.credentials),
+            _ => None,
+        })
+        .unwrap();
+    let vault = state_a.commands.vault();
+    assert!(vault.unseal(&sealed).await.is_ok(), "A can open it before");
+
+    assert_eq!(
+        b.delete("/connection/c?provider_config_key=s").await.status(),
+        200
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match vault.unseal(&sealed).await {
+            Err(domain::keys::KeyError::Shredded(_)) => break,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "instance A still opens the shredded secret: {:?}",
+                    other.map(|_| "plaintext")
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
