@@ -19,6 +19,10 @@ use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 /// Lag is counted up to this many events.
 const LAG_CAP: usize = 10_000;
 
+/// How long a rebuild waits for committed events held back by a long-running transaction
+/// before it gives up without swapping.
+const HORIZON_WAIT: Duration = Duration::from_secs(120);
+
 /// What one step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -346,13 +350,47 @@ impl Runner {
         client
             .batch_execute(&format!("TRUNCATE {}", M::SHADOW))
             .await?;
+        // Everything committed before the rebuild started must be in the shadow before it is
+        // swapped in. Readers see the log only up to the oldest running transaction (the xid8
+        // horizon), so an empty batch is not the end: the rebuild waits until it has read every
+        // event at or below the head it saw at the start. Swapping earlier would serve a table
+        // missing connections (404s) until the live runner caught up.
+        let head = self.store.head_position().await?;
+        let mut seen_to_head = 0i64;
+        let mut waited_since: Option<std::time::Instant> = None;
+        let mut listener = self.store.listener();
         let mut reader = LogReader::new(self.store.clone(), Position::START, self.batch_size);
         let mut replayed = 0u64;
         loop {
             let events = reader.next_batch().await?;
             if events.is_empty() {
-                break;
+                let committed: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM events WHERE global_position <= $1",
+                        &[&head],
+                    )
+                    .await?
+                    .get(0);
+                if seen_to_head >= committed {
+                    break;
+                }
+                let since = *waited_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > HORIZON_WAIT {
+                    return Err(ProjectionError::Store(domain::store::StoreError::Database(
+                        format!(
+                            "the rebuild of {} cannot see {} committed events: a long-running \
+                             transaction holds the log back (see pg_stat_activity); nothing \
+                             was swapped",
+                            M::NAME,
+                            committed - seen_to_head
+                        ),
+                    )));
+                }
+                listener.wait_at_most(Duration::from_millis(100)).await;
+                continue;
             }
+            waited_since = None;
+            seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
             replayed += events.len() as u64;
             let decoded = decode::<M>(&events)?;
             let tx = client.transaction().await?;

@@ -314,6 +314,45 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     ));
 }
 
+/// A rebuild does not swap in a table missing events that were committed before it started but
+/// that a long-running transaction elsewhere keeps below PostgreSQL's horizon: it waits for
+/// them (a table swapped in without them would answer 404 for live connections).
+#[tokio::test]
+async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() {
+    let db = TestDatabase::postgres().await;
+    let f = fixture(&db).await;
+    f.integration("github").await;
+    f.connection("github", "early").await;
+    let runner = Runner::new(f.backend.clone());
+    settle(&runner).await;
+
+    // An open transaction with an xid: events committed after it are not readable yet.
+    let (blocker, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    for id in ["held1", "held2"] {
+        f.connection("github", id).await;
+    }
+
+    let rebuilding = {
+        let runner = runner.clone();
+        tokio::spawn(async move { runner.rebuild("connections", |_| {}).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let replayed = rebuilding.await.unwrap().unwrap();
+
+    assert!(replayed >= 4, "replayed {replayed}");
+    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
+    assert_eq!(ids, ["early", "held1", "held2"]);
+}
+
 /// Every live connection's (id, version, state), sorted.
 async fn snapshot(backend: &Backend) -> Vec<(String, u32, String)> {
     let mut rows = Vec::new();
