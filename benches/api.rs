@@ -1,6 +1,8 @@
 //! API benchmark: `GET /connection/:id` with a fresh token on the real `grantline serve` binary
-//! (PostgreSQL backend), 32 connections for 15 s with `wrk`, beside a bare axum handler that
-//! returns the same JSON bytes from memory (the ceiling), in one run. Also the server's peak RSS.
+//! (PostgreSQL backend), 32 connections for 15 s with `wrk`: once with the open API, once with a
+//! secret key (every request authenticated, as production runs it), beside a bare axum handler
+//! that returns the same JSON bytes from memory (the ceiling), in one run. Also the server's peak
+//! RSS.
 //!
 //! `cargo bench --bench api` (needs `wrk`: `apt-get install wrk`; `BENCH_SECONDS` overrides 15).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -88,63 +90,115 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-#[tokio::main]
-async fn main() {
-    let db = TestDatabase::postgres().await;
-    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_grantline"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", &key)
-        .env("RUST_LOG", "warn,grantline=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let port = loop {
-        let line = lines.next().expect("the server starts").unwrap();
-        if let Ok(entry) = serde_json::from_str::<Value>(&line)
-            && entry["message"] == "grantline listening"
-        {
-            break entry["port"].as_u64().unwrap();
+/// A running `grantline serve` (PostgreSQL) with `CONNECTIONS` fresh connections imported.
+struct Server {
+    process: std::process::Child,
+    base: String,
+    _db: TestDatabase,
+}
+
+impl Server {
+    /// Starts the binary; with `secret`, the API requires it as a bearer token.
+    async fn start(secret: Option<&str>) -> Self {
+        let db = TestDatabase::postgres().await;
+        let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("GRANTLINE_DATABASE_URL", db.url())
+            .env("GRANTLINE_ENCRYPTION_KEY", &key)
+            .env("RUST_LOG", "warn,grantline=info")
+            .stderr(Stdio::piped());
+        if let Some(secret) = secret {
+            command.env("GRANTLINE_SECRET_KEY", secret);
         }
-    };
-    // Keep draining the server's log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    client
-        .post(format!("{base}/config"))
-        .json(
-            &json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret", "oauth_scopes": "repo"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
-    for n in 0..CONNECTIONS {
-        let response = client
-            .post(format!("{base}/connection"))
+        let mut process = command.spawn().unwrap();
+        let stderr = process.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines.next().expect("the server starts").unwrap();
+            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                && entry["message"] == "grantline listening"
+            {
+                break entry["port"].as_u64().unwrap();
+            }
+        };
+        // Keep draining the server's log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let authorized = |request: reqwest::RequestBuilder| match secret {
+            Some(secret) => request.bearer_auth(secret),
+            None => request,
+        };
+        authorized(client.post(format!("{base}/config")))
             .json(
-                &json!({"provider_config_key": "github", "connection_id": format!("c{n}"),
-                "access_token": format!("gho_{n:0>36}"), "refresh_token": format!("ghr_{n:0>36}"),
-                "expires_at": expires, "raw": {"token_type": "bearer", "scope": "repo"}}),
+                &json!({"provider_config_key": "github", "provider": "github",
+                "oauth_client_id": "id", "oauth_client_secret": "secret", "oauth_scopes": "repo"}),
             )
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 201);
+        let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+        for n in 0..CONNECTIONS {
+            let response = authorized(client.post(format!("{base}/connection")))
+                .json(
+                    &json!({"provider_config_key": "github", "connection_id": format!("c{n}"),
+                    "access_token": format!("gho_{n:0>36}"), "refresh_token": format!("ghr_{n:0>36}"),
+                    "expires_at": expires, "raw": {"token_type": "bearer", "scope": "repo"}}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+        }
+        Self {
+            process,
+            base,
+            _db: db,
+        }
     }
-    let sample = client
-        .get(format!("{base}/connection/c1?provider_config_key=github"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.process.id().to_string()])
+            .status();
+        let _ = self.process.wait();
+    }
+}
+
+/// A wrk script requesting random connections, with `header` on every request.
+fn script(name: &str, header: Option<&str>) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("grantline-wrk-{name}-{}.lua", std::process::id()));
+    let header = header.map_or(String::new(), |h| {
+        format!("wrk.headers[\"Authorization\"] = \"{h}\"\n")
+    });
+    std::fs::write(
+        &path,
+        format!(
+            "math.randomseed(os.time())\n{header}request = function()\n  local id = math.random(0, {})\n  \
+             return wrk.format(\"GET\", \"/connection/c\" .. id .. \"?provider_config_key=github\")\nend\n",
+            CONNECTIONS - 1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::main]
+async fn main() {
+    const SECRET: &str = "bench-secret-key-0123456789";
+    let open = Server::start(None).await;
+    let sample = reqwest::get(format!(
+        "{}/connection/c1?provider_config_key=github",
+        open.base
+    ))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
 
     // The ceiling: the same bytes from memory, on a bare axum handler in this process.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -160,24 +214,23 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let script = std::env::temp_dir().join(format!("grantline-wrk-{}.lua", std::process::id()));
-    std::fs::write(
-        &script,
-        format!(
-            "math.randomseed(os.time())\nrequest = function()\n  local id = math.random(0, {})\n  \
-             return wrk.format(\"GET\", \"/connection/c\" .. id .. \"?provider_config_key=github\")\nend\n",
-            CONNECTIONS - 1
-        ),
-    )
-    .unwrap();
-
-    let bench = |url: String| {
-        let script = script.clone();
+    let plain = script("open", None);
+    let bench = |url: String, script: std::path::PathBuf| {
         tokio::task::spawn_blocking(move || wrk(&url, &script))
     };
-    let grantline = bench(base.clone()).await.unwrap();
-    let rss = peak_rss_mb(server.id());
-    let ceiling = bench(format!("http://127.0.0.1:{ceiling_port}"))
+    let grantline = bench(open.base.clone(), plain.clone()).await.unwrap();
+    let rss = peak_rss_mb(open.process.id());
+    open.stop();
+
+    // The same with a secret key, as production runs it: every request is authenticated.
+    let secured = Server::start(Some(SECRET)).await;
+    let with_header = script("secret", Some(&format!("Bearer {SECRET}")));
+    let authenticated = bench(secured.base.clone(), with_header.clone())
+        .await
+        .unwrap();
+    secured.stop();
+
+    let ceiling = bench(format!("http://127.0.0.1:{ceiling_port}"), plain.clone())
         .await
         .unwrap();
 
@@ -185,19 +238,21 @@ async fn main() {
         "GET /connection/:id, {CONNECTIONS} connections, 32 concurrent, {} s each, PostgreSQL",
         seconds()
     );
-    for (name, r) in [("grantline", &grantline), ("bare axum (ceiling)", &ceiling)] {
+    for (name, r) in [
+        ("grantline", &grantline),
+        ("grantline secret key", &authenticated),
+        ("bare axum (ceiling)", &ceiling),
+    ] {
         println!(
             "{name:<20} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}",
             r.requests_per_second, r.p50_ms, r.p99_ms, r.non_2xx
         );
     }
     println!(
-        "grantline / ceiling  {:.1}%   server peak RSS {rss:.1} MB",
-        grantline.requests_per_second / ceiling.requests_per_second * 100.0
+        "grantline / ceiling  {:.1}% (with secret key {:.1}%)   server peak RSS {rss:.1} MB",
+        grantline.requests_per_second / ceiling.requests_per_second * 100.0,
+        authenticated.requests_per_second / ceiling.requests_per_second * 100.0
     );
-    let _ = std::fs::remove_file(&script);
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
-    let _ = server.wait();
+    let _ = std::fs::remove_file(&plain);
+    let _ = std::fs::remove_file(&with_header);
 }
