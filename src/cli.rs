@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::config::{Cli, Command, KeysCommand, LogFormat, ProjectionsCommand};
+use crate::config::{Cli, Command, EventsCommand, KeysCommand, LogFormat, ProjectionsCommand};
 use crate::startup::{Application, open_storage};
 use crate::telemetry;
 
@@ -54,16 +54,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(LogFormat::Text);
             let (backend, _) = open_storage(&config).await?;
             let started = std::time::Instant::now();
-            let mut last_report = std::time::Instant::now();
+            let bar = progress(format!("events replayed into {name}"));
             let replayed = projections::Runner::new(backend)
-                .rebuild(&name, |n| {
-                    if last_report.elapsed().as_secs() >= 1 {
-                        last_report = std::time::Instant::now();
-                        let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
-                        eprintln!("{name}: {n} events replayed ({rate:.0}/s)");
-                    }
-                })
-                .await?;
+                .rebuild(&name, |n| bar.set_position(n))
+                .await;
+            bar.finish_and_clear();
+            let replayed = replayed?;
             println!(
                 "rebuilt {name} from {replayed} events in {:.1}s",
                 started.elapsed().as_secs_f64()
@@ -74,14 +70,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.validate()?;
             telemetry::init(LogFormat::Text);
             let (_, vault) = open_storage(&config).await?;
-            let report = vault
-                .rotate(500, |n| {
-                    if n % 1000 == 0 {
-                        eprintln!("re-wrapped {n} data keys");
-                    }
-                })
-                .await
-                .context("key rotation stopped; run it again to resume")?;
+            let bar = progress("data keys re-wrapped".to_owned());
+            let report = vault.rotate(500, |n| bar.set_position(n)).await;
+            bar.finish_and_clear();
+            let report = report.context("key rotation stopped; run it again to resume")?;
             println!(
                 "re-wrapped {} data keys under master key {}",
                 report.rewrapped,
@@ -89,7 +81,59 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::History(args) => {
+            let config = args.database.validate()?;
+            telemetry::init(LogFormat::Text);
+            let (backend, _) = open_storage(&config).await?;
+            let entries =
+                crate::history::load(&backend, &args.provider_config_key, &args.connection_id)
+                    .await?;
+            if entries.is_empty() {
+                anyhow::bail!(
+                    "no connection {:?} for provider config key {:?}: its stream has no events",
+                    args.connection_id,
+                    args.provider_config_key
+                );
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", crate::history::table(&entries));
+            }
+            Ok(())
+        }
+        Command::Events(EventsCommand::Tail {
+            from_start,
+            json,
+            database,
+        }) => {
+            let config = database.validate()?;
+            telemetry::init(LogFormat::Text);
+            let shutdown = shutdown_signal();
+            let (backend, _) = open_storage(&config).await?;
+            let mut out = std::io::stdout();
+            crate::history::follow(&backend, from_start, json, &mut out, shutdown).await
+        }
     }
+}
+
+/// A spinner on stderr with the running count and rate; indicatif draws nothing when stderr is
+/// not a terminal, and the caller's summary line goes to stdout either way.
+fn progress(message: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {human_pos} {msg} ({rate}, {elapsed})")
+    {
+        bar.set_style(style.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.0}/s", state.per_sec());
+            },
+        ));
+    }
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
 }
 
 /// Completes on ctrl-c or SIGTERM. The handlers are installed when this is called, not when the

@@ -36,6 +36,42 @@ pub enum Command {
     /// Inspect and rebuild the read models.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Print a connection's credential history (audit trail); never a secret.
+    History(HistoryArgs),
+    /// Read the event log.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+/// Options of `grantline history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The connection's id.
+    pub connection_id: String,
+    /// The integration's key.
+    #[arg(long)]
+    pub provider_config_key: String,
+    /// Print the entries as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Follow the log and print each event, redacted (no secret, no metadata value), until
+    /// ctrl-c or SIGTERM.
+    Tail {
+        /// Start at the beginning of the log instead of at its end.
+        #[arg(long)]
+        from_start: bool,
+        /// Print one JSON object per event.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,17 +199,45 @@ pub struct ServeArgs {
     #[arg(long, env = "GRANTLINE_PROVIDER_TIMEOUT", default_value = "30s")]
     pub provider_timeout: String,
 
-    /// Roles this instance runs, comma-separated: api, projections, scheduler.
+    /// Comma-separated http(s) URLs that receive webhooks (connection created, re-authorized,
+    /// deleted; refresh failed, recovered). Empty: no webhooks.
+    #[arg(
+        long,
+        env = "GRANTLINE_WEBHOOK_URLS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub webhook_urls: String,
+
+    /// Key of the webhooks' HMAC-SHA256 signature (X-Grantline-Signature). Required with
+    /// GRANTLINE_WEBHOOK_URLS.
+    #[arg(long, env = "GRANTLINE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Timeout of one webhook POST.
+    #[arg(long, env = "GRANTLINE_WEBHOOK_TIMEOUT", default_value = "10s")]
+    pub webhook_timeout: String,
+
+    /// Wait before retrying a failed webhook; it doubles (with jitter) after each further
+    /// failure, up to 5 minutes.
+    #[arg(long, env = "GRANTLINE_WEBHOOK_BACKOFF", default_value = "1s")]
+    pub webhook_backoff: String,
+
+    /// Roles this instance runs, comma-separated: api, projections, scheduler, webhooks.
     #[arg(
         long,
         env = "GRANTLINE_ROLES",
-        default_value = "api,projections,scheduler"
+        default_value = "api,projections,scheduler,webhooks"
     )]
     pub roles: String,
 
     /// Log format: text or json.
     #[arg(long, env = "GRANTLINE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// GET /ready answers 503 when a projection is more than this many events behind the log.
+    #[arg(long, env = "GRANTLINE_READY_MAX_LAG", default_value = "1000")]
+    pub ready_max_lag: String,
 }
 
 /// A configuration value that cannot be used; its message names the variable.
@@ -221,8 +285,13 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_REFRESH_IDLE_AFTER", "refresh-idle-after"),
     ("GRANTLINE_REFRESH_LEASE", "refresh-lease"),
     ("GRANTLINE_PROVIDER_TIMEOUT", "provider-timeout"),
+    ("GRANTLINE_WEBHOOK_URLS", "webhook-urls"),
+    ("GRANTLINE_WEBHOOK_SECRET", "webhook-secret"),
+    ("GRANTLINE_WEBHOOK_TIMEOUT", "webhook-timeout"),
+    ("GRANTLINE_WEBHOOK_BACKOFF", "webhook-backoff"),
     ("GRANTLINE_ROLES", "roles"),
     ("GRANTLINE_LOG_FORMAT", "log-format"),
+    ("GRANTLINE_READY_MAX_LAG", "ready-max-lag"),
 ];
 
 /// Every environment variable the binary reads (for the help test and the README).
@@ -318,6 +387,8 @@ pub struct Roles {
     pub api: bool,
     pub projections: bool,
     pub scheduler: bool,
+    /// Delivers webhooks (when GRANTLINE_WEBHOOK_URLS names any).
+    pub webhooks: bool,
 }
 
 /// Refresh policy and scheduler settings.
@@ -330,6 +401,29 @@ pub struct RefreshConfig {
     pub idle_after: Duration,
     pub lease: Duration,
     pub provider_timeout: Duration,
+}
+
+/// Webhook targets and how they are sent.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// The targets; each may carry credentials (userinfo, query), so `Debug` shows them redacted.
+    pub urls: Vec<url::Url>,
+    pub secret: Secret,
+    pub timeout: Duration,
+    /// The first retry's delay.
+    pub backoff: Duration,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(workers::webhooks::redact).collect();
+        f.debug_struct("WebhookConfig")
+            .field("urls", &urls)
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +448,11 @@ pub struct Config {
     pub redirect_allowlist: Vec<String>,
     pub refresh: RefreshConfig,
     pub roles: Roles,
+    /// `None` when no webhook URL is configured.
+    pub webhooks: Option<WebhookConfig>,
     pub log_format: LogFormat,
+    /// The most events a projection may lag behind the log while `/ready` says ready.
+    pub ready_max_lag: u64,
 }
 
 impl ServeArgs {
@@ -432,8 +530,65 @@ impl ServeArgs {
             redirect_allowlist,
             refresh,
             roles: parse_roles(&self.roles)?,
+            webhooks: self.webhooks()?,
             log_format: parse_log_format(&self.log_format)?,
+            ready_max_lag: self.ready_max_lag.trim().parse().map_err(|_| {
+                invalid(
+                    "GRANTLINE_READY_MAX_LAG",
+                    format!("{:?} is not a whole number of events", self.ready_max_lag),
+                )
+            })?,
         })
+    }
+
+    fn webhooks(&self) -> Result<Option<WebhookConfig>, ConfigError> {
+        let timeout = parse_duration("GRANTLINE_WEBHOOK_TIMEOUT", &self.webhook_timeout)?;
+        let backoff = parse_duration("GRANTLINE_WEBHOOK_BACKOFF", &self.webhook_backoff)?;
+        if backoff > workers::webhooks::BACKOFF_CAP {
+            return Err(invalid(
+                "GRANTLINE_WEBHOOK_BACKOFF",
+                "must be at most 5m, the longest wait between retries",
+            ));
+        }
+        // Entries are named by position only: a URL may carry credentials.
+        let urls = self
+            .webhook_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .enumerate()
+            .map(|(n, text)| match url::Url::parse(text) {
+                Ok(url)
+                    if matches!(url.scheme(), "http" | "https")
+                        && url.host_str().is_some_and(|h| !h.is_empty()) =>
+                {
+                    Ok(url)
+                }
+                _ => Err(invalid(
+                    "GRANTLINE_WEBHOOK_URLS",
+                    format!(
+                        "entry {} is not an http:// or https:// URL with a host",
+                        n + 1
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let Some(secret) = non_empty(self.webhook_secret.as_deref()) else {
+            return Err(invalid(
+                "GRANTLINE_WEBHOOK_SECRET",
+                "required with GRANTLINE_WEBHOOK_URLS: receivers check each webhook's signature \
+                 with it",
+            ));
+        };
+        Ok(Some(WebhookConfig {
+            urls,
+            secret: Secret(secret.to_owned()),
+            timeout,
+            backoff,
+        }))
     }
 
     fn refresh(&self) -> Result<RefreshConfig, ConfigError> {
@@ -507,16 +662,21 @@ fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
         api: false,
         projections: false,
         scheduler: false,
+        webhooks: false,
     };
     for role in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match role {
             "api" => roles.api = true,
             "projections" => roles.projections = true,
             "scheduler" => roles.scheduler = true,
+            "webhooks" => roles.webhooks = true,
             other => {
                 return Err(invalid(
                     "GRANTLINE_ROLES",
-                    format!("unknown role {other:?}; the roles are api, projections, scheduler"),
+                    format!(
+                        "unknown role {other:?}; the roles are api, projections, scheduler, \
+                         webhooks"
+                    ),
                 ));
             }
         }
@@ -526,6 +686,7 @@ fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
             api: false,
             projections: false,
             scheduler: false,
+            webhooks: false,
         })
     {
         return Err(invalid("GRANTLINE_ROLES", "name at least one role"));

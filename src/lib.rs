@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod history;
 pub mod http;
 pub mod integrations;
 pub mod oauth;

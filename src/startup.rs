@@ -15,6 +15,7 @@ use projections::Runner;
 use projections::cache::ConnectionCache;
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::Scheduler;
+use workers::webhooks::{WebhookService, WebhookSettings};
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
@@ -57,6 +58,11 @@ pub struct Shared {
     /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
     /// serves tests and its counters `/metrics`).
     pub scheduler: Scheduler,
+    /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
+    /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
+    pub webhooks: Option<WebhookService>,
+    /// Request ids and the HTTP latency histograms of `/metrics`.
+    pub requests: Arc<http::observe::RequestObserver>,
 }
 
 /// A built service, bound to its port and ready to run.
@@ -84,7 +90,11 @@ impl Application {
         if config.listen.port() == 0 && config.server_url == format!("http://{}", config.listen) {
             config.server_url = format!("http://{bound}");
         }
-        let commands = Commands::new(backend.clone(), vault);
+        // One name per process: the refresh leases it holds and every event it appends carry
+        // it, so the audit trail tells instances apart.
+        let instance = format!("grantline-{}", uuid::Uuid::new_v4().simple());
+        let commands = Commands::new(backend.clone(), vault).with_instance(&instance);
+        let webhooks = open_webhooks(&config, &backend, &instance).await?;
         let catalog = Arc::new(catalog);
         let refresh = RefreshService::new(
             commands.clone(),
@@ -93,7 +103,7 @@ impl Application {
                 margin: config.refresh.margin,
                 lease: config.refresh.lease,
                 provider_timeout: config.refresh.provider_timeout,
-                holder: format!("grantline-{}", uuid::Uuid::new_v4().simple()),
+                holder: instance,
             },
         )
         .context("cannot start the refresh service")?;
@@ -111,12 +121,14 @@ impl Application {
                 commands,
                 refresh,
                 scheduler,
+                webhooks,
                 runner: Runner::new(backend.clone()),
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
                 config: Arc::new(config),
                 catalog,
                 oauth,
+                requests: Arc::new(http::observe::RequestObserver::new()),
             })),
         })
     }
@@ -144,6 +156,12 @@ impl Application {
             let runner = self.state.runner.clone();
             let until = stopping(stopped.clone());
             workers.push(tokio::spawn(async move { runner.run(until).await }));
+        }
+        if self.state.config.roles.webhooks
+            && let Some(webhooks) = self.state.webhooks.clone()
+        {
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move { webhooks.run(until).await }));
         }
         if self.state.config.roles.scheduler {
             let scheduler = self.state.scheduler.clone();
@@ -192,6 +210,29 @@ impl Application {
         }
         serving
     }
+}
+
+/// The webhook targets, registered before the listener serves anything, so that every event
+/// appended through this instance is delivered.
+async fn open_webhooks(
+    config: &Config,
+    backend: &Backend,
+    instance: &str,
+) -> anyhow::Result<Option<WebhookService>> {
+    let Some(webhooks) = &config.webhooks else {
+        return Ok(None);
+    };
+    let settings = WebhookSettings {
+        urls: webhooks.urls.clone(),
+        secret: webhooks.secret.expose().to_owned(),
+        timeout: webhooks.timeout,
+        backoff: webhooks.backoff,
+        holder: instance.to_owned(),
+    };
+    let service = WebhookService::open(backend.clone(), settings)
+        .await
+        .context("cannot set up the webhooks (GRANTLINE_WEBHOOK_URLS)")?;
+    Ok(Some(service))
 }
 
 /// The built-in provider templates, plus those of `GRANTLINE_PROVIDERS_FILE`; a file that

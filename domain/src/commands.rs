@@ -20,6 +20,8 @@
 //!   its keys were destroyed. That authorization sees its key gone after its append and seals
 //!   again under a fresh key, in a further event; a key shredded by a deletion that comes after
 //!   the authorization's event is what the deletion meant, and is left so.
+//! - Every appended event's metadata names the instance that appended it (`{"instance": name}`),
+//!   so the audit trail can tell instances apart.
 //! - No plaintext secret appears in an error or a tracing field; spans name the connection by
 //!   `provider_config_key` and `connection_id` only.
 
@@ -200,17 +202,41 @@ pub struct IntegrationConfig {
     pub oauth_scopes: Vec<String>,
 }
 
+/// The instance name events carry when none was given.
+pub const UNKNOWN_INSTANCE: &str = "unknown";
+
 /// Loads, decides and appends; seals and reveals secrets. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Commands {
     backend: Backend,
     vault: Vault,
+    /// Every appended event's metadata: `{"instance": <this instance's name>}`.
+    event_metadata: Value,
 }
 
 impl Commands {
-    /// A command service on `backend`, sealing with `vault`.
+    /// A command service on `backend`, sealing with `vault`; its events name the instance
+    /// [`UNKNOWN_INSTANCE`] until [`Commands::with_instance`] names it.
     pub fn new(backend: Backend, vault: Vault) -> Self {
-        Self { backend, vault }
+        Self {
+            backend,
+            vault,
+            event_metadata: instance_metadata(UNKNOWN_INSTANCE),
+        }
+    }
+
+    /// The same service, naming `instance` in the metadata of every event it appends (the audit
+    /// trail shows it).
+    pub fn with_instance(mut self, instance: impl AsRef<str>) -> Self {
+        self.event_metadata = instance_metadata(instance.as_ref());
+        self
+    }
+
+    /// The instance named in the metadata of the events it appends.
+    pub fn instance(&self) -> &str {
+        self.event_metadata[crate::history::INSTANCE_METADATA_KEY]
+            .as_str()
+            .unwrap_or(UNKNOWN_INSTANCE)
     }
 
     /// The backend it appends to.
@@ -728,7 +754,14 @@ impl Commands {
                 0 => ExpectedVersion::NoStream,
                 version => ExpectedVersion::Exact(version),
             };
-            let new_events = events.iter().map(DomainEvent::to_new_event).collect();
+            let new_events = events
+                .iter()
+                .map(|event| {
+                    event
+                        .to_new_event()
+                        .with_metadata(self.event_metadata.clone())
+                })
+                .collect();
             match self
                 .backend
                 .events()
@@ -878,6 +911,16 @@ impl Commands {
             .into()
         })
     }
+}
+
+/// Event metadata naming the instance that appends.
+fn instance_metadata(instance: &str) -> Value {
+    let mut metadata = Map::new();
+    metadata.insert(
+        crate::history::INSTANCE_METADATA_KEY.to_owned(),
+        Value::String(instance.to_owned()),
+    );
+    Value::Object(metadata)
 }
 
 /// A random wait before attempt `attempt + 1`: up to twice as long as the previous bound, capped

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod connection;
 pub mod credentials;
 pub mod event;
+pub mod history;
 pub mod integration;
 pub mod keys;
 pub mod oauth_session;

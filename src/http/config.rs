@@ -8,6 +8,7 @@ use domain::credentials::ClientSecret;
 use projections::queries::IntegrationRecord;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use utoipa::IntoParams;
 
 use super::ApiError;
 use super::connection::timestamp;
@@ -36,6 +37,16 @@ fn config_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Val
 }
 
 /// `GET /config`.
+#[utoipa::path(
+    get,
+    path = "/config",
+    tag = "integrations",
+    responses(
+        (status = 200, description = "All provider configs, without client secrets", body = super::openapi::ConfigList),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn list_configs(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let configs: Vec<Value> = integrations::list(&state)
         .await?
@@ -45,13 +56,29 @@ pub async fn list_configs(State(state): State<AppState>) -> Result<Json<Value>, 
     Ok(Json(json!({ "configs": configs })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetConfigQuery {
+    /// `true` (or `1`) includes `oauth_client_secret`.
     #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = bool, default = false)]
     include_creds: Option<bool>,
 }
 
 /// `GET /config/:key[?include_creds=true]`.
+#[utoipa::path(
+    get,
+    path = "/config/{provider_config_key}",
+    tag = "integrations",
+    params(("provider_config_key" = String, Path, description = "The integration's unique key"), GetConfigQuery),
+    responses(
+        (status = 200, description = "The provider config", body = super::openapi::ConfigEnvelope),
+        (status = 400, description = "Invalid key or flag", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn get_config(
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
@@ -146,6 +173,20 @@ fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// `POST /config`: 200 `{config_id}`; 409 `duplicate_provider_config` if the key exists.
+#[utoipa::path(
+    post,
+    path = "/config",
+    tag = "integrations",
+    request_body = super::openapi::ConfigInput,
+    responses(
+        (status = 200, description = "Created", body = super::openapi::ConfigCreated),
+        (status = 400, description = "A field is missing (`missing_*`) or invalid", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 409, description = "The key exists already (`duplicate_provider_config`)", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn create_config(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
@@ -156,6 +197,19 @@ pub async fn create_config(
 }
 
 /// `PUT /config`: replaces a config; 400 `unknown_provider_config` if there is none.
+#[utoipa::path(
+    put,
+    path = "/config",
+    tag = "integrations",
+    request_body = super::openapi::ConfigInput,
+    responses(
+        (status = 200, description = "Replaced", body = super::openapi::Success),
+        (status = 400, description = "A field is missing or invalid, or there is no such config (`unknown_provider_config`)", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn update_config(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
@@ -166,6 +220,19 @@ pub async fn update_config(
 }
 
 /// `DELETE /config/:key`: deletes the config and all its connections.
+#[utoipa::path(
+    delete,
+    path = "/config/{provider_config_key}",
+    tag = "integrations",
+    params(("provider_config_key" = String, Path, description = "The integration's unique key")),
+    responses(
+        (status = 200, description = "Deleted, with its connections", body = super::openapi::Success),
+        (status = 400, description = "Invalid key", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn delete_config(
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ApiError;
 use super::extract::{
@@ -27,16 +28,40 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetQuery {
+    /// The integration the connection belongs to.
+    #[param(required = true, value_type = String)]
     provider_config_key: Option<String>,
+    /// `true` (or `1`) refreshes the token first even if it is not due.
     #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = bool, default = false)]
     force_refresh: Option<bool>,
+    /// `false` (or `0`) leaves the refresh token out, also from `credentials.raw`.
     #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = bool, default = true)]
     refresh_token: Option<bool>,
 }
 
 /// `GET /connection/:id?provider_config_key=K`: the connection with its credentials.
+///
+/// The access token is refreshed first when it is due (or with `force_refresh=true`).
+#[utoipa::path(
+    get,
+    path = "/connection/{connection_id}",
+    tag = "connections",
+    params(("connection_id" = String, Path, description = "The connection's id"), GetQuery),
+    responses(
+        (status = 200, description = "The connection with its credentials", body = ConnectionBody),
+        (status = 400, description = "Missing or invalid `provider_config_key`, flag or id", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
+        (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn get_connection(
     State(state): State<AppState>,
     ApiPath(connection_id): ApiPath<String>,
@@ -51,36 +76,51 @@ pub async fn get_connection(
 
 /// The seed's Connection object, serialized straight from the state (no intermediate tree: this
 /// is the hot path).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(
+    as = Connection,
+    description = "A connection with its credentials (the seed's Connection object)"
+)]
 pub struct ConnectionBody<'a> {
     id: i64,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
     provider_config_key: &'a str,
     connection_id: &'a str,
     provider: &'a str,
     credentials: CredentialsBody<'a>,
+    #[schema(value_type = Object)]
     connection_config: &'a Map<String, Value>,
     account_id: u8,
+    #[schema(value_type = Object)]
     metadata: &'a Map<String, Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Credentials)]
 #[serde(tag = "type")]
 enum CredentialsBody<'a> {
     #[serde(rename = "OAUTH2")]
     OAuth2 {
         access_token: &'a str,
+        /// Left out when there is none, or with `refresh_token=false`.
         #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false)]
         refresh_token: Option<&'a str>,
+        /// Left out when the expiry is unknown.
         #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(format = DateTime, nullable = false)]
         expires_at: Option<String>,
+        #[schema(value_type = Object)]
         raw: Cow<'a, Value>,
     },
     #[serde(rename = "OAUTH1")]
     OAuth1 {
         oauth_token: &'a str,
         oauth_token_secret: &'a str,
+        #[schema(value_type = Object)]
         raw: &'a Value,
     },
     #[serde(rename = "API_KEY")]
@@ -151,13 +191,30 @@ fn credentials_body(credentials: &Credentials, with_refresh_token: bool) -> Cred
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only the connections with this id (one per integration).
     #[serde(rename = "connectionId")]
+    #[param(required = false, value_type = String)]
     connection_id: Option<String>,
 }
 
 /// `GET /connection[?connectionId=X]`: the list, without credentials.
+///
+/// Never refreshes a token.
+#[utoipa::path(
+    get,
+    path = "/connection",
+    tag = "connections",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The connections, without credentials", body = super::openapi::ConnectionList),
+        (status = 400, description = "Invalid `connectionId`", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn list_connections(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -183,12 +240,28 @@ pub async fn list_connections(
     Ok(Json(json!({ "connections": connections })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct KeyQuery {
+    /// The integration the connection belongs to.
+    #[param(required = true, value_type = String)]
     provider_config_key: Option<String>,
 }
 
 /// `DELETE /connection/:id?provider_config_key=K`.
+#[utoipa::path(
+    delete,
+    path = "/connection/{connection_id}",
+    tag = "connections",
+    params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
+    responses(
+        (status = 200, description = "Deleted", body = super::openapi::Success),
+        (status = 400, description = "Missing or invalid `provider_config_key` or id", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn delete_connection(
     State(state): State<AppState>,
     ApiPath(connection_id): ApiPath<String>,
@@ -201,6 +274,24 @@ pub async fn delete_connection(
 }
 
 /// `GET /connection/metadata?provider_config_key=K`: the connection whose id is `metadata`.
+///
+/// The static `/connection/metadata` route shadows `/connection/{connection_id}` for this id;
+/// it answers as that route would.
+#[utoipa::path(
+    get,
+    path = "/connection/metadata",
+    tag = "connections",
+    params(GetQuery),
+    responses(
+        (status = 200, description = "The connection `metadata` with its credentials", body = ConnectionBody),
+        (status = 400, description = "Missing or invalid `provider_config_key` or flag", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
+        (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn get_connection_named_metadata(
     state: State<AppState>,
     query: ApiQuery<GetQuery>,
@@ -209,6 +300,19 @@ pub async fn get_connection_named_metadata(
 }
 
 /// `DELETE /connection/metadata?provider_config_key=K`: the connection whose id is `metadata`.
+#[utoipa::path(
+    delete,
+    path = "/connection/metadata",
+    tag = "connections",
+    params(KeyQuery),
+    responses(
+        (status = 200, description = "Deleted", body = super::openapi::Success),
+        (status = 400, description = "Missing or invalid `provider_config_key`", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn delete_connection_named_metadata(
     state: State<AppState>,
     query: ApiQuery<KeyQuery>,
@@ -218,6 +322,20 @@ pub async fn delete_connection_named_metadata(
 
 /// `POST /connection`: import existing credentials, in the flat shape of Nango ≤ 0.6x or the
 /// `credentials: {type, …}` shape of current Nango.
+#[utoipa::path(
+    post,
+    path = "/connection",
+    tag = "connections",
+    request_body = super::openapi::ImportConnection,
+    responses(
+        (status = 201, description = "Imported; the connection with its credentials", body = ConnectionBody),
+        (status = 400, description = "A required field is missing (`missing_*`) or invalid (`invalid_body`, `invalid_json`, `unknown_provider_config`)", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 413, description = "The body is too large", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn import_connection(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
@@ -398,6 +516,24 @@ fn flat_credentials(body: &Map<String, Value>) -> Result<Credentials, ApiError> 
 }
 
 /// `POST`/`PATCH /connection/:id/metadata?provider_config_key=K` with the metadata as body.
+///
+/// POST replaces the metadata (201), PATCH merges into it (200).
+#[utoipa::path(
+    method(post, patch),
+    path = "/connection/{connection_id}/metadata",
+    tag = "connections",
+    params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
+    request_body(content = Object, description = "The metadata: a JSON object"),
+    responses(
+        (status = 201, description = "POST: the metadata was replaced", body = super::openapi::MetadataAnswer),
+        (status = 200, description = "PATCH: the metadata was merged", body = super::openapi::MetadataAnswer),
+        (status = 400, description = "Missing `provider_config_key`, or the body is not an object", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn set_metadata_of(
     State(state): State<AppState>,
     method: axum::http::Method,
@@ -427,6 +563,23 @@ pub async fn set_metadata_of(
 
 /// `POST`/`PATCH /connections/metadata` with `{connection_id: id | [ids], provider_config_key,
 /// metadata}`.
+///
+/// POST replaces the metadata (201), PATCH merges into it (200); all connections or none.
+#[utoipa::path(
+    method(post, patch),
+    path = "/connection/metadata",
+    tag = "connections",
+    request_body = super::openapi::MetadataUpdate,
+    responses(
+        (status = 201, description = "POST: the metadata was replaced", body = super::openapi::MetadataAnswer),
+        (status = 200, description = "PATCH: the metadata was merged", body = super::openapi::MetadataAnswer),
+        (status = 400, description = "A field is missing or invalid", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+        (status = 404, description = "A connection does not exist (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn set_metadata(
     State(state): State<AppState>,
     method: axum::http::Method,

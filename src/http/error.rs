@@ -14,7 +14,9 @@ use domain::integration::IntegrationRejected;
 use domain::keys::KeyError;
 use domain::store::StoreError;
 use projections::ProjectionError;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 use workers::refresh::RefreshError;
 
 /// A failed request. Each variant's doc names its status.
@@ -183,6 +185,30 @@ impl From<RefreshError> for ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for programs: e.g. `missing_provider_config`, `unknown_provider_config`,
+    /// `unknown_connection`, `missing_access_token`, `invalid_body`, `invalid_json`,
+    /// `invalid_query_params`, `invalid_uri_params`, `missing_auth_header`,
+    /// `invalid_secret_key`, `connection_refresh_failed`, `connection_refresh_retrying`,
+    /// `not_found`, `method_not_allowed`, `service_unavailable`, `internal_error`.
+    code: &'static str,
+    /// What went wrong, for people; never holds a secret.
+    message: String,
+    /// Details for the code (`connection_id` and `provider_config_key` for
+    /// `unknown_connection`; the failure for `connection_refresh_*`); `{}` otherwise.
+    #[schema(value_type = Object)]
+    payload: Value,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -193,9 +219,13 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let body = json!({
-            "error": { "code": code, "message": self.to_string(), "payload": self.payload() }
-        });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+                payload: self.payload(),
+            },
+        };
         (status, Json(body)).into_response()
     }
 }

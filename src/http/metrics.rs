@@ -1,5 +1,10 @@
-//! `GET /metrics`: the refresh service's and the scheduler's counters in the Prometheus text
-//! exposition format (0.0.4), written by hand: a handful of counters needs no metrics registry.
+//! `GET /metrics`: the HTTP latency histograms, the projections' lag, and the refresh service's
+//! and the scheduler's counters in the Prometheus text exposition format (0.0.4), written by
+//! hand: a handful of counters and histograms needs no metrics registry.
+//!
+//! The projection gauges are read from the checkpoints at each scrape (one query and a bounded
+//! read of the log per projection); when they cannot be read, they are left out and the rest is
+//! still served.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -31,6 +36,109 @@ fn summary(out: &mut String, name: &str, help: &str, micros: u64, count: u64) {
     let _ = writeln!(out, "# TYPE {name} summary");
     let _ = writeln!(out, "{name}_sum {}", micros as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {count}");
+}
+
+/// Writes a histogram from non-cumulative bucket counts (the last one above every bound), its
+/// sum in seconds (from microseconds); `_count` is the `+Inf` bucket.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    buckets: &[u64],
+    micros: u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, count) in bounds.iter().zip(buckets) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += buckets.get(bounds.len()).copied().unwrap_or(0);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum {}", micros as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
+/// The projections' lag, checkpoint age and error state.
+async fn projections(out: &mut String, state: &AppState) {
+    let statuses = match state.runner.status().await {
+        Ok(statuses) => statuses,
+        Err(e) => {
+            tracing::warn!(error.message = %e, "metrics: the projection status cannot be read");
+            return;
+        }
+    };
+    let now = chrono::Utc::now();
+    let labels: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("projection=\"{}\"", s.name))
+        .collect();
+    let samples = |value: &dyn Fn(&projections::ProjectionStatus) -> f64| {
+        labels
+            .iter()
+            .zip(&statuses)
+            .map(|(labels, s)| (labels.as_str(), value(s)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        out,
+        "grantline_projection_lag_events",
+        "gauge",
+        "Events in the log after the projection's checkpoint (counted up to 10000).",
+        &samples(&|s| s.lag as f64),
+    );
+    // How stale the read model is: the age of the oldest event it has not applied (one event
+    // read per lagging projection).
+    let mut ages = Vec::new();
+    for (labels, status) in labels.iter().zip(&statuses) {
+        let age = if status.lag == 0 {
+            Some(0.0)
+        } else {
+            oldest_unapplied(state, &status.checkpoint)
+                .await
+                .map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0)
+        };
+        if let Some(age) = age {
+            ages.push((labels.as_str(), age));
+        }
+    }
+    family(
+        out,
+        "grantline_projection_checkpoint_age_seconds",
+        "gauge",
+        "Age of the oldest event the projection has not applied yet; 0 when caught up.",
+        &ages,
+    );
+    family(
+        out,
+        "grantline_projection_failing",
+        "gauge",
+        "1 when the projection's last step failed (see grantline projections status).",
+        &samples(&|s| f64::from(u8::from(s.last_error.is_some()))),
+    );
+    family(
+        out,
+        "grantline_projection_head_position",
+        "gauge",
+        "The highest global position in the event log.",
+        &[("", statuses.first().map_or(0.0, |s| s.head_position as f64))],
+    );
+}
+
+/// When the first event after `checkpoint` (`commit:global`) was recorded.
+async fn oldest_unapplied(
+    state: &AppState,
+    checkpoint: &str,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (commit, global) = checkpoint.split_once(':')?;
+    let after = domain::store::Position {
+        commit: commit.parse().ok()?,
+        global: global.parse().ok()?,
+    };
+    let events = state.backend.events().read_all(after, 1).await.ok()?;
+    events.first().map(|event| event.recorded_at)
 }
 
 /// The metrics text.
@@ -131,12 +239,20 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ("result=\"skipped\"", load(&scheduler.skipped) as f64),
         ],
     );
-    summary(
+    histogram(
         &mut out,
         "grantline_scheduler_tick_duration_seconds",
         "Duration of completed refresh scheduler ticks.",
+        &workers::scheduler::TICK_BUCKETS,
+        &scheduler.tick_buckets.each_ref().map(load),
         load(&scheduler.tick_micros),
-        ticks.saturating_sub(load(&scheduler.tick_errors)),
+    );
+    family(
+        &mut out,
+        "grantline_scheduler_last_tick_duration_seconds",
+        "gauge",
+        "Duration of the last completed refresh scheduler tick.",
+        &[("", load(&scheduler.last_tick_micros) as f64 / 1e6)],
     );
     family(
         &mut out,
@@ -145,5 +261,20 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "When the last refresh scheduler tick finished (0: never).",
         &[("", scheduler.last_tick_unix.load(Ordering::Relaxed) as f64)],
     );
+    if let Some(webhooks) = &state.webhooks {
+        let counters = webhooks.counters();
+        family(
+            &mut out,
+            "grantline_webhook_deliveries_total",
+            "counter",
+            "Webhook delivery attempts by this instance, by result.",
+            &[
+                ("result=\"delivered\"", load(&counters.delivered) as f64),
+                ("result=\"failed\"", load(&counters.failed_attempts) as f64),
+            ],
+        );
+    }
+    state.requests.render(&mut out);
+    projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)
 }

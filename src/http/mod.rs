@@ -7,12 +7,17 @@ mod config;
 mod connection;
 pub mod error;
 mod extract;
+mod history;
 mod metrics;
 mod oauth;
+pub mod observe;
+mod openapi;
+mod ready;
+mod webhooks;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use axum::{Json, middleware};
 use serde_json::{Value, json};
 
@@ -25,7 +30,48 @@ const BODY_LIMIT: usize = 1024 * 1024;
 
 /// All routes of the service.
 pub fn router(state: AppState) -> Router {
-    let mut api = Router::new();
+    router_with_paths(state).0
+}
+
+/// A `Router` that records the path of every `.route(...)`, so the registered paths can be
+/// enumerated (the OpenAPI coverage test compares them with the document).
+struct Routes {
+    router: Router<AppState>,
+    paths: Vec<String>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            paths: Vec::new(),
+        }
+    }
+
+    /// Records `path` and forwards to [`Router::route`].
+    fn route(mut self, path: &str, method_router: MethodRouter<AppState>) -> Self {
+        self.paths.push(path.to_owned());
+        self.router = self.router.route(path, method_router);
+        self
+    }
+
+    /// Applies `f` to the inner router (layers); the paths stay as they are.
+    fn map(mut self, f: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Self {
+        self.router = f(self.router);
+        self
+    }
+
+    /// Forwards to [`Router::merge`], keeping both sets of paths.
+    fn merge(mut self, other: Routes) -> Self {
+        self.paths.extend(other.paths);
+        self.router = self.router.merge(other.router);
+        self
+    }
+}
+
+/// All routes of the service and the path templates (axum syntax, `{param}`) they register.
+pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
+    let mut api = Routes::new();
     for family in ["/connection", "/connections"] {
         api = api
             .route(
@@ -46,6 +92,10 @@ pub fn router(state: AppState) -> Router {
                 get(connection::get_connection).delete(connection::delete_connection),
             )
             .route(
+                &format!("{family}/{{connection_id}}/history"),
+                get(history::get_history),
+            )
+            .route(
                 &format!("{family}/{{connection_id}}/metadata"),
                 axum::routing::post(connection::set_metadata_of).patch(connection::set_metadata_of),
             );
@@ -62,37 +112,67 @@ pub fn router(state: AppState) -> Router {
             get(config::get_config).delete(config::delete_config),
         )
         .route("/admin/projections", get(projections_status))
+        .route("/admin/webhooks", get(webhooks::webhooks_status))
         .route("/metrics", get(metrics::metrics));
     // Without a secret key the API is open: no layer at all on the hot path.
     let api = if state.config.secret_key.is_some() {
-        api.route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_secret_key,
-        ))
+        api.map(|api| {
+            api.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_secret_key,
+            ))
+        })
     } else {
         api
     };
     // The browser's side of OAuth flows: no secret key (connect checks the public key).
-    let flows = Router::new()
+    let flows = Routes::new()
         .route("/oauth/connect/{provider_config_key}", get(oauth::connect))
         .route("/oauth/callback", get(oauth::callback))
         .route("/", get(oauth::websocket));
-    Router::new()
+    let routes = Routes::new()
         .route("/health", get(health))
+        .route("/ready", get(ready::ready))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(flows)
-        .merge(api)
+        .merge(api);
+    // Outermost, on every route and the fallbacks: request ids, the request span, latency.
+    let observe = state.requests.layer();
+    let router = routes
+        .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .layer(observe)
+        .with_state(state);
+    (router, routes.paths)
 }
 
 /// Liveness: the process is up and serving.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "service",
+    responses((status = 200, description = "The process is up", body = openapi::Health)),
+    security(()),
+)]
 async fn health() -> Json<Value> {
     Json(json!({ "result": "ok" }))
 }
 
 /// `GET /admin/projections`: each projection's checkpoint, the head and the lag.
+#[utoipa::path(
+    get,
+    path = "/admin/projections",
+    tag = "service",
+    responses(
+        (status = 200, description = "Each projection's checkpoint and lag",
+            body = openapi::ProjectionsStatus),
+        (status = 401, description = "Missing or wrong secret key", body = error::ErrorBody),
+        (status = 503, description = "The database cannot be reached", body = error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 async fn projections_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let status = state.runner.status().await?;
     Ok(Json(json!({ "projections": status })))

@@ -32,6 +32,42 @@ use crate::startup::AppState;
 const SOCKET_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `GET /oauth/connect/:provider_config_key`: starts a flow and redirects to the provider.
+///
+/// A failure goes to `api_redirect_url` (302 with `message_type=error`, `error_type`,
+/// `error_desc`) when one is given and allowed, else to an HTML page posting it to the opener.
+#[utoipa::path(
+    get,
+    path = "/oauth/connect/{provider_config_key}",
+    tag = "oauth",
+    params(
+        ("provider_config_key" = String, Path, description = "The integration to connect"),
+        ("connection_id" = String, Query, description = "The id the new connection gets"),
+        ("public_key" = Option<String>, Query,
+            description = "The public key; required when the server has one"),
+        ("hmac" = Option<String>, Query,
+            description = "HMAC-SHA256 of `provider_config_key:connection_id` (hex); required when \
+                the server has an HMAC key"),
+        ("params" = Option<HashMap<String, String>>, Query, style = DeepObject, explode,
+            description = "`params[name]=value`: connection configuration, interpolated into the \
+                provider template (`${connectionConfig.name}`)"),
+        ("authorization_params" = Option<HashMap<String, String>>, Query, style = DeepObject,
+            explode, description = "`authorization_params[name]=value`: extra parameters of the \
+                authorization URL; the value `undefined` removes one"),
+        ("scopes" = Option<String>, Query,
+            description = "Scopes separated by commas or spaces; replace the integration's"),
+        ("api_redirect_url" = Option<String>, Query,
+            description = "Where the outcome is sent as a 302 (must be allowed by the server)"),
+        ("ws_client_id" = Option<String>, Query,
+            description = "The WebSocket client (`GET /`) that receives the outcome"),
+    ),
+    responses(
+        (status = 302, description = "To the provider's authorization URL, or to \
+            `api_redirect_url` with the error", headers(("Location" = String))),
+        (status = "4XX", description = "The flow cannot start: an HTML page posting \
+            `AUTHORIZATION_FAILED` to the opener", content_type = "text/html", body = String),
+    ),
+    security(()),
+)]
 pub async fn connect(
     State(state): State<AppState>,
     ApiPath(provider_config_key): ApiPath<String>,
@@ -48,6 +84,34 @@ pub async fn connect(
 }
 
 /// `GET /oauth/callback`: the provider sends the browser back here with `code` and `state`.
+///
+/// The connection is stored before success is reported.
+#[utoipa::path(
+    get,
+    path = "/oauth/callback",
+    tag = "oauth",
+    params(
+        ("state" = String, Query, description = "The flow's state, from `/oauth/connect`"),
+        ("code" = Option<String>, Query, description = "OAuth 2.0: the authorization code"),
+        ("error" = Option<String>, Query, description = "The provider's refusal, if any"),
+        ("error_description" = Option<String>, Query, description = "The refusal's text"),
+        ("oauth_token" = Option<String>, Query, description = "OAuth 1.0a: the request token"),
+        ("oauth_verifier" = Option<String>, Query, description = "OAuth 1.0a: the verifier"),
+        ("denied" = Option<String>, Query, description = "OAuth 1.0a: the user refused"),
+    ),
+    responses(
+        (status = 200, description = "Success: an HTML page posting `AUTHORIZATION_SUCEEDED` to \
+            the opener", content_type = "text/html", body = String),
+        (status = 302, description = "To `api_redirect_url`: `connection_id` and \
+            `provider_config_key` appended on success; `message_type=error`, `error_type`, \
+            `error_desc` on failure", headers(("Location" = String))),
+        (status = "4XX", description = "Failure: an HTML page posting `AUTHORIZATION_FAILED` to \
+            the opener", content_type = "text/html", body = String),
+        (status = "5XX", description = "The provider or the database failed: the same page",
+            content_type = "text/html", body = String),
+    ),
+    security(()),
+)]
 pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let pairs: Vec<(String, String)> =
         url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
@@ -88,6 +152,24 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
 /// client gets `{"message_type":"connection_ack","ws_client_id":…}`, passes the id to
 /// `/oauth/connect`, and receives one `success` or `error` message when that flow ends on this
 /// instance; then the socket closes. Without an upgrade, `/` is an unknown route.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "oauth",
+    params(
+        ("Upgrade" = String, Header, description = "`websocket`"),
+        ("Sec-WebSocket-Version" = String, Header, description = "`13`"),
+        ("Sec-WebSocket-Key" = String, Header, description = "The handshake key"),
+    ),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol: first \
+            `{\"message_type\":\"connection_ack\",\"ws_client_id\":…}`, then one `success` or \
+            `error` message when the flow with that `ws_client_id` ends"),
+        (status = 404, description = "Not a WebSocket upgrade (`not_found`)",
+            body = super::error::ErrorBody),
+    ),
+    security(()),
+)]
 pub async fn websocket(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

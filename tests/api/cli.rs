@@ -60,6 +60,11 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_ROLES", "api,cache"),
         ("GRANTLINE_LOG_FORMAT", "xml"),
         ("GRANTLINE_PROVIDERS_FILE", "/no/such/file.yaml"),
+        ("GRANTLINE_WEBHOOK_URLS", "ftp://hooks.example.com/in"),
+        ("GRANTLINE_WEBHOOK_URLS", "http://a/, no url"),
+        ("GRANTLINE_WEBHOOK_TIMEOUT", "0s"),
+        ("GRANTLINE_WEBHOOK_BACKOFF", "10m"),
+        ("GRANTLINE_WEBHOOK_BACKOFF", "soon"),
     ];
     for (variable, value) in cases {
         let output = grantline()
@@ -83,6 +88,33 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("GRANTLINE_ENCRYPTION_KEY"));
+    // Webhook URLs need a signing secret; a bad URL is named by position, never echoed (it may
+    // carry credentials).
+    let output = grantline()
+        .arg("serve")
+        .env("GRANTLINE_DATA_DIR", dir.path())
+        .env("GRANTLINE_WEBHOOK_URLS", "https://hooks.example.com/in")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("GRANTLINE_WEBHOOK_SECRET"));
+    let output = grantline()
+        .arg("serve")
+        .env("GRANTLINE_DATA_DIR", dir.path())
+        .env("GRANTLINE_WEBHOOK_SECRET", "whsec")
+        .env(
+            "GRANTLINE_WEBHOOK_URLS",
+            "https://hooks.example.com/in,gopher://user:hunter2@example.com/",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("GRANTLINE_WEBHOOK_URLS") && stderr.contains("entry 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
 #[tokio::test]
@@ -163,5 +195,196 @@ fn serve_shuts_down_cleanly_on_sigterm() {
             panic!("the server did not stop on SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A PostgreSQL service with the integration `github` and the connection `id` imported with
+/// these tokens and metadata.
+async fn service_with_connection(
+    db: &TestDatabase,
+    key: &str,
+    id: &str,
+    tokens: (&str, &str),
+    metadata: &serde_json::Value,
+) -> crate::TestApp {
+    let app = crate::spawn_app(db, key).await;
+    crate::ok_json(
+        app.post_json(
+            "/config",
+            &serde_json::json!({"provider_config_key": "github", "provider": "github",
+                "oauth_client_id": "id", "oauth_client_secret": "cli-client-SECRET-42"}),
+        )
+        .await,
+    )
+    .await;
+    let import = serde_json::json!({"provider_config_key": "github", "connection_id": id,
+        "access_token": tokens.0, "refresh_token": tokens.1, "metadata": metadata});
+    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_prints_a_connections_entries_as_json_or_a_table() {
+    let db = TestDatabase::postgres().await;
+    let key = new_key();
+    let metadata = serde_json::json!({ "plan": "cli-metadata-VALUE" });
+    let _app = service_with_connection(
+        &db,
+        &key,
+        "c-cli",
+        ("cli-access-TOKEN", "cli-refresh-TOKEN"),
+        &metadata,
+    )
+    .await;
+    let run = |args: &[&str]| {
+        grantline()
+            .arg("history")
+            .args(args)
+            .env("GRANTLINE_DATABASE_URL", db.url())
+            .env("GRANTLINE_ENCRYPTION_KEY", &key)
+            .output()
+            .unwrap()
+    };
+    let output = run(&["c-cli", "--provider-config-key", "github", "--json"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let types: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["connection_authorized", "metadata_set"]);
+    assert_eq!(entries[0]["secrets"], "sealed");
+    assert_eq!(entries[1]["metadata"]["keys"], serde_json::json!(["plan"]));
+
+    let table = run(&["c-cli", "--provider-config-key", "github"]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("connection_authorized") && text.contains("secrets sealed"),
+        "{text}"
+    );
+    for leaked in [&stdout, &text] {
+        for secret in [
+            "cli-access-TOKEN",
+            "cli-refresh-TOKEN",
+            "cli-metadata-VALUE",
+            "cli-client-SECRET-42",
+        ] {
+            assert!(!leaked.contains(secret), "{secret} leaked: {leaked}");
+        }
+    }
+
+    let unknown = run(&["nobody", "--provider-config-key", "github"]);
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("no connection \"nobody\"") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tail_follows_the_log_redacted() {
+    let db = TestDatabase::postgres().await;
+    let key = new_key();
+    let metadata = serde_json::json!({ "plan": "tail-metadata-VALUE" });
+    let app = service_with_connection(
+        &db,
+        &key,
+        "c-tail",
+        ("tail-access-TOKEN", "tail-refresh-TOKEN"),
+        &metadata,
+    )
+    .await;
+    let mut child = grantline()
+        .args(["events", "tail", "--from-start", "--json"])
+        .env("GRANTLINE_DATABASE_URL", db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", &key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut raw = String::new();
+    let mut deleted = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = |seen: &[serde_json::Value], kind: &str| {
+            seen.iter().any(|e| {
+                e["type"] == kind
+                    && (e["connection_id"] == "c-tail" || kind.starts_with("integration"))
+            })
+        };
+        if !deleted && found(&seen, "metadata_set") {
+            // The history so far is out: a new event must follow live.
+            crate::ok_json(
+                app.delete("/connection/c-tail?provider_config_key=github")
+                    .await,
+            )
+            .await;
+            deleted = true;
+        }
+        if found(&seen, "connection_deleted") {
+            break;
+        }
+        let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the tail stopped or stalled ({other:?}); so far: {raw}");
+            }
+        };
+        raw.push_str(&line);
+        raw.push('\n');
+        seen.push(serde_json::from_str(&line).unwrap());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let created = seen
+        .iter()
+        .find(|e| e["type"] == "integration_created")
+        .unwrap();
+    assert_eq!(created["provider_config_key"], "github");
+    let authorized = seen
+        .iter()
+        .find(|e| e["type"] == "connection_authorized")
+        .unwrap();
+    assert_eq!(authorized["provider_config_key"], "github");
+    assert_eq!(authorized["generation"], 1);
+    assert!(authorized["fingerprints"]["access_token"].is_string());
+    assert!(authorized["global_position"].is_i64());
+    let deletion = seen
+        .iter()
+        .find(|e| e["type"] == "connection_deleted")
+        .unwrap();
+    assert_eq!(deletion["shredded_data_keys"], 1);
+    assert_eq!(deletion["generation"], 1);
+    for secret in [
+        "tail-access-TOKEN",
+        "tail-refresh-TOKEN",
+        "tail-metadata-VALUE",
+        "cli-client-SECRET-42",
+        "ciphertext",
+    ] {
+        assert!(!raw.contains(secret), "{secret} leaked: {raw}");
     }
 }

@@ -1027,7 +1027,9 @@ async fn a_deletion_on_one_instance_shreds_the_keys_cached_by_another() {
     assert!(vault.unseal(&sealed).await.is_ok(), "A can open it before");
 
     assert_eq!(
-        b.delete("/connection/c?provider_config_key=s").await.status(),
+        b.delete("/connection/c?provider_config_key=s")
+            .await
+            .status(),
         200
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -5,12 +5,16 @@ mod auth;
 mod cli;
 mod connections;
 mod fake_provider;
+mod history;
 mod malformed;
 mod oauth;
+mod observe;
+mod openapi;
 mod operators;
 mod refresh;
 mod scheduler;
 mod serve;
+mod webhooks;
 
 use clap::Parser;
 use domain::testing::TestDatabase;

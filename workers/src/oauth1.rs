@@ -218,7 +218,11 @@ impl ProviderClient {
     /// Sends a signed OAuth 1.0a request and returns the answer's fields. A non-2xx answer, an
     /// answer with `error` or `oauth_problem`, or one without `oauth_token` and
     /// `oauth_token_secret`, is a [`TokenError`].
-    #[tracing::instrument(name = "provider.oauth1_request", skip_all, fields(url = %request.url))]
+    #[tracing::instrument(
+        name = "provider.oauth1_request",
+        skip_all,
+        fields(url = %crate::provider::loggable_url(request.url))
+    )]
     pub async fn oauth1_request(
         &self,
         request: &Oauth1Request<'_>,

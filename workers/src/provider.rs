@@ -139,6 +139,20 @@ impl TokenError {
     }
 }
 
+/// `url` as logs may show it: without credentials, query or fragment, which can carry secrets.
+pub(crate) fn loggable_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.into()
+        }
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
 fn describe_refusal(status: &u16, error: &Option<String>, description: &Option<String>) -> String {
     let mut text = format!("HTTP {status}");
     if let Some(error) = error {
@@ -168,7 +182,11 @@ impl ProviderClient {
     }
 
     /// Sends a token request and parses the answer. `now` dates `expires_in`.
-    #[tracing::instrument(name = "provider.token_request", skip_all, fields(token_url = %request.token_url))]
+    #[tracing::instrument(
+        name = "provider.token_request",
+        skip_all,
+        fields(token_url = %loggable_url(request.token_url))
+    )]
     pub async fn request_token(
         &self,
         request: &TokenRequest<'_>,
@@ -448,6 +466,15 @@ mod tests {
 
     fn parse(status: u16, content_type: &str, body: &str) -> Result<TokenResponse, TokenError> {
         parse_token_response(status, Some(content_type), body.as_bytes(), now())
+    }
+
+    #[test]
+    fn a_logged_url_has_no_credentials_query_or_fragment() {
+        assert_eq!(
+            loggable_url("https://user:pw@login.example.com/t/token?client_secret=s#x"),
+            "https://login.example.com/t/token"
+        );
+        assert_eq!(loggable_url("not a url ?secret"), "<not a URL>");
     }
 
     #[test]

@@ -330,8 +330,9 @@ impl RefreshService {
                     connection_id.to_owned(),
                     slot.clone(),
                 );
-                // Spawned: the refresh runs to its outcome even if every caller goes away.
-                let task = tokio::spawn(async move {
+                // Spawned: the refresh runs to its outcome even if every caller goes away. It
+                // logs in the span of the caller that started it (a request, a scheduler tick).
+                let refresh = async move {
                     let result = inner.ensure_fresh(&key, &conn, trigger, due).await;
                     let mut in_flight = inner
                         .in_flight
@@ -341,7 +342,11 @@ impl RefreshService {
                         in_flight.remove(&owned_slot);
                     }
                     result
-                });
+                };
+                let task = tokio::spawn(tracing::Instrument::instrument(
+                    refresh,
+                    tracing::Span::current(),
+                ));
                 let shared = async move {
                     task.await.unwrap_or_else(|e| {
                         Err(RefreshError::Internal(format!(

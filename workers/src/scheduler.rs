@@ -51,9 +51,18 @@ pub struct SchedulerCounters {
     pub skipped: AtomicU64,
     /// Sum of tick durations, in microseconds.
     pub tick_micros: AtomicU64,
+    /// Completed ticks by duration: `tick_buckets[i]` counts the ticks that took at most
+    /// [`TICK_BUCKETS`]`[i]` seconds and more than the bound before it; the last slot counts the
+    /// rest (not cumulative).
+    pub tick_buckets: [AtomicU64; TICK_BUCKETS.len() + 1],
+    /// Duration of the last completed tick, in microseconds.
+    pub last_tick_micros: AtomicU64,
     /// When the last tick finished, in seconds since the epoch (0: never).
     pub last_tick_unix: AtomicI64,
 }
+
+/// Upper bounds, in seconds, of the tick duration histogram's buckets.
+pub const TICK_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// Why a tick could not run.
 #[derive(Debug, thiserror::Error)]
@@ -180,10 +189,20 @@ impl Scheduler {
         c.failed.fetch_add(report.failed as u64, Ordering::Relaxed);
         c.skipped
             .fetch_add(report.skipped as u64, Ordering::Relaxed);
+        let elapsed = started.elapsed();
         c.tick_micros.fetch_add(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        c.last_tick_micros.store(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let bucket = TICK_BUCKETS
+            .iter()
+            .position(|bound| elapsed.as_secs_f64() <= *bound)
+            .unwrap_or(TICK_BUCKETS.len());
+        c.tick_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         c.last_tick_unix
             .store(Utc::now().timestamp(), Ordering::Relaxed);
         Ok(report)

@@ -336,6 +336,23 @@ impl Backend {
             Self::Sqlite(_) => "sqlite",
         }
     }
+
+    /// The highest migration version this binary embeds for this backend.
+    pub fn latest_migration(&self) -> i64 {
+        match self {
+            Self::Postgres(_) => postgres::latest_migration(),
+            Self::Sqlite(_) => sqlite::latest_migration(),
+        }
+    }
+
+    /// The highest migration version applied to the database (0: none). One round trip, so it
+    /// also tells whether the database answers.
+    pub async fn applied_migration(&self) -> Result<i64, StoreError> {
+        match self {
+            Self::Postgres(store) => store.applied_migration().await,
+            Self::Sqlite(store) => store.applied_migration().await,
+        }
+    }
 }
 
 impl fmt::Debug for Backend {

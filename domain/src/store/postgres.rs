@@ -119,6 +119,32 @@ impl PostgresStore {
     }
 }
 
+/// The highest migration version embedded in this binary.
+pub(super) fn latest_migration() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+impl PostgresStore {
+    /// The highest migration version applied to the database (0: none).
+    pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+}
+
 async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
     let (mut client, connection) = config.connect(NoTls).await.map_err(db_error)?;
     let driver = tokio::spawn(connection);

@@ -92,6 +92,31 @@ impl SqliteStore {
     }
 }
 
+/// The highest migration version embedded in this binary.
+pub(super) fn latest_migration() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// The highest migration version applied to the database (0: none).
+    pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT coalesce(max(version), 0) FROM refinery_schema_history",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+}
+
 fn pool(path: &str, size: usize) -> Result<Pool, StoreError> {
     Config::new(path)
         .builder(Runtime::Tokio1)

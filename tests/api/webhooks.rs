@@ -1,0 +1,780 @@
+//! Webhooks driven from the event log, received by an in-process receiver: every kind arrives
+//! once with its fields and a valid signature; failures are retried in order and visible at
+//! `/admin/webhooks`; a server killed mid-delivery and restarted delivers every event.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use chrono::Utc;
+use domain::testing::TestDatabase;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::sync::{oneshot, watch};
+
+use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
+use crate::{TestApp, new_key, ok_json, serve_config};
+
+const SECRET: &str = "whsec-test-7d1f";
+
+domain::on_both_backends!(every_kind_of_webhook_arrives_once_signed_and_without_secrets);
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible() {
+        let db = domain::testing::TestDatabase::postgres().await;
+        super::retries(&db).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_killed_mid_delivery_delivers_every_event_after_a_restart() {
+        let db = domain::testing::TestDatabase::postgres().await;
+        super::crash(&db).await;
+    }
+}
+
+#[test]
+fn the_configuration_debug_hides_the_secret_and_url_credentials() {
+    let config = serve_config(&[
+        "--webhook-urls",
+        "https://user:hunter2@hooks.example.com:8443/in?token=tok-5e6f, http://127.0.0.1:9/b",
+        "--webhook-secret",
+        SECRET,
+    ]);
+    let webhooks = config.webhooks.as_ref().unwrap();
+    assert_eq!(webhooks.urls.len(), 2);
+    assert_eq!(webhooks.timeout, Duration::from_secs(10));
+    assert_eq!(webhooks.backoff, Duration::from_secs(1));
+    let shown = format!("{config:?}");
+    for secret in [SECRET, "hunter2", "tok-5e6f"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(
+        shown.contains("https://hooks.example.com:8443/in"),
+        "{shown}"
+    );
+    // The default roles include webhooks; without URLs there is nothing to deliver.
+    let cli = <grantline::config::Cli as clap::Parser>::try_parse_from(["grantline", "serve"]);
+    let grantline::config::Command::Serve(args) = cli.unwrap().command else {
+        unreachable!()
+    };
+    let config = args.validate().unwrap();
+    assert!(config.roles.webhooks && config.webhooks.is_none());
+}
+
+// --- the receiver ------------------------------------------------------------------------------
+
+/// How the receiver answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// 200.
+    Ok,
+    /// 500.
+    Fail,
+    /// 200 for the first `n` requests answered 200 in all, then hangs until released.
+    HangAfter(usize),
+}
+
+/// One request the receiver got, and what it answered (0: it hung).
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    raw: Bytes,
+    body: Value,
+    answered: u16,
+}
+
+impl Received {
+    fn id(&self) -> &str {
+        self.body["id"].as_str().unwrap()
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+    }
+}
+
+struct ReceiverState {
+    mode: Mutex<Mode>,
+    received: Mutex<Vec<Received>>,
+    /// Requests hanging right now.
+    hanging: AtomicUsize,
+    release: watch::Sender<bool>,
+}
+
+/// An HTTP server on 127.0.0.1 that records every webhook; stopped when dropped.
+struct Receiver {
+    url: String,
+    state: Arc<ReceiverState>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let state = Arc::new(ReceiverState {
+            mode: Mutex::new(Mode::Ok),
+            received: Mutex::new(Vec::new()),
+            hanging: AtomicUsize::new(0),
+            release: watch::channel(false).0,
+        });
+        let router = Router::new()
+            .route("/hooks/grantline", post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/grantline", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            url,
+            state,
+            _stop: stop,
+        }
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Lets every hanging request go (they answer 503).
+    fn release_hanging(&self) {
+        self.state.release.send_replace(true);
+    }
+
+    fn hanging(&self) -> usize {
+        self.state.hanging.load(Ordering::SeqCst)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// The requests answered 200, in arrival order.
+    fn delivered(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.answered == 200)
+            .collect()
+    }
+
+    /// Waits until `done` holds for the delivered requests.
+    async fn wait_for(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let delivered = self.delivered();
+            if done(&delivered) {
+                return delivered;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; delivered: {:?}",
+                delivered
+                    .iter()
+                    .map(|r| &r.body["event"])
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Decrements the hanging count however the request ends (answered, or dropped by the server
+/// when the client goes away).
+struct Hanging(Arc<ReceiverState>);
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        self.0.hanging.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> StatusCode {
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    let mode = *state.mode.lock().unwrap();
+    let answer = {
+        let mut received = state.received.lock().unwrap();
+        let answered_ok = received.iter().filter(|r| r.answered == 200).count();
+        let answer = match mode {
+            Mode::Ok => 200,
+            Mode::Fail => 500,
+            Mode::HangAfter(n) if answered_ok < n => 200,
+            Mode::HangAfter(_) => 0,
+        };
+        received.push(Received {
+            headers,
+            raw,
+            body,
+            answered: answer,
+        });
+        answer
+    };
+    if answer != 0 {
+        return StatusCode::from_u16(answer).unwrap();
+    }
+    state.hanging.fetch_add(1, Ordering::SeqCst);
+    let _guard = Hanging(state.clone());
+    let mut release = state.release.subscribe();
+    let _ = release.wait_for(|released| *released).await;
+    StatusCode::SERVICE_UNAVAILABLE
+}
+
+fn signature(raw: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(raw);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks the headers every webhook carries, and that the signature is right.
+fn assert_signed(request: &Received) {
+    let expected = signature(&request.raw);
+    assert_eq!(request.header("content-type"), "application/json");
+    assert_eq!(
+        request.header("x-grantline-signature"),
+        format!("sha256={expected}")
+    );
+    assert_eq!(request.header("x-nango-hmac-sha256"), expected);
+    assert_eq!(request.header("idempotency-key"), request.id());
+}
+
+fn events(requests: &[Received]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|r| r.body["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+// --- in-process service ------------------------------------------------------------------------
+
+/// A service with the webhooks role delivering to `receiver`, a fake provider, and the
+/// integration `fake` of that provider.
+struct Env {
+    app: TestApp,
+    state: grantline::startup::AppState,
+    fake: FakeProvider,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(db: &TestDatabase, receiver: &Receiver, backoff: &str) -> Env {
+    let fake = FakeProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("providers.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
+             {base}/token\n",
+            base = fake.base
+        ),
+    )
+    .unwrap();
+    let key = new_key();
+    let config = serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        &key,
+        "--providers-file",
+        file.to_str().unwrap(),
+        "--roles",
+        "api,projections,webhooks",
+        "--webhook-urls",
+        &receiver.url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-timeout",
+        "5s",
+        "--webhook-backoff",
+        backoff,
+    ]);
+    let (app, state) = crate::spawn_with_state(config).await;
+    ok_json(
+        app.post_json(
+            "/config",
+            &json!({
+                "provider_config_key": "fake", "provider": "fake",
+                "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
+            }),
+        )
+        .await,
+    )
+    .await;
+    Env {
+        app,
+        state,
+        fake,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    /// Imports `id` with refresh token `refresh` and an expired access token.
+    async fn import(&self, id: &str, refresh: &str) {
+        self.fake.accept_refresh_token(refresh);
+        let response = self
+            .app
+            .post_json(
+                "/connection",
+                &json!({
+                    "provider_config_key": "fake", "connection_id": id,
+                    "access_token": format!("old-access-{refresh}"), "refresh_token": refresh,
+                    "expires_at": Utc::now().timestamp() - 60,
+                }),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+
+    /// `/admin/webhooks`' only target, once `ready` holds for it.
+    async fn target_when(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let body = self.app.get_ok("/admin/webhooks").await;
+            let targets = body["targets"].as_array().unwrap();
+            assert_eq!(targets.len(), 1, "{body}");
+            if ready(&targets[0]) {
+                return targets[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &TestDatabase) {
+    let receiver = Receiver::start().await;
+    let env = env(db, &receiver, "100ms").await;
+    env.import("conn-1", "rt-0").await;
+    env.import("conn-1", "rt-1").await;
+    env.fake.set_mode(TokenMode::InvalidGrant);
+    let failed = env
+        .app
+        .get("/connection/conn-1?provider_config_key=fake")
+        .await;
+    assert_eq!(failed.status(), 424);
+    env.fake.set_mode(TokenMode::Json);
+    let forced = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
+    env.app.get_ok(forced).await;
+    // A refresh that follows a success recovers nothing.
+    env.app.get_ok(forced).await;
+    let deleted = env
+        .app
+        .delete("/connection/conn-1?provider_config_key=fake")
+        .await;
+    assert!(deleted.status().is_success());
+    env.import("conn-1", "rt-2").await;
+
+    let expected = [
+        "connection.created",
+        "connection.reauthorized",
+        "refresh.failed",
+        "refresh.recovered",
+        "connection.deleted",
+        "connection.created",
+    ];
+    receiver
+        .wait_for("six webhooks", |d| d.len() >= expected.len())
+        .await;
+    // Caught up: every event passed, so nothing more is coming.
+    let target = env
+        .target_when("the target to catch up", |t| t["lag"] == 0)
+        .await;
+    let received = receiver.received();
+    assert_eq!(events(&received), expected);
+    assert!(received.iter().all(|r| r.answered == 200));
+
+    let mut ids: Vec<&str> = received.iter().map(Received::id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), expected.len(), "one id per event");
+    let (access, refresh) = FakeProvider::refreshed_tokens(1);
+    for (request, event) in received.iter().zip(expected) {
+        assert_signed(request);
+        assert_eq!(request.header("x-grantline-delivery-attempt"), "1");
+        let body = &request.body;
+        assert_eq!(body["event"], event);
+        assert_eq!(body["from"], "grantline");
+        assert_eq!(body["type"], "auth");
+        assert_eq!(body["connection_id"], "conn-1");
+        assert_eq!(body["connectionId"], "conn-1");
+        assert_eq!(body["provider_config_key"], "fake");
+        assert_eq!(body["providerConfigKey"], "fake");
+        assert_eq!(body["provider"], "fake");
+        assert_eq!(body["authMode"], "OAUTH2");
+        assert!(body["occurred_at"].is_string(), "{body}");
+        assert_eq!(body["success"], event != "refresh.failed", "{body}");
+        let text = String::from_utf8_lossy(&request.raw);
+        for secret in [
+            "rt-0",
+            "rt-1",
+            "rt-2",
+            "old-access",
+            access.as_str(),
+            refresh.as_str(),
+            CLIENT_SECRET,
+            SECRET,
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+    let operations: Vec<&Value> = received.iter().map(|r| &r.body["operation"]).collect();
+    assert_eq!(
+        operations,
+        [
+            "creation", "override", "refresh", "refresh", "deletion", "creation"
+        ]
+    );
+    let generations: Vec<&Value> = received.iter().map(|r| &r.body["generation"]).collect();
+    assert_eq!(generations, [1, 2, 2, 2, 2, 3]);
+    assert_eq!(
+        received[2].body["error"],
+        json!({"type": "invalid_grant", "description": "permanent"})
+    );
+    assert!(received[3].body.get("error").is_none());
+
+    // Operators see the same: all delivered, once each, no error.
+    assert!(target["last_error"].is_null(), "{target}");
+    assert_eq!(
+        target["url"],
+        receiver.url.as_str(),
+        "a URL without credentials is shown whole"
+    );
+    let deliveries = target["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), expected.len(), "{target}");
+    for delivery in deliveries {
+        assert_eq!(delivery["status"], "delivered", "{target}");
+        assert_eq!(delivery["attempts"], 1, "{target}");
+        assert_eq!(delivery["last_status"], 200, "{target}");
+    }
+    let counters = env.state.webhooks.as_ref().unwrap().counters();
+    assert_eq!(counters.delivered.load(Ordering::Relaxed), 6);
+    assert_eq!(counters.failed_attempts.load(Ordering::Relaxed), 0);
+}
+
+async fn retries(db: &TestDatabase) {
+    let receiver = Receiver::start().await;
+    receiver.set_mode(Mode::Fail);
+    let env = env(db, &receiver, "1s").await;
+    env.import("conn-a", "rt-a").await;
+    env.import("conn-b", "rt-b").await;
+    env.import("conn-c", "rt-c").await;
+
+    // The first webhook fails and is retried; /admin/webhooks shows the attempts meanwhile.
+    let target = env
+        .target_when("two failed attempts", |t| {
+            t["deliveries"]
+                .as_array()
+                .and_then(|d| d.first())
+                .is_some_and(|d| d["attempts"].as_i64() >= Some(2) && d["status"] == "retrying")
+        })
+        .await;
+    let delivery = &target["deliveries"][0];
+    assert_eq!(delivery["last_status"], 500, "{target}");
+    assert!(delivery["next_attempt_at"].is_string(), "{target}");
+    assert!(
+        delivery["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 500")),
+        "{target}"
+    );
+    assert!(
+        target["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 500")),
+        "{target}"
+    );
+    assert!(target["lag"].as_i64().unwrap() >= 3, "{target}");
+    assert_eq!(
+        target["deliveries"].as_array().unwrap().len(),
+        1,
+        "nothing after the failing webhook was attempted: {target}"
+    );
+    let failing = receiver.received();
+    assert!(failing.len() >= 2);
+    let first_id = failing[0].id().to_owned();
+    assert!(
+        failing
+            .iter()
+            .all(|r| r.id() == first_id && r.answered == 500),
+        "only the head was tried"
+    );
+
+    receiver.set_mode(Mode::Ok);
+    let delivered = receiver
+        .wait_for("three deliveries", |d| d.len() >= 3)
+        .await;
+    let ids: Vec<&Value> = delivered.iter().map(|r| &r.body["connection_id"]).collect();
+    assert_eq!(ids, ["conn-a", "conn-b", "conn-c"], "in log order");
+    assert_eq!(delivered[0].id(), first_id);
+    // The attempts of the head, numbered 1, 2, …, the last one answered 200.
+    let attempts: Vec<usize> = receiver
+        .received()
+        .iter()
+        .filter(|r| r.id() == first_id)
+        .map(|r| r.header("x-grantline-delivery-attempt").parse().unwrap())
+        .collect();
+    assert_eq!(attempts, (1..=attempts.len()).collect::<Vec<_>>());
+    assert_signed(&delivered[0]);
+
+    let target = env
+        .target_when("every delivery recorded", |t| {
+            t["lag"] == 0
+                && t["deliveries"]
+                    .as_array()
+                    .is_some_and(|d| d.len() == 3 && d.iter().all(|d| d["status"] == "delivered"))
+        })
+        .await;
+    assert!(target["last_error"].is_null(), "{target}");
+    let metrics = env.app.get("/metrics").await.text().await.unwrap();
+    let sample = |result: &str| -> f64 {
+        let prefix = format!("grantline_webhook_deliveries_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(sample("delivered"), 3.0);
+    assert!(sample("failed") >= 2.0);
+    let head = target["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["event_id"] == first_id.as_str())
+        .unwrap();
+    assert_eq!(head["attempts"], attempts.len());
+    assert_eq!(head["last_status"], 200);
+    assert!(head["last_error"].as_str().unwrap().contains("HTTP 500"));
+    let counters = env.state.webhooks.as_ref().unwrap().counters();
+    assert_eq!(counters.delivered.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        counters.failed_attempts.load(Ordering::Relaxed),
+        attempts.len() as u64 - 1
+    );
+}
+
+// --- the binary, killed mid-delivery -----------------------------------------------------------
+
+/// The `grantline` binary serving on a random port, killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    /// Starts the binary on `db` delivering to `url`, and waits until it listens.
+    async fn start(db_url: &str, key: &str, url: &str) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("GRANTLINE_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--roles", "api,projections,webhooks"])
+            .args(["--webhook-timeout", "3s", "--webhook-backoff", "100ms"])
+            .env("GRANTLINE_DATABASE_URL", db_url)
+            .env("GRANTLINE_ENCRYPTION_KEY", key)
+            .env("GRANTLINE_WEBHOOK_URLS", url)
+            .env("GRANTLINE_WEBHOOK_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let port = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut port = None;
+            for line in lines.by_ref() {
+                let line = line.unwrap();
+                if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                    && entry["message"] == "grantline listening"
+                {
+                    port = entry["port"].as_u64();
+                    break;
+                }
+            }
+            // Keep draining, so the server never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            port
+        })
+        .await
+        .unwrap();
+        let Some(port) = port else {
+            let _ = child.kill();
+            panic!("the server did not start");
+        };
+        Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown, no lease handed back.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn post_json(client: &reqwest::Client, server: &Server, path: &str, body: Value) {
+    let response = client
+        .post(format!("{}{path}", server.address))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+}
+
+async fn import(client: &reqwest::Client, server: &Server, id: &str) {
+    post_json(
+        client,
+        server,
+        "/connection",
+        json!({"provider_config_key": "github", "connection_id": id,
+            "access_token": format!("token-of-{id}")}),
+    )
+    .await;
+}
+
+async fn crash(db: &TestDatabase) {
+    let receiver = Receiver::start().await;
+    // Three webhooks go through; the fourth hangs until the server is gone.
+    receiver.set_mode(Mode::HangAfter(3));
+    let key = new_key();
+    let client = reqwest::Client::new();
+    let server = Server::start(db.url(), &key, &receiver.url).await;
+    post_json(
+        &client,
+        &server,
+        "/config",
+        json!({"provider_config_key": "github", "provider": "github",
+            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
+    )
+    .await;
+    for n in 0..5 {
+        import(&client, &server, &format!("c{n}")).await;
+    }
+    for n in [1, 3] {
+        let response = client
+            .delete(format!(
+                "{}/connection/c{n}?provider_config_key=github",
+                server.address
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while receiver.hanging() == 0 {
+        assert!(Instant::now() < deadline, "no delivery hung");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    assert_eq!(receiver.delivered().len(), 3);
+
+    receiver.set_mode(Mode::Ok);
+    receiver.release_hanging();
+    let server = Server::start(db.url(), &key, &receiver.url).await;
+    import(&client, &server, "c5").await;
+
+    // Every connection event with a webhook, per stream in stream order.
+    let (pg, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows = pg
+        .query(
+            "SELECT stream_id, event_id FROM events WHERE event_type IN \
+             ('ConnectionAuthorized', 'ConnectionDeleted') ORDER BY stream_id, stream_version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for row in &rows {
+        let id: uuid::Uuid = row.get(1);
+        expected.entry(row.get(0)).or_default().push(id.to_string());
+    }
+    assert_eq!(rows.len(), 8, "six creations and two deletions");
+    let delivered = receiver
+        .wait_for("every event delivered", |d| {
+            rows.iter().all(|row| {
+                let id: uuid::Uuid = row.get(1);
+                d.iter().any(|r| r.id() == id.to_string())
+            })
+        })
+        .await;
+    // In order per connection: each event's first delivery after its predecessor's.
+    let first_delivery = |id: &str| delivered.iter().position(|r| r.id() == id).unwrap();
+    for (stream, ids) in &expected {
+        let order: Vec<usize> = ids.iter().map(|id| first_delivery(id)).collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{stream} out of order: {order:?}"
+        );
+    }
+    for request in &delivered {
+        assert_signed(request);
+    }
+    // The webhook cut short by the kill was sent again, as attempt 2 or later.
+    let hung = receiver
+        .received()
+        .into_iter()
+        .find(|r| r.answered == 0)
+        .unwrap();
+    let redelivered = delivered.iter().find(|r| r.id() == hung.id()).unwrap();
+    assert!(
+        redelivered
+            .header("x-grantline-delivery-attempt")
+            .parse::<u32>()
+            .unwrap()
+            >= 2
+    );
+    drop(server);
+}
