@@ -146,6 +146,14 @@ fn parse_config(body: &Value) -> Result<(String, IntegrationConfig), ApiError> {
     ))
 }
 
+/// Refuses a provider the catalog has no template for: a connect flow could never use it.
+fn known_provider(state: &AppState, config: &IntegrationConfig) -> Result<(), ApiError> {
+    match state.catalog.get(&config.provider) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::UnknownProviderTemplate(config.provider.clone())),
+    }
+}
+
 /// Scopes as a list or a string separated by commas or spaces.
 fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     let split = |s: &str| -> Vec<String> {
@@ -180,7 +188,7 @@ fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     request_body = super::openapi::ConfigInput,
     responses(
         (status = 200, description = "Created", body = super::openapi::ConfigCreated),
-        (status = 400, description = "A field is missing (`missing_*`) or invalid", body = super::error::ErrorBody),
+        (status = 400, description = "A field is missing (`missing_*`) or invalid, or the provider has no template (`unknown_provider_template`)", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 409, description = "The key exists already (`duplicate_provider_config`)", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
@@ -192,6 +200,7 @@ pub async fn create_config(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let (key, config) = parse_config(&body)?;
+    known_provider(&state, &config)?;
     let id = integrations::create(&state, &key, config).await?;
     Ok(Json(json!({ "config_id": id, "provider_config_key": key })))
 }
@@ -204,7 +213,7 @@ pub async fn create_config(
     request_body = super::openapi::ConfigInput,
     responses(
         (status = 200, description = "Replaced", body = super::openapi::Success),
-        (status = 400, description = "A field is missing or invalid, or there is no such config (`unknown_provider_config`)", body = super::error::ErrorBody),
+        (status = 400, description = "A field is missing or invalid, the provider has no template (`unknown_provider_template`), or there is no such config (`unknown_provider_config`)", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
@@ -215,6 +224,7 @@ pub async fn update_config(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let (key, config) = parse_config(&body)?;
+    known_provider(&state, &config)?;
     integrations::update(&state, &key, config).await?;
     Ok(Json(json!({ "success": true })))
 }

@@ -40,6 +40,10 @@ pub enum ApiError {
     /// 404: the integration named in the path does not exist.
     #[error("no provider config with key {0:?}")]
     ProviderConfigNotFound(String),
+    /// 400: the `provider` of a config is not a template of the catalog (built-in or
+    /// `GRANTLINE_PROVIDERS_FILE`).
+    #[error("unknown provider template {0:?}")]
+    UnknownProviderTemplate(String),
     /// 409: an integration with this key exists already.
     #[error("a provider config with key {0:?} exists already")]
     DuplicateProviderConfig(String),
@@ -118,6 +122,7 @@ impl ApiError {
             Self::DuplicateProviderConfig(_) => (S::CONFLICT, "duplicate_provider_config"),
             Self::MissingConnection => (S::BAD_REQUEST, "missing_connection"),
             Self::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection"),
+            Self::UnknownProviderTemplate(_) => (S::BAD_REQUEST, "unknown_provider_template"),
             Self::MissingField { code, .. } => (S::BAD_REQUEST, code),
             Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
@@ -146,6 +151,7 @@ impl ApiError {
             Self::UnknownProviderConfig(key)
             | Self::ProviderConfigNotFound(key)
             | Self::DuplicateProviderConfig(key) => json!({ "provider_config_key": key }),
+            Self::UnknownProviderTemplate(provider) => json!({ "provider": provider }),
             Self::RefreshFailed(failure) => failure_payload(failure, None),
             Self::RefreshRetrying { failure, retry_at } => {
                 failure_payload(failure, Some(*retry_at))

@@ -618,6 +618,21 @@ fn cases() -> Vec<Case> {
         ),
         post(
             "/config",
+            config_body(json!({ "provider": "no-such-provider" })),
+            400,
+            "unknown_provider_template",
+        ),
+        case(
+            Method::PUT,
+            "/config",
+            Body::Json(config_body(
+                json!({ "provider_config_key": "gh", "provider": "no-such-provider" }),
+            )),
+            400,
+            "unknown_provider_template",
+        ),
+        post(
+            "/config",
             config_body(json!({ "oauth_client_id": null })),
             400,
             "missing_client_id",

@@ -52,6 +52,8 @@ struct Env {
     fake: FakeProvider,
     browser: reqwest::Client,
     secret_key: bool,
+    /// The master key, for a second instance on the same database.
+    key: String,
     _dir: tempfile::TempDir,
 }
 
@@ -132,6 +134,7 @@ async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
             .build()
             .unwrap(),
         secret_key: extra.contains(&"--secret-key"),
+        key: key.clone(),
         _dir: dir,
     };
     for (key, provider, scopes) in [
@@ -852,7 +855,51 @@ async fn connect_refuses_unknown_integrations_templates_and_missing_ids(db: &Tes
         "provider_config_err",
     )
     .await;
-    env.create_config("ghost", "no-such-template", "a").await;
+    // The API refuses a config whose provider has no template...
+    let response = env
+        .app
+        .post_json(
+            "/config",
+            &json!({"provider_config_key": "ghost", "provider": "no-such-template",
+                    "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET}),
+        )
+        .await;
+    crate::assert_error(response, 400, "unknown_provider_template").await;
+    // ...but a template can vanish from the providers file after its config was made (here by
+    // an instance that had it): connect then refuses the config.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("providers.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}vanishing:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  \
+             token_url: {base}/token\n",
+            providers_yaml(&env.fake.base),
+            base = env.fake.base
+        ),
+    )
+    .unwrap();
+    let other = spawn_config(serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        &env.key,
+        "--providers-file",
+        file.to_str().unwrap(),
+    ]))
+    .await;
+    ok_json(
+        other
+            .post_json(
+                "/config",
+                &json!({"provider_config_key": "ghost", "provider": "vanishing",
+                        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET}),
+            )
+            .await,
+    )
+    .await;
     error_page(
         env.connect("ghost", "connection_id=user-1").await,
         "unknown_config_key",
