@@ -32,6 +32,31 @@ mod postgres_only {
     async fn the_logs_of_a_full_flow_hold_request_ids_and_no_secret() {
         super::log_scan().await;
     }
+
+    #[tokio::test]
+    async fn metrics_show_how_long_an_open_transaction_has_held_the_log_back() {
+        super::horizon_age().await;
+    }
+}
+
+/// An open transaction with an xid holds back every log reader; `/metrics` shows for how long.
+async fn horizon_age() {
+    let db = TestDatabase::postgres().await;
+    let app = spawn_app(&db, &new_key()).await;
+    let (blocker, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let age = samples(&text)["grantline_log_horizon_age_seconds"];
+    // Other tests' transactions may be older still; this one is at least this old.
+    assert!(age >= 1.0, "horizon age {age}");
+    blocker.batch_execute("COMMIT").await.unwrap();
 }
 
 const HISTOGRAM: &str = "grantline_http_request_duration_seconds";

@@ -130,6 +130,24 @@ pub(super) fn latest_migration() -> i64 {
 }
 
 impl PostgresStore {
+    /// How long the oldest transaction holding an xid anywhere in the cluster has been open
+    /// (0 when none is). Log readers see events only below the oldest running xid, so this is
+    /// how far behind every projection, cache follower and webhook may be held. Needs the
+    /// `pg_read_all_stats` role (or superuser) to see other users' sessions.
+    pub async fn horizon_age_seconds(&self) -> Result<f64, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT coalesce(extract(epoch FROM clock_timestamp() - min(xact_start)), 0)::float8 \
+                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+
     /// The highest migration version applied to the database (0: none).
     pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
         let row = self
