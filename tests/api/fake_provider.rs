@@ -113,6 +113,23 @@ pub struct FakeProvider {
 }
 
 impl FakeProvider {
+    /// A providers file (in a new temporary directory, kept while the `TempDir` lives) with one
+    /// OAuth 2 template named `fake` pointing at this provider, plus `extra` YAML lines of it.
+    pub fn providers_file(&self, extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("providers.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
+                 {base}/token\n{extra}",
+                base = self.base
+            ),
+        )
+        .unwrap();
+        (dir, file)
+    }
+
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {

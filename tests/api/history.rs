@@ -29,17 +29,7 @@ struct Env {
 
 async fn env(db: &TestDatabase) -> Env {
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("providers.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
-             {base}/token\n",
-            base = fake.base
-        ),
-    )
-    .unwrap();
+    let (dir, file) = fake.providers_file("");
     let key = new_key();
     let (app, _) = crate::spawn_with_state(serve_config(&[
         "--listen",

@@ -424,17 +424,7 @@ fn request_id(response: &reqwest::Response) -> String {
 async fn log_scan() {
     let db = TestDatabase::postgres().await;
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let providers = dir.path().join("providers.yaml");
-    std::fs::write(
-        &providers,
-        format!(
-            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
-             {base}/token\n",
-            base = fake.base
-        ),
-    )
-    .unwrap();
+    let (_dir, providers) = fake.providers_file("");
     let encryption_key = new_key();
     let secret_key = format!("observe-secret-{}", uuid::Uuid::new_v4().simple());
     let server = Server::start(

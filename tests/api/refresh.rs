@@ -67,17 +67,7 @@ struct Env {
 
 async fn env(db: &TestDatabase, instances: usize, extra: &[&str]) -> Env {
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("providers.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
-             {base}/token\n  refresh_params:\n    audience: api\n",
-            base = fake.base
-        ),
-    )
-    .unwrap();
+    let (dir, file) = fake.providers_file("  refresh_params:\n    audience: api\n");
     let key = new_key();
     let mut apps = Vec::new();
     let mut states = Vec::new();

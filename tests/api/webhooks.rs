@@ -283,17 +283,7 @@ struct Env {
 
 async fn env(db: &TestDatabase, receiver: &Receiver, backoff: &str) -> Env {
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("providers.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
-             {base}/token\n",
-            base = fake.base
-        ),
-    )
-    .unwrap();
+    let (dir, file) = fake.providers_file("");
     let key = new_key();
     let config = serve_config(&[
         "--listen",
