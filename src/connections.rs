@@ -155,7 +155,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
         .await?
         .ok_or_else(|| ApiError::UnknownProviderConfig(key.clone()))?;
     let now = Utc::now();
-    let mut loaded = state
+    let loaded = state
         .commands
         .authorize_connection(AuthorizeConnection {
             provider_config_key: key.clone(),
@@ -166,22 +166,10 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             scopes: integration.integration.oauth_scopes.clone(),
             connection_config: import.connection_config,
             now,
+            metadata: import.metadata,
         })
         .await
         .map_err(|e| command_error(e, &key, &id))?;
-    if let Some(metadata) = import.metadata {
-        loaded = state
-            .commands
-            .set_metadata(
-                &key,
-                &id,
-                Value::Object(metadata),
-                MetadataMode::Replace,
-                now,
-            )
-            .await
-            .map_err(|e| command_error(e, &key, &id))?;
-    }
     let connection = publish(state, &loaded).await?;
     Ok(ConnectionView {
         connection: Arc::new(ConnectionRecord {

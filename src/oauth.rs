@@ -735,6 +735,7 @@ async fn finish(
             scopes: granted.unwrap_or_else(|| session.scopes.clone()),
             connection_config,
             now: Utc::now(),
+            metadata: None,
         })
         .await
         .map_err(|e| crate::http::error::command_error(e, key, &session.connection_id))?;

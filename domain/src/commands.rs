@@ -172,6 +172,9 @@ pub struct AuthorizeConnection {
     pub connection_config: Map<String, Value>,
     /// When the authorization completed.
     pub now: DateTime<Utc>,
+    /// Metadata to set (replacing what is there) in the same append: an import that carries
+    /// metadata is recorded whole or not at all.
+    pub metadata: Option<Map<String, Value>>,
 }
 
 /// Take a connection's refresh lease.
@@ -303,7 +306,20 @@ impl Commands {
                     fingerprints: fingerprints.clone(),
                     now: command.now,
                 };
-                Ok(connection::decide(state, authorize)?)
+                let mut events = connection::decide(state, authorize)?;
+                if let Some(metadata) = &command.metadata {
+                    let mut authorized = state.clone();
+                    for event in &events {
+                        connection::apply(&mut authorized, event);
+                    }
+                    let set = ConnectionCommand::SetMetadata {
+                        metadata: Value::Object(metadata.clone()),
+                        mode: MetadataMode::Replace,
+                        now: command.now,
+                    };
+                    events.extend(connection::decide(&authorized, set)?);
+                }
+                Ok(events)
             })
             .await?;
         tracing::Span::current().record("stream_version", loaded.version);

@@ -27,6 +27,7 @@ grantline_domain::on_both_backends!(
     deletion_shreds_every_generation_and_a_second_delete_is_rejected,
     twenty_concurrent_metadata_merges_on_one_connection_all_land,
     an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed,
+    an_import_with_metadata_is_one_append,
 );
 
 const KEY: &str = "github-prod";
@@ -80,6 +81,7 @@ fn import(credentials: Credentials, now: DateTime<Utc>) -> AuthorizeConnection {
         scopes: vec!["repo".to_owned()],
         connection_config,
         now,
+        metadata: None,
     }
 }
 
@@ -601,4 +603,32 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
             .unwrap(),
         ClientSecret::new(SECRET_1)
     );
+}
+
+/// An import that carries metadata appends the authorization and the metadata together: one
+/// append, so it is recorded whole or not at all.
+async fn an_import_with_metadata_is_one_append(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    let mut metadata = Map::new();
+    metadata.insert("team".to_owned(), json!("core"));
+    let mut command = import(oauth2(ACCESS, REFRESH), at(0));
+    command.metadata = Some(metadata.clone());
+    let loaded = commands.authorize_connection(command).await.unwrap();
+    assert_eq!(loaded.version, 2);
+    let Connection::Active(active) = &loaded.state else {
+        panic!("not active: {:?}", loaded.state);
+    };
+    assert_eq!(active.metadata, metadata);
+
+    let recorded = commands
+        .backend()
+        .events()
+        .read_stream(&connection::stream_id(KEY, ID), 0)
+        .await
+        .unwrap();
+    let types: Vec<&str> = recorded.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["ConnectionAuthorized", "MetadataSet"]);
+    // Consecutive positions of one append (PostgreSQL: also one transaction).
+    assert_eq!(recorded[1].position.global, recorded[0].position.global + 1);
+    assert_eq!(recorded[1].position.commit, recorded[0].position.commit);
 }

@@ -70,6 +70,7 @@ impl Fixture {
                 scopes: vec![],
                 connection_config: serde_json::Map::new(),
                 now: Utc::now(),
+                metadata: None,
             })
             .await
             .unwrap();
