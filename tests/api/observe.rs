@@ -51,11 +51,12 @@ async fn horizon_age() {
         .batch_execute("BEGIN; SELECT pg_current_xact_id();")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Held briefly: the horizon is the whole cluster's, so this stalls every test's readers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let text = app.get("/metrics").await.text().await.unwrap();
     let age = samples(&text)["grantline_log_horizon_age_seconds"];
     // Other tests' transactions may be older still; this one is at least this old.
-    assert!(age >= 1.0, "horizon age {age}");
+    assert!(age >= 0.3, "horizon age {age}");
     blocker.batch_execute("COMMIT").await.unwrap();
 }
 
