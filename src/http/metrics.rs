@@ -156,7 +156,19 @@ async fn oldest_unapplied(
     events.first().map(|event| event.recorded_at)
 }
 
-/// The metrics text.
+/// The metrics text: HTTP latency, projections, the log horizon, the refresh service, the
+/// scheduler and webhooks, in the Prometheus text format (0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(
+        (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4",
+            body = String),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let refresh = state.refresh.counters();

@@ -36,7 +36,7 @@ const CURRENT_FAMILY: &str = "/connections";
     paths(
         super::health,
         super::projections_status,
-        metrics,
+        super::metrics::metrics,
         openapi_json,
         super::connection::list_connections,
         super::connection::import_connection,
@@ -172,23 +172,6 @@ fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut
     .into_iter()
     .filter_map(Option::as_mut)
 }
-
-/// Counters of the refresh service and the scheduler in the Prometheus text format (0.0.4).
-///
-/// Served by `super::metrics::metrics`; documented here, as that module is not annotated.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "service",
-    responses(
-        (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4",
-            body = String),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
-    ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
-)]
-#[allow(dead_code)]
-fn metrics() {}
 
 static DOCUMENT: OnceLock<Result<String, String>> = OnceLock::new();
 
