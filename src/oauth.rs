@@ -1014,8 +1014,10 @@ fn shorten(text: &str) -> String {
 }
 
 /// The WebSocket clients of this process waiting for a flow's outcome (reference §3.4), by the
-/// `ws_client_id` they were given on connecting. An outcome reaches a client only if its socket
-/// is held by the instance that serves the callback.
+/// `ws_client_id` they were given on connecting. A client's socket and its flow's callback may
+/// be served by different instances: an outcome for a client this instance does not hold is
+/// relayed to every instance (PostgreSQL NOTIFY, [`report_success`], [`run_socket_relay`]),
+/// and the one holding the socket delivers it. Outcomes carry ids and error types, no secret.
 #[derive(Debug)]
 pub struct Sockets {
     clients: Mutex<HashMap<String, mpsc::Sender<String>>>,
@@ -1081,38 +1083,112 @@ impl Sockets {
         sender.is_some_and(|sender| sender.try_send(message).is_ok())
     }
 
-    /// Tells the flow's WebSocket client, if it has one, that the flow succeeded.
-    pub fn notify_success(&self, done: &Completed) {
-        if let Some(id) = &done.report.ws_client_id {
-            let message = serde_json::json!({
-                "message_type": "success",
-                "provider_config_key": done.provider_config_key,
-                "connection_id": done.connection_id,
-            });
-            self.deliver(id, message);
-        }
+    /// The message telling the flow's WebSocket client, if it has one, that the flow succeeded.
+    fn success_message(done: &Completed) -> Option<Relayed> {
+        let id = done.report.ws_client_id.as_ref()?;
+        let message = serde_json::json!({
+            "message_type": "success",
+            "provider_config_key": done.provider_config_key,
+            "connection_id": done.connection_id,
+        });
+        Some(Relayed {
+            ws_client_id: id.clone(),
+            message: message.to_string(),
+        })
     }
 
-    /// Tells the flow's WebSocket client, if it has one, that the flow failed.
-    pub fn notify_failure(&self, failure: &Failure) {
-        if let Some(id) = &failure.report.ws_client_id {
-            let message = serde_json::json!({
-                "message_type": "error",
-                "provider_config_key": failure.report.provider_config_key,
-                "connection_id": failure.report.connection_id,
-                "error_type": failure.error.error_type(),
-                "error_desc": failure.error.to_string(),
-            });
-            self.deliver(id, message);
-        }
+    /// The message telling the flow's WebSocket client, if it has one, that the flow failed.
+    fn failure_message(failure: &Failure) -> Option<Relayed> {
+        let id = failure.report.ws_client_id.as_ref()?;
+        let message = serde_json::json!({
+            "message_type": "error",
+            "provider_config_key": failure.report.provider_config_key,
+            "connection_id": failure.report.connection_id,
+            "error_type": failure.error.error_type(),
+            "error_desc": failure.error.to_string(),
+        });
+        Some(Relayed {
+            ws_client_id: id.clone(),
+            message: message.to_string(),
+        })
     }
+}
 
-    fn deliver(&self, id: &str, message: Value) {
-        if !self.send(id, message.to_string()) {
-            tracing::debug!(
-                ws_client_id = id,
-                "no such WebSocket client on this instance"
-            );
+/// An outcome on its way to a WebSocket client, as relayed between instances.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Relayed {
+    ws_client_id: String,
+    message: String,
+}
+
+/// Tells the flow's WebSocket client, if it has one, that the flow succeeded.
+pub async fn report_success(state: &AppState, done: &Completed) {
+    if let Some(relayed) = Sockets::success_message(done) {
+        report(state, relayed).await;
+    }
+}
+
+/// Tells the flow's WebSocket client, if it has one, that the flow failed.
+pub async fn report_failure(state: &AppState, failure: &Failure) {
+    if let Some(relayed) = Sockets::failure_message(failure) {
+        report(state, relayed).await;
+    }
+}
+
+/// Delivers to a socket of this instance, else relays to the others.
+async fn report(state: &AppState, relayed: Relayed) {
+    if state
+        .oauth
+        .sockets
+        .send(&relayed.ws_client_id, relayed.message.clone())
+    {
+        return;
+    }
+    let Backend::Postgres(store) = &state.backend else {
+        tracing::debug!(
+            ws_client_id = relayed.ws_client_id,
+            "no such WebSocket client on this instance"
+        );
+        return;
+    };
+    let payload = match serde_json::to_string(&relayed) {
+        Ok(payload) => payload,
+        Err(e) => {
+            tracing::warn!(error.message = %e, "oauth.relay cannot encode an outcome");
+            return;
+        }
+    };
+    if let Err(e) = store.publish(&payload).await {
+        tracing::warn!(error.message = %e, "oauth.relay cannot reach the other instances");
+    }
+}
+
+/// Delivers the outcomes other instances relay to this instance's WebSocket clients, until
+/// `shutdown` (PostgreSQL only: SQLite runs one instance).
+pub async fn run_socket_relay(state: AppState, shutdown: impl Future<Output = ()>) {
+    let Backend::Postgres(store) = &state.backend else {
+        return;
+    };
+    let mut messages = store.messages();
+    tokio::pin!(shutdown);
+    loop {
+        let payload = tokio::select! {
+            () = &mut shutdown => return,
+            received = messages.recv() => match received {
+                Ok(payload) => payload,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "oauth.relay fell behind; outcomes were lost");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        // Other kinds of message may share the channel later: skip what is not an outcome.
+        if let Ok(relayed) = serde_json::from_str::<Relayed>(&payload) {
+            state
+                .oauth
+                .sockets
+                .send(&relayed.ws_client_id, relayed.message);
         }
     }
 }

@@ -182,6 +182,15 @@ impl Application {
             }));
         }
         if self.state.config.roles.api {
+            // WebSocket clients are served by API instances; flows finished on another
+            // instance reach them through the relay.
+            let state = self.state.clone();
+            let until = stopping(stopped.clone());
+            workers.push(tokio::spawn(async move {
+                oauth::run_socket_relay(state, until).await;
+            }));
+        }
+        if self.state.config.roles.api {
             let backend = self.state.backend.clone();
             let until = stopping(stopped.clone());
             workers.push(tokio::spawn(async move {

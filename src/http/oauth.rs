@@ -77,7 +77,7 @@ pub async fn connect(
     match oauth::connect(&state, request, Utc::now()).await {
         Ok(authorization_url) => found(&authorization_url),
         Err(failure) => {
-            state.oauth.sockets.notify_failure(&failure);
+            oauth::report_failure(&state, &failure).await;
             failed(&failure.error, &failure.report)
         }
     }
@@ -119,8 +119,8 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
             .collect();
     let outcome = oauth::callback(&state, &pairs, Utc::now()).await;
     match &outcome {
-        Ok(done) => state.oauth.sockets.notify_success(done),
-        Err(failure) => state.oauth.sockets.notify_failure(failure),
+        Ok(done) => oauth::report_success(&state, done).await,
+        Err(failure) => oauth::report_failure(&state, failure).await,
     }
     match outcome {
         Ok(done) => match &done.report.api_redirect_url {

@@ -1053,6 +1053,54 @@ async fn a_websocket_client_hears_the_outcome_of_its_flow(db: &TestDatabase) {
     assert_eq!(other.next().await, None);
 }
 
+/// The WebSocket and the callback may land on different instances behind a load balancer: the
+/// outcome is relayed to the instance holding the socket.
+#[tokio::test]
+async fn a_websocket_on_one_instance_hears_a_flow_finished_on_another() {
+    let db = TestDatabase::postgres().await;
+    let env = env(&db, &[]).await;
+    let providers = env._dir.path().join("providers.yaml");
+    let other = spawn_config(serve_config(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url(),
+        "--encryption-key",
+        &env.key,
+        "--redirect-allowlist",
+        APP_ORIGIN,
+        "--providers-file",
+        providers.to_str().unwrap(),
+    ]))
+    .await;
+    let (mut socket, id) = Socket::open(&other).await;
+    let outcome = env
+        .flow("fake", &format!("connection_id=user-1&ws_client_id={id}"))
+        .await;
+    success_page(outcome, "fake", "user-1").await;
+    assert_eq!(
+        socket.next().await,
+        Some(json!({
+            "message_type": "success",
+            "provider_config_key": "fake",
+            "connection_id": "user-1",
+        }))
+    );
+
+    // A failure at connect on the first instance reaches the socket on the other too.
+    let (mut socket, id) = Socket::open(&other).await;
+    error_page(
+        env.connect("nope", &format!("connection_id=user-2&ws_client_id={id}"))
+            .await,
+        "provider_config_err",
+    )
+    .await;
+    assert_eq!(
+        socket.next().await.unwrap()["error_type"],
+        "provider_config_err"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_providers_file_stops_start_up_naming_the_file_and_entry() {
     let db = TestDatabase::sqlite();

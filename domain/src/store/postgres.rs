@@ -6,7 +6,8 @@
 //! different streams commit in parallel. Readers of the whole log stay below the xid8 horizon
 //! (see the module docs of [`crate::store`]). After each commit a coalescing notifier sends one
 //! `pg_notify` on its own connection, outside the appending transaction, so NOTIFY's queue lock
-//! never serializes commits.
+//! never serializes commits. The same connection also relays short messages between instances
+//! ([`PostgresStore::publish`], [`PostgresStore::messages`]), for what is not in the log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
@@ -34,6 +35,10 @@ mod embedded {
 
 /// The channel commits are announced on.
 const CHANNEL: &str = "grantline_events";
+/// The channel instances send each other messages on.
+const MESSAGE_CHANNEL: &str = "grantline_messages";
+/// Messages kept for a slow local subscriber before it misses some.
+const MESSAGE_BACKLOG: usize = 256;
 /// The shortest time between two NOTIFYs of one instance.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// Key of the transaction advisory lock that serializes master-key activation.
@@ -52,6 +57,8 @@ struct Inner {
     signal: ChangeSignal,
     kick: Arc<Notify>,
     poll_interval: Duration,
+    /// Messages from every instance (this one included), as the notifier receives them.
+    messages: broadcast::Sender<String>,
 }
 
 impl PostgresStore {
@@ -78,15 +85,39 @@ impl PostgresStore {
 
         let signal = ChangeSignal::new();
         let kick = Arc::new(Notify::new());
-        tokio::spawn(notifier(config, signal.sender(), kick.clone()));
+        let (messages, _) = broadcast::channel(MESSAGE_BACKLOG);
+        tokio::spawn(notifier(
+            config,
+            signal.sender(),
+            kick.clone(),
+            messages.clone(),
+        ));
         Ok(Self {
             pool,
             inner: Arc::new(Inner {
                 signal,
                 kick,
                 poll_interval: options.poll_interval,
+                messages,
             }),
         })
+    }
+
+    /// Sends `payload` (under 8000 bytes; never a secret: anyone who can LISTEN sees it) to every
+    /// instance on this database, this one included, through [`PostgresStore::messages`].
+    /// Best effort: an instance whose notifier is reconnecting misses it.
+    pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute("SELECT pg_notify($1, $2)", &[&MESSAGE_CHANNEL, &payload])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The messages instances [`PostgresStore::publish`] from now on.
+    pub fn messages(&self) -> broadcast::Receiver<String> {
+        self.inner.messages.subscribe()
     }
 
     /// The connection pool, for the projections and workers that keep their tables here.
@@ -185,7 +216,12 @@ async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
 
 /// Owns one connection that LISTENs for commits of any instance and sends this instance's
 /// NOTIFYs, coalesced: many appends while one NOTIFY is in flight cost one more NOTIFY.
-async fn notifier(config: tokio_postgres::Config, changes: watch::Sender<u64>, kick: Arc<Notify>) {
+async fn notifier(
+    config: tokio_postgres::Config,
+    changes: watch::Sender<u64>,
+    kick: Arc<Notify>,
+    relay: broadcast::Sender<String>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if changes.is_closed() {
@@ -194,11 +230,16 @@ async fn notifier(config: tokio_postgres::Config, changes: watch::Sender<u64>, k
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
                 let forward = changes.clone();
+                let relay = relay.clone();
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let mut driver = tokio::spawn(async move {
                     while let Some(message) = messages.next().await {
                         match message {
+                            Ok(AsyncMessage::Notification(n)) if n.channel() == MESSAGE_CHANNEL => {
+                                // No local subscriber is not an error.
+                                let _ = relay.send(n.payload().to_owned());
+                            }
                             Ok(AsyncMessage::Notification(_)) => {
                                 forward.send_modify(|n| *n = n.wrapping_add(1));
                             }
@@ -211,7 +252,7 @@ async fn notifier(config: tokio_postgres::Config, changes: watch::Sender<u64>, k
                     }
                 });
                 if client
-                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {MESSAGE_CHANNEL}"))
                     .await
                     .is_ok()
                 {
