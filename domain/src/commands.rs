@@ -271,6 +271,28 @@ impl Commands {
             .await
     }
 
+    /// The connection as of a snapshot of its state at `version` (a read model row), brought to
+    /// the stream's head by folding only the events after it. A refresh then reads a few events
+    /// instead of a stream that grows by two with every refresh for the connection's lifetime.
+    /// The snapshot must be the fold of the stream's first `version` events, as the projections
+    /// write it; the expected-version append fences a command decided on it all the same.
+    pub async fn resume_connection(
+        &self,
+        provider_config_key: &str,
+        connection_id: &str,
+        version: u32,
+        state: Connection,
+    ) -> Result<Loaded<Connection>, CommandError> {
+        let mut loaded = Loaded {
+            stream_id: connection::stream_id(provider_config_key, connection_id),
+            version,
+            state,
+            events: Vec::new(),
+        };
+        self.catch_up(&mut loaded).await?;
+        Ok(loaded)
+    }
+
     /// Records new credentials as the connection's next generation, sealed under a new data key,
     /// with fingerprints of its tokens. Always allowed: also over a live or deleted connection.
     #[tracing::instrument(

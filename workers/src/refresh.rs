@@ -371,11 +371,7 @@ impl RefreshService {
         connection_id: &str,
         trigger: RefreshTrigger,
     ) -> Result<Leased, RefreshError> {
-        let loaded = self
-            .inner
-            .commands
-            .load_connection(provider_config_key, connection_id)
-            .await?;
+        let loaded = self.inner.head(provider_config_key, connection_id).await?;
         self.inner.lease(loaded, trigger).await
     }
 
@@ -454,11 +450,8 @@ impl Inner {
         let forced = trigger == RefreshTrigger::Force;
         let requested_at = Utc::now();
         for _ in 0..MAX_ROUNDS {
-            // 1. The head.
-            let loaded = self
-                .commands
-                .load_connection(provider_config_key, connection_id)
-                .await?;
+            // 1. The head: from the read model's snapshot plus the events after it.
+            let loaded = self.head(provider_config_key, connection_id).await?;
             let now = Utc::now();
             let active = match &loaded.state {
                 Connection::Active(active) => active,
@@ -517,6 +510,46 @@ impl Inner {
         Err(RefreshError::Internal(format!(
             "the connection kept changing; gave up after {MAX_ROUNDS} rounds"
         )))
+    }
+
+    /// The connection at its stream's head. It starts from the connections read model's snapshot
+    /// when there is one (the stream only grows, so folding it whole gets slower with every
+    /// refresh), else (not projected yet, deleted, or the read model failing) from the stream.
+    async fn head(
+        &self,
+        provider_config_key: &str,
+        connection_id: &str,
+    ) -> Result<Loaded<Connection>, RefreshError> {
+        let snapshot = projections::queries::find_connection(
+            self.commands.backend(),
+            provider_config_key,
+            connection_id,
+        )
+        .await;
+        let loaded = match snapshot {
+            Ok(Some(record)) => {
+                self.commands
+                    .resume_connection(
+                        provider_config_key,
+                        connection_id,
+                        record.version,
+                        Connection::Active(record.connection),
+                    )
+                    .await?
+            }
+            Ok(None) => {
+                self.commands
+                    .load_connection(provider_config_key, connection_id)
+                    .await?
+            }
+            Err(error) => {
+                tracing::warn!(error.message = %error, "refresh.head cannot read the snapshot; folding the stream");
+                self.commands
+                    .load_connection(provider_config_key, connection_id)
+                    .await?
+            }
+        };
+        Ok(loaded)
     }
 
     /// Takes the lease on `loaded` (one attempt). A lost race is [`RefreshError::LeaseLost`].

@@ -28,6 +28,7 @@ grantline_domain::on_both_backends!(
     twenty_concurrent_metadata_merges_on_one_connection_all_land,
     an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed,
     an_import_with_metadata_is_one_append,
+    resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load,
 );
 
 const KEY: &str = "github-prod";
@@ -631,4 +632,34 @@ async fn an_import_with_metadata_is_one_append(db: &TestDatabase) {
     // Consecutive positions of one append (PostgreSQL: also one transaction).
     assert_eq!(recorded[1].position.global, recorded[0].position.global + 1);
     assert_eq!(recorded[1].position.commit, recorded[0].position.commit);
+}
+
+/// A refresh starts from the read model's snapshot and folds only the events after it: the
+/// result is the state a fold of the whole stream gives.
+async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+    let snapshot = commands.load_connection(KEY, ID).await.unwrap();
+    for n in 0..5 {
+        commands
+            .set_metadata(KEY, ID, json!({ "n": n }), MetadataMode::Merge, at(n + 1))
+            .await
+            .unwrap();
+    }
+    commands
+        .authorize_connection(import(oauth2(ACCESS_2, REFRESH_2), at(10)))
+        .await
+        .unwrap();
+    let full = commands.load_connection(KEY, ID).await.unwrap();
+    let resumed = commands
+        .resume_connection(KEY, ID, snapshot.version, snapshot.state.clone())
+        .await
+        .unwrap();
+    assert_eq!(snapshot.version, 1);
+    assert_eq!(resumed.version, full.version);
+    assert_eq!(resumed.state, full.state);
+    assert!(resumed.events.is_empty());
 }

@@ -1,0 +1,136 @@
+//! Long-history benchmark: forced refreshes of one connection as its stream grows, on the real
+//! `grantline serve` binary (PostgreSQL, roles api and projections) against the in-process fake
+//! provider without latency. Every refresh appends two events (lease and outcome), so a
+//! connection refreshed hourly gains ~17,500 events a year; a refresh must not slow down with
+//! them. Reports the latency of the first refreshes and of the last ones after thousands, in one
+//! run, and their ratio.
+//!
+//! `cargo bench --bench long_history` (`BENCH_REFRESHES` overrides 5,000).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/api/fake_provider.rs"]
+#[allow(dead_code)]
+mod fake_provider;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use domain::testing::TestDatabase;
+use fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
+use serde_json::{Value, json};
+
+/// Refreshes measured at each end.
+const WINDOW: usize = 200;
+
+fn refreshes() -> usize {
+    std::env::var("BENCH_REFRESHES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5_000)
+        .max(2 * WINDOW)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+fn describe(latencies: &[Duration]) -> (f64, f64) {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    (percentile(&sorted, 0.5), percentile(&sorted, 0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let n = refreshes();
+    let db = TestDatabase::postgres().await;
+    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
+    let fake = FakeProvider::start().await;
+    let (_dir, providers) = fake.providers_file("");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_grantline"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--roles", "api,projections"])
+        .arg("--providers-file")
+        .arg(&providers)
+        .env("GRANTLINE_DATABASE_URL", db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", &key)
+        .env("RUST_LOG", "warn,grantline=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let port = loop {
+        let line = lines.next().expect("the server starts").unwrap();
+        if let Ok(entry) = serde_json::from_str::<Value>(&line)
+            && entry["message"] == "grantline listening"
+        {
+            break entry["port"].as_u64().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{base}/config"))
+        .json(&json!({"provider_config_key": "fake", "provider": "fake",
+            "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    fake.accept_refresh_token("rt-long");
+    let response = client
+        .post(format!("{base}/connection"))
+        .json(
+            &json!({"provider_config_key": "fake", "connection_id": "long",
+            "access_token": "at-long", "refresh_token": "rt-long",
+            "expires_at": chrono::Utc::now().timestamp() + 3600}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let url = format!("{base}/connection/long?provider_config_key=fake&force_refresh=true");
+    let mut latencies = Vec::with_capacity(n);
+    let started = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        response.bytes().await.unwrap();
+        latencies.push(t.elapsed());
+    }
+    let total = started.elapsed();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+
+    let (first_p50, first_p99) = describe(&latencies[..WINDOW]);
+    let (last_p50, last_p99) = describe(&latencies[n - WINDOW..]);
+    println!(
+        "Forced refreshes of one connection, one at a time, fake provider without latency, \
+         PostgreSQL: {n} refreshes in {:.1} s ({:.0}/s); the stream ends at {} events",
+        total.as_secs_f64(),
+        n as f64 / total.as_secs_f64(),
+        1 + 2 * n
+    );
+    println!(
+        "first {WINDOW:<5} (stream    1..{:>6})  p50 {first_p50:>6.2} ms  p99 {first_p99:>6.2} ms",
+        1 + 2 * WINDOW
+    );
+    println!(
+        "last  {WINDOW:<5} (stream {:>6}..{:>6})  p50 {last_p50:>6.2} ms  p99 {last_p99:>6.2} ms",
+        1 + 2 * (n - WINDOW),
+        1 + 2 * n
+    );
+    println!(
+        "last / first p50 {:.2}   provider refresh calls {}",
+        last_p50 / first_p50,
+        fake.refresh_requests()
+    );
+}
