@@ -93,7 +93,12 @@ impl Application {
         // One name per process: the refresh leases it holds and every event it appends carry
         // it, so the audit trail tells instances apart.
         let instance = format!("grantline-{}", uuid::Uuid::new_v4().simple());
-        let commands = Commands::new(backend.clone(), vault).with_instance(&instance);
+        // Loads start from the read models' snapshots: streams grow with every refresh.
+        let commands = Commands::new(backend.clone(), vault)
+            .with_instance(&instance)
+            .with_snapshots(Arc::new(projections::snapshots::ReadModelSnapshots::new(
+                backend.clone(),
+            )));
         let webhooks = open_webhooks(&config, &backend, &instance).await?;
         let catalog = Arc::new(catalog);
         let refresh = RefreshService::new(

@@ -25,6 +25,7 @@
 //! - No plaintext secret appears in an error or a tracing field; spans name the connection by
 //!   `provider_config_key` and `connection_id` only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -59,7 +60,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(2);
 const BACKOFF_CAP: Duration = Duration::from_millis(200);
 
 /// A pure event-sourced aggregate the command service can load and fold.
-pub trait Aggregate: Default + Clone + std::fmt::Debug + Send + Sync {
+pub trait Aggregate: Default + Clone + std::fmt::Debug + Send + Sync + DeserializeOwned {
     /// Its events.
     type Event: DomainEvent + Clone + std::fmt::Debug + Send + Sync;
 
@@ -208,6 +209,20 @@ pub struct IntegrationConfig {
 /// The instance name events carry when none was given.
 pub const UNKNOWN_INSTANCE: &str = "unknown";
 
+/// Kept folds of stream prefixes (the projections' read models), where loading a stream can
+/// start instead of at its first event: streams only grow (a connection gains two events with
+/// every refresh), so folding them whole gets slower for as long as the connection lives.
+///
+/// A snapshot must be the state after the stream's first `version` events, as the aggregate's
+/// own `apply` folds them; the events after it are read and folded on top, and every append
+/// still expects the version it was decided on, so a stale snapshot costs reads, never a wrong
+/// write. A failure to read one is reported as none (the stream is then folded whole).
+#[async_trait::async_trait]
+pub trait Snapshots: Send + Sync + std::fmt::Debug {
+    /// The state of `stream` after its first `version` events, as JSON, if one is kept.
+    async fn snapshot(&self, stream: &StreamId) -> Option<(u32, Value)>;
+}
+
 /// Loads, decides and appends; seals and reveals secrets. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Commands {
@@ -215,6 +230,8 @@ pub struct Commands {
     vault: Vault,
     /// Every appended event's metadata: `{"instance": <this instance's name>}`.
     event_metadata: Value,
+    /// Where loads start, when set (see [`Snapshots`]).
+    snapshots: Option<Arc<dyn Snapshots>>,
 }
 
 impl Commands {
@@ -225,7 +242,14 @@ impl Commands {
             backend,
             vault,
             event_metadata: instance_metadata(UNKNOWN_INSTANCE),
+            snapshots: None,
         }
+    }
+
+    /// The same service, starting loads from `snapshots` where they have one.
+    pub fn with_snapshots(mut self, snapshots: Arc<dyn Snapshots>) -> Self {
+        self.snapshots = Some(snapshots);
+        self
     }
 
     /// The same service, naming `instance` in the metadata of every event it appends (the audit
@@ -269,28 +293,6 @@ impl Commands {
     ) -> Result<Loaded<Connection>, CommandError> {
         self.load(connection::stream_id(provider_config_key, connection_id))
             .await
-    }
-
-    /// The connection as of a snapshot of its state at `version` (a read model row), brought to
-    /// the stream's head by folding only the events after it. A refresh then reads a few events
-    /// instead of a stream that grows by two with every refresh for the connection's lifetime.
-    /// The snapshot must be the fold of the stream's first `version` events, as the projections
-    /// write it; the expected-version append fences a command decided on it all the same.
-    pub async fn resume_connection(
-        &self,
-        provider_config_key: &str,
-        connection_id: &str,
-        version: u32,
-        state: Connection,
-    ) -> Result<Loaded<Connection>, CommandError> {
-        let mut loaded = Loaded {
-            stream_id: connection::stream_id(provider_config_key, connection_id),
-            version,
-            state,
-            events: Vec::new(),
-        };
-        self.catch_up(&mut loaded).await?;
-        Ok(loaded)
     }
 
     /// Records new credentials as the connection's next generation, sealed under a new data key,
@@ -730,6 +732,20 @@ impl Commands {
     /// The stream's state from its first event.
     async fn load<S: Aggregate>(&self, stream_id: StreamId) -> Result<Loaded<S>, CommandError> {
         let mut loaded = Loaded::empty(stream_id);
+        if let Some(snapshots) = &self.snapshots
+            && let Some((version, state)) = snapshots.snapshot(&loaded.stream_id).await
+        {
+            match S::deserialize(state) {
+                Ok(state) => {
+                    loaded.version = version;
+                    loaded.state = state;
+                }
+                Err(error) => tracing::warn!(
+                    error.message = %error,
+                    "commands.load cannot read the snapshot; folding the whole stream"
+                ),
+            }
+        }
         self.catch_up(&mut loaded).await?;
         Ok(loaded)
     }

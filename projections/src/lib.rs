@@ -16,6 +16,7 @@ pub mod cache;
 pub mod model;
 pub mod queries;
 pub mod runner;
+pub mod snapshots;
 mod table;
 
 pub use model::{ConnectionsModel, IntegrationsModel, StateModel};

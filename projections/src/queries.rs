@@ -87,7 +87,7 @@ pub async fn find_integration(
 }
 
 /// `(id, version, state)` of a live row.
-async fn find_row(
+pub(crate) async fn find_row(
     backend: &Backend,
     table: &'static str,
     stream_id: &str,

@@ -512,44 +512,17 @@ impl Inner {
         )))
     }
 
-    /// The connection at its stream's head. It starts from the connections read model's snapshot
-    /// when there is one (the stream only grows, so folding it whole gets slower with every
-    /// refresh), else (not projected yet, deleted, or the read model failing) from the stream.
+    /// The connection at its stream's head (from the read model's snapshot when the command
+    /// service has snapshots, see [`Commands::with_snapshots`]).
     async fn head(
         &self,
         provider_config_key: &str,
         connection_id: &str,
     ) -> Result<Loaded<Connection>, RefreshError> {
-        let snapshot = projections::queries::find_connection(
-            self.commands.backend(),
-            provider_config_key,
-            connection_id,
-        )
-        .await;
-        let loaded = match snapshot {
-            Ok(Some(record)) => {
-                self.commands
-                    .resume_connection(
-                        provider_config_key,
-                        connection_id,
-                        record.version,
-                        Connection::Active(record.connection),
-                    )
-                    .await?
-            }
-            Ok(None) => {
-                self.commands
-                    .load_connection(provider_config_key, connection_id)
-                    .await?
-            }
-            Err(error) => {
-                tracing::warn!(error.message = %error, "refresh.head cannot read the snapshot; folding the stream");
-                self.commands
-                    .load_connection(provider_config_key, connection_id)
-                    .await?
-            }
-        };
-        Ok(loaded)
+        Ok(self
+            .commands
+            .load_connection(provider_config_key, connection_id)
+            .await?)
     }
 
     /// Takes the lease on `loaded` (one attempt). A lost race is [`RefreshError::LeaseLost`].

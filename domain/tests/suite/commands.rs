@@ -634,32 +634,62 @@ async fn an_import_with_metadata_is_one_append(db: &TestDatabase) {
     assert_eq!(recorded[1].position.commit, recorded[0].position.commit);
 }
 
-/// A refresh starts from the read model's snapshot and folds only the events after it: the
-/// result is the state a fold of the whole stream gives.
+/// Snapshots that offer one state for one stream: the state after its first event.
+#[derive(Debug)]
+struct FirstEventSnapshot {
+    stream: StreamId,
+    state: Value,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl grantline_domain::commands::Snapshots for FirstEventSnapshot {
+    async fn snapshot(&self, stream: &StreamId) -> Option<(u32, Value)> {
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (stream == &self.stream).then(|| (1, self.state.clone()))
+    }
+}
+
+/// Loading from a snapshot of an old version folds only the events after it, and reaches the
+/// state a fold of the whole stream gives; commands decided on it append at the right version.
 async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: &TestDatabase) {
     let (commands, _) = commands(db).await;
     commands
         .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
         .await
         .unwrap();
-    let snapshot = commands.load_connection(KEY, ID).await.unwrap();
+    let first = commands.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(first.version, 1);
     for n in 0..5 {
         commands
             .set_metadata(KEY, ID, json!({ "n": n }), MetadataMode::Merge, at(n + 1))
             .await
             .unwrap();
     }
-    commands
-        .authorize_connection(import(oauth2(ACCESS_2, REFRESH_2), at(10)))
-        .await
-        .unwrap();
+    let snapshots = Arc::new(FirstEventSnapshot {
+        stream: connection::stream_id(KEY, ID),
+        state: serde_json::to_value(&first.state).unwrap(),
+        asked: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let from_snapshots = commands.clone().with_snapshots(snapshots.clone());
     let full = commands.load_connection(KEY, ID).await.unwrap();
-    let resumed = commands
-        .resume_connection(KEY, ID, snapshot.version, snapshot.state.clone())
+    let resumed = from_snapshots.load_connection(KEY, ID).await.unwrap();
+    assert_eq!(
+        snapshots.asked.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(resumed.version, 6);
+    assert_eq!(resumed.state, full.state);
+    // A command decided on it appends at the head.
+    let written = from_snapshots
+        .set_metadata(KEY, ID, json!({ "last": true }), MetadataMode::Merge, at(9))
         .await
         .unwrap();
-    assert_eq!(snapshot.version, 1);
-    assert_eq!(resumed.version, full.version);
-    assert_eq!(resumed.state, full.state);
-    assert!(resumed.events.is_empty());
+    assert_eq!(written.version, 7);
+    let Connection::Active(active) = written.state else {
+        panic!("not active");
+    };
+    assert_eq!(active.metadata["n"], 4);
+    assert_eq!(active.metadata["last"], true);
 }
