@@ -30,7 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projections(ProjectionsCommand::Status(args)) => {
             let config = args.validate()?;
-            telemetry::init(LogFormat::Text);
+            telemetry::init_tool();
             let (backend, _) = open_storage(&config).await?;
             let statuses = projections::Runner::new(backend).status().await?;
             println!(
@@ -51,7 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projections(ProjectionsCommand::Rebuild { name, database }) => {
             let config = database.validate()?;
-            telemetry::init(LogFormat::Text);
+            telemetry::init_tool();
             let (backend, _) = open_storage(&config).await?;
             let started = std::time::Instant::now();
             let bar = progress(format!("events replayed into {name}"));
@@ -68,7 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(KeysCommand::Rotate(args)) => {
             let config = args.validate()?;
-            telemetry::init(LogFormat::Text);
+            telemetry::init_tool();
             let (_, vault) = open_storage(&config).await?;
             let bar = progress("data keys re-wrapped".to_owned());
             let report = vault.rotate(500, |n| bar.set_position(n)).await;
@@ -83,7 +83,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::History(args) => {
             let config = args.database.validate()?;
-            telemetry::init(LogFormat::Text);
+            telemetry::init_tool();
             let (backend, _) = open_storage(&config).await?;
             let entries =
                 crate::history::load(&backend, &args.provider_config_key, &args.connection_id)
@@ -108,7 +108,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database,
         }) => {
             let config = database.validate()?;
-            telemetry::init(LogFormat::Text);
+            telemetry::init_tool();
             let shutdown = shutdown_signal();
             let (backend, _) = open_storage(&config).await?;
             let mut out = std::io::stdout();
