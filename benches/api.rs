@@ -1,10 +1,11 @@
 //! API benchmark: `GET /connection/:id` with a fresh token on the real `grantline serve` binary
-//! (PostgreSQL backend), 32 connections for 15 s with `wrk`: once with the open API, once with a
-//! secret key (every request authenticated, as production runs it), beside a bare axum handler
-//! that returns the same JSON bytes from memory (the ceiling), in one run. Also the server's peak
-//! RSS.
+//! (PostgreSQL backend), 32 connections with `wrk`: the open API, the API with a secret key
+//! (every request authenticated, as production runs it) and a bare axum handler that returns the
+//! same JSON bytes from memory (the ceiling), measured in turn for several rounds in one run, so
+//! the machine's drift hits all three; medians are reported. Also the server's peak RSS.
 //!
-//! `cargo bench --bench api` (needs `wrk`: `apt-get install wrk`; `BENCH_SECONDS` overrides 15).
+//! `cargo bench --bench api` (needs `wrk`: `apt-get install wrk`; `BENCH_SECONDS` overrides 10 s
+//! per phase, `BENCH_ROUNDS` the 3 rounds).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -29,7 +30,22 @@ fn seconds() -> u64 {
     std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(15)
+        .unwrap_or(10)
+}
+
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+/// The median of `value` over `results`.
+fn median(results: &[WrkResult], value: impl Fn(&WrkResult) -> f64) -> f64 {
+    let mut values: Vec<f64> = results.iter().map(value).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn parse_latency(text: &str) -> f64 {
@@ -214,44 +230,66 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
+    // Both servers run side by side (the idle one costs nothing); the three targets are
+    // measured in turn, ROUNDS times, so that a slow spell of the machine hits all of them.
+    let secured = Server::start(Some(SECRET)).await;
     let plain = script("open", None);
-    let bench = |url: String, script: std::path::PathBuf| {
-        tokio::task::spawn_blocking(move || wrk(&url, &script))
-    };
-    let grantline = bench(open.base.clone(), plain.clone()).await.unwrap();
+    let with_header = script("secret", Some(&format!("Bearer {SECRET}")));
+    let targets = [
+        ("grantline", open.base.clone(), plain.clone()),
+        (
+            "grantline secret key",
+            secured.base.clone(),
+            with_header.clone(),
+        ),
+        (
+            "bare axum (ceiling)",
+            format!("http://127.0.0.1:{ceiling_port}"),
+            plain.clone(),
+        ),
+    ];
+    let mut results: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds() {
+        for (i, (_, url, script)) in targets.iter().enumerate() {
+            let (url, script) = (url.clone(), script.clone());
+            let result = tokio::task::spawn_blocking(move || wrk(&url, &script))
+                .await
+                .unwrap();
+            results[i].push(result);
+        }
+    }
     let rss = peak_rss_mb(open.process.id());
     open.stop();
-
-    // The same with a secret key, as production runs it: every request is authenticated.
-    let secured = Server::start(Some(SECRET)).await;
-    let with_header = script("secret", Some(&format!("Bearer {SECRET}")));
-    let authenticated = bench(secured.base.clone(), with_header.clone())
-        .await
-        .unwrap();
     secured.stop();
 
-    let ceiling = bench(format!("http://127.0.0.1:{ceiling_port}"), plain.clone())
-        .await
-        .unwrap();
-
     println!(
-        "GET /connection/:id, {CONNECTIONS} connections, 32 concurrent, {} s each, PostgreSQL",
+        "GET /connection/:id, {CONNECTIONS} connections, 32 concurrent, PostgreSQL; {} rounds of \
+         {} s per target, interleaved; medians (and every round's req/s)",
+        rounds(),
         seconds()
     );
-    for (name, r) in [
-        ("grantline", &grantline),
-        ("grantline secret key", &authenticated),
-        ("bare axum (ceiling)", &ceiling),
-    ] {
+    let medians: Vec<f64> = results
+        .iter()
+        .map(|r| median(r, |r| r.requests_per_second))
+        .collect();
+    for ((name, _, _), rounds) in targets.iter().zip(&results) {
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| format!("{:.0}", r.requests_per_second))
+            .collect();
         println!(
-            "{name:<20} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}",
-            r.requests_per_second, r.p50_ms, r.p99_ms, r.non_2xx
+            "{name:<20} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}   ({})",
+            median(rounds, |r| r.requests_per_second),
+            median(rounds, |r| r.p50_ms),
+            median(rounds, |r| r.p99_ms),
+            rounds.iter().map(|r| r.non_2xx).sum::<u64>(),
+            each.join(", ")
         );
     }
     println!(
         "grantline / ceiling  {:.1}% (with secret key {:.1}%)   server peak RSS {rss:.1} MB",
-        grantline.requests_per_second / ceiling.requests_per_second * 100.0,
-        authenticated.requests_per_second / ceiling.requests_per_second * 100.0
+        medians[0] / medians[2] * 100.0,
+        medians[1] / medians[2] * 100.0
     );
     let _ = std::fs::remove_file(&plain);
     let _ = std::fs::remove_file(&with_header);
