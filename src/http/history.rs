@@ -26,7 +26,7 @@ pub struct HistoryBody {
     connection_id: String,
     /// The events in stream order: `stream_version`, `event_id`, `type`, `recorded_at`,
     /// `generation`, and the fields that apply to the type; never a secret.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<super::openapi::HistoryEntryDoc>)]
     events: Vec<HistoryEntry>,
     next_after: Option<u32>,
 }

@@ -322,6 +322,127 @@ pub struct MetadataAnswer {
     metadata: Map<String, Value>,
 }
 
+/// One entry of a connection's credential history: what happened, when, in which generation,
+/// by which instance and trigger. Fields after `generation` appear only on the entry types they
+/// concern. Never a secret: tokens only as keyed fingerprints.
+#[derive(Serialize, ToSchema)]
+#[schema(as = HistoryEntry)]
+#[allow(dead_code)]
+pub struct HistoryEntryDoc {
+    /// The event's version in the connection's stream (from 1); pages are cut by it.
+    stream_version: u32,
+    #[schema(format = "uuid")]
+    event_id: String,
+    #[serde(rename = "type")]
+    entry_type: HistoryEntryType,
+    #[schema(format = DateTime)]
+    recorded_at: String,
+    /// The authorization generation in force (1 for the first authorization, + 1 for every
+    /// later one, also after a deletion).
+    generation: u32,
+    /// The provider template (authorizations).
+    provider: Option<String>,
+    /// How the credentials were obtained (authorizations).
+    flow: Option<HistoryFlow>,
+    /// `OAUTH2`, `OAUTH1`, `API_KEY` or `BASIC` (authorizations).
+    credentials_type: Option<String>,
+    /// The granted scopes (authorizations).
+    scopes: Option<Vec<String>>,
+    /// When the access token expires; `null` when unknown (authorizations and refreshes).
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    has_refresh_token: Option<bool>,
+    /// 1 after an authorization, + 1 each time the provider returned a new refresh token.
+    refresh_token_generation: Option<u32>,
+    /// Whether the provider returned a new refresh token (refreshes).
+    refresh_token_rotated: Option<bool>,
+    fingerprints: Option<HistoryFingerprints>,
+    /// What started the refresh (leases and their outcomes).
+    trigger: Option<HistoryTrigger>,
+    /// The instance that appended the event (for refresh outcomes: the lease's holder).
+    instance: Option<String>,
+    #[schema(format = "uuid")]
+    lease_id: Option<String>,
+    #[schema(format = DateTime)]
+    lease_expires_at: Option<String>,
+    /// What went wrong (failures); never the provider's free text.
+    error: Option<HistoryError>,
+    /// The mode and the top-level keys set (metadata changes); never the values.
+    metadata: Option<HistoryMetadata>,
+    /// How many data keys the deletion destroyed (deletions).
+    shredded_data_keys: Option<u32>,
+    /// Whether the credentials the event sealed can still be opened (authorizations and
+    /// refreshes): `shredded` once a deletion destroyed their data key.
+    secrets: Option<HistorySecrets>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum HistoryEntryType {
+    ConnectionAuthorized,
+    RefreshLeased,
+    TokensRefreshed,
+    RefreshFailed,
+    MetadataSet,
+    ConnectionDeleted,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum HistoryFlow {
+    Oauth2,
+    Oauth1,
+    Import,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum HistoryTrigger {
+    Read,
+    Schedule,
+    Force,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum HistorySecrets {
+    Sealed,
+    Shredded,
+}
+
+/// Short keyed fingerprints (`fp_` and 16 hex digits, HMAC) of the tokens.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct HistoryFingerprints {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+}
+
+/// A refresh failure as the audit trail shows it.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct HistoryError {
+    /// `permanent` (the grant is gone) or `transient`.
+    class: String,
+    /// The provider's error code, e.g. `invalid_grant`.
+    code: Option<String>,
+    /// The provider's HTTP status, if it answered.
+    provider_status: Option<u16>,
+}
+
+/// A metadata change as the audit trail shows it.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct HistoryMetadata {
+    /// `replace` or `merge`.
+    mode: String,
+    keys: Vec<String>,
+}
+
 /// `{"success": true}`.
 #[derive(ToSchema)]
 #[allow(dead_code)]

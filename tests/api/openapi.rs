@@ -541,6 +541,22 @@ async fn real_answers_match_their_documented_schemas() {
         let (status, body) = call(Method::DELETE, path, None).await;
         check("delete", template, status, &body);
     }
+    // A history with an authorization, metadata changes and the deletion, shredded.
+    let (status, body) = call(
+        Method::GET,
+        "/connections/flat/history?provider_config_key=crm",
+        None,
+    )
+    .await;
+    check("get", "/connections/{connection_id}/history", status, &body);
+    let types: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"connection_deleted"), "{body}");
+    assert!(types.contains(&"metadata_set"), "{body}");
 }
 
 /// Checks `value` against `schema`, the subset of JSON Schema the document uses: `$ref`,
