@@ -558,8 +558,58 @@ pub struct Readiness {
 pub struct WebhooksStatus {
     /// Per target (its URL redacted to scheme, host, port and path): checkpoint, lag, lease
     /// holder, last error and the most recent deliveries. Empty without webhook targets.
-    #[schema(value_type = Vec<Object>)]
-    targets: Vec<Value>,
+    targets: Vec<WebhookTarget>,
+}
+
+/// One webhook target: a URL with its own checkpoint in the log, like a projection.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookTarget {
+    /// Scheme, host, port and path only (a URL may carry credentials).
+    url: String,
+    /// The position of the last event passed (`commit:global`).
+    checkpoint: String,
+    checkpoint_position: i64,
+    head_position: i64,
+    /// Events after the checkpoint (counted up to 10,000).
+    lag: i64,
+    /// The instance delivering to this target, while its lease lasts.
+    lease_holder: Option<String>,
+    #[schema(format = DateTime)]
+    lease_expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    last_error: Option<String>,
+    /// The most recent deliveries, newest first.
+    deliveries: Vec<WebhookDelivery>,
+}
+
+/// The attempts to deliver one event's webhook to one target.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookDelivery {
+    /// The event's id, also the webhook's `id` and `Idempotency-Key`.
+    #[schema(format = "uuid")]
+    event_id: String,
+    /// `connection.created`, `connection.reauthorized`, `connection.deleted`, `refresh.failed`
+    /// or `refresh.recovered`.
+    event: String,
+    global_position: i64,
+    /// `pending`, `retrying` or `delivered`.
+    status: String,
+    attempts: i64,
+    /// The receiver's last HTTP status, if it answered.
+    last_status: Option<i64>,
+    last_error: Option<String>,
+    #[schema(format = DateTime)]
+    first_attempt_at: String,
+    #[schema(format = DateTime)]
+    last_attempt_at: String,
+    /// When the next attempt is due (`retrying`).
+    #[schema(format = DateTime)]
+    next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
+    delivered_at: Option<String>,
 }
 
 #[cfg(test)]

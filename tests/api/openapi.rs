@@ -47,7 +47,7 @@ async fn spawn(db: &TestDatabase, extra: &[&str]) -> (TestApp, grantline::startu
     spawn_with_state(serve_config(&args)).await
 }
 
-async fn document(app: &TestApp) -> Value {
+pub(crate) async fn document(app: &TestApp) -> Value {
     let response = app.get("/openapi.json").await;
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().unwrap();
@@ -562,7 +562,13 @@ async fn real_answers_match_their_documented_schemas() {
 /// Checks `value` against `schema`, the subset of JSON Schema the document uses: `$ref`,
 /// `oneOf`, `type` (one or a list), `enum`, `required`, `properties` (no undocumented field
 /// unless `additionalProperties` allows it) and `items`.
-fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str, problems: &mut Vec<String>) {
+pub(crate) fn conforms(
+    doc: &Value,
+    schema: &Value,
+    value: &Value,
+    at: &str,
+    problems: &mut Vec<String>,
+) {
     if let Some(reference) = schema["$ref"].as_str() {
         let name = reference.trim_start_matches("#/components/schemas/");
         let target = &doc["components"]["schemas"][name];

@@ -558,6 +558,14 @@ async fn retries(db: &TestDatabase) {
     };
     assert_eq!(sample("delivered"), 3.0);
     assert!(sample("failed") >= 2.0);
+    // The operators' view is what the OpenAPI document says it is.
+    let doc = crate::openapi::document(&env.app).await;
+    let schema = &doc["paths"]["/admin/webhooks"]["get"]["responses"]["200"]["content"]["application/json"]
+        ["schema"];
+    let status = env.app.get_ok("/admin/webhooks").await;
+    let mut problems = Vec::new();
+    crate::openapi::conforms(&doc, schema, &status, "$", &mut problems);
+    assert!(problems.is_empty(), "{problems:?}\n{status}");
     let head = target["deliveries"]
         .as_array()
         .unwrap()
