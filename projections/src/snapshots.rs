@@ -33,7 +33,10 @@ impl Snapshots for ReadModelSnapshots {
             _ => return None,
         };
         match find_row(&self.backend, table, stream.as_str()).await {
-            Ok(row) => row.map(|(_, version, state)| (version, state)),
+            // A row at version 0 would be a state without events: never offer it.
+            Ok(row) => row
+                .filter(|(_, version, _)| *version > 0)
+                .map(|(_, version, state)| (version, state)),
             Err(error) => {
                 tracing::warn!(error.message = %error, "snapshots.read failed; folding the stream");
                 None
