@@ -1,6 +1,7 @@
 //! What each subcommand does.
 
 use anyhow::Context;
+use domain::connection::ConnectionKey;
 
 use crate::config::{Cli, Command, EventsCommand, KeysCommand, LogFormat, ProjectionsCommand};
 use crate::startup::{Application, open_storage};
@@ -85,9 +86,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.database.validate()?;
             telemetry::init_tool();
             let (backend, _) = open_storage(&config).await?;
-            let entries =
-                crate::history::load(&backend, &args.provider_config_key, &args.connection_id)
-                    .await?;
+            let key = ConnectionKey::new(&args.provider_config_key, &args.connection_id);
+            let entries = crate::history::load(&backend, &key).await?;
             if entries.is_empty() {
                 anyhow::bail!(
                     "no connection {:?} for provider config key {:?}: its stream has no events",

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use domain::commands::{AuthorizeConnection, Loaded};
-use domain::connection::{ActiveConnection, Connection, Flow, MetadataMode, RefreshTrigger};
+use domain::connection::{
+    ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger,
+};
 use domain::credentials::Credentials;
 use projections::model::upsert_state;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
@@ -34,16 +36,11 @@ pub struct ConnectionView {
 /// or 424 `connection_refresh_failed`).
 pub async fn get(
     state: &AppState,
-    provider_config_key: &str,
-    connection_id: &str,
+    key: &ConnectionKey,
     force_refresh: bool,
 ) -> Result<ConnectionView, ApiError> {
-    let Some(record) = state
-        .cache
-        .find(&state.backend, provider_config_key, connection_id)
-        .await?
-    else {
-        return Err(missing(state, provider_config_key, connection_id).await);
+    let Some(record) = state.cache.find(&state.backend, key).await? else {
+        return Err(missing(state, key).await);
     };
     let now = Utc::now();
     let active = &record.connection;
@@ -58,11 +55,7 @@ pub async fn get(
         } else {
             RefreshTrigger::Read
         };
-        match state
-            .refresh
-            .refresh(provider_config_key, connection_id, trigger)
-            .await
-        {
+        match state.refresh.refresh(key, trigger).await {
             Ok(fresh) => {
                 let connection = publish(state, &fresh.loaded).await?;
                 return Ok(ConnectionView {
@@ -75,20 +68,18 @@ pub async fn get(
                 });
             }
             Err(RefreshError::NotFound | RefreshError::Deleted) => {
-                state.cache.invalidate(
-                    domain::connection::stream_id(provider_config_key, connection_id).as_str(),
-                );
-                return Err(missing(state, provider_config_key, connection_id).await);
+                state.cache.invalidate(key.stream_id().as_str());
+                return Err(missing(state, key).await);
             }
             Err(RefreshError::Transient { .. })
                 if !force_refresh && active.expires_at.is_some_and(|t| t > now) =>
             {
                 // Still valid: answered below. The failure is in the log; show it.
-                let _ = refresh_read_model(state, provider_config_key, connection_id).await;
+                let _ = refresh_read_model(state, key).await;
             }
             Err(e) => {
                 // The failure is in the log: the read model should show it.
-                let _ = refresh_read_model(state, provider_config_key, connection_id).await;
+                let _ = refresh_read_model(state, key).await;
                 return Err(e.into());
             }
         }
@@ -97,7 +88,7 @@ pub async fn get(
         .commands
         .reveal_credentials(&record.connection)
         .await
-        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+        .map_err(|e| command_error(e, key))?;
     Ok(ConnectionView {
         connection: record,
         credentials,
@@ -105,27 +96,20 @@ pub async fn get(
 }
 
 /// Writes the connection's state as its stream leaves it to the read model.
-async fn refresh_read_model(
-    state: &AppState,
-    provider_config_key: &str,
-    connection_id: &str,
-) -> Result<(), ApiError> {
+async fn refresh_read_model(state: &AppState, key: &ConnectionKey) -> Result<(), ApiError> {
     let loaded = state
         .commands
-        .load_connection(provider_config_key, connection_id)
+        .load_connection(key)
         .await
-        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+        .map_err(|e| command_error(e, key))?;
     write_read_model(state, &loaded).await
 }
 
 /// The error for a connection that is not there: its integration may be missing instead.
-async fn missing(state: &AppState, provider_config_key: &str, connection_id: &str) -> ApiError {
-    match queries::find_integration(&state.backend, provider_config_key).await {
-        Ok(None) => ApiError::UnknownProviderConfig(provider_config_key.to_owned()),
-        Ok(Some(_)) => ApiError::UnknownConnection {
-            connection_id: connection_id.to_owned(),
-            provider_config_key: provider_config_key.to_owned(),
-        },
+async fn missing(state: &AppState, key: &ConnectionKey) -> ApiError {
+    match queries::find_integration(&state.backend, key.provider_config_key()).await {
+        Ok(None) => ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()),
+        Ok(Some(_)) => ApiError::UnknownConnection(key.clone()),
         Err(e) => e.into(),
     }
 }
@@ -140,8 +124,7 @@ pub async fn list(
 /// Existing credentials to record as a connection.
 #[derive(Debug)]
 pub struct Import {
-    pub provider_config_key: String,
-    pub connection_id: String,
+    pub key: ConnectionKey,
     pub credentials: Credentials,
     pub connection_config: Map<String, Value>,
     pub metadata: Option<Map<String, Value>>,
@@ -149,17 +132,15 @@ pub struct Import {
 
 /// Records imported credentials (a new connection, or the next generation of an existing one).
 pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ApiError> {
-    let key = import.provider_config_key.clone();
-    let id = import.connection_id.clone();
-    let integration = queries::find_integration(&state.backend, &key)
+    let key = import.key;
+    let integration = queries::find_integration(&state.backend, key.provider_config_key())
         .await?
-        .ok_or_else(|| ApiError::UnknownProviderConfig(key.clone()))?;
+        .ok_or_else(|| ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()))?;
     let now = Utc::now();
     let loaded = state
         .commands
         .authorize_connection(AuthorizeConnection {
-            provider_config_key: key.clone(),
-            connection_id: id.clone(),
+            key: key.clone(),
             provider: integration.integration.provider.clone(),
             flow: Flow::Import,
             credentials: import.credentials.clone(),
@@ -169,7 +150,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             metadata: import.metadata,
         })
         .await
-        .map_err(|e| command_error(e, &key, &id))?;
+        .map_err(|e| command_error(e, &key))?;
     let connection = publish(state, &loaded).await?;
     Ok(ConnectionView {
         connection: Arc::new(ConnectionRecord {
@@ -190,49 +171,43 @@ pub async fn set_metadata(
     metadata: Map<String, Value>,
     mode: MetadataMode,
 ) -> Result<(), ApiError> {
-    for id in connection_ids {
-        if queries::find_connection(&state.backend, provider_config_key, id)
+    let keys: Vec<ConnectionKey> = connection_ids
+        .iter()
+        .map(|id| ConnectionKey::new(provider_config_key, id))
+        .collect();
+    for key in &keys {
+        if queries::find_connection(&state.backend, key)
             .await?
             .is_none()
         {
-            return Err(missing(state, provider_config_key, id).await);
+            return Err(missing(state, key).await);
         }
     }
     let now = Utc::now();
-    for id in connection_ids {
+    for key in &keys {
         let loaded = state
             .commands
-            .set_metadata(
-                provider_config_key,
-                id,
-                Value::Object(metadata.clone()),
-                mode,
-                now,
-            )
+            .set_metadata(key, Value::Object(metadata.clone()), mode, now)
             .await
-            .map_err(|e| command_error(e, provider_config_key, id))?;
+            .map_err(|e| command_error(e, key))?;
         publish(state, &loaded).await?;
     }
     Ok(())
 }
 
 /// Deletes the connection and shreds its secrets.
-pub async fn delete(
-    state: &AppState,
-    provider_config_key: &str,
-    connection_id: &str,
-) -> Result<(), ApiError> {
-    if queries::find_connection(&state.backend, provider_config_key, connection_id)
+pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ApiError> {
+    if queries::find_connection(&state.backend, key)
         .await?
         .is_none()
     {
-        return Err(missing(state, provider_config_key, connection_id).await);
+        return Err(missing(state, key).await);
     }
     let loaded = state
         .commands
-        .delete_connection(provider_config_key, connection_id, Utc::now())
+        .delete_connection(key, Utc::now())
         .await
-        .map_err(|e| command_error(e, provider_config_key, connection_id))?;
+        .map_err(|e| command_error(e, key))?;
     write_read_model(state, &loaded).await
 }
 

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use chrono::SecondsFormat;
-use domain::connection::{self, ConnectionEvent};
+use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::{DomainEvent, UnreadableEvent};
 use domain::history::{HistoryEntry, HistoryFolder, SecretsState};
 use domain::integration::{self, IntegrationEvent};
@@ -52,14 +52,13 @@ pub enum HistoryError {
 #[tracing::instrument(
     name = "history.load",
     skip_all,
-    fields(provider_config_key = %provider_config_key, connection_id = %connection_id)
+    fields(provider_config_key = %key.provider_config_key(), connection_id = %key.connection_id())
 )]
 pub async fn load(
     backend: &Backend,
-    provider_config_key: &str,
-    connection_id: &str,
+    key: &ConnectionKey,
 ) -> Result<Vec<HistoryEntry>, HistoryError> {
-    let stream = connection::stream_id(provider_config_key, connection_id);
+    let stream = key.stream_id();
     let records = backend.events().read_stream(&stream, 0).await?;
     Ok(domain::history::history(&records)?)
 }

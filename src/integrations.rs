@@ -3,6 +3,7 @@
 
 use chrono::Utc;
 use domain::commands::{IntegrationConfig, Loaded};
+use domain::connection::ConnectionKey;
 use domain::credentials::ClientSecret;
 use domain::integration::{ActiveIntegration, Integration};
 use projections::model::upsert_state;
@@ -10,7 +11,7 @@ use projections::queries::{self, IntegrationRecord};
 use projections::{ConnectionsModel, IntegrationsModel};
 
 use crate::http::ApiError;
-use crate::http::error::command_error;
+use crate::http::error::{command_error, integration_command_error};
 use crate::startup::AppState;
 
 pub async fn list(state: &AppState) -> Result<Vec<IntegrationRecord>, ApiError> {
@@ -31,7 +32,7 @@ pub async fn client_secret(
         .commands
         .reveal_client_secret(integration)
         .await
-        .map_err(|e| command_error(e, &integration.provider_config_key, ""))
+        .map_err(|e| integration_command_error(e, &integration.provider_config_key))
 }
 
 pub async fn create(
@@ -43,7 +44,7 @@ pub async fn create(
         .commands
         .create_integration(key, config, Utc::now())
         .await
-        .map_err(|e| command_error(e, key, ""))?;
+        .map_err(|e| integration_command_error(e, key))?;
     publish(state, &loaded).await?;
     Ok(projections::model::stable_id(loaded.stream_id.as_str()))
 }
@@ -64,7 +65,7 @@ pub async fn update(
         .commands
         .update_integration(key, config, Utc::now())
         .await
-        .map_err(|e| command_error(e, key, ""))?;
+        .map_err(|e| integration_command_error(e, key))?;
     publish(state, &loaded).await
 }
 
@@ -75,15 +76,16 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), ApiError> {
         .commands
         .delete_integration(key, Utc::now())
         .await
-        .map_err(|e| command_error(e, key, ""))?;
+        .map_err(|e| integration_command_error(e, key))?;
     publish(state, &loaded).await?;
     let now = Utc::now();
     for connection in queries::list_connections_of(&state.backend, key).await? {
+        let connection = ConnectionKey::new(key, connection);
         let deleted = state
             .commands
-            .delete_connection(key, &connection, now)
+            .delete_connection(&connection, now)
             .await
-            .map_err(|e| command_error(e, key, &connection))?;
+            .map_err(|e| command_error(e, &connection))?;
         upsert_state::<ConnectionsModel>(
             &state.backend,
             deleted.stream_id.as_str(),

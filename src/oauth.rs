@@ -26,7 +26,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::catalog::{self, AuthMode, Template};
 use domain::commands::AuthorizeConnection;
-use domain::connection::Flow;
+use domain::connection::{ConnectionKey, Flow};
 use domain::credentials::{ClientSecret, Credentials};
 use domain::integration::ActiveIntegration;
 use domain::keys::KeyError;
@@ -724,11 +724,11 @@ async fn finish(
             connection_config.insert(name.clone(), Value::String(value.to_owned()));
         }
     }
+    let connection = ConnectionKey::new(key, &session.connection_id);
     let loaded = state
         .commands
         .authorize_connection(AuthorizeConnection {
-            provider_config_key: key.clone(),
-            connection_id: session.connection_id.clone(),
+            key: connection.clone(),
             provider: integration.provider.clone(),
             flow,
             credentials,
@@ -738,7 +738,7 @@ async fn finish(
             metadata: None,
         })
         .await
-        .map_err(|e| crate::http::error::command_error(e, key, &session.connection_id))?;
+        .map_err(|e| crate::http::error::command_error(e, &connection))?;
     connections::publish(state, &loaded).await?;
     tracing::info!(stream_version = loaded.version, "oauth flow completed");
     Ok(())

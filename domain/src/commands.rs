@@ -36,8 +36,8 @@ use tracing::field::Empty;
 use uuid::Uuid;
 
 use crate::connection::{
-    self, ActiveConnection, Connection, ConnectionCommand, ConnectionEvent, ConnectionRejected,
-    Flow, MetadataMode, RefreshFailure, RefreshTrigger, TokenFingerprints,
+    self, ActiveConnection, Connection, ConnectionCommand, ConnectionEvent, ConnectionKey,
+    ConnectionRejected, Flow, MetadataMode, RefreshFailure, RefreshTrigger, TokenFingerprints,
 };
 use crate::credentials::{ClientSecret, Credentials};
 use crate::event::{DomainEvent, UnreadableEvent};
@@ -157,10 +157,8 @@ pub enum CommandError {
 /// Record new or renewed credentials (OAuth callback or import).
 #[derive(Clone, Debug)]
 pub struct AuthorizeConnection {
-    /// The integration's key.
-    pub provider_config_key: String,
-    /// The connection's id within the integration.
-    pub connection_id: String,
+    /// Which connection.
+    pub key: ConnectionKey,
     /// The provider template's name.
     pub provider: String,
     /// How the credentials were obtained.
@@ -284,15 +282,13 @@ impl Commands {
     #[tracing::instrument(
         name = "commands.load_connection",
         skip_all,
-        fields(provider_config_key = %provider_config_key, connection_id = %connection_id)
+        fields(provider_config_key = %key.provider_config_key(), connection_id = %key.connection_id())
     )]
     pub async fn load_connection(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
     ) -> Result<Loaded<Connection>, CommandError> {
-        self.load(connection::stream_id(provider_config_key, connection_id))
-            .await
+        self.load(key.stream_id()).await
     }
 
     /// Records new credentials as the connection's next generation, sealed under a new data key,
@@ -301,8 +297,8 @@ impl Commands {
         name = "commands.authorize",
         skip_all,
         fields(
-            provider_config_key = %command.provider_config_key,
-            connection_id = %command.connection_id,
+            provider_config_key = %command.key.provider_config_key(),
+            connection_id = %command.key.connection_id(),
             stream_version = Empty,
         )
     )]
@@ -310,14 +306,14 @@ impl Commands {
         &self,
         command: AuthorizeConnection,
     ) -> Result<Loaded<Connection>, CommandError> {
-        let stream_id = connection::stream_id(&command.provider_config_key, &command.connection_id);
+        let stream_id = command.key.stream_id();
         let fingerprints = self.fingerprints(&command.credentials).await?;
         let credentials = &command.credentials;
         let loaded = self
             .execute_sealed(stream_id, credentials, |state, data_key_id, sealed, _| {
                 let authorize = ConnectionCommand::Authorize {
-                    provider_config_key: command.provider_config_key.clone(),
-                    connection_id: command.connection_id.clone(),
+                    provider_config_key: command.key.provider_config_key().to_owned(),
+                    connection_id: command.key.connection_id().to_owned(),
                     provider: command.provider.clone(),
                     flow: command.flow,
                     credentials_type: credentials.credentials_type(),
@@ -355,20 +351,19 @@ impl Commands {
         name = "commands.set_metadata",
         skip_all,
         fields(
-            provider_config_key = %provider_config_key,
-            connection_id = %connection_id,
+            provider_config_key = %key.provider_config_key(),
+            connection_id = %key.connection_id(),
             stream_version = Empty,
         )
     )]
     pub async fn set_metadata(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         metadata: Value,
         mode: MetadataMode,
         now: DateTime<Utc>,
     ) -> Result<Loaded<Connection>, CommandError> {
-        let stream_id = connection::stream_id(provider_config_key, connection_id);
+        let stream_id = key.stream_id();
         let loaded = self
             .execute(stream_id, |state: &Connection| {
                 let set = ConnectionCommand::SetMetadata {
@@ -392,18 +387,17 @@ impl Commands {
         name = "commands.delete_connection",
         skip_all,
         fields(
-            provider_config_key = %provider_config_key,
-            connection_id = %connection_id,
+            provider_config_key = %key.provider_config_key(),
+            connection_id = %key.connection_id(),
             stream_version = Empty,
         )
     )]
     pub async fn delete_connection(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         now: DateTime<Utc>,
     ) -> Result<Loaded<Connection>, CommandError> {
-        let stream_id = connection::stream_id(provider_config_key, connection_id);
+        let stream_id = key.stream_id();
         let result = self
             .execute(stream_id.clone(), |state: &Connection| {
                 let shredded_data_keys = state

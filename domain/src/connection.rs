@@ -60,6 +60,43 @@ pub fn stream_id(provider_config_key: &str, connection_id: &str) -> StreamId {
     StreamId::new(CATEGORY, Uuid::new_v5(&STREAM_NAMESPACE, name.as_bytes()))
 }
 
+/// Which connection: the integration's `provider_config_key` and the `connection_id` within it.
+/// The pair names one stream ([`ConnectionKey::stream_id`]) and travels as one value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionKey {
+    provider_config_key: String,
+    connection_id: String,
+}
+
+impl ConnectionKey {
+    pub fn new(provider_config_key: impl Into<String>, connection_id: impl Into<String>) -> Self {
+        Self {
+            provider_config_key: provider_config_key.into(),
+            connection_id: connection_id.into(),
+        }
+    }
+
+    /// The integration's key.
+    pub fn provider_config_key(&self) -> &str {
+        &self.provider_config_key
+    }
+
+    /// The connection's id within the integration.
+    pub fn connection_id(&self) -> &str {
+        &self.connection_id
+    }
+
+    /// `(provider_config_key, connection_id)`.
+    pub fn into_parts(self) -> (String, String) {
+        (self.provider_config_key, self.connection_id)
+    }
+
+    /// The connection's stream.
+    pub fn stream_id(&self) -> StreamId {
+        stream_id(&self.provider_config_key, &self.connection_id)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Events
 // ---------------------------------------------------------------------------------------------
@@ -455,6 +492,13 @@ pub struct DeletedConnection {
     pub data_key_ids: Vec<Uuid>,
     /// When it was deleted.
     pub deleted_at: DateTime<Utc>,
+}
+
+impl ActiveConnection {
+    /// Which connection this is.
+    pub fn key(&self) -> ConnectionKey {
+        ConnectionKey::new(&self.provider_config_key, &self.connection_id)
+    }
 }
 
 impl Connection {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use domain::connection::{self, ConnectionEvent};
+use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
 use domain::keys::Vault;
 use domain::store::{Backend, LogReader};
@@ -48,17 +48,14 @@ impl ConnectionCache {
     pub async fn find(
         &self,
         backend: &Backend,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
     ) -> Result<Option<Arc<ConnectionRecord>>, ProjectionError> {
-        let stream_id = connection::stream_id(provider_config_key, connection_id).to_string();
+        let stream_id = key.stream_id().to_string();
         if let Some(record) = self.cached(&stream_id) {
             return Ok(Some(record));
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        let Some(record) =
-            queries::find_connection(backend, provider_config_key, connection_id).await?
-        else {
+        let Some(record) = queries::find_connection(backend, key).await? else {
             return Ok(None);
         };
         let record = Arc::new(record);

@@ -2,7 +2,7 @@
 //! deleted integration are hidden from lists as well.
 
 use chrono::{DateTime, Utc};
-use domain::connection::{self, ActiveConnection, Connection};
+use domain::connection::{ActiveConnection, Connection, ConnectionKey};
 use domain::integration::{self, ActiveIntegration, Integration};
 use domain::store::Backend;
 use serde_json::Value;
@@ -45,13 +45,12 @@ fn corrupt(table: &'static str, stream_id: &str, e: impl ToString) -> Projection
     }
 }
 
-/// The connection `connection_id` of `provider_config_key`, unless absent or deleted.
+/// The connection `key`, unless absent or deleted.
 pub async fn find_connection(
     backend: &Backend,
-    provider_config_key: &str,
-    connection_id: &str,
+    key: &ConnectionKey,
 ) -> Result<Option<ConnectionRecord>, ProjectionError> {
-    let stream_id = connection::stream_id(provider_config_key, connection_id).to_string();
+    let stream_id = key.stream_id().to_string();
     let Some((id, version, state)) = find_row(backend, "connections", &stream_id).await? else {
         return Ok(None);
     };
@@ -329,14 +328,14 @@ pub async fn list_connections_of(
 /// Live OAuth 2.0 connections with a refresh token and no blocking (permanent) failure whose
 /// access token expires before `expiring_before`, or whose tokens were last refreshed (or
 /// authorized) before `idle_before`: what a scheduler tick refreshes, as
-/// `(provider_config_key, connection_id)`, soonest expiry first (no expiry last), at most `limit`.
+/// keys, soonest expiry first (no expiry last), at most `limit`.
 /// Connections of a deleted integration are left out (their refresh could only fail).
 pub async fn due_for_refresh(
     backend: &Backend,
     expiring_before: DateTime<Utc>,
     idle_before: DateTime<Utc>,
     limit: usize,
-) -> Result<Vec<(String, String)>, ProjectionError> {
+) -> Result<Vec<ConnectionKey>, ProjectionError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     match backend {
         Backend::Postgres(store) => {
@@ -360,7 +359,7 @@ pub async fn due_for_refresh(
                 .query(&statement, &[&expiring_before, &idle_before, &limit])
                 .await?
                 .iter()
-                .map(|r| (r.get(0), r.get(1)))
+                .map(|r| ConnectionKey::new(r.get::<_, String>(0), r.get::<_, String>(1)))
                 .collect())
         }
         Backend::Sqlite(store) => {
@@ -390,10 +389,15 @@ pub async fn due_for_refresh(
                     let rows = statement
                         .query_map(
                             rusqlite::params![expiring_before, idle_before, limit],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
+                            |r| {
+                                Ok(ConnectionKey::new(
+                                    r.get::<_, String>(0)?,
+                                    r.get::<_, String>(1)?,
+                                ))
+                            },
                         )
                         .map_err(|e| domain::store::StoreError::Database(e.to_string()))?;
-                    rows.collect::<Result<Vec<(String, String)>, _>>()
+                    rows.collect::<Result<Vec<ConnectionKey>, _>>()
                         .map_err(|e| domain::store::StoreError::Database(e.to_string()))
                 })
                 .await?)

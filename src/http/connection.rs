@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, SecondsFormat, Utc};
-use domain::connection::MetadataMode;
+use domain::connection::{ConnectionKey, MetadataMode};
 use domain::credentials::Credentials;
 use std::borrow::Cow;
 
@@ -15,8 +15,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ApiError;
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, flag, identifier, in_body, in_query, provider_config_key,
-    without_nul,
+    ApiJson, ApiPath, ApiQuery, connection_key, flag, identifier, in_body, in_query,
+    provider_config_key, without_nul,
 };
 use workers::provider::parse_expires_at;
 
@@ -67,10 +67,9 @@ pub async fn get_connection(
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<GetQuery>,
 ) -> Result<Response, ApiError> {
-    identifier(&connection_id, "connection_id")?;
-    let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
+    let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let force = query.force_refresh == Some(true);
-    let view = connections::get(&state, &key, &connection_id, force).await?;
+    let view = connections::get(&state, &key, force).await?;
     Ok(Json(connection_json(&view, query.refresh_token != Some(false))).into_response())
 }
 
@@ -267,9 +266,8 @@ pub async fn delete_connection(
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<KeyQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    identifier(&connection_id, "connection_id")?;
-    let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
-    connections::delete(&state, &key, &connection_id).await?;
+    let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
+    connections::delete(&state, &key).await?;
     Ok(Json(json!({ "success": true })))
 }
 
@@ -369,8 +367,7 @@ fn parse_import(body: &Value) -> Result<Import, ApiError> {
         None => flat_credentials(body)?,
     };
     Ok(Import {
-        provider_config_key,
-        connection_id,
+        key: ConnectionKey::new(provider_config_key, connection_id),
         credentials,
         connection_config: optional_object(body, "connection_config")?.unwrap_or_default(),
         metadata: optional_object(body, "metadata")?,

@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use domain::commands::CommandError;
-use domain::connection::ConnectionRejected;
 use domain::connection::RecordedFailure;
+use domain::connection::{ConnectionKey, ConnectionRejected};
 use domain::integration::IntegrationRejected;
 use domain::keys::KeyError;
 use domain::store::StoreError;
@@ -51,11 +51,12 @@ pub enum ApiError {
     #[error("missing param 'connection_id'")]
     MissingConnection,
     /// 404: no such connection for this provider config key.
-    #[error("no connection {connection_id:?} for provider config key {provider_config_key:?}")]
-    UnknownConnection {
-        connection_id: String,
-        provider_config_key: String,
-    },
+    #[error(
+        "no connection {:?} for provider config key {:?}",
+        .0.connection_id(),
+        .0.provider_config_key()
+    )]
+    UnknownConnection(ConnectionKey),
     /// 400: a required field of the body is missing (`code` names it, e.g. `missing_access_token`).
     #[error("{message}")]
     MissingField {
@@ -121,7 +122,7 @@ impl ApiError {
             Self::ProviderConfigNotFound(_) => (S::NOT_FOUND, "unknown_provider_config"),
             Self::DuplicateProviderConfig(_) => (S::CONFLICT, "duplicate_provider_config"),
             Self::MissingConnection => (S::BAD_REQUEST, "missing_connection"),
-            Self::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection"),
+            Self::UnknownConnection(_) => (S::NOT_FOUND, "unknown_connection"),
             Self::UnknownProviderTemplate(_) => (S::BAD_REQUEST, "unknown_provider_template"),
             Self::MissingField { code, .. } => (S::BAD_REQUEST, code),
             Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
@@ -142,12 +143,10 @@ impl ApiError {
 
     fn payload(&self) -> Value {
         match self {
-            Self::UnknownConnection {
-                connection_id,
-                provider_config_key,
-            } => {
-                json!({ "connection_id": connection_id, "provider_config_key": provider_config_key })
-            }
+            Self::UnknownConnection(key) => json!({
+                "connection_id": key.connection_id(),
+                "provider_config_key": key.provider_config_key(),
+            }),
             Self::UnknownProviderConfig(key)
             | Self::ProviderConfigNotFound(key)
             | Self::DuplicateProviderConfig(key) => json!({ "provider_config_key": key }),
@@ -288,14 +287,21 @@ impl From<KeyError> for ApiError {
     }
 }
 
-/// Maps a command's failure; `key` and `id` name the resource for 404s.
-pub fn command_error(e: CommandError, key: &str, id: &str) -> ApiError {
+/// Maps a connection command's failure; `key` names the connection for 404s.
+pub fn command_error(e: CommandError, key: &ConnectionKey) -> ApiError {
     match e {
         CommandError::Connection(ConnectionRejected::NotFound | ConnectionRejected::Deleted) => {
-            ApiError::UnknownConnection {
-                connection_id: id.to_owned(),
-                provider_config_key: key.to_owned(),
-            }
+            ApiError::UnknownConnection(key.clone())
+        }
+        other => integration_command_error(other, key.provider_config_key()),
+    }
+}
+
+/// Maps an integration command's failure; `key` names the integration for 404s and 409s.
+pub fn integration_command_error(e: CommandError, key: &str) -> ApiError {
+    match e {
+        CommandError::Connection(ConnectionRejected::NotFound | ConnectionRejected::Deleted) => {
+            ApiError::UnknownConnection(ConnectionKey::new(key, ""))
         }
         CommandError::Connection(ConnectionRejected::MetadataNotObject) => {
             ApiError::InvalidBody("metadata must be a JSON object".into())

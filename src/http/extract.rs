@@ -1,6 +1,7 @@
 //! Extractors whose rejections are [`ApiError`]s, so malformed input gets our JSON errors.
 
 use axum::extract::{FromRequest, FromRequestParts};
+use domain::connection::ConnectionKey;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -59,6 +60,17 @@ pub fn provider_config_key(value: Option<&str>) -> Result<String, ApiError> {
             Ok(key.to_owned())
         }
     }
+}
+
+/// The connection a request names: `connection_id` from the path, `provider_config_key` from
+/// the query string, both checked.
+pub fn connection_key(
+    connection_id: String,
+    provider_config_key_in_query: Option<&str>,
+) -> Result<ConnectionKey, ApiError> {
+    identifier(&connection_id, "connection_id")?;
+    let key = provider_config_key(provider_config_key_in_query).map_err(in_query)?;
+    Ok(ConnectionKey::new(key, connection_id))
 }
 
 /// Re-labels an [`identifier`] error for a value that came from the query string.

@@ -7,7 +7,7 @@ use domain::history::HistoryEntry;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use super::extract::{ApiPath, ApiQuery, identifier, in_query, provider_config_key};
+use super::extract::{ApiPath, ApiQuery, connection_key};
 use crate::history::{self, DEFAULT_PAGE, HistoryError, MAX_PAGE};
 use crate::startup::AppState;
 
@@ -55,25 +55,22 @@ pub async fn get_history(
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Json<HistoryBody>, ApiError> {
-    identifier(&connection_id, "connection_id")?;
-    let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
+    let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let after = parse_after(query.after.as_deref())?;
     let limit = parse_limit(query.limit.as_deref())?;
-    let entries = history::load(&state.backend, &key, &connection_id)
+    let entries = history::load(&state.backend, &key)
         .await
         .map_err(|e| match e {
             HistoryError::Store(e) => e.into(),
             HistoryError::Unreadable(e) => ApiError::Internal(e.to_string()),
         })?;
     if entries.is_empty() {
-        return Err(ApiError::UnknownConnection {
-            connection_id,
-            provider_config_key: key,
-        });
+        return Err(ApiError::UnknownConnection(key));
     }
     let page = history::page(entries, after, limit);
+    let (provider_config_key, connection_id) = key.into_parts();
     Ok(Json(HistoryBody {
-        provider_config_key: key,
+        provider_config_key,
         connection_id,
         events: page.entries,
         next_after: page.next_after,

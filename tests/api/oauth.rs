@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use domain::connection::ConnectionKey;
 use domain::oauth_session::FlowSession;
 use domain::testing::TestDatabase;
 use hmac::{Hmac, Mac};
@@ -833,10 +834,11 @@ async fn a_second_authorization_is_generation_two_with_the_new_tokens(db: &TestD
     assert_eq!(connection["credentials"]["access_token"], access.as_str());
     assert_eq!(connection["credentials"]["refresh_token"], refresh.as_str());
     let backend = db.open().await;
-    let record = projections::queries::find_connection(&backend, "fake", "user-1")
-        .await
-        .unwrap()
-        .unwrap();
+    let record =
+        projections::queries::find_connection(&backend, &ConnectionKey::new("fake", "user-1"))
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(record.connection.generation, 2);
     assert_eq!(record.connection.data_key_ids.len(), 2, "a new data key");
     assert_eq!(record.connection.flow, domain::connection::Flow::Oauth2);
@@ -1167,10 +1169,13 @@ async fn an_oauth1_flow_records_signed_token_credentials(db: &TestDatabase) {
         FakeProvider::oauth1_tokens(2).0.as_str()
     );
     let backend = db.open().await;
-    let record = projections::queries::find_connection(&backend, "fake-oauth1-plain", "o-2")
-        .await
-        .unwrap()
-        .unwrap();
+    let record = projections::queries::find_connection(
+        &backend,
+        &ConnectionKey::new("fake-oauth1-plain", "o-2"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(record.connection.flow, domain::connection::Flow::Oauth1);
 }
 

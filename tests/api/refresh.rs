@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::connection::{ConnectionEvent, RefreshTrigger};
+use domain::connection::{ConnectionEvent, ConnectionKey, RefreshTrigger};
 use domain::event::DomainEvent;
 use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
@@ -255,7 +255,10 @@ async fn orphaned_lease(db: &TestDatabase, grace: bool) {
     }
     // A refresher that leases and hears the provider's answer, then dies before appending.
     let refresh = &env.states[0].refresh;
-    let leased = refresh.lease(KEY, ID, RefreshTrigger::Read).await.unwrap();
+    let leased = refresh
+        .lease(&ConnectionKey::new(KEY, ID), RefreshTrigger::Read)
+        .await
+        .unwrap();
     let answer = refresh.call_provider(&leased).await.unwrap();
     assert!(answer.is_ok());
     drop((leased, answer));

@@ -33,7 +33,7 @@ use chrono::{DateTime, Utc};
 use domain::catalog::{self, Catalog};
 use domain::commands::{CommandError, Commands, LeaseRefresh, Loaded};
 use domain::connection::{
-    self, ActiveConnection, Connection, ConnectionRejected, CredentialsType, FailureClass,
+    ActiveConnection, Connection, ConnectionKey, ConnectionRejected, CredentialsType, FailureClass,
     RecordedFailure, RefreshFailure, RefreshTrigger,
 };
 use domain::credentials::Credentials;
@@ -277,12 +277,10 @@ impl RefreshService {
     /// same connection in this process share one refresh.
     pub async fn refresh(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         trigger: RefreshTrigger,
     ) -> Result<Fresh, RefreshError> {
-        self.refresh_when(provider_config_key, connection_id, trigger, None)
-            .await
+        self.refresh_when(key, trigger, None).await
     }
 
     /// A scheduler's refresh ([`RefreshTrigger::Schedule`]): as [`Self::refresh`], but the
@@ -291,27 +289,20 @@ impl RefreshService {
     /// is answered without calling the provider.
     pub async fn refresh_scheduled(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         due: ScheduledDue,
     ) -> Result<Fresh, RefreshError> {
-        self.refresh_when(
-            provider_config_key,
-            connection_id,
-            RefreshTrigger::Schedule,
-            Some(due),
-        )
-        .await
+        self.refresh_when(key, RefreshTrigger::Schedule, Some(due))
+            .await
     }
 
     async fn refresh_when(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         trigger: RefreshTrigger,
         due: Option<ScheduledDue>,
     ) -> Result<Fresh, RefreshError> {
-        let stream_id = connection::stream_id(provider_config_key, connection_id);
+        let stream_id = key.stream_id();
         let slot = (stream_id, trigger == RefreshTrigger::Force);
         let shared = {
             let mut in_flight = self
@@ -325,15 +316,11 @@ impl RefreshService {
             } else {
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let inner = self.inner.clone();
-                let (key, conn, owned_slot) = (
-                    provider_config_key.to_owned(),
-                    connection_id.to_owned(),
-                    slot.clone(),
-                );
+                let (key, owned_slot) = (key.clone(), slot.clone());
                 // Spawned: the refresh runs to its outcome even if every caller goes away. It
                 // logs in the span of the caller that started it (a request, a scheduler tick).
                 let refresh = async move {
-                    let result = inner.ensure_fresh(&key, &conn, trigger, due).await;
+                    let result = inner.ensure_fresh(&key, trigger, due).await;
                     let mut in_flight = inner
                         .in_flight
                         .lock()
@@ -367,11 +354,10 @@ impl RefreshService {
     /// play a refresher that dies between steps.
     pub async fn lease(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         trigger: RefreshTrigger,
     ) -> Result<Leased, RefreshError> {
-        let loaded = self.inner.head(provider_config_key, connection_id).await?;
+        let loaded = self.inner.head(key).await?;
         self.inner.lease(loaded, trigger).await
     }
 
@@ -438,12 +424,15 @@ impl Inner {
     #[tracing::instrument(
         name = "refresh.ensure_fresh",
         skip_all,
-        fields(provider_config_key = %provider_config_key, connection_id = %connection_id, trigger = ?trigger)
+        fields(
+            provider_config_key = %key.provider_config_key(),
+            connection_id = %key.connection_id(),
+            trigger = ?trigger,
+        )
     )]
     async fn ensure_fresh(
         &self,
-        provider_config_key: &str,
-        connection_id: &str,
+        key: &ConnectionKey,
         trigger: RefreshTrigger,
         due: Option<ScheduledDue>,
     ) -> Result<Fresh, RefreshError> {
@@ -451,7 +440,7 @@ impl Inner {
         let requested_at = Utc::now();
         for _ in 0..MAX_ROUNDS {
             // 1. The head: from the read model's snapshot plus the events after it.
-            let loaded = self.head(provider_config_key, connection_id).await?;
+            let loaded = self.head(key).await?;
             let now = Utc::now();
             let active = match &loaded.state {
                 Connection::Active(active) => active,
@@ -514,15 +503,8 @@ impl Inner {
 
     /// The connection at its stream's head (from the read model's snapshot when the command
     /// service has snapshots, see [`Commands::with_snapshots`]).
-    async fn head(
-        &self,
-        provider_config_key: &str,
-        connection_id: &str,
-    ) -> Result<Loaded<Connection>, RefreshError> {
-        Ok(self
-            .commands
-            .load_connection(provider_config_key, connection_id)
-            .await?)
+    async fn head(&self, key: &ConnectionKey) -> Result<Loaded<Connection>, RefreshError> {
+        Ok(self.commands.load_connection(key).await?)
     }
 
     /// Takes the lease on `loaded` (one attempt). A lost race is [`RefreshError::LeaseLost`].

@@ -155,12 +155,12 @@ impl Scheduler {
             ..TickReport::default()
         };
         let mut outcomes = futures_util::stream::iter(connections)
-            .map(|(key, id)| async move {
-                let outcome = self.refresh.refresh_scheduled(&key, &id, due).await;
-                (key, id, outcome)
+            .map(|key| async move {
+                let outcome = self.refresh.refresh_scheduled(&key, due).await;
+                (key, outcome)
             })
             .buffer_unordered(self.concurrency);
-        while let Some((key, id, outcome)) = outcomes.next().await {
+        while let Some((key, outcome)) = outcomes.next().await {
             match outcome {
                 Ok(fresh) if fresh.refreshed => report.refreshed += 1,
                 Ok(_) | Err(RefreshError::NotFound | RefreshError::Deleted) => report.skipped += 1,
@@ -173,8 +173,8 @@ impl Scheduler {
                 Err(e) => {
                     report.failed += 1;
                     tracing::warn!(
-                        provider_config_key = %key,
-                        connection_id = %id,
+                        provider_config_key = %key.provider_config_key(),
+                        connection_id = %key.connection_id(),
                         error.message = %e,
                         "scheduled refresh failed"
                     );

@@ -9,7 +9,8 @@ use grantline_domain::commands::{
     AuthorizeConnection, CommandError, Commands, IntegrationConfig, Loaded,
 };
 use grantline_domain::connection::{
-    self, Connection, ConnectionEvent, ConnectionRejected, CredentialsType, Flow, MetadataMode,
+    self, Connection, ConnectionEvent, ConnectionKey, ConnectionRejected, CredentialsType, Flow,
+    MetadataMode,
 };
 use grantline_domain::credentials::{ClientSecret, Credentials};
 use grantline_domain::event::DomainEvent;
@@ -33,6 +34,10 @@ grantline_domain::on_both_backends!(
 
 const KEY: &str = "github-prod";
 const ID: &str = "user-1";
+
+fn key() -> ConnectionKey {
+    ConnectionKey::new(KEY, ID)
+}
 const ACCESS: &str = "gho_PlaintextAccessTokenGenerationOne0123";
 const REFRESH: &str = "ghr_PlaintextRefreshTokenGenerationOne0123";
 const RAW_SECRET: &str = "PlaintextIdTokenInTheRawResponse0123";
@@ -74,8 +79,7 @@ fn import(credentials: Credentials, now: DateTime<Utc>) -> AuthorizeConnection {
     let mut connection_config = Map::new();
     connection_config.insert("subdomain".to_owned(), json!("acme"));
     AuthorizeConnection {
-        provider_config_key: KEY.to_owned(),
-        connection_id: ID.to_owned(),
+        key: key(),
         provider: "github".to_owned(),
         flow: Flow::Import,
         credentials,
@@ -143,7 +147,7 @@ async fn an_imported_connection_loads_active_with_its_credentials_and_no_plainte
         ConnectionEvent::ConnectionAuthorized(_)
     ));
 
-    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    let loaded = commands.load_connection(&key()).await.unwrap();
     assert_eq!(loaded.version, 1);
     assert!(loaded.events.is_empty(), "a load appends nothing");
     assert_eq!(loaded.state, authorized.state);
@@ -207,7 +211,7 @@ async fn re_authorization_makes_generation_two_under_a_new_data_key(db: &TestDat
     );
     assert_ne!(after.fingerprints, before.fingerprints);
 
-    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    let loaded = commands.load_connection(&key()).await.unwrap();
     assert_eq!(loaded.state, second.state);
     assert_eq!(
         commands.reveal_credentials(active(&loaded)).await.unwrap(),
@@ -290,7 +294,7 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
     let (commands, _) = commands(db).await;
     assert!(matches!(
         commands
-            .set_metadata(KEY, ID, json!({"a": 1}), MetadataMode::Replace, at(0))
+            .set_metadata(&key(), json!({"a": 1}), MetadataMode::Replace, at(0))
             .await,
         Err(CommandError::Connection(ConnectionRejected::NotFound))
     ));
@@ -301,8 +305,7 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
 
     let replaced = commands
         .set_metadata(
-            KEY,
-            ID,
+            &key(),
             json!({"a": 1, "b": {"x": 1}}),
             MetadataMode::Replace,
             at(1),
@@ -317,8 +320,7 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
 
     let merged = commands
         .set_metadata(
-            KEY,
-            ID,
+            &key(),
             json!({"b": {"y": 2}, "c": 3}),
             MetadataMode::Merge,
             at(2),
@@ -333,8 +335,7 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
 
     let error = commands
         .set_metadata(
-            KEY,
-            ID,
+            &key(),
             json!(["not", "an", "object"]),
             MetadataMode::Merge,
             at(3),
@@ -350,10 +351,10 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
     );
 
     let replaced = commands
-        .set_metadata(KEY, ID, json!({"z": 0}), MetadataMode::Replace, at(4))
+        .set_metadata(&key(), json!({"z": 0}), MetadataMode::Replace, at(4))
         .await
         .unwrap();
-    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    let loaded = commands.load_connection(&key()).await.unwrap();
     assert_eq!(loaded.version, 4, "the rejection appended nothing");
     assert_eq!(loaded.state, replaced.state);
     assert_eq!(
@@ -365,7 +366,7 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
 async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &TestDatabase) {
     let (commands, master_b64) = commands(db).await;
     assert!(matches!(
-        commands.delete_connection(KEY, ID, at(0)).await,
+        commands.delete_connection(&key(), at(0)).await,
         Err(CommandError::Connection(ConnectionRejected::NotFound))
     ));
     let first = commands
@@ -379,7 +380,7 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
     let key_ids = active(&second).data_key_ids.clone();
     assert_eq!(key_ids.len(), 2);
 
-    let deleted = commands.delete_connection(KEY, ID, at(2)).await.unwrap();
+    let deleted = commands.delete_connection(&key(), at(2)).await.unwrap();
     assert_eq!(deleted.version, 3);
     let ConnectionEvent::ConnectionDeleted(event) = &deleted.events[0].event else {
         panic!("expected ConnectionDeleted");
@@ -426,17 +427,14 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         "{error:?}"
     );
 
-    let again = commands
-        .delete_connection(KEY, ID, at(3))
-        .await
-        .unwrap_err();
+    let again = commands.delete_connection(&key(), at(3)).await.unwrap_err();
     assert!(
         matches!(again, CommandError::Connection(ConnectionRejected::Deleted)),
         "{again:?}"
     );
     assert!(matches!(
         commands
-            .set_metadata(KEY, ID, json!({}), MetadataMode::Merge, at(3))
+            .set_metadata(&key(), json!({}), MetadataMode::Merge, at(3))
             .await,
         Err(CommandError::Connection(ConnectionRejected::Deleted))
     ));
@@ -467,8 +465,7 @@ async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestD
             tokio::spawn(async move {
                 commands
                     .set_metadata(
-                        KEY,
-                        ID,
+                        &key(),
                         json!({ format!("writer-{n}"): n }),
                         MetadataMode::Merge,
                         at(1),
@@ -490,7 +487,7 @@ async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestD
         "each writer got its own version"
     );
 
-    let loaded = commands.load_connection(KEY, ID).await.unwrap();
+    let loaded = commands.load_connection(&key()).await.unwrap();
     assert_eq!(loaded.version, 1 + 20);
     let metadata = &active(&loaded).metadata;
     assert_eq!(metadata.len(), 20);
@@ -659,11 +656,11 @@ async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: 
         .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
         .await
         .unwrap();
-    let first = commands.load_connection(KEY, ID).await.unwrap();
+    let first = commands.load_connection(&key()).await.unwrap();
     assert_eq!(first.version, 1);
     for n in 0..5 {
         commands
-            .set_metadata(KEY, ID, json!({ "n": n }), MetadataMode::Merge, at(n + 1))
+            .set_metadata(&key(), json!({ "n": n }), MetadataMode::Merge, at(n + 1))
             .await
             .unwrap();
     }
@@ -673,8 +670,8 @@ async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: 
         asked: std::sync::atomic::AtomicUsize::new(0),
     });
     let from_snapshots = commands.clone().with_snapshots(snapshots.clone());
-    let full = commands.load_connection(KEY, ID).await.unwrap();
-    let resumed = from_snapshots.load_connection(KEY, ID).await.unwrap();
+    let full = commands.load_connection(&key()).await.unwrap();
+    let resumed = from_snapshots.load_connection(&key()).await.unwrap();
     assert_eq!(
         snapshots.asked.load(std::sync::atomic::Ordering::Relaxed),
         1
@@ -683,7 +680,7 @@ async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: 
     assert_eq!(resumed.state, full.state);
     // A command decided on it appends at the head.
     let written = from_snapshots
-        .set_metadata(KEY, ID, json!({ "last": true }), MetadataMode::Merge, at(9))
+        .set_metadata(&key(), json!({ "last": true }), MetadataMode::Merge, at(9))
         .await
         .unwrap();
     assert_eq!(written.version, 7);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use domain::commands::{AuthorizeConnection, Commands, IntegrationConfig};
-use domain::connection::Flow;
+use domain::connection::{ConnectionKey, Flow};
 use domain::credentials::{ClientSecret, Credentials};
 use domain::keys::{MasterKey, Vault};
 use domain::store::Backend;
@@ -57,8 +57,7 @@ impl Fixture {
     pub async fn connection(&self, key: &str, id: &str) {
         self.commands
             .authorize_connection(AuthorizeConnection {
-                provider_config_key: key.into(),
-                connection_id: id.into(),
+                key: ConnectionKey::new(key, id),
                 provider: "github".into(),
                 flow: Flow::Import,
                 credentials: Credentials::OAuth2 {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::connection::{Connection, MetadataMode};
+use domain::connection::{Connection, ConnectionKey, MetadataMode};
 use domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
 use domain::testing::TestDatabase;
 use projections::model::upsert_state;
@@ -56,7 +56,7 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
     let listed = queries::list_connections(&f.backend, None).await.unwrap();
     let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
-    let found = queries::find_connection(&f.backend, "github", "b")
+    let found = queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
         .await
         .unwrap()
         .unwrap();
@@ -92,8 +92,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     let loaded = f
         .commands
         .set_metadata(
-            "github",
-            "a",
+            &ConnectionKey::new("github", "a"),
             json!({"n": 1}),
             MetadataMode::Merge,
             Utc::now(),
@@ -108,7 +107,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     )
     .await
     .unwrap();
-    let early = queries::find_connection(&f.backend, "github", "a")
+    let early = queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
         .await
         .unwrap()
         .unwrap();
@@ -119,7 +118,11 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     let Connection::Active(_) = &loaded.state else {
         panic!("active")
     };
-    let stale = f.commands.load_connection("github", "a").await.unwrap();
+    let stale = f
+        .commands
+        .load_connection(&ConnectionKey::new("github", "a"))
+        .await
+        .unwrap();
     let mut older = stale.state.clone();
     if let Connection::Active(active) = &mut older {
         active.metadata.clear();
@@ -129,7 +132,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
         .unwrap();
 
     settle(&runner).await;
-    let after = queries::find_connection(&f.backend, "github", "a")
+    let after = queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
         .await
         .unwrap()
         .unwrap();
@@ -190,13 +193,13 @@ async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reporte
     );
     // What came before is there, what comes after is not (the runner did not skip ahead).
     assert!(
-        queries::find_connection(&f.backend, "github", "a")
+        queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
             .await
             .unwrap()
             .is_some()
     );
     assert!(
-        queries::find_connection(&f.backend, "github", "b")
+        queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
             .await
             .unwrap()
             .is_none()
@@ -226,8 +229,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
         if n % 3 == 0 {
             f.commands
                 .set_metadata(
-                    "github",
-                    &format!("c{n}"),
+                    &ConnectionKey::new("github", format!("c{n}")),
                     json!({"n": n}),
                     MetadataMode::Replace,
                     Utc::now(),
@@ -237,7 +239,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
         }
     }
     f.commands
-        .delete_connection("github", "c1", Utc::now())
+        .delete_connection(&ConnectionKey::new("github", "c1"), Utc::now())
         .await
         .unwrap();
     let runner = Runner::new(f.backend.clone()).with_batch_size(7);
@@ -254,7 +256,8 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
             let mut n = r;
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("c{}", (n % (count - 2)) + 2);
-                let found = queries::find_connection(&backend, "github", &id).await;
+                let found =
+                    queries::find_connection(&backend, &ConnectionKey::new("github", &id)).await;
                 assert!(
                     matches!(found, Ok(Some(_))),
                     "read of {id} failed during the rebuild: {found:?}"
@@ -303,7 +306,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     f.connection("github", "late").await;
     settle(&runner).await;
     assert!(
-        queries::find_connection(&f.backend, "github", "late")
+        queries::find_connection(&f.backend, &ConnectionKey::new("github", "late"))
             .await
             .unwrap()
             .is_some()
@@ -359,8 +362,7 @@ async fn snapshot(backend: &Backend) -> Vec<(String, u32, String)> {
     for summary in queries::list_connections(backend, None).await.unwrap() {
         let record = queries::find_connection(
             backend,
-            &summary.provider_config_key,
-            &summary.connection_id,
+            &ConnectionKey::new(&summary.provider_config_key, &summary.connection_id),
         )
         .await
         .unwrap()
@@ -383,7 +385,7 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
     f.connection("github", "b").await;
     f.connection("gitlab", "a").await;
     f.commands
-        .delete_connection("github", "b", Utc::now())
+        .delete_connection(&ConnectionKey::new("github", "b"), Utc::now())
         .await
         .unwrap();
     f.commands
@@ -402,7 +404,7 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
         ("github", "a")
     );
     assert!(
-        queries::find_connection(&f.backend, "github", "b")
+        queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
             .await
             .unwrap()
             .is_none()
@@ -456,7 +458,7 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
     other.rollback().await.unwrap();
     settle(&runner).await;
     assert!(
-        queries::find_connection(&f.backend, "github", "a")
+        queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
             .await
             .unwrap()
             .is_some()
