@@ -1144,13 +1144,6 @@ async fn report(state: &AppState, relayed: Relayed) {
     {
         return;
     }
-    let Backend::Postgres(store) = &state.backend else {
-        tracing::debug!(
-            ws_client_id = relayed.ws_client_id,
-            "no such WebSocket client on this instance"
-        );
-        return;
-    };
     let payload = match serde_json::to_string(&relayed) {
         Ok(payload) => payload,
         Err(e) => {
@@ -1158,18 +1151,15 @@ async fn report(state: &AppState, relayed: Relayed) {
             return;
         }
     };
-    if let Err(e) = store.publish(&payload).await {
+    if let Err(e) = state.backend.publish(&payload).await {
         tracing::warn!(error.message = %e, "oauth.relay cannot reach the other instances");
     }
 }
 
 /// Delivers the outcomes other instances relay to this instance's WebSocket clients, until
-/// `shutdown` (PostgreSQL only: SQLite runs one instance).
+/// `shutdown`.
 pub async fn run_socket_relay(state: AppState, shutdown: impl Future<Output = ()>) {
-    let Backend::Postgres(store) = &state.backend else {
-        return;
-    };
-    let mut messages = store.messages();
+    let mut messages = state.backend.messages();
     tokio::pin!(shutdown);
     loop {
         let payload = tokio::select! {

@@ -281,10 +281,7 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
         MasterKeySource::Configured(key) => (**key).clone(),
         MasterKeySource::File(path) => load_or_create_key_file(path)?,
     };
-    let repository: Arc<dyn domain::keys::KeyRepository> = match &backend {
-        Backend::Postgres(store) => Arc::new(store.clone()),
-        Backend::Sqlite(store) => Arc::new(store.clone()),
-    };
+    let repository: Arc<dyn domain::keys::KeyRepository> = backend.key_repository();
     let vault = Vault::open(repository, master, config.previous_master_key.clone())
         .await
         .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?;

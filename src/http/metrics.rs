@@ -118,19 +118,18 @@ async fn projections(out: &mut String, state: &AppState) {
         "1 when the projection's last step failed (see grantline projections status).",
         &samples(&|s| f64::from(u8::from(s.last_error.is_some()))),
     );
-    if let domain::store::Backend::Postgres(store) = &state.backend {
-        match store.horizon_age_seconds().await {
-            Ok(age) => family(
-                out,
-                "grantline_log_horizon_age_seconds",
-                "gauge",
-                "Age of the oldest open transaction holding an xid in the cluster: log readers \
-                 (projections, caches, webhooks) cannot see events committed after it started.",
-                &[("", age)],
-            ),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "metrics: the log horizon cannot be read");
-            }
+    match state.backend.horizon_age_seconds().await {
+        Ok(None) => {}
+        Ok(Some(age)) => family(
+            out,
+            "grantline_log_horizon_age_seconds",
+            "gauge",
+            "Age of the oldest open transaction holding an xid in the cluster: log readers \
+             (projections, caches, webhooks) cannot see events committed after it started.",
+            &[("", age)],
+        ),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "metrics: the log horizon cannot be read");
         }
     }
     family(

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `grantline` service and binary, against real PostgreSQL and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod architecture;
 mod auth;
 mod cli;
 mod connections;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -321,11 +321,50 @@ impl Backend {
         }
     }
 
+    /// The key repository as a shared handle, for the vault.
+    pub fn key_repository(&self) -> Arc<dyn KeyRepository> {
+        match self {
+            Self::Postgres(store) => Arc::new(store.clone()),
+            Self::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
     /// The OAuth flow sessions.
     pub fn sessions(&self) -> &dyn SessionRepository {
         match self {
             Self::Postgres(store) => store,
             Self::Sqlite(store) => store,
+        }
+    }
+
+    /// Sends `payload` (under 8000 bytes; never a secret) to every instance on this database,
+    /// this one included, through [`Backend::messages`]: what instances tell each other that is
+    /// not in the log. Best effort: an instance that is reconnecting misses it.
+    pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(store) => store.publish(payload).await,
+            Self::Sqlite(store) => {
+                store.publish(payload);
+                Ok(())
+            }
+        }
+    }
+
+    /// The messages instances [`Backend::publish`] from now on.
+    pub fn messages(&self) -> broadcast::Receiver<String> {
+        match self {
+            Self::Postgres(store) => store.messages(),
+            Self::Sqlite(store) => store.messages(),
+        }
+    }
+
+    /// How long the oldest open transaction has held every log reader back (PostgreSQL's xid8
+    /// horizon, see [`PostgresStore::horizon_age_seconds`]); `None` where readers are never held
+    /// back (SQLite).
+    pub async fn horizon_age_seconds(&self) -> Result<Option<f64>, StoreError> {
+        match self {
+            Self::Postgres(store) => store.horizon_age_seconds().await.map(Some),
+            Self::Sqlite(_) => Ok(None),
         }
     }
 

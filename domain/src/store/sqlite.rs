@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_sqlite::{Config, Hook, HookError, Pool, Runtime};
 use rusqlite::{ErrorCode, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
@@ -25,6 +26,9 @@ use crate::oauth_session::{FlowSession, SessionRepository};
 mod embedded {
     refinery::embed_migrations!("../migrations/sqlite");
 }
+
+/// Messages kept for a slow local subscriber before it misses some.
+const MESSAGE_BACKLOG: usize = 256;
 
 const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;";
@@ -40,6 +44,8 @@ pub struct SqliteStore {
 struct Inner {
     signal: ChangeSignal,
     poll_interval: Duration,
+    /// Messages [`SqliteStore::publish`]ed in this process (the only instance on the file).
+    messages: broadcast::Sender<String>,
 }
 
 impl SqliteStore {
@@ -60,6 +66,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 signal: ChangeSignal::new(),
                 poll_interval: options.poll_interval,
+                messages: broadcast::channel(MESSAGE_BACKLOG).0,
             }),
         };
         store
@@ -71,6 +78,18 @@ impl SqliteStore {
             })
             .await?;
         Ok(store)
+    }
+
+    /// Sends `payload` to this process's [`SqliteStore::messages`] subscribers: one process
+    /// owns the file, so there is no other instance to reach.
+    pub fn publish(&self, payload: &str) {
+        // No subscriber is not an error.
+        let _ = self.inner.messages.send(payload.to_owned());
+    }
+
+    /// The messages [`SqliteStore::publish`]ed from now on.
+    pub fn messages(&self) -> broadcast::Receiver<String> {
+        self.inner.messages.subscribe()
     }
 
     /// Runs `f` on the single writer connection.

@@ -15,8 +15,8 @@ use grantline_domain::connection::{
 use grantline_domain::credentials::{ClientSecret, Credentials};
 use grantline_domain::event::DomainEvent;
 use grantline_domain::integration::{self, Integration, IntegrationRejected};
-use grantline_domain::keys::{KeyError, KeyRepository, MasterKey, Vault};
-use grantline_domain::store::{Backend, StreamId};
+use grantline_domain::keys::{KeyError, MasterKey, Vault};
+use grantline_domain::store::StreamId;
 use grantline_domain::testing::TestDatabase;
 use serde_json::{Map, Value, json};
 
@@ -44,18 +44,11 @@ const RAW_SECRET: &str = "PlaintextIdTokenInTheRawResponse0123";
 const ACCESS_2: &str = "gho_PlaintextAccessTokenGenerationTwo0123";
 const REFRESH_2: &str = "ghr_PlaintextRefreshTokenGenerationTwo0123";
 
-fn repository(backend: &Backend) -> Arc<dyn KeyRepository> {
-    match backend {
-        Backend::Postgres(store) => Arc::new(store.clone()),
-        Backend::Sqlite(store) => Arc::new(store.clone()),
-    }
-}
-
 /// A command service on a freshly opened backend, and the base64 of its master key.
 async fn commands(db: &TestDatabase) -> (Commands, String) {
     let backend = db.open().await;
     let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(repository(&backend), master, None)
+    let vault = Vault::open(backend.key_repository(), master, None)
         .await
         .unwrap();
     (Commands::new(backend, vault), master_b64.to_string())
@@ -235,10 +228,10 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
     let (master, master_b64) = MasterKey::generate();
     // Two instances on a database without a fingerprint key fingerprint at once: one creates
     // the key, the other must end up with the same one.
-    let first = Vault::open(repository(&backend), master.clone(), None)
+    let first = Vault::open(backend.key_repository(), master.clone(), None)
         .await
         .unwrap();
-    let second = Vault::open(repository(&db.open().await), master, None)
+    let second = Vault::open(db.open().await.key_repository(), master, None)
         .await
         .unwrap();
     let (a, b) = tokio::join!(first.fingerprint(ACCESS), second.fingerprint(ACCESS));
@@ -258,7 +251,7 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
 
     // A later instance, with the master key read from configuration.
     let restarted = Vault::open(
-        repository(&db.open().await),
+        db.open().await.key_repository(),
         MasterKey::from_base64(&master_b64).unwrap(),
         None,
     )
@@ -269,7 +262,7 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
     // After a master-key rotation.
     let (new_master, _) = MasterKey::generate();
     let rotated = Vault::open(
-        repository(&db.open().await),
+        db.open().await.key_repository(),
         new_master,
         Some(MasterKey::from_base64(&master_b64).unwrap()),
     )
@@ -284,9 +277,13 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
         TestDatabase::Sqlite { .. } => TestDatabase::sqlite(),
     };
     let other_backend = other_db.open().await;
-    let other = Vault::open(repository(&other_backend), MasterKey::generate().0, None)
-        .await
-        .unwrap();
+    let other = Vault::open(
+        other_backend.key_repository(),
+        MasterKey::generate().0,
+        None,
+    )
+    .await
+    .unwrap();
     assert_ne!(other.fingerprint(ACCESS).await.unwrap(), fingerprint);
 }
 
@@ -404,7 +401,7 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         .unwrap();
     assert_eq!(last_sealed, active(&second).credentials);
     let operator = Vault::open(
-        repository(&db.open().await),
+        db.open().await.key_repository(),
         MasterKey::from_base64(&master_b64).unwrap(),
         None,
     )

@@ -1,8 +1,6 @@
 //! Envelope encryption on both backends: no plaintext at rest, crypto-shredding, key checks,
 //! rotation.
 
-use std::sync::Arc;
-
 use grantline_domain::keys::{KeyError, MasterKey, Vault};
 use grantline_domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
 use grantline_domain::testing::TestDatabase;
@@ -18,13 +16,6 @@ grantline_domain::on_both_backends!(
 );
 
 const TOKEN: &str = "gho_ThisIsAPlaintextAccessToken0123456789";
-
-fn vault_repo(backend: &Backend) -> Arc<dyn grantline_domain::keys::KeyRepository> {
-    match backend {
-        Backend::Postgres(store) => Arc::new(store.clone()),
-        Backend::Sqlite(store) => Arc::new(store.clone()),
-    }
-}
 
 async fn store_token(
     backend: &Backend,
@@ -55,7 +46,7 @@ async fn store_token(
 async fn no_plaintext_token_is_stored_anywhere_in_the_database(db: &TestDatabase) {
     let backend = db.open().await;
     let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(vault_repo(&backend), master, None)
+    let vault = Vault::open(backend.key_repository(), master, None)
         .await
         .unwrap();
     let sealed = store_token(&backend, &vault, &StreamId::new("connection", "x")).await;
@@ -114,7 +105,7 @@ async fn a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_t
 ) {
     let backend = db.open().await;
     let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(vault_repo(&backend), master, None)
+    let vault = Vault::open(backend.key_repository(), master, None)
         .await
         .unwrap();
     let owner = StreamId::new("connection", "doomed");
@@ -130,7 +121,7 @@ async fn a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_t
 
     // An operator with the database and the master key, in a fresh process: still nothing.
     let operator = Vault::open(
-        vault_repo(&db.open().await),
+        db.open().await.key_repository(),
         MasterKey::from_base64(&master_b64).unwrap(),
         None,
     )
@@ -155,11 +146,11 @@ async fn a_wrong_master_key_is_refused_when_the_vault_opens(db: &TestDatabase) {
     let backend = db.open().await;
     let (right, _) = MasterKey::generate();
     let right_id = right.id().to_owned();
-    Vault::open(vault_repo(&backend), right, None)
+    Vault::open(backend.key_repository(), right, None)
         .await
         .unwrap();
     let (wrong, _) = MasterKey::generate();
-    let err = Vault::open(vault_repo(&backend), wrong, None)
+    let err = Vault::open(backend.key_repository(), wrong, None)
         .await
         .unwrap_err();
     match err {
@@ -171,7 +162,7 @@ async fn a_wrong_master_key_is_refused_when_the_vault_opens(db: &TestDatabase) {
 async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDatabase) {
     let backend = db.open().await;
     let (old, old_b64) = MasterKey::generate();
-    let vault = Vault::open(vault_repo(&backend), old.clone(), None)
+    let vault = Vault::open(backend.key_repository(), old.clone(), None)
         .await
         .unwrap();
     let mut sealed = Vec::new();
@@ -183,7 +174,7 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
     let events_before = dump_events(&backend).await;
 
     let (new, _) = MasterKey::generate();
-    let rotating = Vault::open(vault_repo(&backend), new.clone(), Some(old))
+    let rotating = Vault::open(backend.key_repository(), new.clone(), Some(old))
         .await
         .unwrap();
     assert_eq!(rotating.active_key_id(), new.id());
@@ -201,7 +192,7 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
     );
 
     // A fresh vault with only the new key opens every live secret.
-    let after = Vault::open(vault_repo(&db.open().await), new, None)
+    let after = Vault::open(db.open().await.key_repository(), new, None)
         .await
         .unwrap();
     for s in &sealed[1..] {
@@ -220,7 +211,7 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
     // The old key is no longer accepted on its own.
     let old_again = MasterKey::from_base64(&old_b64).unwrap();
     assert!(matches!(
-        Vault::open(vault_repo(&backend), old_again, None).await,
+        Vault::open(backend.key_repository(), old_again, None).await,
         Err(KeyError::WrongMasterKey { .. })
     ));
 }
@@ -228,17 +219,17 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
 async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(db: &TestDatabase) {
     let backend = db.open().await;
     let (old, _) = MasterKey::generate();
-    let vault = Vault::open(vault_repo(&backend), old.clone(), None)
+    let vault = Vault::open(backend.key_repository(), old.clone(), None)
         .await
         .unwrap();
     store_token(&backend, &vault, &StreamId::new("connection", "a")).await;
     let (new, _) = MasterKey::generate();
     // Switch to the new key (rotation started) but do not rotate...
-    Vault::open(vault_repo(&backend), new.clone(), Some(old))
+    Vault::open(backend.key_repository(), new.clone(), Some(old))
         .await
         .unwrap();
     // ...then start without the previous key: its data keys would be unreadable.
-    let err = Vault::open(vault_repo(&backend), new, None)
+    let err = Vault::open(backend.key_repository(), new, None)
         .await
         .unwrap_err();
     assert!(

@@ -24,10 +24,7 @@ pub struct Fixture {
 
 pub async fn fixture(db: &TestDatabase) -> Fixture {
     let backend = db.open().await;
-    let repository: Arc<dyn domain::keys::KeyRepository> = match &backend {
-        Backend::Postgres(store) => Arc::new(store.clone()),
-        Backend::Sqlite(store) => Arc::new(store.clone()),
-    };
+    let repository: Arc<dyn domain::keys::KeyRepository> = backend.key_repository();
     let vault = Vault::open(repository, MasterKey::generate().0, None)
         .await
         .unwrap();
