@@ -32,7 +32,7 @@ use domain::integration::ActiveIntegration;
 use domain::keys::KeyError;
 use domain::oauth_session::{FlowSecrets, FlowSession, SESSION_KEY_OWNER};
 use domain::store::{Backend, StoreError, StreamId};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use oauth2::{CsrfToken, PkceCodeChallenge};
 use projections::queries;
 use serde_json::{Map, Value};

@@ -195,7 +195,7 @@ fn decrypt(cipher: &Aes256Gcm, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Ve
 /// An HMAC-SHA256 keyed with `key`.
 fn fingerprint_mac(key: &[u8]) -> Result<Hmac<Sha256>, KeyError> {
     // HMAC takes keys of any length; the error cannot occur.
-    <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| KeyError::Decrypt)
+    <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key).map_err(|_| KeyError::Decrypt)
 }
 
 /// A secret sealed under a data key, as it appears in event payloads.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use domain::connection::ConnectionKey;
 use domain::oauth_session::FlowSession;
 use domain::testing::TestDatabase;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use serde_json::{Map, Value, json};

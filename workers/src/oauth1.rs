@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
 use domain::catalog::SignatureMethod;
 use domain::credentials::ClientSecret;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Map, Value};
 use sha1::Sha1;
 use uuid::Uuid;

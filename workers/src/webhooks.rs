@@ -37,7 +37,7 @@ use domain::event::{DomainEvent, UnreadableEvent};
 use domain::store::{Backend, EventStore, Position, RecordedEvent, StoreError, StreamId};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
