@@ -33,7 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.validate()?;
             telemetry::init_tool();
             let (backend, _) = open_storage(&config).await?;
-            let statuses = projections::Runner::new(backend).status().await?;
+            let statuses = projections::Runner::new(&backend).status().await?;
             println!(
                 "{:<14} {:>22} {:>12} {:>10}  last error",
                 "projection", "checkpoint", "head", "lag"
@@ -56,7 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (backend, _) = open_storage(&config).await?;
             let started = std::time::Instant::now();
             let bar = progress(format!("events replayed into {name}"));
-            let replayed = projections::Runner::new(backend)
+            let replayed = projections::Runner::new(&backend)
                 .rebuild(&name, |n| bar.set_position(n))
                 .await;
             bar.finish_and_clear();

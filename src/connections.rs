@@ -39,9 +39,10 @@ pub async fn get(
     key: &ConnectionKey,
     force_refresh: bool,
 ) -> Result<ConnectionView, ApiError> {
-    let Some(record) = state.cache.find(&state.backend, key).await? else {
+    let Some(cached) = state.cache.find(&state.read_models, key).await? else {
         return Err(missing(state, key).await);
     };
+    let record = cached.record.clone();
     let now = Utc::now();
     let active = &record.connection;
     if force_refresh || state.refresh.needs_refresh(active, now) {
@@ -107,7 +108,7 @@ async fn refresh_read_model(state: &AppState, key: &ConnectionKey) -> Result<(),
 
 /// The error for a connection that is not there: its integration may be missing instead.
 async fn missing(state: &AppState, key: &ConnectionKey) -> ApiError {
-    match queries::find_integration(&state.backend, key.provider_config_key()).await {
+    match queries::find_integration(&state.read_models, key.provider_config_key()).await {
         Ok(None) => ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()),
         Ok(Some(_)) => ApiError::UnknownConnection(key.clone()),
         Err(e) => e.into(),
@@ -118,7 +119,7 @@ pub async fn list(
     state: &AppState,
     connection_id: Option<&str>,
 ) -> Result<Vec<ConnectionSummary>, ApiError> {
-    Ok(queries::list_connections(&state.backend, connection_id).await?)
+    Ok(queries::list_connections(&state.read_models, connection_id).await?)
 }
 
 /// Existing credentials to record as a connection.
@@ -133,7 +134,7 @@ pub struct Import {
 /// Records imported credentials (a new connection, or the next generation of an existing one).
 pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ApiError> {
     let key = import.key;
-    let integration = queries::find_integration(&state.backend, key.provider_config_key())
+    let integration = queries::find_integration(&state.read_models, key.provider_config_key())
         .await?
         .ok_or_else(|| ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()))?;
     let now = Utc::now();
@@ -176,7 +177,7 @@ pub async fn set_metadata(
         .map(|id| ConnectionKey::new(provider_config_key, id))
         .collect();
     for key in &keys {
-        if queries::find_connection(&state.backend, key)
+        if queries::find_connection(&state.read_models, key)
             .await?
             .is_none()
         {
@@ -197,7 +198,7 @@ pub async fn set_metadata(
 
 /// Deletes the connection and shreds its secrets.
 pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ApiError> {
-    if queries::find_connection(&state.backend, key)
+    if queries::find_connection(&state.read_models, key)
         .await?
         .is_none()
     {
@@ -214,7 +215,7 @@ pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ApiErro
 /// Writes a command's resulting state to the read model (and drops the cached copy).
 async fn write_read_model(state: &AppState, loaded: &Loaded<Connection>) -> Result<(), ApiError> {
     upsert_state::<ConnectionsModel>(
-        &state.backend,
+        &state.read_models,
         loaded.stream_id.as_str(),
         loaded.version,
         &loaded.state,

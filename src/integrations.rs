@@ -15,11 +15,11 @@ use crate::http::error::{command_error, integration_command_error};
 use crate::startup::AppState;
 
 pub async fn list(state: &AppState) -> Result<Vec<IntegrationRecord>, ApiError> {
-    Ok(queries::list_integrations(&state.backend).await?)
+    Ok(queries::list_integrations(&state.read_models).await?)
 }
 
 pub async fn get(state: &AppState, key: &str) -> Result<IntegrationRecord, ApiError> {
-    queries::find_integration(&state.backend, key)
+    queries::find_integration(&state.read_models, key)
         .await?
         .ok_or_else(|| ApiError::ProviderConfigNotFound(key.to_owned()))
 }
@@ -55,7 +55,7 @@ pub async fn update(
     key: &str,
     config: IntegrationConfig,
 ) -> Result<(), ApiError> {
-    if queries::find_integration(&state.backend, key)
+    if queries::find_integration(&state.read_models, key)
         .await?
         .is_none()
     {
@@ -79,7 +79,7 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), ApiError> {
         .map_err(|e| integration_command_error(e, key))?;
     publish(state, &loaded).await?;
     let now = Utc::now();
-    for connection in queries::list_connections_of(&state.backend, key).await? {
+    for connection in queries::list_connections_of(&state.read_models, key).await? {
         let connection = ConnectionKey::new(key, connection);
         let deleted = state
             .commands
@@ -87,7 +87,7 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), ApiError> {
             .await
             .map_err(|e| command_error(e, &connection))?;
         upsert_state::<ConnectionsModel>(
-            &state.backend,
+            &state.read_models,
             deleted.stream_id.as_str(),
             deleted.version,
             &deleted.state,
@@ -100,7 +100,7 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), ApiError> {
 
 async fn publish(state: &AppState, loaded: &Loaded<Integration>) -> Result<(), ApiError> {
     upsert_state::<IntegrationsModel>(
-        &state.backend,
+        &state.read_models,
         loaded.stream_id.as_str(),
         loaded.version,
         &loaded.state,

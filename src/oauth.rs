@@ -375,7 +375,7 @@ async fn start(
         }
     }
 
-    let integration = queries::find_integration(&state.backend, &key)
+    let integration = queries::find_integration(&state.read_models, &key)
         .await?
         .ok_or_else(|| FlowError::UnknownProviderConfig(key.clone()))?
         .integration;
@@ -663,7 +663,7 @@ async fn finish(
     }
 
     let key = &session.provider_config_key;
-    let integration = queries::find_integration(&state.backend, key)
+    let integration = queries::find_integration(&state.read_models, key)
         .await?
         .ok_or_else(|| FlowError::UnknownProviderConfig(key.clone()))?
         .integration;

@@ -11,8 +11,9 @@ use domain::catalog::Catalog;
 use domain::commands::Commands;
 use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
-use projections::Runner;
 use projections::cache::ConnectionCache;
+use projections::snapshots::ReadModelSnapshots;
+use projections::{ReadModels, Runner};
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::Scheduler;
 use workers::webhooks::{WebhookService, WebhookSettings};
@@ -44,6 +45,8 @@ impl std::ops::Deref for AppState {
 #[derive(Debug)]
 pub struct Shared {
     pub backend: Backend,
+    /// The read models the API serves.
+    pub read_models: ReadModels,
     pub commands: Commands,
     pub runner: Runner,
     /// The hot path's in-memory replica of the connections read model.
@@ -94,15 +97,15 @@ impl Application {
         // it, so the audit trail tells instances apart.
         let instance = format!("grantline-{}", uuid::Uuid::new_v4().simple());
         // Loads start from the read models' snapshots: streams grow with every refresh.
+        let read_models = ReadModels::open(&backend);
         let commands = Commands::new(backend.clone(), vault)
             .with_instance(&instance)
-            .with_snapshots(Arc::new(projections::snapshots::ReadModelSnapshots::new(
-                backend.clone(),
-            )));
+            .with_snapshots(Arc::new(ReadModelSnapshots::new(read_models.clone())));
         let webhooks = open_webhooks(&config, &backend, &instance).await?;
         let catalog = Arc::new(catalog);
         let refresh = RefreshService::new(
             commands.clone(),
+            read_models.clone(),
             catalog.clone(),
             RefreshSettings {
                 margin: config.refresh.margin,
@@ -114,7 +117,7 @@ impl Application {
         .context("cannot start the refresh service")?;
         let scheduler = Scheduler::new(
             refresh.clone(),
-            backend.clone(),
+            read_models.clone(),
             config.refresh.window,
             config.refresh.idle_after,
             config.refresh.concurrency,
@@ -127,7 +130,8 @@ impl Application {
                 refresh,
                 scheduler,
                 webhooks,
-                runner: Runner::new(backend.clone()),
+                runner: Runner::new(&backend),
+                read_models,
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
                 backend,
                 config: Arc::new(config),

@@ -5,90 +5,165 @@
 //! a short time to live. A read that raced with an invalidation does not fill the cache, so a
 //! stale row can only be served between a commit and the moment this instance hears of it.
 //!
+//! The replica is bounded: past its capacity, `quick_cache` evicts the entries least worth
+//! keeping (recently inserted ones read once go first, ones read again stay), one at a time, so
+//! a working set larger than the cache costs misses in proportion, never a cliff. What a reader
+//! derives from an entry ([`Cached::derived`]) is dropped with it: on eviction, invalidation and
+//! expiry alike.
+//!
 //! The follower also makes crypto-shredding hold across instances: when the log shows a
 //! deletion, the data keys it shredded are dropped from this process's vault cache, so a key
 //! destroyed by another instance stops opening anything here as soon as this instance hears of
 //! it (and whenever following restarts, the whole key cache is dropped).
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
 use domain::keys::Vault;
 use domain::store::{Backend, LogReader};
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 
 use crate::ProjectionError;
 use crate::queries::{self, ConnectionRecord};
+use crate::store::ReadModels;
 
-/// The replica. Cheap to share behind an `Arc`.
+/// A cached connection, with what its reader derived from it (`A`): built with the entry and
+/// dropped with it, so whatever the reader keeps there (opened credentials, finished answers)
+/// lives no longer than the record it came from.
 #[derive(Debug)]
-pub struct ConnectionCache {
-    entries: RwLock<HashMap<String, (Arc<ConnectionRecord>, Instant)>>,
+pub struct Cached<A> {
+    pub record: Arc<ConnectionRecord>,
+    pub derived: A,
+    loaded_at: Instant,
+}
+
+/// What a cache holds and did, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Counts the entries the cache drops to stay within its capacity.
+#[derive(Clone, Debug, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl<K, V> Lifecycle<K, V> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: K, _: V) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Entries<A> = Cache<String, Arc<Cached<A>>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+
+/// The replica: at most `capacity` connections, the least useful dropped first. Cheap to share
+/// behind an `Arc`.
+pub struct ConnectionCache<A = ()> {
+    entries: Entries<A>,
     /// Bumped by every invalidation; a read that saw another value does not fill the cache.
     epoch: AtomicU64,
     ttl: Duration,
-    capacity: usize,
+    capacity: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: CountEvictions,
 }
 
-impl ConnectionCache {
+impl<A: Default + Send + Sync + 'static> std::fmt::Debug for ConnectionCache<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionCache")
+            .field("stats", &self.stats())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
+    /// A cache of at most `capacity` connections (at least 1), each served for at most `ttl`
+    /// without hearing of a change.
     pub fn new(ttl: Duration, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let evictions = CountEvictions::default();
         Self {
-            entries: RwLock::new(HashMap::new()),
+            entries: Cache::with(
+                capacity,
+                u64::try_from(capacity).unwrap_or(u64::MAX),
+                UnitWeighter,
+                DefaultHashBuilder::default(),
+                evictions.clone(),
+            ),
             epoch: AtomicU64::new(0),
             ttl,
-            capacity,
+            capacity: u64::try_from(capacity).unwrap_or(u64::MAX),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions,
         }
     }
 
     /// The live connection, from memory when fresh, else from the read model.
     pub async fn find(
         &self,
-        backend: &Backend,
+        read_models: &ReadModels,
         key: &ConnectionKey,
-    ) -> Result<Option<Arc<ConnectionRecord>>, ProjectionError> {
+    ) -> Result<Option<Arc<Cached<A>>>, ProjectionError> {
         let stream_id = key.stream_id().to_string();
-        if let Some(record) = self.cached(&stream_id) {
-            return Ok(Some(record));
+        if let Some(cached) = self.cached(&stream_id) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(cached));
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.load(Ordering::Acquire);
-        let Some(record) = queries::find_connection(backend, key).await? else {
+        let Some(record) = queries::find_connection(read_models, key).await? else {
             return Ok(None);
         };
-        let record = Arc::new(record);
-        if let Ok(mut entries) = self.entries.write()
-            && self.epoch.load(Ordering::Acquire) == epoch
-        {
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-            entries.insert(stream_id, (record.clone(), Instant::now()));
+        let cached = Arc::new(Cached {
+            record: Arc::new(record),
+            derived: A::default(),
+            loaded_at: Instant::now(),
+        });
+        // A read that raced with an invalidation may hold what it invalidated.
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            self.entries.insert(stream_id, cached.clone());
         }
-        Ok(Some(record))
+        Ok(Some(cached))
     }
 
-    fn cached(&self, stream_id: &str) -> Option<Arc<ConnectionRecord>> {
-        let entries = self.entries.read().ok()?;
-        let (record, loaded_at) = entries.get(stream_id)?;
-        (loaded_at.elapsed() < self.ttl).then(|| record.clone())
+    fn cached(&self, stream_id: &str) -> Option<Arc<Cached<A>>> {
+        let cached = self.entries.get(stream_id)?;
+        (cached.loaded_at.elapsed() < self.ttl).then_some(cached)
     }
 
     /// Forgets a stream's entry.
     pub fn invalidate(&self, stream_id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut entries) = self.entries.write() {
-            entries.remove(stream_id);
-        }
+        self.entries.remove(stream_id);
     }
 
     /// Forgets everything.
     pub fn clear(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut entries) = self.entries.write() {
-            entries.clear();
+        self.entries.clear();
+    }
+
+    /// Hits, misses, evictions and entries so far.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.0.load(Ordering::Relaxed),
+            entries: u64::try_from(self.entries.len()).unwrap_or(u64::MAX),
+            capacity: self.capacity,
         }
     }
 

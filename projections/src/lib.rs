@@ -3,24 +3,32 @@
 //! Delivery guarantee: each read model applies every event of its categories exactly once in
 //! effect. A runner applies a batch and advances its checkpoint in one transaction; appliers are
 //! idempotent by stream version, so an event applied early (read-your-writes, see
-//! [`model::upsert_state`]) is skipped when the runner reaches it. A checkpoint is claimed with
-//! `FOR UPDATE SKIP LOCKED` on PostgreSQL, so among many instances one runner works on a
-//! projection at a time. An event that cannot be decoded stops the projection at that event (the
-//! error is recorded on its checkpoint), it is never skipped.
+//! [`model::upsert_state`]) is skipped when the runner reaches it. A batch is written only while
+//! its runner holds the checkpoint (`FOR UPDATE SKIP LOCKED` on PostgreSQL) and the checkpoint is
+//! where the batch was read from, so among many instances one runner moves a projection at a
+//! time. An event that cannot be decoded stops the projection at that event (the error is
+//! recorded on its checkpoint), it is never skipped.
 //!
 //! Each read model is a table of aggregate snapshots, one row per stream: the aggregate's state
 //! as JSON (secrets only sealed) and the columns queries filter on. A rebuild replays the log
 //! into the table's shadow twin and swaps the two by renaming, while the live table keeps serving.
+//!
+//! Layout: [`model`] says how an aggregate's state becomes a row (pure), [`store`] keeps rows and
+//! checkpoints (one implementation per backend), [`runner`] follows the log, [`queries`] is what
+//! the API reads, [`cache`] the hot path's in-memory replica and [`snapshots`] where commands
+//! start loading a stream. A new read model is a [`StateModel`], a migration for its table and a
+//! line in [`runner::Runner::run_once`].
 
 pub mod cache;
 pub mod model;
 pub mod queries;
 pub mod runner;
 pub mod snapshots;
-mod table;
+pub mod store;
 
 pub use model::{ConnectionsModel, IntegrationsModel, StateModel};
 pub use runner::{ProjectionStatus, Runner};
+pub use store::ReadModels;
 
 use domain::event::UnreadableEvent;
 use domain::store::StoreError;
@@ -42,24 +50,6 @@ pub enum ProjectionError {
     /// There is no projection by that name.
     #[error("unknown projection {0:?}; the projections are connections, integrations")]
     UnknownProjection(String),
-}
-
-impl From<tokio_postgres::Error> for ProjectionError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Store(StoreError::Database(e.to_string()))
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for ProjectionError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Store(StoreError::Database(e.to_string()))
-    }
-}
-
-impl From<rusqlite::Error> for ProjectionError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Store(StoreError::Database(e.to_string()))
-    }
 }
 
 /// The names of all projections, in the order they are run and reported.

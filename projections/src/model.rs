@@ -1,18 +1,18 @@
 //! The read models: how an aggregate's state becomes a row.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::connection::{self, Connection, ConnectionEvent};
 use domain::event::DomainEvent;
 use domain::integration::{self, Integration, IntegrationEvent};
-use domain::store::{Backend, RecordedEvent};
+use domain::store::{Position, RecordedEvent};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ProjectionError;
-use crate::table;
+use crate::store::{Batch, ReadModels, Snapshot};
 
 /// A read model of aggregate snapshots: one row per stream of `CATEGORY`.
 pub trait StateModel: Send + Sync + 'static {
@@ -186,12 +186,6 @@ impl StateModel for IntegrationsModel {
     }
 }
 
-/// A stored snapshot as loaded for folding.
-pub(crate) struct Snapshot {
-    pub version: u32,
-    pub state: Value,
-}
-
 /// Decodes the events of `M`'s category in `events` (stopping at the first unreadable one).
 pub(crate) fn decode<M: StateModel>(
     events: &[RecordedEvent],
@@ -223,7 +217,7 @@ pub(crate) fn fold<M: StateModel>(
             let (v, state) = match snapshots.get(&stream_id) {
                 Some(snapshot) => (
                     snapshot.version,
-                    serde_json::from_value(snapshot.state.clone()).map_err(|e| {
+                    serde_json::from_str(&snapshot.state).map_err(|e| {
                         ProjectionError::CorruptRow {
                             table,
                             stream_id: stream_id.clone(),
@@ -259,10 +253,42 @@ pub(crate) fn fold<M: StateModel>(
     Ok(rows)
 }
 
+/// The batch that folds `events` (of any category; those of `M`'s are decoded) into `table`.
+pub(crate) fn plan<M: StateModel>(
+    table: &'static str,
+    events: &[RecordedEvent],
+) -> Result<Batch, ProjectionError> {
+    let decoded = decode::<M>(events)?;
+    Ok(batch::<M>(
+        table,
+        decoded,
+        events.last().map_or(Position::START, |e| e.position),
+    ))
+}
+
+/// The batch that folds decoded events into `table`, ending at `to`.
+pub(crate) fn batch<M: StateModel>(
+    table: &'static str,
+    events: Vec<(String, u32, M::Event)>,
+    to: Position,
+) -> Batch {
+    let stream_ids = events
+        .iter()
+        .map(|(id, ..)| id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    Batch {
+        stream_ids,
+        fold: Box::new(move |snapshots| fold::<M>(table, snapshots, events)),
+        to,
+    }
+}
+
 /// Writes the state a command just produced, so the next read sees it at once
 /// (read-your-writes). Skipped if the row is already at or past `version`.
 pub async fn upsert_state<M: StateModel>(
-    backend: &Backend,
+    read_models: &ReadModels,
     stream_id: &str,
     version: u32,
     state: &M::State,
@@ -270,5 +296,5 @@ pub async fn upsert_state<M: StateModel>(
     let Some(row) = M::row(stream_id, version, state) else {
         return Ok(());
     };
-    table::upsert_row::<M>(backend, row).await
+    read_models.store().upsert(M::NAME, row).await
 }

@@ -1,19 +1,15 @@
 //! The projection runner: catch-up, the continuous loop, status and rebuild.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, sqlite_read_all_on};
+use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, StoreError};
 use serde::Serialize;
 
-use crate::model::{StateModel, decode, fold};
-use crate::table::{
-    checkpoint_from, from_micros, pg_load, pg_set_checkpoint, pg_write, sqlite_checkpoint,
-    sqlite_load, sqlite_set_checkpoint, sqlite_write,
-};
+use crate::model::{self, StateModel, decode};
+use crate::store::{Planner, ReadModels};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
 /// Lag is counted up to this many events.
@@ -37,25 +33,26 @@ pub enum Step {
 /// Runs the projections of one backend.
 #[derive(Clone)]
 pub struct Runner {
-    backend: Backend,
-    store: Arc<dyn EventStore>,
+    read_models: ReadModels,
+    events: Arc<dyn EventStore>,
     batch_size: usize,
 }
 
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
-            .field("backend", &self.backend)
+            .field("read_models", &self.read_models)
             .field("batch_size", &self.batch_size)
             .finish()
     }
 }
 
 impl Runner {
-    pub fn new(backend: Backend) -> Self {
+    /// The runner of `backend`'s projections.
+    pub fn new(backend: &Backend) -> Self {
         Self {
-            store: backend.event_store(),
-            backend,
+            read_models: ReadModels::open(backend),
+            events: backend.event_store(),
             batch_size: 1000,
         }
     }
@@ -86,7 +83,7 @@ impl Runner {
     /// Keeps the projections current until `shutdown` completes: woken by new commits, polling
     /// otherwise, backing off after errors (which are logged and recorded on the checkpoint).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
-        let mut listener = self.store.listener();
+        let mut listener = self.events.listener();
         let mut backoff = Duration::from_millis(100);
         tokio::pin!(shutdown);
         loop {
@@ -118,178 +115,60 @@ impl Runner {
     /// One batch of projection `M`.
     #[tracing::instrument(name = "projection.step", skip_all, fields(projection = M::NAME))]
     pub async fn step<M: StateModel>(&self) -> Result<Step, ProjectionError> {
-        let outcome = match &self.backend {
-            Backend::Postgres(_) => self.step_postgres::<M>().await,
-            Backend::Sqlite(_) => self.step_sqlite::<M>().await,
-        };
+        let outcome = self.apply_next::<M>().await;
         if let Err(error) = &outcome {
-            self.record_error(M::NAME, &error.to_string()).await;
+            self.read_models
+                .store()
+                .record_error(M::NAME, error.to_string())
+                .await;
         }
         outcome
     }
 
-    async fn step_postgres<M: StateModel>(&self) -> Result<Step, ProjectionError> {
-        let Backend::Postgres(store) = &self.backend else {
-            return Ok(Step::Idle);
-        };
-        let mut client = store.pool().get().await?;
-        let tx = client.transaction().await?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT commit_position, global_position FROM projection_checkpoints \
-                 WHERE name = $1 FOR UPDATE SKIP LOCKED",
-                &[&M::NAME],
-            )
-            .await?
-        else {
-            return Ok(Step::Busy);
-        };
-        let position = checkpoint_from(row.get(0), row.get(1));
-        let events = self.store.read_all(position, self.batch_size).await?;
+    /// Reads the batch after the checkpoint and applies its readable prefix; an unreadable
+    /// event is reported after the events before it are applied.
+    async fn apply_next<M: StateModel>(&self) -> Result<Step, ProjectionError> {
+        let store = self.read_models.store();
+        let from = store.checkpoint(M::NAME).await?;
+        let events = self.events.read_all(from, self.batch_size).await?;
         if events.is_empty() {
             return Ok(Step::Idle);
         }
         let (readable, unreadable) = decode_prefix::<M>(&events);
-        if let Some(last) = readable.last_position {
-            let ids = stream_ids(&readable.events);
-            let snapshots = pg_load(&tx, M::NAME, &ids).await?;
-            let rows = fold::<M>(M::NAME, snapshots, readable.events)?;
-            pg_write(&tx, M::NAME, &rows).await?;
-            pg_set_checkpoint(&tx, M::NAME, last).await?;
-            tx.commit().await?;
-        }
-        match unreadable {
-            Some(error) => Err(error),
-            None => Ok(Step::Applied(readable.count)),
-        }
-    }
-
-    async fn step_sqlite<M: StateModel>(&self) -> Result<Step, ProjectionError> {
-        let Backend::Sqlite(store) = &self.backend else {
-            return Ok(Step::Idle);
-        };
-        let position = store
-            .read(|conn| sqlite_checkpoint(conn, M::NAME).map_err(sqlite_error))
-            .await?;
-        let events = self.store.read_all(position, self.batch_size).await?;
-        if events.is_empty() {
-            return Ok(Step::Idle);
-        }
-        let (readable, unreadable) = decode_prefix::<M>(&events);
-        if let Some(last) = readable.last_position {
-            let count = readable.count;
-            let applied = store
-                .write(move |conn| {
-                    let tx = conn.transaction().map_err(sqlite_error)?;
-                    // Someone (a rebuild) moved the checkpoint since it was read: start over.
-                    if sqlite_checkpoint(&tx, M::NAME).map_err(sqlite_error)? != position {
-                        return Ok(false);
-                    }
-                    apply_sqlite::<M>(&tx, M::NAME, readable.events)?;
-                    sqlite_set_checkpoint(&tx, M::NAME, last).map_err(sqlite_error)?;
-                    tx.commit().map_err(sqlite_error)?;
-                    Ok(true)
-                })
-                .await?;
-            if !applied {
+        if let Some(to) = readable.last_position {
+            let batch = model::batch::<M>(M::NAME, readable.events, to);
+            if !store.apply(M::NAME, M::NAME, from, batch).await? {
                 return Ok(Step::Busy);
             }
-            if unreadable.is_none() {
-                return Ok(Step::Applied(count));
-            }
         }
         match unreadable {
             Some(error) => Err(error),
             None => Ok(Step::Applied(readable.count)),
         }
-    }
-
-    async fn record_error(&self, name: &'static str, message: &str) {
-        let message = message.to_owned();
-        let _ = match &self.backend {
-            Backend::Postgres(store) => match store.pool().get().await {
-                Ok(client) => client
-                    .execute(
-                        "UPDATE projection_checkpoints SET last_error = $2 WHERE name = $1",
-                        &[&name, &message],
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            Backend::Sqlite(store) => store
-                .write(move |conn| {
-                    conn.execute(
-                        "UPDATE projection_checkpoints SET last_error = ?2 WHERE name = ?1",
-                        [name, message.as_str()],
-                    )
-                    .map(|_| ())
-                    .map_err(sqlite_error)
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        };
     }
 
     /// Each projection's checkpoint, the log's head and the lag between them.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
-        let head = self.store.head_position().await?;
-        let rows: Vec<CheckpointRow> = match &self.backend {
-            Backend::Postgres(store) => store
-                .pool()
-                .get()
-                .await?
-                .query(
-                    "SELECT name, commit_position, global_position, updated_at, last_error \
-                     FROM projection_checkpoints ORDER BY name",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                .collect(),
-            Backend::Sqlite(store) => {
-                store
-                    .read(|conn| {
-                        let mut statement = conn
-                            .prepare(
-                                "SELECT name, commit_position, global_position, updated_at, \
-                                 last_error FROM projection_checkpoints ORDER BY name",
-                            )
-                            .map_err(sqlite_error)?;
-                        let rows = statement
-                            .query_map([], |r| {
-                                Ok((
-                                    r.get(0)?,
-                                    r.get(1)?,
-                                    r.get(2)?,
-                                    from_micros(r.get(3)?),
-                                    r.get(4)?,
-                                ))
-                            })
-                            .map_err(sqlite_error)?;
-                        rows.collect::<Result<_, _>>().map_err(sqlite_error)
-                    })
-                    .await?
-            }
-        };
+        let head = self.events.head_position().await?;
         let mut statuses = Vec::new();
-        for (name, commit, global, updated_at, last_error) in rows {
-            if !PROJECTIONS.contains(&name.as_str()) {
+        for checkpoint in self.read_models.store().checkpoints().await? {
+            if !PROJECTIONS.contains(&checkpoint.name.as_str()) {
                 continue;
             }
-            let checkpoint = checkpoint_from(commit, global);
             // Counted in log order: positions alone are not commit order on PostgreSQL.
-            let behind = self.store.read_all(checkpoint, LAG_CAP).await?.len();
+            let behind = self
+                .events
+                .read_all(checkpoint.position, LAG_CAP)
+                .await?
+                .len();
             statuses.push(ProjectionStatus {
-                name,
-                checkpoint: checkpoint.to_string(),
-                checkpoint_position: global,
+                name: checkpoint.name,
+                checkpoint: checkpoint.position.to_string(),
+                checkpoint_position: checkpoint.position.global,
                 head_position: head,
                 lag: i64::try_from(behind).unwrap_or(i64::MAX),
-                updated_at,
-                last_error,
+                updated_at: checkpoint.updated_at,
+                last_error: checkpoint.last_error,
             });
         }
         Ok(statuses)
@@ -315,76 +194,37 @@ impl Runner {
         &self,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, ProjectionError> {
-        match &self.backend {
-            Backend::Postgres(store) => {
-                // One rebuild per projection at a time, across instances.
-                let guard = store.pool().get().await?;
-                let lock_key = format!("grantline.rebuild.{}", M::NAME);
-                let locked: bool = guard
-                    .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key])
-                    .await?
-                    .get(0);
-                if !locked {
-                    return Err(ProjectionError::Store(domain::store::StoreError::Database(
-                        format!("a rebuild of {} is already running", M::NAME),
-                    )));
-                }
-                let outcome = self.rebuild_postgres::<M>(&mut progress).await;
-                let _ = guard
-                    .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
-                    .await;
-                outcome
-            }
-            Backend::Sqlite(_) => self.rebuild_sqlite::<M>(&mut progress).await,
-        }
-    }
-
-    async fn rebuild_postgres<M: StateModel>(
-        &self,
-        progress: &mut impl FnMut(u64),
-    ) -> Result<u64, ProjectionError> {
-        let Backend::Postgres(store) = &self.backend else {
-            return Ok(0);
-        };
-        let mut client = store.pool().get().await?;
-        client
-            .batch_execute(&format!("TRUNCATE {}", M::SHADOW))
-            .await?;
+        let store = self.read_models.store();
+        // One rebuild per projection at a time, across instances.
+        let _rebuilding = store.lock_rebuild(M::NAME).await?;
+        store.clear(M::SHADOW).await?;
         // Everything committed before the rebuild started must be in the shadow before it is
         // swapped in. Readers see the log only up to the oldest running transaction (the xid8
-        // horizon), so an empty batch is not the end: the rebuild waits until it has read every
-        // event at or below the head it saw at the start. Swapping earlier would serve a table
-        // missing connections (404s) until the live runner caught up.
-        let head = self.store.head_position().await?;
+        // horizon on PostgreSQL), so an empty batch is not the end: the rebuild waits until it
+        // has read every event at or below the head it saw at the start. Swapping earlier would
+        // serve a table missing connections (404s) until the live runner caught up.
+        let head = self.events.head_position().await?;
         let mut seen_to_head = 0i64;
         let mut waited_since: Option<std::time::Instant> = None;
-        let mut listener = self.store.listener();
-        let mut reader = LogReader::new(self.store.clone(), Position::START, self.batch_size);
+        let mut listener = self.events.listener();
+        let mut reader = LogReader::new(self.events.clone(), Position::START, self.batch_size);
         let mut replayed = 0u64;
         loop {
             let events = reader.next_batch().await?;
             if events.is_empty() {
-                let committed: i64 = client
-                    .query_one(
-                        "SELECT count(*) FROM events WHERE global_position <= $1",
-                        &[&head],
-                    )
-                    .await?
-                    .get(0);
+                let committed = store.events_through(head).await?;
                 if seen_to_head >= committed {
                     break;
                 }
                 let since = *waited_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() > HORIZON_WAIT {
-                    return Err(ProjectionError::Store(domain::store::StoreError::Database(
-                        format!(
-                            "the rebuild of {} cannot see {} committed events: a long-running \
-                             transaction holds the log back (see pg_stat_activity); nothing \
-                             was swapped",
-                            M::NAME,
-                            committed - seen_to_head
-                        ),
-                    )));
+                    return Err(ProjectionError::Store(StoreError::Database(format!(
+                        "the rebuild of {} cannot see {} committed events: a long-running \
+                         transaction holds the log back (see pg_stat_activity); nothing was \
+                         swapped",
+                        M::NAME,
+                        committed - seen_to_head
+                    ))));
                 }
                 listener.wait_at_most(Duration::from_millis(100)).await;
                 continue;
@@ -392,119 +232,20 @@ impl Runner {
             waited_since = None;
             seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
             replayed += events.len() as u64;
-            let decoded = decode::<M>(&events)?;
-            let tx = client.transaction().await?;
-            let snapshots = pg_load(&tx, M::SHADOW, &stream_ids(&decoded)).await?;
-            pg_write(&tx, M::SHADOW, &fold::<M>(M::SHADOW, snapshots, decoded)?).await?;
-            tx.commit().await?;
-            progress(replayed);
-        }
-        // Stop the live runner, take in what it committed meanwhile, swap, hand over.
-        let tx = client.transaction().await?;
-        tx.query_one(
-            "SELECT global_position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-            &[&M::NAME],
-        )
-        .await?;
-        let mut position = reader.position();
-        loop {
-            let events = self.store.read_all(position, self.batch_size).await?;
-            let Some(last) = events.last().map(|e| e.position) else {
-                break;
-            };
-            replayed += events.len() as u64;
-            let decoded = decode::<M>(&events)?;
-            let snapshots = pg_load(&tx, M::SHADOW, &stream_ids(&decoded)).await?;
-            pg_write(&tx, M::SHADOW, &fold::<M>(M::SHADOW, snapshots, decoded)?).await?;
-            position = last;
-        }
-        tx.batch_execute(&format!(
-            "ALTER TABLE {live} RENAME TO {live}_swapping; \
-             ALTER TABLE {shadow} RENAME TO {live}; \
-             ALTER TABLE {live}_swapping RENAME TO {shadow};",
-            live = M::NAME,
-            shadow = M::SHADOW
-        ))
-        .await?;
-        pg_set_checkpoint(&tx, M::NAME, position).await?;
-        tx.commit().await?;
-        client
-            .batch_execute(&format!("TRUNCATE {}", M::SHADOW))
-            .await?;
-        progress(replayed);
-        Ok(replayed)
-    }
-
-    async fn rebuild_sqlite<M: StateModel>(
-        &self,
-        progress: &mut impl FnMut(u64),
-    ) -> Result<u64, ProjectionError> {
-        let Backend::Sqlite(store) = &self.backend else {
-            return Ok(0);
-        };
-        store
-            .write(|conn| {
-                conn.execute_batch(&format!("DELETE FROM {}", M::SHADOW))
-                    .map_err(sqlite_error)
-            })
-            .await?;
-        let mut reader = LogReader::new(self.store.clone(), Position::START, self.batch_size);
-        let mut replayed = 0u64;
-        loop {
-            let events = reader.next_batch().await?;
-            if events.is_empty() {
-                break;
-            }
-            replayed += events.len() as u64;
-            let decoded = decode::<M>(&events)?;
             store
-                .write(move |conn| {
-                    let tx = conn.transaction().map_err(sqlite_error)?;
-                    apply_sqlite::<M>(&tx, M::SHADOW, decoded)?;
-                    tx.commit().map_err(sqlite_error)
-                })
+                .write(M::SHADOW, model::plan::<M>(M::SHADOW, &events)?)
                 .await?;
             progress(replayed);
         }
-        // The writer connection is the lock: catch up, swap and hand over in one transaction.
-        let (position, batch_size) = (reader.position(), self.batch_size);
-        let tail = store
-            .write(move |conn| {
-                let tx = conn.transaction().map_err(sqlite_error)?;
-                let mut position = position;
-                let mut tail = 0u64;
-                loop {
-                    let events = sqlite_read_all_on(&tx, position, batch_size)?;
-                    let Some(last) = events.last().map(|e| e.position) else {
-                        break;
-                    };
-                    tail += events.len() as u64;
-                    let decoded = decode::<M>(&events).map_err(to_store_error)?;
-                    apply_sqlite::<M>(&tx, M::SHADOW, decoded)?;
-                    position = last;
-                }
-                tx.execute_batch(&format!(
-                    "ALTER TABLE {live} RENAME TO {live}_swapping; \
-                     ALTER TABLE {shadow} RENAME TO {live}; \
-                     ALTER TABLE {live}_swapping RENAME TO {shadow}; \
-                     DELETE FROM {shadow};",
-                    live = M::NAME,
-                    shadow = M::SHADOW
-                ))
-                .map_err(sqlite_error)?;
-                sqlite_set_checkpoint(&tx, M::NAME, position).map_err(sqlite_error)?;
-                tx.commit().map_err(sqlite_error)?;
-                Ok(tail)
-            })
+        // Stop the live runner, take in what it committed meanwhile, swap, hand over.
+        let planner: Planner = Arc::new(|events| model::plan::<M>(M::SHADOW, events));
+        replayed += store
+            .swap(M::NAME, M::NAME, M::SHADOW, reader.position(), planner)
             .await?;
-        replayed += tail;
         progress(replayed);
         Ok(replayed)
     }
 }
-
-/// `(name, commit, global, updated_at, last_error)` of a checkpoint row.
-type CheckpointRow = (String, i64, i64, DateTime<Utc>, Option<String>);
 
 /// One projection's progress, as `grantline projections status` and `/admin/projections` show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -549,35 +290,4 @@ fn decode_prefix<M: StateModel>(
         readable.last_position = Some(event.position);
     }
     (readable, None)
-}
-
-fn stream_ids<E>(events: &[(String, u32, E)]) -> Vec<String> {
-    events
-        .iter()
-        .map(|(id, ..)| id.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-fn apply_sqlite<M: StateModel>(
-    conn: &rusqlite::Connection,
-    table: &'static str,
-    events: Vec<(String, u32, M::Event)>,
-) -> Result<(), domain::store::StoreError> {
-    let snapshots = sqlite_load(conn, table, &stream_ids(&events)).map_err(to_store_error)?;
-    let rows = fold::<M>(table, snapshots, events).map_err(to_store_error)?;
-    sqlite_write(conn, table, &rows).map_err(sqlite_error)
-}
-
-fn sqlite_error(e: rusqlite::Error) -> domain::store::StoreError {
-    domain::store::StoreError::Database(e.to_string())
-}
-
-/// Inside a SQLite write closure only store errors can cross; keep the message.
-fn to_store_error(e: ProjectionError) -> domain::store::StoreError {
-    match e {
-        ProjectionError::Store(e) => e,
-        other => domain::store::StoreError::Database(other.to_string()),
-    }
 }

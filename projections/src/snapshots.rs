@@ -6,21 +6,22 @@
 
 use async_trait::async_trait;
 use domain::commands::Snapshots;
-use domain::store::{Backend, StreamId};
+use domain::store::StreamId;
 use domain::{connection, integration};
 use serde_json::Value;
 
-use crate::queries::find_row;
+use crate::store::ReadModels;
+use crate::{ConnectionsModel, IntegrationsModel, StateModel};
 
-/// Snapshots from the live read models of one backend.
+/// Snapshots from the live read models.
 #[derive(Clone, Debug)]
 pub struct ReadModelSnapshots {
-    backend: Backend,
+    read_models: ReadModels,
 }
 
 impl ReadModelSnapshots {
-    pub fn new(backend: Backend) -> Self {
-        Self { backend }
+    pub fn new(read_models: ReadModels) -> Self {
+        Self { read_models }
     }
 }
 
@@ -28,17 +29,25 @@ impl ReadModelSnapshots {
 impl Snapshots for ReadModelSnapshots {
     async fn snapshot(&self, stream: &StreamId) -> Option<(u32, Value)> {
         let table = match stream.category() {
-            connection::CATEGORY => "connections",
-            integration::CATEGORY => "integrations",
+            connection::CATEGORY => ConnectionsModel::NAME,
+            integration::CATEGORY => IntegrationsModel::NAME,
             _ => return None,
         };
-        match find_row(&self.backend, table, stream.as_str()).await {
+        let failed = |error: &dyn std::fmt::Display| {
+            tracing::warn!(error.message = %error, "snapshots.read failed; folding the stream");
+        };
+        match self.read_models.store().find(table, stream.as_str()).await {
             // A row at version 0 would be a state without events: never offer it.
-            Ok(row) => row
-                .filter(|(_, version, _)| *version > 0)
-                .map(|(_, version, state)| (version, state)),
+            Ok(Some(row)) if row.version > 0 => match serde_json::from_str(&row.state) {
+                Ok(state) => Some((row.version, state)),
+                Err(error) => {
+                    failed(&error);
+                    None
+                }
+            },
+            Ok(_) => None,
             Err(error) => {
-                tracing::warn!(error.message = %error, "snapshots.read failed; folding the stream");
+                failed(&error);
                 None
             }
         }

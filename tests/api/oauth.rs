@@ -833,9 +833,9 @@ async fn a_second_authorization_is_generation_two_with_the_new_tokens(db: &TestD
     let (access, refresh) = FakeProvider::tokens(2);
     assert_eq!(connection["credentials"]["access_token"], access.as_str());
     assert_eq!(connection["credentials"]["refresh_token"], refresh.as_str());
-    let backend = db.open().await;
+    let read_models = projections::ReadModels::open(&db.open().await);
     let record =
-        projections::queries::find_connection(&backend, &ConnectionKey::new("fake", "user-1"))
+        projections::queries::find_connection(&read_models, &ConnectionKey::new("fake", "user-1"))
             .await
             .unwrap()
             .unwrap();
@@ -1168,9 +1168,9 @@ async fn an_oauth1_flow_records_signed_token_credentials(db: &TestDatabase) {
         connection["credentials"]["oauth_token"],
         FakeProvider::oauth1_tokens(2).0.as_str()
     );
-    let backend = db.open().await;
+    let read_models = projections::ReadModels::open(&db.open().await);
     let record = projections::queries::find_connection(
-        &backend,
+        &read_models,
         &ConnectionKey::new("fake-oauth1-plain", "o-2"),
     )
     .await

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use domain::store::Backend;
 use futures_util::StreamExt;
+use projections::ReadModels;
 
 use crate::refresh::{RefreshError, RefreshService, ScheduledDue};
 
@@ -76,7 +76,7 @@ pub enum TickError {
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     refresh: RefreshService,
-    backend: Backend,
+    read_models: ReadModels,
     window: Duration,
     idle_after: Duration,
     concurrency: usize,
@@ -85,18 +85,18 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler refreshing through `refresh` the connections of `backend` expiring within
+    /// A scheduler refreshing through `refresh` the connections of `read_models` expiring within
     /// `window` or not renewed for `idle_after`, `concurrency` at a time (at least one).
     pub fn new(
         refresh: RefreshService,
-        backend: Backend,
+        read_models: ReadModels,
         window: Duration,
         idle_after: Duration,
         concurrency: usize,
     ) -> Self {
         Self {
             refresh,
-            backend,
+            read_models,
             window,
             idle_after,
             concurrency: concurrency.max(1),
@@ -136,7 +136,7 @@ impl Scheduler {
         let started_at = Utc::now();
         let due = self.due_at(now);
         let connections = match projections::queries::due_for_refresh(
-            &self.backend,
+            &self.read_models,
             due.expiring_before,
             due.idle_before,
             self.limit,

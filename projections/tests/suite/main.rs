@@ -15,10 +15,12 @@ use domain::credentials::{ClientSecret, Credentials};
 use domain::keys::{MasterKey, Vault};
 use domain::store::Backend;
 use domain::testing::TestDatabase;
+use projections::ReadModels;
 
 /// A backend with a vault and the command service.
 pub struct Fixture {
     pub backend: Backend,
+    pub read_models: ReadModels,
     pub commands: Commands,
 }
 
@@ -30,6 +32,7 @@ pub async fn fixture(db: &TestDatabase) -> Fixture {
         .unwrap();
     Fixture {
         commands: Commands::new(backend.clone(), vault),
+        read_models: ReadModels::open(&backend),
         backend,
     }
 }

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use domain::connection::{Connection, ConnectionKey, MetadataMode};
-use domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
+use domain::store::{ExpectedVersion, NewEvent, StreamId};
 use domain::testing::TestDatabase;
 use projections::model::upsert_state;
 use projections::queries;
 use projections::runner::Step;
-use projections::{ConnectionsModel, IntegrationsModel, Runner};
+use projections::{ConnectionsModel, IntegrationsModel, ReadModels, Runner};
 use serde_json::json;
 
 use crate::fixture;
@@ -50,19 +50,21 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
     for id in ["a", "b", "c"] {
         f.connection("github", id).await;
     }
-    let runner = Runner::new(f.backend.clone()).with_batch_size(2);
+    let runner = Runner::new(&f.backend).with_batch_size(2);
     settle(&runner).await;
 
-    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    let listed = queries::list_connections(&f.read_models, None)
+        .await
+        .unwrap();
     let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
-    let found = queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
+    let found = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(found.connection.connection_id, "b");
     assert_eq!(found.version, 1);
-    let integration = queries::find_integration(&f.backend, "github")
+    let integration = queries::find_integration(&f.read_models, "github")
         .await
         .unwrap()
         .unwrap();
@@ -83,7 +85,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     let f = fixture(db).await;
     f.integration("github").await;
     f.connection("github", "a").await;
-    let runner = Runner::new(f.backend.clone());
+    let runner = Runner::new(&f.backend);
     settle(&runner).await;
 
     // A merge applied by the command itself (read-your-writes) and later by the runner: applying
@@ -100,14 +102,14 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
         .await
         .unwrap();
     upsert_state::<ConnectionsModel>(
-        &f.backend,
+        &f.read_models,
         loaded.stream_id.as_str(),
         loaded.version,
         &loaded.state,
     )
     .await
     .unwrap();
-    let early = queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
+    let early = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
         .await
         .unwrap()
         .unwrap();
@@ -127,12 +129,12 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     if let Connection::Active(active) = &mut older {
         active.metadata.clear();
     }
-    upsert_state::<ConnectionsModel>(&f.backend, stale.stream_id.as_str(), 1, &older)
+    upsert_state::<ConnectionsModel>(&f.read_models, stale.stream_id.as_str(), 1, &older)
         .await
         .unwrap();
 
     settle(&runner).await;
-    let after = queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
+    let after = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
         .await
         .unwrap()
         .unwrap();
@@ -159,7 +161,7 @@ async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reporte
         .global_positions[0];
     f.connection("github", "b").await;
 
-    let runner = Runner::new(f.backend.clone());
+    let runner = Runner::new(&f.backend);
     let mut error = None;
     for _ in 0..300 {
         match runner.step::<ConnectionsModel>().await {
@@ -193,13 +195,13 @@ async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reporte
     );
     // What came before is there, what comes after is not (the runner did not skip ahead).
     assert!(
-        queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
+        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
             .await
             .unwrap()
             .is_some()
     );
     assert!(
-        queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
+        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
             .await
             .unwrap()
             .is_none()
@@ -211,7 +213,7 @@ async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reporte
         }
     }
     assert!(
-        queries::find_integration(&f.backend, "github")
+        queries::find_integration(&f.read_models, "github")
             .await
             .unwrap()
             .is_some()
@@ -242,27 +244,28 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
         .delete_connection(&ConnectionKey::new("github", "c1"), Utc::now())
         .await
         .unwrap();
-    let runner = Runner::new(f.backend.clone()).with_batch_size(7);
+    let runner = Runner::new(&f.backend).with_batch_size(7);
     settle(&runner).await;
-    let before = snapshot(&f.backend).await;
+    let before = snapshot(&f.read_models).await;
     assert_eq!(before.len(), count - 1);
 
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
     let mut readers = Vec::new();
     for r in 0..3 {
-        let (backend, stop, reads) = (f.backend.clone(), stop.clone(), reads.clone());
+        let (read_models, stop, reads) = (f.read_models.clone(), stop.clone(), reads.clone());
         readers.push(tokio::spawn(async move {
             let mut n = r;
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("c{}", (n % (count - 2)) + 2);
                 let found =
-                    queries::find_connection(&backend, &ConnectionKey::new("github", &id)).await;
+                    queries::find_connection(&read_models, &ConnectionKey::new("github", &id))
+                        .await;
                 assert!(
                     matches!(found, Ok(Some(_))),
                     "read of {id} failed during the rebuild: {found:?}"
                 );
-                let listed = queries::list_connections(&backend, None).await.unwrap();
+                let listed = queries::list_connections(&read_models, None).await.unwrap();
                 assert_eq!(listed.len(), count - 1);
                 reads.fetch_add(1, Ordering::Relaxed);
                 n += 1;
@@ -297,7 +300,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     assert!(!progress.is_empty());
     assert!(reads.load(Ordering::Relaxed) > 0);
     assert_eq!(
-        snapshot(&f.backend).await,
+        snapshot(&f.read_models).await,
         before,
         "the rebuilt model equals the live one"
     );
@@ -306,7 +309,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     f.connection("github", "late").await;
     settle(&runner).await;
     assert!(
-        queries::find_connection(&f.backend, &ConnectionKey::new("github", "late"))
+        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "late"))
             .await
             .unwrap()
             .is_some()
@@ -326,7 +329,7 @@ async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() 
     let f = fixture(&db).await;
     f.integration("github").await;
     f.connection("github", "early").await;
-    let runner = Runner::new(f.backend.clone());
+    let runner = Runner::new(&f.backend);
     settle(&runner).await;
 
     // An open transaction with an xid: events committed after it are not readable yet.
@@ -351,17 +354,19 @@ async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() 
     let replayed = rebuilding.await.unwrap().unwrap();
 
     assert!(replayed >= 4, "replayed {replayed}");
-    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    let listed = queries::list_connections(&f.read_models, None)
+        .await
+        .unwrap();
     let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
     assert_eq!(ids, ["early", "held1", "held2"]);
 }
 
 /// Every live connection's (id, version, state), sorted.
-async fn snapshot(backend: &Backend) -> Vec<(String, u32, String)> {
+async fn snapshot(read_models: &ReadModels) -> Vec<(String, u32, String)> {
     let mut rows = Vec::new();
-    for summary in queries::list_connections(backend, None).await.unwrap() {
+    for summary in queries::list_connections(read_models, None).await.unwrap() {
         let record = queries::find_connection(
-            backend,
+            read_models,
             &ConnectionKey::new(&summary.provider_config_key, &summary.connection_id),
         )
         .await
@@ -392,9 +397,11 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
         .delete_integration("gitlab", Utc::now())
         .await
         .unwrap();
-    let runner = Runner::new(f.backend.clone());
+    let runner = Runner::new(&f.backend);
     settle(&runner).await;
-    let listed = queries::list_connections(&f.backend, None).await.unwrap();
+    let listed = queries::list_connections(&f.read_models, None)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(
         (
@@ -404,26 +411,26 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
         ("github", "a")
     );
     assert!(
-        queries::find_connection(&f.backend, &ConnectionKey::new("github", "b"))
+        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
             .await
             .unwrap()
             .is_none()
     );
     assert!(
-        queries::find_integration(&f.backend, "gitlab")
+        queries::find_integration(&f.read_models, "gitlab")
             .await
             .unwrap()
             .is_none()
     );
     assert_eq!(
-        queries::list_connections(&f.backend, Some("a"))
+        queries::list_connections(&f.read_models, Some("a"))
             .await
             .unwrap()
             .len(),
         1
     );
     assert_eq!(
-        queries::list_connections_of(&f.backend, "github")
+        queries::list_connections_of(&f.read_models, "github")
             .await
             .unwrap(),
         vec!["a".to_owned()]
@@ -449,7 +456,7 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
         )
         .await
         .unwrap();
-    let runner = Runner::new(f.backend.clone());
+    let runner = Runner::new(&f.backend);
     let step = tokio::time::timeout(Duration::from_secs(10), runner.step::<ConnectionsModel>())
         .await
         .expect("the runner does not block on a claimed checkpoint")
@@ -458,7 +465,7 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
     other.rollback().await.unwrap();
     settle(&runner).await;
     assert!(
-        queries::find_connection(&f.backend, &ConnectionKey::new("github", "a"))
+        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
             .await
             .unwrap()
             .is_some()

@@ -1,0 +1,282 @@
+//! Where the read models are kept: one trait, one implementation per backend, chosen once by
+//! [`ReadModels::open`] (the only place in this crate that looks at which backend it is).
+//!
+//! Guarantees every implementation keeps:
+//! - A row only moves forward: an upsert at or below the stored version changes nothing, so an
+//!   event applied early by its command (read-your-writes) is not applied twice, and a deleted
+//!   row keeps its keys and creation time.
+//! - [`ReadModelStore::apply`] writes a batch's rows and moves the checkpoint past it in one
+//!   transaction, and only if the checkpoint is still where the batch was read from and no
+//!   other runner holds it (`FOR UPDATE SKIP LOCKED` on PostgreSQL, the single writer on
+//!   SQLite); otherwise it writes nothing and says so. No transaction is held open while the
+//!   log is read.
+//! - [`ReadModelStore::swap`] makes the shadow table the live one atomically, after folding the
+//!   log's tail into it while the live runner is stopped; readers see the old table or the new
+//!   one, never a mix.
+//! - Every query hides deleted rows; lists also hide connections of deleted integrations.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::connection::ConnectionKey;
+use domain::store::{Backend, Position, RecordedEvent, StoreError};
+
+use crate::ProjectionError;
+use crate::model::Row;
+
+/// A live row as stored: Nango's numeric id, the stream version it reflects, and the
+/// aggregate's state as JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRow {
+    pub id: i64,
+    pub version: u32,
+    pub state: String,
+}
+
+/// A line of the connection list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionSummary {
+    pub id: i64,
+    pub connection_id: String,
+    pub provider_config_key: String,
+    pub provider: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored snapshot as a fold starts from it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub version: u32,
+    /// The state as JSON text.
+    pub state: String,
+}
+
+/// Folds a batch's events onto the snapshots of its streams: the rows to write.
+pub type Fold =
+    Box<dyn FnOnce(HashMap<String, Snapshot>) -> Result<Vec<Row>, ProjectionError> + Send>;
+
+/// What one batch of the log does to a read model.
+pub struct Batch {
+    /// The streams the batch touches, whose snapshots the fold starts from.
+    pub stream_ids: Vec<String>,
+    pub fold: Fold,
+    /// The position of the batch's last event: the checkpoint after it.
+    pub to: Position,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("streams", &self.stream_ids.len())
+            .field("to", &self.to)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns events read from the log into a [`Batch`] (decoding the ones of its category).
+pub type Planner = Arc<dyn Fn(&[RecordedEvent]) -> Result<Batch, ProjectionError> + Send + Sync>;
+
+/// A projection's checkpoint as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub name: String,
+    pub position: Position,
+    pub updated_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// Held while a rebuild runs; dropping it lets another rebuild of the same projection start.
+pub trait RebuildGuard: Send {}
+
+/// The operations on the read models, their checkpoints and their shadow tables. Table names
+/// are the [`StateModel`](crate::StateModel) constants, never input.
+#[async_trait]
+pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
+    /// The live (not deleted) row of `stream_id` in `table`.
+    async fn find(
+        &self,
+        table: &'static str,
+        stream_id: &str,
+    ) -> Result<Option<StoredRow>, ProjectionError>;
+
+    /// Writes one row outside a projection batch (read-your-writes), unless the stored row is
+    /// at or past its version.
+    async fn upsert(&self, table: &'static str, row: Row) -> Result<(), ProjectionError>;
+
+    /// Live connections of live integrations, oldest first; only those with `connection_id`
+    /// when given.
+    async fn list_connections(
+        &self,
+        connection_id: Option<&str>,
+    ) -> Result<Vec<ConnectionSummary>, ProjectionError>;
+
+    /// Live integrations by key, with their stream ids.
+    async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError>;
+
+    /// The ids of the live connections of `provider_config_key`, whatever its integration's
+    /// state.
+    async fn connections_of(
+        &self,
+        provider_config_key: &str,
+    ) -> Result<Vec<String>, ProjectionError>;
+
+    /// What a scheduler tick refreshes: see [`crate::queries::due_for_refresh`].
+    async fn due_for_refresh(
+        &self,
+        expiring_before: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError>;
+
+    /// Where projection `name` stands.
+    async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError>;
+
+    /// Every projection's checkpoint, by name.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError>;
+
+    /// Notes the error that stopped projection `name` on its checkpoint (best effort).
+    async fn record_error(&self, name: &'static str, message: String);
+
+    /// Applies `batch` to `table` and moves `name`'s checkpoint from `from` to `batch.to`, in
+    /// one transaction. `false` (nothing written) when the checkpoint is held by another runner
+    /// or is no longer at `from`.
+    async fn apply(
+        &self,
+        name: &'static str,
+        table: &'static str,
+        from: Position,
+        batch: Batch,
+    ) -> Result<bool, ProjectionError>;
+
+    /// Claims the rebuild of `name` (one at a time across instances); an error when another
+    /// rebuild holds it.
+    async fn lock_rebuild(
+        &self,
+        name: &'static str,
+    ) -> Result<Box<dyn RebuildGuard>, ProjectionError>;
+
+    /// Empties `shadow`.
+    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError>;
+
+    /// Writes a batch's rows to `shadow`, without a checkpoint.
+    async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError>;
+
+    /// How many events the log holds at or below global position `head`, visible to readers
+    /// or not: a rebuild that read fewer must wait for the rest.
+    async fn events_through(&self, head: i64) -> Result<i64, ProjectionError>;
+
+    /// Stops `name`'s live runner, folds the log after `from` into `shadow` with `planner`,
+    /// swaps `shadow` and `live`, empties the new shadow and moves the checkpoint to the end of
+    /// the tail, atomically. Returns how many tail events it read.
+    async fn swap(
+        &self,
+        name: &'static str,
+        live: &'static str,
+        shadow: &'static str,
+        from: Position,
+        planner: Planner,
+    ) -> Result<u64, ProjectionError>;
+}
+
+/// The read models of one backend: a cheap, shared handle on its [`ReadModelStore`]. The typed
+/// queries of [`crate::queries`] take it.
+#[derive(Clone, Debug)]
+pub struct ReadModels(Arc<dyn ReadModelStore>);
+
+impl ReadModels {
+    /// The read models kept in `backend`'s database.
+    pub fn open(backend: &Backend) -> Self {
+        Self(match backend {
+            Backend::Postgres(store) => Arc::new(postgres::PostgresReadModels::new(store.clone())),
+            Backend::Sqlite(store) => Arc::new(sqlite::SqliteReadModels::new(store.clone())),
+        })
+    }
+
+    /// The store behind the handle.
+    pub fn store(&self) -> &dyn ReadModelStore {
+        &*self.0
+    }
+}
+
+/// Columns written by an upsert, in order.
+const COLUMNS: &str = "stream_id, version, id, provider_config_key, connection_id, provider, \
+     created_at, updated_at, deleted_at, expires_at, refresh_state, state";
+
+/// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time.
+fn upsert_sql(table: &str, placeholders: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS t ({COLUMNS}) VALUES ({placeholders}) \
+         ON CONFLICT (stream_id) DO UPDATE SET \
+           version = excluded.version, id = excluded.id, \
+           provider_config_key = coalesce(nullif(excluded.provider_config_key, ''), t.provider_config_key), \
+           connection_id = coalesce(nullif(excluded.connection_id, ''), t.connection_id), \
+           provider = coalesce(nullif(excluded.provider, ''), t.provider), \
+           created_at = CASE WHEN excluded.deleted_at IS NULL THEN excluded.created_at ELSE t.created_at END, \
+           updated_at = excluded.updated_at, deleted_at = excluded.deleted_at, \
+           expires_at = excluded.expires_at, refresh_state = excluded.refresh_state, \
+           state = excluded.state \
+         WHERE t.version < excluded.version"
+    )
+}
+
+/// The live row of a stream, its state read as `state` (an expression giving JSON text).
+fn find_sql(table: &str, state: &str, placeholder: &str) -> String {
+    format!(
+        "SELECT id, version, {state} FROM {table} \
+         WHERE stream_id = {placeholder} AND deleted_at IS NULL"
+    )
+}
+
+/// Live connections of live integrations; the caller appends the filter and the order.
+const LIST_CONNECTIONS: &str = "SELECT c.id, c.connection_id, c.provider_config_key, c.provider, \
+     c.created_at FROM connections c \
+     WHERE c.deleted_at IS NULL AND EXISTS (SELECT 1 FROM integrations i \
+       WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)";
+const LIST_ORDER: &str = "ORDER BY c.created_at, c.id";
+
+/// Live integrations by key, their states read as `state` (an expression giving JSON text).
+fn list_integrations_sql(state: &str) -> String {
+    format!(
+        "SELECT id, version, {state}, stream_id FROM integrations \
+         WHERE deleted_at IS NULL ORDER BY provider_config_key"
+    )
+}
+
+const CHECKPOINTS: &str = "SELECT name, commit_position, global_position, updated_at, last_error \
+     FROM projection_checkpoints ORDER BY name";
+
+/// The statements of a rebuild's swap, for `live` and `shadow`.
+fn swap_sql(live: &str, shadow: &str) -> String {
+    format!(
+        "ALTER TABLE {live} RENAME TO {live}_swapping; \
+         ALTER TABLE {shadow} RENAME TO {live}; \
+         ALTER TABLE {live}_swapping RENAME TO {shadow};"
+    )
+}
+
+/// A checkpoint's position from its stored columns.
+fn position(commit: i64, global: i64) -> Position {
+    Position {
+        commit: commit.max(0).unsigned_abs(),
+        global,
+    }
+}
+
+/// A checkpoint's commit column.
+fn commit_column(position: Position) -> i64 {
+    i64::try_from(position.commit).unwrap_or(i64::MAX)
+}
+
+/// A stored version, which the schema keeps non-negative.
+fn version(stored: i64) -> u32 {
+    u32::try_from(stored).unwrap_or(0)
+}
+
+fn database(e: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError::Store(StoreError::Database(e.to_string()))
+}

@@ -1,0 +1,439 @@
+//! The read models on PostgreSQL. States are `jsonb`, read back as text and parsed once.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use domain::connection::ConnectionKey;
+use domain::store::{EventStore, Position, PostgresStore};
+
+use super::{
+    Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, database, find_sql,
+    list_integrations_sql, position, swap_sql, upsert_sql, version,
+};
+use crate::ProjectionError;
+use crate::model::Row;
+
+const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12";
+
+/// States are read as text: parsing the text once is cheaper than a JSON tree first.
+const STATE: &str = "state::text";
+
+/// How many events the swap reads per batch of the tail.
+const TAIL_BATCH: usize = 1000;
+
+#[derive(Clone)]
+pub(super) struct PostgresReadModels {
+    store: PostgresStore,
+}
+
+impl std::fmt::Debug for PostgresReadModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostgresReadModels")
+    }
+}
+
+impl PostgresReadModels {
+    pub(super) fn new(store: PostgresStore) -> Self {
+        Self { store }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, ProjectionError> {
+        self.store.pool().get().await.map_err(database)
+    }
+}
+
+async fn load(
+    client: &impl GenericClient,
+    table: &str,
+    stream_ids: &[String],
+) -> Result<HashMap<String, Snapshot>, ProjectionError> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT stream_id, version, {STATE} FROM {table} WHERE stream_id = ANY($1)"
+        ))
+        .await
+        .map_err(database)?;
+    let rows = client
+        .query(&statement, &[&stream_ids])
+        .await
+        .map_err(database)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let stored: i32 = r.get(1);
+            (
+                r.get::<_, String>(0),
+                Snapshot {
+                    version: version(stored.into()),
+                    state: r.get(2),
+                },
+            )
+        })
+        .collect())
+}
+
+async fn write(
+    client: &impl GenericClient,
+    table: &str,
+    rows: &[Row],
+) -> Result<(), ProjectionError> {
+    let statement = client
+        .prepare_cached(&upsert_sql(table, PLACEHOLDERS))
+        .await
+        .map_err(database)?;
+    for row in rows {
+        let version = i32::try_from(row.version).unwrap_or(i32::MAX);
+        client
+            .execute(
+                &statement,
+                &[
+                    &row.stream_id,
+                    &version,
+                    &row.id,
+                    &row.provider_config_key,
+                    &row.connection_id,
+                    &row.provider,
+                    &row.created_at,
+                    &row.updated_at,
+                    &row.deleted_at,
+                    &row.expires_at,
+                    &row.refresh_state,
+                    &row.state,
+                ],
+            )
+            .await
+            .map_err(database)?;
+    }
+    Ok(())
+}
+
+/// Loads the batch's snapshots, folds it and writes the rows to `table`.
+async fn fold_into(
+    client: &impl GenericClient,
+    table: &str,
+    batch: Batch,
+) -> Result<(), ProjectionError> {
+    let snapshots = load(client, table, &batch.stream_ids).await?;
+    write(client, table, &(batch.fold)(snapshots)?).await
+}
+
+async fn set_checkpoint(
+    client: &impl GenericClient,
+    name: &str,
+    at: Position,
+) -> Result<(), ProjectionError> {
+    client
+        .execute(
+            "UPDATE projection_checkpoints SET commit_position = $2, global_position = $3, \
+             updated_at = now(), last_error = NULL WHERE name = $1",
+            &[&name, &commit_column(at), &at.global],
+        )
+        .await
+        .map_err(database)?;
+    Ok(())
+}
+
+/// A session advisory lock, released with its connection: the guard takes the connection out of
+/// the pool, so dropping it closes the session whatever happened.
+struct AdvisoryLock {
+    _session: deadpool_postgres::ClientWrapper,
+}
+
+impl RebuildGuard for AdvisoryLock {}
+
+#[async_trait]
+impl ReadModelStore for PostgresReadModels {
+    async fn find(
+        &self,
+        table: &'static str,
+        stream_id: &str,
+    ) -> Result<Option<StoredRow>, ProjectionError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&find_sql(table, STATE, "$1"))
+            .await
+            .map_err(database)?;
+        Ok(client
+            .query_opt(&statement, &[&stream_id])
+            .await
+            .map_err(database)?
+            .map(|r| StoredRow {
+                id: r.get(0),
+                version: version(r.get::<_, i32>(1).into()),
+                state: r.get(2),
+            }))
+    }
+
+    async fn upsert(&self, table: &'static str, row: Row) -> Result<(), ProjectionError> {
+        write(&self.client().await?, table, std::slice::from_ref(&row)).await
+    }
+
+    async fn list_connections(
+        &self,
+        connection_id: Option<&str>,
+    ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
+        let client = self.client().await?;
+        let rows = match connection_id {
+            Some(id) => {
+                client
+                    .query(
+                        &format!("{LIST_CONNECTIONS} AND c.connection_id = $1 {LIST_ORDER}"),
+                        &[&id],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .query(&format!("{LIST_CONNECTIONS} {LIST_ORDER}"), &[])
+                    .await
+            }
+        }
+        .map_err(database)?;
+        Ok(rows
+            .iter()
+            .map(|r| ConnectionSummary {
+                id: r.get(0),
+                connection_id: r.get(1),
+                provider_config_key: r.get(2),
+                provider: r.get(3),
+                created_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {
+        Ok(self
+            .client()
+            .await?
+            .query(&list_integrations_sql(STATE), &[])
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(3),
+                    StoredRow {
+                        id: r.get(0),
+                        version: version(r.get::<_, i32>(1).into()),
+                        state: r.get(2),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn connections_of(
+        &self,
+        provider_config_key: &str,
+    ) -> Result<Vec<String>, ProjectionError> {
+        Ok(self
+            .client()
+            .await?
+            .query(
+                "SELECT connection_id FROM connections \
+                 WHERE provider_config_key = $1 AND deleted_at IS NULL ORDER BY connection_id",
+                &[&provider_config_key],
+            )
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn due_for_refresh(
+        &self,
+        expiring_before: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                 WHERE c.deleted_at IS NULL \
+                   AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+                   AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
+                   AND (c.expires_at < $1 \
+                        OR COALESCE(c.state->'Active'->>'last_refreshed_at', \
+                                    c.state->'Active'->>'authorized_at')::timestamptz < $2) \
+                   AND EXISTS (SELECT 1 FROM integrations i \
+                     WHERE i.provider_config_key = c.provider_config_key \
+                       AND i.deleted_at IS NULL) \
+                 ORDER BY c.expires_at NULLS LAST, c.stream_id LIMIT $3",
+            )
+            .await
+            .map_err(database)?;
+        Ok(client
+            .query(&statement, &[&expiring_before, &idle_before, &limit])
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| ConnectionKey::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect())
+    }
+
+    async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT commit_position, global_position FROM projection_checkpoints \
+                 WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(database)?;
+        Ok(position(row.get(0), row.get(1)))
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError> {
+        Ok(self
+            .client()
+            .await?
+            .query(CHECKPOINTS, &[])
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| Checkpoint {
+                name: r.get(0),
+                position: position(r.get(1), r.get(2)),
+                updated_at: r.get(3),
+                last_error: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn record_error(&self, name: &'static str, message: String) {
+        if let Ok(client) = self.client().await {
+            let _ = client
+                .execute(
+                    "UPDATE projection_checkpoints SET last_error = $2 WHERE name = $1",
+                    &[&name, &message],
+                )
+                .await;
+        }
+    }
+
+    async fn apply(
+        &self,
+        name: &'static str,
+        table: &'static str,
+        from: Position,
+        batch: Batch,
+    ) -> Result<bool, ProjectionError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(database)?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT commit_position, global_position FROM projection_checkpoints \
+                 WHERE name = $1 FOR UPDATE SKIP LOCKED",
+                &[&name],
+            )
+            .await
+            .map_err(database)?
+        else {
+            return Ok(false);
+        };
+        if position(row.get(0), row.get(1)) != from {
+            return Ok(false);
+        }
+        let to = batch.to;
+        fold_into(&tx, table, batch).await?;
+        set_checkpoint(&tx, name, to).await?;
+        tx.commit().await.map_err(database)?;
+        Ok(true)
+    }
+
+    async fn lock_rebuild(
+        &self,
+        name: &'static str,
+    ) -> Result<Box<dyn RebuildGuard>, ProjectionError> {
+        let client = self.client().await?;
+        let key = format!("grantline.rebuild.{name}");
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+            .await
+            .map_err(database)?
+            .get(0);
+        if !locked {
+            return Err(database(format!("a rebuild of {name} is already running")));
+        }
+        Ok(Box::new(AdvisoryLock {
+            _session: deadpool_postgres::Object::take(client),
+        }))
+    }
+
+    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError> {
+        self.client()
+            .await?
+            .batch_execute(&format!("TRUNCATE {shadow}"))
+            .await
+            .map_err(database)
+    }
+
+    async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(database)?;
+        fold_into(&tx, shadow, batch).await?;
+        tx.commit().await.map_err(database)
+    }
+
+    async fn events_through(&self, head: i64) -> Result<i64, ProjectionError> {
+        Ok(self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM events WHERE global_position <= $1",
+                &[&head],
+            )
+            .await
+            .map_err(database)?
+            .get(0))
+    }
+
+    async fn swap(
+        &self,
+        name: &'static str,
+        live: &'static str,
+        shadow: &'static str,
+        from: Position,
+        planner: Planner,
+    ) -> Result<u64, ProjectionError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(database)?;
+        // Waits for the live runner's batch in flight, and keeps the next one out.
+        tx.query_one(
+            "SELECT global_position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await
+        .map_err(database)?;
+        let mut at = from;
+        let mut tail = 0u64;
+        loop {
+            let events = self.store.read_all(at, TAIL_BATCH).await?;
+            if events.is_empty() {
+                break;
+            }
+            tail += events.len() as u64;
+            let batch = planner(&events)?;
+            at = batch.to;
+            fold_into(&tx, shadow, batch).await?;
+        }
+        tx.batch_execute(&swap_sql(live, shadow))
+            .await
+            .map_err(database)?;
+        set_checkpoint(&tx, name, at).await?;
+        tx.commit().await.map_err(database)?;
+        client
+            .batch_execute(&format!("TRUNCATE {shadow}"))
+            .await
+            .map_err(database)?;
+        Ok(tail)
+    }
+}

@@ -1,0 +1,434 @@
+//! The read models on SQLite. Times are stored as microseconds since the epoch and states as
+//! JSON text. Every write goes through the store's single writer connection, which is also what
+//! makes a checkpoint's owner unique.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::connection::ConnectionKey;
+use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, find_sql,
+    list_integrations_sql, position, swap_sql, upsert_sql, version,
+};
+use crate::ProjectionError;
+use crate::model::Row;
+
+const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12";
+
+/// How many events the swap reads per batch of the tail.
+const TAIL_BATCH: usize = 1000;
+
+#[derive(Clone)]
+pub(super) struct SqliteReadModels {
+    store: SqliteStore,
+}
+
+impl std::fmt::Debug for SqliteReadModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteReadModels")
+    }
+}
+
+impl SqliteReadModels {
+    pub(super) fn new(store: SqliteStore) -> Self {
+        Self { store }
+    }
+}
+
+/// Nothing to hold: the single writer already keeps rebuilds apart.
+struct NoLock;
+
+impl RebuildGuard for NoLock {}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// Inside a store closure only store errors cross; keep the message.
+fn to_store(e: ProjectionError) -> StoreError {
+    match e {
+        ProjectionError::Store(e) => e,
+        other => StoreError::Database(other.to_string()),
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn load(
+    conn: &Connection,
+    table: &str,
+    stream_ids: &[String],
+) -> Result<HashMap<String, Snapshot>, StoreError> {
+    let mut statement = conn
+        .prepare_cached(&format!(
+            "SELECT version, state FROM {table} WHERE stream_id = ?1"
+        ))
+        .map_err(db)?;
+    let mut snapshots = HashMap::new();
+    for stream_id in stream_ids {
+        let found = statement
+            .query_row([stream_id], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db)?;
+        if let Some((stored, state)) = found {
+            snapshots.insert(
+                stream_id.clone(),
+                Snapshot {
+                    version: version(stored),
+                    state,
+                },
+            );
+        }
+    }
+    Ok(snapshots)
+}
+
+fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError> {
+    let mut statement = conn
+        .prepare_cached(&upsert_sql(table, PLACEHOLDERS))
+        .map_err(db)?;
+    for row in rows {
+        statement
+            .execute(params![
+                row.stream_id,
+                row.version,
+                row.id,
+                row.provider_config_key,
+                row.connection_id,
+                row.provider,
+                micros(row.created_at),
+                micros(row.updated_at),
+                row.deleted_at.map(micros),
+                row.expires_at.map(micros),
+                row.refresh_state,
+                row.state.to_string(),
+            ])
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Loads the batch's snapshots, folds it and writes the rows to `table`.
+fn fold_into(conn: &Connection, table: &str, batch: Batch) -> Result<(), StoreError> {
+    let snapshots = load(conn, table, &batch.stream_ids)?;
+    let rows = (batch.fold)(snapshots).map_err(to_store)?;
+    write(conn, table, &rows)
+}
+
+fn checkpoint(conn: &Connection, name: &str) -> Result<Position, StoreError> {
+    conn.query_row(
+        "SELECT commit_position, global_position FROM projection_checkpoints WHERE name = ?1",
+        [name],
+        |r| Ok(position(r.get(0)?, r.get(1)?)),
+    )
+    .map_err(db)
+}
+
+fn set_checkpoint(conn: &Connection, name: &str, at: Position) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projection_checkpoints SET commit_position = ?2, global_position = ?3, \
+         updated_at = ?4, last_error = NULL WHERE name = ?1",
+        params![name, commit_column(at), at.global, micros(Utc::now())],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Runs `query` (whose rows `map` reads) with `params` and collects the rows.
+fn collect<T, P: rusqlite::Params>(
+    conn: &Connection,
+    query: &str,
+    params: P,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = conn.prepare_cached(query).map_err(db)?;
+    let rows = statement.query_map(params, map).map_err(db)?;
+    rows.collect::<Result<Vec<T>, _>>().map_err(db)
+}
+
+#[async_trait]
+impl ReadModelStore for SqliteReadModels {
+    async fn find(
+        &self,
+        table: &'static str,
+        stream_id: &str,
+    ) -> Result<Option<StoredRow>, ProjectionError> {
+        let stream_id = stream_id.to_owned();
+        Ok(self
+            .store
+            .read(move |conn| {
+                conn.prepare_cached(&find_sql(table, "state", "?1"))
+                    .and_then(|mut s| {
+                        s.query_row([&stream_id], |r| {
+                            Ok(StoredRow {
+                                id: r.get(0)?,
+                                version: version(r.get(1)?),
+                                state: r.get(2)?,
+                            })
+                        })
+                        .optional()
+                    })
+                    .map_err(db)
+            })
+            .await?)
+    }
+
+    async fn upsert(&self, table: &'static str, row: Row) -> Result<(), ProjectionError> {
+        Ok(self
+            .store
+            .write(move |conn| write(conn, table, &[row]))
+            .await?)
+    }
+
+    async fn list_connections(
+        &self,
+        connection_id: Option<&str>,
+    ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
+        let filter = connection_id.map(str::to_owned);
+        Ok(self
+            .store
+            .read(move |conn| {
+                let map = |r: &rusqlite::Row<'_>| {
+                    Ok(ConnectionSummary {
+                        id: r.get(0)?,
+                        connection_id: r.get(1)?,
+                        provider_config_key: r.get(2)?,
+                        provider: r.get(3)?,
+                        created_at: from_micros(r.get(4)?),
+                    })
+                };
+                match &filter {
+                    Some(id) => collect(
+                        conn,
+                        &format!("{LIST_CONNECTIONS} AND c.connection_id = ?1 {LIST_ORDER}"),
+                        [id],
+                        map,
+                    ),
+                    None => collect(conn, &format!("{LIST_CONNECTIONS} {LIST_ORDER}"), [], map),
+                }
+            })
+            .await?)
+    }
+
+    async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {
+        Ok(self
+            .store
+            .read(|conn| {
+                collect(conn, &list_integrations_sql("state"), [], |r| {
+                    Ok((
+                        r.get(3)?,
+                        StoredRow {
+                            id: r.get(0)?,
+                            version: version(r.get(1)?),
+                            state: r.get(2)?,
+                        },
+                    ))
+                })
+            })
+            .await?)
+    }
+
+    async fn connections_of(
+        &self,
+        provider_config_key: &str,
+    ) -> Result<Vec<String>, ProjectionError> {
+        let key = provider_config_key.to_owned();
+        Ok(self
+            .store
+            .read(move |conn| {
+                collect(
+                    conn,
+                    "SELECT connection_id FROM connections \
+                     WHERE provider_config_key = ?1 AND deleted_at IS NULL ORDER BY connection_id",
+                    [&key],
+                    |r| r.get(0),
+                )
+            })
+            .await?)
+    }
+
+    async fn due_for_refresh(
+        &self,
+        expiring_before: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let expiring_before = micros(expiring_before);
+        // The state's timestamps are RFC 3339 text; julianday() reads them with any number of
+        // fractional digits and a `Z` or offset suffix.
+        let idle_before = idle_before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        Ok(self
+            .store
+            .read(move |conn| {
+                collect(
+                    conn,
+                    "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                     WHERE c.deleted_at IS NULL \
+                       AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+                       AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
+                       AND (c.expires_at < ?1 \
+                            OR julianday(COALESCE( \
+                                 json_extract(c.state, '$.Active.last_refreshed_at'), \
+                                 json_extract(c.state, '$.Active.authorized_at'))) \
+                               < julianday(?2)) \
+                       AND EXISTS (SELECT 1 FROM integrations i \
+                         WHERE i.provider_config_key = c.provider_config_key \
+                           AND i.deleted_at IS NULL) \
+                     ORDER BY c.expires_at IS NULL, c.expires_at, c.stream_id LIMIT ?3",
+                    params![expiring_before, idle_before, limit],
+                    |r| {
+                        Ok(ConnectionKey::new(
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                        ))
+                    },
+                )
+            })
+            .await?)
+    }
+
+    async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError> {
+        Ok(self.store.read(move |conn| checkpoint(conn, name)).await?)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError> {
+        Ok(self
+            .store
+            .read(|conn| {
+                collect(conn, CHECKPOINTS, [], |r| {
+                    Ok(Checkpoint {
+                        name: r.get(0)?,
+                        position: position(r.get(1)?, r.get(2)?),
+                        updated_at: from_micros(r.get(3)?),
+                        last_error: r.get(4)?,
+                    })
+                })
+            })
+            .await?)
+    }
+
+    async fn record_error(&self, name: &'static str, message: String) {
+        let _ = self
+            .store
+            .write(move |conn| {
+                conn.execute(
+                    "UPDATE projection_checkpoints SET last_error = ?2 WHERE name = ?1",
+                    [name, message.as_str()],
+                )
+                .map_err(db)
+            })
+            .await;
+    }
+
+    async fn apply(
+        &self,
+        name: &'static str,
+        table: &'static str,
+        from: Position,
+        batch: Batch,
+    ) -> Result<bool, ProjectionError> {
+        Ok(self
+            .store
+            .write(move |conn| {
+                let tx = conn.transaction().map_err(db)?;
+                // Someone (a rebuild) moved the checkpoint since it was read: start over.
+                if checkpoint(&tx, name)? != from {
+                    return Ok(false);
+                }
+                let to = batch.to;
+                fold_into(&tx, table, batch)?;
+                set_checkpoint(&tx, name, to)?;
+                tx.commit().map_err(db)?;
+                Ok(true)
+            })
+            .await?)
+    }
+
+    async fn lock_rebuild(
+        &self,
+        _name: &'static str,
+    ) -> Result<Box<dyn RebuildGuard>, ProjectionError> {
+        Ok(Box::new(NoLock))
+    }
+
+    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError> {
+        Ok(self
+            .store
+            .write(move |conn| {
+                conn.execute_batch(&format!("DELETE FROM {shadow}"))
+                    .map_err(db)
+            })
+            .await?)
+    }
+
+    async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError> {
+        Ok(self
+            .store
+            .write(move |conn| {
+                let tx = conn.transaction().map_err(db)?;
+                fold_into(&tx, shadow, batch)?;
+                tx.commit().map_err(db)
+            })
+            .await?)
+    }
+
+    async fn events_through(&self, head: i64) -> Result<i64, ProjectionError> {
+        Ok(self
+            .store
+            .read(move |conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM events WHERE global_position <= ?1",
+                    [head],
+                    |r| r.get(0),
+                )
+                .map_err(db)
+            })
+            .await?)
+    }
+
+    async fn swap(
+        &self,
+        name: &'static str,
+        live: &'static str,
+        shadow: &'static str,
+        from: Position,
+        planner: Planner,
+    ) -> Result<u64, ProjectionError> {
+        // The writer connection is the lock: catch up, swap and hand over in one transaction.
+        Ok(self
+            .store
+            .write(move |conn| {
+                let tx = conn.transaction().map_err(db)?;
+                let mut at = from;
+                let mut tail = 0u64;
+                loop {
+                    let events = sqlite_read_all_on(&tx, at, TAIL_BATCH)?;
+                    if events.is_empty() {
+                        break;
+                    }
+                    tail += events.len() as u64;
+                    let batch = planner(&events).map_err(to_store)?;
+                    at = batch.to;
+                    fold_into(&tx, shadow, batch)?;
+                }
+                tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(live, shadow)))
+                    .map_err(db)?;
+                set_checkpoint(&tx, name, at)?;
+                tx.commit().map_err(db)?;
+                Ok(tail)
+            })
+            .await?)
+    }
+}
