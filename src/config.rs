@@ -238,6 +238,11 @@ pub struct ServeArgs {
     /// GET /ready answers 503 when a projection is more than this many events behind the log.
     #[arg(long, env = "GRANTLINE_READY_MAX_LAG", default_value = "1000")]
     pub ready_max_lag: String,
+
+    /// Connections the in-memory replica of the read model holds; past it, the least useful
+    /// are evicted (a miss costs one read-model query).
+    #[arg(long, env = "GRANTLINE_CONNECTION_CACHE", default_value = "100000")]
+    pub connection_cache: String,
 }
 
 /// A configuration value that cannot be used; its message names the variable.
@@ -292,6 +297,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_ROLES", "roles"),
     ("GRANTLINE_LOG_FORMAT", "log-format"),
     ("GRANTLINE_READY_MAX_LAG", "ready-max-lag"),
+    ("GRANTLINE_CONNECTION_CACHE", "connection-cache"),
 ];
 
 /// Every environment variable the binary reads (for the help test and the README).
@@ -453,6 +459,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The most events a projection may lag behind the log while `/ready` says ready.
     pub ready_max_lag: u64,
+    /// Connections the in-memory replica holds.
+    pub connection_cache: usize,
 }
 
 impl ServeArgs {
@@ -538,6 +546,7 @@ impl ServeArgs {
                     format!("{:?} is not a whole number of events", self.ready_max_lag),
                 )
             })?,
+            connection_cache: parse_positive("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
         })
     }
 

@@ -21,7 +21,6 @@ use workers::webhooks::{WebhookService, WebhookSettings};
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
 const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
-const CACHE_CAPACITY: usize = 100_000;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
@@ -132,7 +131,7 @@ impl Application {
                 webhooks,
                 runner: Runner::new(&backend),
                 read_models,
-                cache: Arc::new(ConnectionCache::new(CACHE_TTL, CACHE_CAPACITY)),
+                cache: Arc::new(ConnectionCache::new(CACHE_TTL, config.connection_cache)),
                 backend,
                 config: Arc::new(config),
                 catalog,

@@ -13,6 +13,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use projections::cache::CacheStats;
+
 use crate::startup::AppState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -59,6 +61,56 @@ fn histogram(
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
     let _ = writeln!(out, "{name}_sum {}", micros as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
+/// The in-memory caches' hits, misses, evictions, entries and capacity, by cache.
+fn caches(out: &mut String, caches: &[(&str, CacheStats)]) {
+    let labels: Vec<String> = caches
+        .iter()
+        .map(|(name, _)| format!("cache=\"{name}\""))
+        .collect();
+    let samples = |value: &dyn Fn(&CacheStats) -> u64| {
+        labels
+            .iter()
+            .zip(caches)
+            .map(|(labels, (_, stats))| (labels.as_str(), value(stats) as f64))
+            .collect::<Vec<_>>()
+    };
+    let families: [(&str, &str, &str, &dyn Fn(&CacheStats) -> u64); 5] = [
+        (
+            "grantline_cache_hits_total",
+            "counter",
+            "Lookups answered from memory.",
+            &|s| s.hits,
+        ),
+        (
+            "grantline_cache_misses_total",
+            "counter",
+            "Lookups that went to the database.",
+            &|s| s.misses,
+        ),
+        (
+            "grantline_cache_evictions_total",
+            "counter",
+            "Entries dropped to stay within the capacity.",
+            &|s| s.evictions,
+        ),
+        (
+            "grantline_cache_entries",
+            "gauge",
+            "Entries held now.",
+            &|s| s.entries,
+        ),
+        (
+            "grantline_cache_capacity",
+            "gauge",
+            "Entries the cache may hold.",
+            &|s| s.capacity,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        family(out, name, kind, help, &samples(value));
+    }
 }
 
 /// The projections' lag, checkpoint age and error state.
@@ -300,6 +352,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ],
         );
     }
+    caches(&mut out, &[("connections", state.cache.stats())]);
     state.requests.render(&mut out);
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)

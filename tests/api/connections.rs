@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use domain::testing::TestDatabase;
 use serde_json::{Value, json};
 
-use crate::{TestApp, assert_error, new_key, ok_json, spawn_app};
+use crate::{TestApp, assert_error, new_key, ok_json, spawn_app, spawn_app_with};
 
 domain::on_both_backends!(
     an_imported_connection_reads_back_as_exactly_the_seeds_connection_object,
@@ -22,6 +22,7 @@ domain::on_both_backends!(
     connection_ids_with_reserved_characters_round_trip,
     a_connection_named_metadata_is_readable_and_deletable,
     concurrent_writes_to_one_connection_all_land,
+    a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_read,
 );
 
 const SECRET: &str = "client-secret-9f8e7d";
@@ -1046,4 +1047,46 @@ async fn a_deletion_on_one_instance_shreds_the_keys_cached_by_another() {
             }
         }
     }
+}
+
+/// The `value` of the `/metrics` sample `series`.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
+async fn a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_read(
+    db: &TestDatabase,
+) {
+    let app = spawn_app_with(db, &new_key(), &["--connection-cache", "2"]).await;
+    create_config(&app, "github").await;
+    for n in 0..6 {
+        import_oauth2(&app, "github", &format!("c{n}"), &format!("token-{n}")).await;
+    }
+    for round in 0..3 {
+        for n in 0..6 {
+            let connection = app
+                .get_ok(&format!("/connection/c{n}?provider_config_key=github"))
+                .await;
+            assert_eq!(
+                connection["credentials"]["access_token"],
+                format!("token-{n}"),
+                "round {round}"
+            );
+        }
+    }
+    // The same connection again and again: answered from memory once the log follower has
+    // heard of the imports (each event it reads drops its stream's entry).
+    for _ in 0..5 {
+        app.get_ok("/connection/c0?provider_config_key=github")
+            .await;
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let series = |name: &str| metric(&text, &format!("{name}{{cache=\"connections\"}}"));
+    assert_eq!(series("grantline_cache_capacity"), 2.0);
+    assert!(series("grantline_cache_entries") <= 2.0, "{text}");
+    assert!(series("grantline_cache_evictions_total") >= 1.0, "{text}");
+    assert!(series("grantline_cache_misses_total") >= 6.0, "{text}");
+    assert!(series("grantline_cache_hits_total") >= 1.0, "{text}");
 }

@@ -53,30 +53,26 @@ pub fn new_key() -> String {
 }
 
 pub async fn spawn_app(db: &TestDatabase, key: &str) -> TestApp {
-    let config = serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        key,
-    ]);
-    spawn_config(config).await
+    spawn_app_with(db, key, &[]).await
 }
 
 /// A running service that requires `secret` as its API secret key.
 pub async fn spawn_app_with_secret(db: &TestDatabase, key: &str, secret: &str) -> TestApp {
-    let config = serve_config(&[
+    spawn_app_with(db, key, &["--secret-key", secret]).await
+}
+
+/// A running service on `db` with master key `key` and the `grantline serve` flags `args`.
+pub async fn spawn_app_with(db: &TestDatabase, key: &str, args: &[&str]) -> TestApp {
+    let mut all = vec![
         "--listen",
         "127.0.0.1:0",
         "--database-url",
         db.url(),
         "--encryption-key",
         key,
-        "--secret-key",
-        secret,
-    ]);
-    spawn_config(config).await
+    ];
+    all.extend_from_slice(args);
+    spawn_config(serve_config(&all)).await
 }
 
 pub async fn spawn_config(config: Config) -> TestApp {
