@@ -1,23 +1,39 @@
 //! API benchmark: `GET /connection/:id` with a fresh token on the real `grantline serve` binary
-//! (PostgreSQL backend), 32 connections with `wrk`: the open API, the API with a secret key
-//! (every request authenticated, as production runs it) and a bare axum handler that returns the
-//! same JSON bytes from memory (the ceiling), measured in turn for several rounds in one run, so
-//! the machine's drift hits all three; medians are reported. Also the server's peak RSS.
+//! (PostgreSQL backend), 32 connections with `wrk`.
+//!
+//! 1. The hot path, 1,000 connections read at random: the open API, the API with a secret key
+//!    (every request authenticated, as production runs it) and a bare axum handler that returns
+//!    the same JSON bytes from memory (the ceiling), measured in turn for several rounds in one
+//!    run, so the machine's drift hits all of them; medians are reported, with the servers' peak
+//!    RSS. With `BENCH_BASELINE_BIN` (say, a release build of an earlier commit), that binary is
+//!    measured in the same rounds, open and with a secret key, for a before/after in one run.
+//! 2. Reads spread uniformly over many connections (`BENCH_SCALE`, default 50,000, 100,000 and
+//!    200,000; empty to skip), imported into one database that this build and the baseline both
+//!    serve: requests/s, latency and peak RSS as the working set outgrows the caches
+//!    (`GRANTLINE_CONNECTION_CACHE` is left at its default), with this build's cache counters.
 //!
 //! `cargo bench --bench api` (needs `wrk`: `apt-get install wrk`; `BENCH_SECONDS` overrides 10 s
-//! per phase, `BENCH_ROUNDS` the 3 rounds).
+//! per measurement, `BENCH_ROUNDS` the 3 rounds).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
 use domain::testing::TestDatabase;
-use serde_json::{Value, json};
+use futures_util::StreamExt;
+use serde_json::json;
+use support::{Server, setting};
 
+/// Connections of the hot-path measurement.
 const CONNECTIONS: usize = 1000;
+/// Concurrent imports while seeding.
+const SEED_CONCURRENCY: usize = 64;
+const SECRET: &str = "bench-secret-key-0123456789";
 
 struct WrkResult {
     requests_per_second: f64,
@@ -27,18 +43,20 @@ struct WrkResult {
 }
 
 fn seconds() -> u64 {
-    std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10)
+    setting("BENCH_SECONDS", 10)
 }
 
 fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
-        .max(1)
+    setting("BENCH_ROUNDS", 3usize).max(1)
+}
+
+/// The connection counts of the spread-out measurement.
+fn scale() -> Vec<usize> {
+    std::env::var("BENCH_SCALE")
+        .unwrap_or_else(|_| "50000,100000,200000".to_owned())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
 }
 
 /// The median of `value` over `results`.
@@ -96,95 +114,9 @@ fn wrk(url: &str, script: &std::path::Path) -> WrkResult {
     result
 }
 
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// A running `grantline serve` (PostgreSQL) with `CONNECTIONS` fresh connections imported.
-struct Server {
-    process: std::process::Child,
-    base: String,
-    _db: TestDatabase,
-}
-
-impl Server {
-    /// Starts the binary; with `secret`, the API requires it as a bearer token.
-    async fn start(secret: Option<&str>) -> Self {
-        let db = TestDatabase::postgres().await;
-        let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .env("GRANTLINE_DATABASE_URL", db.url())
-            .env("GRANTLINE_ENCRYPTION_KEY", &key)
-            .env("RUST_LOG", "warn,grantline=info")
-            .stderr(Stdio::piped());
-        if let Some(secret) = secret {
-            command.env("GRANTLINE_SECRET_KEY", secret);
-        }
-        let mut process = command.spawn().unwrap();
-        let stderr = process.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let port = loop {
-            let line = lines.next().expect("the server starts").unwrap();
-            if let Ok(entry) = serde_json::from_str::<Value>(&line)
-                && entry["message"] == "grantline listening"
-            {
-                break entry["port"].as_u64().unwrap();
-            }
-        };
-        // Keep draining the server's log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let authorized = |request: reqwest::RequestBuilder| match secret {
-            Some(secret) => request.bearer_auth(secret),
-            None => request,
-        };
-        authorized(client.post(format!("{base}/config")))
-            .json(
-                &json!({"provider_config_key": "github", "provider": "github",
-                "oauth_client_id": "id", "oauth_client_secret": "secret", "oauth_scopes": "repo"}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
-        for n in 0..CONNECTIONS {
-            let response = authorized(client.post(format!("{base}/connection")))
-                .json(
-                    &json!({"provider_config_key": "github", "connection_id": format!("c{n}"),
-                    "access_token": format!("gho_{n:0>36}"), "refresh_token": format!("ghr_{n:0>36}"),
-                    "expires_at": expires, "raw": {"token_type": "bearer", "scope": "repo"}}),
-                )
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 201);
-        }
-        Self {
-            process,
-            base,
-            _db: db,
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.process.id().to_string()])
-            .status();
-        let _ = self.process.wait();
-    }
-}
-
-/// A wrk script requesting random connections, with `header` on every request.
-fn script(name: &str, header: Option<&str>) -> std::path::PathBuf {
+/// A wrk script requesting connections `c0`..`c{count - 1}` uniformly at random, with `header`
+/// on every request.
+fn script(name: &str, count: usize, header: Option<&str>) -> PathBuf {
     let path =
         std::env::temp_dir().join(format!("grantline-wrk-{name}-{}.lua", std::process::id()));
     let header = header.map_or(String::new(), |h| {
@@ -195,90 +127,45 @@ fn script(name: &str, header: Option<&str>) -> std::path::PathBuf {
         format!(
             "math.randomseed(os.time())\n{header}request = function()\n  local id = math.random(0, {})\n  \
              return wrk.format(\"GET\", \"/connection/c\" .. id .. \"?provider_config_key=github\")\nend\n",
-            CONNECTIONS - 1
+            count - 1
         ),
     )
     .unwrap();
     path
 }
 
-#[tokio::main]
-async fn main() {
-    const SECRET: &str = "bench-secret-key-0123456789";
-    let open = Server::start(None).await;
-    let sample = reqwest::get(format!(
-        "{}/connection/c1?provider_config_key=github",
-        open.base
-    ))
-    .await
-    .unwrap()
-    .bytes()
-    .await
-    .unwrap();
+/// A server measured in the rounds: its name, URL and wrk script.
+struct Target {
+    name: String,
+    url: String,
+    script: PathBuf,
+}
 
-    // The ceiling: the same bytes from memory, on a bare axum handler in this process.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ceiling_port = listener.local_addr().unwrap().port();
-    let body = sample.clone();
-    let app = Router::new().route(
-        "/connection/{id}",
-        get(move || {
-            let body = body.clone();
-            async move { ([("content-type", "application/json")], body) }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    // Both servers run side by side (the idle one costs nothing); the three targets are
-    // measured in turn, ROUNDS times, so that a slow spell of the machine hits all of them.
-    let secured = Server::start(Some(SECRET)).await;
-    let plain = script("open", None);
-    let with_header = script("secret", Some(&format!("Bearer {SECRET}")));
-    let targets = [
-        ("grantline", open.base.clone(), plain.clone()),
-        (
-            "grantline secret key",
-            secured.base.clone(),
-            with_header.clone(),
-        ),
-        (
-            "bare axum (ceiling)",
-            format!("http://127.0.0.1:{ceiling_port}"),
-            plain.clone(),
-        ),
-    ];
+/// Measures every target in turn, `rounds()` times; each target's results in round order.
+async fn measure(targets: &[Target]) -> Vec<Vec<WrkResult>> {
     let mut results: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds() {
-        for (i, (_, url, script)) in targets.iter().enumerate() {
-            let (url, script) = (url.clone(), script.clone());
+        for (i, target) in targets.iter().enumerate() {
+            let (url, script) = (target.url.clone(), target.script.clone());
             let result = tokio::task::spawn_blocking(move || wrk(&url, &script))
                 .await
                 .unwrap();
             results[i].push(result);
         }
     }
-    let rss = peak_rss_mb(open.process.id());
-    open.stop();
-    secured.stop();
+    results
+}
 
-    println!(
-        "GET /connection/:id, {CONNECTIONS} connections, 32 concurrent, PostgreSQL; {} rounds of \
-         {} s per target, interleaved; medians (and every round's req/s)",
-        rounds(),
-        seconds()
-    );
-    let medians: Vec<f64> = results
-        .iter()
-        .map(|r| median(r, |r| r.requests_per_second))
-        .collect();
-    for ((name, _, _), rounds) in targets.iter().zip(&results) {
+/// Prints one line per target: median req/s, p50, p99, non-2xx, and every round's req/s.
+fn report(targets: &[Target], results: &[Vec<WrkResult>]) {
+    for (target, rounds) in targets.iter().zip(results) {
         let each: Vec<String> = rounds
             .iter()
             .map(|r| format!("{:.0}", r.requests_per_second))
             .collect();
         println!(
-            "{name:<20} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}   ({})",
+            "{:<28} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}   ({})",
+            target.name,
             median(rounds, |r| r.requests_per_second),
             median(rounds, |r| r.p50_ms),
             median(rounds, |r| r.p99_ms),
@@ -286,11 +173,231 @@ async fn main() {
             each.join(", ")
         );
     }
-    println!(
-        "grantline / ceiling  {:.1}% (with secret key {:.1}%)   server peak RSS {rss:.1} MB",
-        medians[0] / medians[2] * 100.0,
-        medians[1] / medians[2] * 100.0
+}
+
+/// Creates the `github` integration on the server at `base`.
+async fn configure(client: &reqwest::Client, base: &str, secret: Option<&str>) {
+    let mut request = client.post(format!("{base}/config")).json(&json!({
+        "provider_config_key": "github", "provider": "github",
+        "oauth_client_id": "id", "oauth_client_secret": "secret", "oauth_scopes": "repo"}));
+    if let Some(secret) = secret {
+        request = request.bearer_auth(secret);
+    }
+    assert!(request.send().await.unwrap().status().is_success());
+}
+
+/// Imports connections `c{from}`..`c{to - 1}` with fresh tokens into the server at `base`.
+async fn import(
+    client: &reqwest::Client,
+    base: &str,
+    secret: Option<&str>,
+    from: usize,
+    to: usize,
+) {
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    futures_util::stream::iter(from..to)
+        .map(|n| {
+            let mut request = client.post(format!("{base}/connection")).json(&json!({
+                "provider_config_key": "github", "connection_id": format!("c{n}"),
+                "access_token": format!("gho_{n:0>36}"), "refresh_token": format!("ghr_{n:0>36}"),
+                "expires_at": expires, "raw": {"token_type": "bearer", "scope": "repo"}}));
+            if let Some(secret) = secret {
+                request = request.bearer_auth(secret);
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+            }
+        })
+        .buffer_unordered(SEED_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// A server of `binary` on a fresh database with the hot path's connections imported.
+async fn seeded(binary: &Path, db: &TestDatabase, key: &str, secret: Option<&str>) -> Server {
+    let args: Vec<&str> = secret.map_or(Vec::new(), |s| vec!["--secret-key", s]);
+    let server = Server::start(binary, db.url(), key, &args, "warn,grantline=info");
+    let client = reqwest::Client::new();
+    configure(&client, &server.base, secret).await;
+    import(&client, &server.base, secret, 0, CONNECTIONS).await;
+    server
+}
+
+/// The `grantline_cache_*{cache="connections"}` samples of the server at `base`, as one line.
+async fn cache_counters(base: &str) -> String {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut counters = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("grantline_cache_")
+            && let Some((name, value)) = rest.split_once("{cache=\"connections\"} ")
+        {
+            counters.push(format!("{name} {value}"));
+        }
+    }
+    counters.join(", ")
+}
+
+/// Part 1: the hot path against the ceiling (and the baseline, when given).
+async fn hot_path(baseline: Option<&Path>) {
+    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
+    let grantline = support::grantline();
+    let mut databases = Vec::new();
+    let mut servers = Vec::new();
+    let mut binaries = vec![("grantline".to_owned(), grantline.as_path())];
+    if let Some(baseline) = baseline {
+        binaries.push(("baseline".to_owned(), baseline));
+    }
+    let plain = script("open", CONNECTIONS, None);
+    let with_header = script("secret", CONNECTIONS, Some(&format!("Bearer {SECRET}")));
+    let mut targets = Vec::new();
+    for (name, binary) in &binaries {
+        for secret in [None, Some(SECRET)] {
+            let db = TestDatabase::postgres().await;
+            let server = seeded(binary, &db, &key, secret).await;
+            targets.push(Target {
+                name: match secret {
+                    None => name.clone(),
+                    Some(_) => format!("{name} secret key"),
+                },
+                url: server.base.clone(),
+                script: if secret.is_some() {
+                    with_header.clone()
+                } else {
+                    plain.clone()
+                },
+            });
+            servers.push(server);
+            databases.push(db);
+        }
+    }
+    // The ceiling: the same bytes from memory, on a bare axum handler in this process.
+    let sample = reqwest::get(format!(
+        "{}/connection/c1?provider_config_key=github",
+        servers[0].base
+    ))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ceiling_port = listener.local_addr().unwrap().port();
+    let app = Router::new().route(
+        "/connection/{id}",
+        get(move || {
+            let body = sample.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
     );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    targets.push(Target {
+        name: "bare axum (ceiling)".to_owned(),
+        url: format!("http://127.0.0.1:{ceiling_port}"),
+        script: plain.clone(),
+    });
+
+    // Every server runs side by side (an idle one costs nothing); the targets are measured in
+    // turn, ROUNDS times, so that a slow spell of the machine hits all of them.
+    let results = measure(&targets).await;
+    println!(
+        "GET /connection/:id, {CONNECTIONS} connections, 32 concurrent, PostgreSQL; {} rounds of \
+         {} s per target, interleaved; medians (and every round's req/s)",
+        rounds(),
+        seconds()
+    );
+    report(&targets, &results);
+    let medians: Vec<f64> = results
+        .iter()
+        .map(|r| median(r, |r| r.requests_per_second))
+        .collect();
+    let ceiling = medians[medians.len() - 1];
+    for (i, (name, _)) in binaries.iter().enumerate() {
+        println!(
+            "{name:<12} / ceiling  {:.1}% (with secret key {:.1}%)   server peak RSS {:.1} MB \
+             ({:.1} MB with secret key)",
+            medians[2 * i] / ceiling * 100.0,
+            medians[2 * i + 1] / ceiling * 100.0,
+            servers[2 * i].peak_rss_mb(),
+            servers[2 * i + 1].peak_rss_mb(),
+        );
+    }
+    drop(servers);
     let _ = std::fs::remove_file(&plain);
     let _ = std::fs::remove_file(&with_header);
+}
+
+/// Part 2: reads spread over more and more connections, on one database both binaries serve.
+async fn spread_out(baseline: Option<&Path>, sizes: &[usize]) {
+    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
+    let db = TestDatabase::postgres().await;
+    let grantline = Server::start(
+        &support::grantline(),
+        db.url(),
+        &key,
+        &[],
+        "warn,grantline=info",
+    );
+    let client = reqwest::Client::new();
+    configure(&client, &grantline.base, None).await;
+    let baseline =
+        baseline.map(|binary| Server::start(binary, db.url(), &key, &[], "warn,grantline=info"));
+    println!(
+        "\nGET /connection/:id, ids uniform over N connections, 32 concurrent, PostgreSQL, \
+         default caches; {} rounds of {} s per target, interleaved",
+        rounds(),
+        seconds()
+    );
+    let mut imported = 0;
+    for &size in sizes {
+        let started = Instant::now();
+        import(&client, &grantline.base, None, imported, size).await;
+        println!(
+            "N = {size}: imported {} more in {:.0} s",
+            size - imported,
+            started.elapsed().as_secs_f64()
+        );
+        imported = size;
+        let script = script(&format!("spread-{size}"), size, None);
+        let mut targets = vec![Target {
+            name: format!("grantline N={size}"),
+            url: grantline.base.clone(),
+            script: script.clone(),
+        }];
+        if let Some(baseline) = &baseline {
+            targets.push(Target {
+                name: format!("baseline N={size}"),
+                url: baseline.base.clone(),
+                script: script.clone(),
+            });
+        }
+        let results = measure(&targets).await;
+        report(&targets, &results);
+        println!(
+            "  peak RSS grantline {:.1} MB{}; grantline cache: {}",
+            grantline.peak_rss_mb(),
+            baseline.as_ref().map_or(String::new(), |b| format!(
+                ", baseline {:.1} MB",
+                b.peak_rss_mb()
+            )),
+            cache_counters(&grantline.base).await
+        );
+        let _ = std::fs::remove_file(&script);
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let baseline = support::baseline();
+    hot_path(baseline.as_deref()).await;
+    let sizes = scale();
+    if !sizes.is_empty() {
+        spread_out(baseline.as_deref(), &sizes).await;
+    }
 }

@@ -11,24 +11,20 @@
 #[path = "../tests/api/fake_provider.rs"]
 #[allow(dead_code)]
 mod fake_provider;
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use domain::testing::TestDatabase;
 use fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
-use serde_json::{Value, json};
+use serde_json::json;
+use support::{Server, setting};
 
 /// Refreshes measured at each end.
 const WINDOW: usize = 200;
 
 fn refreshes() -> usize {
-    std::env::var("BENCH_REFRESHES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5_000)
-        .max(2 * WINDOW)
+    setting("BENCH_REFRESHES", 5_000usize).max(2 * WINDOW)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -49,29 +45,20 @@ async fn main() {
     let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
     let fake = FakeProvider::start().await;
     let (_dir, providers) = fake.providers_file("");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_grantline"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--roles", "api,projections"])
-        .arg("--providers-file")
-        .arg(&providers)
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", &key)
-        .env("RUST_LOG", "warn,grantline=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let port = loop {
-        let line = lines.next().expect("the server starts").unwrap();
-        if let Ok(entry) = serde_json::from_str::<Value>(&line)
-            && entry["message"] == "grantline listening"
-        {
-            break entry["port"].as_u64().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let base = format!("http://127.0.0.1:{port}");
+    let providers = providers.to_string_lossy();
+    let server = Server::start(
+        &support::grantline(),
+        db.url(),
+        &key,
+        &[
+            "--roles",
+            "api,projections",
+            "--providers-file",
+            providers.as_ref(),
+        ],
+        "warn,grantline=info",
+    );
+    let base = server.base.clone();
     let client = reqwest::Client::new();
     let response = client
         .post(format!("{base}/config"))
@@ -105,10 +92,7 @@ async fn main() {
         latencies.push(t.elapsed());
     }
     let total = started.elapsed();
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
-    let _ = server.wait();
+    server.stop();
 
     let (first_p50, first_p99) = describe(&latencies[..WINDOW]);
     let (last_p50, last_p99) = describe(&latencies[n - WINDOW..]);

@@ -15,9 +15,8 @@
 #[path = "../tests/api/fake_provider.rs"]
 #[allow(dead_code)]
 mod fake_provider;
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +25,7 @@ use domain::testing::TestDatabase;
 use fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use support::{Server, caught_up, setting};
 
 const KEY: &str = "fake";
 /// Fresh connections read during the storm.
@@ -40,67 +40,16 @@ const TICK_SECONDS: u64 = 5;
 const BASELINE: Duration = Duration::from_secs(3);
 
 fn connections() -> usize {
-    std::env::var("BENCH_CONNECTIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000)
+    setting("BENCH_CONNECTIONS", 10_000)
 }
 
-/// A running `grantline serve`, its base URL and the JSON log lines it writes.
-struct Server {
-    child: Child,
-    base: String,
-    log: std::sync::mpsc::Receiver<Value>,
-}
-
-impl Server {
-    fn start(db: &TestDatabase, key: &str, providers: &std::path::Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_grantline"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .arg("--providers-file")
-            .arg(providers)
-            .args(extra)
-            .env("GRANTLINE_DATABASE_URL", db.url())
-            .env("GRANTLINE_ENCRYPTION_KEY", key)
-            // The service's default filter: each refresh logs a line, as in production.
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let port = loop {
-            let line = lines.next().expect("the server starts").unwrap();
-            if let Ok(entry) = serde_json::from_str::<Value>(&line)
-                && entry["message"] == "grantline listening"
-            {
-                break entry["port"].as_u64().unwrap();
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe; pass on the ticks.
-        let (send, log) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Ok(entry) = serde_json::from_str::<Value>(&line)
-                    && entry["message"] == "refresh tick"
-                {
-                    let _ = send.send(entry);
-                }
-            }
-        });
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+/// A server on `db` with the fake provider's templates and the flags `extra`, logging at the
+/// service's default filter: each refresh logs a line, as in production.
+fn start(db: &TestDatabase, key: &str, providers: &std::path::Path, extra: &[&str]) -> Server {
+    let providers = providers.to_string_lossy();
+    let mut args = vec!["--providers-file", providers.as_ref()];
+    args.extend_from_slice(extra);
+    Server::start(&support::grantline(), db.url(), key, &args, "info")
 }
 
 /// Imports connection `id` with an access token expiring `expires_in` seconds from now.
@@ -125,26 +74,6 @@ async fn import(
         .await
         .unwrap();
     assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-}
-
-/// Waits until every projection has caught up with the event log.
-async fn caught_up(client: &reqwest::Client, base: &str) {
-    for _ in 0..3000 {
-        let status: Value = client
-            .get(format!("{base}/admin/projections"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let projections = status["projections"].as_array().unwrap();
-        if projections.iter().all(|p| p["lag"] == 0) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the projections did not catch up");
 }
 
 /// What the readers saw: (start, latency) of each 200 answer, and the non-200 count.
@@ -220,21 +149,11 @@ async fn main() {
     let db = TestDatabase::postgres().await;
     let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let providers = dir.path().join("providers.yaml");
-    std::fs::write(
-        &providers,
-        format!(
-            "{KEY}:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
-             {base}/token\n",
-            base = fake.base
-        ),
-    )
-    .unwrap();
+    let (_dir, providers) = fake.providers_file("");
     let client = reqwest::Client::new();
 
     // Seeding, on an instance without the scheduler.
-    let seeder = Server::start(&db, &key, &providers, &["--roles", "api,projections"]);
+    let seeder = start(&db, &key, &providers, &["--roles", "api,projections"]);
     let response = client
         .post(format!("{}/config", seeder.base))
         .json(&json!({
@@ -258,7 +177,7 @@ async fn main() {
         .buffer_unordered(SEED_CONCURRENCY)
         .collect::<Vec<()>>()
         .await;
-    caught_up(&client, &seeder.base).await;
+    caught_up(&client, &seeder.base, None).await;
     let seeded_in = seeding.elapsed();
     // The baseline: the same read load on the same database, with no storm.
     let stop = Arc::new(AtomicBool::new(false));
@@ -277,7 +196,7 @@ async fn main() {
 
     // The storm, on an instance with every role, ticking every 5 s.
     let schedule = format!("*/{TICK_SECONDS} * * * * *");
-    let server = Server::start(
+    let server = start(
         &db,
         &key,
         &providers,
@@ -315,8 +234,7 @@ async fn main() {
     stop.store(true, Ordering::Relaxed);
     let reads = load.await.unwrap();
     let report = server
-        .log
-        .recv_timeout(Duration::from_secs(30))
+        .logged("refresh tick", Duration::from_secs(30))
         .unwrap_or(Value::Null);
     // Nothing more is refreshed: not the fresh connections, not a generation twice.
     tokio::time::sleep(Duration::from_millis(500)).await;
