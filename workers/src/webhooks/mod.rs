@@ -24,6 +24,8 @@
 //! depends on the connection's state before the event: folded from the stream's earlier events
 //! (cached in memory per stream, refolded from the store after a restart or a cache miss).
 
+mod store;
+
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::future::Future;
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::connection::{self, Connection, ConnectionEvent};
 use domain::event::{DomainEvent, UnreadableEvent};
-use domain::store::{Backend, EventStore, Position, RecordedEvent, StoreError, StreamId};
+use domain::store::{Backend, EventStore, RecordedEvent, StoreError, StreamId};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use hmac::{Hmac, KeyInit, Mac};
@@ -43,6 +45,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::Url;
 use uuid::Uuid;
+
+use self::store::{DeliveryState, Failed, Target, WebhookStore};
 
 /// The longest wait between two attempts of one delivery.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
@@ -95,6 +99,7 @@ impl fmt::Debug for WebhookSettings {
 /// Why webhooks cannot be set up or a step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
+    /// The database failed or could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// An event of the log cannot be read: the target stops before it.
@@ -103,22 +108,6 @@ pub enum WebhookError {
     /// The HTTP client or the signing key could not be built.
     #[error("cannot set up webhooks: {0}")]
     Setup(String),
-}
-
-impl From<tokio_postgres::Error> for WebhookError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Store(StoreError::Database(e.to_string()))
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for WebhookError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Store(StoreError::Database(e.to_string()))
-    }
-}
-
-fn sqlite_error(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
 }
 
 /// Delivery statistics, for `/metrics`.
@@ -372,25 +361,26 @@ impl WebhookService {
         // A lease outlives any one attempt by far, so a live holder never loses it mid-POST.
         let lease = MIN_LEASE.max(settings.timeout.saturating_mul(2) + Duration::from_secs(10));
         let counters = Arc::new(WebhookCounters::default());
-        let store = backend.event_store();
+        let log = backend.event_store();
+        let store = store::open(&backend);
         let secret: Arc<[u8]> = Arc::from(settings.secret.as_bytes());
         let mut subscribers: Vec<WebhookSubscriber> = Vec::new();
         for url in &settings.urls {
-            let target = hex(&Sha256::digest(url.as_str().as_bytes()));
+            let key = hex(&Sha256::digest(url.as_str().as_bytes()));
             // A URL listed twice is one target: two subscribers would share its lease.
-            if subscribers.iter().any(|s| s.table.target == target) {
+            if subscribers.iter().any(|s| s.target.key == key) {
                 continue;
             }
             let subscriber = WebhookSubscriber {
-                table: Table {
-                    backend: backend.clone(),
-                    target,
+                target: Target {
+                    key,
                     holder: settings.holder.clone(),
                     lease,
                 },
                 shown: redact(url),
                 url: url.clone(),
                 store: store.clone(),
+                log: log.clone(),
                 http: http.clone(),
                 secret: secret.clone(),
                 backoff: settings.backoff,
@@ -398,8 +388,10 @@ impl WebhookService {
                 counters: counters.clone(),
                 states: Arc::new(Mutex::new(HashMap::new())),
             };
-            let start = store.last_position().await?;
-            subscriber.table.register(&subscriber.shown, start).await?;
+            let start = log.last_position().await?;
+            store
+                .register(&subscriber.target, &subscriber.shown, start)
+                .await?;
             subscribers.push(subscriber);
         }
         Ok(Self {
@@ -475,10 +467,11 @@ pub struct DeliveryStatus {
 /// The subscriber of one target.
 #[derive(Clone)]
 pub struct WebhookSubscriber {
-    table: Table,
+    target: Target,
     url: Url,
     shown: String,
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn WebhookStore>,
+    log: Arc<dyn EventStore>,
     http: reqwest::Client,
     secret: Arc<[u8]>,
     backoff: Duration,
@@ -514,12 +507,21 @@ impl WebhookSubscriber {
     /// shutdown is abandoned and made again by whoever next holds the target.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut listener = self.store.listener();
+        let mut listener = self.log.listener();
         let mut backoff = ERROR_BACKOFF.0;
         let mut pruned: Option<Instant> = None;
         loop {
             if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-                if let Err(e) = self.table.prune(DELIVERY_RETENTION).await {
+                if let Err(e) = self
+                    .store
+                    .prune(
+                        &self.target,
+                        Utc::now()
+                            - chrono::Duration::from_std(DELIVERY_RETENTION)
+                                .unwrap_or(chrono::Duration::zero()),
+                    )
+                    .await
+                {
                     tracing::warn!(webhook.url = %self.shown, error.message = %e, "webhook.prune failed");
                 }
                 pruned = Some(Instant::now());
@@ -560,7 +562,7 @@ impl WebhookSubscriber {
                 } => {}
             }
         }
-        if let Err(e) = self.table.release().await {
+        if let Err(e) = self.store.release(&self.target).await {
             tracing::warn!(webhook.url = %self.shown, error.message = %e, "webhook lease not released");
         }
     }
@@ -572,16 +574,19 @@ impl WebhookSubscriber {
     pub async fn step_once(&self, now: DateTime<Utc>) -> Result<WebhookStep, WebhookError> {
         let outcome = self.step(now).await;
         if let Err(error) = &outcome {
-            let _ = self.table.record_error(&error.to_string()).await;
+            let _ = self
+                .store
+                .record_error(&self.target, &error.to_string())
+                .await;
         }
         outcome
     }
 
     async fn step(&self, now: DateTime<Utc>) -> Result<WebhookStep, WebhookError> {
-        let Some(position) = self.table.claim().await? else {
+        let Some(position) = self.store.claim(&self.target).await? else {
             return Ok(WebhookStep::Busy);
         };
-        let events = self.store.read_all(position, BATCH_SIZE).await?;
+        let events = self.log.read_all(position, BATCH_SIZE).await?;
         if events.is_empty() {
             return Ok(WebhookStep::Idle);
         }
@@ -604,13 +609,13 @@ impl WebhookSubscriber {
                     Delivery::Delivered => {}
                     Delivery::Retrying(until) => {
                         if let Some(position) = unsaved {
-                            self.table.advance(position).await?;
+                            self.store.advance(&self.target, position).await?;
                         }
                         return Ok(WebhookStep::Retrying(until));
                     }
                     Delivery::LeaseLost => return Ok(WebhookStep::Busy),
                 }
-                if !self.table.advance(event.position).await? {
+                if !self.store.advance(&self.target, event.position).await? {
                     return Ok(WebhookStep::Busy);
                 }
                 unsaved = None;
@@ -623,7 +628,7 @@ impl WebhookSubscriber {
             passed += 1;
         }
         if let Some(position) = unsaved
-            && !self.table.advance(position).await?
+            && !self.store.advance(&self.target, position).await?
         {
             return Ok(WebhookStep::Busy);
         }
@@ -643,7 +648,7 @@ impl WebhookSubscriber {
             }
         }
         let mut state = Connection::default();
-        for earlier in self.store.read_stream(&event.stream_id, 0).await? {
+        for earlier in self.log.read_stream(&event.stream_id, 0).await? {
             if earlier.stream_version >= event.stream_version {
                 break;
             }
@@ -671,17 +676,26 @@ impl WebhookSubscriber {
         webhook: &Webhook,
         now: DateTime<Utc>,
     ) -> Result<Delivery, WebhookError> {
-        match self.table.delivery_state(event.event_id).await? {
+        match self
+            .store
+            .delivery_state(&self.target, event.event_id)
+            .await?
+        {
             // Answered 2xx before a crash kept the checkpoint from moving.
-            Some((status, _)) if status == "delivered" => return Ok(Delivery::Delivered),
-            Some((status, Some(next))) if status == "retrying" && next > now => {
+            Some(DeliveryState::Delivered) => return Ok(Delivery::Delivered),
+            Some(DeliveryState::Retrying(next)) if next > now => {
                 return Ok(Delivery::Retrying(next));
             }
             _ => {}
         }
         let Some(attempt) = self
-            .table
-            .start_attempt(event, webhook.event.name())
+            .store
+            .start_attempt(
+                &self.target,
+                event.event_id,
+                webhook.event.name(),
+                event.position.global,
+            )
             .await?
         else {
             return Ok(Delivery::LeaseLost);
@@ -703,7 +717,9 @@ impl WebhookSubscriber {
         let failure = match sent {
             Ok(response) if response.status().is_success() => {
                 let status = response.status().as_u16();
-                self.table.delivered(event.event_id, status).await?;
+                self.store
+                    .delivered(&self.target, event.event_id, status)
+                    .await?;
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(status, "webhook delivered");
                 return Ok(Delivery::Delivered);
@@ -721,10 +737,16 @@ impl WebhookSubscriber {
         let next = Utc::now()
             + chrono::Duration::from_std(retry_delay(self.backoff, attempt))
                 .unwrap_or(chrono::Duration::MAX);
-        self.table
-            .failed(event.event_id, status, &error, next)
+        let failed = Failed {
+            status,
+            error,
+            next,
+        };
+        self.store
+            .failed(&self.target, event.event_id, &failed)
             .await?;
-        self.table.record_error(&error).await?;
+        self.store.record_error(&self.target, &failed.error).await?;
+        let Failed { error, .. } = failed;
         self.counters
             .failed_attempts
             .fetch_add(1, Ordering::Relaxed);
@@ -740,10 +762,10 @@ impl WebhookSubscriber {
 
     /// This target's checkpoint, lag, lease and latest deliveries.
     pub async fn status(&self, recent: usize) -> Result<TargetStatus, WebhookError> {
-        let head = self.store.head_position().await?;
-        let (row, deliveries) = self.table.status(recent).await?;
+        let head = self.log.head_position().await?;
+        let (row, deliveries) = self.store.status(&self.target, recent).await?;
         // Counted in log order: positions alone are not commit order on PostgreSQL.
-        let behind = self.store.read_all(row.position, LAG_CAP).await?.len();
+        let behind = self.log.read_all(row.position, LAG_CAP).await?.len();
         Ok(TargetStatus {
             url: self.shown.clone(),
             checkpoint: row.position.to_string(),
@@ -780,602 +802,6 @@ fn transport_error(e: reqwest::Error) -> String {
     text
 }
 
-// ---------------------------------------------------------------------------------------------
-// Storage: one short statement at a time, never a transaction across an HTTP call.
-// ---------------------------------------------------------------------------------------------
-
-/// A target's rows.
-#[derive(Clone)]
-struct Table {
-    backend: Backend,
-    /// SHA-256 hex of the full URL.
-    target: String,
-    holder: String,
-    lease: Duration,
-}
-
-/// A target row, as status shows it.
-struct TargetRow {
-    position: Position,
-    lease_holder: Option<String>,
-    lease_expires_at: Option<DateTime<Utc>>,
-    updated_at: DateTime<Utc>,
-    last_error: Option<String>,
-}
-
-fn position_from(commit: i64, global: i64) -> Position {
-    Position {
-        commit: commit.max(0).unsigned_abs(),
-        global,
-    }
-}
-
-fn commit_of(position: Position) -> i64 {
-    i64::try_from(position.commit).unwrap_or(i64::MAX)
-}
-
-fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
-fn from_micros(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn now_micros() -> i64 {
-    micros(Utc::now())
-}
-
-fn span_micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
-impl Table {
-    fn lease_secs(&self) -> f64 {
-        self.lease.as_secs_f64()
-    }
-
-    /// Adds the target at `start` unless it exists (then its checkpoint stays).
-    async fn register(&self, url: &str, start: Position) -> Result<(), WebhookError> {
-        let (target, url) = (self.target.clone(), url.to_owned());
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "INSERT INTO webhook_targets (target, url, commit_position, \
-                         global_position) VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
-                        &[&target, &url, &commit_of(start), &start.global],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                store
-                    .write(move |conn| {
-                        let now = now_micros();
-                        conn.execute(
-                            "INSERT INTO webhook_targets (target, url, commit_position, \
-                             global_position, created_at, updated_at) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (target) DO NOTHING",
-                            rusqlite::params![target, url, commit_of(start), start.global, now],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes or renews the lease; the checkpoint, or `None` while another holder has it.
-    async fn claim(&self) -> Result<Option<Position>, WebhookError> {
-        match &self.backend {
-            Backend::Postgres(store) => {
-                let row = store
-                    .pool()
-                    .get()
-                    .await?
-                    .query_opt(
-                        "UPDATE webhook_targets SET lease_holder = $2, \
-                         lease_expires_at = now() + make_interval(secs => $3) \
-                         WHERE target = $1 AND (lease_holder IS NULL OR lease_holder = $2 \
-                         OR lease_expires_at < now()) \
-                         RETURNING commit_position, global_position",
-                        &[&self.target, &self.holder, &self.lease_secs()],
-                    )
-                    .await?;
-                Ok(row.map(|r| position_from(r.get(0), r.get(1))))
-            }
-            Backend::Sqlite(store) => {
-                let (target, holder, lease) = (
-                    self.target.clone(),
-                    self.holder.clone(),
-                    span_micros(self.lease),
-                );
-                Ok(store
-                    .write(move |conn| {
-                        let now = now_micros();
-                        conn.query_row(
-                            "UPDATE webhook_targets SET lease_holder = ?2, \
-                             lease_expires_at = ?3 + ?4 \
-                             WHERE target = ?1 AND (lease_holder IS NULL OR lease_holder = ?2 \
-                             OR lease_expires_at < ?3) \
-                             RETURNING commit_position, global_position",
-                            rusqlite::params![target, holder, now, lease],
-                            |r| Ok(position_from(r.get(0)?, r.get(1)?)),
-                        )
-                        .map(Some)
-                        .or_else(|e| match e {
-                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                            other => Err(sqlite_error(other)),
-                        })
-                    })
-                    .await?)
-            }
-        }
-    }
-
-    /// Moves the checkpoint to `position` and renews the lease, if this instance still holds
-    /// it (`false`: it was lost).
-    async fn advance(&self, position: Position) -> Result<bool, WebhookError> {
-        let updated =
-            match &self.backend {
-                Backend::Postgres(store) => store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE webhook_targets SET commit_position = $3, global_position = $4, \
-                         updated_at = now(), last_error = NULL, \
-                         lease_expires_at = now() + make_interval(secs => $5) \
-                         WHERE target = $1 AND lease_holder = $2",
-                        &[
-                            &self.target,
-                            &self.holder,
-                            &commit_of(position),
-                            &position.global,
-                            &self.lease_secs(),
-                        ],
-                    )
-                    .await?,
-                Backend::Sqlite(store) => {
-                    let (target, holder, lease) = (
-                        self.target.clone(),
-                        self.holder.clone(),
-                        span_micros(self.lease),
-                    );
-                    let changed = store
-                        .write(move |conn| {
-                            let now = now_micros();
-                            conn.execute(
-                                "UPDATE webhook_targets SET commit_position = ?3, \
-                             global_position = ?4, updated_at = ?5, last_error = NULL, \
-                             lease_expires_at = ?5 + ?6 \
-                             WHERE target = ?1 AND lease_holder = ?2",
-                                rusqlite::params![
-                                    target,
-                                    holder,
-                                    commit_of(position),
-                                    position.global,
-                                    now,
-                                    lease
-                                ],
-                            )
-                            .map_err(sqlite_error)
-                        })
-                        .await?;
-                    changed as u64
-                }
-            };
-        Ok(updated == 1)
-    }
-
-    async fn record_error(&self, message: &str) -> Result<(), WebhookError> {
-        let (target, message) = (self.target.clone(), message.to_owned());
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE webhook_targets SET last_error = $2 WHERE target = $1",
-                        &[&target, &message],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                store
-                    .write(move |conn| {
-                        conn.execute(
-                            "UPDATE webhook_targets SET last_error = ?2 WHERE target = ?1",
-                            rusqlite::params![target, message],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Hands the lease back (at shutdown), so another instance takes over at once.
-    async fn release(&self) -> Result<(), WebhookError> {
-        let (target, holder) = (self.target.clone(), self.holder.clone());
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE webhook_targets SET lease_holder = NULL, lease_expires_at = NULL \
-                         WHERE target = $1 AND lease_holder = $2",
-                        &[&target, &holder],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                store
-                    .write(move |conn| {
-                        conn.execute(
-                            "UPDATE webhook_targets SET lease_holder = NULL, \
-                             lease_expires_at = NULL WHERE target = ?1 AND lease_holder = ?2",
-                            rusqlite::params![target, holder],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The delivery's status and next attempt time, if it was attempted before.
-    async fn delivery_state(
-        &self,
-        event_id: Uuid,
-    ) -> Result<Option<(String, Option<DateTime<Utc>>)>, WebhookError> {
-        match &self.backend {
-            Backend::Postgres(store) => {
-                let row = store
-                    .pool()
-                    .get()
-                    .await?
-                    .query_opt(
-                        "SELECT status, next_attempt_at FROM webhook_deliveries \
-                         WHERE target = $1 AND event_id = $2",
-                        &[&self.target, &event_id],
-                    )
-                    .await?;
-                Ok(row.map(|r| (r.get(0), r.get(1))))
-            }
-            Backend::Sqlite(store) => {
-                let target = self.target.clone();
-                Ok(store
-                    .read(move |conn| {
-                        conn.query_row(
-                            "SELECT status, next_attempt_at FROM webhook_deliveries \
-                             WHERE target = ?1 AND event_id = ?2",
-                            rusqlite::params![target, event_id.to_string()],
-                            |r| {
-                                Ok((
-                                    r.get::<_, String>(0)?,
-                                    r.get::<_, Option<i64>>(1)?.map(from_micros),
-                                ))
-                            },
-                        )
-                        .map(Some)
-                        .or_else(|e| match e {
-                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                            other => Err(sqlite_error(other)),
-                        })
-                    })
-                    .await?)
-            }
-        }
-    }
-
-    /// Renews the lease and counts a new attempt (`pending` until its outcome); the attempt's
-    /// number, or `None` if the lease was lost.
-    async fn start_attempt(
-        &self,
-        event: &RecordedEvent,
-        name: &'static str,
-    ) -> Result<Option<u32>, WebhookError> {
-        let (event_id, global) = (event.event_id, event.position.global);
-        match &self.backend {
-            Backend::Postgres(store) => {
-                let client = store.pool().get().await?;
-                let renewed = client
-                    .execute(
-                        "UPDATE webhook_targets SET \
-                         lease_expires_at = now() + make_interval(secs => $3) \
-                         WHERE target = $1 AND lease_holder = $2",
-                        &[&self.target, &self.holder, &self.lease_secs()],
-                    )
-                    .await?;
-                if renewed != 1 {
-                    return Ok(None);
-                }
-                let row = client
-                    .query_one(
-                        "INSERT INTO webhook_deliveries AS d (target, event_id, event, \
-                         global_position, attempts, status, first_attempt_at, last_attempt_at) \
-                         VALUES ($1, $2, $3, $4, 1, 'pending', now(), now()) \
-                         ON CONFLICT (target, event_id) DO UPDATE SET attempts = d.attempts + 1, \
-                         status = 'pending', next_attempt_at = NULL, last_attempt_at = now() \
-                         RETURNING attempts",
-                        &[&self.target, &event_id, &name, &global],
-                    )
-                    .await?;
-                Ok(Some(row.get::<_, i32>(0).unsigned_abs()))
-            }
-            Backend::Sqlite(store) => {
-                let (target, holder, lease) = (
-                    self.target.clone(),
-                    self.holder.clone(),
-                    span_micros(self.lease),
-                );
-                Ok(store
-                    .write(move |conn| {
-                        let now = now_micros();
-                        let renewed = conn
-                            .execute(
-                                "UPDATE webhook_targets SET lease_expires_at = ?3 + ?4 \
-                                 WHERE target = ?1 AND lease_holder = ?2",
-                                rusqlite::params![target, holder, now, lease],
-                            )
-                            .map_err(sqlite_error)?;
-                        if renewed != 1 {
-                            return Ok(None);
-                        }
-                        conn.query_row(
-                            "INSERT INTO webhook_deliveries AS d (target, event_id, event, \
-                             global_position, attempts, status, first_attempt_at, \
-                             last_attempt_at) VALUES (?1, ?2, ?3, ?4, 1, 'pending', ?5, ?5) \
-                             ON CONFLICT (target, event_id) DO UPDATE SET \
-                             attempts = d.attempts + 1, status = 'pending', \
-                             next_attempt_at = NULL, last_attempt_at = ?5 \
-                             RETURNING attempts",
-                            rusqlite::params![target, event_id.to_string(), name, global, now],
-                            |r| r.get::<_, i64>(0),
-                        )
-                        .map(|n| Some(u32::try_from(n).unwrap_or(u32::MAX)))
-                        .map_err(sqlite_error)
-                    })
-                    .await?)
-            }
-        }
-    }
-
-    async fn delivered(&self, event_id: Uuid, status: u16) -> Result<(), WebhookError> {
-        let status = i32::from(status);
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE webhook_deliveries SET status = 'delivered', last_status = $3, \
-                         delivered_at = now(), next_attempt_at = NULL \
-                         WHERE target = $1 AND event_id = $2",
-                        &[&self.target, &event_id, &status],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                let target = self.target.clone();
-                store
-                    .write(move |conn| {
-                        conn.execute(
-                            "UPDATE webhook_deliveries SET status = 'delivered', \
-                             last_status = ?3, delivered_at = ?4, next_attempt_at = NULL \
-                             WHERE target = ?1 AND event_id = ?2",
-                            rusqlite::params![target, event_id.to_string(), status, now_micros()],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn failed(
-        &self,
-        event_id: Uuid,
-        status: Option<u16>,
-        error: &str,
-        next: DateTime<Utc>,
-    ) -> Result<(), WebhookError> {
-        let status = status.map(i32::from);
-        let error = error.to_owned();
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE webhook_deliveries SET status = 'retrying', last_status = $3, \
-                         last_error = $4, next_attempt_at = $5 \
-                         WHERE target = $1 AND event_id = $2",
-                        &[&self.target, &event_id, &status, &error, &next],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                let target = self.target.clone();
-                store
-                    .write(move |conn| {
-                        conn.execute(
-                            "UPDATE webhook_deliveries SET status = 'retrying', \
-                             last_status = ?3, last_error = ?4, next_attempt_at = ?5 \
-                             WHERE target = ?1 AND event_id = ?2",
-                            rusqlite::params![
-                                target,
-                                event_id.to_string(),
-                                status,
-                                error,
-                                micros(next)
-                            ],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes this target's deliveries delivered longer than `retention` ago.
-    async fn prune(&self, retention: Duration) -> Result<(), WebhookError> {
-        let before =
-            Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::zero());
-        let target = self.target.clone();
-        match &self.backend {
-            Backend::Postgres(store) => {
-                store
-                    .pool()
-                    .get()
-                    .await?
-                    .execute(
-                        "DELETE FROM webhook_deliveries WHERE target = $1 \
-                         AND status = 'delivered' AND delivered_at < $2",
-                        &[&target, &before],
-                    )
-                    .await?;
-            }
-            Backend::Sqlite(store) => {
-                store
-                    .write(move |conn| {
-                        conn.execute(
-                            "DELETE FROM webhook_deliveries WHERE target = ?1 \
-                             AND status = 'delivered' AND delivered_at < ?2",
-                            rusqlite::params![target, micros(before)],
-                        )
-                        .map_err(sqlite_error)
-                    })
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn status(
-        &self,
-        recent: usize,
-    ) -> Result<(TargetRow, Vec<DeliveryStatus>), WebhookError> {
-        let limit = i64::try_from(recent).unwrap_or(i64::MAX);
-        match &self.backend {
-            Backend::Postgres(store) => {
-                let client = store.pool().get().await?;
-                let row = client
-                    .query_one(
-                        "SELECT commit_position, global_position, lease_holder, \
-                         lease_expires_at, updated_at, last_error \
-                         FROM webhook_targets WHERE target = $1",
-                        &[&self.target],
-                    )
-                    .await?;
-                let target = TargetRow {
-                    position: position_from(row.get(0), row.get(1)),
-                    lease_holder: row.get(2),
-                    lease_expires_at: row.get(3),
-                    updated_at: row.get(4),
-                    last_error: row.get(5),
-                };
-                let deliveries = client
-                    .query(
-                        "SELECT event_id, event, global_position, status, attempts, \
-                         last_status, last_error, first_attempt_at, last_attempt_at, \
-                         next_attempt_at, delivered_at FROM webhook_deliveries \
-                         WHERE target = $1 \
-                         ORDER BY last_attempt_at DESC, global_position DESC LIMIT $2",
-                        &[&self.target, &limit],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| DeliveryStatus {
-                        event_id: r.get(0),
-                        event: r.get(1),
-                        global_position: r.get(2),
-                        status: r.get(3),
-                        attempts: i64::from(r.get::<_, i32>(4)),
-                        last_status: r.get::<_, Option<i32>>(5).map(i64::from),
-                        last_error: r.get(6),
-                        first_attempt_at: r.get(7),
-                        last_attempt_at: r.get(8),
-                        next_attempt_at: r.get(9),
-                        delivered_at: r.get(10),
-                    })
-                    .collect();
-                Ok((target, deliveries))
-            }
-            Backend::Sqlite(store) => {
-                let target = self.target.clone();
-                Ok(store
-                    .read(move |conn| {
-                        let row = conn
-                            .query_row(
-                                "SELECT commit_position, global_position, lease_holder, \
-                                 lease_expires_at, updated_at, last_error \
-                                 FROM webhook_targets WHERE target = ?1",
-                                [&target],
-                                |r| {
-                                    Ok(TargetRow {
-                                        position: position_from(r.get(0)?, r.get(1)?),
-                                        lease_holder: r.get(2)?,
-                                        lease_expires_at: r
-                                            .get::<_, Option<i64>>(3)?
-                                            .map(from_micros),
-                                        updated_at: from_micros(r.get(4)?),
-                                        last_error: r.get(5)?,
-                                    })
-                                },
-                            )
-                            .map_err(sqlite_error)?;
-                        let mut statement = conn
-                            .prepare(
-                                "SELECT event_id, event, global_position, status, attempts, \
-                                 last_status, last_error, first_attempt_at, last_attempt_at, \
-                                 next_attempt_at, delivered_at FROM webhook_deliveries \
-                                 WHERE target = ?1 \
-                                 ORDER BY last_attempt_at DESC, global_position DESC LIMIT ?2",
-                            )
-                            .map_err(sqlite_error)?;
-                        let deliveries = statement
-                            .query_map(rusqlite::params![target, limit], |r| {
-                                let event_id: String = r.get(0)?;
-                                Ok(DeliveryStatus {
-                                    event_id: Uuid::parse_str(&event_id).unwrap_or_default(),
-                                    event: r.get(1)?,
-                                    global_position: r.get(2)?,
-                                    status: r.get(3)?,
-                                    attempts: r.get(4)?,
-                                    last_status: r.get(5)?,
-                                    last_error: r.get(6)?,
-                                    first_attempt_at: from_micros(r.get(7)?),
-                                    last_attempt_at: from_micros(r.get(8)?),
-                                    next_attempt_at: r.get::<_, Option<i64>>(9)?.map(from_micros),
-                                    delivered_at: r.get::<_, Option<i64>>(10)?.map(from_micros),
-                                })
-                            })
-                            .map_err(sqlite_error)?
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(sqlite_error)?;
-                        Ok((row, deliveries))
-                    })
-                    .await?)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1387,6 +813,7 @@ mod tests {
         TokenFingerprints, TokensRefreshed,
     };
     use domain::keys::Sealed;
+    use domain::store::Position;
     use serde_json::Map;
 
     use super::*;
