@@ -28,6 +28,7 @@ use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
 use super::DeliveryStatus;
+use super::delivery::Failed;
 
 /// The webhook tables of one database.
 pub(crate) trait WebhookStore: Send + Sync + 'static {
@@ -92,8 +93,8 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         status: u16,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Records the attempt at `event_id` as failed (with the HTTP status, if any answer came),
-    /// to be retried at `next`.
+    /// Records the attempt at `event_id` as failed: the HTTP status (if an answer came), the
+    /// error, and when the next attempt is due.
     fn failed<'a>(
         &'a self,
         target: &'a Target,
@@ -165,17 +166,6 @@ impl DeliveryState {
             _ => Self::Pending,
         }
     }
-}
-
-/// A failed attempt's outcome.
-#[derive(Clone, Debug)]
-pub(crate) struct Failed {
-    /// The HTTP status of the answer, if there was one.
-    pub status: Option<u16>,
-    /// What went wrong, for operators (never a URL or a secret).
-    pub error: String,
-    /// When the next attempt is due.
-    pub next: DateTime<Utc>,
 }
 
 /// A checkpoint as the tables keep it (a commit id never exceeds `i64::MAX`).
