@@ -6,7 +6,6 @@
 //! `Idempotency-Key` (the event's id, also the body's `id`, for the receiver to deduplicate),
 //! and `X-Grantline-Delivery-Attempt` (1, 2, …).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,18 +27,10 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(mut mac) => {
             mac.update(body);
-            hex(&mac.finalize().into_bytes())
+            hex::encode(mac.finalize().into_bytes())
         }
         Err(_) => String::new(),
     }
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
 }
 
 /// The wait before attempt `attempts + 1`: `base` doubled per earlier failure, capped at

@@ -54,7 +54,7 @@ pub use self::delivery::{BACKOFF_CAP, retry_delay, sign};
 pub use self::mapping::{Webhook, WebhookEvent, webhook_for};
 pub use self::subscriber::{WebhookStep, WebhookSubscriber};
 
-use self::delivery::{Poster, hex};
+use self::delivery::Poster;
 use self::store::Target;
 
 /// The shortest lease; it is longer with long timeouts (see [`WebhookService::open`]). After a
@@ -123,6 +123,12 @@ pub fn redact(url: &Url) -> String {
     shown
 }
 
+/// The key of `url`'s rows: lowercase hex of the SHA-256 of the full URL. Stored in the tables,
+/// so it never changes (a new key would register the target afresh, past undelivered events).
+fn target_key(url: &Url) -> String {
+    hex::encode(Sha256::digest(url.as_str().as_bytes()))
+}
+
 /// The webhook subscribers of one instance, one per target. Cheap to clone.
 #[derive(Clone)]
 pub struct WebhookService {
@@ -152,7 +158,7 @@ impl WebhookService {
         let store = store::open(&backend);
         let mut subscribers: Vec<WebhookSubscriber> = Vec::new();
         for url in &settings.urls {
-            let key = hex(&Sha256::digest(url.as_str().as_bytes()));
+            let key = target_key(url);
             // A URL listed twice is one target: two subscribers would share its lease.
             if subscribers.iter().any(|s| s.target().key == key) {
                 continue;
@@ -259,5 +265,14 @@ mod tests {
         assert_eq!(redact(&url), "https://hooks.example.com:8443/in/grantline");
         let url = Url::parse("http://[::1]/hook").unwrap();
         assert_eq!(redact(&url), "http://[::1]/hook");
+    }
+
+    #[test]
+    fn a_target_is_keyed_by_the_lowercase_hex_sha256_of_its_full_url() {
+        let url = Url::parse("https://hooks.example.com/in").unwrap();
+        assert_eq!(
+            target_key(&url),
+            "5d838a1ceaf722de0585104fc96a445532dae7b41323c477285e9d2e29983ee0"
+        );
     }
 }
