@@ -22,7 +22,8 @@
 //!
 //! Whether an authorization is a creation or a re-authorization, and a refresh a recovery,
 //! depends on the connection's state before the event: folded from the stream's earlier events
-//! (cached in memory per stream, refolded from the store after a restart or a cache miss).
+//! (kept per stream in a bounded in-memory cache, refolded from the store after a restart or an
+//! eviction).
 //!
 //! The rooms: `mapping` (which event makes which webhook, and its body), `delivery` (signing,
 //! the POST, retry delays), `subscriber` (a target's step and loop, its lease and checkpoint)

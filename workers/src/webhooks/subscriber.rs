@@ -7,17 +7,17 @@
 //! [`WebhookStep::Busy`] before anything else is sent. A failed delivery holds back everything
 //! after it until its retry is due and succeeds (head of line).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::connection::{self, Connection, ConnectionEvent};
 use domain::event::DomainEvent;
 use domain::store::{EventStore, RecordedEvent, StreamId};
+use quick_cache::sync::Cache;
 use url::Url;
 
 use super::delivery::Poster;
@@ -29,7 +29,8 @@ use super::{TargetStatus, WebhookCounters, WebhookError, redact};
 const BATCH_SIZE: usize = 100;
 /// Lag is counted up to this many events.
 const LAG_CAP: usize = 10_000;
-/// Streams whose state is kept in memory (the cache is emptied when it is full).
+/// Streams whose state is kept in memory; past it, one stream at a time is evicted (S3-FIFO:
+/// streams seen once go before those seen again), never the whole cache.
 const CACHE_CAPACITY: usize = 10_000;
 /// How often a subscriber whose target another instance holds looks again.
 const BUSY_POLL: Duration = Duration::from_secs(2);
@@ -63,7 +64,8 @@ pub struct WebhookSubscriber {
     poster: Poster,
     counters: Arc<WebhookCounters>,
     /// Connection states after the last event passed, by stream: `(stream version, state)`.
-    states: Arc<Mutex<HashMap<StreamId, (u32, Connection)>>>,
+    /// Bounded by [`CACHE_CAPACITY`].
+    states: Arc<Cache<StreamId, (u32, Connection)>>,
 }
 
 impl fmt::Debug for WebhookSubscriber {
@@ -98,7 +100,7 @@ impl WebhookSubscriber {
             log,
             poster,
             counters,
-            states: Arc::new(Mutex::new(HashMap::new())),
+            states: Arc::new(Cache::new(CACHE_CAPACITY)),
         }
     }
 
@@ -243,13 +245,10 @@ impl WebhookSubscriber {
     /// version, else folded from the stream.
     async fn prior_state(&self, event: &RecordedEvent) -> Result<Connection, WebhookError> {
         let previous = event.stream_version.saturating_sub(1);
+        if let Some((version, state)) = self.states.get(&event.stream_id)
+            && version == previous
         {
-            let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((version, state)) = states.get(&event.stream_id)
-                && *version == previous
-            {
-                return Ok(state.clone());
-            }
+            return Ok(state);
         }
         let mut state = Connection::default();
         for earlier in self.log.read_stream(&event.stream_id, 0).await? {
@@ -262,11 +261,8 @@ impl WebhookSubscriber {
     }
 
     fn remember(&self, event: &RecordedEvent, state: Connection) {
-        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
-        if states.len() >= CACHE_CAPACITY && !states.contains_key(&event.stream_id) {
-            states.clear();
-        }
-        states.insert(event.stream_id.clone(), (event.stream_version, state));
+        self.states
+            .insert(event.stream_id.clone(), (event.stream_version, state));
     }
 
     #[tracing::instrument(
