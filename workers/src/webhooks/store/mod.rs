@@ -30,6 +30,9 @@ use uuid::Uuid;
 use super::DeliveryStatus;
 use super::delivery::Failed;
 
+/// What every [`WebhookStore`] method returns: a boxed future, so the trait can be a `dyn`.
+pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
 /// The webhook tables of one database.
 pub(crate) trait WebhookStore: Send + Sync + 'static {
     /// Adds `target` (shown as `url`) with its checkpoint at `start`, unless it exists: then its
@@ -39,40 +42,29 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         target: &'a Target,
         url: &'a str,
         start: Position,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Takes or renews the lease for `target.holder`; the checkpoint, or `None` while another
     /// holder's lease runs.
-    fn claim<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, Result<Option<Position>, StoreError>>;
+    fn claim<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, Option<Position>>;
 
     /// Moves the checkpoint to `position`, clears the last error and renews the lease, if
     /// `target.holder` still holds it (`false`: it was lost, nothing changed).
-    fn advance<'a>(
-        &'a self,
-        target: &'a Target,
-        position: Position,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn advance<'a>(&'a self, target: &'a Target, position: Position) -> StoreFuture<'a, bool>;
 
     /// Hands the lease back if `target.holder` holds it, so that another instance takes over
     /// at once.
-    fn release<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn release<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, ()>;
 
     /// Notes `message` as the target's last error (cleared by the next advance).
-    fn record_error<'a>(
-        &'a self,
-        target: &'a Target,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn record_error<'a>(&'a self, target: &'a Target, message: &'a str) -> StoreFuture<'a, ()>;
 
     /// What became of earlier attempts to deliver `event_id`; `None` if there were none.
     fn delivery_state<'a>(
         &'a self,
         target: &'a Target,
         event_id: Uuid,
-    ) -> BoxFuture<'a, Result<Option<DeliveryState>, StoreError>>;
+    ) -> StoreFuture<'a, Option<DeliveryState>>;
 
     /// Renews the lease and counts a new attempt at `event_id` (`pending` until its outcome is
     /// recorded); the attempt's number from 1, or `None` if the lease was lost (then no attempt
@@ -83,7 +75,7 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         event_id: Uuid,
         event: &'a str,
         global_position: i64,
-    ) -> BoxFuture<'a, Result<Option<u32>, StoreError>>;
+    ) -> StoreFuture<'a, Option<u32>>;
 
     /// Records the attempt at `event_id` as answered 2xx with `status`.
     fn delivered<'a>(
@@ -91,7 +83,7 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         target: &'a Target,
         event_id: Uuid,
         status: u16,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Records the attempt at `event_id` as failed: the HTTP status (if an answer came), the
     /// error, and when the next attempt is due.
@@ -100,21 +92,17 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         target: &'a Target,
         event_id: Uuid,
         failure: &'a Failed,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Deletes the target's deliveries delivered before `before`.
-    fn prune<'a>(
-        &'a self,
-        target: &'a Target,
-        before: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn prune<'a>(&'a self, target: &'a Target, before: DateTime<Utc>) -> StoreFuture<'a, ()>;
 
     /// The target's row and its `recent` latest deliveries, most recent attempt first.
     fn status<'a>(
         &'a self,
         target: &'a Target,
         recent: usize,
-    ) -> BoxFuture<'a, Result<(TargetRow, Vec<DeliveryStatus>), StoreError>>;
+    ) -> StoreFuture<'a, (TargetRow, Vec<DeliveryStatus>)>;
 }
 
 /// The webhook tables of `backend`: the one place that tells the backends apart.
@@ -202,29 +190,31 @@ mod tests {
         attempts_are_counted_and_their_outcomes_kept_until_pruned,
     );
 
-    fn target(holder: &str, lease: Duration) -> Target {
-        Target {
-            key: "target-1".to_owned(),
-            holder: holder.to_owned(),
-            lease,
-        }
-    }
-
     const START: Position = Position {
         commit: 3,
         global: 7,
     };
+    const URL: &str = "https://hooks.example/in";
+
+    /// The store of `db` with one target registered at [`START`], as two instances see it: `a`,
+    /// whose leases last `lease`, and `b`, whose leases last a minute.
+    async fn registered(
+        db: &TestDatabase,
+        lease: Duration,
+    ) -> (Arc<dyn WebhookStore>, [Target; 2]) {
+        let store = open(&db.open().await);
+        let target = |holder: &str, lease| Target {
+            key: "target-1".to_owned(),
+            holder: holder.to_owned(),
+            lease,
+        };
+        let a = target("a", lease);
+        store.register(&a, URL, START).await.unwrap();
+        (store, [a, target("b", Duration::from_secs(60))])
+    }
 
     async fn one_holder_has_a_target_until_it_hands_the_lease_back(db: &TestDatabase) {
-        let store = open(&db.open().await);
-        let (a, b) = (
-            target("a", Duration::from_secs(60)),
-            target("b", Duration::from_secs(60)),
-        );
-        store
-            .register(&a, "https://hooks.example/in", START)
-            .await
-            .unwrap();
+        let (store, [a, b]) = registered(db, Duration::from_secs(60)).await;
         assert_eq!(store.claim(&a).await.unwrap(), Some(START));
         assert_eq!(store.claim(&a).await.unwrap(), Some(START), "renewed");
         assert_eq!(store.claim(&b).await.unwrap(), None);
@@ -262,23 +252,12 @@ mod tests {
         let (row, _) = store.status(&a, 10).await.unwrap();
         assert_eq!((row.lease_holder, row.lease_expires_at), (None, None));
         // Registering again (a restart) keeps the checkpoint.
-        store
-            .register(&b, "https://hooks.example/in", START)
-            .await
-            .unwrap();
+        store.register(&b, URL, START).await.unwrap();
         assert_eq!(store.claim(&b).await.unwrap(), Some(next));
     }
 
     async fn an_expired_lease_is_taken_over_at_the_checkpoint(db: &TestDatabase) {
-        let store = open(&db.open().await);
-        let (a, b) = (
-            target("a", Duration::ZERO),
-            target("b", Duration::from_secs(60)),
-        );
-        store
-            .register(&a, "https://hooks.example/in", START)
-            .await
-            .unwrap();
+        let (store, [a, b]) = registered(db, Duration::ZERO).await;
         assert_eq!(store.claim(&a).await.unwrap(), Some(START));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(store.claim(&b).await.unwrap(), Some(START));
@@ -298,13 +277,8 @@ mod tests {
     }
 
     async fn attempts_are_counted_and_their_outcomes_kept_until_pruned(db: &TestDatabase) {
-        let store = open(&db.open().await);
-        let a = target("a", Duration::from_secs(60));
+        let (store, [a, _]) = registered(db, Duration::from_secs(60)).await;
         let event = Uuid::from_u128(42);
-        store
-            .register(&a, "https://hooks.example/in", START)
-            .await
-            .unwrap();
         store.claim(&a).await.unwrap();
         assert_eq!(store.delivery_state(&a, event).await.unwrap(), None);
 

@@ -4,13 +4,13 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 use domain::store::{Position, PostgresStore, StoreError};
-use futures_util::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, Target, TargetRow, WebhookStore, commit_of, limit_of, position_from,
+    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
+    position_from,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -70,22 +70,19 @@ impl WebhookStore for PostgresWebhooks {
         target: &'a Target,
         url: &'a str,
         start: Position,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
                 &[&target.key, &url, &commit_of(start), &start.global],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
-    fn claim<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, Result<Option<Position>, StoreError>> {
+    fn claim<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, Option<Position>> {
         Box::pin(async move {
             let row = self
                 .query_opt(
@@ -101,11 +98,7 @@ impl WebhookStore for PostgresWebhooks {
         })
     }
 
-    fn advance<'a>(
-        &'a self,
-        target: &'a Target,
-        position: Position,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn advance<'a>(&'a self, target: &'a Target, position: Position) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let updated = self
                 .execute(
@@ -126,30 +119,26 @@ impl WebhookStore for PostgresWebhooks {
         })
     }
 
-    fn release<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn release<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "UPDATE webhook_targets SET lease_holder = NULL, lease_expires_at = NULL \
                  WHERE target = $1 AND lease_holder = $2",
                 &[&target.key, &target.holder],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
-    fn record_error<'a>(
-        &'a self,
-        target: &'a Target,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn record_error<'a>(&'a self, target: &'a Target, message: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "UPDATE webhook_targets SET last_error = $2 WHERE target = $1",
                 &[&target.key, &message],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
@@ -157,7 +146,7 @@ impl WebhookStore for PostgresWebhooks {
         &'a self,
         target: &'a Target,
         event_id: Uuid,
-    ) -> BoxFuture<'a, Result<Option<DeliveryState>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeliveryState>> {
         Box::pin(async move {
             let row = self
                 .query_opt(
@@ -176,7 +165,7 @@ impl WebhookStore for PostgresWebhooks {
         event_id: Uuid,
         event: &'a str,
         global_position: i64,
-    ) -> BoxFuture<'a, Result<Option<u32>, StoreError>> {
+    ) -> StoreFuture<'a, Option<u32>> {
         Box::pin(async move {
             let client = self.client().await?;
             let renewed = client
@@ -212,7 +201,7 @@ impl WebhookStore for PostgresWebhooks {
         target: &'a Target,
         event_id: Uuid,
         status: u16,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "UPDATE webhook_deliveries SET status = 'delivered', last_status = $3, \
@@ -220,8 +209,8 @@ impl WebhookStore for PostgresWebhooks {
                  WHERE target = $1 AND event_id = $2",
                 &[&target.key, &event_id, &i32::from(status)],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
@@ -230,7 +219,7 @@ impl WebhookStore for PostgresWebhooks {
         target: &'a Target,
         event_id: Uuid,
         failure: &'a Failed,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "UPDATE webhook_deliveries SET status = 'retrying', last_status = $3, \
@@ -244,24 +233,20 @@ impl WebhookStore for PostgresWebhooks {
                     &failure.next,
                 ],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
-    fn prune<'a>(
-        &'a self,
-        target: &'a Target,
-        before: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn prune<'a>(&'a self, target: &'a Target, before: DateTime<Utc>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.execute(
                 "DELETE FROM webhook_deliveries WHERE target = $1 \
                  AND status = 'delivered' AND delivered_at < $2",
                 &[&target.key, &before],
             )
-            .await?;
-            Ok(())
+            .await
+            .map(|_| ())
         })
     }
 
@@ -269,7 +254,7 @@ impl WebhookStore for PostgresWebhooks {
         &'a self,
         target: &'a Target,
         recent: usize,
-    ) -> BoxFuture<'a, Result<(TargetRow, Vec<DeliveryStatus>), StoreError>> {
+    ) -> StoreFuture<'a, (TargetRow, Vec<DeliveryStatus>)> {
         Box::pin(async move {
             let client = self.client().await?;
             let row = client

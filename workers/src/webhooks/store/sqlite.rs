@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::store::{Position, SqliteStore, StoreError};
-use futures_util::future::BoxFuture;
-use rusqlite::{Connection, OptionalExtension, params};
+use futures_util::TryFutureExt;
+use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, Target, TargetRow, WebhookStore, commit_of, limit_of, position_from,
+    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
+    position_from,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -33,6 +34,14 @@ impl SqliteWebhooks {
         self.store
             .write(move |conn| f(conn).map_err(db_error))
             .await
+    }
+
+    /// Runs one statement on the writer connection; the number of rows it changed.
+    async fn execute<P>(&self, sql: &'static str, params: P) -> Result<usize, StoreError>
+    where
+        P: Params + Send + 'static,
+    {
+        self.write(move |conn| conn.execute(sql, params)).await
     }
 
     /// Runs `f` on a reader connection.
@@ -65,7 +74,9 @@ fn span_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// What the lease-checked statements bind: the target's key, the holder and the lease's length.
+/// What the lease statements bind: the target's key, the holder and the lease's length. They
+/// take `now` on the writer connection, after any wait for it, so a lease is never shortened
+/// by that wait.
 fn lease_params(target: &Target) -> (String, String, i64) {
     (
         target.key.clone(),
@@ -80,26 +91,26 @@ impl WebhookStore for SqliteWebhooks {
         target: &'a Target,
         url: &'a str,
         start: Position,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (key, url) = (target.key.clone(), url.to_owned());
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "INSERT INTO webhook_targets (target, url, commit_position, \
-                     global_position, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (target) DO NOTHING",
-                    params![key, url, commit_of(start), start.global, now_micros()],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    ) -> StoreFuture<'a, ()> {
+        let params = (
+            target.key.clone(),
+            url.to_owned(),
+            commit_of(start),
+            start.global,
+            now_micros(),
+        );
+        Box::pin(
+            self.execute(
+                "INSERT INTO webhook_targets (target, url, commit_position, global_position, \
+                 created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
+                 ON CONFLICT (target) DO NOTHING",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
-    fn claim<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, Result<Option<Position>, StoreError>> {
+    fn claim<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, Option<Position>> {
         let (key, holder, lease) = lease_params(target);
         Box::pin(self.write(move |conn| {
             conn.query_row(
@@ -114,72 +125,54 @@ impl WebhookStore for SqliteWebhooks {
         }))
     }
 
-    fn advance<'a>(
-        &'a self,
-        target: &'a Target,
-        position: Position,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn advance<'a>(&'a self, target: &'a Target, position: Position) -> StoreFuture<'a, bool> {
         let (key, holder, lease) = lease_params(target);
-        Box::pin(async move {
-            let updated = self
-                .write(move |conn| {
-                    conn.execute(
-                        "UPDATE webhook_targets SET commit_position = ?3, global_position = ?4, \
-                         updated_at = ?5, last_error = NULL, lease_expires_at = ?5 + ?6 \
-                         WHERE target = ?1 AND lease_holder = ?2",
-                        params![
-                            key,
-                            holder,
-                            commit_of(position),
-                            position.global,
-                            now_micros(),
-                            lease
-                        ],
-                    )
-                })
-                .await?;
-            Ok(updated == 1)
-        })
+        let changed = self.write(move |conn| {
+            conn.execute(
+                "UPDATE webhook_targets SET commit_position = ?3, global_position = ?4, \
+                 updated_at = ?5, last_error = NULL, lease_expires_at = ?5 + ?6 \
+                 WHERE target = ?1 AND lease_holder = ?2",
+                params![
+                    key,
+                    holder,
+                    commit_of(position),
+                    position.global,
+                    now_micros(),
+                    lease
+                ],
+            )
+        });
+        Box::pin(changed.map_ok(|updated| updated == 1))
     }
 
-    fn release<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (key, holder, _) = lease_params(target);
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "UPDATE webhook_targets SET lease_holder = NULL, lease_expires_at = NULL \
-                     WHERE target = ?1 AND lease_holder = ?2",
-                    params![key, holder],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    fn release<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, ()> {
+        let params = (target.key.clone(), target.holder.clone());
+        Box::pin(
+            self.execute(
+                "UPDATE webhook_targets SET lease_holder = NULL, lease_expires_at = NULL \
+                 WHERE target = ?1 AND lease_holder = ?2",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
-    fn record_error<'a>(
-        &'a self,
-        target: &'a Target,
-        message: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (key, message) = (target.key.clone(), message.to_owned());
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "UPDATE webhook_targets SET last_error = ?2 WHERE target = ?1",
-                    params![key, message],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    fn record_error<'a>(&'a self, target: &'a Target, message: &'a str) -> StoreFuture<'a, ()> {
+        let params = (target.key.clone(), message.to_owned());
+        Box::pin(
+            self.execute(
+                "UPDATE webhook_targets SET last_error = ?2 WHERE target = ?1",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
     fn delivery_state<'a>(
         &'a self,
         target: &'a Target,
         event_id: Uuid,
-    ) -> BoxFuture<'a, Result<Option<DeliveryState>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeliveryState>> {
         let key = target.key.clone();
         Box::pin(self.read(move |conn| {
             conn.query_row(
@@ -202,7 +195,7 @@ impl WebhookStore for SqliteWebhooks {
         event_id: Uuid,
         event: &'a str,
         global_position: i64,
-    ) -> BoxFuture<'a, Result<Option<u32>, StoreError>> {
+    ) -> StoreFuture<'a, Option<u32>> {
         let (key, holder, lease) = lease_params(target);
         let event = event.to_owned();
         Box::pin(self.write(move |conn| {
@@ -234,20 +227,21 @@ impl WebhookStore for SqliteWebhooks {
         target: &'a Target,
         event_id: Uuid,
         status: u16,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let key = target.key.clone();
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "UPDATE webhook_deliveries SET status = 'delivered', last_status = ?3, \
-                     delivered_at = ?4, next_attempt_at = NULL \
-                     WHERE target = ?1 AND event_id = ?2",
-                    params![key, event_id.to_string(), status, now_micros()],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    ) -> StoreFuture<'a, ()> {
+        let params = (
+            target.key.clone(),
+            event_id.to_string(),
+            status,
+            now_micros(),
+        );
+        Box::pin(
+            self.execute(
+                "UPDATE webhook_deliveries SET status = 'delivered', last_status = ?3, \
+                 delivered_at = ?4, next_attempt_at = NULL WHERE target = ?1 AND event_id = ?2",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
     fn failed<'a>(
@@ -255,52 +249,41 @@ impl WebhookStore for SqliteWebhooks {
         target: &'a Target,
         event_id: Uuid,
         failure: &'a Failed,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (key, failure) = (target.key.clone(), failure.clone());
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "UPDATE webhook_deliveries SET status = 'retrying', last_status = ?3, \
-                     last_error = ?4, next_attempt_at = ?5 \
-                     WHERE target = ?1 AND event_id = ?2",
-                    params![
-                        key,
-                        event_id.to_string(),
-                        failure.status,
-                        failure.error,
-                        micros(failure.next)
-                    ],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    ) -> StoreFuture<'a, ()> {
+        let params = (
+            target.key.clone(),
+            event_id.to_string(),
+            failure.status,
+            failure.error.clone(),
+            micros(failure.next),
+        );
+        Box::pin(
+            self.execute(
+                "UPDATE webhook_deliveries SET status = 'retrying', last_status = ?3, \
+                 last_error = ?4, next_attempt_at = ?5 WHERE target = ?1 AND event_id = ?2",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
-    fn prune<'a>(
-        &'a self,
-        target: &'a Target,
-        before: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let key = target.key.clone();
-        Box::pin(async move {
-            self.write(move |conn| {
-                conn.execute(
-                    "DELETE FROM webhook_deliveries WHERE target = ?1 \
-                     AND status = 'delivered' AND delivered_at < ?2",
-                    params![key, micros(before)],
-                )
-            })
-            .await?;
-            Ok(())
-        })
+    fn prune<'a>(&'a self, target: &'a Target, before: DateTime<Utc>) -> StoreFuture<'a, ()> {
+        let params = (target.key.clone(), micros(before));
+        Box::pin(
+            self.execute(
+                "DELETE FROM webhook_deliveries WHERE target = ?1 \
+                 AND status = 'delivered' AND delivered_at < ?2",
+                params,
+            )
+            .map_ok(|_| ()),
+        )
     }
 
     fn status<'a>(
         &'a self,
         target: &'a Target,
         recent: usize,
-    ) -> BoxFuture<'a, Result<(TargetRow, Vec<DeliveryStatus>), StoreError>> {
+    ) -> StoreFuture<'a, (TargetRow, Vec<DeliveryStatus>)> {
         let (key, limit) = (target.key.clone(), limit_of(recent));
         Box::pin(self.read(move |conn| {
             let row = conn.query_row(
