@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use sha1::Sha1;
 use uuid::Uuid;
 
-use crate::provider::{ProviderClient, TokenError, decode_body, error_fields, read_limited};
+use crate::provider::{ProviderClient, TokenError, decode_body, error_fields};
 
 /// A signed OAuth 1.0a request (always a POST with a form body).
 pub struct Oauth1Request<'a> {
@@ -248,29 +248,23 @@ impl ProviderClient {
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .finish();
-        let response = self
-            .http
-            .post(request.url)
-            .header(reqwest::header::AUTHORIZATION, header)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
+        let answer = self
+            .exchange(
+                self.http
+                    .post(request.url)
+                    .header(reqwest::header::AUTHORIZATION, header)
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body),
             )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e))?;
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(response)
-            .await
-            .map_err(|e| self.transport_error(e))?
+            .await?;
+        let status = answer.status;
+        let body = answer
+            .body
             .ok_or_else(|| TokenError::Malformed("the answer is too large".into()))?;
-        let fields = decode_body(content_type.as_deref(), &body);
+        let fields = decode_body(answer.content_type.as_deref(), &body);
         let refused = |fields: Option<&Map<String, Value>>| {
             let (mut error, description) = fields.map(error_fields).unwrap_or((None, None));
             if error.is_none() {

@@ -17,6 +17,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{WebhookError, WebhookSettings};
+use crate::transport;
 
 /// The longest wait between two attempts of one delivery.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
@@ -112,7 +113,7 @@ impl Poster {
             Err(e) if e.is_timeout() => {
                 (None, format!("no answer within {}", humanize(self.timeout)))
             }
-            Err(e) => (None, transport_error(e)),
+            Err(e) => (None, transport::describe(e)),
         };
         let next = Utc::now()
             + chrono::Duration::from_std(retry_delay(self.backoff, attempt))
@@ -131,19 +132,6 @@ fn humanize(duration: Duration) -> String {
     } else {
         format!("{}ms", duration.as_millis())
     }
-}
-
-/// A transport error's causes, without the URL (which may carry credentials).
-fn transport_error(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
