@@ -45,21 +45,18 @@ const KNOWN_BACKEND_MATCHES: &[&str] = &[
     "projections/src/queries.rs",
     "projections/src/runner.rs",
     "projections/src/table.rs",
-    "workers/src/webhooks.rs",
 ];
 const KNOWN_RAW_HANDLES: &[&str] = &[
     "projections/src/lib.rs",
     "projections/src/queries.rs",
     "projections/src/runner.rs",
     "projections/src/table.rs",
-    "workers/src/webhooks.rs",
 ];
 const KNOWN_LONG_FILES: &[&str] = &[
     "domain/src/commands.rs",
     "domain/src/connection.rs",
     "domain/src/store/postgres.rs",
     "src/oauth.rs",
-    "workers/src/webhooks.rs",
 ];
 const KNOWN_HTTP_IMPORTS: &[&str] = &["src/connections.rs", "src/integrations.rs", "src/oauth.rs"];
 const KNOWN_DEAD_CODE: &[&str] = &["src/http/openapi.rs"];
