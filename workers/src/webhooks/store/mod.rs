@@ -1,20 +1,7 @@
 //! The webhook tables (`webhook_targets`, `webhook_deliveries`): each target's checkpoint, its
-//! lease and every delivery attempt, behind one narrow trait with one implementation per
-//! backend, picked once by [`open`].
-//!
-//! Guarantees every implementation keeps:
-//! - Every method is one short statement (two for [`WebhookStore::start_attempt`]), committed
-//!   when it returns: no transaction is ever held open across a caller's HTTP call (on
-//!   PostgreSQL it would hold back the xid8 horizon that every log reader waits behind).
-//! - Lease-checked writes ([`WebhookStore::advance`], [`WebhookStore::start_attempt`],
-//!   [`WebhookStore::release`]) change nothing unless `target.holder` holds the lease, and say so;
-//!   [`WebhookStore::claim`] takes it only when it is free, expired or already this holder's.
-//! - A target's checkpoint moves only through [`WebhookStore::advance`]; [`WebhookStore::register`]
-//!   never moves an existing one.
-//! - Lease times are the database's clock on PostgreSQL (instances with skewed clocks agree) and
-//!   this instance's on SQLite (one process owns the file).
-//!
-//! Failures are [`StoreError::Database`]: the drivers' errors never leave this module.
+//! lease and every delivery attempt, behind the narrow [`WebhookStore`] trait with one
+//! implementation per backend, picked once by [`open`]. The drivers' errors never leave this
+//! module: they become [`StoreError::Database`].
 
 mod postgres;
 mod sqlite;
@@ -34,6 +21,19 @@ use super::delivery::Failed;
 pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
 /// The webhook tables of one database.
+///
+/// Guarantees every implementation keeps (the contract tests below hold both to them):
+/// - A method runs one or two short statements, each committed on its own: no transaction is
+///   ever held open across a caller's HTTP call (on PostgreSQL it would hold back the xid8
+///   horizon that every log reader waits behind).
+/// - Lease-checked writes ([`advance`](Self::advance), [`start_attempt`](Self::start_attempt),
+///   [`release`](Self::release)) change nothing unless `target.holder` holds the lease, and
+///   say so; [`claim`](Self::claim) takes the lease only when it is free, expired or already
+///   this holder's.
+/// - A checkpoint moves only through [`advance`](Self::advance): [`register`](Self::register)
+///   never moves an existing one.
+/// - Lease times are the database's clock on PostgreSQL (instances with skewed clocks agree)
+///   and this instance's on SQLite (one process owns the file).
 pub(crate) trait WebhookStore: Send + Sync + 'static {
     /// Adds `target` (shown as `url`) with its checkpoint at `start`, unless it exists: then its
     /// checkpoint stays where it is.
@@ -141,7 +141,8 @@ pub(crate) enum DeliveryState {
     Delivered,
     /// Failed; the next attempt is due at this time.
     Retrying(DateTime<Utc>),
-    /// An attempt without a recorded outcome (in flight, or cut short by a crash).
+    /// An attempt without a recorded outcome (in flight, or cut short by a crash): the next
+    /// one is due now.
     Pending,
 }
 
