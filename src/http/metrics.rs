@@ -76,7 +76,8 @@ fn caches(out: &mut String, caches: &[(&str, CacheStats)]) {
             .map(|(labels, (_, stats))| (labels.as_str(), value(stats) as f64))
             .collect::<Vec<_>>()
     };
-    let families: [(&str, &str, &str, &dyn Fn(&CacheStats) -> u64); 5] = [
+    type Family<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&CacheStats) -> u64);
+    let families: [Family; 5] = [
         (
             "grantline_cache_hits_total",
             "counter",

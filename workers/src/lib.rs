@@ -7,4 +7,5 @@ pub mod oauth1;
 pub mod provider;
 pub mod refresh;
 pub mod scheduler;
+mod transport;
 pub mod webhooks;

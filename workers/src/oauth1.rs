@@ -15,11 +15,12 @@ use chrono::{DateTime, Utc};
 use domain::catalog::SignatureMethod;
 use domain::credentials::ClientSecret;
 use hmac::{Hmac, KeyInit, Mac};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde_json::{Map, Value};
 use sha1::Sha1;
 use uuid::Uuid;
 
-use crate::provider::{ProviderClient, TokenError, decode_body, error_fields, read_limited};
+use crate::provider::{ProviderClient, TokenError, decode_body, error_fields};
 
 /// A signed OAuth 1.0a request (always a POST with a form body).
 pub struct Oauth1Request<'a> {
@@ -71,17 +72,18 @@ pub fn check_signature_method(method: SignatureMethod) -> Result<(), Unsupported
     }
 }
 
-/// RFC 3986 percent-encoding of everything but the unreserved characters (RFC 5849 §3.6).
+/// What OAuth 1.0a percent-encodes (RFC 5849 §3.6): every byte but RFC 3986's unreserved
+/// characters, `ALPHA / DIGIT / "-" / "." / "_" / "~"` (bytes outside ASCII always are).
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// RFC 3986 percent-encoding of everything but the unreserved characters (RFC 5849 §3.6), with
+/// uppercase hex digits.
 pub fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(text, NOT_UNRESERVED).to_string()
 }
 
 /// The signature base string (RFC 5849 §3.4.1) of a request to `url` with these parameters
@@ -197,21 +199,26 @@ pub fn parse_authorization_header(header: &str) -> Option<Vec<(String, String)>>
         .collect()
 }
 
+/// `text` percent-decoded; `None` if a `%` does not start two hex digits (the crate would pass
+/// such a `%` through unchanged) or the bytes are not UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_are_whole = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, byte)| **byte == b'%')
+        .all(|(at, _)| {
+            bytes
+                .get(at + 1..at + 3)
+                .is_some_and(|digits| digits.iter().all(u8::is_ascii_hexdigit))
+        });
+    if !escapes_are_whole {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 impl ProviderClient {
@@ -241,29 +248,23 @@ impl ProviderClient {
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .finish();
-        let response = self
-            .http
-            .post(request.url)
-            .header(reqwest::header::AUTHORIZATION, header)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
+        let answer = self
+            .exchange(
+                self.http
+                    .post(request.url)
+                    .header(reqwest::header::AUTHORIZATION, header)
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body),
             )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e))?;
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(response)
-            .await
-            .map_err(|e| self.transport_error(e))?
+            .await?;
+        let status = answer.status;
+        let body = answer
+            .body
             .ok_or_else(|| TokenError::Malformed("the answer is too large".into()))?;
-        let fields = decode_body(content_type.as_deref(), &body);
+        let fields = decode_body(answer.content_type.as_deref(), &body);
         let refused = |fields: Option<&Map<String, Value>>| {
             let (mut error, description) = fields.map(error_fields).unwrap_or((None, None));
             if error.is_none() {
@@ -408,5 +409,13 @@ mod tests {
         );
         assert_eq!(percent_encode("☃"), "%E2%98%83");
         assert_eq!(percent_decode("%E2%98%83").as_deref(), Some("☃"));
+    }
+
+    #[test]
+    fn a_malformed_escape_makes_a_field_unreadable() {
+        assert_eq!(percent_decode("a%2Bb%2fc").as_deref(), Some("a+b/c"));
+        for malformed in ["100%", "%4", "%zz", "%%41", "%E2%98", "%+A"] {
+            assert_eq!(percent_decode(malformed), None, "{malformed}");
+        }
     }
 }

@@ -22,6 +22,8 @@ use domain::catalog::{AuthorizationMethod, BodyFormat};
 use domain::credentials::ClientSecret;
 use serde_json::{Map, Value};
 
+use crate::transport;
+
 /// The largest token answer read.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
@@ -239,7 +241,22 @@ impl ProviderClient {
                 builder.json(&body)
             }
         };
-        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
+        let answer = self.exchange(builder).await?;
+        let Some(body) = answer.body else {
+            return Err(TokenError::Malformed(format!(
+                "it is larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        };
+        parse_token_response(answer.status, answer.content_type.as_deref(), &body, now)
+    }
+
+    /// Sends `request` and reads its answer; failing to send it or to read the answer, or the
+    /// timeout, is a [`TokenError`].
+    pub(crate) async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Answer, TokenError> {
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -249,37 +266,33 @@ impl ProviderClient {
         let body = read_limited(response)
             .await
             .map_err(|e| self.transport_error(e))?;
-        let Some(body) = body else {
-            return Err(TokenError::Malformed(format!(
-                "it is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        };
-        parse_token_response(status, content_type.as_deref(), &body, now)
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
     }
 
-    pub(crate) fn transport_error(&self, e: reqwest::Error) -> TokenError {
+    fn transport_error(&self, e: reqwest::Error) -> TokenError {
         if e.is_timeout() {
             TokenError::Timeout(self.timeout)
         } else {
-            // The URL is in the span already; the causes say what failed. No request body
-            // (where the secrets are) is ever part of a transport error.
-            let e = e.without_url();
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            TokenError::Network(text)
+            // The URL is in the span already; the causes say what failed.
+            TokenError::Network(transport::describe(e))
         }
     }
 }
 
+/// A provider's answer.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// The body, or `None` if it is larger than [`MAX_RESPONSE_BYTES`].
+    pub body: Option<Vec<u8>>,
+}
+
 /// Reads the body up to [`MAX_RESPONSE_BYTES`]; `None` if it is larger.
-pub(crate) async fn read_limited(
-    mut response: reqwest::Response,
-) -> Result<Option<Vec<u8>>, reqwest::Error> {
+async fn read_limited(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
