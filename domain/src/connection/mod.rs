@@ -7,8 +7,8 @@
 //! Invariants [`decide`] keeps:
 //! - Generations count every authorization from 1, across deletions: a re-authorization, also one
 //!   after a deletion, is the previous generation + 1.
-//! - Secrets appear only [`Sealed`]; events name the data key of their generation and carry short
-//!   keyed fingerprints computed outside, never a plaintext token.
+//! - Secrets appear only [`Sealed`](crate::keys::Sealed); events name the data key of their
+//!   generation and carry short keyed fingerprints computed outside, never a plaintext token.
 //! - At most one refresh lease is open: a lease is refused while an unexpired one has no outcome.
 //!   An expired lease without outcome is orphaned (its holder crashed or stalled) and the next
 //!   lease supersedes it.
