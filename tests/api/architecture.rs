@@ -55,9 +55,6 @@ const KNOWN_RAW_HANDLES: &[&str] = &[
     "workers/src/webhooks.rs",
 ];
 const KNOWN_LONG_FILES: &[&str] = &[
-    "domain/src/commands.rs",
-    "domain/src/connection.rs",
-    "domain/src/store/postgres.rs",
     "src/oauth.rs",
     "workers/src/webhooks.rs",
 ];
