@@ -115,7 +115,7 @@ impl MasterKey {
         hasher.update(b"grantline master key id\0");
         hasher.update(bytes);
         let digest = hasher.finalize();
-        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(&digest[..8]);
         Self {
             id,
             cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(bytes)),
@@ -543,11 +543,7 @@ impl Vault {
         let mut mac = keyed.clone();
         Mac::update(&mut mac, secret.as_bytes());
         let tag = mac.finalize().into_bytes();
-        let hex: String = tag[..FINGERPRINT_BYTES]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Ok(format!("fp_{hex}"))
+        Ok(format!("fp_{}", hex::encode(&tag[..FINGERPRINT_BYTES])))
     }
 
     /// The fingerprint HMAC keyed with the fingerprint data key, which is created if missing.
