@@ -54,10 +54,7 @@ const KNOWN_RAW_HANDLES: &[&str] = &[
     "projections/src/table.rs",
     "workers/src/webhooks.rs",
 ];
-const KNOWN_LONG_FILES: &[&str] = &[
-    "src/oauth.rs",
-    "workers/src/webhooks.rs",
-];
+const KNOWN_LONG_FILES: &[&str] = &["src/oauth.rs", "workers/src/webhooks.rs"];
 const KNOWN_HTTP_IMPORTS: &[&str] = &["src/connections.rs", "src/integrations.rs", "src/oauth.rs"];
 const KNOWN_DEAD_CODE: &[&str] = &["src/http/openapi.rs"];
 
