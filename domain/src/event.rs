@@ -3,6 +3,7 @@
 //! Every event type's JSON is pinned by a test. Added fields carry `#[serde(default)]`; a breaking
 //! change gets a new `event_version` and an upcaster in `decode`, so old events still read.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::store::{NewEvent, RecordedEvent};
@@ -34,6 +35,29 @@ pub trait DomainEvent: Sized {
             }
         })
     }
+}
+
+/// A payload as JSON, for [`DomainEvent::to_payload`].
+pub(crate) fn payload_json<T: Serialize>(payload: &T) -> Value {
+    // Serializing into a `Value` fails only for a map with non-string keys or a `Serialize` impl
+    // that reports an error. Event payloads hold strings, numbers, uuids, RFC 3339 timestamps,
+    // base64 and JSON objects, none of which can fail; the pinning tests serialize every type.
+    match serde_json::to_value(payload) {
+        Ok(value) => value,
+        Err(error) => panic!("event payloads always serialize: {error}"),
+    }
+}
+
+/// Reads an `event_type` payload by borrowing it (`Sealed` deserializes from a borrowed string),
+/// for [`DomainEvent::decode`].
+pub(crate) fn read_payload<'a, T: Deserialize<'a>>(
+    event_type: &str,
+    payload: &'a Value,
+) -> Result<T, DecodeError> {
+    T::deserialize(payload).map_err(|error| DecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        reason: error.to_string(),
+    })
 }
 
 /// Why a payload could not be decoded.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::event::{DecodeError, DomainEvent};
+use crate::event::{DecodeError, DomainEvent, payload_json, read_payload};
 use crate::keys::Sealed;
 use crate::store::StreamId;
 
@@ -118,34 +118,21 @@ impl DomainEvent for IntegrationEvent {
 
     fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError> {
         match (event_type, event_version) {
-            (INTEGRATION_CREATED, 1) => read(event_type, payload).map(Self::IntegrationCreated),
-            (INTEGRATION_UPDATED, 1) => read(event_type, payload).map(Self::IntegrationUpdated),
-            (INTEGRATION_DELETED, 1) => read(event_type, payload).map(Self::IntegrationDeleted),
+            (INTEGRATION_CREATED, 1) => {
+                read_payload(event_type, payload).map(Self::IntegrationCreated)
+            }
+            (INTEGRATION_UPDATED, 1) => {
+                read_payload(event_type, payload).map(Self::IntegrationUpdated)
+            }
+            (INTEGRATION_DELETED, 1) => {
+                read_payload(event_type, payload).map(Self::IntegrationDeleted)
+            }
             _ => Err(DecodeError::Unknown {
                 event_type: event_type.to_owned(),
                 event_version,
             }),
         }
     }
-}
-
-/// A payload as JSON.
-fn payload_json<T: Serialize>(payload: &T) -> Value {
-    // Serializing into a `Value` fails only for a map with non-string keys or a `Serialize` impl
-    // that reports an error. These payloads hold strings, uuids, RFC 3339 timestamps and base64,
-    // none of which can fail; the pinning tests serialize every type.
-    match serde_json::to_value(payload) {
-        Ok(value) => value,
-        Err(error) => panic!("integration event payloads always serialize: {error}"),
-    }
-}
-
-/// Reads a payload by borrowing it (`Sealed` deserializes from a borrowed string).
-fn read<'a, T: Deserialize<'a>>(event_type: &str, payload: &'a Value) -> Result<T, DecodeError> {
-    T::deserialize(payload).map_err(|error| DecodeError::Malformed {
-        event_type: event_type.to_owned(),
-        reason: error.to_string(),
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,11 +338,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-
-    /// 2024-05-01T12:00:00Z plus `minutes`.
-    fn at(minutes: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_714_564_800 + minutes * 60, 0).unwrap()
-    }
+    use crate::scenario::{
+        Decider, Given, assert_malformed_without, assert_pinned, assert_unknown, at,
+    };
 
     fn secret(bytes: &[u8]) -> Sealed {
         Sealed {
@@ -410,43 +395,25 @@ mod tests {
         IntegrationEvent::IntegrationDeleted(IntegrationDeleted { deleted_at: now })
     }
 
-    struct Given(Integration);
+    impl Decider for Integration {
+        type Event = IntegrationEvent;
+        type Command = IntegrationCommand;
+        type Rejection = IntegrationRejected;
 
-    fn given(events: &[IntegrationEvent]) -> Given {
-        Given(Integration::from_events(events))
-    }
+        fn apply(state: &mut Self, event: &IntegrationEvent) {
+            apply(state, event);
+        }
 
-    impl Given {
-        fn when(self, command: IntegrationCommand) -> Then {
-            let result = decide(&self.0, command);
-            Then {
-                state: self.0,
-                result,
-            }
+        fn decide(
+            state: &Self,
+            command: IntegrationCommand,
+        ) -> Result<Vec<IntegrationEvent>, IntegrationRejected> {
+            decide(state, command)
         }
     }
 
-    struct Then {
-        state: Integration,
-        result: Result<Vec<IntegrationEvent>, IntegrationRejected>,
-    }
-
-    impl Then {
-        /// Asserts the decided events and returns the state after them.
-        #[track_caller]
-        fn then(self, expected: &[IntegrationEvent]) -> Integration {
-            assert_eq!(self.result, Ok(expected.to_vec()));
-            let mut state = self.state;
-            for event in expected {
-                apply(&mut state, event);
-            }
-            state
-        }
-
-        #[track_caller]
-        fn then_rejected(self, expected: IntegrationRejected) {
-            assert_eq!(self.result, Err(expected));
-        }
+    fn given(events: &[IntegrationEvent]) -> Given<Integration> {
+        crate::scenario::given(events)
     }
 
     #[test]
@@ -537,18 +504,6 @@ mod tests {
 
     // --- JSON pinning -------------------------------------------------------------------------
 
-    /// Checks the type name, version and JSON of `event`, and that it decodes back to itself.
-    #[track_caller]
-    fn assert_pinned(event: &IntegrationEvent, event_type: &str, expected: &Value) {
-        assert_eq!(event.event_type(), event_type);
-        assert_eq!(event.event_version(), 1);
-        assert_eq!(&event.to_payload(), expected);
-        assert_eq!(
-            IntegrationEvent::decode(event_type, 1, expected).as_ref(),
-            Ok(event)
-        );
-    }
-
     #[test]
     fn integration_created_json_is_pinned() {
         assert_pinned(
@@ -597,31 +552,12 @@ mod tests {
 
     #[test]
     fn decoding_an_unknown_type_or_version_is_unknown() {
-        assert_eq!(
-            IntegrationEvent::decode("IntegrationRenamed", 1, &json!({})),
-            Err(DecodeError::Unknown {
-                event_type: "IntegrationRenamed".to_owned(),
-                event_version: 1
-            })
-        );
-        assert_eq!(
-            IntegrationEvent::decode("IntegrationDeleted", 2, &deleted(at(0)).to_payload()),
-            Err(DecodeError::Unknown {
-                event_type: "IntegrationDeleted".to_owned(),
-                event_version: 2
-            })
-        );
+        assert_unknown::<IntegrationEvent>("IntegrationRenamed", 1, &json!({}));
+        assert_unknown::<IntegrationEvent>("IntegrationDeleted", 2, &deleted(at(0)).to_payload());
     }
 
     #[test]
     fn decoding_a_payload_without_a_required_field_is_malformed() {
-        let mut payload = created(at(0)).to_payload();
-        payload.as_object_mut().unwrap().remove("client_secret");
-        let error = IntegrationEvent::decode("IntegrationCreated", 1, &payload).unwrap_err();
-        let DecodeError::Malformed { event_type, reason } = error else {
-            panic!("expected Malformed, got {error:?}");
-        };
-        assert_eq!(event_type, "IntegrationCreated");
-        assert!(reason.contains("client_secret"), "{reason}");
+        assert_malformed_without(&created(at(0)), "IntegrationCreated", "client_secret");
     }
 }

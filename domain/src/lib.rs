@@ -15,3 +15,6 @@ pub mod keys;
 pub mod oauth_session;
 pub mod store;
 pub mod testing;
+
+#[cfg(test)]
+mod scenario;

@@ -418,8 +418,15 @@ impl Default for StoreOptions {
     }
 }
 
-/// The version a stream is expected to be at before the append, as a number (0 = no stream).
-fn expected_number(expected: ExpectedVersion) -> Result<Option<u32>, StoreError> {
+/// The version a stream must be at for `events` to be appended, as a number (0 = no stream;
+/// `None`: any), or why the append is invalid.
+fn append_target(
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Option<u32>, StoreError> {
+    if events.is_empty() {
+        return Err(StoreError::InvalidAppend("no events"));
+    }
     match expected {
         ExpectedVersion::NoStream => Ok(Some(0)),
         ExpectedVersion::Exact(0) => Err(StoreError::InvalidAppend(
@@ -428,6 +435,29 @@ fn expected_number(expected: ExpectedVersion) -> Result<Option<u32>, StoreError>
         ExpectedVersion::Exact(n) => Ok(Some(n)),
         ExpectedVersion::Any => Ok(None),
     }
+}
+
+/// The highest migration version a backend's embedded `runner` holds (0: none).
+fn newest_migration(runner: &refinery::Runner) -> i64 {
+    runner
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Messages a backend keeps for a slow local subscriber before it misses some.
+const MESSAGE_BACKLOG: usize = 256;
+
+/// The columns of `oauth_sessions`, in the order both backends read and write them.
+const SESSION_COLUMNS: &str = "state, provider_config_key, provider, connection_id, callback_url, \
+     connection_config, scopes, api_redirect_url, ws_client_id, secrets_key_id, secrets, \
+     created_at, expires_at";
+
+/// A stored OAuth flow session that cannot be read back.
+fn unreadable_session(reason: String) -> StoreError {
+    StoreError::Database(format!("unreadable oauth session: {reason}"))
 }
 
 /// Follows the log from a position, batch by batch. It moves past an event only once that event

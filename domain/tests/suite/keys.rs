@@ -13,6 +13,7 @@ grantline_domain::on_both_backends!(
     a_wrong_master_key_is_refused_when_the_vault_opens,
     rotation_rewraps_data_keys_and_old_events_still_decrypt,
     data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening,
+    a_small_key_cache_stays_within_its_capacity_and_every_secret_still_opens,
 );
 
 const TOKEN: &str = "gho_ThisIsAPlaintextAccessToken0123456789";
@@ -236,6 +237,62 @@ async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(
         matches!(err, KeyError::MissingMasterKey { count: 1, .. }),
         "{err:?}"
     );
+}
+
+async fn a_small_key_cache_stays_within_its_capacity_and_every_secret_still_opens(
+    db: &TestDatabase,
+) {
+    let backend = db.open().await;
+    let (master, _) = MasterKey::generate();
+    let vault = Vault::open(backend.key_repository(), master, None)
+        .await
+        .unwrap()
+        .with_cache_capacity(40);
+    let mut sealed = Vec::new();
+    for n in 0..100 {
+        let key_id = vault
+            .create_data_key(&StreamId::new("connection", n))
+            .await
+            .unwrap();
+        sealed.push(
+            vault
+                .seal(key_id, format!("secret-{n}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let filled = vault.cache_stats();
+    assert_eq!(filled.capacity, 40);
+    assert!(filled.entries <= 40, "{filled:?}");
+    assert_eq!(filled.evictions, 100 - filled.entries, "{filled:?}");
+    assert_eq!(filled.hits + filled.misses, 100, "one lookup per seal");
+
+    for (n, s) in sealed.iter().enumerate() {
+        let opened = vault.unseal(s).await.unwrap();
+        assert_eq!(opened.as_slice(), format!("secret-{n}").as_bytes());
+    }
+    let reopened = vault.cache_stats();
+    assert!(reopened.entries <= 40, "{reopened:?}");
+    assert_eq!(
+        reopened.hits + reopened.misses,
+        200,
+        "one lookup per unseal"
+    );
+    assert!(
+        reopened.misses >= filled.misses + 60,
+        "evicted keys are read from the database again: {reopened:?}"
+    );
+
+    // Forgetting a key still drops it: its next use is a miss, not a hit.
+    let last = sealed.last().unwrap();
+    vault.unseal(last).await.unwrap();
+    let before = vault.cache_stats();
+    vault.forget_cached(&[last.key_id]);
+    vault.unseal(last).await.unwrap();
+    let after = vault.cache_stats();
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses + 1));
+    vault.clear_cache();
+    assert_eq!(vault.cache_stats().entries, 0);
 }
 
 /// The events of the rotation test's five streams (read per stream: a whole-log read can lag

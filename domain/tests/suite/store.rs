@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grantline_domain::store::{
-    Backend, ExpectedVersion, LogReader, NewEvent, Position, StoreError, StoreOptions, StreamId,
+    Appended, Backend, EventStore, ExpectedVersion, LogReader, NewEvent, Position, StoreError,
+    StoreOptions, StreamId,
 };
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
@@ -37,13 +38,31 @@ fn stream(name: &str) -> StreamId {
     StreamId::new("test", name)
 }
 
+/// Appends `events` to `s` at `expected`, which must succeed.
+async fn appended(
+    store: &dyn EventStore,
+    s: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> Appended {
+    store.append(s, expected, events).await.unwrap()
+}
+
+/// Appends `events` to `s` at `expected`, which must be refused.
+async fn refused(
+    store: &dyn EventStore,
+    s: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> StoreError {
+    store.append(s, expected, events).await.unwrap_err()
+}
+
 async fn first_append_with_no_stream_starts_the_stream_at_version_one(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let appended = store
-        .append(&stream("a"), ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
+    let a = stream("a");
+    let appended = appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
     assert_eq!(appended.stream_version, 1);
     assert_eq!(appended.global_positions.len(), 1);
     let events = store.read_stream(&stream("a"), 0).await.unwrap();
@@ -58,18 +77,9 @@ async fn append_with_the_exact_version_extends_the_stream(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
-    let second = store
-        .append(&s, ExpectedVersion::Exact(1), vec![event(2)])
-        .await
-        .unwrap();
-    let third = store
-        .append(&s, ExpectedVersion::Exact(2), vec![event(3)])
-        .await
-        .unwrap();
+    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let second = appended(store, &s, ExpectedVersion::Exact(1), vec![event(2)]).await;
+    let third = appended(store, &s, ExpectedVersion::Exact(2), vec![event(3)]).await;
     assert_eq!((second.stream_version, third.stream_version), (2, 3));
     assert!(second.global_positions[0] < third.global_positions[0]);
 }
@@ -78,14 +88,14 @@ async fn append_with_a_stale_version_is_a_conflict_and_writes_nothing(db: &TestD
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1), event(2)])
-        .await
-        .unwrap();
-    let err = store
-        .append(&s, ExpectedVersion::Exact(1), vec![event(3)])
-        .await
-        .unwrap_err();
+    appended(
+        store,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![event(1), event(2)],
+    )
+    .await;
+    let err = refused(store, &s, ExpectedVersion::Exact(1), vec![event(3)]).await;
     match err {
         StoreError::Conflict {
             actual, expected, ..
@@ -102,14 +112,8 @@ async fn append_with_no_stream_to_an_existing_stream_is_a_conflict(db: &TestData
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
-    let err = store
-        .append(&s, ExpectedVersion::NoStream, vec![event(2)])
-        .await
-        .unwrap_err();
+    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let err = refused(store, &s, ExpectedVersion::NoStream, vec![event(2)]).await;
     assert!(
         matches!(err, StoreError::Conflict { actual: 1, .. }),
         "{err:?}"
@@ -120,22 +124,14 @@ async fn append_ahead_of_the_stream_is_a_conflict(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
-    let err = store
-        .append(&s, ExpectedVersion::Exact(5), vec![event(2)])
-        .await
-        .unwrap_err();
+    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let err = refused(store, &s, ExpectedVersion::Exact(5), vec![event(2)]).await;
     assert!(
         matches!(err, StoreError::Conflict { actual: 1, .. }),
         "{err:?}"
     );
-    let missing = store
-        .append(&stream("never"), ExpectedVersion::Exact(1), vec![event(1)])
-        .await
-        .unwrap_err();
+    let never = stream("never");
+    let missing = refused(store, &never, ExpectedVersion::Exact(1), vec![event(1)]).await;
     assert!(
         matches!(missing, StoreError::Conflict { actual: 0, .. }),
         "{missing:?}"
@@ -153,14 +149,8 @@ async fn append_with_any_goes_to_the_end(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    let first = store
-        .append(&s, ExpectedVersion::Any, vec![event(1)])
-        .await
-        .unwrap();
-    let second = store
-        .append(&s, ExpectedVersion::Any, vec![event(2), event(3)])
-        .await
-        .unwrap();
+    let first = appended(store, &s, ExpectedVersion::Any, vec![event(1)]).await;
+    let second = appended(store, &s, ExpectedVersion::Any, vec![event(2), event(3)]).await;
     assert_eq!((first.stream_version, second.stream_version), (1, 3));
 }
 
@@ -168,14 +158,13 @@ async fn a_multi_event_append_is_all_or_nothing(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
     let s = stream("a");
-    let appended = store
-        .append(
-            &s,
-            ExpectedVersion::NoStream,
-            vec![event(1), event(2), event(3)],
-        )
-        .await
-        .unwrap();
+    let appended = appended(
+        store,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![event(1), event(2), event(3)],
+    )
+    .await;
     assert_eq!(appended.stream_version, 3);
     assert_eq!(appended.global_positions.len(), 3);
     assert!(appended.global_positions.windows(2).all(|w| w[0] < w[1]));
@@ -188,10 +177,13 @@ async fn a_multi_event_append_is_all_or_nothing(db: &TestDatabase) {
         .collect();
     assert_eq!(versions, vec![1, 2, 3]);
     // A conflicting batch leaves no trace.
-    store
-        .append(&s, ExpectedVersion::Exact(2), vec![event(4), event(5)])
-        .await
-        .unwrap_err();
+    refused(
+        store,
+        &s,
+        ExpectedVersion::Exact(2),
+        vec![event(4), event(5)],
+    )
+    .await;
     assert_eq!(store.read_stream(&s, 0).await.unwrap().len(), 3);
 }
 
@@ -200,18 +192,9 @@ async fn a_repeated_event_id_is_refused_and_nothing_is_written(db: &TestDatabase
     let store = backend.events();
     let first = event(1);
     let id = first.event_id;
-    store
-        .append(&stream("a"), ExpectedVersion::NoStream, vec![first.clone()])
-        .await
-        .unwrap();
-    let err = store
-        .append(
-            &stream("b"),
-            ExpectedVersion::NoStream,
-            vec![event(2), first],
-        )
-        .await
-        .unwrap_err();
+    let (a, b) = (stream("a"), stream("b"));
+    appended(store, &a, ExpectedVersion::NoStream, vec![first.clone()]).await;
+    let err = refused(store, &b, ExpectedVersion::NoStream, vec![event(2), first]).await;
     assert!(
         matches!(err, StoreError::DuplicateEvent(d) if d == id),
         "{err:?}"
@@ -229,10 +212,7 @@ async fn read_stream_returns_the_events_after_a_version_in_order(db: &TestDataba
         } else {
             ExpectedVersion::Exact(n - 1)
         };
-        store
-            .append(&a, expected, vec![event(n.into())])
-            .await
-            .unwrap();
+        appended(store, &a, expected, vec![event(n.into())]).await;
         store.append(&b, expected, vec![event(100)]).await.unwrap();
     }
     let tail = store.read_stream(&a, 3).await.unwrap();
@@ -248,14 +228,13 @@ async fn read_all_in_batches_returns_every_event_once_in_order(db: &TestDatabase
     let backend = db.open().await;
     let store = backend.events();
     for n in 0..50u64 {
-        store
-            .append(
-                &stream(&format!("s{}", n % 7)),
-                ExpectedVersion::Any,
-                vec![event(n)],
-            )
-            .await
-            .unwrap();
+        appended(
+            store,
+            &stream(&format!("s{}", n % 7)),
+            ExpectedVersion::Any,
+            vec![event(n)],
+        )
+        .await;
     }
     assert!(store.head_position().await.unwrap() >= 50);
     let mut reader = LogReader::new(backend.event_store(), Position::START, 8);
@@ -375,15 +354,10 @@ async fn concurrent_appenders_to_one_stream_win_each_version_exactly_once(db: &T
 async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    store
-        .append(&stream("a"), ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
+    let a = stream("a");
+    appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
     let bad_position = insert_raw(&backend, "test-bad", "TestEvent", "{not json").await;
-    store
-        .append(&stream("a"), ExpectedVersion::Exact(1), vec![event(3)])
-        .await
-        .unwrap();
+    appended(store, &a, ExpectedVersion::Exact(1), vec![event(3)]).await;
 
     let mut reader = LogReader::new(backend.event_store(), Position::START, 100);
     match &backend {
@@ -422,10 +396,8 @@ async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabas
 async fn an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    store
-        .append(&stream("a"), ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .unwrap();
+    let a = stream("a");
+    appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
     let bad = store
         .append(
             &stream("b"),
@@ -435,10 +407,7 @@ async fn an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position(db:
         .await
         .unwrap()
         .global_positions[0];
-    store
-        .append(&stream("a"), ExpectedVersion::Exact(1), vec![event(3)])
-        .await
-        .unwrap();
+    appended(store, &a, ExpectedVersion::Exact(1), vec![event(3)]).await;
 
     let mut reader = LogReader::new(backend.event_store(), Position::START, 100);
     for _ in 0..2 {
@@ -564,10 +533,7 @@ async fn a_reader_started_at_the_last_position_sees_only_what_comes_after(db: &T
     let store = backend.events();
     assert_eq!(store.last_position().await.unwrap(), Position::START);
     for n in 0..3 {
-        store
-            .append(&stream("a"), ExpectedVersion::Any, vec![event(n)])
-            .await
-            .unwrap();
+        appended(store, &stream("a"), ExpectedVersion::Any, vec![event(n)]).await;
     }
     // Another test's open transaction can hide the newest events for a moment; wait for them.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -578,10 +544,7 @@ async fn a_reader_started_at_the_last_position_sees_only_what_comes_after(db: &T
     }
     let mut reader = LogReader::new(backend.event_store(), last, 10);
     assert!(reader.next_batch().await.unwrap().is_empty());
-    store
-        .append(&stream("a"), ExpectedVersion::Any, vec![event(9)])
-        .await
-        .unwrap();
+    appended(store, &stream("a"), ExpectedVersion::Any, vec![event(9)]).await;
     let mut seen = Vec::new();
     while seen.is_empty() && tokio::time::Instant::now() < deadline {
         seen = reader.next_batch().await.unwrap();

@@ -14,10 +14,14 @@
 //!   so it can be stopped and resumed at any point; events are never touched.
 //! - [`Vault::fingerprint`] is keyed by one data key with a fixed id, the same for every instance
 //!   on a database and across master-key rotations, so a token's fingerprint never changes.
+//! - Opened data keys are cached in memory up to a capacity the caller sets
+//!   ([`Vault::with_cache_capacity`]); [`Vault::cache_stats`] reports hits, misses, evictions and
+//!   size. The cache lives in the room `cache`.
 
-use std::collections::HashMap;
+mod cache;
+
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
@@ -32,6 +36,9 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::store::{StoreError, StreamId};
+
+use cache::KeyCache;
+pub use cache::{CacheStats, DEFAULT_KEY_CACHE_CAPACITY};
 
 const NONCE_LEN: usize = 12;
 const CHECK_PLAINTEXT: &[u8] = b"grantline master key check v1";
@@ -115,7 +122,7 @@ impl MasterKey {
         hasher.update(b"grantline master key id\0");
         hasher.update(bytes);
         let digest = hasher.finalize();
-        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(&digest[..8]);
         Self {
             id,
             cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(bytes)),
@@ -140,14 +147,6 @@ impl MasterKey {
 
     fn wrap(&self, key_id: Uuid, data_key: &Key<Aes256Gcm>) -> Vec<u8> {
         encrypt(&self.cipher, data_key.as_slice(), key_id.as_bytes())
-    }
-
-    fn unwrap_key(&self, key_id: Uuid, wrapped: &[u8]) -> Result<Aes256Gcm, KeyError> {
-        let bytes = decrypt(&self.cipher, wrapped, key_id.as_bytes())?;
-        if bytes.len() != 32 {
-            return Err(KeyError::Decrypt);
-        }
-        Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)))
     }
 }
 
@@ -298,7 +297,8 @@ struct VaultInner {
     repository: Arc<dyn KeyRepository>,
     active: MasterKey,
     previous: Option<MasterKey>,
-    cache: RwLock<HashMap<Uuid, Arc<Aes256Gcm>>>,
+    /// Opened data keys, bounded.
+    cache: KeyCache,
     /// The fingerprint HMAC, keyed once per vault (the key never changes).
     fingerprint: tokio::sync::OnceCell<Hmac<Sha256>>,
 }
@@ -376,7 +376,7 @@ impl Vault {
                 repository,
                 active,
                 previous,
-                cache: RwLock::new(HashMap::new()),
+                cache: KeyCache::new(DEFAULT_KEY_CACHE_CAPACITY),
                 fingerprint: tokio::sync::OnceCell::new(),
             }),
         })
@@ -397,7 +397,9 @@ impl Vault {
             .repository
             .insert_data_key(key_id, owner.as_str(), &self.inner.active.id, &wrapped)
             .await?;
-        self.cache_insert(key_id, Arc::new(Aes256Gcm::new(&key)));
+        self.inner
+            .cache
+            .insert(key_id, Arc::new(Aes256Gcm::new(&key)));
         Ok(key_id)
     }
 
@@ -448,10 +450,9 @@ impl Vault {
             .repository
             .destroy_data_keys(owner.as_str())
             .await?;
-        // Drop cached copies of this owner's keys; a cache miss re-reads the (now empty) row.
-        if let Ok(mut cache) = self.inner.cache.write() {
-            cache.clear();
-        }
+        // Drop cached copies of this owner's keys (the cache does not know owners, so all of
+        // them); a cache miss re-reads the (now empty) row.
+        self.inner.cache.clear();
         Ok(destroyed)
     }
 
@@ -459,18 +460,38 @@ impl Vault {
     /// deletion shredded (seen in the log), so a key destroyed by another instance stops opening
     /// anything here too, not only after an eviction or a restart.
     pub fn forget_cached(&self, key_ids: &[Uuid]) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            for key_id in key_ids {
-                cache.remove(key_id);
-            }
+        for key_id in key_ids {
+            self.inner.cache.remove(key_id);
         }
     }
 
     /// Drops every cached data key (a later use re-reads it from the database).
     pub fn clear_cache(&self) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            cache.clear();
+        self.inner.cache.clear();
+    }
+
+    /// The same vault with an empty cache of at most `capacity` opened data keys (at least one;
+    /// [`DEFAULT_KEY_CACHE_CAPACITY`] unless set). Past it the least useful keys are evicted one
+    /// at a time; an evicted key is read and unwrapped again at its next use. Clones of the vault
+    /// made before keep the old cache.
+    ///
+    /// Evicted keys are dropped, not wiped: see the guarantees of the cache room (`keys/cache.rs`).
+    pub fn with_cache_capacity(self, capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(VaultInner {
+                repository: self.inner.repository.clone(),
+                active: self.inner.active.clone(),
+                previous: self.inner.previous.clone(),
+                cache: KeyCache::new(capacity),
+                fingerprint: self.inner.fingerprint.clone(),
+            }),
         }
+    }
+
+    /// What the cache of opened data keys has done since the vault was opened (hits, misses,
+    /// evictions) and holds now (entries, capacity): for `/metrics`.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
     }
 
     /// Re-wraps every data key that is not under the active master key, in batches of `batch`,
@@ -496,16 +517,8 @@ impl Vault {
                 else {
                     continue;
                 };
-                let master = self
-                    .master(&master_id)
-                    .ok_or_else(|| KeyError::MissingMasterKey {
-                        key_id: master_id.clone(),
-                        count: 1,
-                    })?;
-                let cipher_key =
-                    Zeroizing::new(decrypt(&master.cipher, &wrapped, stored.key_id.as_bytes())?);
-                let key = Key::<Aes256Gcm>::from_slice(cipher_key.as_slice());
-                let rewrapped = active.wrap(stored.key_id, key);
+                let raw = self.unwrap_with(&master_id, stored.key_id, &wrapped)?;
+                let rewrapped = active.wrap(stored.key_id, Key::<Aes256Gcm>::from_slice(&raw));
                 if self
                     .inner
                     .repository
@@ -543,11 +556,7 @@ impl Vault {
         let mut mac = keyed.clone();
         Mac::update(&mut mac, secret.as_bytes());
         let tag = mac.finalize().into_bytes();
-        let hex: String = tag[..FINGERPRINT_BYTES]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Ok(format!("fp_{hex}"))
+        Ok(format!("fp_{}", hex::encode(&tag[..FINGERPRINT_BYTES])))
     }
 
     /// The fingerprint HMAC keyed with the fingerprint data key, which is created if missing.
@@ -583,7 +592,8 @@ impl Vault {
         }
     }
 
-    /// The plaintext bytes of a data key, read from the repository; `None` if it does not exist.
+    /// The plaintext bytes of a data key, read from the repository and unwrapped; `None` if it
+    /// does not exist, [`KeyError::Shredded`] once destroyed.
     async fn raw_data_key(&self, key_id: Uuid) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
         let Some(stored) = self.inner.repository.data_key(key_id).await? else {
             return Ok(None);
@@ -591,17 +601,27 @@ impl Vault {
         let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped) else {
             return Err(KeyError::Shredded(key_id));
         };
+        self.unwrap_with(&master_id, key_id, &wrapped).map(Some)
+    }
+
+    /// The plaintext bytes of the data key `key_id`, unwrapped by the master key `master_id`.
+    fn unwrap_with(
+        &self,
+        master_id: &str,
+        key_id: Uuid,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let master = self
-            .master(&master_id)
+            .master(master_id)
             .ok_or_else(|| KeyError::MissingMasterKey {
-                key_id: master_id.clone(),
+                key_id: master_id.to_owned(),
                 count: 1,
             })?;
-        let bytes = decrypt(&master.cipher, &wrapped, key_id.as_bytes())?;
+        let bytes = decrypt(&master.cipher, wrapped, key_id.as_bytes())?;
         if bytes.len() != 32 {
             return Err(KeyError::Decrypt);
         }
-        Ok(Some(bytes))
+        Ok(bytes)
     }
 
     fn master(&self, id: &str) -> Option<&MasterKey> {
@@ -611,44 +631,18 @@ impl Vault {
         self.inner.previous.as_ref().filter(|p| p.id == id)
     }
 
+    /// The opened data key `key_id`, from the cache or else unwrapped and cached.
     async fn data_key(&self, key_id: Uuid) -> Result<Arc<Aes256Gcm>, KeyError> {
-        if let Some(cipher) = self
-            .inner
-            .cache
-            .read()
-            .ok()
-            .and_then(|cache| cache.get(&key_id).cloned())
-        {
+        if let Some(cipher) = self.inner.cache.get(&key_id) {
             return Ok(cipher);
         }
-        let stored = self
-            .inner
-            .repository
-            .data_key(key_id)
+        let raw = self
+            .raw_data_key(key_id)
             .await?
             .ok_or(KeyError::UnknownDataKey(key_id))?;
-        let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped) else {
-            return Err(KeyError::Shredded(key_id));
-        };
-        let master = self
-            .master(&master_id)
-            .ok_or_else(|| KeyError::MissingMasterKey {
-                key_id: master_id.clone(),
-                count: 1,
-            })?;
-        let cipher = Arc::new(master.unwrap_key(key_id, &wrapped)?);
-        self.cache_insert(key_id, cipher.clone());
+        let cipher = Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw)));
+        self.inner.cache.insert(key_id, cipher.clone());
         Ok(cipher)
-    }
-
-    fn cache_insert(&self, key_id: Uuid, cipher: Arc<Aes256Gcm>) {
-        if let Ok(mut cache) = self.inner.cache.write() {
-            // Bounded: a full cache starts over rather than growing with every connection.
-            if cache.len() >= 100_000 {
-                cache.clear();
-            }
-            cache.insert(key_id, cipher);
-        }
     }
 }
 

@@ -1,0 +1,282 @@
+//! A connection as its events leave it: the state, and [`apply`], which folds one event into it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::ConnectionKey;
+use super::events::{
+    ConnectionEvent, CredentialsType, FailureClass, Flow, MetadataMode, RefreshFailure,
+    RefreshTrigger, TokenFingerprints,
+};
+use crate::keys::Sealed;
+
+/// A connection as its events leave it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one state per loaded stream; boxing would only add an allocation"
+)]
+pub enum Connection {
+    /// No event yet.
+    #[default]
+    NeverAuthorized,
+    /// Authorized and not deleted since.
+    Active(ActiveConnection),
+    /// Deleted; a later authorization continues the generation count.
+    Deleted(DeletedConnection),
+}
+
+/// The state of an authorized connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ActiveConnection {
+    /// The integration's key.
+    pub provider_config_key: String,
+    /// The connection's id within the integration.
+    pub connection_id: String,
+    /// The provider template's name.
+    pub provider: String,
+    /// How the current credentials were first obtained.
+    pub flow: Flow,
+    /// The kind of credentials.
+    pub credentials_type: CredentialsType,
+    /// The current authorization's generation (≥ 1).
+    pub generation: u32,
+    /// The data keys of every generation so far, oldest first, including those of generations
+    /// before a deletion (already shredded).
+    pub data_key_ids: Vec<Uuid>,
+    /// The current credentials, sealed.
+    pub credentials: Sealed,
+    /// Fingerprints of the current tokens.
+    pub fingerprints: TokenFingerprints,
+    /// Whether the current credentials include a refresh token.
+    pub has_refresh_token: bool,
+    /// When the current access token expires, if known.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The granted scopes.
+    pub scopes: Vec<String>,
+    /// Provider-specific configuration.
+    pub connection_config: Map<String, Value>,
+    /// 1 after authorization, + 1 for every rotated refresh token.
+    pub refresh_token_generation: u32,
+    /// The open lease: taken, with no outcome yet (possibly expired, i.e. orphaned).
+    pub lease: Option<RefreshLease>,
+    /// The most recent failure since the last success or authorization.
+    pub last_failure: Option<RecordedFailure>,
+    /// The permanent failure that blocks non-forced leases, until a success or re-authorization.
+    pub blocking_failure: Option<RecordedFailure>,
+    /// Transient failures in a row since the last success, authorization or permanent failure.
+    pub consecutive_transient_failures: u32,
+    /// The metadata object; kept across re-authorizations, emptied by a deletion.
+    pub metadata: Map<String, Value>,
+    /// When the current generation was authorized.
+    pub authorized_at: DateTime<Utc>,
+    /// When tokens were last refreshed in this generation.
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    /// When the connection was first authorized (kept across re-authorizations, reset by a
+    /// deletion).
+    pub created_at: DateTime<Utc>,
+    /// When the last event changed it.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A lease without an outcome.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RefreshLease {
+    /// The lease's id.
+    pub lease_id: Uuid,
+    /// The instance that holds it.
+    pub holder: String,
+    /// What started the refresh.
+    pub trigger: RefreshTrigger,
+    /// When it was taken.
+    pub leased_at: DateTime<Utc>,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl RefreshLease {
+    /// Whether the lease has lapsed at `now` (a lapsed lease no longer blocks a new one).
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at <= now
+    }
+}
+
+/// A failure as recorded in state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RecordedFailure {
+    /// The lease the failed refresh ran under.
+    pub lease_id: Uuid,
+    /// What went wrong.
+    pub failure: RefreshFailure,
+    /// When.
+    pub failed_at: DateTime<Utc>,
+}
+
+/// The state of a deleted connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeletedConnection {
+    /// The last generation before the deletion.
+    pub generation: u32,
+    /// The data keys of every generation so far (all shredded).
+    pub data_key_ids: Vec<Uuid>,
+    /// When it was deleted.
+    pub deleted_at: DateTime<Utc>,
+}
+
+impl ActiveConnection {
+    /// Which connection this is.
+    pub fn key(&self) -> ConnectionKey {
+        ConnectionKey::new(&self.provider_config_key, &self.connection_id)
+    }
+}
+
+impl Connection {
+    /// The state after `events`, in stream order.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a ConnectionEvent>) -> Self {
+        let mut state = Self::default();
+        for event in events {
+            apply(&mut state, event);
+        }
+        state
+    }
+
+    /// The last authorization's generation; 0 if never authorized.
+    pub fn generation(&self) -> u32 {
+        match self {
+            Self::NeverAuthorized => 0,
+            Self::Active(active) => active.generation,
+            Self::Deleted(deleted) => deleted.generation,
+        }
+    }
+
+    /// The active state, unless never authorized or deleted.
+    pub fn active(&self) -> Option<&ActiveConnection> {
+        match self {
+            Self::Active(active) => Some(active),
+            Self::NeverAuthorized | Self::Deleted(_) => None,
+        }
+    }
+}
+
+/// `state` after `event`.
+pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
+    match event {
+        ConnectionEvent::ConnectionAuthorized(event) => {
+            let (mut data_key_ids, metadata, created_at) = match std::mem::take(state) {
+                Connection::NeverAuthorized => (Vec::new(), Map::new(), event.authorized_at),
+                Connection::Active(active) => {
+                    (active.data_key_ids, active.metadata, active.created_at)
+                }
+                Connection::Deleted(deleted) => {
+                    (deleted.data_key_ids, Map::new(), event.authorized_at)
+                }
+            };
+            if !data_key_ids.contains(&event.data_key_id) {
+                data_key_ids.push(event.data_key_id);
+            }
+            *state = Connection::Active(ActiveConnection {
+                provider_config_key: event.provider_config_key.clone(),
+                connection_id: event.connection_id.clone(),
+                provider: event.provider.clone(),
+                flow: event.flow,
+                credentials_type: event.credentials_type,
+                generation: event.generation,
+                data_key_ids,
+                credentials: event.credentials.clone(),
+                fingerprints: event.fingerprints.clone(),
+                has_refresh_token: event.has_refresh_token,
+                expires_at: event.expires_at,
+                scopes: event.scopes.clone(),
+                connection_config: event.connection_config.clone(),
+                refresh_token_generation: 1,
+                lease: None,
+                last_failure: None,
+                blocking_failure: None,
+                consecutive_transient_failures: 0,
+                metadata,
+                authorized_at: event.authorized_at,
+                last_refreshed_at: None,
+                created_at,
+                updated_at: event.authorized_at,
+            });
+        }
+        ConnectionEvent::RefreshLeased(event) => {
+            if let Connection::Active(active) = state {
+                active.lease = Some(RefreshLease {
+                    lease_id: event.lease_id,
+                    holder: event.holder.clone(),
+                    trigger: event.trigger,
+                    leased_at: event.leased_at,
+                    expires_at: event.lease_expires_at,
+                });
+                active.updated_at = event.leased_at;
+            }
+        }
+        ConnectionEvent::TokensRefreshed(event) => {
+            if let Connection::Active(active) = state {
+                active.credentials = event.credentials.clone();
+                active.fingerprints = event.fingerprints.clone();
+                active.expires_at = event.expires_at;
+                active.has_refresh_token = event.has_refresh_token;
+                active.refresh_token_generation = event.refresh_token_generation;
+                active.lease = None;
+                active.last_failure = None;
+                active.blocking_failure = None;
+                active.consecutive_transient_failures = 0;
+                active.last_refreshed_at = Some(event.refreshed_at);
+                active.updated_at = event.refreshed_at;
+            }
+        }
+        ConnectionEvent::RefreshFailed(event) => {
+            if let Connection::Active(active) = state {
+                let recorded = RecordedFailure {
+                    lease_id: event.lease_id,
+                    failure: event.failure.clone(),
+                    failed_at: event.failed_at,
+                };
+                match event.failure.class {
+                    FailureClass::Permanent => {
+                        active.blocking_failure = Some(recorded.clone());
+                        active.consecutive_transient_failures = 0;
+                    }
+                    FailureClass::Transient => {
+                        active.consecutive_transient_failures =
+                            active.consecutive_transient_failures.saturating_add(1);
+                    }
+                }
+                active.last_failure = Some(recorded);
+                active.lease = None;
+                active.updated_at = event.failed_at;
+            }
+        }
+        ConnectionEvent::MetadataSet(event) => {
+            // `decide` and `decode` only let objects through.
+            if let (Connection::Active(active), Value::Object(metadata)) = (state, &event.metadata)
+            {
+                match event.mode {
+                    MetadataMode::Replace => active.metadata = metadata.clone(),
+                    MetadataMode::Merge => {
+                        for (key, value) in metadata {
+                            active.metadata.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+                active.updated_at = event.set_at;
+            }
+        }
+        ConnectionEvent::ConnectionDeleted(event) => {
+            let (generation, data_key_ids) = match std::mem::take(state) {
+                Connection::NeverAuthorized => (0, Vec::new()),
+                Connection::Active(active) => (active.generation, active.data_key_ids),
+                Connection::Deleted(deleted) => (deleted.generation, deleted.data_key_ids),
+            };
+            *state = Connection::Deleted(DeletedConnection {
+                generation,
+                data_key_ids,
+                deleted_at: event.deleted_at,
+            });
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The vault's cache of opened data keys: a bounded [`quick_cache`] cache, so that sealing and
+//! opening do not read and unwrap a key from the database each time, and so that its size stays
+//! within a capacity the caller sets, however many connections there are.
+//!
+//! Guarantees:
+//! - It never holds more than its capacity: past it, the least useful keys are evicted one at a
+//!   time (CLOCK-Pro), never the whole cache at once.
+//! - An evicted, forgotten or cleared key leaves the cache at once and its memory is released
+//!   once no seal or unseal in flight still holds it. It is not wiped on release: aes-gcm's
+//!   `zeroize` feature (enabled) only wipes the GHASH key derived while the cipher is built; the
+//!   AES round keys would need the `aes` crate's own `zeroize` feature, which is not enabled.
+//! - [`CacheStats`] counts every lookup as a hit or a miss, and as evictions only what the
+//!   capacity pushed out (not what was forgotten or cleared).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aes_gcm::Aes256Gcm;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
+use uuid::Uuid;
+
+/// How many opened data keys a vault keeps unless told otherwise (about 1 KiB each).
+pub const DEFAULT_KEY_CACHE_CAPACITY: usize = 100_000;
+
+/// What a vault's cache of opened data keys has done since the vault was opened, and what it
+/// holds now: for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that had to read and unwrap the key from the database.
+    pub misses: u64,
+    /// Keys dropped to stay within the capacity (not those forgotten or cleared).
+    pub evictions: u64,
+    /// Keys held now.
+    pub entries: u64,
+    /// The most keys it holds.
+    pub capacity: u64,
+}
+
+/// An opened data key, shared by the cache and the seals and unseals using it.
+type Cipher = Arc<Aes256Gcm>;
+
+/// Opened data keys by id, bounded, with their statistics.
+pub(super) struct KeyCache {
+    keys: Cache<Uuid, Cipher, UnitWeighter, DefaultHashBuilder, CountEvictions>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: Arc<AtomicU64>,
+}
+
+impl KeyCache {
+    /// An empty cache for at most `capacity` keys (at least one).
+    pub(super) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let evictions = Arc::new(AtomicU64::new(0));
+        Self {
+            keys: Cache::with(
+                capacity,
+                u64::try_from(capacity).unwrap_or(u64::MAX),
+                UnitWeighter,
+                DefaultHashBuilder::default(),
+                CountEvictions(evictions.clone()),
+            ),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions,
+        }
+    }
+
+    /// The key `key_id`, if cached; counted as a hit or a miss.
+    pub(super) fn get(&self, key_id: &Uuid) -> Option<Cipher> {
+        let found = self.keys.get(key_id);
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Keeps `cipher` as the key `key_id`, evicting another if the cache is full.
+    pub(super) fn insert(&self, key_id: Uuid, cipher: Cipher) {
+        self.keys.insert(key_id, cipher);
+    }
+
+    /// Drops the key `key_id`, if cached.
+    pub(super) fn remove(&self, key_id: &Uuid) {
+        self.keys.remove(key_id);
+    }
+
+    /// Drops every key.
+    pub(super) fn clear(&self) {
+        self.keys.clear();
+    }
+
+    /// The counts so far and the size now.
+    pub(super) fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            entries: u64::try_from(self.keys.len()).unwrap_or(u64::MAX),
+            capacity: self.keys.capacity(),
+        }
+    }
+}
+
+/// Counts the keys the capacity evicts.
+#[derive(Clone)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl Lifecycle<Uuid, Cipher> for CountEvictions {
+    /// The keys evicted by one request, released after the cache's lock is.
+    type RequestState = Vec<Cipher>;
+
+    fn on_evict(&self, evicted: &mut Vec<Cipher>, _key_id: Uuid, cipher: Cipher) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        evicted.push(cipher);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aes_gcm::KeyInit;
+
+    use super::*;
+
+    fn cipher(n: u8) -> Cipher {
+        Arc::new(Aes256Gcm::new(&[n; 32].into()))
+    }
+
+    fn key_id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity_and_counts_what_it_evicts() {
+        let cache = KeyCache::new(64);
+        for n in 0..1_000 {
+            cache.insert(key_id(n), cipher(1));
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.capacity, 64);
+        assert!(stats.entries <= 64, "{stats:?}");
+        assert!(stats.entries > 0, "{stats:?}");
+        assert_eq!(stats.evictions, 1_000 - stats.entries, "{stats:?}");
+    }
+
+    #[test]
+    fn a_full_cache_keeps_answering_from_memory() {
+        let cache = KeyCache::new(64);
+        for n in 0..64 {
+            cache.insert(key_id(n), cipher(1));
+        }
+        // One more: the old cache started over empty here, so every next lookup missed. Spread
+        // over shards that hold 32 keys each, at least 33 of the 65 stay, whatever the hashes.
+        cache.insert(key_id(64), cipher(1));
+        let hits = (0..=64)
+            .filter(|n| cache.get(&key_id(*n)).is_some())
+            .count();
+        assert!(hits > 32, "only {hits} of 65 keys still cached");
+    }
+
+    #[test]
+    fn lookups_count_as_hits_and_misses() {
+        let cache = KeyCache::new(8);
+        cache.insert(key_id(1), cipher(1));
+        assert!(cache.get(&key_id(1)).is_some());
+        assert!(cache.get(&key_id(1)).is_some());
+        assert!(cache.get(&key_id(2)).is_none());
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses), (2, 1));
+        assert_eq!(stats.entries, 1);
+    }
+
+    #[test]
+    fn forgotten_and_cleared_keys_are_gone_and_are_not_evictions() {
+        let cache = KeyCache::new(8);
+        for n in 1..=3 {
+            cache.insert(key_id(n), cipher(1));
+        }
+        cache.remove(&key_id(1));
+        assert!(cache.get(&key_id(1)).is_none());
+        assert!(cache.get(&key_id(2)).is_some());
+        cache.clear();
+        assert!(cache.get(&key_id(2)).is_none());
+        assert!(cache.get(&key_id(3)).is_none());
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.evictions), (0, 0));
+    }
+
+    #[test]
+    fn a_capacity_of_zero_still_holds_one_key() {
+        let cache = KeyCache::new(0);
+        cache.insert(key_id(1), cipher(1));
+        assert!(cache.get(&key_id(1)).is_some());
+        assert_eq!(cache.stats().capacity, 1);
+    }
+}

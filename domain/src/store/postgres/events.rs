@@ -1,0 +1,289 @@
+//! The PostgreSQL [`EventStore`]: an append is one statement checked by the unique
+//! `(stream_id, stream_version)` key; whole-log readers stay below the xid8 horizon.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{PostgresStore, db_error};
+use crate::store::{
+    Appended, EventStore, ExpectedVersion, Listener, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, append_target,
+};
+
+const INSERT_AT: &str = "\
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT $1, $2 + e.ord::int, e.id, e.typ, e.ver, e.payload, e.meta
+FROM unnest($3::uuid[], $4::text[], $5::int2[], $6::jsonb[], $7::jsonb[])
+     WITH ORDINALITY AS e(id, typ, ver, payload, meta, ord)
+WHERE $2 = 0 OR EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)
+RETURNING global_position, stream_version";
+
+/// `INSERT_AT` for the common single event, without arrays.
+const INSERT_ONE_AT: &str = "\
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT $1, $2 + 1, $3, $4, $5, $6, $7
+WHERE $2 = 0 OR EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = $2)
+RETURNING global_position, stream_version";
+
+const INSERT_AT_END: &str = "\
+WITH head AS (SELECT coalesce(max(stream_version), 0) AS v FROM events WHERE stream_id = $1)
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT $1, head.v + e.ord::int, e.id, e.typ, e.ver, e.payload, e.meta
+FROM head, unnest($2::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[])
+     WITH ORDINALITY AS e(id, typ, ver, payload, meta, ord)
+RETURNING global_position, stream_version";
+
+const SELECT_COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, \
+     event_id, event_type, event_version, payload::text, metadata::text, recorded_at";
+
+impl PostgresStore {
+    async fn stream_head(
+        &self,
+        client: &deadpool_postgres::Object,
+        stream: &StreamId,
+    ) -> Result<u32, StoreError> {
+        let row = client
+            .query_one(
+                "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1",
+                &[&stream.as_str()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get::<_, i32>(0).unsigned_abs())
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    #[tracing::instrument(name = "store.append", skip_all, fields(stream_id = %stream))]
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError> {
+        let expected_at = append_target(expected, &events)?;
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions: Vec<i16> = events.iter().map(|e| e.event_version).collect();
+        let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
+        let metadata: Vec<&Value> = events.iter().map(|e| &e.metadata).collect();
+
+        let at = expected_at
+            .map(|at| {
+                i32::try_from(at).map_err(|_| StoreError::InvalidAppend("version out of range"))
+            })
+            .transpose()?;
+        let stream_id = stream.as_str();
+
+        let client = self.client().await?;
+        // `Any` can lose the race for the end of the stream; it just tries again.
+        for _ in 0..8 {
+            let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match (&at, events.as_slice()) {
+                (Some(at), [event]) => (
+                    INSERT_ONE_AT,
+                    vec![
+                        &stream_id,
+                        at,
+                        &event.event_id,
+                        &event.event_type,
+                        &event.event_version,
+                        &event.payload,
+                        &event.metadata,
+                    ],
+                ),
+                (Some(at), _) => (
+                    INSERT_AT,
+                    vec![
+                        &stream_id, at, &ids, &types, &versions, &payloads, &metadata,
+                    ],
+                ),
+                (None, _) => (
+                    INSERT_AT_END,
+                    vec![&stream_id, &ids, &types, &versions, &payloads, &metadata],
+                ),
+            };
+            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+            let result = client.query(&statement, &params).await;
+            match result {
+                Ok(rows) if rows.len() == events.len() => {
+                    let mut written: Vec<(i32, i64)> =
+                        rows.iter().map(|r| (r.get(1), r.get(0))).collect();
+                    written.sort_unstable();
+                    self.committed();
+                    return Ok(Appended {
+                        stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
+                        global_positions: written.into_iter().map(|w| w.1).collect(),
+                    });
+                }
+                // The previous version does not exist: the stream is behind the expectation.
+                Ok(_) => break,
+                Err(e) => match unique_violation(&e) {
+                    Some("events_event_id_key") => {
+                        return Err(StoreError::DuplicateEvent(duplicate_id(&ids, &e)));
+                    }
+                    Some(_) if expected_at.is_none() => continue,
+                    Some(_) => break,
+                    None => return Err(db_error(e)),
+                },
+            }
+        }
+        let actual = self.stream_head(&client, stream).await?;
+        Err(StoreError::Conflict {
+            stream: stream.clone(),
+            expected,
+            actual,
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after_version: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {SELECT_COLUMNS} FROM events \
+                 WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+            ))
+            .await
+            .map_err(db_error)?;
+        let after = i32::try_from(after_version).unwrap_or(i32::MAX);
+        let rows = client
+            .query(&statement, &[&stream.as_str(), &after])
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        // The limit is part of the text: a generic plan with `LIMIT $n` guesses a large result
+        // and sorts the whole tail instead of walking the commit-order index.
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {SELECT_COLUMNS} FROM events \
+                 WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY events.transaction_id, events.global_position LIMIT {}",
+                limit.max(1)
+            ))
+            .await
+            .map_err(db_error)?;
+        // Decode rows as they stream in, while the server is still sending the rest.
+        let commit = after.commit.to_string();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&commit, &after.global];
+        let rows = client
+            .query_raw(&statement, params)
+            .await
+            .map_err(db_error)?;
+        futures_util::pin_mut!(rows);
+        let mut events = Vec::with_capacity(limit.min(4096));
+        while let Some(row) = rows.next().await {
+            events.push(decode_row(&row.map_err(db_error)?)?);
+        }
+        Ok(events)
+    }
+
+    async fn head_position(&self) -> Result<i64, StoreError> {
+        self.query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .await
+    }
+
+    async fn last_position(&self) -> Result<Position, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT transaction_id, global_position FROM events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map_or(Position::START, |r| {
+            let Xid8(commit) = r.get(0);
+            Position {
+                commit,
+                global: r.get(1),
+            }
+        }))
+    }
+
+    fn listener(&self) -> Listener {
+        Listener::new(self.inner.signal.subscribe(), self.inner.poll_interval)
+    }
+}
+
+fn decode_row(row: &Row) -> Result<RecordedEvent, StoreError> {
+    let global: i64 = row.get(0);
+    let corrupt = |reason: String| StoreError::Corrupt {
+        global_position: global,
+        reason,
+    };
+    let Xid8(commit) = row.try_get(1).map_err(|e| corrupt(e.to_string()))?;
+    let stream_version: i32 = row.try_get(3).map_err(|e| corrupt(e.to_string()))?;
+    Ok(RecordedEvent {
+        position: Position { commit, global },
+        stream_id: StreamId::from_raw(
+            row.try_get::<_, String>(2)
+                .map_err(|e| corrupt(e.to_string()))?,
+        ),
+        stream_version: stream_version.unsigned_abs(),
+        event_id: row.try_get(4).map_err(|e| corrupt(e.to_string()))?,
+        event_type: row.try_get(5).map_err(|e| corrupt(e.to_string()))?,
+        event_version: row.try_get(6).map_err(|e| corrupt(e.to_string()))?,
+        // Sent as text (cheaper for the server than jsonb's binary form) and parsed here.
+        payload: serde_json::from_str(row.try_get(7).map_err(|e| corrupt(e.to_string()))?)
+            .map_err(|e| corrupt(format!("payload: {e}")))?,
+        metadata: match row.try_get(8).map_err(|e| corrupt(e.to_string()))? {
+            "{}" => Value::Object(serde_json::Map::new()),
+            text => serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?,
+        },
+        recorded_at: row
+            .try_get::<_, DateTime<Utc>>(9)
+            .map_err(|e| corrupt(e.to_string()))?,
+    })
+}
+
+/// PostgreSQL's 64-bit transaction id, read in its binary form (8 bytes, big-endian).
+struct Xid8(u64);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Xid8 {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "xid8 is not 8 bytes")?;
+        Ok(Self(u64::from_be_bytes(bytes)))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        ty.name() == "xid8"
+    }
+}
+
+/// The constraint a unique violation hit, if the error is one.
+fn unique_violation(e: &tokio_postgres::Error) -> Option<&str> {
+    let db = e.as_db_error()?;
+    (db.code() == &SqlState::UNIQUE_VIOLATION).then(|| db.constraint().unwrap_or(""))
+}
+
+fn duplicate_id(ids: &[Uuid], e: &tokio_postgres::Error) -> Uuid {
+    let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("");
+    ids.iter()
+        .copied()
+        .find(|id| detail.contains(&id.to_string()))
+        .unwrap_or_else(|| ids.first().copied().unwrap_or_default())
+}

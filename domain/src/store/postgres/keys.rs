@@ -1,0 +1,172 @@
+//! The PostgreSQL [`KeyRepository`]: master-key records and wrapped data keys.
+
+use async_trait::async_trait;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{PostgresStore, db_error};
+use crate::keys::{KeyRepository, MasterKeyRecord, StoredDataKey};
+use crate::store::StoreError;
+
+/// Key of the transaction advisory lock that serializes master-key activation.
+const MASTER_KEY_LOCK: i64 = 0x6772_616e_746b_6579; // "grantkey"
+
+#[async_trait]
+impl KeyRepository for PostgresStore {
+    async fn master_keys(&self) -> Result<Vec<MasterKeyRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT m.key_id, m.check_value, m.active, \
+                        (SELECT count(*) FROM data_keys d WHERE d.master_key_id = m.key_id) \
+                 FROM master_keys m ORDER BY m.created_at",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| MasterKeyRecord {
+                key_id: r.get(0),
+                check_value: r.get(1),
+                active: r.get(2),
+                data_keys: r.get::<_, i64>(3).unsigned_abs(),
+            })
+            .collect())
+    }
+
+    async fn activate_master_key(
+        &self,
+        key_id: &str,
+        check_value: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // Instances starting together would otherwise race on the one-active-key index, which
+        // ON CONFLICT (key_id) does not arbitrate.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MASTER_KEY_LOCK])
+            .await
+            .map_err(db_error)?;
+        tx.execute(
+            "UPDATE master_keys SET active = false WHERE active AND key_id <> $1",
+            &[&key_id],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO master_keys (key_id, check_value, active) VALUES ($1, $2, true) \
+             ON CONFLICT (key_id) DO UPDATE SET active = true",
+            &[&key_id, &check_value],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn forget_master_key(&self, key_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM master_keys WHERE key_id = $1 AND NOT active \
+                 AND NOT EXISTS (SELECT 1 FROM data_keys WHERE master_key_id = $1)",
+                &[&key_id],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_data_key(
+        &self,
+        key_id: Uuid,
+        owner: &str,
+        master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped) VALUES ($1, $2, $3, $4)",
+            )
+            .await
+            .map_err(db_error)?;
+        client
+            .execute(&statement, &[&key_id, &owner, &master_key_id, &wrapped])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT key_id, owner, master_key_id, wrapped FROM data_keys WHERE key_id = $1",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(&statement, &[&key_id])
+            .await
+            .map_err(db_error)?;
+        Ok(row.as_ref().map(stored_data_key))
+    }
+
+    async fn destroy_data_keys(&self, owner: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = now() \
+                 WHERE owner = $1 AND wrapped IS NOT NULL",
+                &[&owner],
+            )
+            .await
+            .map_err(db_error)
+    }
+
+    async fn data_keys_to_rewrap(
+        &self,
+        active_master_key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredDataKey>, StoreError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT key_id, owner, master_key_id, wrapped FROM data_keys \
+                 WHERE master_key_id IS NOT NULL AND master_key_id <> $1 ORDER BY key_id LIMIT $2",
+                &[&active_master_key_id, &limit],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(stored_data_key).collect())
+    }
+
+    async fn rewrap_data_key(
+        &self,
+        key_id: Uuid,
+        from_master_key_id: &str,
+        to_master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE data_keys SET master_key_id = $3, wrapped = $4 \
+                 WHERE key_id = $1 AND master_key_id = $2",
+                &[&key_id, &from_master_key_id, &to_master_key_id, &wrapped],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+}
+
+fn stored_data_key(row: &Row) -> StoredDataKey {
+    StoredDataKey {
+        key_id: row.get(0),
+        owner: row.get(1),
+        master_key_id: row.get(2),
+        wrapped: row.get(3),
+    }
+}

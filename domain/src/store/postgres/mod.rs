@@ -1,0 +1,173 @@
+//! PostgreSQL backend (tokio-postgres + deadpool-postgres).
+//!
+//! An append is one statement, so one round trip and one implicit transaction: the expected
+//! version is checked by the statement itself (`EXISTS` on the previous version plus the unique
+//! `(stream_id, stream_version)` key), which is why no lock is taken and concurrent appenders to
+//! different streams commit in parallel. Readers of the whole log stay below the xid8 horizon
+//! (see the module docs of [`crate::store`]). After each commit a coalescing notifier sends one
+//! `pg_notify` on its own connection, outside the appending transaction, so NOTIFY's queue lock
+//! never serializes commits. The same connection also relays short messages between instances
+//! ([`PostgresStore::publish`], [`PostgresStore::messages`]), for what is not in the log.
+//!
+//! Its rooms: `events` (the [`EventStore`](super::EventStore)), `keys` (the
+//! [`KeyRepository`](crate::keys::KeyRepository)), `sessions` (the
+//! [`SessionRepository`](crate::oauth_session::SessionRepository)) and `notifier` (LISTEN/NOTIFY
+//! and the message relay); this module opens the pool and applies the migrations.
+
+mod events;
+mod keys;
+mod notifier;
+mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{Notify, broadcast};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::FromSqlOwned;
+
+use super::{ChangeSignal, MESSAGE_BACKLOG, StoreError, StoreOptions, newest_migration};
+
+mod embedded {
+    refinery::embed_migrations!("../migrations/postgres");
+}
+
+/// Key of the session advisory lock that serializes migrations across instances.
+const MIGRATION_LOCK: i64 = 0x6772_616e_746c_696e; // "grantlin"
+
+/// The PostgreSQL event store and key repository.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    signal: ChangeSignal,
+    kick: Arc<Notify>,
+    poll_interval: Duration,
+    /// Messages from every instance (this one included), as the notifier receives them.
+    messages: broadcast::Sender<String>,
+}
+
+impl PostgresStore {
+    /// Connects, applies the migrations under an advisory lock, and starts the notifier.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Database(format!("invalid PostgreSQL URL: {e}")))?;
+        migrate(&config).await?;
+
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        // Fail at start-up, not at the first request, when the database cannot be reached.
+        drop(pool.get().await.map_err(pool_error)?);
+
+        let signal = ChangeSignal::new();
+        let kick = Arc::new(Notify::new());
+        let (messages, _) = broadcast::channel(MESSAGE_BACKLOG);
+        tokio::spawn(notifier::run(
+            config,
+            signal.sender(),
+            kick.clone(),
+            messages.clone(),
+        ));
+        Ok(Self {
+            pool,
+            inner: Arc::new(Inner {
+                signal,
+                kick,
+                poll_interval: options.poll_interval,
+                messages,
+            }),
+        })
+    }
+
+    /// The connection pool, for the projections and workers that keep their tables here.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn committed(&self) {
+        self.inner.signal.notify();
+        self.inner.kick.notify_one();
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// The one value of the one row `sql` returns.
+    async fn query_scalar<T: FromSqlOwned>(&self, sql: &str) -> Result<T, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(sql, &[])
+            .await
+            .map_err(db_error)?;
+        row.try_get(0).map_err(db_error)
+    }
+}
+
+/// The highest migration version embedded in this binary.
+pub(super) fn latest_migration() -> i64 {
+    newest_migration(&embedded::migrations::runner())
+}
+
+impl PostgresStore {
+    /// How long the oldest transaction holding an xid anywhere in the cluster has been open
+    /// (0 when none is). Log readers see events only below the oldest running xid, so this is
+    /// how far behind every projection, cache follower and webhook may be held. Needs the
+    /// `pg_read_all_stats` role (or superuser) to see other users' sessions.
+    pub async fn horizon_age_seconds(&self) -> Result<f64, StoreError> {
+        self.query_scalar(
+            "SELECT coalesce(extract(epoch FROM clock_timestamp() - min(xact_start)), 0)::float8 \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .await
+    }
+
+    /// The highest migration version applied to the database (0: none).
+    pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
+        self.query_scalar("SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history")
+            .await
+    }
+}
+
+async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(db_error)?;
+    let driver = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db_error)?;
+    let outcome = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await
+        .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
+    // Closing the session releases the lock even if the unlock is never sent.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    drop(client);
+    let _ = driver.await;
+    outcome.map(|_| ())
+}
+
+fn db_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Database(e.to_string())
+}

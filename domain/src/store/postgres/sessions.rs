@@ -1,0 +1,105 @@
+//! The PostgreSQL [`SessionRepository`]: OAuth flow sessions, each taken at most once.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{PostgresStore, db_error};
+use crate::keys::Sealed;
+use crate::oauth_session::{FlowSession, SessionRepository};
+use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
+
+#[async_trait]
+impl SessionRepository for PostgresStore {
+    async fn create_session(&self, session: &FlowSession) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            ))
+            .await
+            .map_err(db_error)?;
+        let config = Value::Object(session.connection_config.clone());
+        let scopes = Value::from(session.scopes.clone());
+        let secrets_key_id = session.secrets.as_ref().map(|s| s.key_id);
+        let secrets = session.secrets.as_ref().map(|s| s.ciphertext.as_slice());
+        client
+            .execute(
+                &statement,
+                &[
+                    &session.state,
+                    &session.provider_config_key,
+                    &session.provider,
+                    &session.connection_id,
+                    &session.callback_url,
+                    &config,
+                    &scopes,
+                    &session.api_redirect_url,
+                    &session.ws_client_id,
+                    &secrets_key_id,
+                    &secrets,
+                    &session.created_at,
+                    &session.expires_at,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "DELETE FROM oauth_sessions WHERE state = $1 RETURNING {SESSION_COLUMNS}"
+            ))
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(&statement, &[&state])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(flow_session).transpose()
+    }
+
+    async fn sweep_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM oauth_sessions WHERE expires_at <= $1", &[&now])
+            .await
+            .map_err(db_error)
+    }
+}
+
+fn flow_session(row: &Row) -> Result<FlowSession, StoreError> {
+    let connection_config = match row.get::<_, Value>(5) {
+        Value::Object(map) => map,
+        other => return Err(unreadable_session(format!("connection_config is {other}"))),
+    };
+    let scopes: Vec<String> = serde_json::from_value(row.get::<_, Value>(6))
+        .map_err(|e| unreadable_session(e.to_string()))?;
+    let secrets = match (
+        row.get::<_, Option<Uuid>>(9),
+        row.get::<_, Option<Vec<u8>>>(10),
+    ) {
+        (Some(key_id), Some(ciphertext)) => Some(Sealed { key_id, ciphertext }),
+        _ => None,
+    };
+    Ok(FlowSession {
+        state: row.get(0),
+        provider_config_key: row.get(1),
+        provider: row.get(2),
+        connection_id: row.get(3),
+        callback_url: row.get(4),
+        connection_config,
+        scopes,
+        api_redirect_url: row.get(7),
+        ws_client_id: row.get(8),
+        secrets,
+        created_at: row.get(11),
+        expires_at: row.get(12),
+    })
+}
