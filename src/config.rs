@@ -124,6 +124,11 @@ pub struct DatabaseArgs {
     /// Maximum database connections of this instance.
     #[arg(long, env = "GRANTLINE_DATABASE_POOL_SIZE", default_value = "16")]
     pub database_pool_size: String,
+
+    /// Opened data keys kept in memory (about 1 KiB each); past it, the least useful are
+    /// evicted (a miss costs one query and an unwrap).
+    #[arg(long, env = "GRANTLINE_DATA_KEY_CACHE", default_value = "100000")]
+    pub data_key_cache: String,
 }
 
 /// Options of `grantline serve`.
@@ -275,6 +280,7 @@ const FLAGS: &[(&str, &str)] = &[
         "encryption-key-previous",
     ),
     ("GRANTLINE_DATABASE_POOL_SIZE", "database-pool-size"),
+    ("GRANTLINE_DATA_KEY_CACHE", "data-key-cache"),
     ("GRANTLINE_LISTEN", "listen"),
     ("GRANTLINE_SERVER_URL", "server-url"),
     ("GRANTLINE_SECRET_KEY", "secret-key"),
@@ -337,6 +343,8 @@ pub struct DatabaseConfig {
     pub master_key: MasterKeySource,
     pub previous_master_key: Option<MasterKey>,
     pub pool_size: usize,
+    /// Opened data keys the vault keeps in memory.
+    pub data_key_cache: usize,
 }
 
 impl DatabaseArgs {
@@ -383,6 +391,7 @@ impl DatabaseArgs {
             master_key,
             previous_master_key,
             pool_size,
+            data_key_cache: parse_positive("GRANTLINE_DATA_KEY_CACHE", &self.data_key_cache)?,
         })
     }
 }

@@ -287,7 +287,8 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
     let repository: Arc<dyn domain::keys::KeyRepository> = backend.key_repository();
     let vault = Vault::open(repository, master, config.previous_master_key.clone())
         .await
-        .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?;
+        .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?
+        .with_cache_capacity(config.data_key_cache);
     Ok((backend, vault))
 }
 

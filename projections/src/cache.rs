@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
+pub use domain::keys::CacheStats;
 use domain::keys::Vault;
 use domain::store::{Backend, LogReader};
 use quick_cache::sync::Cache;
@@ -40,16 +41,6 @@ pub struct Cached<A> {
     pub record: Arc<ConnectionRecord>,
     pub derived: A,
     loaded_at: Instant,
-}
-
-/// What a cache holds and did, for `/metrics`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub hits: u64,
-    pub misses: u64,
-    pub evictions: u64,
-    pub entries: u64,
-    pub capacity: u64,
 }
 
 /// Counts the entries the cache drops to stay within its capacity.

@@ -353,7 +353,13 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ],
         );
     }
-    caches(&mut out, &[("connections", state.cache.stats())]);
+    caches(
+        &mut out,
+        &[
+            ("connections", state.cache.stats()),
+            ("data_keys", state.commands.vault().cache_stats()),
+        ],
+    );
     state.requests.render(&mut out);
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)

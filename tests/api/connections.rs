@@ -1059,7 +1059,12 @@ fn metric(text: &str, series: &str) -> f64 {
 async fn a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_read(
     db: &TestDatabase,
 ) {
-    let app = spawn_app_with(db, &new_key(), &["--connection-cache", "2"]).await;
+    let app = spawn_app_with(
+        db,
+        &new_key(),
+        &["--connection-cache", "2", "--data-key-cache", "2"],
+    )
+    .await;
     create_config(&app, "github").await;
     for n in 0..6 {
         import_oauth2(&app, "github", &format!("c{n}"), &format!("token-{n}")).await;
@@ -1083,10 +1088,27 @@ async fn a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_re
             .await;
     }
     let text = app.get("/metrics").await.text().await.unwrap();
-    let series = |name: &str| metric(&text, &format!("{name}{{cache=\"connections\"}}"));
-    assert_eq!(series("grantline_cache_capacity"), 2.0);
-    assert!(series("grantline_cache_entries") <= 2.0, "{text}");
-    assert!(series("grantline_cache_evictions_total") >= 1.0, "{text}");
-    assert!(series("grantline_cache_misses_total") >= 6.0, "{text}");
-    assert!(series("grantline_cache_hits_total") >= 1.0, "{text}");
+    // Both caches: the replica of the read model and the opened data keys (one per connection,
+    // besides the integration's and the fingerprint key).
+    for cache in ["connections", "data_keys"] {
+        let series = |name: &str| metric(&text, &format!("{name}{{cache=\"{cache}\"}}"));
+        assert!(series("grantline_cache_capacity") >= 2.0, "{cache}: {text}");
+        assert!(series("grantline_cache_capacity") <= 4.0, "{cache}: {text}");
+        assert!(
+            series("grantline_cache_entries") <= series("grantline_cache_capacity"),
+            "{cache}: {text}"
+        );
+        assert!(
+            series("grantline_cache_evictions_total") >= 1.0,
+            "{cache}: {text}"
+        );
+        assert!(
+            series("grantline_cache_misses_total") >= 6.0,
+            "{cache}: {text}"
+        );
+        assert!(
+            series("grantline_cache_hits_total") >= 1.0,
+            "{cache}: {text}"
+        );
+    }
 }

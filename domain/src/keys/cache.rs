@@ -5,10 +5,9 @@
 //! Guarantees:
 //! - It never holds more than its capacity: past it, the least useful keys are evicted one at a
 //!   time (CLOCK-Pro), never the whole cache at once.
-//! - An evicted, forgotten or cleared key leaves the cache at once and its memory is released
-//!   once no seal or unseal in flight still holds it. It is not wiped on release: aes-gcm's
-//!   `zeroize` feature (enabled) only wipes the GHASH key derived while the cipher is built; the
-//!   AES round keys would need the `aes` crate's own `zeroize` feature, which is not enabled.
+//! - An evicted, forgotten or cleared key leaves the cache at once, and its memory is wiped
+//!   and released once no seal or unseal in flight still holds it: the `zeroize` features of
+//!   `aes` (the round keys) and `ghash`/`polyval` (the hash key) are enabled for this crate.
 //! - [`CacheStats`] counts every lookup as a hit or a miss, and as evictions only what the
 //!   capacity pushed out (not what was forgotten or cleared).
 

@@ -269,8 +269,8 @@ pub trait KeyRepository: Send + Sync {
         wrapped: &[u8],
     ) -> Result<(), StoreError>;
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError>;
-    /// Destroys every live data key of `owner`; returns how many.
-    async fn destroy_data_keys(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Destroys every live data key of `owner`; returns their ids.
+    async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
     /// Live data keys not wrapped by the active master key.
     async fn data_keys_to_rewrap(
         &self,
@@ -391,15 +391,16 @@ impl Vault {
     /// wrapped. Returns its id.
     pub async fn create_data_key(&self, owner: &StreamId) -> Result<Uuid, KeyError> {
         let key_id = Uuid::new_v4();
-        let key = Aes256Gcm::generate_key(OsRng);
-        let wrapped = self.inner.active.wrap(key_id, &key);
+        let key = Zeroizing::new(Aes256Gcm::generate_key(OsRng).to_vec());
+        let key = Key::<Aes256Gcm>::from_slice(&key);
+        let wrapped = self.inner.active.wrap(key_id, key);
         self.inner
             .repository
             .insert_data_key(key_id, owner.as_str(), &self.inner.active.id, &wrapped)
             .await?;
         self.inner
             .cache
-            .insert(key_id, Arc::new(Aes256Gcm::new(&key)));
+            .insert(key_id, Arc::new(Aes256Gcm::new(key)));
         Ok(key_id)
     }
 
@@ -450,10 +451,10 @@ impl Vault {
             .repository
             .destroy_data_keys(owner.as_str())
             .await?;
-        // Drop cached copies of this owner's keys (the cache does not know owners, so all of
-        // them); a cache miss re-reads the (now empty) row.
-        self.inner.cache.clear();
-        Ok(destroyed)
+        // Drop the cached copies of exactly these keys: the rest of the cache stays warm. A key
+        // destroyed earlier, by another instance, is dropped by the log follower.
+        self.forget_cached(&destroyed);
+        Ok(destroyed.len() as u64)
     }
 
     /// Drops these data keys from this process's memory. Every instance calls it for the keys a
@@ -475,7 +476,8 @@ impl Vault {
     /// at a time; an evicted key is read and unwrapped again at its next use. Clones of the vault
     /// made before keep the old cache.
     ///
-    /// Evicted keys are dropped, not wiped: see the guarantees of the cache room (`keys/cache.rs`).
+    /// Evicted keys are wiped once released: see the guarantees of the cache room
+    /// (`keys/cache.rs`).
     pub fn with_cache_capacity(self, capacity: usize) -> Self {
         Self {
             inner: Arc::new(VaultInner {

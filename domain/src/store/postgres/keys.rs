@@ -112,16 +112,19 @@ impl KeyRepository for PostgresStore {
         Ok(row.as_ref().map(stored_data_key))
     }
 
-    async fn destroy_data_keys(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
         let client = self.client().await?;
-        client
-            .execute(
+        Ok(client
+            .query(
                 "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = now() \
-                 WHERE owner = $1 AND wrapped IS NOT NULL",
+                 WHERE owner = $1 AND wrapped IS NOT NULL RETURNING key_id",
                 &[&owner],
             )
             .await
-            .map_err(db_error)
+            .map_err(db_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
     }
 
     async fn data_keys_to_rewrap(

@@ -127,16 +127,26 @@ impl KeyRepository for SqliteStore {
         .await
     }
 
-    async fn destroy_data_keys(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
         let owner = owner.to_owned();
         self.write(move |conn| {
-            conn.execute(
-                "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = ?2 \
-                 WHERE owner = ?1 AND wrapped IS NOT NULL",
-                params![owner, now_micros()],
-            )
-            .map(|n| n as u64)
-            .map_err(db_error)
+            let mut statement = conn
+                .prepare(
+                    "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = ?2 \
+                     WHERE owner = ?1 AND wrapped IS NOT NULL RETURNING key_id",
+                )
+                .map_err(db_error)?;
+            let ids = statement
+                .query_map(params![owner, now_micros()], |row| row.get::<_, String>(0))
+                .map_err(db_error)?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(db_error)?;
+            ids.iter()
+                .map(|id| {
+                    Uuid::parse_str(id)
+                        .map_err(|e| StoreError::Database(format!("data key id {id:?}: {e}")))
+                })
+                .collect()
         })
         .await
     }
