@@ -15,6 +15,7 @@ use projections::Runner;
 use projections::cache::ConnectionCache;
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::Scheduler;
+use workers::sockets::Sockets;
 use workers::webhooks::{WebhookService, WebhookSettings};
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
@@ -25,7 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
-use crate::oauth::{self, Flows};
+use crate::oauth::Flows;
 
 /// What the request handlers share: one allocation, so handing it to a request is one
 /// reference-count increment.
@@ -51,8 +52,10 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
     pub catalog: Arc<Catalog>,
-    /// The OAuth flow machinery (provider client, session sealing key, WebSocket clients).
+    /// The OAuth flow machinery (provider client, session sealing key).
     pub oauth: Flows,
+    /// The WebSocket clients of this instance waiting for a flow's outcome.
+    pub sockets: Arc<Sockets>,
     /// The refresh service: the only code that refreshes tokens.
     pub refresh: RefreshService,
     /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
@@ -133,6 +136,7 @@ impl Application {
                 config: Arc::new(config),
                 catalog,
                 oauth,
+                sockets: Arc::new(Sockets::default()),
                 requests: Arc::new(http::observe::RequestObserver::new()),
             })),
         })
@@ -156,23 +160,23 @@ impl Application {
         let stopping = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        let mut workers = Vec::new();
+        let mut tasks = Vec::new();
         if self.state.config.roles.projections {
             let runner = self.state.runner.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move { runner.run(until).await }));
+            tasks.push(tokio::spawn(async move { runner.run(until).await }));
         }
         if self.state.config.roles.webhooks
             && let Some(webhooks) = self.state.webhooks.clone()
         {
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move { webhooks.run(until).await }));
+            tasks.push(tokio::spawn(async move { webhooks.run(until).await }));
         }
         if self.state.config.roles.scheduler {
             let scheduler = self.state.scheduler.clone();
             let schedule = self.state.config.refresh.schedule.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 scheduler.run(schedule, until).await;
             }));
         }
@@ -182,33 +186,33 @@ impl Application {
             let (cache, backend) = (self.state.cache.clone(), self.state.backend.clone());
             let vault = self.state.commands.vault().clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 cache.follow(backend, vault, until).await;
             }));
         }
         if self.state.config.roles.api {
             // WebSocket clients are served by API instances; flows finished on another
             // instance reach them through the relay.
-            let state = self.state.clone();
+            let (sockets, backend) = (self.state.sockets.clone(), self.state.backend.clone());
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
-                oauth::run_socket_relay(state, until).await;
+            tasks.push(tokio::spawn(async move {
+                workers::sockets::run(sockets, backend, until).await;
             }));
         }
         if self.state.config.roles.api {
             let backend = self.state.backend.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
-                oauth::run_session_sweeper(backend, until).await;
+            tasks.push(tokio::spawn(async move {
+                workers::sessions::run(backend, until).await;
             }));
         }
         {
             // Upgraded (WebSocket) connections outlive the graceful shutdown unless told.
-            let state = self.state.clone();
+            let sockets = self.state.sockets.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 until.await;
-                state.oauth.sockets.close_all();
+                sockets.close_all();
             }));
         }
         tracing::info!(port = self.port, "grantline listening");
@@ -219,8 +223,8 @@ impl Application {
             })
             .await
             .context("the HTTP server failed");
-        for worker in workers {
-            let _ = worker.await;
+        for task in tasks {
+            let _ = task.await;
         }
         serving
     }

@@ -184,14 +184,14 @@ pub async fn websocket(
 
 async fn serve_socket(state: AppState, mut socket: WebSocket) {
     let (outcomes, mut outcome) = mpsc::channel(1);
-    let registration = state.oauth.sockets.register(outcomes);
+    let registration = state.sockets.register(outcomes);
     let ack = json!({ "message_type": "connection_ack", "ws_client_id": registration.id });
     if socket.send(Message::text(ack.to_string())).await.is_err() {
         return;
     }
     // A flow cannot outlive its session; the socket waits that long and a little more.
     let deadline = tokio::time::sleep(state.config.oauth_session_lifetime + SOCKET_GRACE);
-    let closing = state.oauth.sockets.closing();
+    let closing = state.sockets.closing();
     tokio::pin!(deadline, closing);
     loop {
         tokio::select! {

@@ -4,7 +4,9 @@
 //! Guarantees:
 //! - The `state` is 256 random bits, URL-safe, stored with the flow in `oauth_sessions`, accepted
 //!   once ([`domain::oauth_session::SessionRepository::take_session`]) and only until it
-//!   expires; expired sessions are also swept ([`run_session_sweeper`]).
+//!   expires; expired sessions are also swept ([`workers::sessions`]).
+//! - The flow's WebSocket client, if it has one, hears of the outcome on whichever instance
+//!   holds its socket ([`workers::sockets`]).
 //! - PKCE S256 is used unless the template disables it; the verifier (and, for OAuth 1.0a, the
 //!   request token's secret) is stored sealed under a data key owned by [`SESSION_KEY_OWNER`].
 //! - OAuth 1.0a (HMAC-SHA1 or PLAINTEXT) gets its request token at connect, carries the state
@@ -18,9 +20,7 @@
 //!   the very next `GET /connection` sees the provider's tokens.
 //! - No secret (client secret, code, verifier, token) appears in a [`FlowError`]'s message.
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -31,14 +31,13 @@ use domain::credentials::{ClientSecret, Credentials};
 use domain::integration::ActiveIntegration;
 use domain::keys::KeyError;
 use domain::oauth_session::{FlowSecrets, FlowSession, SESSION_KEY_OWNER};
-use domain::store::{Backend, StoreError, StreamId};
+use domain::store::{StoreError, StreamId};
 use hmac::{Hmac, KeyInit, Mac};
 use oauth2::{CsrfToken, PkceCodeChallenge};
 use projections::queries;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, watch};
 use url::Url;
 use uuid::Uuid;
 use workers::oauth1::{self, Oauth1Request};
@@ -63,17 +62,11 @@ const RESERVED_AUTHORIZATION_PARAMS: [&str; 6] = [
     "oauth_token",
 ];
 
-/// How often expired sessions are swept.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The flow machinery the handlers share: the provider client, the sealing key of sessions and
-/// the WebSocket clients waiting for outcomes.
+/// The flow machinery the handlers share: the provider client and the sealing key of sessions.
 #[derive(Debug)]
 pub struct Flows {
     provider: ProviderClient,
     session_key: tokio::sync::OnceCell<Uuid>,
-    /// WebSocket clients of this process by `ws_client_id`.
-    pub sockets: Sockets,
 }
 
 impl Flows {
@@ -82,7 +75,6 @@ impl Flows {
         Ok(Self {
             provider: ProviderClient::new(provider_timeout)?,
             session_key: tokio::sync::OnceCell::new(),
-            sockets: Sockets::default(),
         })
     }
 
@@ -1013,199 +1005,41 @@ fn shorten(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(300).collect()
 }
 
-/// The WebSocket clients of this process waiting for a flow's outcome (reference §3.4), by the
-/// `ws_client_id` they were given on connecting. A client's socket and its flow's callback may
-/// be served by different instances: an outcome for a client this instance does not hold is
-/// relayed to every instance (PostgreSQL NOTIFY, [`report_success`], [`run_socket_relay`]),
-/// and the one holding the socket delivers it. Outcomes carry ids and error types, no secret.
-#[derive(Debug)]
-pub struct Sockets {
-    clients: Mutex<HashMap<String, mpsc::Sender<String>>>,
-    /// Set once the service stops: upgraded connections are not part of the graceful shutdown.
-    closing: watch::Sender<bool>,
+/// The message telling the flow's WebSocket client, if it has one, that the flow succeeded.
+fn success_message(done: &Completed) -> Option<(&str, String)> {
+    let id = done.report.ws_client_id.as_deref()?;
+    let message = serde_json::json!({
+        "message_type": "success",
+        "provider_config_key": done.provider_config_key,
+        "connection_id": done.connection_id,
+    });
+    Some((id, message.to_string()))
 }
 
-impl Default for Sockets {
-    fn default() -> Self {
-        Self {
-            clients: Mutex::default(),
-            closing: watch::Sender::new(false),
-        }
-    }
-}
-
-/// A registered WebSocket client; dropping it unregisters the client.
-#[derive(Debug)]
-pub struct SocketRegistration<'a> {
-    sockets: &'a Sockets,
-    /// The `ws_client_id` the client was given.
-    pub id: String,
-}
-
-impl Drop for SocketRegistration<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut clients) = self.sockets.clients.lock() {
-            clients.remove(&self.id);
-        }
-    }
-}
-
-impl Sockets {
-    /// Registers a new client under a fresh random id; outcomes for it arrive on `outcomes`.
-    pub fn register(&self, outcomes: mpsc::Sender<String>) -> SocketRegistration<'_> {
-        let id = Uuid::new_v4().to_string();
-        if let Ok(mut clients) = self.clients.lock() {
-            clients.insert(id.clone(), outcomes);
-        }
-        SocketRegistration { sockets: self, id }
-    }
-
-    /// Resolves once [`Sockets::close_all`] was called.
-    pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut closing = self.closing.subscribe();
-        async move {
-            let _ = closing.wait_for(|closing| *closing).await;
-        }
-    }
-
-    /// Tells every socket to close (the service is stopping).
-    pub fn close_all(&self) {
-        self.closing.send_replace(true);
-    }
-
-    /// Sends `message` to the client `id`; whether it was there to take it.
-    fn send(&self, id: &str, message: String) -> bool {
-        let sender = self
-            .clients
-            .lock()
-            .ok()
-            .and_then(|clients| clients.get(id).cloned());
-        sender.is_some_and(|sender| sender.try_send(message).is_ok())
-    }
-
-    /// The message telling the flow's WebSocket client, if it has one, that the flow succeeded.
-    fn success_message(done: &Completed) -> Option<Relayed> {
-        let id = done.report.ws_client_id.as_ref()?;
-        let message = serde_json::json!({
-            "message_type": "success",
-            "provider_config_key": done.provider_config_key,
-            "connection_id": done.connection_id,
-        });
-        Some(Relayed {
-            ws_client_id: id.clone(),
-            message: message.to_string(),
-        })
-    }
-
-    /// The message telling the flow's WebSocket client, if it has one, that the flow failed.
-    fn failure_message(failure: &Failure) -> Option<Relayed> {
-        let id = failure.report.ws_client_id.as_ref()?;
-        let message = serde_json::json!({
-            "message_type": "error",
-            "provider_config_key": failure.report.provider_config_key,
-            "connection_id": failure.report.connection_id,
-            "error_type": failure.error.error_type(),
-            "error_desc": failure.error.to_string(),
-        });
-        Some(Relayed {
-            ws_client_id: id.clone(),
-            message: message.to_string(),
-        })
-    }
-}
-
-/// An outcome on its way to a WebSocket client, as relayed between instances.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Relayed {
-    ws_client_id: String,
-    message: String,
+/// The message telling the flow's WebSocket client, if it has one, that the flow failed.
+fn failure_message(failure: &Failure) -> Option<(&str, String)> {
+    let id = failure.report.ws_client_id.as_deref()?;
+    let message = serde_json::json!({
+        "message_type": "error",
+        "provider_config_key": failure.report.provider_config_key,
+        "connection_id": failure.report.connection_id,
+        "error_type": failure.error.error_type(),
+        "error_desc": failure.error.to_string(),
+    });
+    Some((id, message.to_string()))
 }
 
 /// Tells the flow's WebSocket client, if it has one, that the flow succeeded.
 pub async fn report_success(state: &AppState, done: &Completed) {
-    if let Some(relayed) = Sockets::success_message(done) {
-        report(state, relayed).await;
+    if let Some((id, message)) = success_message(done) {
+        state.sockets.deliver(&state.backend, id, message).await;
     }
 }
 
 /// Tells the flow's WebSocket client, if it has one, that the flow failed.
 pub async fn report_failure(state: &AppState, failure: &Failure) {
-    if let Some(relayed) = Sockets::failure_message(failure) {
-        report(state, relayed).await;
-    }
-}
-
-/// Delivers to a socket of this instance, else relays to the others.
-async fn report(state: &AppState, relayed: Relayed) {
-    if state
-        .oauth
-        .sockets
-        .send(&relayed.ws_client_id, relayed.message.clone())
-    {
-        return;
-    }
-    let payload = match serde_json::to_string(&relayed) {
-        Ok(payload) => payload,
-        Err(e) => {
-            tracing::warn!(error.message = %e, "oauth.relay cannot encode an outcome");
-            return;
-        }
-    };
-    if let Err(e) = state.backend.publish(&payload).await {
-        tracing::warn!(error.message = %e, "oauth.relay cannot reach the other instances");
-    }
-}
-
-/// Delivers the outcomes other instances relay to this instance's WebSocket clients, until
-/// `shutdown`.
-pub async fn run_socket_relay(state: AppState, shutdown: impl Future<Output = ()>) {
-    let mut messages = state.backend.messages();
-    tokio::pin!(shutdown);
-    loop {
-        let payload = tokio::select! {
-            () = &mut shutdown => return,
-            received = messages.recv() => match received {
-                Ok(payload) => payload,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "oauth.relay fell behind; outcomes were lost");
-                    continue;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-        };
-        // Other kinds of message may share the channel later: skip what is not an outcome.
-        if let Ok(relayed) = serde_json::from_str::<Relayed>(&payload) {
-            state
-                .oauth
-                .sockets
-                .send(&relayed.ws_client_id, relayed.message);
-        }
-    }
-}
-
-/// Deletes expired sessions once; returns how many.
-pub async fn sweep_sessions_once(backend: &Backend, now: DateTime<Utc>) -> Result<u64, StoreError> {
-    let swept = backend.sessions().sweep_sessions(now).await?;
-    if swept > 0 {
-        tracing::debug!(swept, "expired oauth sessions swept");
-    }
-    Ok(swept)
-}
-
-/// Sweeps expired sessions every minute until `shutdown` completes.
-pub async fn run_session_sweeper(backend: Backend, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            _ = ticks.tick() => {
-                if let Err(e) = sweep_sessions_once(&backend, Utc::now()).await {
-                    tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
-                }
-            }
-        }
+    if let Some((id, message)) = failure_message(failure) {
+        state.sockets.deliver(&state.backend, id, message).await;
     }
 }
 
