@@ -18,7 +18,7 @@ use workers::refresh::RefreshError;
 
 use crate::http::ApiError;
 use crate::http::error::command_error;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// A live connection with its credentials opened.
 #[derive(Debug)]

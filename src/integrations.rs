@@ -12,7 +12,7 @@ use projections::{ConnectionsModel, IntegrationsModel};
 
 use crate::http::ApiError;
 use crate::http::error::{command_error, integration_command_error};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn list(state: &AppState) -> Result<Vec<IntegrationRecord>, ApiError> {
     Ok(queries::list_integrations(&state.backend).await?)

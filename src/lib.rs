@@ -1,7 +1,8 @@
 //! Grantline: an OAuth connection and token service that speaks the Nango Connections API.
 //!
 //! This crate is the composition root: configuration, start-up, the HTTP API and the command
-//! line. The domain, the read models and the workers live in their own crates.
+//! line, and the services the API calls (connections, integrations, OAuth flows, history). The
+//! domain, the read models and the workers live in their own crates.
 
 pub mod cli;
 pub mod config;
@@ -11,4 +12,5 @@ pub mod http;
 pub mod integrations;
 pub mod oauth;
 pub mod startup;
+pub mod state;
 pub mod telemetry;

@@ -13,60 +13,21 @@ use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
 use projections::Runner;
 use projections::cache::ConnectionCache;
+use tokio::net::TcpListener;
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::Scheduler;
 use workers::sockets::Sockets;
 use workers::webhooks::{WebhookService, WebhookSettings};
 
+use crate::config::{Config, DatabaseConfig, MasterKeySource};
+use crate::http;
+use crate::oauth::Flows;
+use crate::state::{AppState, Shared};
+
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
 const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 const CACHE_CAPACITY: usize = 100_000;
-use tokio::net::TcpListener;
-
-use crate::config::{Config, DatabaseConfig, MasterKeySource};
-use crate::http;
-use crate::oauth::Flows;
-
-/// What the request handlers share: one allocation, so handing it to a request is one
-/// reference-count increment.
-#[derive(Clone, Debug)]
-pub struct AppState(Arc<Shared>);
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-/// The parts of [`AppState`].
-#[derive(Debug)]
-pub struct Shared {
-    pub backend: Backend,
-    pub commands: Commands,
-    pub runner: Runner,
-    /// The hot path's in-memory replica of the connections read model.
-    pub cache: Arc<ConnectionCache>,
-    pub config: Arc<Config>,
-    /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
-    pub catalog: Arc<Catalog>,
-    /// The OAuth flow machinery (provider client, session sealing key).
-    pub oauth: Flows,
-    /// The WebSocket clients of this instance waiting for a flow's outcome.
-    pub sockets: Arc<Sockets>,
-    /// The refresh service: the only code that refreshes tokens.
-    pub refresh: RefreshService,
-    /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
-    /// serves tests and its counters `/metrics`).
-    pub scheduler: Scheduler,
-    /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
-    /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
-    pub webhooks: Option<WebhookService>,
-    /// Request ids and the HTTP latency histograms of `/metrics`.
-    pub requests: Arc<http::observe::RequestObserver>,
-}
 
 /// A built service, bound to its port and ready to run.
 #[derive(Debug)]
@@ -125,7 +86,7 @@ impl Application {
         Ok(Self {
             listener,
             port,
-            state: AppState(Arc::new(Shared {
+            state: AppState::new(Shared {
                 commands,
                 refresh,
                 scheduler,
@@ -137,8 +98,7 @@ impl Application {
                 catalog,
                 oauth,
                 sockets: Arc::new(Sockets::default()),
-                requests: Arc::new(http::observe::RequestObserver::new()),
-            })),
+            }),
         })
     }
 

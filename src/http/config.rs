@@ -16,7 +16,7 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, flag, identifier, in_body, provider_config_key, without_nul,
 };
 use crate::integrations;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 fn config_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Value {
     let i = &record.integration;

@@ -21,7 +21,7 @@ use super::extract::{
 use workers::provider::parse_expires_at;
 
 use crate::connections::{self, ConnectionView, Import};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Timestamps as the seed shows them: `2023-03-08T09:43:03.725Z`.
 pub fn timestamp(t: DateTime<Utc>) -> String {

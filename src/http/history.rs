@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::ApiError;
 use super::extract::{ApiPath, ApiQuery, connection_key};
 use crate::history::{self, DEFAULT_PAGE, HistoryError, MAX_PAGE};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct HistoryQuery {

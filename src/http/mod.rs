@@ -1,6 +1,9 @@
 //! The HTTP surface. Handlers are thin: extract, call one function, map the answer. Both route
 //! families, `/connection…` (the seed) and `/connections…` (current Nango clients), reach the
 //! same handlers; unknown query parameters and `Nango-*` headers are ignored.
+//!
+//! The router's state, [`HttpState`], is the services' [`AppState`] plus what is the HTTP layer's
+//! own: the [`RequestObserver`] behind request ids and the latency histograms of `/metrics`.
 
 mod auth;
 mod config;
@@ -15,18 +18,30 @@ mod openapi;
 mod ready;
 mod webhooks;
 
+use std::sync::Arc;
+
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, middleware};
 use serde_json::{Value, json};
 
 pub use error::ApiError;
+use observe::RequestObserver;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1024 * 1024;
+
+/// What the handlers and layers of the router share.
+#[derive(Clone, Debug, FromRef)]
+pub struct HttpState {
+    /// The services.
+    app: AppState,
+    /// Request ids and the HTTP latency histograms of `/metrics`.
+    requests: Arc<RequestObserver>,
+}
 
 /// All routes of the service.
 pub fn router(state: AppState) -> Router {
@@ -36,7 +51,7 @@ pub fn router(state: AppState) -> Router {
 /// A `Router` that records the path of every `.route(...)`, so the registered paths can be
 /// enumerated (the OpenAPI coverage test compares them with the document).
 struct Routes {
-    router: Router<AppState>,
+    router: Router<HttpState>,
     paths: Vec<String>,
 }
 
@@ -49,14 +64,14 @@ impl Routes {
     }
 
     /// Records `path` and forwards to [`Router::route`].
-    fn route(mut self, path: &str, method_router: MethodRouter<AppState>) -> Self {
+    fn route(mut self, path: &str, method_router: MethodRouter<HttpState>) -> Self {
         self.paths.push(path.to_owned());
         self.router = self.router.route(path, method_router);
         self
     }
 
     /// Applies `f` to the inner router (layers); the paths stay as they are.
-    fn map(mut self, f: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Self {
+    fn map(mut self, f: impl FnOnce(Router<HttpState>) -> Router<HttpState>) -> Self {
         self.router = f(self.router);
         self
     }
@@ -137,14 +152,18 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .merge(flows)
         .merge(api);
     // Outermost, on every route and the fallbacks: request ids, the request span, latency.
-    let observe = state.requests.layer();
+    let requests = Arc::new(RequestObserver::new());
+    let observe = requests.layer();
     let router = routes
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(observe)
-        .with_state(state);
+        .with_state(HttpState {
+            app: state,
+            requests,
+        });
     (router, routes.paths)
 }
 

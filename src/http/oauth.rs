@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::ApiError;
 use super::extract::ApiPath;
 use crate::oauth::{self, ConnectRequest, FlowError, Report};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// How much longer than a session a WebSocket client may wait for its outcome.
 const SOCKET_GRACE: std::time::Duration = std::time::Duration::from_secs(60);

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The deadline of each check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);

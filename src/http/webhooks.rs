@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use workers::webhooks::WebhookError;
 
 use crate::http::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// How many of a target's latest deliveries are shown.
 const RECENT_DELIVERIES: usize = 20;

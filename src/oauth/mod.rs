@@ -46,7 +46,7 @@ use workers::provider::{ProviderClient, TokenError, TokenRequest, split_scopes};
 use crate::config::Config;
 use crate::connections;
 use crate::http::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Random bytes in a `state` (base64url: 43 characters).
 const STATE_BYTES: u32 = 32;
