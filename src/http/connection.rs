@@ -547,14 +547,8 @@ pub async fn set_metadata_of(
         ));
     };
     let mode = mode_of(&method);
-    connections::set_metadata(
-        &state,
-        &key,
-        std::slice::from_ref(&connection_id),
-        metadata.clone(),
-        mode,
-    )
-    .await?;
+    let keys = [ConnectionKey::new(&key, &connection_id)];
+    connections::set_metadata(&state, &keys, metadata.clone(), mode).await?;
     Ok(metadata_answer(mode, json!(connection_id), &key, metadata))
 }
 
@@ -617,7 +611,8 @@ pub async fn set_metadata(
         }
     };
     let mode = mode_of(&method);
-    connections::set_metadata(&state, &key, &ids, metadata.clone(), mode).await?;
+    let keys: Vec<ConnectionKey> = ids.iter().map(|id| ConnectionKey::new(&key, id)).collect();
+    connections::set_metadata(&state, &keys, metadata.clone(), mode).await?;
     let id_value = fields.get("connection_id").cloned().unwrap_or(Value::Null);
     Ok(metadata_answer(mode, id_value, &key, metadata))
 }

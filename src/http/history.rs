@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use super::extract::{ApiPath, ApiQuery, connection_key};
-use crate::history::{self, DEFAULT_PAGE, HistoryError, MAX_PAGE};
+use crate::history::{self, DEFAULT_PAGE, MAX_PAGE};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -58,16 +58,7 @@ pub async fn get_history(
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let after = parse_after(query.after.as_deref())?;
     let limit = parse_limit(query.limit.as_deref())?;
-    let entries = history::load(&state.backend, &key)
-        .await
-        .map_err(|e| match e {
-            HistoryError::Store(e) => e.into(),
-            HistoryError::Unreadable(e) => ApiError::Internal(e.to_string()),
-        })?;
-    if entries.is_empty() {
-        return Err(ApiError::UnknownConnection(key));
-    }
-    let page = history::page(entries, after, limit);
+    let page = history::load_page(&state.backend, &key, after, limit).await?;
     let (provider_config_key, connection_id) = key.into_parts();
     Ok(Json(HistoryBody {
         provider_config_key,

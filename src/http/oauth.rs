@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::ApiError;
+use super::error::flow_status;
 use super::extract::ApiPath;
 use crate::oauth::{self, ConnectRequest, FlowError, Report};
 use crate::state::AppState;
@@ -256,9 +257,8 @@ fn failed(error: &FlowError, report: &Report) -> Response {
     if let Some(url) = &report.api_redirect_url {
         return found(&oauth::error_redirect(url, error));
     }
-    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST);
     page(
-        status,
+        flow_status(error),
         "Authorization failed",
         &format!("{} ({})", error, error.error_type()),
         &json!({

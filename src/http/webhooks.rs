@@ -5,9 +5,8 @@
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
-use workers::webhooks::WebhookError;
 
-use crate::http::ApiError;
+use super::ApiError;
 use crate::state::AppState;
 
 /// How many of a target's latest deliveries are shown.
@@ -30,18 +29,8 @@ const RECENT_DELIVERIES: usize = 20;
 )]
 pub async fn webhooks_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let targets = match &state.webhooks {
-        Some(webhooks) => webhooks
-            .status(RECENT_DELIVERIES)
-            .await
-            .map_err(api_error)?,
+        Some(webhooks) => webhooks.status(RECENT_DELIVERIES).await?,
         None => Vec::new(),
     };
     Ok(Json(json!({ "targets": targets })))
-}
-
-fn api_error(e: WebhookError) -> ApiError {
-    match e {
-        WebhookError::Store(e) => e.into(),
-        other => ApiError::Internal(other.to_string()),
-    }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::catalog::{self, AuthMode, Template};
-use domain::commands::AuthorizeConnection;
+use domain::commands::{AuthorizeConnection, CommandError};
 use domain::connection::{ConnectionKey, Flow};
 use domain::credentials::{ClientSecret, Credentials};
 use domain::integration::ActiveIntegration;
@@ -34,7 +34,7 @@ use domain::oauth_session::{FlowSecrets, FlowSession, SESSION_KEY_OWNER};
 use domain::store::{StoreError, StreamId};
 use hmac::{Hmac, KeyInit, Mac};
 use oauth2::{CsrfToken, PkceCodeChallenge};
-use projections::queries;
+use projections::{ProjectionError, queries};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -44,8 +44,7 @@ use workers::oauth1::{self, Oauth1Request};
 use workers::provider::{ProviderClient, TokenError, TokenRequest, split_scopes};
 
 use crate::config::Config;
-use crate::connections;
-use crate::http::ApiError;
+use crate::connections::{self, ConnectionsError};
 use crate::state::AppState;
 
 /// Random bytes in a `state` (base64url: 43 characters).
@@ -204,16 +203,6 @@ impl FlowError {
         }
     }
 
-    /// The HTTP status of the page that reports it: 4xx for anything about the request or the
-    /// provider (never a 5xx for provider trouble), 503/500 for our own.
-    pub fn status(&self) -> u16 {
-        match self {
-            Self::Unavailable(_) => 503,
-            Self::Internal(_) => 500,
-            _ => 400,
-        }
-    }
-
     fn log(&self, report: &Report) {
         let key = report.provider_config_key.as_deref().unwrap_or("");
         let id = report.connection_id.as_deref().unwrap_or("");
@@ -235,30 +224,50 @@ impl FlowError {
     }
 }
 
-impl From<ApiError> for FlowError {
-    fn from(e: ApiError) -> Self {
+impl From<StoreError> for FlowError {
+    fn from(e: StoreError) -> Self {
         match e {
-            ApiError::Unavailable(cause) => Self::Unavailable(cause),
-            other => Self::Internal(format!("{other}: {other:?}")),
+            StoreError::Database(cause) => Self::Unavailable(cause),
+            other => Self::Internal(other.to_string()),
         }
     }
 }
 
-impl From<StoreError> for FlowError {
-    fn from(e: StoreError) -> Self {
-        ApiError::from(e).into()
-    }
-}
-
-impl From<projections::ProjectionError> for FlowError {
-    fn from(e: projections::ProjectionError) -> Self {
-        ApiError::from(e).into()
+impl From<ProjectionError> for FlowError {
+    fn from(e: ProjectionError) -> Self {
+        match e {
+            ProjectionError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }
 
 impl From<KeyError> for FlowError {
     fn from(e: KeyError) -> Self {
-        ApiError::from(e).into()
+        match e {
+            KeyError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CommandError> for FlowError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Store(e) => e.into(),
+            CommandError::Keys(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ConnectionsError> for FlowError {
+    fn from(e: ConnectionsError) -> Self {
+        match e {
+            ConnectionsError::ReadModel(e) => e.into(),
+            ConnectionsError::Command { source, .. } => source.into(),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }
 
@@ -729,8 +738,7 @@ async fn finish(
             now: Utc::now(),
             metadata: None,
         })
-        .await
-        .map_err(|e| crate::http::error::command_error(e, &connection))?;
+        .await?;
     connections::publish(state, &loaded).await?;
     tracing::info!(stream_version = loaded.version, "oauth flow completed");
     Ok(())

@@ -58,10 +58,10 @@ const KNOWN_LONG_FILES: &[&str] = &[
     "domain/src/commands.rs",
     "domain/src/connection.rs",
     "domain/src/store/postgres.rs",
-    "src/oauth.rs",
+    "src/oauth/mod.rs",
     "workers/src/webhooks.rs",
 ];
-const KNOWN_HTTP_IMPORTS: &[&str] = &["src/connections.rs", "src/integrations.rs", "src/oauth.rs"];
+const KNOWN_HTTP_IMPORTS: &[&str] = &[];
 const KNOWN_DEAD_CODE: &[&str] = &["src/http/openapi.rs"];
 
 fn root() -> PathBuf {
