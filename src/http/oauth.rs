@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::ApiError;
 use super::error::flow_status;
 use super::extract::ApiPath;
-use crate::oauth::{self, ConnectRequest, FlowError, Report};
+use crate::oauth::{self, ConnectRequest, FlowError, Report, SocketMessage};
 use crate::state::AppState;
 
 /// How much longer than a session a WebSocket client may wait for its outcome.
@@ -128,8 +128,7 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
             Some(url) => found(&oauth::success_redirect(
                 &state.config,
                 url,
-                &done.connection_id,
-                &done.provider_config_key,
+                &done.connection,
                 Utc::now(),
             )),
             None => page(
@@ -139,8 +138,8 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
                 &json!({
                     "eventType": "AUTHORIZATION_SUCEEDED",
                     "data": {
-                        "connectionId": done.connection_id,
-                        "providerConfigKey": done.provider_config_key,
+                        "connectionId": done.connection.connection_id(),
+                        "providerConfigKey": done.connection.provider_config_key(),
                     }
                 }),
             ),
@@ -186,8 +185,10 @@ pub async fn websocket(
 async fn serve_socket(state: AppState, mut socket: WebSocket) {
     let (outcomes, mut outcome) = mpsc::channel(1);
     let registration = state.sockets.register(outcomes);
-    let ack = json!({ "message_type": "connection_ack", "ws_client_id": registration.id });
-    if socket.send(Message::text(ack.to_string())).await.is_err() {
+    let ack = SocketMessage::ConnectionAck {
+        ws_client_id: &registration.id,
+    };
+    if socket.send(Message::text(ack.to_text())).await.is_err() {
         return;
     }
     // A flow cannot outlive its session; the socket waits that long and a little more.

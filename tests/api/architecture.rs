@@ -58,7 +58,6 @@ const KNOWN_LONG_FILES: &[&str] = &[
     "domain/src/commands.rs",
     "domain/src/connection.rs",
     "domain/src/store/postgres.rs",
-    "src/oauth/mod.rs",
     "workers/src/webhooks.rs",
 ];
 const KNOWN_HTTP_IMPORTS: &[&str] = &[];
