@@ -1,30 +1,33 @@
-//! The HTTP surface. Handlers are thin: extract, call one function, map the answer. Both route
-//! families, `/connection…` (the seed) and `/connections…` (current Nango clients), reach the
-//! same handlers; unknown query parameters and `Nango-*` headers are ignored.
+//! The HTTP surface. Handlers are thin: extract, call one function, map the answer to a response
+//! type that is also what the OpenAPI document shows. Both route families, `/connection…` (the
+//! seed) and `/connections…` (current Nango clients), reach the same handlers; unknown query
+//! parameters and `Nango-*` headers are ignored.
 //!
 //! The router's state, [`HttpState`], is the services' [`AppState`] plus what is the HTTP layer's
 //! own: the [`RequestObserver`] behind request ids and the latency histograms of `/metrics`.
 
+mod admin;
 mod auth;
 mod config;
 mod connection;
-pub mod error;
+mod error;
 mod extract;
 mod history;
+mod import;
 mod metrics;
 mod oauth;
 pub mod observe;
 mod openapi;
 mod ready;
-mod webhooks;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, middleware};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use error::ApiError;
 use observe::RequestObserver;
@@ -91,7 +94,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         api = api
             .route(
                 family,
-                get(connection::list_connections).post(connection::import_connection),
+                get(connection::list_connections).post(import::import_connection),
             )
             .route(
                 &format!("{family}/metadata"),
@@ -126,8 +129,8 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/config/{provider_config_key}",
             get(config::get_config).delete(config::delete_config),
         )
-        .route("/admin/projections", get(projections_status))
-        .route("/admin/webhooks", get(webhooks::webhooks_status))
+        .route("/admin/projections", get(admin::projections_status))
+        .route("/admin/webhooks", get(admin::webhooks_status))
         .route("/metrics", get(metrics::metrics));
     // Without a secret key the API is open: no layer at all on the hot path.
     let api = if state.config.secret_key.is_some() {
@@ -167,34 +170,34 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     (router, routes.paths)
 }
 
+/// `{"success": true}`.
+#[derive(Serialize, ToSchema)]
+pub struct Success {
+    success: bool,
+}
+
+impl Success {
+    /// The answer of a write that has nothing else to say.
+    pub const YES: Self = Self { success: true };
+}
+
+/// `GET /health`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    result: &'static str,
+}
+
 /// Liveness: the process is up and serving.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "service",
-    responses((status = 200, description = "The process is up", body = openapi::Health)),
+    responses((status = 200, description = "The process is up", body = Health)),
     security(()),
 )]
-async fn health() -> Json<Value> {
-    Json(json!({ "result": "ok" }))
-}
-
-/// `GET /admin/projections`: each projection's checkpoint, the head and the lag.
-#[utoipa::path(
-    get,
-    path = "/admin/projections",
-    tag = "service",
-    responses(
-        (status = 200, description = "Each projection's checkpoint and lag",
-            body = openapi::ProjectionsStatus),
-        (status = 401, description = "Missing or wrong secret key", body = error::ErrorBody),
-        (status = 503, description = "The database cannot be reached", body = error::ErrorBody),
-    ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
-)]
-async fn projections_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let status = state.runner.status().await?;
-    Ok(Json(json!({ "projections": status })))
+async fn health() -> Json<Health> {
+    Json(Health { result: "ok" })
 }
 
 async fn not_found() -> ApiError {

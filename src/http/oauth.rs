@@ -19,7 +19,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -135,13 +136,12 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
                 StatusCode::OK,
                 "Authorization succeeded",
                 "The connection is set up. You can close this window.",
-                &json!({
-                    "eventType": "AUTHORIZATION_SUCEEDED",
-                    "data": {
-                        "connectionId": done.connection.connection_id(),
-                        "providerConfigKey": done.connection.provider_config_key(),
-                    }
-                }),
+                &PageMessage::Succeeded {
+                    data: Connected {
+                        connection_id: done.connection.connection_id(),
+                        provider_config_key: done.connection.provider_config_key(),
+                    },
+                },
             ),
         },
         Err(failure) => failed(&failure.error, &failure.report),
@@ -262,11 +262,44 @@ fn failed(error: &FlowError, report: &Report) -> Response {
         flow_status(error),
         "Authorization failed",
         &format!("{} ({})", error, error.error_type()),
-        &json!({
-            "eventType": "AUTHORIZATION_FAILED",
-            "data": { "error": { "type": error.error_type(), "message": error.to_string() } }
-        }),
+        &PageMessage::Failed {
+            data: Refused {
+                error: Refusal {
+                    error_type: error.error_type(),
+                    message: error.to_string(),
+                },
+            },
+        },
     )
+}
+
+/// What the page posts to `window.opener` (Nango's frontend ≤ 0.8 protocol).
+#[derive(Serialize)]
+#[serde(tag = "eventType")]
+enum PageMessage<'a> {
+    #[serde(rename = "AUTHORIZATION_SUCEEDED")]
+    Succeeded { data: Connected<'a> },
+    #[serde(rename = "AUTHORIZATION_FAILED")]
+    Failed { data: Refused },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Connected<'a> {
+    connection_id: &'a str,
+    provider_config_key: &'a str,
+}
+
+#[derive(Serialize)]
+struct Refused {
+    error: Refusal,
+}
+
+#[derive(Serialize)]
+struct Refusal {
+    #[serde(rename = "type")]
+    error_type: &'static str,
+    message: String,
 }
 
 /// A 302 to `location`.
@@ -287,12 +320,14 @@ fn found(location: &str) -> Response {
 }
 
 /// The page that reports an outcome: `text` for the user, `message` posted to the opener.
-fn page(status: StatusCode, title: &str, text: &str, message: &Value) -> Response {
+fn page(status: StatusCode, title: &str, text: &str, message: &PageMessage<'_>) -> Response {
+    // Strings only: this cannot fail.
+    let message = serde_json::to_value(message).unwrap_or_default();
     let script = format!(
         "(function () {{\n  var message = {};\n  if (window.opener) {{\n    try {{ \
          window.opener.postMessage(message, '*'); }} catch (e) {{}}\n    setTimeout(function () \
          {{ window.close(); }}, 300);\n  }}\n}})();",
-        script_json(message)
+        script_json(&message)
     );
     let hash = BASE64.encode(Sha256::digest(script.as_bytes()));
     let body = format!(
@@ -357,6 +392,8 @@ fn escape_html(text: &str) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -61,7 +61,7 @@ const KNOWN_LONG_FILES: &[&str] = &[
     "workers/src/webhooks.rs",
 ];
 const KNOWN_HTTP_IMPORTS: &[&str] = &[];
-const KNOWN_DEAD_CODE: &[&str] = &["src/http/openapi.rs"];
+const KNOWN_DEAD_CODE: &[&str] = &[];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
