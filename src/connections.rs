@@ -11,7 +11,6 @@ use domain::connection::{
     ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger,
 };
 use domain::credentials::Credentials;
-use projections::model::upsert_state;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
@@ -271,13 +270,7 @@ async fn write_read_model(
     state: &AppState,
     loaded: &Loaded<Connection>,
 ) -> Result<(), ConnectionsError> {
-    upsert_state::<ConnectionsModel>(
-        &state.backend,
-        loaded.stream_id.as_str(),
-        loaded.version,
-        &loaded.state,
-    )
-    .await?;
+    state.write_read_model::<ConnectionsModel>(loaded).await?;
     state.cache.invalidate(loaded.stream_id.as_str());
     Ok(())
 }

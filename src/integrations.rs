@@ -4,11 +4,9 @@
 //! layer decides what a client sees of them.
 
 use chrono::Utc;
-use domain::commands::{CommandError, IntegrationConfig, Loaded};
+use domain::commands::{CommandError, IntegrationConfig};
 use domain::connection::ConnectionKey;
 use domain::credentials::ClientSecret;
-use domain::integration::Integration;
-use projections::model::upsert_state;
 use projections::queries::{self, IntegrationRecord};
 use projections::{IntegrationsModel, ProjectionError};
 
@@ -93,7 +91,7 @@ pub async fn create(
         .create_integration(key, config, Utc::now())
         .await
         .map_err(IntegrationsError::command(key))?;
-    publish(state, &loaded).await?;
+    state.write_read_model::<IntegrationsModel>(&loaded).await?;
     Ok(projections::model::stable_id(loaded.stream_id.as_str()))
 }
 
@@ -115,7 +113,7 @@ pub async fn update(
         .update_integration(key, config, Utc::now())
         .await
         .map_err(IntegrationsError::command(key))?;
-    publish(state, &loaded).await
+    Ok(state.write_read_model::<IntegrationsModel>(&loaded).await?)
 }
 
 /// Deletes the integration, then each of its connections (shredding their secrets). The
@@ -127,7 +125,7 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), IntegrationsError
         .delete_integration(key, Utc::now())
         .await
         .map_err(IntegrationsError::command(key))?;
-    publish(state, &loaded).await?;
+    state.write_read_model::<IntegrationsModel>(&loaded).await?;
     let now = Utc::now();
     for connection in queries::list_connections_of(&state.backend, key).await? {
         connections::shred(state, &ConnectionKey::new(key, connection), now).await?;
@@ -148,15 +146,4 @@ fn known_template(state: &AppState, config: &IntegrationConfig) -> Result<(), In
         Some(_) => Ok(()),
         None => Err(IntegrationsError::UnknownTemplate(config.provider.clone())),
     }
-}
-
-async fn publish(state: &AppState, loaded: &Loaded<Integration>) -> Result<(), IntegrationsError> {
-    upsert_state::<IntegrationsModel>(
-        &state.backend,
-        loaded.stream_id.as_str(),
-        loaded.version,
-        &loaded.state,
-    )
-    .await?;
-    Ok(())
 }

@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use domain::catalog::Catalog;
-use domain::commands::Commands;
+use domain::commands::{Aggregate, Commands, Loaded};
 use domain::store::Backend;
-use projections::Runner;
 use projections::cache::ConnectionCache;
+use projections::model::upsert_state;
+use projections::{ProjectionError, Runner, StateModel};
 use workers::refresh::RefreshService;
 use workers::scheduler::Scheduler;
 use workers::sockets::Sockets;
@@ -28,6 +29,27 @@ impl AppState {
     /// Shares `services`.
     pub fn new(services: Shared) -> Self {
         Self(Arc::new(services))
+    }
+}
+
+impl AppState {
+    /// Writes the state a command left to the read model `M`, so the very next read sees it
+    /// (read-your-writes) without waiting for the projection runner.
+    pub async fn write_read_model<M>(
+        &self,
+        loaded: &Loaded<M::State>,
+    ) -> Result<(), ProjectionError>
+    where
+        M: StateModel,
+        M::State: Aggregate,
+    {
+        upsert_state::<M>(
+            &self.backend,
+            loaded.stream_id.as_str(),
+            loaded.version,
+            &loaded.state,
+        )
+        .await
     }
 }
 
