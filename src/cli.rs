@@ -88,13 +88,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (backend, _) = open_storage(&config).await?;
             let key = ConnectionKey::new(&args.provider_config_key, &args.connection_id);
             let entries = crate::history::load(&backend, &key).await?;
-            if entries.is_empty() {
-                anyhow::bail!(
-                    "no connection {:?} for provider config key {:?}: its stream has no events",
-                    args.connection_id,
-                    args.provider_config_key
-                );
-            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {

@@ -1,24 +1,67 @@
 //! What the API does with connections: read, list, import, metadata, delete. Every write
 //! answers from the state it produced and writes that state to the read model before it returns
-//! (read-your-writes).
+//! (read-your-writes). Failures are [`ConnectionsError`]s; the HTTP layer decides what a client
+//! sees of them.
 
 use std::sync::Arc;
 
-use chrono::Utc;
-use domain::commands::{AuthorizeConnection, Loaded};
+use chrono::{DateTime, Utc};
+use domain::commands::{AuthorizeConnection, CommandError, Loaded};
 use domain::connection::{
     ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger,
 };
 use domain::credentials::Credentials;
-use projections::model::upsert_state;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
-use projections::{ConnectionsModel, StateModel};
+use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
 use workers::refresh::RefreshError;
 
-use crate::http::ApiError;
-use crate::http::error::command_error;
-use crate::startup::AppState;
+use crate::state::AppState;
+
+/// Why a connection could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionsError {
+    /// The integration the connection would belong to does not exist.
+    #[error("unknown provider config key {0:?}")]
+    UnknownProviderConfig(String),
+    /// The connection does not exist: never authorized, or deleted.
+    #[error(
+        "no connection {:?} for provider config key {:?}",
+        .0.connection_id(),
+        .0.provider_config_key()
+    )]
+    UnknownConnection(ConnectionKey),
+    /// The token is due and could not be refreshed: now, or permanently before (a recorded
+    /// permanent failure blocks refreshes on read).
+    #[error(transparent)]
+    Refresh(RefreshError),
+    /// A command on the connection was refused or could not be recorded.
+    #[error(
+        "a command on connection {:?} of {:?} failed: {source}",
+        .key.connection_id(),
+        .key.provider_config_key()
+    )]
+    Command {
+        key: ConnectionKey,
+        source: CommandError,
+    },
+    /// The read model cannot be read or written.
+    #[error(transparent)]
+    ReadModel(#[from] ProjectionError),
+    /// A command left the connection not live where it must be (a bug).
+    #[error("{0} is not live after the command")]
+    NotLive(&'static str),
+}
+
+impl ConnectionsError {
+    /// A command's failure on the connection `key`.
+    fn command(key: &ConnectionKey) -> impl FnOnce(CommandError) -> Self + '_ {
+        move |source| Self::Command {
+            key: key.clone(),
+            source,
+        }
+    }
+}
 
 /// A live connection with its credentials opened.
 #[derive(Debug)]
@@ -38,7 +81,7 @@ pub async fn get(
     state: &AppState,
     key: &ConnectionKey,
     force_refresh: bool,
-) -> Result<ConnectionView, ApiError> {
+) -> Result<ConnectionView, ConnectionsError> {
     let Some(cached) = state.cache.find(&state.read_models, key).await? else {
         return Err(missing(state, key).await);
     };
@@ -49,7 +92,9 @@ pub async fn get(
         // A permanent failure in the read model answers at once: the provider is not asked
         // again, and the stream is not even loaded.
         if !force_refresh && let Some(blocking) = &active.blocking_failure {
-            return Err(ApiError::RefreshFailed(blocking.clone()));
+            return Err(ConnectionsError::Refresh(RefreshError::Permanent(
+                blocking.clone(),
+            )));
         }
         let trigger = if force_refresh {
             RefreshTrigger::Force
@@ -81,7 +126,7 @@ pub async fn get(
             Err(e) => {
                 // The failure is in the log: the read model should show it.
                 let _ = refresh_read_model(state, key).await;
-                return Err(e.into());
+                return Err(ConnectionsError::Refresh(e));
             }
         }
     }
@@ -89,7 +134,7 @@ pub async fn get(
         .commands
         .reveal_credentials(&record.connection)
         .await
-        .map_err(|e| command_error(e, key))?;
+        .map_err(ConnectionsError::command(key))?;
     Ok(ConnectionView {
         connection: record,
         credentials,
@@ -97,28 +142,30 @@ pub async fn get(
 }
 
 /// Writes the connection's state as its stream leaves it to the read model.
-async fn refresh_read_model(state: &AppState, key: &ConnectionKey) -> Result<(), ApiError> {
+async fn refresh_read_model(state: &AppState, key: &ConnectionKey) -> Result<(), ConnectionsError> {
     let loaded = state
         .commands
         .load_connection(key)
         .await
-        .map_err(|e| command_error(e, key))?;
+        .map_err(ConnectionsError::command(key))?;
     write_read_model(state, &loaded).await
 }
 
 /// The error for a connection that is not there: its integration may be missing instead.
-async fn missing(state: &AppState, key: &ConnectionKey) -> ApiError {
+async fn missing(state: &AppState, key: &ConnectionKey) -> ConnectionsError {
     match queries::find_integration(&state.read_models, key.provider_config_key()).await {
-        Ok(None) => ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()),
-        Ok(Some(_)) => ApiError::UnknownConnection(key.clone()),
+        Ok(None) => ConnectionsError::UnknownProviderConfig(key.provider_config_key().to_owned()),
+        Ok(Some(_)) => ConnectionsError::UnknownConnection(key.clone()),
         Err(e) => e.into(),
     }
 }
 
+/// The connections (of every integration) without their credentials, only those named
+/// `connection_id` when given.
 pub async fn list(
     state: &AppState,
     connection_id: Option<&str>,
-) -> Result<Vec<ConnectionSummary>, ApiError> {
+) -> Result<Vec<ConnectionSummary>, ConnectionsError> {
     Ok(queries::list_connections(&state.read_models, connection_id).await?)
 }
 
@@ -132,11 +179,13 @@ pub struct Import {
 }
 
 /// Records imported credentials (a new connection, or the next generation of an existing one).
-pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ApiError> {
+pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ConnectionsError> {
     let key = import.key;
     let integration = queries::find_integration(&state.read_models, key.provider_config_key())
         .await?
-        .ok_or_else(|| ApiError::UnknownProviderConfig(key.provider_config_key().to_owned()))?;
+        .ok_or_else(|| {
+            ConnectionsError::UnknownProviderConfig(key.provider_config_key().to_owned())
+        })?;
     let now = Utc::now();
     let loaded = state
         .commands
@@ -151,7 +200,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             metadata: import.metadata,
         })
         .await
-        .map_err(|e| command_error(e, &key))?;
+        .map_err(ConnectionsError::command(&key))?;
     let connection = publish(state, &loaded).await?;
     Ok(ConnectionView {
         connection: Arc::new(ConnectionRecord {
@@ -163,20 +212,15 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
     })
 }
 
-/// Sets (replace) or merges metadata on each of `connection_ids`; if any is unknown, nothing is
-/// written.
+/// Sets (replace) or merges metadata on each of the connections `keys`; if any is unknown,
+/// nothing is written.
 pub async fn set_metadata(
     state: &AppState,
-    provider_config_key: &str,
-    connection_ids: &[String],
+    keys: &[ConnectionKey],
     metadata: Map<String, Value>,
     mode: MetadataMode,
-) -> Result<(), ApiError> {
-    let keys: Vec<ConnectionKey> = connection_ids
-        .iter()
-        .map(|id| ConnectionKey::new(provider_config_key, id))
-        .collect();
-    for key in &keys {
+) -> Result<(), ConnectionsError> {
+    for key in keys {
         if queries::find_connection(&state.read_models, key)
             .await?
             .is_none()
@@ -185,42 +229,49 @@ pub async fn set_metadata(
         }
     }
     let now = Utc::now();
-    for key in &keys {
+    for key in keys {
         let loaded = state
             .commands
             .set_metadata(key, Value::Object(metadata.clone()), mode, now)
             .await
-            .map_err(|e| command_error(e, key))?;
+            .map_err(ConnectionsError::command(key))?;
         publish(state, &loaded).await?;
     }
     Ok(())
 }
 
 /// Deletes the connection and shreds its secrets.
-pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ApiError> {
+pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ConnectionsError> {
     if queries::find_connection(&state.read_models, key)
         .await?
         .is_none()
     {
         return Err(missing(state, key).await);
     }
+    shred(state, key, Utc::now()).await
+}
+
+/// Deletes the connection, shredding its secrets, without looking for it in the read model
+/// first (its integration is being deleted).
+pub(crate) async fn shred(
+    state: &AppState,
+    key: &ConnectionKey,
+    now: DateTime<Utc>,
+) -> Result<(), ConnectionsError> {
     let loaded = state
         .commands
-        .delete_connection(key, Utc::now())
+        .delete_connection(key, now)
         .await
-        .map_err(|e| command_error(e, key))?;
+        .map_err(ConnectionsError::command(key))?;
     write_read_model(state, &loaded).await
 }
 
 /// Writes a command's resulting state to the read model (and drops the cached copy).
-async fn write_read_model(state: &AppState, loaded: &Loaded<Connection>) -> Result<(), ApiError> {
-    upsert_state::<ConnectionsModel>(
-        &state.read_models,
-        loaded.stream_id.as_str(),
-        loaded.version,
-        &loaded.state,
-    )
-    .await?;
+async fn write_read_model(
+    state: &AppState,
+    loaded: &Loaded<Connection>,
+) -> Result<(), ConnectionsError> {
+    state.write_read_model::<ConnectionsModel>(loaded).await?;
     state.cache.invalidate(loaded.stream_id.as_str());
     Ok(())
 }
@@ -229,13 +280,10 @@ async fn write_read_model(state: &AppState, loaded: &Loaded<Connection>) -> Resu
 pub(crate) async fn publish(
     state: &AppState,
     loaded: &Loaded<Connection>,
-) -> Result<ActiveConnection, ApiError> {
+) -> Result<ActiveConnection, ConnectionsError> {
     write_read_model(state, loaded).await?;
     match &loaded.state {
         Connection::Active(active) => Ok(active.clone()),
-        _ => Err(ApiError::Internal(format!(
-            "{} is not live after the command",
-            ConnectionsModel::NAME
-        ))),
+        _ => Err(ConnectionsError::NotLive(ConnectionsModel::NAME)),
     }
 }

@@ -40,6 +40,13 @@ const TAIL_BATCH: usize = 500;
 /// Why a history could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
+    /// The connection's stream has no event: there never was such a connection.
+    #[error(
+        "no connection {:?} for provider config key {:?}: its stream has no events",
+        .0.connection_id(),
+        .0.provider_config_key()
+    )]
+    UnknownConnection(ConnectionKey),
     /// The event store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -48,7 +55,8 @@ pub enum HistoryError {
     Unreadable(#[from] UnreadableEvent),
 }
 
-/// Every entry of the connection's history, in stream order; empty when the stream has no event.
+/// Every entry of the connection's history, in stream order; a stream without events is
+/// [`HistoryError::UnknownConnection`].
 #[tracing::instrument(
     name = "history.load",
     skip_all,
@@ -60,7 +68,21 @@ pub async fn load(
 ) -> Result<Vec<HistoryEntry>, HistoryError> {
     let stream = key.stream_id();
     let records = backend.events().read_stream(&stream, 0).await?;
+    if records.is_empty() {
+        return Err(HistoryError::UnknownConnection(key.clone()));
+    }
     Ok(domain::history::history(&records)?)
+}
+
+/// The page of the connection's history after stream version `after`, at most `limit` entries
+/// ([`load`], then [`page`]).
+pub async fn load_page(
+    backend: &Backend,
+    key: &ConnectionKey,
+    after: u32,
+    limit: usize,
+) -> Result<Page, HistoryError> {
+    Ok(page(load(backend, key).await?, after, limit))
 }
 
 /// One page of a history.

@@ -1,110 +1,149 @@
 //! What the API does with provider configs (integrations): create, replace, read, delete.
-//! Deleting one deletes its connections.
+//! Deleting one deletes its connections. A config must name a provider template of the catalog:
+//! a connect flow could never use any other. Failures are [`IntegrationsError`]s; the HTTP
+//! layer decides what a client sees of them.
 
 use chrono::Utc;
-use domain::commands::{IntegrationConfig, Loaded};
+use domain::commands::{CommandError, IntegrationConfig};
 use domain::connection::ConnectionKey;
 use domain::credentials::ClientSecret;
-use domain::integration::{ActiveIntegration, Integration};
-use projections::model::upsert_state;
 use projections::queries::{self, IntegrationRecord};
-use projections::{ConnectionsModel, IntegrationsModel};
+use projections::{IntegrationsModel, ProjectionError};
 
-use crate::http::ApiError;
-use crate::http::error::{command_error, integration_command_error};
-use crate::startup::AppState;
+use crate::connections::{self, ConnectionsError};
+use crate::state::AppState;
 
-pub async fn list(state: &AppState) -> Result<Vec<IntegrationRecord>, ApiError> {
+/// Why an integration could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrationsError {
+    /// The integration asked for does not exist.
+    #[error("no provider config with key {0:?}")]
+    NotFound(String),
+    /// The integration a request means to replace does not exist.
+    #[error("unknown provider config key {0:?}")]
+    UnknownProviderConfig(String),
+    /// The config names a provider that is not a template of the catalog.
+    #[error("unknown provider template {0:?}")]
+    UnknownTemplate(String),
+    /// A command on the integration was refused or could not be recorded.
+    #[error("a command on provider config {key:?} failed: {source}")]
+    Command { key: String, source: CommandError },
+    /// One of the integration's connections could not be deleted.
+    #[error(transparent)]
+    Connection(Box<ConnectionsError>),
+    /// The read model cannot be read or written.
+    #[error(transparent)]
+    ReadModel(#[from] ProjectionError),
+}
+
+impl From<ConnectionsError> for IntegrationsError {
+    fn from(e: ConnectionsError) -> Self {
+        Self::Connection(Box::new(e))
+    }
+}
+
+impl IntegrationsError {
+    /// A command's failure on the integration `key`.
+    fn command(key: &str) -> impl FnOnce(CommandError) -> Self + '_ {
+        move |source| Self::Command {
+            key: key.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Every integration, without client secrets.
+pub async fn list(state: &AppState) -> Result<Vec<IntegrationRecord>, IntegrationsError> {
     Ok(queries::list_integrations(&state.read_models).await?)
 }
 
-pub async fn get(state: &AppState, key: &str) -> Result<IntegrationRecord, ApiError> {
-    queries::find_integration(&state.read_models, key)
-        .await?
-        .ok_or_else(|| ApiError::ProviderConfigNotFound(key.to_owned()))
-}
-
-pub async fn client_secret(
+/// The integration `key`, with its client secret opened when `with_secret`.
+pub async fn get(
     state: &AppState,
-    integration: &ActiveIntegration,
-) -> Result<ClientSecret, ApiError> {
-    state
-        .commands
-        .reveal_client_secret(integration)
-        .await
-        .map_err(|e| integration_command_error(e, &integration.provider_config_key))
+    key: &str,
+    with_secret: bool,
+) -> Result<(IntegrationRecord, Option<ClientSecret>), IntegrationsError> {
+    let record = find(state, key).await?;
+    let secret = if with_secret {
+        let secret = state
+            .commands
+            .reveal_client_secret(&record.integration)
+            .await
+            .map_err(IntegrationsError::command(
+                &record.integration.provider_config_key,
+            ))?;
+        Some(secret)
+    } else {
+        None
+    };
+    Ok((record, secret))
 }
 
+/// Creates the integration `key`; its id.
 pub async fn create(
     state: &AppState,
     key: &str,
     config: IntegrationConfig,
-) -> Result<i64, ApiError> {
+) -> Result<i64, IntegrationsError> {
+    known_template(state, &config)?;
     let loaded = state
         .commands
         .create_integration(key, config, Utc::now())
         .await
-        .map_err(|e| integration_command_error(e, key))?;
-    publish(state, &loaded).await?;
+        .map_err(IntegrationsError::command(key))?;
+    state.write_read_model::<IntegrationsModel>(&loaded).await?;
     Ok(projections::model::stable_id(loaded.stream_id.as_str()))
 }
 
-/// Replaces an integration's configuration; an unknown key is `unknown_provider_config` (400).
+/// Replaces an integration's configuration.
 pub async fn update(
     state: &AppState,
     key: &str,
     config: IntegrationConfig,
-) -> Result<(), ApiError> {
+) -> Result<(), IntegrationsError> {
+    known_template(state, &config)?;
     if queries::find_integration(&state.read_models, key)
         .await?
         .is_none()
     {
-        return Err(ApiError::UnknownProviderConfig(key.to_owned()));
+        return Err(IntegrationsError::UnknownProviderConfig(key.to_owned()));
     }
     let loaded = state
         .commands
         .update_integration(key, config, Utc::now())
         .await
-        .map_err(|e| integration_command_error(e, key))?;
-    publish(state, &loaded).await
+        .map_err(IntegrationsError::command(key))?;
+    Ok(state.write_read_model::<IntegrationsModel>(&loaded).await?)
 }
 
 /// Deletes the integration, then each of its connections (shredding their secrets). The
 /// integration goes first: its connections are hidden from then on, even if this stops halfway.
-pub async fn delete(state: &AppState, key: &str) -> Result<(), ApiError> {
+pub async fn delete(state: &AppState, key: &str) -> Result<(), IntegrationsError> {
+    find(state, key).await?;
     let loaded = state
         .commands
         .delete_integration(key, Utc::now())
         .await
-        .map_err(|e| integration_command_error(e, key))?;
-    publish(state, &loaded).await?;
+        .map_err(IntegrationsError::command(key))?;
+    state.write_read_model::<IntegrationsModel>(&loaded).await?;
     let now = Utc::now();
     for connection in queries::list_connections_of(&state.read_models, key).await? {
-        let connection = ConnectionKey::new(key, connection);
-        let deleted = state
-            .commands
-            .delete_connection(&connection, now)
-            .await
-            .map_err(|e| command_error(e, &connection))?;
-        upsert_state::<ConnectionsModel>(
-            &state.read_models,
-            deleted.stream_id.as_str(),
-            deleted.version,
-            &deleted.state,
-        )
-        .await?;
-        state.cache.invalidate(deleted.stream_id.as_str());
+        connections::shred(state, &ConnectionKey::new(key, connection), now).await?;
     }
     Ok(())
 }
 
-async fn publish(state: &AppState, loaded: &Loaded<Integration>) -> Result<(), ApiError> {
-    upsert_state::<IntegrationsModel>(
-        &state.read_models,
-        loaded.stream_id.as_str(),
-        loaded.version,
-        &loaded.state,
-    )
-    .await?;
-    Ok(())
+/// The integration `key` as the read model has it.
+async fn find(state: &AppState, key: &str) -> Result<IntegrationRecord, IntegrationsError> {
+    queries::find_integration(&state.read_models, key)
+        .await?
+        .ok_or_else(|| IntegrationsError::NotFound(key.to_owned()))
+}
+
+/// Refuses a provider the catalog has no template for: a connect flow could never use it.
+fn known_template(state: &AppState, config: &IntegrationConfig) -> Result<(), IntegrationsError> {
+    match state.catalog.get(&config.provider) {
+        Some(_) => Ok(()),
+        None => Err(IntegrationsError::UnknownTemplate(config.provider.clone())),
+    }
 }

@@ -14,58 +14,20 @@ use domain::store::{Backend, StoreOptions};
 use projections::cache::ConnectionCache;
 use projections::snapshots::ReadModelSnapshots;
 use projections::{ReadModels, Runner};
+use tokio::net::TcpListener;
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::Scheduler;
+use workers::sockets::Sockets;
 use workers::webhooks::{WebhookService, WebhookSettings};
+
+use crate::config::{Config, DatabaseConfig, MasterKeySource};
+use crate::http;
+use crate::oauth::Flows;
+use crate::state::{AppState, Shared};
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
 const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
-use tokio::net::TcpListener;
-
-use crate::config::{Config, DatabaseConfig, MasterKeySource};
-use crate::http;
-use crate::oauth::{self, Flows};
-
-/// What the request handlers share: one allocation, so handing it to a request is one
-/// reference-count increment.
-#[derive(Clone, Debug)]
-pub struct AppState(Arc<Shared>);
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-/// The parts of [`AppState`].
-#[derive(Debug)]
-pub struct Shared {
-    pub backend: Backend,
-    /// The read models the API serves.
-    pub read_models: ReadModels,
-    pub commands: Commands,
-    pub runner: Runner,
-    /// The hot path's in-memory replica of the connections read model.
-    pub cache: Arc<ConnectionCache>,
-    pub config: Arc<Config>,
-    /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
-    pub catalog: Arc<Catalog>,
-    /// The OAuth flow machinery (provider client, session sealing key, WebSocket clients).
-    pub oauth: Flows,
-    /// The refresh service: the only code that refreshes tokens.
-    pub refresh: RefreshService,
-    /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
-    /// serves tests and its counters `/metrics`).
-    pub scheduler: Scheduler,
-    /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
-    /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
-    pub webhooks: Option<WebhookService>,
-    /// Request ids and the HTTP latency histograms of `/metrics`.
-    pub requests: Arc<http::observe::RequestObserver>,
-}
 
 /// A built service, bound to its port and ready to run.
 #[derive(Debug)]
@@ -124,7 +86,7 @@ impl Application {
         Ok(Self {
             listener,
             port,
-            state: AppState(Arc::new(Shared {
+            state: AppState::new(Shared {
                 commands,
                 refresh,
                 scheduler,
@@ -136,8 +98,8 @@ impl Application {
                 config: Arc::new(config),
                 catalog,
                 oauth,
-                requests: Arc::new(http::observe::RequestObserver::new()),
-            })),
+                sockets: Arc::new(Sockets::default()),
+            }),
         })
     }
 
@@ -159,23 +121,23 @@ impl Application {
         let stopping = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        let mut workers = Vec::new();
+        let mut tasks = Vec::new();
         if self.state.config.roles.projections {
             let runner = self.state.runner.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move { runner.run(until).await }));
+            tasks.push(tokio::spawn(async move { runner.run(until).await }));
         }
         if self.state.config.roles.webhooks
             && let Some(webhooks) = self.state.webhooks.clone()
         {
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move { webhooks.run(until).await }));
+            tasks.push(tokio::spawn(async move { webhooks.run(until).await }));
         }
         if self.state.config.roles.scheduler {
             let scheduler = self.state.scheduler.clone();
             let schedule = self.state.config.refresh.schedule.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 scheduler.run(schedule, until).await;
             }));
         }
@@ -185,33 +147,33 @@ impl Application {
             let (cache, backend) = (self.state.cache.clone(), self.state.backend.clone());
             let vault = self.state.commands.vault().clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 cache.follow(backend, vault, until).await;
             }));
         }
         if self.state.config.roles.api {
             // WebSocket clients are served by API instances; flows finished on another
             // instance reach them through the relay.
-            let state = self.state.clone();
+            let (sockets, backend) = (self.state.sockets.clone(), self.state.backend.clone());
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
-                oauth::run_socket_relay(state, until).await;
+            tasks.push(tokio::spawn(async move {
+                workers::sockets::run(sockets, backend, until).await;
             }));
         }
         if self.state.config.roles.api {
             let backend = self.state.backend.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
-                oauth::run_session_sweeper(backend, until).await;
+            tasks.push(tokio::spawn(async move {
+                workers::sessions::run(backend, until).await;
             }));
         }
         {
             // Upgraded (WebSocket) connections outlive the graceful shutdown unless told.
-            let state = self.state.clone();
+            let sockets = self.state.sockets.clone();
             let until = stopping(stopped.clone());
-            workers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 until.await;
-                state.oauth.sockets.close_all();
+                sockets.close_all();
             }));
         }
         tracing::info!(port = self.port, "grantline listening");
@@ -222,8 +184,8 @@ impl Application {
             })
             .await
             .context("the HTTP server failed");
-        for worker in workers {
-            let _ = worker.await;
+        for task in tasks {
+            let _ = task.await;
         }
         serving
     }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use subtle::ConstantTimeEq;
 
 use super::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn require_secret_key(
     State(state): State<AppState>,

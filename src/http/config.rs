@@ -6,34 +6,93 @@ use axum::extract::State;
 use domain::commands::IntegrationConfig;
 use domain::credentials::ClientSecret;
 use projections::queries::IntegrationRecord;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use utoipa::IntoParams;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
-use super::ApiError;
 use super::connection::timestamp;
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, flag, identifier, in_body, provider_config_key, without_nul,
+    ApiJson, ApiPath, ApiQuery, flag, identifier, in_body, object_body, provider_config_key,
 };
+use super::{ApiError, Success};
 use crate::integrations;
-use crate::startup::AppState;
+use crate::state::AppState;
 
-fn config_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Value {
-    let i = &record.integration;
-    let mut out = json!({
-        "id": record.id,
-        "unique_key": i.provider_config_key,
-        "provider_config_key": i.provider_config_key,
-        "provider": i.provider,
-        "oauth_client_id": i.oauth_client_id,
-        "oauth_scopes": i.oauth_scopes.join(","),
-        "created_at": timestamp(i.created_at),
-        "updated_at": timestamp(i.updated_at.unwrap_or(i.created_at)),
-    });
-    if let (Some(secret), Value::Object(fields)) = (secret, &mut out) {
-        fields.insert("oauth_client_secret".into(), secret.expose().into());
+/// A provider config (integration) as Nango v0.16 has it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Config)]
+pub struct ConfigBody {
+    id: i64,
+    /// Same as `provider_config_key`.
+    unique_key: String,
+    provider_config_key: String,
+    /// The provider template's name.
+    provider: String,
+    oauth_client_id: String,
+    /// Only with `include_creds=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oauth_client_secret: Option<String>,
+    /// Comma-separated.
+    oauth_scopes: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+impl ConfigBody {
+    fn new(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Self {
+        let i = &record.integration;
+        Self {
+            id: record.id,
+            unique_key: i.provider_config_key.clone(),
+            provider_config_key: i.provider_config_key.clone(),
+            provider: i.provider.clone(),
+            oauth_client_id: i.oauth_client_id.clone(),
+            oauth_client_secret: secret.map(|secret| secret.expose().to_owned()),
+            oauth_scopes: i.oauth_scopes.join(","),
+            created_at: timestamp(i.created_at),
+            updated_at: timestamp(i.updated_at.unwrap_or(i.created_at)),
+        }
     }
-    out
+}
+
+/// `GET /config/{provider_config_key}`.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigEnvelope {
+    config: ConfigBody,
+}
+
+/// `GET /config`: all configs, without client secrets.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigList {
+    configs: Vec<ConfigBody>,
+}
+
+/// `POST`/`PUT /config`: a provider config.
+// Fields are taken as the JSON the client sent and checked one by one, for Nango's codes
+// (`missing_client_id`, …); the schema says what each must be.
+#[derive(Deserialize, ToSchema)]
+pub struct ConfigInput {
+    #[schema(value_type = String)]
+    provider_config_key: Option<Value>,
+    /// A provider template's name (built-in or from the providers file).
+    #[schema(value_type = String)]
+    provider: Option<Value>,
+    #[schema(value_type = String)]
+    oauth_client_id: Option<Value>,
+    #[schema(value_type = String)]
+    oauth_client_secret: Option<Value>,
+    /// A list, or one string separated by commas or spaces.
+    #[schema(value_type = Option<Value>)]
+    oauth_scopes: Option<Value>,
+}
+
+/// `POST /config`: the new config's id.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigCreated {
+    config_id: i64,
+    provider_config_key: String,
 }
 
 /// `GET /config`.
@@ -42,18 +101,15 @@ fn config_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Val
     path = "/config",
     tag = "integrations",
     responses(
-        (status = 200, description = "All provider configs, without client secrets", body = super::openapi::ConfigList),
+        (status = 200, description = "All provider configs, without client secrets", body = ConfigList),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
     ),
     security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
-pub async fn list_configs(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let configs: Vec<Value> = integrations::list(&state)
-        .await?
-        .iter()
-        .map(|r| config_json(r, None))
-        .collect();
-    Ok(Json(json!({ "configs": configs })))
+pub async fn list_configs(State(state): State<AppState>) -> Result<Json<ConfigList>, ApiError> {
+    let records = integrations::list(&state).await?;
+    let configs = records.iter().map(|r| ConfigBody::new(r, None)).collect();
+    Ok(Json(ConfigList { configs }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -72,7 +128,7 @@ pub struct GetConfigQuery {
     tag = "integrations",
     params(("provider_config_key" = String, Path, description = "The integration's unique key"), GetConfigQuery),
     responses(
-        (status = 200, description = "The provider config", body = super::openapi::ConfigEnvelope),
+        (status = 200, description = "The provider config", body = ConfigEnvelope),
         (status = 400, description = "Invalid key or flag", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
@@ -83,79 +139,72 @@ pub async fn get_config(
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
     ApiQuery(query): ApiQuery<GetConfigQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ConfigEnvelope>, ApiError> {
     identifier(&key, "provider_config_key")?;
-    let record = integrations::get(&state, &key).await?;
-    let secret = match query.include_creds {
-        Some(true) => Some(integrations::client_secret(&state, &record.integration).await?),
-        _ => None,
-    };
-    Ok(Json(
-        json!({ "config": config_json(&record, secret.as_ref()) }),
-    ))
+    let with_secret = query.include_creds == Some(true);
+    let (record, secret) = integrations::get(&state, &key, with_secret).await?;
+    let config = ConfigBody::new(&record, secret.as_ref());
+    Ok(Json(ConfigEnvelope { config }))
 }
 
-/// The body of `POST`/`PUT /config`, checked field by field for Nango's error codes.
-fn parse_config(body: &Value) -> Result<(String, IntegrationConfig), ApiError> {
-    without_nul(body)?;
-    let fields = match body {
-        Value::Object(fields) if !fields.is_empty() => fields,
-        Value::Object(_) | Value::Null => {
-            return Err(ApiError::MissingField {
-                code: "missing_body",
-                message: "missing body",
-            });
-        }
-        _ => {
-            return Err(ApiError::InvalidBody(
-                "the body must be a JSON object".into(),
-            ));
-        }
-    };
-    let text = |field: &str| -> Result<Option<String>, ApiError> {
-        match fields.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
-            Some(_) => Err(ApiError::InvalidBody(format!("{field} must be a string"))),
-        }
-    };
-    let key = provider_config_key(text("provider_config_key")?.as_deref()).map_err(in_body)?;
-    let provider = text("provider")?.ok_or(ApiError::MissingField {
-        code: "missing_provider_template",
-        message: "missing provider",
-    })?;
-    identifier(&provider, "provider").map_err(in_body)?;
-    let oauth_client_id = text("oauth_client_id")?.ok_or(ApiError::MissingField {
-        code: "missing_client_id",
-        message: "missing oauth_client_id",
-    })?;
-    let client_secret = text("oauth_client_secret")?.ok_or(ApiError::MissingField {
-        code: "missing_client_secret",
-        message: "missing oauth_client_secret",
-    })?;
-    let oauth_scopes = scopes(fields)?;
-    Ok((
-        key,
-        IntegrationConfig {
-            provider,
-            oauth_client_id,
-            client_secret: ClientSecret::new(client_secret),
-            oauth_scopes,
-        },
-    ))
+impl ConfigInput {
+    /// The key and the configuration the body asks for, checked field by field.
+    fn into_config(self) -> Result<(String, IntegrationConfig), ApiError> {
+        let key =
+            provider_config_key(text(self.provider_config_key, "provider_config_key")?.as_deref())
+                .map_err(in_body)?;
+        let provider = text(self.provider, "provider")?.ok_or(ApiError::MissingField {
+            code: "missing_provider_template",
+            message: "missing provider",
+        })?;
+        identifier(&provider, "provider").map_err(in_body)?;
+        let oauth_client_id =
+            text(self.oauth_client_id, "oauth_client_id")?.ok_or(ApiError::MissingField {
+                code: "missing_client_id",
+                message: "missing oauth_client_id",
+            })?;
+        let client_secret = text(self.oauth_client_secret, "oauth_client_secret")?.ok_or(
+            ApiError::MissingField {
+                code: "missing_client_secret",
+                message: "missing oauth_client_secret",
+            },
+        )?;
+        let oauth_scopes = scopes(self.oauth_scopes)?;
+        Ok((
+            key,
+            IntegrationConfig {
+                provider,
+                oauth_client_id,
+                client_secret: ClientSecret::new(client_secret),
+                oauth_scopes,
+            },
+        ))
+    }
 }
 
-/// Refuses a provider the catalog has no template for: a connect flow could never use it.
-fn known_provider(state: &AppState, config: &IntegrationConfig) -> Result<(), ApiError> {
-    match state.catalog.get(&config.provider) {
-        Some(_) => Ok(()),
-        None => Err(ApiError::UnknownProviderTemplate(config.provider.clone())),
+/// The body of `POST`/`PUT /config`: an object with at least one field (else `missing_body`).
+fn config_input(body: Value) -> Result<ConfigInput, ApiError> {
+    if body.is_null() || body.as_object().is_some_and(|fields| fields.is_empty()) {
+        return Err(ApiError::MissingField {
+            code: "missing_body",
+            message: "missing body",
+        });
+    }
+    object_body(body)
+}
+
+/// A text field, trimmed; blank is absent.
+fn text(value: Option<Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+        Some(_) => Err(ApiError::InvalidBody(format!("{field} must be a string"))),
     }
 }
 
 /// Scopes as a list or a string separated by commas or spaces.
-fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+fn scopes(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     let split = |s: &str| -> Vec<String> {
         s.split([',', ' '])
             .map(str::trim)
@@ -163,9 +212,9 @@ fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
             .map(str::to_owned)
             .collect()
     };
-    match fields.get("oauth_scopes") {
+    match value {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(split(s)),
+        Some(Value::String(s)) => Ok(split(&s)),
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| {
@@ -185,9 +234,9 @@ fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     post,
     path = "/config",
     tag = "integrations",
-    request_body = super::openapi::ConfigInput,
+    request_body = ConfigInput,
     responses(
-        (status = 200, description = "Created", body = super::openapi::ConfigCreated),
+        (status = 200, description = "Created", body = ConfigCreated),
         (status = 400, description = "A field is missing (`missing_*`) or invalid, or the provider has no template (`unknown_provider_template`)", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 409, description = "The key exists already (`duplicate_provider_config`)", body = super::error::ErrorBody),
@@ -198,11 +247,13 @@ fn scopes(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
 pub async fn create_config(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, ApiError> {
-    let (key, config) = parse_config(&body)?;
-    known_provider(&state, &config)?;
-    let id = integrations::create(&state, &key, config).await?;
-    Ok(Json(json!({ "config_id": id, "provider_config_key": key })))
+) -> Result<Json<ConfigCreated>, ApiError> {
+    let (key, config) = config_input(body)?.into_config()?;
+    let config_id = integrations::create(&state, &key, config).await?;
+    Ok(Json(ConfigCreated {
+        config_id,
+        provider_config_key: key,
+    }))
 }
 
 /// `PUT /config`: replaces a config; 400 `unknown_provider_config` if there is none.
@@ -210,9 +261,9 @@ pub async fn create_config(
     put,
     path = "/config",
     tag = "integrations",
-    request_body = super::openapi::ConfigInput,
+    request_body = ConfigInput,
     responses(
-        (status = 200, description = "Replaced", body = super::openapi::Success),
+        (status = 200, description = "Replaced", body = Success),
         (status = 400, description = "A field is missing or invalid, the provider has no template (`unknown_provider_template`), or there is no such config (`unknown_provider_config`)", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
@@ -222,11 +273,10 @@ pub async fn create_config(
 pub async fn update_config(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, ApiError> {
-    let (key, config) = parse_config(&body)?;
-    known_provider(&state, &config)?;
+) -> Result<Json<Success>, ApiError> {
+    let (key, config) = config_input(body)?.into_config()?;
     integrations::update(&state, &key, config).await?;
-    Ok(Json(json!({ "success": true })))
+    Ok(Json(Success::YES))
 }
 
 /// `DELETE /config/:key`: deletes the config and all its connections.
@@ -236,7 +286,7 @@ pub async fn update_config(
     tag = "integrations",
     params(("provider_config_key" = String, Path, description = "The integration's unique key")),
     responses(
-        (status = 200, description = "Deleted, with its connections", body = super::openapi::Success),
+        (status = 200, description = "Deleted, with its connections", body = Success),
         (status = 400, description = "Invalid key", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
@@ -246,9 +296,8 @@ pub async fn update_config(
 pub async fn delete_config(
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Success>, ApiError> {
     identifier(&key, "provider_config_key")?;
-    integrations::get(&state, &key).await?;
     integrations::delete(&state, &key).await?;
-    Ok(Json(json!({ "success": true })))
+    Ok(Json(Success::YES))
 }

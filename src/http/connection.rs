@@ -1,27 +1,25 @@
 //! `/connection…` and `/connections…`: the Nango Connections API.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::connection::{ConnectionKey, MetadataMode};
 use domain::credentials::Credentials;
-use std::borrow::Cow;
-
-use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::ApiError;
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, connection_key, flag, identifier, in_body, in_query,
-    provider_config_key, without_nul,
+    ApiJson, ApiPath, ApiQuery, connection_key, flag, identifier, in_body, in_query, object_body,
+    optional_str, provider_config_key, without_nul,
 };
-use workers::provider::parse_expires_at;
-
-use crate::connections::{self, ConnectionView, Import};
-use crate::startup::AppState;
+use super::{ApiError, Success};
+use crate::connections::{self, ConnectionView};
+use crate::state::AppState;
 
 /// Timestamps as the seed shows them: `2023-03-08T09:43:03.725Z`.
 pub fn timestamp(t: DateTime<Utc>) -> String {
@@ -199,6 +197,26 @@ pub struct ListQuery {
     connection_id: Option<String>,
 }
 
+/// `GET /connection`: the connections, without credentials.
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionList {
+    connections: Vec<ConnectionSummary>,
+}
+
+/// One connection of the list.
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionSummary {
+    /// Internal id.
+    id: i64,
+    connection_id: String,
+    /// The provider config key (as Nango has it).
+    provider: String,
+    provider_config_key: String,
+    /// Creation time, e.g. `2023-03-08T09:43:03.725Z`.
+    #[schema(format = DateTime)]
+    created: String,
+}
+
 /// `GET /connection[?connectionId=X]`: the list, without credentials.
 ///
 /// Never refreshes a token.
@@ -208,7 +226,7 @@ pub struct ListQuery {
     tag = "connections",
     params(ListQuery),
     responses(
-        (status = 200, description = "The connections, without credentials", body = super::openapi::ConnectionList),
+        (status = 200, description = "The connections, without credentials", body = ConnectionList),
         (status = 400, description = "Invalid `connectionId`", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
     ),
@@ -217,26 +235,24 @@ pub struct ListQuery {
 pub async fn list_connections(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ConnectionList>, ApiError> {
     let filter = query.connection_id.as_deref().filter(|s| !s.is_empty());
     if let Some(id) = filter {
         identifier(id, "connectionId").map_err(in_query)?;
     }
-    let connections: Vec<Value> = connections::list(&state, filter)
+    let connections = connections::list(&state, filter)
         .await?
         .into_iter()
-        .map(|c| {
-            json!({
-                "id": c.id,
-                "connection_id": c.connection_id,
-                // Nango puts the config key under `provider`; the explicit field says the same.
-                "provider": c.provider_config_key,
-                "provider_config_key": c.provider_config_key,
-                "created": timestamp(c.created_at),
-            })
+        .map(|c| ConnectionSummary {
+            id: c.id,
+            connection_id: c.connection_id,
+            // Nango puts the config key under `provider`; the explicit field says the same.
+            provider: c.provider_config_key.clone(),
+            provider_config_key: c.provider_config_key,
+            created: timestamp(c.created_at),
         })
         .collect();
-    Ok(Json(json!({ "connections": connections })))
+    Ok(Json(ConnectionList { connections }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -254,7 +270,7 @@ pub struct KeyQuery {
     tag = "connections",
     params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
     responses(
-        (status = 200, description = "Deleted", body = super::openapi::Success),
+        (status = 200, description = "Deleted", body = Success),
         (status = 400, description = "Missing or invalid `provider_config_key` or id", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
@@ -265,10 +281,10 @@ pub async fn delete_connection(
     State(state): State<AppState>,
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<KeyQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Success>, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     connections::delete(&state, &key).await?;
-    Ok(Json(json!({ "success": true })))
+    Ok(Json(Success::YES))
 }
 
 /// `GET /connection/metadata?provider_config_key=K`: the connection whose id is `metadata`.
@@ -304,7 +320,7 @@ pub async fn get_connection_named_metadata(
     tag = "connections",
     params(KeyQuery),
     responses(
-        (status = 200, description = "Deleted", body = super::openapi::Success),
+        (status = 200, description = "Deleted", body = Success),
         (status = 400, description = "Missing or invalid `provider_config_key`", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
@@ -314,202 +330,32 @@ pub async fn get_connection_named_metadata(
 pub async fn delete_connection_named_metadata(
     state: State<AppState>,
     query: ApiQuery<KeyQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Success>, ApiError> {
     delete_connection(state, ApiPath("metadata".to_owned()), query).await
 }
 
-/// `POST /connection`: import existing credentials, in the flat shape of Nango ≤ 0.6x or the
-/// `credentials: {type, …}` shape of current Nango.
-#[utoipa::path(
-    post,
-    path = "/connection",
-    tag = "connections",
-    request_body = super::openapi::ImportConnection,
-    responses(
-        (status = 201, description = "Imported; the connection with its credentials", body = ConnectionBody),
-        (status = 400, description = "A required field is missing (`missing_*`) or invalid (`invalid_body`, `invalid_json`, `unknown_provider_config`)", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
-        (status = 413, description = "The body is too large", body = super::error::ErrorBody),
-        (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
-    ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
-)]
-pub async fn import_connection(
-    State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
-) -> Result<Response, ApiError> {
-    let import = parse_import(&body)?;
-    let view = connections::import(&state, import).await?;
-    Ok((StatusCode::CREATED, Json(connection_json(&view, true))).into_response())
+/// `POST`/`PATCH /connection/metadata`: metadata for one or several connections.
+#[derive(Deserialize, ToSchema)]
+pub struct MetadataUpdate {
+    /// One connection id or a non-empty list of them.
+    #[schema(value_type = Value)]
+    connection_id: Option<Value>,
+    #[schema(value_type = String)]
+    provider_config_key: Option<Value>,
+    /// Replaces (POST) or is merged into (PATCH) the stored metadata.
+    #[schema(value_type = Object)]
+    metadata: Option<Value>,
 }
 
-fn parse_import(body: &Value) -> Result<Import, ApiError> {
-    without_nul(body)?;
-    let body = body
-        .as_object()
-        .ok_or_else(|| ApiError::InvalidBody("the body must be a JSON object".into()))?;
-    let provider_config_key =
-        provider_config_key(optional_str(body, "provider_config_key")?).map_err(in_body)?;
-    let connection_id = match optional_str(body, "connection_id")?.map(str::trim) {
-        None | Some("") => return Err(ApiError::MissingConnection),
-        Some(id) => {
-            identifier(id, "connection_id").map_err(in_body)?;
-            id.to_owned()
-        }
-    };
-    let credentials = match body.get("credentials") {
-        Some(Value::Object(fields)) => nested_credentials(fields)?,
-        Some(_) => {
-            return Err(ApiError::InvalidBody(
-                "credentials must be an object".into(),
-            ));
-        }
-        None => flat_credentials(body)?,
-    };
-    Ok(Import {
-        key: ConnectionKey::new(provider_config_key, connection_id),
-        credentials,
-        connection_config: optional_object(body, "connection_config")?.unwrap_or_default(),
-        metadata: optional_object(body, "metadata")?,
-    })
-}
-
-fn optional_str<'a>(
-    body: &'a Map<String, Value>,
-    field: &str,
-) -> Result<Option<&'a str>, ApiError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::InvalidBody(format!("{field} must be a string"))),
-    }
-}
-
-fn required_str(
-    body: &Map<String, Value>,
-    field: &str,
-    code: &'static str,
-    message: &'static str,
-) -> Result<String, ApiError> {
-    match optional_str(body, field)? {
-        Some(s) if !s.is_empty() => Ok(s.to_owned()),
-        _ => Err(ApiError::MissingField { code, message }),
-    }
-}
-
-fn optional_object(
-    body: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, ApiError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(o)) => Ok(Some(o.clone())),
-        Some(_) => Err(ApiError::InvalidBody(format!(
-            "{field} must be a JSON object"
-        ))),
-    }
-}
-
-fn expires_at(body: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, ApiError> {
-    match body.get("expires_at") {
-        None | Some(Value::Null) => {}
-        Some(value) => {
-            return parse_expires_at(value).map(Some).ok_or_else(|| {
-                ApiError::InvalidBody("expires_at must be an RFC 3339 time or UNIX seconds".into())
-            });
-        }
-    }
-    match body.get("expires_in") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) if n.as_i64().is_some_and(|s| s >= 0) => {
-            let seconds = n.as_i64().unwrap_or_default();
-            Ok(Some(Utc::now() + chrono::Duration::seconds(seconds)))
-        }
-        Some(_) => Err(ApiError::InvalidBody(
-            "expires_in must be a whole number of seconds".into(),
-        )),
-    }
-}
-
-fn oauth2(body: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    Ok(Credentials::OAuth2 {
-        access_token: required_str(
-            body,
-            "access_token",
-            "missing_access_token",
-            "missing access_token",
-        )?,
-        refresh_token: optional_str(body, "refresh_token")?
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned),
-        expires_at: expires_at(body)?,
-        raw: optional_object(body, "raw")?.map_or_else(|| Value::Object(Map::new()), Value::Object),
-    })
-}
-
-fn oauth1(body: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    Ok(Credentials::OAuth1 {
-        oauth_token: required_str(
-            body,
-            "oauth_token",
-            "missing_oauth_token",
-            "missing oauth_token",
-        )?,
-        oauth_token_secret: required_str(
-            body,
-            "oauth_token_secret",
-            "missing_oauth_token_secret",
-            "missing oauth_token_secret",
-        )?,
-        raw: optional_object(body, "raw")?.map_or_else(|| Value::Object(Map::new()), Value::Object),
-    })
-}
-
-fn api_key(body: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    let key = optional_str(body, "apiKey")?.or(optional_str(body, "api_key")?);
-    match key {
-        Some(k) if !k.is_empty() => Ok(Credentials::ApiKey {
-            api_key: k.to_owned(),
-        }),
-        _ => Err(ApiError::MissingField {
-            code: "missing_api_key",
-            message: "missing apiKey",
-        }),
-    }
-}
-
-fn basic(body: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    Ok(Credentials::Basic {
-        username: required_str(body, "username", "missing_username", "missing username")?,
-        password: optional_str(body, "password")?
-            .unwrap_or_default()
-            .to_owned(),
-    })
-}
-
-fn nested_credentials(fields: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    match optional_str(fields, "type")? {
-        Some("OAUTH2") => oauth2(fields),
-        Some("OAUTH1") => oauth1(fields),
-        Some("API_KEY") => api_key(fields),
-        Some("BASIC") => basic(fields),
-        Some(other) => Err(ApiError::InvalidBody(format!(
-            "credentials type {other:?} is not one of OAUTH2, OAUTH1, API_KEY, BASIC"
-        ))),
-        None => Err(ApiError::InvalidBody("credentials need a type".into())),
-    }
-}
-
-fn flat_credentials(body: &Map<String, Value>) -> Result<Credentials, ApiError> {
-    if body.contains_key("oauth_token") || body.contains_key("oauth_token_secret") {
-        oauth1(body)
-    } else if body.contains_key("api_key") || body.contains_key("apiKey") {
-        api_key(body)
-    } else if body.contains_key("username") {
-        basic(body)
-    } else {
-        oauth2(body)
-    }
+/// The answer to a metadata update: what was written.
+#[derive(Serialize, ToSchema)]
+pub struct MetadataAnswer {
+    /// As sent: one id or a list.
+    #[schema(value_type = Value)]
+    connection_id: Value,
+    provider_config_key: String,
+    #[schema(value_type = Object)]
+    metadata: Map<String, Value>,
 }
 
 /// `POST`/`PATCH /connection/:id/metadata?provider_config_key=K` with the metadata as body.
@@ -522,8 +368,8 @@ fn flat_credentials(body: &Map<String, Value>) -> Result<Credentials, ApiError> 
     params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
     request_body(content = Object, description = "The metadata: a JSON object"),
     responses(
-        (status = 201, description = "POST: the metadata was replaced", body = super::openapi::MetadataAnswer),
-        (status = 200, description = "PATCH: the metadata was merged", body = super::openapi::MetadataAnswer),
+        (status = 201, description = "POST: the metadata was replaced", body = MetadataAnswer),
+        (status = 200, description = "PATCH: the metadata was merged", body = MetadataAnswer),
         (status = 400, description = "Missing `provider_config_key`, or the body is not an object", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
@@ -537,7 +383,7 @@ pub async fn set_metadata_of(
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<KeyQuery>,
     ApiJson(metadata): ApiJson<Value>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<MetadataAnswer>), ApiError> {
     identifier(&connection_id, "connection_id")?;
     let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
     without_nul(&metadata)?;
@@ -547,15 +393,14 @@ pub async fn set_metadata_of(
         ));
     };
     let mode = mode_of(&method);
-    connections::set_metadata(
-        &state,
-        &key,
-        std::slice::from_ref(&connection_id),
-        metadata.clone(),
+    let keys = [ConnectionKey::new(&key, &connection_id)];
+    connections::set_metadata(&state, &keys, metadata.clone(), mode).await?;
+    Ok(metadata_answer(
         mode,
-    )
-    .await?;
-    Ok(metadata_answer(mode, json!(connection_id), &key, metadata))
+        Value::String(connection_id),
+        key,
+        metadata,
+    ))
 }
 
 /// `POST`/`PATCH /connections/metadata` with `{connection_id: id | [ids], provider_config_key,
@@ -566,10 +411,10 @@ pub async fn set_metadata_of(
     method(post, patch),
     path = "/connection/metadata",
     tag = "connections",
-    request_body = super::openapi::MetadataUpdate,
+    request_body = MetadataUpdate,
     responses(
-        (status = 201, description = "POST: the metadata was replaced", body = super::openapi::MetadataAnswer),
-        (status = 200, description = "PATCH: the metadata was merged", body = super::openapi::MetadataAnswer),
+        (status = 201, description = "POST: the metadata was replaced", body = MetadataAnswer),
+        (status = 200, description = "PATCH: the metadata was merged", body = MetadataAnswer),
         (status = 400, description = "A field is missing or invalid", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "A connection does not exist (`unknown_connection`)", body = super::error::ErrorBody),
@@ -581,13 +426,11 @@ pub async fn set_metadata(
     State(state): State<AppState>,
     method: axum::http::Method,
     ApiJson(body): ApiJson<Value>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    without_nul(&body)?;
-    let fields = body
-        .as_object()
-        .ok_or_else(|| ApiError::InvalidBody("the body must be a JSON object".into()))?;
-    let key = provider_config_key(optional_str(fields, "provider_config_key")?).map_err(in_body)?;
-    let ids: Vec<String> = match fields.get("connection_id") {
+) -> Result<(StatusCode, Json<MetadataAnswer>), ApiError> {
+    let update = object_body::<MetadataUpdate>(body)?;
+    let key = optional_str(update.provider_config_key.as_ref(), "provider_config_key")?;
+    let key = provider_config_key(key).map_err(in_body)?;
+    let ids: Vec<String> = match &update.connection_id {
         Some(Value::String(id)) if !id.trim().is_empty() => vec![id.trim().to_owned()],
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
@@ -608,18 +451,16 @@ pub async fn set_metadata(
     for id in &ids {
         identifier(id, "connection_id").map_err(in_body)?;
     }
-    let metadata = match fields.get("metadata") {
-        Some(Value::Object(m)) => m.clone(),
-        _ => {
-            return Err(ApiError::InvalidBody(
-                "metadata must be a JSON object".into(),
-            ));
-        }
+    let Some(Value::Object(metadata)) = update.metadata else {
+        return Err(ApiError::InvalidBody(
+            "metadata must be a JSON object".into(),
+        ));
     };
     let mode = mode_of(&method);
-    connections::set_metadata(&state, &key, &ids, metadata.clone(), mode).await?;
-    let id_value = fields.get("connection_id").cloned().unwrap_or(Value::Null);
-    Ok(metadata_answer(mode, id_value, &key, metadata))
+    let keys: Vec<ConnectionKey> = ids.iter().map(|id| ConnectionKey::new(&key, id)).collect();
+    connections::set_metadata(&state, &keys, metadata.clone(), mode).await?;
+    let sent = update.connection_id.unwrap_or(Value::Null);
+    Ok(metadata_answer(mode, sent, key, metadata))
 }
 
 fn mode_of(method: &axum::http::Method) -> MetadataMode {
@@ -633,14 +474,17 @@ fn mode_of(method: &axum::http::Method) -> MetadataMode {
 fn metadata_answer(
     mode: MetadataMode,
     connection_id: Value,
-    key: &str,
+    provider_config_key: String,
     metadata: Map<String, Value>,
-) -> (StatusCode, Json<Value>) {
+) -> (StatusCode, Json<MetadataAnswer>) {
     let status = match mode {
         MetadataMode::Replace => StatusCode::CREATED,
         MetadataMode::Merge => StatusCode::OK,
     };
-    let body =
-        json!({ "connection_id": connection_id, "provider_config_key": key, "metadata": metadata });
-    (status, Json(body))
+    let answer = MetadataAnswer {
+        connection_id,
+        provider_config_key,
+        metadata,
+    };
+    (status, Json(answer))
 }

@@ -1,6 +1,10 @@
 //! The one error type of the HTTP API: `{"error": {"code", "message", "payload"}}`, with the
 //! codes and statuses Nango's clients know (reference §1.7). 5xx bodies carry no internals; the
 //! cause is logged once.
+//!
+//! This is the one place where the services' errors ([`ConnectionsError`], [`IntegrationsError`],
+//! [`HistoryError`], [`FlowError`], and those of the stores and workers) become what a client
+//! sees: a status, a code, a message and a payload.
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -18,6 +22,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 use workers::refresh::RefreshError;
+use workers::webhooks::WebhookError;
+
+use crate::connections::ConnectionsError;
+use crate::history::HistoryError;
+use crate::integrations::IntegrationsError;
+use crate::oauth::FlowError;
 
 /// A failed request. Each variant's doc names its status.
 #[derive(Debug, thiserror::Error)]
@@ -287,8 +297,63 @@ impl From<KeyError> for ApiError {
     }
 }
 
+impl From<ConnectionsError> for ApiError {
+    fn from(e: ConnectionsError) -> Self {
+        match e {
+            ConnectionsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
+            ConnectionsError::UnknownConnection(key) => Self::UnknownConnection(key),
+            ConnectionsError::Refresh(e) => e.into(),
+            ConnectionsError::Command { key, source } => command_error(source, &key),
+            ConnectionsError::ReadModel(e) => e.into(),
+            other @ ConnectionsError::NotLive(_) => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<IntegrationsError> for ApiError {
+    fn from(e: IntegrationsError) -> Self {
+        match e {
+            IntegrationsError::NotFound(key) => Self::ProviderConfigNotFound(key),
+            IntegrationsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
+            IntegrationsError::UnknownTemplate(provider) => Self::UnknownProviderTemplate(provider),
+            IntegrationsError::Command { key, source } => integration_command_error(source, &key),
+            IntegrationsError::Connection(e) => (*e).into(),
+            IntegrationsError::ReadModel(e) => e.into(),
+        }
+    }
+}
+
+impl From<HistoryError> for ApiError {
+    fn from(e: HistoryError) -> Self {
+        match e {
+            HistoryError::UnknownConnection(key) => Self::UnknownConnection(key),
+            HistoryError::Store(e) => e.into(),
+            HistoryError::Unreadable(e) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<WebhookError> for ApiError {
+    fn from(e: WebhookError) -> Self {
+        match e {
+            WebhookError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The status of the page that reports a failed OAuth flow: 4xx for anything about the request
+/// or the provider (never a 5xx for provider trouble), 503/500 for our own.
+pub fn flow_status(error: &FlowError) -> StatusCode {
+    match error {
+        FlowError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        FlowError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
 /// Maps a connection command's failure; `key` names the connection for 404s.
-pub fn command_error(e: CommandError, key: &ConnectionKey) -> ApiError {
+fn command_error(e: CommandError, key: &ConnectionKey) -> ApiError {
     match e {
         CommandError::Connection(ConnectionRejected::NotFound | ConnectionRejected::Deleted) => {
             ApiError::UnknownConnection(key.clone())
@@ -298,7 +363,7 @@ pub fn command_error(e: CommandError, key: &ConnectionKey) -> ApiError {
 }
 
 /// Maps an integration command's failure; `key` names the integration for 404s and 409s.
-pub fn integration_command_error(e: CommandError, key: &str) -> ApiError {
+fn integration_command_error(e: CommandError, key: &str) -> ApiError {
     match e {
         CommandError::Connection(ConnectionRejected::NotFound | ConnectionRejected::Deleted) => {
             ApiError::UnknownConnection(ConnectionKey::new(key, ""))

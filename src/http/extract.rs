@@ -1,9 +1,11 @@
-//! Extractors whose rejections are [`ApiError`]s, so malformed input gets our JSON errors.
+//! Extractors whose rejections are [`ApiError`]s, so malformed input gets our JSON errors, and
+//! the checks every request's identifiers and JSON bodies go through.
 
 use axum::extract::{FromRequest, FromRequestParts};
 use domain::connection::ConnectionKey;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::ApiError;
 
@@ -107,4 +109,43 @@ pub fn without_nul(value: &Value) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// A JSON object body as the request type `T`, whose fields take any JSON and are checked one by
+/// one afterwards (for Nango's codes). Refused (`invalid_body`) when it holds NUL or is not an
+/// object.
+pub fn object_body<T: DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    without_nul(&body)?;
+    if !body.is_object() {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))
+}
+
+/// A body field that must be a string when it is there (`null` is not there).
+pub fn optional_str<'a>(
+    value: Option<&'a Value>,
+    field: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::InvalidBody(format!("{field} must be a string"))),
+    }
+}
+
+/// A body field that must be a JSON object when it is there (`null` is not there).
+pub fn optional_object(
+    value: Option<&Value>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o.clone())),
+        Some(_) => Err(ApiError::InvalidBody(format!(
+            "{field} must be a JSON object"
+        ))),
+    }
 }

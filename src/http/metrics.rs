@@ -9,13 +9,16 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
 use projections::cache::CacheStats;
 
-use crate::startup::AppState;
+use super::observe::RequestObserver;
+use crate::state::AppState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -221,7 +224,10 @@ async fn oldest_unapplied(
     ),
     security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(
+    State(state): State<AppState>,
+    State(requests): State<Arc<RequestObserver>>,
+) -> impl IntoResponse {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let refresh = state.refresh.counters();
     let calls = refresh.provider_calls.each_ref().map(load);
@@ -360,7 +366,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ("data_keys", state.commands.vault().cache_stats()),
         ],
     );
-    state.requests.render(&mut out);
+    requests.render(&mut out);
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)
 }

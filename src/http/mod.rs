@@ -1,32 +1,50 @@
-//! The HTTP surface. Handlers are thin: extract, call one function, map the answer. Both route
-//! families, `/connection…` (the seed) and `/connections…` (current Nango clients), reach the
-//! same handlers; unknown query parameters and `Nango-*` headers are ignored.
+//! The HTTP surface. Handlers are thin: extract, call one function, map the answer to a response
+//! type that is also what the OpenAPI document shows. Both route families, `/connection…` (the
+//! seed) and `/connections…` (current Nango clients), reach the same handlers; unknown query
+//! parameters and `Nango-*` headers are ignored.
+//!
+//! The router's state, [`HttpState`], is the services' [`AppState`] plus what is the HTTP layer's
+//! own: the [`RequestObserver`] behind request ids and the latency histograms of `/metrics`.
 
+mod admin;
 mod auth;
 mod config;
 mod connection;
-pub mod error;
+mod error;
 mod extract;
 mod history;
+mod import;
 mod metrics;
 mod oauth;
 pub mod observe;
 mod openapi;
 mod ready;
-mod webhooks;
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, middleware};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use error::ApiError;
+use observe::RequestObserver;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1024 * 1024;
+
+/// What the handlers and layers of the router share.
+#[derive(Clone, Debug, FromRef)]
+pub struct HttpState {
+    /// The services.
+    app: AppState,
+    /// Request ids and the HTTP latency histograms of `/metrics`.
+    requests: Arc<RequestObserver>,
+}
 
 /// All routes of the service.
 pub fn router(state: AppState) -> Router {
@@ -36,7 +54,7 @@ pub fn router(state: AppState) -> Router {
 /// A `Router` that records the path of every `.route(...)`, so the registered paths can be
 /// enumerated (the OpenAPI coverage test compares them with the document).
 struct Routes {
-    router: Router<AppState>,
+    router: Router<HttpState>,
     paths: Vec<String>,
 }
 
@@ -49,14 +67,14 @@ impl Routes {
     }
 
     /// Records `path` and forwards to [`Router::route`].
-    fn route(mut self, path: &str, method_router: MethodRouter<AppState>) -> Self {
+    fn route(mut self, path: &str, method_router: MethodRouter<HttpState>) -> Self {
         self.paths.push(path.to_owned());
         self.router = self.router.route(path, method_router);
         self
     }
 
     /// Applies `f` to the inner router (layers); the paths stay as they are.
-    fn map(mut self, f: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Self {
+    fn map(mut self, f: impl FnOnce(Router<HttpState>) -> Router<HttpState>) -> Self {
         self.router = f(self.router);
         self
     }
@@ -76,7 +94,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         api = api
             .route(
                 family,
-                get(connection::list_connections).post(connection::import_connection),
+                get(connection::list_connections).post(import::import_connection),
             )
             .route(
                 &format!("{family}/metadata"),
@@ -111,8 +129,8 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/config/{provider_config_key}",
             get(config::get_config).delete(config::delete_config),
         )
-        .route("/admin/projections", get(projections_status))
-        .route("/admin/webhooks", get(webhooks::webhooks_status))
+        .route("/admin/projections", get(admin::projections_status))
+        .route("/admin/webhooks", get(admin::webhooks_status))
         .route("/metrics", get(metrics::metrics));
     // Without a secret key the API is open: no layer at all on the hot path.
     let api = if state.config.secret_key.is_some() {
@@ -137,15 +155,37 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .merge(flows)
         .merge(api);
     // Outermost, on every route and the fallbacks: request ids, the request span, latency.
-    let observe = state.requests.layer();
+    let requests = Arc::new(RequestObserver::new());
+    let observe = requests.layer();
     let router = routes
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(observe)
-        .with_state(state);
+        .with_state(HttpState {
+            app: state,
+            requests,
+        });
     (router, routes.paths)
+}
+
+/// `{"success": true}`.
+#[derive(Serialize, ToSchema)]
+pub struct Success {
+    success: bool,
+}
+
+impl Success {
+    /// The answer of a write that has nothing else to say.
+    pub const YES: Self = Self { success: true };
+}
+
+/// `GET /health`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    result: &'static str,
 }
 
 /// Liveness: the process is up and serving.
@@ -153,29 +193,11 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     get,
     path = "/health",
     tag = "service",
-    responses((status = 200, description = "The process is up", body = openapi::Health)),
+    responses((status = 200, description = "The process is up", body = Health)),
     security(()),
 )]
-async fn health() -> Json<Value> {
-    Json(json!({ "result": "ok" }))
-}
-
-/// `GET /admin/projections`: each projection's checkpoint, the head and the lag.
-#[utoipa::path(
-    get,
-    path = "/admin/projections",
-    tag = "service",
-    responses(
-        (status = 200, description = "Each projection's checkpoint and lag",
-            body = openapi::ProjectionsStatus),
-        (status = 401, description = "Missing or wrong secret key", body = error::ErrorBody),
-        (status = 503, description = "The database cannot be reached", body = error::ErrorBody),
-    ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
-)]
-async fn projections_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let status = state.runner.status().await?;
-    Ok(Json(json!({ "projections": status })))
+async fn health() -> Json<Health> {
+    Json(Health { result: "ok" })
 }
 
 async fn not_found() -> ApiError {

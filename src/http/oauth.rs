@@ -19,14 +19,16 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::ApiError;
+use super::error::flow_status;
 use super::extract::ApiPath;
-use crate::oauth::{self, ConnectRequest, FlowError, Report};
-use crate::startup::AppState;
+use crate::oauth::{self, ConnectRequest, FlowError, Report, SocketMessage};
+use crate::state::AppState;
 
 /// How much longer than a session a WebSocket client may wait for its outcome.
 const SOCKET_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -127,21 +129,19 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
             Some(url) => found(&oauth::success_redirect(
                 &state.config,
                 url,
-                &done.connection_id,
-                &done.provider_config_key,
+                &done.connection,
                 Utc::now(),
             )),
             None => page(
                 StatusCode::OK,
                 "Authorization succeeded",
                 "The connection is set up. You can close this window.",
-                &json!({
-                    "eventType": "AUTHORIZATION_SUCEEDED",
-                    "data": {
-                        "connectionId": done.connection_id,
-                        "providerConfigKey": done.provider_config_key,
-                    }
-                }),
+                &PageMessage::Succeeded {
+                    data: Connected {
+                        connection_id: done.connection.connection_id(),
+                        provider_config_key: done.connection.provider_config_key(),
+                    },
+                },
             ),
         },
         Err(failure) => failed(&failure.error, &failure.report),
@@ -184,14 +184,16 @@ pub async fn websocket(
 
 async fn serve_socket(state: AppState, mut socket: WebSocket) {
     let (outcomes, mut outcome) = mpsc::channel(1);
-    let registration = state.oauth.sockets.register(outcomes);
-    let ack = json!({ "message_type": "connection_ack", "ws_client_id": registration.id });
-    if socket.send(Message::text(ack.to_string())).await.is_err() {
+    let registration = state.sockets.register(outcomes);
+    let ack = SocketMessage::ConnectionAck {
+        ws_client_id: &registration.id,
+    };
+    if socket.send(Message::text(ack.to_text())).await.is_err() {
         return;
     }
     // A flow cannot outlive its session; the socket waits that long and a little more.
     let deadline = tokio::time::sleep(state.config.oauth_session_lifetime + SOCKET_GRACE);
-    let closing = state.oauth.sockets.closing();
+    let closing = state.sockets.closing();
     tokio::pin!(deadline, closing);
     loop {
         tokio::select! {
@@ -256,16 +258,48 @@ fn failed(error: &FlowError, report: &Report) -> Response {
     if let Some(url) = &report.api_redirect_url {
         return found(&oauth::error_redirect(url, error));
     }
-    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST);
     page(
-        status,
+        flow_status(error),
         "Authorization failed",
         &format!("{} ({})", error, error.error_type()),
-        &json!({
-            "eventType": "AUTHORIZATION_FAILED",
-            "data": { "error": { "type": error.error_type(), "message": error.to_string() } }
-        }),
+        &PageMessage::Failed {
+            data: Refused {
+                error: Refusal {
+                    error_type: error.error_type(),
+                    message: error.to_string(),
+                },
+            },
+        },
     )
+}
+
+/// What the page posts to `window.opener` (Nango's frontend ≤ 0.8 protocol).
+#[derive(Serialize)]
+#[serde(tag = "eventType")]
+enum PageMessage<'a> {
+    #[serde(rename = "AUTHORIZATION_SUCEEDED")]
+    Succeeded { data: Connected<'a> },
+    #[serde(rename = "AUTHORIZATION_FAILED")]
+    Failed { data: Refused },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Connected<'a> {
+    connection_id: &'a str,
+    provider_config_key: &'a str,
+}
+
+#[derive(Serialize)]
+struct Refused {
+    error: Refusal,
+}
+
+#[derive(Serialize)]
+struct Refusal {
+    #[serde(rename = "type")]
+    error_type: &'static str,
+    message: String,
 }
 
 /// A 302 to `location`.
@@ -286,12 +320,14 @@ fn found(location: &str) -> Response {
 }
 
 /// The page that reports an outcome: `text` for the user, `message` posted to the opener.
-fn page(status: StatusCode, title: &str, text: &str, message: &Value) -> Response {
+fn page(status: StatusCode, title: &str, text: &str, message: &PageMessage<'_>) -> Response {
+    // Strings only: this cannot fail.
+    let message = serde_json::to_value(message).unwrap_or_default();
     let script = format!(
         "(function () {{\n  var message = {};\n  if (window.opener) {{\n    try {{ \
          window.opener.postMessage(message, '*'); }} catch (e) {{}}\n    setTimeout(function () \
          {{ window.close(); }}, 300);\n  }}\n}})();",
-        script_json(message)
+        script_json(&message)
     );
     let hash = BASE64.encode(Sha256::digest(script.as_bytes()));
     let body = format!(
@@ -356,6 +392,8 @@ fn escape_html(text: &str) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

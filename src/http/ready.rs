@@ -8,18 +8,76 @@
 //! deadline, so a database that hangs makes a 503, not a hung probe. No secret key is needed:
 //! load balancers call it, and it tells nothing about connections or credentials.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The deadline of each check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `GET /ready`: whether this instance should get traffic.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    /// Each check by name (`database`, `migrations`, `projections`): `{"status": "ok" |
+    /// "failing" | "skipped", "message"?, …}`.
+    #[schema(value_type = Object)]
+    checks: BTreeMap<&'static str, Check>,
+    /// The names of the checks that failed.
+    failing: Vec<&'static str>,
+}
+
+/// One check: how it went, why when not ok, and what it measured.
+#[derive(Default, Serialize)]
+struct Check {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    /// The migration the schema is at, and the one this binary needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected: Option<i64>,
+    /// The lag allowed, and each projection's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_lag: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag: Option<Map<String, Value>>,
+}
+
+impl Check {
+    fn ok() -> Self {
+        Self {
+            status: "ok",
+            ..Self::default()
+        }
+    }
+
+    fn failing(message: impl Into<String>) -> Self {
+        Self {
+            status: "failing",
+            message: Some(message.into()),
+            ..Self::default()
+        }
+    }
+
+    fn skipped() -> Self {
+        Self {
+            status: "skipped",
+            message: Some("the database does not answer".into()),
+            ..Self::default()
+        }
+    }
+}
 
 /// The readiness answer.
 #[utoipa::path(
@@ -27,77 +85,70 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
     path = "/ready",
     tag = "service",
     responses(
-        (status = 200, description = "Ready for traffic", body = super::openapi::Readiness),
+        (status = 200, description = "Ready for traffic", body = Readiness),
         (status = 503, description = "Not ready; `failing` names the checks that failed",
-            body = super::openapi::Readiness),
+            body = Readiness),
     ),
     security(()),
 )]
-pub async fn ready(State(state): State<AppState>) -> Response {
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let (checks, failing) = check(&state).await;
     let (status, word) = if failing.is_empty() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
     };
-    let body = json!({ "status": word, "checks": checks, "failing": failing });
-    (status, Json(body)).into_response()
-}
-
-fn failing(message: impl Into<String>) -> Value {
-    json!({ "status": "failing", "message": message.into() })
-}
-
-fn skipped() -> Value {
-    json!({ "status": "skipped", "message": "the database does not answer" })
+    let readiness = Readiness {
+        status: word,
+        checks,
+        failing,
+    };
+    (status, Json(readiness))
 }
 
 /// Runs the checks; returns them by name, and the names of those that failed.
-async fn check(state: &AppState) -> (Map<String, Value>, Vec<&'static str>) {
-    let mut checks = Map::new();
+async fn check(state: &AppState) -> (BTreeMap<&'static str, Check>, Vec<&'static str>) {
+    let mut checks = BTreeMap::new();
     let mut failed = Vec::new();
     let applied = match tokio::time::timeout(CHECK_TIMEOUT, state.backend.applied_migration()).await
     {
         Ok(Ok(applied)) => applied,
         Ok(Err(e)) => {
             tracing::warn!(error.message = %e, "readiness: the database does not answer");
-            checks.insert("database".into(), failing("the database does not answer"));
-            checks.insert("migrations".into(), skipped());
-            checks.insert("projections".into(), skipped());
+            checks.insert("database", Check::failing("the database does not answer"));
+            checks.insert("migrations", Check::skipped());
+            checks.insert("projections", Check::skipped());
             return (checks, vec!["database"]);
         }
         Err(_) => {
             tracing::warn!("readiness: the database did not answer in time");
             checks.insert(
-                "database".into(),
-                failing(format!(
+                "database",
+                Check::failing(format!(
                     "the database did not answer within {}s",
                     CHECK_TIMEOUT.as_secs()
                 )),
             );
-            checks.insert("migrations".into(), skipped());
-            checks.insert("projections".into(), skipped());
+            checks.insert("migrations", Check::skipped());
+            checks.insert("projections", Check::skipped());
             return (checks, vec!["database"]);
         }
     };
-    checks.insert("database".into(), json!({ "status": "ok" }));
+    checks.insert("database", Check::ok());
 
     let expected = state.backend.latest_migration();
-    if applied >= expected {
-        checks.insert(
-            "migrations".into(),
-            json!({ "status": "ok", "applied": applied, "expected": expected }),
-        );
+    let mut migrations = if applied >= expected {
+        Check::ok()
     } else {
-        let mut check = failing(format!(
+        failed.push("migrations");
+        Check::failing(format!(
             "the schema is at migration {applied}, this binary needs {expected}: run \
              `grantline migrate` or restart an instance of this version"
-        ));
-        check["applied"] = applied.into();
-        check["expected"] = expected.into();
-        checks.insert("migrations".into(), check);
-        failed.push("migrations");
-    }
+        ))
+    };
+    migrations.applied = Some(applied);
+    migrations.expected = Some(expected);
+    checks.insert("migrations", migrations);
 
     let max_lag = state.config.ready_max_lag;
     match tokio::time::timeout(CHECK_TIMEOUT, state.runner.status()).await {
@@ -112,30 +163,30 @@ async fn check(state: &AppState) -> (Map<String, Value>, Vec<&'static str>) {
                 .map(|s| s.name.as_str())
                 .collect();
             let mut check = if behind.is_empty() {
-                json!({ "status": "ok" })
+                Check::ok()
             } else {
                 failed.push("projections");
-                failing(format!(
+                Check::failing(format!(
                     "more than {max_lag} events behind the log: {}",
                     behind.join(", ")
                 ))
             };
-            check["max_lag"] = max_lag.into();
-            check["lag"] = Value::Object(lag);
-            checks.insert("projections".into(), check);
+            check.max_lag = Some(max_lag);
+            check.lag = Some(lag);
+            checks.insert("projections", check);
         }
         Ok(Err(e)) => {
             tracing::warn!(error.message = %e, "readiness: projection status unavailable");
             checks.insert(
-                "projections".into(),
-                failing("the projection checkpoints cannot be read"),
+                "projections",
+                Check::failing("the projection checkpoints cannot be read"),
             );
             failed.push("projections");
         }
         Err(_) => {
             checks.insert(
-                "projections".into(),
-                failing(format!(
+                "projections",
+                Check::failing(format!(
                     "the projection checkpoints were not read within {}s",
                     CHECK_TIMEOUT.as_secs()
                 )),

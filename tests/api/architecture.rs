@@ -40,13 +40,6 @@ const STORAGE_TESTS: [&str; 4] = [
     "domain/benches/store.rs",
 ];
 
-/// Still to be moved behind a seam or split (issue 10); shrinks to nothing.
-const KNOWN_BACKEND_MATCHES: &[&str] = &[];
-const KNOWN_RAW_HANDLES: &[&str] = &[];
-const KNOWN_LONG_FILES: &[&str] = &["src/oauth.rs"];
-const KNOWN_HTTP_IMPORTS: &[&str] = &["src/connections.rs", "src/integrations.rs", "src/oauth.rs"];
-const KNOWN_DEAD_CODE: &[&str] = &["src/http/openapi.rs"];
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -118,21 +111,9 @@ fn offenders(
         .collect()
 }
 
-/// Fails listing what broke the rule beyond `known`, and what in `known` keeps it now.
-fn check(rule: &str, found: Vec<String>, known: &[&str]) {
-    let new: Vec<&String> = found
-        .iter()
-        .filter(|path| !known.contains(&path.as_str()))
-        .collect();
-    let fixed: Vec<&&str> = known
-        .iter()
-        .filter(|path| !found.iter().any(|f| f == *path))
-        .collect();
-    assert!(
-        new.is_empty() && fixed.is_empty(),
-        "{rule}\n  breaking it: {new:?}\n  listed as known but keeping it now (remove them \
-         from the list): {fixed:?}"
-    );
+/// Fails listing the files that break the rule.
+fn check(rule: &str, found: Vec<String>) {
+    assert!(found.is_empty(), "{rule}\n  breaking it: {found:?}");
 }
 
 #[test]
@@ -151,7 +132,6 @@ fn only_storage_modules_and_start_up_match_on_the_backend() {
     check(
         "only storage modules and start-up match on the backend",
         found,
-        KNOWN_BACKEND_MATCHES,
     );
 }
 
@@ -176,7 +156,6 @@ fn only_storage_modules_hold_pools_connections_or_drivers() {
     check(
         "only storage modules hold pools, connections or drivers",
         found,
-        KNOWN_RAW_HANDLES,
     );
 }
 
@@ -190,7 +169,6 @@ fn no_source_file_holds_more_than_800_lines_before_its_tests() {
     check(
         "no source file holds more than 800 lines before its tests",
         found,
-        KNOWN_LONG_FILES,
     );
 }
 
@@ -205,7 +183,6 @@ fn outside_the_http_layer_only_the_composition_root_refers_to_it() {
     check(
         "outside src/http/ only the composition root refers to crate::http",
         found,
-        KNOWN_HTTP_IMPORTS,
     );
 }
 
@@ -217,9 +194,5 @@ fn no_code_is_kept_only_for_the_openapi_document() {
         |_| false,
         |text| text.contains("allow(dead_code)"),
     );
-    check(
-        "no code is kept alive with allow(dead_code)",
-        found,
-        KNOWN_DEAD_CODE,
-    );
+    check("no code is kept alive with allow(dead_code)", found);
 }

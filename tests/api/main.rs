@@ -80,7 +80,7 @@ pub async fn spawn_config(config: Config) -> TestApp {
 }
 
 /// Like [`spawn_config`], also handing out the application's shared state (its services).
-pub async fn spawn_with_state(config: Config) -> (TestApp, grantline::startup::AppState) {
+pub async fn spawn_with_state(config: Config) -> (TestApp, grantline::state::AppState) {
     let app = Application::build(config).await.unwrap();
     let state = app.state().clone();
     let address = format!("http://127.0.0.1:{}", app.port());

@@ -626,15 +626,11 @@ async fn expired_sessions_are_swept_and_live_ones_kept(db: &TestDatabase) {
         "a state exists once"
     );
     assert_eq!(
-        grantline::oauth::sweep_sessions_once(&backend, now)
-            .await
-            .unwrap(),
+        workers::sessions::sweep_once(&backend, now).await.unwrap(),
         1
     );
     assert_eq!(
-        grantline::oauth::sweep_sessions_once(&backend, now)
-            .await
-            .unwrap(),
+        workers::sessions::sweep_once(&backend, now).await.unwrap(),
         0
     );
     assert!(

@@ -33,7 +33,7 @@ const OPEN: [(&str, &str); 6] = [
 /// A parameter's name and whether it is required.
 type Param = (&'static str, bool);
 
-async fn spawn(db: &TestDatabase, extra: &[&str]) -> (TestApp, grantline::startup::AppState) {
+async fn spawn(db: &TestDatabase, extra: &[&str]) -> (TestApp, grantline::state::AppState) {
     let key = new_key();
     let mut args = vec![
         "--listen",

@@ -9,7 +9,7 @@ use domain::connection::{ConnectionEvent, ConnectionKey, RefreshTrigger};
 use domain::event::DomainEvent;
 use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
-use grantline::startup::AppState;
+use grantline::state::AppState;
 use serde_json::json;
 
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};

@@ -10,7 +10,7 @@ use domain::event::DomainEvent;
 use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
 use futures_util::StreamExt;
-use grantline::startup::AppState;
+use grantline::state::AppState;
 use serde_json::json;
 use workers::scheduler::TickReport;
 

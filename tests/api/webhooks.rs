@@ -276,7 +276,7 @@ fn events(requests: &[Received]) -> Vec<String> {
 /// integration `fake` of that provider.
 struct Env {
     app: TestApp,
-    state: grantline::startup::AppState,
+    state: grantline::state::AppState,
     fake: FakeProvider,
     _dir: tempfile::TempDir,
 }

@@ -1,0 +1,271 @@
+//! Finishing a flow (`/oauth/callback`): the session is taken by its `state` (once, and only
+//! before it expires), the provider's refusal is reported as such, the code (OAuth 2.0) or the
+//! verifier (OAuth 1.0a) is exchanged for tokens with the very parameters the flow started with,
+//! and the connection is recorded in the log and the read model before any success is reported.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::catalog::{AuthMode, Template};
+use domain::commands::AuthorizeConnection;
+use domain::connection::{ConnectionKey, Flow};
+use domain::credentials::{ClientSecret, Credentials};
+use domain::integration::ActiveIntegration;
+use domain::oauth_session::{FlowSecrets, FlowSession};
+use projections::queries;
+use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+use workers::oauth1::Oauth1Request;
+use workers::provider::TokenRequest;
+
+use super::redirect::allowed_redirect;
+use super::{Completed, Failure, FlowError, Report, fill_url, flow_template, pairs, text_field};
+use crate::connections;
+use crate::state::AppState;
+
+/// Finishes a flow from the callback's query: takes the session, exchanges the code, records
+/// the connection and publishes it to the read model.
+#[tracing::instrument(
+    name = "oauth.callback",
+    skip_all,
+    fields(provider_config_key, connection_id)
+)]
+pub async fn callback(
+    state: &AppState,
+    query: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Result<Completed, Failure> {
+    let mut report = Report::default();
+    let result = finish(state, query, now, &mut report).await;
+    match result {
+        Ok(connection) => Ok(Completed { connection, report }),
+        Err(error) => {
+            error.log(&report);
+            Err(Failure { error, report })
+        }
+    }
+}
+
+async fn finish(
+    state: &AppState,
+    query: &[(String, String)],
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<ConnectionKey, FlowError> {
+    let param = |name: &str| {
+        query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let flow_state = param("state").ok_or(FlowError::MissingState)?;
+    let session = state
+        .backend
+        .sessions()
+        .take_session(flow_state)
+        .await?
+        .ok_or(FlowError::UnknownState)?;
+    let span = tracing::Span::current();
+    span.record("provider_config_key", session.provider_config_key.as_str());
+    span.record("connection_id", session.connection_id.as_str());
+    report.provider_config_key = Some(session.provider_config_key.clone());
+    report.connection_id = Some(session.connection_id.clone());
+    report.ws_client_id = session.ws_client_id.clone();
+    // Checked again: the allow-list may have changed since the flow started.
+    report.api_redirect_url = session
+        .api_redirect_url
+        .as_deref()
+        .and_then(|url| allowed_redirect(&state.config, url).ok());
+    if session.is_expired(now) {
+        return Err(FlowError::ExpiredState);
+    }
+    if let Some(error) = param("error") {
+        return Err(FlowError::ProviderDenied {
+            error: shorten(error),
+            description: param("error_description").map(shorten),
+        });
+    }
+
+    let key = &session.provider_config_key;
+    let integration = queries::find_integration(&state.read_models, key)
+        .await?
+        .ok_or_else(|| FlowError::UnknownProviderConfig(key.clone()))?
+        .integration;
+    let template = flow_template(state, &integration.provider)?;
+    let client_secret = state
+        .commands
+        .reveal_client_secret(&integration)
+        .await
+        .map_err(|e| FlowError::Internal(e.to_string()))?;
+    let secrets: FlowSecrets = match &session.secrets {
+        Some(sealed) => state.commands.vault().unseal_json(sealed).await?,
+        None => FlowSecrets::default(),
+    };
+    let config_params: BTreeMap<String, String> = session
+        .connection_config
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect();
+    let token_url = fill_url(&template.token_url, &config_params)?;
+    let exchange = Exchange {
+        integration: &integration,
+        template,
+        client_secret: &client_secret,
+        token_url: &token_url,
+        secrets: &secrets,
+        session: &session,
+    };
+    let (credentials, raw, flow, granted) = match template.auth_mode {
+        AuthMode::OAuth2 => {
+            let code = param("code").ok_or(FlowError::MissingCode)?;
+            exchange_oauth2(state, &exchange, code).await?
+        }
+        AuthMode::OAuth1 => {
+            if let Some(denied) = param("denied") {
+                return Err(FlowError::ProviderDenied {
+                    error: "denied".to_owned(),
+                    description: Some(format!("the user denied request token {}", shorten(denied))),
+                });
+            }
+            let (Some(token), Some(verifier)) = (param("oauth_token"), param("oauth_verifier"))
+            else {
+                return Err(FlowError::MissingVerifier);
+            };
+            exchange_oauth1(state, &exchange, token, verifier).await?
+        }
+    };
+
+    // Connection config is stored in plain JSON, where NUL cannot go (PostgreSQL refuses it).
+    let storable = |value: &Value| !value.to_string().contains("\\u0000");
+    let mut connection_config = session.connection_config.clone();
+    for name in &template.token_response_metadata {
+        if let Some(value) = raw.get(name).filter(|v| storable(v)) {
+            connection_config.insert(name.clone(), value.clone());
+        }
+    }
+    for name in &template.redirect_uri_metadata {
+        if let Some(value) = param(name).filter(|v| !v.contains('\0')) {
+            connection_config.insert(name.clone(), Value::String(value.to_owned()));
+        }
+    }
+    let connection = ConnectionKey::new(key, &session.connection_id);
+    let loaded = state
+        .commands
+        .authorize_connection(AuthorizeConnection {
+            key: connection.clone(),
+            provider: integration.provider.clone(),
+            flow,
+            credentials,
+            scopes: granted.unwrap_or_else(|| session.scopes.clone()),
+            connection_config,
+            now: Utc::now(),
+            metadata: None,
+        })
+        .await?;
+    connections::publish(state, &loaded).await?;
+    tracing::info!(stream_version = loaded.version, "oauth flow completed");
+    Ok(connection)
+}
+
+/// What a callback's token request needs.
+struct Exchange<'a> {
+    integration: &'a ActiveIntegration,
+    template: &'a Template,
+    client_secret: &'a ClientSecret,
+    token_url: &'a str,
+    secrets: &'a FlowSecrets,
+    session: &'a FlowSession,
+}
+
+/// The credentials, the raw answer, the flow and the granted scopes (if the answer names them).
+type Exchanged = (Credentials, Map<String, Value>, Flow, Option<Vec<String>>);
+
+/// Exchanges an OAuth 2.0 authorization code.
+async fn exchange_oauth2(
+    state: &AppState,
+    exchange: &Exchange<'_>,
+    code: &str,
+) -> Result<Exchanged, FlowError> {
+    let mut params = pairs(&exchange.template.token_params);
+    params.push(("grant_type".into(), "authorization_code".into()));
+    params.push(("code".into(), code.to_owned()));
+    params.push(("redirect_uri".into(), exchange.session.callback_url.clone()));
+    if let Some(verifier) = &exchange.secrets.code_verifier {
+        params.push(("code_verifier".into(), verifier.clone()));
+    }
+    let token = state
+        .oauth
+        .provider
+        .request_token(
+            &TokenRequest {
+                token_url: exchange.token_url,
+                client_id: &exchange.integration.oauth_client_id,
+                client_secret: exchange.client_secret,
+                authorization_method: exchange.template.authorization_method,
+                body_format: exchange.template.body_format,
+                params,
+            },
+            Utc::now(),
+        )
+        .await?;
+    let credentials = Credentials::OAuth2 {
+        access_token: token.access_token,
+        refresh_token: token.refresh_token,
+        expires_at: token.expires_at,
+        raw: Value::Object(token.raw.clone()),
+    };
+    Ok((credentials, token.raw, Flow::Oauth2, token.scopes))
+}
+
+/// Exchanges OAuth 1.0a temporary credentials and the verifier for token credentials.
+async fn exchange_oauth1(
+    state: &AppState,
+    exchange: &Exchange<'_>,
+    token: &str,
+    verifier: &str,
+) -> Result<Exchanged, FlowError> {
+    let (Some(request_token), Some(request_secret)) = (
+        exchange.secrets.request_token.as_deref(),
+        exchange.secrets.request_token_secret.as_deref(),
+    ) else {
+        return Err(FlowError::Internal(
+            "the OAuth 1.0a session has no request token".into(),
+        ));
+    };
+    if !bool::from(token.as_bytes().ct_eq(request_token.as_bytes())) {
+        return Err(FlowError::TokenMismatch);
+    }
+    let method = exchange
+        .template
+        .signature_method
+        .unwrap_or(domain::catalog::SignatureMethod::HmacSha1);
+    let raw = state
+        .oauth
+        .provider
+        .oauth1_request(
+            &Oauth1Request {
+                url: exchange.token_url,
+                consumer_key: &exchange.integration.oauth_client_id,
+                consumer_secret: exchange.client_secret,
+                token: Some((request_token, request_secret)),
+                signature_method: method,
+                oauth_params: vec![("oauth_verifier".into(), verifier.to_owned())],
+                body_params: pairs(&exchange.template.token_params),
+            },
+            Utc::now(),
+        )
+        .await?;
+    let credentials = Credentials::OAuth1 {
+        oauth_token: text_field(&raw, "oauth_token"),
+        oauth_token_secret: text_field(&raw, "oauth_token_secret"),
+        raw: Value::Object(raw.clone()),
+    };
+    Ok((credentials, raw, Flow::Oauth1, None))
+}
+
+/// A provider's text, cut to a length a page or a URL can carry.
+fn shorten(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(300).collect()
+}

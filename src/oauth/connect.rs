@@ -1,0 +1,377 @@
+//! Starting a flow (`/oauth/connect`): the request is checked (allow-listed redirect, public
+//! key, `hmac`, well-formed parameters) before anything is stored; then the session is stored
+//! with its sealed secrets and the browser is sent to the provider's authorization URL.
+//!
+//! The authorization URL keeps the template's own query, then the template's
+//! `authorization_params`, then the request's `authorization_params[...]` (`undefined` removes
+//! one); the parameters that carry the flow's security (`client_id`, `redirect_uri`, `state`,
+//! PKCE, `oauth_token`) are always the flow's own.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::catalog::{AuthMode, Template};
+use domain::connection::ConnectionKey;
+use domain::integration::ActiveIntegration;
+use domain::oauth_session::{FlowSecrets, FlowSession};
+use oauth2::{CsrfToken, PkceCodeChallenge};
+use projections::queries;
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use url::Url;
+use workers::oauth1::{self, Oauth1Request};
+use workers::provider::split_scopes;
+
+use super::redirect::allowed_redirect;
+use super::signature::verify_connect_hmac;
+use super::{Failure, FlowError, Report, fill_url, flow_template, pairs, text_field};
+use crate::state::AppState;
+
+/// Random bytes in a `state` (base64url: 43 characters).
+const STATE_BYTES: u32 = 32;
+
+/// Authorize-URL parameters a connect request's `authorization_params[...]` cannot set: they
+/// carry the flow's own security.
+const RESERVED_AUTHORIZATION_PARAMS: [&str; 6] = [
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "oauth_token",
+];
+
+/// What `/oauth/connect` was asked.
+#[derive(Debug, Default)]
+pub struct ConnectRequest {
+    pub provider_config_key: String,
+    pub connection_id: Option<String>,
+    pub public_key: Option<String>,
+    pub hmac: Option<String>,
+    /// `params[x]`: connection configuration.
+    pub params: BTreeMap<String, String>,
+    /// Comma- or space-separated scopes that replace the integration's.
+    pub scopes: Option<String>,
+    /// `authorization_params[k]`, in order; the value `undefined` removes `k`.
+    pub authorization_params: Vec<(String, String)>,
+    pub api_redirect_url: Option<String>,
+    pub ws_client_id: Option<String>,
+}
+
+/// Starts a flow: checks the request, stores the session, and returns the provider's
+/// authorization URL to redirect to.
+#[tracing::instrument(
+    name = "oauth.connect",
+    skip_all,
+    fields(provider_config_key = %request.provider_config_key)
+)]
+pub async fn connect(
+    state: &AppState,
+    request: ConnectRequest,
+    now: DateTime<Utc>,
+) -> Result<String, Failure> {
+    let mut report = Report {
+        provider_config_key: Some(request.provider_config_key.clone()),
+        ..Report::default()
+    };
+    let result = start(state, request, now, &mut report).await;
+    result.map_err(|error| {
+        error.log(&report);
+        Failure { error, report }
+    })
+}
+
+async fn start(
+    state: &AppState,
+    request: ConnectRequest,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<String, FlowError> {
+    let config = &state.config;
+    if let Some(url) = non_blank(request.api_redirect_url.as_deref()) {
+        report.api_redirect_url = Some(allowed_redirect(config, url)?);
+    }
+    if let Some(ws) = non_blank(request.ws_client_id.as_deref()) {
+        check_param(ws, "ws_client_id")?;
+        report.ws_client_id = Some(ws.to_owned());
+    }
+    let key = request.provider_config_key.clone();
+    check_param(&key, "provider_config_key")?;
+    if let Some(expected) = &config.public_key {
+        let given = non_blank(request.public_key.as_deref()).ok_or(FlowError::MissingPublicKey)?;
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(FlowError::InvalidPublicKey);
+        }
+    }
+    let connection_id = non_blank(request.connection_id.as_deref())
+        .ok_or(FlowError::MissingConnectionId)?
+        .to_owned();
+    check_param(&connection_id, "connection_id")?;
+    report.connection_id = Some(connection_id.clone());
+    let connection = ConnectionKey::new(key, connection_id);
+    if let Some(hmac_key) = &config.hmac_key {
+        let given = non_blank(request.hmac.as_deref()).ok_or(FlowError::MissingHmac)?;
+        if !verify_connect_hmac(hmac_key.expose(), &connection, given) {
+            return Err(FlowError::InvalidHmac);
+        }
+    }
+    for (name, value) in &request.params {
+        check_param(name, "a params[...] name")?;
+        if value.chars().any(char::is_control) || value.len() > 1024 {
+            return Err(FlowError::InvalidParam(format!("params[{name}]")));
+        }
+    }
+
+    let key = connection.provider_config_key();
+    let integration = queries::find_integration(&state.read_models, key)
+        .await?
+        .ok_or_else(|| FlowError::UnknownProviderConfig(key.to_owned()))?
+        .integration;
+    let template = flow_template(state, &integration.provider)?;
+    let scopes = match non_blank(request.scopes.as_deref()) {
+        Some(scopes) => split_scopes(scopes),
+        None => integration.oauth_scopes.clone(),
+    };
+    if scopes
+        .iter()
+        .any(|scope| scope.chars().any(char::is_control))
+    {
+        return Err(FlowError::InvalidParam("scopes".into()));
+    }
+    let flow = Start {
+        integration: &integration,
+        template,
+        request: &request,
+        scopes: &scopes,
+        callback_url: format!("{}/oauth/callback", config.server_url),
+        state: CsrfToken::new_random_len(STATE_BYTES).secret().clone(),
+    };
+    let (url, secrets) = match template.auth_mode {
+        AuthMode::OAuth2 => start_oauth2(&flow)?,
+        AuthMode::OAuth1 => start_oauth1(state, &flow).await?,
+    };
+    let secrets = match secrets {
+        Some(secrets) => {
+            let key_id = state.oauth.session_key(state).await?;
+            Some(state.commands.vault().seal_json(key_id, &secrets).await?)
+        }
+        None => None,
+    };
+    let Start {
+        callback_url,
+        state: flow_state,
+        ..
+    } = flow;
+    let lifetime = chrono::Duration::from_std(config.oauth_session_lifetime)
+        .map_err(|e| FlowError::Internal(e.to_string()))?;
+    let session = FlowSession {
+        state: flow_state,
+        provider_config_key: key.to_owned(),
+        provider: integration.provider.clone(),
+        connection_id: connection.connection_id().to_owned(),
+        callback_url,
+        connection_config: request
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+        scopes,
+        api_redirect_url: report.api_redirect_url.as_ref().map(Url::to_string),
+        ws_client_id: report.ws_client_id.clone(),
+        secrets,
+        created_at: now,
+        expires_at: now + lifetime,
+    };
+    state.backend.sessions().create_session(&session).await?;
+    tracing::info!(
+        provider_config_key = %key,
+        connection_id = %connection.connection_id(),
+        "oauth flow started"
+    );
+    Ok(url.into())
+}
+
+/// What both kinds of flow start from.
+struct Start<'a> {
+    integration: &'a ActiveIntegration,
+    template: &'a Template,
+    request: &'a ConnectRequest,
+    scopes: &'a [String],
+    callback_url: String,
+    state: String,
+}
+
+/// The OAuth 2.0 authorization URL, and the PKCE verifier to keep.
+fn start_oauth2(flow: &Start<'_>) -> Result<(Url, Option<FlowSecrets>), FlowError> {
+    let (template, request) = (flow.template, flow.request);
+    if let Some(grant) = template.token_params.get("grant_type")
+        && grant != "authorization_code"
+    {
+        return Err(FlowError::GrantType(grant.clone()));
+    }
+    let mut url = authorization_url(template, &request.params)?;
+    let pkce = (!template.disable_pkce).then(PkceCodeChallenge::new_random_sha256);
+
+    let mut params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    set_param(&mut params, "response_type", "code");
+    set_param(&mut params, "client_id", &flow.integration.oauth_client_id);
+    for (name, value) in &template.authorization_params {
+        set_param(&mut params, name, value);
+    }
+    if let Some((challenge, _)) = &pkce {
+        set_param(&mut params, "code_challenge", challenge.as_str());
+        set_param(&mut params, "code_challenge_method", "S256");
+    }
+    apply_request_params(&mut params, &request.authorization_params);
+    set_param(&mut params, "redirect_uri", &flow.callback_url);
+    if flow.scopes.is_empty() {
+        params.retain(|(k, _)| k != "scope");
+    } else {
+        set_param(
+            &mut params,
+            "scope",
+            &flow.scopes.join(&template.scope_separator),
+        );
+    }
+    set_param(&mut params, "state", &flow.state);
+    url.query_pairs_mut().clear().extend_pairs(&params);
+    let secrets = pkce.map(|(_, verifier)| FlowSecrets {
+        code_verifier: Some(verifier.secret().clone()),
+        ..FlowSecrets::default()
+    });
+    Ok((url, secrets))
+}
+
+/// Gets OAuth 1.0a temporary credentials; returns the authorization URL and the request
+/// token's secret to keep. The callback URL carries the state, since OAuth 1.0a has none.
+async fn start_oauth1(
+    state: &AppState,
+    flow: &Start<'_>,
+) -> Result<(Url, Option<FlowSecrets>), FlowError> {
+    let (template, request) = (flow.template, flow.request);
+    let method = template
+        .signature_method
+        .unwrap_or(domain::catalog::SignatureMethod::HmacSha1);
+    oauth1::check_signature_method(method)
+        .map_err(|e| FlowError::SignatureMethod(e.to_string()))?;
+    let request_url = template
+        .request_url
+        .as_deref()
+        .ok_or_else(|| FlowError::UrlParam("the template has no request_url".into()))?;
+    let request_url = fill_url(request_url, &request.params)?;
+    let mut url = authorization_url(template, &request.params)?;
+    let client_secret = state
+        .commands
+        .reveal_client_secret(flow.integration)
+        .await
+        .map_err(|e| FlowError::Internal(e.to_string()))?;
+    let mut callback = Url::parse(&flow.callback_url)
+        .map_err(|e| FlowError::Internal(format!("the callback URL is invalid: {e}")))?;
+    callback.query_pairs_mut().append_pair("state", &flow.state);
+    let answer = state
+        .oauth
+        .provider
+        .oauth1_request(
+            &Oauth1Request {
+                url: &request_url,
+                consumer_key: &flow.integration.oauth_client_id,
+                consumer_secret: &client_secret,
+                token: None,
+                signature_method: method,
+                oauth_params: vec![("oauth_callback".into(), callback.into())],
+                body_params: pairs(&template.request_params),
+            },
+            Utc::now(),
+        )
+        .await?;
+    let (token, token_secret) = (
+        text_field(&answer, "oauth_token"),
+        text_field(&answer, "oauth_token_secret"),
+    );
+
+    let mut params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    for (name, value) in &template.authorization_params {
+        set_param(&mut params, name, value);
+    }
+    if !flow.scopes.is_empty() {
+        set_param(
+            &mut params,
+            "scope",
+            &flow.scopes.join(&template.scope_separator),
+        );
+    }
+    apply_request_params(&mut params, &request.authorization_params);
+    set_param(&mut params, "oauth_token", &token);
+    url.query_pairs_mut().clear().extend_pairs(&params);
+    let secrets = FlowSecrets {
+        request_token: Some(token),
+        request_token_secret: Some(token_secret),
+        ..FlowSecrets::default()
+    };
+    Ok((url, Some(secrets)))
+}
+
+/// The template's authorization URL filled from the connection config. The token URL is filled
+/// too, so that a flow that cannot finish does not send the user to the provider.
+fn authorization_url(
+    template: &Template,
+    params: &BTreeMap<String, String>,
+) -> Result<Url, FlowError> {
+    let authorization_url = fill_url(&template.authorization_url, params)?;
+    fill_url(&template.token_url, params)?;
+    Url::parse(&authorization_url)
+        .map_err(|e| FlowError::UrlParam(format!("the authorization URL is invalid: {e}")))
+}
+
+/// Applies a connect request's `authorization_params[...]`: `undefined` removes a parameter;
+/// the reserved ones are left to the flow.
+fn apply_request_params(params: &mut Vec<(String, String)>, requested: &[(String, String)]) {
+    for (name, value) in requested {
+        if RESERVED_AUTHORIZATION_PARAMS.contains(&name.as_str()) {
+            continue;
+        }
+        if value == "undefined" {
+            params.retain(|(k, _)| k != name);
+        } else {
+            set_param(params, name, value);
+        }
+    }
+}
+
+/// Replaces `name`'s value where it is, or appends it.
+fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some(existing) => value.clone_into(&mut existing.1),
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+fn non_blank(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// 1 to 255 characters, no control characters.
+fn check_param(value: &str, what: &str) -> Result<(), FlowError> {
+    if value.is_empty() || value.chars().count() > 255 || value.chars().any(char::is_control) {
+        return Err(FlowError::InvalidParam(format!(
+            "{what} must be 1 to 255 characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_param_replaces_in_place() {
+        let mut params = vec![("a".to_owned(), "1".to_owned())];
+        set_param(&mut params, "b", "2");
+        set_param(&mut params, "a", "3");
+        assert_eq!(
+            params,
+            vec![("a".into(), "3".into()), ("b".into(), "2".into())]
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! Why a flow failed: [`FlowError`], with Nango's `error_type` (reference §3.4) and a message
+//! that the user sees on the page and the app as `error_desc`. Failures of our own (storage, a
+//! bug) show a fixed message; their cause is logged, never shown.
+
+use domain::commands::CommandError;
+use domain::keys::KeyError;
+use domain::store::StoreError;
+use projections::ProjectionError;
+use workers::provider::TokenError;
+
+use super::Report;
+use crate::connections::ConnectionsError;
+
+/// Why a flow failed. The message is what the user (and the app, as `error_desc`) sees.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// `api_redirect_url` is not a URL whose origin is on the allow-list.
+    #[error(
+        "api_redirect_url is not allowed: its origin must be one of GRANTLINE_REDIRECT_ALLOWLIST"
+    )]
+    RedirectNotAllowed,
+    /// A public key is configured and the request has none.
+    #[error("Missing public_key.")]
+    MissingPublicKey,
+    /// The request's public key is not the configured one.
+    #[error("Invalid public_key.")]
+    InvalidPublicKey,
+    /// No `connection_id`.
+    #[error("Missing connection_id.")]
+    MissingConnectionId,
+    /// A parameter is malformed (too long, control characters).
+    #[error("Invalid parameter: {0}")]
+    InvalidParam(String),
+    /// HMAC is configured and the request has no `hmac`.
+    #[error("Missing hmac.")]
+    MissingHmac,
+    /// The `hmac` does not match.
+    #[error("Invalid hmac.")]
+    InvalidHmac,
+    /// No integration with this key.
+    #[error("There is no provider config with key {0:?}.")]
+    UnknownProviderConfig(String),
+    /// The integration's provider is not a template of the catalog.
+    #[error("The provider template {0:?} is not in the catalog.")]
+    UnknownTemplate(String),
+    /// The template's OAuth 1.0a signature method is not supported.
+    #[error("Cannot sign for this provider: {0}")]
+    SignatureMethod(String),
+    /// The template asks for a grant other than the authorization code.
+    #[error("The grant type {0:?} is not supported; only authorization_code is.")]
+    GrantType(String),
+    /// A URL of the template cannot be filled from the connection config.
+    #[error("Cannot build the provider's URL: {0}")]
+    UrlParam(String),
+    /// The callback has no `state`.
+    #[error("The callback has no state parameter.")]
+    MissingState,
+    /// No session with this state: never issued, already used, or swept.
+    #[error("Invalid state: unknown, or already used.")]
+    UnknownState,
+    /// The session expired before the callback.
+    #[error("Invalid state: the authorization took too long and expired; start again.")]
+    ExpiredState,
+    /// The provider refused the authorization (its `error` and `error_description`).
+    #[error("{}", provider_refusal(.error, .description))]
+    ProviderDenied {
+        error: String,
+        description: Option<String>,
+    },
+    /// The callback has no `code`.
+    #[error("Did not get authorization code in the callback.")]
+    MissingCode,
+    /// An OAuth 1.0a callback without `oauth_token` and `oauth_verifier`.
+    #[error("Did not get oauth_token and oauth_verifier in the callback.")]
+    MissingVerifier,
+    /// An OAuth 1.0a callback whose `oauth_token` is not this flow's request token.
+    #[error("The oauth_token of the callback is not the one of this flow.")]
+    TokenMismatch,
+    /// The code could not be exchanged for tokens.
+    #[error("Token exchange failed: {0}")]
+    Token(#[from] TokenError),
+    /// The database cannot be reached (the cause is logged, not shown).
+    #[error("The service is temporarily unavailable; try again.")]
+    Unavailable(String),
+    /// A bug or broken data (the cause is logged, not shown).
+    #[error("Unknown error during the OAuth flow.")]
+    Internal(String),
+}
+
+fn provider_refusal(error: &str, description: &Option<String>) -> String {
+    match description {
+        Some(description) => {
+            format!("The provider refused the authorization ({error}): {description}")
+        }
+        None => format!("The provider refused the authorization ({error})."),
+    }
+}
+
+impl FlowError {
+    /// Nango's `error_type` (reference §3.4).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::RedirectNotAllowed => "invalid_api_redirect_url",
+            Self::MissingPublicKey => "missing_public_key",
+            Self::InvalidPublicKey => "invalid_public_key",
+            Self::MissingConnectionId => "missing_connection_id",
+            Self::InvalidParam(_) => "invalid_param",
+            Self::MissingHmac => "missing_hmac",
+            Self::InvalidHmac => "invalid_hmac",
+            Self::UnknownProviderConfig(_) => "provider_config_err",
+            Self::UnknownTemplate(_) => "unknown_config_key",
+            Self::SignatureMethod(_) => "auth_mode_err",
+            Self::GrantType(_) => "grant_type_err",
+            Self::UrlParam(_) => "url_param_err",
+            Self::MissingState | Self::UnknownState | Self::ExpiredState => "state_err",
+            Self::ProviderDenied { .. }
+            | Self::MissingCode
+            | Self::MissingVerifier
+            | Self::TokenMismatch => "callback_err",
+            Self::Token(_) => "token_err",
+            Self::Unavailable(_) | Self::Internal(_) => "unknown_err",
+        }
+    }
+
+    /// Logs the failure once: our own at ERROR with its cause, the rest at INFO.
+    pub(super) fn log(&self, report: &Report) {
+        let key = report.provider_config_key.as_deref().unwrap_or("");
+        let id = report.connection_id.as_deref().unwrap_or("");
+        match self {
+            Self::Unavailable(cause) | Self::Internal(cause) => tracing::error!(
+                provider_config_key = key,
+                connection_id = id,
+                error.message = %cause,
+                "oauth flow failed"
+            ),
+            other => tracing::info!(
+                provider_config_key = key,
+                connection_id = id,
+                error_type = other.error_type(),
+                error.message = %other,
+                "oauth flow failed"
+            ),
+        }
+    }
+}
+
+impl From<StoreError> for FlowError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Database(cause) => Self::Unavailable(cause),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ProjectionError> for FlowError {
+    fn from(e: ProjectionError) -> Self {
+        match e {
+            ProjectionError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<KeyError> for FlowError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CommandError> for FlowError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Store(e) => e.into(),
+            CommandError::Keys(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ConnectionsError> for FlowError {
+    fn from(e: ConnectionsError) -> Self {
+        match e {
+            ConnectionsError::ReadModel(e) => e.into(),
+            ConnectionsError::Command { source, .. } => source.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

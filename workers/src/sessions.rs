@@ -1,0 +1,42 @@
+//! The OAuth session sweeper: deletes the flow sessions whose `state` has expired.
+//!
+//! A callback already refuses an expired session ([`domain::oauth_session::FlowSession`] is taken
+//! once and checked against the clock), so sweeping is housekeeping, not security: it keeps
+//! `oauth_sessions` to the flows that can still finish. Any number of instances may sweep the same
+//! database; a session is deleted once whoever gets there first.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::store::{Backend, StoreError};
+
+/// How often expired sessions are swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes the sessions expired at `now`; returns how many.
+pub async fn sweep_once(backend: &Backend, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    let swept = backend.sessions().sweep_sessions(now).await?;
+    if swept > 0 {
+        tracing::debug!(swept, "expired oauth sessions swept");
+    }
+    Ok(swept)
+}
+
+/// Sweeps expired sessions every [`SWEEP_INTERVAL`] until `shutdown` completes. A failed sweep is
+/// logged and tried again at the next tick.
+pub async fn run(backend: Backend, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticks.tick() => {
+                if let Err(e) = sweep_once(&backend, Utc::now()).await {
+                    tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
+                }
+            }
+        }
+    }
+}
