@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use domain::commands::{AuthorizeConnection, CommandError, Loaded};
 use domain::connection::{
@@ -14,7 +15,9 @@ use domain::credentials::Credentials;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
+use tokio::sync::OnceCell;
 use workers::refresh::RefreshError;
+use zeroize::Zeroizing;
 
 use crate::state::AppState;
 
@@ -43,7 +46,7 @@ pub enum ConnectionsError {
     )]
     Command {
         key: ConnectionKey,
-        source: CommandError,
+        source: Box<CommandError>,
     },
     /// The read model cannot be read or written.
     #[error(transparent)]
@@ -51,6 +54,9 @@ pub enum ConnectionsError {
     /// A command left the connection not live where it must be (a bug).
     #[error("{0} is not live after the command")]
     NotLive(&'static str),
+    /// The answer could not be rendered (a bug: connections always serialize).
+    #[error("cannot render the connection: {0}")]
+    Render(#[source] serde_json::Error),
 }
 
 impl ConnectionsError {
@@ -58,7 +64,7 @@ impl ConnectionsError {
     fn command(key: &ConnectionKey) -> impl FnOnce(CommandError) -> Self + '_ {
         move |source| Self::Command {
             key: key.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 }
@@ -70,22 +76,83 @@ pub struct ConnectionView {
     pub credentials: Credentials,
 }
 
-/// The connection `connection_id` of `provider_config_key`, with a fresh token: refreshed
-/// through the refresh service when it expires within the margin, or when `force_refresh`.
+/// What the replica keeps with a cached connection for the hot path: its finished answers, with
+/// and without the refresh token, each rendered on first use. They hold plaintext secrets, so
+/// they live no longer than the entry (dropped on eviction, invalidation and expiry alike) and
+/// are wiped when the last reference goes, once the answers sent from them are written out.
+#[derive(Debug, Default)]
+pub struct Answers([OnceCell<Bytes>; 2]);
+
+/// Renders a connection's answer, with its refresh token or without.
+pub type Render = fn(&ConnectionView, bool) -> Result<Vec<u8>, serde_json::Error>;
+
+/// Bytes that are zeroed when the last reference to them goes.
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn wiped(rendered: Result<Vec<u8>, serde_json::Error>) -> Result<Bytes, ConnectionsError> {
+    let rendered = rendered.map_err(ConnectionsError::Render)?;
+    Ok(Bytes::from_owner(Wiped(Zeroizing::new(rendered))))
+}
+
+/// The answer for the connection `key`, as `render` makes it from the connection with a fresh
+/// token (see [`fresh`] for when it is refreshed first). The hot path: a cached connection whose
+/// token is not due answers what was rendered for it before, without opening its credentials
+/// again.
+pub async fn answer(
+    state: &AppState,
+    key: &ConnectionKey,
+    force_refresh: bool,
+    with_refresh_token: bool,
+    render: Render,
+) -> Result<Bytes, ConnectionsError> {
+    let Some(cached) = state.cache.find(&state.read_models, key).await? else {
+        return Err(missing(state, key).await);
+    };
+    if !force_refresh
+        && !state
+            .refresh
+            .needs_refresh(&cached.record.connection, Utc::now())
+    {
+        let slot = &cached.derived.0[usize::from(with_refresh_token)];
+        let answer = slot
+            .get_or_try_init(|| async {
+                let credentials = state
+                    .commands
+                    .reveal_credentials(&cached.record.connection)
+                    .await
+                    .map_err(ConnectionsError::command(key))?;
+                let view = ConnectionView {
+                    connection: cached.record.clone(),
+                    credentials,
+                };
+                wiped(render(&view, with_refresh_token))
+            })
+            .await?;
+        return Ok(answer.clone());
+    }
+    let view = fresh(state, key, cached.record.clone(), force_refresh).await?;
+    wiped(render(&view, with_refresh_token))
+}
+
+/// The connection as the read model has it (`record`), with a fresh token: refreshed through
+/// the refresh service when it expires within the margin, or when `force_refresh`.
 ///
 /// When a due token's refresh fails transiently and the old token has not expired yet, the old
 /// token is answered: it still works, and the next read after the backoff tries again. An
 /// expired token is never answered after a failed refresh (503 `connection_refresh_retrying`
 /// or 424 `connection_refresh_failed`).
-pub async fn get(
+async fn fresh(
     state: &AppState,
     key: &ConnectionKey,
+    record: Arc<ConnectionRecord>,
     force_refresh: bool,
 ) -> Result<ConnectionView, ConnectionsError> {
-    let Some(cached) = state.cache.find(&state.read_models, key).await? else {
-        return Err(missing(state, key).await);
-    };
-    let record = cached.record.clone();
     let now = Utc::now();
     let active = &record.connection;
     if force_refresh || state.refresh.needs_refresh(active, now) {

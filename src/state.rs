@@ -19,6 +19,7 @@ use workers::sockets::Sockets;
 use workers::webhooks::WebhookService;
 
 use crate::config::Config;
+use crate::connections::Answers;
 use crate::oauth::Flows;
 
 /// The services of this instance, shared by the request handlers and the background loops.
@@ -70,7 +71,7 @@ pub struct Shared {
     pub commands: Commands,
     pub runner: Runner,
     /// The hot path's in-memory replica of the connections read model.
-    pub cache: Arc<ConnectionCache>,
+    pub cache: Arc<ConnectionCache<Answers>>,
     pub config: Arc<Config>,
     /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
     pub catalog: Arc<Catalog>,

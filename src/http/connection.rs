@@ -4,7 +4,8 @@ use std::borrow::Cow;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::connection::{ConnectionKey, MetadataMode};
@@ -67,8 +68,20 @@ pub async fn get_connection(
 ) -> Result<Response, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let force = query.force_refresh == Some(true);
-    let view = connections::get(&state, &key, force).await?;
-    Ok(Json(connection_json(&view, query.refresh_token != Some(false))).into_response())
+    let with_refresh_token = query.refresh_token != Some(false);
+    let answer = connections::answer(&state, &key, force, with_refresh_token, render).await?;
+    Ok(([(CONTENT_TYPE, APPLICATION_JSON)], answer).into_response())
+}
+
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The seed's Connection object for `view` as JSON bytes.
+fn render(view: &ConnectionView, with_refresh_token: bool) -> Result<Vec<u8>, serde_json::Error> {
+    // Sized for a typical connection, so the buffer (which ends up holding the tokens) is
+    // rarely reallocated, leaving a copy behind.
+    let mut out = Vec::with_capacity(2048);
+    serde_json::to_writer(&mut out, &connection_json(view, with_refresh_token))?;
+    Ok(out)
 }
 
 /// The seed's Connection object, serialized straight from the state (no intermediate tree: this

@@ -303,9 +303,11 @@ impl From<ConnectionsError> for ApiError {
             ConnectionsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
             ConnectionsError::UnknownConnection(key) => Self::UnknownConnection(key),
             ConnectionsError::Refresh(e) => e.into(),
-            ConnectionsError::Command { key, source } => command_error(source, &key),
+            ConnectionsError::Command { key, source } => command_error(*source, &key),
             ConnectionsError::ReadModel(e) => e.into(),
-            other @ ConnectionsError::NotLive(_) => Self::Internal(other.to_string()),
+            other @ (ConnectionsError::NotLive(_) | ConnectionsError::Render(_)) => {
+                Self::Internal(other.to_string())
+            }
         }
     }
 }

@@ -185,7 +185,7 @@ impl From<ConnectionsError> for FlowError {
     fn from(e: ConnectionsError) -> Self {
         match e {
             ConnectionsError::ReadModel(e) => e.into(),
-            ConnectionsError::Command { source, .. } => source.into(),
+            ConnectionsError::Command { source, .. } => (*source).into(),
             other => Self::Internal(other.to_string()),
         }
     }
