@@ -37,9 +37,12 @@ const SECRET: &str = "bench-secret-key-0123456789";
 
 struct WrkResult {
     requests_per_second: f64,
+    requests: u64,
     p50_ms: f64,
     p99_ms: f64,
     non_2xx: u64,
+    /// The server's CPU time per request (user and system), in microseconds.
+    cpu_us: f64,
 }
 
 fn seconds() -> u64 {
@@ -95,6 +98,8 @@ fn wrk(url: &str, script: &std::path::Path) -> WrkResult {
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let mut result = WrkResult {
         requests_per_second: 0.0,
+        requests: 0,
+        cpu_us: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
         non_2xx: 0,
@@ -103,6 +108,7 @@ fn wrk(url: &str, script: &std::path::Path) -> WrkResult {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Requests/sec:", value] => result.requests_per_second = value.parse().unwrap_or(0.0),
+            [count, "requests", "in", ..] => result.requests = count.parse().unwrap_or(0),
             ["50%", value] => result.p50_ms = parse_latency(value),
             ["99%", value] => result.p99_ms = parse_latency(value),
             ["Non-2xx", "or", "3xx", "responses:", value] => {
@@ -134,11 +140,12 @@ fn script(name: &str, count: usize, header: Option<&str>) -> PathBuf {
     path
 }
 
-/// A server measured in the rounds: its name, URL and wrk script.
+/// A server measured in the rounds: its name, URL, wrk script and process.
 struct Target {
     name: String,
     url: String,
     script: PathBuf,
+    pid: u32,
 }
 
 /// Measures every target in turn, `rounds()` times; each target's results in round order.
@@ -147,16 +154,20 @@ async fn measure(targets: &[Target]) -> Vec<Vec<WrkResult>> {
     for _ in 0..rounds() {
         for (i, target) in targets.iter().enumerate() {
             let (url, script) = (target.url.clone(), target.script.clone());
-            let result = tokio::task::spawn_blocking(move || wrk(&url, &script))
+            let cpu = support::cpu_seconds(target.pid);
+            let mut result = tokio::task::spawn_blocking(move || wrk(&url, &script))
                 .await
                 .unwrap();
+            result.cpu_us =
+                (support::cpu_seconds(target.pid) - cpu) * 1e6 / result.requests.max(1) as f64;
             results[i].push(result);
         }
     }
     results
 }
 
-/// Prints one line per target: median req/s, p50, p99, non-2xx, and every round's req/s.
+/// Prints one line per target: median req/s, p50, p99, the server's CPU time per request,
+/// non-2xx, and every round's req/s.
 fn report(targets: &[Target], results: &[Vec<WrkResult>]) {
     for (target, rounds) in targets.iter().zip(results) {
         let each: Vec<String> = rounds
@@ -164,11 +175,13 @@ fn report(targets: &[Target], results: &[Vec<WrkResult>]) {
             .map(|r| format!("{:.0}", r.requests_per_second))
             .collect();
         println!(
-            "{:<28} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   non-2xx {}   ({})",
+            "{:<28} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   cpu {:>5.1} us/req   \
+             non-2xx {}   ({})",
             target.name,
             median(rounds, |r| r.requests_per_second),
             median(rounds, |r| r.p50_ms),
             median(rounds, |r| r.p99_ms),
+            median(rounds, |r| r.cpu_us),
             rounds.iter().map(|r| r.non_2xx).sum::<u64>(),
             each.join(", ")
         );
@@ -271,6 +284,7 @@ async fn hot_path(baseline: Option<&Path>) {
                 } else {
                     plain.clone()
                 },
+                pid: server.pid(),
             });
             servers.push(server);
             databases.push(db);
@@ -301,6 +315,7 @@ async fn hot_path(baseline: Option<&Path>) {
         name: "bare axum (ceiling)".to_owned(),
         url: format!("http://127.0.0.1:{ceiling_port}"),
         script: plain.clone(),
+        pid: std::process::id(),
     });
 
     // Every server runs side by side (an idle one costs nothing); the targets are measured in
@@ -369,12 +384,14 @@ async fn spread_out(baseline: Option<&Path>, sizes: &[usize]) {
             name: format!("grantline N={size}"),
             url: grantline.base.clone(),
             script: script.clone(),
+            pid: grantline.pid(),
         }];
         if let Some(baseline) = &baseline {
             targets.push(Target {
                 name: format!("baseline N={size}"),
                 url: baseline.base.clone(),
                 script: script.clone(),
+                pid: baseline.pid(),
             });
         }
         let results = measure(&targets).await;

@@ -132,7 +132,13 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
 
     fn cached(&self, stream_id: &str) -> Option<Arc<Cached<A>>> {
         let cached = self.entries.get(stream_id)?;
-        (cached.loaded_at.elapsed() < self.ttl).then_some(cached)
+        if cached.loaded_at.elapsed() < self.ttl {
+            return Some(cached);
+        }
+        // Expired: removed rather than replaced by the reload, which the cache would count as
+        // an eviction.
+        self.entries.remove(stream_id);
+        None
     }
 
     /// Forgets a stream's entry.
