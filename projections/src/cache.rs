@@ -16,16 +16,17 @@
 //! destroyed by another instance stops opening anything here as soon as this instance hears of
 //! it (and whenever following restarts, the whole key cache is dropped).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
 pub use domain::keys::CacheStats;
 use domain::keys::Vault;
-use domain::store::{Backend, LogReader};
+use domain::store::{Backend, LogReader, StreamId};
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 
@@ -40,34 +41,44 @@ use crate::store::ReadModels;
 pub struct Cached<A> {
     pub record: Arc<ConnectionRecord>,
     pub derived: A,
+    stream_id: StreamId,
     loaded_at: Instant,
 }
 
-/// Counts the entries the cache drops to stay within its capacity.
+/// Hands the entries an insert pushed out (or replaced) back to the inserter, which drops them
+/// from the index and counts them, and releases them once the cache's lock is let go.
 #[derive(Clone, Debug, Default)]
-struct CountEvictions(Arc<AtomicU64>);
+struct Pushed;
 
-impl<K, V> Lifecycle<K, V> for CountEvictions {
-    type RequestState = ();
+impl<A> Lifecycle<ConnectionKey, Arc<Cached<A>>> for Pushed {
+    type RequestState = Vec<Arc<Cached<A>>>;
 
-    fn on_evict(&self, _: &mut (), _: K, _: V) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    fn on_evict(&self, pushed: &mut Self::RequestState, _: ConnectionKey, cached: Arc<Cached<A>>) {
+        pushed.push(cached);
     }
 }
 
-type Entries<A> = Cache<String, Arc<Cached<A>>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+type Entries<A> = Cache<ConnectionKey, Arc<Cached<A>>, UnitWeighter, DefaultHashBuilder, Pushed>;
 
 /// The replica: at most `capacity` connections, the least useful dropped first. Cheap to share
 /// behind an `Arc`.
+///
+/// Entries are found by [`ConnectionKey`], so a hit costs a hash lookup and no stream id (a
+/// SHA-1 of the pair); the log names streams, so an index from stream to key, holding exactly
+/// the cached keys, turns an invalidation into the key to drop.
 pub struct ConnectionCache<A = ()> {
     entries: Entries<A>,
+    /// The key of each cached stream. Its lock is held while an entry is filled or dropped, so
+    /// that an invalidation cannot fall between a fill's check of the epoch and its insert
+    /// (hits never take it).
+    index: Mutex<HashMap<StreamId, ConnectionKey>>,
     /// Bumped by every invalidation; a read that saw another value does not fill the cache.
     epoch: AtomicU64,
     ttl: Duration,
     capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
-    evictions: CountEvictions,
+    evictions: AtomicU64,
 }
 
 impl<A: Default + Send + Sync + 'static> std::fmt::Debug for ConnectionCache<A> {
@@ -84,21 +95,21 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
     /// without hearing of a change.
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        let evictions = CountEvictions::default();
         Self {
             entries: Cache::with(
                 capacity,
                 u64::try_from(capacity).unwrap_or(u64::MAX),
                 UnitWeighter,
                 DefaultHashBuilder::default(),
-                evictions.clone(),
+                Pushed,
             ),
+            index: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             ttl,
             capacity: u64::try_from(capacity).unwrap_or(u64::MAX),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            evictions,
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -108,48 +119,72 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
         read_models: &ReadModels,
         key: &ConnectionKey,
     ) -> Result<Option<Arc<Cached<A>>>, ProjectionError> {
-        let stream_id = key.stream_id().to_string();
-        if let Some(cached) = self.cached(&stream_id) {
+        // An expired entry stays until the reload replaces it.
+        if let Some(cached) = self.entries.get(key)
+            && cached.loaded_at.elapsed() < self.ttl
+        {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(cached));
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.load(Ordering::Acquire);
-        let Some(record) = queries::find_connection(read_models, key).await? else {
+        let stream_id = key.stream_id();
+        let Some(record) = queries::find_connection_in(read_models, &stream_id).await? else {
             return Ok(None);
         };
         let cached = Arc::new(Cached {
             record: Arc::new(record),
             derived: A::default(),
+            stream_id,
             loaded_at: Instant::now(),
         });
-        // A read that raced with an invalidation may hold what it invalidated.
-        if self.epoch.load(Ordering::Acquire) == epoch {
-            self.entries.insert(stream_id, cached.clone());
+        let mut pushed = Vec::new();
+        {
+            let mut index = self.index();
+            // A read that raced with an invalidation may hold what it invalidated.
+            if self.epoch.load(Ordering::Acquire) == epoch {
+                self.entries
+                    .insert_with_lifecycle(key.clone(), cached.clone(), &mut pushed);
+                for old in &pushed {
+                    index.remove(&old.stream_id);
+                }
+                index.insert(cached.stream_id.clone(), key.clone());
+            }
         }
+        // The entry it replaced (an expired one, or a concurrent reload's) is no eviction.
+        let evicted = pushed
+            .iter()
+            .filter(|old| old.stream_id != cached.stream_id)
+            .count();
+        self.evictions.fetch_add(
+            u64::try_from(evicted).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         Ok(Some(cached))
     }
 
-    fn cached(&self, stream_id: &str) -> Option<Arc<Cached<A>>> {
-        let cached = self.entries.get(stream_id)?;
-        if cached.loaded_at.elapsed() < self.ttl {
-            return Some(cached);
-        }
-        // Expired: removed rather than replaced by the reload, which the cache would count as
-        // an eviction.
-        self.entries.remove(stream_id);
-        None
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, ConnectionKey>> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Forgets a stream's entry.
     pub fn invalidate(&self, stream_id: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.entries.remove(stream_id);
+        let dropped = {
+            let mut index = self.index();
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            index
+                .remove(stream_id)
+                .and_then(|key| self.entries.remove(&key))
+        };
+        // Released (its answers wiped) outside the lock.
+        drop(dropped);
     }
 
     /// Forgets everything.
     pub fn clear(&self) {
+        let mut index = self.index();
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        index.clear();
         self.entries.clear();
     }
 
@@ -158,7 +193,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            evictions: self.evictions.0.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
             entries: u64::try_from(self.entries.len()).unwrap_or(u64::MAX),
             capacity: self.capacity,
         }

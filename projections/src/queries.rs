@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use domain::connection::{ActiveConnection, Connection, ConnectionKey};
 use domain::integration::{self, ActiveIntegration, Integration};
+use domain::store::StreamId;
 use serde::de::DeserializeOwned;
 
 use crate::store::{ReadModels, StoredRow};
@@ -46,7 +47,14 @@ pub async fn find_connection(
     read_models: &ReadModels,
     key: &ConnectionKey,
 ) -> Result<Option<ConnectionRecord>, ProjectionError> {
-    let stream_id = key.stream_id();
+    find_connection_in(read_models, &key.stream_id()).await
+}
+
+/// The connection of the stream `stream_id`, unless absent or deleted.
+pub async fn find_connection_in(
+    read_models: &ReadModels,
+    stream_id: &StreamId,
+) -> Result<Option<ConnectionRecord>, ProjectionError> {
     let table = ConnectionsModel::NAME;
     let Some(row) = read_models.store().find(table, stream_id.as_str()).await? else {
         return Ok(None);

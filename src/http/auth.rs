@@ -1,49 +1,71 @@
 //! API authentication (DESIGN §5): open without a secret key, else `Bearer <key>` or
 //! `Basic base64(<key>:)`, compared in constant time.
 
-use axum::extract::{Request, State};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
 use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use subtle::ConstantTimeEq;
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use super::ApiError;
-use crate::state::AppState;
+use crate::config::Secret;
 
-pub async fn require_secret_key(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    // Without a secret key the API is open and any header is ignored (old clients always send
-    // one); the server then listens on loopback only.
-    let Some(secret) = &state.config.secret_key else {
-        return Ok(next.run(request).await);
-    };
-    let header = request
-        .headers()
-        .get(AUTHORIZATION)
-        .ok_or(ApiError::MissingAuthHeader)?;
-    let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
-    let presented = presented_key(value)?;
-    if bool::from(presented.as_bytes().ct_eq(secret.expose().as_bytes())) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::InvalidSecretKey)
+/// The layer that lets through only requests presenting `secret`. Without a secret key the
+/// router has no such layer: the API is open and any header is ignored (old clients always
+/// send one), and the server listens on loopback only.
+pub fn require(secret: &Secret) -> ValidateRequestHeaderLayer<SecretKey> {
+    ValidateRequestHeaderLayer::custom(SecretKey(Arc::from(secret.expose().as_bytes())))
+}
+
+/// The configured secret key, checked against each request's `Authorization` header.
+#[derive(Clone)]
+pub struct SecretKey(Arc<[u8]>);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+impl<B> ValidateRequest<B> for SecretKey {
+    type ResponseBody = Body;
+
+    fn validate(&mut self, request: &mut Request<B>) -> Result<(), Response> {
+        self.check(request).map_err(IntoResponse::into_response)
+    }
+}
+
+impl SecretKey {
+    fn check<B>(&self, request: &Request<B>) -> Result<(), ApiError> {
+        let header = request
+            .headers()
+            .get(AUTHORIZATION)
+            .ok_or(ApiError::MissingAuthHeader)?;
+        let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
+        let presented = presented_key(value)?;
+        if bool::from(presented.as_bytes().ct_eq(&self.0)) {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidSecretKey)
+        }
     }
 }
 
 /// The key in a `Bearer` or `Basic` header.
-fn presented_key(value: &str) -> Result<String, ApiError> {
+fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
     let (scheme, rest) = value
         .trim()
         .split_once(' ')
         .ok_or(ApiError::MalformedAuthHeader)?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
-        return Ok(rest.to_owned());
+        return Ok(Cow::Borrowed(rest));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = BASE64
@@ -53,7 +75,7 @@ fn presented_key(value: &str) -> Result<String, ApiError> {
         // The key is the user name; the password is empty (or ignored).
         let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
         if !user.is_empty() {
-            return Ok(user.to_owned());
+            return Ok(Cow::Owned(user.to_owned()));
         }
     }
     Err(ApiError::MalformedAuthHeader)

@@ -22,10 +22,10 @@ mod ready;
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{MethodRouter, get};
-use axum::{Json, middleware};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -133,15 +133,9 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .route("/admin/webhooks", get(admin::webhooks_status))
         .route("/metrics", get(metrics::metrics));
     // Without a secret key the API is open: no layer at all on the hot path.
-    let api = if state.config.secret_key.is_some() {
-        api.map(|api| {
-            api.route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::require_secret_key,
-            ))
-        })
-    } else {
-        api
+    let api = match &state.config.secret_key {
+        Some(secret) => api.map(|api| api.route_layer(auth::require(secret))),
+        None => api,
     };
     // The browser's side of OAuth flows: no secret key (connect checks the public key).
     let flows = Routes::new()

@@ -63,9 +63,11 @@ pub const STREAM_NAMESPACE: Uuid = Uuid::from_u128(0x9df2_751c_973e_4223_8dcd_5f
 /// Deterministic, and unambiguous: the pair is encoded as a JSON array before hashing, so
 /// `("a", "b:c")` and `("a:b", "c")` are different streams.
 pub fn stream_id(provider_config_key: &str, connection_id: &str) -> StreamId {
-    // A JSON array of two strings; serializing cannot fail.
-    let name = serde_json::to_string(&[provider_config_key, connection_id]).unwrap_or_default();
-    StreamId::new(CATEGORY, Uuid::new_v5(&STREAM_NAMESPACE, name.as_bytes()))
+    // Read on every API request: one allocation for the name, none for formatting.
+    let mut name = Vec::with_capacity(provider_config_key.len() + connection_id.len() + 8);
+    // A JSON array of two strings; writing it to a vector cannot fail.
+    let _ = serde_json::to_writer(&mut name, &[provider_config_key, connection_id]);
+    StreamId::from_uuid(CATEGORY, Uuid::new_v5(&STREAM_NAMESPACE, &name))
 }
 
 /// Which connection: the integration's `provider_config_key` and the `connection_id` within it.

@@ -42,6 +42,17 @@ impl StreamId {
         Self(format!("{category}-{id}"))
     }
 
+    /// `<category>-<uuid>`, the UUID hyphenated in lower case (as [`StreamId::new`] writes it).
+    pub fn from_uuid(category: &str, id: uuid::Uuid) -> Self {
+        let mut buffer = uuid::Uuid::encode_buffer();
+        let id = id.hyphenated().encode_lower(&mut buffer);
+        let mut raw = String::with_capacity(category.len() + 1 + id.len());
+        raw.push_str(category);
+        raw.push('-');
+        raw.push_str(id);
+        Self(raw)
+    }
+
     /// Wraps an id read back from storage.
     pub fn from_raw(raw: impl Into<String>) -> Self {
         Self(raw.into())
@@ -56,6 +67,12 @@ impl StreamId {
         self.0
             .split_once('-')
             .map_or(&self.0, |(category, _)| category)
+    }
+}
+
+impl std::borrow::Borrow<str> for StreamId {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 

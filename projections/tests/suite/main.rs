@@ -4,6 +4,7 @@
 
 extern crate grantline_projections as projections;
 
+mod cache;
 mod runner;
 
 use std::sync::Arc;

@@ -457,10 +457,18 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
         .await
         .unwrap();
     let runner = Runner::new(&f.backend);
-    let step = tokio::time::timeout(Duration::from_secs(10), runner.step::<ConnectionsModel>())
-        .await
-        .expect("the runner does not block on a claimed checkpoint")
-        .unwrap();
+    // Idle while another test's open transaction hides the events (the xid8 horizon is the
+    // whole cluster's); once they show, the claimed checkpoint makes the step busy at once.
+    let step = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match runner.step::<ConnectionsModel>().await.unwrap() {
+                Step::Idle => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the runner does not block on a claimed checkpoint");
     assert_eq!(step, Step::Busy);
     other.rollback().await.unwrap();
     settle(&runner).await;

@@ -1,0 +1,95 @@
+//! The in-memory replica of the connections read model, against both backends.
+
+use std::time::Duration;
+
+use domain::connection::ConnectionKey;
+use domain::testing::TestDatabase;
+use projections::cache::ConnectionCache;
+use projections::{Runner, queries};
+
+use crate::fixture;
+
+domain::on_both_backends!(
+    the_replica_stays_within_its_capacity_and_counts_what_it_evicts,
+    an_invalidated_or_expired_entry_is_read_again_from_the_read_model,
+);
+
+const LONG: Duration = Duration::from_secs(3600);
+
+async fn the_replica_stays_within_its_capacity_and_counts_what_it_evicts(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    for n in 0..20 {
+        f.connection("github", &format!("c{n}")).await;
+    }
+    Runner::new(&f.backend).catch_up().await.unwrap();
+    let cache: ConnectionCache = ConnectionCache::new(LONG, 4);
+    for round in 0..3 {
+        for n in 0..20 {
+            let key = ConnectionKey::new("github", format!("c{n}"));
+            let found = cache.find(&f.read_models, &key).await.unwrap().unwrap();
+            assert_eq!(
+                found.record.connection.connection_id,
+                format!("c{n}"),
+                "{round}"
+            );
+        }
+    }
+    let stats = cache.stats();
+    assert!(stats.entries <= stats.capacity, "{stats:?}");
+    assert!(stats.capacity < 20, "{stats:?}");
+    assert_eq!(stats.hits + stats.misses, 60, "{stats:?}");
+    assert!(stats.evictions >= 40, "{stats:?}");
+    // The same connection again: from memory.
+    let key = ConnectionKey::new("github", "c19");
+    let before = cache.stats();
+    cache.find(&f.read_models, &key).await.unwrap().unwrap();
+    assert_eq!(cache.stats().hits, before.hits + 1);
+    assert_eq!(cache.stats().evictions, before.evictions);
+    // Unknown connections are not cached.
+    let missing = ConnectionKey::new("github", "nobody");
+    assert!(
+        cache
+            .find(&f.read_models, &missing)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(cache.stats().entries <= stats.capacity);
+}
+
+async fn an_invalidated_or_expired_entry_is_read_again_from_the_read_model(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "a").await;
+    Runner::new(&f.backend).catch_up().await.unwrap();
+    let cache: ConnectionCache = ConnectionCache::new(LONG, 100);
+    let key = ConnectionKey::new("github", "a");
+    let first = cache.find(&f.read_models, &key).await.unwrap().unwrap();
+    assert_eq!(cache.stats().misses, 1);
+    // Re-authorized: the log names the stream, and the entry for the key goes.
+    f.connection("github", "a").await;
+    Runner::new(&f.backend).catch_up().await.unwrap();
+    cache.invalidate(key.stream_id().as_str());
+    assert_eq!(cache.stats().entries, 0);
+    let second = cache.find(&f.read_models, &key).await.unwrap().unwrap();
+    assert_eq!(cache.stats().misses, 2);
+    assert!(second.record.version > first.record.version);
+    assert_eq!(
+        second.record.version,
+        queries::find_connection(&f.read_models, &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .version
+    );
+    // Expired: read again, and the reload replaces the entry without counting an eviction.
+    let brief: ConnectionCache = ConnectionCache::new(Duration::ZERO, 100);
+    brief.find(&f.read_models, &key).await.unwrap();
+    brief.find(&f.read_models, &key).await.unwrap();
+    let stats = brief.stats();
+    assert_eq!((stats.misses, stats.evictions, stats.entries), (2, 0, 1));
+    // Cleared: everything goes.
+    cache.clear();
+    assert_eq!(cache.stats().entries, 0);
+}
