@@ -83,8 +83,9 @@ pub struct ConnectionView {
 #[derive(Debug, Default)]
 pub struct Answers([OnceCell<Bytes>; 2]);
 
-/// Renders a connection's answer, with its refresh token or without.
-pub type Render = fn(&ConnectionView, bool) -> Result<Vec<u8>, serde_json::Error>;
+/// Writes a connection's answer, with its refresh token or without.
+pub type Render =
+    fn(&ConnectionView, bool, &mut dyn std::io::Write) -> Result<(), serde_json::Error>;
 
 /// Bytes that are zeroed when the last reference to them goes.
 struct Wiped(Zeroizing<Vec<u8>>);
@@ -95,9 +96,33 @@ impl AsRef<[u8]> for Wiped {
     }
 }
 
-fn wiped(rendered: Result<Vec<u8>, serde_json::Error>) -> Result<Bytes, ConnectionsError> {
-    let rendered = rendered.map_err(ConnectionsError::Render)?;
-    Ok(Bytes::from_owner(Wiped(Zeroizing::new(rendered))))
+/// Counts what is written to it.
+struct Length(usize);
+
+impl std::io::Write for Length {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `view`'s answer rendered into one buffer of exactly its size (measured by a first pass), so
+/// that no reallocation leaves a copy of its secrets behind, and wiped when the last reference
+/// to it goes.
+fn rendered(
+    view: &ConnectionView,
+    with_refresh_token: bool,
+    render: Render,
+) -> Result<Bytes, ConnectionsError> {
+    let mut length = Length(0);
+    render(view, with_refresh_token, &mut length).map_err(ConnectionsError::Render)?;
+    let mut answer = Zeroizing::new(Vec::with_capacity(length.0));
+    render(view, with_refresh_token, &mut *answer).map_err(ConnectionsError::Render)?;
+    Ok(Bytes::from_owner(Wiped(answer)))
 }
 
 /// The answer for the connection `key`, as `render` makes it from the connection with a fresh
@@ -131,13 +156,13 @@ pub async fn answer(
                     connection: cached.record.clone(),
                     credentials,
                 };
-                wiped(render(&view, with_refresh_token))
+                rendered(&view, with_refresh_token, render)
             })
             .await?;
         return Ok(answer.clone());
     }
     let view = fresh(state, key, cached.record.clone(), force_refresh).await?;
-    wiped(render(&view, with_refresh_token))
+    rendered(&view, with_refresh_token, render)
 }
 
 /// The connection as the read model has it (`record`), with a fresh token: refreshed through

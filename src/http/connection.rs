@@ -76,12 +76,12 @@ pub async fn get_connection(
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// The seed's Connection object for `view` as JSON bytes.
-fn render(view: &ConnectionView, with_refresh_token: bool) -> Result<Vec<u8>, serde_json::Error> {
-    // Sized for a typical connection, so the buffer (which ends up holding the tokens) is
-    // rarely reallocated, leaving a copy behind.
-    let mut out = Vec::with_capacity(2048);
-    serde_json::to_writer(&mut out, &connection_json(view, with_refresh_token))?;
-    Ok(out)
+fn render(
+    view: &ConnectionView,
+    with_refresh_token: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(out, &connection_json(view, with_refresh_token))
 }
 
 /// The seed's Connection object, serialized straight from the state (no intermediate tree: this
