@@ -28,6 +28,7 @@ domain::on_postgres_only!(
 
 const ID: &str = "conn-1";
 const PATH: &str = "/connection/conn-1?provider_config_key=fake";
+const FORCED: &str = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
 
 /// A service (or several) on one database with the fake provider as the integration `fake`,
 /// whose template adds `refresh_params`, and the connection `conn-1` imported with an expired
@@ -60,14 +61,6 @@ impl Env {
     async fn import(&self, refresh: &str, expires_in: i64) {
         let access = format!("old-access-{refresh}");
         self.0.import(ID, &access, refresh, Some(expires_in)).await;
-    }
-
-    async fn access_token(&self, app: usize, path: &str) -> String {
-        let body = self.apps[app].get_ok(path).await;
-        body["credentials"]["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
     }
 
     /// The connection's events.
@@ -252,22 +245,20 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
     assert_eq!(env.fake.refresh_requests(), 1, "no further provider calls");
     // A forced refresh tries again.
     env.fake.set_mode(TokenMode::Json);
-    let forced = env
-        .access_token(0, &format!("{PATH}&force_refresh=true"))
-        .await;
+    let forced = env.app().access_token(FORCED).await;
     assert_eq!(forced, FakeProvider::refreshed_tokens(1).0);
     assert_eq!(env.fake.refresh_requests(), 2);
 
     // A forced refresh that fails permanently blocks reads again; a re-authorization (import)
     // recovers.
     env.fake.set_mode(TokenMode::InvalidGrant);
-    let forced = env.apps[0].get(&format!("{PATH}&force_refresh=true")).await;
+    let forced = env.apps[0].get(FORCED).await;
     assert_error(forced, 424, "connection_refresh_failed").await;
     assert_eq!(env.fake.refresh_requests(), 3);
     env.fake.set_mode(TokenMode::Json);
     env.import("rt-b", -60).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(2).0
     );
     assert_eq!(env.fake.refresh_requests(), 4);
@@ -297,7 +288,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     env.fake.set_mode(TokenMode::Json);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(1).0
     );
     assert_eq!(env.fake.refresh_requests(), 2);
@@ -305,7 +296,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     // A token that is due but still valid is answered when the refresh fails transiently.
     env.import("rt-1", 300).await;
     env.fake.set_mode(TokenMode::Status(502));
-    assert_eq!(env.access_token(0, PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 3);
     // Stored credentials are never wiped by a failure.
     let events = env.events().await;
@@ -318,17 +309,15 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
 async fn a_fresh_token_is_not_refreshed_unless_forced(db: &TestDatabase) {
     let env = env(db, 1, &[]).await;
     env.import("rt-1", 3600).await;
-    assert_eq!(env.access_token(0, PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 0);
-    let forced = env
-        .access_token(0, &format!("{PATH}&force_refresh=true"))
-        .await;
+    let forced = env.app().access_token(FORCED).await;
     assert_eq!(forced, FakeProvider::refreshed_tokens(1).0);
     assert_eq!(env.fake.refresh_requests(), 1);
     // Within the margin (15 minutes by default): refreshed on read.
     env.import("fake-refresh-r1", 600).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(2).0
     );
 }

@@ -53,6 +53,16 @@ async fn commands(db: &TestDatabase) -> (Commands, String) {
     (Commands::new(backend, vault), master_b64)
 }
 
+/// A command service with the connection imported at `at(0)` (version 1).
+async fn with_connection(db: &TestDatabase) -> Commands {
+    let (commands, _) = commands(db).await;
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
+        .await
+        .unwrap();
+    commands
+}
+
 /// 2024-05-01T12:00:00Z plus `minutes`.
 fn at(minutes: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_714_564_800 + minutes * 60, 0).unwrap()
@@ -405,11 +415,7 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
 }
 
 async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestDatabase) {
-    let (commands, _) = commands(db).await;
-    commands
-        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
-        .await
-        .unwrap();
+    let commands = with_connection(db).await;
 
     let writers: Vec<_> = (0..20)
         .map(|n| {
@@ -585,11 +591,7 @@ impl grantline_domain::commands::Snapshots for FirstEventSnapshot {
 /// Loading from a snapshot of an old version folds only the events after it, and reaches the
 /// state a fold of the whole stream gives; commands decided on it append at the right version.
 async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: &TestDatabase) {
-    let (commands, _) = commands(db).await;
-    commands
-        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
-        .await
-        .unwrap();
+    let commands = with_connection(db).await;
     let first = commands.load_connection(&key()).await.unwrap();
     assert_eq!(first.version, 1);
     for n in 0..5 {
