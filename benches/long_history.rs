@@ -8,17 +8,13 @@
 //! `cargo bench --bench long_history` (`BENCH_REFRESHES` overrides 5,000).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/api/fake_provider.rs"]
-#[allow(dead_code)]
-mod fake_provider;
+mod fake_service;
 mod support;
 
 use std::time::{Duration, Instant};
 
-use domain::testing::TestDatabase;
-use fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
-use serde_json::json;
-use support::{Server, setting};
+use fake_service::Setup;
+use support::setting;
 
 /// Refreshes measured at each end.
 const WINDOW: usize = 200;
@@ -41,45 +37,14 @@ fn describe(latencies: &[Duration]) -> (f64, f64) {
 #[tokio::main]
 async fn main() {
     let n = refreshes();
-    let db = TestDatabase::postgres().await;
-    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
-    let fake = FakeProvider::start().await;
-    let (_dir, providers) = fake.providers_file("");
-    let providers = providers.to_string_lossy();
-    let server = Server::start(
-        &support::grantline(),
-        db.url(),
-        &key,
-        &[
-            "--roles",
-            "api,projections",
-            "--providers-file",
-            providers.as_ref(),
-        ],
-        "warn,grantline=info",
-    );
+    let setup = Setup::new().await;
+    let server = setup.start(&["--roles", "api,projections"], "warn,grantline=info");
     let base = server.base.clone();
     let client = reqwest::Client::new();
-    let response = client
-        .post(format!("{base}/config"))
-        .json(&json!({"provider_config_key": "fake", "provider": "fake",
-            "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET}))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    fake.accept_refresh_token("rt-long");
-    let response = client
-        .post(format!("{base}/connection"))
-        .json(
-            &json!({"provider_config_key": "fake", "connection_id": "long",
-            "access_token": "at-long", "refresh_token": "rt-long",
-            "expires_at": chrono::Utc::now().timestamp() + 3600}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    setup.create_integration(&client, &base).await;
+    setup
+        .import(&client, &base, "long", ("at-long", "rt-long"), 3600)
+        .await;
 
     let url = format!("{base}/connection/long?provider_config_key=fake&force_refresh=true");
     let mut latencies = Vec::with_capacity(n);
@@ -115,6 +80,6 @@ async fn main() {
     println!(
         "last / first p50 {:.2}   provider refresh calls {}",
         last_p50 / first_p50,
-        fake.refresh_requests()
+        setup.fake.refresh_requests()
     );
 }

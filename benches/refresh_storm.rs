@@ -12,22 +12,18 @@
 //! `cargo bench --bench refresh_storm` (`BENCH_CONNECTIONS` overrides 10,000).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/api/fake_provider.rs"]
-#[allow(dead_code)]
-mod fake_provider;
+mod fake_service;
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use domain::testing::TestDatabase;
-use fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
+use fake_service::{KEY, Setup};
 use futures_util::StreamExt;
-use serde_json::{Value, json};
-use support::{Server, caught_up, setting};
+use serde_json::Value;
+use support::{caught_up, setting};
 
-const KEY: &str = "fake";
 /// Fresh connections read during the storm.
 const OTHERS: usize = 200;
 /// Concurrent readers of the fresh connections.
@@ -43,37 +39,12 @@ fn connections() -> usize {
     setting("BENCH_CONNECTIONS", 10_000)
 }
 
-/// A server on `db` with the fake provider's templates and the flags `extra`, logging at the
-/// service's default filter: each refresh logs a line, as in production.
-fn start(db: &TestDatabase, key: &str, providers: &std::path::Path, extra: &[&str]) -> Server {
-    let providers = providers.to_string_lossy();
-    let mut args = vec!["--providers-file", providers.as_ref()];
-    args.extend_from_slice(extra);
-    Server::start(&support::grantline(), db.url(), key, &args, "info")
-}
-
 /// Imports connection `id` with an access token expiring `expires_in` seconds from now.
-async fn import(
-    client: &reqwest::Client,
-    base: &str,
-    fake: &FakeProvider,
-    id: String,
-    expires_in: i64,
-) {
-    let refresh = format!("rt-{id}");
-    fake.accept_refresh_token(&refresh);
-    let body = json!({
-        "provider_config_key": KEY, "connection_id": id,
-        "access_token": format!("old-access-{id}"), "refresh_token": refresh,
-        "expires_at": chrono::Utc::now().timestamp() + expires_in,
-    });
-    let response = client
-        .post(format!("{base}/connection"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+async fn import(client: &reqwest::Client, base: &str, setup: &Setup, id: String, expires_in: i64) {
+    let (access, refresh) = (format!("old-access-{id}"), format!("rt-{id}"));
+    setup
+        .import(client, base, &id, (&access, &refresh), expires_in)
+        .await;
 }
 
 /// What the readers saw: (start, latency) of each 200 answer, and the non-200 count.
@@ -146,34 +117,20 @@ fn summary(reads: &Reads, from: Instant, to: Instant) -> (usize, f64, f64, f64) 
 #[tokio::main]
 async fn main() {
     let n = connections();
-    let db = TestDatabase::postgres().await;
-    let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
-    let fake = FakeProvider::start().await;
-    let (_dir, providers) = fake.providers_file("");
+    let setup = Setup::new().await;
+    let fake = &setup.fake;
     let client = reqwest::Client::new();
 
-    // Seeding, on an instance without the scheduler.
-    let seeder = start(&db, &key, &providers, &["--roles", "api,projections"]);
-    let response = client
-        .post(format!("{}/config", seeder.base))
-        .json(&json!({
-            "provider_config_key": KEY, "provider": KEY,
-            "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{}",
-        response.text().await.unwrap()
-    );
+    // Seeding, on an instance without the scheduler. Each refresh logs a line at the service's
+    // default filter, as in production.
+    let seeder = setup.start(&["--roles", "api,projections"], "info");
+    setup.create_integration(&client, &seeder.base).await;
     let seeding = Instant::now();
     // Due: beyond the read margin (15 min), inside the scheduler's window (30 min).
     let due = (0..n).map(|i| (format!("due-{i:05}"), 20 * 60));
     let others = (0..OTHERS).map(|i| (format!("other-{i}"), 24 * 3600));
     futures_util::stream::iter(due.chain(others))
-        .map(|(id, expires_in)| import(&client, &seeder.base, &fake, id, expires_in))
+        .map(|(id, expires_in)| import(&client, &seeder.base, &setup, id, expires_in))
         .buffer_unordered(SEED_CONCURRENCY)
         .collect::<Vec<()>>()
         .await;
@@ -196,16 +153,14 @@ async fn main() {
 
     // The storm, on an instance with every role, ticking every 5 s.
     let schedule = format!("*/{TICK_SECONDS} * * * * *");
-    let server = start(
-        &db,
-        &key,
-        &providers,
+    let server = setup.start(
         &[
             "--roles",
             "api,projections,scheduler",
             "--refresh-schedule",
             &schedule,
         ],
+        "info",
     );
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(read_load(server.base.clone(), stop.clone()));

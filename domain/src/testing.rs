@@ -40,6 +40,31 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Runs each listed `async fn(&TestDatabase)` on a fresh PostgreSQL database only, as
+/// `postgres_only::name` inside the calling module: for what needs PostgreSQL itself (several
+/// processes on one database, its locks and transaction horizon). Each test gets two worker
+/// threads; `name(4)` gives it four.
+#[macro_export]
+macro_rules! on_postgres_only {
+    (@test $name:ident) => {
+        $crate::on_postgres_only!(@test $name 2);
+    };
+    (@test $name:ident $threads:tt) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+        async fn $name() {
+            let db = $crate::testing::TestDatabase::postgres().await;
+            super::$name(&db).await;
+        }
+    };
+    ($($name:ident $(($threads:tt))?),* $(,)?) => {
+        mod postgres_only {
+            $(
+                $crate::on_postgres_only!(@test $name $($threads)?);
+            )*
+        }
+    };
+}
+
 /// The server test databases are created on.
 pub fn admin_url() -> String {
     std::env::var("GRANTLINE_TEST_POSTGRES")
@@ -101,6 +126,30 @@ impl TestDatabase {
         Backend::open(self.url(), options)
             .await
             .expect("open the test database")
+    }
+
+    /// A plain client of this PostgreSQL database, for what a test does behind the store's back;
+    /// its connection is driven by a spawned task. Panics on SQLite.
+    pub async fn postgres_client(&self) -> tokio_postgres::Client {
+        let Self::Postgres { url, .. } = self else {
+            panic!("a PostgreSQL client of a SQLite test database");
+        };
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A client holding a transaction open with an xid (until it commits or drops): no log
+    /// reader on the server passes the events committed after it, as with a slow writer.
+    pub async fn hold_horizon(&self) -> tokio_postgres::Client {
+        let blocker = self.postgres_client().await;
+        blocker
+            .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+            .await
+            .expect("open a transaction with an xid");
+        blocker
     }
 }
 

@@ -8,7 +8,8 @@ use domain::testing::TestDatabase;
 
 use crate::new_key;
 
-fn grantline() -> Command {
+/// The `grantline` binary, without the developer's own `GRANTLINE_*` settings.
+pub(crate) fn grantline() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
     // Start from a clean environment so the developer's own GRANTLINE_* settings do not leak in.
     for (name, _) in std::env::vars() {
@@ -140,11 +141,9 @@ async fn concurrent_migrate_runs_on_one_database_both_succeed() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+    let applied: i64 = db
+        .postgres_client()
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let applied: i64 = client
         .query_one("SELECT count(*) FROM refinery_schema_history", &[])
         .await
         .unwrap()
@@ -208,15 +207,7 @@ async fn service_with_connection(
     metadata: &serde_json::Value,
 ) -> crate::TestApp {
     let app = crate::spawn_app(db, key).await;
-    crate::ok_json(
-        app.post_json(
-            "/config",
-            &serde_json::json!({"provider_config_key": "github", "provider": "github",
-                "oauth_client_id": "id", "oauth_client_secret": "cli-client-SECRET-42"}),
-        )
-        .await,
-    )
-    .await;
+    app.create_github_integration("cli-client-SECRET-42").await;
     let import = serde_json::json!({"provider_config_key": "github", "connection_id": id,
         "access_token": tokens.0, "refresh_token": tokens.1, "metadata": metadata});
     assert_eq!(app.post_json("/connection", &import).await.status(), 201);
@@ -253,13 +244,10 @@ async fn history_prints_a_connections_entries_as_json_or_a_table() {
         String::from_utf8_lossy(&output.stderr)
     );
     let entries: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let types: Vec<&str> = entries
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
-    assert_eq!(types, ["connection_authorized", "metadata_set"]);
+    assert_eq!(
+        crate::strings(&entries, "type"),
+        ["connection_authorized", "metadata_set"]
+    );
     assert_eq!(entries[0]["secrets"], "sealed");
     assert_eq!(entries[1]["metadata"]["keys"], serde_json::json!(["plan"]));
 

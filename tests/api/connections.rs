@@ -54,6 +54,13 @@ async fn import(app: &TestApp, path: &str, body: Value) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A service with the integration `key` (see [`create_config`]).
+async fn app_with_config(db: &TestDatabase, key: &str) -> TestApp {
+    let app = spawn_app(db, &new_key()).await;
+    create_config(&app, key).await;
+    app
+}
+
 /// A flat OAuth2 import of `connection_id` into `key`.
 async fn import_oauth2(app: &TestApp, key: &str, connection_id: &str, token: &str) -> Value {
     import(
@@ -96,8 +103,7 @@ fn seed_timestamp(value: &Value) -> DateTime<Utc> {
 async fn an_imported_connection_reads_back_as_exactly_the_seeds_connection_object(
     db: &TestDatabase,
 ) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "github-prod").await;
+    let app = app_with_config(db, "github-prod").await;
     let created = import(
         &app,
         "/connection",
@@ -217,8 +223,7 @@ async fn an_imported_connection_reads_back_as_exactly_the_seeds_connection_objec
 }
 
 async fn the_nested_credentials_form_on_the_plural_route_imports_too(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "gh").await;
+    let app = app_with_config(db, "gh").await;
     let created = import(
         &app,
         "/connections",
@@ -296,8 +301,7 @@ async fn the_nested_credentials_form_on_the_plural_route_imports_too(db: &TestDa
 }
 
 async fn oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "k").await;
+    let app = app_with_config(db, "k").await;
     let cases = [
         (
             "/connection",
@@ -358,8 +362,7 @@ async fn oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes(db: &Tes
 }
 
 async fn every_write_is_visible_to_the_very_next_read(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "ryw").await;
+    let app = app_with_config(db, "ryw").await;
     let path = "/connection/c?provider_config_key=ryw";
     for round in 0..5 {
         let token = format!("token-{round}");
@@ -400,8 +403,7 @@ async fn every_write_is_visible_to_the_very_next_read(db: &TestDatabase) {
 async fn the_list_shows_connections_without_credentials_and_filters_by_connection_id(
     db: &TestDatabase,
 ) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "alpha").await;
+    let app = app_with_config(db, "alpha").await;
     create_config(&app, "beta").await;
     assert_eq!(
         app.get_ok("/connection").await,
@@ -484,8 +486,7 @@ async fn the_list_shows_connections_without_credentials_and_filters_by_connectio
 }
 
 async fn metadata_post_replaces_and_patch_merges(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "m").await;
+    let app = app_with_config(db, "m").await;
     import_oauth2(&app, "m", "u", "t").await;
     let read = "/connection/u?provider_config_key=m";
     for family in ["/connection", "/connections"] {
@@ -524,8 +525,7 @@ async fn metadata_post_replaces_and_patch_merges(db: &TestDatabase) {
 }
 
 async fn bulk_metadata_sets_every_listed_connection_or_none(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "bulk").await;
+    let app = app_with_config(db, "bulk").await;
     import_oauth2(&app, "bulk", "a", "ta").await;
     import_oauth2(&app, "bulk", "b", "tb").await;
     let metadata_of = |id: &'static str| {
@@ -581,8 +581,7 @@ async fn bulk_metadata_sets_every_listed_connection_or_none(db: &TestDatabase) {
 }
 
 async fn a_deleted_connection_is_gone_from_reads_and_from_the_list(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "d").await;
+    let app = app_with_config(db, "d").await;
     import_oauth2(&app, "d", "keep", "tk").await;
     import_oauth2(&app, "d", "drop", "td").await;
     import_oauth2(&app, "d", "plural", "tp").await;
@@ -612,23 +611,18 @@ async fn a_deleted_connection_is_gone_from_reads_and_from_the_list(db: &TestData
             .await;
         }
     }
-    let list = app.get_ok("/connection").await;
-    let ids: Vec<&str> = list["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["connection_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["keep"]);
+    assert_eq!(app.listed("connection_id").await, ["keep"]);
     assert_eq!(
-        app.get_ok("/connection/keep?provider_config_key=d").await["credentials"]["access_token"],
+        app.access_token("/connection/keep?provider_config_key=d")
+            .await,
         "tk"
     );
 
     // A deleted connection can be imported again; it is live and readable once more.
     import_oauth2(&app, "d", "drop", "td2").await;
     assert_eq!(
-        app.get_ok("/connection/drop?provider_config_key=d").await["credentials"]["access_token"],
+        app.access_token("/connection/drop?provider_config_key=d")
+            .await,
         "td2"
     );
 }
@@ -733,8 +727,7 @@ async fn config_crud_hides_the_client_secret_unless_asked(db: &TestDatabase) {
 }
 
 async fn deleting_a_config_deletes_its_connections(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "doomed").await;
+    let app = app_with_config(db, "doomed").await;
     create_config(&app, "kept").await;
     import_oauth2(&app, "doomed", "one", "t1").await;
     import_oauth2(&app, "doomed", "two", "t2").await;
@@ -751,12 +744,10 @@ async fn deleting_a_config_deletes_its_connections(db: &TestDatabase) {
         let body: Value = response.json().await.unwrap();
         crate::assert_error_shape(&body);
     }
-    let list = app.get_ok("/connection").await;
-    let items = list["connections"].as_array().unwrap();
-    assert_eq!(items.len(), 1, "{list}");
-    assert_eq!(items[0]["provider"], "kept");
+    assert_eq!(app.listed("provider").await, ["kept"]);
     assert_eq!(
-        app.get_ok("/connection/one?provider_config_key=kept").await["credentials"]["access_token"],
+        app.access_token("/connection/one?provider_config_key=kept")
+            .await,
         "t3"
     );
 
@@ -768,13 +759,7 @@ async fn deleting_a_config_deletes_its_connections(db: &TestDatabase) {
         "unknown_connection",
     )
     .await;
-    assert_eq!(
-        app.get_ok("/connection").await["connections"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(app.listed("connection_id").await.len(), 1);
 
     // Once the last config is gone, the list is empty.
     ok_json(app.delete("/config/kept").await).await;
@@ -786,8 +771,7 @@ async fn deleting_a_config_deletes_its_connections(db: &TestDatabase) {
 }
 
 async fn a_reimport_replaces_the_credentials_and_keeps_the_identity(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "re").await;
+    let app = app_with_config(db, "re").await;
     let path = "/connection/u?provider_config_key=re";
     import_oauth2(&app, "re", "u", "first").await;
     let first = app.get_ok(path).await;
@@ -830,18 +814,11 @@ async fn a_reimport_replaces_the_credentials_and_keeps_the_identity(db: &TestDat
             "raw": {},
         })
     );
-    assert_eq!(
-        app.get_ok("/connection").await["connections"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(app.listed("connection_id").await.len(), 1);
 }
 
 async fn connection_ids_with_reserved_characters_round_trip(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "chars").await;
+    let app = app_with_config(db, "chars").await;
     let ids = [
         "a/b c?d&e=f#g",
         "%41",
@@ -877,18 +854,11 @@ async fn connection_ids_with_reserved_characters_round_trip(db: &TestDatabase) {
     url.query_pairs_mut()
         .append_pair("provider_config_key", "chars");
     ok_json(app.client.delete(url).send().await.unwrap()).await;
-    assert_eq!(
-        app.get_ok("/connection").await["connections"]
-            .as_array()
-            .unwrap()
-            .len(),
-        ids.len() - 1
-    );
+    assert_eq!(app.listed("connection_id").await.len(), ids.len() - 1);
 }
 
 async fn a_connection_named_metadata_is_readable_and_deletable(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "md").await;
+    let app = app_with_config(db, "md").await;
     import_oauth2(&app, "md", "metadata", "tm").await;
     for family in ["/connection", "/connections"] {
         let read = app
@@ -934,8 +904,7 @@ async fn a_connection_named_metadata_is_readable_and_deletable(db: &TestDatabase
 }
 
 async fn concurrent_writes_to_one_connection_all_land(db: &TestDatabase) {
-    let app = spawn_app(db, &new_key()).await;
-    create_config(&app, "busy").await;
+    let app = app_with_config(db, "busy").await;
     import_oauth2(&app, "busy", "c", "t0").await;
     let path = "/connection/c/metadata?provider_config_key=busy";
 
@@ -976,13 +945,7 @@ async fn concurrent_writes_to_one_connection_all_land(db: &TestDatabase) {
     let token = read["credentials"]["access_token"].as_str().unwrap();
     assert!((1..=6).any(|i| token == format!("t{i}")), "{token}");
     assert_eq!(read["metadata"]["k7"], 7, "imports keep the metadata");
-    assert_eq!(
-        app.get_ok("/connection").await["connections"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(app.listed("connection_id").await.len(), 1);
 }
 
 /// Crypto-shredding holds across instances: once instance B deletes a connection, instance A,
@@ -995,15 +958,7 @@ async fn a_deletion_on_one_instance_shreds_the_keys_cached_by_another() {
 
     let db = TestDatabase::postgres().await;
     let key = new_key();
-    let (a, state_a) = crate::spawn_with_state(crate::serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-    ]))
-    .await;
+    let (a, state_a) = crate::spawn_with_state(crate::config_on(&db, &key, &[])).await;
     let b = spawn_app(&db, &key).await;
     create_config(&a, "s").await;
     import_oauth2(&a, "s", "c", "token-to-shred").await;

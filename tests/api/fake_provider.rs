@@ -114,7 +114,9 @@ pub struct FakeProvider {
 
 impl FakeProvider {
     /// A providers file (in a new temporary directory, kept while the `TempDir` lives) with one
-    /// OAuth 2 template named `fake` pointing at this provider, plus `extra` YAML lines of it.
+    /// OAuth 2 template named `fake` pointing at this provider, followed by the YAML `extra`
+    /// (more lines of it, or more templates), in which `{base}` stands for this provider's
+    /// address.
     pub fn providers_file(&self, extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("providers.yaml");
@@ -123,7 +125,8 @@ impl FakeProvider {
             format!(
                 "fake:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  token_url: \
                  {base}/token\n{extra}",
-                base = self.base
+                base = self.base,
+                extra = extra.replace("{base}", &self.base),
             ),
         )
         .unwrap();
@@ -155,18 +158,9 @@ impl FakeProvider {
             .route("/oauth1/authorize", get(oauth1_authorize))
             .route("/oauth1/access_token", post(oauth1_access_token))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (address, stop) = serve_locally(router).await;
+        let base = format!("http://{address}");
         base.clone_into(&mut shared.base.lock().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
         Self {
             base,
             shared,
@@ -255,6 +249,23 @@ impl FakeProvider {
     pub fn tokens(n: usize) -> (String, String) {
         (format!("fake-access-{n}"), format!("fake-refresh-{n}"))
     }
+}
+
+/// Serves `router` on a random port of 127.0.0.1 in the background until the returned sender is
+/// dropped; returns the address it listens on.
+pub async fn serve_locally(router: Router) -> (std::net::SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (address, stop)
 }
 
 async fn authorize(
@@ -476,12 +487,7 @@ async fn token_for(
                 (k.clone(), text)
             }))
             .finish();
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],
-            body,
-        )
-            .into_response();
+        return form(body);
     }
     (StatusCode::OK, axum::Json(answer)).into_response()
 }
@@ -540,13 +546,9 @@ fn refresh_grant(tokens: &mut RefreshTokens, presented: &str, mode: TokenMode) -
         "expires_in": 3600,
     });
     if mode == TokenMode::Form {
-        let body = format!("access_token={access}&refresh_token={refresh}&expires_in=3600");
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],
-            body,
-        )
-            .into_response();
+        return form(format!(
+            "access_token={access}&refresh_token={refresh}&expires_in=3600"
+        ));
     }
     (StatusCode::OK, axum::Json(answer)).into_response()
 }
@@ -606,6 +608,7 @@ fn verify_oauth1(
     Ok(fields)
 }
 
+/// A 200 answer with a form-encoded body.
 fn form(body: String) -> Response {
     (
         StatusCode::OK,

@@ -2,12 +2,12 @@
 //! generations and after a deletion, with fingerprints, triggers, instances and error codes,
 //! paged, and never a secret.
 
-use chrono::Utc;
 use domain::testing::TestDatabase;
 use serde_json::{Value, json};
 
-use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::{TestApp, assert_error, new_key, ok_json, serve_config, spawn_app};
+use crate::fake_provider::{CLIENT_SECRET, FakeProvider, TokenMode};
+use crate::fake_service::{FakeService, KEY};
+use crate::{TestApp, assert_error, new_key, ok_json, spawn_app};
 
 domain::on_both_backends!(
     the_history_shows_every_event_across_generations_and_never_a_secret,
@@ -15,64 +15,13 @@ domain::on_both_backends!(
     bad_paging_parameters_and_unknown_connections_are_json_errors,
 );
 
-const KEY: &str = "fake";
 const ID: &str = "conn-1";
 const HISTORY: &str = "/connection/conn-1/history?provider_config_key=fake";
 const CONNECTION: &str = "/connection/conn-1?provider_config_key=fake";
 
-/// A service with the fake provider as the integration `fake`.
-struct Env {
-    app: TestApp,
-    fake: FakeProvider,
-    _dir: tempfile::TempDir,
-}
-
-async fn env(db: &TestDatabase) -> Env {
-    let fake = FakeProvider::start().await;
-    let (dir, file) = fake.providers_file("");
-    let key = new_key();
-    let (app, _) = crate::spawn_with_state(serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-        "--providers-file",
-        file.to_str().unwrap(),
-    ]))
-    .await;
-    ok_json(
-        app.post_json(
-            "/config",
-            &json!({
-                "provider_config_key": KEY, "provider": "fake",
-                "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-            }),
-        )
-        .await,
-    )
-    .await;
-    Env {
-        app,
-        fake,
-        _dir: dir,
-    }
-}
-
 /// Imports (authorizes) the connection with these tokens, expiring in an hour.
-async fn import(app: &TestApp, access: &str, refresh: &str) {
-    let response = app
-        .post_json(
-            "/connection",
-            &json!({
-                "provider_config_key": KEY, "connection_id": ID,
-                "access_token": access, "refresh_token": refresh,
-                "expires_at": Utc::now().timestamp() + 3600,
-            }),
-        )
-        .await;
-    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+async fn import(env: &FakeService, access: &str, refresh: &str) {
+    env.import(ID, access, refresh, Some(3600)).await;
 }
 
 /// The whole history's raw text and its parsed body.
@@ -90,11 +39,10 @@ fn field<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
 }
 
 async fn the_history_shows_every_event_across_generations_and_never_a_secret(db: &TestDatabase) {
-    let env = env(db).await;
-    let app = &env.app;
+    let env = FakeService::on(db).start().await;
+    let app = env.app();
     let secret_metadata = "metadata-value-do-not-show";
-    env.fake.accept_refresh_token("rt-first");
-    import(app, "access-first", "rt-first").await;
+    import(&env, "access-first", "rt-first").await;
     // A forced refresh: the provider rotates both tokens.
     let body = app
         .get_ok(&format!("{CONNECTION}&force_refresh=true"))
@@ -117,7 +65,7 @@ async fn the_history_shows_every_event_across_generations_and_never_a_secret(db:
     env.fake.set_mode(TokenMode::Json);
     // Deleted, then authorized again.
     ok_json(app.delete(CONNECTION).await).await;
-    import(app, "access-second", "rt-second").await;
+    import(&env, "access-second", "rt-second").await;
 
     let (text, body) = history(app, HISTORY).await;
     assert_eq!(body["provider_config_key"], KEY);
@@ -229,16 +177,9 @@ async fn the_history_shows_every_event_across_generations_and_never_a_secret(db:
 
 async fn paging_returns_every_entry_exactly_once(db: &TestDatabase) {
     let app = spawn_app(db, &new_key()).await;
-    app.post_json(
-        "/config",
-        &json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
-    )
-    .await;
+    app.create_github_integration("secret").await;
     let path = "/connection/paged/history?provider_config_key=github";
-    let import = json!({"provider_config_key": "github", "connection_id": "paged",
-        "access_token": "token"});
-    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+    app.import_github("paged", "token").await;
     for n in 0..9 {
         let response = app
             .post_json(
@@ -288,15 +229,8 @@ async fn paging_returns_every_entry_exactly_once(db: &TestDatabase) {
 
 async fn bad_paging_parameters_and_unknown_connections_are_json_errors(db: &TestDatabase) {
     let app = spawn_app(db, &new_key()).await;
-    app.post_json(
-        "/config",
-        &json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
-    )
-    .await;
-    let import = json!({"provider_config_key": "github", "connection_id": "c1",
-        "access_token": "token"});
-    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+    app.create_github_integration("secret").await;
+    app.import_github("c1", "token").await;
     let path = "/connection/c1/history?provider_config_key=github";
     for query in [
         "limit=0",
@@ -367,11 +301,10 @@ async fn the_history_is_behind_the_secret_key() {
     )
     .await;
     let authorized = app
-        .client
-        .get(app.url("/connections/c1/history?provider_config_key=github"))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
+        .get_with_key(
+            "/connections/c1/history?provider_config_key=github",
+            "s3cret",
+        )
+        .await;
     assert_error(authorized, 404, "unknown_connection").await;
 }

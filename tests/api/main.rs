@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod connections;
 mod fake_provider;
+mod fake_service;
 mod history;
 mod malformed;
 mod oauth;
@@ -25,11 +26,12 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-/// A running service on a random port, stopped when dropped.
+/// A running service on a random port, stopped when dropped (unless it runs elsewhere: see
+/// [`TestApp::client_of`]).
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
+    _stop: Option<oneshot::Sender<()>>,
 }
 
 /// Parses `grantline serve` arguments as the binary would. Without `--roles`, the instance runs
@@ -63,7 +65,13 @@ pub async fn spawn_app_with_secret(db: &TestDatabase, key: &str, secret: &str) -
 
 /// A running service on `db` with master key `key` and the `grantline serve` flags `args`.
 pub async fn spawn_app_with(db: &TestDatabase, key: &str, args: &[&str]) -> TestApp {
-    let mut all = vec![
+    spawn_config(config_on(db, key, args)).await
+}
+
+/// The configuration of `grantline serve` on a random port of 127.0.0.1, on `db` with master key
+/// `key`, and the flags `extra`.
+pub fn config_on(db: &TestDatabase, key: &str, extra: &[&str]) -> Config {
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--database-url",
@@ -71,8 +79,8 @@ pub async fn spawn_app_with(db: &TestDatabase, key: &str, args: &[&str]) -> Test
         "--encryption-key",
         key,
     ];
-    all.extend_from_slice(args);
-    spawn_config(serve_config(&all)).await
+    args.extend_from_slice(extra);
+    serve_config(&args)
 }
 
 pub async fn spawn_config(config: Config) -> TestApp {
@@ -91,12 +99,22 @@ pub async fn spawn_with_state(config: Config) -> (TestApp, grantline::state::App
     let app = TestApp {
         address,
         client: reqwest::Client::new(),
-        _stop: stop,
+        _stop: Some(stop),
     };
     (app, state)
 }
 
 impl TestApp {
+    /// A client of the service at `address` (`http://127.0.0.1:PORT`) that runs elsewhere, as a
+    /// child process; dropping it stops nothing.
+    pub fn client_of(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            client: reqwest::Client::new(),
+            _stop: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -135,6 +153,67 @@ impl TestApp {
     pub async fn get_ok(&self, path: &str) -> Value {
         ok_json(self.get(path).await).await
     }
+
+    /// The access token `GET path` answers with 200.
+    pub async fn access_token(&self, path: &str) -> String {
+        let body = self.get_ok(path).await;
+        body["credentials"]["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access token in {body}"))
+            .to_owned()
+    }
+
+    /// The `field` of every connection `GET /connection` lists, in list order.
+    pub async fn listed(&self, field: &str) -> Vec<String> {
+        let list = self.get_ok("/connection").await;
+        strings(&list["connections"], field)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `GET path` with `secret` as the bearer token.
+    pub async fn get_with_key(&self, path: &str, secret: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates the integration `github` on the GitHub template (client id `id`), expecting
+    /// success.
+    pub async fn create_github_integration(&self, client_secret: &str) -> Value {
+        let body = serde_json::json!({
+            "provider_config_key": "github", "provider": "github",
+            "oauth_client_id": "id", "oauth_client_secret": client_secret,
+        });
+        ok_json(self.post_json("/config", &body).await).await
+    }
+
+    /// Imports the connection `id` of `github` with the access token `token`, expecting 201.
+    pub async fn import_github(&self, id: &str, token: &str) {
+        let body = serde_json::json!({
+            "provider_config_key": "github", "connection_id": id, "access_token": token,
+        });
+        let response = self.post_json("/connection", &body).await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+}
+
+/// The string `field` of every item of the JSON array `items`, in order.
+pub fn strings<'a>(items: &'a Value, field: &str) -> Vec<&'a str> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {items}"))
+        .iter()
+        .map(|item| {
+            item[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("no string {field:?} in {item}"))
+        })
+        .collect()
 }
 
 /// The JSON body of a 2xx answer; panics with the body otherwise.

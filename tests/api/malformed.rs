@@ -56,6 +56,24 @@ fn post(path: &str, body: Value, status: u16, code: &'static str) -> Case {
     case(Method::POST, path, Body::Json(body), status, code)
 }
 
+/// `POST /connection` of a valid import with `changes` (see [`import_body`]), answered 400 `code`.
+fn bad_import(changes: Value, code: &'static str) -> Case {
+    post("/connection", import_body(changes), 400, code)
+}
+
+/// `POST /config` of a valid body with `changes` (see [`config_body`]), answered 400 `code`.
+fn bad_config(changes: Value, code: &'static str) -> Case {
+    post("/config", config_body(changes), 400, code)
+}
+
+/// `POST /connections` of the connection `n1` of `gh` with the nested `credentials`, answered
+/// 400 `code`.
+fn bad_credentials(credentials: Value, code: &'static str) -> Case {
+    let body = json!({ "provider_config_key": "gh", "connection_id": "n1",
+                       "credentials": credentials });
+    post("/connections", body, 400, code)
+}
+
 fn with_header(mut case: Case, name: &'static str, value: &'static str) -> Case {
     case.headers.push((name, value));
     case
@@ -63,41 +81,45 @@ fn with_header(mut case: Case, name: &'static str, value: &'static str) -> Case 
 
 /// A complete, valid import into `gh`, with `changes` applied (a `null` removes the field).
 fn import_body(changes: Value) -> Value {
-    let mut body = json!({
-        "provider_config_key": "gh",
-        "connection_id": "new-one",
-        "access_token": "fresh_access",
-        "refresh_token": "fresh_refresh",
-        "expires_at": "2030-01-01T00:00:00Z",
-    });
-    merge(&mut body, changes);
-    body
+    changed(
+        json!({
+            "provider_config_key": "gh",
+            "connection_id": "new-one",
+            "access_token": "fresh_access",
+            "refresh_token": "fresh_refresh",
+            "expires_at": "2030-01-01T00:00:00Z",
+        }),
+        changes,
+    )
 }
 
 /// A complete, valid `/config` body, with `changes` applied (a `null` removes the field).
 fn config_body(changes: Value) -> Value {
-    let mut body = json!({
-        "provider_config_key": "fresh",
-        "provider": "github",
-        "oauth_client_id": "id",
-        "oauth_client_secret": "secret",
-        "oauth_scopes": "repo",
-    });
-    merge(&mut body, changes);
-    body
+    changed(
+        json!({
+            "provider_config_key": "fresh",
+            "provider": "github",
+            "oauth_client_id": "id",
+            "oauth_client_secret": "secret",
+            "oauth_scopes": "repo",
+        }),
+        changes,
+    )
 }
 
-fn merge(body: &mut Value, changes: Value) {
-    let (Value::Object(body), Value::Object(changes)) = (body, changes) else {
+/// The object `body` with the fields of `changes` set (a `null` removes the field).
+fn changed(mut body: Value, changes: Value) -> Value {
+    let (Value::Object(fields), Value::Object(changes)) = (&mut body, changes) else {
         unreachable!("both are objects")
     };
     for (field, value) in changes {
         if value.is_null() {
-            body.remove(&field);
+            fields.remove(&field);
         } else {
-            body.insert(field, value);
+            fields.insert(field, value);
         }
     }
+    body
 }
 
 fn cases() -> Vec<Case> {
@@ -268,171 +290,51 @@ fn cases() -> Vec<Case> {
         post("/connections", json!(null), 400, "invalid_body"),
         post("/connection", json!({}), 400, "missing_provider_config"),
         // POST /connection: fields.
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": null })),
-            400,
-            "missing_connection",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": " " })),
-            400,
-            "missing_connection",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "access_token": null })),
-            400,
-            "missing_access_token",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "access_token": "" })),
-            400,
-            "missing_access_token",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "provider_config_key": "nope" })),
-            400,
+        bad_import(json!({ "connection_id": null }), "missing_connection"),
+        bad_import(json!({ "connection_id": " " }), "missing_connection"),
+        bad_import(json!({ "access_token": null }), "missing_access_token"),
+        bad_import(json!({ "access_token": "" }), "missing_access_token"),
+        bad_import(
+            json!({ "provider_config_key": "nope" }),
             "unknown_provider_config",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "provider_config_key": "" })),
-            400,
+        bad_import(
+            json!({ "provider_config_key": "" }),
             "missing_provider_config",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": 5 })),
-            400,
+        bad_import(json!({ "connection_id": 5 }), "invalid_body"),
+        bad_import(json!({ "provider_config_key": 5 }), "invalid_body"),
+        bad_import(json!({ "access_token": 5 }), "invalid_body"),
+        bad_import(json!({ "refresh_token": ["r"] }), "invalid_body"),
+        bad_import(json!({ "connection_id": long_id.clone() }), "invalid_body"),
+        bad_import(json!({ "connection_id": "bell\u{7}" }), "invalid_body"),
+        bad_import(
+            json!({ "provider_config_key": "k".repeat(300) }),
             "invalid_body",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "provider_config_key": 5 })),
-            400,
+        bad_import(json!({ "expires_at": "next tuesday" }), "invalid_body"),
+        bad_import(json!({ "expires_at": true }), "invalid_body"),
+        bad_import(
+            json!({ "expires_at": null, "expires_in": -5 }),
             "invalid_body",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "access_token": 5 })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "refresh_token": ["r"] })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": long_id.clone() })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": "bell\u{7}" })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "provider_config_key": "k".repeat(300) })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "expires_at": "next tuesday" })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "expires_at": true })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "expires_at": null, "expires_in": -5 })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "metadata": [1, 2] })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "metadata": "text" })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_config": 1 })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "raw": "token=abc" })),
-            400,
-            "invalid_body",
-        ),
+        bad_import(json!({ "metadata": [1, 2] }), "invalid_body"),
+        bad_import(json!({ "metadata": "text" }), "invalid_body"),
+        bad_import(json!({ "connection_config": 1 }), "invalid_body"),
+        bad_import(json!({ "raw": "token=abc" }), "invalid_body"),
         post(
             "/connection",
             json!({ "provider_config_key": "gh", "connection_id": "o1", "oauth_token": "t" }),
             400,
             "missing_oauth_token_secret",
         ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1",
-                    "credentials": { "type": "SAML", "assertion": "x" } }),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1",
-                    "credentials": { "access_token": "x" } }),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1", "credentials": "x" }),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1",
-                    "credentials": { "type": "OAUTH2" } }),
-            400,
-            "missing_access_token",
-        ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1",
-                    "credentials": { "type": "API_KEY" } }),
-            400,
-            "missing_api_key",
-        ),
-        post(
-            "/connections",
-            json!({ "provider_config_key": "gh", "connection_id": "n1",
-                    "credentials": { "type": "BASIC", "password": "p" } }),
-            400,
+        bad_credentials(json!({ "type": "SAML", "assertion": "x" }), "invalid_body"),
+        bad_credentials(json!({ "access_token": "x" }), "invalid_body"),
+        bad_credentials(json!("x"), "invalid_body"),
+        bad_credentials(json!({ "type": "OAUTH2" }), "missing_access_token"),
+        bad_credentials(json!({ "type": "API_KEY" }), "missing_api_key"),
+        bad_credentials(
+            json!({ "type": "BASIC", "password": "p" }),
             "missing_username",
         ),
         // Nesting deeper than any token response, and NUL characters (PostgreSQL's jsonb refuses
@@ -447,22 +349,13 @@ fn cases() -> Vec<Case> {
             400,
             "invalid_json",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_id": "nul\u{0}" })),
-            400,
+        bad_import(json!({ "connection_id": "nul\u{0}" }), "invalid_body"),
+        bad_import(
+            json!({ "metadata": { "note": "nul\u{0}" } }),
             "invalid_body",
         ),
-        post(
-            "/connection",
-            import_body(json!({ "metadata": { "note": "nul\u{0}" } })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/connection",
-            import_body(json!({ "connection_config": { "nul\u{0}": "x" } })),
-            400,
+        bad_import(
+            json!({ "connection_config": { "nul\u{0}": "x" } }),
             "invalid_body",
         ),
         // Metadata of one connection.
@@ -598,28 +491,14 @@ fn cases() -> Vec<Case> {
         post("/config", json!({}), 400, "missing_body"),
         post("/config", json!(null), 400, "missing_body"),
         post("/config", json!([1]), 400, "invalid_body"),
-        post(
-            "/config",
-            config_body(json!({ "provider_config_key": null })),
-            400,
+        bad_config(
+            json!({ "provider_config_key": null }),
             "missing_provider_config",
         ),
-        post(
-            "/config",
-            config_body(json!({ "provider": null })),
-            400,
-            "missing_provider_template",
-        ),
-        post(
-            "/config",
-            config_body(json!({ "provider": "" })),
-            400,
-            "missing_provider_template",
-        ),
-        post(
-            "/config",
-            config_body(json!({ "provider": "no-such-provider" })),
-            400,
+        bad_config(json!({ "provider": null }), "missing_provider_template"),
+        bad_config(json!({ "provider": "" }), "missing_provider_template"),
+        bad_config(
+            json!({ "provider": "no-such-provider" }),
             "unknown_provider_template",
         ),
         case(
@@ -631,48 +510,22 @@ fn cases() -> Vec<Case> {
             400,
             "unknown_provider_template",
         ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_client_id": null })),
-            400,
-            "missing_client_id",
-        ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_client_secret": null })),
-            400,
+        bad_config(json!({ "oauth_client_id": null }), "missing_client_id"),
+        bad_config(
+            json!({ "oauth_client_secret": null }),
             "missing_client_secret",
         ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_client_id": "id\u{0}" })),
-            400,
+        bad_config(json!({ "oauth_client_id": "id\u{0}" }), "invalid_body"),
+        bad_config(
+            json!({ "oauth_scopes": ["repo", "nul\u{0}"] }),
             "invalid_body",
         ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_scopes": ["repo", "nul\u{0}"] })),
-            400,
+        bad_config(
+            json!({ "provider_config_key": "k".repeat(300) }),
             "invalid_body",
         ),
-        post(
-            "/config",
-            config_body(json!({ "provider_config_key": "k".repeat(300) })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_scopes": 5 })),
-            400,
-            "invalid_body",
-        ),
-        post(
-            "/config",
-            config_body(json!({ "oauth_client_id": 5 })),
-            400,
-            "invalid_body",
-        ),
+        bad_config(json!({ "oauth_scopes": 5 }), "invalid_body"),
+        bad_config(json!({ "oauth_client_id": 5 }), "invalid_body"),
         post(
             "/config",
             config_body(json!({ "provider_config_key": "gh" })),
@@ -822,10 +675,7 @@ async fn every_malformed_request_gets_its_4xx_and_writes_nothing(db: &TestDataba
 
     // Nothing was half-written: the connection list, the connection and the configs are as the
     // setup left them.
-    let list = app.get_ok("/connection").await;
-    let items = list["connections"].as_array().unwrap();
-    assert_eq!(items.len(), 1, "{list}");
-    assert_eq!(items[0]["connection_id"], "c1");
+    assert_eq!(app.listed("connection_id").await, ["c1"]);
     assert_eq!(
         app.get_ok("/connection/c1?provider_config_key=gh").await,
         before

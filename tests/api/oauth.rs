@@ -2,6 +2,7 @@
 //! (`fake_provider.rs`): the browser is a reqwest client that does not follow redirects, so every
 //! hop (connect → provider → callback → outcome) is checked.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -16,7 +17,9 @@ use sha2::Sha256;
 use url::Url;
 
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::{TestApp, assert_error, new_key, ok_json, serve_config, spawn_config};
+use grantline::config::Config;
+
+use crate::{TestApp, assert_error, config_on, new_key, ok_json, spawn_config};
 
 domain::on_both_backends!(
     a_pkce_flow_records_the_providers_tokens_and_the_next_read_sees_them,
@@ -53,21 +56,18 @@ struct Env {
     fake: FakeProvider,
     browser: reqwest::Client,
     secret_key: bool,
-    /// The master key, for a second instance on the same database.
+    /// The master key and the providers file, for a second instance on the same database.
     key: String,
+    providers: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// The templates: `fake` (PKCE, body auth, form body, metadata), `fake-basic` (no PKCE, HTTP
-/// Basic, JSON body) and `fake-tenant` (URLs with `${connectionConfig.subdomain}`, `,` between
-/// scopes).
-fn providers_yaml(base: &str) -> String {
-    format!(
-        "fake:
-  auth_mode: OAUTH2
-  authorization_url: {base}/authorize
-  token_url: {base}/token
-  authorization_params:
+/// The templates beside `fake` (see [`FakeProvider::providers_file`]), `{base}` standing for the
+/// provider's address: `fake` gets PKCE, body auth, a form body and metadata; `fake-basic` no
+/// PKCE, HTTP Basic and a JSON body; `fake-tenant` URLs with `${connectionConfig.subdomain}` and
+/// `,` between scopes; `fake-oauth1` and `fake-oauth1-plain` are OAuth 1.0a with HMAC-SHA1 and
+/// PLAINTEXT signatures.
+const TEMPLATES: &str = "  authorization_params:
     access_type: offline
   token_response_metadata:
     - instance_url
@@ -82,8 +82,8 @@ fake-basic:
   body_format: json
 fake-tenant:
   auth_mode: OAUTH2
-  authorization_url: {base}/${{connectionConfig.subdomain}}/authorize
-  token_url: {base}/${{connectionConfig.subdomain}}/token
+  authorization_url: {base}/${connectionConfig.subdomain}/authorize
+  token_url: {base}/${connectionConfig.subdomain}/token
   scope_separator: ','
   token_response_metadata:
     - instance_url
@@ -103,30 +103,26 @@ fake-oauth1-plain:
   authorization_url: {base}/oauth1/authorize
   token_url: {base}/oauth1/access_token
   signature_method: PLAINTEXT
-"
-    )
+";
+
+/// `grantline serve` for these tests on `db` with master key `key`: the providers file
+/// `providers`, the app's origin allowed as a redirect, and the flags `extra`.
+fn config(db: &TestDatabase, key: &str, providers: &Path, extra: &[&str]) -> Config {
+    let mut args = vec![
+        "--redirect-allowlist",
+        APP_ORIGIN,
+        "--providers-file",
+        providers.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    config_on(db, key, &args)
 }
 
 async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
     let fake = FakeProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("providers.yaml");
-    std::fs::write(&file, providers_yaml(&fake.base)).unwrap();
+    let (dir, providers) = fake.providers_file(TEMPLATES);
     let key = new_key();
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-        "--redirect-allowlist",
-        APP_ORIGIN,
-        "--providers-file",
-        file.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let app = spawn_config(serve_config(&args)).await;
+    let app = spawn_config(config(db, &key, &providers, extra)).await;
     let env = Env {
         app,
         fake,
@@ -135,7 +131,8 @@ async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
             .build()
             .unwrap(),
         secret_key: extra.contains(&"--secret-key"),
-        key: key.clone(),
+        key,
+        providers,
         _dir: dir,
     };
     for (key, provider, scopes) in [
@@ -182,12 +179,14 @@ impl Env {
         ok_json(request.send().await.unwrap()).await
     }
 
-    /// The status of `GET /connection/:id`.
-    async fn connection_status(&self, key: &str, id: &str) -> StatusCode {
-        self.app
+    /// Asserts the flow recorded no connection `id` of `key`: reading it does not answer 200.
+    async fn assert_not_connected(&self, key: &str, id: &str) {
+        let status = self
+            .app
             .get(&format!("/connection/{id}?provider_config_key={key}"))
             .await
-            .status()
+            .status();
+        assert_ne!(status, StatusCode::OK, "{key}/{id} is connected");
     }
 
     async fn connect(&self, key: &str, query: &str) -> reqwest::Response {
@@ -527,10 +526,7 @@ async fn a_provider_denial_reaches_the_page_with_the_providers_text(db: &TestDat
     );
     assert!(!body.contains("<no>"));
     assert_eq!(env.fake.token_requests(), 0);
-    assert_ne!(
-        env.connection_status("fake", "user-1").await,
-        StatusCode::OK
-    );
+    env.assert_not_connected("fake", "user-1").await;
 }
 
 async fn a_callback_without_a_known_state_is_refused_at_once(db: &TestDatabase) {
@@ -585,10 +581,7 @@ async fn an_expired_state_is_refused_without_calling_the_provider(db: &TestDatab
     let body = error_page(env.get(&callback).await, "state_err").await;
     assert!(body.contains("expired"), "{body}");
     assert_eq!(env.fake.token_requests(), 0);
-    assert_ne!(
-        env.connection_status("fake", "user-1").await,
-        StatusCode::OK
-    );
+    env.assert_not_connected("fake", "user-1").await;
 }
 
 fn session(state: &str, created_at: DateTime<Utc>, lifetime: chrono::Duration) -> FlowSession {
@@ -668,10 +661,7 @@ async fn a_slow_token_endpoint_fails_the_flow_at_the_timeout(db: &TestDatabase) 
         started.elapsed()
     );
     assert!(body.contains("did not answer within 1s"), "{body}");
-    assert_ne!(
-        env.connection_status("fake", "user-1").await,
-        StatusCode::OK
-    );
+    env.assert_not_connected("fake", "user-1").await;
 }
 
 async fn a_failing_token_endpoint_is_a_token_error_not_a_server_error(db: &TestDatabase) {
@@ -686,10 +676,7 @@ async fn a_failing_token_endpoint_is_a_token_error_not_a_server_error(db: &TestD
         );
     }
     assert_eq!(env.fake.token_requests(), 2);
-    assert_ne!(
-        env.connection_status("fake", "user-1").await,
-        StatusCode::OK
-    );
+    env.assert_not_connected("fake", "user-1").await;
 }
 
 async fn a_non_json_token_answer_is_a_token_error(db: &TestDatabase) {
@@ -865,29 +852,12 @@ async fn connect_refuses_unknown_integrations_templates_and_missing_ids(db: &Tes
     crate::assert_error(response, 400, "unknown_provider_template").await;
     // ...but a template can vanish from the providers file after its config was made (here by
     // an instance that had it): connect then refuses the config.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("providers.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "{}vanishing:\n  auth_mode: OAUTH2\n  authorization_url: {base}/authorize\n  \
-             token_url: {base}/token\n",
-            providers_yaml(&env.fake.base),
-            base = env.fake.base
-        ),
-    )
-    .unwrap();
-    let other = spawn_config(serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &env.key,
-        "--providers-file",
-        file.to_str().unwrap(),
-    ]))
-    .await;
+    let (_dir, file) = env.fake.providers_file(&format!(
+        "{TEMPLATES}vanishing:\n  auth_mode: OAUTH2\n  authorization_url: {{base}}/authorize\n  \
+         token_url: {{base}}/token\n"
+    ));
+    let providers = file.to_str().unwrap();
+    let other = spawn_config(config_on(db, &env.key, &["--providers-file", providers])).await;
     ok_json(
         other
             .post_json(
@@ -965,17 +935,53 @@ struct Socket {
     stream: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    /// The `ws_client_id` the service acknowledged it with.
+    id: String,
 }
 
 impl Socket {
-    async fn open(app: &TestApp) -> (Self, String) {
+    async fn open(app: &TestApp) -> Self {
         let url = app.url("/").replacen("http://", "ws://", 1);
         let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let mut socket = Self { stream };
+        let mut socket = Self {
+            stream,
+            id: String::new(),
+        };
         let ack = socket.next().await.expect("an ack");
         assert_eq!(ack["message_type"], "connection_ack");
-        let id = ack["ws_client_id"].as_str().unwrap().to_owned();
-        (socket, id)
+        socket.id = ack["ws_client_id"].as_str().unwrap().to_owned();
+        socket
+    }
+
+    /// The query naming `connection_id` and this socket.
+    fn query(&self, connection_id: &str) -> String {
+        format!("connection_id={connection_id}&ws_client_id={}", self.id)
+    }
+
+    /// After a successful flow of `fake` for `connection_id` (whose page `env` checks), the
+    /// socket hears the success.
+    async fn hears_a_successful_flow(&mut self, env: &Env, connection_id: &str) {
+        let outcome = env.flow("fake", &self.query(connection_id)).await;
+        success_page(outcome, "fake", connection_id).await;
+        assert_eq!(
+            self.next().await,
+            Some(json!({
+                "message_type": "success",
+                "provider_config_key": "fake",
+                "connection_id": connection_id,
+            }))
+        );
+    }
+
+    /// After a connect to the unknown integration `nope` for `connection_id` fails with an
+    /// error page, the socket hears the same error type.
+    async fn hears_a_failed_connect(&mut self, env: &Env, connection_id: &str) {
+        let page = env.connect("nope", &self.query(connection_id)).await;
+        error_page(page, "provider_config_err").await;
+        assert_eq!(
+            self.next().await.unwrap()["error_type"],
+            "provider_config_err"
+        );
     }
 
     /// The next text message as JSON; `None` once the server closed the socket.
@@ -999,27 +1005,14 @@ async fn a_websocket_client_hears_the_outcome_of_its_flow(db: &TestDatabase) {
     let env = env(db, &[]).await;
     // Without an upgrade, `/` is no route.
     assert_error(env.app.get("/").await, 404, "not_found").await;
-    let (mut socket, id) = Socket::open(&env.app).await;
-    let (mut other, _) = Socket::open(&env.app).await;
-    let outcome = env
-        .flow("fake", &format!("connection_id=user-1&ws_client_id={id}"))
-        .await;
-    success_page(outcome, "fake", "user-1").await;
-    assert_eq!(
-        socket.next().await,
-        Some(json!({
-            "message_type": "success",
-            "provider_config_key": "fake",
-            "connection_id": "user-1",
-        }))
-    );
+    let mut socket = Socket::open(&env.app).await;
+    let mut other = Socket::open(&env.app).await;
+    socket.hears_a_successful_flow(&env, "user-1").await;
     assert_eq!(socket.next().await, None, "closed after the outcome");
 
     env.fake.deny(true);
-    let (mut socket, id) = Socket::open(&env.app).await;
-    let outcome = env
-        .flow("fake", &format!("connection_id=user-2&ws_client_id={id}"))
-        .await;
+    let mut socket = Socket::open(&env.app).await;
+    let outcome = env.flow("fake", &socket.query("user-2")).await;
     error_page(outcome, "callback_err").await;
     let message = socket.next().await.unwrap();
     assert_eq!(message["message_type"], "error");
@@ -1034,17 +1027,8 @@ async fn a_websocket_client_hears_the_outcome_of_its_flow(db: &TestDatabase) {
     );
 
     // A failure at connect is reported too.
-    let (mut socket, id) = Socket::open(&env.app).await;
-    error_page(
-        env.connect("nope", &format!("connection_id=user-3&ws_client_id={id}"))
-            .await,
-        "provider_config_err",
-    )
-    .await;
-    assert_eq!(
-        socket.next().await.unwrap()["error_type"],
-        "provider_config_err"
-    );
+    let mut socket = Socket::open(&env.app).await;
+    socket.hears_a_failed_connect(&env, "user-3").await;
 
     // Nothing reached the client that was not named.
     drop(env);
@@ -1057,46 +1041,13 @@ async fn a_websocket_client_hears_the_outcome_of_its_flow(db: &TestDatabase) {
 async fn a_websocket_on_one_instance_hears_a_flow_finished_on_another() {
     let db = TestDatabase::postgres().await;
     let env = env(&db, &[]).await;
-    let providers = env._dir.path().join("providers.yaml");
-    let other = spawn_config(serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &env.key,
-        "--redirect-allowlist",
-        APP_ORIGIN,
-        "--providers-file",
-        providers.to_str().unwrap(),
-    ]))
-    .await;
-    let (mut socket, id) = Socket::open(&other).await;
-    let outcome = env
-        .flow("fake", &format!("connection_id=user-1&ws_client_id={id}"))
-        .await;
-    success_page(outcome, "fake", "user-1").await;
-    assert_eq!(
-        socket.next().await,
-        Some(json!({
-            "message_type": "success",
-            "provider_config_key": "fake",
-            "connection_id": "user-1",
-        }))
-    );
+    let other = spawn_config(config(&db, &env.key, &env.providers, &[])).await;
+    let mut socket = Socket::open(&other).await;
+    socket.hears_a_successful_flow(&env, "user-1").await;
 
     // A failure at connect on the first instance reaches the socket on the other too.
-    let (mut socket, id) = Socket::open(&other).await;
-    error_page(
-        env.connect("nope", &format!("connection_id=user-2&ws_client_id={id}"))
-            .await,
-        "provider_config_err",
-    )
-    .await;
-    assert_eq!(
-        socket.next().await.unwrap()["error_type"],
-        "provider_config_err"
-    );
+    let mut socket = Socket::open(&other).await;
+    socket.hears_a_failed_connect(&env, "user-2").await;
 }
 
 #[tokio::test]
@@ -1109,17 +1060,11 @@ async fn an_invalid_providers_file_stops_start_up_naming_the_file_and_entry() {
         "broken:\n  auth_mode: OAUTH2\n  token_url: https://x.example/token\n",
     )
     .unwrap();
-    let key = new_key();
-    let config = serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-        "--providers-file",
-        file.to_str().unwrap(),
-    ]);
+    let config = config_on(
+        &db,
+        &new_key(),
+        &["--providers-file", file.to_str().unwrap()],
+    );
     let error = grantline::startup::Application::build(config)
         .await
         .expect_err("start-up fails");

@@ -14,7 +14,7 @@ use reqwest::header::LOCATION;
 use serde_json::{Value, json};
 
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::{assert_error, new_key, ok_json, serve_config, spawn_app, spawn_with_state};
+use crate::{TestApp, assert_error, config_on, new_key, ok_json, spawn_app, spawn_with_state};
 
 domain::on_both_backends!(
     metrics_show_latency_histograms_by_route_template_method_and_status,
@@ -43,14 +43,7 @@ mod postgres_only {
 async fn horizon_age() {
     let db = TestDatabase::postgres().await;
     let app = spawn_app(&db, &new_key()).await;
-    let (blocker, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    blocker
-        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
-        .await
-        .unwrap();
+    let blocker = db.hold_horizon().await;
     // Held briefly: the horizon is the whole cluster's, so this stalls every test's readers.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let text = app.get("/metrics").await.text().await.unwrap();
@@ -212,21 +205,15 @@ async fn ready(app: &crate::TestApp) -> (StatusCode, Value) {
 async fn ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags(db: &TestDatabase) {
     // A secret key is set: load balancers still need none for /health and /ready.
     let key = new_key();
-    let (app, state) = spawn_with_state(serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
+    let args = [
         "--secret-key",
         "observe-secret",
         "--roles",
         "api",
         "--ready-max-lag",
         "0",
-    ]))
-    .await;
+    ];
+    let (app, state) = spawn_with_state(config_on(db, &key, &args)).await;
     let (status, body) = ready(&app).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready");
@@ -287,12 +274,8 @@ async fn ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags(db:
     assert_eq!(body["checks"]["database"]["status"], "ok");
     // /metrics shows the same lag, and how old the unapplied event is.
     let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth("observe-secret")
-        .send()
+        .get_with_key("/metrics", "observe-secret")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -451,7 +434,7 @@ async fn log_scan() {
         ],
     );
     let url = |path: &str| format!("{}{path}", server.address);
-    let api = reqwest::Client::new();
+    let api = TestApp::client_of(&server.address);
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -459,6 +442,7 @@ async fn log_scan() {
     let mut ids = Vec::new();
 
     let created = api
+        .client
         .post(url("/config"))
         .bearer_auth(&secret_key)
         .json(&json!({
@@ -497,12 +481,7 @@ async fn log_scan() {
 
     // The tokens searched for were really issued and stored.
     let path = "/connection/user-1?provider_config_key=fake";
-    let read = api
-        .get(url(path))
-        .bearer_auth(&secret_key)
-        .send()
-        .await
-        .unwrap();
+    let read = api.get_with_key(path, &secret_key).await;
     ids.push(request_id(&read));
     let body = ok_json(read).await;
     let (access, refresh) = FakeProvider::tokens(1);
@@ -511,30 +490,22 @@ async fn log_scan() {
 
     // A forced refresh, then one the provider refuses.
     fake.accept_refresh_token(&refresh);
-    let forced = api
-        .get(url(&format!("{path}&force_refresh=true")))
-        .bearer_auth(&secret_key)
-        .send()
-        .await
-        .unwrap();
+    let forced_path = format!("{path}&force_refresh=true");
+    let forced = api.get_with_key(&forced_path, &secret_key).await;
     let refresh_id = request_id(&forced);
     ids.push(refresh_id.clone());
     let body = ok_json(forced).await;
     let (access_r1, refresh_r1) = FakeProvider::refreshed_tokens(1);
     assert_eq!(body["credentials"]["access_token"], access_r1.as_str());
     fake.set_mode(TokenMode::InvalidGrant);
-    let refused = api
-        .get(url(&format!("{path}&force_refresh=true")))
-        .bearer_auth(&secret_key)
-        .send()
-        .await
-        .unwrap();
+    let refused = api.get_with_key(&forced_path, &secret_key).await;
     let failure_id = request_id(&refused);
     ids.push(failure_id.clone());
     assert_error(refused, 424, "connection_refresh_failed").await;
     assert_eq!(fake.refresh_requests(), 2);
 
     let deleted = api
+        .client
         .delete(url(path))
         .bearer_auth(&secret_key)
         .send()

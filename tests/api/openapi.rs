@@ -9,7 +9,7 @@ use domain::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{TestApp, new_key, serve_config, spawn_with_state};
+use crate::{TestApp, config_on, new_key, spawn_with_state, strings};
 
 /// The methods probed on every path.
 const METHODS: [Method; 5] = [
@@ -34,17 +34,7 @@ const OPEN: [(&str, &str); 6] = [
 type Param = (&'static str, bool);
 
 async fn spawn(db: &TestDatabase, extra: &[&str]) -> (TestApp, grantline::state::AppState) {
-    let key = new_key();
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-    ];
-    args.extend_from_slice(extra);
-    spawn_with_state(serve_config(&args)).await
+    spawn_with_state(config_on(db, &new_key(), extra)).await
 }
 
 pub(crate) async fn document(app: &TestApp) -> Value {
@@ -549,12 +539,7 @@ async fn real_answers_match_their_documented_schemas() {
     )
     .await;
     check("get", "/connections/{connection_id}/history", status, &body);
-    let types: Vec<&str> = body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    let types = strings(&body["events"], "type");
     assert!(types.contains(&"connection_deleted"), "{body}");
     assert!(types.contains(&"metadata_set"), "{body}");
 }

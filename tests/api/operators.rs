@@ -1,24 +1,18 @@
 //! Operator surfaces: `/admin/projections`, `grantline projections status|rebuild` against a
 //! running service.
 
-use std::process::Command;
 use std::time::Duration;
 
 use domain::testing::TestDatabase;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::{new_key, spawn_app};
+use crate::{new_key, spawn_app, strings};
 
 domain::on_both_backends!(admin_projections_reports_each_checkpoint_the_head_and_the_lag);
 
 async fn admin_projections_reports_each_checkpoint_the_head_and_the_lag(db: &TestDatabase) {
     let app = spawn_app(db, &new_key()).await;
-    app.post_json(
-        "/config",
-        &json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
-    )
-    .await;
+    app.create_github_integration("secret").await;
     // The runner catches up in the background; wait for it.
     let mut body = Value::Null;
     for _ in 0..200 {
@@ -32,13 +26,10 @@ async fn admin_projections_reports_each_checkpoint_the_head_and_the_lag(db: &Tes
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let names: Vec<&str> = body["projections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["connections", "integrations"]);
+    assert_eq!(
+        strings(&body["projections"], "name"),
+        ["connections", "integrations"]
+    );
     for p in body["projections"].as_array().unwrap() {
         assert_eq!(p["lag"], 0, "{body}");
         assert!(p["head_position"].as_i64().unwrap() >= 1);
@@ -51,26 +42,15 @@ async fn the_rebuild_command_swaps_in_a_fresh_model_while_the_service_keeps_answ
     let db = TestDatabase::postgres().await;
     let key = new_key();
     let app = spawn_app(&db, &key).await;
-    app.post_json(
-        "/config",
-        &json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
-    )
-    .await;
+    app.create_github_integration("secret").await;
     for n in 0..20 {
-        let response = app
-            .post_json(
-                "/connection",
-                &json!({"provider_config_key": "github", "connection_id": format!("c{n}"),
-                    "access_token": format!("token-{n}")}),
-            )
+        app.import_github(&format!("c{n}"), &format!("token-{n}"))
             .await;
-        assert_eq!(response.status(), 201);
     }
     let before = app.get_ok("/connection").await;
 
     let run = |args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
+        let mut command = crate::cli::grantline();
         command
             .args(args)
             .env("GRANTLINE_DATABASE_URL", db.url())

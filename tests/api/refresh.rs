@@ -4,16 +4,12 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use domain::connection::{ConnectionEvent, ConnectionKey, RefreshTrigger};
-use domain::event::DomainEvent;
-use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
-use grantline::state::AppState;
-use serde_json::json;
 
-use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::{TestApp, assert_error, new_key, ok_json, serve_config};
+use crate::fake_provider::{CLIENT_SECRET, FakeProvider, TokenMode};
+use crate::fake_service::{FakeService, KEY};
+use crate::{assert_error, ok_json};
 
 domain::on_both_backends!(
     fifty_concurrent_reads_of_an_expired_token_make_one_provider_refresh,
@@ -23,89 +19,38 @@ domain::on_both_backends!(
     a_fresh_token_is_not_refreshed_unless_forced,
 );
 
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn three_instances_on_one_database_make_one_provider_refresh() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::three_instances_make_one_refresh(&db).await;
-    }
+domain::on_postgres_only!(
+    three_instances_on_one_database_make_one_provider_refresh(4),
+    a_fifteen_second_provider_is_refreshed_once,
+    an_orphaned_lease_is_retried_and_a_grace_period_saves_the_rotation,
+    an_orphaned_lease_against_a_strict_provider_ends_as_a_permanent_failure,
+);
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_fifteen_second_provider_is_refreshed_once() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::slow_provider(&db, Duration::from_secs(15), &["--refresh-lease", "40s"]).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_orphaned_lease_is_retried_and_a_grace_period_saves_the_rotation() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::orphaned_lease(&db, true).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_orphaned_lease_against_a_strict_provider_ends_as_a_permanent_failure() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::orphaned_lease(&db, false).await;
-    }
-
-    use std::time::Duration;
-}
-
-const KEY: &str = "fake";
 const ID: &str = "conn-1";
 const PATH: &str = "/connection/conn-1?provider_config_key=fake";
+const FORCED: &str = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
 
-/// A service (or several) on one database, a fake provider, an integration and a connection
-/// imported with an expired access token and the live refresh token `rt-0`.
-struct Env {
-    apps: Vec<TestApp>,
-    states: Vec<AppState>,
-    fake: FakeProvider,
-    db_url: String,
-    _dir: tempfile::TempDir,
+/// A service (or several) on one database with the fake provider as the integration `fake`,
+/// whose template adds `refresh_params`, and the connection `conn-1` imported with an expired
+/// access token and the live refresh token `rt-0`.
+struct Env(FakeService);
+
+impl std::ops::Deref for Env {
+    type Target = FakeService;
+
+    fn deref(&self) -> &FakeService {
+        &self.0
+    }
 }
 
 async fn env(db: &TestDatabase, instances: usize, extra: &[&str]) -> Env {
-    let fake = FakeProvider::start().await;
-    let (dir, file) = fake.providers_file("  refresh_params:\n    audience: api\n");
-    let key = new_key();
-    let mut apps = Vec::new();
-    let mut states = Vec::new();
-    for _ in 0..instances {
-        let mut args = vec![
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            db.url(),
-            "--encryption-key",
-            &key,
-            "--providers-file",
-            file.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (app, state) = crate::spawn_with_state(serve_config(&args)).await;
-        states.push(state);
-        apps.push(app);
-    }
-    ok_json(
-        apps[0]
-            .post_json(
-                "/config",
-                &json!({
-                    "provider_config_key": KEY, "provider": "fake",
-                    "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-                }),
-            )
-            .await,
-    )
-    .await;
-    let env = Env {
-        apps,
-        states,
-        fake,
-        db_url: db.url().to_owned(),
-        _dir: dir,
-    };
+    let service = FakeService::on(db)
+        .template("  refresh_params:\n    audience: api\n")
+        .instances(instances)
+        .args(extra)
+        .start()
+        .await;
+    let env = Env(service);
     env.import("rt-0", -60).await;
     env
 }
@@ -114,43 +59,13 @@ impl Env {
     /// Imports (re-authorizes) the connection with refresh token `refresh` and an access token
     /// expiring `expires_in` seconds from now (negative: already expired).
     async fn import(&self, refresh: &str, expires_in: i64) {
-        self.fake.accept_refresh_token(refresh);
-        let expires_at = Utc::now().timestamp() + expires_in;
-        let response = self.apps[0]
-            .post_json(
-                "/connection",
-                &json!({
-                    "provider_config_key": KEY, "connection_id": ID,
-                    "access_token": format!("old-access-{refresh}"), "refresh_token": refresh,
-                    "expires_at": expires_at,
-                }),
-            )
-            .await;
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let access = format!("old-access-{refresh}");
+        self.0.import(ID, &access, refresh, Some(expires_in)).await;
     }
 
-    async fn access_token(&self, app: usize, path: &str) -> String {
-        let body = self.apps[app].get_ok(path).await;
-        body["credentials"]["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    /// The event types of the connection's stream.
+    /// The connection's events.
     async fn events(&self) -> Vec<ConnectionEvent> {
-        let backend = Backend::open(&self.db_url, &StoreOptions::default())
-            .await
-            .unwrap();
-        let stream = domain::connection::stream_id(KEY, ID);
-        backend
-            .events()
-            .read_stream(&stream, 0)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| ConnectionEvent::from_recorded(r).unwrap())
-            .collect()
+        self.0.events(ID).await
     }
 }
 
@@ -168,8 +83,10 @@ fn kinds(events: &[ConnectionEvent]) -> Vec<&'static str> {
         .collect()
 }
 
-/// `n` concurrent reads spread over the instances; every answer's access token.
-async fn concurrent_reads(env: &Env, n: usize) -> Vec<String> {
+/// With the provider answering after `latency`, `n` concurrent reads of the expired token spread
+/// over the instances all get the first refreshed token, from one provider refresh.
+async fn assert_reads_share_one_refresh(env: &Env, n: usize, latency: Duration) {
+    env.fake.set_mode(TokenMode::Slow(latency));
     let mut tasks = Vec::new();
     for i in 0..n {
         let app = &env.apps[i % env.apps.len()];
@@ -187,17 +104,14 @@ async fn concurrent_reads(env: &Env, n: usize) -> Vec<String> {
     for task in tasks {
         tokens.push(task.await.unwrap());
     }
-    tokens
+    let (access, _) = FakeProvider::refreshed_tokens(1);
+    assert!(tokens.iter().all(|t| *t == access), "{tokens:?}");
+    assert_eq!(env.fake.refresh_requests(), 1);
 }
 
 async fn fifty_concurrent_reads_of_an_expired_token_make_one_provider_refresh(db: &TestDatabase) {
     let env = env(db, 1, &[]).await;
-    env.fake
-        .set_mode(TokenMode::Slow(Duration::from_millis(300)));
-    let tokens = concurrent_reads(&env, 50).await;
-    let (access, _) = FakeProvider::refreshed_tokens(1);
-    assert!(tokens.iter().all(|t| *t == access), "{tokens:?}");
-    assert_eq!(env.fake.refresh_requests(), 1);
+    assert_reads_share_one_refresh(&env, 50, Duration::from_millis(300)).await;
     // The refresh went by the template: refresh_params, the rotated token kept for next time.
     let call = env.fake.last_token_call();
     assert_eq!(call.params["grant_type"], "refresh_token");
@@ -214,14 +128,9 @@ async fn fifty_concurrent_reads_of_an_expired_token_make_one_provider_refresh(db
     );
 }
 
-async fn three_instances_make_one_refresh(db: &TestDatabase) {
+async fn three_instances_on_one_database_make_one_provider_refresh(db: &TestDatabase) {
     let env = env(db, 3, &[]).await;
-    env.fake
-        .set_mode(TokenMode::Slow(Duration::from_millis(300)));
-    let tokens = concurrent_reads(&env, 60).await;
-    let (access, _) = FakeProvider::refreshed_tokens(1);
-    assert!(tokens.iter().all(|t| *t == access), "{tokens:?}");
-    assert_eq!(env.fake.refresh_requests(), 1);
+    assert_reads_share_one_refresh(&env, 60, Duration::from_millis(300)).await;
     assert_eq!(
         kinds(&env.events().await),
         ["authorized", "leased", "refreshed"]
@@ -232,13 +141,23 @@ async fn a_slow_provider_is_still_refreshed_once(db: &TestDatabase) {
     slow_provider(db, Duration::from_secs(2), &[]).await;
 }
 
+async fn a_fifteen_second_provider_is_refreshed_once(db: &TestDatabase) {
+    slow_provider(db, Duration::from_secs(15), &["--refresh-lease", "40s"]).await;
+}
+
 async fn slow_provider(db: &TestDatabase, latency: Duration, extra: &[&str]) {
     let env = env(db, 1, extra).await;
-    env.fake.set_mode(TokenMode::Slow(latency));
-    let tokens = concurrent_reads(&env, 20).await;
-    let (access, _) = FakeProvider::refreshed_tokens(1);
-    assert!(tokens.iter().all(|t| *t == access), "{tokens:?}");
-    assert_eq!(env.fake.refresh_requests(), 1);
+    assert_reads_share_one_refresh(&env, 20, latency).await;
+}
+
+async fn an_orphaned_lease_is_retried_and_a_grace_period_saves_the_rotation(db: &TestDatabase) {
+    orphaned_lease(db, true).await;
+}
+
+async fn an_orphaned_lease_against_a_strict_provider_ends_as_a_permanent_failure(
+    db: &TestDatabase,
+) {
+    orphaned_lease(db, false).await;
 }
 
 async fn orphaned_lease(db: &TestDatabase, grace: bool) {
@@ -326,22 +245,20 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
     assert_eq!(env.fake.refresh_requests(), 1, "no further provider calls");
     // A forced refresh tries again.
     env.fake.set_mode(TokenMode::Json);
-    let forced = env
-        .access_token(0, &format!("{PATH}&force_refresh=true"))
-        .await;
+    let forced = env.app().access_token(FORCED).await;
     assert_eq!(forced, FakeProvider::refreshed_tokens(1).0);
     assert_eq!(env.fake.refresh_requests(), 2);
 
     // A forced refresh that fails permanently blocks reads again; a re-authorization (import)
     // recovers.
     env.fake.set_mode(TokenMode::InvalidGrant);
-    let forced = env.apps[0].get(&format!("{PATH}&force_refresh=true")).await;
+    let forced = env.apps[0].get(FORCED).await;
     assert_error(forced, 424, "connection_refresh_failed").await;
     assert_eq!(env.fake.refresh_requests(), 3);
     env.fake.set_mode(TokenMode::Json);
     env.import("rt-b", -60).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(2).0
     );
     assert_eq!(env.fake.refresh_requests(), 4);
@@ -371,7 +288,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     env.fake.set_mode(TokenMode::Json);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(1).0
     );
     assert_eq!(env.fake.refresh_requests(), 2);
@@ -379,7 +296,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     // A token that is due but still valid is answered when the refresh fails transiently.
     env.import("rt-1", 300).await;
     env.fake.set_mode(TokenMode::Status(502));
-    assert_eq!(env.access_token(0, PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 3);
     // Stored credentials are never wiped by a failure.
     let events = env.events().await;
@@ -392,17 +309,15 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
 async fn a_fresh_token_is_not_refreshed_unless_forced(db: &TestDatabase) {
     let env = env(db, 1, &[]).await;
     env.import("rt-1", 3600).await;
-    assert_eq!(env.access_token(0, PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 0);
-    let forced = env
-        .access_token(0, &format!("{PATH}&force_refresh=true"))
-        .await;
+    let forced = env.app().access_token(FORCED).await;
     assert_eq!(forced, FakeProvider::refreshed_tokens(1).0);
     assert_eq!(env.fake.refresh_requests(), 1);
     // Within the margin (15 minutes by default): refreshed on read.
     env.import("fake-refresh-r1", 600).await;
     assert_eq!(
-        env.access_token(0, PATH).await,
+        env.app().access_token(PATH).await,
         FakeProvider::refreshed_tokens(2).0
     );
 }

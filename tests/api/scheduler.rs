@@ -6,16 +6,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use domain::connection::ConnectionEvent;
-use domain::event::DomainEvent;
-use domain::store::{Backend, StoreOptions};
 use domain::testing::TestDatabase;
 use futures_util::StreamExt;
-use grantline::state::AppState;
-use serde_json::json;
 use workers::scheduler::TickReport;
 
-use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::{TestApp, assert_error, new_key, ok_json, serve_config};
+use crate::assert_error;
+use crate::fake_provider::TokenMode;
+use crate::fake_service::FakeService;
 
 domain::on_both_backends!(
     a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_alive,
@@ -23,23 +20,17 @@ domain::on_both_backends!(
     an_instance_with_the_scheduler_role_refreshes_due_connections_on_its_schedule,
 );
 
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn three_schedulers_refresh_a_thousand_due_connections_exactly_once() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::three_schedulers(&db, 1000).await;
+domain::on_postgres_only!(three_schedulers_refresh_a_thousand_due_connections_exactly_once(4));
+
+/// Instances on one database with the fake provider as the integration `fake`.
+struct Env(FakeService);
+
+impl std::ops::Deref for Env {
+    type Target = FakeService;
+
+    fn deref(&self) -> &FakeService {
+        &self.0
     }
-}
-
-const KEY: &str = "fake";
-
-/// Instances on one database, a fake provider and its integration.
-struct Env {
-    apps: Vec<TestApp>,
-    states: Vec<AppState>,
-    fake: FakeProvider,
-    db_url: String,
-    _dir: tempfile::TempDir,
 }
 
 async fn env(db: &TestDatabase, instances: usize) -> Env {
@@ -47,65 +38,33 @@ async fn env(db: &TestDatabase, instances: usize) -> Env {
 }
 
 async fn env_with(db: &TestDatabase, instances: usize, extra: &[&str]) -> Env {
-    let fake = FakeProvider::start().await;
-    let (dir, file) = fake.providers_file("");
-    let key = new_key();
-    let mut apps = Vec::new();
-    let mut states = Vec::new();
-    for _ in 0..instances {
-        let mut args = vec![
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            db.url(),
-            "--encryption-key",
-            &key,
-            "--providers-file",
-            file.to_str().unwrap(),
-            "--refresh-concurrency",
-            "16",
-        ];
-        args.extend_from_slice(extra);
-        let (app, state) = crate::spawn_with_state(serve_config(&args)).await;
-        states.push(state);
-        apps.push(app);
-    }
-    ok_json(
-        apps[0]
-            .post_json(
-                "/config",
-                &json!({
-                    "provider_config_key": KEY, "provider": "fake",
-                    "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-                }),
-            )
-            .await,
-    )
-    .await;
-    Env {
-        apps,
-        states,
-        fake,
-        db_url: db.url().to_owned(),
-        _dir: dir,
-    }
+    let service = FakeService::on(db)
+        .instances(instances)
+        .args(&["--refresh-concurrency", "16"])
+        .args(extra)
+        .start()
+        .await;
+    Env(service)
 }
 
 impl Env {
     /// Imports connection `id` with refresh token `rt-{id}` and an access token expiring
     /// `expires_in` seconds from now (none: no known expiry).
     async fn import(&self, id: &str, expires_in: Option<i64>) {
-        let refresh = format!("rt-{id}");
-        self.fake.accept_refresh_token(&refresh);
-        let mut body = json!({
-            "provider_config_key": KEY, "connection_id": id,
-            "access_token": format!("old-access-{id}"), "refresh_token": refresh,
-        });
-        if let Some(expires_in) = expires_in {
-            body["expires_at"] = json!(Utc::now().timestamp() + expires_in);
-        }
-        let response = self.apps[0].post_json("/connection", &body).await;
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let (access, refresh) = (format!("old-access-{id}"), format!("rt-{id}"));
+        self.0.import(id, &access, &refresh, expires_in).await;
+    }
+
+    /// Imports `id` expired, and makes its refresh fail permanently on a read.
+    async fn import_broken(&self, id: &str) {
+        self.import(id, Some(-60)).await;
+        self.fake.set_mode(TokenMode::InvalidGrant);
+        let read = self
+            .app()
+            .get(&format!("/connection/{id}?provider_config_key=fake"))
+            .await;
+        assert_error(read, 424, "connection_refresh_failed").await;
+        self.fake.set_mode(TokenMode::Json);
     }
 
     /// Waits until the read models have everything committed so far (schedulers read them).
@@ -133,21 +92,10 @@ impl Env {
 
     /// Whether connection `id`'s stream has a `TokensRefreshed`, and how many.
     async fn refreshes_of(&self, id: &str) -> usize {
-        let backend = Backend::open(&self.db_url, &StoreOptions::default())
+        self.events(id)
             .await
-            .unwrap();
-        backend
-            .events()
-            .read_stream(&domain::connection::stream_id(KEY, id), 0)
-            .await
-            .unwrap()
             .iter()
-            .filter(|r| {
-                matches!(
-                    ConnectionEvent::from_recorded(r).unwrap(),
-                    ConnectionEvent::TokensRefreshed(_)
-                )
-            })
+            .filter(|e| matches!(e, ConnectionEvent::TokensRefreshed(_)))
             .count()
     }
 }
@@ -160,14 +108,8 @@ async fn a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_
     env.import("due", Some(20 * 60)).await;
     env.import("fresh", Some(2 * 3600)).await;
     env.import("idle", None).await;
-    env.import("broken", Some(-60)).await;
     // `broken` fails permanently on read.
-    env.fake.set_mode(TokenMode::InvalidGrant);
-    let read = env.apps[0]
-        .get("/connection/broken?provider_config_key=fake")
-        .await;
-    assert_error(read, 424, "connection_refresh_failed").await;
-    env.fake.set_mode(TokenMode::Json);
+    env.import_broken("broken").await;
     assert_eq!(env.fake.refresh_requests(), 1);
     env.catch_up().await;
 
@@ -246,7 +188,8 @@ async fn metrics_show_the_refresh_counters_after_a_refresh(db: &TestDatabase) {
     }
 }
 
-async fn three_schedulers(db: &TestDatabase, n: usize) {
+async fn three_schedulers_refresh_a_thousand_due_connections_exactly_once(db: &TestDatabase) {
+    let n = 1000;
     let env = env(db, 3).await;
     let ids: Vec<String> = (0..n).map(|i| format!("c-{i:04}")).collect();
     futures_util::stream::iter(ids.iter())
@@ -254,13 +197,7 @@ async fn three_schedulers(db: &TestDatabase, n: usize) {
         .buffer_unordered(32)
         .collect::<Vec<()>>()
         .await;
-    env.import("broken", Some(-60)).await;
-    env.fake.set_mode(TokenMode::InvalidGrant);
-    let read = env.apps[0]
-        .get("/connection/broken?provider_config_key=fake")
-        .await;
-    assert_error(read, 424, "connection_refresh_failed").await;
-    env.fake.set_mode(TokenMode::Json);
+    env.import_broken("broken").await;
     env.catch_up().await;
     assert_eq!(env.fake.refresh_requests(), 1);
 
@@ -284,11 +221,9 @@ async fn three_schedulers(db: &TestDatabase, n: usize) {
     );
 
     // Exactly one TokensRefreshed per connection, none for the failed one.
-    let (client, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+    let rows = db
+        .postgres_client()
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let rows = client
         .query(
             "SELECT stream_id, count(*) FROM events WHERE event_type = 'TokensRefreshed' \
              GROUP BY stream_id",

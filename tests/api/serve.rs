@@ -4,7 +4,7 @@ use domain::testing::TestDatabase;
 use grantline::startup::Application;
 use serde_json::Value;
 
-use crate::{new_key, serve_config, spawn_app, spawn_config};
+use crate::{config_on, new_key, serve_config, spawn_app, spawn_config};
 
 #[tokio::test]
 async fn health_answers_ok_on_postgres() {
@@ -30,12 +30,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
-    let response = app
-        .client
-        .delete(format!("{}/health", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/health").await;
     assert_eq!(response.status(), 405);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
@@ -45,14 +40,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 async fn a_wrong_master_key_stops_start_up_before_serving() {
     let db = TestDatabase::postgres().await;
     drop(spawn_app(&db, &new_key()).await);
-    let config = serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &new_key(),
-    ]);
+    let config = config_on(&db, &new_key(), &[]);
     let error = Application::build(config).await.unwrap_err();
     let message = format!("{error:#}");
     assert!(message.contains("GRANTLINE_ENCRYPTION_KEY"), "{message}");

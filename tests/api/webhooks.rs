@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,33 +14,24 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use chrono::Utc;
 use domain::testing::TestDatabase;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::sync::{oneshot, watch};
 
-use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider, TokenMode};
+use crate::fake_provider::{CLIENT_SECRET, FakeProvider, TokenMode, serve_locally};
+use crate::fake_service::FakeService;
 use crate::{TestApp, new_key, ok_json, serve_config};
 
 const SECRET: &str = "whsec-test-7d1f";
 
 domain::on_both_backends!(every_kind_of_webhook_arrives_once_signed_and_without_secrets);
 
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::retries(&db).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_server_killed_mid_delivery_delivers_every_event_after_a_restart() {
-        let db = domain::testing::TestDatabase::postgres().await;
-        super::crash(&db).await;
-    }
-}
+domain::on_postgres_only!(
+    a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible,
+    a_server_killed_mid_delivery_delivers_every_event_after_a_restart,
+);
 
 #[test]
 fn the_configuration_debug_hides_the_secret_and_url_credentials() {
@@ -133,19 +124,9 @@ impl Receiver {
         let router = Router::new()
             .route("/hooks/grantline", post(receive))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hooks/grantline", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (address, stop) = serve_locally(router).await;
         Self {
-            url,
+            url: format!("http://{address}/hooks/grantline"),
             state,
             _stop: stop,
         }
@@ -272,82 +253,49 @@ fn events(requests: &[Received]) -> Vec<String> {
 
 // --- in-process service ------------------------------------------------------------------------
 
-/// A service with the webhooks role delivering to `receiver`, a fake provider, and the
-/// integration `fake` of that provider.
-struct Env {
-    app: TestApp,
-    state: grantline::state::AppState,
-    fake: FakeProvider,
-    _dir: tempfile::TempDir,
+/// A service with the webhooks role delivering to `receiver`, with the fake provider as its
+/// integration `fake`.
+struct Env(FakeService);
+
+impl std::ops::Deref for Env {
+    type Target = FakeService;
+
+    fn deref(&self) -> &FakeService {
+        &self.0
+    }
 }
 
 async fn env(db: &TestDatabase, receiver: &Receiver, backoff: &str) -> Env {
-    let fake = FakeProvider::start().await;
-    let (dir, file) = fake.providers_file("");
-    let key = new_key();
-    let config = serve_config(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--encryption-key",
-        &key,
-        "--providers-file",
-        file.to_str().unwrap(),
-        "--roles",
-        "api,projections,webhooks",
-        "--webhook-urls",
-        &receiver.url,
-        "--webhook-secret",
-        SECRET,
-        "--webhook-timeout",
-        "5s",
-        "--webhook-backoff",
-        backoff,
-    ]);
-    let (app, state) = crate::spawn_with_state(config).await;
-    ok_json(
-        app.post_json(
-            "/config",
-            &json!({
-                "provider_config_key": "fake", "provider": "fake",
-                "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-            }),
-        )
-        .await,
-    )
-    .await;
-    Env {
-        app,
-        state,
-        fake,
-        _dir: dir,
-    }
+    let service = FakeService::on(db)
+        .args(&[
+            "--roles",
+            "api,projections,webhooks",
+            "--webhook-urls",
+            &receiver.url,
+            "--webhook-secret",
+            SECRET,
+            "--webhook-timeout",
+            "5s",
+            "--webhook-backoff",
+            backoff,
+        ])
+        .start()
+        .await;
+    Env(service)
 }
 
 impl Env {
     /// Imports `id` with refresh token `refresh` and an expired access token.
     async fn import(&self, id: &str, refresh: &str) {
-        self.fake.accept_refresh_token(refresh);
-        let response = self
-            .app
-            .post_json(
-                "/connection",
-                &json!({
-                    "provider_config_key": "fake", "connection_id": id,
-                    "access_token": format!("old-access-{refresh}"), "refresh_token": refresh,
-                    "expires_at": Utc::now().timestamp() - 60,
-                }),
-            )
-            .await;
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let access = format!("old-access-{refresh}");
+        self.0.import(id, &access, refresh, Some(-60)).await;
     }
 
     /// `/admin/webhooks`' only target, once `ready` holds for it.
     async fn target_when(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let body = self.app.get_ok("/admin/webhooks").await;
+            let body = self.app().get_ok("/admin/webhooks").await;
             let targets = body["targets"].as_array().unwrap();
             assert_eq!(targets.len(), 1, "{body}");
             if ready(&targets[0]) {
@@ -369,17 +317,17 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
     env.import("conn-1", "rt-1").await;
     env.fake.set_mode(TokenMode::InvalidGrant);
     let failed = env
-        .app
+        .app()
         .get("/connection/conn-1?provider_config_key=fake")
         .await;
     assert_eq!(failed.status(), 424);
     env.fake.set_mode(TokenMode::Json);
     let forced = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
-    env.app.get_ok(forced).await;
+    env.app().get_ok(forced).await;
     // A refresh that follows a success recovers nothing.
-    env.app.get_ok(forced).await;
+    env.app().get_ok(forced).await;
     let deleted = env
-        .app
+        .app()
         .delete("/connection/conn-1?provider_config_key=fake")
         .await;
     assert!(deleted.status().is_success());
@@ -414,14 +362,18 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
         assert_eq!(request.header("x-grantline-delivery-attempt"), "1");
         let body = &request.body;
         assert_eq!(body["event"], event);
-        assert_eq!(body["from"], "grantline");
-        assert_eq!(body["type"], "auth");
-        assert_eq!(body["connection_id"], "conn-1");
-        assert_eq!(body["connectionId"], "conn-1");
-        assert_eq!(body["provider_config_key"], "fake");
-        assert_eq!(body["providerConfigKey"], "fake");
-        assert_eq!(body["provider"], "fake");
-        assert_eq!(body["authMode"], "OAUTH2");
+        for (field, value) in [
+            ("from", "grantline"),
+            ("type", "auth"),
+            ("connection_id", "conn-1"),
+            ("connectionId", "conn-1"),
+            ("provider_config_key", "fake"),
+            ("providerConfigKey", "fake"),
+            ("provider", "fake"),
+            ("authMode", "OAUTH2"),
+        ] {
+            assert_eq!(body[field], value, "{field}: {body}");
+        }
         assert!(body["occurred_at"].is_string(), "{body}");
         assert_eq!(body["success"], event != "refresh.failed", "{body}");
         let text = String::from_utf8_lossy(&request.raw);
@@ -467,12 +419,12 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
         assert_eq!(delivery["attempts"], 1, "{target}");
         assert_eq!(delivery["last_status"], 200, "{target}");
     }
-    let counters = env.state.webhooks.as_ref().unwrap().counters();
+    let counters = env.state().webhooks.as_ref().unwrap().counters();
     assert_eq!(counters.delivered.load(Ordering::Relaxed), 6);
     assert_eq!(counters.failed_attempts.load(Ordering::Relaxed), 0);
 }
 
-async fn retries(db: &TestDatabase) {
+async fn a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible(db: &TestDatabase) {
     let receiver = Receiver::start().await;
     receiver.set_mode(Mode::Fail);
     let env = env(db, &receiver, "1s").await;
@@ -546,7 +498,7 @@ async fn retries(db: &TestDatabase) {
         })
         .await;
     assert!(target["last_error"].is_null(), "{target}");
-    let metrics = env.app.get("/metrics").await.text().await.unwrap();
+    let metrics = env.app().get("/metrics").await.text().await.unwrap();
     let sample = |result: &str| -> f64 {
         let prefix = format!("grantline_webhook_deliveries_total{{result=\"{result}\"}} ");
         metrics
@@ -559,10 +511,10 @@ async fn retries(db: &TestDatabase) {
     assert_eq!(sample("delivered"), 3.0);
     assert!(sample("failed") >= 2.0);
     // The operators' view is what the OpenAPI document says it is.
-    let doc = crate::openapi::document(&env.app).await;
+    let doc = crate::openapi::document(env.app()).await;
     let schema = &doc["paths"]["/admin/webhooks"]["get"]["responses"]["200"]["content"]["application/json"]
         ["schema"];
-    let status = env.app.get_ok("/admin/webhooks").await;
+    let status = env.app().get_ok("/admin/webhooks").await;
     let mut problems = Vec::new();
     crate::openapi::conforms(&doc, schema, &status, "$", &mut problems);
     assert!(problems.is_empty(), "{problems:?}\n{status}");
@@ -575,7 +527,7 @@ async fn retries(db: &TestDatabase) {
     assert_eq!(head["attempts"], attempts.len());
     assert_eq!(head["last_status"], 200);
     assert!(head["last_error"].as_str().unwrap().contains("HTTP 500"));
-    let counters = env.state.webhooks.as_ref().unwrap().counters();
+    let counters = env.state().webhooks.as_ref().unwrap().counters();
     assert_eq!(counters.delivered.load(Ordering::Relaxed), 3);
     assert_eq!(
         counters.failed_attempts.load(Ordering::Relaxed),
@@ -594,12 +546,7 @@ struct Server {
 impl Server {
     /// Starts the binary on `db` delivering to `url`, and waits until it listens.
     async fn start(db_url: &str, key: &str, url: &str) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("GRANTLINE_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = crate::cli::grantline();
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(["--roles", "api,projections,webhooks"])
@@ -654,59 +601,24 @@ impl Drop for Server {
     }
 }
 
-async fn post_json(client: &reqwest::Client, server: &Server, path: &str, body: Value) {
-    let response = client
-        .post(format!("{}{path}", server.address))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{}",
-        response.text().await.unwrap()
-    );
-}
-
-async fn import(client: &reqwest::Client, server: &Server, id: &str) {
-    post_json(
-        client,
-        server,
-        "/connection",
-        json!({"provider_config_key": "github", "connection_id": id,
-            "access_token": format!("token-of-{id}")}),
-    )
-    .await;
-}
-
-async fn crash(db: &TestDatabase) {
+async fn a_server_killed_mid_delivery_delivers_every_event_after_a_restart(db: &TestDatabase) {
     let receiver = Receiver::start().await;
     // Three webhooks go through; the fourth hangs until the server is gone.
     receiver.set_mode(Mode::HangAfter(3));
     let key = new_key();
-    let client = reqwest::Client::new();
     let server = Server::start(db.url(), &key, &receiver.url).await;
-    post_json(
-        &client,
-        &server,
-        "/config",
-        json!({"provider_config_key": "github", "provider": "github",
-            "oauth_client_id": "id", "oauth_client_secret": "secret"}),
-    )
-    .await;
+    let api = TestApp::client_of(&server.address);
+    api.create_github_integration("secret").await;
     for n in 0..5 {
-        import(&client, &server, &format!("c{n}")).await;
+        api.import_github(&format!("c{n}"), &format!("token-of-c{n}"))
+            .await;
     }
     for n in [1, 3] {
-        let response = client
-            .delete(format!(
-                "{}/connection/c{n}?provider_config_key=github",
-                server.address
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
+        ok_json(
+            api.delete(&format!("/connection/c{n}?provider_config_key=github"))
+                .await,
+        )
+        .await;
     }
     let deadline = Instant::now() + Duration::from_secs(90);
     while receiver.hanging() == 0 {
@@ -719,14 +631,14 @@ async fn crash(db: &TestDatabase) {
     receiver.set_mode(Mode::Ok);
     receiver.release_hanging();
     let server = Server::start(db.url(), &key, &receiver.url).await;
-    import(&client, &server, "c5").await;
+    TestApp::client_of(&server.address)
+        .import_github("c5", "token-of-c5")
+        .await;
 
     // Every connection event with a webhook, per stream in stream order.
-    let (pg, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+    let rows = db
+        .postgres_client()
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let rows = pg
         .query(
             "SELECT stream_id, event_id FROM events WHERE event_type IN \
              ('ConnectionAuthorized', 'ConnectionDeleted') ORDER BY stream_id, stream_version",

@@ -14,11 +14,13 @@ use grantline_domain::connection::{
 };
 use grantline_domain::credentials::{ClientSecret, Credentials};
 use grantline_domain::event::DomainEvent;
-use grantline_domain::integration::{self, Integration, IntegrationRejected};
-use grantline_domain::keys::{KeyError, MasterKey, Vault};
+use grantline_domain::integration::{self, ActiveIntegration, Integration, IntegrationRejected};
+use grantline_domain::keys::{KeyError, MasterKey};
 use grantline_domain::store::StreamId;
 use grantline_domain::testing::TestDatabase;
 use serde_json::{Map, Value, json};
+
+use crate::{new_vault, open_vault, reopen_vault};
 
 grantline_domain::on_both_backends!(
     an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events,
@@ -47,11 +49,18 @@ const REFRESH_2: &str = "ghr_PlaintextRefreshTokenGenerationTwo0123";
 /// A command service on a freshly opened backend, and the base64 of its master key.
 async fn commands(db: &TestDatabase) -> (Commands, String) {
     let backend = db.open().await;
-    let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), master, None)
+    let (vault, master_b64) = new_vault(&backend).await;
+    (Commands::new(backend, vault), master_b64)
+}
+
+/// A command service with the connection imported at `at(0)` (version 1).
+async fn with_connection(db: &TestDatabase) -> Commands {
+    let (commands, _) = commands(db).await;
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
         .await
         .unwrap();
-    (Commands::new(backend, vault), master_b64.to_string())
+    commands
 }
 
 /// 2024-05-01T12:00:00Z plus `minutes`.
@@ -120,6 +129,11 @@ async fn live_data_keys(commands: &Commands) -> u64 {
 
 fn active(loaded: &Loaded<Connection>) -> &connection::ActiveConnection {
     loaded.state.active().expect("an active connection")
+}
+
+/// The metadata of an active connection, as one JSON object.
+fn metadata(loaded: &Loaded<Connection>) -> Value {
+    Value::Object(active(loaded).metadata.clone())
 }
 
 async fn an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events(
@@ -228,12 +242,8 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
     let (master, master_b64) = MasterKey::generate();
     // Two instances on a database without a fingerprint key fingerprint at once: one creates
     // the key, the other must end up with the same one.
-    let first = Vault::open(backend.key_repository(), master.clone(), None)
-        .await
-        .unwrap();
-    let second = Vault::open(db.open().await.key_repository(), master, None)
-        .await
-        .unwrap();
+    let first = open_vault(&backend, master.clone(), None).await;
+    let second = open_vault(&db.open().await, master, None).await;
     let (a, b) = tokio::join!(first.fingerprint(ACCESS), second.fingerprint(ACCESS));
     let fingerprint = a.unwrap();
     assert_eq!(b.unwrap(), fingerprint);
@@ -250,24 +260,17 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
     assert_ne!(first.fingerprint("").await.unwrap(), fingerprint);
 
     // A later instance, with the master key read from configuration.
-    let restarted = Vault::open(
-        db.open().await.key_repository(),
-        MasterKey::from_base64(&master_b64).unwrap(),
-        None,
-    )
-    .await
-    .unwrap();
+    let restarted = reopen_vault(db, &master_b64).await;
     assert_eq!(restarted.fingerprint(ACCESS).await.unwrap(), fingerprint);
 
     // After a master-key rotation.
     let (new_master, _) = MasterKey::generate();
-    let rotated = Vault::open(
-        db.open().await.key_repository(),
+    let rotated = open_vault(
+        &db.open().await,
         new_master,
         Some(MasterKey::from_base64(&master_b64).unwrap()),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(rotated.rotate(10, |_| {}).await.unwrap().rewrapped >= 1);
     assert_eq!(rotated.fingerprint(ACCESS).await.unwrap(), fingerprint);
 
@@ -277,22 +280,18 @@ async fn fingerprints_are_stable_per_token_differ_between_tokens_and_survive_ano
         TestDatabase::Sqlite { .. } => TestDatabase::sqlite(),
     };
     let other_backend = other_db.open().await;
-    let other = Vault::open(
-        other_backend.key_repository(),
-        MasterKey::generate().0,
-        None,
-    )
-    .await
-    .unwrap();
+    let other = open_vault(&other_backend, MasterKey::generate().0, None).await;
     assert_ne!(other.fingerprint(ACCESS).await.unwrap(), fingerprint);
 }
 
 async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase) {
     let (commands, _) = commands(db).await;
+    let key = key();
+    let set = |metadata: Value, mode: MetadataMode, minute: i64| {
+        commands.set_metadata(&key, metadata, mode, at(minute))
+    };
     assert!(matches!(
-        commands
-            .set_metadata(&key(), json!({"a": 1}), MetadataMode::Replace, at(0))
-            .await,
+        set(json!({"a": 1}), MetadataMode::Replace, 0).await,
         Err(CommandError::Connection(ConnectionRejected::NotFound))
     ));
     commands
@@ -300,43 +299,19 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
         .await
         .unwrap();
 
-    let replaced = commands
-        .set_metadata(
-            &key(),
-            json!({"a": 1, "b": {"x": 1}}),
-            MetadataMode::Replace,
-            at(1),
-        )
+    let replaced = set(json!({"a": 1, "b": {"x": 1}}), MetadataMode::Replace, 1)
         .await
         .unwrap();
     assert_eq!(replaced.version, 2);
-    assert_eq!(
-        Value::Object(active(&replaced).metadata.clone()),
-        json!({"a": 1, "b": {"x": 1}})
-    );
+    assert_eq!(metadata(&replaced), json!({"a": 1, "b": {"x": 1}}));
 
-    let merged = commands
-        .set_metadata(
-            &key(),
-            json!({"b": {"y": 2}, "c": 3}),
-            MetadataMode::Merge,
-            at(2),
-        )
+    let merged = set(json!({"b": {"y": 2}, "c": 3}), MetadataMode::Merge, 2)
         .await
         .unwrap();
     assert_eq!(merged.version, 3);
-    assert_eq!(
-        Value::Object(active(&merged).metadata.clone()),
-        json!({"a": 1, "b": {"y": 2}, "c": 3})
-    );
+    assert_eq!(metadata(&merged), json!({"a": 1, "b": {"y": 2}, "c": 3}));
 
-    let error = commands
-        .set_metadata(
-            &key(),
-            json!(["not", "an", "object"]),
-            MetadataMode::Merge,
-            at(3),
-        )
+    let error = set(json!(["not", "an", "object"]), MetadataMode::Merge, 3)
         .await
         .unwrap_err();
     assert!(
@@ -347,17 +322,13 @@ async fn metadata_is_replaced_or_merged_and_must_be_an_object(db: &TestDatabase)
         "{error:?}"
     );
 
-    let replaced = commands
-        .set_metadata(&key(), json!({"z": 0}), MetadataMode::Replace, at(4))
+    let replaced = set(json!({"z": 0}), MetadataMode::Replace, 4)
         .await
         .unwrap();
-    let loaded = commands.load_connection(&key()).await.unwrap();
+    let loaded = commands.load_connection(&key).await.unwrap();
     assert_eq!(loaded.version, 4, "the rejection appended nothing");
     assert_eq!(loaded.state, replaced.state);
-    assert_eq!(
-        Value::Object(active(&loaded).metadata.clone()),
-        json!({"z": 0})
-    );
+    assert_eq!(metadata(&loaded), json!({"z": 0}));
 }
 
 async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &TestDatabase) {
@@ -400,13 +371,7 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         })
         .unwrap();
     assert_eq!(last_sealed, active(&second).credentials);
-    let operator = Vault::open(
-        db.open().await.key_repository(),
-        MasterKey::from_base64(&master_b64).unwrap(),
-        None,
-    )
-    .await
-    .unwrap();
+    let operator = reopen_vault(db, &master_b64).await;
     for (vault, sealed) in [
         (commands.vault(), &last_sealed),
         (commands.vault(), &active(&first).credentials),
@@ -450,11 +415,7 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
 }
 
 async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestDatabase) {
-    let (commands, _) = commands(db).await;
-    commands
-        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
-        .await
-        .unwrap();
+    let commands = with_connection(db).await;
 
     let writers: Vec<_> = (0..20)
         .map(|n| {
@@ -493,6 +454,22 @@ async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestD
     }
 }
 
+/// The integration rejection a command ends in; panics on success or another error.
+fn rejection<T: std::fmt::Debug>(result: Result<T, CommandError>) -> IntegrationRejected {
+    match result {
+        Err(CommandError::Integration(rejected)) => rejected,
+        other => panic!("expected an integration rejection, got {other:?}"),
+    }
+}
+
+/// Asserts that the client secret `integration` holds sealed opens to `secret`.
+async fn assert_secret(commands: &Commands, integration: &ActiveIntegration, secret: &str) {
+    assert_eq!(
+        commands.reveal_client_secret(integration).await.unwrap(),
+        ClientSecret::new(secret)
+    );
+}
+
 async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed(
     db: &TestDatabase,
 ) {
@@ -506,58 +483,39 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
     const SECRET_1: &str = "client-secret-PlaintextOne0123456789";
     const SECRET_2: &str = "client-secret-PlaintextTwo0123456789";
     assert!(!format!("{:?}", config("c", SECRET_1)).contains(SECRET_1));
+    let create = |client_id: &str, secret: &str, minute: i64| {
+        commands.create_integration(KEY, config(client_id, secret), at(minute))
+    };
+    let update = |client_id: &str, secret: &str, minute: i64| {
+        commands.update_integration(KEY, config(client_id, secret), at(minute))
+    };
 
-    assert!(matches!(
-        commands
-            .update_integration(KEY, config("c", SECRET_1), at(0))
-            .await,
-        Err(CommandError::Integration(IntegrationRejected::NotFound))
-    ));
-    let created = commands
-        .create_integration(KEY, config("client-1", SECRET_1), at(0))
-        .await
-        .unwrap();
+    let not_found = update("c", SECRET_1, 0).await;
+    assert_eq!(rejection(not_found), IntegrationRejected::NotFound);
+    let created = create("client-1", SECRET_1, 0).await.unwrap();
     assert_eq!(created.version, 1);
     assert_eq!(created.stream_id, integration::stream_id(KEY));
     let live = created.state.active().unwrap();
     assert_eq!(live.oauth_client_id, "client-1");
-    assert_eq!(
-        commands.reveal_client_secret(live).await.unwrap(),
-        ClientSecret::new(SECRET_1)
-    );
+    assert_secret(&commands, live, SECRET_1).await;
 
     let keys_before = live_data_keys(&commands).await;
-    let twice = commands
-        .create_integration(KEY, config("client-x", SECRET_2), at(1))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            twice,
-            CommandError::Integration(IntegrationRejected::AlreadyExists)
-        ),
-        "{twice:?}"
-    );
+    let twice = create("client-x", SECRET_2, 1).await;
+    assert_eq!(rejection(twice), IntegrationRejected::AlreadyExists);
     assert_eq!(
         live_data_keys(&commands).await,
         keys_before,
         "a rejected command makes no data key"
     );
 
-    let updated = commands
-        .update_integration(KEY, config("client-2", SECRET_2), at(2))
-        .await
-        .unwrap();
+    let updated = update("client-2", SECRET_2, 2).await.unwrap();
     assert_eq!(updated.version, 2);
     let loaded = commands.load_integration(KEY).await.unwrap();
     assert_eq!(loaded.state, updated.state);
     let live = loaded.state.active().unwrap();
     assert_eq!(live.oauth_client_id, "client-2");
     assert_eq!(live.updated_at, Some(at(2)));
-    assert_eq!(
-        commands.reveal_client_secret(live).await.unwrap(),
-        ClientSecret::new(SECRET_2)
-    );
+    assert_secret(&commands, live, SECRET_2).await;
     let stored = stream_text(&commands, &loaded.stream_id).await;
     assert!(stored.contains("client-2"), "{stored}");
     assert!(
@@ -575,29 +533,14 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
         let error = commands.vault().unseal(sealed).await.unwrap_err();
         assert!(matches!(error, KeyError::Shredded(_)), "{error:?}");
     }
-    assert!(matches!(
-        commands.delete_integration(KEY, at(4)).await,
-        Err(CommandError::Integration(IntegrationRejected::Deleted))
-    ));
-    assert!(matches!(
-        commands
-            .update_integration(KEY, config("c", SECRET_1), at(4))
-            .await,
-        Err(CommandError::Integration(IntegrationRejected::Deleted))
-    ));
+    let delete = commands.delete_integration(KEY, at(4));
+    assert_eq!(rejection(delete.await), IntegrationRejected::Deleted);
+    let after_deletion = update("c", SECRET_1, 4).await;
+    assert_eq!(rejection(after_deletion), IntegrationRejected::Deleted);
 
-    let recreated = commands
-        .create_integration(KEY, config("client-3", SECRET_1), at(5))
-        .await
-        .unwrap();
+    let recreated = create("client-3", SECRET_1, 5).await.unwrap();
     assert_eq!(recreated.version, 4);
-    assert_eq!(
-        commands
-            .reveal_client_secret(recreated.state.active().unwrap())
-            .await
-            .unwrap(),
-        ClientSecret::new(SECRET_1)
-    );
+    assert_secret(&commands, recreated.state.active().unwrap(), SECRET_1).await;
 }
 
 /// An import that carries metadata appends the authorization and the metadata together: one
@@ -648,11 +591,7 @@ impl grantline_domain::commands::Snapshots for FirstEventSnapshot {
 /// Loading from a snapshot of an old version folds only the events after it, and reaches the
 /// state a fold of the whole stream gives; commands decided on it append at the right version.
 async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: &TestDatabase) {
-    let (commands, _) = commands(db).await;
-    commands
-        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(0)))
-        .await
-        .unwrap();
+    let commands = with_connection(db).await;
     let first = commands.load_connection(&key()).await.unwrap();
     assert_eq!(first.version, 1);
     for n in 0..5 {

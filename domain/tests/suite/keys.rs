@@ -5,7 +5,8 @@ use grantline_domain::keys::{KeyError, MasterKey, Vault};
 use grantline_domain::store::{Backend, ExpectedVersion, NewEvent, StreamId};
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
-use tokio_postgres::NoTls;
+
+use crate::{new_vault, open_vault, reopen_vault};
 
 grantline_domain::on_both_backends!(
     no_plaintext_token_is_stored_anywhere_in_the_database,
@@ -46,10 +47,7 @@ async fn store_token(
 
 async fn no_plaintext_token_is_stored_anywhere_in_the_database(db: &TestDatabase) {
     let backend = db.open().await;
-    let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), master, None)
-        .await
-        .unwrap();
+    let (vault, master_b64) = new_vault(&backend).await;
     let sealed = store_token(&backend, &vault, &StreamId::new("connection", "x")).await;
     let opened: serde_json::Value = vault.unseal_json(&sealed).await.unwrap();
     assert_eq!(opened["access_token"], TOKEN);
@@ -69,8 +67,7 @@ async fn no_plaintext_token_is_stored_anywhere_in_the_database(db: &TestDatabase
 async fn dump_database(db: &TestDatabase, backend: &Backend) -> String {
     match backend {
         Backend::Postgres(_) => {
-            let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-            tokio::spawn(connection);
+            let client = db.postgres_client().await;
             let tables = client
                 .query(
                     "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
@@ -105,10 +102,7 @@ async fn a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_t
     db: &TestDatabase,
 ) {
     let backend = db.open().await;
-    let (master, master_b64) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), master, None)
-        .await
-        .unwrap();
+    let (vault, master_b64) = new_vault(&backend).await;
     let owner = StreamId::new("connection", "doomed");
     let keep = StreamId::new("connection", "kept");
     let sealed = store_token(&backend, &vault, &owner).await;
@@ -121,13 +115,7 @@ async fn a_destroyed_data_key_leaves_the_sealed_secret_unrecoverable_even_with_t
     ));
 
     // An operator with the database and the master key, in a fresh process: still nothing.
-    let operator = Vault::open(
-        db.open().await.key_repository(),
-        MasterKey::from_base64(&master_b64).unwrap(),
-        None,
-    )
-    .await
-    .unwrap();
+    let operator = reopen_vault(db, &master_b64).await;
     assert!(matches!(
         operator.unseal(&sealed).await,
         Err(KeyError::Shredded(_))
@@ -147,9 +135,7 @@ async fn a_wrong_master_key_is_refused_when_the_vault_opens(db: &TestDatabase) {
     let backend = db.open().await;
     let (right, _) = MasterKey::generate();
     let right_id = right.id().to_owned();
-    Vault::open(backend.key_repository(), right, None)
-        .await
-        .unwrap();
+    open_vault(&backend, right, None).await;
     let (wrong, _) = MasterKey::generate();
     let err = Vault::open(backend.key_repository(), wrong, None)
         .await
@@ -163,9 +149,7 @@ async fn a_wrong_master_key_is_refused_when_the_vault_opens(db: &TestDatabase) {
 async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDatabase) {
     let backend = db.open().await;
     let (old, old_b64) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), old.clone(), None)
-        .await
-        .unwrap();
+    let vault = open_vault(&backend, old.clone(), None).await;
     let mut sealed = Vec::new();
     for n in 0..5 {
         sealed.push(store_token(&backend, &vault, &StreamId::new("connection", n)).await);
@@ -175,9 +159,7 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
     let events_before = dump_events(&backend).await;
 
     let (new, _) = MasterKey::generate();
-    let rotating = Vault::open(backend.key_repository(), new.clone(), Some(old))
-        .await
-        .unwrap();
+    let rotating = open_vault(&backend, new.clone(), Some(old)).await;
     assert_eq!(rotating.active_key_id(), new.id());
     let mut progress = Vec::new();
     let report = rotating.rotate(2, |n| progress.push(n)).await.unwrap();
@@ -193,9 +175,7 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
     );
 
     // A fresh vault with only the new key opens every live secret.
-    let after = Vault::open(db.open().await.key_repository(), new, None)
-        .await
-        .unwrap();
+    let after = open_vault(&db.open().await, new, None).await;
     for s in &sealed[1..] {
         let opened: serde_json::Value = after.unseal_json(s).await.unwrap();
         assert_eq!(opened["access_token"], TOKEN);
@@ -220,15 +200,11 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
 async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(db: &TestDatabase) {
     let backend = db.open().await;
     let (old, _) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), old.clone(), None)
-        .await
-        .unwrap();
+    let vault = open_vault(&backend, old.clone(), None).await;
     store_token(&backend, &vault, &StreamId::new("connection", "a")).await;
     let (new, _) = MasterKey::generate();
     // Switch to the new key (rotation started) but do not rotate...
-    Vault::open(backend.key_repository(), new.clone(), Some(old))
-        .await
-        .unwrap();
+    open_vault(&backend, new.clone(), Some(old)).await;
     // ...then start without the previous key: its data keys would be unreadable.
     let err = Vault::open(backend.key_repository(), new, None)
         .await
@@ -243,11 +219,7 @@ async fn a_small_key_cache_stays_within_its_capacity_and_every_secret_still_open
     db: &TestDatabase,
 ) {
     let backend = db.open().await;
-    let (master, _) = MasterKey::generate();
-    let vault = Vault::open(backend.key_repository(), master, None)
-        .await
-        .unwrap()
-        .with_cache_capacity(40);
+    let vault = new_vault(&backend).await.0.with_cache_capacity(40);
     let mut sealed = Vec::new();
     for n in 0..100 {
         let key_id = vault

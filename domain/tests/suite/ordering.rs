@@ -4,13 +4,24 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use grantline_domain::store::{ExpectedVersion, LogReader, NewEvent, Position, StreamId};
+use grantline_domain::store::{
+    EventStore, ExpectedVersion, LogReader, NewEvent, Position, StreamId,
+};
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
 fn event(n: u64) -> NewEvent {
     NewEvent::new("TestEvent", 1, json!({ "n": n }))
+}
+
+/// Starts the stream `test-{n}` with the event `n`.
+async fn start_stream(store: &dyn EventStore, n: u64) {
+    let stream = StreamId::new("test", n);
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![event(n)])
+        .await
+        .unwrap();
 }
 
 async fn read_to_end(reader: &mut LogReader) -> Vec<i64> {
@@ -34,8 +45,7 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
     let store = backend.events();
 
     // An append that takes the first position and then stays open.
-    let (mut client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let mut client = db.postgres_client().await;
     let held = client.transaction().await.unwrap();
     let held_position: i64 = held
         .query_one(HELD_INSERT, &[&"test-held"])
@@ -45,14 +55,7 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
 
     // Twenty later appends commit first, with higher positions.
     for n in 1..=20u64 {
-        store
-            .append(
-                &StreamId::new("test", n),
-                ExpectedVersion::NoStream,
-                vec![event(n)],
-            )
-            .await
-            .unwrap();
+        start_stream(store, n).await;
     }
 
     // A naive reader that follows global_position alone sees the twenty and moves past the hole.
@@ -92,9 +95,8 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
 }
 
 async fn naive_positions_after(db: &TestDatabase, after: i64) -> Vec<i64> {
-    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
+    db.postgres_client()
+        .await
         .query(
             "SELECT global_position FROM events WHERE global_position > $1 ORDER BY 1",
             &[&after],
@@ -161,14 +163,7 @@ async fn on_sqlite_a_held_write_transaction_holds_back_later_appends_and_nothing
     let db = TestDatabase::sqlite();
     let backend = db.open().await;
     let store = backend.events();
-    store
-        .append(
-            &StreamId::new("test", 0),
-            ExpectedVersion::NoStream,
-            vec![event(0)],
-        )
-        .await
-        .unwrap();
+    start_stream(store, 0).await;
 
     let path = db.url().trim_start_matches("sqlite://").to_owned();
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
@@ -194,15 +189,7 @@ async fn on_sqlite_a_held_write_transaction_holds_back_later_appends_and_nothing
     let writer = backend.clone();
     let later = tokio::spawn(async move {
         for n in 1..=5u64 {
-            writer
-                .events()
-                .append(
-                    &StreamId::new("test", n),
-                    ExpectedVersion::NoStream,
-                    vec![event(n)],
-                )
-                .await
-                .unwrap();
+            start_stream(writer.events(), n).await;
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;

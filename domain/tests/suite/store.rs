@@ -48,6 +48,27 @@ async fn appended(
     store.append(s, expected, events).await.unwrap()
 }
 
+/// Starts the stream `test-a` with its first event; returns its id.
+async fn started(store: &dyn EventStore) -> StreamId {
+    let a = stream("a");
+    appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
+    a
+}
+
+/// The versions of the events of `s`, in stream order.
+async fn versions(store: &dyn EventStore, s: &StreamId) -> Vec<u32> {
+    let events = store.read_stream(s, 0).await.unwrap();
+    events.iter().map(|e| e.stream_version).collect()
+}
+
+/// Asserts `err` is a version conflict with the stream at `actual`.
+fn assert_conflict(err: &StoreError, actual: u32) {
+    assert!(
+        matches!(err, StoreError::Conflict { actual: a, .. } if *a == actual),
+        "{err:?}"
+    );
+}
+
 /// Appends `events` to `s` at `expected`, which must be refused.
 async fn refused(
     store: &dyn EventStore,
@@ -76,8 +97,7 @@ async fn first_append_with_no_stream_starts_the_stream_at_version_one(db: &TestD
 async fn append_with_the_exact_version_extends_the_stream(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let s = stream("a");
-    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let s = started(store).await;
     let second = appended(store, &s, ExpectedVersion::Exact(1), vec![event(2)]).await;
     let third = appended(store, &s, ExpectedVersion::Exact(2), vec![event(3)]).await;
     assert_eq!((second.stream_version, third.stream_version), (2, 3));
@@ -111,31 +131,20 @@ async fn append_with_a_stale_version_is_a_conflict_and_writes_nothing(db: &TestD
 async fn append_with_no_stream_to_an_existing_stream_is_a_conflict(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let s = stream("a");
-    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let s = started(store).await;
     let err = refused(store, &s, ExpectedVersion::NoStream, vec![event(2)]).await;
-    assert!(
-        matches!(err, StoreError::Conflict { actual: 1, .. }),
-        "{err:?}"
-    );
+    assert_conflict(&err, 1);
 }
 
 async fn append_ahead_of_the_stream_is_a_conflict(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let s = stream("a");
-    appended(store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let s = started(store).await;
     let err = refused(store, &s, ExpectedVersion::Exact(5), vec![event(2)]).await;
-    assert!(
-        matches!(err, StoreError::Conflict { actual: 1, .. }),
-        "{err:?}"
-    );
+    assert_conflict(&err, 1);
     let never = stream("never");
     let missing = refused(store, &never, ExpectedVersion::Exact(1), vec![event(1)]).await;
-    assert!(
-        matches!(missing, StoreError::Conflict { actual: 0, .. }),
-        "{missing:?}"
-    );
+    assert_conflict(&missing, 0);
     assert!(
         store
             .read_stream(&stream("never"), 0)
@@ -168,14 +177,7 @@ async fn a_multi_event_append_is_all_or_nothing(db: &TestDatabase) {
     assert_eq!(appended.stream_version, 3);
     assert_eq!(appended.global_positions.len(), 3);
     assert!(appended.global_positions.windows(2).all(|w| w[0] < w[1]));
-    let versions: Vec<u32> = store
-        .read_stream(&s, 0)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.stream_version)
-        .collect();
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions(store, &s).await, vec![1, 2, 3]);
     // A conflicting batch leaves no trace.
     refused(
         store,
@@ -336,16 +338,8 @@ async fn concurrent_appenders_to_one_stream_win_each_version_exactly_once(db: &T
     let distinct: BTreeSet<u32> = won.iter().copied().collect();
     assert_eq!(won.len(), total);
     assert_eq!(distinct.len(), total, "a version was won twice");
-    let stored: Vec<u32> = backend
-        .events()
-        .read_stream(&s, 0)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.stream_version)
-        .collect();
     assert_eq!(
-        stored,
+        versions(backend.events(), &s).await,
         (1..=total as u32).collect::<Vec<_>>(),
         "gaps or duplicates in the stream"
     );
@@ -354,8 +348,7 @@ async fn concurrent_appenders_to_one_stream_win_each_version_exactly_once(db: &T
 async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let a = stream("a");
-    appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let a = started(store).await;
     let bad_position = insert_raw(&backend, "test-bad", "TestEvent", "{not json").await;
     appended(store, &a, ExpectedVersion::Exact(1), vec![event(3)]).await;
 
@@ -396,8 +389,7 @@ async fn an_unreadable_payload_stops_the_reader_at_its_position(db: &TestDatabas
 async fn an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position(db: &TestDatabase) {
     let backend = db.open().await;
     let store = backend.events();
-    let a = stream("a");
-    appended(store, &a, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let a = started(store).await;
     let bad = store
         .append(
             &stream("b"),

@@ -7,7 +7,7 @@ use domain::testing::TestDatabase;
 use projections::cache::ConnectionCache;
 use projections::{Runner, queries};
 
-use crate::fixture;
+use crate::{fixture, settle};
 
 domain::on_both_backends!(
     the_replica_stays_within_its_capacity_and_counts_what_it_evicts,
@@ -22,7 +22,7 @@ async fn the_replica_stays_within_its_capacity_and_counts_what_it_evicts(db: &Te
     for n in 0..20 {
         f.connection("github", &format!("c{n}")).await;
     }
-    Runner::new(&f.backend).catch_up().await.unwrap();
+    settle(&Runner::new(&f.backend)).await;
     let cache: ConnectionCache = ConnectionCache::new(LONG, 4);
     for round in 0..3 {
         for n in 0..20 {
@@ -62,14 +62,14 @@ async fn an_invalidated_or_expired_entry_is_read_again_from_the_read_model(db: &
     let f = fixture(db).await;
     f.integration("github").await;
     f.connection("github", "a").await;
-    Runner::new(&f.backend).catch_up().await.unwrap();
+    settle(&Runner::new(&f.backend)).await;
     let cache: ConnectionCache = ConnectionCache::new(LONG, 100);
     let key = ConnectionKey::new("github", "a");
     let first = cache.find(&f.read_models, &key).await.unwrap().unwrap();
     assert_eq!(cache.stats().misses, 1);
     // Re-authorized: the log names the stream, and the entry for the key goes.
     f.connection("github", "a").await;
-    Runner::new(&f.backend).catch_up().await.unwrap();
+    settle(&Runner::new(&f.backend)).await;
     cache.invalidate(key.stream_id().as_str());
     assert_eq!(cache.stats().entries, 0);
     let second = cache.find(&f.read_models, &key).await.unwrap().unwrap();

@@ -16,7 +16,8 @@ use domain::credentials::{ClientSecret, Credentials};
 use domain::keys::{MasterKey, Vault};
 use domain::store::Backend;
 use domain::testing::TestDatabase;
-use projections::ReadModels;
+use projections::queries::{self, ConnectionRecord, IntegrationRecord};
+use projections::{ReadModels, Runner};
 
 /// A backend with a vault and the command service.
 pub struct Fixture {
@@ -55,6 +56,20 @@ impl Fixture {
             .unwrap();
     }
 
+    /// The read model's record of connection `id` of `key`, if it has one.
+    pub async fn find(&self, key: &str, id: &str) -> Option<ConnectionRecord> {
+        queries::find_connection(&self.read_models, &ConnectionKey::new(key, id))
+            .await
+            .unwrap()
+    }
+
+    /// The read model's record of the integration `key`, if it has one.
+    pub async fn find_integration(&self, key: &str) -> Option<IntegrationRecord> {
+        queries::find_integration(&self.read_models, key)
+            .await
+            .unwrap()
+    }
+
     pub async fn connection(&self, key: &str, id: &str) {
         self.commands
             .authorize_connection(AuthorizeConnection {
@@ -75,4 +90,22 @@ impl Fixture {
             .await
             .unwrap();
     }
+}
+
+/// Catches up, waiting out PostgreSQL's horizon (another test's open transaction) if needed.
+pub async fn settle(runner: &Runner) {
+    for _ in 0..300 {
+        runner.catch_up().await.unwrap();
+        let status = runner.status().await.unwrap();
+        // The lag only counts what is visible below the horizon; the tests' appends are
+        // sequential, so reaching the highest position also means all of them were applied.
+        if status
+            .iter()
+            .all(|s| s.lag == 0 && s.checkpoint_position == s.head_position)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the projections did not catch up");
 }

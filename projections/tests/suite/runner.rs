@@ -14,7 +14,7 @@ use projections::runner::Step;
 use projections::{ConnectionsModel, IntegrationsModel, ReadModels, Runner};
 use serde_json::json;
 
-use crate::fixture;
+use crate::{fixture, settle};
 
 domain::on_both_backends!(
     catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head,
@@ -23,24 +23,6 @@ domain::on_both_backends!(
     a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_the_live_model,
     deleted_connections_and_connections_of_deleted_integrations_are_hidden,
 );
-
-/// Catches up, waiting out PostgreSQL's horizon (another test's open transaction) if needed.
-async fn settle(runner: &Runner) {
-    for _ in 0..300 {
-        runner.catch_up().await.unwrap();
-        let status = runner.status().await.unwrap();
-        // The lag only counts what is visible below the horizon; this test's appends are
-        // sequential, so reaching the highest position also means all of them were applied.
-        if status
-            .iter()
-            .all(|s| s.lag == 0 && s.checkpoint_position == s.head_position)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the projections did not catch up");
-}
 
 async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head(
     db: &TestDatabase,
@@ -58,16 +40,10 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
         .unwrap();
     let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
-    let found = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
-        .await
-        .unwrap()
-        .unwrap();
+    let found = f.find("github", "b").await.unwrap();
     assert_eq!(found.connection.connection_id, "b");
     assert_eq!(found.version, 1);
-    let integration = queries::find_integration(&f.read_models, "github")
-        .await
-        .unwrap()
-        .unwrap();
+    let integration = f.find_integration("github").await.unwrap();
     assert_eq!(integration.integration.oauth_client_id, "client");
 
     let status = runner.status().await.unwrap();
@@ -109,10 +85,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
     )
     .await
     .unwrap();
-    let early = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
-        .await
-        .unwrap()
-        .unwrap();
+    let early = f.find("github", "a").await.unwrap();
     assert_eq!(early.version, 2);
     assert_eq!(early.connection.metadata.get("n"), Some(&json!(1)));
 
@@ -134,10 +107,7 @@ async fn an_event_written_early_by_its_command_is_not_applied_twice(db: &TestDat
         .unwrap();
 
     settle(&runner).await;
-    let after = queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
-        .await
-        .unwrap()
-        .unwrap();
+    let after = f.find("github", "a").await.unwrap();
     assert_eq!(after.version, 2);
     assert_eq!(after.connection, early.connection);
 }
@@ -194,30 +164,15 @@ async fn an_unreadable_event_stops_the_projection_right_before_it_and_is_reporte
             .contains("FromTheFuture")
     );
     // What came before is there, what comes after is not (the runner did not skip ahead).
-    assert!(
-        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(f.find("github", "a").await.is_some());
+    assert!(f.find("github", "b").await.is_none());
     // The integrations projection does not read connection events and is not held up.
     for _ in 0..300 {
         if runner.step::<IntegrationsModel>().await.unwrap() == Step::Idle {
             break;
         }
     }
-    assert!(
-        queries::find_integration(&f.read_models, "github")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(f.find_integration("github").await.is_some());
 }
 
 async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_the_live_model(
@@ -308,12 +263,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     // The rebuilt model keeps following the log.
     f.connection("github", "late").await;
     settle(&runner).await;
-    assert!(
-        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "late"))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(f.find("github", "late").await.is_some());
     assert!(matches!(
         runner.rebuild("nonsense", |_| {}).await,
         Err(projections::ProjectionError::UnknownProjection(_))
@@ -333,14 +283,7 @@ async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() 
     settle(&runner).await;
 
     // An open transaction with an xid: events committed after it are not readable yet.
-    let (blocker, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    blocker
-        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
-        .await
-        .unwrap();
+    let blocker = db.hold_horizon().await;
     for id in ["held1", "held2"] {
         f.connection("github", id).await;
     }
@@ -410,18 +353,8 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
         ),
         ("github", "a")
     );
-    assert!(
-        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "b"))
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        queries::find_integration(&f.read_models, "gitlab")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(f.find("github", "b").await.is_none());
+    assert!(f.find_integration("gitlab").await.is_none());
     assert_eq!(
         queries::list_connections(&f.read_models, Some("a"))
             .await
@@ -444,10 +377,7 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
     f.integration("github").await;
     f.connection("github", "a").await;
     // Another instance's runner in the middle of a batch holds the checkpoint row.
-    let (mut client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut client = db.postgres_client().await;
     let other = client.transaction().await.unwrap();
     other
         .query_one(
@@ -472,10 +402,5 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
     assert_eq!(step, Step::Busy);
     other.rollback().await.unwrap();
     settle(&runner).await;
-    assert!(
-        queries::find_connection(&f.read_models, &ConnectionKey::new("github", "a"))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(f.find("github", "a").await.is_some());
 }
