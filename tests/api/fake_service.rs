@@ -115,6 +115,11 @@ impl Setup<'_> {
         let (dir, file) = fake.providers_file(&self.template);
         let key = new_key();
         let mut args = vec!["--providers-file", file.to_str().unwrap()];
+        // Instances share the PostgreSQL server (100 connections) with the other tests running
+        // at the same time: several at the default pool of 16 each could exhaust it.
+        if self.instances > 1 && !self.args.iter().any(|a| a == "--database-pool-size") {
+            args.extend(["--database-pool-size", "6"]);
+        }
         args.extend(self.args.iter().map(String::as_str));
         let mut apps = Vec::new();
         let mut states = Vec::new();

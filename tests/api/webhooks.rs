@@ -433,12 +433,16 @@ async fn a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible(db:
     env.import("conn-c", "rt-c").await;
 
     // The first webhook fails and is retried; /admin/webhooks shows the attempts meanwhile.
+    // The delivery, the target's last error and the lag are written and read separately (and
+    // the lag counts only events past the log's horizon): wait until all three show it.
     let target = env
-        .target_when("two failed attempts", |t| {
-            t["deliveries"]
-                .as_array()
-                .and_then(|d| d.first())
-                .is_some_and(|d| d["attempts"].as_i64() >= Some(2) && d["status"] == "retrying")
+        .target_when("two failed attempts, the error and the lag", |t| {
+            let head = t["deliveries"].as_array().and_then(|d| d.first());
+            head.is_some_and(|d| d["attempts"].as_i64() >= Some(2) && d["status"] == "retrying")
+                && t["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("HTTP 500"))
+                && t["lag"].as_i64() >= Some(3)
         })
         .await;
     let delivery = &target["deliveries"][0];
