@@ -160,14 +160,10 @@ impl Default for RequestObserver {
 
 impl RequestObserver {
     pub fn new() -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let random = uuid::Uuid::new_v4();
-        let bytes = random.as_bytes();
         let mut prefix = [0u8; 8];
-        for (i, digit) in prefix.iter_mut().enumerate() {
-            let byte = bytes[i / 2];
-            *digit = HEX[usize::from(if i % 2 == 0 { byte >> 4 } else { byte & 0xf })];
-        }
+        // Four random bytes always fit eight hex digits.
+        let _ = hex::encode_to_slice(&random.as_bytes()[..4], &mut prefix);
         Self {
             routes: Mutex::new(Vec::new()),
             prefix,
@@ -201,18 +197,16 @@ impl RequestObserver {
         {
             return value.clone();
         }
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 8 + 1 + 16];
         id[..8].copy_from_slice(&self.prefix);
         id[8] = b'-';
-        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1) as usize;
-        for (i, digit) in id[9..9 + digits].iter_mut().enumerate() {
-            let shift = 4 * (digits - 1 - i);
-            *digit = HEX[((n >> shift) & 0xf) as usize];
-        }
+        // The counter in hex: at most 16 digits, so the write always fits.
+        let mut digits = &mut id[9..];
+        let _ = std::io::Write::write_fmt(&mut digits, format_args!("{n:x}"));
+        let end = 9 + 16 - digits.len();
         // Hex digits and '-' are always a valid header value.
-        HeaderValue::from_bytes(&id[..9 + digits]).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        HeaderValue::from_bytes(&id[..end]).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 
     /// Writes the latency histograms in the Prometheus text format.
