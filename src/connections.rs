@@ -9,7 +9,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use domain::commands::{AuthorizeConnection, CommandError, Loaded};
 use domain::connection::{
-    ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger,
+    ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger, check_metadata,
 };
 use domain::credentials::Credentials;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
@@ -313,12 +313,14 @@ pub async fn set_metadata(
     mode: MetadataMode,
 ) -> Result<(), ConnectionsError> {
     for key in keys {
-        if queries::find_connection(&state.read_models, key)
-            .await?
-            .is_none()
-        {
+        let Some(found) = queries::find_connection(&state.read_models, key).await? else {
             return Err(missing(state, key).await);
-        }
+        };
+        // Checked for every connection first, so that none is written if one would pass the
+        // bounds; the command checks again against the log.
+        check_metadata(&found.connection.metadata, &metadata, mode).map_err(|rejected| {
+            ConnectionsError::command(key)(CommandError::Connection(rejected))
+        })?;
     }
     let now = Utc::now();
     for key in keys {

@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::connection::CredentialsType;
+use crate::bounds::{JsonBounds, in_range};
+use crate::connection::{ConnectionRejected, CredentialsType};
 
 const REDACTED: &str = "<redacted>";
 
@@ -124,6 +125,23 @@ fn empty_object() -> Value {
 }
 
 impl Credentials {
+    /// Checks what a client or provider chose here against the log's bounds: the raw answer
+    /// against [`JsonBounds::CLIENT`], the expiry against [`crate::bounds::TimeRange`].
+    pub fn check_bounds(&self) -> Result<(), ConnectionRejected> {
+        if let Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } = self {
+            JsonBounds::CLIENT
+                .check(raw)
+                .map_err(|reason| ConnectionRejected::OutOfBounds {
+                    field: "raw",
+                    reason,
+                })?;
+        }
+        in_range(self.expires_at()).map_err(|reason| ConnectionRejected::TimeOutOfRange {
+            field: "expires_at",
+            reason,
+        })
+    }
+
     /// The kind of credentials, as events and the API name it.
     pub fn credentials_type(&self) -> CredentialsType {
         match self {

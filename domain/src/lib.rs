@@ -4,6 +4,7 @@
 //! Nothing here knows about HTTP. Aggregates take time and provider answers as command data and
 //! do no I/O; the store and the vault are the only parts that touch the database.
 
+pub mod bounds;
 pub mod catalog;
 pub mod commands;
 pub mod connection;

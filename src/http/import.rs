@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use domain::bounds::{TimeOutOfRange, TimeRange};
 use domain::connection::ConnectionKey;
 use domain::credentials::Credentials;
 use serde::{Deserialize, Deserializer};
@@ -354,7 +355,9 @@ fn expiry(
         None | Some(Value::Null) => {}
         Some(value) => {
             return parse_expires_at(value).map(Some).ok_or_else(|| {
-                ApiError::InvalidBody("expires_at must be an RFC 3339 time or UNIX seconds".into())
+                ApiError::InvalidBody(format!(
+                    "expires_at must be an RFC 3339 time or UNIX seconds; {TimeOutOfRange}"
+                ))
             });
         }
     }
@@ -362,7 +365,11 @@ fn expiry(
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) if n.as_i64().is_some_and(|s| s >= 0) => {
             let seconds = n.as_i64().unwrap_or_default();
-            Ok(Some(Utc::now() + chrono::Duration::seconds(seconds)))
+            TimeRange::after(Utc::now(), seconds)
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::InvalidBody(format!("expires_in is too large; {TimeOutOfRange}"))
+                })
         }
         Some(_) => Err(ApiError::InvalidBody(
             "expires_in must be a whole number of seconds".into(),

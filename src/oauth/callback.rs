@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use workers::oauth1::Oauth1Request;
 use workers::provider::TokenRequest;
 
+use super::connect::plausible_state;
 use super::redirect::allowed_redirect;
 use super::{Completed, Failure, FlowError, Report, fill_url, flow_template, pairs, text_field};
 use crate::connections;
@@ -61,6 +62,9 @@ async fn finish(
             .filter(|v| !v.is_empty())
     };
     let flow_state = param("state").ok_or(FlowError::MissingState)?;
+    if !plausible_state(flow_state) {
+        return Err(FlowError::UnknownState);
+    }
     let session = state
         .backend
         .sessions()

@@ -10,13 +10,14 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use domain::bounds::JsonBounds;
 use domain::catalog::{AuthMode, Template};
 use domain::connection::ConnectionKey;
 use domain::integration::ActiveIntegration;
 use domain::oauth_session::{FlowSecrets, FlowSession};
 use oauth2::{CsrfToken, PkceCodeChallenge};
 use projections::queries;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 use url::Url;
 use workers::oauth1::{self, Oauth1Request};
@@ -29,6 +30,15 @@ use crate::state::AppState;
 
 /// Random bytes in a `state` (base64url: 43 characters).
 const STATE_BYTES: u32 = 32;
+
+/// Whether `state` could be one this server made: base64url, as long as [`STATE_BYTES`] gives.
+/// Anything else is not looked up at all.
+pub fn plausible_state(state: &str) -> bool {
+    state.len() == (STATE_BYTES as usize * 4).div_ceil(3)
+        && state
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// Authorize-URL parameters a connect request's `authorization_params[...]` cannot set: they
 /// carry the flow's own security.
@@ -121,6 +131,15 @@ async fn start(
             return Err(FlowError::InvalidParam(format!("params[{name}]")));
         }
     }
+    let connection_config: Map<String, Value> = request
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    // Checked now, not when the flow ends: the connection must be recordable.
+    if let Err(reason) = JsonBounds::CLIENT.check_object(&connection_config) {
+        return Err(FlowError::InvalidParam(format!("params: {reason}")));
+    }
 
     let key = connection.provider_config_key();
     let integration = queries::find_integration(&state.read_models, key)
@@ -170,11 +189,7 @@ async fn start(
         provider: integration.provider.clone(),
         connection_id: connection.connection_id().to_owned(),
         callback_url,
-        connection_config: request
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect(),
+        connection_config,
         scopes,
         api_redirect_url: report.api_redirect_url.as_ref().map(Url::to_string),
         ws_client_id: report.ws_client_id.clone(),

@@ -358,6 +358,70 @@ fn cases() -> Vec<Case> {
             json!({ "connection_config": { "nul\u{0}": "x" } }),
             "invalid_body",
         ),
+        // Values the log could not read back: nesting past its bounds (126 and 127 levels once
+        // passed the body parser and then poisoned the log), too many keys, too many bytes.
+        bad_import(json!({ "metadata": nested(127) }), "invalid_json"),
+        bad_import(json!({ "metadata": nested(126) }), "invalid_body"),
+        bad_import(json!({ "metadata": nested(33) }), "invalid_body"),
+        bad_import(json!({ "connection_config": nested(126) }), "invalid_body"),
+        bad_import(json!({ "raw": nested(126) }), "invalid_body"),
+        bad_import(json!({ "metadata": many_keys(1_001) }), "invalid_body"),
+        bad_import(
+            json!({ "metadata": { "k".repeat(257): 1 } }),
+            "invalid_body",
+        ),
+        bad_import(
+            json!({ "metadata": { "big": "x".repeat(65 * 1024) } }),
+            "invalid_body",
+        ),
+        post(
+            &format!("/connection/c1/metadata?{key}"),
+            nested(126),
+            400,
+            "invalid_body",
+        ),
+        case(
+            Method::PATCH,
+            format!("/connection/c1/metadata?{key}"),
+            Body::Json(json!({ "a": nested(40) })),
+            400,
+            "invalid_body",
+        ),
+        case(
+            Method::PATCH,
+            format!("/connection/c1/metadata?{key}"),
+            Body::Json(many_keys(1_000)),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "/connection/metadata",
+            json!({ "connection_id": ["c1"], "provider_config_key": "gh",
+                    "metadata": nested(126) }),
+            400,
+            "invalid_body",
+        ),
+        // Times outside 1970..=9999: `expires_in` of 8.2e12 seconds once panicked the handler,
+        // and year 10000 was served back as `+10000-…`.
+        bad_import(
+            json!({ "expires_at": null, "expires_in": 8_200_000_000_000_i64 }),
+            "invalid_body",
+        ),
+        bad_import(
+            json!({ "expires_at": null, "expires_in": i64::MAX }),
+            "invalid_body",
+        ),
+        bad_import(json!({ "expires_at": 253_402_300_800_i64 }), "invalid_body"),
+        bad_import(json!({ "expires_at": -1 }), "invalid_body"),
+        bad_import(json!({ "expires_at": i64::MAX }), "invalid_body"),
+        bad_import(
+            json!({ "expires_at": "1969-12-31T23:59:59Z" }),
+            "invalid_body",
+        ),
+        bad_credentials(
+            json!({ "type": "OAUTH2", "access_token": "a", "expires_at": "+10000-01-01T00:00:00Z" }),
+            "invalid_body",
+        ),
         // Metadata of one connection.
         post(
             &format!("/connection/c1/metadata?{key}"),
@@ -593,6 +657,16 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// An object nested `levels` deep (itself level 1).
+fn nested(levels: usize) -> Value {
+    (1..levels).fold(json!({}), |inner, _| json!({ "a": inner }))
+}
+
+/// An object with `count` members.
+fn many_keys(count: usize) -> Value {
+    Value::Object((0..count).map(|i| (format!("k{i}"), json!(i))).collect())
+}
+
 async fn send(app: &TestApp, case: &Case) -> reqwest::Response {
     let mut request = app.client.request(case.method.clone(), app.url(&case.path));
     for (name, value) in &case.headers {
@@ -672,6 +746,10 @@ async fn every_malformed_request_gets_its_4xx_and_writes_nothing(db: &TestDataba
         cases.len(),
         failures.join("\n")
     );
+
+    // The log is readable to its end: the projections keep up.
+    let ready = app.client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
 
     // Nothing was half-written: the connection list, the connection and the configs are as the
     // setup left them.

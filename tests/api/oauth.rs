@@ -536,6 +536,10 @@ async fn a_callback_without_a_known_state_is_refused_at_once(db: &TestDatabase) 
         "?code=abc",
         "?state=&code=abc",
         "?state=not-a-state&code=abc",
+        // Never looked up: NUL once reached PostgreSQL as a 503.
+        "?state=a%00b&code=abc",
+        "?state=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA%00&code=abc",
+        "?state=%FF%FE&code=abc",
     ] {
         let started = Instant::now();
         let response = env

@@ -18,6 +18,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use domain::bounds::{JsonBounds, TimeRange};
 use domain::catalog::{AuthorizationMethod, BodyFormat};
 use domain::credentials::ClientSecret;
 use serde_json::{Map, Value};
@@ -362,7 +363,7 @@ pub fn parse_token_response(
     let expires_at = raw
         .get("expires_in")
         .and_then(seconds)
-        .and_then(|s| now.checked_add_signed(chrono::Duration::seconds(s)))
+        .and_then(|s| TimeRange::after(now, s))
         .or_else(|| raw.get("expires_at").and_then(parse_expires_at));
     let scopes = match raw.get("scope") {
         Some(Value::String(scope)) => Some(split_scopes(scope)),
@@ -380,8 +381,40 @@ pub fn parse_token_response(
         refresh_token,
         expires_at,
         scopes,
-        raw,
+        raw: within_bounds(raw),
     })
+}
+
+/// The fields OAuth names, kept from an answer too large or deep for the log.
+const STANDARD_FIELDS: [&str; 7] = [
+    "access_token",
+    "token_type",
+    "expires_in",
+    "expires_at",
+    "refresh_token",
+    "scope",
+    "id_token",
+];
+
+/// `raw` as the log can hold it: whole when it is within [`JsonBounds::CLIENT`], else only its
+/// [`STANDARD_FIELDS`], else nothing (a provider's answer must never make the credentials
+/// unrecordable).
+fn within_bounds(raw: Map<String, Value>) -> Map<String, Value> {
+    match JsonBounds::CLIENT.check_object(&raw) {
+        Ok(()) => raw,
+        Err(reason) => {
+            tracing::warn!(%reason, "the token answer is out of bounds; keeping only its standard fields");
+            let standard: Map<String, Value> = raw
+                .into_iter()
+                .filter(|(key, _)| STANDARD_FIELDS.contains(&key.as_str()))
+                .collect();
+            // The tokens themselves are kept apart from `raw` in the credentials.
+            match JsonBounds::CLIENT.check_object(&standard) {
+                Ok(()) => standard,
+                Err(_) => Map::new(),
+            }
+        }
+    }
 }
 
 /// The body as a map: a JSON object, or form fields. `None` if it is neither.
@@ -445,7 +478,7 @@ fn seconds(value: &Value) -> Option<i64> {
 /// `expires_at` as a provider (or an import) gives it: UNIX seconds (number or numeric string)
 /// or an RFC 3339 string.
 pub fn parse_expires_at(value: &Value) -> Option<DateTime<Utc>> {
-    match value {
+    let time = match value {
         Value::Number(n) => n.as_i64().and_then(|s| DateTime::from_timestamp(s, 0)),
         Value::String(s) => match s.trim().parse::<i64>() {
             Ok(seconds) => DateTime::from_timestamp(seconds, 0),
@@ -454,7 +487,8 @@ pub fn parse_expires_at(value: &Value) -> Option<DateTime<Utc>> {
                 .map(|t| t.with_timezone(&Utc)),
         },
         _ => None,
-    }
+    };
+    time.filter(|t| TimeRange::contains(*t))
 }
 
 /// Scopes from a space- or comma-separated list.

@@ -81,6 +81,7 @@ impl Commands {
         &self,
         command: AuthorizeConnection,
     ) -> Result<Loaded<Connection>, CommandError> {
+        command.credentials.check_bounds()?;
         let stream_id = command.key.stream_id();
         let fingerprints = self.fingerprints(&command.credentials).await?;
         let credentials = &command.credentials;
@@ -253,6 +254,7 @@ impl Commands {
         let Some(active) = leased.state.active() else {
             return Err(ConnectionRejected::LeaseNotHeld { lease_id }.into());
         };
+        credentials.check_bounds()?;
         let sealed = self
             .vault
             .seal_json(active.credentials.key_id, credentials)

@@ -11,6 +11,7 @@ use super::events::{
     TokensRefreshed,
 };
 use super::state::{ActiveConnection, Connection};
+use crate::bounds::{JsonBounds, OutOfBounds, TimeOutOfRange, in_range};
 use crate::keys::Sealed;
 
 /// What may be asked of a connection. Time and provider answers are data here.
@@ -108,6 +109,52 @@ pub enum ConnectionRejected {
     /// The lease duration is not positive or overflows the calendar.
     #[error("a refresh lease needs a positive duration")]
     InvalidLeaseDuration,
+    /// A client-chosen JSON value passes [`JsonBounds::CLIENT`].
+    #[error("{field} is out of bounds: {reason}")]
+    OutOfBounds {
+        field: &'static str,
+        reason: OutOfBounds,
+    },
+    /// A time passes [`crate::bounds::TimeRange`].
+    #[error("{field}: {reason}")]
+    TimeOutOfRange {
+        field: &'static str,
+        reason: TimeOutOfRange,
+    },
+}
+
+/// Checks a client-chosen JSON object named `field` against [`JsonBounds::CLIENT`].
+pub(crate) fn bounded(
+    field: &'static str,
+    members: &Map<String, Value>,
+) -> Result<(), ConnectionRejected> {
+    JsonBounds::CLIENT
+        .check_object(members)
+        .map_err(|reason| ConnectionRejected::OutOfBounds { field, reason })
+}
+
+/// Checks that setting `metadata` over `current` in `mode` leaves metadata within
+/// [`JsonBounds::CLIENT`] (a merge is checked as merged).
+pub fn check_metadata(
+    current: &Map<String, Value>,
+    metadata: &Map<String, Value>,
+    mode: MetadataMode,
+) -> Result<(), ConnectionRejected> {
+    bounded("metadata", metadata)?;
+    if mode == MetadataMode::Merge && !current.is_empty() {
+        let mut merged = current.clone();
+        merged.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        bounded("metadata", &merged)?;
+    }
+    Ok(())
+}
+
+/// Checks the expiry a command records against [`crate::bounds::TimeRange`].
+fn expiry_in_range(expires_at: Option<DateTime<Utc>>) -> Result<(), ConnectionRejected> {
+    in_range(expires_at).map_err(|reason| ConnectionRejected::TimeOutOfRange {
+        field: "expires_at",
+        reason,
+    })
 }
 
 /// The events `command` produces in `state`, or why it is refused.
@@ -130,22 +177,26 @@ pub fn decide(
             connection_config,
             fingerprints,
             now,
-        } => ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-            provider_config_key,
-            connection_id,
-            provider,
-            flow,
-            credentials_type,
-            generation: state.generation().saturating_add(1),
-            data_key_id,
-            credentials,
-            has_refresh_token,
-            expires_at,
-            scopes,
-            connection_config,
-            fingerprints,
-            authorized_at: now,
-        }),
+        } => {
+            bounded("connection_config", &connection_config)?;
+            expiry_in_range(expires_at)?;
+            ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
+                provider_config_key,
+                connection_id,
+                provider,
+                flow,
+                credentials_type,
+                generation: state.generation().saturating_add(1),
+                data_key_id,
+                credentials,
+                has_refresh_token,
+                expires_at,
+                scopes,
+                connection_config,
+                fingerprints,
+                authorized_at: now,
+            })
+        }
         ConnectionCommand::LeaseRefresh {
             lease_id,
             holder,
@@ -196,6 +247,7 @@ pub fn decide(
             now,
         } => {
             let active = holding(state, lease_id)?;
+            expiry_in_range(expires_at)?;
             let refresh_token_generation = if refresh_token_rotated {
                 active.refresh_token_generation.saturating_add(1)
             } else {
@@ -229,10 +281,11 @@ pub fn decide(
             mode,
             now,
         } => {
-            existing(state)?;
-            if !metadata.is_object() {
+            let active = existing(state)?;
+            let Value::Object(members) = &metadata else {
                 return Err(ConnectionRejected::MetadataNotObject);
-            }
+            };
+            check_metadata(&active.metadata, members, mode)?;
             ConnectionEvent::MetadataSet(MetadataSet {
                 metadata,
                 mode,

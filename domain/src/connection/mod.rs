@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::store::StreamId;
 
-pub use decide::{ConnectionCommand, ConnectionRejected, decide};
+pub use decide::{ConnectionCommand, ConnectionRejected, check_metadata, decide};
 pub use events::{
     ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType, FailureClass, Flow,
     MetadataMode, MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger,

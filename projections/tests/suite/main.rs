@@ -4,6 +4,7 @@
 
 extern crate grantline_projections as projections;
 
+mod bounds;
 mod cache;
 mod runner;
 
