@@ -242,6 +242,14 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
     let backend = Backend::open(&config.url, &options)
         .await
         .context("cannot open the database (GRANTLINE_DATABASE_URL)")?;
+    match backend.tls_version().await {
+        Ok(tls) => tracing::info!(
+            backend = backend.kind(),
+            tls = tls.as_deref().unwrap_or("none"),
+            "database opened"
+        ),
+        Err(e) => tracing::warn!(error.message = %e, "cannot tell the database connection's TLS"),
+    }
     let master = match &config.master_key {
         MasterKeySource::Configured(key) => (**key).clone(),
         MasterKeySource::File(path) => load_or_create_key_file(path)?,

@@ -385,6 +385,15 @@ impl Backend {
         }
     }
 
+    /// The TLS version a connection to the database runs over (`TLSv1.3`), `None` when it is
+    /// not encrypted (always on SQLite, a file).
+    pub async fn tls_version(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Self::Postgres(store) => store.tls_version().await,
+            Self::Sqlite(_) => Ok(None),
+        }
+    }
+
     /// `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -544,3 +544,103 @@ async fn a_reader_started_at_the_last_position_sees_only_what_comes_after(db: &T
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].payload["n"], 9);
 }
+
+mod tls {
+    //! TLS to PostgreSQL against this machine's server (ssl on, with Debian's self-signed
+    //! certificate for `localhost`, `/etc/ssl/certs/ssl-cert-snakeoil.pem`).
+
+    use grantline_domain::store::{Backend, StoreOptions};
+    use grantline_domain::testing::TestDatabase;
+
+    grantline_domain::on_postgres_only!(
+        each_sslmode_encrypts_as_asked_and_a_wrong_root_is_refused_at_start_up
+    );
+
+    const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+    /// `url` with `options` added to its query.
+    fn with(url: &str, options: &str) -> String {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}{options}")
+    }
+
+    async fn tls_of(url: &str) -> Result<Option<String>, String> {
+        let backend = Backend::open(url, &StoreOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(backend.tls_version().await.unwrap())
+    }
+
+    /// A root that signed nothing the server has: a fresh self-signed certificate.
+    fn wrong_root(dir: &std::path::Path) -> String {
+        let path = dir.join("wrong-root.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=not the server's root"])
+            .arg("-keyout")
+            .arg(dir.join("wrong-root.key"))
+            .arg("-out")
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl makes the wrong root");
+        assert!(status.success());
+        path.display().to_string()
+    }
+
+    async fn each_sslmode_encrypts_as_asked_and_a_wrong_root_is_refused_at_start_up(
+        db: &TestDatabase,
+    ) {
+        let url = db.url();
+        let server_enabled = tls_of(&with(url, "sslmode=require")).await;
+        let Ok(Some(version)) = server_enabled else {
+            panic!("this machine's PostgreSQL must have ssl on: {server_enabled:?}");
+        };
+        assert!(version.starts_with("TLSv1."), "{version}");
+        assert_eq!(tls_of(&with(url, "sslmode=disable")).await, Ok(None));
+        assert!(matches!(
+            tls_of(&with(url, "sslmode=prefer")).await,
+            Ok(Some(_))
+        ));
+        // The chain against the server's own certificate; the host name (127.0.0.1) is not
+        // the certificate's (localhost), which only verify-full checks.
+        let root = format!("sslrootcert={SERVER_CERT}");
+        assert!(matches!(
+            tls_of(&with(url, &format!("sslmode=verify-ca&{root}"))).await,
+            Ok(Some(_))
+        ));
+        let by_ip = tls_of(&with(url, &format!("sslmode=verify-full&{root}"))).await;
+        let refused = by_ip.unwrap_err();
+        assert!(refused.contains("sslmode=verify-full"), "{refused}");
+        assert!(refused.to_lowercase().contains("name"), "{refused}");
+        let by_name = url.replace("127.0.0.1", "localhost");
+        assert!(matches!(
+            tls_of(&with(&by_name, &format!("sslmode=verify-full&{root}"))).await,
+            Ok(Some(_))
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = wrong_root(dir.path());
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let refused = tls_of(&with(
+                &by_name,
+                &format!("sslmode={mode}&sslrootcert={wrong}"),
+            ))
+            .await
+            .unwrap_err();
+            assert!(refused.contains(&format!("sslmode={mode}")), "{refused}");
+            assert!(refused.contains("UnknownIssuer"), "{refused}");
+            assert!(
+                !refused.contains("postgres@"),
+                "no URL in the message: {refused}"
+            );
+        }
+    }
+}

@@ -18,15 +18,16 @@ mod events;
 mod keys;
 mod notifier;
 mod sessions;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{Notify, broadcast};
-use tokio_postgres::NoTls;
 use tokio_postgres::types::FromSqlOwned;
 
+use self::tls::Target;
 use super::{ChangeSignal, MESSAGE_BACKLOG, StoreError, StoreOptions, newest_migration};
 
 mod embedded {
@@ -54,14 +55,12 @@ struct Inner {
 impl PostgresStore {
     /// Connects, applies the migrations under an advisory lock, and starts the notifier.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Database(format!("invalid PostgreSQL URL: {e}")))?;
-        migrate(&config).await?;
+        let target = Target::parse(url)?;
+        migrate(&target).await?;
 
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            target.config.clone(),
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -77,7 +76,7 @@ impl PostgresStore {
         let kick = Arc::new(Notify::new());
         let (messages, _) = broadcast::channel(MESSAGE_BACKLOG);
         tokio::spawn(notifier::run(
-            config,
+            target,
             signal.sender(),
             kick.clone(),
             messages.clone(),
@@ -137,6 +136,14 @@ impl PostgresStore {
         .await
     }
 
+    /// The TLS version of a pooled connection, `None` when it is not encrypted.
+    pub async fn tls_version(&self) -> Result<Option<String>, StoreError> {
+        self.query_scalar(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .await
+    }
+
     /// The highest migration version applied to the database (0: none).
     pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
         self.query_scalar("SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history")
@@ -144,8 +151,12 @@ impl PostgresStore {
     }
 }
 
-async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
-    let (mut client, connection) = config.connect(NoTls).await.map_err(db_error)?;
+async fn migrate(target: &Target) -> Result<(), StoreError> {
+    let (mut client, connection) = target
+        .config
+        .connect(target.tls.clone())
+        .await
+        .map_err(|e| target.connect_error(&e))?;
     let driver = tokio::spawn(connection);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

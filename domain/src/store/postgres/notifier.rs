@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{Notify, broadcast, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
+use super::tls::Target;
 use super::{PostgresStore, db_error};
 use crate::store::StoreError;
 
@@ -41,7 +42,7 @@ impl PostgresStore {
 /// Owns one connection that LISTENs for commits of any instance and sends this instance's
 /// NOTIFYs, coalesced: many appends while one NOTIFY is in flight cost one more NOTIFY.
 pub(super) async fn run(
-    config: tokio_postgres::Config,
+    target: Target,
     changes: watch::Sender<u64>,
     kick: Arc<Notify>,
     relay: broadcast::Sender<String>,
@@ -51,7 +52,7 @@ pub(super) async fn run(
         if changes.is_closed() {
             return;
         }
-        match config.connect(NoTls).await {
+        match target.config.connect(target.tls.clone()).await {
             Ok((client, mut connection)) => {
                 let forward = changes.clone();
                 let relay = relay.clone();
