@@ -7,6 +7,24 @@
 //! The HTTP layer sits on top: the services know nothing of it, and only the composition root
 //! (`startup`) builds its router.
 
+/// `impl From<E> for $target` for each listed error type `E` that wraps a store error in its
+/// `Store` variant: that store error converts as `$target`'s `From<StoreError>` says, anything
+/// else becomes `$target::Internal` with its message.
+macro_rules! from_store_wrapping_errors {
+    ($target:ty: $($source:ident),+ $(,)?) => {
+        $(
+            impl From<$source> for $target {
+                fn from(e: $source) -> Self {
+                    match e {
+                        $source::Store(e) => e.into(),
+                        other => Self::Internal(other.to_string()),
+                    }
+                }
+            }
+        )+
+    };
+}
+
 pub mod cli;
 pub mod config;
 pub mod connections;

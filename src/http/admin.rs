@@ -59,10 +59,8 @@ impl From<projections::ProjectionStatus> for ProjectionStatus {
     responses(
         (status = 200, description = "Each projection's checkpoint and lag",
             body = ProjectionsStatus),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 503, description = "The database cannot be reached", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn projections_status(
     State(state): State<AppState>,
@@ -182,10 +180,8 @@ impl From<DeliveryStatus> for WebhookDelivery {
     responses(
         (status = 200, description = "Each webhook target's progress and latest deliveries",
             body = WebhooksStatus),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 503, description = "The database cannot be reached", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn webhooks_status(
     State(state): State<AppState>,

@@ -102,9 +102,7 @@ pub struct ConfigCreated {
     tag = "integrations",
     responses(
         (status = 200, description = "All provider configs, without client secrets", body = ConfigList),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn list_configs(State(state): State<AppState>) -> Result<Json<ConfigList>, ApiError> {
     let records = integrations::list(&state).await?;
@@ -130,10 +128,8 @@ pub struct GetConfigQuery {
     responses(
         (status = 200, description = "The provider config", body = ConfigEnvelope),
         (status = 400, description = "Invalid key or flag", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn get_config(
     State(state): State<AppState>,
@@ -238,11 +234,9 @@ fn scopes(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     responses(
         (status = 200, description = "Created", body = ConfigCreated),
         (status = 400, description = "A field is missing (`missing_*`) or invalid, or the provider has no template (`unknown_provider_template`)", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 409, description = "The key exists already (`duplicate_provider_config`)", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn create_config(
     State(state): State<AppState>,
@@ -265,10 +259,8 @@ pub async fn create_config(
     responses(
         (status = 200, description = "Replaced", body = Success),
         (status = 400, description = "A field is missing or invalid, the provider has no template (`unknown_provider_template`), or there is no such config (`unknown_provider_config`)", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn update_config(
     State(state): State<AppState>,
@@ -288,10 +280,8 @@ pub async fn update_config(
     responses(
         (status = 200, description = "Deleted, with its connections", body = Success),
         (status = 400, description = "Invalid key", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such provider config (`unknown_provider_config`)", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn delete_config(
     State(state): State<AppState>,

@@ -54,12 +54,10 @@ pub struct GetQuery {
     responses(
         (status = 200, description = "The connection with its credentials", body = ConnectionBody),
         (status = 400, description = "Missing or invalid `provider_config_key`, flag or id", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
         (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
         (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn get_connection(
     State(state): State<AppState>,
@@ -241,9 +239,7 @@ pub struct ConnectionSummary {
     responses(
         (status = 200, description = "The connections, without credentials", body = ConnectionList),
         (status = 400, description = "Invalid `connectionId`", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn list_connections(
     State(state): State<AppState>,
@@ -285,10 +281,8 @@ pub struct KeyQuery {
     responses(
         (status = 200, description = "Deleted", body = Success),
         (status = 400, description = "Missing or invalid `provider_config_key` or id", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn delete_connection(
     State(state): State<AppState>,
@@ -312,12 +306,10 @@ pub async fn delete_connection(
     responses(
         (status = 200, description = "The connection `metadata` with its credentials", body = ConnectionBody),
         (status = 400, description = "Missing or invalid `provider_config_key` or flag", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
         (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
         (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn get_connection_named_metadata(
     state: State<AppState>,
@@ -335,10 +327,8 @@ pub async fn get_connection_named_metadata(
     responses(
         (status = 200, description = "Deleted", body = Success),
         (status = 400, description = "Missing or invalid `provider_config_key`", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn delete_connection_named_metadata(
     state: State<AppState>,
@@ -384,11 +374,9 @@ pub struct MetadataAnswer {
         (status = 201, description = "POST: the metadata was replaced", body = MetadataAnswer),
         (status = 200, description = "PATCH: the metadata was merged", body = MetadataAnswer),
         (status = 400, description = "Missing `provider_config_key`, or the body is not an object", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn set_metadata_of(
     State(state): State<AppState>,
@@ -429,11 +417,9 @@ pub async fn set_metadata_of(
         (status = 201, description = "POST: the metadata was replaced", body = MetadataAnswer),
         (status = 200, description = "PATCH: the metadata was merged", body = MetadataAnswer),
         (status = 400, description = "A field is missing or invalid", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "A connection does not exist (`unknown_connection`)", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn set_metadata(
     State(state): State<AppState>,

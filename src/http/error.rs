@@ -279,23 +279,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<ProjectionError> for ApiError {
-    fn from(e: ProjectionError) -> Self {
-        match e {
-            ProjectionError::Store(e) => e.into(),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<KeyError> for ApiError {
-    fn from(e: KeyError) -> Self {
-        match e {
-            KeyError::Store(e) => e.into(),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
+from_store_wrapping_errors!(ApiError: ProjectionError, KeyError, WebhookError);
 
 impl From<ConnectionsError> for ApiError {
     fn from(e: ConnectionsError) -> Self {
@@ -331,15 +315,6 @@ impl From<HistoryError> for ApiError {
             HistoryError::UnknownConnection(key) => Self::UnknownConnection(key),
             HistoryError::Store(e) => e.into(),
             HistoryError::Unreadable(e) => Self::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<WebhookError> for ApiError {
-    fn from(e: WebhookError) -> Self {
-        match e {
-            WebhookError::Store(e) => e.into(),
-            other => Self::Internal(other.to_string()),
         }
     }
 }

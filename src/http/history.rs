@@ -248,10 +248,8 @@ impl From<HistoryEntry> for HistoryEntryBody {
     responses(
         (status = 200, description = "One page of the connection's credential history", body = HistoryBody),
         (status = 400, description = "Missing `provider_config_key`, or invalid `after`/`limit`", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn get_history(
     State(state): State<AppState>,

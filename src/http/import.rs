@@ -139,11 +139,9 @@ const CREDENTIALS_TYPES: [&str; 4] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC"];
     responses(
         (status = 201, description = "Imported; the connection with its credentials", body = ConnectionBody),
         (status = 400, description = "A required field is missing (`missing_*`) or invalid (`invalid_body`, `invalid_json`, `unknown_provider_config`)", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
         (status = 413, description = "The body is too large", body = super::error::ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn import_connection(
     State(state): State<AppState>,

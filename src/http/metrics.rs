@@ -220,9 +220,7 @@ async fn oldest_unapplied(
     responses(
         (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4",
             body = String),
-        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
     ),
-    security(("secret_key" = []), ("secret_key_basic" = [])),
 )]
 pub async fn metrics(
     State(state): State<AppState>,

@@ -6,6 +6,9 @@
 //! ids. The document is built once, on first use, and served from memory. It reveals nothing
 //! secret, so it is an open route like `/health`. `tests/api/openapi.rs` probes every route the
 //! router registers and fails when one is missing here, or when a documented one is not served.
+//!
+//! An operation that says nothing of security takes the secret key and may answer 401: the
+//! attributes leave that out, and the open routes say `security(())`.
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
@@ -13,10 +16,12 @@ use std::sync::OnceLock;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::ApiError;
+use super::error::ErrorBody;
 
 /// The seed's route family; `/connections…` is a copy of it.
 const SEED_FAMILY: &str = "/connection";
@@ -56,7 +61,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::oauth::callback,
         super::oauth::websocket,
     ),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &SecretKeyByDefault),
     tags(
         (name = "connections", description = "Connections and their credentials"),
         (name = "integrations", description = "Provider configs (`/config`)"),
@@ -89,6 +94,36 @@ impl Modify for SecuritySchemes {
         );
         components.add_security_scheme(BEARER, SecurityScheme::Http(bearer));
         components.add_security_scheme(BASIC, SecurityScheme::Http(basic));
+    }
+}
+
+/// Gives each operation that declares no security of its own (the open routes say `security(())`)
+/// what all the others share: either secret key scheme, and the 401 answer to a missing or wrong
+/// key.
+struct SecretKeyByDefault;
+
+impl Modify for SecretKeyByDefault {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let unauthorized = ResponseBuilder::new()
+            .description("Missing or wrong secret key")
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name(ErrorBody::name()))),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in operations(item).filter(|o| o.security.is_none()) {
+                operation.security = Some(
+                    [BEARER, BASIC]
+                        .map(|scheme| SecurityRequirement::new(scheme, Vec::<String>::new()))
+                        .into(),
+                );
+                operation
+                    .responses
+                    .responses
+                    .insert("401".into(), unauthorized.clone().into());
+            }
+        }
     }
 }
 

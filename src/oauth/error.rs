@@ -153,23 +153,7 @@ impl From<StoreError> for FlowError {
     }
 }
 
-impl From<ProjectionError> for FlowError {
-    fn from(e: ProjectionError) -> Self {
-        match e {
-            ProjectionError::Store(e) => e.into(),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<KeyError> for FlowError {
-    fn from(e: KeyError) -> Self {
-        match e {
-            KeyError::Store(e) => e.into(),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
+from_store_wrapping_errors!(FlowError: ProjectionError, KeyError);
 
 impl From<CommandError> for FlowError {
     fn from(e: CommandError) -> Self {

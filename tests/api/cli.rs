@@ -123,10 +123,8 @@ async fn concurrent_migrate_runs_on_one_database_both_succeed() {
     let db = TestDatabase::postgres().await;
     let key = new_key();
     let run = || {
-        grantline()
+        grantline_on(&db, &key)
             .arg("migrate")
-            .env("GRANTLINE_DATABASE_URL", db.url())
-            .env("GRANTLINE_ENCRYPTION_KEY", &key)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -197,42 +195,58 @@ fn serve_shuts_down_cleanly_on_sigterm() {
     }
 }
 
-/// A PostgreSQL service with the integration `github` and the connection `id` imported with
-/// these tokens and metadata.
-async fn service_with_connection(
-    db: &TestDatabase,
-    key: &str,
-    id: &str,
-    tokens: (&str, &str),
-    metadata: &serde_json::Value,
-) -> crate::TestApp {
-    let app = crate::spawn_app(db, key).await;
-    app.create_github_integration("cli-client-SECRET-42").await;
-    let import = serde_json::json!({"provider_config_key": "github", "connection_id": id,
-        "access_token": tokens.0, "refresh_token": tokens.1, "metadata": metadata});
-    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
-    app
+/// `grantline` on this database with this master key.
+fn grantline_on(db: &TestDatabase, key: &str) -> Command {
+    let mut command = grantline();
+    command
+        .env("GRANTLINE_DATABASE_URL", db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", key);
+    command
+}
+
+/// The client secret of [`CliService`]'s integration.
+const CLIENT_SECRET: &str = "cli-client-SECRET-42";
+
+/// A PostgreSQL service with the integration `github` and one connection whose tokens and
+/// metadata are marked secrets, for the commands that read the log.
+struct CliService {
+    // Declared first so that it is dropped before the database.
+    app: crate::TestApp,
+    key: String,
+    db: TestDatabase,
+}
+
+impl CliService {
+    /// The service with the connection `id` imported with the access token
+    /// `{prefix}-access-TOKEN`, the refresh token `{prefix}-refresh-TOKEN` and the metadata
+    /// `{"plan": "{prefix}-metadata-VALUE"}`.
+    async fn with_connection(id: &str, prefix: &str) -> Self {
+        let db = TestDatabase::postgres().await;
+        let key = new_key();
+        let app = crate::spawn_app(&db, &key).await;
+        app.create_github_integration(CLIENT_SECRET).await;
+        let import = serde_json::json!({"provider_config_key": "github", "connection_id": id,
+            "access_token": format!("{prefix}-access-TOKEN"),
+            "refresh_token": format!("{prefix}-refresh-TOKEN"),
+            "metadata": { "plan": format!("{prefix}-metadata-VALUE") }});
+        assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+        Self { app, key, db }
+    }
+
+    /// `grantline` on the service's database.
+    fn grantline(&self) -> Command {
+        grantline_on(&self.db, &self.key)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_prints_a_connections_entries_as_json_or_a_table() {
-    let db = TestDatabase::postgres().await;
-    let key = new_key();
-    let metadata = serde_json::json!({ "plan": "cli-metadata-VALUE" });
-    let _app = service_with_connection(
-        &db,
-        &key,
-        "c-cli",
-        ("cli-access-TOKEN", "cli-refresh-TOKEN"),
-        &metadata,
-    )
-    .await;
+    let service = CliService::with_connection("c-cli", "cli").await;
     let run = |args: &[&str]| {
-        grantline()
+        service
+            .grantline()
             .arg("history")
             .args(args)
-            .env("GRANTLINE_DATABASE_URL", db.url())
-            .env("GRANTLINE_ENCRYPTION_KEY", &key)
             .output()
             .unwrap()
     };
@@ -263,7 +277,7 @@ async fn history_prints_a_connections_entries_as_json_or_a_table() {
             "cli-access-TOKEN",
             "cli-refresh-TOKEN",
             "cli-metadata-VALUE",
-            "cli-client-SECRET-42",
+            CLIENT_SECRET,
         ] {
             assert!(!leaked.contains(secret), "{secret} leaked: {leaked}");
         }
@@ -280,21 +294,10 @@ async fn history_prints_a_connections_entries_as_json_or_a_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_tail_follows_the_log_redacted() {
-    let db = TestDatabase::postgres().await;
-    let key = new_key();
-    let metadata = serde_json::json!({ "plan": "tail-metadata-VALUE" });
-    let app = service_with_connection(
-        &db,
-        &key,
-        "c-tail",
-        ("tail-access-TOKEN", "tail-refresh-TOKEN"),
-        &metadata,
-    )
-    .await;
-    let mut child = grantline()
+    let service = CliService::with_connection("c-tail", "tail").await;
+    let mut child = service
+        .grantline()
         .args(["events", "tail", "--from-start", "--json"])
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", &key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -323,7 +326,9 @@ async fn events_tail_follows_the_log_redacted() {
         if !deleted && found(&seen, "metadata_set") {
             // The history so far is out: a new event must follow live.
             crate::ok_json(
-                app.delete("/connection/c-tail?provider_config_key=github")
+                service
+                    .app
+                    .delete("/connection/c-tail?provider_config_key=github")
                     .await,
             )
             .await;
@@ -370,7 +375,7 @@ async fn events_tail_follows_the_log_redacted() {
         "tail-access-TOKEN",
         "tail-refresh-TOKEN",
         "tail-metadata-VALUE",
-        "cli-client-SECRET-42",
+        CLIENT_SECRET,
         "ciphertext",
     ] {
         assert!(!raw.contains(secret), "{secret} leaked: {raw}");

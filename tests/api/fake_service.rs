@@ -16,6 +16,13 @@ use crate::{TestApp, config_on, new_key, ok_json, spawn_with_state};
 /// The integration every [`FakeService`] has.
 pub const KEY: &str = "fake";
 
+/// The connection of the tests that need only one, in [`KEY`].
+pub const ID: &str = "conn-1";
+/// The connection [`ID`]'s URL (`GET` reads it, `DELETE` deletes it).
+pub const CONNECTION: &str = "/connection/conn-1?provider_config_key=fake";
+/// [`CONNECTION`] read with a forced refresh.
+pub const FORCED: &str = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
+
 /// Running instances of the service on one database, the fake provider, and its integration.
 pub struct FakeService {
     /// The instances, in start order; the first one is [`FakeService::app`].

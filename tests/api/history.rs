@@ -6,7 +6,7 @@ use domain::testing::TestDatabase;
 use serde_json::{Value, json};
 
 use crate::fake_provider::{CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::fake_service::{FakeService, KEY};
+use crate::fake_service::{CONNECTION, FORCED, FakeService, ID, KEY};
 use crate::{TestApp, assert_error, new_key, ok_json, spawn_app};
 
 domain::on_both_backends!(
@@ -15,9 +15,7 @@ domain::on_both_backends!(
     bad_paging_parameters_and_unknown_connections_are_json_errors,
 );
 
-const ID: &str = "conn-1";
 const HISTORY: &str = "/connection/conn-1/history?provider_config_key=fake";
-const CONNECTION: &str = "/connection/conn-1?provider_config_key=fake";
 
 /// Imports (authorizes) the connection with these tokens, expiring in an hour.
 async fn import(env: &FakeService, access: &str, refresh: &str) {
@@ -44,9 +42,7 @@ async fn the_history_shows_every_event_across_generations_and_never_a_secret(db:
     let secret_metadata = "metadata-value-do-not-show";
     import(&env, "access-first", "rt-first").await;
     // A forced refresh: the provider rotates both tokens.
-    let body = app
-        .get_ok(&format!("{CONNECTION}&force_refresh=true"))
-        .await;
+    let body = app.get_ok(FORCED).await;
     let (refreshed_access, refreshed_refresh) = FakeProvider::refreshed_tokens(1);
     assert_eq!(body["credentials"]["access_token"], refreshed_access);
     // Metadata: only its keys show.
@@ -60,7 +56,7 @@ async fn the_history_shows_every_event_across_generations_and_never_a_secret(db:
     .await;
     // A refresh that fails permanently.
     env.fake.set_mode(TokenMode::InvalidGrant);
-    let failed = app.get(&format!("{CONNECTION}&force_refresh=true")).await;
+    let failed = app.get(FORCED).await;
     assert_error(failed, 424, "connection_refresh_failed").await;
     env.fake.set_mode(TokenMode::Json);
     // Deleted, then authorized again.

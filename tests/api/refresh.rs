@@ -8,7 +8,7 @@ use domain::connection::{ConnectionEvent, ConnectionKey, RefreshTrigger};
 use domain::testing::TestDatabase;
 
 use crate::fake_provider::{CLIENT_SECRET, FakeProvider, TokenMode};
-use crate::fake_service::{FakeService, KEY};
+use crate::fake_service::{CONNECTION, FORCED, FakeService, ID, KEY};
 use crate::{assert_error, ok_json};
 
 domain::on_both_backends!(
@@ -25,10 +25,6 @@ domain::on_postgres_only!(
     an_orphaned_lease_is_retried_and_a_grace_period_saves_the_rotation,
     an_orphaned_lease_against_a_strict_provider_ends_as_a_permanent_failure,
 );
-
-const ID: &str = "conn-1";
-const PATH: &str = "/connection/conn-1?provider_config_key=fake";
-const FORCED: &str = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
 
 /// A service (or several) on one database with the fake provider as the integration `fake`,
 /// whose template adds `refresh_params`, and the connection `conn-1` imported with an expired
@@ -90,7 +86,7 @@ async fn assert_reads_share_one_refresh(env: &Env, n: usize, latency: Duration) 
     let mut tasks = Vec::new();
     for i in 0..n {
         let app = &env.apps[i % env.apps.len()];
-        let (client, url) = (app.client.clone(), app.url(PATH));
+        let (client, url) = (app.client.clone(), app.url(CONNECTION));
         tasks.push(tokio::spawn(async move {
             let response = client.get(url).send().await.unwrap();
             let body = ok_json(response).await;
@@ -118,7 +114,7 @@ async fn fifty_concurrent_reads_of_an_expired_token_make_one_provider_refresh(db
     assert_eq!(call.params["refresh_token"], "rt-0");
     assert_eq!(call.params["audience"], "api");
     let body = env.apps[0]
-        .get_ok(&format!("{PATH}&refresh_token=true"))
+        .get_ok(&format!("{CONNECTION}&refresh_token=true"))
         .await;
     assert_eq!(body["credentials"]["refresh_token"], "fake-refresh-r1");
     assert_eq!(env.fake.refresh_requests(), 1, "the next read is fresh");
@@ -184,7 +180,7 @@ async fn orphaned_lease(db: &TestDatabase, grace: bool) {
     assert_eq!(env.fake.refresh_requests(), 1);
     // While the lease lasts, a read waits for it; once it lapses, the read tries again with the
     // refresh token it has, which the provider rotated already.
-    let response = env.apps[0].get(PATH).await;
+    let response = env.apps[0].get(CONNECTION).await;
     assert_eq!(env.fake.refresh_requests(), 2);
     let events = env.events().await;
     if grace {
@@ -203,7 +199,7 @@ async fn orphaned_lease(db: &TestDatabase, grace: bool) {
         assert_eq!(error["payload"]["failure_class"], "permanent");
         assert_eq!(kinds(&events), ["authorized", "leased", "leased", "failed"]);
         // Said so on every later read, without asking the provider again.
-        let again = env.apps[0].get(PATH).await;
+        let again = env.apps[0].get(CONNECTION).await;
         assert_error(again, 424, "connection_refresh_failed").await;
         assert_eq!(env.fake.refresh_requests(), 2);
     }
@@ -221,7 +217,7 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
     let env = env(db, 1, &[]).await;
     env.fake.set_mode(TokenMode::InvalidGrant);
     let error = assert_error(
-        env.apps[0].get(PATH).await,
+        env.apps[0].get(CONNECTION).await,
         424,
         "connection_refresh_failed",
     )
@@ -236,7 +232,7 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
     assert_eq!(env.fake.refresh_requests(), 1);
     for _ in 0..3 {
         assert_error(
-            env.apps[0].get(PATH).await,
+            env.apps[0].get(CONNECTION).await,
             424,
             "connection_refresh_failed",
         )
@@ -258,7 +254,7 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
     env.fake.set_mode(TokenMode::Json);
     env.import("rt-b", -60).await;
     assert_eq!(
-        env.app().access_token(PATH).await,
+        env.app().access_token(CONNECTION).await,
         FakeProvider::refreshed_tokens(2).0
     );
     assert_eq!(env.fake.refresh_requests(), 4);
@@ -269,7 +265,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     let env = env(db, 1, &[]).await;
     env.fake.set_mode(TokenMode::Status(503));
     let error = assert_error(
-        env.apps[0].get(PATH).await,
+        env.apps[0].get(CONNECTION).await,
         503,
         "connection_refresh_retrying",
     )
@@ -279,7 +275,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     assert_eq!(env.fake.refresh_requests(), 1);
     // Within the backoff the provider is not asked.
     assert_error(
-        env.apps[0].get(PATH).await,
+        env.apps[0].get(CONNECTION).await,
         503,
         "connection_refresh_retrying",
     )
@@ -288,7 +284,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     env.fake.set_mode(TokenMode::Json);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        env.app().access_token(PATH).await,
+        env.app().access_token(CONNECTION).await,
         FakeProvider::refreshed_tokens(1).0
     );
     assert_eq!(env.fake.refresh_requests(), 2);
@@ -296,7 +292,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
     // A token that is due but still valid is answered when the refresh fails transiently.
     env.import("rt-1", 300).await;
     env.fake.set_mode(TokenMode::Status(502));
-    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(CONNECTION).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 3);
     // Stored credentials are never wiped by a failure.
     let events = env.events().await;
@@ -309,7 +305,7 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
 async fn a_fresh_token_is_not_refreshed_unless_forced(db: &TestDatabase) {
     let env = env(db, 1, &[]).await;
     env.import("rt-1", 3600).await;
-    assert_eq!(env.app().access_token(PATH).await, "old-access-rt-1");
+    assert_eq!(env.app().access_token(CONNECTION).await, "old-access-rt-1");
     assert_eq!(env.fake.refresh_requests(), 0);
     let forced = env.app().access_token(FORCED).await;
     assert_eq!(forced, FakeProvider::refreshed_tokens(1).0);
@@ -317,7 +313,7 @@ async fn a_fresh_token_is_not_refreshed_unless_forced(db: &TestDatabase) {
     // Within the margin (15 minutes by default): refreshed on read.
     env.import("fake-refresh-r1", 600).await;
     assert_eq!(
-        env.app().access_token(PATH).await,
+        env.app().access_token(CONNECTION).await,
         FakeProvider::refreshed_tokens(2).0
     );
 }
