@@ -12,6 +12,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use domain::keys::MasterKey;
 
+pub use self::limits::LimitArgs;
+use crate::server::ServerLimits;
+
+mod limits;
+
 const AFTER_HELP: &str = "\
 Every option can also be set through the environment variable shown with it.
 Durations take a unit: 90s, 15m, 1h, 7d.";
@@ -136,6 +141,9 @@ pub struct DatabaseArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// Address to listen on.
     #[arg(long, env = "GRANTLINE_LISTEN", default_value = "127.0.0.1:3003")]
@@ -304,6 +312,16 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_LOG_FORMAT", "log-format"),
     ("GRANTLINE_READY_MAX_LAG", "ready-max-lag"),
     ("GRANTLINE_CONNECTION_CACHE", "connection-cache"),
+    ("GRANTLINE_HEADER_TIMEOUT", "header-timeout"),
+    ("GRANTLINE_REQUEST_TIMEOUT", "request-timeout"),
+    ("GRANTLINE_IDLE_TIMEOUT", "idle-timeout"),
+    ("GRANTLINE_MAX_CONNECTIONS", "max-connections"),
+    ("GRANTLINE_MAX_WEBSOCKETS", "max-websockets"),
+    (
+        "GRANTLINE_MAX_WEBSOCKETS_PER_CLIENT",
+        "max-websockets-per-client",
+    ),
+    ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "websocket-idle-timeout"),
 ];
 
 /// Every environment variable the binary reads (for the help test and the README).
@@ -470,6 +488,8 @@ pub struct Config {
     pub ready_max_lag: u64,
     /// Connections the in-memory replica holds.
     pub connection_cache: usize,
+    /// Timeouts and caps of the server.
+    pub limits: ServerLimits,
 }
 
 impl ServeArgs {
@@ -531,6 +551,7 @@ impl ServeArgs {
             })
             .collect::<Result<_, _>>()?;
         let refresh = self.refresh()?;
+        let limits = self.limits.validate(refresh.provider_timeout)?;
         let oauth_session_lifetime = parse_duration(
             "GRANTLINE_OAUTH_SESSION_LIFETIME",
             &self.oauth_session_lifetime,
@@ -556,6 +577,7 @@ impl ServeArgs {
                 )
             })?,
             connection_cache: parse_positive("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
+            limits,
         })
     }
 

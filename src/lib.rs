@@ -32,6 +32,7 @@ pub mod history;
 pub mod http;
 pub mod integrations;
 pub mod oauth;
+pub mod server;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

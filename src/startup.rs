@@ -23,6 +23,7 @@ use workers::webhooks::{WebhookService, WebhookSettings};
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
 use crate::oauth::Flows;
+use crate::server;
 use crate::state::{AppState, Shared};
 
 /// How long a cached connection is served without hearing of a change (a safety net: changes
@@ -99,6 +100,7 @@ impl Application {
                 catalog,
                 oauth,
                 sockets: Arc::new(Sockets::default()),
+                server_stats: Arc::default(),
             }),
         })
     }
@@ -177,17 +179,22 @@ impl Application {
             }));
         }
         tracing::info!(port = self.port, "grantline listening");
-        let serving = axum::serve(self.listener, http::router(self.state))
-            .with_graceful_shutdown(async move {
+        let (limits, stats) = (self.state.config.limits, self.state.server_stats.clone());
+        server::serve(
+            self.listener,
+            http::router(self.state),
+            limits,
+            stats,
+            async move {
                 shutdown.await;
                 let _ = stop.send(true);
-            })
-            .await
-            .context("the HTTP server failed");
+            },
+        )
+        .await;
         for task in tasks {
             let _ = task.await;
         }
-        serving
+        Ok(())
     }
 }
 

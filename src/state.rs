@@ -21,6 +21,7 @@ use workers::webhooks::WebhookService;
 use crate::config::Config;
 use crate::connections::Answers;
 use crate::oauth::Flows;
+use crate::server::ServerStats;
 
 /// The services of this instance, shared by the request handlers and the background loops.
 #[derive(Clone, Debug)]
@@ -84,6 +85,8 @@ pub struct Shared {
     /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
     /// serves tests and its counters `/metrics`).
     pub scheduler: Scheduler,
+    /// What the server's limits refused, and the connections and sockets open now.
+    pub server_stats: Arc<ServerStats>,
     /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
     /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
     pub webhooks: Option<WebhookService>,

@@ -52,9 +52,13 @@ fn init_at(format: LogFormat, default: &str) {
             filter = filter.add_directive(directive);
         }
     }
+    // A log line that cannot be written (stderr closed by whoever read it) is dropped: the
+    // subscriber's own report of it would be printed to that same stderr, and printing to a
+    // broken pipe panics, which would take the service down over a log line.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder

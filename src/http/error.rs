@@ -91,6 +91,15 @@ pub enum ApiError {
     /// 400: a path segment is not valid (bad encoding, too long, control characters).
     #[error("invalid path parameter: {0}")]
     InvalidPath(String),
+    /// 408: the request took longer than the server waits (`GRANTLINE_REQUEST_TIMEOUT`).
+    #[error("the request took too long")]
+    RequestTimeout,
+    /// 403: a browser on an origin the server does not know opened a WebSocket.
+    #[error("this origin may not open a WebSocket here")]
+    ForbiddenOrigin,
+    /// 503: the server (or this client) holds as many WebSockets as it may.
+    #[error("too many WebSockets are open; try again later")]
+    TooManySockets,
     /// 409: other requests kept changing the same connection; try again.
     #[error("the resource was changed concurrently; try again")]
     Conflict,
@@ -141,6 +150,9 @@ impl ApiError {
             Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::InvalidQuery(_) => (S::BAD_REQUEST, "invalid_query_params"),
             Self::InvalidPath(_) => (S::BAD_REQUEST, "invalid_uri_params"),
+            Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
+            Self::ForbiddenOrigin => (S::FORBIDDEN, "forbidden_origin"),
+            Self::TooManySockets => (S::SERVICE_UNAVAILABLE, "too_many_websockets"),
             Self::Conflict => (S::CONFLICT, "conflict"),
             Self::UnknownRoute => (S::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),

@@ -18,6 +18,7 @@ use axum::response::IntoResponse;
 use projections::cache::CacheStats;
 
 use super::observe::RequestObserver;
+use crate::server::{ServerLimits, ServerStats};
 use crate::state::AppState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -115,6 +116,57 @@ fn caches(out: &mut String, caches: &[(&str, CacheStats)]) {
     for (name, kind, help, value) in families {
         family(out, name, kind, help, &samples(value));
     }
+}
+
+/// The server's open connections and sockets, its caps, and what each limit refused.
+fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    family(
+        out,
+        "grantline_http_connections_open",
+        "gauge",
+        "HTTP connections open now (WebSockets not included).",
+        &[("", load(&stats.open_connections))],
+    );
+    family(
+        out,
+        "grantline_websockets_open",
+        "gauge",
+        "WebSockets open now.",
+        &[("", load(&stats.open_websockets))],
+    );
+    family(
+        out,
+        "grantline_server_limit",
+        "gauge",
+        "The server's caps (GRANTLINE_MAX_CONNECTIONS, _MAX_WEBSOCKETS, _PER_CLIENT).",
+        &[
+            ("limit=\"connections\"", limits.max_connections as f64),
+            ("limit=\"websockets\"", limits.max_websockets as f64),
+            (
+                "limit=\"websockets_per_client\"",
+                limits.max_websockets_per_client as f64,
+            ),
+        ],
+    );
+    let refused = stats.refused.by_limit();
+    let labels: Vec<String> = refused
+        .iter()
+        .map(|(limit, _)| format!("limit=\"{limit}\""))
+        .collect();
+    family(
+        out,
+        "grantline_http_refused_total",
+        "counter",
+        "Connections, requests and WebSockets refused or closed by a limit: the connection \
+         cap, the header, idle and request timeouts, an announced body over 1 MiB, the \
+         WebSocket caps, a WebSocket from an unknown origin or gone idle.",
+        &labels
+            .iter()
+            .zip(refused)
+            .map(|(labels, (_, n))| (labels.as_str(), n as f64))
+            .collect::<Vec<_>>(),
+    );
 }
 
 /// The projections' lag, checkpoint age and error state.
@@ -365,6 +417,7 @@ pub async fn metrics(
         ],
     );
     requests.render(&mut out);
+    server(&mut out, &state.server_stats, &state.config.limits);
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)
 }

@@ -14,11 +14,13 @@ mod error;
 mod extract;
 mod history;
 mod import;
+mod limits;
 mod metrics;
 mod oauth;
 pub mod observe;
 mod openapi;
 mod ready;
+mod socket;
 
 use std::sync::Arc;
 
@@ -32,6 +34,7 @@ use utoipa::ToSchema;
 pub use error::ApiError;
 use observe::RequestObserver;
 
+use crate::server::SocketGate;
 use crate::state::AppState;
 
 /// Largest request body accepted.
@@ -44,6 +47,8 @@ pub struct HttpState {
     app: AppState,
     /// Request ids and the HTTP latency histograms of `/metrics`.
     requests: Arc<RequestObserver>,
+    /// The caps on WebSockets.
+    sockets: Arc<SocketGate>,
 }
 
 /// All routes of the service.
@@ -141,7 +146,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     let flows = Routes::new()
         .route("/oauth/connect/{provider_config_key}", get(oauth::connect))
         .route("/oauth/callback", get(oauth::callback))
-        .route("/", get(oauth::websocket));
+        .route("/", get(socket::websocket));
     let routes = Routes::new()
         .route("/health", get(health))
         .route("/ready", get(ready::ready))
@@ -156,8 +161,16 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit,
+        ))
         .layer(observe)
         .with_state(HttpState {
+            sockets: Arc::new(SocketGate::new(
+                state.config.limits,
+                state.server_stats.clone(),
+            )),
             app: state,
             requests,
         });

@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,16 +20,12 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use super::ApiError;
 use super::error::flow_status;
 use super::extract::ApiPath;
-use crate::oauth::{self, ConnectRequest, FlowError, Report, SocketMessage};
+use crate::oauth::{self, ConnectRequest, FlowError, Report};
 use crate::state::AppState;
-
-/// How much longer than a session a WebSocket client may wait for its outcome.
-const SOCKET_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `GET /oauth/connect/:provider_config_key`: starts a flow and redirects to the provider.
 ///
@@ -146,73 +140,6 @@ pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) 
         },
         Err(failure) => failed(&failure.error, &failure.report),
     }
-}
-
-/// `GET /` with `Upgrade: websocket`: the `@nangohq/frontend` WebSocket (reference §3.4). The
-/// client gets `{"message_type":"connection_ack","ws_client_id":…}`, passes the id to
-/// `/oauth/connect`, and receives one `success` or `error` message when that flow ends on this
-/// instance; then the socket closes. Without an upgrade, `/` is an unknown route.
-#[utoipa::path(
-    get,
-    path = "/",
-    tag = "oauth",
-    params(
-        ("Upgrade" = String, Header, description = "`websocket`"),
-        ("Sec-WebSocket-Version" = String, Header, description = "`13`"),
-        ("Sec-WebSocket-Key" = String, Header, description = "The handshake key"),
-    ),
-    responses(
-        (status = 101, description = "Switched to the WebSocket protocol: first \
-            `{\"message_type\":\"connection_ack\",\"ws_client_id\":…}`, then one `success` or \
-            `error` message when the flow with that `ws_client_id` ends"),
-        (status = 404, description = "Not a WebSocket upgrade (`not_found`)",
-            body = super::error::ErrorBody),
-    ),
-    security(()),
-)]
-pub async fn websocket(
-    State(state): State<AppState>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let Ok(upgrade) = upgrade else {
-        return ApiError::UnknownRoute.into_response();
-    };
-    upgrade
-        .max_message_size(16 * 1024)
-        .on_upgrade(move |socket| serve_socket(state, socket))
-}
-
-async fn serve_socket(state: AppState, mut socket: WebSocket) {
-    let (outcomes, mut outcome) = mpsc::channel(1);
-    let registration = state.sockets.register(outcomes);
-    let ack = SocketMessage::ConnectionAck {
-        ws_client_id: &registration.id,
-    };
-    if socket.send(Message::text(ack.to_text())).await.is_err() {
-        return;
-    }
-    // A flow cannot outlive its session; the socket waits that long and a little more.
-    let deadline = tokio::time::sleep(state.config.oauth_session_lifetime + SOCKET_GRACE);
-    let closing = state.sockets.closing();
-    tokio::pin!(deadline, closing);
-    loop {
-        tokio::select! {
-            message = outcome.recv() => {
-                if let Some(message) = message {
-                    let _ = socket.send(Message::text(message)).await;
-                }
-                break;
-            }
-            incoming = socket.recv() => match incoming {
-                // The client says nothing we need; pings are answered by the library.
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                Some(Ok(_)) => {}
-            },
-            () = &mut deadline => break,
-            () = &mut closing => break,
-        }
-    }
-    let _ = socket.send(Message::Close(None)).await;
 }
 
 /// The connect request in `query`: plain parameters, `params[x]` and

@@ -59,7 +59,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::config::delete_config,
         super::oauth::connect,
         super::oauth::callback,
-        super::oauth::websocket,
+        super::socket::websocket,
     ),
     modifiers(&SecuritySchemes, &SecretKeyByDefault),
     tags(

@@ -1,0 +1,492 @@
+//! The HTTP server: HTTP/1.1 connections (hyper) over tokio, with what a service facing the
+//! internet needs around the router:
+//!
+//! - a cap on open connections: past it a connection gets a bare `503` with `Retry-After` and is
+//!   closed, before anything is read;
+//! - a header timeout: a request head (or a new connection's first) must arrive whole within it,
+//!   or the connection is closed (a client trickling headers holds nothing for long);
+//! - an idle timeout: a keep-alive connection that carries nothing for that long is closed
+//!   gracefully. Keep it longer than a load balancer's own (60 s on AWS), so that the balancer,
+//!   not the server, closes idle connections first;
+//! - the request timeout and the early `413` are the router's (see `crate::http`), the caps on
+//!   WebSockets the socket endpoint's ([`SocketGate`]).
+//!
+//! Every refusal is counted in [`ServerStats`], which `/metrics` shows.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+/// The server's limits (`GRANTLINE_HEADER_TIMEOUT` and the rest; see the README).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// How long a request head may take to arrive.
+    pub header_timeout: Duration,
+    /// How long one request may take, its body included.
+    pub request_timeout: Duration,
+    /// How long a keep-alive connection may carry nothing.
+    pub idle_timeout: Duration,
+    /// Open connections at most (WebSockets not included: they have their own caps).
+    pub max_connections: usize,
+    /// Open WebSockets at most.
+    pub max_websockets: usize,
+    /// Open WebSockets of one client address at most.
+    pub max_websockets_per_client: usize,
+    /// How long a WebSocket may go without a frame from its client (it is pinged at half this).
+    pub websocket_idle_timeout: Duration,
+}
+
+/// What the limits did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub open_connections: AtomicU64,
+    /// WebSockets open now.
+    pub open_websockets: AtomicU64,
+    /// Refusals and closings, by limit.
+    pub refused: Refused,
+}
+
+/// How often each limit refused or closed something.
+#[derive(Debug, Default)]
+pub struct Refused {
+    pub connections: AtomicU64,
+    pub header_timeout: AtomicU64,
+    pub idle_timeout: AtomicU64,
+    pub request_timeout: AtomicU64,
+    pub body_too_large: AtomicU64,
+    pub websockets: AtomicU64,
+    pub websockets_per_client: AtomicU64,
+    pub websocket_origin: AtomicU64,
+    pub websocket_idle: AtomicU64,
+}
+
+impl Refused {
+    /// Each counter with its `limit` label.
+    pub fn by_limit(&self) -> [(&'static str, u64); 9] {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        [
+            ("connections", get(&self.connections)),
+            ("header_timeout", get(&self.header_timeout)),
+            ("idle_timeout", get(&self.idle_timeout)),
+            ("request_timeout", get(&self.request_timeout)),
+            ("body_too_large", get(&self.body_too_large)),
+            ("websockets", get(&self.websockets)),
+            ("websockets_per_client", get(&self.websockets_per_client)),
+            ("websocket_origin", get(&self.websocket_origin)),
+            ("websocket_idle", get(&self.websocket_idle)),
+        ]
+    }
+}
+
+/// What a connection refused for the connection cap reads before it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\n\
+connection: close\r\n\r\n";
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets every
+/// connection finish its request in flight, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to close.
+                    tracing::warn!(error.message = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.refused.connections.fetch_add(1, Ordering::Relaxed);
+            connections.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (router, stats, stopping) = (router.clone(), stats.clone(), stopping.clone());
+        connections.spawn(async move {
+            stats.open_connections.fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, peer, router, &limits, &stats, stopping).await;
+            stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+/// One connection, watched for the header and idle timeouts.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    limits: &ServerLimits,
+    stats: &ServerStats,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let requests = activity.clone();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        requests.begin();
+        let (router, requests) = (router.clone(), requests.clone());
+        async move {
+            let response = router.oneshot(request.map(axum::body::Body::new)).await;
+            requests.end();
+            Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
+        }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(tick);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = ticks.tick() => match activity.overdue(limits) {
+                Some(Overdue::Head) => {
+                    // Dropping the connection closes the socket.
+                    stats.refused.header_timeout.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Some(Overdue::Idle) if !closing => {
+                    stats.refused.idle_timeout.fetch_add(1, Ordering::Relaxed);
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ => {}
+            },
+            _ = stopping.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// What a connection is doing, in milliseconds since it was accepted.
+#[derive(Debug)]
+struct Activity {
+    accepted: Instant,
+    /// Requests handed to the router and not answered yet.
+    busy: AtomicUsize,
+    /// When the first byte of a request head not yet handed to the router arrived (0: none;
+    /// a new connection counts as waiting for its first head from the start).
+    head_since: AtomicU64,
+    /// When the connection last finished a request (or was accepted).
+    idle_since: AtomicU64,
+}
+
+/// Which timeout a connection has passed.
+#[derive(Debug, PartialEq, Eq)]
+enum Overdue {
+    Head,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            accepted: Instant::now(),
+            busy: AtomicUsize::new(0),
+            head_since: AtomicU64::new(1),
+            idle_since: AtomicU64::new(1),
+        }
+    }
+
+    /// Now, never 0.
+    fn now(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn read(&self) {
+        if self.busy.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Relaxed) == 0 {
+            self.head_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    fn begin(&self) {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.idle_since.store(self.now(), Ordering::Relaxed);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn overdue(&self, limits: &ServerLimits) -> Option<Overdue> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let now = self.now();
+        let passed = |since: u64, limit: Duration| {
+            since != 0 && u128::from(now.saturating_sub(since)) >= limit.as_millis()
+        };
+        if passed(
+            self.head_since.load(Ordering::Relaxed),
+            limits.header_timeout,
+        ) {
+            Some(Overdue::Head)
+        } else if self.head_since.load(Ordering::Relaxed) == 0
+            && passed(self.idle_since.load(Ordering::Relaxed), limits.idle_timeout)
+        {
+            Some(Overdue::Idle)
+        } else {
+            None
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket that reports reads to its connection's [`Activity`].
+    struct Watched {
+        #[pin]
+        inner: TcpStream,
+        activity: Arc<Activity>,
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Admits WebSockets up to the total and per-client caps; each admitted socket holds a
+/// [`SocketPass`] until it closes.
+#[derive(Debug)]
+pub struct SocketGate {
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Why a WebSocket was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketRefusal {
+    /// The server holds as many as it may.
+    Full,
+    /// This client holds as many as it may.
+    ClientFull,
+}
+
+impl SocketGate {
+    pub fn new(limits: ServerLimits, stats: Arc<ServerStats>) -> Self {
+        Self {
+            limits,
+            stats,
+            per_client: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long a socket may go without a frame from its client.
+    pub fn socket_idle_timeout(&self) -> Duration {
+        self.limits.websocket_idle_timeout
+    }
+
+    /// What the limits did.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// A pass for one more socket of `client`, or why not (counted).
+    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<SocketPass, SocketRefusal> {
+        let mut per_client = self
+            .per_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let open = self.stats.open_websockets.load(Ordering::Relaxed);
+        if open >= self.limits.max_websockets as u64 {
+            self.stats
+                .refused
+                .websockets
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SocketRefusal::Full);
+        }
+        let of_client = per_client.entry(client).or_insert(0);
+        if *of_client >= self.limits.max_websockets_per_client {
+            self.stats
+                .refused
+                .websockets_per_client
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SocketRefusal::ClientFull);
+        }
+        *of_client += 1;
+        self.stats.open_websockets.fetch_add(1, Ordering::Relaxed);
+        Ok(SocketPass {
+            gate: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One admitted WebSocket; dropping it frees its place.
+#[derive(Debug)]
+pub struct SocketPass {
+    gate: Arc<SocketGate>,
+    client: IpAddr,
+}
+
+impl Drop for SocketPass {
+    fn drop(&mut self) {
+        let mut per_client = self
+            .gate
+            .per_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = per_client.get_mut(&self.client) {
+            *open -= 1;
+            if *open == 0 {
+                per_client.remove(&self.client);
+            }
+        }
+        self.gate
+            .stats
+            .open_websockets
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ServerLimits {
+        ServerLimits {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10,
+            max_websockets: 3,
+            max_websockets_per_client: 2,
+            websocket_idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn the_gate_caps_sockets_in_all_and_per_client_and_frees_places_on_drop() {
+        let gate = Arc::new(SocketGate::new(limits(), Arc::default()));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = gate.admit(a).unwrap();
+        let _a2 = gate.admit(a).unwrap();
+        assert_eq!(gate.admit(a).unwrap_err(), SocketRefusal::ClientFull);
+        let _b1 = gate.admit(b).unwrap();
+        assert_eq!(gate.admit(b).unwrap_err(), SocketRefusal::Full);
+        drop(a1);
+        let _b2 = gate.admit(b).unwrap();
+        let stats = gate.stats();
+        assert_eq!(stats.open_websockets.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.refused.websockets.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.refused.websockets_per_client.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_connection_is_overdue_for_its_head_or_its_idleness_only_between_requests() {
+        let activity = Activity::new();
+        let mut limits = limits();
+        limits.header_timeout = Duration::ZERO;
+        // A new connection waits for its first head.
+        assert_eq!(activity.overdue(&limits), Some(Overdue::Head));
+        activity.begin();
+        assert_eq!(
+            activity.overdue(&limits),
+            None,
+            "a request in flight is never overdue"
+        );
+        activity.end();
+        limits.idle_timeout = Duration::ZERO;
+        assert_eq!(activity.overdue(&limits), Some(Overdue::Idle));
+        activity.read();
+        assert_eq!(activity.overdue(&limits), Some(Overdue::Head));
+    }
+}

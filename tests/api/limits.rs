@@ -1,0 +1,292 @@
+//! The server's limits, tried as a hostile client would over raw sockets: headers trickled,
+//! sockets left idle, more connections than the cap, a huge announced body, a body that never
+//! comes, WebSockets past their caps, from a foreign origin, or gone silent. Each is refused or
+//! closed within its bound and counted in `/metrics`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use domain::testing::TestDatabase;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::{TestApp, new_key, spawn_app_with};
+
+/// A service with short limits: 1 s header and idle timeouts, 3 s per request, 4 connections,
+/// 3 WebSockets (2 per client), idle after 1 s.
+async fn limited(db: &TestDatabase) -> TestApp {
+    spawn_app_with(
+        db,
+        &new_key(),
+        &[
+            "--header-timeout",
+            "1s",
+            "--idle-timeout",
+            "1s",
+            "--request-timeout",
+            "3s",
+            "--provider-timeout",
+            "2s",
+            "--max-connections",
+            "4",
+            "--max-websockets",
+            "3",
+            "--max-websockets-per-client",
+            "2",
+            "--websocket-idle-timeout",
+            "1s",
+        ],
+    )
+    .await
+}
+
+fn address(app: &TestApp) -> SocketAddr {
+    app.address.trim_start_matches("http://").parse().unwrap()
+}
+
+/// Reads until the server closes the socket (or 10 s pass); what it sent, and how long it took.
+async fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => panic!("the server kept the socket open for 10 s"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&received).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The value of `grantline_http_refused_total{limit="limit"}`.
+async fn refused(app: &TestApp, limit: &str) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let prefix = format!("grantline_http_refused_total{{limit=\"{limit}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn trickled_headers_and_idle_sockets_are_closed_within_their_timeouts() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let address = address(&app);
+
+    // A head that never ends: closed after the header timeout, whatever keeps trickling.
+    let mut trickling = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    trickling
+        .write_all(b"GET /health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        if trickling.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (answer, _) = until_closed(&mut trickling).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A connection that says nothing at all, and one that goes quiet after a request.
+    let mut silent = TcpStream::connect(address).await.unwrap();
+    let mut quiet = TcpStream::connect(address).await.unwrap();
+    quiet
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, waited) = until_closed(&mut quiet).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    let (answer, waited) = until_closed(&mut silent).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+
+    assert!(refused(&app, "header_timeout").await >= 2.0);
+    assert!(refused(&app, "idle_timeout").await >= 1.0);
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_a_connection_gets_503_and_the_cap_frees_up() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let address = address(&app);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        // A request in flight keeps its connection: the body is announced, never sent.
+        stream
+            .write_all(b"POST /config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut refused_one = TcpStream::connect(address).await.unwrap();
+    let (answer, waited) = until_closed(&mut refused_one).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    drop(held);
+    // The cap frees up as the held connections close.
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(response) = app.client.get(app.url("/health")).send().await
+            && response.status() == 200
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served);
+    assert!(refused(&app, "connections").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_huge_announced_body_is_refused_at_once_and_a_body_that_never_comes_times_out() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let address = address(&app);
+
+    let mut huge = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    huge.write_all(
+        b"POST /connection HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buffer = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), huge.read(&mut buffer))
+        .await
+        .expect("answered at once")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let mut never = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    never
+        .write_all(b"POST /config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(6), never.read(&mut buffer))
+        .await
+        .expect("answered within the request timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+
+    assert!(refused(&app, "body_too_large").await >= 1.0);
+    assert!(refused(&app, "request_timeout").await >= 1.0);
+}
+
+/// Opens a WebSocket to `app` from the local address `from`, with `origin` if given; the
+/// stream, or the HTTP status it was refused with.
+async fn websocket(
+    app: &TestApp,
+    from: &str,
+    origin: Option<&str>,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(address(app)).await.unwrap();
+    let mut request = app
+        .url("/")
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((stream, _)) => Ok(stream),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn websockets_are_capped_in_all_and_per_client_and_foreign_origins_are_refused() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let own_origin = app.address.clone();
+    let a1 = websocket(&app, "127.0.0.1", Some(&own_origin))
+        .await
+        .unwrap();
+    let _a2 = websocket(&app, "127.0.0.1", None).await.unwrap();
+    assert_eq!(websocket(&app, "127.0.0.1", None).await.unwrap_err(), 503);
+    let _b1 = websocket(&app, "127.0.0.2", None).await.unwrap();
+    assert_eq!(websocket(&app, "127.0.0.3", None).await.unwrap_err(), 503);
+    assert_eq!(
+        websocket(&app, "127.0.0.3", Some("https://evil.example"))
+            .await
+            .unwrap_err(),
+        403
+    );
+    drop(a1);
+    // The place frees up once the server sees the socket closed.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if websocket(&app, "127.0.0.3", None).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted);
+    assert!(refused(&app, "websockets").await >= 1.0);
+    assert!(refused(&app, "websockets_per_client").await >= 1.0);
+    assert_eq!(refused(&app, "websocket_origin").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_websocket_that_answers_pings_stays_and_a_silent_one_is_closed() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let mut listening = websocket(&app, "127.0.0.1", None).await.unwrap();
+    let mut silent = websocket(&app, "127.0.0.1", None).await.unwrap();
+    // Reading answers the server's pings; for 2.5 s (past the 1 s idle timeout) only pings come.
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while let Ok(message) = tokio::time::timeout_at(deadline.into(), listening.next()).await {
+        match message {
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("the listening socket was closed: {other:?}"),
+        }
+    }
+    // The silent one never read, so never answered a ping: the server has closed it.
+    let mut closed = false;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), silent.next()).await
+    {
+        if matches!(message, Ok(Message::Close(_)) | Err(_)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed || silent.next().await.is_none());
+    assert!(refused(&app, "websocket_idle").await >= 1.0);
+}
