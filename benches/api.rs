@@ -33,7 +33,7 @@ use support::{Server, setting};
 const CONNECTIONS: usize = 1000;
 /// Concurrent imports while seeding.
 const SEED_CONCURRENCY: usize = 64;
-const SECRET: &str = "bench-secret-key-0123456789";
+const SECRET: &str = "bench-secret-key-0123456789abcdef";
 
 struct WrkResult {
     requests_per_second: f64,

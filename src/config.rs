@@ -258,6 +258,9 @@ pub struct ServeArgs {
     pub connection_cache: String,
 }
 
+/// The shortest secret key accepted: anything shorter can be guessed.
+const MIN_SECRET_KEY: usize = 32;
+
 /// A configuration value that cannot be used; its message names the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("{variable} (--{flag}): {problem}")]
@@ -503,6 +506,17 @@ impl ServeArgs {
             )
         })?;
         let secret_key = non_empty(self.secret_key.as_deref()).map(|s| Secret(s.to_owned()));
+        if let Some(secret) = &secret_key
+            && secret.expose().chars().count() < MIN_SECRET_KEY
+        {
+            return Err(invalid(
+                "GRANTLINE_SECRET_KEY",
+                format!(
+                    "must be at least {MIN_SECRET_KEY} characters, hard to guess (for example \
+                     `openssl rand -hex 32`)"
+                ),
+            ));
+        }
         if secret_key.is_none() && !listen.ip().is_loopback() {
             return Err(invalid(
                 "GRANTLINE_LISTEN",

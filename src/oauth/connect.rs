@@ -31,6 +31,17 @@ use crate::state::AppState;
 /// Random bytes in a `state` (base64url: 43 characters).
 const STATE_BYTES: u32 = 32;
 
+/// Authorization URL parameters the flow's safety rests on: a caller's `authorization_params`
+/// may not set or remove them.
+const PROTECTED_PARAMS: [&str; 6] = [
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
 /// Whether `state` could be one this server made: base64url, as long as [`STATE_BYTES`] gives.
 /// Anything else is not looked up at all.
 pub fn plausible_state(state: &str) -> bool {
@@ -130,6 +141,15 @@ async fn start(
         if value.chars().any(char::is_control) || value.len() > 1024 {
             return Err(FlowError::InvalidParam(format!("params[{name}]")));
         }
+    }
+    if let Some((name, _)) = request
+        .authorization_params
+        .iter()
+        .find(|(name, _)| PROTECTED_PARAMS.contains(&name.as_str()))
+    {
+        return Err(FlowError::InvalidParam(format!(
+            "authorization_params[{name}] is set by the server and cannot be overridden"
+        )));
     }
     let connection_config: Map<String, Value> = request
         .params

@@ -61,8 +61,10 @@ pub enum FlowError {
     /// The session expired before the callback.
     #[error("Invalid state: the authorization took too long and expired; start again.")]
     ExpiredState,
-    /// The provider refused the authorization (its `error` and `error_description`).
-    #[error("{}", provider_refusal(.error, .description))]
+    /// The provider refused the authorization (its `error` and `error_description`). The page
+    /// shows the error code only: the description is the provider's (or whoever forged the
+    /// callback's) text, and is logged instead.
+    #[error("The provider refused the authorization ({}).", error_code(.error))]
     ProviderDenied {
         error: String,
         description: Option<String>,
@@ -76,8 +78,9 @@ pub enum FlowError {
     /// An OAuth 1.0a callback whose `oauth_token` is not this flow's request token.
     #[error("The oauth_token of the callback is not the one of this flow.")]
     TokenMismatch,
-    /// The code could not be exchanged for tokens.
-    #[error("Token exchange failed: {0}")]
+    /// The code could not be exchanged for tokens. The page shows the class of failure; the
+    /// provider's text and network details are logged, never shown.
+    #[error("Token exchange failed: {}.", public_token_error(.0))]
     Token(#[from] TokenError),
     /// The database cannot be reached (the cause is logged, not shown).
     #[error("The service is temporarily unavailable; try again.")]
@@ -87,12 +90,31 @@ pub enum FlowError {
     Internal(String),
 }
 
-fn provider_refusal(error: &str, description: &Option<String>) -> String {
-    match description {
-        Some(description) => {
-            format!("The provider refused the authorization ({error}): {description}")
-        }
-        None => format!("The provider refused the authorization ({error})."),
+/// An OAuth error code as a page may show it: a short token of letters, digits, `_`, `.`, `-`,
+/// else `unrecognized` (the callback's query is anyone's text).
+fn error_code(code: &str) -> &str {
+    let plausible = (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if plausible { code } else { "unrecognized" }
+}
+
+/// What the browser may learn of a failed token exchange: its class, the HTTP status and the
+/// OAuth error code.
+fn public_token_error(e: &TokenError) -> String {
+    match e {
+        TokenError::InvalidUrl(_) => "the provider's token URL is not valid".into(),
+        TokenError::Timeout(_) => "the provider did not answer in time".into(),
+        TokenError::Network(_) => "the provider could not be reached".into(),
+        TokenError::Refused { status, error, .. } => match error {
+            Some(code) => format!(
+                "the provider refused it (HTTP {status}, {})",
+                error_code(code)
+            ),
+            None => format!("the provider refused it (HTTP {status})"),
+        },
+        TokenError::Malformed(_) => "the provider's answer is not a token response".into(),
     }
 }
 
@@ -122,6 +144,15 @@ impl FlowError {
         }
     }
 
+    /// What only the log learns: the provider's description, the exchange's full error.
+    fn cause(&self) -> Option<String> {
+        match self {
+            Self::ProviderDenied { description, .. } => description.clone(),
+            Self::Token(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
     /// Logs the failure once: our own at ERROR with its cause, the rest at INFO.
     pub(super) fn log(&self, report: &Report) {
         let key = report.provider_config_key.as_deref().unwrap_or("");
@@ -138,6 +169,7 @@ impl FlowError {
                 connection_id = id,
                 error_type = other.error_type(),
                 error.message = %other,
+                error.cause = other.cause().as_deref(),
                 "oauth flow failed"
             ),
         }

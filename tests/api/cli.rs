@@ -66,6 +66,14 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_WEBHOOK_TIMEOUT", "0s"),
         ("GRANTLINE_WEBHOOK_BACKOFF", "10m"),
         ("GRANTLINE_WEBHOOK_BACKOFF", "soon"),
+        ("GRANTLINE_SECRET_KEY", "short-secret"),
+        ("GRANTLINE_HEADER_TIMEOUT", "0s"),
+        ("GRANTLINE_REQUEST_TIMEOUT", "10s"),
+        ("GRANTLINE_IDLE_TIMEOUT", "forever"),
+        ("GRANTLINE_MAX_CONNECTIONS", "0"),
+        ("GRANTLINE_MAX_WEBSOCKETS", "-1"),
+        ("GRANTLINE_MAX_WEBSOCKETS_PER_CLIENT", "many"),
+        ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "0s"),
     ];
     for (variable, value) in cases {
         let output = grantline()

@@ -288,7 +288,8 @@ async fn bad_paging_parameters_and_unknown_connections_are_json_errors(db: &Test
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_is_behind_the_secret_key() {
     let db = TestDatabase::sqlite();
-    let app = crate::spawn_app_with_secret(&db, &new_key(), "s3cret").await;
+    let app =
+        crate::spawn_app_with_secret(&db, &new_key(), "history-test-secret-key-0123456789").await;
     assert_error(
         app.get("/connection/c1/history?provider_config_key=github")
             .await,
@@ -299,7 +300,7 @@ async fn the_history_is_behind_the_secret_key() {
     let authorized = app
         .get_with_key(
             "/connections/c1/history?provider_config_key=github",
-            "s3cret",
+            "history-test-secret-key-0123456789",
         )
         .await;
     assert_error(authorized, 404, "unknown_connection").await;

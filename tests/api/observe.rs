@@ -207,7 +207,7 @@ async fn ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags(db:
     let key = new_key();
     let args = [
         "--secret-key",
-        "observe-secret",
+        "observe-test-secret-key-0123456789",
         "--roles",
         "api",
         "--ready-max-lag",
@@ -238,7 +238,7 @@ async fn ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags(db:
     let created = app
         .client
         .post(app.url("/config"))
-        .bearer_auth("observe-secret")
+        .bearer_auth("observe-test-secret-key-0123456789")
         .json(&json!({
             "provider_config_key": "github-1", "provider": "github",
             "oauth_client_id": "id", "oauth_client_secret": "secret",
@@ -274,7 +274,7 @@ async fn ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags(db:
     assert_eq!(body["checks"]["database"]["status"], "ok");
     // /metrics shows the same lag, and how old the unapplied event is.
     let metrics = app
-        .get_with_key("/metrics", "observe-secret")
+        .get_with_key("/metrics", "observe-test-secret-key-0123456789")
         .await
         .text()
         .await

@@ -368,7 +368,7 @@ async fn every_route_of_the_router_is_documented_and_every_documented_operation_
 #[tokio::test]
 async fn the_documented_security_matches_the_secret_key_check() {
     let db = TestDatabase::postgres().await;
-    let (app, _) = spawn(&db, &["--secret-key", "openapi-test-secret"]).await;
+    let (app, _) = spawn(&db, &["--secret-key", "openapi-test-secret-key-0123456789"]).await;
     // The document itself is open.
     let doc = document(&app).await;
     let client = no_redirects();
