@@ -137,6 +137,21 @@ impl Position {
         commit: 0,
         global: 0,
     };
+
+    /// A position from the two `bigint` columns a checkpoint is kept in (a commit id is never
+    /// negative, so a negative column reads as 0).
+    pub fn from_columns(commit: i64, global: i64) -> Self {
+        Self {
+            commit: commit.max(0).unsigned_abs(),
+            global,
+        }
+    }
+
+    /// The commit id as a checkpoint's `bigint` column keeps it (a commit id never exceeds
+    /// `i64::MAX`).
+    pub fn commit_column(self) -> i64 {
+        i64::try_from(self.commit).unwrap_or(i64::MAX)
+    }
 }
 
 impl fmt::Display for Position {

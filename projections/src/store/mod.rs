@@ -259,19 +259,6 @@ fn swap_sql(live: &str, shadow: &str) -> String {
     )
 }
 
-/// A checkpoint's position from its stored columns.
-fn position(commit: i64, global: i64) -> Position {
-    Position {
-        commit: commit.max(0).unsigned_abs(),
-        global,
-    }
-}
-
-/// A checkpoint's commit column.
-fn commit_column(position: Position) -> i64 {
-    i64::try_from(position.commit).unwrap_or(i64::MAX)
-}
-
 /// A stored version, which the schema keeps non-negative.
 fn version(stored: i64) -> u32 {
     u32::try_from(stored).unwrap_or(0)

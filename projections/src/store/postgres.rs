@@ -10,8 +10,8 @@ use domain::store::{EventStore, Position, PostgresStore};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, database, find_sql,
-    list_integrations_sql, position, swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, database, find_sql, list_integrations_sql,
+    swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -129,7 +129,7 @@ async fn set_checkpoint(
         .execute(
             "UPDATE projection_checkpoints SET commit_position = $2, global_position = $3, \
              updated_at = now(), last_error = NULL WHERE name = $1",
-            &[&name, &commit_column(at), &at.global],
+            &[&name, &at.commit_column(), &at.global],
         )
         .await
         .map_err(database)?;
@@ -288,7 +288,7 @@ impl ReadModelStore for PostgresReadModels {
             )
             .await
             .map_err(database)?;
-        Ok(position(row.get(0), row.get(1)))
+        Ok(Position::from_columns(row.get(0), row.get(1)))
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError> {
@@ -301,7 +301,7 @@ impl ReadModelStore for PostgresReadModels {
             .iter()
             .map(|r| Checkpoint {
                 name: r.get(0),
-                position: position(r.get(1), r.get(2)),
+                position: Position::from_columns(r.get(1), r.get(2)),
                 updated_at: r.get(3),
                 last_error: r.get(4),
             })
@@ -339,7 +339,7 @@ impl ReadModelStore for PostgresReadModels {
         else {
             return Ok(false);
         };
-        if position(row.get(0), row.get(1)) != from {
+        if Position::from_columns(row.get(0), row.get(1)) != from {
             return Ok(false);
         }
         let to = batch.to;

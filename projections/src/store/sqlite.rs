@@ -12,8 +12,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, find_sql,
-    list_integrations_sql, position, swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, find_sql, list_integrations_sql, swap_sql,
+    upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -130,7 +130,7 @@ fn checkpoint(conn: &Connection, name: &str) -> Result<Position, StoreError> {
     conn.query_row(
         "SELECT commit_position, global_position FROM projection_checkpoints WHERE name = ?1",
         [name],
-        |r| Ok(position(r.get(0)?, r.get(1)?)),
+        |r| Ok(Position::from_columns(r.get(0)?, r.get(1)?)),
     )
     .map_err(db)
 }
@@ -139,7 +139,7 @@ fn set_checkpoint(conn: &Connection, name: &str, at: Position) -> Result<(), Sto
     conn.execute(
         "UPDATE projection_checkpoints SET commit_position = ?2, global_position = ?3, \
          updated_at = ?4, last_error = NULL WHERE name = ?1",
-        params![name, commit_column(at), at.global, micros(Utc::now())],
+        params![name, at.commit_column(), at.global, micros(Utc::now())],
     )
     .map_err(db)?;
     Ok(())
@@ -310,7 +310,7 @@ impl ReadModelStore for SqliteReadModels {
                 collect(conn, CHECKPOINTS, [], |r| {
                     Ok(Checkpoint {
                         name: r.get(0)?,
-                        position: position(r.get(1)?, r.get(2)?),
+                        position: Position::from_columns(r.get(1)?, r.get(2)?),
                         updated_at: from_micros(r.get(3)?),
                         last_error: r.get(4)?,
                     })

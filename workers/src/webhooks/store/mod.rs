@@ -157,19 +157,6 @@ impl DeliveryState {
     }
 }
 
-/// A checkpoint as the tables keep it (a commit id never exceeds `i64::MAX`).
-fn position_from(commit: i64, global: i64) -> Position {
-    Position {
-        commit: commit.max(0).unsigned_abs(),
-        global,
-    }
-}
-
-/// A position's commit id as the tables keep it.
-fn commit_of(position: Position) -> i64 {
-    i64::try_from(position.commit).unwrap_or(i64::MAX)
-}
-
 /// A count of rows for `LIMIT`.
 fn limit_of(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)

@@ -8,10 +8,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{
-    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
-    position_from,
-};
+use super::{DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, limit_of};
 use crate::webhooks::DeliveryStatus;
 
 /// The webhook tables on a PostgreSQL store's pool.
@@ -75,7 +72,7 @@ impl WebhookStore for PostgresWebhooks {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
-                &[&target.key, &url, &commit_of(start), &start.global],
+                &[&target.key, &url, &start.commit_column(), &start.global],
             )
             .await
             .map(|_| ())
@@ -94,7 +91,7 @@ impl WebhookStore for PostgresWebhooks {
                     &[&target.key, &target.holder, &lease_secs(target)],
                 )
                 .await?;
-            Ok(row.map(|r| position_from(r.get(0), r.get(1))))
+            Ok(row.map(|r| Position::from_columns(r.get(0), r.get(1))))
         })
     }
 
@@ -109,7 +106,7 @@ impl WebhookStore for PostgresWebhooks {
                     &[
                         &target.key,
                         &target.holder,
-                        &commit_of(position),
+                        &position.commit_column(),
                         &position.global,
                         &lease_secs(target),
                     ],
@@ -267,7 +264,7 @@ impl WebhookStore for PostgresWebhooks {
                 .await
                 .map_err(db_error)?;
             let row = TargetRow {
-                position: position_from(row.get(0), row.get(1)),
+                position: Position::from_columns(row.get(0), row.get(1)),
                 lease_holder: row.get(2),
                 lease_expires_at: row.get(3),
                 updated_at: row.get(4),

@@ -9,10 +9,7 @@ use futures_util::TryFutureExt;
 use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
-use super::{
-    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
-    position_from,
-};
+use super::{DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, limit_of};
 use crate::webhooks::DeliveryStatus;
 
 /// The webhook tables in a SQLite store's file.
@@ -95,7 +92,7 @@ impl WebhookStore for SqliteWebhooks {
         let params = (
             target.key.clone(),
             url.to_owned(),
-            commit_of(start),
+            start.commit_column(),
             start.global,
             now_micros(),
         );
@@ -119,7 +116,7 @@ impl WebhookStore for SqliteWebhooks {
                  OR lease_expires_at < ?3) \
                  RETURNING commit_position, global_position",
                 params![key, holder, now_micros(), lease],
-                |r| Ok(position_from(r.get(0)?, r.get(1)?)),
+                |r| Ok(Position::from_columns(r.get(0)?, r.get(1)?)),
             )
             .optional()
         }))
@@ -135,7 +132,7 @@ impl WebhookStore for SqliteWebhooks {
                 params![
                     key,
                     holder,
-                    commit_of(position),
+                    position.commit_column(),
                     position.global,
                     now_micros(),
                     lease
@@ -293,7 +290,7 @@ impl WebhookStore for SqliteWebhooks {
                 [&key],
                 |r| {
                     Ok(TargetRow {
-                        position: position_from(r.get(0)?, r.get(1)?),
+                        position: Position::from_columns(r.get(0)?, r.get(1)?),
                         lease_holder: r.get(2)?,
                         lease_expires_at: r.get::<_, Option<i64>>(3)?.map(from_micros),
                         updated_at: from_micros(r.get(4)?),
