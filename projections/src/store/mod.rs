@@ -259,6 +259,39 @@ fn swap_sql(live: &str, shadow: &str) -> String {
     )
 }
 
+/// How many events a swap reads per batch of the tail.
+const TAIL_BATCH: usize = 1000;
+
+/// A rebuild's tail as a swap folds it, batch by batch: where it stands and how many events
+/// it read.
+struct Tail {
+    at: Position,
+    read: u64,
+}
+
+impl Tail {
+    /// A tail that starts after `from`.
+    fn after(from: Position) -> Self {
+        Self { at: from, read: 0 }
+    }
+
+    /// The batch `planner` makes of `events`, the tail's next read, and moves past them;
+    /// `None` once nothing is left to read.
+    fn plan(
+        &mut self,
+        planner: &Planner,
+        events: &[RecordedEvent],
+    ) -> Result<Option<Batch>, ProjectionError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        self.read += events.len() as u64;
+        let batch = planner(events)?;
+        self.at = batch.to;
+        Ok(Some(batch))
+    }
+}
+
 /// A stored version, which the schema keeps non-negative.
 fn version(stored: i64) -> u32 {
     u32::try_from(stored).unwrap_or(0)

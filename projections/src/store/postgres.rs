@@ -10,8 +10,8 @@ use domain::store::{EventStore, Position, PostgresStore};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, database, find_sql, list_integrations_sql,
-    swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tail, database, find_sql,
+    list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -20,9 +20,6 @@ const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12";
 
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
-
-/// How many events the swap reads per batch of the tail.
-const TAIL_BATCH: usize = 1000;
 
 #[derive(Clone)]
 pub(super) struct PostgresReadModels {
@@ -413,27 +410,21 @@ impl ReadModelStore for PostgresReadModels {
         )
         .await
         .map_err(database)?;
-        let mut at = from;
-        let mut tail = 0u64;
-        loop {
-            let events = self.store.read_all(at, TAIL_BATCH).await?;
-            if events.is_empty() {
-                break;
-            }
-            tail += events.len() as u64;
-            let batch = planner(&events)?;
-            at = batch.to;
+        let mut tail = Tail::after(from);
+        while let Some(batch) =
+            tail.plan(&planner, &self.store.read_all(tail.at, TAIL_BATCH).await?)?
+        {
             fold_into(&tx, shadow, batch).await?;
         }
         tx.batch_execute(&swap_sql(live, shadow))
             .await
             .map_err(database)?;
-        set_checkpoint(&tx, name, at).await?;
+        set_checkpoint(&tx, name, tail.at).await?;
         tx.commit().await.map_err(database)?;
         client
             .batch_execute(&format!("TRUNCATE {shadow}"))
             .await
             .map_err(database)?;
-        Ok(tail)
+        Ok(tail.read)
     }
 }

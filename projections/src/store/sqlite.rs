@@ -12,16 +12,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, find_sql, list_integrations_sql, swap_sql,
-    upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tail, find_sql,
+    list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
 
 const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12";
-
-/// How many events the swap reads per batch of the tail.
-const TAIL_BATCH: usize = 1000;
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -411,23 +408,18 @@ impl ReadModelStore for SqliteReadModels {
             .store
             .write(move |conn| {
                 let tx = conn.transaction().map_err(db)?;
-                let mut at = from;
-                let mut tail = 0u64;
-                loop {
-                    let events = sqlite_read_all_on(&tx, at, TAIL_BATCH)?;
-                    if events.is_empty() {
-                        break;
-                    }
-                    tail += events.len() as u64;
-                    let batch = planner(&events).map_err(to_store)?;
-                    at = batch.to;
+                let mut tail = Tail::after(from);
+                while let Some(batch) = tail
+                    .plan(&planner, &sqlite_read_all_on(&tx, tail.at, TAIL_BATCH)?)
+                    .map_err(to_store)?
+                {
                     fold_into(&tx, shadow, batch)?;
                 }
                 tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(live, shadow)))
                     .map_err(db)?;
-                set_checkpoint(&tx, name, at)?;
+                set_checkpoint(&tx, name, tail.at)?;
                 tx.commit().map_err(db)?;
-                Ok(tail)
+                Ok(tail.read)
             })
             .await?)
     }
