@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, StoreError};
 use serde::Serialize;
 
-use crate::model::{self, StateModel, decode};
+use crate::model::{self, EventOf, StateModel, decode};
 use crate::store::{Planner, ReadModels};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
@@ -273,7 +273,7 @@ struct Readable<E> {
 /// returned after it, so the checkpoint stops right before the bad event.
 fn decode_prefix<M: StateModel>(
     events: &[RecordedEvent],
-) -> (Readable<M::Event>, Option<ProjectionError>) {
+) -> (Readable<EventOf<M>>, Option<ProjectionError>) {
     let mut readable = Readable {
         events: Vec::new(),
         count: 0,
