@@ -10,8 +10,8 @@ use domain::store::{EventStore, Position, PostgresStore};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tail, database, find_sql,
-    list_integrations_sql, swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, database,
+    find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -319,7 +319,6 @@ impl ReadModelStore for PostgresReadModels {
     async fn apply(
         &self,
         name: &'static str,
-        table: &'static str,
         from: Position,
         batch: Batch,
     ) -> Result<bool, ProjectionError> {
@@ -340,7 +339,7 @@ impl ReadModelStore for PostgresReadModels {
             return Ok(false);
         }
         let to = batch.to;
-        fold_into(&tx, table, batch).await?;
+        fold_into(&tx, name, batch).await?;
         set_checkpoint(&tx, name, to).await?;
         tx.commit().await.map_err(database)?;
         Ok(true)
@@ -395,12 +394,11 @@ impl ReadModelStore for PostgresReadModels {
 
     async fn swap(
         &self,
-        name: &'static str,
-        live: &'static str,
-        shadow: &'static str,
+        tables: Tables,
         from: Position,
         planner: Planner,
     ) -> Result<u64, ProjectionError> {
+        let Tables { live: name, shadow } = tables;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(database)?;
         // Waits for the live runner's batch in flight, and keeps the next one out.
@@ -416,7 +414,7 @@ impl ReadModelStore for PostgresReadModels {
         {
             fold_into(&tx, shadow, batch).await?;
         }
-        tx.batch_execute(&swap_sql(live, shadow))
+        tx.batch_execute(&swap_sql(tables))
             .await
             .map_err(database)?;
         set_checkpoint(&tx, name, tail.at).await?;

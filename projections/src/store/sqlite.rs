@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tail, find_sql,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, find_sql,
     list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
@@ -332,7 +332,6 @@ impl ReadModelStore for SqliteReadModels {
     async fn apply(
         &self,
         name: &'static str,
-        table: &'static str,
         from: Position,
         batch: Batch,
     ) -> Result<bool, ProjectionError> {
@@ -345,7 +344,7 @@ impl ReadModelStore for SqliteReadModels {
                     return Ok(false);
                 }
                 let to = batch.to;
-                fold_into(&tx, table, batch)?;
+                fold_into(&tx, name, batch)?;
                 set_checkpoint(&tx, name, to)?;
                 tx.commit().map_err(db)?;
                 Ok(true)
@@ -397,12 +396,11 @@ impl ReadModelStore for SqliteReadModels {
 
     async fn swap(
         &self,
-        name: &'static str,
-        live: &'static str,
-        shadow: &'static str,
+        tables: Tables,
         from: Position,
         planner: Planner,
     ) -> Result<u64, ProjectionError> {
+        let Tables { live: name, shadow } = tables;
         // The writer connection is the lock: catch up, swap and hand over in one transaction.
         Ok(self
             .store
@@ -415,7 +413,7 @@ impl ReadModelStore for SqliteReadModels {
                 {
                     fold_into(&tx, shadow, batch)?;
                 }
-                tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(live, shadow)))
+                tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tables)))
                     .map_err(db)?;
                 set_checkpoint(&tx, name, tail.at)?;
                 tx.commit().map_err(db)?;
