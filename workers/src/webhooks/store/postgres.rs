@@ -8,7 +8,9 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, limit_of};
+use super::{
+    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
+};
 use crate::webhooks::DeliveryStatus;
 
 /// The webhook tables on a PostgreSQL store's pool.
@@ -159,9 +161,7 @@ impl WebhookStore for PostgresWebhooks {
     fn start_attempt<'a>(
         &'a self,
         target: &'a Target,
-        event_id: Uuid,
-        event: &'a str,
-        global_position: i64,
+        event: Outgoing<'a>,
     ) -> StoreFuture<'a, Option<u32>> {
         Box::pin(async move {
             let client = self.client().await?;
@@ -185,7 +185,7 @@ impl WebhookStore for PostgresWebhooks {
                      ON CONFLICT (target, event_id) DO UPDATE SET attempts = d.attempts + 1, \
                      status = 'pending', next_attempt_at = NULL, last_attempt_at = now() \
                      RETURNING attempts",
-                    &[&target.key, &event_id, &event, &global_position],
+                    &[&target.key, &event.id, &event.name, &event.global_position],
                 )
                 .await
                 .map_err(db_error)?;

@@ -9,7 +9,9 @@ use futures_util::TryFutureExt;
 use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
-use super::{DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, limit_of};
+use super::{
+    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
+};
 use crate::webhooks::DeliveryStatus;
 
 /// The webhook tables in a SQLite store's file.
@@ -189,12 +191,11 @@ impl WebhookStore for SqliteWebhooks {
     fn start_attempt<'a>(
         &'a self,
         target: &'a Target,
-        event_id: Uuid,
-        event: &'a str,
-        global_position: i64,
+        event: Outgoing<'a>,
     ) -> StoreFuture<'a, Option<u32>> {
         let (key, holder, lease) = lease_params(target);
-        let event = event.to_owned();
+        let (event_id, name, global_position) =
+            (event.id, event.name.to_owned(), event.global_position);
         Box::pin(self.write(move |conn| {
             let now = now_micros();
             let renewed = conn.execute(
@@ -212,7 +213,7 @@ impl WebhookStore for SqliteWebhooks {
                  ON CONFLICT (target, event_id) DO UPDATE SET attempts = d.attempts + 1, \
                  status = 'pending', next_attempt_at = NULL, last_attempt_at = ?5 \
                  RETURNING attempts",
-                params![key, event_id.to_string(), event, global_position, now],
+                params![key, event_id.to_string(), name, global_position, now],
                 |r| r.get(0),
             )?;
             Ok(Some(u32::try_from(attempts).unwrap_or(u32::MAX)))
