@@ -82,13 +82,11 @@ impl KeyRepository for PostgresStore {
         owner: &str,
         wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let (client, statement) = self
+            .prepared(
                 "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped) VALUES ($1, $2, $3, $4)",
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         client
             .execute(
                 &statement,
@@ -100,13 +98,11 @@ impl KeyRepository for PostgresStore {
     }
 
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let (client, statement) = self
+            .prepared(
                 "SELECT key_id, owner, master_key_id, wrapped FROM data_keys WHERE key_id = $1",
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         let row = client
             .query_opt(&statement, &[&key_id])
             .await
