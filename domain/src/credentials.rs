@@ -321,13 +321,8 @@ mod tests {
             .map(|c| serde_json::to_value(c).unwrap()["type"].clone())
             .collect();
         assert_eq!(
-            kinds,
-            vec![
-                json!("OAUTH2"),
-                json!("OAUTH1"),
-                json!("API_KEY"),
-                json!("BASIC")
-            ]
+            json!(kinds),
+            json!(["OAUTH2", "OAUTH1", "API_KEY", "BASIC"])
         );
         assert_eq!(
             serde_json::to_value(&every_kind()[0]).unwrap(),

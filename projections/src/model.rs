@@ -3,12 +3,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use domain::connection::{self, Connection, ConnectionEvent};
+use domain::commands::Aggregate;
+use domain::connection::{self, Connection};
 use domain::event::DomainEvent;
-use domain::integration::{self, Integration, IntegrationEvent};
+use domain::integration::{self, Integration};
 use domain::store::{Position, RecordedEvent};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ProjectionError;
@@ -16,8 +16,9 @@ use crate::store::{Batch, ReadModels, Snapshot};
 
 /// A read model of aggregate snapshots: one row per stream of `CATEGORY`.
 pub trait StateModel: Send + Sync + 'static {
-    type State: Serialize + DeserializeOwned + Default + Send + Sync + 'static;
-    type Event: DomainEvent + Send + 'static;
+    /// The aggregate whose snapshots the rows keep; its events fold onto them with its own
+    /// [`Aggregate::apply`].
+    type State: Aggregate<Event: 'static> + Serialize + 'static;
     /// The projection's name, which is also its table's.
     const NAME: &'static str;
     /// The shadow table a rebuild fills.
@@ -25,11 +26,12 @@ pub trait StateModel: Send + Sync + 'static {
     /// The stream category it reads.
     const CATEGORY: &'static str;
 
-    fn apply(state: &mut Self::State, event: &Self::Event);
-
     /// The row for `state`, or `None` while the stream has not yet created anything.
     fn row(stream_id: &str, version: u32, state: &Self::State) -> Option<Row>;
 }
+
+/// The events of `M`'s aggregate.
+pub(crate) type EventOf<M> = <<M as StateModel>::State as Aggregate>::Event;
 
 /// One stored snapshot.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +49,28 @@ pub struct Row {
     pub expires_at: Option<DateTime<Utc>>,
     pub refresh_state: &'static str,
     pub state: Value,
+}
+
+impl Row {
+    /// The row of `state` with blank keys, created and updated `at`, live and with no expiry:
+    /// a deleted aggregate's row as it stands (the upsert keeps the stored keys and creation
+    /// time for blanks), the rest overridden by a live one.
+    fn keyless<S: Serialize>(stream_id: &str, version: u32, state: &S, at: DateTime<Utc>) -> Self {
+        Self {
+            stream_id: stream_id.to_owned(),
+            version,
+            id: stable_id(stream_id),
+            provider_config_key: String::new(),
+            connection_id: String::new(),
+            provider: String::new(),
+            created_at: at,
+            updated_at: at,
+            deleted_at: None,
+            expires_at: None,
+            refresh_state: "",
+            state: state_json(state),
+        }
+    }
 }
 
 /// A stable, JSON-safe (53-bit) number for a stream: the top bits of its UUID.
@@ -71,49 +95,28 @@ pub struct ConnectionsModel;
 
 impl StateModel for ConnectionsModel {
     type State = Connection;
-    type Event = ConnectionEvent;
     const NAME: &'static str = "connections";
     const SHADOW: &'static str = "connections_shadow";
     const CATEGORY: &'static str = connection::CATEGORY;
 
-    fn apply(state: &mut Connection, event: &ConnectionEvent) {
-        connection::apply(state, event);
-    }
-
     fn row(stream_id: &str, version: u32, state: &Connection) -> Option<Row> {
-        let base = |key: &str, id: &str, provider: &str, created, updated| Row {
-            stream_id: stream_id.to_owned(),
-            version,
-            id: stable_id(stream_id),
-            provider_config_key: key.to_owned(),
-            connection_id: id.to_owned(),
-            provider: provider.to_owned(),
-            created_at: created,
-            updated_at: updated,
-            deleted_at: None,
-            expires_at: None,
-            refresh_state: "",
-            state: state_json(state),
-        };
         match state {
             Connection::NeverAuthorized => None,
             Connection::Active(active) => Some(Row {
+                provider_config_key: active.provider_config_key.clone(),
+                connection_id: active.connection_id.clone(),
+                provider: active.provider.clone(),
+                updated_at: active.updated_at,
                 expires_at: active.expires_at,
                 refresh_state: refresh_state(active),
-                ..base(
-                    &active.provider_config_key,
-                    &active.connection_id,
-                    &active.provider,
-                    active.created_at,
-                    active.updated_at,
-                )
+                ..Row::keyless(stream_id, version, state, active.created_at)
             }),
             // A deleted connection's row keeps the keys and creation time it had (the upsert
             // does not overwrite them with these blanks).
             Connection::Deleted(deleted) => Some(Row {
                 deleted_at: Some(deleted.deleted_at),
                 refresh_state: "deleted",
-                ..base("", "", "", deleted.deleted_at, deleted.deleted_at)
+                ..Row::keyless(stream_id, version, state, deleted.deleted_at)
             }),
         }
     }
@@ -142,46 +145,23 @@ pub struct IntegrationsModel;
 
 impl StateModel for IntegrationsModel {
     type State = Integration;
-    type Event = IntegrationEvent;
     const NAME: &'static str = "integrations";
     const SHADOW: &'static str = "integrations_shadow";
     const CATEGORY: &'static str = integration::CATEGORY;
 
-    fn apply(state: &mut Integration, event: &IntegrationEvent) {
-        integration::apply(state, event);
-    }
-
     fn row(stream_id: &str, version: u32, state: &Integration) -> Option<Row> {
-        let row = |key: &str, provider: &str, created, updated, deleted| Row {
-            stream_id: stream_id.to_owned(),
-            version,
-            id: stable_id(stream_id),
-            provider_config_key: key.to_owned(),
-            connection_id: String::new(),
-            provider: provider.to_owned(),
-            created_at: created,
-            updated_at: updated,
-            deleted_at: deleted,
-            expires_at: None,
-            refresh_state: "",
-            state: state_json(state),
-        };
         match state {
             Integration::NeverCreated => None,
-            Integration::Active(active) => Some(row(
-                &active.provider_config_key,
-                &active.provider,
-                active.created_at,
-                active.updated_at.unwrap_or(active.created_at),
-                None,
-            )),
-            Integration::Deleted(deleted) => Some(row(
-                "",
-                "",
-                deleted.deleted_at,
-                deleted.deleted_at,
-                Some(deleted.deleted_at),
-            )),
+            Integration::Active(active) => Some(Row {
+                provider_config_key: active.provider_config_key.clone(),
+                provider: active.provider.clone(),
+                updated_at: active.updated_at.unwrap_or(active.created_at),
+                ..Row::keyless(stream_id, version, state, active.created_at)
+            }),
+            Integration::Deleted(deleted) => Some(Row {
+                deleted_at: Some(deleted.deleted_at),
+                ..Row::keyless(stream_id, version, state, deleted.deleted_at)
+            }),
         }
     }
 }
@@ -189,7 +169,7 @@ impl StateModel for IntegrationsModel {
 /// Decodes the events of `M`'s category in `events` (stopping at the first unreadable one).
 pub(crate) fn decode<M: StateModel>(
     events: &[RecordedEvent],
-) -> Result<Vec<(String, u32, M::Event)>, ProjectionError> {
+) -> Result<Vec<(String, u32, EventOf<M>)>, ProjectionError> {
     events
         .iter()
         .filter(|e| e.stream_id.category() == M::CATEGORY)
@@ -197,7 +177,7 @@ pub(crate) fn decode<M: StateModel>(
             Ok((
                 e.stream_id.to_string(),
                 e.stream_version,
-                M::Event::from_recorded(e)?,
+                EventOf::<M>::from_recorded(e)?,
             ))
         })
         .collect()
@@ -208,7 +188,7 @@ pub(crate) fn decode<M: StateModel>(
 pub(crate) fn fold<M: StateModel>(
     table: &'static str,
     mut snapshots: HashMap<String, Snapshot>,
-    events: Vec<(String, u32, M::Event)>,
+    events: Vec<(String, u32, EventOf<M>)>,
 ) -> Result<Vec<Row>, ProjectionError> {
     let mut states: HashMap<String, (u32, M::State)> = HashMap::new();
     let mut order = Vec::new();
@@ -233,7 +213,7 @@ pub(crate) fn fold<M: StateModel>(
         if let Some((v, state)) = states.get_mut(&stream_id)
             && version > *v
         {
-            M::apply(state, &event);
+            state.apply(&event);
             *v = version;
         }
     }
@@ -269,7 +249,7 @@ pub(crate) fn plan<M: StateModel>(
 /// The batch that folds decoded events into `table`, ending at `to`.
 pub(crate) fn batch<M: StateModel>(
     table: &'static str,
-    events: Vec<(String, u32, M::Event)>,
+    events: Vec<(String, u32, EventOf<M>)>,
     to: Position,
 ) -> Batch {
     let stream_ids = events

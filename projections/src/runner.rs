@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, StoreError};
 use serde::Serialize;
 
-use crate::model::{self, StateModel, decode};
-use crate::store::{Planner, ReadModels};
+use crate::model::{self, EventOf, StateModel, decode};
+use crate::store::{Planner, ReadModels, Tables};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
 /// Lag is counted up to this many events.
@@ -137,7 +137,7 @@ impl Runner {
         let (readable, unreadable) = decode_prefix::<M>(&events);
         if let Some(to) = readable.last_position {
             let batch = model::batch::<M>(M::NAME, readable.events, to);
-            if !store.apply(M::NAME, M::NAME, from, batch).await? {
+            if !store.apply(M::NAME, from, batch).await? {
                 return Ok(Step::Busy);
             }
         }
@@ -240,7 +240,14 @@ impl Runner {
         // Stop the live runner, take in what it committed meanwhile, swap, hand over.
         let planner: Planner = Arc::new(|events| model::plan::<M>(M::SHADOW, events));
         replayed += store
-            .swap(M::NAME, M::NAME, M::SHADOW, reader.position(), planner)
+            .swap(
+                Tables {
+                    live: M::NAME,
+                    shadow: M::SHADOW,
+                },
+                reader.position(),
+                planner,
+            )
             .await?;
         progress(replayed);
         Ok(replayed)
@@ -273,7 +280,7 @@ struct Readable<E> {
 /// returned after it, so the checkpoint stops right before the bad event.
 fn decode_prefix<M: StateModel>(
     events: &[RecordedEvent],
-) -> (Readable<M::Event>, Option<ProjectionError>) {
+) -> (Readable<EventOf<M>>, Option<ProjectionError>) {
     let mut readable = Readable {
         events: Vec::new(),
         count: 0,

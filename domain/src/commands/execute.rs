@@ -15,10 +15,24 @@ use crate::connection::TokenFingerprints;
 use crate::credentials::Credentials;
 use crate::event::DomainEvent;
 use crate::keys::{KeyError, Sealed};
-use crate::store::{ExpectedVersion, StoreError, StreamId};
+use crate::store::{ExpectedVersion, RecordedEvent, StoreError, StreamId};
 
 /// How many times a new data key is made when concurrent deletions keep shredding it.
 const MAX_RESEALS: u32 = 3;
+
+/// A command's decision on a state: the events to append, or why it is refused. Called again
+/// on the caught-up state after every conflict.
+pub(super) trait Decide<S: Aggregate>:
+    FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send
+{
+}
+
+impl<S, F> Decide<S> for F
+where
+    S: Aggregate,
+    F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
+{
+}
 
 /// The first conflict backoff's upper bound; it doubles with each attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(2);
@@ -51,14 +65,20 @@ impl Commands {
         Ok(loaded)
     }
 
-    /// Folds the events appended after `loaded.version` into `loaded`.
-    async fn catch_up<S: Aggregate>(&self, loaded: &mut Loaded<S>) -> Result<(), CommandError> {
-        let recorded = self
-            .backend
+    /// The events appended after `loaded.version`, undecoded.
+    async fn recorded_since<S: Aggregate>(
+        &self,
+        loaded: &Loaded<S>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.backend
             .events()
             .read_stream(&loaded.stream_id, loaded.version)
-            .await?;
-        for record in &recorded {
+            .await
+    }
+
+    /// Folds the events appended after `loaded.version` into `loaded`.
+    async fn catch_up<S: Aggregate>(&self, loaded: &mut Loaded<S>) -> Result<(), CommandError> {
+        for record in &self.recorded_since(loaded).await? {
             let event = S::Event::from_recorded(record)?;
             loaded.state.apply(&event);
             loaded.version = record.stream_version;
@@ -67,45 +87,33 @@ impl Commands {
     }
 
     /// Loads the stream and runs [`Commands::execute_from`].
-    pub(super) async fn execute<S, F>(
+    pub(super) async fn execute<S: Aggregate>(
         &self,
         stream_id: StreamId,
-        decide: F,
-    ) -> Result<Loaded<S>, CommandError>
-    where
-        S: Aggregate,
-        F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
-    {
+        decide: impl Decide<S>,
+    ) -> Result<Loaded<S>, CommandError> {
         let loaded = self.load(stream_id).await?;
         self.execute_from(loaded, decide).await
     }
 
     /// [`Commands::execute_from`] with up to `max_attempts` attempts.
-    pub(super) async fn execute_from<S, F>(
+    pub(super) async fn execute_from<S: Aggregate>(
         &self,
         loaded: Loaded<S>,
-        decide: F,
-    ) -> Result<Loaded<S>, CommandError>
-    where
-        S: Aggregate,
-        F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
-    {
+        decide: impl Decide<S>,
+    ) -> Result<Loaded<S>, CommandError> {
         self.execute_at_most(loaded, decide, MAX_ATTEMPTS).await
     }
 
     /// Decides on `loaded` and appends at its version; on a conflict, catches up and decides
     /// again (a rejection ends it), at most `max_attempts` times in all. With one attempt, a
     /// conflict is returned as [`StoreError::Conflict`].
-    pub(super) async fn execute_at_most<S, F>(
+    pub(super) async fn execute_at_most<S: Aggregate>(
         &self,
         mut loaded: Loaded<S>,
-        mut decide: F,
+        mut decide: impl Decide<S>,
         max_attempts: u32,
-    ) -> Result<Loaded<S>, CommandError>
-    where
-        S: Aggregate,
-        F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
-    {
+    ) -> Result<Loaded<S>, CommandError> {
         let mut attempt = 1;
         loop {
             let events = decide(&loaded.state)?;
@@ -223,15 +231,11 @@ impl Commands {
     /// need its keys. A stream deleted already is rejected, after destroying whatever key of it
     /// is still live: a deletion whose shredding failed after its append is finished by the
     /// retry.
-    pub(super) async fn delete_and_shred<S, F>(
+    pub(super) async fn delete_and_shred<S: Aggregate>(
         &self,
         stream_id: StreamId,
-        decide: F,
-    ) -> Result<Loaded<S>, CommandError>
-    where
-        S: Aggregate,
-        F: FnMut(&S) -> Result<Vec<S::Event>, CommandError> + Send,
-    {
+        decide: impl Decide<S>,
+    ) -> Result<Loaded<S>, CommandError> {
         match self.execute(stream_id.clone(), decide).await {
             Ok(loaded) => {
                 let loaded = loaded.traced();
@@ -260,12 +264,7 @@ impl Commands {
 
     /// Whether an event after `loaded.version` deleted the aggregate.
     async fn deleted_since<S: Aggregate>(&self, loaded: &Loaded<S>) -> Result<bool, CommandError> {
-        let recorded = self
-            .backend
-            .events()
-            .read_stream(&loaded.stream_id, loaded.version)
-            .await?;
-        for record in &recorded {
+        for record in &self.recorded_since(loaded).await? {
             if S::deletes(&S::Event::from_recorded(record)?) {
                 return Ok(true);
             }

@@ -551,44 +551,31 @@ mod tests {
             .then_rejected(lease_not_held(1));
     }
 
-    #[test]
-    fn completing_a_lease_that_already_has_an_outcome_is_rejected() {
-        given(&lease_one_taken())
-            .and(&[refreshed(lease_id(1), false, 1, at(51))])
-            .when(complete(lease_id(1), false, at(52)))
-            .then_rejected(lease_not_held(1));
+    /// One test per case: lease 1 taken, then the event; the outcome on lease 1 is rejected,
+    /// the lease no longer held.
+    macro_rules! lease_one_no_longer_held {
+        ($($name:ident: $since:expr => $outcome:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                given(&lease_one_taken())
+                    .and(&[$since])
+                    .when($outcome)
+                    .then_rejected(lease_not_held(1));
+            }
+        )*};
     }
 
-    #[test]
-    fn completing_a_superseded_lease_is_rejected() {
-        given(&lease_one_taken())
-            .and(&[leased(lease_id(2), Read, at(51))])
-            .when(complete(lease_id(1), false, at(52)))
-            .then_rejected(lease_not_held(1));
-    }
-
-    #[test]
-    fn completing_after_a_reauthorization_is_rejected() {
-        given(&lease_one_taken())
-            .and(&[authorized(2, key(2), at(50))])
-            .when(complete(lease_id(1), false, at(50)))
-            .then_rejected(lease_not_held(1));
-    }
-
-    #[test]
-    fn completing_after_a_deletion_is_rejected() {
-        given(&lease_one_taken())
-            .and(&[deleted(vec![key(1)], at(50))])
-            .when(complete(lease_id(1), false, at(50)))
-            .then_rejected(lease_not_held(1));
-    }
-
-    #[test]
-    fn failing_a_superseded_lease_is_rejected() {
-        given(&lease_one_taken())
-            .and(&[leased(lease_id(2), Read, at(51))])
-            .when(fail(lease_id(1), Permanent, at(52)))
-            .then_rejected(lease_not_held(1));
+    lease_one_no_longer_held! {
+        completing_a_lease_that_already_has_an_outcome_is_rejected:
+            refreshed(lease_id(1), false, 1, at(51)) => complete(lease_id(1), false, at(52));
+        completing_a_superseded_lease_is_rejected:
+            leased(lease_id(2), Read, at(51)) => complete(lease_id(1), false, at(52));
+        completing_after_a_reauthorization_is_rejected:
+            authorized(2, key(2), at(50)) => complete(lease_id(1), false, at(50));
+        completing_after_a_deletion_is_rejected:
+            deleted(vec![key(1)], at(50)) => complete(lease_id(1), false, at(50));
+        failing_a_superseded_lease_is_rejected:
+            leased(lease_id(2), Read, at(51)) => fail(lease_id(1), Permanent, at(52));
     }
 
     #[test]
@@ -598,28 +585,27 @@ mod tests {
             .then_rejected(ConnectionRejected::NotFound);
     }
 
-    #[test]
-    fn a_rotated_refresh_token_increments_the_refresh_token_generation() {
+    /// Lease 2 completes, `rotated` or not, after lease 1 rotated the refresh token to
+    /// generation 2: the event and the state after it carry `generation`.
+    fn completing_after_a_rotation(rotated: bool, generation: u32) {
         let state = given(&lease_one_taken())
             .and(&[
                 refreshed(lease_id(1), true, 2, at(50)),
                 leased(lease_id(2), Schedule, at(100)),
             ])
-            .when(complete(lease_id(2), true, at(100)))
-            .then(&[refreshed(lease_id(2), true, 3, at(100))]);
-        assert_eq!(active(&state).refresh_token_generation, 3);
+            .when(complete(lease_id(2), rotated, at(100)))
+            .then(&[refreshed(lease_id(2), rotated, generation, at(100))]);
+        assert_eq!(active(&state).refresh_token_generation, generation);
+    }
+
+    #[test]
+    fn a_rotated_refresh_token_increments_the_refresh_token_generation() {
+        completing_after_a_rotation(true, 3);
     }
 
     #[test]
     fn a_kept_refresh_token_keeps_the_refresh_token_generation() {
-        let state = given(&lease_one_taken())
-            .and(&[
-                refreshed(lease_id(1), true, 2, at(50)),
-                leased(lease_id(2), Schedule, at(100)),
-            ])
-            .when(complete(lease_id(2), false, at(100)))
-            .then(&[refreshed(lease_id(2), false, 2, at(100))]);
-        assert_eq!(active(&state).refresh_token_generation, 2);
+        completing_after_a_rotation(false, 2);
     }
 
     // --- failures -----------------------------------------------------------------------------

@@ -348,30 +348,21 @@ mod tests {
     #[test]
     fn flows_and_credential_types_serialize_in_their_stored_forms() {
         assert_eq!(
-            vec![
-                json!(Flow::Oauth2),
-                json!(Flow::Oauth1),
-                json!(Flow::Import)
-            ],
-            vec![json!("oauth2"), json!("oauth1"), json!("import")]
+            json!([Flow::Oauth2, Flow::Oauth1, Flow::Import]),
+            json!(["oauth2", "oauth1", "import"])
         );
         assert_eq!(
-            vec![
-                json!(CredentialsType::Oauth2),
-                json!(CredentialsType::Oauth1),
-                json!(CredentialsType::ApiKey),
-                json!(CredentialsType::Basic)
-            ],
-            vec![
-                json!("OAUTH2"),
-                json!("OAUTH1"),
-                json!("API_KEY"),
-                json!("BASIC")
-            ]
+            json!([
+                CredentialsType::Oauth2,
+                CredentialsType::Oauth1,
+                CredentialsType::ApiKey,
+                CredentialsType::Basic
+            ]),
+            json!(["OAUTH2", "OAUTH1", "API_KEY", "BASIC"])
         );
         assert_eq!(
-            vec![json!(Read), json!(Schedule), json!(Force)],
-            vec![json!("read"), json!("schedule"), json!("force")]
+            json!([Read, Schedule, Force]),
+            json!(["read", "schedule", "force"])
         );
     }
 

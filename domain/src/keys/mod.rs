@@ -148,6 +148,14 @@ impl MasterKey {
     fn wrap(&self, key_id: Uuid, data_key: &Key<Aes256Gcm>) -> Vec<u8> {
         encrypt(&self.cipher, data_key.as_slice(), key_id.as_bytes())
     }
+
+    /// `wrapped`, which [`wrap`](Self::wrap) made, as the repository stores it.
+    fn wrapping<'a>(&'a self, wrapped: &'a [u8]) -> Wrapping<'a> {
+        Wrapping {
+            master_key_id: &self.id,
+            wrapped,
+        }
+    }
 }
 
 impl fmt::Debug for MasterKey {
@@ -252,6 +260,15 @@ pub struct StoredDataKey {
     pub wrapped: Option<Vec<u8>>,
 }
 
+/// A live data key as one master key wrapped it: the two columns a rewrap replaces together.
+#[derive(Clone, Copy, Debug)]
+pub struct Wrapping<'a> {
+    /// The master key that wrapped it.
+    pub master_key_id: &'a str,
+    /// The data key, wrapped.
+    pub wrapped: &'a [u8],
+}
+
 /// Storage of master-key records and wrapped data keys (each database backend implements it).
 #[async_trait]
 pub trait KeyRepository: Send + Sync {
@@ -265,8 +282,7 @@ pub trait KeyRepository: Send + Sync {
         &self,
         key_id: Uuid,
         owner: &str,
-        master_key_id: &str,
-        wrapped: &[u8],
+        wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError>;
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError>;
     /// Destroys every live data key of `owner`; returns their ids.
@@ -277,13 +293,12 @@ pub trait KeyRepository: Send + Sync {
         active_master_key_id: &str,
         limit: usize,
     ) -> Result<Vec<StoredDataKey>, StoreError>;
-    /// Replaces the wrapping if the key is still wrapped by `from_master_key_id`.
+    /// Replaces `key`'s wrapping with `to` if the key is still wrapped by the master key it was
+    /// read with (`false`, nothing changed, otherwise).
     async fn rewrap_data_key(
         &self,
-        key_id: Uuid,
-        from_master_key_id: &str,
-        to_master_key_id: &str,
-        wrapped: &[u8],
+        key: StoredDataKey,
+        to: Wrapping<'_>,
     ) -> Result<bool, StoreError>;
 }
 
@@ -396,7 +411,7 @@ impl Vault {
         let wrapped = self.inner.active.wrap(key_id, key);
         self.inner
             .repository
-            .insert_data_key(key_id, owner.as_str(), &self.inner.active.id, &wrapped)
+            .insert_data_key(key_id, owner.as_str(), self.inner.active.wrapping(&wrapped))
             .await?;
         self.inner
             .cache
@@ -515,16 +530,16 @@ impl Vault {
                 break;
             }
             for stored in keys {
-                let (Some(master_id), Some(wrapped)) = (stored.master_key_id, stored.wrapped)
+                let (Some(master_id), Some(wrapped)) = (&stored.master_key_id, &stored.wrapped)
                 else {
                     continue;
                 };
-                let raw = self.unwrap_with(&master_id, stored.key_id, &wrapped)?;
+                let raw = self.unwrap_with(master_id, stored.key_id, wrapped)?;
                 let rewrapped = active.wrap(stored.key_id, Key::<Aes256Gcm>::from_slice(&raw));
                 if self
                     .inner
                     .repository
-                    .rewrap_data_key(stored.key_id, &master_id, &active.id, &rewrapped)
+                    .rewrap_data_key(stored, active.wrapping(&rewrapped))
                     .await?
                 {
                     report.rewrapped += 1;
@@ -578,8 +593,7 @@ impl Vault {
             .insert_data_key(
                 key_id,
                 FINGERPRINT_KEY_OWNER,
-                &self.inner.active.id,
-                &wrapped,
+                self.inner.active.wrapping(&wrapped),
             )
             .await
         {

@@ -137,6 +137,21 @@ impl Position {
         commit: 0,
         global: 0,
     };
+
+    /// A position from the two `bigint` columns a checkpoint is kept in (a commit id is never
+    /// negative, so a negative column reads as 0).
+    pub fn from_columns(commit: i64, global: i64) -> Self {
+        Self {
+            commit: commit.max(0).unsigned_abs(),
+            global,
+        }
+    }
+
+    /// The commit id as a checkpoint's `bigint` column keeps it (a commit id never exceeds
+    /// `i64::MAX`).
+    pub fn commit_column(self) -> i64 {
+        i64::try_from(self.commit).unwrap_or(i64::MAX)
+    }
 }
 
 impl fmt::Display for Position {
@@ -293,6 +308,11 @@ impl ChangeSignal {
     }
 }
 
+/// The repositories one database implements; [`Backend`] hands each out from it.
+trait Repositories: EventStore + KeyRepository + SessionRepository {}
+
+impl<T: EventStore + KeyRepository + SessionRepository> Repositories for T {}
+
 /// A database backend: the event store, the key repository and the OAuth flow sessions on one
 /// connection pool.
 #[derive(Clone)]
@@ -316,42 +336,44 @@ impl Backend {
         }
     }
 
-    pub fn events(&self) -> &dyn EventStore {
+    /// The backend's store, as every repository it implements: the one match the accessors
+    /// below share.
+    fn repositories(&self) -> &dyn Repositories {
         match self {
             Self::Postgres(store) => store,
             Self::Sqlite(store) => store,
         }
+    }
+
+    /// [`Backend::repositories`] as a shared handle, for users that outlive a borrow.
+    fn shared_repositories(&self) -> Arc<dyn Repositories> {
+        match self {
+            Self::Postgres(store) => Arc::new(store.clone()),
+            Self::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
+    pub fn events(&self) -> &dyn EventStore {
+        self.repositories()
     }
 
     /// The event store as a shared handle, for readers that outlive a borrow.
     pub fn event_store(&self) -> Arc<dyn EventStore> {
-        match self {
-            Self::Postgres(store) => Arc::new(store.clone()),
-            Self::Sqlite(store) => Arc::new(store.clone()),
-        }
+        self.shared_repositories()
     }
 
     pub fn keys(&self) -> &dyn KeyRepository {
-        match self {
-            Self::Postgres(store) => store,
-            Self::Sqlite(store) => store,
-        }
+        self.repositories()
     }
 
     /// The key repository as a shared handle, for the vault.
     pub fn key_repository(&self) -> Arc<dyn KeyRepository> {
-        match self {
-            Self::Postgres(store) => Arc::new(store.clone()),
-            Self::Sqlite(store) => Arc::new(store.clone()),
-        }
+        self.shared_repositories()
     }
 
     /// The OAuth flow sessions.
     pub fn sessions(&self) -> &dyn SessionRepository {
-        match self {
-            Self::Postgres(store) => store,
-            Self::Sqlite(store) => store,
-        }
+        self.repositories()
     }
 
     /// Sends `payload` (under 8000 bytes; never a secret) to every instance on this database,

@@ -93,6 +93,15 @@ pub struct Checkpoint {
 /// Held while a rebuild runs; dropping it lets another rebuild of the same projection start.
 pub trait RebuildGuard: Send {}
 
+/// A projection's two tables, which a rebuild's [`swap`](ReadModelStore::swap) trades places.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tables {
+    /// The table readers see, named after the projection: its name also keys the checkpoint.
+    pub live: &'static str,
+    /// The table a rebuild fills.
+    pub shadow: &'static str,
+}
+
 /// The operations on the read models, their checkpoints and their shadow tables. Table names
 /// are the [`StateModel`](crate::StateModel) constants, never input.
 #[async_trait]
@@ -142,13 +151,12 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// Notes the error that stopped projection `name` on its checkpoint (best effort).
     async fn record_error(&self, name: &'static str, message: String);
 
-    /// Applies `batch` to `table` and moves `name`'s checkpoint from `from` to `batch.to`, in
-    /// one transaction. `false` (nothing written) when the checkpoint is held by another runner
-    /// or is no longer at `from`.
+    /// Applies `batch` to projection `name`'s table (which bears its name) and moves its
+    /// checkpoint from `from` to `batch.to`, in one transaction. `false` (nothing written) when
+    /// the checkpoint is held by another runner or is no longer at `from`.
     async fn apply(
         &self,
         name: &'static str,
-        table: &'static str,
         from: Position,
         batch: Batch,
     ) -> Result<bool, ProjectionError>;
@@ -170,14 +178,12 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// or not: a rebuild that read fewer must wait for the rest.
     async fn events_through(&self, head: i64) -> Result<i64, ProjectionError>;
 
-    /// Stops `name`'s live runner, folds the log after `from` into `shadow` with `planner`,
-    /// swaps `shadow` and `live`, empties the new shadow and moves the checkpoint to the end of
-    /// the tail, atomically. Returns how many tail events it read.
+    /// Stops the live runner of projection `tables.live`, folds the log after `from` into
+    /// `tables.shadow` with `planner`, swaps the two tables, empties the new shadow and moves the
+    /// checkpoint to the end of the tail, atomically. Returns how many tail events it read.
     async fn swap(
         &self,
-        name: &'static str,
-        live: &'static str,
-        shadow: &'static str,
+        tables: Tables,
         from: Position,
         planner: Planner,
     ) -> Result<u64, ProjectionError>;
@@ -250,8 +256,8 @@ fn list_integrations_sql(state: &str) -> String {
 const CHECKPOINTS: &str = "SELECT name, commit_position, global_position, updated_at, last_error \
      FROM projection_checkpoints ORDER BY name";
 
-/// The statements of a rebuild's swap, for `live` and `shadow`.
-fn swap_sql(live: &str, shadow: &str) -> String {
+/// The statements of a rebuild's swap of `tables`.
+fn swap_sql(Tables { live, shadow }: Tables) -> String {
     format!(
         "ALTER TABLE {live} RENAME TO {live}_swapping; \
          ALTER TABLE {shadow} RENAME TO {live}; \
@@ -259,17 +265,37 @@ fn swap_sql(live: &str, shadow: &str) -> String {
     )
 }
 
-/// A checkpoint's position from its stored columns.
-fn position(commit: i64, global: i64) -> Position {
-    Position {
-        commit: commit.max(0).unsigned_abs(),
-        global,
-    }
+/// How many events a swap reads per batch of the tail.
+const TAIL_BATCH: usize = 1000;
+
+/// A rebuild's tail as a swap folds it, batch by batch: where it stands and how many events
+/// it read.
+struct Tail {
+    at: Position,
+    read: u64,
 }
 
-/// A checkpoint's commit column.
-fn commit_column(position: Position) -> i64 {
-    i64::try_from(position.commit).unwrap_or(i64::MAX)
+impl Tail {
+    /// A tail that starts after `from`.
+    fn after(from: Position) -> Self {
+        Self { at: from, read: 0 }
+    }
+
+    /// The batch `planner` makes of `events`, the tail's next read, and moves past them;
+    /// `None` once nothing is left to read.
+    fn plan(
+        &mut self,
+        planner: &Planner,
+        events: &[RecordedEvent],
+    ) -> Result<Option<Batch>, ProjectionError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        self.read += events.len() as u64;
+        let batch = planner(events)?;
+        self.at = batch.to;
+        Ok(Some(batch))
+    }
 }
 
 /// A stored version, which the schema keeps non-negative.

@@ -10,8 +10,8 @@ use domain::store::{EventStore, Position, PostgresStore};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, database, find_sql,
-    list_integrations_sql, position, swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, database,
+    find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -20,9 +20,6 @@ const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12";
 
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
-
-/// How many events the swap reads per batch of the tail.
-const TAIL_BATCH: usize = 1000;
 
 #[derive(Clone)]
 pub(super) struct PostgresReadModels {
@@ -129,7 +126,7 @@ async fn set_checkpoint(
         .execute(
             "UPDATE projection_checkpoints SET commit_position = $2, global_position = $3, \
              updated_at = now(), last_error = NULL WHERE name = $1",
-            &[&name, &commit_column(at), &at.global],
+            &[&name, &at.commit_column(), &at.global],
         )
         .await
         .map_err(database)?;
@@ -288,7 +285,7 @@ impl ReadModelStore for PostgresReadModels {
             )
             .await
             .map_err(database)?;
-        Ok(position(row.get(0), row.get(1)))
+        Ok(Position::from_columns(row.get(0), row.get(1)))
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError> {
@@ -301,7 +298,7 @@ impl ReadModelStore for PostgresReadModels {
             .iter()
             .map(|r| Checkpoint {
                 name: r.get(0),
-                position: position(r.get(1), r.get(2)),
+                position: Position::from_columns(r.get(1), r.get(2)),
                 updated_at: r.get(3),
                 last_error: r.get(4),
             })
@@ -322,7 +319,6 @@ impl ReadModelStore for PostgresReadModels {
     async fn apply(
         &self,
         name: &'static str,
-        table: &'static str,
         from: Position,
         batch: Batch,
     ) -> Result<bool, ProjectionError> {
@@ -339,11 +335,11 @@ impl ReadModelStore for PostgresReadModels {
         else {
             return Ok(false);
         };
-        if position(row.get(0), row.get(1)) != from {
+        if Position::from_columns(row.get(0), row.get(1)) != from {
             return Ok(false);
         }
         let to = batch.to;
-        fold_into(&tx, table, batch).await?;
+        fold_into(&tx, name, batch).await?;
         set_checkpoint(&tx, name, to).await?;
         tx.commit().await.map_err(database)?;
         Ok(true)
@@ -398,12 +394,11 @@ impl ReadModelStore for PostgresReadModels {
 
     async fn swap(
         &self,
-        name: &'static str,
-        live: &'static str,
-        shadow: &'static str,
+        tables: Tables,
         from: Position,
         planner: Planner,
     ) -> Result<u64, ProjectionError> {
+        let Tables { live: name, shadow } = tables;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(database)?;
         // Waits for the live runner's batch in flight, and keeps the next one out.
@@ -413,27 +408,21 @@ impl ReadModelStore for PostgresReadModels {
         )
         .await
         .map_err(database)?;
-        let mut at = from;
-        let mut tail = 0u64;
-        loop {
-            let events = self.store.read_all(at, TAIL_BATCH).await?;
-            if events.is_empty() {
-                break;
-            }
-            tail += events.len() as u64;
-            let batch = planner(&events)?;
-            at = batch.to;
+        let mut tail = Tail::after(from);
+        while let Some(batch) =
+            tail.plan(&planner, &self.store.read_all(tail.at, TAIL_BATCH).await?)?
+        {
             fold_into(&tx, shadow, batch).await?;
         }
-        tx.batch_execute(&swap_sql(live, shadow))
+        tx.batch_execute(&swap_sql(tables))
             .await
             .map_err(database)?;
-        set_checkpoint(&tx, name, at).await?;
+        set_checkpoint(&tx, name, tail.at).await?;
         tx.commit().await.map_err(database)?;
         client
             .batch_execute(&format!("TRUNCATE {shadow}"))
             .await
             .map_err(database)?;
-        Ok(tail)
+        Ok(tail.read)
     }
 }

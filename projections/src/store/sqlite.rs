@@ -12,16 +12,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, commit_column, find_sql,
-    list_integrations_sql, position, swap_sql, upsert_sql, version,
+    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, find_sql,
+    list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
 
 const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12";
-
-/// How many events the swap reads per batch of the tail.
-const TAIL_BATCH: usize = 1000;
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -130,7 +127,7 @@ fn checkpoint(conn: &Connection, name: &str) -> Result<Position, StoreError> {
     conn.query_row(
         "SELECT commit_position, global_position FROM projection_checkpoints WHERE name = ?1",
         [name],
-        |r| Ok(position(r.get(0)?, r.get(1)?)),
+        |r| Ok(Position::from_columns(r.get(0)?, r.get(1)?)),
     )
     .map_err(db)
 }
@@ -139,7 +136,7 @@ fn set_checkpoint(conn: &Connection, name: &str, at: Position) -> Result<(), Sto
     conn.execute(
         "UPDATE projection_checkpoints SET commit_position = ?2, global_position = ?3, \
          updated_at = ?4, last_error = NULL WHERE name = ?1",
-        params![name, commit_column(at), at.global, micros(Utc::now())],
+        params![name, at.commit_column(), at.global, micros(Utc::now())],
     )
     .map_err(db)?;
     Ok(())
@@ -310,7 +307,7 @@ impl ReadModelStore for SqliteReadModels {
                 collect(conn, CHECKPOINTS, [], |r| {
                     Ok(Checkpoint {
                         name: r.get(0)?,
-                        position: position(r.get(1)?, r.get(2)?),
+                        position: Position::from_columns(r.get(1)?, r.get(2)?),
                         updated_at: from_micros(r.get(3)?),
                         last_error: r.get(4)?,
                     })
@@ -335,7 +332,6 @@ impl ReadModelStore for SqliteReadModels {
     async fn apply(
         &self,
         name: &'static str,
-        table: &'static str,
         from: Position,
         batch: Batch,
     ) -> Result<bool, ProjectionError> {
@@ -348,7 +344,7 @@ impl ReadModelStore for SqliteReadModels {
                     return Ok(false);
                 }
                 let to = batch.to;
-                fold_into(&tx, table, batch)?;
+                fold_into(&tx, name, batch)?;
                 set_checkpoint(&tx, name, to)?;
                 tx.commit().map_err(db)?;
                 Ok(true)
@@ -400,34 +396,28 @@ impl ReadModelStore for SqliteReadModels {
 
     async fn swap(
         &self,
-        name: &'static str,
-        live: &'static str,
-        shadow: &'static str,
+        tables: Tables,
         from: Position,
         planner: Planner,
     ) -> Result<u64, ProjectionError> {
+        let Tables { live: name, shadow } = tables;
         // The writer connection is the lock: catch up, swap and hand over in one transaction.
         Ok(self
             .store
             .write(move |conn| {
                 let tx = conn.transaction().map_err(db)?;
-                let mut at = from;
-                let mut tail = 0u64;
-                loop {
-                    let events = sqlite_read_all_on(&tx, at, TAIL_BATCH)?;
-                    if events.is_empty() {
-                        break;
-                    }
-                    tail += events.len() as u64;
-                    let batch = planner(&events).map_err(to_store)?;
-                    at = batch.to;
+                let mut tail = Tail::after(from);
+                while let Some(batch) = tail
+                    .plan(&planner, &sqlite_read_all_on(&tx, tail.at, TAIL_BATCH)?)
+                    .map_err(to_store)?
+                {
                     fold_into(&tx, shadow, batch)?;
                 }
-                tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(live, shadow)))
+                tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tables)))
                     .map_err(db)?;
-                set_checkpoint(&tx, name, at)?;
+                set_checkpoint(&tx, name, tail.at)?;
                 tx.commit().map_err(db)?;
-                Ok(tail)
+                Ok(tail.read)
             })
             .await?)
     }

@@ -22,7 +22,7 @@ use url::Url;
 
 use super::delivery::Poster;
 use super::mapping::{Webhook, webhook_for};
-use super::store::{DeliveryState, Target, WebhookStore};
+use super::store::{DeliveryState, Outgoing, Target, WebhookStore};
 use super::{TargetStatus, WebhookCounters, WebhookError, redact};
 
 /// Events read per step.
@@ -292,9 +292,11 @@ impl WebhookSubscriber {
             .store
             .start_attempt(
                 &self.target,
-                event.event_id,
-                webhook.event.name(),
-                event.position.global,
+                Outgoing {
+                    id: event.event_id,
+                    name: webhook.event.name(),
+                    global_position: event.position.global,
+                },
             )
             .await?
         else {

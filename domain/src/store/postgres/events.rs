@@ -147,14 +147,12 @@ impl EventStore for PostgresStore {
         stream: &StreamId,
         after_version: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!(
+        let (client, statement) = self
+            .prepared(&format!(
                 "SELECT {SELECT_COLUMNS} FROM events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
             ))
-            .await
-            .map_err(db_error)?;
+            .await?;
         let after = i32::try_from(after_version).unwrap_or(i32::MAX);
         let rows = client
             .query(&statement, &[&stream.as_str(), &after])
@@ -168,19 +166,17 @@ impl EventStore for PostgresStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let client = self.client().await?;
         // The limit is part of the text: a generic plan with `LIMIT $n` guesses a large result
         // and sorts the whole tail instead of walking the commit-order index.
-        let statement = client
-            .prepare_cached(&format!(
+        let (client, statement) = self
+            .prepared(&format!(
                 "SELECT {SELECT_COLUMNS} FROM events \
                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
                    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                  ORDER BY events.transaction_id, events.global_position LIMIT {}",
                 limit.max(1)
             ))
-            .await
-            .map_err(db_error)?;
+            .await?;
         // Decode rows as they stream in, while the server is still sending the rest.
         let commit = after.commit.to_string();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&commit, &after.global];

@@ -5,7 +5,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{PostgresStore, db_error};
-use crate::keys::{KeyRepository, MasterKeyRecord, StoredDataKey};
+use crate::keys::{KeyRepository, MasterKeyRecord, StoredDataKey, Wrapping};
 use crate::store::StoreError;
 
 /// Key of the transaction advisory lock that serializes master-key activation.
@@ -80,31 +80,29 @@ impl KeyRepository for PostgresStore {
         &self,
         key_id: Uuid,
         owner: &str,
-        master_key_id: &str,
-        wrapped: &[u8],
+        wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let (client, statement) = self
+            .prepared(
                 "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped) VALUES ($1, $2, $3, $4)",
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         client
-            .execute(&statement, &[&key_id, &owner, &master_key_id, &wrapped])
+            .execute(
+                &statement,
+                &[&key_id, &owner, &wrapping.master_key_id, &wrapping.wrapped],
+            )
             .await
             .map_err(db_error)?;
         Ok(())
     }
 
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let (client, statement) = self
+            .prepared(
                 "SELECT key_id, owner, master_key_id, wrapped FROM data_keys WHERE key_id = $1",
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         let row = client
             .query_opt(&statement, &[&key_id])
             .await
@@ -147,17 +145,20 @@ impl KeyRepository for PostgresStore {
 
     async fn rewrap_data_key(
         &self,
-        key_id: Uuid,
-        from_master_key_id: &str,
-        to_master_key_id: &str,
-        wrapped: &[u8],
+        key: StoredDataKey,
+        to: Wrapping<'_>,
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let n = client
             .execute(
                 "UPDATE data_keys SET master_key_id = $3, wrapped = $4 \
                  WHERE key_id = $1 AND master_key_id = $2",
-                &[&key_id, &from_master_key_id, &to_master_key_id, &wrapped],
+                &[
+                    &key.key_id,
+                    &key.master_key_id,
+                    &to.master_key_id,
+                    &to.wrapped,
+                ],
             )
             .await
             .map_err(db_error)?;

@@ -106,6 +106,16 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// A pooled connection with `sql` prepared on it (from the connection's statement cache).
+    async fn prepared(
+        &self,
+        sql: &str,
+    ) -> Result<(deadpool_postgres::Object, tokio_postgres::Statement), StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+        Ok((client, statement))
+    }
+
     /// The one value of the one row `sql` returns.
     async fn query_scalar<T: FromSqlOwned>(&self, sql: &str) -> Result<T, StoreError> {
         let row = self

@@ -14,14 +14,12 @@ use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
 #[async_trait]
 impl SessionRepository for PostgresStore {
     async fn create_session(&self, session: &FlowSession) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!(
+        let (client, statement) = self
+            .prepared(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
             ))
-            .await
-            .map_err(db_error)?;
+            .await?;
         let config = Value::Object(session.connection_config.clone());
         let scopes = Value::from(session.scopes.clone());
         let secrets_key_id = session.secrets.as_ref().map(|s| s.key_id);
@@ -51,13 +49,11 @@ impl SessionRepository for PostgresStore {
     }
 
     async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!(
+        let (client, statement) = self
+            .prepared(&format!(
                 "DELETE FROM oauth_sessions WHERE state = $1 RETURNING {SESSION_COLUMNS}"
             ))
-            .await
-            .map_err(db_error)?;
+            .await?;
         let row = client
             .query_opt(&statement, &[&state])
             .await

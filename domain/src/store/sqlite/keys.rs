@@ -5,8 +5,13 @@ use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{SqliteStore, db_error, now_micros};
-use crate::keys::{KeyRepository, MasterKeyRecord, StoredDataKey};
+use crate::keys::{KeyRepository, MasterKeyRecord, StoredDataKey, Wrapping};
 use crate::store::StoreError;
+
+/// `wrapping`'s columns, owned for the writer connection.
+fn owned(wrapping: Wrapping<'_>) -> (String, Vec<u8>) {
+    (wrapping.master_key_id.to_owned(), wrapping.wrapped.to_vec())
+}
 
 fn stored_data_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDataKey> {
     let key_id: String = row.get(0)?;
@@ -88,11 +93,10 @@ impl KeyRepository for SqliteStore {
         &self,
         key_id: Uuid,
         owner: &str,
-        master_key_id: &str,
-        wrapped: &[u8],
+        wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError> {
-        let (owner, master_key_id, wrapped) =
-            (owner.to_owned(), master_key_id.to_owned(), wrapped.to_vec());
+        let owner = owner.to_owned();
+        let (master_key_id, wrapped) = owned(wrapping);
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped, created_at) \
@@ -176,16 +180,11 @@ impl KeyRepository for SqliteStore {
 
     async fn rewrap_data_key(
         &self,
-        key_id: Uuid,
-        from_master_key_id: &str,
-        to_master_key_id: &str,
-        wrapped: &[u8],
+        key: StoredDataKey,
+        to: Wrapping<'_>,
     ) -> Result<bool, StoreError> {
-        let (from, to, wrapped) = (
-            from_master_key_id.to_owned(),
-            to_master_key_id.to_owned(),
-            wrapped.to_vec(),
-        );
+        let (key_id, from) = (key.key_id, key.master_key_id);
+        let (to, wrapped) = owned(to);
         self.write(move |conn| {
             conn.execute(
                 "UPDATE data_keys SET master_key_id = ?3, wrapped = ?4 \

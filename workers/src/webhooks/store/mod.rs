@@ -66,15 +66,13 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         event_id: Uuid,
     ) -> StoreFuture<'a, Option<DeliveryState>>;
 
-    /// Renews the lease and counts a new attempt at `event_id` (`pending` until its outcome is
+    /// Renews the lease and counts a new attempt at `event` (`pending` until its outcome is
     /// recorded); the attempt's number from 1, or `None` if the lease was lost (then no attempt
     /// is counted).
     fn start_attempt<'a>(
         &'a self,
         target: &'a Target,
-        event_id: Uuid,
-        event: &'a str,
-        global_position: i64,
+        event: Outgoing<'a>,
     ) -> StoreFuture<'a, Option<u32>>;
 
     /// Records the attempt at `event_id` as answered 2xx with `status`.
@@ -124,6 +122,17 @@ pub(crate) struct Target {
     pub lease: Duration,
 }
 
+/// The event a delivery carries, as its `webhook_deliveries` row records it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Outgoing<'a> {
+    /// The event's id: with the target, the row's key.
+    pub id: Uuid,
+    /// The webhook event's name (`connection.created`, …).
+    pub name: &'a str,
+    /// The event's global position in the log.
+    pub global_position: i64,
+}
+
 /// A target's row, as status shows it.
 #[derive(Debug)]
 pub(crate) struct TargetRow {
@@ -157,19 +166,6 @@ impl DeliveryState {
     }
 }
 
-/// A checkpoint as the tables keep it (a commit id never exceeds `i64::MAX`).
-fn position_from(commit: i64, global: i64) -> Position {
-    Position {
-        commit: commit.max(0).unsigned_abs(),
-        global,
-    }
-}
-
-/// A position's commit id as the tables keep it.
-fn commit_of(position: Position) -> i64 {
-    i64::try_from(position.commit).unwrap_or(i64::MAX)
-}
-
 /// A count of rows for `LIMIT`.
 fn limit_of(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
@@ -196,6 +192,15 @@ mod tests {
         global: 7,
     };
     const URL: &str = "https://hooks.example/in";
+
+    /// The event `id` named `name`, at global position 8.
+    fn outgoing(id: Uuid, name: &str) -> Outgoing<'_> {
+        Outgoing {
+            id,
+            name,
+            global_position: 8,
+        }
+    }
 
     /// The store of `db` with one target registered at [`START`], as two instances see it: `a`,
     /// whose leases last `lease`, and `b`, whose leases last a minute.
@@ -268,7 +273,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .start_attempt(&a, Uuid::nil(), "connection.created", 8)
+                .start_attempt(&a, outgoing(Uuid::nil(), "connection.created"))
                 .await
                 .unwrap(),
             None,
@@ -284,7 +289,7 @@ mod tests {
         assert_eq!(store.delivery_state(&a, event).await.unwrap(), None);
 
         let first = store
-            .start_attempt(&a, event, "refresh.failed", 8)
+            .start_attempt(&a, outgoing(event, "refresh.failed"))
             .await
             .unwrap();
         assert_eq!(first, Some(1));
@@ -305,7 +310,7 @@ mod tests {
         );
 
         let second = store
-            .start_attempt(&a, event, "refresh.failed", 8)
+            .start_attempt(&a, outgoing(event, "refresh.failed"))
             .await
             .unwrap();
         assert_eq!(second, Some(2));

@@ -9,8 +9,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
-    position_from,
+    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -75,7 +74,7 @@ impl WebhookStore for PostgresWebhooks {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
-                &[&target.key, &url, &commit_of(start), &start.global],
+                &[&target.key, &url, &start.commit_column(), &start.global],
             )
             .await
             .map(|_| ())
@@ -94,7 +93,7 @@ impl WebhookStore for PostgresWebhooks {
                     &[&target.key, &target.holder, &lease_secs(target)],
                 )
                 .await?;
-            Ok(row.map(|r| position_from(r.get(0), r.get(1))))
+            Ok(row.map(|r| Position::from_columns(r.get(0), r.get(1))))
         })
     }
 
@@ -109,7 +108,7 @@ impl WebhookStore for PostgresWebhooks {
                     &[
                         &target.key,
                         &target.holder,
-                        &commit_of(position),
+                        &position.commit_column(),
                         &position.global,
                         &lease_secs(target),
                     ],
@@ -162,9 +161,7 @@ impl WebhookStore for PostgresWebhooks {
     fn start_attempt<'a>(
         &'a self,
         target: &'a Target,
-        event_id: Uuid,
-        event: &'a str,
-        global_position: i64,
+        event: Outgoing<'a>,
     ) -> StoreFuture<'a, Option<u32>> {
         Box::pin(async move {
             let client = self.client().await?;
@@ -188,7 +185,7 @@ impl WebhookStore for PostgresWebhooks {
                      ON CONFLICT (target, event_id) DO UPDATE SET attempts = d.attempts + 1, \
                      status = 'pending', next_attempt_at = NULL, last_attempt_at = now() \
                      RETURNING attempts",
-                    &[&target.key, &event_id, &event, &global_position],
+                    &[&target.key, &event.id, &event.name, &event.global_position],
                 )
                 .await
                 .map_err(db_error)?;
@@ -267,7 +264,7 @@ impl WebhookStore for PostgresWebhooks {
                 .await
                 .map_err(db_error)?;
             let row = TargetRow {
-                position: position_from(row.get(0), row.get(1)),
+                position: Position::from_columns(row.get(0), row.get(1)),
                 lease_holder: row.get(2),
                 lease_expires_at: row.get(3),
                 updated_at: row.get(4),

@@ -10,8 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, StoreFuture, Target, TargetRow, WebhookStore, commit_of, limit_of,
-    position_from,
+    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -95,7 +94,7 @@ impl WebhookStore for SqliteWebhooks {
         let params = (
             target.key.clone(),
             url.to_owned(),
-            commit_of(start),
+            start.commit_column(),
             start.global,
             now_micros(),
         );
@@ -119,7 +118,7 @@ impl WebhookStore for SqliteWebhooks {
                  OR lease_expires_at < ?3) \
                  RETURNING commit_position, global_position",
                 params![key, holder, now_micros(), lease],
-                |r| Ok(position_from(r.get(0)?, r.get(1)?)),
+                |r| Ok(Position::from_columns(r.get(0)?, r.get(1)?)),
             )
             .optional()
         }))
@@ -135,7 +134,7 @@ impl WebhookStore for SqliteWebhooks {
                 params![
                     key,
                     holder,
-                    commit_of(position),
+                    position.commit_column(),
                     position.global,
                     now_micros(),
                     lease
@@ -192,12 +191,11 @@ impl WebhookStore for SqliteWebhooks {
     fn start_attempt<'a>(
         &'a self,
         target: &'a Target,
-        event_id: Uuid,
-        event: &'a str,
-        global_position: i64,
+        event: Outgoing<'a>,
     ) -> StoreFuture<'a, Option<u32>> {
         let (key, holder, lease) = lease_params(target);
-        let event = event.to_owned();
+        let (event_id, name, global_position) =
+            (event.id, event.name.to_owned(), event.global_position);
         Box::pin(self.write(move |conn| {
             let now = now_micros();
             let renewed = conn.execute(
@@ -215,7 +213,7 @@ impl WebhookStore for SqliteWebhooks {
                  ON CONFLICT (target, event_id) DO UPDATE SET attempts = d.attempts + 1, \
                  status = 'pending', next_attempt_at = NULL, last_attempt_at = ?5 \
                  RETURNING attempts",
-                params![key, event_id.to_string(), event, global_position, now],
+                params![key, event_id.to_string(), name, global_position, now],
                 |r| r.get(0),
             )?;
             Ok(Some(u32::try_from(attempts).unwrap_or(u32::MAX)))
@@ -293,7 +291,7 @@ impl WebhookStore for SqliteWebhooks {
                 [&key],
                 |r| {
                     Ok(TargetRow {
-                        position: position_from(r.get(0)?, r.get(1)?),
+                        position: Position::from_columns(r.get(0)?, r.get(1)?),
                         lease_holder: r.get(2)?,
                         lease_expires_at: r.get::<_, Option<i64>>(3)?.map(from_micros),
                         updated_at: from_micros(r.get(4)?),
