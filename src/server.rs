@@ -70,6 +70,7 @@ pub struct ServerStats {
 #[derive(Debug, Default)]
 pub struct Refused {
     pub connections: AtomicU64,
+    pub host: AtomicU64,
     pub header_timeout: AtomicU64,
     pub idle_timeout: AtomicU64,
     pub request_timeout: AtomicU64,
@@ -82,10 +83,11 @@ pub struct Refused {
 
 impl Refused {
     /// Each counter with its `limit` label.
-    pub fn by_limit(&self) -> [(&'static str, u64); 9] {
+    pub fn by_limit(&self) -> [(&'static str, u64); 10] {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         [
             ("connections", get(&self.connections)),
+            ("host", get(&self.host)),
             ("header_timeout", get(&self.header_timeout)),
             ("idle_timeout", get(&self.idle_timeout)),
             ("request_timeout", get(&self.request_timeout)),

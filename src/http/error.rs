@@ -97,6 +97,12 @@ pub enum ApiError {
     /// 403: a browser on an origin the server does not know opened a WebSocket.
     #[error("this origin may not open a WebSocket here")]
     ForbiddenOrigin,
+    /// 421: in open mode (no secret key) the request names a host that is not loopback.
+    #[error(
+        "without GRANTLINE_SECRET_KEY this server answers only requests to localhost or a \
+         loopback address"
+    )]
+    NotLoopbackHost,
     /// 503: the server (or this client) holds as many WebSockets as it may.
     #[error("too many WebSockets are open; try again later")]
     TooManySockets,
@@ -152,6 +158,7 @@ impl ApiError {
             Self::InvalidPath(_) => (S::BAD_REQUEST, "invalid_uri_params"),
             Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             Self::ForbiddenOrigin => (S::FORBIDDEN, "forbidden_origin"),
+            Self::NotLoopbackHost => (S::MISDIRECTED_REQUEST, "non_loopback_host"),
             Self::TooManySockets => (S::SERVICE_UNAVAILABLE, "too_many_websockets"),
             Self::Conflict => (S::CONFLICT, "conflict"),
             Self::UnknownRoute => (S::NOT_FOUND, "not_found"),

@@ -159,8 +159,9 @@ fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
         "grantline_http_refused_total",
         "counter",
         "Connections, requests and WebSockets refused or closed by a limit: the connection \
-         cap, the header, idle and request timeouts, an announced body over 1 MiB, the \
-         WebSocket caps, a WebSocket from an unknown origin or gone idle.",
+         cap, a non-loopback Host in open mode, the header, idle and request timeouts, an \
+         announced body over 1 MiB, the WebSocket caps, a WebSocket from an unknown origin or \
+         gone idle.",
         &labels
             .iter()
             .zip(refused)

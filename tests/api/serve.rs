@@ -72,3 +72,55 @@ async fn the_embedded_default_creates_a_private_key_file_once_and_reuses_it() {
     assert_eq!(second.get("/health").await.status(), 200);
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), written);
 }
+
+#[tokio::test]
+async fn in_open_mode_only_loopback_hosts_are_served_and_no_answer_is_cached() {
+    let db = TestDatabase::sqlite();
+    let app = spawn_app(&db, &new_key()).await;
+    // A page on another site whose name was rebound to 127.0.0.1 (DNS rebinding).
+    for host in ["evil.example", "evil.example:3003", "10.0.0.1"] {
+        let response = app
+            .client
+            .get(app.url("/config"))
+            .header("Host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 421, "{host}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "non_loopback_host");
+    }
+    for host in ["localhost", "127.0.0.1:3003", "[::1]:3003"] {
+        let response = app
+            .client
+            .get(app.url("/config"))
+            .header("Host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{host}");
+        assert_eq!(response.headers()["cache-control"], "no-store");
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("grantline_http_refused_total{limit=\"host\"} 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn with_a_secret_key_any_host_is_served() {
+    let db = TestDatabase::sqlite();
+    let secret = "serve-test-secret-key-0123456789abcdef";
+    let app = crate::spawn_app_with_secret(&db, &new_key(), secret).await;
+    let response = app
+        .client
+        .get(app.url("/config"))
+        .header("Host", "grantline.example.com")
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+}
