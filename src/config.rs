@@ -126,9 +126,13 @@ pub struct DatabaseArgs {
     )]
     pub encryption_key_previous: Option<String>,
 
-    /// Maximum database connections of this instance.
+    /// Maximum database connections of this instance's pool (it also holds one for LISTEN).
     #[arg(long, env = "GRANTLINE_DATABASE_POOL_SIZE", default_value = "16")]
     pub database_pool_size: String,
+
+    /// How long a request waits for a database connection before it is answered 503.
+    #[arg(long, env = "GRANTLINE_DATABASE_POOL_WAIT", default_value = "5s")]
+    pub database_pool_wait: String,
 
     /// Opened data keys kept in memory (about 1 KiB each); past it, the least useful are
     /// evicted (a miss costs one query and an unwrap).
@@ -291,6 +295,7 @@ const FLAGS: &[(&str, &str)] = &[
         "encryption-key-previous",
     ),
     ("GRANTLINE_DATABASE_POOL_SIZE", "database-pool-size"),
+    ("GRANTLINE_DATABASE_POOL_WAIT", "database-pool-wait"),
     ("GRANTLINE_DATA_KEY_CACHE", "data-key-cache"),
     ("GRANTLINE_LISTEN", "listen"),
     ("GRANTLINE_SERVER_URL", "server-url"),
@@ -364,6 +369,8 @@ pub struct DatabaseConfig {
     pub master_key: MasterKeySource,
     pub previous_master_key: Option<MasterKey>,
     pub pool_size: usize,
+    /// How long a request waits for a database connection.
+    pub pool_wait: Duration,
     /// Opened data keys the vault keeps in memory.
     pub data_key_cache: usize,
 }
@@ -407,11 +414,13 @@ impl DatabaseArgs {
             .transpose()
             .map_err(|e| invalid("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", e.to_string()))?;
         let pool_size = parse_positive("GRANTLINE_DATABASE_POOL_SIZE", &self.database_pool_size)?;
+        let pool_wait = parse_duration("GRANTLINE_DATABASE_POOL_WAIT", &self.database_pool_wait)?;
         Ok(DatabaseConfig {
             url,
             master_key,
             previous_master_key,
             pool_size,
+            pool_wait,
             data_key_cache: parse_positive("GRANTLINE_DATA_KEY_CACHE", &self.data_key_cache)?,
         })
     }

@@ -244,6 +244,7 @@ fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
 pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, Vault)> {
     let options = StoreOptions {
         pool_size: config.pool_size,
+        pool_wait: config.pool_wait,
         ..StoreOptions::default()
     };
     let backend = Backend::open(&config.url, &options)

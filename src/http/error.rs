@@ -8,7 +8,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use domain::commands::CommandError;
@@ -260,7 +260,28 @@ impl IntoResponse for ApiError {
                 payload: self.payload(),
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl ApiError {
+    /// When a client may try again, in seconds, for the answers that are worth retrying.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Unavailable(_) | Self::TooManySockets => Some(1),
+            Self::RefreshRetrying { retry_at, .. } => Some(
+                u64::try_from((*retry_at - chrono::Utc::now()).num_seconds())
+                    .unwrap_or(0)
+                    .max(1),
+            ),
+            _ => None,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use domain::store::PoolStatus;
 use projections::cache::CacheStats;
 
 use super::observe::RequestObserver;
@@ -167,6 +168,29 @@ fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
             .zip(refused)
             .map(|(labels, (_, n))| (labels.as_str(), n as f64))
             .collect::<Vec<_>>(),
+    );
+}
+
+/// What this instance holds of the database's connections.
+fn database(out: &mut String, pool: &PoolStatus) {
+    family(
+        out,
+        "grantline_database_connections",
+        "gauge",
+        "Pooled database connections: the most the pool may open (on PostgreSQL the notifier \
+         holds one more), open now, and idle among them.",
+        &[
+            ("state=\"max\"", pool.max as f64),
+            ("state=\"open\"", pool.open as f64),
+            ("state=\"idle\"", pool.idle as f64),
+        ],
+    );
+    family(
+        out,
+        "grantline_database_waiting",
+        "gauge",
+        "Callers waiting for a pooled connection (they get 503 after GRANTLINE_DATABASE_POOL_WAIT).",
+        &[("", pool.waiting as f64)],
     );
 }
 
@@ -419,6 +443,7 @@ pub async fn metrics(
     );
     requests.render(&mut out);
     server(&mut out, &state.server_stats, &state.config.limits);
+    database(&mut out, &state.backend.pool_status());
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)
 }

@@ -124,3 +124,60 @@ async fn with_a_secret_key_any_host_is_served() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["cache-control"], "no-store");
 }
+
+/// Every pooled connection stuck behind a lock: requests that cannot get one are answered 503
+/// with `Retry-After` after the pool wait, never left hanging, and all is well once it lifts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_get_a_database_connection_fails_fast_with_retry_after() {
+    let db = TestDatabase::postgres().await;
+    let app = crate::spawn_app_with(
+        &db,
+        &new_key(),
+        &["--database-pool-size", "1", "--database-pool-wait", "1s"],
+    )
+    .await;
+    let integration = serde_json::json!({ "provider_config_key": "gh", "provider": "github",
+        "oauth_client_id": "id", "oauth_client_secret": "secret" });
+    assert_eq!(app.post_json("/config", &integration).await.status(), 200);
+    let mut locker = db.postgres_client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let import = |id: &str| {
+        let body = serde_json::json!({ "provider_config_key": "gh", "connection_id": id,
+            "access_token": "t" });
+        let app = &app;
+        async move {
+            let started = std::time::Instant::now();
+            let response = app.post_json("/connection", &body).await;
+            (response, started.elapsed())
+        }
+    };
+    // One request holds the only connection, blocked by the lock; the others wait for it.
+    let ((a, _), (b, b_took), (c, c_took)) = tokio::join!(
+        import("a"),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            import("b").await
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            lock.commit().await.unwrap();
+            import("c").await
+        },
+    );
+    assert_eq!(b.status(), 503, "{b_took:?}");
+    assert_eq!(b.headers()["retry-after"], "1");
+    assert!(b_took < std::time::Duration::from_secs(3), "{b_took:?}");
+    let body: Value = b.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    // Once the lock lifts, everything works again without a restart.
+    assert!(a.status() == 201 || a.status() == 503, "{}", a.status());
+    assert_eq!(c.status(), 201, "{c_took:?}");
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("grantline_database_connections{state=\"max\"} 1"),
+        "{text}"
+    );
+}

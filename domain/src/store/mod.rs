@@ -416,6 +416,14 @@ impl Backend {
         }
     }
 
+    /// The connection pool's state: what this instance holds of the database's connections.
+    pub fn pool_status(&self) -> PoolStatus {
+        match self {
+            Self::Postgres(store) => store.pool_status(),
+            Self::Sqlite(store) => store.pool_status(),
+        }
+    }
+
     /// `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -448,11 +456,39 @@ impl fmt::Debug for Backend {
     }
 }
 
+/// What an instance holds of its database's connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections the pools may open (PostgreSQL: the pool; the notifier's own is extra).
+    pub max: usize,
+    /// Connections open now.
+    pub open: usize,
+    /// Open connections no request is using.
+    pub idle: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+impl PoolStatus {
+    fn of(status: deadpool_postgres::Status) -> Self {
+        Self {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
+    }
+}
+
 /// Tuning shared by the backends.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// Maximum connections in the pool.
     pub pool_size: usize,
+    /// How long a caller waits for a pooled connection (and a new connection to be made) before
+    /// the store answers [`StoreError::Database`]: a request fails fast instead of hanging while
+    /// the database is away or every connection is busy.
+    pub pool_wait: Duration,
     /// How often listeners poll when no wake-up arrives.
     pub poll_interval: Duration,
 }
@@ -461,6 +497,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             pool_size: 16,
+            pool_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(500),
         }
     }

@@ -55,7 +55,11 @@ struct Inner {
 impl PostgresStore {
     /// Connects, applies the migrations under an advisory lock, and starts the notifier.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
-        let target = Target::parse(url)?;
+        let mut target = Target::parse(url)?;
+        // A database that drops packets must not hold a connect for the kernel's minutes.
+        if target.config.get_connect_timeout().is_none() {
+            target.config.connect_timeout(options.pool_wait);
+        }
         migrate(&target).await?;
 
         let manager = Manager::from_config(
@@ -67,6 +71,9 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.pool_wait))
+            .create_timeout(Some(options.pool_wait))
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
         // Fail at start-up, not at the first request, when the database cannot be reached.
@@ -144,6 +151,11 @@ impl PostgresStore {
              FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
         )
         .await
+    }
+
+    /// The pool's connections (the notifier holds one more of its own).
+    pub fn pool_status(&self) -> super::PoolStatus {
+        super::PoolStatus::of(self.pool.status())
     }
 
     /// The TLS version of a pooled connection, `None` when it is not encrypted.

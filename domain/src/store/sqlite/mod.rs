@@ -32,8 +32,10 @@ mod embedded {
     refinery::embed_migrations!("../migrations/sqlite");
 }
 
+/// `secure_delete` overwrites what a delete frees (a shredded data key) instead of leaving it in
+/// free pages of the file.
 const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;";
+     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;";
 
 /// The SQLite event store and key repository.
 #[derive(Clone)]
@@ -60,8 +62,8 @@ impl SqliteStore {
                 StoreError::Database(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let writer = pool(path, 1)?;
-        let readers = pool(path, options.pool_size.max(1))?;
+        let writer = pool(path, 1, options.pool_wait)?;
+        let readers = pool(path, options.pool_size.max(1), options.pool_wait)?;
         let store = Self {
             writer,
             readers,
@@ -135,11 +137,28 @@ impl SqliteStore {
     }
 }
 
-fn pool(path: &str, size: usize) -> Result<Pool, StoreError> {
+impl SqliteStore {
+    /// The writer's and the readers' connections together.
+    pub fn pool_status(&self) -> super::PoolStatus {
+        let (writer, readers) = (
+            super::PoolStatus::of(self.writer.status()),
+            super::PoolStatus::of(self.readers.status()),
+        );
+        super::PoolStatus {
+            max: writer.max + readers.max,
+            open: writer.open + readers.open,
+            idle: writer.idle + readers.idle,
+            waiting: writer.waiting + readers.waiting,
+        }
+    }
+}
+
+fn pool(path: &str, size: usize, wait: Duration) -> Result<Pool, StoreError> {
     Config::new(path)
         .builder(Runtime::Tokio1)
         .map_err(|e| StoreError::Database(e.to_string()))?
         .max_size(size)
+        .wait_timeout(Some(wait))
         .post_create(Hook::async_fn(|conn, _| {
             Box::pin(async move {
                 conn.interact(|c| c.execute_batch(PRAGMAS))
