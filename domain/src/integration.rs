@@ -31,7 +31,8 @@ pub const STREAM_NAMESPACE: Uuid = Uuid::from_u128(0x446a_214a_c532_4392_b628_5e
 const EVENT_VERSION: i16 = 1;
 const INTEGRATION_CREATED: &str = "IntegrationCreated";
 const INTEGRATION_UPDATED: &str = "IntegrationUpdated";
-const INTEGRATION_DELETED: &str = "IntegrationDeleted";
+/// The type name of [`IntegrationDeleted`] in the log.
+pub const INTEGRATION_DELETED: &str = "IntegrationDeleted";
 
 /// The stream of the integration `provider_config_key`. Deterministic.
 pub fn stream_id(provider_config_key: &str) -> StreamId {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
+use domain::integration::INTEGRATION_DELETED;
 pub use domain::keys::CacheStats;
 use domain::keys::Vault;
 use domain::store::{Backend, LogReader, StreamId};
@@ -230,6 +231,12 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
                         }
                     }
                     Ok(events) => {
+                        // An integration's deletion shredded its data keys on the instance
+                        // that ran it; the event names none, so every key is dropped here (a
+                        // rare event; the live ones load again on use).
+                        if events.iter().any(|e| e.event_type == INTEGRATION_DELETED) {
+                            vault.clear_cache();
+                        }
                         for event in events
                             .iter()
                             .filter(|e| e.stream_id.category() == connection::CATEGORY)

@@ -87,3 +87,46 @@ async fn the_rebuild_command_swaps_in_a_fresh_model_while_the_service_keeps_answ
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown projection"));
 }
+
+/// Deleting an integration on one instance drops the data keys another instance holds in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_integration_evicts_its_data_keys_on_every_instance() {
+    let db = TestDatabase::postgres().await;
+    let key = new_key();
+    let a = spawn_app(&db, &key).await;
+    let b = spawn_app(&db, &key).await;
+    a.create_github_integration("secret").await;
+    let data_keys = |text: String| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("grantline_cache_entries{cache=\"data_keys\"} "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // B opens the client secret, keeping its data key.
+    let mut revealed = Value::Null;
+    for _ in 0..200 {
+        let response = b.get("/config/github?include_creds=true").await;
+        if response.status() == 200 {
+            revealed = response.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(revealed["config"]["oauth_client_secret"], "secret");
+    assert!(data_keys(b.get("/metrics").await.text().await.unwrap()) >= 1.0);
+
+    assert_eq!(a.delete("/config/github").await.status(), 200);
+    let mut evicted = false;
+    for _ in 0..200 {
+        if data_keys(b.get("/metrics").await.text().await.unwrap()) == 0.0 {
+            evicted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        evicted,
+        "instance B still holds the deleted integration's data key"
+    );
+}

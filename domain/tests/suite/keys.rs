@@ -284,3 +284,40 @@ async fn dump_events(backend: &Backend) -> Vec<(i64, String)> {
     assert_eq!(events.len(), 5);
     events
 }
+
+/// On SQLite a shredded key is gone from the files themselves: `secure_delete` zeroes what the
+/// update frees, and the write-ahead log, whose older frames held the key, is checkpointed and
+/// emptied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shredded_data_key_is_not_left_in_the_sqlite_files() {
+    let db = TestDatabase::sqlite();
+    let backend = db.open().await;
+    let (vault, _) = new_vault(&backend).await;
+    let owner = StreamId::new("connection", "shredded");
+    let key_id = vault.create_data_key(&owner).await.unwrap();
+    let wrapped = backend
+        .key_repository()
+        .data_key(key_id)
+        .await
+        .unwrap()
+        .and_then(|stored| stored.wrapped)
+        .unwrap();
+    let path = db.url().strip_prefix("sqlite://").unwrap().to_owned();
+    let files = || {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+        bytes
+    };
+    let holds = |bytes: &[u8]| {
+        bytes
+            .windows(wrapped.len())
+            .any(|w| w == wrapped.as_slice())
+    };
+    // The wrapped key is in the files (the log, at least) before it is shredded.
+    assert!(holds(&files()));
+    vault.destroy(&owner).await.unwrap();
+    assert!(
+        !holds(&files()),
+        "the wrapped key is still in the database files"
+    );
+}

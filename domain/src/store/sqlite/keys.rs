@@ -145,6 +145,14 @@ impl KeyRepository for SqliteStore {
                 .map_err(db_error)?
                 .collect::<Result<Vec<String>, _>>()
                 .map_err(db_error)?;
+            drop(statement);
+            if !ids.is_empty() {
+                // The wrapped keys may still stand in the write-ahead log's older frames: copy
+                // the log into the file (whose freed bytes secure_delete zeroes) and empty it.
+                // Best effort: a reader mid-snapshot leaves the rest to the next checkpoint.
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .map_err(db_error)?;
+            }
             ids.iter()
                 .map(|id| {
                     Uuid::parse_str(id)
