@@ -232,15 +232,25 @@ fn signature(raw: &[u8]) -> String {
         .collect()
 }
 
-/// Checks the headers every webhook carries, and that the signature is right.
+/// Checks the headers every webhook carries, and that the signatures are right, as the README
+/// tells receivers to check them: the timestamped one over `"<t>.<body>"`, within five minutes.
 fn assert_signed(request: &Received) {
-    let expected = signature(&request.raw);
     assert_eq!(request.header("content-type"), "application/json");
+    let header = request.header("x-grantline-signature");
+    let (t, given) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",sha256="))
+        .unwrap_or_else(|| panic!("{header}"));
+    assert_eq!(request.header("x-grantline-timestamp"), t);
+    let age = chrono::Utc::now().timestamp() - t.parse::<i64>().unwrap();
+    assert!((0..300).contains(&age), "{age}");
+    let mut signed = format!("{t}.").into_bytes();
+    signed.extend_from_slice(&request.raw);
+    assert_eq!(given, signature(&signed));
     assert_eq!(
-        request.header("x-grantline-signature"),
-        format!("sha256={expected}")
+        request.header("x-nango-hmac-sha256"),
+        signature(&request.raw)
     );
-    assert_eq!(request.header("x-nango-hmac-sha256"), expected);
     assert_eq!(request.header("idempotency-key"), request.id());
 }
 

@@ -2,9 +2,11 @@
 //! once with a timeout and without following redirects; the wait before the next attempt when
 //! it fails; and what went wrong, told without the URL (which may carry credentials).
 //!
-//! Headers: `X-Grantline-Signature: sha256=<hex>` and the same hex as `X-Nango-Hmac-Sha256`,
-//! `Idempotency-Key` (the event's id, also the body's `id`, for the receiver to deduplicate),
-//! and `X-Grantline-Delivery-Attempt` (1, 2, …).
+//! Headers: `X-Grantline-Signature: t=<unix seconds>,sha256=<hex>`, the HMAC of
+//! `"<t>.<body>"`, so a receiver can refuse a replayed delivery by its age; the same seconds as
+//! `X-Grantline-Timestamp`; Nango's `X-Nango-Hmac-Sha256` (the HMAC of the body alone, for
+//! Nango handlers, which cannot tell a replay); `Idempotency-Key` (the event's id, also the
+//! body's `id`, for the receiver to deduplicate), and `X-Grantline-Delivery-Attempt` (1, 2, …).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use crate::transport;
 /// The longest wait between two attempts of one delivery.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
-/// Hex of HMAC-SHA256 of `body` under `secret`, as the signature headers carry it.
+/// Hex of HMAC-SHA256 of `body` under `secret` (Nango's signature header).
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
     match Hmac::<Sha256>::new_from_slice(secret) {
@@ -32,6 +34,14 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
         }
         Err(_) => String::new(),
     }
+}
+
+/// `X-Grantline-Signature` of `body` sent at `timestamp` (UNIX seconds): `t=<timestamp>,
+/// sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`. Each attempt is signed when it is sent.
+pub fn timestamped_signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    format!("t={timestamp},sha256={}", sign(secret, &signed))
 }
 
 /// The wait before attempt `attempts + 1`: `base` doubled per earlier failure, capped at
@@ -91,11 +101,16 @@ impl Poster {
     ) -> Result<u16, Failed> {
         let body = body.to_string().into_bytes();
         let signature = sign(&self.secret, &body);
+        let timestamp = Utc::now().timestamp();
         let sent = self
             .http
             .post(url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("X-Grantline-Signature", format!("sha256={signature}"))
+            .header(
+                "X-Grantline-Signature",
+                timestamped_signature(&self.secret, timestamp, &body),
+            )
+            .header("X-Grantline-Timestamp", timestamp.to_string())
             .header("X-Nango-Hmac-Sha256", &signature)
             .header("Idempotency-Key", event_id.to_string())
             .header("X-Grantline-Delivery-Attempt", attempt.to_string())
@@ -146,6 +161,10 @@ mod tests {
         assert_eq!(
             sign(b"Jefe", b"what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            timestamped_signature(b"k", 1_700_000_000, b"{}"),
+            format!("t=1700000000,sha256={}", sign(b"k", b"1700000000.{}"))
         );
     }
 

@@ -17,8 +17,9 @@
 //! - A target starts at the log's position when it is first registered: it receives what happens
 //!   from then on, not the history before it.
 //! - Bodies carry no secret: no token, no fingerprint, no provider free text; each is signed with
-//!   HMAC-SHA256 under the configured secret (`X-Grantline-Signature: sha256=<hex>`, and the same
-//!   hex as `X-Nango-Hmac-Sha256`).
+//!   HMAC-SHA256 under the configured secret, with the time it was sent
+//!   (`X-Grantline-Signature: t=<seconds>,sha256=<hex>`; Nango's `X-Nango-Hmac-Sha256` of the
+//!   body alone too).
 //!
 //! Whether an authorization is a creation or a re-authorization, and a refresh a recovery,
 //! depends on the connection's state before the event: folded from the stream's earlier events
