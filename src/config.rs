@@ -330,6 +330,8 @@ const FLAGS: &[(&str, &str)] = &[
         "max-websockets-per-client",
     ),
     ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "websocket-idle-timeout"),
+    ("GRANTLINE_MAX_OPEN_FLOWS", "max-open-flows"),
+    ("GRANTLINE_FLOWS_PER_MINUTE", "flows-per-minute"),
 ];
 
 /// Every environment variable the binary reads (for the help test and the README).

@@ -53,6 +53,10 @@ pub struct ServerLimits {
     pub max_websockets_per_client: usize,
     /// How long a WebSocket may go without a frame from its client (it is pinged at half this).
     pub websocket_idle_timeout: Duration,
+    /// OAuth flows open at once, on all instances.
+    pub max_open_flows: usize,
+    /// OAuth flows one client address may start per minute.
+    pub flows_per_minute: usize,
 }
 
 /// What the limits did, for `/metrics`.
@@ -79,11 +83,13 @@ pub struct Refused {
     pub websockets_per_client: AtomicU64,
     pub websocket_origin: AtomicU64,
     pub websocket_idle: AtomicU64,
+    pub flows_per_client: AtomicU64,
+    pub open_flows: AtomicU64,
 }
 
 impl Refused {
     /// Each counter with its `limit` label.
-    pub fn by_limit(&self) -> [(&'static str, u64); 10] {
+    pub fn by_limit(&self) -> [(&'static str, u64); 12] {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         [
             ("connections", get(&self.connections)),
@@ -96,6 +102,8 @@ impl Refused {
             ("websockets_per_client", get(&self.websockets_per_client)),
             ("websocket_origin", get(&self.websocket_origin)),
             ("websocket_idle", get(&self.websocket_idle)),
+            ("flows_per_client", get(&self.flows_per_client)),
+            ("open_flows", get(&self.open_flows)),
         ]
     }
 }
@@ -449,6 +457,8 @@ mod tests {
             max_websockets: 3,
             max_websockets_per_client: 2,
             websocket_idle_timeout: Duration::from_secs(60),
+            max_open_flows: 100,
+            flows_per_minute: 60,
         }
     }
 

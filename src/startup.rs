@@ -43,7 +43,10 @@ impl Application {
     /// listener.
     pub async fn build(mut config: Config) -> anyhow::Result<Self> {
         let catalog = load_catalog(&config)?;
-        let oauth = Flows::new(config.refresh.provider_timeout)?;
+        let oauth = Flows::new(
+            config.refresh.provider_timeout,
+            config.limits.flows_per_minute,
+        )?;
         let (backend, vault) = open_storage(&config.database).await?;
         let listener = TcpListener::bind(config.listen)
             .await

@@ -124,4 +124,7 @@ pub trait SessionRepository: Send + Sync {
 
     /// Deletes the sessions expired at `now`; returns how many.
     async fn sweep_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// How many sessions are still open at `now`.
+    async fn open_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 }

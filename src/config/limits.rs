@@ -39,6 +39,14 @@ pub struct LimitArgs {
     /// How long a WebSocket may go without a frame from its client (pinged at half of it).
     #[arg(long, env = "GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", default_value = "60s")]
     pub websocket_idle_timeout: String,
+
+    /// OAuth flows open at once (started, not yet finished or expired), on all instances.
+    #[arg(long, env = "GRANTLINE_MAX_OPEN_FLOWS", default_value = "10000")]
+    pub max_open_flows: String,
+
+    /// OAuth flows one client address may start per minute (on this instance).
+    #[arg(long, env = "GRANTLINE_FLOWS_PER_MINUTE", default_value = "60")]
+    pub flows_per_minute: String,
 }
 
 impl LimitArgs {
@@ -69,6 +77,8 @@ impl LimitArgs {
                 "GRANTLINE_WEBSOCKET_IDLE_TIMEOUT",
                 &self.websocket_idle_timeout,
             )?,
+            max_open_flows: parse_positive("GRANTLINE_MAX_OPEN_FLOWS", &self.max_open_flows)?,
+            flows_per_minute: parse_positive("GRANTLINE_FLOWS_PER_MINUTE", &self.flows_per_minute)?,
         })
     }
 }

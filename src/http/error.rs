@@ -363,7 +363,8 @@ impl From<HistoryError> for ApiError {
 /// or the provider (never a 5xx for provider trouble), 503/500 for our own.
 pub fn flow_status(error: &FlowError) -> StatusCode {
     match error {
-        FlowError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        FlowError::Unavailable(_) | FlowError::TooManyOpenFlows => StatusCode::SERVICE_UNAVAILABLE,
+        FlowError::TooManyFlows => StatusCode::TOO_MANY_REQUESTS,
         FlowError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }

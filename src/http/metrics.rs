@@ -162,7 +162,7 @@ fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
         "Connections, requests and WebSockets refused or closed by a limit: the connection \
          cap, a non-loopback Host in open mode, the header, idle and request timeouts, an \
          announced body over 1 MiB, the WebSocket caps, a WebSocket from an unknown origin or \
-         gone idle.",
+         gone idle, OAuth flows started too often by one address or past the open-flow cap.",
         &labels
             .iter()
             .zip(refused)

@@ -9,8 +9,9 @@
 //! the outcome is also sent over that WebSocket (`GET /` with an upgrade).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -66,10 +67,12 @@ use crate::state::AppState;
 )]
 pub async fn connect(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiPath(provider_config_key): ApiPath<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let request = connect_request(provider_config_key, query.as_deref().unwrap_or(""));
+    let mut request = connect_request(provider_config_key, query.as_deref().unwrap_or(""));
+    request.client = Some(peer.ip());
     match oauth::connect(&state, request, Utc::now()).await {
         Ok(authorization_url) => found(&authorization_url),
         Err(failure) => {

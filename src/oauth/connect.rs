@@ -8,6 +8,7 @@
 //! PKCE, `oauth_token`) are always the flow's own.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 use domain::bounds::JsonBounds;
@@ -65,6 +66,8 @@ const RESERVED_AUTHORIZATION_PARAMS: [&str; 6] = [
 /// What `/oauth/connect` was asked.
 #[derive(Debug, Default)]
 pub struct ConnectRequest {
+    /// The address the request came from (flows are rate-limited per address).
+    pub client: Option<IpAddr>,
     pub provider_config_key: String,
     pub connection_id: Option<String>,
     pub public_key: Option<String>,
@@ -115,6 +118,13 @@ async fn start(
     if let Some(ws) = non_blank(request.ws_client_id.as_deref()) {
         check_param(ws, "ws_client_id")?;
         report.ws_client_id = Some(ws.to_owned());
+    }
+    if let Some(client) = request.client
+        && !state.oauth.may_start(client)
+    {
+        let refused = &state.server_stats.refused.flows_per_client;
+        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(FlowError::TooManyFlows);
     }
     let key = request.provider_config_key.clone();
     check_param(&key, "provider_config_key")?;
@@ -217,6 +227,15 @@ async fn start(
         created_at: now,
         expires_at: now + lifetime,
     };
+    // A cap on open flows, so anonymous starts cannot fill the table (approximate under
+    // concurrency: each start counts, then inserts).
+    if state.backend.sessions().open_sessions(now).await?
+        >= state.config.limits.max_open_flows as u64
+    {
+        let refused = &state.server_stats.refused.open_flows;
+        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(FlowError::TooManyOpenFlows);
+    }
     state.backend.sessions().create_session(&session).await?;
     tracing::info!(
         provider_config_key = %key,

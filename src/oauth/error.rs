@@ -82,6 +82,12 @@ pub enum FlowError {
     /// provider's text and network details are logged, never shown.
     #[error("Token exchange failed: {}.", public_token_error(.0))]
     Token(#[from] TokenError),
+    /// This client started more flows in the last minute than the server allows.
+    #[error("Too many authorizations were started from this address; wait a minute.")]
+    TooManyFlows,
+    /// As many flows are open as the server allows.
+    #[error("Too many authorizations are in progress; try again in a few minutes.")]
+    TooManyOpenFlows,
     /// The database cannot be reached (the cause is logged, not shown).
     #[error("The service is temporarily unavailable; try again.")]
     Unavailable(String),
@@ -140,6 +146,7 @@ impl FlowError {
             | Self::MissingVerifier
             | Self::TokenMismatch => "callback_err",
             Self::Token(_) => "token_err",
+            Self::TooManyFlows | Self::TooManyOpenFlows => "rate_limit_err",
             Self::Unavailable(_) | Self::Internal(_) => "unknown_err",
         }
     }

@@ -30,12 +30,15 @@ mod report;
 mod signature;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use domain::catalog::{self, Template};
 use domain::keys::KeyError;
 use domain::oauth_session::SESSION_KEY_OWNER;
 use domain::store::StreamId;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 use workers::provider::ProviderClient;
@@ -53,15 +56,32 @@ use crate::state::AppState;
 pub struct Flows {
     provider: ProviderClient,
     session_key: tokio::sync::OnceCell<Uuid>,
+    /// Flows each client address may start (`GRANTLINE_FLOWS_PER_MINUTE`).
+    starts: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 impl Flows {
-    /// Flows whose token requests end within `provider_timeout`.
-    pub fn new(provider_timeout: Duration) -> anyhow::Result<Self> {
+    /// Flows whose token requests end within `provider_timeout`, `per_minute` of them started
+    /// by any one client address.
+    pub fn new(provider_timeout: Duration, per_minute: usize) -> anyhow::Result<Self> {
+        let per_minute = u32::try_from(per_minute)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .unwrap_or(NonZeroU32::MIN);
         Ok(Self {
             provider: ProviderClient::new(provider_timeout)?,
             session_key: tokio::sync::OnceCell::new(),
+            starts: RateLimiter::keyed(Quota::per_minute(per_minute)),
         })
+    }
+
+    /// Whether `client` may start one more flow now (counted when it may).
+    fn may_start(&self, client: IpAddr) -> bool {
+        // Clients that have not come back for a minute are forgotten.
+        if self.starts.len() > 10_000 {
+            self.starts.retain_recent();
+        }
+        self.starts.check_key(&client).is_ok()
     }
 
     /// The data key that seals flow secrets: made once per process, on the first flow.

@@ -45,6 +45,7 @@ domain::on_both_backends!(
     a_websocket_client_hears_the_outcome_of_its_flow,
     an_oauth1_flow_records_signed_token_credentials,
     oauth1_denials_replays_and_foreign_tokens_are_refused,
+    anonymous_flow_starts_are_limited_per_address_and_in_all,
 );
 
 const APP_ORIGIN: &str = "http://app.example.test";
@@ -1202,4 +1203,40 @@ async fn oauth1_denials_replays_and_foreign_tokens_are_refused(db: &TestDatabase
     .await;
     assert!(body.contains("denied"), "{body}");
     assert_eq!(env.fake.token_requests(), 1);
+}
+
+/// Without an HMAC key anyone may start a flow: one address may start only so many a minute,
+/// and only so many may be open at once (429 and 503, as error pages).
+async fn anonymous_flow_starts_are_limited_per_address_and_in_all(db: &TestDatabase) {
+    let env = env(db, &["--flows-per-minute", "3"]).await;
+    for n in 0..3 {
+        env.start("fake", &format!("connection_id=rate-{n}")).await;
+    }
+    let refused = env.connect("fake", "connection_id=rate-3").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("rate_limit_err"), "{body}");
+
+    // A second instance on the same database, allowing four open flows: three are open.
+    let other = spawn_config(config(
+        db,
+        &env.key,
+        &env.providers,
+        &["--max-open-flows", "4"],
+    ))
+    .await;
+    let connect = |id: &str| other.url(&format!("/oauth/connect/fake?connection_id={id}"));
+    assert_eq!(
+        env.get(&connect("open-4")).await.status(),
+        StatusCode::FOUND
+    );
+    let refused = env.get(&connect("open-5")).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("rate_limit_err"), "{body}");
+    let metrics = other.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("grantline_http_refused_total{limit=\"open_flows\"} 1"),
+        "{metrics}"
+    );
 }

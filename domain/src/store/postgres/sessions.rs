@@ -68,6 +68,18 @@ impl SessionRepository for PostgresStore {
             .await
             .map_err(db_error)
     }
+
+    async fn open_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM oauth_sessions WHERE expires_at > $1",
+                &[&now],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
 }
 
 fn flow_session(row: &Row) -> Result<FlowSession, StoreError> {

@@ -69,6 +69,20 @@ impl SessionRepository for SqliteStore {
         })
         .await
     }
+
+    async fn open_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let now = now.timestamp_micros();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT count(*) FROM oauth_sessions WHERE expires_at > ?1",
+                [now],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(db_error)
+        })
+        .await
+    }
 }
 
 /// A session row as SQLite stores it, before its JSON and times are decoded.
