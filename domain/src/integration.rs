@@ -45,11 +45,10 @@ pub fn stream_id(provider_config_key: &str) -> StreamId {
 // Events
 // ---------------------------------------------------------------------------------------------
 
-/// The integration was created (first time, or again after a deletion).
+/// An integration's configuration, its client secret sealed: what a creation or an update
+/// sets. Its fields stand flat in the payloads of both events.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct IntegrationCreated {
-    /// The integration's key, unique among live integrations.
-    pub provider_config_key: String,
+pub struct IntegrationSettings {
     /// The provider template's name.
     pub provider: String,
     /// The OAuth client id (not a secret).
@@ -58,6 +57,16 @@ pub struct IntegrationCreated {
     pub client_secret: Sealed,
     /// The scopes to request.
     pub oauth_scopes: Vec<String>,
+}
+
+/// The integration was created (first time, or again after a deletion).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IntegrationCreated {
+    /// The integration's key, unique among live integrations.
+    pub provider_config_key: String,
+    /// Its configuration.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }
@@ -65,14 +74,9 @@ pub struct IntegrationCreated {
 /// The integration's configuration was replaced.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct IntegrationUpdated {
-    /// The provider template's name.
-    pub provider: String,
-    /// The OAuth client id.
-    pub oauth_client_id: String,
-    /// The OAuth client secret, sealed.
-    pub client_secret: Sealed,
-    /// The scopes to request.
-    pub oauth_scopes: Vec<String>,
+    /// The new configuration.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was updated.
     pub updated_at: DateTime<Utc>,
 }
@@ -206,18 +210,12 @@ pub enum IntegrationCommand {
     /// Create the integration (again, if it was deleted).
     Create {
         provider_config_key: String,
-        provider: String,
-        oauth_client_id: String,
-        client_secret: Sealed,
-        oauth_scopes: Vec<String>,
+        settings: IntegrationSettings,
         now: DateTime<Utc>,
     },
     /// Replace the live integration's configuration.
     Update {
-        provider: String,
-        oauth_client_id: String,
-        client_secret: Sealed,
-        oauth_scopes: Vec<String>,
+        settings: IntegrationSettings,
         now: DateTime<Utc>,
     },
     /// Delete the live integration.
@@ -250,10 +248,7 @@ pub fn decide(
     let event = match command {
         IntegrationCommand::Create {
             provider_config_key,
-            provider,
-            oauth_client_id,
-            client_secret,
-            oauth_scopes,
+            settings,
             now,
         } => {
             if let Integration::Active(_) = state {
@@ -261,26 +256,14 @@ pub fn decide(
             }
             IntegrationEvent::IntegrationCreated(IntegrationCreated {
                 provider_config_key,
-                provider,
-                oauth_client_id,
-                client_secret,
-                oauth_scopes,
+                settings,
                 created_at: now,
             })
         }
-        IntegrationCommand::Update {
-            provider,
-            oauth_client_id,
-            client_secret,
-            oauth_scopes,
-            now,
-        } => {
+        IntegrationCommand::Update { settings, now } => {
             existing(state)?;
             IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
-                provider,
-                oauth_client_id,
-                client_secret,
-                oauth_scopes,
+                settings,
                 updated_at: now,
             })
         }
@@ -305,22 +288,24 @@ fn existing(state: &Integration) -> Result<&ActiveIntegration, IntegrationReject
 pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
     match event {
         IntegrationEvent::IntegrationCreated(event) => {
+            let settings = event.settings.clone();
             *state = Integration::Active(ActiveIntegration {
                 provider_config_key: event.provider_config_key.clone(),
-                provider: event.provider.clone(),
-                oauth_client_id: event.oauth_client_id.clone(),
-                client_secret: event.client_secret.clone(),
-                oauth_scopes: event.oauth_scopes.clone(),
+                provider: settings.provider,
+                oauth_client_id: settings.oauth_client_id,
+                client_secret: settings.client_secret,
+                oauth_scopes: settings.oauth_scopes,
                 created_at: event.created_at,
                 updated_at: None,
             });
         }
         IntegrationEvent::IntegrationUpdated(event) => {
             if let Integration::Active(active) = state {
-                active.provider = event.provider.clone();
-                active.oauth_client_id = event.oauth_client_id.clone();
-                active.client_secret = event.client_secret.clone();
-                active.oauth_scopes = event.oauth_scopes.clone();
+                let settings = event.settings.clone();
+                active.provider = settings.provider;
+                active.oauth_client_id = settings.oauth_client_id;
+                active.client_secret = settings.client_secret;
+                active.oauth_scopes = settings.oauth_scopes;
                 active.updated_at = Some(event.updated_at);
             }
         }
@@ -337,6 +322,7 @@ pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
 mod tests {
     use serde_json::json;
 
+    use super::IntegrationRejected::{AlreadyExists, Deleted, NotFound};
     use super::*;
     use crate::scenario::{
         Decider, Given, assert_malformed_without, assert_pinned, assert_unknown, at,
@@ -349,13 +335,30 @@ mod tests {
         }
     }
 
-    fn create(now: DateTime<Utc>) -> IntegrationCommand {
-        IntegrationCommand::Create {
-            provider_config_key: "github-prod".to_owned(),
+    /// The first configuration: client 1, scope `repo`.
+    fn first_settings() -> IntegrationSettings {
+        IntegrationSettings {
             provider: "github".to_owned(),
             oauth_client_id: "client-1".to_owned(),
             client_secret: secret(b"secret-1"),
             oauth_scopes: vec!["repo".to_owned()],
+        }
+    }
+
+    /// The second configuration: client 2, scopes `repo` and `user`.
+    fn second_settings() -> IntegrationSettings {
+        IntegrationSettings {
+            provider: "github".to_owned(),
+            oauth_client_id: "client-2".to_owned(),
+            client_secret: secret(b"secret-2"),
+            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+        }
+    }
+
+    fn create(now: DateTime<Utc>) -> IntegrationCommand {
+        IntegrationCommand::Create {
+            provider_config_key: "github-prod".to_owned(),
+            settings: first_settings(),
             now,
         }
     }
@@ -363,30 +366,21 @@ mod tests {
     fn created(now: DateTime<Utc>) -> IntegrationEvent {
         IntegrationEvent::IntegrationCreated(IntegrationCreated {
             provider_config_key: "github-prod".to_owned(),
-            provider: "github".to_owned(),
-            oauth_client_id: "client-1".to_owned(),
-            client_secret: secret(b"secret-1"),
-            oauth_scopes: vec!["repo".to_owned()],
+            settings: first_settings(),
             created_at: now,
         })
     }
 
     fn update(now: DateTime<Utc>) -> IntegrationCommand {
         IntegrationCommand::Update {
-            provider: "github".to_owned(),
-            oauth_client_id: "client-2".to_owned(),
-            client_secret: secret(b"secret-2"),
-            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            settings: second_settings(),
             now,
         }
     }
 
     fn updated(now: DateTime<Utc>) -> IntegrationEvent {
         IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
-            provider: "github".to_owned(),
-            oauth_client_id: "client-2".to_owned(),
-            client_secret: secret(b"secret-2"),
-            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            settings: second_settings(),
             updated_at: now,
         })
     }
@@ -416,6 +410,15 @@ mod tests {
         crate::scenario::given(events)
     }
 
+    /// After `events`, `command` is refused with `rejection`.
+    fn rejected(
+        events: &[IntegrationEvent],
+        command: IntegrationCommand,
+        rejection: IntegrationRejected,
+    ) {
+        given(events).when(command).then_rejected(rejection);
+    }
+
     #[test]
     fn an_integration_is_created() {
         let state = given(&[]).when(create(at(0))).then(&[created(at(0))]);
@@ -428,12 +431,12 @@ mod tests {
 
     #[test]
     fn creating_an_existing_integration_is_rejected() {
-        given(&[created(at(0))])
-            .when(create(at(1)))
-            .then_rejected(IntegrationRejected::AlreadyExists);
-        given(&[created(at(0)), updated(at(1))])
-            .when(create(at(2)))
-            .then_rejected(IntegrationRejected::AlreadyExists);
+        rejected(&[created(at(0))], create(at(1)), AlreadyExists);
+        rejected(
+            &[created(at(0)), updated(at(1))],
+            create(at(2)),
+            AlreadyExists,
+        );
     }
 
     #[test]
@@ -462,12 +465,8 @@ mod tests {
 
     #[test]
     fn updating_a_missing_or_deleted_integration_is_rejected() {
-        given(&[])
-            .when(update(at(1)))
-            .then_rejected(IntegrationRejected::NotFound);
-        given(&[created(at(0)), deleted(at(1))])
-            .when(update(at(2)))
-            .then_rejected(IntegrationRejected::Deleted);
+        rejected(&[], update(at(1)), NotFound);
+        rejected(&[created(at(0)), deleted(at(1))], update(at(2)), Deleted);
     }
 
     #[test]
@@ -483,12 +482,12 @@ mod tests {
 
     #[test]
     fn deleting_a_missing_integration_or_deleting_twice_is_rejected() {
-        given(&[])
-            .when(IntegrationCommand::Delete { now: at(1) })
-            .then_rejected(IntegrationRejected::NotFound);
-        given(&[created(at(0)), deleted(at(1))])
-            .when(IntegrationCommand::Delete { now: at(2) })
-            .then_rejected(IntegrationRejected::Deleted);
+        rejected(&[], IntegrationCommand::Delete { now: at(1) }, NotFound);
+        rejected(
+            &[created(at(0)), deleted(at(1))],
+            IntegrationCommand::Delete { now: at(2) },
+            Deleted,
+        );
     }
 
     #[test]
