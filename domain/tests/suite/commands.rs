@@ -366,7 +366,9 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         .into_iter()
         .rev()
         .find_map(|event| match event {
-            ConnectionEvent::ConnectionAuthorized(authorized) => Some(authorized.credentials),
+            ConnectionEvent::ConnectionAuthorized(authorized) => {
+                Some(authorized.authorization.credentials)
+            }
             _ => None,
         })
         .unwrap();
