@@ -160,14 +160,9 @@ pub enum Integration {
 pub struct ActiveIntegration {
     /// The integration's key.
     pub provider_config_key: String,
-    /// The provider template's name.
-    pub provider: String,
-    /// The OAuth client id.
-    pub oauth_client_id: String,
-    /// The OAuth client secret, sealed.
-    pub client_secret: Sealed,
-    /// The scopes to request.
-    pub oauth_scopes: Vec<String>,
+    /// Its configuration, as the last creation or update set it.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was (last) created.
     pub created_at: DateTime<Utc>,
     /// When it was last updated, if ever since its creation.
@@ -288,24 +283,16 @@ fn existing(state: &Integration) -> Result<&ActiveIntegration, IntegrationReject
 pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
     match event {
         IntegrationEvent::IntegrationCreated(event) => {
-            let settings = event.settings.clone();
             *state = Integration::Active(ActiveIntegration {
                 provider_config_key: event.provider_config_key.clone(),
-                provider: settings.provider,
-                oauth_client_id: settings.oauth_client_id,
-                client_secret: settings.client_secret,
-                oauth_scopes: settings.oauth_scopes,
+                settings: event.settings.clone(),
                 created_at: event.created_at,
                 updated_at: None,
             });
         }
         IntegrationEvent::IntegrationUpdated(event) => {
             if let Integration::Active(active) = state {
-                let settings = event.settings.clone();
-                active.provider = settings.provider;
-                active.oauth_client_id = settings.oauth_client_id;
-                active.client_secret = settings.client_secret;
-                active.oauth_scopes = settings.oauth_scopes;
+                active.settings = event.settings.clone();
                 active.updated_at = Some(event.updated_at);
             }
         }
@@ -424,7 +411,7 @@ mod tests {
         let state = given(&[]).when(create(at(0))).then(&[created(at(0))]);
         let active = state.active().unwrap();
         assert_eq!(active.provider_config_key, "github-prod");
-        assert_eq!(active.client_secret, secret(b"secret-1"));
+        assert_eq!(active.settings.client_secret, secret(b"secret-1"));
         assert_eq!(active.created_at, at(0));
         assert_eq!(active.updated_at, None);
     }
@@ -445,7 +432,7 @@ mod tests {
             .when(create(at(3)))
             .then(&[created(at(3))]);
         let active = state.active().unwrap();
-        assert_eq!(active.oauth_client_id, "client-1");
+        assert_eq!(active.settings.oauth_client_id, "client-1");
         assert_eq!(active.created_at, at(3));
         assert_eq!(active.updated_at, None);
     }
@@ -456,9 +443,9 @@ mod tests {
             .when(update(at(1)))
             .then(&[updated(at(1))]);
         let active = state.active().unwrap();
-        assert_eq!(active.oauth_client_id, "client-2");
-        assert_eq!(active.client_secret, secret(b"secret-2"));
-        assert_eq!(active.oauth_scopes, vec!["repo", "user"]);
+        assert_eq!(active.settings.oauth_client_id, "client-2");
+        assert_eq!(active.settings.client_secret, secret(b"secret-2"));
+        assert_eq!(active.settings.oauth_scopes, vec!["repo", "user"]);
         assert_eq!(active.created_at, at(0));
         assert_eq!(active.updated_at, Some(at(1)));
     }

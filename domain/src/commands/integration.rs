@@ -153,7 +153,7 @@ impl Commands {
         &self,
         integration: &ActiveIntegration,
     ) -> Result<ClientSecret, CommandError> {
-        self.reveal(&integration.client_secret).await
+        self.reveal(&integration.settings.client_secret).await
     }
 
     /// Runs the command `command` makes of the sealed client secret (and of whether it is sealed
