@@ -177,15 +177,6 @@ pub struct DeletedIntegration {
 }
 
 impl Integration {
-    /// The state after `events`, in stream order.
-    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a IntegrationEvent>) -> Self {
-        let mut state = Self::default();
-        for event in events {
-            apply(&mut state, event);
-        }
-        state
-    }
-
     /// The live state, unless never created or deleted.
     pub fn active(&self) -> Option<&ActiveIntegration> {
         match self {

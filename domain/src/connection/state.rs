@@ -133,15 +133,6 @@ impl ActiveConnection {
 }
 
 impl Connection {
-    /// The state after `events`, in stream order.
-    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a ConnectionEvent>) -> Self {
-        let mut state = Self::default();
-        for event in events {
-            apply(&mut state, event);
-        }
-        state
-    }
-
     /// The last authorization's generation; 0 if never authorized.
     pub fn generation(&self) -> u32 {
         match self {
