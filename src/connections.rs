@@ -283,10 +283,10 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
         .commands
         .authorize_connection(AuthorizeConnection {
             key: key.clone(),
-            provider: integration.integration.provider.clone(),
+            provider: integration.integration.settings.provider.clone(),
             flow: Flow::Import,
             credentials: import.credentials.clone(),
-            scopes: integration.integration.oauth_scopes.clone(),
+            scopes: integration.integration.settings.oauth_scopes.clone(),
             connection_config: import.connection_config,
             now,
             metadata: import.metadata,

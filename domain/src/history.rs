@@ -232,13 +232,17 @@ impl HistoryFolder {
     pub fn entry(&mut self, record: &RecordedEvent, event: &ConnectionEvent) -> HistoryEntry {
         let recorded_instance = instance_of(&record.metadata);
         match event {
-            ConnectionEvent::ConnectionAuthorized(e) => {
-                self.generation = e.generation;
+            ConnectionEvent::ConnectionAuthorized(authorized) => {
+                let e = &authorized.authorization;
+                self.generation = authorized.generation;
                 self.connection = Some((e.provider_config_key.clone(), e.connection_id.clone()));
                 // A re-authorization ends every lease of the previous generation.
                 self.leases.clear();
-                let mut entry =
-                    HistoryEntry::base(record, EntryType::ConnectionAuthorized, e.generation);
+                let mut entry = HistoryEntry::base(
+                    record,
+                    EntryType::ConnectionAuthorized,
+                    authorized.generation,
+                );
                 entry.provider = Some(e.provider.clone());
                 entry.flow = Some(e.flow);
                 entry.credentials_type = Some(e.credentials_type);
@@ -390,8 +394,8 @@ mod tests {
 
     use super::*;
     use crate::connection::{
-        ConnectionAuthorized, ConnectionDeleted, MetadataSet, RefreshFailed, RefreshFailure,
-        RefreshLeased, TokensRefreshed,
+        Authorization, ConnectionAuthorized, ConnectionDeleted, MetadataSet, RefreshFailed,
+        RefreshFailure, RefreshLeased, TokensRefreshed,
     };
     use crate::keys::Sealed;
     use crate::store::{Position, StreamId};
@@ -447,19 +451,21 @@ mod tests {
 
     fn authorized(generation: u32, data_key: Uuid) -> ConnectionEvent {
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-            provider_config_key: "github".into(),
-            connection_id: "user-1".into(),
-            provider: "github".into(),
-            flow: Flow::Oauth2,
-            credentials_type: CredentialsType::Oauth2,
+            authorization: Authorization {
+                provider_config_key: "github".into(),
+                connection_id: "user-1".into(),
+                provider: "github".into(),
+                flow: Flow::Oauth2,
+                credentials_type: CredentialsType::Oauth2,
+                data_key_id: data_key,
+                credentials: sealed(data_key),
+                has_refresh_token: true,
+                expires_at: Some(at(3600)),
+                scopes: vec!["repo".into(), "user".into()],
+                connection_config: Map::from_iter([("subdomain".to_owned(), json!("acme"))]),
+                fingerprints: fingerprints(generation as u8),
+            },
             generation,
-            data_key_id: data_key,
-            credentials: sealed(data_key),
-            has_refresh_token: true,
-            expires_at: Some(at(3600)),
-            scopes: vec!["repo".into(), "user".into()],
-            connection_config: Map::from_iter([("subdomain".to_owned(), json!("acme"))]),
-            fingerprints: fingerprints(generation as u8),
             authorized_at: at(0),
         })
     }

@@ -46,11 +46,10 @@ pub fn stream_id(provider_config_key: &str) -> StreamId {
 // Events
 // ---------------------------------------------------------------------------------------------
 
-/// The integration was created (first time, or again after a deletion).
+/// An integration's configuration, its client secret sealed: what a creation or an update
+/// sets. Its fields stand flat in the payloads of both events.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct IntegrationCreated {
-    /// The integration's key, unique among live integrations.
-    pub provider_config_key: String,
+pub struct IntegrationSettings {
     /// The provider template's name.
     pub provider: String,
     /// The OAuth client id (not a secret).
@@ -59,6 +58,16 @@ pub struct IntegrationCreated {
     pub client_secret: Sealed,
     /// The scopes to request.
     pub oauth_scopes: Vec<String>,
+}
+
+/// The integration was created (first time, or again after a deletion).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IntegrationCreated {
+    /// The integration's key, unique among live integrations.
+    pub provider_config_key: String,
+    /// Its configuration.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }
@@ -66,14 +75,9 @@ pub struct IntegrationCreated {
 /// The integration's configuration was replaced.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct IntegrationUpdated {
-    /// The provider template's name.
-    pub provider: String,
-    /// The OAuth client id.
-    pub oauth_client_id: String,
-    /// The OAuth client secret, sealed.
-    pub client_secret: Sealed,
-    /// The scopes to request.
-    pub oauth_scopes: Vec<String>,
+    /// The new configuration.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was updated.
     pub updated_at: DateTime<Utc>,
 }
@@ -157,14 +161,9 @@ pub enum Integration {
 pub struct ActiveIntegration {
     /// The integration's key.
     pub provider_config_key: String,
-    /// The provider template's name.
-    pub provider: String,
-    /// The OAuth client id.
-    pub oauth_client_id: String,
-    /// The OAuth client secret, sealed.
-    pub client_secret: Sealed,
-    /// The scopes to request.
-    pub oauth_scopes: Vec<String>,
+    /// Its configuration, as the last creation or update set it.
+    #[serde(flatten)]
+    pub settings: IntegrationSettings,
     /// When it was (last) created.
     pub created_at: DateTime<Utc>,
     /// When it was last updated, if ever since its creation.
@@ -179,15 +178,6 @@ pub struct DeletedIntegration {
 }
 
 impl Integration {
-    /// The state after `events`, in stream order.
-    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a IntegrationEvent>) -> Self {
-        let mut state = Self::default();
-        for event in events {
-            apply(&mut state, event);
-        }
-        state
-    }
-
     /// The live state, unless never created or deleted.
     pub fn active(&self) -> Option<&ActiveIntegration> {
         match self {
@@ -207,18 +197,12 @@ pub enum IntegrationCommand {
     /// Create the integration (again, if it was deleted).
     Create {
         provider_config_key: String,
-        provider: String,
-        oauth_client_id: String,
-        client_secret: Sealed,
-        oauth_scopes: Vec<String>,
+        settings: IntegrationSettings,
         now: DateTime<Utc>,
     },
     /// Replace the live integration's configuration.
     Update {
-        provider: String,
-        oauth_client_id: String,
-        client_secret: Sealed,
-        oauth_scopes: Vec<String>,
+        settings: IntegrationSettings,
         now: DateTime<Utc>,
     },
     /// Delete the live integration.
@@ -251,10 +235,7 @@ pub fn decide(
     let event = match command {
         IntegrationCommand::Create {
             provider_config_key,
-            provider,
-            oauth_client_id,
-            client_secret,
-            oauth_scopes,
+            settings,
             now,
         } => {
             if let Integration::Active(_) = state {
@@ -262,26 +243,14 @@ pub fn decide(
             }
             IntegrationEvent::IntegrationCreated(IntegrationCreated {
                 provider_config_key,
-                provider,
-                oauth_client_id,
-                client_secret,
-                oauth_scopes,
+                settings,
                 created_at: now,
             })
         }
-        IntegrationCommand::Update {
-            provider,
-            oauth_client_id,
-            client_secret,
-            oauth_scopes,
-            now,
-        } => {
+        IntegrationCommand::Update { settings, now } => {
             existing(state)?;
             IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
-                provider,
-                oauth_client_id,
-                client_secret,
-                oauth_scopes,
+                settings,
                 updated_at: now,
             })
         }
@@ -308,20 +277,14 @@ pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
         IntegrationEvent::IntegrationCreated(event) => {
             *state = Integration::Active(ActiveIntegration {
                 provider_config_key: event.provider_config_key.clone(),
-                provider: event.provider.clone(),
-                oauth_client_id: event.oauth_client_id.clone(),
-                client_secret: event.client_secret.clone(),
-                oauth_scopes: event.oauth_scopes.clone(),
+                settings: event.settings.clone(),
                 created_at: event.created_at,
                 updated_at: None,
             });
         }
         IntegrationEvent::IntegrationUpdated(event) => {
             if let Integration::Active(active) = state {
-                active.provider = event.provider.clone();
-                active.oauth_client_id = event.oauth_client_id.clone();
-                active.client_secret = event.client_secret.clone();
-                active.oauth_scopes = event.oauth_scopes.clone();
+                active.settings = event.settings.clone();
                 active.updated_at = Some(event.updated_at);
             }
         }
@@ -338,6 +301,7 @@ pub fn apply(state: &mut Integration, event: &IntegrationEvent) {
 mod tests {
     use serde_json::json;
 
+    use super::IntegrationRejected::{AlreadyExists, Deleted, NotFound};
     use super::*;
     use crate::scenario::{
         Decider, Given, assert_malformed_without, assert_pinned, assert_unknown, at,
@@ -350,13 +314,30 @@ mod tests {
         }
     }
 
-    fn create(now: DateTime<Utc>) -> IntegrationCommand {
-        IntegrationCommand::Create {
-            provider_config_key: "github-prod".to_owned(),
+    /// The first configuration: client 1, scope `repo`.
+    fn first_settings() -> IntegrationSettings {
+        IntegrationSettings {
             provider: "github".to_owned(),
             oauth_client_id: "client-1".to_owned(),
             client_secret: secret(b"secret-1"),
             oauth_scopes: vec!["repo".to_owned()],
+        }
+    }
+
+    /// The second configuration: client 2, scopes `repo` and `user`.
+    fn second_settings() -> IntegrationSettings {
+        IntegrationSettings {
+            provider: "github".to_owned(),
+            oauth_client_id: "client-2".to_owned(),
+            client_secret: secret(b"secret-2"),
+            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+        }
+    }
+
+    fn create(now: DateTime<Utc>) -> IntegrationCommand {
+        IntegrationCommand::Create {
+            provider_config_key: "github-prod".to_owned(),
+            settings: first_settings(),
             now,
         }
     }
@@ -364,30 +345,21 @@ mod tests {
     fn created(now: DateTime<Utc>) -> IntegrationEvent {
         IntegrationEvent::IntegrationCreated(IntegrationCreated {
             provider_config_key: "github-prod".to_owned(),
-            provider: "github".to_owned(),
-            oauth_client_id: "client-1".to_owned(),
-            client_secret: secret(b"secret-1"),
-            oauth_scopes: vec!["repo".to_owned()],
+            settings: first_settings(),
             created_at: now,
         })
     }
 
     fn update(now: DateTime<Utc>) -> IntegrationCommand {
         IntegrationCommand::Update {
-            provider: "github".to_owned(),
-            oauth_client_id: "client-2".to_owned(),
-            client_secret: secret(b"secret-2"),
-            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            settings: second_settings(),
             now,
         }
     }
 
     fn updated(now: DateTime<Utc>) -> IntegrationEvent {
         IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
-            provider: "github".to_owned(),
-            oauth_client_id: "client-2".to_owned(),
-            client_secret: secret(b"secret-2"),
-            oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            settings: second_settings(),
             updated_at: now,
         })
     }
@@ -417,24 +389,33 @@ mod tests {
         crate::scenario::given(events)
     }
 
+    /// After `events`, `command` is refused with `rejection`.
+    fn rejected(
+        events: &[IntegrationEvent],
+        command: IntegrationCommand,
+        rejection: IntegrationRejected,
+    ) {
+        given(events).when(command).then_rejected(rejection);
+    }
+
     #[test]
     fn an_integration_is_created() {
         let state = given(&[]).when(create(at(0))).then(&[created(at(0))]);
         let active = state.active().unwrap();
         assert_eq!(active.provider_config_key, "github-prod");
-        assert_eq!(active.client_secret, secret(b"secret-1"));
+        assert_eq!(active.settings.client_secret, secret(b"secret-1"));
         assert_eq!(active.created_at, at(0));
         assert_eq!(active.updated_at, None);
     }
 
     #[test]
     fn creating_an_existing_integration_is_rejected() {
-        given(&[created(at(0))])
-            .when(create(at(1)))
-            .then_rejected(IntegrationRejected::AlreadyExists);
-        given(&[created(at(0)), updated(at(1))])
-            .when(create(at(2)))
-            .then_rejected(IntegrationRejected::AlreadyExists);
+        rejected(&[created(at(0))], create(at(1)), AlreadyExists);
+        rejected(
+            &[created(at(0)), updated(at(1))],
+            create(at(2)),
+            AlreadyExists,
+        );
     }
 
     #[test]
@@ -443,7 +424,7 @@ mod tests {
             .when(create(at(3)))
             .then(&[created(at(3))]);
         let active = state.active().unwrap();
-        assert_eq!(active.oauth_client_id, "client-1");
+        assert_eq!(active.settings.oauth_client_id, "client-1");
         assert_eq!(active.created_at, at(3));
         assert_eq!(active.updated_at, None);
     }
@@ -454,21 +435,17 @@ mod tests {
             .when(update(at(1)))
             .then(&[updated(at(1))]);
         let active = state.active().unwrap();
-        assert_eq!(active.oauth_client_id, "client-2");
-        assert_eq!(active.client_secret, secret(b"secret-2"));
-        assert_eq!(active.oauth_scopes, vec!["repo", "user"]);
+        assert_eq!(active.settings.oauth_client_id, "client-2");
+        assert_eq!(active.settings.client_secret, secret(b"secret-2"));
+        assert_eq!(active.settings.oauth_scopes, vec!["repo", "user"]);
         assert_eq!(active.created_at, at(0));
         assert_eq!(active.updated_at, Some(at(1)));
     }
 
     #[test]
     fn updating_a_missing_or_deleted_integration_is_rejected() {
-        given(&[])
-            .when(update(at(1)))
-            .then_rejected(IntegrationRejected::NotFound);
-        given(&[created(at(0)), deleted(at(1))])
-            .when(update(at(2)))
-            .then_rejected(IntegrationRejected::Deleted);
+        rejected(&[], update(at(1)), NotFound);
+        rejected(&[created(at(0)), deleted(at(1))], update(at(2)), Deleted);
     }
 
     #[test]
@@ -484,12 +461,12 @@ mod tests {
 
     #[test]
     fn deleting_a_missing_integration_or_deleting_twice_is_rejected() {
-        given(&[])
-            .when(IntegrationCommand::Delete { now: at(1) })
-            .then_rejected(IntegrationRejected::NotFound);
-        given(&[created(at(0)), deleted(at(1))])
-            .when(IntegrationCommand::Delete { now: at(2) })
-            .then_rejected(IntegrationRejected::Deleted);
+        rejected(&[], IntegrationCommand::Delete { now: at(1) }, NotFound);
+        rejected(
+            &[created(at(0)), deleted(at(1))],
+            IntegrationCommand::Delete { now: at(2) },
+            Deleted,
+        );
     }
 
     #[test]

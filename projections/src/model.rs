@@ -154,7 +154,7 @@ impl StateModel for IntegrationsModel {
             Integration::NeverCreated => None,
             Integration::Active(active) => Some(Row {
                 provider_config_key: active.provider_config_key.clone(),
-                provider: active.provider.clone(),
+                provider: active.settings.provider.clone(),
                 updated_at: active.updated_at.unwrap_or(active.created_at),
                 ..Row::keyless(stream_id, version, state, active.created_at)
             }),

@@ -47,10 +47,10 @@ impl ConfigBody {
             id: record.id,
             unique_key: i.provider_config_key.clone(),
             provider_config_key: i.provider_config_key.clone(),
-            provider: i.provider.clone(),
-            oauth_client_id: i.oauth_client_id.clone(),
+            provider: i.settings.provider.clone(),
+            oauth_client_id: i.settings.oauth_client_id.clone(),
             oauth_client_secret: secret.map(|secret| secret.expose().to_owned()),
-            oauth_scopes: i.oauth_scopes.join(","),
+            oauth_scopes: i.settings.oauth_scopes.join(","),
             created_at: timestamp(i.created_at),
             updated_at: timestamp(i.updated_at.unwrap_or(i.created_at)),
         }

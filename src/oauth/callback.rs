@@ -97,7 +97,7 @@ async fn finish(
         .await?
         .ok_or_else(|| FlowError::UnknownProviderConfig(key.clone()))?
         .integration;
-    let template = flow_template(state, &integration.provider)?;
+    let template = flow_template(state, &integration.settings.provider)?;
     let client_secret = state
         .commands
         .reveal_client_secret(&integration)
@@ -159,7 +159,7 @@ async fn finish(
         .commands
         .authorize_connection(AuthorizeConnection {
             key: connection.clone(),
-            provider: integration.provider.clone(),
+            provider: integration.settings.provider.clone(),
             flow,
             credentials,
             scopes: granted.unwrap_or_else(|| session.scopes.clone()),
@@ -205,7 +205,7 @@ async fn exchange_oauth2(
         .request_token(
             &TokenRequest {
                 token_url: exchange.token_url,
-                client_id: &exchange.integration.oauth_client_id,
+                client_id: &exchange.integration.settings.oauth_client_id,
                 client_secret: exchange.client_secret,
                 authorization_method: exchange.template.authorization_method,
                 body_format: exchange.template.body_format,
@@ -251,7 +251,7 @@ async fn exchange_oauth1(
         .oauth1_request(
             &Oauth1Request {
                 url: exchange.token_url,
-                consumer_key: &exchange.integration.oauth_client_id,
+                consumer_key: &exchange.integration.settings.oauth_client_id,
                 consumer_secret: exchange.client_secret,
                 token: Some((request_token, request_secret)),
                 signature_method: method,

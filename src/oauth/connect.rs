@@ -176,10 +176,10 @@ async fn start(
         .await?
         .ok_or_else(|| FlowError::UnknownProviderConfig(key.to_owned()))?
         .integration;
-    let template = flow_template(state, &integration.provider)?;
+    let template = flow_template(state, &integration.settings.provider)?;
     let scopes = match non_blank(request.scopes.as_deref()) {
         Some(scopes) => split_scopes(scopes),
-        None => integration.oauth_scopes.clone(),
+        None => integration.settings.oauth_scopes.clone(),
     };
     if scopes
         .iter()
@@ -216,7 +216,7 @@ async fn start(
     let session = FlowSession {
         state: flow_state,
         provider_config_key: key.to_owned(),
-        provider: integration.provider.clone(),
+        provider: integration.settings.provider.clone(),
         connection_id: connection.connection_id().to_owned(),
         callback_url,
         connection_config,
@@ -268,7 +268,11 @@ fn start_oauth2(flow: &Start<'_>) -> Result<(Url, Option<FlowSecrets>), FlowErro
 
     let mut params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
     set_param(&mut params, "response_type", "code");
-    set_param(&mut params, "client_id", &flow.integration.oauth_client_id);
+    set_param(
+        &mut params,
+        "client_id",
+        &flow.integration.settings.oauth_client_id,
+    );
     for (name, value) in &template.authorization_params {
         set_param(&mut params, name, value);
     }
@@ -328,7 +332,7 @@ async fn start_oauth1(
         .oauth1_request(
             &Oauth1Request {
                 url: &request_url,
-                consumer_key: &flow.integration.oauth_client_id,
+                consumer_key: &flow.integration.settings.oauth_client_id,
                 consumer_secret: &client_secret,
                 token: None,
                 signature_method: method,

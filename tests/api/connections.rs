@@ -975,7 +975,9 @@ async fn a_deletion_on_one_instance_shreds_the_keys_cached_by_another() {
     let sealed = events
         .iter()
         .find_map(|e| match ConnectionEvent::from_recorded(e) {
-            Ok(ConnectionEvent::ConnectionAuthorized(authorized)) => Some(authorized.credentials),
+            Ok(ConnectionEvent::ConnectionAuthorized(authorized)) => {
+                Some(authorized.authorization.credentials)
+            }
             _ => None,
         })
         .unwrap();

@@ -65,6 +65,24 @@ async fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
     )
 }
 
+/// Connects to `address` and sends `bytes`: the stream, and when it connected.
+async fn connect_and_send(address: SocketAddr, bytes: &[u8]) -> (TcpStream, Instant) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    stream.write_all(bytes).await.unwrap();
+    (stream, started)
+}
+
+/// The first bytes the server answers on `stream`, which must come within `limit`.
+async fn first_answer(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut buffer = [0u8; 4096];
+    let n = tokio::time::timeout(limit, stream.read(&mut buffer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {limit:?}"))
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
 /// The value of `grantline_http_refused_total{limit="limit"}`.
 async fn refused(app: &TestApp, limit: &str) -> f64 {
     let text = app.get("/metrics").await.text().await.unwrap();
@@ -83,12 +101,7 @@ async fn trickled_headers_and_idle_sockets_are_closed_within_their_timeouts() {
     let address = address(&app);
 
     // A head that never ends: closed after the header timeout, whatever keeps trickling.
-    let mut trickling = TcpStream::connect(address).await.unwrap();
-    let started = Instant::now();
-    trickling
-        .write_all(b"GET /health HTTP/1.1\r\n")
-        .await
-        .unwrap();
+    let (mut trickling, started) = connect_and_send(address, b"GET /health HTTP/1.1\r\n").await;
     for _ in 0..30 {
         if trickling.write_all(b"X-Slow: 1\r\n").await.is_err() {
             break;
@@ -105,11 +118,8 @@ async fn trickled_headers_and_idle_sockets_are_closed_within_their_timeouts() {
 
     // A connection that says nothing at all, and one that goes quiet after a request.
     let mut silent = TcpStream::connect(address).await.unwrap();
-    let mut quiet = TcpStream::connect(address).await.unwrap();
-    quiet
-        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
+    let (mut quiet, _) =
+        connect_and_send(address, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
     let (answer, waited) = until_closed(&mut quiet).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(waited < Duration::from_secs(4), "{waited:?}");
@@ -159,40 +169,28 @@ async fn past_the_connection_cap_a_connection_gets_503_and_the_cap_frees_up() {
     assert!(refused(&app, "connections").await >= 1.0);
 }
 
+/// A request that announces a 10 GiB body.
+const HUGE_BODY: &[u8] = b"POST /connection HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n";
+
+/// A request that announces 100 bytes of body and sends 5 of them.
+const BODY_THAT_NEVER_COMES: &[u8] = b"POST /config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":";
+
 #[tokio::test]
 async fn a_huge_announced_body_is_refused_at_once_and_a_body_that_never_comes_times_out() {
     let db = TestDatabase::sqlite();
     let app = limited(&db).await;
     let address = address(&app);
 
-    let mut huge = TcpStream::connect(address).await.unwrap();
-    let started = Instant::now();
-    huge.write_all(
-        b"POST /connection HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut buffer = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), huge.read(&mut buffer))
-        .await
-        .expect("answered at once")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..n]);
+    let (mut huge, started) = connect_and_send(address, HUGE_BODY).await;
+    // Answered at once.
+    let answer = first_answer(&mut huge, Duration::from_secs(2)).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
-    let mut never = TcpStream::connect(address).await.unwrap();
-    let started = Instant::now();
-    never
-        .write_all(b"POST /config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":")
-        .await
-        .unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(6), never.read(&mut buffer))
-        .await
-        .expect("answered within the request timeout")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..n]);
+    let (mut never, started) = connect_and_send(address, BODY_THAT_NEVER_COMES).await;
+    // Answered within the request timeout.
+    let answer = first_answer(&mut never, Duration::from_secs(6)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
     assert!(started.elapsed() >= Duration::from_secs(3));

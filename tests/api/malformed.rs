@@ -48,6 +48,15 @@ fn get(path: impl Into<String>, status: u16, code: &'static str) -> Case {
     case(Method::GET, path, Body::None, status, code)
 }
 
+/// A `GET` case for each of `paths`, all answered `status` with `code`.
+fn gets(
+    status: u16,
+    code: &'static str,
+    paths: impl IntoIterator<Item = String>,
+) -> impl Iterator<Item = Case> {
+    paths.into_iter().map(move |path| get(path, status, code))
+}
+
 fn delete(path: impl Into<String>, status: u16, code: &'static str) -> Case {
     case(Method::DELETE, path, Body::None, status, code)
 }
@@ -130,7 +139,7 @@ fn cases() -> Vec<Case> {
         serde_json::to_vec(&body).unwrap()
     };
     let key = "provider_config_key=gh";
-    vec![
+    let mut cases = vec![
         // GET /connection/:id: the provider config key.
         get("/connection/c1", 400, "missing_provider_config"),
         get(
@@ -155,59 +164,40 @@ fn cases() -> Vec<Case> {
             "unknown_connection",
         ),
         get(format!("/connections/C1?{key}"), 404, "unknown_connection"),
-        // Query flags.
-        get(
+    ];
+    // Query flags, and identifiers in the query: query errors, not path errors.
+    cases.extend(gets(
+        400,
+        "invalid_query_params",
+        [
             format!("/connection/c1?{key}&force_refresh=yes"),
-            400,
-            "invalid_query_params",
-        ),
-        get(
             format!("/connection/c1?{key}&refresh_token=maybe"),
-            400,
-            "invalid_query_params",
-        ),
-        get(
             format!("/connections/c1?{key}&refresh_token=TRUE!"),
-            400,
-            "invalid_query_params",
-        ),
-        get("/config/gh?include_creds=sure", 400, "invalid_query_params"),
-        // Identifiers in the query are query errors, not path errors.
-        get(
-            "/connection/c1?provider_config_key=g%01h",
-            400,
-            "invalid_query_params",
-        ),
+            "/config/gh?include_creds=sure".to_owned(),
+            "/connection/c1?provider_config_key=g%01h".to_owned(),
+            format!("/connection?connectionId={long_id}"),
+            "/connections?connectionId=%00".to_owned(),
+        ],
+    ));
+    // Path segments.
+    cases.extend(gets(
+        400,
+        "invalid_uri_params",
+        [
+            format!("/connection/%00?{key}"),
+            format!("/connection/a%01b?{key}"),
+            format!("/connection/%FF?{key}"),
+            format!("/connection/ok%C3?{key}"),
+            format!("/connection/{long_id}?{key}"),
+            "/config/%00".to_owned(),
+        ],
+    ));
+    cases.extend([
         delete(
             format!("/connection/c1?provider_config_key={}", "k".repeat(300)),
             400,
             "invalid_query_params",
         ),
-        get(
-            format!("/connection?connectionId={long_id}"),
-            400,
-            "invalid_query_params",
-        ),
-        get("/connections?connectionId=%00", 400, "invalid_query_params"),
-        // Path segments.
-        get(format!("/connection/%00?{key}"), 400, "invalid_uri_params"),
-        get(
-            format!("/connection/a%01b?{key}"),
-            400,
-            "invalid_uri_params",
-        ),
-        get(format!("/connection/%FF?{key}"), 400, "invalid_uri_params"),
-        get(
-            format!("/connection/ok%C3?{key}"),
-            400,
-            "invalid_uri_params",
-        ),
-        get(
-            format!("/connection/{long_id}?{key}"),
-            400,
-            "invalid_uri_params",
-        ),
-        get("/config/%00", 400, "invalid_uri_params"),
         delete(format!("/connections/%FF?{key}"), 400, "invalid_uri_params"),
         // DELETE /connection/:id.
         delete("/connection/c1", 400, "missing_provider_config"),
@@ -654,7 +644,8 @@ fn cases() -> Vec<Case> {
             "Nango-Is-Dry-Run",
             "true",
         ),
-    ]
+    ]);
+    cases
 }
 
 /// An object nested `levels` deep (itself level 1).

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{CommandError, Commands, Loaded, MAX_ATTEMPTS};
 use crate::connection::{
-    self, ActiveConnection, Connection, ConnectionCommand, ConnectionEvent, ConnectionKey,
-    ConnectionRejected, Flow, MetadataMode, RefreshFailure, RefreshTrigger,
+    self, ActiveConnection, Authorization, Connection, ConnectionCommand, ConnectionEvent,
+    ConnectionKey, ConnectionRejected, Flow, MetadataMode, RefreshFailure, RefreshTrigger,
 };
 use crate::credentials::Credentials;
 use crate::event::DomainEvent;
@@ -87,7 +87,7 @@ impl Commands {
         let credentials = &command.credentials;
         let loaded = self
             .execute_sealed(stream_id, credentials, |state, data_key_id, sealed, _| {
-                let authorize = ConnectionCommand::Authorize {
+                let authorization = Authorization {
                     provider_config_key: command.key.provider_config_key().to_owned(),
                     connection_id: command.key.connection_id().to_owned(),
                     provider: command.provider.clone(),
@@ -100,6 +100,9 @@ impl Commands {
                     scopes: command.scopes.clone(),
                     connection_config: command.connection_config.clone(),
                     fingerprints: fingerprints.clone(),
+                };
+                let authorize = ConnectionCommand::Authorize {
+                    authorization,
                     now: command.now,
                 };
                 let mut events = connection::decide(state, authorize)?;

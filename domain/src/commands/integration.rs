@@ -6,7 +6,9 @@ use tracing::field::Empty;
 
 use super::{CommandError, Commands, Loaded};
 use crate::credentials::ClientSecret;
-use crate::integration::{self, ActiveIntegration, Integration, IntegrationCommand};
+use crate::integration::{
+    self, ActiveIntegration, Integration, IntegrationCommand, IntegrationSettings,
+};
 use crate::keys::Sealed;
 
 /// An integration's configuration, as created or replaced.
@@ -33,10 +35,7 @@ impl IntegrationConfig {
     ) -> IntegrationCommand {
         IntegrationCommand::Create {
             provider_config_key: provider_config_key.to_owned(),
-            provider: self.provider.clone(),
-            oauth_client_id: self.oauth_client_id.clone(),
-            client_secret: sealed.clone(),
-            oauth_scopes: self.oauth_scopes.clone(),
+            settings: self.sealed(sealed),
             now,
         }
     }
@@ -44,11 +43,18 @@ impl IntegrationConfig {
     /// The command that replaces the configuration with this one, the client secret as `sealed`.
     fn update(&self, sealed: &Sealed, now: DateTime<Utc>) -> IntegrationCommand {
         IntegrationCommand::Update {
+            settings: self.sealed(sealed),
+            now,
+        }
+    }
+
+    /// This configuration as the events carry it, the client secret as `sealed`.
+    fn sealed(&self, sealed: &Sealed) -> IntegrationSettings {
+        IntegrationSettings {
             provider: self.provider.clone(),
             oauth_client_id: self.oauth_client_id.clone(),
             client_secret: sealed.clone(),
             oauth_scopes: self.oauth_scopes.clone(),
-            now,
         }
     }
 }
@@ -147,7 +153,7 @@ impl Commands {
         &self,
         integration: &ActiveIntegration,
     ) -> Result<ClientSecret, CommandError> {
-        self.reveal(&integration.client_secret).await
+        self.reveal(&integration.settings.client_secret).await
     }
 
     /// Runs the command `command` makes of the sealed client secret (and of whether it is sealed

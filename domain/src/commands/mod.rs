@@ -57,6 +57,18 @@ pub trait Aggregate: Default + Clone + std::fmt::Debug + Send + Sync + Deseriali
     /// The state after `event`.
     fn apply(&mut self, event: &Self::Event);
 
+    /// The state after `events`, in stream order.
+    fn from_events<'a>(events: impl IntoIterator<Item = &'a Self::Event>) -> Self
+    where
+        Self::Event: 'a,
+    {
+        let mut state = Self::default();
+        for event in events {
+            state.apply(event);
+        }
+        state
+    }
+
     /// Whether `event` deletes the aggregate, shredding its stream's data keys.
     fn deletes(event: &Self::Event) -> bool;
 }

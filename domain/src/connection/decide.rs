@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::events::{
-    ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType, Flow, MetadataMode,
+    Authorization, ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, MetadataMode,
     MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger, TokenFingerprints,
     TokensRefreshed,
 };
@@ -19,19 +19,8 @@ use crate::keys::Sealed;
 pub enum ConnectionCommand {
     /// Record (new or renewed) credentials: always allowed, the generation moves on.
     Authorize {
-        provider_config_key: String,
-        connection_id: String,
-        provider: String,
-        flow: Flow,
-        credentials_type: CredentialsType,
-        /// The fresh data key of the new generation.
-        data_key_id: Uuid,
-        credentials: Sealed,
-        has_refresh_token: bool,
-        expires_at: Option<DateTime<Utc>>,
-        scopes: Vec<String>,
-        connection_config: Map<String, Value>,
-        fingerprints: TokenFingerprints,
+        /// The connection and its credentials, sealed under a fresh data key.
+        authorization: Authorization,
         now: DateTime<Utc>,
     },
     /// Take the refresh lease for `lease_duration`.
@@ -163,37 +152,12 @@ pub fn decide(
     command: ConnectionCommand,
 ) -> Result<Vec<ConnectionEvent>, ConnectionRejected> {
     let event = match command {
-        ConnectionCommand::Authorize {
-            provider_config_key,
-            connection_id,
-            provider,
-            flow,
-            credentials_type,
-            data_key_id,
-            credentials,
-            has_refresh_token,
-            expires_at,
-            scopes,
-            connection_config,
-            fingerprints,
-            now,
-        } => {
-            bounded("connection_config", &connection_config)?;
-            expiry_in_range(expires_at)?;
+        ConnectionCommand::Authorize { authorization, now } => {
+            bounded("connection_config", &authorization.connection_config)?;
+            expiry_in_range(authorization.expires_at)?;
             ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-                provider_config_key,
-                connection_id,
-                provider,
-                flow,
-                credentials_type,
+                authorization,
                 generation: state.generation().saturating_add(1),
-                data_key_id,
-                credentials,
-                has_refresh_token,
-                expires_at,
-                scopes,
-                connection_config,
-                fingerprints,
                 authorized_at: now,
             })
         }
@@ -486,7 +450,7 @@ mod tests {
     fn a_lease_is_refused_without_a_refresh_token() {
         let mut authorized = authorized(1, key(1), at(0));
         if let ConnectionEvent::ConnectionAuthorized(event) = &mut authorized {
-            event.has_refresh_token = false;
+            event.authorization.has_refresh_token = false;
         }
         given(&[authorized])
             .when(lease(lease_id(1), Force, at(1)))

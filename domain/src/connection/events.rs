@@ -103,9 +103,11 @@ pub enum MetadataMode {
     Merge,
 }
 
-/// The connection was authorized (first time, again, or again after a deletion).
+/// What an authorization records, whatever generation it becomes: the connection, where its
+/// credentials came from, and the credentials themselves, sealed. Asked for by
+/// `ConnectionCommand::Authorize`; its fields stand flat in the `ConnectionAuthorized` payload.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct ConnectionAuthorized {
+pub struct Authorization {
     /// The integration's key.
     pub provider_config_key: String,
     /// The connection's id within the integration.
@@ -116,9 +118,7 @@ pub struct ConnectionAuthorized {
     pub flow: Flow,
     /// The kind of credentials.
     pub credentials_type: CredentialsType,
-    /// 1 for the first authorization, previous + 1 for every later one.
-    pub generation: u32,
-    /// The data key of this generation.
+    /// The data key of the new generation.
     pub data_key_id: Uuid,
     /// The credentials, sealed under `data_key_id`.
     pub credentials: Sealed,
@@ -133,6 +133,16 @@ pub struct ConnectionAuthorized {
     /// Fingerprints of the tokens.
     #[serde(default)]
     pub fingerprints: TokenFingerprints,
+}
+
+/// The connection was authorized (first time, again, or again after a deletion).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ConnectionAuthorized {
+    /// The connection and its new credentials.
+    #[serde(flatten)]
+    pub authorization: Authorization,
+    /// 1 for the first authorization, previous + 1 for every later one.
+    pub generation: u32,
     /// When the authorization completed.
     pub authorized_at: DateTime<Utc>,
 }
@@ -301,19 +311,21 @@ mod tests {
         let mut connection_config = Map::new();
         connection_config.insert("subdomain".to_owned(), json!("acme"));
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-            provider_config_key: "github-prod".to_owned(),
-            connection_id: "user-1".to_owned(),
-            provider: "github".to_owned(),
-            flow: Flow::Oauth2,
-            credentials_type: CredentialsType::Oauth2,
+            authorization: Authorization {
+                provider_config_key: "github-prod".to_owned(),
+                connection_id: "user-1".to_owned(),
+                provider: "github".to_owned(),
+                flow: Flow::Oauth2,
+                credentials_type: CredentialsType::Oauth2,
+                data_key_id: Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_00aa),
+                credentials: fixed_sealed(),
+                has_refresh_token: true,
+                expires_at: Some(at(60)),
+                scopes: vec!["repo".to_owned(), "user".to_owned()],
+                connection_config,
+                fingerprints: fingerprints("fp-a", "fp-r"),
+            },
             generation: 2,
-            data_key_id: Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_00aa),
-            credentials: fixed_sealed(),
-            has_refresh_token: true,
-            expires_at: Some(at(60)),
-            scopes: vec!["repo".to_owned(), "user".to_owned()],
-            connection_config,
-            fingerprints: fingerprints("fp-a", "fp-r"),
             authorized_at: at(0),
         })
     }
@@ -503,7 +515,10 @@ mod tests {
         else {
             panic!("expected ConnectionAuthorized");
         };
-        assert_eq!(event.fingerprints, TokenFingerprints::default());
+        assert_eq!(
+            event.authorization.fingerprints,
+            TokenFingerprints::default()
+        );
 
         let payload = json!({
             "lease_id": "00000000-0000-4000-8000-000000000001",

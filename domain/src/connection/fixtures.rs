@@ -31,8 +31,9 @@ pub(super) fn fingerprints(access: &str, refresh: &str) -> TokenFingerprints {
     }
 }
 
-pub(super) fn authorize(data_key: Uuid, now: DateTime<Utc>) -> ConnectionCommand {
-    ConnectionCommand::Authorize {
+/// An OAuth 2 authorization sealed under `data_key`, its token expiring an hour after `now`.
+pub(super) fn authorization(data_key: Uuid, now: DateTime<Utc>) -> Authorization {
+    Authorization {
         provider_config_key: "github".to_owned(),
         connection_id: "user-1".to_owned(),
         provider: "github".to_owned(),
@@ -45,25 +46,20 @@ pub(super) fn authorize(data_key: Uuid, now: DateTime<Utc>) -> ConnectionCommand
         scopes: vec!["repo".to_owned()],
         connection_config: Map::new(),
         fingerprints: fingerprints("a-auth", "r-auth"),
+    }
+}
+
+pub(super) fn authorize(data_key: Uuid, now: DateTime<Utc>) -> ConnectionCommand {
+    ConnectionCommand::Authorize {
+        authorization: authorization(data_key, now),
         now,
     }
 }
 
 pub(super) fn authorized(generation: u32, data_key: Uuid, now: DateTime<Utc>) -> ConnectionEvent {
     ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-        provider_config_key: "github".to_owned(),
-        connection_id: "user-1".to_owned(),
-        provider: "github".to_owned(),
-        flow: Flow::Oauth2,
-        credentials_type: CredentialsType::Oauth2,
+        authorization: authorization(data_key, now),
         generation,
-        data_key_id: data_key,
-        credentials: sealed(data_key, b"authorized"),
-        has_refresh_token: true,
-        expires_at: Some(now + Duration::hours(1)),
-        scopes: vec!["repo".to_owned()],
-        connection_config: Map::new(),
-        fingerprints: fingerprints("a-auth", "r-auth"),
         authorized_at: now,
     })
 }

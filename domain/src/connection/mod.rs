@@ -44,9 +44,9 @@ use crate::store::StreamId;
 
 pub use decide::{ConnectionCommand, ConnectionRejected, check_metadata, decide};
 pub use events::{
-    ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType, FailureClass, Flow,
-    MetadataMode, MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger,
-    TokenFingerprints, TokensRefreshed,
+    Authorization, ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType,
+    FailureClass, Flow, MetadataMode, MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased,
+    RefreshTrigger, TokenFingerprints, TokensRefreshed,
 };
 pub use state::{
     ActiveConnection, Connection, DeletedConnection, RecordedFailure, RefreshLease, apply,

@@ -133,15 +133,6 @@ impl ActiveConnection {
 }
 
 impl Connection {
-    /// The state after `events`, in stream order.
-    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a ConnectionEvent>) -> Self {
-        let mut state = Self::default();
-        for event in events {
-            apply(&mut state, event);
-        }
-        state
-    }
-
     /// The last authorization's generation; 0 if never authorized.
     pub fn generation(&self) -> u32 {
         match self {
@@ -173,23 +164,24 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                     (deleted.data_key_ids, Map::new(), event.authorized_at)
                 }
             };
-            if !data_key_ids.contains(&event.data_key_id) {
-                data_key_ids.push(event.data_key_id);
+            let authorization = event.authorization.clone();
+            if !data_key_ids.contains(&authorization.data_key_id) {
+                data_key_ids.push(authorization.data_key_id);
             }
             *state = Connection::Active(ActiveConnection {
-                provider_config_key: event.provider_config_key.clone(),
-                connection_id: event.connection_id.clone(),
-                provider: event.provider.clone(),
-                flow: event.flow,
-                credentials_type: event.credentials_type,
+                provider_config_key: authorization.provider_config_key,
+                connection_id: authorization.connection_id,
+                provider: authorization.provider,
+                flow: authorization.flow,
+                credentials_type: authorization.credentials_type,
                 generation: event.generation,
                 data_key_ids,
-                credentials: event.credentials.clone(),
-                fingerprints: event.fingerprints.clone(),
-                has_refresh_token: event.has_refresh_token,
-                expires_at: event.expires_at,
-                scopes: event.scopes.clone(),
-                connection_config: event.connection_config.clone(),
+                credentials: authorization.credentials,
+                fingerprints: authorization.fingerprints,
+                has_refresh_token: authorization.has_refresh_token,
+                expires_at: authorization.expires_at,
+                scopes: authorization.scopes,
+                connection_config: authorization.connection_config,
                 refresh_token_generation: 1,
                 lease: None,
                 last_failure: None,

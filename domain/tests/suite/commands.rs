@@ -366,7 +366,9 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         .into_iter()
         .rev()
         .find_map(|event| match event {
-            ConnectionEvent::ConnectionAuthorized(authorized) => Some(authorized.credentials),
+            ConnectionEvent::ConnectionAuthorized(authorized) => {
+                Some(authorized.authorization.credentials)
+            }
             _ => None,
         })
         .unwrap();
@@ -496,7 +498,7 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
     assert_eq!(created.version, 1);
     assert_eq!(created.stream_id, integration::stream_id(KEY));
     let live = created.state.active().unwrap();
-    assert_eq!(live.oauth_client_id, "client-1");
+    assert_eq!(live.settings.oauth_client_id, "client-1");
     assert_secret(&commands, live, SECRET_1).await;
 
     let keys_before = live_data_keys(&commands).await;
@@ -513,7 +515,7 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
     let loaded = commands.load_integration(KEY).await.unwrap();
     assert_eq!(loaded.state, updated.state);
     let live = loaded.state.active().unwrap();
-    assert_eq!(live.oauth_client_id, "client-2");
+    assert_eq!(live.settings.oauth_client_id, "client-2");
     assert_eq!(live.updated_at, Some(at(2)));
     assert_secret(&commands, live, SECRET_2).await;
     let stored = stream_text(&commands, &loaded.stream_id).await;
@@ -527,8 +529,8 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
     assert_eq!(deleted.version, 3);
     assert!(matches!(deleted.state, Integration::Deleted(_)));
     for sealed in [
-        &created.state.active().unwrap().client_secret,
-        &live.client_secret,
+        &created.state.active().unwrap().settings.client_secret,
+        &live.settings.client_secret,
     ] {
         let error = commands.vault().unseal(sealed).await.unwrap_err();
         assert!(matches!(error, KeyError::Shredded(_)), "{error:?}");

@@ -44,7 +44,7 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
     assert_eq!(found.connection.connection_id, "b");
     assert_eq!(found.version, 1);
     let integration = f.find_integration("github").await.unwrap();
-    assert_eq!(integration.integration.oauth_client_id, "client");
+    assert_eq!(integration.integration.settings.oauth_client_id, "client");
 
     let status = runner.status().await.unwrap();
     assert_eq!(status.len(), 2);

@@ -52,10 +52,10 @@ impl Inner {
             )));
         };
         let integration = integration.integration;
-        let Some(template) = self.catalog.get(&integration.provider) else {
+        let Some(template) = self.catalog.get(&integration.settings.provider) else {
             return Ok(Err(permanent(
                 "unknown_provider_template",
-                format!("no provider template {:?}", integration.provider),
+                format!("no provider template {:?}", integration.settings.provider),
             )));
         };
         let client_secret = self.commands.reveal_client_secret(&integration).await?;
@@ -83,7 +83,7 @@ impl Inner {
         params.push(("refresh_token".into(), refresh_token.clone()));
         let request = TokenRequest {
             token_url: &url,
-            client_id: &integration.oauth_client_id,
+            client_id: &integration.settings.oauth_client_id,
             client_secret: &client_secret,
             authorization_method: template.authorization_method,
             body_format: template.body_format,

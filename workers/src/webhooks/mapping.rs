@@ -70,11 +70,12 @@ pub fn webhook_for(
                     WebhookEvent::ConnectionCreated
                 }
             };
+            let authorization = &authorized.authorization;
             let identity = Identity {
-                provider_config_key: &authorized.provider_config_key,
-                connection_id: &authorized.connection_id,
-                provider: &authorized.provider,
-                auth_mode: json!(authorized.credentials_type),
+                provider_config_key: &authorization.provider_config_key,
+                connection_id: &authorization.connection_id,
+                provider: &authorization.provider,
+                auth_mode: json!(authorization.credentials_type),
                 generation: authorized.generation,
             };
             (kind, authorized.authorized_at, identity)
@@ -120,7 +121,7 @@ pub fn webhook_for(
     });
     match event {
         ConnectionEvent::ConnectionAuthorized(authorized) => {
-            body["flow"] = json!(authorized.flow);
+            body["flow"] = json!(authorized.authorization.flow);
         }
         ConnectionEvent::RefreshFailed(failed) => {
             // The provider's free-text description is not forwarded: it is theirs, not ours.
@@ -175,9 +176,9 @@ mod tests {
 
     use chrono::{DateTime, TimeZone, Utc};
     use domain::connection::{
-        ConnectionAuthorized, ConnectionDeleted, CredentialsType, FailureClass, Flow, MetadataMode,
-        MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger,
-        TokenFingerprints, TokensRefreshed,
+        Authorization, ConnectionAuthorized, ConnectionDeleted, CredentialsType, FailureClass,
+        Flow, MetadataMode, MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased,
+        RefreshTrigger, TokenFingerprints, TokensRefreshed,
     };
     use domain::event::DomainEvent;
     use domain::keys::Sealed;
@@ -200,22 +201,24 @@ mod tests {
 
     fn authorized(generation: u32) -> ConnectionEvent {
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
-            provider_config_key: "github-prod".to_owned(),
-            connection_id: "user-1".to_owned(),
-            provider: "github".to_owned(),
-            flow: Flow::Import,
-            credentials_type: CredentialsType::Oauth2,
-            generation,
-            data_key_id: Uuid::from_u128(u128::from(generation)),
-            credentials: sealed(),
-            has_refresh_token: true,
-            expires_at: None,
-            scopes: Vec::new(),
-            connection_config: Map::new(),
-            fingerprints: TokenFingerprints {
-                access_token: Some("fp-access".to_owned()),
-                refresh_token: Some("fp-refresh".to_owned()),
+            authorization: Authorization {
+                provider_config_key: "github-prod".to_owned(),
+                connection_id: "user-1".to_owned(),
+                provider: "github".to_owned(),
+                flow: Flow::Import,
+                credentials_type: CredentialsType::Oauth2,
+                data_key_id: Uuid::from_u128(u128::from(generation)),
+                credentials: sealed(),
+                has_refresh_token: true,
+                expires_at: None,
+                scopes: Vec::new(),
+                connection_config: Map::new(),
+                fingerprints: TokenFingerprints {
+                    access_token: Some("fp-access".to_owned()),
+                    refresh_token: Some("fp-refresh".to_owned()),
+                },
             },
+            generation,
             authorized_at: at(0),
         })
     }
