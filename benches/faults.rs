@@ -147,6 +147,21 @@ fn import_body(id: &str) -> serde_json::Value {
             "expires_at": chrono::Utc::now().timestamp() + 3600 })
 }
 
+/// Imports `id` at `base`: the answer, and `id` again if it was acknowledged (201).
+async fn import(
+    client: &reqwest::Client,
+    base: &str,
+    id: String,
+) -> (Result<reqwest::Response, reqwest::Error>, Option<String>) {
+    let response = client
+        .post(format!("{base}/connection"))
+        .json(&import_body(&id))
+        .send()
+        .await;
+    let acknowledged = response.as_ref().is_ok_and(|r| r.status() == 201);
+    (response, acknowledged.then_some(id))
+}
+
 fn kill_9(server: &Server) {
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &server.pid().to_string()])
@@ -218,13 +233,8 @@ async fn postgres_restart() {
             let client = client();
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
-                let id = format!("w{writer}-{n}");
-                let response = client
-                    .post(format!("{base}/connection"))
-                    .json(&import_body(&id))
-                    .send()
-                    .await;
-                if response.as_ref().is_ok_and(|r| r.status() == 201) {
+                let (response, id) = import(&client, &base, format!("w{writer}-{n}")).await;
+                if let Some(id) = id {
                     acknowledged.lock().await.push(id);
                     first.lock().await.get_or_insert_with(Instant::now);
                 }
@@ -322,14 +332,9 @@ async fn kill_import() {
         burst.push(tokio::spawn(async move {
             let client = client();
             for n in 0.. {
-                let id = format!("k{writer}-{n}");
-                let response = client
-                    .post(format!("{base}/connection"))
-                    .json(&import_body(&id))
-                    .send()
-                    .await;
+                let (response, id) = import(&client, &base, format!("k{writer}-{n}")).await;
                 let failed = response.is_err();
-                if response.as_ref().is_ok_and(|r| r.status() == 201) {
+                if let Some(id) = id {
                     acknowledged.lock().await.push(id);
                 }
                 tally.lock().await.record(&response);

@@ -70,41 +70,72 @@ pub struct ServerStats {
     pub refused: Refused,
 }
 
-/// How often each limit refused or closed something.
-#[derive(Debug, Default)]
-pub struct Refused {
-    pub connections: AtomicU64,
-    pub host: AtomicU64,
-    pub header_timeout: AtomicU64,
-    pub idle_timeout: AtomicU64,
-    pub request_timeout: AtomicU64,
-    pub body_too_large: AtomicU64,
-    pub websockets: AtomicU64,
-    pub websockets_per_client: AtomicU64,
-    pub websocket_origin: AtomicU64,
-    pub websocket_idle: AtomicU64,
-    pub flows_per_client: AtomicU64,
-    pub open_flows: AtomicU64,
+/// A limit that refuses or closes something, as `/metrics` labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Connections,
+    Host,
+    HeaderTimeout,
+    IdleTimeout,
+    RequestTimeout,
+    BodyTooLarge,
+    Websockets,
+    WebsocketsPerClient,
+    WebsocketOrigin,
+    WebsocketIdle,
+    FlowsPerClient,
+    OpenFlows,
 }
 
+impl Limit {
+    /// Every limit, in the order `/metrics` lists them.
+    pub const ALL: [Self; 12] = [
+        Self::Connections,
+        Self::Host,
+        Self::HeaderTimeout,
+        Self::IdleTimeout,
+        Self::RequestTimeout,
+        Self::BodyTooLarge,
+        Self::Websockets,
+        Self::WebsocketsPerClient,
+        Self::WebsocketOrigin,
+        Self::WebsocketIdle,
+        Self::FlowsPerClient,
+        Self::OpenFlows,
+    ];
+
+    /// Its `limit` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::Host => "host",
+            Self::HeaderTimeout => "header_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::RequestTimeout => "request_timeout",
+            Self::BodyTooLarge => "body_too_large",
+            Self::Websockets => "websockets",
+            Self::WebsocketsPerClient => "websockets_per_client",
+            Self::WebsocketOrigin => "websocket_origin",
+            Self::WebsocketIdle => "websocket_idle",
+            Self::FlowsPerClient => "flows_per_client",
+            Self::OpenFlows => "open_flows",
+        }
+    }
+}
+
+/// How often each limit refused or closed something.
+#[derive(Debug, Default)]
+pub struct Refused([AtomicU64; Limit::ALL.len()]);
+
 impl Refused {
-    /// Each counter with its `limit` label.
-    pub fn by_limit(&self) -> [(&'static str, u64); 12] {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        [
-            ("connections", get(&self.connections)),
-            ("host", get(&self.host)),
-            ("header_timeout", get(&self.header_timeout)),
-            ("idle_timeout", get(&self.idle_timeout)),
-            ("request_timeout", get(&self.request_timeout)),
-            ("body_too_large", get(&self.body_too_large)),
-            ("websockets", get(&self.websockets)),
-            ("websockets_per_client", get(&self.websockets_per_client)),
-            ("websocket_origin", get(&self.websocket_origin)),
-            ("websocket_idle", get(&self.websocket_idle)),
-            ("flows_per_client", get(&self.flows_per_client)),
-            ("open_flows", get(&self.open_flows)),
-        ]
+    /// Counts one refusal by `limit`.
+    pub fn add(&self, limit: Limit) {
+        self.0[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many `limit` refused so far.
+    pub fn get(&self, limit: Limit) -> u64 {
+        self.0[limit as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -140,7 +171,7 @@ pub async fn serve(
             },
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            stats.refused.connections.fetch_add(1, Ordering::Relaxed);
+            stats.refused.add(Limit::Connections);
             connections.spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
             });
@@ -199,11 +230,11 @@ async fn serve_connection(
             _ = ticks.tick() => match activity.overdue(limits) {
                 Some(Overdue::Head) => {
                     // Dropping the connection closes the socket.
-                    stats.refused.header_timeout.fetch_add(1, Ordering::Relaxed);
+                    stats.refused.add(Limit::HeaderTimeout);
                     return;
                 }
                 Some(Overdue::Idle) if !closing => {
-                    stats.refused.idle_timeout.fetch_add(1, Ordering::Relaxed);
+                    stats.refused.add(Limit::IdleTimeout);
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -393,18 +424,12 @@ impl SocketGate {
             .unwrap_or_else(PoisonError::into_inner);
         let open = self.stats.open_websockets.load(Ordering::Relaxed);
         if open >= self.limits.max_websockets as u64 {
-            self.stats
-                .refused
-                .websockets
-                .fetch_add(1, Ordering::Relaxed);
+            self.stats.refused.add(Limit::Websockets);
             return Err(SocketRefusal::Full);
         }
         let of_client = per_client.entry(client).or_insert(0);
         if *of_client >= self.limits.max_websockets_per_client {
-            self.stats
-                .refused
-                .websockets_per_client
-                .fetch_add(1, Ordering::Relaxed);
+            self.stats.refused.add(Limit::WebsocketsPerClient);
             return Err(SocketRefusal::ClientFull);
         }
         *of_client += 1;
@@ -475,11 +500,8 @@ mod tests {
         let _b2 = gate.admit(b).unwrap();
         let stats = gate.stats();
         assert_eq!(stats.open_websockets.load(Ordering::Relaxed), 3);
-        assert_eq!(stats.refused.websockets.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            stats.refused.websockets_per_client.load(Ordering::Relaxed),
-            1
-        );
+        assert_eq!(stats.refused.get(Limit::Websockets), 1);
+        assert_eq!(stats.refused.get(Limit::WebsocketsPerClient), 1);
     }
 
     #[test]

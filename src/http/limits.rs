@@ -10,8 +10,6 @@
 //!
 //! The refusals are counted for `/metrics`.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HOST};
@@ -19,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, BODY_LIMIT};
+use crate::server::Limit;
 use crate::state::AppState;
 
 /// Applies the request limits around `next`.
@@ -34,7 +33,7 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
 async fn limited(state: &AppState, request: Request, next: Next) -> Response {
     let refused = &state.server_stats.refused;
     if state.config.secret_key.is_none() && !loopback_host(&request) {
-        refused.host.fetch_add(1, Ordering::Relaxed);
+        refused.add(Limit::Host);
         return ApiError::NotLoopbackHost.into_response();
     }
     let announced = request
@@ -43,13 +42,13 @@ async fn limited(state: &AppState, request: Request, next: Next) -> Response {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if announced.is_some_and(|length| length > BODY_LIMIT as u64) {
-        refused.body_too_large.fetch_add(1, Ordering::Relaxed);
+        refused.add(Limit::BodyTooLarge);
         return ApiError::PayloadTooLarge.into_response();
     }
     match tokio::time::timeout(state.config.limits.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
-            refused.request_timeout.fetch_add(1, Ordering::Relaxed);
+            refused.add(Limit::RequestTimeout);
             ApiError::RequestTimeout.into_response()
         }
     }

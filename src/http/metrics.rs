@@ -19,7 +19,7 @@ use domain::store::PoolStatus;
 use projections::cache::CacheStats;
 
 use super::observe::RequestObserver;
-use crate::server::{ServerLimits, ServerStats};
+use crate::server::{Limit, ServerLimits, ServerStats};
 use crate::state::AppState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -150,10 +150,9 @@ fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
             ),
         ],
     );
-    let refused = stats.refused.by_limit();
-    let labels: Vec<String> = refused
+    let labels: Vec<String> = Limit::ALL
         .iter()
-        .map(|(limit, _)| format!("limit=\"{limit}\""))
+        .map(|limit| format!("limit=\"{}\"", limit.label()))
         .collect();
     family(
         out,
@@ -165,8 +164,8 @@ fn server(out: &mut String, stats: &ServerStats, limits: &ServerLimits) {
          gone idle, OAuth flows started too often by one address or past the open-flow cap.",
         &labels
             .iter()
-            .zip(refused)
-            .map(|(labels, (_, n))| (labels.as_str(), n as f64))
+            .zip(Limit::ALL)
+            .map(|(labels, limit)| (labels.as_str(), stats.refused.get(limit) as f64))
             .collect::<Vec<_>>(),
     );
 }

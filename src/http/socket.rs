@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -20,7 +19,7 @@ use tokio::time::Instant;
 
 use super::ApiError;
 use crate::oauth::SocketMessage;
-use crate::server::{SocketGate, SocketPass, SocketRefusal};
+use crate::server::{Limit, SocketGate, SocketPass, SocketRefusal};
 use crate::state::AppState;
 
 /// How much longer than a session a WebSocket client may wait for its outcome.
@@ -65,10 +64,7 @@ pub async fn websocket(
     if let Some(origin) = headers.get(ORIGIN)
         && !allowed_origin(&state, origin.as_bytes())
     {
-        gate.stats()
-            .refused
-            .websocket_origin
-            .fetch_add(1, Ordering::Relaxed);
+        gate.stats().refused.add(Limit::WebsocketOrigin);
         return ApiError::ForbiddenOrigin.into_response();
     }
     let pass = match gate.admit(peer.ip()) {
@@ -130,7 +126,7 @@ async fn serve_socket(
         tokio::select! {
             _ = pings.tick() => {
                 if heard.elapsed() >= idle_timeout {
-                    gate.stats().refused.websocket_idle.fetch_add(1, Ordering::Relaxed);
+                    gate.stats().refused.add(Limit::WebsocketIdle);
                     break;
                 }
                 if socket.send(Message::Ping(Default::default())).await.is_err() {

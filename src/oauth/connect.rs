@@ -27,6 +27,7 @@ use workers::provider::split_scopes;
 use super::redirect::allowed_redirect;
 use super::signature::verify_connect_hmac;
 use super::{Failure, FlowError, Report, fill_url, flow_template, pairs, text_field};
+use crate::server::Limit;
 use crate::state::AppState;
 
 /// Random bytes in a `state` (base64url: 43 characters).
@@ -122,8 +123,7 @@ async fn start(
     if let Some(client) = request.client
         && !state.oauth.may_start(client)
     {
-        let refused = &state.server_stats.refused.flows_per_client;
-        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.server_stats.refused.add(Limit::FlowsPerClient);
         return Err(FlowError::TooManyFlows);
     }
     let key = request.provider_config_key.clone();
@@ -232,8 +232,7 @@ async fn start(
     if state.backend.sessions().open_sessions(now).await?
         >= state.config.limits.max_open_flows as u64
     {
-        let refused = &state.server_stats.refused.open_flows;
-        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.server_stats.refused.add(Limit::OpenFlows);
         return Err(FlowError::TooManyOpenFlows);
     }
     state.backend.sessions().create_session(&session).await?;

@@ -77,27 +77,21 @@ async fn the_embedded_default_creates_a_private_key_file_once_and_reuses_it() {
 async fn in_open_mode_only_loopback_hosts_are_served_and_no_answer_is_cached() {
     let db = TestDatabase::sqlite();
     let app = spawn_app(&db, &new_key()).await;
-    // A page on another site whose name was rebound to 127.0.0.1 (DNS rebinding).
-    for host in ["evil.example", "evil.example:3003", "10.0.0.1"] {
-        let response = app
-            .client
+    let config_as = |host: &'static str| {
+        app.client
             .get(app.url("/config"))
             .header("Host", host)
             .send()
-            .await
-            .unwrap();
+    };
+    // A page on another site whose name was rebound to 127.0.0.1 (DNS rebinding).
+    for host in ["evil.example", "evil.example:3003", "10.0.0.1"] {
+        let response = config_as(host).await.unwrap();
         assert_eq!(response.status(), 421, "{host}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "non_loopback_host");
     }
     for host in ["localhost", "127.0.0.1:3003", "[::1]:3003"] {
-        let response = app
-            .client
-            .get(app.url("/config"))
-            .header("Host", host)
-            .send()
-            .await
-            .unwrap();
+        let response = config_as(host).await.unwrap();
         assert_eq!(response.status(), 200, "{host}");
         assert_eq!(response.headers()["cache-control"], "no-store");
     }
