@@ -10,6 +10,9 @@
 //!
 //! The refusals are counted for `/metrics`.
 
+use std::future::Future;
+use std::task::Poll;
+
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HOST};
@@ -45,7 +48,15 @@ async fn limited(state: &AppState, request: Request, next: Next) -> Response {
         refused.add(Limit::BodyTooLarge);
         return ApiError::PayloadTooLarge.into_response();
     }
-    match tokio::time::timeout(state.config.limits.request_timeout, next.run(request)).await {
+    // Most answers (a cached token) are ready at the first poll: the timer, which costs a
+    // registration in the runtime's timer wheel, is only armed for those that are not.
+    let mut running = std::pin::pin!(next.run(request));
+    if let Poll::Ready(response) =
+        std::future::poll_fn(|cx| Poll::Ready(running.as_mut().poll(cx))).await
+    {
+        return response;
+    }
+    match tokio::time::timeout(state.config.limits.request_timeout, running).await {
         Ok(response) => response,
         Err(_) => {
             refused.add(Limit::RequestTimeout);
