@@ -27,7 +27,7 @@ use domain::event::DomainEvent;
 use domain::integration::INTEGRATION_DELETED;
 pub use domain::keys::CacheStats;
 use domain::keys::Vault;
-use domain::store::{Backend, LogReader, StreamId};
+use domain::store::{Backend, LogReader, StoreError, StreamId};
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 
@@ -121,16 +121,27 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
         key: &ConnectionKey,
     ) -> Result<Option<Arc<Cached<A>>>, ProjectionError> {
         // An expired entry stays until the reload replaces it.
-        if let Some(cached) = self.entries.get(key)
-            && cached.loaded_at.elapsed() < self.ttl
-        {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(cached));
-        }
+        let expired = match self.entries.get(key) {
+            Some(cached) if cached.loaded_at.elapsed() < self.ttl => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(cached));
+            }
+            other => other,
+        };
         self.misses.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.load(Ordering::Acquire);
         let stream_id = key.stream_id();
-        let Some(record) = queries::find_connection_in(read_models, &stream_id).await? else {
+        let found = match queries::find_connection_in(read_models, &stream_id).await {
+            Ok(found) => found,
+            // The database is away: nothing can be committed meanwhile, so the entry last
+            // loaded is as current as the log can be, but for commits this instance had not
+            // heard of yet when the database went. Reads keep answering from it.
+            Err(ProjectionError::Store(StoreError::Database(_))) if expired.is_some() => {
+                return Ok(expired);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(record) = found else {
             return Ok(None);
         };
         let cached = Arc::new(Cached {

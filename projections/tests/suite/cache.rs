@@ -93,3 +93,45 @@ async fn an_invalidated_or_expired_entry_is_read_again_from_the_read_model(db: &
     cache.clear();
     assert_eq!(cache.stats().entries, 0);
 }
+
+domain::on_postgres_only!(while_the_database_is_away_an_expired_entry_is_still_served);
+
+/// An expired entry whose reload fails because the database cannot be reached is served as it
+/// is (nothing can be committed meanwhile); an entry never loaded is still an error.
+async fn while_the_database_is_away_an_expired_entry_is_still_served(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "kept").await;
+    f.connection("github", "never-read").await;
+    settle(&Runner::new(&f.backend)).await;
+    let cache: ConnectionCache = ConnectionCache::new(Duration::from_millis(50), 100);
+    let kept = ConnectionKey::new("github", "kept");
+    cache.find(&f.read_models, &kept).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let TestDatabase::Postgres { name, .. } = db else {
+        unreachable!("PostgreSQL only");
+    };
+    let (admin, connection) =
+        tokio_postgres::connect(&domain::testing::admin_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .unwrap();
+
+    let served = cache.find(&f.read_models, &kept).await.unwrap().unwrap();
+    assert_eq!(served.record.connection.connection_id, "kept");
+    let never = ConnectionKey::new("github", "never-read");
+    assert!(cache.find(&f.read_models, &never).await.is_err());
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+}
