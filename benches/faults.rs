@@ -608,6 +608,11 @@ async fn soak() {
     let tally = tally.lock().await;
     let max_rss = samples.iter().map(|s| s.0).fold(0.0, f64::max);
     let max_fds = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let trace: Vec<String> = samples
+        .iter()
+        .map(|(rss, fds)| format!("{rss:.0}/{fds}"))
+        .collect();
+    println!("RSS MB / fds every 10 s after warm-up: {}", trace.join(" "));
     println!("answers: {}", tally.line());
     println!(
         "5xx: {}; WebSockets opened and closed: {}; webhooks received: {}",

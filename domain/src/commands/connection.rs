@@ -85,42 +85,61 @@ impl Commands {
         let stream_id = command.key.stream_id();
         let fingerprints = self.fingerprints(&command.credentials).await?;
         let credentials = &command.credentials;
+        // The data key the credentials it replaces were sealed under.
+        let superseded = std::sync::Mutex::new(None);
         let loaded = self
-            .execute_sealed(stream_id, credentials, |state, data_key_id, sealed, _| {
-                let authorization = Authorization {
-                    provider_config_key: command.key.provider_config_key().to_owned(),
-                    connection_id: command.key.connection_id().to_owned(),
-                    provider: command.provider.clone(),
-                    flow: command.flow,
-                    credentials_type: credentials.credentials_type(),
-                    data_key_id,
-                    credentials: sealed.clone(),
-                    has_refresh_token: credentials.has_refresh_token(),
-                    expires_at: credentials.expires_at(),
-                    scopes: command.scopes.clone(),
-                    connection_config: command.connection_config.clone(),
-                    fingerprints: fingerprints.clone(),
-                };
-                let authorize = ConnectionCommand::Authorize {
-                    authorization,
-                    now: command.now,
-                };
-                let mut events = connection::decide(state, authorize)?;
-                if let Some(metadata) = &command.metadata {
-                    let mut authorized = state.clone();
-                    for event in &events {
-                        connection::apply(&mut authorized, event);
+            .execute_sealed(
+                stream_id,
+                credentials,
+                |state: &Connection, data_key_id, sealed, _| {
+                    if let Ok(mut superseded) = superseded.lock() {
+                        *superseded = state.active().map(|active| active.credentials.key_id);
                     }
-                    let set = ConnectionCommand::SetMetadata {
-                        metadata: Value::Object(metadata.clone()),
-                        mode: MetadataMode::Replace,
+                    let authorization = Authorization {
+                        provider_config_key: command.key.provider_config_key().to_owned(),
+                        connection_id: command.key.connection_id().to_owned(),
+                        provider: command.provider.clone(),
+                        flow: command.flow,
+                        credentials_type: credentials.credentials_type(),
+                        data_key_id,
+                        credentials: sealed.clone(),
+                        has_refresh_token: credentials.has_refresh_token(),
+                        expires_at: credentials.expires_at(),
+                        scopes: command.scopes.clone(),
+                        connection_config: command.connection_config.clone(),
+                        fingerprints: fingerprints.clone(),
+                    };
+                    let authorize = ConnectionCommand::Authorize {
+                        authorization,
                         now: command.now,
                     };
-                    events.extend(connection::decide(&authorized, set)?);
-                }
-                Ok(events)
-            })
+                    let mut events = connection::decide(state, authorize)?;
+                    if let Some(metadata) = &command.metadata {
+                        let mut authorized = state.clone();
+                        for event in &events {
+                            connection::apply(&mut authorized, event);
+                        }
+                        let set = ConnectionCommand::SetMetadata {
+                            metadata: Value::Object(metadata.clone()),
+                            mode: MetadataMode::Replace,
+                            now: command.now,
+                        };
+                        events.extend(connection::decide(&authorized, set)?);
+                    }
+                    Ok(events)
+                },
+            )
             .await?;
+        // Only history reads (which never open secrets) may need the old generation's key now:
+        // it leaves the cache, or every re-authorization would keep one more key in memory.
+        if let Some(old) = superseded.into_inner().ok().flatten()
+            && loaded
+                .state
+                .active()
+                .is_none_or(|a| a.credentials.key_id != old)
+        {
+            self.vault.forget_cached(&[old]);
+        }
         Ok(loaded.traced())
     }
 
