@@ -839,14 +839,20 @@ async fn a_second_authorization_is_generation_two_with_the_new_tokens(db: &TestD
     let (access, refresh) = FakeProvider::tokens(2);
     assert_eq!(connection["credentials"]["access_token"], access.as_str());
     assert_eq!(connection["credentials"]["refresh_token"], refresh.as_str());
-    let read_models = projections::ReadModels::open(&db.open().await);
-    let record =
-        projections::queries::find_connection(&read_models, &ConnectionKey::new("fake", "user-1"))
-            .await
-            .unwrap()
-            .unwrap();
+    let backend = db.open().await;
+    let read_models = projections::ReadModels::open(&backend);
+    let key = ConnectionKey::new("fake", "user-1");
+    let record = projections::queries::find_connection(&read_models, &key)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record.connection.generation, 2);
-    assert_eq!(record.connection.data_key_ids.len(), 2, "a new data key");
+    let live =
+        domain::keys::KeyRepository::live_data_keys(backend.keys(), key.stream_id().as_str())
+            .await
+            .unwrap();
+    assert_eq!(live.len(), 2, "a new data key");
+    assert_eq!(live[1], record.connection.credentials.key_id);
     assert_eq!(record.connection.flow, domain::connection::Flow::Oauth2);
 }
 

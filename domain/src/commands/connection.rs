@@ -190,11 +190,18 @@ impl Commands {
         key: &ConnectionKey,
         now: DateTime<Utc>,
     ) -> Result<Loaded<Connection>, CommandError> {
-        self.delete_and_shred(key.stream_id(), |state: &Connection| {
-            let shredded_data_keys = state
-                .active()
-                .map(|active| active.data_key_ids.clone())
-                .unwrap_or_default();
+        let stream_id = key.stream_id();
+        // Every key the store holds live for the stream: the current generation's, superseded
+        // ones, and any created for an append that never landed. A re-authorization racing
+        // with this deletion makes it decide again on the new state, whose key joins the list.
+        let live = self.vault.live_keys(&stream_id).await?;
+        self.delete_and_shred(stream_id, |state: &Connection| {
+            let mut shredded_data_keys = live.clone();
+            if let Some(active) = state.active()
+                && !shredded_data_keys.contains(&active.credentials.key_id)
+            {
+                shredded_data_keys.push(active.credentials.key_id);
+            }
             let delete = ConnectionCommand::Delete {
                 now,
                 shredded_data_keys,

@@ -355,7 +355,6 @@ mod tests {
         let active = active(&state);
         assert_eq!(active.generation, 1);
         assert_eq!(active.refresh_token_generation, 1);
-        assert_eq!(active.data_key_ids, vec![key(1)]);
         assert_eq!(active.credentials, sealed(key(1), b"authorized"));
         assert_eq!(active.authorized_at, at(0));
     }
@@ -374,7 +373,7 @@ mod tests {
         .then(&[authorized(2, key(2), at(140))]);
         let active = active(&state);
         assert_eq!(active.generation, 2);
-        assert_eq!(active.data_key_ids, vec![key(1), key(2)]);
+        assert_eq!(active.credentials.key_id, key(2));
         assert_eq!(active.refresh_token_generation, 1);
         assert_eq!(active.lease, None);
         assert_eq!(active.last_failure, None);
@@ -408,7 +407,7 @@ mod tests {
         .then(&[authorized(3, key(3), at(30))]);
         let active = active(&state);
         assert_eq!(active.generation, 3);
-        assert_eq!(active.data_key_ids, vec![key(1), key(2), key(3)]);
+        assert_eq!(active.credentials.key_id, key(3));
         assert!(
             active.metadata.is_empty(),
             "a deletion forgets the metadata"
@@ -739,10 +738,27 @@ mod tests {
             .then_rejected(ConnectionRejected::Deleted);
     }
 
+    #[test]
+    fn re_authorizations_do_not_grow_the_state() {
+        // Every snapshot and cached copy holds the state: it must not keep a record per
+        // generation (a soak that re-authorized 500 connections all day grew the server).
+        let state_after = |authorizations: u32| {
+            let mut state = Connection::default();
+            for generation in 1..=authorizations {
+                apply(
+                    &mut state,
+                    &authorized(generation, key(u128::from(generation)), at(0)),
+                );
+            }
+            serde_json::to_vec(&state).unwrap().len()
+        };
+        assert_eq!(state_after(10), state_after(99));
+    }
+
     // --- deletion -----------------------------------------------------------------------------
 
     #[test]
-    fn a_deletion_keeps_the_generation_and_the_data_keys() {
+    fn a_deletion_keeps_the_generation_and_names_the_shredded_keys() {
         let state = given(&[authorized(1, key(1), at(0)), authorized(2, key(2), at(1))])
             .when(delete(vec![key(1), key(2)], at(2)))
             .then(&[deleted(vec![key(1), key(2)], at(2))]);

@@ -43,9 +43,6 @@ pub struct ActiveConnection {
     pub credentials_type: CredentialsType,
     /// The current authorization's generation (≥ 1).
     pub generation: u32,
-    /// The data keys of every generation so far, oldest first, including those of generations
-    /// before a deletion (already shredded).
-    pub data_key_ids: Vec<Uuid>,
     /// The current credentials, sealed.
     pub credentials: Sealed,
     /// Fingerprints of the current tokens.
@@ -119,7 +116,7 @@ pub struct RecordedFailure {
 pub struct DeletedConnection {
     /// The last generation before the deletion.
     pub generation: u32,
-    /// The data keys of every generation so far (all shredded).
+    /// The data keys its deletion shredded (every live key of the stream then).
     pub data_key_ids: Vec<Uuid>,
     /// When it was deleted.
     pub deleted_at: DateTime<Utc>,
@@ -155,19 +152,17 @@ impl Connection {
 pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
     match event {
         ConnectionEvent::ConnectionAuthorized(event) => {
-            let (mut data_key_ids, metadata, created_at) = match std::mem::take(state) {
-                Connection::NeverAuthorized => (Vec::new(), Map::new(), event.authorized_at),
-                Connection::Active(active) => {
-                    (active.data_key_ids, active.metadata, active.created_at)
+            // The state names only the current generation's data key (in its sealed
+            // credentials): a list of every generation's would grow with each
+            // re-authorization, in every snapshot and cached copy. A deletion names the keys
+            // the key store still holds live for the stream.
+            let (metadata, created_at) = match std::mem::take(state) {
+                Connection::NeverAuthorized | Connection::Deleted(_) => {
+                    (Map::new(), event.authorized_at)
                 }
-                Connection::Deleted(deleted) => {
-                    (deleted.data_key_ids, Map::new(), event.authorized_at)
-                }
+                Connection::Active(active) => (active.metadata, active.created_at),
             };
             let authorization = event.authorization.clone();
-            if !data_key_ids.contains(&authorization.data_key_id) {
-                data_key_ids.push(authorization.data_key_id);
-            }
             *state = Connection::Active(ActiveConnection {
                 provider_config_key: authorization.provider_config_key,
                 connection_id: authorization.connection_id,
@@ -175,7 +170,6 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 flow: authorization.flow,
                 credentials_type: authorization.credentials_type,
                 generation: event.generation,
-                data_key_ids,
                 credentials: authorization.credentials,
                 fingerprints: authorization.fingerprints,
                 has_refresh_token: authorization.has_refresh_token,
@@ -259,14 +253,10 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
             }
         }
         ConnectionEvent::ConnectionDeleted(event) => {
-            let (generation, data_key_ids) = match std::mem::take(state) {
-                Connection::NeverAuthorized => (0, Vec::new()),
-                Connection::Active(active) => (active.generation, active.data_key_ids),
-                Connection::Deleted(deleted) => (deleted.generation, deleted.data_key_ids),
-            };
+            let generation = state.generation();
             *state = Connection::Deleted(DeletedConnection {
                 generation,
-                data_key_ids,
+                data_key_ids: event.shredded_data_keys.clone(),
                 deleted_at: event.deleted_at,
             });
         }

@@ -285,6 +285,8 @@ pub trait KeyRepository: Send + Sync {
         wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError>;
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError>;
+    /// The ids of `owner`'s live (not yet destroyed) data keys.
+    async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
     /// Destroys every live data key of `owner`; returns their ids.
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
     /// Live data keys not wrapped by the active master key.
@@ -460,6 +462,12 @@ impl Vault {
     }
 
     /// Destroys every data key of `owner`: their sealed values become unrecoverable.
+    /// The ids of `owner`'s data keys that are not destroyed yet: every generation's, and any
+    /// created for an append that never landed.
+    pub async fn live_keys(&self, owner: &StreamId) -> Result<Vec<Uuid>, KeyError> {
+        Ok(self.inner.repository.live_data_keys(owner.as_str()).await?)
+    }
+
     pub async fn destroy(&self, owner: &StreamId) -> Result<u64, KeyError> {
         let destroyed = self
             .inner

@@ -110,6 +110,21 @@ impl KeyRepository for PostgresStore {
         Ok(row.as_ref().map(stored_data_key))
     }
 
+    async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT key_id FROM data_keys WHERE owner = $1 AND wrapped IS NOT NULL \
+                 ORDER BY created_at, key_id",
+                &[&owner],
+            )
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
         let client = self.client().await?;
         Ok(client

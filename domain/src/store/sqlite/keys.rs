@@ -131,6 +131,24 @@ impl KeyRepository for SqliteStore {
         .await
     }
 
+    async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
+        let owner = owner.to_owned();
+        self.read(move |conn| {
+            let ids = conn
+                .prepare_cached(
+                    "SELECT key_id FROM data_keys WHERE owner = ?1 AND wrapped IS NOT NULL \
+                     ORDER BY created_at, key_id",
+                )
+                .and_then(|mut s| {
+                    s.query_map([owner], |row| row.get::<_, String>(0))?
+                        .collect::<Result<Vec<String>, _>>()
+                })
+                .map_err(db_error)?;
+            parse_ids(&ids)
+        })
+        .await
+    }
+
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
         let owner = owner.to_owned();
         self.write(move |conn| {
@@ -153,12 +171,7 @@ impl KeyRepository for SqliteStore {
                 conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                     .map_err(db_error)?;
             }
-            ids.iter()
-                .map(|id| {
-                    Uuid::parse_str(id)
-                        .map_err(|e| StoreError::Database(format!("data key id {id:?}: {e}")))
-                })
-                .collect()
+            parse_ids(&ids)
         })
         .await
     }
@@ -204,4 +217,14 @@ impl KeyRepository for SqliteStore {
         })
         .await
     }
+}
+
+/// Key ids as SQLite stores them (text), parsed.
+fn parse_ids(ids: &[String]) -> Result<Vec<Uuid>, StoreError> {
+    ids.iter()
+        .map(|id| {
+            Uuid::parse_str(id)
+                .map_err(|e| StoreError::Database(format!("data key id {id:?}: {e}")))
+        })
+        .collect()
 }
