@@ -43,7 +43,8 @@ pub struct Cached<A> {
     pub record: Arc<ConnectionRecord>,
     pub derived: A,
     stream_id: StreamId,
-    loaded_at: Instant,
+    /// When it was last found current, in microseconds since the cache's origin.
+    loaded_at: AtomicU64,
 }
 
 /// Hands the entries an insert pushed out (or replaced) back to the inserter, which drops them
@@ -75,6 +76,8 @@ pub struct ConnectionCache<A = ()> {
     index: Mutex<HashMap<StreamId, ConnectionKey>>,
     /// Bumped by every invalidation; a read that saw another value does not fill the cache.
     epoch: AtomicU64,
+    /// What `loaded_at` counts from.
+    origin: Instant,
     ttl: Duration,
     capacity: u64,
     hits: AtomicU64,
@@ -106,6 +109,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             ),
             index: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            origin: Instant::now(),
             ttl,
             capacity: u64::try_from(capacity).unwrap_or(u64::MAX),
             hits: AtomicU64::new(0),
@@ -122,7 +126,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
     ) -> Result<Option<Arc<Cached<A>>>, ProjectionError> {
         // An expired entry stays until the reload replaces it.
         let expired = match self.entries.get(key) {
-            Some(cached) if cached.loaded_at.elapsed() < self.ttl => {
+            Some(cached) if self.age(&cached) < self.ttl => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(cached));
             }
@@ -144,11 +148,24 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
         let Some(record) = found else {
             return Ok(None);
         };
+        // Unchanged since it was loaded: the entry, with what its reader derived from it, is
+        // current again, and the reader need not derive it anew (at scale, where the working
+        // set is read less often than the time to live, most reads land here).
+        if let Some(old) = expired
+            && old.record.version == record.version
+            && old.record.id == record.id
+        {
+            let _index = self.index();
+            if self.epoch.load(Ordering::Acquire) == epoch {
+                old.loaded_at.store(self.now(), Ordering::Relaxed);
+            }
+            return Ok(Some(old));
+        }
         let cached = Arc::new(Cached {
             record: Arc::new(record),
             derived: A::default(),
             stream_id,
-            loaded_at: Instant::now(),
+            loaded_at: AtomicU64::new(self.now()),
         });
         let mut pushed = Vec::new();
         {
@@ -173,6 +190,19 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             Ordering::Relaxed,
         );
         Ok(Some(cached))
+    }
+
+    /// Microseconds since the origin.
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// How long ago `cached` was last found current.
+    fn age(&self, cached: &Cached<A>) -> Duration {
+        Duration::from_micros(
+            self.now()
+                .saturating_sub(cached.loaded_at.load(Ordering::Relaxed)),
+        )
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, ConnectionKey>> {

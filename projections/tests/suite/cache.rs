@@ -12,6 +12,7 @@ use crate::{fixture, settle};
 domain::on_both_backends!(
     the_replica_stays_within_its_capacity_and_counts_what_it_evicts,
     an_invalidated_or_expired_entry_is_read_again_from_the_read_model,
+    an_expired_entry_found_unchanged_keeps_what_was_derived_from_it,
 );
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -92,6 +93,30 @@ async fn an_invalidated_or_expired_entry_is_read_again_from_the_read_model(db: &
     // Cleared: everything goes.
     cache.clear();
     assert_eq!(cache.stats().entries, 0);
+}
+
+async fn an_expired_entry_found_unchanged_keeps_what_was_derived_from_it(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "a").await;
+    settle(&Runner::new(&f.backend)).await;
+    let brief: ConnectionCache<std::sync::OnceLock<u32>> =
+        ConnectionCache::new(Duration::ZERO, 100);
+    let key = ConnectionKey::new("github", "a");
+    let first = brief.find(&f.read_models, &key).await.unwrap().unwrap();
+    first.derived.set(7).unwrap();
+    // Expired, read again, unchanged: the same entry, with what was derived from it.
+    let again = brief.find(&f.read_models, &key).await.unwrap().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    assert_eq!(again.derived.get(), Some(&7));
+    assert_eq!(brief.stats().misses, 2);
+    // Changed in the read model (without this cache hearing of it): a new entry, derived anew.
+    f.connection("github", "a").await;
+    settle(&Runner::new(&f.backend)).await;
+    let changed = brief.find(&f.read_models, &key).await.unwrap().unwrap();
+    assert!(changed.record.version > first.record.version);
+    assert_eq!(changed.derived.get(), None);
+    assert_eq!(brief.stats().entries, 1);
 }
 
 domain::on_postgres_only!(while_the_database_is_away_an_expired_entry_is_still_served);
