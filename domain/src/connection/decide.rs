@@ -374,6 +374,7 @@ mod tests {
         let active = active(&state);
         assert_eq!(active.generation, 2);
         assert_eq!(active.credentials.key_id, key(2));
+        assert_eq!(active.data_key_ids, vec![key(2)]);
         assert_eq!(active.refresh_token_generation, 1);
         assert_eq!(active.lease, None);
         assert_eq!(active.last_failure, None);

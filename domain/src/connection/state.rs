@@ -43,6 +43,11 @@ pub struct ActiveConnection {
     pub credentials_type: CredentialsType,
     /// The current authorization's generation (≥ 1).
     pub generation: u32,
+    /// The current generation's data key, as a one-element list. (It once listed every
+    /// generation's key, which grew each snapshot and cached copy with every re-authorization;
+    /// the shape stays so that instances of earlier versions read the same rows during a rolling
+    /// upgrade. A deletion names the keys the key store holds live for the stream.)
+    pub data_key_ids: Vec<Uuid>,
     /// The current credentials, sealed.
     pub credentials: Sealed,
     /// Fingerprints of the current tokens.
@@ -152,10 +157,6 @@ impl Connection {
 pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
     match event {
         ConnectionEvent::ConnectionAuthorized(event) => {
-            // The state names only the current generation's data key (in its sealed
-            // credentials): a list of every generation's would grow with each
-            // re-authorization, in every snapshot and cached copy. A deletion names the keys
-            // the key store still holds live for the stream.
             let (metadata, created_at) = match std::mem::take(state) {
                 Connection::NeverAuthorized | Connection::Deleted(_) => {
                     (Map::new(), event.authorized_at)
@@ -170,6 +171,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 flow: authorization.flow,
                 credentials_type: authorization.credentials_type,
                 generation: event.generation,
+                data_key_ids: vec![authorization.data_key_id],
                 credentials: authorization.credentials,
                 fingerprints: authorization.fingerprints,
                 has_refresh_token: authorization.has_refresh_token,
