@@ -408,16 +408,16 @@ impl Vault {
     /// wrapped. Returns its id.
     pub async fn create_data_key(&self, owner: &StreamId) -> Result<Uuid, KeyError> {
         let key_id = Uuid::new_v4();
-        let key = Zeroizing::new(Aes256Gcm::generate_key(OsRng).to_vec());
-        let key = Key::<Aes256Gcm>::from_slice(&key);
-        let wrapped = self.inner.active.wrap(key_id, key);
+        let key: cache::Cipher = Arc::new(Zeroizing::new(Aes256Gcm::generate_key(OsRng).into()));
+        let wrapped = self
+            .inner
+            .active
+            .wrap(key_id, Key::<Aes256Gcm>::from_slice(&key[..]));
         self.inner
             .repository
             .insert_data_key(key_id, owner.as_str(), self.inner.active.wrapping(&wrapped))
             .await?;
-        self.inner
-            .cache
-            .insert(key_id, Arc::new(Aes256Gcm::new(key)));
+        self.inner.cache.insert(key_id, key);
         Ok(key_id)
     }
 
@@ -656,17 +656,22 @@ impl Vault {
     }
 
     /// The opened data key `key_id`, from the cache or else unwrapped and cached.
-    async fn data_key(&self, key_id: Uuid) -> Result<Arc<Aes256Gcm>, KeyError> {
-        if let Some(cipher) = self.inner.cache.get(&key_id) {
-            return Ok(cipher);
-        }
-        let raw = self
-            .raw_data_key(key_id)
-            .await?
-            .ok_or(KeyError::UnknownDataKey(key_id))?;
-        let cipher = Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw)));
-        self.inner.cache.insert(key_id, cipher.clone());
-        Ok(cipher)
+    /// The cache keeps the key's bytes; the cipher is expanded from them for each use.
+    async fn data_key(&self, key_id: Uuid) -> Result<Aes256Gcm, KeyError> {
+        let key = match self.inner.cache.get(&key_id) {
+            Some(key) => key,
+            None => {
+                let raw = self
+                    .raw_data_key(key_id)
+                    .await?
+                    .ok_or(KeyError::UnknownDataKey(key_id))?;
+                let bytes = <[u8; 32]>::try_from(&raw[..]).map_err(|_| KeyError::Decrypt)?;
+                let key = Arc::new(Zeroizing::new(bytes));
+                self.inner.cache.insert(key_id, key.clone());
+                key
+            }
+        };
+        Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key[..])))
     }
 }
 
