@@ -43,11 +43,11 @@ pub struct CacheStats {
 }
 
 /// An opened data key's bytes, shared by the cache and the seals and unseals using it.
-pub(super) type Cipher = Arc<Zeroizing<[u8; 32]>>;
+pub(super) type KeyBytes = Arc<Zeroizing<[u8; 32]>>;
 
 /// Opened data keys by id, bounded, with their statistics.
 pub(super) struct KeyCache {
-    keys: Cache<Uuid, Cipher, UnitWeighter, DefaultHashBuilder, CountEvictions>,
+    keys: Cache<Uuid, KeyBytes, UnitWeighter, DefaultHashBuilder, CountEvictions>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: Arc<AtomicU64>,
@@ -73,7 +73,7 @@ impl KeyCache {
     }
 
     /// The key `key_id`, if cached; counted as a hit or a miss.
-    pub(super) fn get(&self, key_id: &Uuid) -> Option<Cipher> {
+    pub(super) fn get(&self, key_id: &Uuid) -> Option<KeyBytes> {
         let found = self.keys.get(key_id);
         let counter = if found.is_some() {
             &self.hits
@@ -85,7 +85,7 @@ impl KeyCache {
     }
 
     /// Keeps `cipher` as the key `key_id`, evicting another if the cache is full.
-    pub(super) fn insert(&self, key_id: Uuid, cipher: Cipher) {
+    pub(super) fn insert(&self, key_id: Uuid, cipher: KeyBytes) {
         self.keys.insert(key_id, cipher);
     }
 
@@ -115,11 +115,11 @@ impl KeyCache {
 #[derive(Clone)]
 struct CountEvictions(Arc<AtomicU64>);
 
-impl Lifecycle<Uuid, Cipher> for CountEvictions {
+impl Lifecycle<Uuid, KeyBytes> for CountEvictions {
     /// The keys evicted by one request, released after the cache's lock is.
-    type RequestState = Vec<Cipher>;
+    type RequestState = Vec<KeyBytes>;
 
-    fn on_evict(&self, evicted: &mut Vec<Cipher>, _key_id: Uuid, cipher: Cipher) {
+    fn on_evict(&self, evicted: &mut Vec<KeyBytes>, _key_id: Uuid, cipher: KeyBytes) {
         self.0.fetch_add(1, Ordering::Relaxed);
         evicted.push(cipher);
     }
@@ -129,7 +129,7 @@ impl Lifecycle<Uuid, Cipher> for CountEvictions {
 mod tests {
     use super::*;
 
-    fn cipher(n: u8) -> Cipher {
+    fn cipher(n: u8) -> KeyBytes {
         Arc::new(Zeroizing::new([n; 32]))
     }
 

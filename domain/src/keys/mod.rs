@@ -408,7 +408,7 @@ impl Vault {
     /// wrapped. Returns its id.
     pub async fn create_data_key(&self, owner: &StreamId) -> Result<Uuid, KeyError> {
         let key_id = Uuid::new_v4();
-        let key: cache::Cipher = Arc::new(Zeroizing::new(Aes256Gcm::generate_key(OsRng).into()));
+        let key: cache::KeyBytes = Arc::new(Zeroizing::new(Aes256Gcm::generate_key(OsRng).into()));
         let wrapped = self
             .inner
             .active
@@ -461,13 +461,13 @@ impl Vault {
         })
     }
 
-    /// Destroys every data key of `owner`: their sealed values become unrecoverable.
     /// The ids of `owner`'s data keys that are not destroyed yet: every generation's, and any
     /// created for an append that never landed.
     pub async fn live_keys(&self, owner: &StreamId) -> Result<Vec<Uuid>, KeyError> {
         Ok(self.inner.repository.live_data_keys(owner.as_str()).await?)
     }
 
+    /// Destroys every data key of `owner`: their sealed values become unrecoverable.
     pub async fn destroy(&self, owner: &StreamId) -> Result<u64, KeyError> {
         let destroyed = self
             .inner

@@ -111,33 +111,21 @@ impl KeyRepository for PostgresStore {
     }
 
     async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
-        let client = self.client().await?;
-        Ok(client
-            .query(
-                "SELECT key_id FROM data_keys WHERE owner = $1 AND wrapped IS NOT NULL \
-                 ORDER BY created_at, key_id",
-                &[&owner],
-            )
-            .await
-            .map_err(db_error)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect())
+        self.owner_key_ids(
+            "SELECT key_id FROM data_keys WHERE owner = $1 AND wrapped IS NOT NULL \
+             ORDER BY created_at, key_id",
+            owner,
+        )
+        .await
     }
 
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
-        let client = self.client().await?;
-        Ok(client
-            .query(
-                "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = now() \
-                 WHERE owner = $1 AND wrapped IS NOT NULL RETURNING key_id",
-                &[&owner],
-            )
-            .await
-            .map_err(db_error)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect())
+        self.owner_key_ids(
+            "UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = now() \
+             WHERE owner = $1 AND wrapped IS NOT NULL RETURNING key_id",
+            owner,
+        )
+        .await
     }
 
     async fn data_keys_to_rewrap(
@@ -178,6 +166,20 @@ impl KeyRepository for PostgresStore {
             .await
             .map_err(db_error)?;
         Ok(n == 1)
+    }
+}
+
+impl PostgresStore {
+    /// The key ids `sql` answers for `owner` (its `$1`), in the order it answers them.
+    async fn owner_key_ids(&self, sql: &str, owner: &str) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(sql, &[&owner])
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
     }
 }
 
