@@ -134,6 +134,11 @@ async fn started(setup: &Setup, extra: &[&str], n: usize, expires_in: i64) -> Se
                 expires_in,
             )
             .await;
+        // Read once: in use, so the scheduler refreshes it ahead of expiry.
+        let _ = client
+            .get(connection_url(&server.base, &format!("c{i}")))
+            .send()
+            .await;
     }
     server
 }

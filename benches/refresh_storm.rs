@@ -6,8 +6,10 @@
 //! before it, with no storm, as the baseline).
 //!
 //! Seeding is not part of the storm: a first instance (roles api, projections) imports the
-//! connections and is stopped once its projections have caught up; a second instance with the
-//! scheduler role, ticking every 5 s, then finds them all due on its first tick.
+//! connections, reads each once (so they are in use) and is stopped once its projections have
+//! caught up (a graceful stop writes the reads it noted); a second instance with the scheduler
+//! role, ticking every 5 s and unpaced (`--refresh-rate 0`: the storm measures the refresh path,
+//! not the budget), then finds them all due on its first tick.
 //!
 //! `cargo bench --bench refresh_storm` (`BENCH_CONNECTIONS` overrides 10,000).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -40,11 +42,19 @@ fn connections() -> usize {
 }
 
 /// Imports connection `id` with an access token expiring `expires_in` seconds from now.
+/// Imports `id` and reads it once: in use, so the scheduler refreshes it ahead of expiry (the
+/// read itself refreshes nothing, the token being outside the read margin).
 async fn import(client: &reqwest::Client, base: &str, setup: &Setup, id: String, expires_in: i64) {
     let (access, refresh) = (format!("old-access-{id}"), format!("rt-{id}"));
     setup
         .import(client, base, &id, (&access, &refresh), expires_in)
         .await;
+    let read = client
+        .get(format!("{base}/connection/{id}?provider_config_key={KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
 }
 
 /// What the readers saw: (start, latency) of each 200 answer, and the non-200 count.
@@ -159,6 +169,8 @@ async fn main() {
             "api,projections,scheduler",
             "--refresh-schedule",
             &schedule,
+            "--refresh-rate",
+            "0",
         ],
         "info",
     );

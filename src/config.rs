@@ -204,9 +204,20 @@ pub struct ServeArgs {
     pub refresh_concurrency: String,
 
     /// Refresh idle connections whose last refresh is older than this, to keep refresh tokens
-    /// alive.
+    /// alive (providers whose templates document an unused refresh token's lifetime use half
+    /// of that instead).
     #[arg(long, env = "GRANTLINE_REFRESH_IDLE_AFTER", default_value = "7d")]
     pub refresh_idle_after: String,
+
+    /// A connection read within this is in use: the scheduler refreshes its token ahead of
+    /// expiry. Connections not read for longer are refreshed on their next read.
+    #[arg(long, env = "GRANTLINE_REFRESH_ACTIVE_FOR", default_value = "24h")]
+    pub refresh_active_for: String,
+
+    /// Scheduled refreshes per second per integration (0: unpaced), with jitter, so a storm of
+    /// due connections stays under the provider's rate limit. Reads are never paced.
+    #[arg(long, env = "GRANTLINE_REFRESH_RATE", default_value = "10")]
+    pub refresh_rate: String,
 
     /// How long a refresh lease lasts; the provider call times out before it ends.
     #[arg(long, env = "GRANTLINE_REFRESH_LEASE", default_value = "60s")]
@@ -310,6 +321,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_REFRESH_SCHEDULE", "refresh-schedule"),
     ("GRANTLINE_REFRESH_CONCURRENCY", "refresh-concurrency"),
     ("GRANTLINE_REFRESH_IDLE_AFTER", "refresh-idle-after"),
+    ("GRANTLINE_REFRESH_ACTIVE_FOR", "refresh-active-for"),
+    ("GRANTLINE_REFRESH_RATE", "refresh-rate"),
     ("GRANTLINE_REFRESH_LEASE", "refresh-lease"),
     ("GRANTLINE_PROVIDER_TIMEOUT", "provider-timeout"),
     ("GRANTLINE_WEBHOOK_URLS", "webhook-urls"),
@@ -446,6 +459,9 @@ pub struct RefreshConfig {
     pub schedule: cron::Schedule,
     pub concurrency: usize,
     pub idle_after: Duration,
+    pub active_for: Duration,
+    /// Scheduled refreshes per second per integration; `None`: unpaced.
+    pub rate: Option<std::num::NonZeroU32>,
     pub lease: Duration,
     pub provider_timeout: Duration,
 }
@@ -691,6 +707,19 @@ impl ServeArgs {
                 &self.refresh_concurrency,
             )?,
             idle_after: parse_duration("GRANTLINE_REFRESH_IDLE_AFTER", &self.refresh_idle_after)?,
+            active_for: parse_duration("GRANTLINE_REFRESH_ACTIVE_FOR", &self.refresh_active_for)?,
+            rate: match self.refresh_rate.trim().parse::<u32>() {
+                Ok(rate) => std::num::NonZeroU32::new(rate),
+                Err(_) => {
+                    return Err(invalid(
+                        "GRANTLINE_REFRESH_RATE",
+                        format!(
+                            "{:?} is not a whole number of refreshes per second (0: unpaced)",
+                            self.refresh_rate
+                        ),
+                    ));
+                }
+            },
             lease,
             provider_timeout,
         })

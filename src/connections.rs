@@ -139,6 +139,9 @@ pub async fn answer(
     let Some(cached) = state.cache.find(&state.read_models, key).await? else {
         return Err(missing(state, key).await);
     };
+    if let Some(stream_id) = state.cache.first_read(&cached) {
+        state.activity.note(stream_id, Utc::now());
+    }
     if !force_refresh
         && !state
             .refresh

@@ -11,12 +11,13 @@ use domain::catalog::Catalog;
 use domain::commands::Commands;
 use domain::keys::{MasterKey, Vault};
 use domain::store::{Backend, StoreOptions};
+use projections::activity::ReadActivity;
 use projections::cache::ConnectionCache;
 use projections::snapshots::ReadModelSnapshots;
 use projections::{ReadModels, Runner};
 use tokio::net::TcpListener;
 use workers::refresh::{RefreshService, RefreshSettings};
-use workers::scheduler::Scheduler;
+use workers::scheduler::{RefreshPolicy, Scheduler};
 use workers::sockets::Sockets;
 use workers::webhooks::{WebhookService, WebhookSettings};
 
@@ -29,6 +30,9 @@ use crate::state::{AppState, Shared};
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
 const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often an instance writes the reads it noted (the scheduler sees a connection in use
+/// this much later at most).
+const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A built service, bound to its port and ready to run.
 #[derive(Debug)]
@@ -83,8 +87,13 @@ impl Application {
         let scheduler = Scheduler::new(
             refresh.clone(),
             read_models.clone(),
-            config.refresh.window,
-            config.refresh.idle_after,
+            RefreshPolicy {
+                window: config.refresh.window,
+                active_for: config.refresh.active_for,
+                idle_after: config.refresh.idle_after,
+                keep_alive: RefreshPolicy::keep_alive_of(&catalog),
+                budget: config.refresh.rate,
+            },
             config.refresh.concurrency,
         );
         Ok(Self {
@@ -98,6 +107,7 @@ impl Application {
                 runner: Runner::new(&backend),
                 read_models,
                 cache: Arc::new(ConnectionCache::new(CACHE_TTL, config.connection_cache)),
+                activity: Arc::new(ReadActivity::new()),
                 backend,
                 config: Arc::new(config),
                 catalog,
@@ -163,6 +173,18 @@ impl Application {
             let until = stopping(stopped.clone());
             tasks.push(tokio::spawn(async move {
                 workers::sockets::run(sockets, backend, until).await;
+            }));
+        }
+        if self.state.config.roles.api {
+            // The reads this instance serves, for the scheduler's demand-aware refresh.
+            let state = self.state.clone();
+            let until = stopping(stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                let keep = state.config.refresh.active_for;
+                state
+                    .activity
+                    .run(&state.read_models, ACTIVITY_FLUSH, keep, until)
+                    .await;
             }));
         }
         if self.state.config.roles.api {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use domain::catalog::Catalog;
 use domain::commands::{Aggregate, Commands, Loaded};
 use domain::store::Backend;
+use projections::activity::ReadActivity;
 use projections::cache::ConnectionCache;
 use projections::model::upsert_state;
 use projections::{ProjectionError, ReadModels, Runner, StateModel};
@@ -73,6 +74,8 @@ pub struct Shared {
     pub runner: Runner,
     /// The hot path's in-memory replica of the connections read model.
     pub cache: Arc<ConnectionCache<Answers>>,
+    /// Which connections this instance served, on their way to the database.
+    pub activity: Arc<ReadActivity>,
     pub config: Arc<Config>,
     /// The provider templates: the built-in catalog plus `GRANTLINE_PROVIDERS_FILE`.
     pub catalog: Arc<Catalog>,

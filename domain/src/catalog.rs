@@ -119,6 +119,10 @@ pub struct Template {
     /// Seconds before expiry at which this provider's tokens count as expired, overriding the
     /// service-wide refresh margin.
     pub token_expiration_buffer: Option<u64>,
+    /// How many days the provider documents an unused refresh token to live: the scheduler's
+    /// keep-alive refreshes such connections after half of it, instead of after
+    /// `GRANTLINE_REFRESH_IDLE_AFTER` (a Grantline field, not in Nango's format).
+    pub refresh_token_idle_days: Option<u32>,
     /// OAuth 1.0a: the request-token endpoint.
     pub request_url: Option<String>,
     /// OAuth 1.0a: extra parameters of the request-token call.
@@ -426,6 +430,7 @@ struct RawTemplate {
     token_response_metadata: Option<Vec<String>>,
     redirect_uri_metadata: Option<Vec<String>>,
     token_expiration_buffer: Option<u64>,
+    refresh_token_idle_days: Option<u32>,
     request_url: Option<String>,
     request_params: Option<RawParams>,
     signature_method: Option<String>,
@@ -467,6 +472,9 @@ impl RawTemplate {
             token_expiration_buffer: self
                 .token_expiration_buffer
                 .or(base.token_expiration_buffer),
+            refresh_token_idle_days: self
+                .refresh_token_idle_days
+                .or(base.refresh_token_idle_days),
             request_url: self.request_url.or(base.request_url),
             request_params: self.request_params.or(base.request_params),
             signature_method: self.signature_method.or(base.signature_method),
@@ -670,6 +678,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         token_response_metadata: raw.token_response_metadata.unwrap_or_default(),
         redirect_uri_metadata: raw.redirect_uri_metadata.unwrap_or_default(),
         token_expiration_buffer: raw.token_expiration_buffer,
+        refresh_token_idle_days: raw.refresh_token_idle_days.filter(|days| *days > 0),
         request_url,
         request_params: params("request_params", raw.request_params)?,
         signature_method,

@@ -45,6 +45,9 @@ pub struct Cached<A> {
     stream_id: StreamId,
     /// When it was last found current, in microseconds since the cache's origin.
     loaded_at: AtomicU64,
+    /// The minute (since the cache's origin) of the last read let through by
+    /// [`ConnectionCache::first_read`]; `u64::MAX` before the first.
+    noted_minute: AtomicU64,
 }
 
 /// Hands the entries an insert pushed out (or replaced) back to the inserter, which drops them
@@ -166,6 +169,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             derived: A::default(),
             stream_id,
             loaded_at: AtomicU64::new(self.now()),
+            noted_minute: AtomicU64::new(u64::MAX),
         });
         let mut pushed = Vec::new();
         {
@@ -190,6 +194,20 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             Ordering::Relaxed,
         );
         Ok(Some(cached))
+    }
+
+    /// The stream of `cached` if this is its first read this minute (for activity tracking,
+    /// [`crate::activity`]), else `None`: on the hot path one atomic load and, once a minute per
+    /// connection, one compare-and-swap.
+    pub fn first_read<'a>(&self, cached: &'a Cached<A>) -> Option<&'a StreamId> {
+        let minute = self.now() / 60_000_000;
+        let noted = cached.noted_minute.load(Ordering::Relaxed);
+        (noted != minute
+            && cached
+                .noted_minute
+                .compare_exchange(noted, minute, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok())
+        .then_some(&cached.stream_id)
     }
 
     /// Microseconds since the origin.

@@ -15,10 +15,11 @@
 //!
 //! Layout: [`model`] says how an aggregate's state becomes a row (pure), [`store`] keeps rows and
 //! checkpoints (one implementation per backend), [`runner`] follows the log, [`queries`] is what
-//! the API reads, [`cache`] the hot path's in-memory replica and [`snapshots`] where commands
-//! start loading a stream. A new read model is a [`StateModel`], a migration for its table and a
+//! the API reads, [`cache`] the hot path's in-memory replica, [`activity`] which connections are
+//! being read (for the scheduler), and [`snapshots`] where commands start loading a stream. A new read model is a [`StateModel`], a migration for its table and a
 //! line in [`runner::Runner::run_once`].
 
+pub mod activity;
 pub mod cache;
 pub mod model;
 pub mod queries;

@@ -49,6 +49,9 @@ pub struct Row {
     pub expires_at: Option<DateTime<Utc>>,
     pub refresh_state: &'static str,
     pub state: Value,
+    /// When the connection's tokens were last issued (its last refresh, else its
+    /// authorization): what a keep-alive refresh is due by. `None` for everything else.
+    pub renewed_at: Option<DateTime<Utc>>,
 }
 
 impl Row {
@@ -69,6 +72,7 @@ impl Row {
             expires_at: None,
             refresh_state: "",
             state: state_json(state),
+            renewed_at: None,
         }
     }
 }
@@ -109,6 +113,7 @@ impl StateModel for ConnectionsModel {
                 updated_at: active.updated_at,
                 expires_at: active.expires_at,
                 refresh_state: refresh_state(active),
+                renewed_at: Some(active.last_refreshed_at.unwrap_or(active.authorized_at)),
                 ..Row::keyless(stream_id, version, state, active.created_at)
             }),
             // A deleted connection's row keeps the keys and creation time it had (the upsert

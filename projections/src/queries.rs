@@ -7,7 +7,7 @@ use domain::integration::{self, ActiveIntegration, Integration};
 use domain::store::StreamId;
 use serde::de::DeserializeOwned;
 
-use crate::store::{ReadModels, StoredRow};
+use crate::store::{Providers, ReadModels, StoredRow};
 use crate::{ConnectionsModel, IntegrationsModel, ProjectionError, StateModel};
 
 pub use crate::store::ConnectionSummary;
@@ -126,19 +126,69 @@ pub async fn list_connections_of(
         .await
 }
 
-/// Live OAuth 2.0 connections with a refresh token and no blocking (permanent) failure whose
-/// access token expires before `expiring_before`, or whose tokens were last refreshed (or
-/// authorized) before `idle_before`: what a scheduler tick refreshes, soonest expiry first (no
-/// expiry last), at most `limit`. Connections of a deleted integration are left out (their
-/// refresh could only fail).
+/// What a scheduler tick looks for (README, "Refresh policy").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueQuery {
+    /// Connections in use (read at or after `read_since`) whose access token expires before
+    /// this are refreshed ahead of expiry.
+    pub expiring_before: DateTime<Utc>,
+    pub read_since: DateTime<Utc>,
+    /// Keep-alives: connections of these providers whose tokens were last issued before the
+    /// time given with them (providers that document how long an unused refresh token lives)…
+    pub keep_alive: Vec<(Vec<String>, DateTime<Utc>)>,
+    /// …and of every other provider, before this.
+    pub renewed_before: DateTime<Utc>,
+}
+
+/// Why a connection is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DueReason {
+    /// In use, and its access token expires soon.
+    Expiring,
+    /// Its refresh token could age out unused.
+    KeepAlive,
+}
+
+/// Live OAuth 2.0 connections with a refresh token and no blocking (permanent) failure, of live
+/// integrations (a deleted integration's refresh could only fail), that `query` finds due: the
+/// expiring ones in use first, soonest first, then the keep-alives, oldest first; at most
+/// `limit`, each once.
 pub async fn due_for_refresh(
     read_models: &ReadModels,
-    expiring_before: DateTime<Utc>,
-    idle_before: DateTime<Utc>,
+    query: &DueQuery,
     limit: usize,
-) -> Result<Vec<ConnectionKey>, ProjectionError> {
-    read_models
-        .store()
-        .due_for_refresh(expiring_before, idle_before, limit)
-        .await
+) -> Result<Vec<(ConnectionKey, DueReason)>, ProjectionError> {
+    let store = read_models.store();
+    let mut due: Vec<(ConnectionKey, DueReason)> = store
+        .due_expiring(query.expiring_before, query.read_since, limit)
+        .await?
+        .into_iter()
+        .map(|key| (key, DueReason::Expiring))
+        .collect();
+    let mut seen: std::collections::HashSet<ConnectionKey> =
+        due.iter().map(|(key, _)| key.clone()).collect();
+    let documented: Vec<String> = query
+        .keep_alive
+        .iter()
+        .flat_map(|(providers, _)| providers.iter().cloned())
+        .collect();
+    let groups = query
+        .keep_alive
+        .iter()
+        .map(|(providers, before)| (Providers::Only(providers.clone()), *before))
+        .chain([(Providers::Except(documented), query.renewed_before)]);
+    for (providers, before) in groups {
+        if due.len() >= limit {
+            break;
+        }
+        for key in store
+            .due_keep_alive(before, &providers, limit - due.len())
+            .await?
+        {
+            if seen.insert(key.clone()) {
+                due.push((key, DueReason::KeepAlive));
+            }
+        }
+    }
+    Ok(due)
 }

@@ -420,6 +420,120 @@ pub async fn metrics(
         "When the last refresh scheduler tick finished (0: never).",
         &[("", scheduler.last_tick_unix.load(Ordering::Relaxed) as f64)],
     );
+    family(
+        &mut out,
+        "grantline_scheduler_due_total",
+        "counter",
+        "Connections the scheduler found due, by why: in use (read within \
+         GRANTLINE_REFRESH_ACTIVE_FOR) and expiring within GRANTLINE_REFRESH_WINDOW, or a \
+         keep-alive of a refresh token unused for its provider's keep-alive age.",
+        &[
+            (
+                "reason=\"in_use_expiring\"",
+                load(&scheduler.due_expiring) as f64,
+            ),
+            (
+                "reason=\"keep_alive\"",
+                load(&scheduler.due_keep_alive) as f64,
+            ),
+        ],
+    );
+    family(
+        &mut out,
+        "grantline_scheduler_budget_waits_total",
+        "counter",
+        "Scheduled refreshes that waited for their integration's budget (GRANTLINE_REFRESH_RATE).",
+        &[("", load(&scheduler.budget_waits) as f64)],
+    );
+    family(
+        &mut out,
+        "grantline_scheduler_budget_wait_seconds_total",
+        "counter",
+        "Time scheduled refreshes spent waiting for their integration's budget.",
+        &[("", load(&scheduler.budget_wait_micros) as f64 / 1e6)],
+    );
+    let policy = state.scheduler.policy();
+    family(
+        &mut out,
+        "grantline_refresh_policy_seconds",
+        "gauge",
+        "The refresh policy: the read margin, the scheduler's window for connections in use, how \
+         recently a read makes a connection in use, and the default keep-alive age.",
+        &[
+            (
+                "setting=\"margin\"",
+                state.config.refresh.margin.as_secs_f64(),
+            ),
+            ("setting=\"window\"", policy.window.as_secs_f64()),
+            ("setting=\"active_for\"", policy.active_for.as_secs_f64()),
+            ("setting=\"idle_after\"", policy.idle_after.as_secs_f64()),
+        ],
+    );
+    let keep_alive: Vec<(String, f64)> = policy
+        .keep_alive
+        .iter()
+        .map(|(provider, age)| (format!("provider=\"{provider}\""), age.as_secs_f64()))
+        .collect();
+    family(
+        &mut out,
+        "grantline_refresh_keep_alive_seconds",
+        "gauge",
+        "Keep-alive age of the providers whose templates document an unused refresh token's \
+         lifetime (half of it).",
+        &keep_alive
+            .iter()
+            .map(|(labels, age)| (labels.as_str(), *age))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut out,
+        "grantline_refresh_budget_per_second",
+        "gauge",
+        "Scheduled refreshes per second per integration (0: unpaced).",
+        &[("", policy.budget.map_or(0.0, |rate| f64::from(rate.get())))],
+    );
+    let activity = state.activity.stats();
+    family(
+        &mut out,
+        "grantline_read_activity_total",
+        "counter",
+        "Reads noted for the scheduler (at most one per connection per minute), written to the \
+         database, or dropped because too many were waiting.",
+        &[
+            ("result=\"noted\"", activity.noted as f64),
+            ("result=\"written\"", activity.written as f64),
+            ("result=\"dropped\"", activity.dropped as f64),
+        ],
+    );
+    family(
+        &mut out,
+        "grantline_read_activity_flush_errors_total",
+        "counter",
+        "Batches of noted reads that could not be written (kept for the next batch).",
+        &[("", activity.flush_errors as f64)],
+    );
+    family(
+        &mut out,
+        "grantline_read_activity_pending",
+        "gauge",
+        "Noted reads waiting to be written.",
+        &[("", activity.pending as f64)],
+    );
+    let since = chrono::Duration::from_std(policy.active_for)
+        .ok()
+        .and_then(|span| chrono::Utc::now().checked_sub_signed(span));
+    if let Some(since) = since
+        && let Ok(in_use) = state.read_models.store().count_reads(since).await
+    {
+        family(
+            &mut out,
+            "grantline_connections_in_use",
+            "gauge",
+            "Connections read within GRANTLINE_REFRESH_ACTIVE_FOR (by any instance, as written \
+             so far): the ones the scheduler refreshes ahead of expiry.",
+            &[("", in_use as f64)],
+        );
+    }
     if let Some(webhooks) = &state.webhooks {
         let counters = webhooks.counters();
         family(

@@ -1,15 +1,23 @@
-//! The proactive refresh scheduler: on a cron schedule, refreshes the connections whose access
-//! token expires within a window (wider than the read margin, so reads rarely wait for a
-//! provider) and keeps idle refresh tokens alive by refreshing connections not renewed for a
-//! configurable age. Permanently failed connections are skipped; transiently failed ones are
-//! retried once their backoff has passed.
+//! The proactive refresh scheduler. On a cron schedule it refreshes, ahead of expiry, the
+//! connections in use (read within `active_for`) whose access token expires within a window
+//! wider than the read margin, so their reads rarely wait for a provider; connections nobody
+//! reads are left to be refreshed on their next read. Separately it keeps refresh tokens alive:
+//! a connection whose tokens were last issued longer ago than its provider's keep-alive age
+//! (half the unused lifetime the provider documents, else `idle_after`) is refreshed once, read
+//! or not. Permanently failed connections are skipped; transiently failed ones are retried once
+//! their backoff has passed. Calls to each integration's provider are paced by a budget
+//! (requests per second, with jitter), so a storm of due connections never trips its rate
+//! limit. README, "Refresh policy".
 //!
 //! It refreshes only through the [`RefreshService`], whose lease guarantees that several
 //! schedulers (and readers) on one database never refresh one refresh-token generation twice: a
 //! connection another scheduler just refreshed is no longer due and is answered without calling
-//! the provider. Due connections come from the `connections` read model, so a tick sees what the
-//! projection runner has caught up to; the refresh service itself works on the event stream.
+//! the provider. Due connections come from the `connections` read model and the recorded reads,
+//! so a tick sees what the projection runner has caught up to; the refresh service itself works
+//! on the event stream.
 
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +25,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use projections::ReadModels;
+use projections::queries::{DueQuery, DueReason};
 
 use crate::refresh::{RefreshError, RefreshService, ScheduledDue};
 
@@ -59,6 +68,13 @@ pub struct SchedulerCounters {
     pub last_tick_micros: AtomicU64,
     /// When the last tick finished, in seconds since the epoch (0: never).
     pub last_tick_unix: AtomicI64,
+    /// Connections found due because they are in use and expiring, and for a keep-alive.
+    pub due_expiring: AtomicU64,
+    pub due_keep_alive: AtomicU64,
+    /// Scheduled refreshes that waited for their integration's budget, and for how long in all
+    /// (microseconds).
+    pub budget_waits: AtomicU64,
+    pub budget_wait_micros: AtomicU64,
 }
 
 /// Upper bounds, in seconds, of the tick duration histogram's buckets.
@@ -72,33 +88,96 @@ pub enum TickError {
     Query(#[from] projections::ProjectionError),
 }
 
+/// Which connections the scheduler refreshes, and how fast.
+#[derive(Clone, Debug)]
+pub struct RefreshPolicy {
+    /// Connections in use whose access token expires within this are refreshed.
+    pub window: Duration,
+    /// A connection read within this is in use.
+    pub active_for: Duration,
+    /// Keep-alive age of providers that document no refresh-token lifetime.
+    pub idle_after: Duration,
+    /// Keep-alive age per provider (template name) that documents one.
+    pub keep_alive: BTreeMap<String, Duration>,
+    /// Scheduled refreshes per second and integration (`None`: unpaced).
+    pub budget: Option<NonZeroU32>,
+}
+
+impl RefreshPolicy {
+    /// The keep-alive ages of `catalog`'s templates that document how long an unused refresh
+    /// token lives: half of that.
+    pub fn keep_alive_of(catalog: &domain::catalog::Catalog) -> BTreeMap<String, Duration> {
+        catalog
+            .templates()
+            .filter_map(|template| {
+                let days = template.refresh_token_idle_days?;
+                Some((
+                    template.name.clone(),
+                    Duration::from_secs(u64::from(days) * 86_400 / 2),
+                ))
+            })
+            .collect()
+    }
+
+    /// The query of a tick at `now`.
+    fn query_at(&self, now: DateTime<Utc>) -> DueQuery {
+        let span = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let before = |d: Duration| {
+            now.checked_sub_signed(span(d))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        };
+        let mut groups: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for (provider, age) in &self.keep_alive {
+            groups.entry(*age).or_default().push(provider.clone());
+        }
+        DueQuery {
+            expiring_before: now
+                .checked_add_signed(span(self.window))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            read_since: before(self.active_for),
+            keep_alive: groups
+                .into_iter()
+                .map(|(age, providers)| (providers, before(age)))
+                .collect(),
+            renewed_before: before(self.idle_after),
+        }
+    }
+}
+
+/// Paces scheduled refreshes per integration.
+type Budget = governor::DefaultKeyedRateLimiter<String>;
+
 /// The scheduler. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     refresh: RefreshService,
     read_models: ReadModels,
-    window: Duration,
-    idle_after: Duration,
+    policy: RefreshPolicy,
+    budget: Option<Arc<Budget>>,
     concurrency: usize,
     limit: usize,
     counters: Arc<SchedulerCounters>,
 }
 
 impl Scheduler {
-    /// A scheduler refreshing through `refresh` the connections of `read_models` expiring within
-    /// `window` or not renewed for `idle_after`, `concurrency` at a time (at least one).
+    /// A scheduler refreshing through `refresh` the connections of `read_models` that `policy`
+    /// finds due, `concurrency` at a time (at least one).
     pub fn new(
         refresh: RefreshService,
         read_models: ReadModels,
-        window: Duration,
-        idle_after: Duration,
+        policy: RefreshPolicy,
         concurrency: usize,
     ) -> Self {
+        let budget = policy.budget.map(|rate| {
+            Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(
+                rate,
+            )))
+        });
         Self {
             refresh,
             read_models,
-            window,
-            idle_after,
+            policy,
+            budget,
             concurrency: concurrency.max(1),
             limit: TICK_LIMIT,
             counters: Arc::new(SchedulerCounters::default()),
@@ -116,16 +195,28 @@ impl Scheduler {
         &self.counters
     }
 
-    /// The bounds of a tick at `now`.
-    fn due_at(&self, now: DateTime<Utc>) -> ScheduledDue {
-        let span = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        ScheduledDue {
-            expiring_before: now
-                .checked_add_signed(span(self.window))
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
-            idle_before: now
-                .checked_sub_signed(span(self.idle_after))
-                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+    /// The policy.
+    pub fn policy(&self) -> &RefreshPolicy {
+        &self.policy
+    }
+
+    /// Waits for `integration`'s budget, plus a jitter of up to one interval, so that refreshes
+    /// paced together do not reach the provider in lockstep.
+    async fn pace(&self, integration: &str) {
+        let (Some(budget), Some(rate)) = (&self.budget, self.policy.budget) else {
+            return;
+        };
+        let started = Instant::now();
+        let key = integration.to_owned();
+        if budget.check_key(&key).is_err() {
+            budget.until_key_ready(&key).await;
+            let interval = Duration::from_secs(1) / rate.get();
+            tokio::time::sleep(interval.mul_f64(fastrand::f64())).await;
+            self.counters.budget_waits.fetch_add(1, Ordering::Relaxed);
+            self.counters.budget_wait_micros.fetch_add(
+                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -134,11 +225,20 @@ impl Scheduler {
     pub async fn tick_once(&self, now: DateTime<Utc>) -> Result<TickReport, TickError> {
         let started = Instant::now();
         let started_at = Utc::now();
-        let due = self.due_at(now);
+        let query = self.policy.query_at(now);
+        // Inside the lease, a connection is refreshed only if it is still due by these bounds
+        // (the loosest keep-alive one): one someone refreshed meanwhile is not.
+        let due = ScheduledDue {
+            expiring_before: query.expiring_before,
+            idle_before: query
+                .keep_alive
+                .iter()
+                .map(|(_, before)| *before)
+                .fold(query.renewed_before, DateTime::max),
+        };
         let connections = match projections::queries::due_for_refresh(
             &self.read_models,
-            due.expiring_before,
-            due.idle_before,
+            &query,
             self.limit,
         )
         .await
@@ -150,12 +250,23 @@ impl Scheduler {
                 return Err(e.into());
             }
         };
+        let keep_alive = connections
+            .iter()
+            .filter(|(_, reason)| *reason == DueReason::KeepAlive)
+            .count();
+        self.counters
+            .due_keep_alive
+            .fetch_add(keep_alive as u64, Ordering::Relaxed);
+        self.counters
+            .due_expiring
+            .fetch_add((connections.len() - keep_alive) as u64, Ordering::Relaxed);
         let mut report = TickReport {
             due: connections.len(),
             ..TickReport::default()
         };
         let mut outcomes = futures_util::stream::iter(connections)
-            .map(|key| async move {
+            .map(|(key, _)| async move {
+                self.pace(key.provider_config_key()).await;
                 let outcome = self.refresh.refresh_scheduled(&key, due).await;
                 (key, outcome)
             })

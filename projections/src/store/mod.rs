@@ -102,6 +102,22 @@ pub struct Tables {
     pub shadow: &'static str,
 }
 
+/// Which providers a keep-alive query covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Providers {
+    /// Only these.
+    Only(Vec<String>),
+    /// All but these.
+    Except(Vec<String>),
+}
+
+/// What every due-for-refresh query requires of a connection (the partial index on
+/// `renewed_at` is built on the first two conditions).
+const REFRESHABLE: &str = "c.deleted_at IS NULL \
+     AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+     AND EXISTS (SELECT 1 FROM integrations i \
+       WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)";
+
 /// The operations on the read models, their checkpoints and their shadow tables. Table names
 /// are the [`StateModel`](crate::StateModel) constants, never input.
 #[async_trait]
@@ -134,13 +150,32 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
         provider_config_key: &str,
     ) -> Result<Vec<String>, ProjectionError>;
 
-    /// What a scheduler tick refreshes: see [`crate::queries::due_for_refresh`].
-    async fn due_for_refresh(
+    /// Refreshable OAuth 2.0 connections of live integrations read at or after `read_since`
+    /// whose access token expires before `expiring_before`, soonest first.
+    async fn due_expiring(
         &self,
         expiring_before: DateTime<Utc>,
-        idle_before: DateTime<Utc>,
+        read_since: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<ConnectionKey>, ProjectionError>;
+
+    /// Refreshable OAuth 2.0 connections of live integrations, of the providers `providers`
+    /// picks, whose tokens were last issued before `renewed_before`, oldest first.
+    async fn due_keep_alive(
+        &self,
+        renewed_before: DateTime<Utc>,
+        providers: &Providers,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError>;
+
+    /// Records reads: each stream's last read moves forward to the time given (never back).
+    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError>;
+
+    /// Forgets the reads older than `before`; returns how many.
+    async fn forget_reads(&self, before: DateTime<Utc>) -> Result<u64, ProjectionError>;
+
+    /// How many streams were read at or after `since`.
+    async fn count_reads(&self, since: DateTime<Utc>) -> Result<u64, ProjectionError>;
 
     /// Where projection `name` stands.
     async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError>;
@@ -211,7 +246,7 @@ impl ReadModels {
 
 /// Columns written by an upsert, in order.
 const COLUMNS: &str = "stream_id, version, id, provider_config_key, connection_id, provider, \
-     created_at, updated_at, deleted_at, expires_at, refresh_state, state";
+     created_at, updated_at, deleted_at, expires_at, refresh_state, state, renewed_at";
 
 /// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time.
 fn upsert_sql(table: &str, placeholders: &str) -> String {
@@ -225,7 +260,7 @@ fn upsert_sql(table: &str, placeholders: &str) -> String {
            created_at = CASE WHEN excluded.deleted_at IS NULL THEN excluded.created_at ELSE t.created_at END, \
            updated_at = excluded.updated_at, deleted_at = excluded.deleted_at, \
            expires_at = excluded.expires_at, refresh_state = excluded.refresh_state, \
-           state = excluded.state \
+           state = excluded.state, renewed_at = excluded.renewed_at \
          WHERE t.version < excluded.version"
     )
 }

@@ -10,13 +10,13 @@ use domain::store::{EventStore, Position, PostgresStore};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, database,
-    find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
+    Providers, REFRESHABLE, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables,
+    Tail, database, find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
 
-const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12";
+const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
 
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
@@ -99,6 +99,7 @@ async fn write(
                     &row.expires_at,
                     &row.refresh_state,
                     &row.state,
+                    &row.renewed_at,
                 ],
             )
             .await
@@ -241,37 +242,102 @@ impl ReadModelStore for PostgresReadModels {
             .collect())
     }
 
-    async fn due_for_refresh(
+    async fn due_expiring(
         &self,
         expiring_before: DateTime<Utc>,
-        idle_before: DateTime<Utc>,
+        read_since: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<ConnectionKey>, ProjectionError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
+        // Driven by the reads (the active few), not by every connection's expiry.
         let statement = client
-            .prepare_cached(
-                "SELECT c.provider_config_key, c.connection_id FROM connections c \
-                 WHERE c.deleted_at IS NULL \
-                   AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
+            .prepare_cached(&format!(
+                "SELECT c.provider_config_key, c.connection_id FROM connection_reads r \
+                 JOIN connections c ON c.stream_id = r.stream_id \
+                 WHERE r.last_read_at >= $2 AND c.expires_at < $1 AND {REFRESHABLE} \
                    AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
-                   AND (c.expires_at < $1 \
-                        OR COALESCE(c.state->'Active'->>'last_refreshed_at', \
-                                    c.state->'Active'->>'authorized_at')::timestamptz < $2) \
-                   AND EXISTS (SELECT 1 FROM integrations i \
-                     WHERE i.provider_config_key = c.provider_config_key \
-                       AND i.deleted_at IS NULL) \
-                 ORDER BY c.expires_at NULLS LAST, c.stream_id LIMIT $3",
+                 ORDER BY c.expires_at, c.stream_id LIMIT $3"
+            ))
+            .await
+            .map_err(database)?;
+        keys(
+            client
+                .query(&statement, &[&expiring_before, &read_since, &limit])
+                .await,
+        )
+    }
+
+    async fn due_keep_alive(
+        &self,
+        renewed_before: DateTime<Utc>,
+        providers: &Providers,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (names, pick) = match providers {
+            Providers::Only(names) => (names, "c.provider = ANY($2)"),
+            Providers::Except(names) => (names, "NOT (c.provider = ANY($2))"),
+        };
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                 WHERE c.renewed_at < $1 AND {pick} AND {REFRESHABLE} \
+                   AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
+                 ORDER BY c.renewed_at, c.stream_id LIMIT $3"
+            ))
+            .await
+            .map_err(database)?;
+        keys(
+            client
+                .query(&statement, &[&renewed_before, names, &limit])
+                .await,
+        )
+    }
+
+    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError> {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let (streams, times): (Vec<String>, Vec<DateTime<Utc>>) = reads.into_iter().unzip();
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO connection_reads AS r (stream_id, last_read_at) \
+                 SELECT * FROM unnest($1::text[], $2::timestamptz[]) \
+                 ON CONFLICT (stream_id) DO UPDATE \
+                   SET last_read_at = greatest(r.last_read_at, excluded.last_read_at)",
+                &[&streams, &times],
             )
             .await
             .map_err(database)?;
-        Ok(client
-            .query(&statement, &[&expiring_before, &idle_before, &limit])
+        Ok(())
+    }
+
+    async fn forget_reads(&self, before: DateTime<Utc>) -> Result<u64, ProjectionError> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM connection_reads WHERE last_read_at < $1",
+                &[&before],
+            )
+            .await
+            .map_err(database)
+    }
+
+    async fn count_reads(&self, since: DateTime<Utc>) -> Result<u64, ProjectionError> {
+        let count: i64 = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM connection_reads WHERE last_read_at >= $1",
+                &[&since],
+            )
             .await
             .map_err(database)?
-            .iter()
-            .map(|r| ConnectionKey::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-            .collect())
+            .get(0);
+        Ok(u64::try_from(count).unwrap_or_default())
     }
 
     async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError> {
@@ -425,4 +491,15 @@ impl ReadModelStore for PostgresReadModels {
             .map_err(database)?;
         Ok(tail.read)
     }
+}
+
+/// The connection keys of a due-for-refresh query's rows.
+fn keys(
+    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<Vec<ConnectionKey>, ProjectionError> {
+    Ok(rows
+        .map_err(database)?
+        .iter()
+        .map(|r| ConnectionKey::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }

@@ -12,13 +12,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, find_sql,
-    list_integrations_sql, swap_sql, upsert_sql, version,
+    Providers, REFRESHABLE, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables,
+    Tail, find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
 
-const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12";
+const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13";
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -110,6 +110,7 @@ fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError>
                 row.expires_at.map(micros),
                 row.refresh_state,
                 row.state.to_string(),
+                row.renewed_at.map(micros),
             ])
             .map_err(db)?;
     }
@@ -255,45 +256,122 @@ impl ReadModelStore for SqliteReadModels {
             .await?)
     }
 
-    async fn due_for_refresh(
+    async fn due_expiring(
         &self,
         expiring_before: DateTime<Utc>,
-        idle_before: DateTime<Utc>,
+        read_since: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<ConnectionKey>, ProjectionError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let expiring_before = micros(expiring_before);
-        // The state's timestamps are RFC 3339 text; julianday() reads them with any number of
-        // fractional digits and a `Z` or offset suffix.
-        let idle_before = idle_before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let (expiring_before, read_since) = (micros(expiring_before), micros(read_since));
         Ok(self
             .store
             .read(move |conn| {
                 collect(
                     conn,
-                    "SELECT c.provider_config_key, c.connection_id FROM connections c \
-                     WHERE c.deleted_at IS NULL \
-                       AND c.refresh_state NOT IN ('failed', 'no_refresh_token') \
-                       AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
-                       AND (c.expires_at < ?1 \
-                            OR julianday(COALESCE( \
-                                 json_extract(c.state, '$.Active.last_refreshed_at'), \
-                                 json_extract(c.state, '$.Active.authorized_at'))) \
-                               < julianday(?2)) \
-                       AND EXISTS (SELECT 1 FROM integrations i \
-                         WHERE i.provider_config_key = c.provider_config_key \
-                           AND i.deleted_at IS NULL) \
-                     ORDER BY c.expires_at IS NULL, c.expires_at, c.stream_id LIMIT ?3",
-                    params![expiring_before, idle_before, limit],
-                    |r| {
-                        Ok(ConnectionKey::new(
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                        ))
-                    },
+                    &format!(
+                        "SELECT c.provider_config_key, c.connection_id FROM connection_reads r \
+                         JOIN connections c ON c.stream_id = r.stream_id \
+                         WHERE r.last_read_at >= ?2 AND c.expires_at < ?1 AND {REFRESHABLE} \
+                           AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
+                         ORDER BY c.expires_at, c.stream_id LIMIT ?3"
+                    ),
+                    params![expiring_before, read_since, limit],
+                    key,
                 )
             })
             .await?)
+    }
+
+    async fn due_keep_alive(
+        &self,
+        renewed_before: DateTime<Utc>,
+        providers: &Providers,
+        limit: usize,
+    ) -> Result<Vec<ConnectionKey>, ProjectionError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let renewed_before = micros(renewed_before);
+        let (names, pick) = match providers {
+            Providers::Only(names) => (names, "c.provider IN (SELECT value FROM json_each(?2))"),
+            Providers::Except(names) => {
+                (names, "c.provider NOT IN (SELECT value FROM json_each(?2))")
+            }
+        };
+        let names = serde_json::to_string(names).unwrap_or_else(|_| "[]".to_owned());
+        Ok(self
+            .store
+            .read(move |conn| {
+                collect(
+                    conn,
+                    &format!(
+                        "SELECT c.provider_config_key, c.connection_id FROM connections c \
+                         WHERE c.renewed_at < ?1 AND {pick} AND {REFRESHABLE} \
+                           AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
+                         ORDER BY c.renewed_at, c.stream_id LIMIT ?3"
+                    ),
+                    params![renewed_before, names, limit],
+                    key,
+                )
+            })
+            .await?)
+    }
+
+    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError> {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        Ok(self
+            .store
+            .write(move |conn| {
+                let tx = conn.transaction().map_err(db)?;
+                {
+                    let mut statement = tx
+                        .prepare_cached(
+                            "INSERT INTO connection_reads (stream_id, last_read_at) \
+                             VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE \
+                               SET last_read_at = max(last_read_at, excluded.last_read_at)",
+                        )
+                        .map_err(db)?;
+                    for (stream_id, at) in &reads {
+                        statement
+                            .execute(params![stream_id, micros(*at)])
+                            .map_err(db)?;
+                    }
+                }
+                tx.commit().map_err(db)
+            })
+            .await?)
+    }
+
+    async fn forget_reads(&self, before: DateTime<Utc>) -> Result<u64, ProjectionError> {
+        let before = micros(before);
+        Ok(self
+            .store
+            .write(move |conn| {
+                conn.execute(
+                    "DELETE FROM connection_reads WHERE last_read_at < ?1",
+                    [before],
+                )
+                .map(|n| n as u64)
+                .map_err(db)
+            })
+            .await?)
+    }
+
+    async fn count_reads(&self, since: DateTime<Utc>) -> Result<u64, ProjectionError> {
+        let since = micros(since);
+        let count: i64 = self
+            .store
+            .read(move |conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM connection_reads WHERE last_read_at >= ?1",
+                    [since],
+                    |r| r.get(0),
+                )
+                .map_err(db)
+            })
+            .await?;
+        Ok(u64::try_from(count).unwrap_or_default())
     }
 
     async fn checkpoint(&self, name: &'static str) -> Result<Position, ProjectionError> {
@@ -421,4 +499,12 @@ impl ReadModelStore for SqliteReadModels {
             })
             .await?)
     }
+}
+
+/// A due-for-refresh query's row as a connection key.
+fn key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConnectionKey> {
+    Ok(ConnectionKey::new(
+        r.get::<_, String>(0)?,
+        r.get::<_, String>(1)?,
+    ))
 }
