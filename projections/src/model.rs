@@ -9,7 +9,7 @@ use domain::event::DomainEvent;
 use domain::integration::{self, Integration};
 use domain::store::{Position, RecordedEvent};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::ProjectionError;
 use crate::store::{Batch, ReadModels, Snapshot};
@@ -34,7 +34,7 @@ pub trait StateModel: Send + Sync + 'static {
 pub(crate) type EventOf<M> = <<M as StateModel>::State as Aggregate>::Event;
 
 /// One stored snapshot.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Row {
     pub stream_id: String,
     pub version: u32,
@@ -48,7 +48,8 @@ pub struct Row {
     pub deleted_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub refresh_state: &'static str,
-    pub state: Value,
+    /// The state as JSON text, serialized once straight from the aggregate (no JSON tree).
+    pub state: Box<RawValue>,
     /// When the connection's tokens were last issued (its last refresh, else its
     /// authorization): what a keep-alive refresh is due by. `None` for everything else.
     pub renewed_at: Option<DateTime<Utc>>,
@@ -87,10 +88,10 @@ pub fn stable_id(stream_id: &str) -> i64 {
     top.max(1)
 }
 
-fn state_json<S: Serialize>(state: &S) -> Value {
+fn state_json<S: Serialize>(state: &S) -> Box<RawValue> {
     // The states hold strings, numbers, timestamps, uuids and JSON objects: serializing them
     // cannot fail (the aggregate tests serialize every variant).
-    serde_json::to_value(state).unwrap_or(Value::Null)
+    serde_json::value::to_raw_value(state).unwrap_or_default()
 }
 
 /// The `connections` read model.

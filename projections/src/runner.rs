@@ -209,6 +209,8 @@ impl Runner {
         let mut listener = self.events.listener();
         let mut reader = LogReader::new(self.events.clone(), Position::START, self.batch_size);
         let mut replayed = 0u64;
+        let hasher = std::hash::RandomState::new();
+        let mut written: std::collections::HashSet<u64> = std::collections::HashSet::new();
         loop {
             let events = reader.next_batch().await?;
             if events.is_empty() {
@@ -232,9 +234,20 @@ impl Runner {
             waited_since = None;
             seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
             replayed += events.len() as u64;
-            store
-                .write(M::SHADOW, model::plan::<M>(M::SHADOW, &events)?)
-                .await?;
+            let mut batch = model::plan::<M>(M::SHADOW, &events)?;
+            // The shadow started empty: only a stream an earlier batch wrote has a snapshot to
+            // load. (A hash that collides only costs a load that finds nothing.)
+            let mut first_seen = Vec::new();
+            batch.stream_ids.retain(|id| {
+                let hash = std::hash::BuildHasher::hash_one(&hasher, id);
+                let seen = written.contains(&hash);
+                if !seen {
+                    first_seen.push(hash);
+                }
+                seen
+            });
+            written.extend(first_seen);
+            store.write(M::SHADOW, batch).await?;
             progress(replayed);
         }
         // Stop the live runner, take in what it committed meanwhile, swap, hand over.

@@ -248,10 +248,11 @@ impl ReadModels {
 const COLUMNS: &str = "stream_id, version, id, provider_config_key, connection_id, provider, \
      created_at, updated_at, deleted_at, expires_at, refresh_state, state, renewed_at";
 
-/// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time.
-fn upsert_sql(table: &str, placeholders: &str) -> String {
+/// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time; the
+/// rows come from `source` (`VALUES (…)`, or a `SELECT` of many rows, one per stream).
+fn upsert_sql(table: &str, source: &str) -> String {
     format!(
-        "INSERT INTO {table} AS t ({COLUMNS}) VALUES ({placeholders}) \
+        "INSERT INTO {table} AS t ({COLUMNS}) {source} \
          ON CONFLICT (stream_id) DO UPDATE SET \
            version = excluded.version, id = excluded.id, \
            provider_config_key = coalesce(nullif(excluded.provider_config_key, ''), t.provider_config_key), \

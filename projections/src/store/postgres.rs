@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use domain::connection::ConnectionKey;
 use domain::store::{EventStore, Position, PostgresStore};
+use serde_json::value::RawValue;
+use tokio_postgres::types::Json;
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
@@ -16,7 +18,10 @@ use super::{
 use crate::ProjectionError;
 use crate::model::Row;
 
-const PLACEHOLDERS: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
+/// A batch's rows as one array per column: one statement, one round trip, however many rows.
+const ROWS: &str = "SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], \
+     $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
+     $10::timestamptz[], $11::text[], $12::jsonb[], $13::timestamptz[])";
 
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
@@ -77,34 +82,53 @@ async fn write(
     table: &str,
     rows: &[Row],
 ) -> Result<(), ProjectionError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let statement = client
-        .prepare_cached(&upsert_sql(table, PLACEHOLDERS))
+        .prepare_cached(&upsert_sql(table, ROWS))
         .await
         .map_err(database)?;
-    for row in rows {
-        let version = i32::try_from(row.version).unwrap_or(i32::MAX);
-        client
-            .execute(
-                &statement,
-                &[
-                    &row.stream_id,
-                    &version,
-                    &row.id,
-                    &row.provider_config_key,
-                    &row.connection_id,
-                    &row.provider,
-                    &row.created_at,
-                    &row.updated_at,
-                    &row.deleted_at,
-                    &row.expires_at,
-                    &row.refresh_state,
-                    &row.state,
-                    &row.renewed_at,
-                ],
-            )
-            .await
-            .map_err(database)?;
-    }
+    let stream_ids: Vec<&str> = rows.iter().map(|r| r.stream_id.as_str()).collect();
+    let versions: Vec<i32> = rows
+        .iter()
+        .map(|r| i32::try_from(r.version).unwrap_or(i32::MAX))
+        .collect();
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let keys: Vec<&str> = rows
+        .iter()
+        .map(|r| r.provider_config_key.as_str())
+        .collect();
+    let connection_ids: Vec<&str> = rows.iter().map(|r| r.connection_id.as_str()).collect();
+    let providers: Vec<&str> = rows.iter().map(|r| r.provider.as_str()).collect();
+    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+    let updated: Vec<DateTime<Utc>> = rows.iter().map(|r| r.updated_at).collect();
+    let deleted: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.deleted_at).collect();
+    let expires: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.expires_at).collect();
+    let refresh_states: Vec<&str> = rows.iter().map(|r| r.refresh_state).collect();
+    let states: Vec<Json<&RawValue>> = rows.iter().map(|r| Json(&*r.state)).collect();
+    let renewed: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.renewed_at).collect();
+    client
+        .execute(
+            &statement,
+            &[
+                &stream_ids,
+                &versions,
+                &ids,
+                &keys,
+                &connection_ids,
+                &providers,
+                &created,
+                &updated,
+                &deleted,
+                &expires,
+                &refresh_states,
+                &states,
+                &renewed,
+            ],
+        )
+        .await
+        .map_err(database)?;
     Ok(())
 }
 

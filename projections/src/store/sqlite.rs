@@ -18,7 +18,7 @@ use super::{
 use crate::ProjectionError;
 use crate::model::Row;
 
-const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13";
+const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -92,9 +92,7 @@ fn load(
 }
 
 fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError> {
-    let mut statement = conn
-        .prepare_cached(&upsert_sql(table, PLACEHOLDERS))
-        .map_err(db)?;
+    let mut statement = conn.prepare_cached(&upsert_sql(table, ROW)).map_err(db)?;
     for row in rows {
         statement
             .execute(params![
@@ -109,7 +107,7 @@ fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError>
                 row.deleted_at.map(micros),
                 row.expires_at.map(micros),
                 row.refresh_state,
-                row.state.to_string(),
+                row.state.get(),
                 row.renewed_at.map(micros),
             ])
             .map_err(db)?;
