@@ -140,8 +140,36 @@ pub struct DueQuery {
     pub renewed_before: DateTime<Utc>,
 }
 
+/// What the due-for-refresh queries look at in one refreshable connection (its read-model row
+/// and its last recorded read).
+#[derive(Clone, Copy, Debug)]
+pub struct DueFacts<'a> {
+    pub provider: &'a str,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub renewed_at: DateTime<Utc>,
+    pub last_read_at: Option<DateTime<Utc>>,
+}
+
+impl DueQuery {
+    /// Whether, and why, the query finds a refreshable connection with `facts` due: the
+    /// in-memory statement of what the store's queries select (the simulated day runs the
+    /// policy through it, and a test holds the two to agreement).
+    pub fn reason(&self, facts: &DueFacts<'_>) -> Option<DueReason> {
+        let in_use = facts.last_read_at.is_some_and(|at| at >= self.read_since);
+        if in_use && facts.expires_at.is_some_and(|at| at < self.expiring_before) {
+            return Some(DueReason::Expiring);
+        }
+        let renewed_before = self
+            .keep_alive
+            .iter()
+            .find(|(providers, _)| providers.iter().any(|p| p == facts.provider))
+            .map_or(self.renewed_before, |(_, before)| *before);
+        (facts.renewed_at < renewed_before).then_some(DueReason::KeepAlive)
+    }
+}
+
 /// Why a connection is due.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DueReason {
     /// In use, and its access token expires soon.
     Expiring,

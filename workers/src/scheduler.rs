@@ -120,7 +120,7 @@ impl RefreshPolicy {
     }
 
     /// The query of a tick at `now`.
-    fn query_at(&self, now: DateTime<Utc>) -> DueQuery {
+    pub fn query_at(&self, now: DateTime<Utc>) -> DueQuery {
         let span = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         let before = |d: Duration| {
             now.checked_sub_signed(span(d))

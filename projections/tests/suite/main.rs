@@ -6,6 +6,7 @@ extern crate grantline_projections as projections;
 
 mod bounds;
 mod cache;
+mod due;
 mod runner;
 
 use std::sync::Arc;
