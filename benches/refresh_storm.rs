@@ -136,8 +136,8 @@ async fn main() {
     let seeder = setup.start(&["--roles", "api,projections"], "info");
     setup.create_integration(&client, &seeder.base).await;
     let seeding = Instant::now();
-    // Due: beyond the read margin (15 min), inside the scheduler's window (30 min).
-    let due = (0..n).map(|i| (format!("due-{i:05}"), 20 * 60));
+    // Due: beyond the read margin (15 min), inside the scheduler's window (20 min).
+    let due = (0..n).map(|i| (format!("due-{i:05}"), 18 * 60));
     let others = (0..OTHERS).map(|i| (format!("other-{i}"), 24 * 3600));
     futures_util::stream::iter(due.chain(others))
         .map(|(id, expires_in)| import(&client, &seeder.base, &setup, id, expires_in))

@@ -188,7 +188,7 @@ pub struct ServeArgs {
     pub refresh_margin: String,
 
     /// The scheduler refreshes tokens expiring within this window (wider than the margin).
-    #[arg(long, env = "GRANTLINE_REFRESH_WINDOW", default_value = "30m")]
+    #[arg(long, env = "GRANTLINE_REFRESH_WINDOW", default_value = "20m")]
     pub refresh_window: String,
 
     /// Scheduler cron expression (sec min hour day-of-month month day-of-week).
@@ -216,7 +216,7 @@ pub struct ServeArgs {
 
     /// Scheduled refreshes per second per integration (0: unpaced), with jitter, so a storm of
     /// due connections stays under the provider's rate limit. Reads are never paced.
-    #[arg(long, env = "GRANTLINE_REFRESH_RATE", default_value = "10")]
+    #[arg(long, env = "GRANTLINE_REFRESH_RATE", default_value = "50")]
     pub refresh_rate: String,
 
     /// How long a refresh lease lasts; the provider call times out before it ends.

@@ -124,8 +124,8 @@ async fn a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_
     db: &TestDatabase,
 ) {
     let env = env(db, 1).await;
-    // Outside the read margin (15 minutes), inside the scheduler's window (30 minutes).
-    env.import("due", Some(20 * 60)).await;
+    // Outside the read margin (15 minutes), inside the scheduler's window (20 minutes).
+    env.import("due", Some(18 * 60)).await;
     env.import("fresh", Some(2 * 3600)).await;
     env.import("idle", None).await;
     // `broken` fails permanently on read.
@@ -172,7 +172,7 @@ async fn a_tick_refreshes_due_connections_skips_failed_ones_and_keeps_idle_ones_
 async fn metrics_show_the_refresh_counters_after_a_refresh(db: &TestDatabase) {
     let env = env(db, 1).await;
     env.import("expired", Some(-60)).await;
-    env.import("soon", Some(20 * 60)).await;
+    env.import("soon", Some(18 * 60)).await;
     env.apps[0]
         .get_ok("/connection/expired?provider_config_key=fake")
         .await;
@@ -205,7 +205,7 @@ async fn metrics_show_the_refresh_counters_after_a_refresh(db: &TestDatabase) {
         "grantline_scheduler_due_total{reason=\"keep_alive\"} 0",
         "grantline_refresh_policy_seconds{setting=\"active_for\"} 86400",
         "grantline_refresh_policy_seconds{setting=\"idle_after\"} 604800",
-        "grantline_refresh_budget_per_second 10",
+        "grantline_refresh_budget_per_second 50",
         "grantline_read_activity_total{result=\"noted\"} 2",
         "grantline_read_activity_total{result=\"written\"} 2",
         "grantline_read_activity_pending 0",
@@ -230,7 +230,7 @@ async fn three_schedulers_refresh_a_thousand_due_connections_exactly_once(db: &T
     let ids: Vec<String> = (0..n).map(|i| format!("c-{i:04}")).collect();
     futures_util::stream::iter(ids.iter())
         .map(|id| async move {
-            env.import(id, Some(20 * 60)).await;
+            env.import(id, Some(18 * 60)).await;
             env.app()
                 .get_ok(&format!("/connection/{id}?provider_config_key=fake"))
                 .await;
@@ -301,7 +301,7 @@ async fn an_instance_with_the_scheduler_role_refreshes_due_connections_on_its_sc
         ],
     )
     .await;
-    env.import("due", Some(20 * 60)).await;
+    env.import("due", Some(18 * 60)).await;
     // Read: in use. The instance writes its reads every 5 seconds.
     env.app()
         .get_ok("/connection/due?provider_config_key=fake")
@@ -318,10 +318,10 @@ async fn an_instance_with_the_scheduler_role_refreshes_due_connections_on_its_sc
 
 async fn only_connections_in_use_are_refreshed_ahead_of_expiry(db: &TestDatabase) {
     let env = env(db, 1).await;
-    // Both expire in 20 minutes (inside the window, outside the read margin); only `used` is
+    // Both expire in 18 minutes (inside the window, outside the read margin); only `used` is
     // read.
-    env.import("used", Some(20 * 60)).await;
-    env.import("unused", Some(20 * 60)).await;
+    env.import("used", Some(18 * 60)).await;
+    env.import("unused", Some(18 * 60)).await;
     env.read("used").await;
     env.catch_up().await;
     let scheduler = &env.states[0].scheduler;
@@ -410,7 +410,7 @@ async fn the_budget_paces_scheduled_refreshes_per_integration(db: &TestDatabase)
     // more, whatever the concurrency (16).
     let env = env_with(db, 1, &["--refresh-rate", "2"]).await;
     for i in 0..6 {
-        env.import(&format!("c{i}"), Some(20 * 60)).await;
+        env.import(&format!("c{i}"), Some(18 * 60)).await;
         env.app()
             .get_ok(&format!("/connection/c{i}?provider_config_key=fake"))
             .await;
