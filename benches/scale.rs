@@ -1,4 +1,14 @@
-//! Scale benchmark. So far: the simulated day.
+//! Scale benchmark, in two parts.
+//!
+//! **Storage, rebuild, start-up** (on PostgreSQL, the real `grantline serve` binary):
+//! `BENCH_DB_SIZE` connections (default 20,000; empty or 0 to skip) imported through
+//! `POST /connection` with GitHub-sized tokens (40- and 80-character access and refresh tokens),
+//! 32 at a time: the import rate, the bytes per connection (database size before and after, and
+//! per table with its indexes), the bytes per refresh cycle (2,000 forced refreshes against the
+//! in-process fake provider), the start-up time on the filled database, and the rebuild rate of
+//! the connections read model (`grantline projections rebuild connections`).
+//!
+//! **The simulated day** (`BENCH_SIZE`, default 1,000,000; 0 to skip):
 //!
 //! A virtual 24 hours for `BENCH_SIZE` connections (default 1,000,000) with hourly tokens, of
 //! which `BENCH_READ_SHARE` (default 5%) are read during the day, `BENCH_READS_PER_DAY` times
@@ -24,10 +34,11 @@
 //! keep-alive ages spread uniformly over the last 7 days (1 day for Nango's), and each in-use
 //! connection last read at a random time in the 24 hours before.
 //!
-//! `cargo bench --bench scale` (`BENCH_SIZE`, `BENCH_READ_SHARE`, `BENCH_READS_PER_DAY`,
-//! `BENCH_SEED`).
+//! `cargo bench --bench scale` (`BENCH_DB_SIZE`, `BENCH_SIZE`, `BENCH_READ_SHARE`,
+//! `BENCH_READS_PER_DAY`, `BENCH_SEED`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod fake_service;
 mod support;
 
 use std::collections::BTreeMap;
@@ -80,8 +91,180 @@ fn at(origin: DateTime<Utc>, t: i64) -> DateTime<Utc> {
     origin + chrono::Duration::seconds(t)
 }
 
-fn main() {
+#[tokio::main]
+async fn main() {
+    let db_size: usize = setting("BENCH_DB_SIZE", 20_000);
+    if db_size > 0 {
+        storage(db_size).await;
+    }
     let size: usize = setting("BENCH_SIZE", 1_000_000);
+    if size > 0 {
+        simulated_day(size);
+    }
+}
+
+/// The database's size and each table's (with its indexes), in bytes.
+async fn sizes(client: &tokio_postgres::Client) -> (i64, Vec<(String, i64)>) {
+    let total: i64 = client
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tables = client
+        .query(
+            "SELECT c.relname::text, pg_total_relation_size(c.oid) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 2 DESC",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    (total, tables)
+}
+
+async fn storage(n: usize) {
+    use futures_util::StreamExt;
+    let setup = fake_service::Setup::new().await;
+    let client = reqwest::Client::new();
+    let server = setup.start(&["--roles", "api,projections"], "warn,grantline=info");
+    setup.create_integration(&client, &server.base).await;
+    let pg = setup.db.postgres_client().await;
+    pg.batch_execute("CHECKPOINT").await.unwrap();
+    let (before, tables_before) = sizes(&pg).await;
+    let alphabet: Vec<char> = ('a'..='z').chain('A'..='Z').chain('0'..='9').collect();
+    let token = |rng: &mut fastrand::Rng, prefix: &str, len: usize| {
+        let mut t = prefix.to_owned();
+        t.extend((prefix.len()..len).map(|_| alphabet[rng.usize(..alphabet.len())]));
+        t
+    };
+    let mut rng = fastrand::Rng::with_seed(3);
+    let tokens: Vec<(String, String)> = (0..n)
+        .map(|_| (token(&mut rng, "gho_", 40), token(&mut rng, "ghr_", 80)))
+        .collect();
+    let started = Instant::now();
+    futures_util::stream::iter(tokens.iter().enumerate())
+        .map(|(i, (access, refresh))| {
+            let (setup, client, base) = (&setup, &client, &server.base);
+            async move {
+                setup
+                    .import(client, base, &format!("c{i:07}"), (access, refresh), 3600)
+                    .await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let import_secs = started.elapsed().as_secs_f64();
+    support::caught_up(&client, &server.base, None).await;
+    pg.batch_execute("VACUUM ANALYZE").await.unwrap();
+    let (after, tables_after) = sizes(&pg).await;
+    println!(
+        "Storage: {n} connections imported through POST /connection (32 at a time) in {import_secs:.1} s: \
+         {:.0} connections/s",
+        n as f64 / import_secs
+    );
+    println!(
+        "  database {:.1} MB -> {:.1} MB: {:.0} bytes per connection, indexes included; by table:",
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        (after - before) as f64 / n as f64
+    );
+    for (table, size) in &tables_after {
+        let was = tables_before
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(0, |(_, s)| *s);
+        if size - was > 0 {
+            println!(
+                "    {table:<24} {:>8.0} bytes per connection",
+                (size - was) as f64 / n as f64
+            );
+        }
+    }
+
+    // Refresh cycles: a forced refresh of some of them, once each.
+    let cycles = n.min(2000);
+    let (before, tables_before) = (after, tables_after);
+    futures_util::stream::iter(0..cycles)
+        .map(|i| {
+            let (client, base) = (&client, &server.base);
+            async move {
+                let response = client
+                    .get(format!(
+                        "{base}/connection/c{i:07}?provider_config_key={}&force_refresh=true",
+                        fake_service::KEY
+                    ))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    support::caught_up(&client, &server.base, None).await;
+    pg.batch_execute("VACUUM ANALYZE").await.unwrap();
+    let (after, tables_after) = sizes(&pg).await;
+    println!(
+        "  {cycles} refresh cycles (lease + refreshed, the fake provider's token sizes): {:.0} bytes \
+         per cycle; by table:",
+        (after - before) as f64 / cycles as f64
+    );
+    for (table, size) in &tables_after {
+        let was = tables_before
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(0, |(_, s)| *s);
+        if size - was != 0 {
+            println!(
+                "    {table:<24} {:>8.0} bytes per cycle",
+                (size - was) as f64 / cycles as f64
+            );
+        }
+    }
+    drop(server);
+
+    // Start-up on the filled database, then a rebuild.
+    let started = Instant::now();
+    let server = setup.start(&["--roles", "api,projections"], "warn,grantline=info");
+    let startup = started.elapsed();
+    let health = client
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    println!(
+        "  start-up on the filled database: listening after {:.2} s (health {health})",
+        startup.as_secs_f64()
+    );
+    drop(server);
+    let started = Instant::now();
+    let output = std::process::Command::new(support::grantline())
+        .args(["projections", "rebuild", "connections"])
+        .env("GRANTLINE_DATABASE_URL", setup.db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", &setup.key)
+        .output()
+        .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert!(output.status.success(), "{output:?}");
+    let events: i64 = pg
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "  rebuild of the connections read model: {events} events in {took:.1} s (process \
+         included): {:.0} events/s\n",
+        events as f64 / took
+    );
+}
+
+fn simulated_day(size: usize) {
     let share: f64 = setting("BENCH_READ_SHARE", 0.05);
     let reads_per_day: usize = setting("BENCH_READS_PER_DAY", 24);
     let seed: u64 = setting("BENCH_SEED", 7);
