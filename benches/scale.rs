@@ -125,6 +125,22 @@ async fn sizes(client: &tokio_postgres::Client) -> (i64, Vec<(String, i64)>) {
     (total, tables)
 }
 
+/// Prints each table's growth from `before` to `after`, per one of `count` things (`per`).
+fn growth(before: &[(String, i64)], after: &[(String, i64)], count: usize, per: &str) {
+    for (table, size) in after {
+        let was = before
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(0, |(_, s)| *s);
+        if size - was != 0 {
+            println!(
+                "    {table:<24} {:>8.0} bytes per {per}",
+                (size - was) as f64 / count as f64
+            );
+        }
+    }
+}
+
 async fn storage(n: usize) {
     use futures_util::StreamExt;
     let setup = fake_service::Setup::new().await;
@@ -172,18 +188,7 @@ async fn storage(n: usize) {
         after as f64 / 1e6,
         (after - before) as f64 / n as f64
     );
-    for (table, size) in &tables_after {
-        let was = tables_before
-            .iter()
-            .find(|(t, _)| t == table)
-            .map_or(0, |(_, s)| *s);
-        if size - was > 0 {
-            println!(
-                "    {table:<24} {:>8.0} bytes per connection",
-                (size - was) as f64 / n as f64
-            );
-        }
-    }
+    growth(&tables_before, &tables_after, n, "connection");
 
     // Refresh cycles: a forced refresh of some of them, once each.
     let cycles = n.min(2000);
@@ -214,18 +219,7 @@ async fn storage(n: usize) {
          per cycle; by table:",
         (after - before) as f64 / cycles as f64
     );
-    for (table, size) in &tables_after {
-        let was = tables_before
-            .iter()
-            .find(|(t, _)| t == table)
-            .map_or(0, |(_, s)| *s);
-        if size - was != 0 {
-            println!(
-                "    {table:<24} {:>8.0} bytes per cycle",
-                (size - was) as f64 / cycles as f64
-            );
-        }
-    }
+    growth(&tables_before, &tables_after, cycles, "cycle");
     drop(server);
 
     // Start-up on the filled database, then a rebuild.

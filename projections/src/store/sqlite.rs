@@ -35,6 +35,14 @@ impl SqliteReadModels {
     pub(super) fn new(store: SqliteStore) -> Self {
         Self { store }
     }
+
+    /// The count `query` makes with its one parameter.
+    async fn count(&self, query: &'static str, parameter: i64) -> Result<i64, ProjectionError> {
+        Ok(self
+            .store
+            .read(move |conn| conn.query_row(query, [parameter], |r| r.get(0)).map_err(db))
+            .await?)
+    }
 }
 
 /// Nothing to hold: the single writer already keeps rebuilds apart.
@@ -357,17 +365,11 @@ impl ReadModelStore for SqliteReadModels {
     }
 
     async fn count_reads(&self, since: DateTime<Utc>) -> Result<u64, ProjectionError> {
-        let since = micros(since);
-        let count: i64 = self
-            .store
-            .read(move |conn| {
-                conn.query_row(
-                    "SELECT count(*) FROM connection_reads WHERE last_read_at >= ?1",
-                    [since],
-                    |r| r.get(0),
-                )
-                .map_err(db)
-            })
+        let count = self
+            .count(
+                "SELECT count(*) FROM connection_reads WHERE last_read_at >= ?1",
+                micros(since),
+            )
             .await?;
         Ok(u64::try_from(count).unwrap_or_default())
     }
@@ -457,17 +459,11 @@ impl ReadModelStore for SqliteReadModels {
     }
 
     async fn events_through(&self, head: i64) -> Result<i64, ProjectionError> {
-        Ok(self
-            .store
-            .read(move |conn| {
-                conn.query_row(
-                    "SELECT count(*) FROM events WHERE global_position <= ?1",
-                    [head],
-                    |r| r.get(0),
-                )
-                .map_err(db)
-            })
-            .await?)
+        self.count(
+            "SELECT count(*) FROM events WHERE global_position <= ?1",
+            head,
+        )
+        .await
     }
 
     async fn swap(
