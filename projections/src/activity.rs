@@ -63,6 +63,12 @@ impl ReadActivity {
     /// Notes that `stream_id` was read `at`.
     pub fn note(&self, stream_id: &StreamId, at: DateTime<Utc>) {
         self.noted.fetch_add(1, Ordering::Relaxed);
+        self.keep(stream_id, at);
+    }
+
+    /// Keeps `stream_id`'s latest read time, if it is pending or the map has room; else counts
+    /// it dropped.
+    fn keep(&self, stream_id: &StreamId, at: DateTime<Utc>) {
         let mut pending = self.pending();
         if let Some(time) = pending.get_mut(stream_id) {
             *time = (*time).max(at);
@@ -92,29 +98,11 @@ impl ReadActivity {
             }
             Err(e) => {
                 self.flush_errors.fetch_add(1, Ordering::Relaxed);
-                for (stream_id, at) in taken {
-                    self.note_again(stream_id, at);
+                // Back in the map (not counted as new reads).
+                for (stream_id, at) in &taken {
+                    self.keep(stream_id, *at);
                 }
                 Err(e)
-            }
-        }
-    }
-
-    /// Puts back a note a failed flush took (not counted as a new read).
-    fn note_again(&self, stream_id: StreamId, at: DateTime<Utc>) {
-        let mut pending = self.pending();
-        let fits = pending.len() < PENDING_LIMIT;
-        match pending.entry(stream_id) {
-            std::collections::hash_map::Entry::Occupied(mut time) => {
-                let later = (*time.get()).max(at);
-                time.insert(later);
-            }
-            std::collections::hash_map::Entry::Vacant(slot) if fits => {
-                slot.insert(at);
-            }
-            std::collections::hash_map::Entry::Vacant(_) => {
-                drop(pending);
-                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

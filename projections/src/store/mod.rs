@@ -118,6 +118,29 @@ const REFRESHABLE: &str = "c.deleted_at IS NULL \
      AND EXISTS (SELECT 1 FROM integrations i \
        WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)";
 
+/// The in-use connections expiring soon (see [`ReadModelStore::due_expiring`]), in a dialect:
+/// `oauth2` tests a row's credentials type, `[expiring_before, read_since, limit]` are the
+/// placeholders.
+fn due_expiring_sql(oauth2: &str, [expiring_before, read_since, limit]: [&str; 3]) -> String {
+    format!(
+        "SELECT c.provider_config_key, c.connection_id FROM connection_reads r \
+         JOIN connections c ON c.stream_id = r.stream_id \
+         WHERE r.last_read_at >= {read_since} AND c.expires_at < {expiring_before} \
+           AND {REFRESHABLE} AND {oauth2} \
+         ORDER BY c.expires_at, c.stream_id LIMIT {limit}"
+    )
+}
+
+/// The connections due a keep-alive (see [`ReadModelStore::due_keep_alive`]), in a dialect:
+/// `pick` selects the providers, `[renewed_before, limit]` are the placeholders.
+fn due_keep_alive_sql(oauth2: &str, pick: &str, [renewed_before, limit]: [&str; 2]) -> String {
+    format!(
+        "SELECT c.provider_config_key, c.connection_id FROM connections c \
+         WHERE c.renewed_at < {renewed_before} AND {pick} AND {REFRESHABLE} AND {oauth2} \
+         ORDER BY c.renewed_at, c.stream_id LIMIT {limit}"
+    )
+}
+
 /// The operations on the read models, their checkpoints and their shadow tables. Table names
 /// are the [`StateModel`](crate::StateModel) constants, never input.
 #[async_trait]

@@ -12,8 +12,9 @@ use tokio_postgres::types::Json;
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    Providers, REFRESHABLE, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables,
-    Tail, database, find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
+    Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
+    database, due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, swap_sql,
+    upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -25,6 +26,9 @@ const ROW: &str = "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $1
 const ROWS: &str = "SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], \
      $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
      $10::timestamptz[], $11::text[], $12::jsonb[], $13::timestamptz[])";
+
+/// Whether a row holds OAuth 2.0 credentials.
+const OAUTH2: &str = "c.state->'Active'->>'credentials_type' = 'OAUTH2'";
 
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
@@ -319,13 +323,7 @@ impl ReadModelStore for PostgresReadModels {
         let client = self.client().await?;
         // Driven by the reads (the active few), not by every connection's expiry.
         let statement = client
-            .prepare_cached(&format!(
-                "SELECT c.provider_config_key, c.connection_id FROM connection_reads r \
-                 JOIN connections c ON c.stream_id = r.stream_id \
-                 WHERE r.last_read_at >= $2 AND c.expires_at < $1 AND {REFRESHABLE} \
-                   AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
-                 ORDER BY c.expires_at, c.stream_id LIMIT $3"
-            ))
+            .prepare_cached(&due_expiring_sql(OAUTH2, ["$1", "$2", "$3"]))
             .await
             .map_err(database)?;
         keys(
@@ -348,12 +346,7 @@ impl ReadModelStore for PostgresReadModels {
         };
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(&format!(
-                "SELECT c.provider_config_key, c.connection_id FROM connections c \
-                 WHERE c.renewed_at < $1 AND {pick} AND {REFRESHABLE} \
-                   AND c.state->'Active'->>'credentials_type' = 'OAUTH2' \
-                 ORDER BY c.renewed_at, c.stream_id LIMIT $3"
-            ))
+            .prepare_cached(&due_keep_alive_sql(OAUTH2, pick, ["$1", "$3"]))
             .await
             .map_err(database)?;
         keys(

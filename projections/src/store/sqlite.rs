@@ -12,11 +12,15 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
-    Providers, REFRESHABLE, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables,
-    Tail, find_sql, list_integrations_sql, swap_sql, upsert_sql, version,
+    Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
+    due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, swap_sql, upsert_sql,
+    version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
+
+/// Whether a row holds OAuth 2.0 credentials.
+const OAUTH2: &str = "json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2'";
 
 const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
@@ -275,13 +279,7 @@ impl ReadModelStore for SqliteReadModels {
             .read(move |conn| {
                 collect(
                     conn,
-                    &format!(
-                        "SELECT c.provider_config_key, c.connection_id FROM connection_reads r \
-                         JOIN connections c ON c.stream_id = r.stream_id \
-                         WHERE r.last_read_at >= ?2 AND c.expires_at < ?1 AND {REFRESHABLE} \
-                           AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
-                         ORDER BY c.expires_at, c.stream_id LIMIT ?3"
-                    ),
+                    &due_expiring_sql(OAUTH2, ["?1", "?2", "?3"]),
                     params![expiring_before, read_since, limit],
                     key,
                 )
@@ -309,12 +307,7 @@ impl ReadModelStore for SqliteReadModels {
             .read(move |conn| {
                 collect(
                     conn,
-                    &format!(
-                        "SELECT c.provider_config_key, c.connection_id FROM connections c \
-                         WHERE c.renewed_at < ?1 AND {pick} AND {REFRESHABLE} \
-                           AND json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2' \
-                         ORDER BY c.renewed_at, c.stream_id LIMIT ?3"
-                    ),
+                    &due_keep_alive_sql(OAUTH2, pick, ["?1", "?3"]),
                     params![renewed_before, names, limit],
                     key,
                 )
