@@ -7,12 +7,14 @@ use tracing::field::Empty;
 use uuid::Uuid;
 
 use super::{CommandError, Commands, Loaded, MAX_ATTEMPTS};
+use crate::connection::TokenFingerprints;
 use crate::connection::{
     self, ActiveConnection, Authorization, Connection, ConnectionCommand, ConnectionEvent,
     ConnectionKey, ConnectionRejected, Flow, MetadataMode, RefreshFailure, RefreshTrigger,
 };
 use crate::credentials::Credentials;
 use crate::event::DomainEvent;
+use crate::keys::Sealed;
 use crate::store::StreamId;
 
 /// Record new or renewed credentials (OAuth callback or import).
@@ -35,6 +37,68 @@ pub struct AuthorizeConnection {
     /// Metadata to set (replacing what is there) in the same append: an import that carries
     /// metadata is recorded whole or not at all.
     pub metadata: Option<Map<String, Value>>,
+}
+
+impl AuthorizeConnection {
+    /// Whether it could be recorded on a new connection: its bounds, then the decision itself
+    /// on an empty state (nothing is sealed or written). A bulk import checks every line so.
+    pub fn check(&self) -> Result<(), CommandError> {
+        self.credentials.check_bounds()?;
+        let placeholder = Sealed {
+            key_id: Uuid::nil(),
+            ciphertext: Vec::new(),
+        };
+        self.decide(
+            &Connection::default(),
+            Uuid::nil(),
+            &placeholder,
+            &TokenFingerprints::default(),
+        )
+        .map(drop)
+    }
+
+    /// The events that record it on `state`: the authorization of `sealed` (its credentials
+    /// sealed under `data_key_id`), then the metadata if it carries some.
+    pub(super) fn decide(
+        &self,
+        state: &Connection,
+        data_key_id: Uuid,
+        sealed: &Sealed,
+        fingerprints: &TokenFingerprints,
+    ) -> Result<Vec<ConnectionEvent>, CommandError> {
+        let authorization = Authorization {
+            provider_config_key: self.key.provider_config_key().to_owned(),
+            connection_id: self.key.connection_id().to_owned(),
+            provider: self.provider.clone(),
+            flow: self.flow,
+            credentials_type: self.credentials.credentials_type(),
+            data_key_id,
+            credentials: sealed.clone(),
+            has_refresh_token: self.credentials.has_refresh_token(),
+            expires_at: self.credentials.expires_at(),
+            scopes: self.scopes.clone(),
+            connection_config: self.connection_config.clone(),
+            fingerprints: fingerprints.clone(),
+        };
+        let authorize = ConnectionCommand::Authorize {
+            authorization,
+            now: self.now,
+        };
+        let mut events = connection::decide(state, authorize)?;
+        if let Some(metadata) = &self.metadata {
+            let mut authorized = state.clone();
+            for event in &events {
+                connection::apply(&mut authorized, event);
+            }
+            let set = ConnectionCommand::SetMetadata {
+                metadata: Value::Object(metadata.clone()),
+                mode: MetadataMode::Replace,
+                now: self.now,
+            };
+            events.extend(connection::decide(&authorized, set)?);
+        }
+        Ok(events)
+    }
 }
 
 /// Take a connection's refresh lease.
@@ -95,38 +159,7 @@ impl Commands {
                     if let Ok(mut superseded) = superseded.lock() {
                         *superseded = state.active().map(|active| active.credentials.key_id);
                     }
-                    let authorization = Authorization {
-                        provider_config_key: command.key.provider_config_key().to_owned(),
-                        connection_id: command.key.connection_id().to_owned(),
-                        provider: command.provider.clone(),
-                        flow: command.flow,
-                        credentials_type: credentials.credentials_type(),
-                        data_key_id,
-                        credentials: sealed.clone(),
-                        has_refresh_token: credentials.has_refresh_token(),
-                        expires_at: credentials.expires_at(),
-                        scopes: command.scopes.clone(),
-                        connection_config: command.connection_config.clone(),
-                        fingerprints: fingerprints.clone(),
-                    };
-                    let authorize = ConnectionCommand::Authorize {
-                        authorization,
-                        now: command.now,
-                    };
-                    let mut events = connection::decide(state, authorize)?;
-                    if let Some(metadata) = &command.metadata {
-                        let mut authorized = state.clone();
-                        for event in &events {
-                            connection::apply(&mut authorized, event);
-                        }
-                        let set = ConnectionCommand::SetMetadata {
-                            metadata: Value::Object(metadata.clone()),
-                            mode: MetadataMode::Replace,
-                            now: command.now,
-                        };
-                        events.extend(connection::decide(&authorized, set)?);
-                    }
-                    Ok(events)
+                    command.decide(state, data_key_id, sealed, &fingerprints)
                 },
             )
             .await?;

@@ -25,11 +25,13 @@
 //! - No plaintext secret appears in an error or a tracing field; spans name the connection by
 //!   `provider_config_key` and `connection_id` only.
 //!
-//! Its rooms: `connection` and `integration` (the commands of each aggregate) and `execute` (the
-//! machinery they share: load, decide, append, retry on conflict, seal, delete and shred).
+//! Its rooms: `connection` and `integration` (the commands of each aggregate), `import` (many
+//! connections in a few writes) and `execute` (the machinery they share: load, decide, append,
+//! retry on conflict, seal, delete and shred).
 
 mod connection;
 mod execute;
+mod import;
 mod integration;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use crate::keys::{KeyError, Vault};
 use crate::store::{Backend, StoreError, StreamId};
 
 pub use connection::{AuthorizeConnection, LeaseRefresh};
+pub use import::Imported;
 pub use integration::IntegrationConfig;
 
 /// How many times a command is decided and appended before a run of conflicts gives up.

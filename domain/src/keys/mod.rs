@@ -284,6 +284,13 @@ pub trait KeyRepository: Send + Sync {
         owner: &str,
         wrapping: Wrapping<'_>,
     ) -> Result<(), StoreError>;
+    /// Inserts many data keys in one write, all wrapped by `master_key_id`: each `(key_id,
+    /// owner, wrapped)`.
+    async fn insert_data_keys(
+        &self,
+        master_key_id: &str,
+        keys: &[(Uuid, &str, Vec<u8>)],
+    ) -> Result<(), StoreError>;
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError>;
     /// The ids of `owner`'s live (not yet destroyed) data keys.
     async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
@@ -419,6 +426,34 @@ impl Vault {
             .await?;
         self.inner.cache.insert(key_id, key);
         Ok(key_id)
+    }
+
+    /// Creates a data key for each of `owners` in one write (a bulk import); their ids, in order.
+    pub async fn create_data_keys(&self, owners: &[StreamId]) -> Result<Vec<Uuid>, KeyError> {
+        let mut rows = Vec::with_capacity(owners.len());
+        let mut opened = Vec::with_capacity(owners.len());
+        for owner in owners {
+            let key_id = Uuid::new_v4();
+            let key: cache::KeyBytes =
+                Arc::new(Zeroizing::new(Aes256Gcm::generate_key(OsRng).into()));
+            let wrapped = self
+                .inner
+                .active
+                .wrap(key_id, Key::<Aes256Gcm>::from_slice(&key[..]));
+            rows.push((key_id, owner.as_str(), wrapped));
+            opened.push((key_id, key));
+        }
+        self.inner
+            .repository
+            .insert_data_keys(&self.inner.active.id, &rows)
+            .await?;
+        Ok(opened
+            .into_iter()
+            .map(|(key_id, key)| {
+                self.inner.cache.insert(key_id, key);
+                key_id
+            })
+            .collect())
     }
 
     /// Seals `plaintext` under the data key `key_id`.

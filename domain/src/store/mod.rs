@@ -121,6 +121,13 @@ impl NewEvent {
     }
 }
 
+/// A stream to create, with its first events (see [`EventStore::create_streams`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewStream {
+    pub stream: StreamId,
+    pub events: Vec<NewEvent>,
+}
+
 /// A place in the global order of the log. Readers checkpoint it and read after it.
 ///
 /// `commit` is the writing transaction's id on PostgreSQL and always 0 on SQLite; `global` is the
@@ -220,6 +227,14 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError>;
+
+    /// Creates every stream of `streams` with its events, in one atomic write: when one of them
+    /// exists already, nothing is written and the error is a [`StoreError::Conflict`] naming it.
+    /// For bulk imports; one [`Appended`] per stream, in the order given.
+    async fn create_streams(&self, streams: Vec<NewStream>) -> Result<Vec<Appended>, StoreError>;
+
+    /// The current version of each of `streams` (0: it does not exist), in the order given.
+    async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError>;
 
     /// The events of `stream` with a version above `after_version`, in version order.
     async fn read_stream(
@@ -520,6 +535,19 @@ fn append_target(
         ExpectedVersion::Exact(n) => Ok(Some(n)),
         ExpectedVersion::Any => Ok(None),
     }
+}
+
+/// Why [`EventStore::create_streams`] cannot write `streams`: a stream without events, or one
+/// named twice.
+fn check_new_streams(streams: &[NewStream]) -> Result<(), StoreError> {
+    if streams.iter().any(|s| s.events.is_empty()) {
+        return Err(StoreError::InvalidAppend("a new stream without events"));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(streams.len());
+    if !streams.iter().all(|s| seen.insert(s.stream.as_str())) {
+        return Err(StoreError::InvalidAppend("the same new stream twice"));
+    }
+    Ok(())
 }
 
 /// The highest migration version a backend's embedded `runner` holds (0: none).

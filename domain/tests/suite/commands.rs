@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use grantline_domain::commands::{
-    AuthorizeConnection, CommandError, Commands, IntegrationConfig, Loaded,
+    AuthorizeConnection, CommandError, Commands, Imported, IntegrationConfig, Loaded,
 };
 use grantline_domain::connection::{
     self, Connection, ConnectionEvent, ConnectionKey, ConnectionRejected, CredentialsType, Flow,
@@ -24,6 +24,7 @@ use crate::{new_vault, open_vault, reopen_vault};
 
 grantline_domain::on_both_backends!(
     an_imported_connection_loads_active_with_its_credentials_and_no_plaintext_in_its_events,
+    a_bulk_import_creates_new_connections_keeps_live_ones_and_replaces_on_request,
     re_authorization_makes_generation_two_under_a_new_data_key,
     fingerprints_are_stable_per_token_differ_between_tokens_and_survive_another_vault,
     metadata_is_replaced_or_merged_and_must_be_an_object,
@@ -633,4 +634,124 @@ async fn resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load(db: 
     };
     assert_eq!(active.metadata["n"], 4);
     assert_eq!(active.metadata["last"], true);
+}
+
+async fn a_bulk_import_creates_new_connections_keeps_live_ones_and_replaces_on_request(
+    db: &TestDatabase,
+) {
+    let commands = with_connection(db).await;
+    let of = |id: &str, credentials: Credentials| AuthorizeConnection {
+        key: ConnectionKey::new(KEY, id),
+        ..import(credentials, at(1))
+    };
+    let mut with_metadata = of("user-2", oauth2(ACCESS_2, REFRESH_2));
+    with_metadata.metadata = Some(json!({"plan": "pro"}).as_object().unwrap().clone());
+    let api_key = Credentials::ApiKey {
+        api_key: "PlaintextApiKey0123".to_owned(),
+    };
+    let outcomes = commands
+        .import_connections(
+            vec![
+                of(ID, oauth2(ACCESS_2, REFRESH_2)),
+                with_metadata,
+                of("user-3", api_key.clone()),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [Imported::Kept, Imported::Created, Imported::Created]
+    );
+    // The live connection keeps its credentials: a re-run never rolls tokens back.
+    let kept = commands.load_connection(&key()).await.unwrap();
+    assert_eq!(kept.version, 1);
+    assert_eq!(
+        commands.reveal_credentials(active(&kept)).await.unwrap(),
+        oauth2(ACCESS, REFRESH)
+    );
+    let created = commands
+        .load_connection(&ConnectionKey::new(KEY, "user-2"))
+        .await
+        .unwrap();
+    assert_eq!(created.version, 2, "authorized, then its metadata");
+    assert_eq!(metadata(&created), json!({"plan": "pro"}));
+    assert_eq!(active(&created).flow, Flow::Import);
+    assert_eq!(
+        commands.reveal_credentials(active(&created)).await.unwrap(),
+        oauth2(ACCESS_2, REFRESH_2)
+    );
+    let text = stream_text(&commands, &connection::stream_id(KEY, "user-2")).await;
+    assert!(
+        !text.contains(ACCESS_2) && !text.contains(REFRESH_2),
+        "{text}"
+    );
+    let user_3 = ConnectionKey::new(KEY, "user-3");
+    let loaded = commands.load_connection(&user_3).await.unwrap();
+    assert_eq!(
+        commands.reveal_credentials(active(&loaded)).await.unwrap(),
+        api_key
+    );
+    // One data key per connection.
+    assert_eq!(
+        live_data_keys(&commands).await,
+        3 + 1,
+        "and the fingerprint key"
+    );
+
+    // A deleted connection is imported anew; with `replace`, a live one gets the file's
+    // credentials as its next generation.
+    commands.delete_connection(&user_3, at(2)).await.unwrap();
+    let outcomes = commands
+        .import_connections(
+            vec![of(ID, oauth2(ACCESS_2, REFRESH_2)), of("user-3", api_key)],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [Imported::Replaced, Imported::Created]);
+    let replaced = commands.load_connection(&key()).await.unwrap();
+    assert_eq!(active(&replaced).generation, 2);
+    assert_eq!(
+        commands
+            .reveal_credentials(active(&replaced))
+            .await
+            .unwrap(),
+        oauth2(ACCESS_2, REFRESH_2)
+    );
+    assert!(
+        commands
+            .load_connection(&user_3)
+            .await
+            .unwrap()
+            .state
+            .active()
+            .is_some()
+    );
+
+    // One command out of bounds and nothing of the batch is written.
+    let far = Credentials::OAuth2 {
+        access_token: ACCESS.to_owned(),
+        refresh_token: None,
+        expires_at: DateTime::from_timestamp(-10, 0),
+        raw: json!({}),
+    };
+    let refused = commands
+        .import_connections(
+            vec![of("user-4", oauth2(ACCESS, REFRESH)), of("user-5", far)],
+            false,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(CommandError::Connection(_))),
+        "{refused:?}"
+    );
+    for id in ["user-4", "user-5"] {
+        let loaded = commands
+            .load_connection(&ConnectionKey::new(KEY, id))
+            .await
+            .unwrap();
+        assert_eq!(loaded.version, 0, "{id} was written");
+    }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grantline_domain::store::{
-    Appended, Backend, EventStore, ExpectedVersion, LogReader, NewEvent, Position, StoreError,
-    StoreOptions, StreamId,
+    Appended, Backend, EventStore, ExpectedVersion, LogReader, NewEvent, NewStream, Position,
+    StoreError, StoreOptions, StreamId,
 };
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
@@ -28,6 +28,7 @@ grantline_domain::on_both_backends!(
     an_event_of_an_unknown_type_stops_a_decoding_reader_at_its_position,
     empty_appends_and_exact_zero_are_refused,
     a_reader_started_at_the_last_position_sees_only_what_comes_after,
+    new_streams_are_created_all_or_nothing,
 );
 
 fn event(n: u64) -> NewEvent {
@@ -643,4 +644,71 @@ mod tls {
             );
         }
     }
+}
+
+async fn new_streams_are_created_all_or_nothing(db: &TestDatabase) {
+    let backend = db.open().await;
+    let store = backend.events();
+    let (a, b, c) = (stream("a"), stream("b"), stream("c"));
+    let new = |s: &StreamId, events: Vec<NewEvent>| NewStream {
+        stream: s.clone(),
+        events,
+    };
+    let created = store
+        .create_streams(vec![
+            new(&a, vec![event(1), event(2)]),
+            new(&b, vec![event(3)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        created.iter().map(|c| c.stream_version).collect::<Vec<_>>(),
+        [2, 1]
+    );
+    let positions: Vec<i64> = created
+        .iter()
+        .flat_map(|c| c.global_positions.clone())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert_eq!(versions(store, &a).await, [1, 2]);
+    assert_eq!(
+        store
+            .stream_versions(&[c.clone(), a.clone(), b.clone()])
+            .await
+            .unwrap(),
+        [0, 2, 1]
+    );
+    let all = store.read_all(Position::START, 10).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+
+    // One existing stream refuses the whole batch, naming it.
+    match store
+        .create_streams(vec![new(&c, vec![event(4)]), new(&a, vec![event(5)])])
+        .await
+    {
+        Err(StoreError::Conflict { stream, actual, .. }) => {
+            assert_eq!((stream, actual), (a.clone(), 2));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(versions(store, &c).await, Vec::<u32>::new());
+    assert_eq!(versions(store, &a).await, [1, 2]);
+
+    // A stream twice, or one without events, is refused before anything is written.
+    for streams in [
+        vec![new(&c, vec![event(6)]), new(&c, vec![event(7)])],
+        vec![new(&c, vec![])],
+    ] {
+        assert!(matches!(
+            store.create_streams(streams).await,
+            Err(StoreError::InvalidAppend(_))
+        ));
+    }
+    assert!(store.create_streams(Vec::new()).await.unwrap().is_empty());
+    assert_eq!(store.head_position().await.unwrap(), 3);
 }

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::{PostgresStore, db_error};
 use crate::store::{
-    Appended, EventStore, ExpectedVersion, Listener, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, append_target,
+    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Position, RecordedEvent,
+    StoreError, StreamId, append_target, check_new_streams,
 };
 
 const INSERT_AT: &str = "\
@@ -38,6 +38,17 @@ SELECT $1, head.v + e.ord::int, e.id, e.typ, e.ver, e.payload, e.meta
 FROM head, unnest($2::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[])
      WITH ORDINALITY AS e(id, typ, ver, payload, meta, ord)
 RETURNING global_position, stream_version";
+
+/// Rows of new streams, flattened: one array per column.
+const CREATE_STREAMS: &str = "\
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT * FROM unnest($1::text[], $2::int4[], $3::uuid[], $4::text[], $5::int2[], $6::jsonb[], $7::jsonb[])
+RETURNING stream_id, stream_version, global_position";
+
+/// Each stream's head, by the unique `(stream_id, stream_version)` index: one row read each.
+const STREAM_VERSIONS: &str = "\
+SELECT coalesce((SELECT max(stream_version) FROM events WHERE stream_id = s.id), 0)
+FROM unnest($1::text[]) WITH ORDINALITY AS s(id, ord) ORDER BY s.ord";
 
 const SELECT_COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, \
      event_id, event_type, event_version, payload::text, metadata::text, recorded_at";
@@ -140,6 +151,104 @@ impl EventStore for PostgresStore {
             expected,
             actual,
         })
+    }
+
+    #[tracing::instrument(name = "store.create_streams", skip_all, fields(streams = streams.len()))]
+    async fn create_streams(&self, streams: Vec<NewStream>) -> Result<Vec<Appended>, StoreError> {
+        check_new_streams(&streams)?;
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = streams.iter().flat_map(|s| {
+            (1i32..)
+                .zip(&s.events)
+                .map(move |(version, event)| (s.stream.as_str(), version, event))
+        });
+        let count = streams.iter().map(|s| s.events.len()).sum();
+        let mut columns = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (stream, version, event) in rows {
+            columns.0.push(stream);
+            columns.1.push(version);
+            columns.2.push(event.event_id);
+            columns.3.push(event.event_type.as_str());
+            columns.4.push(event.event_version);
+            columns.5.push(&event.payload);
+            columns.6.push(&event.metadata);
+        }
+        let (client, statement) = self.prepared(CREATE_STREAMS).await?;
+        let written = client
+            .query(
+                &statement,
+                &[
+                    &columns.0, &columns.1, &columns.2, &columns.3, &columns.4, &columns.5,
+                    &columns.6,
+                ],
+            )
+            .await;
+        let rows = match written {
+            Ok(rows) => rows,
+            Err(e) => {
+                return Err(match unique_violation(&e) {
+                    Some("events_event_id_key") => {
+                        StoreError::DuplicateEvent(duplicate_id(&columns.2, &e))
+                    }
+                    Some(_) => {
+                        let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("");
+                        let existing = streams
+                            .iter()
+                            .find(|s| detail.contains(s.stream.as_str()))
+                            .or(streams.first())
+                            .map(|s| s.stream.clone())
+                            .unwrap_or_else(|| StreamId::from_raw(""));
+                        let actual = self.stream_head(&client, &existing).await?;
+                        StoreError::Conflict {
+                            stream: existing,
+                            expected: ExpectedVersion::NoStream,
+                            actual,
+                        }
+                    }
+                    None => db_error(e),
+                });
+            }
+        };
+        self.committed();
+        let mut positions: std::collections::HashMap<&str, Vec<(i32, i64)>> =
+            std::collections::HashMap::with_capacity(streams.len());
+        for row in &rows {
+            positions
+                .entry(row.get(0))
+                .or_default()
+                .push((row.get(1), row.get(2)));
+        }
+        Ok(streams
+            .iter()
+            .map(|s| {
+                let mut written = positions.remove(s.stream.as_str()).unwrap_or_default();
+                written.sort_unstable();
+                Appended {
+                    stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
+                    global_positions: written.into_iter().map(|w| w.1).collect(),
+                }
+            })
+            .collect())
+    }
+
+    async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError> {
+        let ids: Vec<&str> = streams.iter().map(StreamId::as_str).collect();
+        let (client, statement) = self.prepared(STREAM_VERSIONS).await?;
+        let rows = client.query(&statement, &[&ids]).await.map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i32>(0).unsigned_abs())
+            .collect())
     }
 
     async fn read_stream(

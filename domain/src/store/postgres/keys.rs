@@ -97,6 +97,28 @@ impl KeyRepository for PostgresStore {
         Ok(())
     }
 
+    async fn insert_data_keys(
+        &self,
+        master_key_id: &str,
+        keys: &[(Uuid, &str, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let owners: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let wrapped: Vec<&[u8]> = keys.iter().map(|k| k.2.as_slice()).collect();
+        let (client, statement) = self
+            .prepared(
+                "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped) \
+                 SELECT k.id, k.owner, $3, k.wrapped \
+                 FROM unnest($1::uuid[], $2::text[], $4::bytea[]) AS k(id, owner, wrapped)",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&ids, &owners, &master_key_id, &wrapped])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError> {
         let (client, statement) = self
             .prepared(

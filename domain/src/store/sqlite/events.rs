@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{SqliteStore, db_error, now_micros};
 use crate::store::{
-    Appended, EventStore, ExpectedVersion, Listener, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, append_target,
+    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Position, RecordedEvent,
+    StoreError, StreamId, append_target, check_new_streams,
 };
 
 const SELECT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, \
@@ -81,6 +81,46 @@ fn stream_head(conn: &rusqlite::Connection, stream: &str) -> Result<u32, StoreEr
     Ok(u32::try_from(head).unwrap_or(u32::MAX))
 }
 
+/// Inserts `events` into `stream` after version `head`; their global positions, in order.
+fn insert_events(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &StreamId,
+    head: u32,
+    events: &[NewEvent],
+) -> Result<Vec<i64>, StoreError> {
+    let mut positions = Vec::with_capacity(events.len());
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO events (stream_id, stream_version, event_id, event_type, \
+             event_version, payload, metadata, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(db_error)?;
+    let recorded_at = now_micros();
+    for (offset, event) in (1u32..).zip(events) {
+        let version = head + offset;
+        insert
+            .execute(params![
+                stream.as_str(),
+                version,
+                event.event_id.to_string(),
+                event.event_type,
+                event.event_version,
+                event.payload.to_string(),
+                event.metadata.to_string(),
+                recorded_at,
+            ])
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::ConstraintViolation) if e.to_string().contains("event_id") => {
+                    StoreError::DuplicateEvent(event.event_id)
+                }
+                _ => db_error(e),
+            })?;
+        positions.push(tx.last_insert_rowid());
+    }
+    Ok(positions)
+}
+
 #[async_trait]
 impl EventStore for SqliteStore {
     #[tracing::instrument(name = "store.append", skip_all, fields(stream_id = %stream))]
@@ -105,40 +145,7 @@ impl EventStore for SqliteStore {
                         actual: head,
                     });
                 }
-                let mut positions = Vec::with_capacity(events.len());
-                {
-                    let mut insert = tx
-                        .prepare_cached(
-                            "INSERT INTO events (stream_id, stream_version, event_id, event_type, \
-                             event_version, payload, metadata, recorded_at) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        )
-                        .map_err(db_error)?;
-                    let recorded_at = now_micros();
-                    for (offset, event) in (1u32..).zip(&events) {
-                        let version = head + offset;
-                        insert
-                            .execute(params![
-                                stream.as_str(),
-                                version,
-                                event.event_id.to_string(),
-                                event.event_type,
-                                event.event_version,
-                                event.payload.to_string(),
-                                event.metadata.to_string(),
-                                recorded_at,
-                            ])
-                            .map_err(|e| match e.sqlite_error_code() {
-                                Some(ErrorCode::ConstraintViolation)
-                                    if e.to_string().contains("event_id") =>
-                                {
-                                    StoreError::DuplicateEvent(event.event_id)
-                                }
-                                _ => db_error(e),
-                            })?;
-                        positions.push(tx.last_insert_rowid());
-                    }
-                }
+                let positions = insert_events(&tx, &stream, head, &events)?;
                 tx.commit().map_err(db_error)?;
                 Ok(Appended {
                     stream_version: head + u32::try_from(positions.len()).unwrap_or(u32::MAX),
@@ -148,6 +155,53 @@ impl EventStore for SqliteStore {
             .await?;
         self.inner.signal.notify();
         Ok(appended)
+    }
+
+    #[tracing::instrument(name = "store.create_streams", skip_all, fields(streams = streams.len()))]
+    async fn create_streams(&self, streams: Vec<NewStream>) -> Result<Vec<Appended>, StoreError> {
+        check_new_streams(&streams)?;
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let appended = self
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_error)?;
+                let mut appended = Vec::with_capacity(streams.len());
+                for new in &streams {
+                    let head = stream_head(&tx, new.stream.as_str())?;
+                    if head != 0 {
+                        // Dropping the transaction rolls back what this call inserted.
+                        return Err(StoreError::Conflict {
+                            stream: new.stream.clone(),
+                            expected: ExpectedVersion::NoStream,
+                            actual: head,
+                        });
+                    }
+                    let positions = insert_events(&tx, &new.stream, 0, &new.events)?;
+                    appended.push(Appended {
+                        stream_version: u32::try_from(positions.len()).unwrap_or(u32::MAX),
+                        global_positions: positions,
+                    });
+                }
+                tx.commit().map_err(db_error)?;
+                Ok(appended)
+            })
+            .await?;
+        self.inner.signal.notify();
+        Ok(appended)
+    }
+
+    async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError> {
+        let streams = streams.to_vec();
+        self.read(move |conn| {
+            streams
+                .iter()
+                .map(|stream| stream_head(conn, stream.as_str()))
+                .collect()
+        })
+        .await
     }
 
     async fn read_stream(

@@ -117,6 +117,37 @@ impl KeyRepository for SqliteStore {
         .await
     }
 
+    async fn insert_data_keys(
+        &self,
+        master_key_id: &str,
+        keys: &[(Uuid, &str, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let master_key_id = master_key_id.to_owned();
+        let keys: Vec<(String, String, Vec<u8>)> = keys
+            .iter()
+            .map(|(id, owner, wrapped)| (id.to_string(), (*owner).to_owned(), wrapped.clone()))
+            .collect();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(db_error)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO data_keys (key_id, owner, master_key_id, wrapped, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(db_error)?;
+                let now = now_micros();
+                for (key_id, owner, wrapped) in &keys {
+                    insert
+                        .execute(params![key_id, owner, master_key_id, wrapped, now])
+                        .map_err(db_error)?;
+                }
+            }
+            tx.commit().map_err(db_error)
+        })
+        .await
+    }
+
     async fn data_key(&self, key_id: Uuid) -> Result<Option<StoredDataKey>, StoreError> {
         self.read(move |conn| {
             conn.prepare_cached(
