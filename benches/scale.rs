@@ -1,9 +1,10 @@
 //! Scale benchmark, in two parts.
 //!
 //! **Storage, rebuild, start-up** (on PostgreSQL, the real `grantline serve` binary):
-//! `BENCH_DB_SIZE` connections (default 20,000; empty or 0 to skip) imported through
-//! `POST /connection` with GitHub-sized tokens (40- and 80-character access and refresh tokens),
-//! 32 at a time: the import rate, the bytes per connection (database size before and after, and
+//! `BENCH_DB_SIZE` connections (default 20,000; empty or 0 to skip) with GitHub-sized tokens
+//! (40- and 80-character access and refresh tokens), the first 2,000 imported through
+//! `POST /connection` 32 at a time and the rest through `grantline import FILE`: both import
+//! rates, the bytes per connection (database size before and after, and
 //! per table with its indexes), the bytes per refresh cycle (2,000 forced refreshes against the
 //! in-process fake provider), the start-up time on the filled database, and the rebuild rate of
 //! the connections read model (`grantline projections rebuild connections`).
@@ -42,6 +43,7 @@ mod fake_service;
 mod support;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -160,8 +162,10 @@ async fn storage(n: usize) {
     let tokens: Vec<(String, String)> = (0..n)
         .map(|_| (token(&mut rng, "gho_", 40), token(&mut rng, "ghr_", 80)))
         .collect();
+    // The first ones through the API, the rest through `grantline import`.
+    let through_api = n.min(2000);
     let started = Instant::now();
-    futures_util::stream::iter(tokens.iter().enumerate())
+    futures_util::stream::iter(tokens.iter().take(through_api).enumerate())
         .map(|(i, (access, refresh))| {
             let (setup, client, base) = (&setup, &client, &server.base);
             async move {
@@ -173,15 +177,47 @@ async fn storage(n: usize) {
         .buffer_unordered(32)
         .collect::<Vec<()>>()
         .await;
-    let import_secs = started.elapsed().as_secs_f64();
+    let api_secs = started.elapsed().as_secs_f64();
+    let expires_at = chrono::Utc::now().timestamp() + 3600;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    {
+        let mut out = std::io::BufWriter::new(file.as_file());
+        for (i, (access, refresh)) in tokens.iter().enumerate().skip(through_api) {
+            let line = serde_json::json!({
+                "provider_config_key": fake_service::KEY, "connection_id": format!("c{i:07}"),
+                "access_token": access, "refresh_token": refresh, "expires_at": expires_at,
+            });
+            writeln!(out, "{line}").unwrap();
+        }
+    }
+    let started = Instant::now();
+    let output = std::process::Command::new(support::grantline())
+        .arg("import")
+        .arg(file.path())
+        .env("GRANTLINE_DATABASE_URL", setup.db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", &setup.key)
+        .output()
+        .unwrap();
+    let bulk_secs = started.elapsed().as_secs_f64();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
     support::caught_up(&client, &server.base, None).await;
     pg.batch_execute("VACUUM ANALYZE").await.unwrap();
     let (after, tables_after) = sizes(&pg).await;
     println!(
-        "Storage: {n} connections imported through POST /connection (32 at a time) in {import_secs:.1} s: \
-         {:.0} connections/s",
-        n as f64 / import_secs
+        "Storage: {through_api} connections imported through POST /connection (32 at a time) in \
+         {api_secs:.1} s: {:.0} connections/s",
+        through_api as f64 / api_secs
     );
+    let bulk = n - through_api;
+    println!(
+        "  {bulk} through `grantline import FILE` in {bulk_secs:.1} s, the whole command (check, \
+         write, read models): {:.0} connections/s; it reports:",
+        bulk as f64 / bulk_secs
+    );
+    for line in report.lines() {
+        println!("    {line}");
+    }
     println!(
         "  database {:.1} MB -> {:.1} MB: {:.0} bytes per connection, indexes included; by table:",
         before as f64 / 1e6,

@@ -13,9 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use domain::keys::MasterKey;
 
 pub use self::limits::LimitArgs;
+pub use self::tools::{EventsCommand, HistoryArgs, ImportArgs, KeysCommand, ProjectionsCommand};
 use crate::server::ServerLimits;
 
 mod limits;
+mod tools;
 
 const AFTER_HELP: &str = "\
 Every option can also be set through the environment variable shown with it.
@@ -46,59 +48,9 @@ pub enum Command {
     /// Read the event log.
     #[command(subcommand)]
     Events(EventsCommand),
-}
-
-/// Options of `grantline history`.
-#[derive(Debug, Args)]
-pub struct HistoryArgs {
-    /// The connection's id.
-    pub connection_id: String,
-    /// The integration's key.
-    #[arg(long)]
-    pub provider_config_key: String,
-    /// Print the entries as JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum EventsCommand {
-    /// Follow the log and print each event, redacted (no secret, no metadata value), until
-    /// ctrl-c or SIGTERM.
-    Tail {
-        /// Start at the beginning of the log instead of at its end.
-        #[arg(long)]
-        from_start: bool,
-        /// Print one JSON object per event.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ProjectionsCommand {
-    /// Print each projection's checkpoint, the log's head position and the lag.
-    Status(DatabaseArgs),
-    /// Replay the whole log into a shadow table and swap it in; the API keeps serving meanwhile.
-    Rebuild {
-        /// connections or integrations
-        name: String,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Print a new random master key (base64 of 32 bytes) for GRANTLINE_ENCRYPTION_KEY.
-    Generate,
-    /// Re-wrap every data key under GRANTLINE_ENCRYPTION_KEY, reading the old ones with
-    /// GRANTLINE_ENCRYPTION_KEY_PREVIOUS. Safe to interrupt and run again.
-    Rotate(DatabaseArgs),
+    /// Import connections from JSON lines, one `POST /connections` body per line: every line is
+    /// checked before anything is written; existing connections are kept (see --replace).
+    Import(ImportArgs),
 }
 
 /// Where the data lives and how it is encrypted.

@@ -12,6 +12,7 @@ use domain::connection::{
     ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger, check_metadata,
 };
 use domain::credentials::Credentials;
+use domain::integration::IntegrationSettings;
 use projections::queries::{self, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
@@ -273,6 +274,26 @@ pub struct Import {
     pub metadata: Option<Map<String, Value>>,
 }
 
+impl Import {
+    /// The command that records it, for an integration with `settings`.
+    pub fn authorization(
+        self,
+        settings: &IntegrationSettings,
+        now: DateTime<Utc>,
+    ) -> AuthorizeConnection {
+        AuthorizeConnection {
+            key: self.key,
+            provider: settings.provider.clone(),
+            flow: Flow::Import,
+            credentials: self.credentials,
+            scopes: settings.oauth_scopes.clone(),
+            connection_config: self.connection_config,
+            now,
+            metadata: self.metadata,
+        }
+    }
+}
+
 /// Records imported credentials (a new connection, or the next generation of an existing one).
 pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ConnectionsError> {
     let key = import.key;
@@ -284,16 +305,14 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
     let now = Utc::now();
     let loaded = state
         .commands
-        .authorize_connection(AuthorizeConnection {
-            key: key.clone(),
-            provider: integration.integration.settings.provider.clone(),
-            flow: Flow::Import,
-            credentials: import.credentials.clone(),
-            scopes: integration.integration.settings.oauth_scopes.clone(),
-            connection_config: import.connection_config,
-            now,
-            metadata: import.metadata,
-        })
+        .authorize_connection(
+            Import {
+                key: key.clone(),
+                credentials: import.credentials.clone(),
+                ..import
+            }
+            .authorization(&integration.integration.settings, now),
+        )
         .await
         .map_err(ConnectionsError::command(&key))?;
     let connection = publish(state, &loaded).await?;

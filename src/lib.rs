@@ -30,6 +30,7 @@ pub mod config;
 pub mod connections;
 pub mod history;
 pub mod http;
+pub mod import;
 pub mod integrations;
 pub mod oauth;
 pub mod server;

@@ -23,6 +23,7 @@ use workers::webhooks::{WebhookService, WebhookSettings};
 
 use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
+use crate::import::LineFault;
 use crate::oauth::Flows;
 use crate::server;
 use crate::state::{AppState, Shared};
@@ -293,6 +294,14 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
         .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?
         .with_cache_capacity(config.data_key_cache);
     Ok((backend, vault))
+}
+
+/// One line of `grantline import`, decoded as the `POST /connections` route decodes its body.
+pub fn import_body(body: serde_json::Value) -> Result<crate::connections::Import, LineFault> {
+    crate::http::import::import_of(body).map_err(|e| LineFault {
+        code: e.code(),
+        message: e.to_string(),
+    })
 }
 
 /// Reads the embedded default's master key, creating it (mode 0600) on first start.

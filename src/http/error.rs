@@ -136,6 +136,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The code its body carries.
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use StatusCode as S;
         match self {

@@ -147,9 +147,15 @@ pub async fn import_connection(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let import = object_body::<ImportConnection>(body)?.into_import()?;
+    let import = import_of(body)?;
     let view = connections::import(&state, import).await?;
     Ok((StatusCode::CREATED, Json(connection_json(&view, true))).into_response())
+}
+
+/// The import a `POST /connection` body asks for, checked field by field; also one line of
+/// `grantline import`.
+pub fn import_of(body: Value) -> Result<Import, ApiError> {
+    object_body::<ImportConnection>(body)?.into_import()
 }
 
 impl ImportConnection {

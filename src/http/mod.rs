@@ -13,7 +13,7 @@ mod connection;
 mod error;
 mod extract;
 mod history;
-mod import;
+pub mod import;
 mod limits;
 mod metrics;
 mod oauth;

@@ -204,7 +204,7 @@ fn serve_shuts_down_cleanly_on_sigterm() {
 }
 
 /// `grantline` on this database with this master key.
-fn grantline_on(db: &TestDatabase, key: &str) -> Command {
+pub(crate) fn grantline_on(db: &TestDatabase, key: &str) -> Command {
     let mut command = grantline();
     command
         .env("GRANTLINE_DATABASE_URL", db.url())

@@ -8,6 +8,7 @@ mod connections;
 mod fake_provider;
 mod fake_service;
 mod history;
+mod import;
 mod limits;
 mod malformed;
 mod oauth;
