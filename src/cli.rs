@@ -9,7 +9,7 @@ use domain::keys::Vault;
 use domain::store::Backend;
 
 use crate::config::{
-    Cli, Command, EventsCommand, ImportArgs, KeysCommand, LogFormat, ProjectionsCommand,
+    Cli, Command, EventsCommand, ImportArgs, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
 };
 use crate::import::Importer;
 use crate::startup::{Application, import_body, open_storage};
@@ -96,9 +96,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (backend, _) = open_storage(&config).await?;
             let key = ConnectionKey::new(&args.provider_config_key, &args.connection_id);
             let entries = crate::history::load(&backend, &key).await?;
+            let compaction = crate::history::compaction(&backend, &key).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
+                if let Some(record) = &compaction {
+                    eprintln!("{}", crate::history::compaction_line(record));
+                }
             } else {
+                if let Some(record) = &compaction {
+                    println!("{}", crate::history::compaction_line(record));
+                }
                 print!("{}", crate::history::table(&entries));
             }
             Ok(())
@@ -114,6 +121,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (backend, _) = open_storage(&config).await?;
             let mut out = std::io::stdout();
             crate::history::follow(&backend, from_start, json, &mut out, shutdown).await
+        }
+        Command::Log(LogCommand::Compact {
+            retention,
+            database,
+        }) => {
+            let retention = retention.validate()?;
+            let config = database.validate()?;
+            telemetry::init_tool();
+            let (backend, _) = open_storage(&config).await?;
+            let compactor = workers::compactor::Compactor::new(backend, retention);
+            let bar = progress("events past retention looked at".to_owned());
+            let report = compactor
+                .pass(chrono::Utc::now(), |r| bar.set_position(r.events_read))
+                .await;
+            bar.finish_and_clear();
+            let report = report.context("the pass stopped; what it removed so far stays")?;
+            println!(
+                "looked at {} events past retention; removed {} events from {} connections: \
+                 {} routine refresh cycles and {} lifecycle events",
+                report.events_read,
+                report.events_removed,
+                report.streams,
+                report.routine_cycles,
+                report.lifecycle_events
+            );
+            Ok(())
         }
         Command::Import(args) => {
             let config = args.database.validate()?;

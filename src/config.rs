@@ -13,10 +13,14 @@ use clap::{Args, Parser, Subcommand};
 use domain::keys::MasterKey;
 
 pub use self::limits::LimitArgs;
-pub use self::tools::{EventsCommand, HistoryArgs, ImportArgs, KeysCommand, ProjectionsCommand};
+pub use self::retention::RetentionArgs;
+pub use self::tools::{
+    EventsCommand, HistoryArgs, ImportArgs, KeysCommand, LogCommand, ProjectionsCommand,
+};
 use crate::server::ServerLimits;
 
 mod limits;
+mod retention;
 mod tools;
 
 const AFTER_HELP: &str = "\
@@ -48,6 +52,9 @@ pub enum Command {
     /// Read the event log.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Work on the event log itself.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Import connections from JSON lines, one `POST /connections` body per line: every line is
     /// checked before anything is written; existing connections are kept (see --replace).
     Import(ImportArgs),
@@ -100,6 +107,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 
     /// Address to listen on.
     #[arg(long, env = "GRANTLINE_LISTEN", default_value = "127.0.0.1:3003")]
@@ -203,11 +213,12 @@ pub struct ServeArgs {
     #[arg(long, env = "GRANTLINE_WEBHOOK_BACKOFF", default_value = "1s")]
     pub webhook_backoff: String,
 
-    /// Roles this instance runs, comma-separated: api, projections, scheduler, webhooks.
+    /// Roles this instance runs, comma-separated: api, projections, scheduler, webhooks,
+    /// compactor.
     #[arg(
         long,
         env = "GRANTLINE_ROLES",
-        default_value = "api,projections,scheduler,webhooks"
+        default_value = "api,projections,scheduler,webhooks,compactor"
     )]
     pub roles: String,
 
@@ -282,6 +293,11 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_WEBHOOK_TIMEOUT", "webhook-timeout"),
     ("GRANTLINE_WEBHOOK_BACKOFF", "webhook-backoff"),
     ("GRANTLINE_ROLES", "roles"),
+    ("GRANTLINE_HISTORY_RETENTION", "history-retention"),
+    (
+        "GRANTLINE_HISTORY_LIFECYCLE_RETENTION",
+        "history-lifecycle-retention",
+    ),
     ("GRANTLINE_LOG_FORMAT", "log-format"),
     ("GRANTLINE_READY_MAX_LAG", "ready-max-lag"),
     ("GRANTLINE_CONNECTION_CACHE", "connection-cache"),
@@ -401,6 +417,8 @@ pub struct Roles {
     pub scheduler: bool,
     /// Delivers webhooks (when GRANTLINE_WEBHOOK_URLS names any).
     pub webhooks: bool,
+    /// Removes history past retention.
+    pub compactor: bool,
 }
 
 /// Refresh policy and scheduler settings.
@@ -472,6 +490,8 @@ pub struct Config {
     pub connection_cache: usize,
     /// Timeouts and caps of the server.
     pub limits: ServerLimits,
+    /// How long the history keeps what (the compactor role's setting).
+    pub retention: workers::compactor::Retention,
 }
 
 impl ServeArgs {
@@ -571,6 +591,7 @@ impl ServeArgs {
             })?,
             connection_cache: parse_positive("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
             limits,
+            retention: self.retention.validate()?,
         })
     }
 
@@ -709,6 +730,7 @@ fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
         projections: false,
         scheduler: false,
         webhooks: false,
+        compactor: false,
     };
     for role in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match role {
@@ -716,12 +738,13 @@ fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
             "projections" => roles.projections = true,
             "scheduler" => roles.scheduler = true,
             "webhooks" => roles.webhooks = true,
+            "compactor" => roles.compactor = true,
             other => {
                 return Err(invalid(
                     "GRANTLINE_ROLES",
                     format!(
                         "unknown role {other:?}; the roles are api, projections, scheduler, \
-                         webhooks"
+                         webhooks, compactor"
                     ),
                 ));
             }
@@ -733,6 +756,7 @@ fn parse_roles(text: &str) -> Result<Roles, ConfigError> {
             projections: false,
             scheduler: false,
             webhooks: false,
+            compactor: false,
         })
     {
         return Err(invalid("GRANTLINE_ROLES", "name at least one role"));

@@ -24,7 +24,7 @@ use domain::event::{DomainEvent, UnreadableEvent};
 use domain::history::{HistoryEntry, HistoryFolder, SecretsState};
 use domain::integration::{self, IntegrationEvent};
 use domain::store::{
-    Backend, EventStore, LogReader, Position, RecordedEvent, StoreError, StreamId,
+    Backend, CompactionRecord, EventStore, LogReader, Position, RecordedEvent, StoreError, StreamId,
 };
 use serde::Serialize;
 
@@ -82,7 +82,38 @@ pub async fn load_page(
     after: u32,
     limit: usize,
 ) -> Result<Page, HistoryError> {
-    Ok(page(load(backend, key).await?, after, limit))
+    let mut page = page(load(backend, key).await?, after, limit);
+    page.compaction = compaction(backend, key).await?;
+    Ok(page)
+}
+
+/// What compaction removed from the connection's history, if anything.
+pub async fn compaction(
+    backend: &Backend,
+    key: &ConnectionKey,
+) -> Result<Option<CompactionRecord>, HistoryError> {
+    Ok(backend.compaction().compaction_of(&key.stream_id()).await?)
+}
+
+/// One line saying what compaction removed, for people.
+pub fn compaction_line(record: &CompactionRecord) -> String {
+    format!(
+        "compacted: {} routine refresh cycles and {} lifecycle events ({} events, stream \
+         versions up to {}, recorded {} to {}) were removed past retention; last pass {}",
+        record.routine_cycles,
+        record.lifecycle_events,
+        record.events_removed,
+        record.through_version,
+        record
+            .first_recorded_at
+            .to_rfc3339_opts(SecondsFormat::Secs, true),
+        record
+            .last_recorded_at
+            .to_rfc3339_opts(SecondsFormat::Secs, true),
+        record
+            .compacted_at
+            .to_rfc3339_opts(SecondsFormat::Secs, true),
+    )
 }
 
 /// One page of a history.
@@ -92,6 +123,8 @@ pub struct Page {
     pub entries: Vec<HistoryEntry>,
     /// The `after` of the next page, when more entries follow.
     pub next_after: Option<u32>,
+    /// What compaction removed from the stream (set by [`load_page`]).
+    pub compaction: Option<CompactionRecord>,
 }
 
 /// The entries after stream version `after`, at most `limit` of them.
@@ -108,6 +141,7 @@ pub fn page(entries: Vec<HistoryEntry>, after: u32, limit: usize) -> Page {
     Page {
         entries,
         next_after,
+        compaction: None,
     }
 }
 

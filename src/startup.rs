@@ -16,6 +16,7 @@ use projections::cache::ConnectionCache;
 use projections::snapshots::ReadModelSnapshots;
 use projections::{ReadModels, Runner};
 use tokio::net::TcpListener;
+use workers::compactor::Compactor;
 use workers::refresh::{RefreshService, RefreshSettings};
 use workers::scheduler::{RefreshPolicy, Scheduler};
 use workers::sockets::Sockets;
@@ -31,6 +32,9 @@ use crate::state::{AppState, Shared};
 /// How long a cached connection is served without hearing of a change (a safety net: changes
 /// invalidate it at once).
 const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the compactor role looks for history past retention.
+const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How often an instance writes the reads it noted (the scheduler sees a connection in use
 /// this much later at most).
 const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -97,6 +101,7 @@ impl Application {
             },
             config.refresh.concurrency,
         );
+        let compactor = Compactor::new(backend.clone(), config.retention);
         Ok(Self {
             listener,
             port,
@@ -104,6 +109,7 @@ impl Application {
                 commands,
                 refresh,
                 scheduler,
+                compactor,
                 webhooks,
                 runner: Runner::new(&backend),
                 read_models,
@@ -148,6 +154,13 @@ impl Application {
         {
             let until = stopping(stopped.clone());
             tasks.push(tokio::spawn(async move { webhooks.run(until).await }));
+        }
+        if self.state.config.roles.compactor {
+            let compactor = self.state.compactor.clone();
+            let until = stopping(stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                compactor.run(COMPACTION_INTERVAL, until).await;
+            }));
         }
         if self.state.config.roles.scheduler {
             let scheduler = self.state.scheduler.clone();

@@ -14,6 +14,7 @@ use projections::activity::ReadActivity;
 use projections::cache::ConnectionCache;
 use projections::model::upsert_state;
 use projections::{ProjectionError, ReadModels, Runner, StateModel};
+use workers::compactor::Compactor;
 use workers::refresh::RefreshService;
 use workers::scheduler::Scheduler;
 use workers::sockets::Sockets;
@@ -88,6 +89,8 @@ pub struct Shared {
     /// The proactive refresh scheduler (run only with the `scheduler` role; its `tick_once`
     /// serves tests and its counters `/metrics`).
     pub scheduler: Scheduler,
+    /// The compactor (run only with the `compactor` role; its counters serve `/metrics`).
+    pub compactor: Compactor,
     /// What the server's limits refused, and the connections and sockets open now.
     pub server_stats: Arc<ServerStats>,
     /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the

@@ -7,6 +7,7 @@
 pub mod bounds;
 pub mod catalog;
 pub mod commands;
+pub mod compaction;
 pub mod connection;
 pub mod credentials;
 pub mod event;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::DatabaseArgs;
+use super::{DatabaseArgs, RetentionArgs};
 
 /// Options of `grantline import`.
 #[derive(Debug, Args)]
@@ -76,4 +76,16 @@ pub enum KeysCommand {
     /// Re-wrap every data key under GRANTLINE_ENCRYPTION_KEY, reading the old ones with
     /// GRANTLINE_ENCRYPTION_KEY_PREVIOUS. Safe to interrupt and run again.
     Rotate(DatabaseArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Remove what is past the history's retention now (one pass of the compactor role), and
+    /// report what was summarized.
+    Compact {
+        #[command(flatten)]
+        retention: RetentionArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }

@@ -32,6 +32,46 @@ pub struct HistoryBody {
     /// `generation`, and the fields that apply to the type; never a secret.
     events: Vec<HistoryEntryBody>,
     next_after: Option<u32>,
+    /// Present when the compactor removed routine refresh cycles (or, with a lifecycle
+    /// retention, superseded lifecycle events) from this history past retention: how many, up
+    /// to which stream version, and when they were recorded. `null` otherwise.
+    compacted: Option<CompactionBody>,
+}
+
+/// What compaction removed from a connection's history, over every pass.
+#[derive(Serialize, ToSchema)]
+#[schema(as = HistoryCompaction)]
+pub struct CompactionBody {
+    /// Routine refresh cycles (a lease and its successful refresh) removed.
+    routine_cycles: u64,
+    /// Superseded failures, lapsed leases and overwritten metadata changes removed.
+    lifecycle_events: u64,
+    /// Events removed in all.
+    events_removed: u64,
+    /// Every removed event had at most this stream version.
+    through_version: u32,
+    /// When the oldest and the newest removed events were recorded.
+    first_recorded_at: String,
+    last_recorded_at: String,
+    /// When a compaction pass last removed events from this history.
+    compacted_at: String,
+}
+
+impl From<domain::store::CompactionRecord> for CompactionBody {
+    fn from(record: domain::store::CompactionRecord) -> Self {
+        let time = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        Self {
+            routine_cycles: record.routine_cycles,
+            lifecycle_events: record.lifecycle_events,
+            events_removed: record.events_removed,
+            through_version: record.through_version,
+            first_recorded_at: time(record.first_recorded_at),
+            last_recorded_at: time(record.last_recorded_at),
+            compacted_at: time(record.compacted_at),
+        }
+    }
 }
 
 /// One entry of a connection's credential history: what happened, when, in which generation,
@@ -270,6 +310,7 @@ pub async fn get_history(
             .map(HistoryEntryBody::from)
             .collect(),
         next_after: page.next_after,
+        compacted: page.compaction.map(CompactionBody::from),
     }))
 }
 

@@ -370,6 +370,7 @@ pub async fn metrics(
         load(&refresh.provider_micros),
         calls.iter().sum(),
     );
+    compactor_families(&mut out, state.compactor.counters());
     let scheduler = state.scheduler.counters();
     let ticks = load(&scheduler.ticks);
     family(
@@ -559,4 +560,44 @@ pub async fn metrics(
     database(&mut out, &state.backend.pool_status());
     projections(&mut out, &state).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out)
+}
+
+/// The compactor's totals (all 0 on an instance without the `compactor` role).
+fn compactor_families(out: &mut String, compactor: &workers::compactor::CompactorCounters) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    family(
+        out,
+        "grantline_compactor_passes_total",
+        "counter",
+        "Compaction passes finished, and passes that stopped on an error.",
+        &[
+            ("result=\"finished\"", load(&compactor.passes) as f64),
+            ("result=\"error\"", load(&compactor.errors) as f64),
+        ],
+    );
+    family(
+        out,
+        "grantline_compactor_removed_total",
+        "counter",
+        "What compaction removed from the history: routine refresh cycles (two events each) \
+         and lifecycle events.",
+        &[
+            (
+                "kind=\"routine_cycles\"",
+                load(&compactor.routine_cycles) as f64,
+            ),
+            (
+                "kind=\"lifecycle_events\"",
+                load(&compactor.lifecycle_events) as f64,
+            ),
+            ("kind=\"events\"", load(&compactor.events_removed) as f64),
+        ],
+    );
+    family(
+        out,
+        "grantline_compactor_last_pass_timestamp_seconds",
+        "gauge",
+        "When the last compaction pass finished (0: never).",
+        &[("", load(&compactor.last_pass_at) as f64)],
+    );
 }

@@ -4,6 +4,7 @@
 mod architecture;
 mod auth;
 mod cli;
+mod compaction;
 mod connections;
 mod fake_provider;
 mod fake_service;

@@ -2,8 +2,9 @@
 //! requests, and the parsing of their answers), the refresh service (the only code that
 //! refreshes tokens) with its proactive scheduler, the webhook subscribers that follow the event
 //! log, the OAuth session sweeper, and the registry of WebSocket clients with the relay that
-//! carries flow outcomes between instances.
+//! carries flow outcomes between instances, and the compactor that bounds the history.
 
+pub mod compactor;
 pub mod oauth1;
 pub mod provider;
 pub mod refresh;

@@ -9,22 +9,22 @@ use uuid::Uuid;
 use super::*;
 use crate::keys::Sealed;
 
-pub(super) fn key(n: u128) -> Uuid {
+pub(crate) fn key(n: u128) -> Uuid {
     Uuid::from_u128(0xd000 + n)
 }
 
-pub(super) fn lease_id(n: u128) -> Uuid {
+pub(crate) fn lease_id(n: u128) -> Uuid {
     Uuid::from_u128(0x1ea5e + n)
 }
 
-pub(super) fn sealed(key_id: Uuid, bytes: &[u8]) -> Sealed {
+pub(crate) fn sealed(key_id: Uuid, bytes: &[u8]) -> Sealed {
     Sealed {
         key_id,
         ciphertext: bytes.to_vec(),
     }
 }
 
-pub(super) fn fingerprints(access: &str, refresh: &str) -> TokenFingerprints {
+pub(crate) fn fingerprints(access: &str, refresh: &str) -> TokenFingerprints {
     TokenFingerprints {
         access_token: Some(access.to_owned()),
         refresh_token: Some(refresh.to_owned()),
@@ -32,7 +32,7 @@ pub(super) fn fingerprints(access: &str, refresh: &str) -> TokenFingerprints {
 }
 
 /// An OAuth 2 authorization sealed under `data_key`, its token expiring an hour after `now`.
-pub(super) fn authorization(data_key: Uuid, now: DateTime<Utc>) -> Authorization {
+pub(crate) fn authorization(data_key: Uuid, now: DateTime<Utc>) -> Authorization {
     Authorization {
         provider_config_key: "github".to_owned(),
         connection_id: "user-1".to_owned(),
@@ -49,14 +49,14 @@ pub(super) fn authorization(data_key: Uuid, now: DateTime<Utc>) -> Authorization
     }
 }
 
-pub(super) fn authorize(data_key: Uuid, now: DateTime<Utc>) -> ConnectionCommand {
+pub(crate) fn authorize(data_key: Uuid, now: DateTime<Utc>) -> ConnectionCommand {
     ConnectionCommand::Authorize {
         authorization: authorization(data_key, now),
         now,
     }
 }
 
-pub(super) fn authorized(generation: u32, data_key: Uuid, now: DateTime<Utc>) -> ConnectionEvent {
+pub(crate) fn authorized(generation: u32, data_key: Uuid, now: DateTime<Utc>) -> ConnectionEvent {
     ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
         authorization: authorization(data_key, now),
         generation,
@@ -64,7 +64,7 @@ pub(super) fn authorized(generation: u32, data_key: Uuid, now: DateTime<Utc>) ->
     })
 }
 
-pub(super) fn lease(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> ConnectionCommand {
+pub(crate) fn lease(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> ConnectionCommand {
     ConnectionCommand::LeaseRefresh {
         lease_id: id,
         holder: "instance-a".to_owned(),
@@ -74,7 +74,7 @@ pub(super) fn lease(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> Co
     }
 }
 
-pub(super) fn leased(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> ConnectionEvent {
+pub(crate) fn leased(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> ConnectionEvent {
     ConnectionEvent::RefreshLeased(RefreshLeased {
         lease_id: id,
         holder: "instance-a".to_owned(),
@@ -84,7 +84,7 @@ pub(super) fn leased(id: Uuid, trigger: RefreshTrigger, now: DateTime<Utc>) -> C
     })
 }
 
-pub(super) fn complete(id: Uuid, rotated: bool, now: DateTime<Utc>) -> ConnectionCommand {
+pub(crate) fn complete(id: Uuid, rotated: bool, now: DateTime<Utc>) -> ConnectionCommand {
     ConnectionCommand::CompleteRefresh {
         lease_id: id,
         credentials: sealed(key(1), b"refreshed"),
@@ -96,7 +96,7 @@ pub(super) fn complete(id: Uuid, rotated: bool, now: DateTime<Utc>) -> Connectio
     }
 }
 
-pub(super) fn refreshed(
+pub(crate) fn refreshed(
     id: Uuid,
     rotated: bool,
     refresh_token_generation: u32,
@@ -114,7 +114,7 @@ pub(super) fn refreshed(
     })
 }
 
-pub(super) fn failure(class: FailureClass) -> RefreshFailure {
+pub(crate) fn failure(class: FailureClass) -> RefreshFailure {
     match class {
         FailureClass::Permanent => RefreshFailure {
             class,
@@ -131,7 +131,7 @@ pub(super) fn failure(class: FailureClass) -> RefreshFailure {
     }
 }
 
-pub(super) fn fail(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> ConnectionCommand {
+pub(crate) fn fail(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> ConnectionCommand {
     ConnectionCommand::FailRefresh {
         lease_id: id,
         failure: failure(class),
@@ -139,7 +139,7 @@ pub(super) fn fail(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> Connect
     }
 }
 
-pub(super) fn failed(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> ConnectionEvent {
+pub(crate) fn failed(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> ConnectionEvent {
     ConnectionEvent::RefreshFailed(RefreshFailed {
         lease_id: id,
         failure: failure(class),
@@ -147,7 +147,7 @@ pub(super) fn failed(id: Uuid, class: FailureClass, now: DateTime<Utc>) -> Conne
     })
 }
 
-pub(super) fn set_metadata(
+pub(crate) fn set_metadata(
     metadata: Value,
     mode: MetadataMode,
     now: DateTime<Utc>,
@@ -159,7 +159,7 @@ pub(super) fn set_metadata(
     }
 }
 
-pub(super) fn metadata_set(
+pub(crate) fn metadata_set(
     metadata: Value,
     mode: MetadataMode,
     now: DateTime<Utc>,
@@ -171,20 +171,20 @@ pub(super) fn metadata_set(
     })
 }
 
-pub(super) fn delete(keys: Vec<Uuid>, now: DateTime<Utc>) -> ConnectionCommand {
+pub(crate) fn delete(keys: Vec<Uuid>, now: DateTime<Utc>) -> ConnectionCommand {
     ConnectionCommand::Delete {
         now,
         shredded_data_keys: keys,
     }
 }
 
-pub(super) fn deleted(keys: Vec<Uuid>, now: DateTime<Utc>) -> ConnectionEvent {
+pub(crate) fn deleted(keys: Vec<Uuid>, now: DateTime<Utc>) -> ConnectionEvent {
     ConnectionEvent::ConnectionDeleted(ConnectionDeleted {
         deleted_at: now,
         shredded_data_keys: keys,
     })
 }
 
-pub(super) fn active(state: &Connection) -> &ActiveConnection {
+pub(crate) fn active(state: &Connection) -> &ActiveConnection {
     state.active().unwrap()
 }

@@ -36,7 +36,7 @@ mod events;
 mod state;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use uuid::Uuid;
 

@@ -262,6 +262,62 @@ pub trait EventStore: Send + Sync + 'static {
     fn listener(&self) -> Listener;
 }
 
+/// What one compaction pass removes from a stream (see [`crate::compaction`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamCompaction {
+    pub stream: StreamId,
+    /// The global positions of the events removed.
+    pub positions: Vec<i64>,
+    /// Routine refresh cycles (a lease and its refresh) among them.
+    pub routine_cycles: u64,
+    /// Superseded failures, lapsed leases and metadata changes among them.
+    pub lifecycle_events: u64,
+    /// The highest stream version removed.
+    pub through_version: u32,
+    /// When the oldest and the newest of them were recorded.
+    pub first_recorded_at: DateTime<Utc>,
+    pub last_recorded_at: DateTime<Utc>,
+}
+
+/// What compaction removed from a stream over every pass: the history shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CompactionRecord {
+    pub routine_cycles: u64,
+    pub lifecycle_events: u64,
+    pub events_removed: u64,
+    /// Every removed event had at most this stream version.
+    pub through_version: u32,
+    pub first_recorded_at: DateTime<Utc>,
+    pub last_recorded_at: DateTime<Utc>,
+    /// When a pass last removed events from the stream.
+    pub compacted_at: DateTime<Utc>,
+}
+
+/// The one way events leave the log: the compactor's, and only what it planned.
+#[async_trait]
+pub trait LogCompaction: Send + Sync {
+    /// How far through the log the compactor has looked ([`Position::START`] at first).
+    async fn compaction_cursor(&self) -> Result<Position, StoreError>;
+
+    /// In one transaction: removes the planned events (the log refuses any other removal),
+    /// adds them to each stream's [`CompactionRecord`], and moves the cursor from `from` to
+    /// `to`. `Ok(None)` when the cursor is no longer at `from` (another compactor moved first):
+    /// nothing is changed.
+    async fn compact(
+        &self,
+        plans: &[StreamCompaction],
+        from: Position,
+        to: Position,
+        now: DateTime<Utc>,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// What compaction removed from `stream`, if anything.
+    async fn compaction_of(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Option<CompactionRecord>, StoreError>;
+}
+
 /// Waits for new events: woken by commits (in-process and, on PostgreSQL, NOTIFY) and by a poll
 /// interval, since wake-ups can be lost.
 #[derive(Clone, Debug)]
@@ -324,9 +380,9 @@ impl ChangeSignal {
 }
 
 /// The repositories one database implements; [`Backend`] hands each out from it.
-trait Repositories: EventStore + KeyRepository + SessionRepository {}
+trait Repositories: EventStore + KeyRepository + SessionRepository + LogCompaction {}
 
-impl<T: EventStore + KeyRepository + SessionRepository> Repositories for T {}
+impl<T: EventStore + KeyRepository + SessionRepository + LogCompaction> Repositories for T {}
 
 /// A database backend: the event store, the key repository and the OAuth flow sessions on one
 /// connection pool.
@@ -375,6 +431,10 @@ impl Backend {
     /// The event store as a shared handle, for readers that outlive a borrow.
     pub fn event_store(&self) -> Arc<dyn EventStore> {
         self.shared_repositories()
+    }
+
+    pub fn compaction(&self) -> &dyn LogCompaction {
+        self.repositories()
     }
 
     pub fn keys(&self) -> &dyn KeyRepository {

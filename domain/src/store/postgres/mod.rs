@@ -14,6 +14,7 @@
 //! [`SessionRepository`](crate::oauth_session::SessionRepository)) and `notifier` (LISTEN/NOTIFY
 //! and the message relay); this module opens the pool and applies the migrations.
 
+mod compaction;
 mod events;
 mod keys;
 mod notifier;

@@ -11,6 +11,7 @@
 //! applies the migrations and relays messages within the process (one process owns the file, so
 //! there is no notifier).
 
+mod compaction;
 mod events;
 mod keys;
 mod sessions;
