@@ -12,7 +12,10 @@ use crate::fake_provider::FakeProvider;
 use crate::fake_service::{CONNECTION, FORCED, FakeService, ID, KEY};
 use crate::{assert_error, ok_json};
 
-domain::on_both_backends!(old_refresh_cycles_are_removed_and_everything_else_keeps_working,);
+domain::on_both_backends!(
+    old_refresh_cycles_are_removed_and_everything_else_keeps_working,
+    log_compact_runs_one_pass_and_refuses_a_retention_under_a_day,
+);
 
 const HISTORY: &str = "/connection/conn-1/history?provider_config_key=fake";
 
@@ -132,4 +135,43 @@ async fn old_refresh_cycles_are_removed_and_everything_else_keeps_working(db: &T
     assert_eq!(body["credentials"]["access_token"], "access-new");
     let after = history(&env).await;
     assert_eq!(after["events"][2]["generation"], 2);
+}
+
+async fn log_compact_runs_one_pass_and_refuses_a_retention_under_a_day(db: &TestDatabase) {
+    let key = crate::new_key();
+    let app = crate::spawn_app(db, &key).await;
+    app.create_github_integration("compact-client-SECRET").await;
+    app.import_github("c1", "gho_compactACCESS").await;
+    let run = |args: &[&str]| {
+        crate::cli::grantline_on(db, &key)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let output = run(&["log", "compact"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("looked at 0 events past retention; removed 0 events"),
+        "{stdout}"
+    );
+    // A retention shorter than a day is refused, naming the variable.
+    let refused = run(&["log", "compact", "--history-retention", "1h"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("GRANTLINE_HISTORY_RETENTION") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // Nothing compacted: the history command prints no summary line.
+    let table = run(&["history", "c1", "--provider-config-key", "github"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success() && !text.contains("compacted:"),
+        "{text}"
+    );
 }

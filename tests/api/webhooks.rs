@@ -26,7 +26,10 @@ use crate::{TestApp, new_key, ok_json, serve_config};
 
 const SECRET: &str = "whsec-test-7d1f";
 
-domain::on_both_backends!(every_kind_of_webhook_arrives_once_signed_and_without_secrets);
+domain::on_both_backends!(
+    every_kind_of_webhook_arrives_once_signed_and_without_secrets,
+    compaction_neither_repeats_nor_loses_a_webhook,
+);
 
 domain::on_postgres_only!(
     a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible,
@@ -432,6 +435,50 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
     let counters = env.state().webhooks.as_ref().unwrap().counters();
     assert_eq!(counters.delivered.load(Ordering::Relaxed), 6);
     assert_eq!(counters.failed_attempts.load(Ordering::Relaxed), 0);
+}
+
+async fn compaction_neither_repeats_nor_loses_a_webhook(db: &TestDatabase) {
+    let receiver = Receiver::start().await;
+    let env = env(db, &receiver, "100ms").await;
+    env.import("conn-1", "rt-0").await;
+    let forced = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
+    for _ in 0..3 {
+        env.app().get_ok(forced).await;
+    }
+    receiver.wait_for("the creation", |d| !d.is_empty()).await;
+    env.target_when("the target to catch up", |t| t["lag"] == 0)
+        .await;
+    // Two routine cycles go; the webhook subscriber is past them already.
+    let report = env
+        .state()
+        .compactor
+        .pass(chrono::Utc::now() + chrono::TimeDelta::days(91), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.routine_cycles, 2, "{report:?}");
+    env.fake.set_mode(TokenMode::InvalidGrant);
+    assert_eq!(env.app().get(forced).await.status(), 424);
+    let deleted = env
+        .app()
+        .delete("/connection/conn-1?provider_config_key=fake")
+        .await;
+    assert!(deleted.status().is_success());
+    let expected = ["connection.created", "refresh.failed", "connection.deleted"];
+    receiver
+        .wait_for("three webhooks", |d| d.len() >= expected.len())
+        .await;
+    let target = env
+        .target_when("the target to catch up", |t| t["lag"] == 0)
+        .await;
+    assert_eq!(events(&receiver.received()), expected);
+    let deliveries = target["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), expected.len(), "{target}");
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d["status"] == "delivered" && d["attempts"] == 1),
+        "{target}"
+    );
 }
 
 async fn a_failing_receiver_is_retried_in_order_and_the_attempts_are_visible(db: &TestDatabase) {

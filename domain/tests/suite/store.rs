@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use grantline_domain::store::{
     Appended, Backend, EventStore, ExpectedVersion, LogReader, NewEvent, NewStream, Position,
-    StoreError, StoreOptions, StreamId,
+    StoreError, StoreOptions, StreamCompaction, StreamId,
 };
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
@@ -29,6 +29,7 @@ grantline_domain::on_both_backends!(
     empty_appends_and_exact_zero_are_refused,
     a_reader_started_at_the_last_position_sees_only_what_comes_after,
     new_streams_are_created_all_or_nothing,
+    only_the_compactor_removes_events_and_only_those_it_planned,
 );
 
 fn event(n: u64) -> NewEvent {
@@ -711,4 +712,100 @@ async fn new_streams_are_created_all_or_nothing(db: &TestDatabase) {
     }
     assert!(store.create_streams(Vec::new()).await.unwrap().is_empty());
     assert_eq!(store.head_position().await.unwrap(), 3);
+}
+
+/// A `DELETE` of every event behind the store's back, as a client of the database would send
+/// it; its error (the log refuses).
+async fn delete_behind_the_stores_back(db: &TestDatabase) -> String {
+    match db {
+        TestDatabase::Postgres { .. } => db
+            .postgres_client()
+            .await
+            .batch_execute("DELETE FROM events")
+            .await
+            .expect_err("the log refuses a delete")
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default(),
+        TestDatabase::Sqlite { .. } => {
+            let path = db.url().trim_start_matches("sqlite://").to_owned();
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute("DELETE FROM events", [])
+                .expect_err("the log refuses a delete")
+                .to_string()
+        }
+    }
+}
+
+async fn only_the_compactor_removes_events_and_only_those_it_planned(db: &TestDatabase) {
+    let backend = db.open().await;
+    let store = backend.events();
+    let a = stream("a");
+    appended(
+        store,
+        &a,
+        ExpectedVersion::NoStream,
+        vec![event(1), event(2), event(3), event(4)],
+    )
+    .await;
+    let all = store.read_all(Position::START, 10).await.unwrap();
+    let compaction = backend.compaction();
+    assert_eq!(
+        compaction.compaction_cursor().await.unwrap(),
+        Position::START
+    );
+    assert_eq!(compaction.compaction_of(&a).await.unwrap(), None);
+
+    let plan = StreamCompaction {
+        stream: a.clone(),
+        positions: vec![all[1].position.global, all[2].position.global],
+        routine_cycles: 1,
+        lifecycle_events: 0,
+        through_version: 3,
+        first_recorded_at: all[1].recorded_at,
+        last_recorded_at: all[2].recorded_at,
+    };
+    let to = all[3].position;
+    let now = chrono::Utc::now();
+    // A compactor whose cursor is stale changes nothing.
+    assert_eq!(
+        compaction
+            .compact(std::slice::from_ref(&plan), to, to, now)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(versions(store, &a).await, [1, 2, 3, 4]);
+    assert_eq!(
+        compaction
+            .compact(std::slice::from_ref(&plan), Position::START, to, now)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(versions(store, &a).await, [1, 4]);
+    assert_eq!(compaction.compaction_cursor().await.unwrap(), to);
+    let record = compaction.compaction_of(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            record.routine_cycles,
+            record.events_removed,
+            record.through_version
+        ),
+        (1, 2, 3)
+    );
+    // The stream goes on from its head; the readers see what is left, in order.
+    appended(store, &a, ExpectedVersion::Exact(4), vec![event(5)]).await;
+    assert_eq!(versions(store, &a).await, [1, 4, 5]);
+    let left = store.read_all(Position::START, 10).await.unwrap();
+    assert_eq!(
+        left.iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 4, 5]
+    );
+    // Anything else is refused by the database itself, permits or not.
+    let refused = delete_behind_the_stores_back(db).await;
+    assert!(refused.contains("append-only"), "{refused}");
+    assert_eq!(versions(store, &a).await, [1, 4, 5]);
 }
