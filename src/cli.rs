@@ -224,8 +224,8 @@ async fn import(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::Re
         report.replaced,
     );
     let started = std::time::Instant::now();
-    let bar = progress("read models being brought up to date".to_owned());
-    let projected = runner.catch_up().await;
+    let bar = progress("events projected".to_owned());
+    let projected = project_through_head(&runner, |n| bar.set_position(n)).await;
     bar.finish_and_clear();
     projected.context(
         "the connections are imported; the read models will catch up when the service runs",
@@ -254,6 +254,41 @@ fn progress(message: String) -> indicatif::ProgressBar {
     bar.set_message(message);
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     bar
+}
+
+/// Runs the projections until each has applied the log up to its head as of the call, also
+/// while a running service's runner shares the work (a batch it applied first is not applied
+/// twice); reports the events this process applied.
+async fn project_through_head(
+    runner: &projections::Runner,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
+    let head = runner
+        .status()
+        .await?
+        .iter()
+        .map(|s| s.head_position)
+        .max()
+        .unwrap_or(0);
+    let mut applied = 0u64;
+    loop {
+        let n = runner.run_once().await?;
+        applied += n as u64;
+        progress(applied);
+        if n > 0 {
+            continue;
+        }
+        if runner
+            .status()
+            .await?
+            .iter()
+            .all(|s| s.checkpoint_position >= head)
+        {
+            return Ok(());
+        }
+        // Another runner holds the batch, or the log's readers wait for an older transaction.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// A bar of `total` on stderr with the rate and the time left.

@@ -195,6 +195,24 @@ impl TestApp {
         ok_json(self.post_json("/config", &body).await).await
     }
 
+    /// Waits until every projection has applied the log up to its head (events committed by
+    /// any process, as the instance's runner sees them).
+    pub async fn projected(&self) {
+        let mut body = Value::Null;
+        for _ in 0..800 {
+            body = self.get_ok("/admin/projections").await;
+            let caught_up = body["projections"].as_array().is_some_and(|all| {
+                all.iter()
+                    .all(|p| p["lag"] == 0 && p["checkpoint_position"] == p["head_position"])
+            });
+            if caught_up {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the projections did not catch up: {body}");
+    }
+
     /// Imports the connection `id` of `github` with the access token `token`, expecting 201.
     pub async fn import_github(&self, id: &str, token: &str) {
         let body = serde_json::json!({

@@ -449,6 +449,7 @@ async fn compaction_neither_repeats_nor_loses_a_webhook(db: &TestDatabase) {
     env.target_when("the target to catch up", |t| t["lag"] == 0)
         .await;
     // Two routine cycles go; the webhook subscriber is past them already.
+    env.app().projected().await;
     let report = env
         .state()
         .compactor
