@@ -11,7 +11,7 @@ use domain::store::Backend;
 use crate::config::{
     Cli, Command, EventsCommand, ImportArgs, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
 };
-use crate::import::Importer;
+use crate::import::{Importer, JsonLines};
 use crate::startup::{Application, import_body, open_storage};
 use crate::telemetry;
 
@@ -180,7 +180,11 @@ async fn import(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::Re
     };
     source.rewind()?;
     let bar = progress("lines checked".to_owned());
-    let checked = importer.check(BufReader::new(&source), |n| bar.set_position(n));
+    let checked = importer
+        .check(&mut JsonLines::new(BufReader::new(&source)), |n| {
+            bar.set_position(n);
+        })
+        .await;
     bar.finish_and_clear();
     let checked = checked.context("cannot read the file")?;
     if checked.bad_lines > 0 {
@@ -206,9 +210,14 @@ async fn import(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::Re
     let bar = progress_bar(checked.connections, "connections imported");
     let batch = usize::try_from(args.batch).unwrap_or(1000);
     let report = importer
-        .write(BufReader::new(&source), batch, args.replace, |r| {
-            bar.set_position(r.total());
-        })
+        .write(
+            &mut JsonLines::new(BufReader::new(&source)),
+            batch,
+            args.replace,
+            |r| {
+                bar.set_position(r.total());
+            },
+        )
         .await;
     bar.finish_and_clear();
     let report = report.context(

@@ -1,9 +1,10 @@
 //! `grantline import`: connections from a file of JSON lines, each a `POST /connections` body
-//! (every credential type the route takes).
+//! (every credential type the route takes), or from a Nango database (`nango`), whose rows
+//! become such bodies.
 //!
-//! Two passes. The first checks every line as the route would (JSON, fields, integration,
-//! bounds, the decision on a new connection) and that no connection appears twice; one bad line
-//! and nothing is written, every bad line reported with its number. The second writes in
+//! Two passes over a [`Source`]. The first checks every record as the route would (JSON,
+//! fields, integration, bounds, the decision on a new connection) and that no connection appears
+//! twice; one bad record and nothing is written, every bad record reported with where it is. The second writes in
 //! batches through [`Commands::import_connections`]: a batch of new connections is one insert
 //! of data keys and one atomic append, so a connection is never half written. A connection that
 //! exists is kept unless `replace` is asked for, so running an import again (after a crash, say)
@@ -12,7 +13,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::io::{self, BufRead, Read};
 
 use chrono::Utc;
 use domain::commands::{AuthorizeConnection, CommandError, Commands, Imported};
@@ -22,6 +22,10 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::connections::Import;
+
+mod lines;
+
+pub use lines::JsonLines;
 
 /// The longest line taken: the API's body limit.
 pub const MAX_LINE: usize = 1024 * 1024;
@@ -42,11 +46,31 @@ pub struct LineFault {
 /// Decodes one line's JSON as the `POST /connections` route decodes its body.
 pub type ParseBody = fn(Value) -> Result<Import, LineFault>;
 
-/// A bad line.
+/// One body to import, or why what stood there is not one.
+#[derive(Debug)]
+pub struct Record {
+    /// Where it is, for people: `line 3`, `Nango connection "c1" of "github" (row 17)`.
+    pub at: String,
+    /// Its position in the source, from 1 (for progress).
+    pub number: u64,
+    pub body: Result<Value, LineFault>,
+}
+
+/// Where bodies come from, in a stable order: read once to check, once again to write.
+#[expect(
+    async_fn_in_trait,
+    reason = "used only here, awaited on the caller's task; no Send bound is needed"
+)]
+pub trait Source {
+    /// The next record, or `None` at the end.
+    async fn next_record(&mut self) -> anyhow::Result<Option<Record>>;
+}
+
+/// A bad record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineError {
-    /// Its number, from 1.
-    pub line: u64,
+    /// Where it is ([`Record::at`]).
+    pub at: String,
     pub fault: LineFault,
 }
 
@@ -54,8 +78,8 @@ impl fmt::Display for LineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "line {}: {} ({})",
-            self.line, self.fault.message, self.fault.code
+            "{}: {} ({})",
+            self.at, self.fault.message, self.fault.code
         )
     }
 }
@@ -121,31 +145,50 @@ impl Importer {
         }
     }
 
-    /// The first pass: every line checked, nothing written.
-    pub fn check(&self, input: impl BufRead, mut progress: impl FnMut(u64)) -> io::Result<Checked> {
+    /// Adds integrations the import itself creates before writing (Nango's), unless one of the
+    /// same key exists.
+    pub fn with_integrations(
+        mut self,
+        planned: impl IntoIterator<Item = (String, IntegrationSettings)>,
+    ) -> Self {
+        for (key, settings) in planned {
+            self.integrations.entry(key).or_insert(settings);
+        }
+        self
+    }
+
+    /// The first pass: every record checked, nothing written.
+    pub async fn check<S: Source>(
+        &self,
+        source: &mut S,
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<Checked> {
         let mut checked = Checked::default();
         // Who holds each connection, by a 128-bit hash of its stream id: a million connections
         // take 24 MB, not the ids themselves.
         let (first, second) = (std::hash::RandomState::new(), std::hash::RandomState::new());
-        let mut seen: HashMap<u128, u64> = HashMap::new();
-        let mut lines = Lines::new(input);
-        while let Some((number, line)) = lines.next_line()? {
-            let decided = line
-                .and_then(|bytes| self.command(bytes))
+        let mut seen: HashMap<u128, String> = HashMap::new();
+        while let Some(record) = source.next_record().await? {
+            let decided = record
+                .body
+                .and_then(|body| self.command(body))
                 .and_then(|command| {
                     let stream = command.key.stream_id();
                     let hash = u128::from(first.hash_one(stream.as_str())) << 64
                         | u128::from(second.hash_one(stream.as_str()));
-                    match seen.insert(hash, number) {
+                    match seen.get(&hash) {
                         Some(earlier) => Err(LineFault {
                             code: "duplicate_connection",
                             message: format!(
-                                "connection {:?} of {:?} is already on line {earlier}",
+                                "connection {:?} of {:?} is already on {earlier}",
                                 command.key.connection_id(),
                                 command.key.provider_config_key()
                             ),
                         }),
-                        None => Ok(()),
+                        None => {
+                            seen.insert(hash, record.at.clone());
+                            Ok(())
+                        }
                     }
                 });
             match decided {
@@ -154,43 +197,43 @@ impl Importer {
                     checked.bad_lines += 1;
                     if checked.errors.len() < MAX_REPORTED {
                         checked.errors.push(LineError {
-                            line: number,
+                            at: record.at,
                             fault,
                         });
                     }
                 }
             }
-            progress(number);
+            progress(record.number);
         }
         Ok(checked)
     }
 
-    /// The second pass: the lines written `batch` at a time, [`CONCURRENT_BATCHES`] batches in
-    /// flight (their connections are distinct: the first pass saw to it). A line that no longer
-    /// passes (the file changed since it was checked) stops it; the batches before it are
-    /// written, and running the import again adds the rest.
-    pub async fn write(
+    /// The second pass: the records written `batch` at a time, [`CONCURRENT_BATCHES`] batches in
+    /// flight (their connections are distinct: the first pass saw to it). A record that no
+    /// longer passes (the source changed since it was checked) stops it; the batches before it
+    /// are written, and running the import again adds the rest.
+    pub async fn write<S: Source>(
         &self,
-        input: impl BufRead,
+        source: &mut S,
         batch: usize,
         replace: bool,
         mut progress: impl FnMut(&Report),
     ) -> anyhow::Result<Report> {
         let mut report = Report::default();
         let mut in_flight = InFlight::default();
-        let mut lines = Lines::new(input);
         let mut pending = Vec::with_capacity(batch);
         loop {
-            let next = lines.next_line()?;
+            let next = source.next_record().await?;
             let done = next.is_none();
-            if let Some((number, line)) = next {
-                let command = line
-                    .and_then(|bytes| self.command(bytes))
+            if let Some(record) = next {
+                let command = record
+                    .body
+                    .and_then(|body| self.command(body))
                     .map_err(|fault| LineError {
-                        line: number,
+                        at: record.at,
                         fault,
                     })
-                    .map_err(|e| anyhow::anyhow!("{e}; the file changed since it was checked"))?;
+                    .map_err(|e| anyhow::anyhow!("{e}; the source changed since it was checked"))?;
                 pending.push(command);
                 if pending.len() < batch.max(1) {
                     continue;
@@ -216,12 +259,8 @@ impl Importer {
         }
     }
 
-    /// The command one line asks for, checked as far as it can be without writing.
-    fn command(&self, line: &[u8]) -> Result<AuthorizeConnection, LineFault> {
-        let body: Value = serde_json::from_slice(line).map_err(|e| LineFault {
-            code: "invalid_json",
-            message: format!("not valid JSON: {e}"),
-        })?;
+    /// The command one body asks for, checked as far as it can be without writing.
+    fn command(&self, body: Value) -> Result<AuthorizeConnection, LineFault> {
         let import = (self.parse)(body)?;
         let settings = self
             .integrations
@@ -267,128 +306,5 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.iter().for_each(JoinHandle::abort);
-    }
-}
-
-/// The lines of a reader, numbered from 1, blank ones skipped; a line longer than
-/// [`MAX_LINE`] or not UTF-8 is a fault of that line, and reading goes on after it.
-struct Lines<R> {
-    input: R,
-    buffer: Vec<u8>,
-    number: u64,
-}
-
-impl<R: BufRead> Lines<R> {
-    fn new(input: R) -> Self {
-        Self {
-            input,
-            buffer: Vec::new(),
-            number: 0,
-        }
-    }
-
-    /// The next non-blank line, or `None` at the end.
-    #[allow(clippy::type_complexity)]
-    fn next_line(&mut self) -> io::Result<Option<(u64, Result<&[u8], LineFault>)>> {
-        let (start, end) = loop {
-            self.buffer.clear();
-            let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
-            let read = (&mut self.input)
-                .take(limit)
-                .read_until(b'\n', &mut self.buffer)?;
-            if read == 0 {
-                return Ok(None);
-            }
-            self.number += 1;
-            if self.buffer.last() != Some(&b'\n') && self.buffer.len() > MAX_LINE {
-                // Skip the rest of the line, a chunk at a time.
-                loop {
-                    self.buffer.clear();
-                    let more = (&mut self.input)
-                        .take(limit)
-                        .read_until(b'\n', &mut self.buffer)?;
-                    if more == 0 || self.buffer.last() == Some(&b'\n') {
-                        break;
-                    }
-                }
-                return Ok(Some((
-                    self.number,
-                    Err(LineFault {
-                        code: "line_too_long",
-                        message: format!("longer than {MAX_LINE} bytes (the API's body limit)"),
-                    }),
-                )));
-            }
-            let start = self.buffer.len() - self.buffer.trim_ascii_start().len();
-            let end = self.buffer.trim_ascii_end().len();
-            if start >= end {
-                continue;
-            }
-            if std::str::from_utf8(self.buffer.get(start..end).unwrap_or_default()).is_err() {
-                return Ok(Some((
-                    self.number,
-                    Err(LineFault {
-                        code: "invalid_json",
-                        message: "not UTF-8".into(),
-                    }),
-                )));
-            }
-            break (start, end);
-        };
-        let line = self.buffer.get(start..end).unwrap_or_default();
-        Ok(Some((self.number, Ok(line))))
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn lines(text: &[u8]) -> Vec<(u64, Result<String, &'static str>)> {
-        let mut lines = Lines::new(text);
-        let mut out = Vec::new();
-        while let Some((n, line)) = lines.next_line().unwrap() {
-            out.push((
-                n,
-                line.map(|b| String::from_utf8_lossy(b).into_owned())
-                    .map_err(|f| f.code),
-            ));
-        }
-        out
-    }
-
-    #[test]
-    fn lines_are_numbered_from_one_and_blank_ones_are_skipped() {
-        assert_eq!(
-            lines(b"{}\n\n  \r\n{\"a\":1}\r\n{}"),
-            vec![
-                (1, Ok("{}".into())),
-                (4, Ok("{\"a\":1}".into())),
-                (5, Ok("{}".into()))
-            ]
-        );
-    }
-
-    #[test]
-    fn an_overlong_or_binary_line_is_a_fault_and_reading_goes_on() {
-        let mut text = vec![b'x'; MAX_LINE * 2 + 7];
-        text.extend_from_slice(b"\n{}\n\xff\xfe\n{}");
-        assert_eq!(
-            lines(&text),
-            vec![
-                (1, Err("line_too_long")),
-                (2, Ok("{}".into())),
-                (3, Err("invalid_json")),
-                (4, Ok("{}".into()))
-            ]
-        );
-    }
-
-    #[test]
-    fn a_line_of_exactly_the_limit_is_taken() {
-        let mut text = vec![b' '; MAX_LINE - 2];
-        text.extend_from_slice(b"{}\n");
-        assert_eq!(lines(&text), vec![(1, Ok("{}".into()))]);
     }
 }
