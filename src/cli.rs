@@ -1,18 +1,12 @@
 //! What each subcommand does.
 
-use std::io::{BufReader, Seek};
-
 use anyhow::Context;
-use domain::commands::Commands;
 use domain::connection::ConnectionKey;
-use domain::keys::Vault;
-use domain::store::Backend;
 
 use crate::config::{
-    Cli, Command, EventsCommand, ImportArgs, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
+    Cli, Command, EventsCommand, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
 };
-use crate::import::{Importer, JsonLines};
-use crate::startup::{Application, import_body, open_storage};
+use crate::startup::{Application, open_storage};
 use crate::telemetry;
 
 /// Runs the parsed command line.
@@ -152,103 +146,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.database.validate()?;
             telemetry::init_tool();
             let (backend, vault) = open_storage(&config).await?;
-            import(&args, backend, vault).await
+            crate::import::run(&args, backend, vault).await
         }
     }
-}
-
-/// `grantline import`: checks every line, then writes them in batches and brings the read
-/// models up to date.
-async fn import(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::Result<()> {
-    let runner = projections::Runner::new(&backend);
-    // The integrations as the log has them now.
-    runner.catch_up().await?;
-    let read_models = projections::ReadModels::open(&backend);
-    let integrations = projections::queries::list_integrations(&read_models).await?;
-    let instance = format!("grantline-import-{}", uuid::Uuid::new_v4().simple());
-    let commands = Commands::new(backend.clone(), vault).with_instance(instance);
-    let importer = Importer::new(commands, integrations, import_body);
-    let mut source = if args.file.as_os_str() == "-" {
-        // Read twice: standard input is kept in an unnamed temporary file.
-        let mut spool = tempfile::tempfile().context("cannot create a temporary file")?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
-            .context("cannot read standard input")?;
-        spool
-    } else {
-        std::fs::File::open(&args.file)
-            .with_context(|| format!("cannot open {}", args.file.display()))?
-    };
-    source.rewind()?;
-    let bar = progress("lines checked".to_owned());
-    let checked = importer
-        .check(&mut JsonLines::new(BufReader::new(&source)), |n| {
-            bar.set_position(n);
-        })
-        .await;
-    bar.finish_and_clear();
-    let checked = checked.context("cannot read the file")?;
-    if checked.bad_lines > 0 {
-        for error in &checked.errors {
-            eprintln!("{error}");
-        }
-        let unlisted = checked.bad_lines - checked.errors.len() as u64;
-        if unlisted > 0 {
-            eprintln!("… and {unlisted} more bad lines");
-        }
-        anyhow::bail!(
-            "{} lines cannot be imported; nothing was written",
-            checked.bad_lines
-        );
-    }
-    println!("{} connections checked", checked.connections);
-    if args.dry_run {
-        println!("dry run: nothing written");
-        return Ok(());
-    }
-    source.rewind()?;
-    let started = std::time::Instant::now();
-    let bar = progress_bar(checked.connections, "connections imported");
-    let batch = usize::try_from(args.batch).unwrap_or(1000);
-    let report = importer
-        .write(
-            &mut JsonLines::new(BufReader::new(&source)),
-            batch,
-            args.replace,
-            |r| {
-                bar.set_position(r.total());
-            },
-        )
-        .await;
-    bar.finish_and_clear();
-    let report = report.context(
-        "the import stopped; what was written stays, and running it again adds the rest",
-    )?;
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "imported {} connections in {seconds:.1}s ({:.0}/s): {} created, {} kept, {} replaced",
-        report.total(),
-        report.total() as f64 / seconds.max(1e-9),
-        report.created,
-        report.kept,
-        report.replaced,
-    );
-    let started = std::time::Instant::now();
-    let bar = progress("events projected".to_owned());
-    let projected = project_through_head(&runner, |n| bar.set_position(n)).await;
-    bar.finish_and_clear();
-    projected.context(
-        "the connections are imported; the read models will catch up when the service runs",
-    )?;
-    println!(
-        "read models up to date in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 /// A spinner on stderr with the running count and rate; indicatif draws nothing when stderr is
 /// not a terminal, and the caller's summary line goes to stdout either way.
-fn progress(message: String) -> indicatif::ProgressBar {
+pub(crate) fn progress(message: String) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{spinner} {human_pos} {msg} ({rate}, {elapsed})")
@@ -261,54 +166,6 @@ fn progress(message: String) -> indicatif::ProgressBar {
         ));
     }
     bar.set_message(message);
-    bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    bar
-}
-
-/// Runs the projections until each has applied the log up to its head as of the call, also
-/// while a running service's runner shares the work (a batch it applied first is not applied
-/// twice); reports the events this process applied.
-async fn project_through_head(
-    runner: &projections::Runner,
-    mut progress: impl FnMut(u64),
-) -> anyhow::Result<()> {
-    let head = runner
-        .status()
-        .await?
-        .iter()
-        .map(|s| s.head_position)
-        .max()
-        .unwrap_or(0);
-    let mut applied = 0u64;
-    loop {
-        let n = runner.run_once().await?;
-        applied += n as u64;
-        progress(applied);
-        if n > 0 {
-            continue;
-        }
-        if runner
-            .status()
-            .await?
-            .iter()
-            .all(|s| s.checkpoint_position >= head)
-        {
-            return Ok(());
-        }
-        // Another runner holds the batch, or the log's readers wait for an older transaction.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// A bar of `total` on stderr with the rate and the time left.
-fn progress_bar(total: u64, message: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:30} {human_pos}/{human_len} {msg} ({per_sec}, {eta} left)",
-    ) {
-        bar.set_style(style);
-    }
-    bar.set_message(message.to_owned());
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     bar
 }

@@ -32,6 +32,9 @@ use crate::store::RecordedEvent;
 /// The key of the event metadata field that names the instance that appended the event.
 pub const INSTANCE_METADATA_KEY: &str = "instance";
 
+/// The metadata key naming the system credentials were imported from (e.g. `nango`).
+pub const ORIGIN_METADATA_KEY: &str = "origin";
+
 /// What kind of event an entry records.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -144,6 +147,9 @@ pub struct HistoryEntry {
     /// The instance that appended the event (for outcomes: the lease's holder).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The system the credentials were imported from (authorizations by an import from one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// The refresh lease (leases and their outcomes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<Uuid>,
@@ -188,6 +194,7 @@ impl HistoryEntry {
             fingerprints: None,
             trigger: None,
             instance: None,
+            origin: None,
             lease_id: None,
             lease_expires_at: None,
             error: None,
@@ -252,6 +259,11 @@ impl HistoryFolder {
                 entry.refresh_token_generation = Some(1);
                 entry.fingerprints = Some(e.fingerprints.clone());
                 entry.instance = recorded_instance;
+                entry.origin = record
+                    .metadata
+                    .get(ORIGIN_METADATA_KEY)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 entry.secrets = Some(SecretsState::Sealed);
                 entry.data_key_id = Some(e.data_key_id);
                 entry

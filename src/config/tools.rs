@@ -10,12 +10,34 @@ use super::{DatabaseArgs, RetentionArgs};
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// The file of JSON lines, or `-` for standard input.
-    pub file: PathBuf,
+    #[arg(required_unless_present = "from_nango", conflicts_with = "from_nango")]
+    pub file: Option<PathBuf>,
+    /// Import from a self-hosted Nango's PostgreSQL database instead (postgres://…): its
+    /// integrations and the live connections of one environment, secrets opened with
+    /// NANGO_ENCRYPTION_KEY.
+    #[arg(long, value_name = "URL")]
+    pub from_nango: Option<String>,
+    /// Nango's encryption key (base64 of 32 bytes), for --from-nango.
+    #[arg(long, env = "NANGO_ENCRYPTION_KEY", hide_env_values = true)]
+    pub nango_encryption_key: Option<String>,
+    /// The schema Nango's tables are in, for --from-nango.
+    #[arg(long, default_value = "nango")]
+    pub nango_schema: String,
+    /// The Nango environment to import, for --from-nango.
+    #[arg(long, default_value = "prod")]
+    pub nango_environment: String,
+    /// Leave out Nango connections of auth modes Grantline does not take yet (counted in the
+    /// summary) instead of refusing the import.
+    #[arg(long)]
+    pub skip_unsupported: bool,
+    /// Provider templates besides the built-in ones (as for `serve`), for --from-nango.
+    #[arg(long, env = "GRANTLINE_PROVIDERS_FILE")]
+    pub providers_file: Option<PathBuf>,
     /// Replace the credentials of connections that exist (by default they are kept, so running
     /// the same import again changes nothing).
     #[arg(long)]
     pub replace: bool,
-    /// Check every line and report, without writing.
+    /// Check everything and report, without writing.
     #[arg(long)]
     pub dry_run: bool,
     /// Connections per write.

@@ -123,6 +123,9 @@ pub struct HistoryEntryBody {
     /// The instance that appended the event (for refresh outcomes: the lease's holder).
     #[serde(skip_serializing_if = "Option::is_none")]
     instance: Option<String>,
+    /// Authorizations imported from another system: which (`nango`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = "uuid")]
     lease_id: Option<Uuid>,
@@ -248,6 +251,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 RefreshTrigger::Force => HistoryTrigger::Force,
             }),
             instance: entry.instance,
+            origin: entry.origin,
             lease_id: entry.lease_id,
             lease_expires_at: entry.lease_expires_at,
             error: entry.error.map(|error| HistoryFailure {

@@ -24,8 +24,12 @@ use tokio::task::JoinHandle;
 use crate::connections::Import;
 
 mod lines;
+mod nango;
+mod run;
+mod store;
 
 pub use lines::JsonLines;
+pub use run::run;
 
 /// The longest line taken: the API's body limit.
 pub const MAX_LINE: usize = 1024 * 1024;

@@ -12,6 +12,7 @@ mod history;
 mod import;
 mod limits;
 mod malformed;
+mod nango_import;
 mod oauth;
 mod observe;
 mod openapi;

@@ -229,6 +229,18 @@ impl Commands {
         self
     }
 
+    /// The same service, naming `origin` (the system its credentials come from, for an import)
+    /// in the metadata of every event it appends.
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        if let Value::Object(metadata) = &mut self.event_metadata {
+            metadata.insert(
+                crate::history::ORIGIN_METADATA_KEY.to_owned(),
+                Value::String(origin.to_owned()),
+            );
+        }
+        self
+    }
+
     /// The instance named in the metadata of the events it appends.
     pub fn instance(&self) -> &str {
         self.event_metadata[crate::history::INSTANCE_METADATA_KEY]

@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 
 use crate::keys::KeyRepository;

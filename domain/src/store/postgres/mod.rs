@@ -174,6 +174,23 @@ impl PostgresStore {
     }
 }
 
+/// A client of another PostgreSQL database (an import source), connected with the TLS options
+/// the store's own URL takes (`sslmode`, `sslrootcert`); a spawned task drives its connection.
+pub async fn connect_other(url: &str) -> Result<tokio_postgres::Client, StoreError> {
+    let target = Target::parse(url)?;
+    let (client, connection) = target
+        .config
+        .connect(target.tls.clone())
+        .await
+        .map_err(|e| target.connect_error(&e))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(error.message = %error, "the source database connection failed");
+        }
+    });
+    Ok(client)
+}
+
 async fn migrate(target: &Target) -> Result<(), StoreError> {
     let (mut client, connection) = target
         .config

@@ -1,0 +1,301 @@
+//! The `grantline import` command: a file of JSON lines (or standard input) or a Nango
+//! database, checked whole, then written, then projected, with progress on stderr and a summary
+//! on stdout.
+
+use std::collections::HashSet;
+use std::io::{BufReader, Seek};
+use std::time::Instant;
+
+use anyhow::Context;
+use domain::catalog::Catalog;
+use domain::commands::Commands;
+use domain::integration::IntegrationSettings;
+use domain::keys::{Sealed, Vault};
+use domain::store::Backend;
+use projections::{ReadModels, Runner};
+
+use super::nango::{NangoConnections, NangoKey, PlannedIntegration, plan_integrations};
+use super::store::{KNOWN_MIGRATION, NangoDatabase};
+use super::{Checked, Importer, JsonLines, LineError, Source};
+use crate::cli::progress;
+use crate::config::ImportArgs;
+use crate::startup::import_body;
+
+/// Runs `grantline import` as `args` say.
+pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::Result<()> {
+    let runner = Runner::new(&backend);
+    // The integrations as the log has them now.
+    runner.catch_up().await?;
+    let integrations = projections::queries::list_integrations(&ReadModels::open(&backend)).await?;
+    let instance = format!("grantline-import-{}", uuid::Uuid::new_v4().simple());
+    let commands = Commands::new(backend.clone(), vault).with_instance(instance);
+    match (&args.from_nango, &args.file) {
+        (Some(url), _) => {
+            let commands = commands.with_origin("nango");
+            let existing: HashSet<String> = integrations
+                .iter()
+                .map(|r| r.integration.provider_config_key.clone())
+                .collect();
+            let importer = Importer::new(commands.clone(), integrations, import_body);
+            from_nango(args, url, &commands, importer, &existing, &runner).await
+        }
+        (None, Some(file)) => {
+            let importer = Importer::new(commands, integrations, import_body);
+            let mut source = if file.as_os_str() == "-" {
+                // Read twice: standard input is kept in an unnamed temporary file.
+                let mut spool = tempfile::tempfile().context("cannot create a temporary file")?;
+                std::io::copy(&mut std::io::stdin().lock(), &mut spool)
+                    .context("cannot read standard input")?;
+                spool
+            } else {
+                std::fs::File::open(file)
+                    .with_context(|| format!("cannot open {}", file.display()))?
+            };
+            source.rewind()?;
+            let checked = check(
+                &importer,
+                &mut JsonLines::new(BufReader::new(&source)),
+                "lines",
+                &[],
+            )
+            .await?;
+            if args.dry_run {
+                println!("dry run: nothing written");
+                return Ok(());
+            }
+            source.rewind()?;
+            let mut lines = JsonLines::new(BufReader::new(&source));
+            write(&importer, &mut lines, args, checked.connections).await?;
+            project(&runner).await
+        }
+        (None, None) => anyhow::bail!("name a file (or -) or --from-nango"),
+    }
+}
+
+/// The Nango path: integrations planned (and refused) first, then the connections checked;
+/// only when all pass are the missing integrations created and the connections written.
+async fn from_nango(
+    args: &ImportArgs,
+    url: &str,
+    commands: &Commands,
+    importer: Importer,
+    existing: &HashSet<String>,
+    runner: &Runner,
+) -> anyhow::Result<()> {
+    let key = NangoKey::from_base64(args.nango_encryption_key.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--from-nango needs Nango's key: NANGO_ENCRYPTION_KEY or --nango-encryption-key"
+        )
+    })?)?;
+    let database = NangoDatabase::open(url, &args.nango_schema).await?;
+    let newest = database.newest_migration.clone().unwrap_or_default();
+    println!(
+        "Nango database: schema {}, newest migration {}",
+        args.nango_schema,
+        if newest.is_empty() { "none" } else { &newest }
+    );
+    if newest.as_str() > KNOWN_MIGRATION && !newest.starts_with(KNOWN_MIGRATION) {
+        eprintln!(
+            "note: Nango's schema is newer than the one this import was written against \
+             ({KNOWN_MIGRATION}); every column it reads is there"
+        );
+    }
+    let environment = database.environment(&args.nango_environment).await?;
+    let catalog = match &args.providers_file {
+        Some(path) => Catalog::with_file(path)
+            .map_err(|e| anyhow::anyhow!("GRANTLINE_PROVIDERS_FILE: {e}"))?,
+        None => Catalog::builtin(),
+    };
+    let (planned, refused) = plan_integrations(
+        database.integrations(environment).await?,
+        &key,
+        &catalog,
+        &|k| existing.contains(k),
+    );
+    let placeholder = Sealed {
+        key_id: uuid::Uuid::nil(),
+        ciphertext: Vec::new(),
+    };
+    let importer = importer.with_integrations(planned.iter().filter_map(|p| match p {
+        PlannedIntegration::Create { key, config } => Some((
+            key.clone(),
+            IntegrationSettings {
+                provider: config.provider.clone(),
+                oauth_client_id: config.oauth_client_id.clone(),
+                client_secret: placeholder.clone(),
+                oauth_scopes: config.oauth_scopes.clone(),
+            },
+        )),
+        PlannedIntegration::Kept { .. } => None,
+    }));
+    let mut connections =
+        NangoConnections::new(&database, &key, environment, args.skip_unsupported);
+    let checked = check(&importer, &mut connections, "connections", &refused).await?;
+    let kept: Vec<&str> = planned
+        .iter()
+        .filter_map(|p| match p {
+            PlannedIntegration::Kept { key } => Some(key.as_str()),
+            PlannedIntegration::Create { .. } => None,
+        })
+        .collect();
+    println!(
+        "{} of Nango's integrations exist here and are kept as they are: {kept:?}",
+        kept.len()
+    );
+    let creating: Vec<_> = planned
+        .into_iter()
+        .filter_map(|p| match p {
+            PlannedIntegration::Create { key, config } => Some((key, config)),
+            PlannedIntegration::Kept { .. } => None,
+        })
+        .collect();
+    println!("{} integrations to create", creating.len());
+    if connections.skipped > 0 {
+        println!(
+            "{} connections of auth modes Grantline does not take yet are left out",
+            connections.skipped
+        );
+    }
+    let dropped = connections.dropped;
+    if dropped.tagged + dropped.with_end_user > 0 {
+        println!(
+            "{} connections have tags and {} an end user, which this version does not keep",
+            dropped.tagged, dropped.with_end_user
+        );
+    }
+    if args.dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    let now = chrono::Utc::now();
+    for (key, config) in creating {
+        commands
+            .create_integration(&key, config, now)
+            .await
+            .with_context(|| format!("cannot create the integration {key:?}"))?;
+    }
+    let mut connections =
+        NangoConnections::new(&database, &key, environment, args.skip_unsupported);
+    write(&importer, &mut connections, args, checked.connections).await?;
+    project(runner).await
+}
+
+/// The first pass over `source`, reported; an error unless every record (and nothing in
+/// `refused`) passed.
+async fn check<S: Source>(
+    importer: &Importer,
+    source: &mut S,
+    what: &str,
+    refused: &[LineError],
+) -> anyhow::Result<Checked> {
+    let bar = progress(format!("{what} checked"));
+    let checked = importer.check(source, |n| bar.set_position(n)).await;
+    bar.finish_and_clear();
+    let checked = checked.context("cannot read the source")?;
+    let bad = checked.bad_lines + refused.len() as u64;
+    if bad > 0 {
+        for error in refused.iter().chain(&checked.errors) {
+            eprintln!("{error}");
+        }
+        let unlisted = checked.bad_lines - checked.errors.len() as u64;
+        if unlisted > 0 {
+            eprintln!("… and {unlisted} more");
+        }
+        anyhow::bail!("{bad} {what} cannot be imported; nothing was written");
+    }
+    println!("{} connections checked", checked.connections);
+    Ok(checked)
+}
+
+/// The second pass, with a bar of `total` and the summary line.
+async fn write<S: Source>(
+    importer: &Importer,
+    source: &mut S,
+    args: &ImportArgs,
+    total: u64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let bar = progress_bar(total, "connections imported");
+    let batch = usize::try_from(args.batch).unwrap_or(1000);
+    let report = importer
+        .write(source, batch, args.replace, |r| bar.set_position(r.total()))
+        .await;
+    bar.finish_and_clear();
+    let report = report.context(
+        "the import stopped; what was written stays, and running it again adds the rest",
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "imported {} connections in {seconds:.1}s ({:.0}/s): {} created, {} kept, {} replaced",
+        report.total(),
+        report.total() as f64 / seconds.max(1e-9),
+        report.created,
+        report.kept,
+        report.replaced,
+    );
+    Ok(())
+}
+
+/// Brings the read models up to the log's head, reporting how long it took.
+async fn project(runner: &Runner) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let bar = progress("events projected".to_owned());
+    let projected = project_through_head(runner, |n| bar.set_position(n)).await;
+    bar.finish_and_clear();
+    projected.context(
+        "the connections are imported; the read models will catch up when the service runs",
+    )?;
+    println!(
+        "read models up to date in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs the projections until each has applied the log up to its head as of the call, also
+/// while a running service's runner shares the work (a batch it applied first is not applied
+/// twice); reports the events this process applied.
+async fn project_through_head(
+    runner: &Runner,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
+    let head = runner
+        .status()
+        .await?
+        .iter()
+        .map(|s| s.head_position)
+        .max()
+        .unwrap_or(0);
+    let mut applied = 0u64;
+    loop {
+        let n = runner.run_once().await?;
+        applied += n as u64;
+        progress(applied);
+        if n > 0 {
+            continue;
+        }
+        if runner
+            .status()
+            .await?
+            .iter()
+            .all(|s| s.checkpoint_position >= head)
+        {
+            return Ok(());
+        }
+        // Another runner holds the batch, or the log's readers wait for an older transaction.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A bar of `total` on stderr with the rate and the time left.
+fn progress_bar(total: u64, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {human_pos}/{human_len} {msg} ({per_sec}, {eta} left)",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
+}
