@@ -8,9 +8,10 @@
 //!    RSS. With `BENCH_BASELINE_BIN` (say, a release build of an earlier commit), that binary is
 //!    measured in the same rounds, open and with a secret key, for a before/after in one run.
 //! 2. Reads spread uniformly over many connections (`BENCH_SCALE`, default 50,000, 100,000 and
-//!    200,000; empty to skip), imported into one database that this build and the baseline both
-//!    serve: requests/s, latency and peak RSS as the working set outgrows the caches
-//!    (`GRANTLINE_CONNECTION_CACHE` is left at its default), with this build's cache counters.
+//!    200,000; empty to skip), imported with `grantline import` into one database that this
+//!    build and the baseline both serve: requests/s, latency and peak RSS as the working set
+//!    outgrows the caches (`GRANTLINE_CONNECTION_CACHE` is left at its default), beside reads of
+//!    one connection of the same database in the same rounds, with this build's cache counters.
 //!
 //! `cargo bench --bench api` (needs `wrk`: `apt-get install wrk`; `BENCH_SECONDS` overrides 10 s
 //! per measurement, `BENCH_ROUNDS` the 3 rounds).
@@ -372,20 +373,31 @@ async fn spread_out(baseline: Option<&Path>, sizes: &[usize]) {
     let mut imported = 0;
     for &size in sizes {
         let started = Instant::now();
-        import(&client, &grantline.base, None, imported, size).await;
+        bulk_import(&db, &key, imported, size);
+        support::caught_up(&client, &grantline.base, None).await;
         println!(
-            "N = {size}: imported {} more in {:.0} s",
+            "N = {size}: imported {} more through `grantline import` in {:.0} s (projections \
+             included)",
             size - imported,
             started.elapsed().as_secs_f64()
         );
         imported = size;
         let script = script(&format!("spread-{size}"), size, None);
-        let mut targets = vec![Target {
-            name: format!("grantline N={size}"),
-            url: grantline.base.clone(),
-            script: script.clone(),
-            pid: grantline.pid(),
-        }];
+        let hot = script_one(&format!("hot-{size}"), size / 2);
+        let mut targets = vec![
+            Target {
+                name: format!("grantline one id, N={size}"),
+                url: grantline.base.clone(),
+                script: hot.clone(),
+                pid: grantline.pid(),
+            },
+            Target {
+                name: format!("grantline N={size}"),
+                url: grantline.base.clone(),
+                script: script.clone(),
+                pid: grantline.pid(),
+            },
+        ];
         if let Some(baseline) = &baseline {
             targets.push(Target {
                 name: format!("baseline N={size}"),
@@ -406,7 +418,47 @@ async fn spread_out(baseline: Option<&Path>, sizes: &[usize]) {
             cache_counters(&grantline.base).await
         );
         let _ = std::fs::remove_file(&script);
+        let _ = std::fs::remove_file(&hot);
     }
+}
+
+/// A wrk script that reads the one connection `c{id}`.
+fn script_one(name: &str, id: usize) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("grantline-wrk-{name}-{}.lua", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "request = function()\n  return wrk.format(\"GET\", \"/connection/c{id}?provider_config_key=github\")\nend\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Imports `c{from}`..`c{to - 1}` (tokens as [`import`] makes them) with `grantline import`.
+fn bulk_import(db: &TestDatabase, key: &str, from: usize, to: usize) {
+    use std::io::Write;
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    {
+        let mut out = std::io::BufWriter::new(file.as_file());
+        for n in from..to {
+            let line = json!({
+                "provider_config_key": "github", "connection_id": format!("c{n}"),
+                "access_token": format!("gho_{n:0>36}"), "refresh_token": format!("ghr_{n:0>36}"),
+                "expires_at": expires, "raw": {"token_type": "bearer", "scope": "repo"}});
+            writeln!(out, "{line}").unwrap();
+        }
+    }
+    let output = std::process::Command::new(support::grantline())
+        .arg("import")
+        .arg(file.path())
+        .env("GRANTLINE_DATABASE_URL", db.url())
+        .env("GRANTLINE_ENCRYPTION_KEY", key)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
 }
 
 #[tokio::main]
