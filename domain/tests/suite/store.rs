@@ -695,7 +695,7 @@ async fn new_streams_are_created_all_or_nothing(db: &TestDatabase) {
             .unwrap(),
         [0, 2, 1]
     );
-    let all = store.read_all(Position::START, 10).await.unwrap();
+    let all = read_all_of(store, 3).await;
     assert_eq!(
         all.iter()
             .map(|e| e.payload["n"].as_u64().unwrap())
