@@ -40,7 +40,7 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
             from_nango(args, url, &commands, importer, &existing, &runner).await
         }
         (None, Some(file)) => {
-            let importer = Importer::new(commands, integrations, import_body);
+            let importer = Importer::new(commands.with_origin("file"), integrations, import_body);
             let mut source = if file.as_os_str() == "-" {
                 // Read twice: standard input is kept in an unnamed temporary file.
                 let mut spool = tempfile::tempfile().context("cannot create a temporary file")?;

@@ -107,7 +107,9 @@ async fn an_import_file_of_every_credential_type_is_served_and_a_second_run_keep
         .await
         .unwrap();
     assert!(
-        history.contains("grantline-import-") && !history.contains("gho_flatACCESS"),
+        history.contains("grantline-import-")
+            && history.contains("\"origin\":\"file\"")
+            && !history.contains("gho_flatACCESS"),
         "{history}"
     );
 

@@ -56,13 +56,23 @@ pub struct Webhook {
 }
 
 /// The webhook of `event` (recorded as `recorded`), given the connection's state before it;
-/// `None` for events without one (leases, metadata, a refresh that did not follow a failure).
+/// `None` for events without one (leases, metadata, a refresh that did not follow a failure,
+/// and authorizations a bulk import brought over from elsewhere: their metadata names an
+/// `origin`, and a migration of a million connections must not become a million webhooks).
 pub fn webhook_for(
     prior: &Connection,
     event: &ConnectionEvent,
     recorded: &RecordedEvent,
 ) -> Option<Webhook> {
     let (kind, occurred_at, identity) = match event {
+        ConnectionEvent::ConnectionAuthorized(_)
+            if recorded
+                .metadata
+                .get(domain::history::ORIGIN_METADATA_KEY)
+                .is_some() =>
+        {
+            return None;
+        }
         ConnectionEvent::ConnectionAuthorized(authorized) => {
             let kind = match prior {
                 Connection::Active(_) => WebhookEvent::ConnectionReauthorized,
@@ -362,6 +372,15 @@ mod tests {
             names(&[authorized(1), metadata, leased()]),
             [Some("connection.created"), None, None]
         );
+    }
+
+    #[test]
+    fn bulk_imported_authorizations_have_no_webhook() {
+        let event = authorized(1);
+        let mut imported = recorded(&event);
+        imported.metadata = json!({"instance": "grantline-import-x", "origin": "nango"});
+        assert!(webhook_for(&Connection::default(), &event, &imported).is_none());
+        assert!(webhook_for(&Connection::default(), &event, &recorded(&event)).is_some());
     }
 
     #[test]
