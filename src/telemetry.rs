@@ -30,16 +30,18 @@ const QUIET_DEPENDENCIES: [&str; 5] = ["tokio_postgres", "hyper", "hyper_util", 
 /// Installs the global subscriber once (logging at `info` unless `RUST_LOG` says otherwise);
 /// later calls are ignored.
 pub fn init(format: LogFormat) {
-    init_at(format, "info");
+    init_at(format, "info", "info");
 }
 
 /// Like [`init`] for the command-line tools: `warn` unless `RUST_LOG` says otherwise, so that
 /// start-up chatter (migrations, catalog) does not bury their answer.
 pub fn init_tool() {
-    init_at(LogFormat::Text, "warn");
+    init_at(LogFormat::Text, "warn", "warn");
 }
 
-fn init_at(format: LogFormat, default: &str) {
+/// Logging at `default` unless `RUST_LOG` says otherwise, the chatty dependencies at
+/// `dependencies` unless it names them.
+fn init_at(format: LogFormat, default: &str, dependencies: &str) {
     let configured = std::env::var("RUST_LOG").unwrap_or_default();
     let mut filter = Some(configured.trim())
         .filter(|directives| !directives.is_empty())
@@ -47,7 +49,7 @@ fn init_at(format: LogFormat, default: &str) {
         .unwrap_or_else(|| EnvFilter::new(default));
     for dependency in QUIET_DEPENDENCIES {
         if !configured.contains(dependency)
-            && let Ok(directive) = format!("{dependency}=info").parse::<Directive>()
+            && let Ok(directive) = format!("{dependency}={dependencies}").parse::<Directive>()
         {
             filter = filter.add_directive(directive);
         }
