@@ -137,9 +137,13 @@ pub async fn answer(
     with_refresh_token: bool,
     render: Render,
 ) -> Result<Bytes, ConnectionsError> {
-    let Some(cached) = state.cache.find(&state.read_models, key).await? else {
+    let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
         return Err(missing(state, key).await);
     };
+    // A miss read the credentials' data key with the row: opening them asks the store nothing.
+    if let Some(stored) = &data_key {
+        state.commands.vault().prime(stored);
+    }
     if let Some(stream_id) = state.cache.first_read(&cached) {
         state.activity.note(stream_id, Utc::now());
     }

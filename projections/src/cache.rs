@@ -26,7 +26,7 @@ use domain::connection::{self, ConnectionEvent, ConnectionKey};
 use domain::event::DomainEvent;
 use domain::integration::INTEGRATION_DELETED;
 pub use domain::keys::CacheStats;
-use domain::keys::Vault;
+use domain::keys::{StoredDataKey, Vault};
 use domain::store::{Backend, LogReader, StoreError, StreamId};
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
@@ -127,28 +127,41 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
         read_models: &ReadModels,
         key: &ConnectionKey,
     ) -> Result<Option<Arc<Cached<A>>>, ProjectionError> {
+        Ok(self
+            .find_keyed(read_models, key)
+            .await?
+            .map(|(cached, _)| cached))
+    }
+
+    /// [`ConnectionCache::find`], with the data key of the credentials when the read model was
+    /// asked (a miss): the caller can open them without asking the key store again.
+    pub async fn find_keyed(
+        &self,
+        read_models: &ReadModels,
+        key: &ConnectionKey,
+    ) -> Result<Option<(Arc<Cached<A>>, Option<StoredDataKey>)>, ProjectionError> {
         // An expired entry stays until the reload replaces it.
         let expired = match self.entries.get(key) {
             Some(cached) if self.age(&cached) < self.ttl => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(cached));
+                return Ok(Some((cached, None)));
             }
             other => other,
         };
         self.misses.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.load(Ordering::Acquire);
         let stream_id = key.stream_id();
-        let found = match queries::find_connection_in(read_models, &stream_id).await {
+        let found = match queries::find_connection_keyed(read_models, &stream_id).await {
             Ok(found) => found,
             // The database is away: nothing can be committed meanwhile, so the entry last
             // loaded is as current as the log can be, but for commits this instance had not
             // heard of yet when the database went. Reads keep answering from it.
             Err(ProjectionError::Store(StoreError::Database(_))) if expired.is_some() => {
-                return Ok(expired);
+                return Ok(expired.map(|cached| (cached, None)));
             }
             Err(e) => return Err(e),
         };
-        let Some(record) = found else {
+        let Some((record, data_key)) = found else {
             return Ok(None);
         };
         // Unchanged since it was loaded: the entry, with what its reader derived from it, is
@@ -162,7 +175,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             if self.epoch.load(Ordering::Acquire) == epoch {
                 old.loaded_at.store(self.now(), Ordering::Relaxed);
             }
-            return Ok(Some(old));
+            return Ok(Some((old, data_key)));
         }
         let cached = Arc::new(Cached {
             record: Arc::new(record),
@@ -193,7 +206,7 @@ impl<A: Default + Send + Sync + 'static> ConnectionCache<A> {
             u64::try_from(evicted).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        Ok(Some(cached))
+        Ok(Some((cached, data_key)))
     }
 
     /// The stream of `cached` if this is its first read this minute (for activity tracking,

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use domain::connection::{ActiveConnection, Connection, ConnectionKey};
 use domain::integration::{self, ActiveIntegration, Integration};
+use domain::keys::StoredDataKey;
 use domain::store::StreamId;
 use serde::de::DeserializeOwned;
 
@@ -59,7 +60,15 @@ pub async fn find_connection_in(
     let Some(row) = read_models.store().find(table, stream_id.as_str()).await? else {
         return Ok(None);
     };
-    match state(table, stream_id.as_str(), &row)? {
+    connection_record(stream_id, &row)
+}
+
+/// The record of a connection row, unless the connection is deleted.
+fn connection_record(
+    stream_id: &StreamId,
+    row: &StoredRow,
+) -> Result<Option<ConnectionRecord>, ProjectionError> {
+    match state(ConnectionsModel::NAME, stream_id.as_str(), row)? {
         Connection::Active(connection) => Ok(Some(ConnectionRecord {
             id: row.id,
             version: row.version,
@@ -67,6 +76,22 @@ pub async fn find_connection_in(
         })),
         _ => Ok(None),
     }
+}
+
+/// [`find_connection_in`], with the data key its credentials are sealed under as the key store
+/// holds it (when the store has it): one query for both.
+pub async fn find_connection_keyed(
+    read_models: &ReadModels,
+    stream_id: &StreamId,
+) -> Result<Option<(ConnectionRecord, Option<StoredDataKey>)>, ProjectionError> {
+    let Some((row, key)) = read_models
+        .store()
+        .find_connection(stream_id.as_str())
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(connection_record(stream_id, &row)?.map(|record| (record, key)))
 }
 
 /// The integration `provider_config_key`, unless absent or deleted.

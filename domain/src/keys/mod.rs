@@ -252,7 +252,7 @@ pub struct MasterKeyRecord {
 }
 
 /// A data key row: `wrapped` and `master_key_id` are `None` once destroyed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredDataKey {
     pub key_id: Uuid,
     pub owner: String,
@@ -454,6 +454,26 @@ impl Vault {
                 key_id
             })
             .collect())
+    }
+
+    /// Keeps `stored` (as the key store holds it, read with something else in one query) opened
+    /// in the cache, so that the next seal or unseal with it asks the store nothing. A key the
+    /// cache has, a shredded one or one of a master key this vault does not hold is left alone:
+    /// the next use asks the store and answers as it would have.
+    pub fn prime(&self, stored: &StoredDataKey) {
+        if self.inner.cache.get(&stored.key_id).is_some() {
+            return;
+        }
+        let (Some(master_id), Some(wrapped)) = (&stored.master_key_id, &stored.wrapped) else {
+            return;
+        };
+        if let Ok(raw) = self.unwrap_with(master_id, stored.key_id, wrapped)
+            && let Ok(bytes) = <[u8; 32]>::try_from(&raw[..])
+        {
+            self.inner
+                .cache
+                .insert(stored.key_id, Arc::new(Zeroizing::new(bytes)));
+        }
     }
 
     /// Seals `plaintext` under the data key `key_id`.

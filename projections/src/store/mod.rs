@@ -24,6 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::connection::ConnectionKey;
+use domain::keys::StoredDataKey;
 use domain::store::{Backend, Position, RecordedEvent, StoreError};
 
 use crate::ProjectionError;
@@ -151,6 +152,14 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
         table: &'static str,
         stream_id: &str,
     ) -> Result<Option<StoredRow>, ProjectionError>;
+
+    /// The live connection row of `stream_id`, with the data key its current credentials are
+    /// sealed under, as the key store holds it now: one query, so a read that misses every
+    /// cache costs one round trip.
+    async fn find_connection(
+        &self,
+        stream_id: &str,
+    ) -> Result<Option<(StoredRow, Option<StoredDataKey>)>, ProjectionError>;
 
     /// Writes one row outside a projection batch (read-your-writes), unless the stored row is
     /// at or past its version.

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use domain::connection::ConnectionKey;
+use domain::keys::StoredDataKey;
 use domain::store::{EventStore, Position, PostgresStore};
 use serde_json::value::RawValue;
 use tokio_postgres::types::Json;
@@ -233,6 +234,42 @@ impl ReadModelStore for PostgresReadModels {
                 id: r.get(0),
                 version: version(r.get::<_, i32>(1).into()),
                 state: r.get(2),
+            }))
+    }
+
+    async fn find_connection(
+        &self,
+        stream_id: &str,
+    ) -> Result<Option<(StoredRow, Option<StoredDataKey>)>, ProjectionError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT c.id, c.version, c.state::text, k.key_id, k.owner, k.master_key_id, \
+                 k.wrapped FROM connections c LEFT JOIN data_keys k \
+                 ON k.key_id = (c.state #>> '{Active,credentials,key_id}')::uuid \
+                 WHERE c.stream_id = $1 AND c.deleted_at IS NULL",
+            )
+            .await
+            .map_err(database)?;
+        Ok(client
+            .query_opt(&statement, &[&stream_id])
+            .await
+            .map_err(database)?
+            .map(|r| {
+                let row = StoredRow {
+                    id: r.get(0),
+                    version: version(r.get::<_, i32>(1).into()),
+                    state: r.get(2),
+                };
+                let key = r
+                    .get::<_, Option<uuid::Uuid>>(3)
+                    .map(|key_id| StoredDataKey {
+                        key_id,
+                        owner: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                        master_key_id: r.get(5),
+                        wrapped: r.get(6),
+                    });
+                (row, key)
             }))
     }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::connection::ConnectionKey;
+use domain::keys::StoredDataKey;
 use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -188,6 +189,50 @@ impl ReadModelStore for SqliteReadModels {
                         .optional()
                     })
                     .map_err(db)
+            })
+            .await?)
+    }
+
+    async fn find_connection(
+        &self,
+        stream_id: &str,
+    ) -> Result<Option<(StoredRow, Option<StoredDataKey>)>, ProjectionError> {
+        let stream_id = stream_id.to_owned();
+        Ok(self
+            .store
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT c.id, c.version, c.state, k.key_id, k.owner, k.master_key_id, \
+                     k.wrapped FROM connections c LEFT JOIN data_keys k \
+                     ON k.key_id = json_extract(c.state, '$.Active.credentials.key_id') \
+                     WHERE c.stream_id = ?1 AND c.deleted_at IS NULL",
+                )
+                .and_then(|mut s| {
+                    s.query_row([&stream_id], |r| {
+                        let key = r
+                            .get::<_, Option<String>>(3)?
+                            .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+                            .map(|key_id| -> rusqlite::Result<StoredDataKey> {
+                                Ok(StoredDataKey {
+                                    key_id,
+                                    owner: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                                    master_key_id: r.get(5)?,
+                                    wrapped: r.get(6)?,
+                                })
+                            })
+                            .transpose()?;
+                        Ok((
+                            StoredRow {
+                                id: r.get(0)?,
+                                version: version(r.get(1)?),
+                                state: r.get(2)?,
+                            },
+                            key,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(db)
             })
             .await?)
     }

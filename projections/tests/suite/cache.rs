@@ -13,6 +13,7 @@ domain::on_both_backends!(
     the_replica_stays_within_its_capacity_and_counts_what_it_evicts,
     an_invalidated_or_expired_entry_is_read_again_from_the_read_model,
     an_expired_entry_found_unchanged_keeps_what_was_derived_from_it,
+    a_miss_reads_the_credentials_data_key_with_the_row,
 );
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -157,6 +158,47 @@ async fn while_the_database_is_away_an_expired_entry_is_still_served(db: &TestDa
 
     admin
         .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+}
+
+async fn a_miss_reads_the_credentials_data_key_with_the_row(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "c1").await;
+    settle(&Runner::new(&f.backend)).await;
+    let cache: ConnectionCache = ConnectionCache::new(LONG, 16);
+    let key = ConnectionKey::new("github", "c1");
+    let (found, data_key) = cache
+        .find_keyed(&f.read_models, &key)
+        .await
+        .unwrap()
+        .unwrap();
+    let data_key = data_key.expect("a miss brings the data key");
+    let sealed_under = found.record.connection.credentials.key_id;
+    assert_eq!(data_key.key_id, sealed_under);
+    assert_eq!(
+        Some(data_key),
+        f.backend.keys().data_key(sealed_under).await.unwrap(),
+        "as the key store holds it"
+    );
+    // A hit brings none: the caller needs none.
+    let (_, again) = cache
+        .find_keyed(&f.read_models, &key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.is_none());
+    // Primed from it, the vault opens the credentials.
+    f.commands.vault().clear_cache();
+    let (_, stored) = ConnectionCache::<()>::new(LONG, 16)
+        .find_keyed(&f.read_models, &key)
+        .await
+        .unwrap()
+        .unwrap();
+    f.commands.vault().prime(&stored.unwrap());
+    f.commands
+        .reveal_credentials(&found.record.connection)
         .await
         .unwrap();
 }
