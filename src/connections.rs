@@ -300,23 +300,17 @@ impl Import {
 
 /// Records imported credentials (a new connection, or the next generation of an existing one).
 pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ConnectionsError> {
-    let key = import.key;
-    let integration = queries::find_integration(&state.read_models, key.provider_config_key())
-        .await?
-        .ok_or_else(|| {
-            ConnectionsError::UnknownProviderConfig(key.provider_config_key().to_owned())
-        })?;
-    let now = Utc::now();
+    let integration =
+        queries::find_integration(&state.read_models, import.key.provider_config_key())
+            .await?
+            .ok_or_else(|| {
+                ConnectionsError::UnknownProviderConfig(import.key.provider_config_key().to_owned())
+            })?;
+    let command = import.authorization(&integration.integration.settings, Utc::now());
+    let (key, credentials) = (command.key.clone(), command.credentials.clone());
     let loaded = state
         .commands
-        .authorize_connection(
-            Import {
-                key: key.clone(),
-                credentials: import.credentials.clone(),
-                ..import
-            }
-            .authorization(&integration.integration.settings, now),
-        )
+        .authorize_connection(command)
         .await
         .map_err(ConnectionsError::command(&key))?;
     let connection = publish(state, &loaded).await?;
@@ -326,7 +320,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             version: loaded.version,
             connection,
         }),
-        credentials: import.credentials,
+        credentials,
     })
 }
 
