@@ -9,11 +9,14 @@ use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, Sto
 use serde::Serialize;
 
 use crate::model::{self, EventOf, StateModel, decode};
-use crate::store::{Planner, ReadModels, Tables};
+use crate::store::{Batch, Planner, ReadModels, Tables};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
 /// Lag is counted up to this many events.
 const LAG_CAP: usize = 10_000;
+
+/// Events a rebuild reads per batch (the live runner reads fewer, to stay close to the head).
+const REBUILD_BATCH: usize = 5000;
 
 /// How long a rebuild waits for committed events held back by a long-running transaction
 /// before it gives up without swapping.
@@ -36,6 +39,7 @@ pub struct Runner {
     read_models: ReadModels,
     events: Arc<dyn EventStore>,
     batch_size: usize,
+    rebuild_batch_size: usize,
 }
 
 impl std::fmt::Debug for Runner {
@@ -54,11 +58,14 @@ impl Runner {
             read_models: ReadModels::open(backend),
             events: backend.event_store(),
             batch_size: 1000,
+            rebuild_batch_size: REBUILD_BATCH,
         }
     }
 
+    /// Events per batch, for the live runner and rebuilds alike.
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
+        self.rebuild_batch_size = self.batch_size;
         self
     }
 
@@ -198,58 +205,32 @@ impl Runner {
         // One rebuild per projection at a time, across instances.
         let _rebuilding = store.lock_rebuild(M::NAME).await?;
         store.clear(M::SHADOW).await?;
-        // Everything committed before the rebuild started must be in the shadow before it is
-        // swapped in. Readers see the log only up to the oldest running transaction (the xid8
-        // horizon on PostgreSQL), so an empty batch is not the end: the rebuild waits until it
-        // has read every event at or below the head it saw at the start. Swapping earlier would
-        // serve a table missing connections (404s) until the live runner caught up.
-        let head = self.events.head_position().await?;
-        let mut seen_to_head = 0i64;
-        let mut waited_since: Option<std::time::Instant> = None;
-        let mut listener = self.events.listener();
-        let mut reader = LogReader::new(self.events.clone(), Position::START, self.batch_size);
-        let mut replayed = 0u64;
-        let hasher = std::hash::RandomState::new();
-        let mut written: std::collections::HashSet<u64> = std::collections::HashSet::new();
-        loop {
-            let events = reader.next_batch().await?;
-            if events.is_empty() {
-                let committed = store.events_through(head).await?;
-                if seen_to_head >= committed {
-                    break;
-                }
-                let since = *waited_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > HORIZON_WAIT {
-                    return Err(ProjectionError::Store(StoreError::Database(format!(
-                        "the rebuild of {} cannot see {} committed events: a long-running \
-                         transaction holds the log back (see pg_stat_activity); nothing was \
-                         swapped",
-                        M::NAME,
-                        committed - seen_to_head
-                    ))));
-                }
-                listener.wait_at_most(Duration::from_millis(100)).await;
-                continue;
+        // Two stages, one batch apart: the replay reads and folds the next batch while this
+        // task writes the one before into the shadow.
+        let (batches, mut planned) = tokio::sync::mpsc::channel(2);
+        let replay = tokio::spawn(replay::<M>(
+            self.read_models.clone(),
+            self.events.clone(),
+            self.rebuild_batch_size,
+            batches,
+        ));
+        let written = async {
+            while let Some((batch, replayed)) = planned.recv().await {
+                store.write(M::SHADOW, batch).await?;
+                progress(replayed);
             }
-            waited_since = None;
-            seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
-            replayed += events.len() as u64;
-            let mut batch = model::plan::<M>(M::SHADOW, &events)?;
-            // The shadow started empty: only a stream an earlier batch wrote has a snapshot to
-            // load. (A hash that collides only costs a load that finds nothing.)
-            let mut first_seen = Vec::new();
-            batch.stream_ids.retain(|id| {
-                let hash = std::hash::BuildHasher::hash_one(&hasher, id);
-                let seen = written.contains(&hash);
-                if !seen {
-                    first_seen.push(hash);
-                }
-                seen
-            });
-            written.extend(first_seen);
-            store.write(M::SHADOW, batch).await?;
-            progress(replayed);
+            Ok::<_, ProjectionError>(())
         }
+        .await;
+        if let Err(error) = written {
+            replay.abort();
+            return Err(error);
+        }
+        let (through, mut replayed) = replay.await.map_err(|e| {
+            ProjectionError::Store(StoreError::Database(format!(
+                "the rebuild's log reader stopped: {e}"
+            )))
+        })??;
         // Stop the live runner, take in what it committed meanwhile, swap, hand over.
         let planner: Planner = Arc::new(|events| model::plan::<M>(M::SHADOW, events));
         replayed += store
@@ -258,12 +239,84 @@ impl Runner {
                     live: M::NAME,
                     shadow: M::SHADOW,
                 },
-                reader.position(),
+                through,
                 planner,
             )
             .await?;
         progress(replayed);
         Ok(replayed)
+    }
+}
+
+/// A rebuild's first stage: reads the whole log into batches for the shadow of `M`, folding a
+/// batch right away when none of its streams is in the shadow yet, and sends each on with the
+/// running count of events read. Returns where it stopped and that count.
+///
+/// Everything committed before the rebuild started must be in the shadow before it is swapped
+/// in. Readers see the log only up to the oldest running transaction (the xid8 horizon on
+/// PostgreSQL), so an empty batch is not the end: the replay waits until it has read every
+/// event at or below the head it saw at the start. Swapping earlier would serve a table missing
+/// connections (404s) until the live runner caught up.
+async fn replay<M: StateModel>(
+    read_models: ReadModels,
+    events: Arc<dyn EventStore>,
+    batch_size: usize,
+    batches: tokio::sync::mpsc::Sender<(Batch, u64)>,
+) -> Result<(Position, u64), ProjectionError> {
+    let store = read_models.store();
+    let head = events.head_position().await?;
+    let mut seen_to_head = 0i64;
+    let mut waited_since: Option<std::time::Instant> = None;
+    let mut listener = events.listener();
+    let mut reader = LogReader::new(events, Position::START, batch_size);
+    let mut replayed = 0u64;
+    let hasher = std::hash::RandomState::new();
+    let mut written: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    loop {
+        let events = reader.next_batch().await?;
+        if events.is_empty() {
+            let committed = store.events_through(head).await?;
+            if seen_to_head >= committed {
+                return Ok((reader.position(), replayed));
+            }
+            let since = *waited_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > HORIZON_WAIT {
+                return Err(ProjectionError::Store(StoreError::Database(format!(
+                    "the rebuild of {} cannot see {} committed events: a long-running \
+                     transaction holds the log back (see pg_stat_activity); nothing was \
+                     swapped",
+                    M::NAME,
+                    committed - seen_to_head
+                ))));
+            }
+            listener.wait_at_most(Duration::from_millis(100)).await;
+            continue;
+        }
+        waited_since = None;
+        seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
+        replayed += events.len() as u64;
+        let mut batch = model::plan::<M>(M::SHADOW, &events)?;
+        // The shadow started empty: only a stream an earlier batch wrote has a snapshot to
+        // load. (A hash that collides only costs a load that finds nothing.)
+        let mut first_seen = Vec::new();
+        batch.stream_ids.retain(|id| {
+            let hash = std::hash::BuildHasher::hash_one(&hasher, id);
+            let seen = written.contains(&hash);
+            if !seen {
+                first_seen.push(hash);
+            }
+            seen
+        });
+        written.extend(first_seen);
+        if batch.stream_ids.is_empty() {
+            // Nothing to load: fold here, while the writer is busy with the batch before.
+            let rows = (batch.fold)(std::collections::HashMap::new())?;
+            batch.fold = Box::new(move |_| Ok(rows));
+        }
+        if batches.send((batch, replayed)).await.is_err() {
+            // The writer stopped; its error is the one reported.
+            return Ok((reader.position(), replayed));
+        }
     }
 }
 

@@ -60,6 +60,9 @@ async fn load(
     table: &str,
     stream_ids: &[String],
 ) -> Result<HashMap<String, Snapshot>, ProjectionError> {
+    if stream_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
     let statement = client
         .prepare_cached(&format!(
             "SELECT stream_id, version, {STATE} FROM {table} WHERE stream_id = ANY($1)"
