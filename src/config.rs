@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use domain::keys::MasterKey;
+use domain::keys::{CacheBudget, MasterKey};
 
 pub use self::limits::LimitArgs;
 pub use self::retention::RetentionArgs;
@@ -93,9 +93,9 @@ pub struct DatabaseArgs {
     #[arg(long, env = "GRANTLINE_DATABASE_POOL_WAIT", default_value = "5s")]
     pub database_pool_wait: String,
 
-    /// Opened data keys kept in memory (about 1 KiB each); past it, the least useful are
-    /// evicted (a miss costs one query and an unwrap).
-    #[arg(long, env = "GRANTLINE_DATA_KEY_CACHE", default_value = "100000")]
+    /// Memory for opened data keys (about 128 bytes each), as a size (`16MiB`) or a number of
+    /// keys; past it, the least useful are evicted (a miss costs one query and an unwrap).
+    #[arg(long, env = "GRANTLINE_DATA_KEY_CACHE", default_value = "16MiB")]
     pub data_key_cache: String,
 }
 
@@ -230,9 +230,10 @@ pub struct ServeArgs {
     #[arg(long, env = "GRANTLINE_READY_MAX_LAG", default_value = "1000")]
     pub ready_max_lag: String,
 
-    /// Connections the in-memory replica of the read model holds; past it, the least useful
-    /// are evicted (a miss costs one read-model query).
-    #[arg(long, env = "GRANTLINE_CONNECTION_CACHE", default_value = "100000")]
+    /// Memory for the in-memory replica of the read model, as a size (`128MiB`, estimated from
+    /// each connection's size) or a number of connections; past it, the least useful are
+    /// evicted (a miss costs one read-model query).
+    #[arg(long, env = "GRANTLINE_CONNECTION_CACHE", default_value = "128MiB")]
     pub connection_cache: String,
 }
 
@@ -355,7 +356,7 @@ pub struct DatabaseConfig {
     /// How long a request waits for a database connection.
     pub pool_wait: Duration,
     /// Opened data keys the vault keeps in memory.
-    pub data_key_cache: usize,
+    pub data_key_cache: CacheBudget,
 }
 
 impl DatabaseArgs {
@@ -404,7 +405,7 @@ impl DatabaseArgs {
             previous_master_key,
             pool_size,
             pool_wait,
-            data_key_cache: parse_positive("GRANTLINE_DATA_KEY_CACHE", &self.data_key_cache)?,
+            data_key_cache: parse_budget("GRANTLINE_DATA_KEY_CACHE", &self.data_key_cache)?,
         })
     }
 }
@@ -486,8 +487,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The most events a projection may lag behind the log while `/ready` says ready.
     pub ready_max_lag: u64,
-    /// Connections the in-memory replica holds.
-    pub connection_cache: usize,
+    /// How much the in-memory replica holds.
+    pub connection_cache: CacheBudget,
     /// Timeouts and caps of the server.
     pub limits: ServerLimits,
     /// How long the history keeps what (the compactor role's setting).
@@ -589,7 +590,7 @@ impl ServeArgs {
                     format!("{:?} is not a whole number of events", self.ready_max_lag),
                 )
             })?,
-            connection_cache: parse_positive("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
+            connection_cache: parse_budget("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
             limits,
             retention: self.retention.validate()?,
         })
@@ -709,6 +710,27 @@ fn parse_positive(variable: &'static str, text: &str) -> Result<usize, ConfigErr
         _ => Err(invalid(
             variable,
             format!("{text:?} is not a whole number above 0"),
+        )),
+    }
+}
+
+/// The smallest memory budget of a cache.
+const MIN_CACHE_BYTES: u64 = 64 * 1024;
+
+/// A cache's budget: a whole number of entries, or a memory size with its unit (`64MiB`,
+/// `500 MB`).
+fn parse_budget(variable: &'static str, text: &str) -> Result<CacheBudget, ConfigError> {
+    let text = text.trim();
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return parse_positive(variable, text)
+            .map(|n| CacheBudget::Entries(u64::try_from(n).unwrap_or(u64::MAX)));
+    }
+    match text.parse::<bytesize::ByteSize>() {
+        Ok(size) if size.as_u64() >= MIN_CACHE_BYTES => Ok(CacheBudget::Bytes(size.as_u64())),
+        Ok(_) => Err(invalid(variable, "must be at least 64KiB")),
+        Err(_) => Err(invalid(
+            variable,
+            format!("{text:?} is neither a number of entries nor a size such as 128MiB"),
         )),
     }
 }

@@ -113,7 +113,10 @@ impl Application {
                 webhooks,
                 runner: Runner::new(&backend),
                 read_models,
-                cache: Arc::new(ConnectionCache::new(CACHE_TTL, config.connection_cache)),
+                cache: Arc::new(ConnectionCache::with_budget(
+                    CACHE_TTL,
+                    config.connection_cache,
+                )),
                 activity: Arc::new(ReadActivity::new()),
                 backend,
                 config: Arc::new(config),
@@ -305,7 +308,7 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
     let vault = Vault::open(repository, master, config.previous_master_key.clone())
         .await
         .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?
-        .with_cache_capacity(config.data_key_cache);
+        .with_cache_budget(config.data_key_cache);
     Ok((backend, vault))
 }
 

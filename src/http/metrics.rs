@@ -82,7 +82,7 @@ fn caches(out: &mut String, caches: &[(&str, CacheStats)]) {
             .collect::<Vec<_>>()
     };
     type Family<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&CacheStats) -> u64);
-    let families: [Family; 5] = [
+    let families: [Family; 7] = [
         (
             "grantline_cache_hits_total",
             "counter",
@@ -110,8 +110,20 @@ fn caches(out: &mut String, caches: &[(&str, CacheStats)]) {
         (
             "grantline_cache_capacity",
             "gauge",
-            "Entries the cache may hold.",
+            "Entries the cache may hold (0: bounded by memory).",
             &|s| s.capacity,
+        ),
+        (
+            "grantline_cache_bytes",
+            "gauge",
+            "Memory its entries take now, estimated (0: not estimated).",
+            &|s| s.bytes,
+        ),
+        (
+            "grantline_cache_budget_bytes",
+            "gauge",
+            "Memory its entries may take (0: bounded by a number of entries).",
+            &|s| s.budget_bytes,
         ),
     ];
     for (name, kind, help, value) in families {

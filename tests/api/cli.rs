@@ -77,6 +77,11 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_MAX_WEBSOCKETS", "-1"),
         ("GRANTLINE_MAX_WEBSOCKETS_PER_CLIENT", "many"),
         ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "0s"),
+        ("GRANTLINE_CONNECTION_CACHE", "0"),
+        ("GRANTLINE_CONNECTION_CACHE", "lots"),
+        ("GRANTLINE_CONNECTION_CACHE", "12KiB"),
+        ("GRANTLINE_DATA_KEY_CACHE", "-5MiB"),
+        ("GRANTLINE_DATA_KEY_CACHE", "16 parsecs"),
     ];
     for (variable, value) in cases {
         let output = grantline()

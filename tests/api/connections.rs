@@ -23,6 +23,7 @@ domain::on_both_backends!(
     a_connection_named_metadata_is_readable_and_deletable,
     concurrent_writes_to_one_connection_all_land,
     a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_read,
+    a_replica_bounded_by_memory_stays_within_it_and_still_serves_every_read,
 );
 
 const SECRET: &str = "client-secret-9f8e7d";
@@ -1068,4 +1069,68 @@ async fn a_replica_smaller_than_the_working_set_evicts_and_still_serves_every_re
             "{cache}: {text}"
         );
     }
+}
+
+async fn a_replica_bounded_by_memory_stays_within_it_and_still_serves_every_read(
+    db: &TestDatabase,
+) {
+    let app = spawn_app_with(
+        db,
+        &new_key(),
+        &["--connection-cache", "64KiB", "--data-key-cache", "1MiB"],
+    )
+    .await;
+    create_config(&app, "github").await;
+    // Each with some metadata, so that an entry weighs a few KiB: 40 of them outgrow 64 KiB.
+    let filler = "x".repeat(1000);
+    for n in 0..40 {
+        import(
+            &app,
+            "/connection",
+            json!({
+                "provider_config_key": "github", "connection_id": format!("c{n}"),
+                "access_token": format!("token-{n}"), "metadata": {"filler": filler},
+            }),
+        )
+        .await;
+    }
+    for round in 0..2 {
+        for n in 0..40 {
+            let connection = app
+                .get_ok(&format!("/connection/c{n}?provider_config_key=github"))
+                .await;
+            assert_eq!(
+                connection["credentials"]["access_token"],
+                format!("token-{n}"),
+                "round {round}"
+            );
+        }
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let series = |name: &str, cache: &str| metric(&text, &format!("{name}{{cache=\"{cache}\"}}"));
+    assert_eq!(
+        series("grantline_cache_budget_bytes", "connections"),
+        65_536.0
+    );
+    assert_eq!(series("grantline_cache_capacity", "connections"), 0.0);
+    let held = series("grantline_cache_bytes", "connections");
+    assert!(held > 0.0 && held <= 65_536.0, "{text}");
+    assert!(
+        series("grantline_cache_entries", "connections") < 40.0,
+        "{text}"
+    );
+    assert!(
+        series("grantline_cache_evictions_total", "connections") >= 1.0,
+        "{text}"
+    );
+    // Keys are counted at a fixed size: 1 MiB holds 8,192 of them.
+    assert_eq!(
+        series("grantline_cache_budget_bytes", "data_keys"),
+        1_048_576.0
+    );
+    assert_eq!(series("grantline_cache_capacity", "data_keys"), 8_192.0);
+    assert_eq!(
+        series("grantline_cache_bytes", "data_keys"),
+        series("grantline_cache_entries", "data_keys") * 128.0
+    );
 }

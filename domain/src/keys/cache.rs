@@ -23,8 +23,31 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-/// How many opened data keys a vault keeps unless told otherwise (about 100 bytes each).
+/// How many opened data keys a vault keeps unless told otherwise.
 pub const DEFAULT_KEY_CACHE_CAPACITY: usize = 100_000;
+
+/// What one cached data key takes in memory, estimated: the 32 key bytes and their shared
+/// allocation, the id, and the cache's slot with its share of the table.
+pub const KEY_ENTRY_BYTES: u64 = 128;
+
+/// How large an in-memory cache may grow: a number of entries, or the memory its entries take
+/// (estimated per entry, so that a cache of big entries holds fewer of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheBudget {
+    Entries(u64),
+    Bytes(u64),
+}
+
+impl CacheBudget {
+    /// The entries the budget allows when each takes about `entry_bytes` (at least one).
+    pub fn entries(self, entry_bytes: u64) -> usize {
+        let entries = match self {
+            Self::Entries(n) => n,
+            Self::Bytes(bytes) => bytes / entry_bytes.max(1),
+        };
+        usize::try_from(entries).unwrap_or(usize::MAX).max(1)
+    }
+}
 
 /// What a vault's cache of opened data keys has done since the vault was opened, and what it
 /// holds now: for `/metrics`.
@@ -38,8 +61,13 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Keys held now.
     pub entries: u64,
-    /// The most keys it holds.
+    /// The most entries it holds; 0 when it is bounded by memory alone.
     pub capacity: u64,
+    /// The memory its entries take now, estimated (0 from a cache bounded by a number of
+    /// entries that does not estimate it).
+    pub bytes: u64,
+    /// The most memory its entries may take; 0 when it is bounded by a number of entries.
+    pub budget_bytes: u64,
 }
 
 /// An opened data key's bytes, shared by the cache and the seals and unseals using it.
@@ -51,6 +79,8 @@ pub(super) struct KeyCache {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: Arc<AtomicU64>,
+    /// The memory budget it was sized from, if any (for the statistics).
+    pub(super) budget_bytes: u64,
 }
 
 impl KeyCache {
@@ -69,6 +99,7 @@ impl KeyCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions,
+            budget_bytes: 0,
         }
     }
 
@@ -107,6 +138,10 @@ impl KeyCache {
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: u64::try_from(self.keys.len()).unwrap_or(u64::MAX),
             capacity: self.keys.capacity(),
+            bytes: u64::try_from(self.keys.len())
+                .unwrap_or(u64::MAX)
+                .saturating_mul(KEY_ENTRY_BYTES),
+            budget_bytes: self.budget_bytes,
         }
     }
 }

@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 use crate::store::{StoreError, StreamId};
 
 use cache::KeyCache;
-pub use cache::{CacheStats, DEFAULT_KEY_CACHE_CAPACITY};
+pub use cache::{CacheBudget, CacheStats, DEFAULT_KEY_CACHE_CAPACITY, KEY_ENTRY_BYTES};
 
 const NONCE_LEN: usize = 12;
 const CHECK_PLAINTEXT: &[u8] = b"grantline master key check v1";
@@ -557,12 +557,26 @@ impl Vault {
     /// Evicted keys are wiped once released: see the guarantees of the cache room
     /// (`keys/cache.rs`).
     pub fn with_cache_capacity(self, capacity: usize) -> Self {
+        self.with_cache(KeyCache::new(capacity))
+    }
+
+    /// [`Vault::with_cache_capacity`], the capacity given as a number of keys or the memory
+    /// they may take ([`KEY_ENTRY_BYTES`] each).
+    pub fn with_cache_budget(self, budget: CacheBudget) -> Self {
+        let mut cache = KeyCache::new(budget.entries(KEY_ENTRY_BYTES));
+        if let CacheBudget::Bytes(bytes) = budget {
+            cache.budget_bytes = bytes;
+        }
+        self.with_cache(cache)
+    }
+
+    fn with_cache(self, cache: KeyCache) -> Self {
         Self {
             inner: Arc::new(VaultInner {
                 repository: self.inner.repository.clone(),
                 active: self.inner.active.clone(),
                 previous: self.inner.previous.clone(),
-                cache: KeyCache::new(capacity),
+                cache,
                 fingerprint: self.inner.fingerprint.clone(),
             }),
         }
