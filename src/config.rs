@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use domain::keys::{CacheBudget, MasterKey};
 
+use self::cache::parse_budget;
 pub use self::limits::LimitArgs;
 pub use self::retention::RetentionArgs;
 pub use self::tools::{
@@ -19,6 +20,7 @@ pub use self::tools::{
 };
 use crate::server::ServerLimits;
 
+mod cache;
 mod limits;
 mod retention;
 mod tools;
@@ -710,27 +712,6 @@ fn parse_positive(variable: &'static str, text: &str) -> Result<usize, ConfigErr
         _ => Err(invalid(
             variable,
             format!("{text:?} is not a whole number above 0"),
-        )),
-    }
-}
-
-/// The smallest memory budget of a cache.
-const MIN_CACHE_BYTES: u64 = 64 * 1024;
-
-/// A cache's budget: a whole number of entries, or a memory size with its unit (`64MiB`,
-/// `500 MB`).
-fn parse_budget(variable: &'static str, text: &str) -> Result<CacheBudget, ConfigError> {
-    let text = text.trim();
-    if text.bytes().all(|b| b.is_ascii_digit()) {
-        return parse_positive(variable, text)
-            .map(|n| CacheBudget::Entries(u64::try_from(n).unwrap_or(u64::MAX)));
-    }
-    match text.parse::<bytesize::ByteSize>() {
-        Ok(size) if size.as_u64() >= MIN_CACHE_BYTES => Ok(CacheBudget::Bytes(size.as_u64())),
-        Ok(_) => Err(invalid(variable, "must be at least 64KiB")),
-        Err(_) => Err(invalid(
-            variable,
-            format!("{text:?} is neither a number of entries nor a size such as 128MiB"),
         )),
     }
 }
