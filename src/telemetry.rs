@@ -14,6 +14,7 @@
 //! at `debug`, the database driver logs statement parameters.
 
 use std::fmt;
+use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
@@ -57,9 +58,12 @@ fn init_at(format: LogFormat, default: &str, dependencies: &str) {
     // A log line that cannot be written (stderr closed by whoever read it) is dropped: the
     // subscriber's own report of it would be printed to that same stderr, and printing to a
     // broken pipe panics, which would take the service down over a log line.
+    // Colours only on a terminal: a log file or collector gets plain text, and the service does
+    // not style the fields of every request span it will most likely never print.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
