@@ -1,4 +1,5 @@
-//! The read models on PostgreSQL. States are `jsonb`, read back as text and parsed once.
+//! The read models on PostgreSQL. States are `json`: written as the text serde made, read back as
+//! that text and parsed once.
 
 use std::collections::HashMap;
 
@@ -26,7 +27,7 @@ const ROW: &str = "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $1
 /// A batch's rows as one array per column: one statement, one round trip, however many rows.
 const ROWS: &str = "SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], \
      $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
-     $10::timestamptz[], $11::text[], $12::jsonb[], $13::timestamptz[])";
+     $10::timestamptz[], $11::text[], $12::json[], $13::timestamptz[])";
 
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "c.state->'Active'->>'credentials_type' = 'OAUTH2'";
