@@ -168,12 +168,17 @@ impl Runner {
                 .read_all(checkpoint.position, LAG_CAP)
                 .await?
                 .len();
+            let caught_up = !self
+                .events
+                .committed_after(checkpoint.position, head)
+                .await?;
             statuses.push(ProjectionStatus {
                 name: checkpoint.name,
                 checkpoint: checkpoint.position.to_string(),
                 checkpoint_position: checkpoint.position.global,
                 head_position: head,
                 lag: i64::try_from(behind).unwrap_or(i64::MAX),
+                caught_up,
                 updated_at: checkpoint.updated_at,
                 last_error: checkpoint.last_error,
             });
@@ -330,6 +335,10 @@ pub struct ProjectionStatus {
     pub head_position: i64,
     /// Events after the checkpoint that a reader can see now (counted up to 10,000).
     pub lag: i64,
+    /// Every event committed up to `head_position` is applied, also those readers still wait
+    /// for. (The checkpoint's position need not reach the head: on PostgreSQL the last event
+    /// in commit order can have a lower position than an earlier-committed one.)
+    pub caught_up: bool,
     pub updated_at: DateTime<Utc>,
     pub last_error: Option<String>,
 }

@@ -32,6 +32,9 @@ pub struct ProjectionStatus {
     head_position: i64,
     /// Events after the checkpoint that a reader can see now (counted up to 10,000).
     lag: i64,
+    /// Everything committed up to `head_position` is applied. (`checkpoint_position` may stay
+    /// below `head_position` then: commit order is not position order on PostgreSQL.)
+    caught_up: bool,
     #[schema(value_type = String, format = DateTime)]
     updated_at: DateTime<Utc>,
     last_error: Option<String>,
@@ -45,6 +48,7 @@ impl From<projections::ProjectionStatus> for ProjectionStatus {
             checkpoint_position: status.checkpoint_position,
             head_position: status.head_position,
             lag: status.lag,
+            caught_up: status.caught_up,
             updated_at: status.updated_at,
             last_error: status.last_error,
         }

@@ -252,20 +252,13 @@ async fn project(runner: &Runner) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the projections until each has applied the log up to its head as of the call, also
-/// while a running service's runner shares the work (a batch it applied first is not applied
-/// twice); reports the events this process applied.
+/// Runs the projections until each has applied everything committed up to the log's head,
+/// also while a running service's runner shares the work (a batch it applied first is not
+/// applied twice); reports the events this process applied.
 async fn project_through_head(
     runner: &Runner,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<()> {
-    let head = runner
-        .status()
-        .await?
-        .iter()
-        .map(|s| s.head_position)
-        .max()
-        .unwrap_or(0);
     let mut applied = 0u64;
     loop {
         let n = runner.run_once().await?;
@@ -274,12 +267,7 @@ async fn project_through_head(
         if n > 0 {
             continue;
         }
-        if runner
-            .status()
-            .await?
-            .iter()
-            .all(|s| s.checkpoint_position >= head)
-        {
+        if runner.status().await?.iter().all(|s| s.caught_up) {
             return Ok(());
         }
         // Another runner holds the batch, or the log's readers wait for an older transaction.

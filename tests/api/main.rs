@@ -202,10 +202,9 @@ impl TestApp {
         let mut body = Value::Null;
         for _ in 0..800 {
             body = self.get_ok("/admin/projections").await;
-            let caught_up = body["projections"].as_array().is_some_and(|all| {
-                all.iter()
-                    .all(|p| p["lag"] == 0 && p["checkpoint_position"] == p["head_position"])
-            });
+            let caught_up = body["projections"]
+                .as_array()
+                .is_some_and(|all| all.iter().all(|p| p["caught_up"] == true));
             if caught_up {
                 return;
             }

@@ -78,16 +78,9 @@ impl Env {
         let runner = &self.states[0].runner;
         for _ in 0..500 {
             runner.catch_up().await.unwrap();
-            // The lag counts only what is visible below PostgreSQL's horizon (another test's
-            // open transaction can hide this test's newest events): also wait for the
-            // checkpoint to reach the highest position (this test's writes are sequential).
-            if runner
-                .status()
-                .await
-                .unwrap()
-                .iter()
-                .all(|s| s.lag == 0 && s.checkpoint_position == s.head_position)
-            {
+            // `caught_up` also counts what PostgreSQL's horizon still hides (another test's
+            // open transaction can hide this test's newest events).
+            if runner.status().await.unwrap().iter().all(|s| s.caught_up) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -254,6 +254,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// The highest global position written so far (0 for an empty log), for lag reporting.
     async fn head_position(&self) -> Result<i64, StoreError>;
 
+    /// Whether an event committed at or below global position `through` lies after `after` in
+    /// the log's order. Unlike [`EventStore::read_all`], it also counts commits that readers
+    /// must still wait for (behind an older open transaction), so `false` means a reader at
+    /// `after` has applied everything committed up to `through`. Comparing `after.global` with
+    /// `through` says nothing on PostgreSQL: the last event in commit order need not have the
+    /// highest position.
+    async fn committed_after(&self, after: Position, through: i64) -> Result<bool, StoreError>;
+
     /// The position of the last event a reader can see now ([`Position::START`] for an empty
     /// log): a reader that starts here sees every event committed from now on, and none before.
     async fn last_position(&self) -> Result<Position, StoreError>;

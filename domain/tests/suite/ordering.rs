@@ -94,6 +94,53 @@ async fn a_reader_never_skips_an_append_that_commits_after_later_positions() {
     );
 }
 
+/// Two batches written at once, as an import writes them: the first transaction takes a
+/// position, the second commits one after it, then the first takes another. In commit order
+/// the second transaction's event comes last, below the highest position: a reader that has
+/// read everything stops below the head, and only `committed_after` says it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_event_in_commit_order_may_sit_below_the_head_and_a_reader_there_is_done() {
+    let db = TestDatabase::postgres().await;
+    let backend = db.open().await;
+    let store = backend.events();
+
+    let mut client = db.postgres_client().await;
+    let first = client.transaction().await.unwrap();
+    first
+        .query_one(HELD_INSERT, &[&"test-first-a"])
+        .await
+        .unwrap();
+    start_stream(store, 1).await;
+    let head: i64 = first
+        .query_one(HELD_INSERT, &[&"test-first-b"])
+        .await
+        .unwrap()
+        .get(0);
+    // The append in between is committed; the open transaction's rows are not.
+    assert!(store.committed_after(Position::START, head).await.unwrap());
+    first.commit().await.unwrap();
+
+    let mut reader = LogReader::new(backend.event_store(), Position::START, 100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen.len() < 3 && tokio::time::Instant::now() < deadline {
+        seen.extend(read_to_end(&mut reader).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let end = reader.position();
+    assert!(
+        end.global < head,
+        "the last in commit order is {end}, the head {head}"
+    );
+    assert_eq!(store.head_position().await.unwrap(), head);
+    assert!(!store.committed_after(end, head).await.unwrap());
+    // After the first transaction's two events, the committed append is still ahead.
+    let mut short = LogReader::new(backend.event_store(), Position::START, 2);
+    short.next_batch().await.unwrap();
+    assert!(store.committed_after(short.position(), head).await.unwrap());
+}
+
 async fn naive_positions_after(db: &TestDatabase, after: i64) -> Vec<i64> {
     db.postgres_client()
         .await

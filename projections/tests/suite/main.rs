@@ -99,12 +99,8 @@ pub async fn settle(runner: &Runner) {
     for _ in 0..300 {
         runner.catch_up().await.unwrap();
         let status = runner.status().await.unwrap();
-        // The lag only counts what is visible below the horizon; the tests' appends are
-        // sequential, so reaching the highest position also means all of them were applied.
-        if status
-            .iter()
-            .all(|s| s.lag == 0 && s.checkpoint_position == s.head_position)
-        {
+        // Unlike the lag, `caught_up` also counts what the horizon still hides.
+        if status.iter().all(|s| s.caught_up) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -51,6 +51,7 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
     for s in &status {
         assert_eq!(s.checkpoint_position, s.head_position, "{s:?}");
         assert_eq!(s.lag, 0);
+        assert!(s.caught_up, "{s:?}");
         assert!(s.last_error.is_none());
     }
     // Nothing more to do.
@@ -403,4 +404,32 @@ async fn on_postgres_a_checkpoint_claimed_by_another_runner_is_skipped_not_waite
     other.rollback().await.unwrap();
     settle(&runner).await;
     assert!(f.find("github", "a").await.is_some());
+}
+
+/// Two writers at once, as `grantline import` writes its batches: the last event in commit
+/// order sits below the highest position, so the checkpoint never reaches the head. The status
+/// still says when everything is applied (an import that waited for checkpoint = head waited
+/// forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_is_caught_up_when_the_last_event_in_commit_order_is_below_the_head() {
+    let db = TestDatabase::postgres().await;
+    let f = fixture(&db).await;
+    f.integration("github").await;
+    let mut client = db.postgres_client().await;
+    let first = client.transaction().await.unwrap();
+    let insert = "INSERT INTO events (stream_id, stream_version, event_id, event_type, \
+                  event_version, payload) VALUES ($1, 1, gen_random_uuid(), 'TestEvent', 1, '{}')";
+    first.execute(insert, &[&"test-a"]).await.unwrap();
+    f.connection("github", "between").await;
+    first.execute(insert, &[&"test-b"]).await.unwrap();
+    first.commit().await.unwrap();
+
+    let runner = Runner::new(&f.backend);
+    settle(&runner).await;
+    let status = runner.status().await.unwrap();
+    for s in &status {
+        assert!(s.caught_up, "{s:?}");
+        assert!(s.checkpoint_position < s.head_position, "{s:?}");
+    }
+    assert!(f.find("github", "between").await.is_some());
 }

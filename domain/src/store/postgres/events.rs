@@ -306,6 +306,21 @@ impl EventStore for PostgresStore {
             .await
     }
 
+    async fn committed_after(&self, after: Position, through: i64) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let commit = after.commit.to_string();
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM events \
+                 WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+                   AND global_position <= $3)",
+                &[&commit, &after.global, &through],
+            )
+            .await
+            .map_err(db_error)?;
+        row.try_get(0).map_err(db_error)
+    }
+
     async fn last_position(&self) -> Result<Position, StoreError> {
         let client = self.client().await?;
         let row = client

@@ -236,6 +236,20 @@ impl EventStore for SqliteStore {
             .await
     }
 
+    async fn committed_after(&self, after: Position, through: i64) -> Result<bool, StoreError> {
+        // One writer at a time: positions are commit order here.
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM events \
+                 WHERE global_position > ?1 AND global_position <= ?2)",
+                params![after.global, through],
+                |row| row.get(0),
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn last_position(&self) -> Result<Position, StoreError> {
         let global = self.head_position().await?;
         Ok(Position { commit: 0, global })
