@@ -27,6 +27,7 @@ macro_rules! from_store_wrapping_errors {
 
 pub mod cli;
 pub mod config;
+pub mod connect_sessions;
 pub mod connections;
 pub mod history;
 pub mod http;

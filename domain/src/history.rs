@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::connect_session::Ownership;
 use crate::connection::{
     ConnectionEvent, CredentialsType, FailureClass, Flow, MetadataMode, RefreshTrigger,
     TokenFingerprints,
@@ -169,6 +170,9 @@ pub struct HistoryEntry {
     /// refreshes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secrets: Option<SecretsState>,
+    /// The tags, end user and connect session an authorization through a connect session set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<Ownership>,
     /// The data key of the credentials the event carried; internal, to mark them shredded.
     #[serde(skip)]
     data_key_id: Option<Uuid>,
@@ -201,6 +205,7 @@ impl HistoryEntry {
             metadata: None,
             shredded_data_keys: None,
             secrets: None,
+            ownership: None,
             data_key_id: None,
         }
     }
@@ -266,6 +271,7 @@ impl HistoryFolder {
                     .map(str::to_owned);
                 entry.secrets = Some(SecretsState::Sealed);
                 entry.data_key_id = Some(e.data_key_id);
+                entry.ownership = (!e.ownership.is_empty()).then(|| (*e.ownership).clone());
                 entry
             }
             ConnectionEvent::RefreshLeased(e) => {
@@ -464,6 +470,7 @@ mod tests {
     fn authorized(generation: u32, data_key: Uuid) -> ConnectionEvent {
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
             authorization: Authorization {
+                ownership: Default::default(),
                 provider_config_key: "github".into(),
                 connection_id: "user-1".into(),
                 provider: "github".into(),

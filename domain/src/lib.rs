@@ -8,6 +8,7 @@ pub mod bounds;
 pub mod catalog;
 pub mod commands;
 pub mod compaction;
+pub mod connect_session;
 pub mod connection;
 pub mod credentials;
 pub mod event;

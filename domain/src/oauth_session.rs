@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::connect_session::Ownership;
 use crate::keys::Sealed;
 use crate::store::StoreError;
 
@@ -54,6 +55,8 @@ pub struct FlowSession {
     pub created_at: DateTime<Utc>,
     /// When the state stops being accepted.
     pub expires_at: DateTime<Utc>,
+    /// Tags, end user and connect session of a flow started with a session token.
+    pub ownership: Option<Ownership>,
 }
 
 impl FlowSession {
@@ -77,6 +80,7 @@ impl fmt::Debug for FlowSession {
             .field("secrets", &self.secrets)
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
+            .field("ownership", &self.ownership)
             .finish_non_exhaustive()
     }
 }

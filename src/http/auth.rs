@@ -58,7 +58,7 @@ impl SecretKey {
 }
 
 /// The key in a `Bearer` or `Basic` header.
-fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
+pub(super) fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
     let (scheme, rest) = value
         .trim()
         .split_once(' ')

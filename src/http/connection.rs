@@ -1,6 +1,7 @@
 //! `/connection…` and `/connections…`: the Nango Connections API.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
@@ -8,6 +9,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
+use domain::connect_session::EndUser;
 use domain::connection::{ConnectionKey, MetadataMode};
 use domain::credentials::Credentials;
 use serde::{Deserialize, Serialize};
@@ -104,6 +106,14 @@ pub struct ConnectionBody<'a> {
     account_id: u8,
     #[schema(value_type = Object)]
     metadata: &'a Map<String, Value>,
+    /// Tags (from a connect session); left out when there are none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    tags: &'a BTreeMap<String, String>,
+    /// The end user (from a connect session); left out when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    end_user: Option<&'a EndUser>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -157,6 +167,8 @@ pub fn connection_json(view: &ConnectionView, with_refresh_token: bool) -> Conne
         connection_config: &c.connection_config,
         account_id: 0,
         metadata: &c.metadata,
+        tags: &c.ownership.tags,
+        end_user: c.ownership.end_user.as_ref(),
     }
 }
 

@@ -24,6 +24,7 @@ use utoipa::ToSchema;
 use workers::refresh::RefreshError;
 use workers::webhooks::WebhookError;
 
+use crate::connect_sessions::SessionsError;
 use crate::connections::ConnectionsError;
 use crate::history::HistoryError;
 use crate::integrations::IntegrationsError;
@@ -127,6 +128,12 @@ pub enum ApiError {
         failure: RecordedFailure,
         retry_at: DateTime<Utc>,
     },
+    /// 401: no live connect session has this token (never made, expired or deleted).
+    #[error("unknown or expired connect session token")]
+    UnknownConnectSessionToken,
+    /// 400: the connect session does not allow this integration.
+    #[error("the connect session does not allow integration {0:?}")]
+    IntegrationNotAllowed(String),
     /// 503: the database cannot be reached.
     #[error("the service is temporarily unavailable")]
     Unavailable(String),
@@ -170,6 +177,8 @@ impl ApiError {
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::RefreshFailed(_) => (S::FAILED_DEPENDENCY, "connection_refresh_failed"),
             Self::RefreshRetrying { .. } => (S::SERVICE_UNAVAILABLE, "connection_refresh_retrying"),
+            Self::UnknownConnectSessionToken => (S::UNAUTHORIZED, "unknown_connect_session_token"),
+            Self::IntegrationNotAllowed(_) => (S::BAD_REQUEST, "integration_not_allowed"),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -337,6 +346,18 @@ impl From<ConnectionsError> for ApiError {
             other @ (ConnectionsError::NotLive(_) | ConnectionsError::Render(_)) => {
                 Self::Internal(other.to_string())
             }
+        }
+    }
+}
+
+impl From<SessionsError> for ApiError {
+    fn from(e: SessionsError) -> Self {
+        match e {
+            SessionsError::Invalid(message) => Self::InvalidBody(message),
+            SessionsError::UnknownConnection => Self::InvalidBody(e.to_string()),
+            SessionsError::UnknownToken => Self::UnknownConnectSessionToken,
+            SessionsError::Store(e) => e.into(),
+            SessionsError::ReadModel(e) => e.into(),
         }
     }
 }

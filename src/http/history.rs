@@ -4,6 +4,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use domain::connect_session::Ownership;
 use domain::connection::{CredentialsType, FailureClass, Flow, MetadataMode, RefreshTrigger};
 use domain::history::{EntryType, HistoryEntry, SecretsState};
 use serde::{Deserialize, Serialize};
@@ -146,6 +147,10 @@ pub struct HistoryEntryBody {
     /// refreshes): `shredded` once a deletion destroyed their data key.
     #[serde(skip_serializing_if = "Option::is_none")]
     secrets: Option<HistorySecrets>,
+    /// Tags, end user and `connect_session_id` of an authorization through a connect session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    ownership: Option<Ownership>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -274,6 +279,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 SecretsState::Sealed => HistorySecrets::Sealed,
                 SecretsState::Shredded => HistorySecrets::Shredded,
             }),
+            ownership: entry.ownership,
         }
     }
 }

@@ -9,6 +9,7 @@
 mod admin;
 mod auth;
 mod config;
+mod connect;
 mod connection;
 mod error;
 mod extract;
@@ -134,6 +135,14 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/config/{provider_config_key}",
             get(config::get_config).delete(config::delete_config),
         )
+        .route(
+            "/connect/sessions",
+            axum::routing::post(connect::create_session),
+        )
+        .route(
+            "/connect/sessions/reconnect",
+            axum::routing::post(connect::reconnect_session),
+        )
         .route("/admin/projections", get(admin::projections_status))
         .route("/admin/webhooks", get(admin::webhooks_status))
         .route("/metrics", get(metrics::metrics));
@@ -146,6 +155,10 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     let flows = Routes::new()
         .route("/oauth/connect/{provider_config_key}", get(oauth::connect))
         .route("/oauth/callback", get(oauth::callback))
+        .route(
+            "/connect/session",
+            get(connect::get_session).delete(connect::delete_session),
+        )
         .route("/", get(socket::websocket));
     let routes = Routes::new()
         .route("/health", get(health))

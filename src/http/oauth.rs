@@ -38,7 +38,11 @@ use crate::state::AppState;
     tag = "oauth",
     params(
         ("provider_config_key" = String, Path, description = "The integration to connect"),
-        ("connection_id" = String, Query, description = "The id the new connection gets"),
+        ("connection_id" = Option<String>, Query,
+            description = "The id the new connection gets (not with a session token)"),
+        ("connect_session_token" = Option<String>, Query,
+            description = "A connect session's token: the server chooses the connection id, \
+                and the session's integrations, defaults, tags and end user apply"),
         ("public_key" = Option<String>, Query,
             description = "The public key; required when the server has one"),
         ("hmac" = Option<String>, Query,
@@ -76,6 +80,10 @@ pub async fn connect(
     match oauth::connect(&state, request, Utc::now()).await {
         Ok(authorization_url) => found(&authorization_url),
         Err(failure) => {
+            // What a session token refuses is answered as JSON, as Nango's clients expect.
+            if let Some(refusal) = session_refusal(&failure.error) {
+                return refusal.into_response();
+            }
             oauth::report_failure(&state, &failure).await;
             failed(&failure.error, &failure.report)
         }
@@ -162,6 +170,7 @@ fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
             let slot = match name.as_str() {
                 "connection_id" => &mut request.connection_id,
                 "public_key" => &mut request.public_key,
+                "connect_session_token" => &mut request.connect_session_token,
                 "hmac" => &mut request.hmac,
                 "scopes" => &mut request.scopes,
                 "api_redirect_url" => &mut request.api_redirect_url,
@@ -173,6 +182,16 @@ fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
     }
     request.params = params;
     request
+}
+
+/// The JSON error of a flow a connect session refused.
+fn session_refusal(error: &FlowError) -> Option<ApiError> {
+    match error {
+        FlowError::UnknownSessionToken => Some(ApiError::UnknownConnectSessionToken),
+        FlowError::IntegrationNotAllowed(key) => Some(ApiError::IntegrationNotAllowed(key.clone())),
+        FlowError::ConnectionIdWithSessionToken => Some(ApiError::InvalidQuery(error.to_string())),
+        _ => None,
+    }
 }
 
 /// `x` of `prefix[x]`.

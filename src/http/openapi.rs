@@ -59,6 +59,10 @@ const CURRENT_FAMILY: &str = "/connections";
         super::config::delete_config,
         super::oauth::connect,
         super::oauth::callback,
+        super::connect::create_session,
+        super::connect::reconnect_session,
+        super::connect::get_session,
+        super::connect::delete_session,
         super::socket::websocket,
     ),
     modifiers(&SecuritySchemes, &SecretKeyByDefault),
@@ -66,6 +70,8 @@ const CURRENT_FAMILY: &str = "/connections";
         (name = "connections", description = "Connections and their credentials"),
         (name = "integrations", description = "Provider configs (`/config`)"),
         (name = "oauth", description = "The browser's side of OAuth flows; no secret key"),
+        (name = "connect", description = "Connect sessions: made with the secret key, used with \
+            their own token"),
         (name = "service", description = "Health, metrics, projections and this document"),
     )
 )]
@@ -92,7 +98,11 @@ impl Modify for SecuritySchemes {
              (`base64(<key>:)`). Only enforced when the server runs with a secret key."
                 .into(),
         );
+        let mut session = Http::new(HttpAuthScheme::Bearer);
+        session.description =
+            Some("A connect session's token (`POST /connect/sessions`) as a bearer token.".into());
         components.add_security_scheme(BEARER, SecurityScheme::Http(bearer));
+        components.add_security_scheme("connect_session_token", SecurityScheme::Http(session));
         components.add_security_scheme(BASIC, SecurityScheme::Http(basic));
     }
 }

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use domain::bounds::JsonBounds;
 use domain::catalog::{AuthMode, Template};
+use domain::connect_session::{ConfigDefaults, ConnectSession};
 use domain::connection::ConnectionKey;
 use domain::integration::ActiveIntegration;
 use domain::oauth_session::{FlowSecrets, FlowSession};
@@ -21,12 +22,15 @@ use projections::queries;
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 use url::Url;
+use uuid::Uuid;
 use workers::oauth1::{self, Oauth1Request};
 use workers::provider::split_scopes;
 
 use super::redirect::allowed_redirect;
 use super::signature::verify_connect_hmac;
 use super::{Failure, FlowError, Report, fill_url, flow_template, pairs, text_field};
+use crate::config::Config;
+use crate::connect_sessions;
 use crate::server::Limit;
 use crate::state::AppState;
 
@@ -73,6 +77,9 @@ pub struct ConnectRequest {
     pub connection_id: Option<String>,
     pub public_key: Option<String>,
     pub hmac: Option<String>,
+    /// A connect session's token: it replaces the public key and `hmac`, and the server
+    /// chooses the connection id.
+    pub connect_session_token: Option<String>,
     /// `params[x]`: connection configuration.
     pub params: BTreeMap<String, String>,
     /// Comma- or space-separated scopes that replace the integration's.
@@ -128,23 +135,21 @@ async fn start(
     }
     let key = request.provider_config_key.clone();
     check_param(&key, "provider_config_key")?;
-    if let Some(expected) = &config.public_key {
-        let given = non_blank(request.public_key.as_deref()).ok_or(FlowError::MissingPublicKey)?;
-        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(FlowError::InvalidPublicKey);
-        }
-    }
-    let connection_id = non_blank(request.connection_id.as_deref())
-        .ok_or(FlowError::MissingConnectionId)?
-        .to_owned();
-    check_param(&connection_id, "connection_id")?;
-    report.connection_id = Some(connection_id.clone());
-    let connection = ConnectionKey::new(key, connection_id);
-    if let Some(hmac_key) = &config.hmac_key {
-        let given = non_blank(request.hmac.as_deref()).ok_or(FlowError::MissingHmac)?;
-        if !verify_connect_hmac(hmac_key.expose(), &connection, given) {
-            return Err(FlowError::InvalidHmac);
-        }
+    let session = match non_blank(request.connect_session_token.as_deref()) {
+        Some(token) => Some(connect_sessions::find(state, token, now).await?),
+        None => None,
+    };
+    let connection = match &session {
+        Some(session) => session_connection(session, &key, &request)?,
+        None => public_connection(config, key, &request)?,
+    };
+    report.connection_id = Some(connection.connection_id().to_owned());
+    let mut request = request;
+    if let Some(defaults) = session.as_ref().and_then(|s| {
+        s.integrations_config_defaults
+            .get(connection.provider_config_key())
+    }) {
+        apply_defaults(&mut request, defaults);
     }
     for (name, value) in &request.params {
         check_param(name, "a params[...] name")?;
@@ -214,6 +219,7 @@ async fn start(
     let lifetime = chrono::Duration::from_std(config.oauth_session_lifetime)
         .map_err(|e| FlowError::Internal(e.to_string()))?;
     let session = FlowSession {
+        ownership: session.as_ref().map(ConnectSession::ownership),
         state: flow_state,
         provider_config_key: key.to_owned(),
         provider: integration.settings.provider.clone(),
@@ -242,6 +248,85 @@ async fn start(
         "oauth flow started"
     );
     Ok(url.into())
+}
+
+/// The connection a flow with a connect session authorizes: the one a reconnect session names,
+/// else a new UUID. The session must allow the integration, and the caller may not choose.
+fn session_connection(
+    session: &ConnectSession,
+    key: &str,
+    request: &ConnectRequest,
+) -> Result<ConnectionKey, FlowError> {
+    if non_blank(request.connection_id.as_deref()).is_some() {
+        return Err(FlowError::ConnectionIdWithSessionToken);
+    }
+    if !session.allows(key) {
+        return Err(FlowError::IntegrationNotAllowed(key.to_owned()));
+    }
+    Ok(match &session.reconnect {
+        Some(target) if target.provider_config_key == key => {
+            ConnectionKey::new(key, &target.connection_id)
+        }
+        Some(_) => return Err(FlowError::IntegrationNotAllowed(key.to_owned())),
+        None => ConnectionKey::new(key, Uuid::new_v4().to_string()),
+    })
+}
+
+/// The connection a flow without a session authorizes: the caller's `connection_id`, with
+/// the public key and `hmac` when the server has them.
+fn public_connection(
+    config: &Config,
+    key: String,
+    request: &ConnectRequest,
+) -> Result<ConnectionKey, FlowError> {
+    if let Some(expected) = &config.public_key {
+        let given = non_blank(request.public_key.as_deref()).ok_or(FlowError::MissingPublicKey)?;
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(FlowError::InvalidPublicKey);
+        }
+    }
+    let connection_id = non_blank(request.connection_id.as_deref())
+        .ok_or(FlowError::MissingConnectionId)?
+        .to_owned();
+    check_param(&connection_id, "connection_id")?;
+    let connection = ConnectionKey::new(key, connection_id);
+    if let Some(hmac_key) = &config.hmac_key {
+        let given = non_blank(request.hmac.as_deref()).ok_or(FlowError::MissingHmac)?;
+        if !verify_connect_hmac(hmac_key.expose(), &connection, given) {
+            return Err(FlowError::InvalidHmac);
+        }
+    }
+    Ok(connection)
+}
+
+/// A session's defaults for the integration win over what the browser sent: its connection
+/// config is merged over `params`, its authorization parameters replace the browser's, and
+/// its scopes (`connection_config.oauth_scopes_override`, else `user_scopes`) replace the
+/// requested ones.
+fn apply_defaults(request: &mut ConnectRequest, defaults: &ConfigDefaults) {
+    if let Some(config) = &defaults.connection_config {
+        for (name, value) in config {
+            if name == "oauth_scopes_override" {
+                continue;
+            }
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            request.params.insert(name.clone(), text);
+        }
+        if let Some(Value::String(scopes)) = config.get("oauth_scopes_override") {
+            request.scopes = Some(scopes.clone());
+        }
+    }
+    if let Some(params) = &defaults.authorization_params {
+        request.authorization_params = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+    if request.scopes.is_none()
+        && let Some(scopes) = &defaults.user_scopes
+    {
+        request.scopes = Some(scopes.clone());
+    }
 }
 
 /// What both kinds of flow start from.

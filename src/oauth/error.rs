@@ -28,6 +28,15 @@ pub enum FlowError {
     /// No `connection_id`.
     #[error("Missing connection_id.")]
     MissingConnectionId,
+    /// The `connect_session_token` names no live session.
+    #[error("Unknown or expired connect session token.")]
+    UnknownSessionToken,
+    /// The connect session does not allow this integration.
+    #[error("The connect session does not allow integration {0:?}.")]
+    IntegrationNotAllowed(String),
+    /// A `connection_id` came with a session token (the server chooses the id then).
+    #[error("connection_id is forbidden when using session token")]
+    ConnectionIdWithSessionToken,
     /// A parameter is malformed (too long, control characters).
     #[error("Invalid parameter: {0}")]
     InvalidParam(String),
@@ -132,6 +141,9 @@ impl FlowError {
             Self::MissingPublicKey => "missing_public_key",
             Self::InvalidPublicKey => "invalid_public_key",
             Self::MissingConnectionId => "missing_connection_id",
+            Self::UnknownSessionToken => "unknown_connect_session_token",
+            Self::IntegrationNotAllowed(_) => "integration_not_allowed",
+            Self::ConnectionIdWithSessionToken => "invalid_query_params",
             Self::InvalidParam(_) => "invalid_param",
             Self::MissingHmac => "missing_hmac",
             Self::InvalidHmac => "invalid_hmac",
@@ -199,6 +211,18 @@ impl From<CommandError> for FlowError {
         match e {
             CommandError::Store(e) => e.into(),
             CommandError::Keys(e) => e.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::connect_sessions::SessionsError> for FlowError {
+    fn from(e: crate::connect_sessions::SessionsError) -> Self {
+        use crate::connect_sessions::SessionsError;
+        match e {
+            SessionsError::UnknownToken => Self::UnknownSessionToken,
+            SessionsError::Store(e) => e.into(),
+            SessionsError::ReadModel(e) => e.into(),
             other => Self::Internal(other.to_string()),
         }
     }

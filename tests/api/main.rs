@@ -5,6 +5,7 @@ mod architecture;
 mod auth;
 mod cli;
 mod compaction;
+mod connect_sessions;
 mod connections;
 mod fake_provider;
 mod fake_service;

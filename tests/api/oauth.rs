@@ -49,13 +49,13 @@ domain::on_both_backends!(
 );
 
 const APP_ORIGIN: &str = "http://app.example.test";
-const SECRET_KEY: &str = "grantline-test-secret-key-0123456789";
+pub(crate) const SECRET_KEY: &str = "grantline-test-secret-key-0123456789";
 
 /// A service with three integrations on fake-provider templates, and a browser.
-struct Env {
-    app: TestApp,
-    fake: FakeProvider,
-    browser: reqwest::Client,
+pub(crate) struct Env {
+    pub(crate) app: TestApp,
+    pub(crate) fake: FakeProvider,
+    pub(crate) browser: reqwest::Client,
     secret_key: bool,
     /// The master key and the providers file, for a second instance on the same database.
     key: String,
@@ -119,7 +119,7 @@ fn config(db: &TestDatabase, key: &str, providers: &Path, extra: &[&str]) -> Con
     config_on(db, key, &args)
 }
 
-async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
+pub(crate) async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
     let fake = FakeProvider::start().await;
     let (dir, providers) = fake.providers_file(TEMPLATES);
     let key = new_key();
@@ -169,7 +169,7 @@ impl Env {
     }
 
     /// `GET /connection/:id`, expecting 200.
-    async fn connection(&self, key: &str, id: &str) -> Value {
+    pub(crate) async fn connection(&self, key: &str, id: &str) -> Value {
         let mut request = self.app.client.get(
             self.app
                 .url(&format!("/connection/{id}?provider_config_key={key}")),
@@ -190,7 +190,7 @@ impl Env {
         assert_ne!(status, StatusCode::OK, "{key}/{id} is connected");
     }
 
-    async fn connect(&self, key: &str, query: &str) -> reqwest::Response {
+    pub(crate) async fn connect(&self, key: &str, query: &str) -> reqwest::Response {
         self.get(&self.app.url(&format!("/oauth/connect/{key}?{query}")))
             .await
     }
@@ -200,7 +200,7 @@ impl Env {
     }
 
     /// Connects, expecting a 302 to the fake provider; returns the authorization URL.
-    async fn start(&self, key: &str, query: &str) -> Url {
+    pub(crate) async fn start(&self, key: &str, query: &str) -> Url {
         let response = self.connect(key, query).await;
         let status = response.status();
         let location = location(&response);
@@ -212,7 +212,7 @@ impl Env {
     }
 
     /// The provider's answer to `authorization_url`: the callback URL it sends the browser to.
-    async fn authorize(&self, authorization_url: &Url) -> String {
+    pub(crate) async fn authorize(&self, authorization_url: &Url) -> String {
         let response = self.get(authorization_url.as_str()).await;
         assert_eq!(response.status(), StatusCode::FOUND);
         let location = location(&response).unwrap();
@@ -224,14 +224,14 @@ impl Env {
     }
 
     /// A whole flow; returns the outcome (the callback's answer).
-    async fn flow(&self, key: &str, query: &str) -> reqwest::Response {
+    pub(crate) async fn flow(&self, key: &str, query: &str) -> reqwest::Response {
         let authorization_url = self.start(key, query).await;
         let callback = self.authorize(&authorization_url).await;
         self.get(&callback).await
     }
 }
 
-fn location(response: &reqwest::Response) -> Option<String> {
+pub(crate) fn location(response: &reqwest::Response) -> Option<String> {
     response
         .headers()
         .get(LOCATION)
@@ -605,6 +605,7 @@ async fn an_expired_state_is_refused_without_calling_the_provider(db: &TestDatab
 
 fn session(state: &str, created_at: DateTime<Utc>, lifetime: chrono::Duration) -> FlowSession {
     FlowSession {
+        ownership: Default::default(),
         state: state.to_owned(),
         provider_config_key: "k".into(),
         provider: "p".into(),

@@ -30,6 +30,16 @@ const OPEN: [(&str, &str); 6] = [
     ("get", "/oauth/callback"),
 ];
 
+/// Operations that take a connect session's token instead of the secret key.
+const SESSION: [(&str, &str); 2] = [("get", "/connect/session"), ("delete", "/connect/session")];
+
+/// Whether `operation` documents the scheme `name`.
+fn requires(operation: &Value, name: &str) -> bool {
+    operation["security"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|r| r.get(name).is_some()))
+}
+
 /// A parameter's name and whether it is required.
 type Param = (&'static str, bool);
 
@@ -190,7 +200,19 @@ async fn the_document_is_openapi_3_1_with_the_error_schema_and_every_parameter()
             .as_array()
             .is_some_and(|s| s.iter().any(|r| r.get("secret_key").is_some()));
         let open = OPEN.contains(&(method.as_str(), path.as_str()));
-        assert_eq!(secured, !open, "{what}: security {}", operation["security"]);
+        let session = SESSION.contains(&(method.as_str(), path.as_str()));
+        assert_eq!(
+            secured,
+            !open && !session,
+            "{what}: security {}",
+            operation["security"]
+        );
+        assert_eq!(
+            requires(operation, "connect_session_token"),
+            session,
+            "{what}: security {}",
+            operation["security"]
+        );
         if secured {
             assert_eq!(
                 operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"],
@@ -263,7 +285,8 @@ async fn the_document_is_openapi_3_1_with_the_error_schema_and_every_parameter()
             "/oauth/connect/{provider_config_key}",
             vec![
                 ("provider_config_key", true),
-                ("connection_id", true),
+                ("connection_id", false),
+                ("connect_session_token", false),
                 ("public_key", false),
                 ("hmac", false),
                 ("params", false),
@@ -373,9 +396,8 @@ async fn the_documented_security_matches_the_secret_key_check() {
     let doc = document(&app).await;
     let client = no_redirects();
     for ((method, path), operation) in operations(&doc) {
-        let secured = operation["security"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|r| r.get("secret_key").is_some()));
+        let secured =
+            requires(&operation, "secret_key") || requires(&operation, "connect_session_token");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let answer = probe(&client, &app, method.clone(), &path).await;
         assert_eq!(

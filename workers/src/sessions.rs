@@ -16,9 +16,13 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Deletes the sessions expired at `now`; returns how many.
 pub async fn sweep_once(backend: &Backend, now: DateTime<Utc>) -> Result<u64, StoreError> {
-    let swept = backend.sessions().sweep_sessions(now).await?;
+    let swept = backend.sessions().sweep_sessions(now).await?
+        + backend
+            .connect_sessions()
+            .sweep_connect_sessions(now)
+            .await?;
     if swept > 0 {
-        tracing::debug!(swept, "expired oauth sessions swept");
+        tracing::debug!(swept, "expired oauth and connect sessions swept");
     }
     Ok(swept)
 }

@@ -7,6 +7,7 @@ use tracing::field::Empty;
 use uuid::Uuid;
 
 use super::{CommandError, Commands, Loaded, MAX_ATTEMPTS};
+use crate::connect_session::Ownership;
 use crate::connection::TokenFingerprints;
 use crate::connection::{
     self, ActiveConnection, Authorization, Connection, ConnectionCommand, ConnectionEvent,
@@ -37,6 +38,8 @@ pub struct AuthorizeConnection {
     /// Metadata to set (replacing what is there) in the same append: an import that carries
     /// metadata is recorded whole or not at all.
     pub metadata: Option<Map<String, Value>>,
+    /// Tags and end user from a connect session (empty: keep the connection's).
+    pub ownership: Ownership,
 }
 
 impl AuthorizeConnection {
@@ -79,6 +82,7 @@ impl AuthorizeConnection {
             scopes: self.scopes.clone(),
             connection_config: self.connection_config.clone(),
             fingerprints: fingerprints.clone(),
+            ownership: Box::new(self.ownership.clone()),
         };
         let authorize = ConnectionCommand::Authorize {
             authorization,

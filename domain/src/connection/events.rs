@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::connect_session::Ownership;
 use crate::event::{DecodeError, DomainEvent, payload_json, read_payload};
 use crate::keys::Sealed;
 
@@ -133,6 +134,10 @@ pub struct Authorization {
     /// Fingerprints of the tokens.
     #[serde(default)]
     pub fingerprints: TokenFingerprints,
+    /// Tags, end user and connect session, when the authorization came through a session
+    /// (empty: the connection keeps what it had).
+    #[serde(default, skip_serializing_if = "Ownership::is_empty")]
+    pub ownership: Box<Ownership>,
 }
 
 /// The connection was authorized (first time, again, or again after a deletion).
@@ -312,6 +317,7 @@ mod tests {
         connection_config.insert("subdomain".to_owned(), json!("acme"));
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
             authorization: Authorization {
+                ownership: Default::default(),
                 provider_config_key: "github-prod".to_owned(),
                 connection_id: "user-1".to_owned(),
                 provider: "github".to_owned(),

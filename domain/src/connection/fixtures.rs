@@ -34,6 +34,7 @@ pub(crate) fn fingerprints(access: &str, refresh: &str) -> TokenFingerprints {
 /// An OAuth 2 authorization sealed under `data_key`, its token expiring an hour after `now`.
 pub(crate) fn authorization(data_key: Uuid, now: DateTime<Utc>) -> Authorization {
     Authorization {
+        ownership: Default::default(),
         provider_config_key: "github".to_owned(),
         connection_id: "user-1".to_owned(),
         provider: "github".to_owned(),

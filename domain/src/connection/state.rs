@@ -10,6 +10,7 @@ use super::events::{
     ConnectionEvent, CredentialsType, FailureClass, Flow, MetadataMode, RefreshFailure,
     RefreshTrigger, TokenFingerprints,
 };
+use crate::connect_session::Ownership;
 use crate::keys::Sealed;
 
 /// A connection as its events leave it.
@@ -81,6 +82,9 @@ pub struct ActiveConnection {
     pub created_at: DateTime<Utc>,
     /// When the last event changed it.
     pub updated_at: DateTime<Utc>,
+    /// Tags and end user, from the last authorization through a connect session or a patch.
+    #[serde(default, skip_serializing_if = "Ownership::is_empty")]
+    pub ownership: Ownership,
 }
 
 /// A lease without an outcome.
@@ -157,13 +161,20 @@ impl Connection {
 pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
     match event {
         ConnectionEvent::ConnectionAuthorized(event) => {
-            let (metadata, created_at) = match std::mem::take(state) {
+            let (metadata, created_at, ownership) = match std::mem::take(state) {
                 Connection::NeverAuthorized | Connection::Deleted(_) => {
-                    (Map::new(), event.authorized_at)
+                    (Map::new(), event.authorized_at, Ownership::default())
                 }
-                Connection::Active(active) => (active.metadata, active.created_at),
+                Connection::Active(active) => {
+                    (active.metadata, active.created_at, active.ownership)
+                }
             };
             let authorization = event.authorization.clone();
+            let ownership = if authorization.ownership.is_empty() {
+                ownership
+            } else {
+                *authorization.ownership
+            };
             *state = Connection::Active(ActiveConnection {
                 provider_config_key: authorization.provider_config_key,
                 connection_id: authorization.connection_id,
@@ -188,6 +199,7 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 last_refreshed_at: None,
                 created_at,
                 updated_at: event.authorized_at,
+                ownership,
             });
         }
         ConnectionEvent::RefreshLeased(event) => {

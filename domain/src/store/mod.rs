@@ -29,6 +29,7 @@ use uuid::Uuid;
 pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 
+use crate::connect_session::ConnectSessionRepository;
 use crate::keys::KeyRepository;
 use crate::oauth_session::SessionRepository;
 
@@ -388,9 +389,15 @@ impl ChangeSignal {
 }
 
 /// The repositories one database implements; [`Backend`] hands each out from it.
-trait Repositories: EventStore + KeyRepository + SessionRepository + LogCompaction {}
+trait Repositories:
+    EventStore + KeyRepository + SessionRepository + ConnectSessionRepository + LogCompaction
+{
+}
 
-impl<T: EventStore + KeyRepository + SessionRepository + LogCompaction> Repositories for T {}
+impl<T: EventStore + KeyRepository + SessionRepository + ConnectSessionRepository + LogCompaction>
+    Repositories for T
+{
+}
 
 /// A database backend: the event store, the key repository and the OAuth flow sessions on one
 /// connection pool.
@@ -456,6 +463,11 @@ impl Backend {
 
     /// The OAuth flow sessions.
     pub fn sessions(&self) -> &dyn SessionRepository {
+        self.repositories()
+    }
+
+    /// The connect sessions.
+    pub fn connect_sessions(&self) -> &dyn ConnectSessionRepository {
         self.repositories()
     }
 
@@ -634,7 +646,7 @@ const MESSAGE_BACKLOG: usize = 256;
 /// The columns of `oauth_sessions`, in the order both backends read and write them.
 const SESSION_COLUMNS: &str = "state, provider_config_key, provider, connection_id, callback_url, \
      connection_config, scopes, api_redirect_url, ws_client_id, secrets_key_id, secrets, \
-     created_at, expires_at";
+     created_at, expires_at, ownership";
 
 /// A stored OAuth flow session that cannot be read back.
 fn unreadable_session(reason: String) -> StoreError {

@@ -212,6 +212,7 @@ mod tests {
     fn authorized(generation: u32) -> ConnectionEvent {
         ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
             authorization: Authorization {
+                ownership: Default::default(),
                 provider_config_key: "github-prod".to_owned(),
                 connection_id: "user-1".to_owned(),
                 provider: "github".to_owned(),

@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{PostgresStore, db_error};
+use crate::connect_session::{ConnectSession, ConnectSessionRepository};
 use crate::keys::Sealed;
 use crate::oauth_session::{FlowSession, SessionRepository};
 use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
@@ -17,13 +18,17 @@ impl SessionRepository for PostgresStore {
         let (client, statement) = self
             .prepared(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
             ))
             .await?;
         let config = Value::Object(session.connection_config.clone());
         let scopes = Value::from(session.scopes.clone());
         let secrets_key_id = session.secrets.as_ref().map(|s| s.key_id);
         let secrets = session.secrets.as_ref().map(|s| s.ciphertext.as_slice());
+        let ownership = session
+            .ownership
+            .as_ref()
+            .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
         client
             .execute(
                 &statement,
@@ -41,6 +46,7 @@ impl SessionRepository for PostgresStore {
                     &secrets,
                     &session.created_at,
                     &session.expires_at,
+                    &ownership,
                 ],
             )
             .await
@@ -109,5 +115,82 @@ fn flow_session(row: &Row) -> Result<FlowSession, StoreError> {
         secrets,
         created_at: row.get(11),
         expires_at: row.get(12),
+        ownership: row
+            .get::<_, Option<Value>>(13)
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| unreadable_session(e.to_string()))?,
     })
+}
+
+#[async_trait]
+impl ConnectSessionRepository for PostgresStore {
+    async fn create_connect_session(
+        &self,
+        token_hash: &[u8],
+        session: &ConnectSession,
+    ) -> Result<(), StoreError> {
+        let document =
+            serde_json::to_value(session).map_err(|e| unreadable_session(e.to_string()))?;
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO connect_sessions (token_hash, id, session, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &token_hash,
+                    &session.id,
+                    &document,
+                    &session.created_at,
+                    &session.expires_at,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn connect_session(
+        &self,
+        token_hash: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConnectSession>, StoreError> {
+        let (client, statement) = self
+            .prepared(
+                "SELECT session FROM connect_sessions WHERE token_hash = $1 AND expires_at > $2",
+            )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&token_hash, &now])
+            .await
+            .map_err(db_error)?;
+        row.map(|r| {
+            serde_json::from_value(r.get::<_, Value>(0))
+                .map_err(|e| unreadable_session(e.to_string()))
+        })
+        .transpose()
+    }
+
+    async fn delete_connect_session(&self, token_hash: &[u8]) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM connect_sessions WHERE token_hash = $1",
+                &[&token_hash],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n > 0)
+    }
+
+    async fn sweep_connect_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM connect_sessions WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(db_error)
+    }
 }

@@ -7,6 +7,7 @@ use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{SqliteStore, db_error};
+use crate::connect_session::{ConnectSession, ConnectSessionRepository};
 use crate::keys::Sealed;
 use crate::oauth_session::{FlowSession, SessionRepository};
 use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
@@ -16,11 +17,15 @@ impl SessionRepository for SqliteStore {
     async fn create_session(&self, session: &FlowSession) -> Result<(), StoreError> {
         let config = serde_json::Value::Object(session.connection_config.clone()).to_string();
         let scopes = serde_json::Value::from(session.scopes.clone()).to_string();
+        let ownership = session
+            .ownership
+            .as_ref()
+            .map(|o| serde_json::to_string(o).unwrap_or_default());
         let session = session.clone();
         self.write(move |conn| {
             conn.prepare_cached(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))
             .and_then(|mut s| {
                 s.execute(params![
@@ -37,6 +42,7 @@ impl SessionRepository for SqliteStore {
                     session.secrets.as_ref().map(|s| s.ciphertext.as_slice()),
                     session.created_at.timestamp_micros(),
                     session.expires_at.timestamp_micros(),
+                    ownership,
                 ])
             })
             .map(|_| ())
@@ -100,6 +106,7 @@ struct SessionRow {
     secrets: Option<Vec<u8>>,
     created_at: i64,
     expires_at: i64,
+    ownership: Option<String>,
 }
 
 fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
@@ -117,6 +124,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         secrets: row.get(10)?,
         created_at: row.get(11)?,
         expires_at: row.get(12)?,
+        ownership: row.get(13)?,
     })
 }
 
@@ -152,5 +160,77 @@ fn flow_session(row: SessionRow) -> Result<FlowSession, StoreError> {
         secrets,
         created_at: time(row.created_at)?,
         expires_at: time(row.expires_at)?,
+        ownership: row
+            .ownership
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(|e| unreadable_session(e.to_string()))?,
     })
+}
+
+#[async_trait]
+impl ConnectSessionRepository for SqliteStore {
+    async fn create_connect_session(
+        &self,
+        token_hash: &[u8],
+        session: &ConnectSession,
+    ) -> Result<(), StoreError> {
+        let document =
+            serde_json::to_string(session).map_err(|e| unreadable_session(e.to_string()))?;
+        let (hash, id) = (token_hash.to_vec(), session.id.to_string());
+        let (created, expires) = (
+            session.created_at.timestamp_micros(),
+            session.expires_at.timestamp_micros(),
+        );
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO connect_sessions (token_hash, id, session, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, id, document, created, expires],
+            )
+            .map(|_| ())
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn connect_session(
+        &self,
+        token_hash: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConnectSession>, StoreError> {
+        let (hash, now) = (token_hash.to_vec(), now.timestamp_micros());
+        let document: Option<String> = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT session FROM connect_sessions WHERE token_hash = ?1 AND expires_at > ?2",
+                )
+                .and_then(|mut s| s.query_row(params![hash, now], |r| r.get(0)).optional())
+                .map_err(db_error)
+            })
+            .await?;
+        document
+            .map(|d| serde_json::from_str(&d).map_err(|e| unreadable_session(e.to_string())))
+            .transpose()
+    }
+
+    async fn delete_connect_session(&self, token_hash: &[u8]) -> Result<bool, StoreError> {
+        let hash = token_hash.to_vec();
+        self.write(move |conn| {
+            conn.execute("DELETE FROM connect_sessions WHERE token_hash = ?1", [hash])
+                .map(|n| n > 0)
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn sweep_connect_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let now = now.timestamp_micros();
+        self.write(move |conn| {
+            conn.execute("DELETE FROM connect_sessions WHERE expires_at <= ?1", [now])
+                .map(|n| n as u64)
+                .map_err(db_error)
+        })
+        .await
+    }
 }

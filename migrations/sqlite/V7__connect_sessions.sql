@@ -1,0 +1,17 @@
+-- Connect sessions (Nango's /connect/sessions): looked up by the SHA-256 of their token, which
+-- is never stored; the session itself is one JSON document (text). Times are microseconds since
+-- the Unix epoch. A flow started through one carries the session's tags and end user
+-- (`ownership`) to the callback.
+
+CREATE TABLE connect_sessions (
+    token_hash BLOB    PRIMARY KEY,
+    id         TEXT    NOT NULL UNIQUE,
+    session    TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    CHECK (expires_at > created_at)
+);
+
+CREATE INDEX connect_sessions_by_expiry ON connect_sessions (expires_at);
+
+ALTER TABLE oauth_sessions ADD COLUMN ownership TEXT;

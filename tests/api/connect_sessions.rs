@@ -1,0 +1,291 @@
+//! Connect sessions (Nango's `/connect/sessions`) on both backends: made with the secret key,
+//! used by a browser with their token to run flows against the in-process fake provider.
+
+use domain::testing::TestDatabase;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::oauth::{Env, SECRET_KEY, env};
+use crate::{assert_error, ok_json};
+
+domain::on_both_backends!(
+    a_session_token_runs_a_flow_that_names_the_connection_and_gives_it_the_sessions_tags,
+    a_reconnect_session_reauthorizes_exactly_the_connection_it_names,
+    sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens,
+);
+
+const TOKEN_PREFIX: &str = "nango_connect_session_";
+
+async fn secured(db: &TestDatabase) -> Env {
+    env(db, &["--secret-key", SECRET_KEY]).await
+}
+
+/// `POST path` with the secret key.
+async fn post(env: &Env, path: &str, body: &Value) -> reqwest::Response {
+    env.app
+        .client
+        .post(env.app.url(path))
+        .bearer_auth(SECRET_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A new session's token.
+async fn session(env: &Env, path: &str, body: &Value) -> String {
+    let response = post(env, path, body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created = ok_json(response).await;
+    let token = created["data"]["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with(TOKEN_PREFIX), "{created}");
+    assert_eq!(token.len(), TOKEN_PREFIX.len() + 64);
+    assert!(
+        created["data"]["connect_link"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("?session_token={token}")),
+        "{created}"
+    );
+    let expires: chrono::DateTime<chrono::Utc> = created["data"]["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let minutes = (expires - chrono::Utc::now()).num_minutes();
+    assert!((28..=30).contains(&minutes), "{created}");
+    token
+}
+
+/// `method /connect/session` with the session token.
+async fn with_token(env: &Env, method: reqwest::Method, token: &str) -> reqwest::Response {
+    env.app
+        .client
+        .request(method, env.app.url("/connect/session"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The connection id a success page reports.
+fn reported_id(page: &str) -> String {
+    let start = page.find("\"connectionId\":\"").unwrap() + "\"connectionId\":\"".len();
+    page[start..][..page[start..].find('"').unwrap()].to_owned()
+}
+
+/// A flow through the session `token` for integration `key`; the connection id it reports.
+async fn flow_with(env: &Env, key: &str, token: &str) -> String {
+    let response = env
+        .flow(key, &format!("connect_session_token={token}"))
+        .await;
+    let status = response.status();
+    let page = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    reported_id(&page)
+}
+
+async fn history(env: &Env, key: &str, id: &str) -> Value {
+    let response = env
+        .app
+        .client
+        .get(env.app.url(&format!(
+            "/connection/{id}/history?provider_config_key={key}"
+        )))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    ok_json(response).await
+}
+
+async fn a_session_token_runs_a_flow_that_names_the_connection_and_gives_it_the_sessions_tags(
+    db: &TestDatabase,
+) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({
+            "end_user": {"id": "u1", "email": "ann@example.com", "display_name": "Ann"},
+            "organization": {"id": "org1"},
+            "allowed_integrations": ["fake"],
+            "tags": {"Plan": "pro"},
+        }),
+    )
+    .await;
+
+    let shown = ok_json(with_token(&env, reqwest::Method::GET, &token).await).await;
+    assert_eq!(shown["data"]["endUser"]["id"], "u1");
+    assert_eq!(shown["data"]["endUser"]["organization"]["id"], "org1");
+    assert_eq!(shown["data"]["allowed_integrations"], json!(["fake"]));
+    assert!(shown["data"].get("isReconnecting").is_none());
+    assert!(
+        !shown.to_string().contains("pro"),
+        "tags are not shown: {shown}"
+    );
+
+    let id = flow_with(&env, "fake", &token).await;
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let connection = env.connection("fake", &id).await;
+    assert_eq!(
+        connection["tags"],
+        json!({
+            "end_user_id": "u1",
+            "end_user_email": "ann@example.com",
+            "end_user_display_name": "Ann",
+            "organization_id": "org1",
+            "plan": "pro",
+        })
+    );
+    assert_eq!(connection["end_user"]["id"], "u1");
+    let entries = history(&env, "fake", &id).await;
+    let authorized = &entries["events"][0];
+    assert_eq!(authorized["type"], "connection_authorized", "{entries}");
+    assert!(
+        authorized["ownership"]["connect_session_id"].is_string(),
+        "{entries}"
+    );
+    assert_eq!(authorized["ownership"]["tags"]["plan"], "pro");
+
+    // A session is not used up: it connects again, under a new id.
+    let second = flow_with(&env, "fake", &token).await;
+    assert_ne!(second, id);
+}
+
+async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &TestDatabase) {
+    let env = secured(db).await;
+    let first = env.flow("fake", "connection_id=existing").await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let before = env.connection("fake", "existing").await;
+
+    let unknown = post(
+        &env,
+        "/connect/sessions/reconnect",
+        &json!({"connection_id": "missing", "integration_id": "fake", "end_user": {"id": "u2"}}),
+    )
+    .await;
+    assert_error(unknown, 400, "invalid_body").await;
+
+    let token = session(
+        &env,
+        "/connect/sessions/reconnect",
+        &json!({"connection_id": "existing", "integration_id": "fake", "end_user": {"id": "u2"}}),
+    )
+    .await;
+    let shown = ok_json(with_token(&env, reqwest::Method::GET, &token).await).await;
+    assert_eq!(shown["data"]["isReconnecting"], true);
+    assert_eq!(shown["data"]["allowed_integrations"], json!(["fake"]));
+
+    // Another integration is not the connection it names.
+    let elsewhere = env
+        .connect("fake-basic", &format!("connect_session_token={token}"))
+        .await;
+    assert_error(elsewhere, 400, "integration_not_allowed").await;
+
+    assert_eq!(flow_with(&env, "fake", &token).await, "existing");
+    let after = env.connection("fake", "existing").await;
+    assert_ne!(
+        after["credentials"]["access_token"],
+        before["credentials"]["access_token"]
+    );
+    assert_eq!(after["tags"]["end_user_id"], "u2");
+    let entries = history(&env, "fake", "existing").await;
+    let generations: Vec<_> = entries["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "connection_authorized")
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(generations, [1, 2], "{entries}");
+}
+
+async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens(
+    db: &TestDatabase,
+) {
+    let env = secured(db).await;
+    let user = json!({"id": "u1"});
+    let eleven: serde_json::Map<String, Value> =
+        (0..11).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for body in [
+        json!({}),
+        json!({"allowed_integrations": ["fake"]}),
+        json!({"end_user": user, "allowed_integrations": ["nope"]}),
+        json!({"end_user": user, "integrations_config_defaults": {"nope": {}}}),
+        json!({"end_user": {"id": ""}}),
+        json!({"end_user": {"id": "u1", "email": "not-an-email"}}),
+        json!({"end_user": {"id": "u1", "unknown": 1}}),
+        json!({"end_user": user, "surprise": true}),
+        json!({"tags": eleven}),
+        json!({"tags": {"1bad": "v"}}),
+        json!({"tags": {"a": "1", "A": "2"}}),
+        json!({"tags": {"end_user_email": "nope"}}),
+        json!({"tags": {"k": ""}}),
+        json!({"end_user": user, "webhook_url_override": "ftp://x"}),
+        json!({"end_user": user, "connection_id": "c"}),
+        json!([1, 2]),
+    ] {
+        let response = post(&env, "/connect/sessions", &body).await;
+        assert_error(response, 400, "invalid_body").await;
+    }
+    // Without the secret key.
+    let anonymous = env
+        .app
+        .client
+        .post(env.app.url("/connect/sessions"))
+        .json(&json!({"end_user": user}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": user, "allowed_integrations": ["fake"]}),
+    )
+    .await;
+    let calls = env.fake.token_requests();
+    let chosen = env
+        .connect(
+            "fake",
+            &format!("connect_session_token={token}&connection_id=mine"),
+        )
+        .await;
+    assert_error(chosen, 400, "invalid_query_params").await;
+    let foreign = env
+        .connect("fake-basic", &format!("connect_session_token={token}"))
+        .await;
+    assert_error(foreign, 400, "integration_not_allowed").await;
+    for bogus in [
+        "nango_connect_session_nope".to_owned(),
+        format!("{TOKEN_PREFIX}{}", "0".repeat(64)),
+    ] {
+        let refused = env
+            .connect("fake", &format!("connect_session_token={bogus}"))
+            .await;
+        assert_error(refused, 401, "unknown_connect_session_token").await;
+        let shown = with_token(&env, reqwest::Method::GET, &bogus).await;
+        assert_error(shown, 401, "unknown_connect_session_token").await;
+    }
+    // The secret key is not a session token.
+    let key_as_token = with_token(&env, reqwest::Method::GET, SECRET_KEY).await;
+    assert_error(key_as_token, 401, "unknown_connect_session_token").await;
+
+    let deleted = with_token(&env, reqwest::Method::DELETE, &token).await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let after = with_token(&env, reqwest::Method::GET, &token).await;
+    assert_error(after, 401, "unknown_connect_session_token").await;
+    let again = with_token(&env, reqwest::Method::DELETE, &token).await;
+    assert_error(again, 401, "unknown_connect_session_token").await;
+    let late = env
+        .connect("fake", &format!("connect_session_token={token}"))
+        .await;
+    assert_error(late, 401, "unknown_connect_session_token").await;
+    assert_eq!(
+        env.fake.token_requests(),
+        calls,
+        "a refused flow called the provider"
+    );
+}
