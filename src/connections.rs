@@ -286,6 +286,7 @@ impl Import {
         now: DateTime<Utc>,
     ) -> AuthorizeConnection {
         AuthorizeConnection {
+            only_new: Default::default(),
             ownership: Default::default(),
             key: self.key,
             provider: settings.provider.clone(),

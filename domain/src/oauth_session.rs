@@ -57,6 +57,9 @@ pub struct FlowSession {
     pub expires_at: DateTime<Utc>,
     /// Tags, end user and connect session of a flow started with a session token.
     pub ownership: Option<Ownership>,
+    /// The flow may create its connection but not replace an existing one (started with only
+    /// the public key).
+    pub only_new: bool,
 }
 
 impl FlowSession {
@@ -81,6 +84,7 @@ impl fmt::Debug for FlowSession {
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
             .field("ownership", &self.ownership)
+            .field("only_new", &self.only_new)
             .finish_non_exhaustive()
     }
 }

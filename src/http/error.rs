@@ -131,6 +131,9 @@ pub enum ApiError {
     /// 401: no live connect session has this token (never made, expired or deleted).
     #[error("unknown or expired connect session token")]
     UnknownConnectSessionToken,
+    /// 401: a secret key is set and a flow came without a session token or `hmac`.
+    #[error("starting a flow needs a connect session token (or an hmac)")]
+    ConnectSessionRequired,
     /// 400: the connect session does not allow this integration.
     #[error("the connect session does not allow integration {0:?}")]
     IntegrationNotAllowed(String),
@@ -179,6 +182,7 @@ impl ApiError {
             Self::RefreshRetrying { .. } => (S::SERVICE_UNAVAILABLE, "connection_refresh_retrying"),
             Self::UnknownConnectSessionToken => (S::UNAUTHORIZED, "unknown_connect_session_token"),
             Self::IntegrationNotAllowed(_) => (S::BAD_REQUEST, "integration_not_allowed"),
+            Self::ConnectSessionRequired => (S::UNAUTHORIZED, "missing_connect_session_token"),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }

@@ -188,6 +188,7 @@ fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
 fn session_refusal(error: &FlowError) -> Option<ApiError> {
     match error {
         FlowError::UnknownSessionToken => Some(ApiError::UnknownConnectSessionToken),
+        FlowError::SessionRequired => Some(ApiError::ConnectSessionRequired),
         FlowError::IntegrationNotAllowed(key) => Some(ApiError::IntegrationNotAllowed(key.clone())),
         FlowError::ConnectionIdWithSessionToken => Some(ApiError::InvalidQuery(error.to_string())),
         _ => None,

@@ -158,6 +158,7 @@ async fn finish(
     let loaded = state
         .commands
         .authorize_connection(AuthorizeConnection {
+            only_new: session.only_new,
             ownership: session.ownership.clone().unwrap_or_default(),
             key: connection.clone(),
             provider: integration.settings.provider.clone(),

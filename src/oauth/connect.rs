@@ -139,10 +139,17 @@ async fn start(
         Some(token) => Some(connect_sessions::find(state, token, now).await?),
         None => None,
     };
-    let connection = match &session {
-        Some(session) => session_connection(session, &key, &request)?,
+    let (connection, only_new) = match &session {
+        Some(session) => (session_connection(session, &key, &request)?, false),
         None => public_connection(config, key, &request)?,
     };
+    if only_new
+        && queries::find_connection(&state.read_models, &connection)
+            .await?
+            .is_some()
+    {
+        return Err(FlowError::ConnectionExists);
+    }
     report.connection_id = Some(connection.connection_id().to_owned());
     let mut request = request;
     if let Some(defaults) = session.as_ref().and_then(|s| {
@@ -219,6 +226,7 @@ async fn start(
     let lifetime = chrono::Duration::from_std(config.oauth_session_lifetime)
         .map_err(|e| FlowError::Internal(e.to_string()))?;
     let session = FlowSession {
+        only_new,
         ownership: session.as_ref().map(ConnectSession::ownership),
         state: flow_state,
         provider_config_key: key.to_owned(),
@@ -273,30 +281,49 @@ fn session_connection(
 }
 
 /// The connection a flow without a session authorizes: the caller's `connection_id`, with
-/// the public key and `hmac` when the server has them.
+/// the public key and `hmac` when the server has them; and whether the flow may only create it.
+///
+/// With a secret key, a flow needs a session token or a valid `hmac`; the public key alone
+/// (when the server has one) may only create a new connection, never replace one. Without a
+/// secret key (open mode, loopback only) the public key and `hmac` are checked when set.
 fn public_connection(
     config: &Config,
     key: String,
     request: &ConnectRequest,
-) -> Result<ConnectionKey, FlowError> {
-    if let Some(expected) = &config.public_key {
-        let given = non_blank(request.public_key.as_deref()).ok_or(FlowError::MissingPublicKey)?;
-        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(FlowError::InvalidPublicKey);
+) -> Result<(ConnectionKey, bool), FlowError> {
+    let public_key = match &config.public_key {
+        Some(expected) => {
+            let given =
+                non_blank(request.public_key.as_deref()).ok_or(FlowError::MissingPublicKey)?;
+            if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+                return Err(FlowError::InvalidPublicKey);
+            }
+            true
         }
-    }
+        None => false,
+    };
     let connection_id = non_blank(request.connection_id.as_deref())
         .ok_or(FlowError::MissingConnectionId)?
         .to_owned();
     check_param(&connection_id, "connection_id")?;
     let connection = ConnectionKey::new(key, connection_id);
-    if let Some(hmac_key) = &config.hmac_key {
-        let given = non_blank(request.hmac.as_deref()).ok_or(FlowError::MissingHmac)?;
-        if !verify_connect_hmac(hmac_key.expose(), &connection, given) {
-            return Err(FlowError::InvalidHmac);
+    let signed = match &config.hmac_key {
+        Some(hmac_key) => {
+            let given = non_blank(request.hmac.as_deref()).ok_or(FlowError::MissingHmac)?;
+            if !verify_connect_hmac(hmac_key.expose(), &connection, given) {
+                return Err(FlowError::InvalidHmac);
+            }
+            true
         }
+        None => false,
+    };
+    if config.secret_key.is_none() || signed {
+        return Ok((connection, false));
     }
-    Ok(connection)
+    if public_key {
+        return Ok((connection, true));
+    }
+    Err(FlowError::SessionRequired)
 }
 
 /// A session's defaults for the integration win over what the browser sent: its connection

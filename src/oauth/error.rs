@@ -3,6 +3,7 @@
 //! bug) show a fixed message; their cause is logged, never shown.
 
 use domain::commands::CommandError;
+use domain::connection::ConnectionRejected;
 use domain::keys::KeyError;
 use domain::store::StoreError;
 use projections::ProjectionError;
@@ -34,6 +35,14 @@ pub enum FlowError {
     /// The connect session does not allow this integration.
     #[error("The connect session does not allow integration {0:?}.")]
     IntegrationNotAllowed(String),
+    /// A secret key is set, and the flow has neither a session token nor a valid `hmac` (nor
+    /// the public key, when the server has one).
+    #[error("Starting a flow needs a connect session token (or an hmac).")]
+    SessionRequired,
+    /// A flow started with only the public key names a connection that exists: it may create
+    /// connections, not replace them.
+    #[error("The connection exists already; re-authorizing it needs a connect session or an hmac.")]
+    ConnectionExists,
     /// A `connection_id` came with a session token (the server chooses the id then).
     #[error("connection_id is forbidden when using session token")]
     ConnectionIdWithSessionToken,
@@ -144,6 +153,8 @@ impl FlowError {
             Self::UnknownSessionToken => "unknown_connect_session_token",
             Self::IntegrationNotAllowed(_) => "integration_not_allowed",
             Self::ConnectionIdWithSessionToken => "invalid_query_params",
+            Self::SessionRequired => "missing_connect_session_token",
+            Self::ConnectionExists => "invalid_connection",
             Self::InvalidParam(_) => "invalid_param",
             Self::MissingHmac => "missing_hmac",
             Self::InvalidHmac => "invalid_hmac",
@@ -209,6 +220,7 @@ from_store_wrapping_errors!(FlowError: ProjectionError, KeyError);
 impl From<CommandError> for FlowError {
     fn from(e: CommandError) -> Self {
         match e {
+            CommandError::Connection(ConnectionRejected::AlreadyExists) => Self::ConnectionExists,
             CommandError::Store(e) => e.into(),
             CommandError::Keys(e) => e.into(),
             other => Self::Internal(other.to_string()),

@@ -5,13 +5,15 @@ use domain::testing::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::oauth::{Env, SECRET_KEY, env};
+use crate::oauth::{Env, SECRET_KEY, env, error_page};
 use crate::{assert_error, ok_json};
 
 domain::on_both_backends!(
     a_session_token_runs_a_flow_that_names_the_connection_and_gives_it_the_sessions_tags,
     a_reconnect_session_reauthorizes_exactly_the_connection_it_names,
     sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens,
+    with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_only_creates,
+    with_a_secret_key_and_no_public_key_a_bare_flow_is_refused,
 );
 
 const TOKEN_PREFIX: &str = "nango_connect_session_";
@@ -155,8 +157,22 @@ async fn a_session_token_runs_a_flow_that_names_the_connection_and_gives_it_the_
 
 async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &TestDatabase) {
     let env = secured(db).await;
-    let first = env.flow("fake", "connection_id=existing").await;
-    assert_eq!(first.status(), StatusCode::OK);
+    let imported = post(
+        &env,
+        "/connection",
+        &json!({
+            "provider_config_key": "fake",
+            "connection_id": "existing",
+            "access_token": "imported-access-token",
+            "refresh_token": "imported-refresh-token",
+        }),
+    )
+    .await;
+    assert!(
+        imported.status().is_success(),
+        "{}",
+        imported.text().await.unwrap()
+    );
     let before = env.connection("fake", "existing").await;
 
     let unknown = post(
@@ -288,4 +304,46 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         calls,
         "a refused flow called the provider"
     );
+}
+
+async fn with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_only_creates(
+    db: &TestDatabase,
+) {
+    let env = env(db, &["--secret-key", SECRET_KEY, "--public-key", "pk"]).await;
+    let page = env.flow("fake", "connection_id=a&public_key=pk").await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let first = env.connection("fake", "a").await;
+
+    // The public key never replaces a connection: refused at connect, before the provider...
+    let calls = env.fake.token_requests();
+    error_page(
+        env.connect("fake", "connection_id=a&public_key=pk").await,
+        "invalid_connection",
+    )
+    .await;
+    assert_eq!(env.fake.token_requests(), calls);
+    // ...and at the callback, when another flow created it in between.
+    let one = env.start("fake", "connection_id=b&public_key=pk").await;
+    let two = env.start("fake", "connection_id=b&public_key=pk").await;
+    let one = env.authorize(&one).await;
+    let two = env.authorize(&two).await;
+    assert_eq!(env.get(&one).await.status(), StatusCode::OK);
+    let created = env.connection("fake", "b").await;
+    error_page(env.get(&two).await, "invalid_connection").await;
+    let kept = env.connection("fake", "b").await;
+    assert_eq!(
+        kept["credentials"]["access_token"],
+        created["credentials"]["access_token"]
+    );
+    assert_eq!(
+        env.connection("fake", "a").await["credentials"],
+        first["credentials"]
+    );
+}
+
+async fn with_a_secret_key_and_no_public_key_a_bare_flow_is_refused(db: &TestDatabase) {
+    let env = secured(db).await;
+    let refused = env.connect("fake", "connection_id=mine").await;
+    assert_error(refused, 401, "missing_connect_session_token").await;
+    assert_eq!(env.fake.token_requests(), 0);
 }

@@ -195,7 +195,7 @@ impl Env {
             .await
     }
 
-    async fn get(&self, url: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, url: &str) -> reqwest::Response {
         self.browser.get(url).send().await.unwrap()
     }
 
@@ -277,7 +277,7 @@ async fn success_page(response: reqwest::Response, key: &str, connection_id: &st
 }
 
 /// Asserts a 400 error page reporting `error_type`, without a redirect; returns it.
-async fn error_page(response: reqwest::Response, error_type: &str) -> String {
+pub(crate) async fn error_page(response: reqwest::Response, error_type: &str) -> String {
     let status = response.status();
     assert!(response.headers().get(LOCATION).is_none());
     let content_type = response.headers()[CONTENT_TYPE]
@@ -605,6 +605,7 @@ async fn an_expired_state_is_refused_without_calling_the_provider(db: &TestDatab
 
 fn session(state: &str, created_at: DateTime<Utc>, lifetime: chrono::Duration) -> FlowSession {
     FlowSession {
+        only_new: Default::default(),
         ownership: Default::default(),
         state: state.to_owned(),
         provider_config_key: "k".into(),
@@ -793,11 +794,11 @@ async fn an_api_redirect_url_off_the_allow_list_gets_a_page_and_no_redirect(db: 
 }
 
 async fn a_success_redirect_is_signed_with_the_secret_key(db: &TestDatabase) {
-    let env = env(db, &["--secret-key", SECRET_KEY]).await;
+    let env = env(db, &["--secret-key", SECRET_KEY, "--public-key", "pk"]).await;
     let outcome = env
         .flow(
             "fake",
-            "connection_id=user%201&api_redirect_url=http%3A%2F%2Fapp.example.test%2Fdone",
+            "connection_id=user%201&public_key=pk&api_redirect_url=http%3A%2F%2Fapp.example.test%2Fdone",
         )
         .await;
     assert_eq!(outcome.status(), StatusCode::FOUND);

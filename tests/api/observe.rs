@@ -424,6 +424,8 @@ async fn log_scan() {
             ("GRANTLINE_DATABASE_URL", db.url()),
             ("GRANTLINE_ENCRYPTION_KEY", &encryption_key),
             ("GRANTLINE_SECRET_KEY", &secret_key),
+            // With a secret key, a flow needs a session, an hmac or (to create) the public key.
+            ("GRANTLINE_PUBLIC_KEY", "observe-public-key"),
             ("GRANTLINE_LOG_FORMAT", "json"),
             // Everything, the dependencies named so that their output is not capped: the
             // database driver's statement parameters are scanned too.
@@ -457,7 +459,9 @@ async fn log_scan() {
 
     // The flow: connect → the provider's authorize → the callback.
     let connect = browser
-        .get(url("/oauth/connect/fake?connection_id=user-1"))
+        .get(url(
+            "/oauth/connect/fake?connection_id=user-1&public_key=observe-public-key",
+        ))
         .send()
         .await
         .unwrap();

@@ -40,6 +40,9 @@ pub struct AuthorizeConnection {
     pub metadata: Option<Map<String, Value>>,
     /// Tags and end user from a connect session (empty: keep the connection's).
     pub ownership: Ownership,
+    /// Refuse ([`ConnectionRejected::AlreadyExists`]) when the connection is authorized now:
+    /// a flow started with only the public key may create a connection, never replace one.
+    pub only_new: bool,
 }
 
 impl AuthorizeConnection {
@@ -69,6 +72,9 @@ impl AuthorizeConnection {
         sealed: &Sealed,
         fingerprints: &TokenFingerprints,
     ) -> Result<Vec<ConnectionEvent>, CommandError> {
+        if self.only_new && state.active().is_some() {
+            return Err(CommandError::Connection(ConnectionRejected::AlreadyExists));
+        }
         let authorization = Authorization {
             provider_config_key: self.key.provider_config_key().to_owned(),
             connection_id: self.key.connection_id().to_owned(),

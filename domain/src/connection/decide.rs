@@ -72,6 +72,9 @@ pub enum ConnectionRejected {
     /// The connection was deleted.
     #[error("the connection was deleted")]
     Deleted,
+    /// The authorization may only create a connection, and this one exists.
+    #[error("the connection exists already")]
+    AlreadyExists,
     /// There is no refresh token to refresh with.
     #[error("the connection has no refresh token")]
     NoRefreshToken,

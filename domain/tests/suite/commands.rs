@@ -82,6 +82,7 @@ fn import(credentials: Credentials, now: DateTime<Utc>) -> AuthorizeConnection {
     let mut connection_config = Map::new();
     connection_config.insert("subdomain".to_owned(), json!("acme"));
     AuthorizeConnection {
+        only_new: Default::default(),
         ownership: Default::default(),
         key: key(),
         provider: "github".to_owned(),

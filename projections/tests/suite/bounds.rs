@@ -96,6 +96,7 @@ async fn every_accepted_value_reads_back_equal_and_every_refused_one_writes_noth
         let outcome = f
             .commands
             .authorize_connection(AuthorizeConnection {
+                only_new: Default::default(),
                 ownership: Default::default(),
                 key: key.clone(),
                 provider: "github".into(),

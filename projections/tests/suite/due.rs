@@ -72,6 +72,7 @@ async fn the_queries_select_what_the_policy_statement_says(db: &TestDatabase) {
         let key = ConnectionKey::new("gh", case.id);
         f.commands
             .authorize_connection(AuthorizeConnection {
+                only_new: Default::default(),
                 ownership: Default::default(),
                 key: key.clone(),
                 provider: case.provider.into(),

@@ -75,6 +75,7 @@ impl Fixture {
     pub async fn connection(&self, key: &str, id: &str) {
         self.commands
             .authorize_connection(AuthorizeConnection {
+                only_new: Default::default(),
                 ownership: Default::default(),
                 key: ConnectionKey::new(key, id),
                 provider: "github".into(),

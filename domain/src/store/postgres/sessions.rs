@@ -18,7 +18,7 @@ impl SessionRepository for PostgresStore {
         let (client, statement) = self
             .prepared(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
             ))
             .await?;
         let config = Value::Object(session.connection_config.clone());
@@ -47,6 +47,7 @@ impl SessionRepository for PostgresStore {
                     &session.created_at,
                     &session.expires_at,
                     &ownership,
+                    &session.only_new,
                 ],
             )
             .await
@@ -120,6 +121,7 @@ fn flow_session(row: &Row) -> Result<FlowSession, StoreError> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| unreadable_session(e.to_string()))?,
+        only_new: row.get(14),
     })
 }
 

@@ -25,7 +25,7 @@ impl SessionRepository for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ))
             .and_then(|mut s| {
                 s.execute(params![
@@ -43,6 +43,7 @@ impl SessionRepository for SqliteStore {
                     session.created_at.timestamp_micros(),
                     session.expires_at.timestamp_micros(),
                     ownership,
+                    session.only_new,
                 ])
             })
             .map(|_| ())
@@ -107,6 +108,7 @@ struct SessionRow {
     created_at: i64,
     expires_at: i64,
     ownership: Option<String>,
+    only_new: bool,
 }
 
 fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
@@ -125,6 +127,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         created_at: row.get(11)?,
         expires_at: row.get(12)?,
         ownership: row.get(13)?,
+        only_new: row.get(14)?,
     })
 }
 
@@ -165,6 +168,7 @@ fn flow_session(row: SessionRow) -> Result<FlowSession, StoreError> {
             .map(|o| serde_json::from_str(&o))
             .transpose()
             .map_err(|e| unreadable_session(e.to_string()))?,
+        only_new: row.only_new,
     })
 }
 
