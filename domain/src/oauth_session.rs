@@ -24,6 +24,15 @@ use crate::connect_session::Ownership;
 use crate::keys::Sealed;
 use crate::store::StoreError;
 
+/// The name of the cookie that binds the flow with `state` to the browser that started it: one
+/// per flow (a browser may run several at once), named by a digest of the state, never the
+/// state itself.
+pub fn binding_cookie_name(state: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(state.as_bytes());
+    format!("grantline_flow_{}", hex::encode(&digest[..8]))
+}
+
 /// The owner of the data key that seals flow secrets; no stream is named like this.
 pub const SESSION_KEY_OWNER: &str = "system-oauth-sessions";
 
@@ -103,6 +112,10 @@ pub struct FlowSecrets {
     /// The OAuth 1.0a request token's secret, which signs the access-token request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_token_secret: Option<String>,
+    /// The value of the cookie set on the browser that started the flow; the callback must
+    /// come with it. (Absent in sessions stored before flows were bound to their browser.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser_binding: Option<String>,
 }
 
 impl fmt::Debug for FlowSecrets {
@@ -115,6 +128,7 @@ impl fmt::Debug for FlowSecrets {
                 "request_token_secret",
                 &redacted(&self.request_token_secret),
             )
+            .field("browser_binding", &redacted(&self.browser_binding))
             .finish()
     }
 }

@@ -78,7 +78,21 @@ pub async fn connect(
     let mut request = connect_request(provider_config_key, query.as_deref().unwrap_or(""));
     request.client = Some(peer.ip());
     match oauth::connect(&state, request, Utc::now()).await {
-        Ok(authorization_url) => found(&authorization_url),
+        Ok(started) => {
+            let mut response = found(&started.url);
+            let secure = state.config.server_url.starts_with("https://");
+            let cookie = format!(
+                "{}={}; Path=/oauth/callback; Max-Age={}; HttpOnly; SameSite=Lax{}",
+                started.cookie.name,
+                started.cookie.value,
+                started.cookie.max_age,
+                if secure { "; Secure" } else { "" },
+            );
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().append(header::SET_COOKIE, value);
+            }
+            response
+        }
         Err(failure) => {
             // What a session token refuses is answered as JSON, as Nango's clients expect.
             if let Some(refusal) = session_refusal(&failure.error) {
@@ -119,12 +133,17 @@ pub async fn connect(
     ),
     security(()),
 )]
-pub async fn callback(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+pub async fn callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let pairs: Vec<(String, String)> =
         url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
-    let outcome = oauth::callback(&state, &pairs, Utc::now()).await;
+    let cookie = |name: &str| cookie_value(&headers, name);
+    let outcome = oauth::callback(&state, &pairs, cookie, Utc::now()).await;
     match &outcome {
         Ok(done) => oauth::report_success(&state, done).await,
         Err(failure) => oauth::report_failure(&state, failure).await,
@@ -182,6 +201,18 @@ fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
     }
     request.params = params;
     request
+}
+
+/// The value of the request's cookie `name`, if it has one.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_owned())
 }
 
 /// The JSON error of a flow a connect session refused.

@@ -11,7 +11,7 @@ use domain::commands::AuthorizeConnection;
 use domain::connection::{ConnectionKey, Flow};
 use domain::credentials::{ClientSecret, Credentials};
 use domain::integration::ActiveIntegration;
-use domain::oauth_session::{FlowSecrets, FlowSession};
+use domain::oauth_session::{FlowSecrets, FlowSession, binding_cookie_name};
 use projections::queries;
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
@@ -34,10 +34,11 @@ use crate::state::AppState;
 pub async fn callback(
     state: &AppState,
     query: &[(String, String)],
+    binding: impl Fn(&str) -> Option<String> + Sync,
     now: DateTime<Utc>,
 ) -> Result<Completed, Failure> {
     let mut report = Report::default();
-    let result = finish(state, query, now, &mut report).await;
+    let result = finish(state, query, &binding, now, &mut report).await;
     match result {
         Ok(connection) => Ok(Completed { connection, report }),
         Err(error) => {
@@ -47,9 +48,11 @@ pub async fn callback(
     }
 }
 
+/// `binding(name)`: the value of the request's cookie `name`.
 async fn finish(
     state: &AppState,
     query: &[(String, String)],
+    binding: &(dyn Fn(&str) -> Option<String> + Sync),
     now: DateTime<Utc>,
     report: &mut Report,
 ) -> Result<ConnectionKey, FlowError> {
@@ -107,6 +110,12 @@ async fn finish(
         Some(sealed) => state.commands.vault().unseal_json(sealed).await?,
         None => FlowSecrets::default(),
     };
+    if let Some(expected) = &secrets.browser_binding {
+        let presented = binding(&binding_cookie_name(flow_state)).unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(FlowError::ForeignBrowser);
+        }
+    }
     let config_params: BTreeMap<String, String> = session
         .connection_config
         .iter()

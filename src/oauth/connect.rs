@@ -16,7 +16,7 @@ use domain::catalog::{AuthMode, Template};
 use domain::connect_session::{ConfigDefaults, ConnectSession};
 use domain::connection::ConnectionKey;
 use domain::integration::ActiveIntegration;
-use domain::oauth_session::{FlowSecrets, FlowSession};
+use domain::oauth_session::{FlowSecrets, FlowSession, binding_cookie_name};
 use oauth2::{CsrfToken, PkceCodeChallenge};
 use projections::queries;
 use serde_json::{Map, Value};
@@ -101,7 +101,7 @@ pub async fn connect(
     state: &AppState,
     request: ConnectRequest,
     now: DateTime<Utc>,
-) -> Result<String, Failure> {
+) -> Result<Started, Failure> {
     let mut report = Report {
         provider_config_key: Some(request.provider_config_key.clone()),
         ..Report::default()
@@ -118,7 +118,7 @@ async fn start(
     request: ConnectRequest,
     now: DateTime<Utc>,
     report: &mut Report,
-) -> Result<String, FlowError> {
+) -> Result<Started, FlowError> {
     let config = &state.config;
     if let Some(url) = non_blank(request.api_redirect_url.as_deref()) {
         report.api_redirect_url = Some(allowed_redirect(config, url)?);
@@ -211,12 +211,17 @@ async fn start(
         AuthMode::OAuth2 => start_oauth2(&flow)?,
         AuthMode::OAuth1 => start_oauth1(state, &flow).await?,
     };
-    let secrets = match secrets {
-        Some(secrets) => {
-            let key_id = state.oauth.session_key(state).await?;
-            Some(state.commands.vault().seal_json(key_id, &secrets).await?)
-        }
-        None => None,
+    // The browser that starts the flow gets a cookie the callback must bring back, so a
+    // callback URL carried to another browser (a victim's) cannot finish the flow there.
+    let binding = CsrfToken::new_random_len(STATE_BYTES).secret().clone();
+    let mut secrets = secrets.unwrap_or_default();
+    secrets.browser_binding = Some(binding.clone());
+    let key_id = state.oauth.session_key(state).await?;
+    let secrets = Some(state.commands.vault().seal_json(key_id, &secrets).await?);
+    let cookie = BindingCookie {
+        name: binding_cookie_name(&flow.state),
+        value: binding,
+        max_age: config.oauth_session_lifetime.as_secs(),
     };
     let Start {
         callback_url,
@@ -255,7 +260,34 @@ async fn start(
         connection_id = %connection.connection_id(),
         "oauth flow started"
     );
-    Ok(url.into())
+    Ok(Started {
+        url: url.into(),
+        cookie,
+    })
+}
+
+/// A started flow: where to send the browser, and the cookie to set on it.
+#[derive(Debug)]
+pub struct Started {
+    pub url: String,
+    pub cookie: BindingCookie,
+}
+
+/// The cookie that binds a flow to the browser that started it (its value is a secret).
+pub struct BindingCookie {
+    pub name: String,
+    pub value: String,
+    /// Seconds, as long as the flow's state is accepted.
+    pub max_age: u64,
+}
+
+impl std::fmt::Debug for BindingCookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindingCookie")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The connection a flow with a connect session authorizes: the one a reconnect session names,

@@ -76,6 +76,9 @@ pub enum FlowError {
     /// No session with this state: never issued, already used, or swept.
     #[error("Invalid state: unknown, or already used.")]
     UnknownState,
+    /// The callback came without the cookie of the browser that started the flow.
+    #[error("This authorization was started in another browser; start it again here.")]
+    ForeignBrowser,
     /// The session expired before the callback.
     #[error("Invalid state: the authorization took too long and expired; start again.")]
     ExpiredState,
@@ -164,6 +167,7 @@ impl FlowError {
             Self::GrantType(_) => "grant_type_err",
             Self::UrlParam(_) => "url_param_err",
             Self::MissingState | Self::UnknownState | Self::ExpiredState => "state_err",
+            Self::ForeignBrowser => "state_cookie_err",
             Self::ProviderDenied { .. }
             | Self::MissingCode
             | Self::MissingVerifier

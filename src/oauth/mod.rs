@@ -44,7 +44,7 @@ use uuid::Uuid;
 use workers::provider::ProviderClient;
 
 pub use callback::callback;
-pub use connect::{ConnectRequest, connect};
+pub use connect::{BindingCookie, ConnectRequest, Started, connect};
 pub use error::FlowError;
 pub use redirect::{error_redirect, success_redirect};
 pub use report::{Completed, Failure, Report, SocketMessage, report_failure, report_success};

@@ -14,6 +14,7 @@ domain::on_both_backends!(
     sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens,
     with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_only_creates,
     with_a_secret_key_and_no_public_key_a_bare_flow_is_refused,
+    a_callback_in_another_browser_is_refused_before_the_provider_is_asked,
 );
 
 const TOKEN_PREFIX: &str = "nango_connect_session_";
@@ -346,4 +347,70 @@ async fn with_a_secret_key_and_no_public_key_a_bare_flow_is_refused(db: &TestDat
     let refused = env.connect("fake", "connection_id=mine").await;
     assert_error(refused, 401, "missing_connect_session_token").await;
     assert_eq!(env.fake.token_requests(), 0);
+}
+
+async fn a_callback_in_another_browser_is_refused_before_the_provider_is_asked(db: &TestDatabase) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}}),
+    )
+    .await;
+    let started = env
+        .connect("fake", &format!("connect_session_token={token}"))
+        .await;
+    let cookie = started.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("grantline_flow_"), "{cookie}");
+    for attribute in [
+        "HttpOnly",
+        "SameSite=Lax",
+        "Path=/oauth/callback",
+        "Max-Age=",
+    ] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let authorization_url =
+        url::Url::parse(started.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(
+        !cookie.contains(
+            authorization_url
+                .query_pairs()
+                .find(|(k, _)| k == "state")
+                .unwrap()
+                .1
+                .as_ref()
+        )
+    );
+    let callback = env.authorize(&authorization_url).await;
+    // The victim's browser: no cookie of this flow.
+    let other = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let calls = env.fake.token_requests();
+    let refused = other.get(&callback).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let page = refused.text().await.unwrap();
+    assert!(page.contains("state_cookie_err"), "{page}");
+    assert_eq!(env.fake.token_requests(), calls, "the provider was asked");
+    // A forged cookie of the right name does not help either (a second flow: a state is taken
+    // by the first callback that carries it).
+    let started = env
+        .connect("fake", &format!("connect_session_token={token}"))
+        .await;
+    let cookie = started.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let name = cookie.split('=').next().unwrap();
+    let authorization_url =
+        url::Url::parse(started.headers()["location"].to_str().unwrap()).unwrap();
+    let callback = env.authorize(&authorization_url).await;
+    let forged = other
+        .get(&callback)
+        .header("cookie", format!("{name}=forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+    assert!(forged.text().await.unwrap().contains("state_cookie_err"));
+    assert_eq!(env.fake.token_requests(), calls);
 }

@@ -129,6 +129,7 @@ pub(crate) async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
         fake,
         browser: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .cookie_store(true)
             .build()
             .unwrap(),
         secret_key: extra.contains(&"--secret-key"),

@@ -439,6 +439,7 @@ async fn log_scan() {
     let api = TestApp::client_of(&server.address);
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
         .build()
         .unwrap();
     let mut ids = Vec::new();
