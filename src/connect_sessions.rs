@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use domain::connect_session::{
     ConfigDefaults, ConnectSession, ConnectSessionEvent, EndUser, LIFETIME, Organization,
-    Reconnect, SessionToken, plausible_email, plausible_token, session_tags, token_hash,
+    Ownership, Reconnect, SessionToken, plausible_email, plausible_token, session_tags, token_hash,
 };
 use domain::connection::ConnectionKey;
 use domain::event::DomainEvent;
@@ -152,6 +152,96 @@ async fn check_integration_exists(
     }
 }
 
+/// The end user of a body and the tags it makes: derived from the end user and its organization,
+/// overlaid with `tags` (Nango's rules).
+fn owner(
+    end_user: Option<EndUserBody>,
+    organization: Option<&OrganizationBody>,
+    tags: Option<BTreeMap<String, String>>,
+) -> Result<(Option<EndUser>, BTreeMap<String, String>), SessionsError> {
+    let mut end_user_tags = BTreeMap::new();
+    let end_user = match end_user {
+        Some(user) => {
+            check_len(&user.id, "end_user.id", 1, 255)?;
+            if let Some(email) = &user.email
+                && !plausible_email(email)
+            {
+                return Err(invalid("end_user.email must be an e-mail address"));
+            }
+            if let Some(name) = &user.display_name {
+                check_len(name, "end_user.display_name", 0, 255)?;
+            }
+            end_user_tags = user.tags.unwrap_or_default();
+            let organization = match organization {
+                Some(org) => {
+                    check_len(&org.id, "organization.id", 0, 255)?;
+                    if let Some(name) = &org.display_name {
+                        check_len(name, "organization.display_name", 0, 255)?;
+                    }
+                    Some(Organization {
+                        id: org.id.clone(),
+                        display_name: org.display_name.clone(),
+                    })
+                }
+                None => None,
+            };
+            Some(EndUser {
+                id: user.id,
+                email: user.email,
+                display_name: user.display_name,
+                organization,
+            })
+        }
+        None => None,
+    };
+    let tags = session_tags(end_user.as_ref(), &end_user_tags, &tags.unwrap_or_default())
+        .map_err(|e| invalid(format!("tags: {e}")))?;
+    Ok((end_user, tags))
+}
+
+/// `PATCH /connections/:id`: a connection's new end user and tags.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchBody {
+    #[serde(default)]
+    pub end_user: Option<EndUserBody>,
+    #[serde(default)]
+    pub organization: Option<OrganizationBody>,
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub webhook_url_override: Option<String>,
+}
+
+/// What `PATCH /connections/:id` makes of a connection's ownership: with `end_user` or `tags`,
+/// the tags are replaced by those derived from the end user overlaid with `tags` (tags not sent
+/// again are dropped); the end user is replaced when one is given; the connect session stays.
+/// `None`: nothing to change.
+pub fn patched_ownership(
+    current: &Ownership,
+    body: PatchBody,
+) -> Result<Option<Ownership>, SessionsError> {
+    if body
+        .webhook_url_override
+        .as_deref()
+        .is_some_and(|url| !url.is_empty())
+    {
+        return Err(invalid(
+            "webhook_url_override: per-connection webhook URLs are not supported; \
+             GRANTLINE_WEBHOOK_URLS applies to every connection",
+        ));
+    }
+    if body.end_user.is_none() && body.tags.is_none() {
+        return Ok(None);
+    }
+    let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
+    Ok(Some(Ownership {
+        tags,
+        end_user: end_user.or_else(|| current.end_user.clone()),
+        connect_session_id: current.connect_session_id,
+    }))
+}
+
 /// Makes a session (a reconnect session when `reconnect` is set).
 pub async fn create(
     state: &AppState,
@@ -194,47 +284,7 @@ pub async fn create(
     if body.end_user.is_none() && body.tags.is_none() {
         return Err(invalid("end_user or tags is required"));
     }
-    let mut end_user_tags = BTreeMap::new();
-    let end_user = match body.end_user {
-        Some(user) => {
-            check_len(&user.id, "end_user.id", 1, 255)?;
-            if let Some(email) = &user.email
-                && !plausible_email(email)
-            {
-                return Err(invalid("end_user.email must be an e-mail address"));
-            }
-            if let Some(name) = &user.display_name {
-                check_len(name, "end_user.display_name", 0, 255)?;
-            }
-            end_user_tags = user.tags.unwrap_or_default();
-            let organization = match &body.organization {
-                Some(org) => {
-                    check_len(&org.id, "organization.id", 0, 255)?;
-                    if let Some(name) = &org.display_name {
-                        check_len(name, "organization.display_name", 0, 255)?;
-                    }
-                    Some(Organization {
-                        id: org.id.clone(),
-                        display_name: org.display_name.clone(),
-                    })
-                }
-                None => None,
-            };
-            Some(EndUser {
-                id: user.id,
-                email: user.email,
-                display_name: user.display_name,
-                organization,
-            })
-        }
-        None => None,
-    };
-    let tags = session_tags(
-        end_user.as_ref(),
-        &end_user_tags,
-        &body.tags.unwrap_or_default(),
-    )
-    .map_err(|e| invalid(format!("tags: {e}")))?;
+    let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
 
     let allowed_integrations = match body.allowed_integrations {
         Some(keys) if !keys.is_empty() => {

@@ -52,6 +52,9 @@ pub enum ConnectionsError {
     /// The read model cannot be read or written.
     #[error(transparent)]
     ReadModel(#[from] ProjectionError),
+    /// New tags or end user break a rule.
+    #[error("{0}")]
+    InvalidOwnership(String),
     /// A command left the connection not live where it must be (a bug).
     #[error("{0} is not live after the command")]
     NotLive(&'static str),
@@ -349,6 +352,28 @@ pub async fn set_metadata(
         let loaded = state
             .commands
             .set_metadata(key, Value::Object(metadata.clone()), mode, now)
+            .await
+            .map_err(ConnectionsError::command(key))?;
+        publish(state, &loaded).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the tags and end user of the connection `key` as `PATCH /connections/:id` asks.
+pub async fn set_ownership(
+    state: &AppState,
+    key: &ConnectionKey,
+    body: crate::connect_sessions::PatchBody,
+) -> Result<(), ConnectionsError> {
+    let Some(found) = queries::find_connection(&state.read_models, key).await? else {
+        return Err(missing(state, key).await);
+    };
+    let ownership = crate::connect_sessions::patched_ownership(&found.connection.ownership, body)
+        .map_err(|e| ConnectionsError::InvalidOwnership(e.to_string()))?;
+    if let Some(ownership) = ownership {
+        let loaded = state
+            .commands
+            .set_ownership(key, ownership, Utc::now())
             .await
             .map_err(ConnectionsError::command(key))?;
         publish(state, &loaded).await?;

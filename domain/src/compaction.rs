@@ -194,7 +194,10 @@ fn pick(
                     picked[i] = Some(Kind::Lifecycle);
                 }
             }
-            ConnectionEvent::ConnectionAuthorized(_) | ConnectionEvent::ConnectionDeleted(_) => {}
+            // Tags and end user are few and rare: kept, like authorizations and deletions.
+            ConnectionEvent::ConnectionAuthorized(_)
+            | ConnectionEvent::OwnershipSet(_)
+            | ConnectionEvent::ConnectionDeleted(_) => {}
         }
     }
     picked

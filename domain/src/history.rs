@@ -50,6 +50,8 @@ pub enum EntryType {
     RefreshFailed,
     /// `MetadataSet`.
     MetadataSet,
+    /// `OwnershipSet`.
+    OwnershipSet,
     /// `ConnectionDeleted`.
     ConnectionDeleted,
 }
@@ -63,6 +65,7 @@ impl EntryType {
             Self::TokensRefreshed => "tokens_refreshed",
             Self::RefreshFailed => "refresh_failed",
             Self::MetadataSet => "metadata_set",
+            Self::OwnershipSet => "ownership_set",
             Self::ConnectionDeleted => "connection_deleted",
         }
     }
@@ -321,6 +324,13 @@ impl HistoryFolder {
                     mode: e.mode,
                     keys: metadata_keys(&e.metadata),
                 });
+                entry
+            }
+            ConnectionEvent::OwnershipSet(e) => {
+                let mut entry =
+                    HistoryEntry::base(record, EntryType::OwnershipSet, self.generation);
+                entry.instance = recorded_instance;
+                entry.ownership = Some(e.ownership.clone());
                 entry
             }
             ConnectionEvent::ConnectionDeleted(e) => {

@@ -373,6 +373,41 @@ pub struct MetadataAnswer {
     metadata: Map<String, Value>,
 }
 
+/// `PATCH /connection/:id?provider_config_key=K` with `{end_user?, tags?}`: with either, the
+/// connection's tags become those derived from `end_user` overlaid with `tags` (tags not sent
+/// again are dropped), and its end user the one given.
+#[utoipa::path(
+    patch,
+    path = "/connection/{connection_id}",
+    tag = "connections",
+    params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
+    request_body(content = Object, description = "`end_user` {id, email, display_name, tags}, \
+        `organization`, `tags`"),
+    responses(
+        (status = 200, description = "Changed", body = Success),
+        (status = 400, description = "Invalid tags or end user (`invalid_body`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+    ),
+)]
+pub async fn patch_connection(
+    State(state): State<AppState>,
+    ApiPath(connection_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<KeyQuery>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Success>, ApiError> {
+    identifier(&connection_id, "connection_id")?;
+    let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
+    if !body.is_object() {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    let body: crate::connect_sessions::PatchBody =
+        serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    connections::set_ownership(&state, &ConnectionKey::new(&key, &connection_id), body).await?;
+    Ok(Json(Success::YES))
+}
+
 /// `POST`/`PATCH /connection/:id/metadata?provider_config_key=K` with the metadata as body.
 ///
 /// POST replaces the metadata (201), PATCH merges into it (200).

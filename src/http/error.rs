@@ -347,6 +347,7 @@ impl From<ConnectionsError> for ApiError {
             ConnectionsError::Refresh(e) => e.into(),
             ConnectionsError::Command { key, source } => command_error(*source, &key),
             ConnectionsError::ReadModel(e) => e.into(),
+            ConnectionsError::InvalidOwnership(message) => Self::InvalidBody(message),
             other @ (ConnectionsError::NotLive(_) | ConnectionsError::Render(_)) => {
                 Self::Internal(other.to_string())
             }

@@ -161,6 +161,7 @@ pub enum HistoryEntryType {
     TokensRefreshed,
     RefreshFailed,
     MetadataSet,
+    OwnershipSet,
     ConnectionDeleted,
 }
 
@@ -225,6 +226,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 EntryType::TokensRefreshed => HistoryEntryType::TokensRefreshed,
                 EntryType::RefreshFailed => HistoryEntryType::RefreshFailed,
                 EntryType::MetadataSet => HistoryEntryType::MetadataSet,
+                EntryType::OwnershipSet => HistoryEntryType::OwnershipSet,
                 EntryType::ConnectionDeleted => HistoryEntryType::ConnectionDeleted,
             },
             recorded_at: entry.recorded_at,

@@ -113,7 +113,9 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             )
             .route(
                 &format!("{family}/{{connection_id}}"),
-                get(connection::get_connection).delete(connection::delete_connection),
+                get(connection::get_connection)
+                    .delete(connection::delete_connection)
+                    .patch(connection::patch_connection),
             )
             .route(
                 &format!("{family}/{{connection_id}}/history"),

@@ -45,6 +45,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::import::import_connection,
         super::connection::get_connection,
         super::connection::delete_connection,
+        super::connection::patch_connection,
         super::connection::get_connection_named_metadata,
         super::connection::delete_connection_named_metadata,
         super::connection::set_metadata,

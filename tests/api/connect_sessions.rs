@@ -15,6 +15,7 @@ domain::on_both_backends!(
     with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_only_creates,
     with_a_secret_key_and_no_public_key_a_bare_flow_is_refused,
     a_callback_in_another_browser_is_refused_before_the_provider_is_asked,
+    patching_a_connection_replaces_its_tags_and_end_user,
 );
 
 const TOKEN_PREFIX: &str = "nango_connect_session_";
@@ -413,4 +414,116 @@ async fn a_callback_in_another_browser_is_refused_before_the_provider_is_asked(d
     assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
     assert!(forged.text().await.unwrap().contains("state_cookie_err"));
     assert_eq!(env.fake.token_requests(), calls);
+}
+
+async fn patching_a_connection_replaces_its_tags_and_end_user(db: &TestDatabase) {
+    let env = secured(db).await;
+    let imported = post(
+        &env,
+        "/connection",
+        &json!({
+            "provider_config_key": "fake",
+            "connection_id": "c1",
+            "access_token": "imported-access-token",
+        }),
+    )
+    .await;
+    assert!(imported.status().is_success());
+    let patch = |path: &str, body: Value| {
+        env.app
+            .client
+            .patch(env.app.url(path))
+            .bearer_auth(SECRET_KEY)
+            .json(&body)
+            .send()
+    };
+    let done = patch(
+        "/connections/c1?provider_config_key=fake",
+        json!({"end_user": {"id": "u9", "email": "u9@example.com"}, "tags": {"Team": "a"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok_json(done).await, json!({"success": true}));
+    let connection = env.connection("fake", "c1").await;
+    assert_eq!(
+        connection["tags"],
+        json!({"end_user_id": "u9", "end_user_email": "u9@example.com", "team": "a"})
+    );
+    assert_eq!(connection["end_user"]["id"], "u9");
+
+    // Tags alone replace the tags; the end user stays.
+    let done = patch(
+        "/connection/c1?provider_config_key=fake",
+        json!({"tags": {"team": "b"}}),
+    )
+    .await
+    .unwrap();
+    ok_json(done).await;
+    let connection = env.connection("fake", "c1").await;
+    assert_eq!(connection["tags"], json!({"team": "b"}));
+    assert_eq!(connection["end_user"]["id"], "u9");
+    let entries = history(&env, "fake", "c1").await;
+    let types: Vec<_> = entries["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        ["connection_authorized", "ownership_set", "ownership_set"],
+        "{entries}"
+    );
+
+    for (path, body, status, code) in [
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!({"tags": {"1x": "v"}}),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!({"surprise": 1}),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!({"end_user": {"id": "u", "email": "x"}}),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!({"webhook_url_override": "https://hooks.example.com"}),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!([]),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1",
+            json!({"tags": {}}),
+            400,
+            "missing_provider_config",
+        ),
+        (
+            "/connections/nope?provider_config_key=fake",
+            json!({"tags": {}}),
+            404,
+            "unknown_connection",
+        ),
+    ] {
+        let refused = patch(path, body).await.unwrap();
+        assert_error(refused, status, code).await;
+    }
+    assert_eq!(
+        env.connection("fake", "c1").await["tags"],
+        json!({"team": "b"})
+    );
 }

@@ -74,6 +74,7 @@ fn kinds(events: &[ConnectionEvent]) -> Vec<&'static str> {
             ConnectionEvent::TokensRefreshed(_) => "refreshed",
             ConnectionEvent::RefreshFailed(_) => "failed",
             ConnectionEvent::MetadataSet(_) => "metadata",
+            ConnectionEvent::OwnershipSet(_) => "ownership",
             ConnectionEvent::ConnectionDeleted(_) => "deleted",
         })
         .collect()

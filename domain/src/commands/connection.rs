@@ -214,6 +214,32 @@ impl Commands {
         Ok(loaded.traced())
     }
 
+    /// Replaces the connection's tags and end user.
+    #[tracing::instrument(
+        name = "commands.set_ownership",
+        skip_all,
+        fields(
+            provider_config_key = %key.provider_config_key(),
+            connection_id = %key.connection_id(),
+            stream_version = Empty,
+        )
+    )]
+    pub async fn set_ownership(
+        &self,
+        key: &ConnectionKey,
+        ownership: Ownership,
+        now: DateTime<Utc>,
+    ) -> Result<Loaded<Connection>, CommandError> {
+        let loaded = self.load(key.stream_id()).await?;
+        let loaded = self
+            .decide_connection(loaded, MAX_ATTEMPTS, |_| ConnectionCommand::SetOwnership {
+                ownership: ownership.clone(),
+                now,
+            })
+            .await?;
+        Ok(loaded.traced())
+    }
+
     /// Deletes the connection: appends `ConnectionDeleted` naming every data key of its
     /// generations, then destroys them. The history stays; its secrets become unrecoverable.
     ///

@@ -7,11 +7,12 @@ use uuid::Uuid;
 
 use super::events::{
     Authorization, ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, MetadataMode,
-    MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger, TokenFingerprints,
-    TokensRefreshed,
+    MetadataSet, OwnershipSet, RefreshFailed, RefreshFailure, RefreshLeased, RefreshTrigger,
+    TokenFingerprints, TokensRefreshed,
 };
 use super::state::{ActiveConnection, Connection};
 use crate::bounds::{JsonBounds, OutOfBounds, TimeOutOfRange, in_range};
+use crate::connect_session::Ownership;
 use crate::keys::Sealed;
 
 /// What may be asked of a connection. Time and provider answers are data here.
@@ -51,6 +52,11 @@ pub enum ConnectionCommand {
         now: DateTime<Utc>,
     },
     /// Replace or merge the metadata (must be a JSON object).
+    /// Replace the tags and end user.
+    SetOwnership {
+        ownership: Ownership,
+        now: DateTime<Utc>,
+    },
     SetMetadata {
         metadata: Value,
         mode: MetadataMode,
@@ -258,6 +264,13 @@ pub fn decide(
                 mode,
                 set_at: now,
             })
+        }
+        ConnectionCommand::SetOwnership { ownership, now } => {
+            existing(state)?;
+            ConnectionEvent::OwnershipSet(Box::new(OwnershipSet {
+                ownership,
+                set_at: now,
+            }))
         }
         ConnectionCommand::Delete {
             now,

@@ -16,6 +16,7 @@ const REFRESH_LEASED: &str = "RefreshLeased";
 const TOKENS_REFRESHED: &str = "TokensRefreshed";
 const REFRESH_FAILED: &str = "RefreshFailed";
 const METADATA_SET: &str = "MetadataSet";
+const OWNERSHIP_SET: &str = "OwnershipSet";
 const CONNECTION_DELETED: &str = "ConnectionDeleted";
 
 /// How the credentials were obtained.
@@ -211,6 +212,16 @@ pub struct MetadataSet {
     pub set_at: DateTime<Utc>,
 }
 
+/// The connection's tags and end user were replaced (`PATCH /connections/:id`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OwnershipSet {
+    /// What the connection carries from now on.
+    #[serde(flatten)]
+    pub ownership: Ownership,
+    /// When it was set.
+    pub set_at: DateTime<Utc>,
+}
+
 /// The connection was deleted and its data keys shredded; its history stays.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ConnectionDeleted {
@@ -233,6 +244,8 @@ pub enum ConnectionEvent {
     RefreshFailed(RefreshFailed),
     /// See [`MetadataSet`].
     MetadataSet(MetadataSet),
+    /// See [`OwnershipSet`].
+    OwnershipSet(Box<OwnershipSet>),
     /// See [`ConnectionDeleted`].
     ConnectionDeleted(ConnectionDeleted),
 }
@@ -245,6 +258,7 @@ impl DomainEvent for ConnectionEvent {
             Self::TokensRefreshed(_) => TOKENS_REFRESHED,
             Self::RefreshFailed(_) => REFRESH_FAILED,
             Self::MetadataSet(_) => METADATA_SET,
+            Self::OwnershipSet(_) => OWNERSHIP_SET,
             Self::ConnectionDeleted(_) => CONNECTION_DELETED,
         }
     }
@@ -260,6 +274,7 @@ impl DomainEvent for ConnectionEvent {
             Self::TokensRefreshed(payload) => payload_json(payload),
             Self::RefreshFailed(payload) => payload_json(payload),
             Self::MetadataSet(payload) => payload_json(payload),
+            Self::OwnershipSet(payload) => payload_json(payload),
             Self::ConnectionDeleted(payload) => payload_json(payload),
         }
     }
@@ -282,6 +297,9 @@ impl DomainEvent for ConnectionEvent {
                 }
                 Ok(Self::MetadataSet(event))
             }
+            (OWNERSHIP_SET, 1) => read_payload(event_type, payload)
+                .map(Box::new)
+                .map(Self::OwnershipSet),
             (CONNECTION_DELETED, 1) => {
                 read_payload(event_type, payload).map(Self::ConnectionDeleted)
             }

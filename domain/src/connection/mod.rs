@@ -45,8 +45,8 @@ use crate::store::StreamId;
 pub use decide::{ConnectionCommand, ConnectionRejected, check_metadata, decide};
 pub use events::{
     Authorization, ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType,
-    FailureClass, Flow, MetadataMode, MetadataSet, RefreshFailed, RefreshFailure, RefreshLeased,
-    RefreshTrigger, TokenFingerprints, TokensRefreshed,
+    FailureClass, Flow, MetadataMode, MetadataSet, OwnershipSet, RefreshFailed, RefreshFailure,
+    RefreshLeased, RefreshTrigger, TokenFingerprints, TokensRefreshed,
 };
 pub use state::{
     ActiveConnection, Connection, DeletedConnection, RecordedFailure, RefreshLease, apply,

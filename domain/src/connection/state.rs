@@ -266,6 +266,12 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 active.updated_at = event.set_at;
             }
         }
+        ConnectionEvent::OwnershipSet(event) => {
+            if let Connection::Active(active) = state {
+                active.ownership = event.ownership.clone();
+                active.updated_at = event.set_at;
+            }
+        }
         ConnectionEvent::ConnectionDeleted(event) => {
             let generation = state.generation();
             *state = Connection::Deleted(DeletedConnection {

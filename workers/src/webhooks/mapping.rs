@@ -109,7 +109,9 @@ pub fn webhook_for(
                 Identity::of(active),
             )
         }
-        ConnectionEvent::RefreshLeased(_) | ConnectionEvent::MetadataSet(_) => return None,
+        ConnectionEvent::RefreshLeased(_)
+        | ConnectionEvent::MetadataSet(_)
+        | ConnectionEvent::OwnershipSet(_) => return None,
     };
     let mut body = json!({
         "id": recorded.event_id,
@@ -129,9 +131,29 @@ pub fn webhook_for(
         "providerConfigKey": identity.provider_config_key,
         "authMode": identity.auth_mode,
     });
+    // The connection's tags (Nango sends them whenever the connection exists), and the end
+    // user of an authorization through a connect session.
+    let ownership = match event {
+        ConnectionEvent::ConnectionAuthorized(authorized)
+            if !authorized.authorization.ownership.is_empty() =>
+        {
+            Some(&*authorized.authorization.ownership)
+        }
+        _ => prior.active().map(|active| &active.ownership),
+    };
+    body["tags"] = json!(ownership.map(|o| &o.tags).cloned().unwrap_or_default());
     match event {
         ConnectionEvent::ConnectionAuthorized(authorized) => {
             body["flow"] = json!(authorized.authorization.flow);
+            if let Some(user) = &authorized.authorization.ownership.end_user {
+                body["endUser"] = json!({
+                    "endUserId": user.id,
+                    "endUserEmail": user.email,
+                    "displayName": user.display_name,
+                    "organizationId": user.organization.as_ref().map(|o| &o.id),
+                    "tags": authorized.authorization.ownership.tags,
+                });
+            }
         }
         ConnectionEvent::RefreshFailed(failed) => {
             // The provider's free-text description is not forwarded: it is theirs, not ours.
@@ -305,6 +327,38 @@ mod tests {
                 webhook.map(|w| w.event.name())
             })
             .collect()
+    }
+
+    #[test]
+    fn auth_webhooks_carry_the_connections_tags_and_a_sessions_end_user() {
+        let mut through_session = authorized(1);
+        if let ConnectionEvent::ConnectionAuthorized(a) = &mut through_session {
+            *a.authorization.ownership = domain::connect_session::Ownership {
+                tags: [("end_user_id".to_owned(), "u1".to_owned())].into(),
+                end_user: Some(domain::connect_session::EndUser {
+                    id: "u1".to_owned(),
+                    email: Some("u1@example.com".to_owned()),
+                    ..Default::default()
+                }),
+                connect_session_id: Some(Uuid::nil()),
+            };
+        }
+        let mut state = Connection::default();
+        let created = webhook_for(&state, &through_session, &recorded(&through_session)).unwrap();
+        assert_eq!(created.body["tags"], json!({"end_user_id": "u1"}));
+        assert_eq!(created.body["endUser"]["endUserId"], "u1");
+        assert_eq!(created.body["endUser"]["endUserEmail"], "u1@example.com");
+        connection::apply(&mut state, &through_session);
+        // Later events carry the connection's tags, not the end user.
+        let failure = failed(None);
+        let failed = webhook_for(&state, &failure, &recorded(&failure)).unwrap();
+        assert_eq!(failed.body["tags"], json!({"end_user_id": "u1"}));
+        assert!(failed.body.get("endUser").is_none());
+        // Without a session: empty tags, no end user.
+        let plain = authorized(1);
+        let plain = webhook_for(&Connection::default(), &plain, &recorded(&plain)).unwrap();
+        assert_eq!(plain.body["tags"], json!({}));
+        assert!(plain.body.get("endUser").is_none());
     }
 
     #[test]
