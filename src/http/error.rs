@@ -134,6 +134,9 @@ pub enum ApiError {
     /// 401: a secret key is set and a flow came without a session token or `hmac`.
     #[error("starting a flow needs a connect session token (or an hmac)")]
     ConnectSessionRequired,
+    /// 404: no provider template has this name.
+    #[error("Unknown provider {0}")]
+    UnknownProvider(String),
     /// 400: the connect session does not allow this integration.
     #[error("the connect session does not allow integration {0:?}")]
     IntegrationNotAllowed(String),
@@ -182,6 +185,7 @@ impl ApiError {
             Self::RefreshRetrying { .. } => (S::SERVICE_UNAVAILABLE, "connection_refresh_retrying"),
             Self::UnknownConnectSessionToken => (S::UNAUTHORIZED, "unknown_connect_session_token"),
             Self::IntegrationNotAllowed(_) => (S::BAD_REQUEST, "integration_not_allowed"),
+            Self::UnknownProvider(_) => (S::NOT_FOUND, "not_found"),
             Self::ConnectSessionRequired => (S::UNAUTHORIZED, "missing_connect_session_token"),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),

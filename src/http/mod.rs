@@ -15,6 +15,7 @@ mod error;
 mod extract;
 mod history;
 pub mod import;
+mod integrations;
 mod limits;
 mod metrics;
 mod oauth;
@@ -161,6 +162,19 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/connect/session",
             get(connect::get_session).delete(connect::delete_session),
         )
+        // Secret key or session token, checked by the handlers.
+        .route(
+            "/integrations",
+            get(integrations::list_integrations).post(integrations::create_integration),
+        )
+        .route(
+            "/integrations/{unique_key}",
+            get(integrations::get_integration)
+                .patch(integrations::update_integration)
+                .delete(integrations::delete_integration),
+        )
+        .route("/providers", get(integrations::list_providers))
+        .route("/providers/{provider}", get(integrations::get_provider))
         .route("/", get(socket::websocket));
     let routes = Routes::new()
         .route("/health", get(health))

@@ -16,6 +16,7 @@ domain::on_both_backends!(
     with_a_secret_key_and_no_public_key_a_bare_flow_is_refused,
     a_callback_in_another_browser_is_refused_before_the_provider_is_asked,
     patching_a_connection_replaces_its_tags_and_end_user,
+    integrations_and_providers_answer_the_key_and_a_session_in_todays_shape,
 );
 
 const TOKEN_PREFIX: &str = "nango_connect_session_";
@@ -526,4 +527,165 @@ async fn patching_a_connection_replaces_its_tags_and_end_user(db: &TestDatabase)
         env.connection("fake", "c1").await["tags"],
         json!({"team": "b"})
     );
+}
+
+async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape(
+    db: &TestDatabase,
+) {
+    let env = secured(db).await;
+    let get = |path: &str, bearer: &str| {
+        env.app
+            .client
+            .get(env.app.url(path))
+            .bearer_auth(bearer)
+            .send()
+    };
+    // The key sees every integration; one of them is the `/config` one by another name.
+    let all = ok_json(get("/integrations", SECRET_KEY).await.unwrap()).await;
+    let keys: Vec<_> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["unique_key"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        keys.contains(&"fake".to_owned()) && keys.len() >= 5,
+        "{all}"
+    );
+    assert!(all["data"][0].get("credentials").is_none());
+    let one = ok_json(
+        get("/integrations/fake?include=credentials", SECRET_KEY)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(one["data"]["provider"], "fake");
+    assert_eq!(one["data"]["credentials"]["type"], "OAUTH2");
+    assert_eq!(one["data"]["credentials"]["scopes"], "read,write");
+    assert!(one["data"]["credentials"]["client_secret"].is_string());
+
+    // A session sees what it allows, and never credentials.
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake"]}),
+    )
+    .await;
+    let seen = ok_json(get("/integrations", &token).await.unwrap()).await;
+    assert_eq!(seen["data"].as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen["data"][0]["unique_key"], "fake");
+    assert_error(
+        get("/integrations/fake-basic", &token).await.unwrap(),
+        404,
+        "unknown_provider_config",
+    )
+    .await;
+    assert_error(
+        get("/integrations/fake?include=credentials", &token)
+            .await
+            .unwrap(),
+        401,
+        "invalid_secret_key",
+    )
+    .await;
+    let providers = ok_json(get("/providers?search=FAKE-BA", &token).await.unwrap()).await;
+    assert_eq!(providers["data"][0]["name"], "fake-basic", "{providers}");
+    assert_eq!(providers["data"].as_array().unwrap().len(), 1);
+    let provider = ok_json(get("/providers/github", &token).await.unwrap()).await;
+    assert_eq!(provider["data"]["auth_mode"], "OAUTH2");
+    assert_error(
+        get("/providers/nope", &token).await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        get("/providers", "wrong").await.unwrap(),
+        401,
+        "invalid_secret_key",
+    )
+    .await;
+
+    // Writes take the key.
+    let body = json!({
+        "provider": "github", "unique_key": "gh",
+        "credentials": {"type": "OAUTH2", "client_id": "cid", "client_secret": "cs", "scopes": "repo,user"},
+    });
+    let as_session = env
+        .app
+        .client
+        .post(env.app.url("/integrations"))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(as_session, 401, "invalid_secret_key").await;
+    let created = ok_json(post(&env, "/integrations", &body).await).await;
+    assert_eq!(created["data"]["unique_key"], "gh");
+    let config = ok_json(
+        env.app
+            .client
+            .get(env.app.url("/config/gh?include_creds=true"))
+            .bearer_auth(SECRET_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(config["config"]["oauth_scopes"], "repo,user");
+    for bad in [
+        json!({"provider": "github", "unique_key": "gh2"}),
+        json!({"provider": "nope", "unique_key": "gh3",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "GitHub",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh5",
+               "credentials": {"type": "APP", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh6", "surprise": 1}),
+    ] {
+        let refused = post(&env, "/integrations", &bad).await;
+        assert!(refused.status().is_client_error(), "{bad}");
+    }
+    let patch = |path: &str, body: Value| {
+        env.app
+            .client
+            .patch(env.app.url(path))
+            .bearer_auth(SECRET_KEY)
+            .json(&body)
+            .send()
+    };
+    let updated = patch(
+        "/integrations/gh",
+        json!({"credentials": {"type": "OAUTH2", "client_id": "cid2", "client_secret": "cs2"}}),
+    )
+    .await
+    .unwrap();
+    ok_json(updated).await;
+    let shown = ok_json(
+        get("/integrations/gh?include=credentials", SECRET_KEY)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(shown["data"]["credentials"]["client_id"], "cid2");
+    let rename = patch("/integrations/gh", json!({"unique_key": "other"}))
+        .await
+        .unwrap();
+    assert_error(rename, 400, "invalid_body").await;
+    let deleted = env
+        .app
+        .client
+        .delete(env.app.url("/integrations/gh"))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok_json(deleted).await, json!({"success": true}));
+    assert_error(
+        get("/integrations/gh", SECRET_KEY).await.unwrap(),
+        404,
+        "unknown_provider_config",
+    )
+    .await;
 }

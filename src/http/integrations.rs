@@ -1,0 +1,458 @@
+//! Today's Nango routes for integrations and providers: `/integrations` (the same integrations
+//! as `/config`, in Nango's current shape and `{"data": …}` envelope) and `/providers` (the
+//! template catalog). Reads take the secret key or a connect session's token (the Connect UI
+//! reads with the session's token, and sees only the integrations the session allows); writes
+//! and `include=credentials` take the secret key.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use chrono::Utc;
+use domain::catalog::Template;
+use domain::commands::IntegrationConfig;
+use domain::connect_session::ConnectSession;
+use domain::credentials::ClientSecret;
+use projections::queries::IntegrationRecord;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use utoipa::IntoParams;
+
+use super::auth::presented_key;
+use super::connection::timestamp;
+use super::extract::{ApiJson, ApiPath, ApiQuery, identifier};
+use super::{ApiError, Success};
+use crate::state::AppState;
+use crate::{connect_sessions, integrations};
+
+/// Who is asking: the holder of the secret key (or anyone, in open mode), or a connect session.
+enum Caller {
+    Key,
+    Session(Box<ConnectSession>),
+}
+
+impl Caller {
+    /// Whether it may see the integration `key`.
+    fn sees(&self, key: &str) -> bool {
+        match self {
+            Self::Key => true,
+            Self::Session(session) => session.allows(key),
+        }
+    }
+}
+
+/// The caller of a read: the secret key, else a live session token.
+async fn reader(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(secret) = &state.config.secret_key else {
+        return Ok(Caller::Key);
+    };
+    let header = headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::MissingAuthHeader)?;
+    let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
+    let presented = presented_key(value)?;
+    if bool::from(presented.as_bytes().ct_eq(secret.expose().as_bytes())) {
+        return Ok(Caller::Key);
+    }
+    if domain::connect_session::plausible_token(&presented) {
+        let session = connect_sessions::find(state, &presented, Utc::now()).await?;
+        return Ok(Caller::Session(Box::new(session)));
+    }
+    Err(ApiError::InvalidSecretKey)
+}
+
+/// The caller of a write: the secret key only.
+async fn writer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match reader(state, headers).await? {
+        Caller::Key => Ok(()),
+        Caller::Session(_) => Err(ApiError::InvalidSecretKey),
+    }
+}
+
+/// A template as `/providers` shows it.
+fn provider_json(template: &Template) -> Value {
+    json!({
+        "name": template.name,
+        "display_name": template.name,
+        "auth_mode": template.auth_mode.as_str(),
+        "authorization_url": template.authorization_url,
+        "token_url": template.token_url,
+        "authorization_params": template.authorization_params,
+        "token_params": template.token_params,
+        "scope_separator": template.scope_separator,
+        "default_scopes": template.default_scopes,
+        "disable_pkce": template.disable_pkce,
+        "docs": template.docs,
+    })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProvidersQuery {
+    /// Case-insensitive part of the template's name.
+    #[param(required = false)]
+    search: Option<String>,
+}
+
+/// `GET /providers[?search=]`: the provider templates.
+#[utoipa::path(
+    get,
+    path = "/providers",
+    tag = "integrations",
+    params(ProvidersQuery),
+    responses(
+        (status = 200, description = "`{\"data\": [provider…]}`", body = Value),
+        (status = 401, description = "Neither the secret key nor a session token",
+            body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = []), ("connect_session_token" = [])),
+)]
+pub async fn list_providers(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<ProvidersQuery>,
+) -> Result<Json<Value>, ApiError> {
+    reader(&state, &headers).await?;
+    let search = query.search.map(|s| s.to_lowercase());
+    if let Some(search) = &search {
+        identifier(search, "search")?;
+    }
+    let data: Vec<Value> = state
+        .catalog
+        .templates()
+        .filter(|t| {
+            search
+                .as_deref()
+                .is_none_or(|s| t.name.to_lowercase().contains(s))
+        })
+        .map(provider_json)
+        .collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+/// `GET /providers/:provider`: one template.
+#[utoipa::path(
+    get,
+    path = "/providers/{provider}",
+    tag = "integrations",
+    params(("provider" = String, Path, description = "The template's name")),
+    responses(
+        (status = 200, description = "`{\"data\": provider}`", body = Value),
+        (status = 404, description = "No such template (`not_found`)", body = super::error::ErrorBody),
+        (status = 401, description = "Neither the secret key nor a session token",
+            body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = []), ("connect_session_token" = [])),
+)]
+pub async fn get_provider(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(provider): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    reader(&state, &headers).await?;
+    identifier(&provider, "provider")?;
+    let template = state
+        .catalog
+        .get(&provider)
+        .ok_or_else(|| ApiError::UnknownProvider(provider.clone()))?;
+    Ok(Json(json!({ "data": provider_json(template) })))
+}
+
+/// An integration in Nango's current shape.
+fn integration_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Value {
+    let i = &record.integration;
+    let mut body = json!({
+        "unique_key": i.provider_config_key,
+        "provider": i.settings.provider,
+        "display_name": i.settings.provider,
+        "logo": null,
+        "forward_webhooks": true,
+        "created_at": timestamp(i.created_at),
+        "updated_at": timestamp(i.updated_at.unwrap_or(i.created_at)),
+    });
+    if let Some(secret) = secret {
+        body["credentials"] = json!({
+            "type": "OAUTH2",
+            "client_id": i.settings.oauth_client_id,
+            "client_secret": secret.expose(),
+            "scopes": i.settings.oauth_scopes.join(","),
+            "webhook_secret": null,
+        });
+    }
+    body
+}
+
+/// `GET /integrations`: every integration (a session sees those it allows).
+#[utoipa::path(
+    get,
+    path = "/integrations",
+    tag = "integrations",
+    responses(
+        (status = 200, description = "`{\"data\": [integration…]}`", body = Value),
+        (status = 401, description = "Neither the secret key nor a session token",
+            body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = []), ("connect_session_token" = [])),
+)]
+pub async fn list_integrations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let caller = reader(&state, &headers).await?;
+    let data: Vec<Value> = integrations::list(&state)
+        .await?
+        .iter()
+        .filter(|r| caller.sees(&r.integration.provider_config_key))
+        .map(|r| integration_json(r, None))
+        .collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct IntegrationQuery {
+    /// `credentials` adds the client id, secret and scopes (secret key only); `webhook` is
+    /// accepted and adds nothing.
+    #[param(required = false)]
+    include: Option<String>,
+}
+
+/// `GET /integrations/:unique_key[?include=credentials]`.
+#[utoipa::path(
+    get,
+    path = "/integrations/{unique_key}",
+    tag = "integrations",
+    params(("unique_key" = String, Path, description = "The integration's key"), IntegrationQuery),
+    responses(
+        (status = 200, description = "`{\"data\": integration}`", body = Value),
+        (status = 404, description = "No such integration", body = super::error::ErrorBody),
+        (status = 401, description = "Neither the secret key nor a session token",
+            body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = []), ("connect_session_token" = [])),
+)]
+pub async fn get_integration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(query): ApiQuery<IntegrationQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = reader(&state, &headers).await?;
+    identifier(&key, "unique_key")?;
+    let with_secret = query
+        .include
+        .as_deref()
+        .is_some_and(|i| i.split(',').any(|part| part.trim() == "credentials"));
+    if with_secret && !matches!(caller, Caller::Key) {
+        return Err(ApiError::InvalidSecretKey);
+    }
+    if !caller.sees(&key) {
+        return Err(ApiError::ProviderConfigNotFound(key));
+    }
+    let (record, secret) = integrations::get(&state, &key, with_secret).await?;
+    Ok(Json(
+        json!({ "data": integration_json(&record, secret.as_ref()) }),
+    ))
+}
+
+/// `credentials` of a `POST`/`PATCH /integrations` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsInput {
+    #[serde(rename = "type")]
+    kind: String,
+    client_id: String,
+    client_secret: String,
+    #[serde(default)]
+    scopes: Option<String>,
+    #[serde(default)]
+    webhook_secret: Option<String>,
+}
+
+/// A `POST /integrations` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInput {
+    provider: String,
+    unique_key: String,
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    forward_webhooks: Option<bool>,
+    #[serde(default)]
+    credentials: Option<CredentialsInput>,
+}
+
+/// A `PATCH /integrations/:key` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateInput {
+    #[serde(default)]
+    unique_key: Option<String>,
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    forward_webhooks: Option<bool>,
+    #[serde(default)]
+    credentials: Option<CredentialsInput>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))
+}
+
+/// Fields Grantline does not keep: refused rather than silently dropped.
+fn unkept(display_name: Option<&String>, forward_webhooks: Option<bool>) -> Result<(), ApiError> {
+    if display_name.is_some() {
+        return Err(ApiError::InvalidBody(
+            "display_name: integrations are shown by their provider's name".into(),
+        ));
+    }
+    if forward_webhooks == Some(false) {
+        return Err(ApiError::InvalidBody(
+            "forward_webhooks: Grantline does not forward provider webhooks".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn config_of(
+    provider: String,
+    credentials: CredentialsInput,
+) -> Result<IntegrationConfig, ApiError> {
+    if !matches!(credentials.kind.as_str(), "OAUTH2" | "OAUTH1") {
+        return Err(ApiError::InvalidBody(format!(
+            "credentials.type: {:?} integrations are not supported",
+            credentials.kind
+        )));
+    }
+    if credentials.webhook_secret.is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::InvalidBody(
+            "credentials.webhook_secret: provider webhooks are not supported".into(),
+        ));
+    }
+    identifier(&credentials.client_id, "credentials.client_id")?;
+    if credentials.client_secret.is_empty() {
+        return Err(ApiError::InvalidBody(
+            "credentials.client_secret is required".into(),
+        ));
+    }
+    let scopes = credentials
+        .scopes
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(IntegrationConfig {
+        provider,
+        oauth_client_id: credentials.client_id,
+        client_secret: ClientSecret::new(credentials.client_secret),
+        oauth_scopes: scopes,
+    })
+}
+
+/// `POST /integrations`: a new integration (the same as `POST /config`).
+#[utoipa::path(
+    post,
+    path = "/integrations",
+    tag = "integrations",
+    request_body(content = Value, description = "`provider`, `unique_key`, `credentials` \
+        {type: OAUTH2|OAUTH1, client_id, client_secret, scopes}"),
+    responses(
+        (status = 200, description = "`{\"data\": integration}`", body = Value),
+        (status = 400, description = "`invalid_body`", body = super::error::ErrorBody),
+        (status = 409, description = "The key exists", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
+pub async fn create_integration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    writer(&state, &headers).await?;
+    let input: CreateInput = parse(body)?;
+    unkept(input.display_name.as_ref(), input.forward_webhooks)?;
+    identifier(&input.unique_key, "unique_key")?;
+    identifier(&input.provider, "provider")?;
+    let credentials = input.credentials.ok_or_else(|| {
+        ApiError::InvalidBody("credentials are required for OAuth integrations".into())
+    })?;
+    let config = config_of(input.provider, credentials)?;
+    integrations::create(&state, &input.unique_key, config).await?;
+    let (record, _) = integrations::get(&state, &input.unique_key, false).await?;
+    Ok(Json(json!({ "data": integration_json(&record, None) })))
+}
+
+/// `PATCH /integrations/:unique_key`: new credentials.
+#[utoipa::path(
+    patch,
+    path = "/integrations/{unique_key}",
+    tag = "integrations",
+    params(("unique_key" = String, Path, description = "The integration's key")),
+    request_body(content = Value, description = "`credentials` {type, client_id, client_secret, \
+        scopes}; a rename (`unique_key`) is refused"),
+    responses(
+        (status = 200, description = "`{\"data\": integration}`", body = Value),
+        (status = 400, description = "`invalid_body`", body = super::error::ErrorBody),
+        (status = 404, description = "No such integration", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
+pub async fn update_integration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    writer(&state, &headers).await?;
+    identifier(&key, "unique_key")?;
+    let input: UpdateInput = parse(body)?;
+    unkept(input.display_name.as_ref(), input.forward_webhooks)?;
+    if input.unique_key.as_ref().is_some_and(|k| *k != key) {
+        return Err(ApiError::InvalidBody(
+            "unique_key: integrations cannot be renamed".into(),
+        ));
+    }
+    let (record, _) = integrations::get(&state, &key, false).await?;
+    if let Some(credentials) = input.credentials {
+        let config = config_of(record.integration.settings.provider.clone(), credentials)?;
+        integrations::update(&state, &key, config).await?;
+    }
+    let (record, _) = integrations::get(&state, &key, false).await?;
+    Ok(Json(json!({ "data": integration_json(&record, None) })))
+}
+
+/// `DELETE /integrations/:unique_key`: the integration and its connections.
+#[utoipa::path(
+    delete,
+    path = "/integrations/{unique_key}",
+    tag = "integrations",
+    params(("unique_key" = String, Path, description = "The integration's key")),
+    responses(
+        (status = 200, description = "Deleted", body = Success),
+        (status = 404, description = "No such integration", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong secret key", body = super::error::ErrorBody),
+    ),
+    security(("secret_key" = []), ("secret_key_basic" = [])),
+)]
+pub async fn delete_integration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(key): ApiPath<String>,
+) -> Result<Json<Success>, ApiError> {
+    writer(&state, &headers).await?;
+    identifier(&key, "unique_key")?;
+    integrations::delete(&state, &key).await?;
+    Ok(Json(Success::YES))
+}
