@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
+use workers::provider::split_scopes;
 
 use super::auth::presented_key;
 use super::connection::timestamp;
@@ -343,14 +344,7 @@ fn config_of(
             "credentials.client_secret is required".into(),
         ));
     }
-    let scopes = credentials
-        .scopes
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let scopes = split_scopes(&credentials.scopes.unwrap_or_default());
     Ok(IntegrationConfig {
         provider,
         oauth_client_id: credentials.client_id,
