@@ -386,21 +386,15 @@ pub async fn find(
         .ok_or(SessionsError::UnknownToken)
 }
 
-/// Deletes the session of `token`, recording it in the session's stream.
+/// Deletes the session of `token`, recording it in the session's stream first: a failure
+/// after the event leaves the session live for the caller to delete again (a second
+/// `ConnectSessionDeleted` is harmless), never a deletion the log does not know.
 pub async fn delete(
     state: &AppState,
     token: &str,
     now: DateTime<Utc>,
 ) -> Result<(), SessionsError> {
     let session = find(state, token, now).await?;
-    if !state
-        .backend
-        .connect_sessions()
-        .delete_connect_session(&token_hash(token))
-        .await?
-    {
-        return Err(SessionsError::UnknownToken);
-    }
     let event = ConnectSessionEvent::Deleted { deleted_at: now };
     state
         .backend
@@ -411,5 +405,13 @@ pub async fn delete(
             vec![event.to_new_event()],
         )
         .await?;
+    if !state
+        .backend
+        .connect_sessions()
+        .delete_connect_session(&token_hash(token))
+        .await?
+    {
+        return Err(SessionsError::UnknownToken);
+    }
     Ok(())
 }

@@ -294,6 +294,43 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
 
     let deleted = with_token(&env, reqwest::Method::DELETE, &token).await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    // The session's life is in the log, and its token is not. (Readers see the log up to the
+    // oldest open transaction on the server: another test's can hide the newest events for a
+    // moment.)
+    let backend = db.open().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = loop {
+        let log = backend
+            .events()
+            .read_all(domain::store::Position::START, 10_000)
+            .await
+            .unwrap();
+        let sessions = log
+            .iter()
+            .filter(|e| e.stream_id.category() == "connect_session")
+            .count();
+        if sessions >= 2 || tokio::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let session_events: Vec<_> = log
+        .iter()
+        .filter(|e| e.stream_id.category() == "connect_session")
+        .collect();
+    let types: Vec<_> = session_events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(types, ["ConnectSessionCreated", "ConnectSessionDeleted"]);
+    assert_eq!(session_events[0].payload["end_user"]["id"], "u1");
+    assert!(
+        session_events[0].payload["created_by"].is_string(),
+        "{}",
+        session_events[0].payload
+    );
+    let hex = &token[TOKEN_PREFIX.len()..];
+    assert!(log.iter().all(|e| !e.payload.to_string().contains(hex)));
     let after = with_token(&env, reqwest::Method::GET, &token).await;
     assert_error(after, 401, "unknown_connect_session_token").await;
     let again = with_token(&env, reqwest::Method::DELETE, &token).await;
