@@ -97,6 +97,8 @@ pub struct WebhookTarget {
     head_position: i64,
     /// Events after the checkpoint (counted up to 10,000).
     lag: i64,
+    /// Everything committed up to `head_position` is passed.
+    caught_up: bool,
     /// The instance delivering to this target, while its lease lasts.
     lease_holder: Option<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -143,6 +145,7 @@ impl From<TargetStatus> for WebhookTarget {
             checkpoint_position: target.checkpoint_position,
             head_position: target.head_position,
             lag: target.lag,
+            caught_up: target.caught_up,
             lease_holder: target.lease_holder,
             lease_expires_at: target.lease_expires_at,
             updated_at: target.updated_at,

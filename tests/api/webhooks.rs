@@ -359,7 +359,9 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
         .await;
     // Caught up: every event passed, so nothing more is coming.
     let target = env
-        .target_when("the target to catch up", |t| t["lag"] == 0)
+        .target_when("the target to catch up", |t| {
+            t["lag"] == 0 && t["caught_up"] == true
+        })
         .await;
     let received = receiver.received();
     assert_eq!(events(&received), expected);

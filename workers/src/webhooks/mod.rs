@@ -228,6 +228,9 @@ pub struct TargetStatus {
     pub head_position: i64,
     /// Events after the checkpoint that a reader can see now (counted up to 10,000).
     pub lag: i64,
+    /// Every event committed up to `head_position` is passed (the checkpoint's position need
+    /// not reach the head: commit order is not position order on PostgreSQL).
+    pub caught_up: bool,
     pub lease_holder: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,

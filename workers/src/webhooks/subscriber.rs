@@ -341,12 +341,14 @@ impl WebhookSubscriber {
         let (row, deliveries) = self.store.status(&self.target, recent).await?;
         // Counted in log order: positions alone are not commit order on PostgreSQL.
         let behind = self.log.read_all(row.position, LAG_CAP).await?.len();
+        let caught_up = !self.log.committed_after(row.position, head).await?;
         Ok(TargetStatus {
             url: self.shown.clone(),
             checkpoint: row.position.to_string(),
             checkpoint_position: row.position.global,
             head_position: head,
             lag: i64::try_from(behind).unwrap_or(i64::MAX),
+            caught_up,
             lease_holder: row.lease_holder,
             lease_expires_at: row.lease_expires_at,
             updated_at: row.updated_at,
