@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::Request;
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, Request};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -43,13 +43,8 @@ impl<B> ValidateRequest<B> for SecretKey {
 
 impl SecretKey {
     fn check<B>(&self, request: &Request<B>) -> Result<(), ApiError> {
-        let header = request
-            .headers()
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::MissingAuthHeader)?;
-        let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
-        let presented = presented_key(value)?;
-        if bool::from(presented.as_bytes().ct_eq(&self.0)) {
+        let presented = presented(request.headers())?;
+        if is_secret(&presented, &self.0) {
             Ok(())
         } else {
             Err(ApiError::InvalidSecretKey)
@@ -57,8 +52,23 @@ impl SecretKey {
     }
 }
 
+/// The key (the secret key or a connect session's token) in a request's `Authorization`
+/// header.
+pub(super) fn presented(headers: &HeaderMap) -> Result<Cow<'_, str>, ApiError> {
+    let header = headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::MissingAuthHeader)?;
+    let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
+    presented_key(value)
+}
+
+/// Whether `presented` is the secret key, compared in constant time.
+pub(super) fn is_secret(presented: &str, secret: &[u8]) -> bool {
+    bool::from(presented.as_bytes().ct_eq(secret))
+}
+
 /// The key in a `Bearer` or `Basic` header.
-pub(super) fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
+fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
     let (scheme, rest) = value
         .trim()
         .split_once(' ')

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, State};
-use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -17,9 +16,9 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::ApiError;
-use super::auth::presented_key;
+use super::auth::presented;
 use super::connection::timestamp;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, object_body};
 use crate::connect_sessions::{self, SessionBody};
 use crate::state::AppState;
 
@@ -40,22 +39,13 @@ pub struct SessionCreated {
     data: SessionToken,
 }
 
-fn parse_body(body: Value) -> Result<SessionBody, ApiError> {
-    if !body.is_object() {
-        return Err(ApiError::InvalidBody(
-            "the body must be a JSON object".into(),
-        ));
-    }
-    serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))
-}
-
 async fn create(
     state: &AppState,
     peer: SocketAddr,
     body: Value,
     reconnect: bool,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(body)?;
+    let body: SessionBody = object_body(body)?;
     let created = connect_sessions::create(
         state,
         body,
@@ -120,11 +110,7 @@ pub async fn reconnect_session(
 
 /// The session token of a request's `Authorization: Bearer` header.
 fn session_token(headers: &HeaderMap) -> Result<String, ApiError> {
-    let header = headers
-        .get(AUTHORIZATION)
-        .ok_or(ApiError::MissingAuthHeader)?;
-    let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
-    Ok(presented_key(value)?.into_owned())
+    Ok(presented(headers)?.into_owned())
 }
 
 /// What `GET /connect/session` shows of a session (never its tags or webhook override).

@@ -397,13 +397,7 @@ pub async fn patch_connection(
 ) -> Result<Json<Success>, ApiError> {
     identifier(&connection_id, "connection_id")?;
     let key = provider_config_key(query.provider_config_key.as_deref()).map_err(in_query)?;
-    if !body.is_object() {
-        return Err(ApiError::InvalidBody(
-            "the body must be a JSON object".into(),
-        ));
-    }
-    let body: crate::connect_sessions::PatchBody =
-        serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    let body: crate::connect_sessions::PatchBody = object_body(body)?;
     connections::set_ownership(&state, &ConnectionKey::new(&key, &connection_id), body).await?;
     Ok(Json(Success::YES))
 }

@@ -7,7 +7,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
 use chrono::Utc;
 use domain::catalog::Template;
 use domain::commands::IntegrationConfig;
@@ -16,13 +15,12 @@ use domain::credentials::ClientSecret;
 use projections::queries::IntegrationRecord;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 use workers::provider::split_scopes;
 
-use super::auth::presented_key;
+use super::auth::{is_secret, presented};
 use super::connection::timestamp;
-use super::extract::{ApiJson, ApiPath, ApiQuery, identifier};
+use super::extract::{ApiJson, ApiPath, ApiQuery, identifier, object_body};
 use super::{ApiError, Success};
 use crate::state::AppState;
 use crate::{connect_sessions, integrations};
@@ -48,12 +46,8 @@ async fn reader(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiErro
     let Some(secret) = &state.config.secret_key else {
         return Ok(Caller::Key);
     };
-    let header = headers
-        .get(AUTHORIZATION)
-        .ok_or(ApiError::MissingAuthHeader)?;
-    let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
-    let presented = presented_key(value)?;
-    if bool::from(presented.as_bytes().ct_eq(secret.expose().as_bytes())) {
+    let presented = presented(headers)?;
+    if is_secret(&presented, secret.expose().as_bytes()) {
         return Ok(Caller::Key);
     }
     if domain::connect_session::plausible_token(&presented) {
@@ -299,15 +293,6 @@ pub struct UpdateInput {
     credentials: Option<CredentialsInput>,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
-    if !body.is_object() {
-        return Err(ApiError::InvalidBody(
-            "the body must be a JSON object".into(),
-        ));
-    }
-    serde_json::from_value(body).map_err(|e| ApiError::InvalidBody(e.to_string()))
-}
-
 /// Fields Grantline does not keep: refused rather than silently dropped.
 fn unkept(display_name: Option<&String>, forward_webhooks: Option<bool>) -> Result<(), ApiError> {
     if display_name.is_some() {
@@ -374,7 +359,7 @@ pub async fn create_integration(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     writer(&state, &headers).await?;
-    let input: CreateInput = parse(body)?;
+    let input: CreateInput = object_body(body)?;
     unkept(input.display_name.as_ref(), input.forward_webhooks)?;
     identifier(&input.unique_key, "unique_key")?;
     identifier(&input.provider, "provider")?;
@@ -411,7 +396,7 @@ pub async fn update_integration(
 ) -> Result<Json<Value>, ApiError> {
     writer(&state, &headers).await?;
     identifier(&key, "unique_key")?;
-    let input: UpdateInput = parse(body)?;
+    let input: UpdateInput = object_body(body)?;
     unkept(input.display_name.as_ref(), input.forward_webhooks)?;
     if input.unique_key.as_ref().is_some_and(|k| *k != key) {
         return Err(ApiError::InvalidBody(

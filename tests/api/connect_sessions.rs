@@ -241,6 +241,9 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         json!({"tags": {"a": "1", "A": "2"}}),
         json!({"tags": {"end_user_email": "nope"}}),
         json!({"tags": {"k": ""}}),
+        // PostgreSQL's jsonb (the log) cannot hold U+0000.
+        json!({"tags": {"k": "v\u{0}"}}),
+        json!({"end_user": {"id": "u1", "display_name": "A\u{0}"}}),
         json!({"end_user": user, "webhook_url_override": "ftp://x"}),
         json!({"end_user": user, "connection_id": "c"}),
         json!([1, 2]),
@@ -541,6 +544,12 @@ async fn patching_a_connection_replaces_its_tags_and_end_user(db: &TestDatabase)
         (
             "/connections/c1?provider_config_key=fake",
             json!([]),
+            400,
+            "invalid_body",
+        ),
+        (
+            "/connections/c1?provider_config_key=fake",
+            json!({"tags": {"k": "v\u{0}"}}),
             400,
             "invalid_body",
         ),
