@@ -213,6 +213,33 @@ pub struct PatchBody {
     pub webhook_url_override: Option<String>,
 }
 
+/// The ownership an import's `end_user` and `tags` give a connection (tags derived from the end
+/// user, overlaid with `tags`).
+pub fn imported_ownership(
+    end_user: Option<Value>,
+    tags: Option<Value>,
+) -> Result<Ownership, SessionsError> {
+    let end_user: Option<EndUserBody> = match end_user {
+        None | Some(Value::Null) => None,
+        Some(value) => {
+            Some(serde_json::from_value(value).map_err(|e| invalid(format!("end_user: {e}")))?)
+        }
+    };
+    let tags: Option<BTreeMap<String, String>> = match tags {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(
+            serde_json::from_value(value)
+                .map_err(|e| invalid(format!("tags must map keys to strings: {e}")))?,
+        ),
+    };
+    let (end_user, tags) = owner(end_user, None, tags)?;
+    Ok(Ownership {
+        tags,
+        end_user,
+        connect_session_id: None,
+    })
+}
+
 /// What `PATCH /connections/:id` makes of a connection's ownership: with `end_user` or `tags`,
 /// the tags are replaced by those derived from the end user overlaid with `tags` (tags not sent
 /// again are dropped); the end user is replaced when one is given; the connect session stays.

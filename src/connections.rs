@@ -8,12 +8,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use domain::commands::{AuthorizeConnection, CommandError, Loaded};
+use domain::connect_session::Ownership;
 use domain::connection::{
     ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger, check_metadata,
 };
 use domain::credentials::Credentials;
 use domain::integration::IntegrationSettings;
-use projections::queries::{self, ConnectionRecord, ConnectionSummary};
+use projections::queries::{self, ConnectionFilter, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
 use tokio::sync::OnceCell;
@@ -263,19 +264,20 @@ async fn missing(state: &AppState, key: &ConnectionKey) -> ConnectionsError {
     }
 }
 
-/// The connections (of every integration) without their credentials, only those named
-/// `connection_id` when given.
+/// The connections (of every integration) that `filter` picks, without their credentials.
 pub async fn list(
     state: &AppState,
-    connection_id: Option<&str>,
+    filter: &ConnectionFilter,
 ) -> Result<Vec<ConnectionSummary>, ConnectionsError> {
-    Ok(queries::list_connections(&state.read_models, connection_id).await?)
+    Ok(queries::list_connections(&state.read_models, filter).await?)
 }
 
 /// Existing credentials to record as a connection.
 #[derive(Debug)]
 pub struct Import {
     pub key: ConnectionKey,
+    /// Tags and end user; empty keeps those of an existing connection.
+    pub ownership: Ownership,
     pub credentials: Credentials,
     pub connection_config: Map<String, Value>,
     pub metadata: Option<Map<String, Value>>,
@@ -290,7 +292,7 @@ impl Import {
     ) -> AuthorizeConnection {
         AuthorizeConnection {
             only_new: Default::default(),
-            ownership: Default::default(),
+            ownership: self.ownership,
             key: self.key,
             provider: settings.provider.clone(),
             flow: Flow::Import,

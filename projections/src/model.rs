@@ -1,6 +1,6 @@
 //! The read models: how an aggregate's state becomes a row.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::commands::Aggregate;
@@ -53,6 +53,12 @@ pub struct Row {
     /// When the connection's tokens were last issued (its last refresh, else its
     /// authorization): what a keep-alive refresh is due by. `None` for everything else.
     pub renewed_at: Option<DateTime<Utc>>,
+    /// What the connection list filters on (README, "Listing connections"): the end user's id
+    /// and organization, the tags (none elsewhere), and the lower-cased text `search` matches.
+    pub end_user_id: Option<String>,
+    pub end_user_org_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub search: Option<String>,
 }
 
 impl Row {
@@ -74,6 +80,10 @@ impl Row {
             refresh_state: "",
             state: state_json(state),
             renewed_at: None,
+            end_user_id: None,
+            end_user_org_id: None,
+            tags: BTreeMap::new(),
+            search: None,
         }
     }
 }
@@ -107,16 +117,25 @@ impl StateModel for ConnectionsModel {
     fn row(stream_id: &str, version: u32, state: &Connection) -> Option<Row> {
         match state {
             Connection::NeverAuthorized => None,
-            Connection::Active(active) => Some(Row {
-                provider_config_key: active.provider_config_key.clone(),
-                connection_id: active.connection_id.clone(),
-                provider: active.provider.clone(),
-                updated_at: active.updated_at,
-                expires_at: active.expires_at,
-                refresh_state: refresh_state(active),
-                renewed_at: Some(active.last_refreshed_at.unwrap_or(active.authorized_at)),
-                ..Row::keyless(stream_id, version, state, active.created_at)
-            }),
+            Connection::Active(active) => {
+                let end_user = active.ownership.end_user.as_ref();
+                Some(Row {
+                    provider_config_key: active.provider_config_key.clone(),
+                    connection_id: active.connection_id.clone(),
+                    provider: active.provider.clone(),
+                    updated_at: active.updated_at,
+                    expires_at: active.expires_at,
+                    refresh_state: refresh_state(active),
+                    renewed_at: Some(active.last_refreshed_at.unwrap_or(active.authorized_at)),
+                    end_user_id: end_user.map(|u| u.id.clone()),
+                    end_user_org_id: end_user
+                        .and_then(|u| u.organization.as_ref())
+                        .map(|o| o.id.clone()),
+                    tags: active.ownership.tags.clone(),
+                    search: Some(search_text(active)),
+                    ..Row::keyless(stream_id, version, state, active.created_at)
+                })
+            }
             // A deleted connection's row keeps the keys and creation time it had (the upsert
             // does not overwrite them with these blanks).
             Connection::Deleted(deleted) => Some(Row {
@@ -126,6 +145,20 @@ impl StateModel for ConnectionsModel {
             }),
         }
     }
+}
+
+/// What a list's `search` looks in, lower-cased: the connection id and the end user's display
+/// name and e-mail, one per line (a search holds no line break, so it never matches across
+/// two of them).
+pub fn search_text(active: &connection::ActiveConnection) -> String {
+    let mut text = active.connection_id.to_lowercase();
+    if let Some(user) = &active.ownership.end_user {
+        for part in [&user.display_name, &user.email].into_iter().flatten() {
+            text.push('\n');
+            text.push_str(&part.to_lowercase());
+        }
+    }
+    text
 }
 
 /// A one-word summary of where a connection's refresh stands.

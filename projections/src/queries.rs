@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::store::{Providers, ReadModels, StoredRow};
 use crate::{ConnectionsModel, IntegrationsModel, ProjectionError, StateModel};
 
-pub use crate::store::ConnectionSummary;
+pub use crate::store::{ConnectionFilter, ConnectionSummary};
 
 /// A live connection as the read model has it.
 #[derive(Clone, Debug)]
@@ -121,12 +121,12 @@ fn integration_record(
     }
 }
 
-/// Live connections, oldest first; only those with `connection_id` when given.
+/// The live connections `filter` picks, newest first: one page of them.
 pub async fn list_connections(
     read_models: &ReadModels,
-    connection_id: Option<&str>,
+    filter: &ConnectionFilter,
 ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
-    read_models.store().list_connections(connection_id).await
+    read_models.store().list_connections(filter).await
 }
 
 /// Live integrations, by key.

@@ -24,6 +24,7 @@ use super::connection::{ConnectionBody, connection_json};
 use super::extract::{
     ApiJson, identifier, in_body, object_body, optional_object, optional_str, provider_config_key,
 };
+use crate::connect_sessions;
 use crate::connections::{self, Import};
 use crate::state::AppState;
 
@@ -77,6 +78,12 @@ pub struct ImportConnection {
     connection_config: Option<Value>,
     #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
+    /// The end user the connection belongs to: `{id, email?, display_name?, tags?}`.
+    #[schema(value_type = Option<Object>)]
+    end_user: Option<Value>,
+    /// Tags, over those derived from `end_user` (Nango's tag rules).
+    #[schema(value_type = Option<Object>)]
+    tags: Option<Value>,
 }
 
 /// Credentials of an import, by `type`.
@@ -180,8 +187,11 @@ impl ImportConnection {
             }
             None => self.flat_credentials()?,
         };
+        let ownership = connect_sessions::imported_ownership(self.end_user, self.tags)
+            .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
         Ok(Import {
             key: ConnectionKey::new(provider_config_key, connection_id),
+            ownership,
             credentials,
             connection_config: optional_object(
                 self.connection_config.as_ref(),

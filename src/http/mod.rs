@@ -11,6 +11,7 @@ mod auth;
 mod config;
 mod connect;
 mod connection;
+mod connection_list;
 mod error;
 mod extract;
 mod history;
@@ -101,7 +102,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         api = api
             .route(
                 family,
-                get(connection::list_connections).post(import::import_connection),
+                get(connection_list::list_connections).post(import::import_connection),
             )
             .route(
                 &format!("{family}/metadata"),

@@ -34,14 +34,15 @@ const CURRENT_FAMILY: &str = "/connections";
         description = "OAuth connection and token service speaking the Nango Connections API. \
             Every `/connection…` route is also served as `/connections…`. Errors are \
             `{\"error\": {\"code\", \"message\", \"payload\"}}` (schema `Error`). Unknown query \
-            parameters and `Nango-*` headers are ignored."
+            parameters and `Nango-*` headers are ignored, except by the connection list, which \
+            refuses unknown parameters as Nango's does."
     ),
     paths(
         super::health,
         super::admin::projections_status,
         super::metrics::metrics,
         openapi_json,
-        super::connection::list_connections,
+        super::connection_list::list_connections,
         super::import::import_connection,
         super::connection::get_connection,
         super::connection::delete_connection,

@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod compaction;
 mod connect_sessions;
+mod connection_lists;
 mod connections;
 mod fake_provider;
 mod fake_service;

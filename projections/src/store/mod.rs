@@ -18,14 +18,17 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use domain::connect_session::Ownership;
 use domain::connection::ConnectionKey;
 use domain::keys::StoredDataKey;
 use domain::store::{Backend, Position, RecordedEvent, StoreError};
+
+use serde_json::{Map, Value};
 
 use crate::ProjectionError;
 use crate::model::Row;
@@ -40,13 +43,61 @@ pub struct StoredRow {
 }
 
 /// A line of the connection list.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionSummary {
     pub id: i64,
+    /// The stream version the row reflects.
+    pub version: u32,
     pub connection_id: String,
     pub provider_config_key: String,
     pub provider: String,
     pub created_at: DateTime<Utc>,
+    /// The one-word refresh summary (`failed`, `retrying`, `ok`, …).
+    pub refresh_state: String,
+    pub ownership: Ownership,
+    /// `None` when empty.
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Which connections a list shows (every condition given must hold), and which page of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionFilter {
+    /// Exactly this connection id (of any integration).
+    pub connection_id: Option<String>,
+    /// A substring of the connection id, the end user's display name or e-mail; matched as
+    /// given against their lower-cased text, so give it lower-cased.
+    pub search: Option<String>,
+    pub end_user_id: Option<String>,
+    pub end_user_org_id: Option<String>,
+    /// Any of these integrations; all when empty.
+    pub integrations: Vec<String>,
+    /// All of these tags.
+    pub tags: BTreeMap<String, String>,
+    /// At most this many, newest first…
+    pub limit: u32,
+    /// …after skipping this many.
+    pub offset: u64,
+}
+
+impl ConnectionFilter {
+    /// How many a list holds when the caller does not say (Nango's default).
+    pub const DEFAULT_LIMIT: u32 = 10_000;
+}
+
+impl Default for ConnectionFilter {
+    /// Every live connection (up to the default limit).
+    fn default() -> Self {
+        Self {
+            connection_id: None,
+            search: None,
+            end_user_id: None,
+            end_user_org_id: None,
+            integrations: Vec::new(),
+            tags: BTreeMap::new(),
+            limit: Self::DEFAULT_LIMIT,
+            offset: 0,
+        }
+    }
 }
 
 /// A stored snapshot as a fold starts from it.
@@ -165,11 +216,11 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// at or past its version.
     async fn upsert(&self, table: &'static str, row: Row) -> Result<(), ProjectionError>;
 
-    /// Live connections of live integrations, oldest first; only those with `connection_id`
-    /// when given.
+    /// Live connections of live integrations that `filter` picks, newest first (creation time,
+    /// then id), one page of them.
     async fn list_connections(
         &self,
-        connection_id: Option<&str>,
+        filter: &ConnectionFilter,
     ) -> Result<Vec<ConnectionSummary>, ProjectionError>;
 
     /// Live integrations by key, with their stream ids.
@@ -278,13 +329,20 @@ impl ReadModels {
 
 /// Columns written by an upsert, in order.
 const COLUMNS: &str = "stream_id, version, id, provider_config_key, connection_id, provider, \
-     created_at, updated_at, deleted_at, expires_at, refresh_state, state, renewed_at";
+     created_at, updated_at, deleted_at, expires_at, refresh_state, state, renewed_at, \
+     end_user_id, end_user_org_id, search";
 
 /// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time; the
-/// rows come from `source` (`VALUES (…)`, or a `SELECT` of many rows, one per stream).
-fn upsert_sql(table: &str, source: &str) -> String {
+/// rows come from `source` (`VALUES (…)`, or a `SELECT` of many rows, one per stream), with a
+/// last `tags` column where the dialect keeps tags in the row.
+fn upsert_sql(table: &str, source: &str, tags_column: bool) -> String {
+    let (tags, set_tags) = if tags_column {
+        (", tags", ", tags = excluded.tags")
+    } else {
+        ("", "")
+    };
     format!(
-        "INSERT INTO {table} AS t ({COLUMNS}) {source} \
+        "INSERT INTO {table} AS t ({COLUMNS}{tags}) {source} \
          ON CONFLICT (stream_id) DO UPDATE SET \
            version = excluded.version, id = excluded.id, \
            provider_config_key = coalesce(nullif(excluded.provider_config_key, ''), t.provider_config_key), \
@@ -293,7 +351,9 @@ fn upsert_sql(table: &str, source: &str) -> String {
            created_at = CASE WHEN excluded.deleted_at IS NULL THEN excluded.created_at ELSE t.created_at END, \
            updated_at = excluded.updated_at, deleted_at = excluded.deleted_at, \
            expires_at = excluded.expires_at, refresh_state = excluded.refresh_state, \
-           state = excluded.state, renewed_at = excluded.renewed_at \
+           state = excluded.state, renewed_at = excluded.renewed_at, \
+           end_user_id = excluded.end_user_id, end_user_org_id = excluded.end_user_org_id, \
+           search = excluded.search{set_tags} \
          WHERE t.version < excluded.version"
     )
 }
@@ -306,12 +366,94 @@ fn find_sql(table: &str, state: &str, placeholder: &str) -> String {
     )
 }
 
-/// Live connections of live integrations; the caller appends the filter and the order.
-const LIST_CONNECTIONS: &str = "SELECT c.id, c.connection_id, c.provider_config_key, c.provider, \
-     c.created_at FROM connections c \
-     WHERE c.deleted_at IS NULL AND EXISTS (SELECT 1 FROM integrations i \
-       WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)";
-const LIST_ORDER: &str = "ORDER BY c.created_at, c.id";
+/// How a dialect writes the parts of a list query that differ.
+struct ListDialect {
+    /// The `n`-th (1-based) text parameter.
+    placeholder: fn(usize) -> String,
+    /// `c.provider_config_key` is one of the keys in the JSON array `parameter`.
+    integrations: fn(&str) -> String,
+    /// The connection `c` has every tag of the JSON object `parameter`.
+    tags: fn(&str) -> String,
+    /// The JSON text of `c`'s ownership and metadata (as two columns).
+    ownership_and_metadata: &'static str,
+    /// The text `parameter` as an integer.
+    integer: fn(&str) -> String,
+}
+
+/// The list query for `filter` in `dialect`, with its parameters (all text): live connections of
+/// live integrations, newest first. Every filter has an index behind it (the migrations' notes).
+fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<String>) {
+    let mut sql = format!(
+        "SELECT c.id, c.version, c.connection_id, c.provider_config_key, c.provider, \
+           c.created_at, c.refresh_state, {} FROM connections c \
+         WHERE c.deleted_at IS NULL AND EXISTS (SELECT 1 FROM integrations i \
+           WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)",
+        dialect.ownership_and_metadata
+    );
+    let mut parameters = Vec::new();
+    let mut condition = |parameter: String, clause: &dyn Fn(&str) -> String| {
+        parameters.push(parameter);
+        sql.push_str(" AND ");
+        sql.push_str(&clause(&(dialect.placeholder)(parameters.len())));
+    };
+    if let Some(id) = &filter.connection_id {
+        condition(id.clone(), &|p| format!("c.connection_id = {p}"));
+    }
+    if let Some(id) = &filter.end_user_id {
+        condition(id.clone(), &|p| format!("c.end_user_id = {p}"));
+    }
+    if let Some(id) = &filter.end_user_org_id {
+        condition(id.clone(), &|p| format!("c.end_user_org_id = {p}"));
+    }
+    if let Some(search) = &filter.search {
+        let escaped = search
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        condition(format!("%{escaped}%"), &|p| {
+            format!("c.search LIKE {p} ESCAPE '\\'")
+        });
+    }
+    if !filter.integrations.is_empty() {
+        let keys = serde_json::to_string(&filter.integrations).unwrap_or_default();
+        condition(keys, &|p| (dialect.integrations)(p));
+    }
+    if !filter.tags.is_empty() {
+        let tags = serde_json::to_string(&filter.tags).unwrap_or_default();
+        condition(tags, &|p| (dialect.tags)(p));
+    }
+    // The page is a parameter too, so that one prepared statement serves every page.
+    parameters.push(filter.limit.to_string());
+    let limit = (dialect.integer)(&(dialect.placeholder)(parameters.len()));
+    parameters.push(filter.offset.min(i64::MAX as u64).to_string());
+    let offset = (dialect.integer)(&(dialect.placeholder)(parameters.len()));
+    sql.push_str(&format!(
+        " ORDER BY c.created_at DESC, c.id DESC LIMIT {limit} OFFSET {offset}"
+    ));
+    (sql, parameters)
+}
+
+/// A list row's ownership and metadata, from their JSON text (absent when NULL).
+fn ownership_and_metadata(
+    connection_id: &str,
+    ownership: Option<&str>,
+    metadata: Option<&str>,
+) -> Result<(Ownership, Option<Map<String, Value>>), ProjectionError> {
+    let corrupt = |e: serde_json::Error| ProjectionError::CorruptRow {
+        table: "connections",
+        stream_id: connection_id.to_owned(),
+        reason: e.to_string(),
+    };
+    let ownership = match ownership {
+        Some(text) => serde_json::from_str(text).map_err(corrupt)?,
+        None => Ownership::default(),
+    };
+    let metadata = match metadata {
+        Some(text) => Some(serde_json::from_str::<Map<String, Value>>(text).map_err(corrupt)?),
+        None => None,
+    };
+    Ok((ownership, metadata.filter(|m| !m.is_empty())))
+}
 
 /// Live integrations by key, their states read as `state` (an expression giving JSON text).
 fn list_integrations_sql(state: &str) -> String {

@@ -1,7 +1,7 @@
 //! The read models on PostgreSQL. States are `json`: written as the text serde made, read back as
 //! that text and parsed once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,24 +10,40 @@ use domain::connection::ConnectionKey;
 use domain::keys::StoredDataKey;
 use domain::store::{EventStore, Position, PostgresStore};
 use serde_json::value::RawValue;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
+    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, ListDialect, Planner,
     Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
-    database, due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, swap_sql,
-    upsert_sql, version,
+    database, due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, list_sql,
+    ownership_and_metadata, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
 
 /// One row.
-const ROW: &str = "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+const ROW: &str =
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
 /// A batch's rows as one array per column: one statement, one round trip, however many rows.
 const ROWS: &str = "SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], \
      $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
-     $10::timestamptz[], $11::text[], $12::json[], $13::timestamptz[])";
+     $10::timestamptz[], $11::text[], $12::json[], $13::timestamptz[], $14::text[], $15::text[], \
+     $16::text[], $17::jsonb[])";
+
+/// How PostgreSQL writes a list query's filters: integrations and tags as JSON parameters, the
+/// tags matched by containment (their GIN index). Every parameter is text (`::text` first, so
+/// that PostgreSQL types it so).
+const LIST: ListDialect = ListDialect {
+    placeholder: |n| format!("${n}"),
+    integrations: |p| {
+        format!("c.provider_config_key IN (SELECT jsonb_array_elements_text({p}::text::jsonb))")
+    },
+    tags: |p| format!("c.tags @> {p}::text::jsonb"),
+    ownership_and_metadata: "(c.state->'Active'->'ownership')::text, \
+     (c.state->'Active'->'metadata')::text",
+    integer: |p| format!("{p}::text::bigint"),
+};
 
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "c.state->'Active'->>'credentials_type' = 'OAUTH2'";
@@ -100,7 +116,7 @@ async fn write(
     // One row (read-your-writes after a command): plain values plan and run faster than
     // arrays.
     let statement = client
-        .prepare_cached(&upsert_sql(table, ROW))
+        .prepare_cached(&upsert_sql(table, ROW, true))
         .await
         .map_err(database)?;
     let version = i32::try_from(row.version).unwrap_or(i32::MAX);
@@ -121,6 +137,10 @@ async fn write(
                 &row.refresh_state,
                 &Json(&*row.state),
                 &row.renewed_at,
+                &row.end_user_id,
+                &row.end_user_org_id,
+                &row.search,
+                &tags_json(&row.tags),
             ],
         )
         .await
@@ -138,7 +158,7 @@ async fn write_many(
         return Ok(());
     }
     let statement = client
-        .prepare_cached(&upsert_sql(table, ROWS))
+        .prepare_cached(&upsert_sql(table, ROWS, true))
         .await
         .map_err(database)?;
     let stream_ids: Vec<&str> = rows.iter().map(|r| r.stream_id.as_str()).collect();
@@ -160,6 +180,11 @@ async fn write_many(
     let refresh_states: Vec<&str> = rows.iter().map(|r| r.refresh_state).collect();
     let states: Vec<Json<&RawValue>> = rows.iter().map(|r| Json(&*r.state)).collect();
     let renewed: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.renewed_at).collect();
+    let end_users: Vec<Option<&str>> = rows.iter().map(|r| r.end_user_id.as_deref()).collect();
+    let orgs: Vec<Option<&str>> = rows.iter().map(|r| r.end_user_org_id.as_deref()).collect();
+    let searches: Vec<Option<&str>> = rows.iter().map(|r| r.search.as_deref()).collect();
+    let tags: Vec<Option<Json<&BTreeMap<String, String>>>> =
+        rows.iter().map(|r| tags_json(&r.tags)).collect();
     client
         .execute(
             &statement,
@@ -177,6 +202,10 @@ async fn write_many(
                 &refresh_states,
                 &states,
                 &renewed,
+                &end_users,
+                &orgs,
+                &searches,
+                &tags,
             ],
         )
         .await
@@ -192,6 +221,11 @@ async fn fold_into(
 ) -> Result<(), ProjectionError> {
     let snapshots = load(client, table, &batch.stream_ids).await?;
     write(client, table, &(batch.fold)(snapshots)?).await
+}
+
+/// A row's tags as stored: `NULL` when there are none.
+fn tags_json(tags: &BTreeMap<String, String>) -> Option<Json<&BTreeMap<String, String>>> {
+    (!tags.is_empty()).then_some(Json(tags))
 }
 
 async fn set_checkpoint(
@@ -283,35 +317,37 @@ impl ReadModelStore for PostgresReadModels {
 
     async fn list_connections(
         &self,
-        connection_id: Option<&str>,
+        filter: &ConnectionFilter,
     ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
-        let client = self.client().await?;
-        let rows = match connection_id {
-            Some(id) => {
-                client
-                    .query(
-                        &format!("{LIST_CONNECTIONS} AND c.connection_id = $1 {LIST_ORDER}"),
-                        &[&id],
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .query(&format!("{LIST_CONNECTIONS} {LIST_ORDER}"), &[])
-                    .await
-            }
-        }
-        .map_err(database)?;
-        Ok(rows
+        let (sql, parameters) = list_sql(filter, &LIST);
+        let parameters: Vec<&(dyn ToSql + Sync)> = parameters
             .iter()
-            .map(|r| ConnectionSummary {
-                id: r.get(0),
-                connection_id: r.get(1),
-                provider_config_key: r.get(2),
-                provider: r.get(3),
-                created_at: r.get(4),
+            .map(|p| p as &(dyn ToSql + Sync))
+            .collect();
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await.map_err(database)?;
+        let rows = client
+            .query(&statement, &parameters)
+            .await
+            .map_err(database)?;
+        rows.iter()
+            .map(|r| {
+                let connection_id: String = r.get(2);
+                let (ownership, metadata) =
+                    ownership_and_metadata(&connection_id, r.get(7), r.get(8))?;
+                Ok(ConnectionSummary {
+                    id: r.get(0),
+                    version: version(r.get::<_, i32>(1).into()),
+                    connection_id,
+                    provider_config_key: r.get(3),
+                    provider: r.get(4),
+                    created_at: r.get(5),
+                    refresh_state: r.get(6),
+                    ownership,
+                    metadata,
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {

@@ -12,10 +12,10 @@ use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionSummary, LIST_CONNECTIONS, LIST_ORDER, Planner,
+    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, ListDialect, Planner,
     Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
-    due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, swap_sql, upsert_sql,
-    version,
+    due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, list_sql,
+    ownership_and_metadata, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -23,7 +23,33 @@ use crate::model::Row;
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2'";
 
-const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+
+/// How SQLite writes a list query's filters: integrations and tags as JSON parameters, the
+/// tags looked up pair by pair in `connection_tags` (its `(key, value)` index).
+const LIST: ListDialect = ListDialect {
+    placeholder: |n| format!("?{n}"),
+    integrations: |p| format!("c.provider_config_key IN (SELECT value FROM json_each({p}))"),
+    tags: |p| {
+        format!(
+            "c.stream_id IN (SELECT t.stream_id FROM json_each({p}) j \
+             JOIN connection_tags t ON t.key = j.key AND t.value = j.value \
+             GROUP BY t.stream_id HAVING count(*) = (SELECT count(*) FROM json_each({p})))"
+        )
+    },
+    ownership_and_metadata: "json_extract(c.state, '$.Active.ownership'), \
+     json_extract(c.state, '$.Active.metadata')",
+    integer: |p| format!("CAST({p} AS INTEGER)"),
+};
+
+/// The table that keeps the tags of the rows of `table`, if its rows have tags.
+fn tags_table(table: &str) -> Option<&'static str> {
+    match table {
+        "connections" => Some("connection_tags"),
+        "connections_shadow" => Some("connection_tags_shadow"),
+        _ => None,
+    }
+}
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -105,9 +131,11 @@ fn load(
 }
 
 fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError> {
-    let mut statement = conn.prepare_cached(&upsert_sql(table, ROW)).map_err(db)?;
+    let mut statement = conn
+        .prepare_cached(&upsert_sql(table, ROW, false))
+        .map_err(db)?;
     for row in rows {
-        statement
+        let written = statement
             .execute(params![
                 row.stream_id,
                 row.version,
@@ -122,8 +150,37 @@ fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError>
                 row.refresh_state,
                 row.state.get(),
                 row.renewed_at.map(micros),
+                row.end_user_id,
+                row.end_user_org_id,
+                row.search,
             ])
             .map_err(db)?;
+        // The tags move with the row: only when the upsert moved it forward.
+        if let Some(tags) = tags_table(table)
+            && written > 0
+        {
+            write_tags(conn, tags, row)?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the tags of `row`'s stream in `tags` with the row's (none once it is deleted).
+fn write_tags(conn: &Connection, tags: &str, row: &Row) -> Result<(), StoreError> {
+    conn.prepare_cached(&format!("DELETE FROM {tags} WHERE stream_id = ?1"))
+        .map_err(db)?
+        .execute([&row.stream_id])
+        .map_err(db)?;
+    if row.deleted_at.is_some() {
+        return Ok(());
+    }
+    let mut insert = conn
+        .prepare_cached(&format!(
+            "INSERT INTO {tags} (stream_id, key, value) VALUES (?1, ?2, ?3)"
+        ))
+        .map_err(db)?;
+    for (key, value) in &row.tags {
+        insert.execute([&row.stream_id, key, value]).map_err(db)?;
     }
     Ok(())
 }
@@ -246,32 +303,61 @@ impl ReadModelStore for SqliteReadModels {
 
     async fn list_connections(
         &self,
-        connection_id: Option<&str>,
+        filter: &ConnectionFilter,
     ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
-        let filter = connection_id.map(str::to_owned);
-        Ok(self
+        let (sql, parameters) = list_sql(filter, &LIST);
+        let rows = self
             .store
             .read(move |conn| {
-                let map = |r: &rusqlite::Row<'_>| {
-                    Ok(ConnectionSummary {
-                        id: r.get(0)?,
-                        connection_id: r.get(1)?,
-                        provider_config_key: r.get(2)?,
-                        provider: r.get(3)?,
-                        created_at: from_micros(r.get(4)?),
-                    })
-                };
-                match &filter {
-                    Some(id) => collect(
-                        conn,
-                        &format!("{LIST_CONNECTIONS} AND c.connection_id = ?1 {LIST_ORDER}"),
-                        [id],
-                        map,
-                    ),
-                    None => collect(conn, &format!("{LIST_CONNECTIONS} {LIST_ORDER}"), [], map),
-                }
+                collect(
+                    conn,
+                    &sql,
+                    rusqlite::params_from_iter(parameters.iter()),
+                    |r| {
+                        Ok((
+                            (
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, String>(2)?,
+                            ),
+                            (r.get::<_, String>(3)?, r.get::<_, String>(4)?),
+                            (r.get::<_, i64>(5)?, r.get::<_, String>(6)?),
+                            (
+                                r.get::<_, Option<String>>(7)?,
+                                r.get::<_, Option<String>>(8)?,
+                            ),
+                        ))
+                    },
+                )
             })
-            .await?)
+            .await?;
+        rows.into_iter()
+            .map(
+                |(
+                    (id, stored_version, connection_id),
+                    (key, provider),
+                    (created, refresh_state),
+                    (ownership, metadata),
+                )| {
+                    let (ownership, metadata) = ownership_and_metadata(
+                        &connection_id,
+                        ownership.as_deref(),
+                        metadata.as_deref(),
+                    )?;
+                    Ok(ConnectionSummary {
+                        id,
+                        version: version(stored_version),
+                        connection_id,
+                        provider_config_key: key,
+                        provider,
+                        created_at: from_micros(created),
+                        refresh_state,
+                        ownership,
+                        metadata,
+                    })
+                },
+            )
+            .collect()
     }
 
     async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {
@@ -480,7 +566,13 @@ impl ReadModelStore for SqliteReadModels {
             .store
             .write(move |conn| {
                 conn.execute_batch(&format!("DELETE FROM {shadow}"))
-                    .map_err(db)
+                    .map_err(db)?;
+                match tags_table(shadow) {
+                    Some(tags) => conn
+                        .execute_batch(&format!("DELETE FROM {tags}"))
+                        .map_err(db),
+                    None => Ok(()),
+                }
             })
             .await?)
     }
@@ -525,6 +617,12 @@ impl ReadModelStore for SqliteReadModels {
                 }
                 tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tables)))
                     .map_err(db)?;
+                if let (Some(live), Some(shadow)) = (tags_table(name), tags_table(shadow)) {
+                    // The tags go with their rows.
+                    let tags = Tables { live, shadow };
+                    tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tags)))
+                        .map_err(db)?;
+                }
                 set_checkpoint(&tx, name, tail.at)?;
                 tx.commit().map_err(db)?;
                 Ok(tail.read)

@@ -9,7 +9,7 @@ use domain::connection::{Connection, ConnectionKey, MetadataMode};
 use domain::store::{ExpectedVersion, NewEvent, StreamId};
 use domain::testing::TestDatabase;
 use projections::model::upsert_state;
-use projections::queries;
+use projections::queries::{self, ConnectionFilter};
 use projections::runner::Step;
 use projections::{ConnectionsModel, IntegrationsModel, ReadModels, Runner};
 use serde_json::json;
@@ -35,11 +35,12 @@ async fn catching_up_builds_the_read_models_and_moves_the_checkpoint_to_the_head
     let runner = Runner::new(&f.backend).with_batch_size(2);
     settle(&runner).await;
 
-    let listed = queries::list_connections(&f.read_models, None)
+    let listed = queries::list_connections(&f.read_models, &ConnectionFilter::default())
         .await
         .unwrap();
+    // Newest first.
     let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
-    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(ids, ["c", "b", "a"]);
     let found = f.find("github", "b").await.unwrap();
     assert_eq!(found.connection.connection_id, "b");
     assert_eq!(found.version, 1);
@@ -221,7 +222,9 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
                     matches!(found, Ok(Some(_))),
                     "read of {id} failed during the rebuild: {found:?}"
                 );
-                let listed = queries::list_connections(&read_models, None).await.unwrap();
+                let listed = queries::list_connections(&read_models, &ConnectionFilter::default())
+                    .await
+                    .unwrap();
                 assert_eq!(listed.len(), count - 1);
                 reads.fetch_add(1, Ordering::Relaxed);
                 n += 1;
@@ -298,17 +301,21 @@ async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() 
     let replayed = rebuilding.await.unwrap().unwrap();
 
     assert!(replayed >= 4, "replayed {replayed}");
-    let listed = queries::list_connections(&f.read_models, None)
+    let listed = queries::list_connections(&f.read_models, &ConnectionFilter::default())
         .await
         .unwrap();
-    let ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
+    let mut ids: Vec<_> = listed.iter().map(|c| c.connection_id.as_str()).collect();
+    ids.sort_unstable();
     assert_eq!(ids, ["early", "held1", "held2"]);
 }
 
 /// Every live connection's (id, version, state), sorted.
 async fn snapshot(read_models: &ReadModels) -> Vec<(String, u32, String)> {
     let mut rows = Vec::new();
-    for summary in queries::list_connections(read_models, None).await.unwrap() {
+    for summary in queries::list_connections(read_models, &ConnectionFilter::default())
+        .await
+        .unwrap()
+    {
         let record = queries::find_connection(
             read_models,
             &ConnectionKey::new(&summary.provider_config_key, &summary.connection_id),
@@ -343,7 +350,7 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
         .unwrap();
     let runner = Runner::new(&f.backend);
     settle(&runner).await;
-    let listed = queries::list_connections(&f.read_models, None)
+    let listed = queries::list_connections(&f.read_models, &ConnectionFilter::default())
         .await
         .unwrap();
     assert_eq!(listed.len(), 1);
@@ -357,10 +364,16 @@ async fn deleted_connections_and_connections_of_deleted_integrations_are_hidden(
     assert!(f.find("github", "b").await.is_none());
     assert!(f.find_integration("gitlab").await.is_none());
     assert_eq!(
-        queries::list_connections(&f.read_models, Some("a"))
-            .await
-            .unwrap()
-            .len(),
+        queries::list_connections(
+            &f.read_models,
+            &ConnectionFilter {
+                connection_id: Some("a".into()),
+                ..ConnectionFilter::default()
+            }
+        )
+        .await
+        .unwrap()
+        .len(),
         1
     );
     assert_eq!(
