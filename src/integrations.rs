@@ -25,6 +25,12 @@ pub enum IntegrationsError {
     /// The config names a provider that is not a template of the catalog.
     #[error("unknown provider template {0:?}")]
     UnknownTemplate(String),
+    /// An OAuth provider's config has no client id.
+    #[error("missing oauth_client_id")]
+    MissingClientId,
+    /// An OAuth provider's config has no client secret.
+    #[error("missing oauth_client_secret")]
+    MissingClientSecret,
     /// A command on the integration was refused or could not be recorded.
     #[error("a command on provider config {key:?} failed: {source}")]
     Command { key: String, source: CommandError },
@@ -140,10 +146,21 @@ async fn find(state: &AppState, key: &str) -> Result<IntegrationRecord, Integrat
         .ok_or_else(|| IntegrationsError::NotFound(key.to_owned()))
 }
 
-/// Refuses a provider the catalog has no template for: a connect flow could never use it.
+/// Refuses a provider the catalog has no template for (a connect flow could never use it), and
+/// an OAuth provider's config without client credentials (API-key and Basic providers need
+/// none).
 fn known_template(state: &AppState, config: &IntegrationConfig) -> Result<(), IntegrationsError> {
-    match state.catalog.get(&config.provider) {
-        Some(_) => Ok(()),
-        None => Err(IntegrationsError::UnknownTemplate(config.provider.clone())),
+    let template = state
+        .catalog
+        .get(&config.provider)
+        .ok_or_else(|| IntegrationsError::UnknownTemplate(config.provider.clone()))?;
+    if template.auth_mode.is_oauth() {
+        if config.oauth_client_id.is_empty() {
+            return Err(IntegrationsError::MissingClientId);
+        }
+        if config.client_secret.expose().is_empty() {
+            return Err(IntegrationsError::MissingClientSecret);
+        }
     }
+    Ok(())
 }

@@ -31,17 +31,26 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 
 mod interpolation;
+mod proxy;
 
-pub use interpolation::{InterpolationError, UrlInterpolationError, interpolate, interpolate_url};
+pub use interpolation::{
+    InterpolationError, UrlInterpolationError, fill_with, interpolate, interpolate_url,
+};
 use interpolation::{fill, has_http_scheme};
+pub use proxy::{Proxy, Verification};
 
 /// How a provider authorizes a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
     /// OAuth 2.0 authorization code, with PKCE unless the template disables it. YAML `OAUTH2`.
+    #[default]
     OAuth2,
     /// OAuth 1.0a three-legged flow. YAML `OAUTH1`.
     OAuth1,
+    /// A key the user enters (no flow). YAML `API_KEY`.
+    ApiKey,
+    /// A username and password the user enters (no flow). YAML `BASIC`.
+    Basic,
 }
 
 impl AuthMode {
@@ -50,7 +59,15 @@ impl AuthMode {
         match self {
             AuthMode::OAuth2 => "OAUTH2",
             AuthMode::OAuth1 => "OAUTH1",
+            AuthMode::ApiKey => "API_KEY",
+            AuthMode::Basic => "BASIC",
         }
+    }
+
+    /// Whether connections of this mode are made by an OAuth flow (the others take credentials
+    /// the user enters).
+    pub fn is_oauth(self) -> bool {
+        matches!(self, AuthMode::OAuth2 | AuthMode::OAuth1)
     }
 }
 
@@ -88,8 +105,9 @@ pub enum SignatureMethod {
 
 /// One provider's template, complete for its auth mode.
 ///
-/// URLs may hold `${connectionConfig.x}` placeholders: fill them with [`interpolate_url`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// URLs may hold `${connectionConfig.x}` placeholders: fill them with [`interpolate_url`]. The
+/// OAuth fields are blank for `API_KEY` and `BASIC` templates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Template {
     /// The catalog key, e.g. `github`.
     pub name: String,
@@ -137,6 +155,8 @@ pub struct Template {
     pub signature_method: Option<SignatureMethod>,
     /// The provider's own OAuth documentation.
     pub docs: Option<String>,
+    /// Its API: base URL, how a credential goes into a request, how one is verified.
+    pub proxy: Proxy,
 }
 
 /// Provider templates by name.
@@ -153,8 +173,6 @@ const BUILTIN_YAML: &str = include_str!("catalog/providers.yaml");
 /// rejected, so that a copy of a larger providers file still loads.
 const UNSERVED_AUTH_MODES: &[&str] = &[
     "OAUTH2_CC",
-    "BASIC",
-    "API_KEY",
     "APP",
     "APP_STORE",
     "CUSTOM",
@@ -343,6 +361,7 @@ struct RawTemplate {
     request_params: Option<RawParams>,
     signature_method: Option<String>,
     docs: Option<String>,
+    proxy: Option<proxy::RawProxy>,
 }
 
 /// `token_url` is a string, or (in later Nango files) a map keyed by auth mode.
@@ -386,6 +405,7 @@ impl RawTemplate {
             request_url: self.request_url.or(base.request_url),
             request_params: self.request_params.or(base.request_params),
             signature_method: self.signature_method.or(base.signature_method),
+            proxy: self.proxy.or(base.proxy),
             docs: self.docs.or(base.docs),
         }
     }
@@ -494,16 +514,27 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         None => return Err("auth_mode is missing".to_owned()),
         Some("OAUTH2") => AuthMode::OAuth2,
         Some("OAUTH1") => AuthMode::OAuth1,
+        Some("API_KEY") => AuthMode::ApiKey,
+        Some("BASIC") => AuthMode::Basic,
         Some(mode) if UNSERVED_AUTH_MODES.contains(&mode) => {
             return Ok(Built::Skipped(mode.to_owned()));
         }
         Some(mode) => {
             return Err(format!(
-                "auth_mode `{mode}` is unknown (Grantline serves OAUTH2 and OAUTH1)"
+                "auth_mode `{mode}` is unknown (Grantline serves OAUTH2, OAUTH1, API_KEY and BASIC)"
             ));
         }
     };
 
+    if !auth_mode.is_oauth() {
+        return Ok(Built::Template(Box::new(Template {
+            name: name.to_owned(),
+            auth_mode,
+            proxy: raw.proxy.unwrap_or_default().build()?,
+            docs: raw.docs,
+            ..Template::default()
+        })));
+    }
     let authorization_url = required_url("authorization_url", raw.authorization_url)?;
     let token_url = match raw.token_url {
         None => None,
@@ -555,7 +586,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         }
     };
     let signature_method = match (auth_mode, raw.signature_method.as_deref()) {
-        (AuthMode::OAuth2, _) => None,
+        (AuthMode::OAuth2 | AuthMode::ApiKey | AuthMode::Basic, _) => None,
         (AuthMode::OAuth1, None) => Some(SignatureMethod::HmacSha1),
         (AuthMode::OAuth1, Some(method)) => Some(match method.to_ascii_uppercase().as_str() {
             "HMAC-SHA1" => SignatureMethod::HmacSha1,
@@ -591,6 +622,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         request_params: params("request_params", raw.request_params)?,
         signature_method,
         docs: raw.docs,
+        proxy: raw.proxy.unwrap_or_default().build()?,
     })))
 }
 
@@ -679,7 +711,16 @@ mod tests {
                 template.docs.as_ref(),
             ];
             for url in urls.into_iter().flatten() {
+                if url.is_empty() {
+                    assert!(!template.auth_mode.is_oauth(), "{}", template.name);
+                    continue;
+                }
                 assert!(url.starts_with("https://"), "{}: {url}", template.name);
+            }
+            if !template.auth_mode.is_oauth() {
+                let base = template.proxy.base_url.as_deref().unwrap_or_default();
+                assert!(base.starts_with("https://"), "{}: {base}", template.name);
+                assert!(template.proxy.verification.is_some(), "{}", template.name);
             }
             assert!(template.docs.is_some(), "{} has no docs", template.name);
             if template.auth_mode == AuthMode::OAuth1 {
@@ -1189,9 +1230,9 @@ acme:
     fn unserved_auth_modes_are_skipped_and_reported() {
         let yaml = "\
 keyed:
-  auth_mode: API_KEY
+  auth_mode: OAUTH2_CC
 github:
-  auth_mode: BASIC
+  auth_mode: APP
 acme:
   auth_mode: OAUTH2
   authorization_url: https://acme.example/a
@@ -1201,12 +1242,68 @@ acme:
         assert_eq!(file.names().collect::<Vec<_>>(), vec!["acme"]);
         assert_eq!(
             file.skipped().collect::<Vec<_>>(),
-            vec![("github", "BASIC"), ("keyed", "API_KEY")]
+            vec![("github", "APP"), ("keyed", "OAUTH2_CC")]
         );
 
         let merged = Catalog::builtin().merged(file);
         assert!(merged.get("github").is_none(), "the file's definition wins");
         assert!(merged.get("acme").is_some());
+    }
+
+    #[test]
+    fn api_key_and_basic_templates_read_their_proxy_section() {
+        let yaml = "\
+keyed:
+  auth_mode: API_KEY
+  proxy:
+    base_url: https://${connectionConfig.subdomain}.keyed.example
+    headers:
+      authorization: Bearer ${apiKey}
+    query:
+      team: ${connectionConfig.team}
+    verification:
+      endpoints: [/me, /other]
+plain:
+  auth_mode: BASIC
+";
+        let file = Catalog::from_yaml("f.yaml", yaml).expect("loads");
+        let keyed = file.get("keyed").expect("keyed");
+        assert_eq!(keyed.auth_mode, AuthMode::ApiKey);
+        assert_eq!(keyed.proxy.headers["authorization"], "Bearer ${apiKey}");
+        let verification = keyed.proxy.verification.as_ref().expect("verification");
+        assert_eq!(
+            (verification.method.as_str(), verification.endpoint.as_str()),
+            ("GET", "/me")
+        );
+        assert_eq!(file.get("plain").expect("plain").auth_mode, AuthMode::Basic);
+        let filled = fill_with(
+            "Bearer ${apiKey} ${connectionConfig.team}",
+            |name| match name {
+                "apiKey" => Some("k"),
+                "connectionConfig.team" => Some("t"),
+                _ => None,
+            },
+        );
+        assert_eq!(filled.expect("filled"), "Bearer k t");
+        assert!(fill_with("${password}", |_| None).is_err());
+
+        for (bad, problem) in [
+            ("headers:\n      x: ${secret}", "unsupported placeholder"),
+            ("verification:\n      endpoints: [me]", "must be a path"),
+            (
+                "verification:\n      method: DELETE\n      endpoints: [/me]",
+                "DELETE",
+            ),
+            ("base_url: ftp://x", "https://"),
+        ] {
+            let yaml = format!(
+                "k:\n  auth_mode: API_KEY\n  proxy:\n    base_url: https://k.example\n    {bad}\n"
+            );
+            let yaml = yaml.replace("base_url: https://k.example\n    base_url", "base_url");
+            let (_, entry, message) = entry_error(Catalog::from_yaml("f.yaml", &yaml));
+            assert_eq!(entry, "k");
+            assert!(message.contains(problem), "{bad}: {message}");
+        }
     }
 
     #[test]

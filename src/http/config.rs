@@ -154,17 +154,10 @@ impl ConfigInput {
             message: "missing provider",
         })?;
         identifier(&provider, "provider").map_err(in_body)?;
-        let oauth_client_id =
-            text(self.oauth_client_id, "oauth_client_id")?.ok_or(ApiError::MissingField {
-                code: "missing_client_id",
-                message: "missing oauth_client_id",
-            })?;
-        let client_secret = text(self.oauth_client_secret, "oauth_client_secret")?.ok_or(
-            ApiError::MissingField {
-                code: "missing_client_secret",
-                message: "missing oauth_client_secret",
-            },
-        )?;
+        // Required for OAuth providers only: the service checks against the template.
+        let oauth_client_id = text(self.oauth_client_id, "oauth_client_id")?.unwrap_or_default();
+        let client_secret =
+            text(self.oauth_client_secret, "oauth_client_secret")?.unwrap_or_default();
         let oauth_scopes = scopes(self.oauth_scopes)?;
         Ok((
             key,

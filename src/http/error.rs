@@ -140,6 +140,14 @@ pub enum ApiError {
     /// 400: the connect session does not allow this integration.
     #[error("the connect session does not allow integration {0:?}")]
     IntegrationNotAllowed(String),
+    /// 4xx: credentials entered in a form were refused; `code` says why, as Nango's
+    /// `/api-auth` routes do (`invalid_auth_mode`, `connection_test_failed`, …).
+    #[error("{message}")]
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
     /// 503: the database cannot be reached.
     #[error("the service is temporarily unavailable")]
     Unavailable(String),
@@ -187,6 +195,7 @@ impl ApiError {
             Self::IntegrationNotAllowed(_) => (S::BAD_REQUEST, "integration_not_allowed"),
             Self::UnknownProvider(_) => (S::NOT_FOUND, "not_found"),
             Self::ConnectSessionRequired => (S::UNAUTHORIZED, "missing_connect_session_token"),
+            Self::Refused { status, code, .. } => (*status, code),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -377,6 +386,14 @@ impl From<IntegrationsError> for ApiError {
             IntegrationsError::NotFound(key) => Self::ProviderConfigNotFound(key),
             IntegrationsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
             IntegrationsError::UnknownTemplate(provider) => Self::UnknownProviderTemplate(provider),
+            IntegrationsError::MissingClientId => Self::MissingField {
+                code: "missing_client_id",
+                message: "missing oauth_client_id",
+            },
+            IntegrationsError::MissingClientSecret => Self::MissingField {
+                code: "missing_client_secret",
+                message: "missing oauth_client_secret",
+            },
             IntegrationsError::Command { key, source } => integration_command_error(source, &key),
             IntegrationsError::Connection(e) => (*e).into(),
             IntegrationsError::ReadModel(e) => e.into(),
@@ -402,6 +419,41 @@ pub fn flow_status(error: &FlowError) -> StatusCode {
         FlowError::TooManyFlows => StatusCode::TOO_MANY_REQUESTS,
         FlowError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The JSON answer of a refused credential form (or a refused flow start that is answered as
+/// JSON): Nango's codes for the `/api-auth` routes.
+pub fn form_refusal(error: FlowError) -> ApiError {
+    use StatusCode as S;
+    let refused = |status, code, error: &FlowError| ApiError::Refused {
+        status,
+        code,
+        message: error.to_string(),
+    };
+    match error {
+        FlowError::UnknownSessionToken => ApiError::UnknownConnectSessionToken,
+        FlowError::SessionRequired => ApiError::ConnectSessionRequired,
+        FlowError::IntegrationNotAllowed(key) => ApiError::IntegrationNotAllowed(key),
+        FlowError::UnknownProviderConfig(key) => ApiError::ProviderConfigNotFound(key),
+        FlowError::ConnectionIdWithSessionToken
+        | FlowError::InvalidParam(_)
+        | FlowError::UrlParam(_) => ApiError::InvalidQuery(error.to_string()),
+        FlowError::UnknownTemplate(_) => refused(S::NOT_FOUND, "unknown_provider_template", &error),
+        FlowError::InvalidAuthMode(_) => refused(S::BAD_REQUEST, "invalid_auth_mode", &error),
+        FlowError::ConnectionTestFailed(_) => {
+            refused(S::BAD_REQUEST, "connection_test_failed", &error)
+        }
+        FlowError::ConnectionExists => refused(S::BAD_REQUEST, "invalid_connection", &error),
+        FlowError::MissingConnectionId => refused(S::BAD_REQUEST, "missing_connection_id", &error),
+        FlowError::MissingHmac => refused(S::BAD_REQUEST, "missing_hmac", &error),
+        FlowError::InvalidHmac => refused(S::BAD_REQUEST, "invalid_hmac", &error),
+        FlowError::MissingPublicKey => refused(S::UNAUTHORIZED, "missing_public_key", &error),
+        FlowError::InvalidPublicKey => refused(S::UNAUTHORIZED, "invalid_public_key", &error),
+        FlowError::TooManyFlows => refused(S::TOO_MANY_REQUESTS, "too_many_requests", &error),
+        FlowError::TooManyOpenFlows => ApiError::Unavailable(error.to_string()),
+        FlowError::Unavailable(cause) => ApiError::Unavailable(cause),
+        other => ApiError::Internal(other.to_string()),
     }
 }
 

@@ -171,6 +171,8 @@ pub enum HistoryFlow {
     Oauth2,
     Oauth1,
     Import,
+    /// Credentials the user entered (API key, Basic).
+    Form,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -236,6 +238,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 Flow::Oauth2 => HistoryFlow::Oauth2,
                 Flow::Oauth1 => HistoryFlow::Oauth1,
                 Flow::Import => HistoryFlow::Import,
+                Flow::Form => HistoryFlow::Form,
             }),
             credentials_type: entry.credentials_type.map(|kind| match kind {
                 CredentialsType::Oauth2 => "OAUTH2",

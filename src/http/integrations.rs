@@ -166,7 +166,7 @@ fn integration_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -
         "created_at": timestamp(i.created_at),
         "updated_at": timestamp(i.updated_at.unwrap_or(i.created_at)),
     });
-    if let Some(secret) = secret {
+    if let Some(secret) = secret.filter(|_| !i.settings.oauth_client_id.is_empty()) {
         body["credentials"] = json!({
             "type": "OAUTH2",
             "client_id": i.settings.oauth_client_id,
@@ -363,10 +363,17 @@ pub async fn create_integration(
     unkept(input.display_name.as_ref(), input.forward_webhooks)?;
     identifier(&input.unique_key, "unique_key")?;
     identifier(&input.provider, "provider")?;
-    let credentials = input.credentials.ok_or_else(|| {
-        ApiError::InvalidBody("credentials are required for OAuth integrations".into())
-    })?;
-    let config = config_of(input.provider, credentials)?;
+    // API-key and Basic providers need no credentials; the service refuses an OAuth provider
+    // without them.
+    let config = match input.credentials {
+        Some(credentials) => config_of(input.provider, credentials)?,
+        None => IntegrationConfig {
+            provider: input.provider,
+            oauth_client_id: String::new(),
+            client_secret: ClientSecret::new(String::new()),
+            oauth_scopes: Vec::new(),
+        },
+    };
     integrations::create(&state, &input.unique_key, config).await?;
     let (record, _) = integrations::get(&state, &input.unique_key, false).await?;
     Ok(Json(json!({ "data": integration_json(&record, None) })))

@@ -7,6 +7,7 @@
 //! own: the [`RequestObserver`] behind request ids and the latency histograms of `/metrics`.
 
 mod admin;
+mod api_auth;
 mod auth;
 mod config;
 mod connect;
@@ -159,6 +160,14 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     let flows = Routes::new()
         .route("/oauth/connect/{provider_config_key}", get(oauth::connect))
         .route("/oauth/callback", get(oauth::callback))
+        .route(
+            "/api-auth/api-key/{provider_config_key}",
+            axum::routing::post(api_auth::api_key),
+        )
+        .route(
+            "/api-auth/basic/{provider_config_key}",
+            axum::routing::post(api_auth::basic),
+        )
         .route(
             "/connect/session",
             get(connect::get_session).delete(connect::delete_session),

@@ -174,7 +174,7 @@ pub async fn callback(
 
 /// The connect request in `query`: plain parameters, `params[x]` and
 /// `authorization_params[x]`. Unknown parameters are ignored; a repeated one keeps its last value.
-fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
+pub(super) fn connect_request(provider_config_key: String, query: &str) -> ConnectRequest {
     let mut request = ConnectRequest {
         provider_config_key,
         ..ConnectRequest::default()

@@ -43,6 +43,8 @@ const CURRENT_FAMILY: &str = "/connections";
         super::metrics::metrics,
         openapi_json,
         super::connection_list::list_connections,
+        super::api_auth::api_key,
+        super::api_auth::basic,
         super::import::import_connection,
         super::connection::get_connection,
         super::connection::delete_connection,

@@ -131,6 +131,10 @@ async fn finish(
         session: &session,
     };
     let (credentials, raw, flow, granted) = match template.auth_mode {
+        // Only OAuth flows are ever started; a template changed since is refused.
+        mode @ (AuthMode::ApiKey | AuthMode::Basic) => {
+            return Err(FlowError::InvalidAuthMode(mode.as_str()));
+        }
         AuthMode::OAuth2 => {
             let code = param("code").ok_or(FlowError::MissingCode)?;
             exchange_oauth2(state, &exchange, code).await?

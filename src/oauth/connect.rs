@@ -127,67 +127,15 @@ async fn start(
         check_param(ws, "ws_client_id")?;
         report.ws_client_id = Some(ws.to_owned());
     }
-    if let Some(client) = request.client
-        && !state.oauth.may_start(client)
-    {
-        state.server_stats.refused.add(Limit::FlowsPerClient);
-        return Err(FlowError::TooManyFlows);
-    }
-    let key = request.provider_config_key.clone();
-    check_param(&key, "provider_config_key")?;
-    let session = match non_blank(request.connect_session_token.as_deref()) {
-        Some(token) => Some(connect_sessions::find(state, token, now).await?),
-        None => None,
-    };
-    let (connection, only_new) = match &session {
-        Some(session) => (session_connection(session, &key, &request)?, false),
-        None => public_connection(config, key, &request)?,
-    };
-    if only_new
-        && queries::find_connection(&state.read_models, &connection)
-            .await?
-            .is_some()
-    {
-        return Err(FlowError::ConnectionExists);
-    }
-    report.connection_id = Some(connection.connection_id().to_owned());
-    let mut request = request;
-    if let Some(defaults) = session.as_ref().and_then(|s| {
-        s.integrations_config_defaults
-            .get(connection.provider_config_key())
-    }) {
-        apply_defaults(&mut request, defaults);
-    }
-    for (name, value) in &request.params {
-        check_param(name, "a params[...] name")?;
-        if value.chars().any(char::is_control) || value.len() > 1024 {
-            return Err(FlowError::InvalidParam(format!("params[{name}]")));
-        }
-    }
-    if let Some((name, _)) = request
-        .authorization_params
-        .iter()
-        .find(|(name, _)| PROTECTED_PARAMS.contains(&name.as_str()))
-    {
-        return Err(FlowError::InvalidParam(format!(
-            "authorization_params[{name}] is set by the server and cannot be overridden"
-        )));
-    }
-    let connection_config: Map<String, Value> = request
-        .params
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    // Checked now, not when the flow ends: the connection must be recordable.
-    if let Err(reason) = JsonBounds::CLIENT.check_object(&connection_config) {
-        return Err(FlowError::InvalidParam(format!("params: {reason}")));
-    }
-
+    let Caller {
+        connection,
+        only_new,
+        session,
+        integration,
+        connection_config,
+        request,
+    } = caller(state, request, now, report).await?;
     let key = connection.provider_config_key();
-    let integration = queries::find_integration(&state.read_models, key)
-        .await?
-        .ok_or_else(|| FlowError::UnknownProviderConfig(key.to_owned()))?
-        .integration;
     let template = flow_template(state, &integration.settings.provider)?;
     let scopes = match non_blank(request.scopes.as_deref()) {
         Some(scopes) => split_scopes(scopes),
@@ -210,6 +158,9 @@ async fn start(
     let (url, secrets) = match template.auth_mode {
         AuthMode::OAuth2 => start_oauth2(&flow)?,
         AuthMode::OAuth1 => start_oauth1(state, &flow).await?,
+        mode @ (AuthMode::ApiKey | AuthMode::Basic) => {
+            return Err(FlowError::InvalidAuthMode(mode.as_str()));
+        }
     };
     // The browser that starts the flow gets a cookie the callback must bring back, so a
     // callback URL carried to another browser (a victim's) cannot finish the flow there.
@@ -263,6 +214,99 @@ async fn start(
     Ok(Started {
         url: url.into(),
         cookie,
+    })
+}
+
+/// Who starts a flow, for which connection, with which configuration: the checks every way of
+/// authorizing a connection makes (an OAuth flow, or credentials entered in a form).
+pub(super) struct Caller {
+    pub connection: ConnectionKey,
+    /// Whether the flow may only create the connection (public key alone).
+    pub only_new: bool,
+    pub session: Option<ConnectSession>,
+    pub integration: ActiveIntegration,
+    /// `params[x]`, with the session's defaults, as the connection's configuration.
+    pub connection_config: Map<String, Value>,
+    /// The request with the session's defaults applied.
+    pub request: ConnectRequest,
+}
+
+/// Checks who asks (rate limit, session token, public key, `hmac`), which connection they may
+/// authorize, and the request's parameters; finds the integration.
+pub(super) async fn caller(
+    state: &AppState,
+    mut request: ConnectRequest,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<Caller, FlowError> {
+    let config = &state.config;
+    if let Some(client) = request.client
+        && !state.oauth.may_start(client)
+    {
+        state.server_stats.refused.add(Limit::FlowsPerClient);
+        return Err(FlowError::TooManyFlows);
+    }
+    let key = request.provider_config_key.clone();
+    check_param(&key, "provider_config_key")?;
+    let session = match non_blank(request.connect_session_token.as_deref()) {
+        Some(token) => Some(connect_sessions::find(state, token, now).await?),
+        None => None,
+    };
+    let (connection, only_new) = match &session {
+        Some(session) => (session_connection(session, &key, &request)?, false),
+        None => public_connection(config, key, &request)?,
+    };
+    if only_new
+        && queries::find_connection(&state.read_models, &connection)
+            .await?
+            .is_some()
+    {
+        return Err(FlowError::ConnectionExists);
+    }
+    report.connection_id = Some(connection.connection_id().to_owned());
+    if let Some(defaults) = session.as_ref().and_then(|s| {
+        s.integrations_config_defaults
+            .get(connection.provider_config_key())
+    }) {
+        apply_defaults(&mut request, defaults);
+    }
+    for (name, value) in &request.params {
+        check_param(name, "a params[...] name")?;
+        if value.chars().any(char::is_control) || value.len() > 1024 {
+            return Err(FlowError::InvalidParam(format!("params[{name}]")));
+        }
+    }
+    if let Some((name, _)) = request
+        .authorization_params
+        .iter()
+        .find(|(name, _)| PROTECTED_PARAMS.contains(&name.as_str()))
+    {
+        return Err(FlowError::InvalidParam(format!(
+            "authorization_params[{name}] is set by the server and cannot be overridden"
+        )));
+    }
+    let connection_config: Map<String, Value> = request
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    // Checked now, not when the flow ends: the connection must be recordable.
+    if let Err(reason) = JsonBounds::CLIENT.check_object(&connection_config) {
+        return Err(FlowError::InvalidParam(format!("params: {reason}")));
+    }
+
+    let key = connection.provider_config_key();
+    let integration = queries::find_integration(&state.read_models, key)
+        .await?
+        .ok_or_else(|| FlowError::UnknownProviderConfig(key.to_owned()))?
+        .integration;
+    Ok(Caller {
+        connection,
+        only_new,
+        session,
+        integration,
+        connection_config,
+        request,
     })
 }
 

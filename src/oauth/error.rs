@@ -64,6 +64,14 @@ pub enum FlowError {
     /// The template's OAuth 1.0a signature method is not supported.
     #[error("Cannot sign for this provider: {0}")]
     SignatureMethod(String),
+    /// The integration's provider takes another kind of authorization than the route's (an
+    /// OAuth flow for an API-key provider, a key for an OAuth provider).
+    #[error("The integration's provider uses {0} authorization, which this route does not take.")]
+    InvalidAuthMode(&'static str),
+    /// The entered credentials did not pass the provider's verification request. The provider's
+    /// answer is logged, not shown.
+    #[error("The provider did not accept the credentials ({0}).")]
+    ConnectionTestFailed(String),
     /// The template asks for a grant other than the authorization code.
     #[error("The grant type {0:?} is not supported; only authorization_code is.")]
     GrantType(String),
@@ -165,6 +173,8 @@ impl FlowError {
             Self::UnknownTemplate(_) => "unknown_config_key",
             Self::SignatureMethod(_) => "auth_mode_err",
             Self::GrantType(_) => "grant_type_err",
+            Self::InvalidAuthMode(_) => "invalid_auth_mode",
+            Self::ConnectionTestFailed(_) => "connection_test_failed",
             Self::UrlParam(_) => "url_param_err",
             Self::MissingState | Self::UnknownState | Self::ExpiredState => "state_err",
             Self::ForeignBrowser => "state_cookie_err",

@@ -21,12 +21,12 @@ domain::on_both_backends!(
 
 const TOKEN_PREFIX: &str = "nango_connect_session_";
 
-async fn secured(db: &TestDatabase) -> Env {
+pub(crate) async fn secured(db: &TestDatabase) -> Env {
     env(db, &["--secret-key", SECRET_KEY]).await
 }
 
 /// `POST path` with the secret key.
-async fn post(env: &Env, path: &str, body: &Value) -> reqwest::Response {
+pub(crate) async fn post(env: &Env, path: &str, body: &Value) -> reqwest::Response {
     env.app
         .client
         .post(env.app.url(path))
@@ -38,7 +38,7 @@ async fn post(env: &Env, path: &str, body: &Value) -> reqwest::Response {
 }
 
 /// A new session's token.
-async fn session(env: &Env, path: &str, body: &Value) -> String {
+pub(crate) async fn session(env: &Env, path: &str, body: &Value) -> String {
     let response = post(env, path, body).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let created = ok_json(response).await;
@@ -90,7 +90,7 @@ async fn flow_with(env: &Env, key: &str, token: &str) -> String {
     reported_id(&page)
 }
 
-async fn history(env: &Env, key: &str, id: &str) -> Value {
+pub(crate) async fn history(env: &Env, key: &str, id: &str) -> Value {
     let response = env
         .app
         .client

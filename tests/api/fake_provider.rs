@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
@@ -101,6 +101,7 @@ struct Shared {
     inner: Mutex<Inner>,
     token_requests: AtomicUsize,
     refresh_requests: AtomicUsize,
+    api_requests: AtomicUsize,
     base: Mutex<String>,
 }
 
@@ -147,6 +148,7 @@ impl FakeProvider {
             }),
             token_requests: AtomicUsize::new(0),
             refresh_requests: AtomicUsize::new(0),
+            api_requests: AtomicUsize::new(0),
             base: Mutex::new(String::new()),
         });
         let router = Router::new()
@@ -157,6 +159,7 @@ impl FakeProvider {
             .route("/oauth1/request_token", post(oauth1_request_token))
             .route("/oauth1/authorize", get(oauth1_authorize))
             .route("/oauth1/access_token", post(oauth1_access_token))
+            .route("/api/me", get(api_me))
             .with_state(shared.clone());
         let (address, stop) = serve_locally(router).await;
         let base = format!("http://{address}");
@@ -166,6 +169,16 @@ impl FakeProvider {
             shared,
             _stop: stop,
         }
+    }
+
+    /// The API key `/api/me` accepts (as `Authorization: Bearer`).
+    pub const API_KEY: &'static str = "fake-api-key-7f3c";
+    /// The username and password `/api/me` accepts (as HTTP Basic).
+    pub const LOGIN: (&'static str, &'static str) = ("fake-user", "fake-pass-91d2");
+
+    /// How many requests `/api/me` got.
+    pub fn api_requests(&self) -> usize {
+        self.shared.api_requests.load(Ordering::SeqCst)
     }
 
     /// Makes `/authorize` refuse (or stop refusing).
@@ -324,6 +337,27 @@ fn authorize_for(
             .append_pair("tenant_hint", tenant.as_deref().unwrap_or("none"));
     }
     (StatusCode::FOUND, [(header::LOCATION, back.to_string())]).into_response()
+}
+
+/// The provider's API: 200 with [`FakeProvider::API_KEY`] as a bearer token or
+/// [`FakeProvider::LOGIN`] as HTTP Basic, else 401.
+async fn api_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    shared.api_requests.fetch_add(1, Ordering::SeqCst);
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let (user, password) = FakeProvider::LOGIN;
+    let basic = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
+    if given == format!("Bearer {}", FakeProvider::API_KEY) || given == basic {
+        Json(json!({"id": "me"})).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "unauthorized"})),
+        )
+            .into_response()
+    }
 }
 
 async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {

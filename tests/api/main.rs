@@ -8,6 +8,7 @@ mod compaction;
 mod connect_sessions;
 mod connection_lists;
 mod connections;
+mod credential_auth;
 mod fake_provider;
 mod fake_service;
 mod history;

@@ -67,7 +67,8 @@ pub(crate) struct Env {
 /// provider's address: `fake` gets PKCE, body auth, a form body and metadata; `fake-basic` no
 /// PKCE, HTTP Basic and a JSON body; `fake-tenant` URLs with `${connectionConfig.subdomain}` and
 /// `,` between scopes; `fake-oauth1` and `fake-oauth1-plain` are OAuth 1.0a with HMAC-SHA1 and
-/// PLAINTEXT signatures.
+/// PLAINTEXT signatures; `fake-key` (API key) and `fake-login` (Basic) are checked against the
+/// provider's `/api/me`, `fake-key-unchecked` is not checked.
 const TEMPLATES: &str = "  authorization_params:
     access_type: offline
   token_response_metadata:
@@ -104,6 +105,23 @@ fake-oauth1-plain:
   authorization_url: {base}/oauth1/authorize
   token_url: {base}/oauth1/access_token
   signature_method: PLAINTEXT
+fake-key:
+  auth_mode: API_KEY
+  proxy:
+    base_url: {base}
+    headers:
+      authorization: Bearer ${apiKey}
+    verification:
+      endpoints: [/api/me]
+fake-login:
+  auth_mode: BASIC
+  proxy:
+    base_url: {base}
+    verification:
+      method: GET
+      endpoints: [/api/me]
+fake-key-unchecked:
+  auth_mode: API_KEY
 ";
 
 /// `grantline serve` for these tests on `db` with master key `key`: the providers file
@@ -143,6 +161,9 @@ pub(crate) async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
         ("fake-tenant", "fake-tenant", "read,write"),
         ("fake-oauth1", "fake-oauth1", "read,write"),
         ("fake-oauth1-plain", "fake-oauth1-plain", ""),
+        ("fake-key", "fake-key", ""),
+        ("fake-login", "fake-login", ""),
+        ("fake-key-unchecked", "fake-key-unchecked", ""),
     ] {
         env.create_config(key, provider, scopes).await;
     }

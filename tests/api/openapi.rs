@@ -20,14 +20,17 @@ const METHODS: [Method; 5] = [
     Method::DELETE,
 ];
 
-/// Operations that need no secret key.
-const OPEN: [(&str, &str); 6] = [
+/// Operations that need no secret key (the flows and the credential forms check a session
+/// token, the public key or an `hmac` from the query).
+const OPEN: [(&str, &str); 8] = [
     ("get", "/"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/openapi.json"),
     ("get", "/oauth/connect/{provider_config_key}"),
     ("get", "/oauth/callback"),
+    ("post", "/api-auth/api-key/{provider_config_key}"),
+    ("post", "/api-auth/basic/{provider_config_key}"),
 ];
 
 /// Operations that take a connect session's token instead of the secret key.

@@ -102,6 +102,18 @@ impl fmt::Debug for TokenResponse {
     }
 }
 
+/// A request that only succeeds with working credentials (a template's `verification`).
+#[derive(Clone, Copy)]
+pub struct CredentialCheck<'a> {
+    pub method: &'a str,
+    pub url: &'a str,
+    pub query: &'a [(String, String)],
+    /// Header values hold the credential: never logged.
+    pub headers: &'a [(String, String)],
+    /// HTTP Basic credentials.
+    pub basic: Option<(&'a str, &'a str)>,
+}
+
 /// Why a token request failed. Messages carry no secret (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -182,6 +194,34 @@ impl ProviderClient {
     /// The timeout of every request.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Sends a credential check (a template's verification request) and returns the answer's
+    /// status. Only the status is read: the body is the provider's and may echo the credential.
+    #[tracing::instrument(name = "provider.verify", skip_all, fields(url = %loggable_url(check.url)))]
+    pub async fn verify(&self, check: &CredentialCheck<'_>) -> Result<u16, TokenError> {
+        let mut url =
+            reqwest::Url::parse(check.url).map_err(|e| TokenError::InvalidUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(TokenError::InvalidUrl(loggable_url(check.url)));
+        }
+        if !check.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(check.query);
+        }
+        let method = reqwest::Method::from_bytes(check.method.as_bytes())
+            .map_err(|e| TokenError::InvalidUrl(e.to_string()))?;
+        let mut request = self
+            .http
+            .request(method, url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        for (name, value) in check.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some((username, password)) = check.basic {
+            request = request.basic_auth(username, Some(password));
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
+        Ok(response.status().as_u16())
     }
 
     /// Sends a token request and parses the answer. `now` dates `expires_in`.

@@ -165,3 +165,38 @@ fn is_base_url(value: &str) -> bool {
         && port.chars().all(|c| c.is_ascii_digit())
         && path.chars().all(|c| is_unreserved(c) || c == '/')
 }
+
+/// Fills the placeholders of a header or query value of a template's `proxy` section:
+/// `${apiKey}`, `${username}`, `${password}`, `${accessToken}` with `value(name)`, and
+/// `${connectionConfig.x}` with `value("connectionConfig.x")`. Any other expression, and a
+/// placeholder `value` has nothing for, is an error naming it.
+pub fn fill_with<'v>(
+    text: &str,
+    mut value: impl FnMut(&str) -> Option<&'v str>,
+) -> Result<String, InterpolationError> {
+    let mut filled = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        filled.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let missing = |end: usize| InterpolationError {
+            placeholder: rest[start..(start + 2 + end + 1).min(rest.len())].to_owned(),
+        };
+        let Some(end) = after.find('}') else {
+            return Err(missing(after.len()));
+        };
+        let expression = after[..end].trim();
+        let name = if super::proxy::CREDENTIAL_PLACEHOLDERS.contains(&expression) {
+            expression.to_owned()
+        } else {
+            match config_key(expression) {
+                Some(key) => format!("connectionConfig.{key}"),
+                None => return Err(missing(end)),
+            }
+        };
+        filled.push_str(value(&name).ok_or_else(|| missing(end))?);
+        rest = &after[end + 1..];
+    }
+    filled.push_str(rest);
+    Ok(filled)
+}

@@ -29,6 +29,9 @@ pub enum Flow {
     Oauth1,
     /// Credentials imported through the API.
     Import,
+    /// Credentials the user entered (an API key, a username and password), through a connect
+    /// session or the public key.
+    Form,
 }
 
 /// The kind of credentials, as the Nango API names it.

@@ -1,0 +1,163 @@
+//! `POST /api-auth/api-key/:key` and `POST /api-auth/basic/:key`: a connection from credentials
+//! the user entered (what `@nangohq/frontend`'s `auth()` sends for API-key and Basic
+//! providers). The caller is authorized as a flow's is, by `connect_session_token` (or the
+//! public key and `hmac`) in the query; the answer is JSON either way.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use chrono::Utc;
+use domain::credentials::Credentials;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::ApiError;
+use super::error::form_refusal;
+use super::extract::{ApiJson, ApiPath, object_body};
+use super::oauth::connect_request;
+use crate::oauth;
+use crate::state::AppState;
+
+/// The longest key, username or password taken (Nango's limit).
+const MAX_CREDENTIAL: usize = 1024;
+
+/// `POST /api-auth/api-key/:key`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyBody {
+    /// The key, 1 to 1,024 characters.
+    #[serde(rename = "apiKey")]
+    api_key: String,
+}
+
+/// `POST /api-auth/basic/:key`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicBody {
+    /// Up to 1,024 characters (may be empty).
+    #[serde(default)]
+    username: String,
+    /// Up to 1,024 characters (may be empty).
+    #[serde(default)]
+    password: String,
+}
+
+/// The connection the credentials made.
+#[derive(Serialize, ToSchema)]
+pub struct Authorized {
+    #[serde(rename = "connectionId")]
+    connection_id: String,
+    #[serde(rename = "providerConfigKey")]
+    provider_config_key: String,
+}
+
+/// `POST /api-auth/api-key/:provider_config_key`: a connection with an API key.
+#[utoipa::path(
+    post,
+    path = "/api-auth/api-key/{provider_config_key}",
+    tag = "oauth",
+    params(
+        ("provider_config_key" = String, Path, description = "The integration (an API_KEY provider)"),
+        ("connect_session_token" = Option<String>, Query, description = "A connect session's token"),
+        ("public_key" = Option<String>, Query, description = "The public key (without a session)"),
+        ("connection_id" = Option<String>, Query, description = "The id (public key only)"),
+        ("hmac" = Option<String>, Query, description = "HMAC of `provider_config_key:connection_id`"),
+    ),
+    request_body = ApiKeyBody,
+    responses(
+        (status = 200, description = "The connection", body = Authorized),
+        (status = 400, description = "`invalid_body`, `invalid_auth_mode`, `connection_test_failed`, `integration_not_allowed`, …", body = super::error::ErrorBody),
+        (status = 401, description = "No valid session token (`unknown_connect_session_token`, `missing_connect_session_token`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such integration (`unknown_provider_config`)", body = super::error::ErrorBody),
+    ),
+    security(()),
+)]
+pub async fn api_key(
+    state: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    ApiPath(key): ApiPath<String>,
+    query: RawQuery,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Authorized>, ApiError> {
+    let body: ApiKeyBody = object_body(body)?;
+    check(&body.api_key, "apiKey", 1)?;
+    let credentials = Credentials::ApiKey {
+        api_key: body.api_key,
+    };
+    authorize(state, peer, key, query, credentials).await
+}
+
+/// `POST /api-auth/basic/:provider_config_key`: a connection with a username and password.
+#[utoipa::path(
+    post,
+    path = "/api-auth/basic/{provider_config_key}",
+    tag = "oauth",
+    params(
+        ("provider_config_key" = String, Path, description = "The integration (a BASIC provider)"),
+        ("connect_session_token" = Option<String>, Query, description = "A connect session's token"),
+        ("public_key" = Option<String>, Query, description = "The public key (without a session)"),
+        ("connection_id" = Option<String>, Query, description = "The id (public key only)"),
+        ("hmac" = Option<String>, Query, description = "HMAC of `provider_config_key:connection_id`"),
+    ),
+    request_body = BasicBody,
+    responses(
+        (status = 200, description = "The connection", body = Authorized),
+        (status = 400, description = "`invalid_body`, `invalid_auth_mode`, `connection_test_failed`, `integration_not_allowed`, …", body = super::error::ErrorBody),
+        (status = 401, description = "No valid session token (`unknown_connect_session_token`, `missing_connect_session_token`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such integration (`unknown_provider_config`)", body = super::error::ErrorBody),
+    ),
+    security(()),
+)]
+pub async fn basic(
+    state: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    ApiPath(key): ApiPath<String>,
+    query: RawQuery,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Authorized>, ApiError> {
+    let body: BasicBody = object_body(body)?;
+    check(&body.username, "username", 0)?;
+    check(&body.password, "password", 0)?;
+    let credentials = Credentials::Basic {
+        username: body.username,
+        password: body.password,
+    };
+    authorize(state, peer, key, query, credentials).await
+}
+
+/// A credential field: `min` to [`MAX_CREDENTIAL`] characters, none of them control characters
+/// (they go into HTTP headers).
+fn check(value: &str, field: &str, min: usize) -> Result<(), ApiError> {
+    let length = value.chars().count();
+    if length < min || length > MAX_CREDENTIAL {
+        return Err(ApiError::InvalidBody(format!(
+            "{field} must be {min} to {MAX_CREDENTIAL} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::InvalidBody(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn authorize(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    key: String,
+    RawQuery(query): RawQuery,
+    credentials: Credentials,
+) -> Result<Json<Authorized>, ApiError> {
+    let mut request = connect_request(key, query.as_deref().unwrap_or(""));
+    request.client = Some(peer.ip());
+    let connection = oauth::authorize_with(&state, request, credentials, Utc::now())
+        .await
+        .map_err(|failure| form_refusal(failure.error))?;
+    Ok(Json(Authorized {
+        connection_id: connection.connection_id().to_owned(),
+        provider_config_key: connection.provider_config_key().to_owned(),
+    }))
+}

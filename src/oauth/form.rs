@@ -1,0 +1,190 @@
+//! Credentials the user enters instead of an OAuth flow (`POST /api-auth/api-key/:key` and
+//! `POST /api-auth/basic/:key`): the caller is checked as a flow's is (session token, public
+//! key, `hmac`), the provider's verification request (when its template has one) must accept
+//! the credentials, and only then is the connection authorized. A refused request changes no
+//! connection.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::catalog::{self, AuthMode, Template};
+use domain::commands::AuthorizeConnection;
+use domain::connect_session::ConnectSession;
+use domain::connection::{ConnectionKey, Flow};
+use domain::credentials::Credentials;
+use serde_json::{Map, Value};
+use workers::provider::{CredentialCheck, TokenError};
+
+use super::connect::{Caller, ConnectRequest, caller};
+use super::{Failure, FlowError, Report, flow_template};
+use crate::connections;
+use crate::state::AppState;
+
+/// Authorizes the connection `request` names with `credentials` (an API key or Basic), and
+/// returns it.
+#[tracing::instrument(
+    name = "oauth.form",
+    skip_all,
+    fields(provider_config_key = %request.provider_config_key)
+)]
+pub async fn authorize_with(
+    state: &AppState,
+    request: ConnectRequest,
+    credentials: Credentials,
+    now: DateTime<Utc>,
+) -> Result<ConnectionKey, Failure> {
+    let mut report = Report {
+        provider_config_key: Some(request.provider_config_key.clone()),
+        ..Report::default()
+    };
+    let result = authorize(state, request, credentials, now, &mut report).await;
+    result.map_err(|error| {
+        error.log(&report);
+        Failure { error, report }
+    })
+}
+
+async fn authorize(
+    state: &AppState,
+    request: ConnectRequest,
+    credentials: Credentials,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<ConnectionKey, FlowError> {
+    let Caller {
+        connection,
+        only_new,
+        session,
+        integration,
+        connection_config,
+        ..
+    } = caller(state, request, now, report).await?;
+    let template = flow_template(state, &integration.settings.provider)?;
+    let expected = match &credentials {
+        Credentials::ApiKey { .. } => AuthMode::ApiKey,
+        Credentials::Basic { .. } => AuthMode::Basic,
+        _ => {
+            return Err(FlowError::Internal(
+                "a form takes API keys and Basic only".into(),
+            ));
+        }
+    };
+    if template.auth_mode != expected {
+        return Err(FlowError::InvalidAuthMode(template.auth_mode.as_str()));
+    }
+    verify(state, template, &credentials, &connection_config).await?;
+    let loaded = state
+        .commands
+        .authorize_connection(AuthorizeConnection {
+            only_new,
+            ownership: session
+                .as_ref()
+                .map(ConnectSession::ownership)
+                .unwrap_or_default(),
+            key: connection.clone(),
+            provider: integration.settings.provider.clone(),
+            flow: Flow::Form,
+            credentials,
+            scopes: Vec::new(),
+            connection_config,
+            now: Utc::now(),
+            metadata: None,
+        })
+        .await?;
+    connections::publish(state, &loaded).await?;
+    tracing::info!(stream_version = loaded.version, "credentials authorized");
+    Ok(connection)
+}
+
+/// Sends the template's verification request with `credentials`; anything but a 2xx answer
+/// refuses them. Nothing to do when the template has no verification.
+async fn verify(
+    state: &AppState,
+    template: &Template,
+    credentials: &Credentials,
+    connection_config: &Map<String, Value>,
+) -> Result<(), FlowError> {
+    let Some(verification) = &template.proxy.verification else {
+        return Ok(());
+    };
+    let config: BTreeMap<String, String> = connection_config
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect();
+    let base = verification
+        .base_url_override
+        .as_ref()
+        .or(template.proxy.base_url.as_ref())
+        .ok_or_else(|| FlowError::Internal("a verification without a base URL".into()))?;
+    let base =
+        catalog::interpolate_url(base, &config).map_err(|e| FlowError::UrlParam(e.to_string()))?;
+    let url = format!("{}{}", base.trim_end_matches('/'), verification.endpoint);
+    // Every value a placeholder may name.
+    let mut values: BTreeMap<String, String> = config
+        .iter()
+        .map(|(k, v)| (format!("connectionConfig.{k}"), v.clone()))
+        .collect();
+    match credentials {
+        Credentials::ApiKey { api_key } => {
+            values.insert("apiKey".into(), api_key.clone());
+        }
+        Credentials::Basic { username, password } => {
+            values.insert("username".into(), username.clone());
+            values.insert("password".into(), password.clone());
+        }
+        _ => {}
+    }
+    let fill = |fields: &BTreeMap<String, String>| -> Result<Vec<(String, String)>, FlowError> {
+        fields
+            .iter()
+            .map(|(name, text)| {
+                let filled = catalog::fill_with(text, |placeholder| {
+                    values.get(placeholder).map(String::as_str)
+                })
+                .map_err(|e| FlowError::UrlParam(e.to_string()))?;
+                Ok((name.clone(), filled))
+            })
+            .collect()
+    };
+    let mut headers = template.proxy.headers.clone();
+    headers.extend(verification.headers.clone());
+    let headers = fill(&headers)?;
+    let query = fill(&template.proxy.query)?;
+    let has_authorization = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
+    let basic = match credentials {
+        Credentials::Basic { username, password } if !has_authorization => {
+            Some((username.as_str(), password.as_str()))
+        }
+        _ => None,
+    };
+    let status = state
+        .oauth
+        .provider
+        .verify(&CredentialCheck {
+            method: &verification.method,
+            url: &url,
+            query: &query,
+            headers: &headers,
+            basic,
+        })
+        .await
+        .map_err(|e| {
+            FlowError::ConnectionTestFailed(
+                match e {
+                    TokenError::Timeout(_) => "the provider did not answer in time",
+                    TokenError::Network(_) => "the provider could not be reached",
+                    _ => "the verification request could not be sent",
+                }
+                .to_owned(),
+            )
+        })?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(FlowError::ConnectionTestFailed(format!(
+            "the verification request answered HTTP {status}"
+        )))
+    }
+}

@@ -1,0 +1,361 @@
+//! API-key and Basic connections through `POST /api-auth/api-key/:key` and
+//! `POST /api-auth/basic/:key`: authorized by a connect session, checked against the provider's
+//! verification endpoint before anything is stored, refused with Nango's codes; on both backends.
+
+use domain::testing::TestDatabase;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::connect_sessions::{history, post, secured, session};
+use crate::fake_provider::FakeProvider;
+use crate::oauth::{Env, SECRET_KEY};
+use crate::{assert_error, ok_json};
+
+domain::on_both_backends!(
+    api_key_and_basic_connections_are_verified_stored_and_read_back,
+    refused_credentials_change_nothing_and_get_nangos_codes,
+    api_key_integrations_need_no_client_credentials,
+);
+
+/// `POST path` with `body` and no key (what a browser sends).
+async fn submit(env: &Env, path: &str, body: &Value) -> reqwest::Response {
+    env.app
+        .client
+        .post(env.app.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The live connection ids, any integration.
+async fn ids(env: &Env) -> Vec<String> {
+    let response = env
+        .app
+        .client
+        .get(env.app.url("/connections"))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let list = ok_json(response).await;
+    let mut ids: Vec<String> = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["connection_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn api_key_and_basic_connections_are_verified_stored_and_read_back(db: &TestDatabase) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({
+            "end_user": {"id": "u1", "email": "ann@example.com"},
+            "allowed_integrations": ["fake-key", "fake-login"],
+        }),
+    )
+    .await;
+
+    let answer = submit(
+        &env,
+        &format!("/api-auth/api-key/fake-key?connect_session_token={token}"),
+        &json!({"apiKey": FakeProvider::API_KEY}),
+    )
+    .await;
+    let answer = ok_json(answer).await;
+    assert_eq!(answer["providerConfigKey"], "fake-key");
+    let id = answer["connectionId"].as_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{answer}");
+    assert_eq!(env.fake.api_requests(), 1, "verified once");
+    let connection = env.connection("fake-key", &id).await;
+    assert_eq!(
+        connection["credentials"],
+        json!({"type": "API_KEY", "apiKey": FakeProvider::API_KEY})
+    );
+    assert_eq!(connection["provider"], "fake-key");
+    assert_eq!(connection["tags"]["end_user_id"], "u1");
+    let entries = history(&env, "fake-key", &id).await;
+    assert_eq!(entries["events"][0]["flow"], "form", "{entries}");
+    assert!(!entries.to_string().contains(FakeProvider::API_KEY));
+
+    let (username, password) = FakeProvider::LOGIN;
+    let answer = submit(
+        &env,
+        &format!("/api-auth/basic/fake-login?connect_session_token={token}"),
+        &json!({"username": username, "password": password}),
+    )
+    .await;
+    let basic_id = ok_json(answer).await["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let connection = env.connection("fake-login", &basic_id).await;
+    assert_eq!(
+        connection["credentials"],
+        json!({"type": "BASIC", "username": username, "password": password})
+    );
+    // A read neither refreshes nor calls the provider.
+    let forced = env
+        .app
+        .client
+        .get(env.app.url(&format!(
+            "/connections/{basic_id}?provider_config_key=fake-login&force_refresh=true"
+        )))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok_json(forced).await["credentials"]["type"], "BASIC");
+    assert_eq!(env.fake.api_requests(), 2);
+
+    // A reconnect session re-authorizes exactly its connection.
+    let reconnect = session(
+        &env,
+        "/connect/sessions/reconnect",
+        &json!({"connection_id": id, "integration_id": "fake-key", "end_user": {"id": "u1"}}),
+    )
+    .await;
+    let answer = submit(
+        &env,
+        &format!("/api-auth/api-key/fake-key?connect_session_token={reconnect}"),
+        &json!({"apiKey": FakeProvider::API_KEY}),
+    )
+    .await;
+    assert_eq!(ok_json(answer).await["connectionId"], id.as_str());
+    let entries = history(&env, "fake-key", &id).await;
+    assert_eq!(entries["events"].as_array().unwrap().len(), 2, "{entries}");
+
+    // A template without verification stores what it is given, asking no one.
+    let open = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u2"}}),
+    )
+    .await;
+    let answer = submit(
+        &env,
+        &format!("/api-auth/api-key/fake-key-unchecked?connect_session_token={open}"),
+        &json!({"apiKey": "anything at all"}),
+    )
+    .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(env.fake.api_requests(), 3);
+}
+
+async fn refused_credentials_change_nothing_and_get_nangos_codes(db: &TestDatabase) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake-key", "fake-login", "fake"]}),
+    )
+    .await;
+    let open = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u2"}}),
+    )
+    .await;
+    let key = |path: &str| format!("{path}?connect_session_token={token}");
+    let good = json!({"apiKey": FakeProvider::API_KEY});
+    let cases: Vec<(String, Value, u16, &str)> = vec![
+        // The provider refuses the key: checked, not stored.
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": "wrong"}),
+            400,
+            "connection_test_failed",
+        ),
+        (
+            key("/api-auth/basic/fake-login"),
+            json!({"username": "fake-user", "password": "no"}),
+            400,
+            "connection_test_failed",
+        ),
+        // The wrong route for the provider's auth mode.
+        (
+            key("/api-auth/api-key/fake-login"),
+            good.clone(),
+            400,
+            "invalid_auth_mode",
+        ),
+        (
+            key("/api-auth/basic/fake-key"),
+            json!({"username": "a", "password": "b"}),
+            400,
+            "invalid_auth_mode",
+        ),
+        (
+            key("/api-auth/api-key/fake"),
+            good.clone(),
+            400,
+            "invalid_auth_mode",
+        ),
+        // The session's rules.
+        (
+            key("/api-auth/api-key/fake-key-unchecked"),
+            good.clone(),
+            400,
+            "integration_not_allowed",
+        ),
+        (
+            format!("/api-auth/api-key/nope?connect_session_token={open}"),
+            good.clone(),
+            404,
+            "unknown_provider_config",
+        ),
+        (
+            format!("{}&connection_id=mine", key("/api-auth/api-key/fake-key")),
+            good.clone(),
+            400,
+            "invalid_query_params",
+        ),
+        (
+            "/api-auth/api-key/fake-key?connection_id=mine".into(),
+            good.clone(),
+            401,
+            "missing_connect_session_token",
+        ),
+        (
+            "/api-auth/api-key/fake-key?connect_session_token=nango_connect_session_00".into(),
+            good.clone(),
+            401,
+            "unknown_connect_session_token",
+        ),
+        // Bad bodies.
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": ""}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": 5}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": "a\r\nX-Evil: 1"}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": "k".repeat(1025)}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/api-key/fake-key"),
+            json!({"apiKey": "k", "extra": 1}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/basic/fake-login"),
+            json!({"username": "a\u{0}", "password": "b"}),
+            400,
+            "invalid_body",
+        ),
+        (
+            key("/api-auth/basic/fake-login"),
+            json!(["a", "b"]),
+            400,
+            "invalid_body",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let response = submit(&env, &path, &body).await;
+        let error = assert_error(response, status, code).await;
+        let text = error.to_string();
+        assert!(!text.contains(FakeProvider::API_KEY), "{path}: {text}");
+    }
+    // Only the two wrong credentials reached the provider; nothing was stored.
+    assert_eq!(env.fake.api_requests(), 2);
+    assert!(ids(&env).await.is_empty());
+
+    // With neither a session nor a secret key's hmac, the public key alone may create; here
+    // there is none, so a bare request is refused (above). An OAuth flow for an API-key
+    // provider is refused as well, before any provider is asked.
+    let flow = env
+        .connect("fake-key", &format!("connect_session_token={token}"))
+        .await;
+    assert_eq!(flow.status(), StatusCode::BAD_REQUEST);
+    assert!(flow.text().await.unwrap().contains("invalid_auth_mode"));
+    assert!(ids(&env).await.is_empty());
+}
+
+async fn api_key_integrations_need_no_client_credentials(db: &TestDatabase) {
+    let env = secured(db).await;
+    let created = post(
+        &env,
+        "/config",
+        &json!({"provider_config_key": "keys", "provider": "fake-key"}),
+    )
+    .await;
+    assert!(
+        created.status().is_success(),
+        "{}",
+        created.text().await.unwrap()
+    );
+    let created = post(
+        &env,
+        "/integrations",
+        &json!({"unique_key": "keys2", "provider": "fake-login"}),
+    )
+    .await;
+    let created = ok_json(created).await;
+    assert_eq!(created["data"]["provider"], "fake-login");
+    // An OAuth provider still needs them.
+    let refused = post(
+        &env,
+        "/config",
+        &json!({"provider_config_key": "o", "provider": "fake"}),
+    )
+    .await;
+    assert_error(refused, 400, "missing_client_id").await;
+    let refused = post(
+        &env,
+        "/integrations",
+        &json!({"unique_key": "o", "provider": "fake"}),
+    )
+    .await;
+    assert_error(refused, 400, "missing_client_id").await;
+    // The catalog lists the API-key and Basic templates with their auth mode.
+    let response = env
+        .app
+        .client
+        .get(env.app.url("/providers/fake-key"))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let provider = ok_json(response).await;
+    assert_eq!(provider["data"]["auth_mode"], "API_KEY", "{provider}");
+    // And an imported key for it reads back.
+    let imported = post(
+        &env,
+        "/connections",
+        &json!({"provider_config_key": "keys", "connection_id": "k1",
+                "credentials": {"type": "API_KEY", "apiKey": "imported"}}),
+    )
+    .await;
+    assert_eq!(imported.status(), StatusCode::CREATED);
+    assert_eq!(
+        env.connection("keys", "k1").await["credentials"]["apiKey"],
+        "imported"
+    );
+}
