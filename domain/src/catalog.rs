@@ -51,6 +51,9 @@ pub enum AuthMode {
     ApiKey,
     /// A username and password the user enters (no flow). YAML `BASIC`.
     Basic,
+    /// An OAuth 2.0 client-credentials grant with client credentials the user enters (no
+    /// browser flow; renewed by asking again). YAML `OAUTH2_CC`.
+    OAuth2Cc,
 }
 
 impl AuthMode {
@@ -61,6 +64,7 @@ impl AuthMode {
             AuthMode::OAuth1 => "OAUTH1",
             AuthMode::ApiKey => "API_KEY",
             AuthMode::Basic => "BASIC",
+            AuthMode::OAuth2Cc => "OAUTH2_CC",
         }
     }
 
@@ -172,7 +176,6 @@ const BUILTIN_YAML: &str = include_str!("catalog/providers.yaml");
 /// Nango auth modes that Grantline does not serve yet: entries using them are skipped, not
 /// rejected, so that a copy of a larger providers file still loads.
 const UNSERVED_AUTH_MODES: &[&str] = &[
-    "OAUTH2_CC",
     "APP",
     "APP_STORE",
     "CUSTOM",
@@ -516,17 +519,18 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         Some("OAUTH1") => AuthMode::OAuth1,
         Some("API_KEY") => AuthMode::ApiKey,
         Some("BASIC") => AuthMode::Basic,
+        Some("OAUTH2_CC") => AuthMode::OAuth2Cc,
         Some(mode) if UNSERVED_AUTH_MODES.contains(&mode) => {
             return Ok(Built::Skipped(mode.to_owned()));
         }
         Some(mode) => {
             return Err(format!(
-                "auth_mode `{mode}` is unknown (Grantline serves OAUTH2, OAUTH1, API_KEY and BASIC)"
+                "auth_mode `{mode}` is unknown (Grantline serves OAUTH2, OAUTH1, OAUTH2_CC, API_KEY and BASIC)"
             ));
         }
     };
 
-    if !auth_mode.is_oauth() {
+    if matches!(auth_mode, AuthMode::ApiKey | AuthMode::Basic) {
         return Ok(Built::Template(Box::new(Template {
             name: name.to_owned(),
             auth_mode,
@@ -535,7 +539,12 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
             ..Template::default()
         })));
     }
-    let authorization_url = required_url("authorization_url", raw.authorization_url)?;
+    // A client-credentials grant has no browser step.
+    let authorization_url = if auth_mode == AuthMode::OAuth2Cc {
+        optional_url("authorization_url", raw.authorization_url)?.unwrap_or_default()
+    } else {
+        required_url("authorization_url", raw.authorization_url)?
+    };
     let token_url = match raw.token_url {
         None => None,
         Some(RawUrl::One(url)) => Some(url),
@@ -586,7 +595,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         }
     };
     let signature_method = match (auth_mode, raw.signature_method.as_deref()) {
-        (AuthMode::OAuth2 | AuthMode::ApiKey | AuthMode::Basic, _) => None,
+        (AuthMode::OAuth2 | AuthMode::ApiKey | AuthMode::Basic | AuthMode::OAuth2Cc, _) => None,
         (AuthMode::OAuth1, None) => Some(SignatureMethod::HmacSha1),
         (AuthMode::OAuth1, Some(method)) => Some(match method.to_ascii_uppercase().as_str() {
             "HMAC-SHA1" => SignatureMethod::HmacSha1,
@@ -1230,7 +1239,7 @@ acme:
     fn unserved_auth_modes_are_skipped_and_reported() {
         let yaml = "\
 keyed:
-  auth_mode: OAUTH2_CC
+  auth_mode: TBA
 github:
   auth_mode: APP
 acme:
@@ -1242,7 +1251,7 @@ acme:
         assert_eq!(file.names().collect::<Vec<_>>(), vec!["acme"]);
         assert_eq!(
             file.skipped().collect::<Vec<_>>(),
-            vec![("github", "APP"), ("keyed", "OAUTH2_CC")]
+            vec![("github", "APP"), ("keyed", "TBA")]
         );
 
         let merged = Catalog::builtin().merged(file);
@@ -1265,6 +1274,9 @@ keyed:
       endpoints: [/me, /other]
 plain:
   auth_mode: BASIC
+cc:
+  auth_mode: OAUTH2_CC
+  token_url: https://cc.example/token
 ";
         let file = Catalog::from_yaml("f.yaml", yaml).expect("loads");
         let keyed = file.get("keyed").expect("keyed");
@@ -1276,6 +1288,13 @@ plain:
             ("GET", "/me")
         );
         assert_eq!(file.get("plain").expect("plain").auth_mode, AuthMode::Basic);
+        let cc = file.get("cc").expect("cc");
+        assert_eq!(
+            (cc.auth_mode, cc.authorization_url.as_str()),
+            (AuthMode::OAuth2Cc, "")
+        );
+        let no_token_url = Catalog::from_yaml("f.yaml", "cc:\n  auth_mode: OAUTH2_CC\n");
+        assert!(entry_error(no_token_url).2.contains("token_url is missing"));
         let filled = fill_with(
             "Bearer ${apiKey} ${connectionConfig.team}",
             |name| match name {

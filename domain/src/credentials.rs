@@ -70,6 +70,26 @@ pub enum Credentials {
         /// The password.
         password: String,
     },
+    /// An OAuth 2 client-credentials grant: the token, and the client credentials that get
+    /// the next one (there is no refresh token).
+    #[serde(rename = "OAUTH2_CC")]
+    OAuth2Cc {
+        /// The bearer token.
+        token: String,
+        client_id: String,
+        /// Empty when the client authenticates with a certificate or key only.
+        client_secret: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_certificate: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_private_key: Option<String>,
+        /// When the token expires, if known.
+        #[serde(default)]
+        expires_at: Option<DateTime<Utc>>,
+        /// The provider's whole token response.
+        #[serde(default = "empty_object")]
+        raw: Value,
+    },
 }
 
 /// The stored form read in one pass: serde's internally tagged enums buffer every field before
@@ -87,6 +107,11 @@ struct CredentialsFields {
     api_key: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_certificate: Option<String>,
+    client_private_key: Option<String>,
 }
 
 impl TryFrom<CredentialsFields> for Credentials {
@@ -115,6 +140,15 @@ impl TryFrom<CredentialsFields> for Credentials {
                 username: f.username.ok_or_else(|| missing("username"))?,
                 password: f.password.ok_or_else(|| missing("password"))?,
             },
+            "OAUTH2_CC" => Self::OAuth2Cc {
+                token: f.token.ok_or_else(|| missing("token"))?,
+                client_id: f.client_id.ok_or_else(|| missing("client_id"))?,
+                client_secret: f.client_secret.unwrap_or_default(),
+                client_certificate: f.client_certificate,
+                client_private_key: f.client_private_key,
+                expires_at: f.expires_at,
+                raw: f.raw.unwrap_or_else(empty_object),
+            },
             other => return Err(format!("unknown credentials type `{other}`")),
         })
     }
@@ -128,7 +162,9 @@ impl Credentials {
     /// Checks what a client or provider chose here against the log's bounds: the raw answer
     /// against [`JsonBounds::CLIENT`], the expiry against [`crate::bounds::TimeRange`].
     pub fn check_bounds(&self) -> Result<(), ConnectionRejected> {
-        if let Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } = self {
+        if let Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } | Self::OAuth2Cc { raw, .. } =
+            self
+        {
             JsonBounds::CLIENT
                 .check(raw)
                 .map_err(|reason| ConnectionRejected::OutOfBounds {
@@ -149,14 +185,16 @@ impl Credentials {
             Self::OAuth1 { .. } => CredentialsType::Oauth1,
             Self::ApiKey { .. } => CredentialsType::ApiKey,
             Self::Basic { .. } => CredentialsType::Basic,
+            Self::OAuth2Cc { .. } => CredentialsType::Oauth2Cc,
         }
     }
 
-    /// The token that authenticates requests: the OAuth 2 access token or the OAuth 1
-    /// `oauth_token`. `None` for an API key or basic credentials.
+    /// The token that authenticates requests: the OAuth 2 access token (or client-credentials
+    /// token) or the OAuth 1 `oauth_token`. `None` for an API key or basic credentials.
     pub fn access_token(&self) -> Option<&str> {
         match self {
             Self::OAuth2 { access_token, .. } => Some(access_token),
+            Self::OAuth2Cc { token, .. } => Some(token),
             Self::OAuth1 { oauth_token, .. } => Some(oauth_token),
             Self::ApiKey { .. } | Self::Basic { .. } => None,
         }
@@ -181,7 +219,7 @@ impl Credentials {
     /// When the OAuth 2 access token expires, if known.
     pub fn expires_at(&self) -> Option<DateTime<Utc>> {
         match self {
-            Self::OAuth2 { expires_at, .. } => *expires_at,
+            Self::OAuth2 { expires_at, .. } | Self::OAuth2Cc { expires_at, .. } => *expires_at,
             Self::OAuth1 { .. } | Self::ApiKey { .. } | Self::Basic { .. } => None,
         }
     }
@@ -217,6 +255,14 @@ impl fmt::Debug for Credentials {
                 .debug_struct("Credentials::Basic")
                 .field("username", redacted)
                 .field("password", redacted)
+                .finish(),
+            Self::OAuth2Cc { expires_at, .. } => f
+                .debug_struct("Credentials::OAuth2Cc")
+                .field("token", redacted)
+                .field("client_id", redacted)
+                .field("client_secret", redacted)
+                .field("expires_at", expires_at)
+                .field("raw", redacted)
                 .finish(),
         }
     }

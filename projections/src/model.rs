@@ -169,7 +169,7 @@ fn refresh_state(active: &connection::ActiveConnection) -> &'static str {
         "leased"
     } else if active.consecutive_transient_failures > 0 {
         "retrying"
-    } else if !active.has_refresh_token {
+    } else if !active.renewable() {
         "no_refresh_token"
     } else if active.expires_at.is_none() {
         "no_expiry"

@@ -151,6 +151,22 @@ enum CredentialsBody<'a> {
         username: &'a str,
         password: &'a str,
     },
+    #[serde(rename = "OAUTH2_CC")]
+    OAuth2Cc {
+        token: &'a str,
+        client_id: &'a str,
+        client_secret: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_certificate: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_private_key: Option<&'a str>,
+        /// Left out when the expiry is unknown.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(format = DateTime, nullable = false)]
+        expires_at: Option<String>,
+        #[schema(value_type = Object)]
+        raw: &'a Value,
+    },
 }
 
 /// The seed's Connection object for `view`; without the refresh token unless asked for.
@@ -208,6 +224,23 @@ fn credentials_body(credentials: &Credentials, with_refresh_token: bool) -> Cred
         },
         Credentials::ApiKey { api_key } => CredentialsBody::ApiKey { api_key },
         Credentials::Basic { username, password } => CredentialsBody::Basic { username, password },
+        Credentials::OAuth2Cc {
+            token,
+            client_id,
+            client_secret,
+            client_certificate,
+            client_private_key,
+            expires_at,
+            raw,
+        } => CredentialsBody::OAuth2Cc {
+            token,
+            client_id,
+            client_secret,
+            client_certificate: client_certificate.as_deref(),
+            client_private_key: client_private_key.as_deref(),
+            expires_at: expires_at.map(timestamp),
+            raw,
+        },
     }
 }
 

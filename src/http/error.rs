@@ -451,6 +451,7 @@ pub fn form_refusal(error: FlowError) -> ApiError {
         FlowError::MissingPublicKey => refused(S::UNAUTHORIZED, "missing_public_key", &error),
         FlowError::InvalidPublicKey => refused(S::UNAUTHORIZED, "invalid_public_key", &error),
         FlowError::TooManyFlows => refused(S::TOO_MANY_REQUESTS, "too_many_requests", &error),
+        FlowError::Token(_) => refused(S::BAD_REQUEST, "client_credentials_fetch_error", &error),
         FlowError::TooManyOpenFlows => ApiError::Unavailable(error.to_string()),
         FlowError::Unavailable(cause) => ApiError::Unavailable(cause),
         other => ApiError::Internal(other.to_string()),

@@ -245,6 +245,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 CredentialsType::Oauth1 => "OAUTH1",
                 CredentialsType::ApiKey => "API_KEY",
                 CredentialsType::Basic => "BASIC",
+                CredentialsType::Oauth2Cc => "OAUTH2_CC",
             }),
             scopes: entry.scopes,
             expires_at: entry.expires_at,

@@ -131,10 +131,29 @@ pub enum CredentialsInput {
         #[schema(value_type = Option<String>)]
         password: Option<Value>,
     },
+    /// A client-credentials token and the client credentials that renew it.
+    #[serde(rename = "OAUTH2_CC")]
+    OAuth2Cc {
+        #[schema(value_type = String)]
+        token: Option<Value>,
+        #[schema(value_type = String)]
+        client_id: Option<Value>,
+        #[schema(value_type = String)]
+        client_secret: Option<Value>,
+        #[schema(value_type = Option<String>)]
+        client_certificate: Option<Value>,
+        #[schema(value_type = Option<String>)]
+        client_private_key: Option<Value>,
+        /// RFC 3339 time or UNIX seconds.
+        #[schema(value_type = Option<Value>)]
+        expires_at: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        raw: Option<Value>,
+    },
 }
 
 /// The `type`s of [`CredentialsInput`].
-const CREDENTIALS_TYPES: [&str; 4] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC"];
+const CREDENTIALS_TYPES: [&str; 5] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC", "OAUTH2_CC"];
 
 /// `POST /connection`: import existing credentials, in the flat shape of Nango ≤ 0.6x or the
 /// `credentials: {type, …}` shape of current Nango.
@@ -233,7 +252,7 @@ fn nested_credentials(fields: &Map<String, Value>) -> Result<Credentials, ApiErr
         Some(known) if CREDENTIALS_TYPES.contains(&known) => {}
         Some(other) => {
             return Err(ApiError::InvalidBody(format!(
-                "credentials type {other:?} is not one of OAUTH2, OAUTH1, API_KEY, BASIC"
+                "credentials type {other:?} is not one of OAUTH2, OAUTH1, API_KEY, BASIC, OAUTH2_CC"
             )));
         }
         None => return Err(ApiError::InvalidBody("credentials need a type".into())),
@@ -271,6 +290,32 @@ fn nested_credentials(fields: &Map<String, Value>) -> Result<Credentials, ApiErr
         CredentialsInput::Basic { username, password } => {
             basic(username.as_ref(), password.as_ref())
         }
+        CredentialsInput::OAuth2Cc {
+            token,
+            client_id,
+            client_secret,
+            client_certificate,
+            client_private_key,
+            expires_at,
+            raw,
+        } => Ok(Credentials::OAuth2Cc {
+            token: required_str(token.as_ref(), "token", "missing_token", "missing token")?,
+            client_id: required_str(
+                client_id.as_ref(),
+                "client_id",
+                "missing_client_id",
+                "missing client_id",
+            )?,
+            client_secret: optional_str(client_secret.as_ref(), "client_secret")?
+                .unwrap_or_default()
+                .to_owned(),
+            client_certificate: optional_str(client_certificate.as_ref(), "client_certificate")?
+                .map(str::to_owned),
+            client_private_key: optional_str(client_private_key.as_ref(), "client_private_key")?
+                .map(str::to_owned),
+            expires_at: expiry(expires_at.as_ref(), None)?,
+            raw: raw_object(raw.as_ref())?,
+        }),
     }
 }
 

@@ -169,6 +169,10 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             axum::routing::post(api_auth::basic),
         )
         .route(
+            "/oauth2/auth/{provider_config_key}",
+            axum::routing::post(api_auth::client_credentials),
+        )
+        .route(
             "/connect/session",
             get(connect::get_session).delete(connect::delete_session),
         )

@@ -45,6 +45,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::connection_list::list_connections,
         super::api_auth::api_key,
         super::api_auth::basic,
+        super::api_auth::client_credentials,
         super::import::import_connection,
         super::connection::get_connection,
         super::connection::delete_connection,

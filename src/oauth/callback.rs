@@ -132,7 +132,7 @@ async fn finish(
     };
     let (credentials, raw, flow, granted) = match template.auth_mode {
         // Only OAuth flows are ever started; a template changed since is refused.
-        mode @ (AuthMode::ApiKey | AuthMode::Basic) => {
+        mode @ (AuthMode::ApiKey | AuthMode::Basic | AuthMode::OAuth2Cc) => {
             return Err(FlowError::InvalidAuthMode(mode.as_str()));
         }
         AuthMode::OAuth2 => {

@@ -158,7 +158,7 @@ async fn start(
     let (url, secrets) = match template.auth_mode {
         AuthMode::OAuth2 => start_oauth2(&flow)?,
         AuthMode::OAuth1 => start_oauth1(state, &flow).await?,
-        mode @ (AuthMode::ApiKey | AuthMode::Basic) => {
+        mode @ (AuthMode::ApiKey | AuthMode::Basic | AuthMode::OAuth2Cc) => {
             return Err(FlowError::InvalidAuthMode(mode.as_str()));
         }
     };

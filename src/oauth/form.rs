@@ -1,7 +1,8 @@
-//! Credentials the user enters instead of an OAuth flow (`POST /api-auth/api-key/:key` and
-//! `POST /api-auth/basic/:key`): the caller is checked as a flow's is (session token, public
-//! key, `hmac`), the provider's verification request (when its template has one) must accept
-//! the credentials, and only then is the connection authorized. A refused request changes no
+//! Credentials the user enters instead of an OAuth flow (`POST /api-auth/api-key/:key`,
+//! `POST /api-auth/basic/:key`, `POST /oauth2/auth/:key`): the caller is checked as a flow's is
+//! (session token, public key, `hmac`); an API key or Basic login must pass the provider's
+//! verification request (when its template has one), client credentials must get a token from
+//! the provider; only then is the connection authorized. A refused request changes no
 //! connection.
 
 use std::collections::BTreeMap;
@@ -13,15 +14,28 @@ use domain::connect_session::ConnectSession;
 use domain::connection::{ConnectionKey, Flow};
 use domain::credentials::Credentials;
 use serde_json::{Map, Value};
+use workers::client_credentials::{self, ClientCredentials};
 use workers::provider::{CredentialCheck, TokenError};
 
 use super::connect::{Caller, ConnectRequest, caller};
-use super::{Failure, FlowError, Report, flow_template};
+use super::{Failure, FlowError, Report, fill_url, flow_template};
 use crate::connections;
 use crate::state::AppState;
 
-/// Authorizes the connection `request` names with `credentials` (an API key or Basic), and
-/// returns it.
+/// What the user entered.
+pub enum Entered {
+    /// An API key, or a username and password.
+    Credentials(Credentials),
+    /// The client credentials of an OAuth 2.0 client-credentials grant, which get the token.
+    ClientCredentials {
+        client_id: String,
+        client_secret: String,
+        client_certificate: Option<String>,
+        client_private_key: Option<String>,
+    },
+}
+
+/// Authorizes the connection `request` names with what the user entered, and returns it.
 #[tracing::instrument(
     name = "oauth.form",
     skip_all,
@@ -30,14 +44,14 @@ use crate::state::AppState;
 pub async fn authorize_with(
     state: &AppState,
     request: ConnectRequest,
-    credentials: Credentials,
+    entered: Entered,
     now: DateTime<Utc>,
 ) -> Result<ConnectionKey, Failure> {
     let mut report = Report {
         provider_config_key: Some(request.provider_config_key.clone()),
         ..Report::default()
     };
-    let result = authorize(state, request, credentials, now, &mut report).await;
+    let result = authorize(state, request, entered, now, &mut report).await;
     result.map_err(|error| {
         error.log(&report);
         Failure { error, report }
@@ -47,7 +61,7 @@ pub async fn authorize_with(
 async fn authorize(
     state: &AppState,
     request: ConnectRequest,
-    credentials: Credentials,
+    entered: Entered,
     now: DateTime<Utc>,
     report: &mut Report,
 ) -> Result<ConnectionKey, FlowError> {
@@ -60,19 +74,49 @@ async fn authorize(
         ..
     } = caller(state, request, now, report).await?;
     let template = flow_template(state, &integration.settings.provider)?;
-    let expected = match &credentials {
-        Credentials::ApiKey { .. } => AuthMode::ApiKey,
-        Credentials::Basic { .. } => AuthMode::Basic,
-        _ => {
-            return Err(FlowError::Internal(
-                "a form takes API keys and Basic only".into(),
-            ));
+    let expected = match &entered {
+        Entered::Credentials(Credentials::ApiKey { .. }) => AuthMode::ApiKey,
+        Entered::Credentials(Credentials::Basic { .. }) => AuthMode::Basic,
+        Entered::ClientCredentials { .. } => AuthMode::OAuth2Cc,
+        Entered::Credentials(_) => {
+            return Err(FlowError::Internal("a form takes no tokens".into()));
         }
     };
     if template.auth_mode != expected {
         return Err(FlowError::InvalidAuthMode(template.auth_mode.as_str()));
     }
-    verify(state, template, &credentials, &connection_config).await?;
+    let credentials = match entered {
+        Entered::Credentials(credentials) => {
+            verify(state, template, &credentials, &connection_config).await?;
+            credentials
+        }
+        Entered::ClientCredentials {
+            client_id,
+            client_secret,
+            client_certificate,
+            client_private_key,
+        } => {
+            let config = string_values(&connection_config);
+            let token_url = fill_url(&template.token_url, &config)?;
+            let scopes =
+                client_credentials::scopes(&connection_config, &integration.settings.oauth_scopes);
+            let client = ClientCredentials {
+                client_id: &client_id,
+                client_secret: &client_secret,
+                client_certificate: client_certificate.as_deref(),
+                client_private_key: client_private_key.as_deref(),
+            };
+            client_credentials::fetch(
+                &state.oauth.provider,
+                template,
+                &token_url,
+                &scopes,
+                client,
+                Utc::now(),
+            )
+            .await?
+        }
+    };
     let loaded = state
         .commands
         .authorize_connection(AuthorizeConnection {
@@ -96,6 +140,14 @@ async fn authorize(
     Ok(connection)
 }
 
+/// The text values of a connection's configuration (what placeholders are filled from).
+fn string_values(connection_config: &Map<String, Value>) -> BTreeMap<String, String> {
+    connection_config
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect()
+}
+
 /// Sends the template's verification request with `credentials`; anything but a 2xx answer
 /// refuses them. Nothing to do when the template has no verification.
 async fn verify(
@@ -107,10 +159,7 @@ async fn verify(
     let Some(verification) = &template.proxy.verification else {
         return Ok(());
     };
-    let config: BTreeMap<String, String> = connection_config
-        .iter()
-        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-        .collect();
+    let config = string_values(connection_config);
     let base = verification
         .base_url_override
         .as_ref()

@@ -47,7 +47,7 @@ use workers::provider::ProviderClient;
 pub use callback::callback;
 pub use connect::{BindingCookie, ConnectRequest, Started, connect};
 pub use error::FlowError;
-pub use form::authorize_with;
+pub use form::{Entered, authorize_with};
 pub use redirect::{error_redirect, success_redirect};
 pub use report::{Completed, Failure, Report, SocketMessage, report_failure, report_success};
 

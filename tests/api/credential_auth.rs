@@ -15,6 +15,7 @@ domain::on_both_backends!(
     api_key_and_basic_connections_are_verified_stored_and_read_back,
     refused_credentials_change_nothing_and_get_nangos_codes,
     api_key_integrations_need_no_client_credentials,
+    client_credentials_connections_fetch_and_renew_their_token_through_the_fence,
 );
 
 /// `POST path` with `body` and no key (what a browser sends).
@@ -358,4 +359,158 @@ async fn api_key_integrations_need_no_client_credentials(db: &TestDatabase) {
         env.connection("keys", "k1").await["credentials"]["apiKey"],
         "imported"
     );
+}
+
+async fn client_credentials_connections_fetch_and_renew_their_token_through_the_fence(
+    db: &TestDatabase,
+) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake-cc", "fake-key"]}),
+    )
+    .await;
+    let (client_id, client_secret) = FakeProvider::CC_CLIENT;
+    let path = format!("/oauth2/auth/fake-cc?connect_session_token={token}");
+
+    // Refusals first: none stores anything.
+    for (route, body, status, code) in [
+        (
+            path.clone(),
+            json!({"client_id": client_id, "client_secret": "wrong"}),
+            400,
+            "client_credentials_fetch_error",
+        ),
+        (
+            path.clone(),
+            json!({"client_secret": client_secret}),
+            400,
+            "missing_client_id",
+        ),
+        (
+            path.clone(),
+            json!({"client_id": client_id}),
+            400,
+            "missing_client_secret",
+        ),
+        (
+            path.clone(),
+            json!({"client_id": client_id, "client_secret": "s", "scope": "x"}),
+            400,
+            "invalid_body",
+        ),
+        (
+            format!("/oauth2/auth/fake-key?connect_session_token={token}"),
+            json!({"client_id": client_id, "client_secret": client_secret}),
+            400,
+            "invalid_auth_mode",
+        ),
+        (
+            format!("/api-auth/api-key/fake-cc?connect_session_token={token}"),
+            json!({"apiKey": "k"}),
+            400,
+            "invalid_auth_mode",
+        ),
+    ] {
+        let response = submit(&env, &route, &body).await;
+        let error = assert_error(response, status, code).await;
+        assert!(!error.to_string().contains(client_secret), "{error}");
+    }
+    assert!(ids(&env).await.is_empty());
+    let before = env.fake.token_requests();
+    assert_eq!(before, 1, "only the wrong secret reached the provider");
+
+    let answer = submit(
+        &env,
+        &path,
+        &json!({"client_id": client_id, "client_secret": client_secret}),
+    )
+    .await;
+    let id = ok_json(answer).await["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let connection = env.connection("fake-cc", &id).await;
+    let credentials = &connection["credentials"];
+    assert_eq!(credentials["type"], "OAUTH2_CC", "{connection}");
+    assert_eq!(credentials["token"], FakeProvider::cc_token(before + 1));
+    assert_eq!(credentials["client_id"], client_id);
+    assert_eq!(credentials["client_secret"], client_secret);
+    assert!(credentials["expires_at"].is_string());
+    assert_eq!(
+        credentials["raw"]["scope"], "read",
+        "the integration's scopes"
+    );
+
+    // A forced read asks again with the connection's client.
+    let forced = env
+        .app
+        .client
+        .get(env.app.url(&format!(
+            "/connections/{id}?provider_config_key=fake-cc&force_refresh=true"
+        )))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let forced = ok_json(forced).await;
+    assert_eq!(
+        forced["credentials"]["token"],
+        FakeProvider::cc_token(before + 2)
+    );
+
+    // An expired imported token read by ten callers at once: one provider call, one token.
+    let imported = post(
+        &env,
+        "/connections",
+        &json!({"provider_config_key": "fake-cc", "connection_id": "expired",
+                "credentials": {"type": "OAUTH2_CC", "token": "old-token", "client_id": client_id,
+                                "client_secret": client_secret, "expires_at": "2020-01-01T00:00:00Z"}}),
+    )
+    .await;
+    assert_eq!(imported.status(), StatusCode::CREATED);
+    let calls = env.fake.token_requests();
+    let reads = (0..10).map(|_| async {
+        let response = env
+            .app
+            .client
+            .get(
+                env.app
+                    .url("/connections/expired?provider_config_key=fake-cc"),
+            )
+            .bearer_auth(SECRET_KEY)
+            .send()
+            .await
+            .unwrap();
+        ok_json(response).await["credentials"]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    });
+    let tokens = futures_util::future::join_all(reads).await;
+    assert_eq!(env.fake.token_requests(), calls + 1, "one renewal");
+    assert!(
+        tokens
+            .iter()
+            .all(|t| *t == FakeProvider::cc_token(calls + 1)),
+        "{tokens:?}"
+    );
+    let entries = history(&env, "fake-cc", "expired").await;
+    let types: Vec<&str> = entries["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "connection_authorized",
+            "refresh_leased",
+            "tokens_refreshed"
+        ],
+        "{entries}"
+    );
+    assert!(!entries.to_string().contains(client_secret));
 }

@@ -176,6 +176,14 @@ impl FakeProvider {
     /// The username and password `/api/me` accepts (as HTTP Basic).
     pub const LOGIN: (&'static str, &'static str) = ("fake-user", "fake-pass-91d2");
 
+    /// The client of a client-credentials grant that `/token` accepts.
+    pub const CC_CLIENT: (&'static str, &'static str) = ("cc-client", "cc-secret-5e0a");
+
+    /// The token the `n`-th token request gets in a client-credentials grant.
+    pub fn cc_token(n: usize) -> String {
+        format!("cc-token-{n}")
+    }
+
     /// How many requests `/api/me` got.
     pub fn api_requests(&self) -> usize {
         self.shared.api_requests.load(Ordering::SeqCst)
@@ -452,10 +460,24 @@ async fn token_for(
         basic_auth,
         json_body,
     });
+    let field = |name: &str| params.get(name).cloned().unwrap_or_default();
+    if field("grant_type") == "client_credentials" {
+        // A client-credentials grant: the connection's own client, a new token each time.
+        let (id, secret) = FakeProvider::CC_CLIENT;
+        if client_id != id || client_secret != secret {
+            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "bad client");
+        }
+        let answer = json!({
+            "access_token": FakeProvider::cc_token(n),
+            "token_type": "bearer",
+            "expires_in": 3600,
+            "scope": field("scope"),
+        });
+        return (StatusCode::OK, axum::Json(answer)).into_response();
+    }
     if client_id != CLIENT_ID || client_secret != CLIENT_SECRET {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "bad client");
     }
-    let field = |name: &str| params.get(name).cloned().unwrap_or_default();
     if field("grant_type") == "refresh_token" {
         return refresh_grant(&mut inner.refresh, &field("refresh_token"), mode);
     }

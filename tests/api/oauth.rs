@@ -68,7 +68,8 @@ pub(crate) struct Env {
 /// PKCE, HTTP Basic and a JSON body; `fake-tenant` URLs with `${connectionConfig.subdomain}` and
 /// `,` between scopes; `fake-oauth1` and `fake-oauth1-plain` are OAuth 1.0a with HMAC-SHA1 and
 /// PLAINTEXT signatures; `fake-key` (API key) and `fake-login` (Basic) are checked against the
-/// provider's `/api/me`, `fake-key-unchecked` is not checked.
+/// provider's `/api/me`, `fake-key-unchecked` is not checked; `fake-cc` is a client-credentials
+/// grant at `/token`.
 const TEMPLATES: &str = "  authorization_params:
     access_type: offline
   token_response_metadata:
@@ -122,6 +123,9 @@ fake-login:
       endpoints: [/api/me]
 fake-key-unchecked:
   auth_mode: API_KEY
+fake-cc:
+  auth_mode: OAUTH2_CC
+  token_url: {base}/token
 ";
 
 /// `grantline serve` for these tests on `db` with master key `key`: the providers file
@@ -164,6 +168,7 @@ pub(crate) async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
         ("fake-key", "fake-key", ""),
         ("fake-login", "fake-login", ""),
         ("fake-key-unchecked", "fake-key-unchecked", ""),
+        ("fake-cc", "fake-cc", "read"),
     ] {
         env.create_config(key, provider, scopes).await;
     }

@@ -22,7 +22,7 @@ const METHODS: [Method; 5] = [
 
 /// Operations that need no secret key (the flows and the credential forms check a session
 /// token, the public key or an `hmac` from the query).
-const OPEN: [(&str, &str); 8] = [
+const OPEN: [(&str, &str); 9] = [
     ("get", "/"),
     ("get", "/health"),
     ("get", "/ready"),
@@ -31,6 +31,7 @@ const OPEN: [(&str, &str); 8] = [
     ("get", "/oauth/callback"),
     ("post", "/api-auth/api-key/{provider_config_key}"),
     ("post", "/api-auth/basic/{provider_config_key}"),
+    ("post", "/oauth2/auth/{provider_config_key}"),
 ];
 
 /// Operations that take a connect session's token instead of the secret key.

@@ -4,6 +4,7 @@
 //! log, the OAuth session sweeper, and the registry of WebSocket clients with the relay that
 //! carries flow outcomes between instances, and the compactor that bounds the history.
 
+pub mod client_credentials;
 pub mod compactor;
 pub mod oauth1;
 pub mod provider;

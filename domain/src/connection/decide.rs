@@ -178,7 +178,7 @@ pub fn decide(
             lease_duration,
         } => {
             let active = existing(state)?;
-            if !active.has_refresh_token {
+            if !active.renewable() {
                 return Err(ConnectionRejected::NoRefreshToken);
             }
             if let Some(lease) = &active.lease

@@ -49,6 +49,9 @@ pub enum CredentialsType {
     /// A username and password.
     #[serde(rename = "BASIC")]
     Basic,
+    /// An OAuth 2 client-credentials token.
+    #[serde(rename = "OAUTH2_CC")]
+    Oauth2Cc,
 }
 
 /// Short keyed (HMAC) fingerprints of the tokens, computed outside the domain, so that auditors

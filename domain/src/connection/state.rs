@@ -136,6 +136,16 @@ impl ActiveConnection {
     pub fn key(&self) -> ConnectionKey {
         ConnectionKey::new(&self.provider_config_key, &self.connection_id)
     }
+
+    /// Whether its token can be renewed without the user: OAuth 2 with a refresh token, or a
+    /// client-credentials grant (which asks again with the stored client credentials).
+    pub fn renewable(&self) -> bool {
+        match self.credentials_type {
+            CredentialsType::Oauth2 => self.has_refresh_token,
+            CredentialsType::Oauth2Cc => true,
+            _ => false,
+        }
+    }
 }
 
 impl Connection {

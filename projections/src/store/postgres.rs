@@ -48,6 +48,10 @@ const LIST: ListDialect = ListDialect {
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "c.state->'Active'->>'credentials_type' = 'OAUTH2'";
 
+/// Whether a row's token is renewed ahead of expiry: OAuth 2.0 (with a refresh token, which the
+/// refresh state says) or a client-credentials grant. Keep-alives are for refresh tokens only.
+const RENEWABLE: &str = "c.state->'Active'->>'credentials_type' IN ('OAUTH2', 'OAUTH2_CC')";
+
 /// States are read as text: parsing the text once is cheaper than a JSON tree first.
 const STATE: &str = "state::text";
 
@@ -400,7 +404,7 @@ impl ReadModelStore for PostgresReadModels {
         let client = self.client().await?;
         // Driven by the reads (the active few), not by every connection's expiry.
         let statement = client
-            .prepare_cached(&due_expiring_sql(OAUTH2, ["$1", "$2", "$3"]))
+            .prepare_cached(&due_expiring_sql(RENEWABLE, ["$1", "$2", "$3"]))
             .await
             .map_err(database)?;
         keys(

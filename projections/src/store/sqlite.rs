@@ -23,6 +23,11 @@ use crate::model::Row;
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2'";
 
+/// Whether a row's token is renewed ahead of expiry: OAuth 2.0 (with a refresh token, which the
+/// refresh state says) or a client-credentials grant. Keep-alives are for refresh tokens only.
+const RENEWABLE: &str =
+    "json_extract(c.state, '$.Active.credentials_type') IN ('OAUTH2', 'OAUTH2_CC')";
+
 const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 
 /// How SQLite writes a list query's filters: integrations and tags as JSON parameters, the
@@ -410,7 +415,7 @@ impl ReadModelStore for SqliteReadModels {
             .read(move |conn| {
                 collect(
                     conn,
-                    &due_expiring_sql(OAUTH2, ["?1", "?2", "?3"]),
+                    &due_expiring_sql(RENEWABLE, ["?1", "?2", "?3"]),
                     params![expiring_before, read_since, limit],
                     key,
                 )

@@ -13,6 +13,7 @@ use domain::credentials::Credentials;
 use serde_json::Value;
 
 use super::{Inner, Leased, ProviderAnswer, RefreshError, trigger_slot};
+use crate::client_credentials::{self, ClientCredentials};
 use crate::provider::{TokenError, TokenRequest};
 
 impl Inner {
@@ -32,16 +33,6 @@ impl Inner {
             description: Some(description),
         };
         let credentials = self.commands.reveal_credentials(active).await?;
-        let Credentials::OAuth2 {
-            refresh_token: Some(refresh_token),
-            raw: old_raw,
-            ..
-        } = &credentials
-        else {
-            return Err(RefreshError::Internal(
-                "the leased connection has no OAuth 2.0 refresh token".into(),
-            ));
-        };
         let Some(integration) =
             projections::queries::find_integration(&self.read_models, &active.provider_config_key)
                 .await?
@@ -72,6 +63,50 @@ impl Inner {
             Ok(url) => url,
             Err(e) => return Ok(Err(permanent("invalid_token_url", e.to_string()))),
         };
+        let (refresh_token, old_raw) = match &credentials {
+            Credentials::OAuth2 {
+                refresh_token: Some(refresh_token),
+                raw,
+                ..
+            } => (refresh_token, raw),
+            Credentials::OAuth2Cc {
+                client_id,
+                client_secret,
+                client_certificate,
+                client_private_key,
+                ..
+            } => {
+                // No refresh token: the connection's client credentials ask again.
+                let scopes = client_credentials::scopes(
+                    &active.connection_config,
+                    &integration.settings.oauth_scopes,
+                );
+                let client = ClientCredentials {
+                    client_id,
+                    client_secret,
+                    client_certificate: client_certificate.as_deref(),
+                    client_private_key: client_private_key.as_deref(),
+                };
+                let fetch = client_credentials::fetch(
+                    &self.client,
+                    template,
+                    &url,
+                    &scopes,
+                    client,
+                    Utc::now(),
+                );
+                return Ok(self
+                    .timed(trigger, fetch)
+                    .await
+                    .map(|credentials| (credentials, false))
+                    .map_err(|e| classify(&e)));
+            }
+            _ => {
+                return Err(RefreshError::Internal(
+                    "the leased connection has no OAuth 2.0 refresh token".into(),
+                ));
+            }
+        };
         let extra = if template.refresh_params.is_empty() {
             &template.token_params
         } else {
@@ -89,22 +124,9 @@ impl Inner {
             body_format: template.body_format,
             params,
         };
-        self.counters.provider_calls[trigger_slot(trigger)].fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        // The client's own timeout bounds the call; this one is a second guard.
-        let answer = match tokio::time::timeout(
-            self.settings.provider_timeout,
-            self.client.request_token(&request, Utc::now()),
-        )
-        .await
-        {
-            Ok(answer) => answer,
-            Err(_) => Err(TokenError::Timeout(self.settings.provider_timeout)),
-        };
-        self.counters.provider_micros.fetch_add(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        let answer = self
+            .timed(trigger, self.client.request_token(&request, Utc::now()))
+            .await;
         Ok(match answer {
             Ok(token) => {
                 let rotated = token
@@ -127,6 +149,26 @@ impl Inner {
             }
             Err(e) => Err(classify(&e)),
         })
+    }
+
+    /// Runs a provider call, counted for `trigger` and timed, within the provider timeout (the
+    /// client's own timeout bounds it too; this is a second guard).
+    async fn timed<T>(
+        &self,
+        trigger: RefreshTrigger,
+        call: impl std::future::Future<Output = Result<T, TokenError>>,
+    ) -> Result<T, TokenError> {
+        self.counters.provider_calls[trigger_slot(trigger)].fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let answer = match tokio::time::timeout(self.settings.provider_timeout, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(TokenError::Timeout(self.settings.provider_timeout)),
+        };
+        self.counters.provider_micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        answer
     }
 }
 

@@ -7,8 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::commands::{CommandError, LeaseRefresh, Loaded};
 use domain::connection::{
-    ActiveConnection, Connection, ConnectionKey, ConnectionRejected, CredentialsType, FailureClass,
-    RefreshTrigger,
+    ActiveConnection, Connection, ConnectionKey, ConnectionRejected, FailureClass, RefreshTrigger,
 };
 use domain::keys::KeyError;
 use domain::store::StoreError;
@@ -21,7 +20,7 @@ use super::{
 
 impl Inner {
     pub(super) fn needs_refresh(&self, active: &ActiveConnection, now: DateTime<Utc>) -> bool {
-        if active.credentials_type != CredentialsType::Oauth2 || !active.has_refresh_token {
+        if !active.renewable() {
             return false;
         }
         let Some(expires_at) = active.expires_at else {
@@ -82,8 +81,7 @@ impl Inner {
             // A forced refresh is satisfied by any refresh (or authorization) since it was asked.
             let renewed_since = active.authorized_at >= requested_at
                 || active.last_refreshed_at.is_some_and(|t| t >= requested_at);
-            let refreshable =
-                active.credentials_type == CredentialsType::Oauth2 && active.has_refresh_token;
+            let refreshable = active.renewable();
             if !refreshable
                 || (forced && renewed_since)
                 || (!forced
