@@ -329,6 +329,15 @@ mod tests {
                 username: SECRETS[6].to_owned(),
                 password: SECRETS[7].to_owned(),
             },
+            Credentials::OAuth2Cc {
+                token: SECRETS[0].to_owned(),
+                client_id: SECRETS[6].to_owned(),
+                client_secret: SECRETS[7].to_owned(),
+                client_certificate: None,
+                client_private_key: Some(SECRETS[4].to_owned()),
+                expires_at: DateTime::from_timestamp(1_714_564_800, 0),
+                raw: json!({ "access_token": SECRETS[0] }),
+            },
         ]
     }
 
@@ -368,7 +377,7 @@ mod tests {
             .collect();
         assert_eq!(
             json!(kinds),
-            json!(["OAUTH2", "OAUTH1", "API_KEY", "BASIC"])
+            json!(["OAUTH2", "OAUTH1", "API_KEY", "BASIC", "OAUTH2_CC"])
         );
         assert_eq!(
             serde_json::to_value(&every_kind()[0]).unwrap(),
@@ -406,7 +415,11 @@ mod tests {
 
     #[test]
     fn helpers_read_the_tokens_of_each_kind() {
-        let [oauth2, oauth1, api_key, basic] = every_kind().try_into().unwrap();
+        let [oauth2, oauth1, api_key, basic, cc] = every_kind().try_into().unwrap();
+        assert_eq!(cc.credentials_type(), CredentialsType::Oauth2Cc);
+        assert_eq!(cc.access_token(), Some(SECRETS[0]));
+        assert!(!cc.has_refresh_token());
+        assert!(cc.expires_at().is_some());
         assert_eq!(oauth2.credentials_type(), CredentialsType::Oauth2);
         assert_eq!(oauth2.access_token(), Some(SECRETS[0]));
         assert_eq!(oauth2.refresh_token(), Some(SECRETS[1]));
