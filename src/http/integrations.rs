@@ -67,19 +67,35 @@ async fn writer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// A template as `/providers` shows it.
 fn provider_json(template: &Template) -> Value {
-    json!({
+    let mut body = json!({
         "name": template.name,
         "display_name": template.name,
         "auth_mode": template.auth_mode.as_str(),
-        "authorization_url": template.authorization_url,
-        "token_url": template.token_url,
         "authorization_params": template.authorization_params,
         "token_params": template.token_params,
         "scope_separator": template.scope_separator,
         "default_scopes": template.default_scopes,
         "disable_pkce": template.disable_pkce,
         "docs": template.docs,
-    })
+    });
+    // API-key and Basic templates have no OAuth URLs; client credentials no authorization URL.
+    for (field, url) in [
+        ("authorization_url", &template.authorization_url),
+        ("token_url", &template.token_url),
+    ] {
+        if !url.is_empty() {
+            body[field] = json!(url);
+        }
+    }
+    if let Some(base_url) = &template.proxy.base_url {
+        // Where the provider's API lives; the headers and query carry placeholders only.
+        body["proxy"] = json!({
+            "base_url": base_url,
+            "headers": template.proxy.headers,
+            "query": template.proxy.query,
+        });
+    }
+    body
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
