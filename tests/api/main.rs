@@ -16,6 +16,7 @@ mod import;
 mod limits;
 mod malformed;
 mod nango_import;
+mod node_client;
 mod oauth;
 mod observe;
 mod openapi;
