@@ -14,6 +14,7 @@ use domain::keys::{CacheBudget, MasterKey};
 
 use self::cache::parse_budget;
 pub use self::limits::LimitArgs;
+pub use self::proxy::{ProxyArgs, ProxyConfig};
 pub use self::retention::RetentionArgs;
 pub use self::tools::{
     EventsCommand, HistoryArgs, ImportArgs, KeysCommand, LogCommand, ProjectionsCommand,
@@ -22,6 +23,7 @@ use crate::server::ServerLimits;
 
 mod cache;
 mod limits;
+mod proxy;
 mod retention;
 mod tools;
 
@@ -112,6 +114,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub retention: RetentionArgs,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 
     /// Address to listen on.
     #[arg(long, env = "GRANTLINE_LISTEN", default_value = "127.0.0.1:3003")]
@@ -316,6 +321,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "websocket-idle-timeout"),
     ("GRANTLINE_MAX_OPEN_FLOWS", "max-open-flows"),
     ("GRANTLINE_FLOWS_PER_MINUTE", "flows-per-minute"),
+    ("GRANTLINE_PROXY_ALLOWED_HOSTS", "proxy-allowed-hosts"),
+    ("GRANTLINE_PROXY_TIMEOUT", "proxy-timeout"),
 ];
 
 /// Every environment variable the binary reads (for the help test and the README).
@@ -495,6 +502,7 @@ pub struct Config {
     pub limits: ServerLimits,
     /// How long the history keeps what (the compactor role's setting).
     pub retention: workers::compactor::Retention,
+    pub proxy: ProxyConfig,
 }
 
 impl ServeArgs {
@@ -595,6 +603,7 @@ impl ServeArgs {
             connection_cache: parse_budget("GRANTLINE_CONNECTION_CACHE", &self.connection_cache)?,
             limits,
             retention: self.retention.validate()?,
+            proxy: self.proxy.validate(limits.request_timeout)?,
         })
     }
 

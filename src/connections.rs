@@ -177,6 +177,54 @@ pub async fn answer(
     rendered(&view, with_refresh_token, render)
 }
 
+/// The connection `key` with a fresh token and its credentials opened (what a proxied call
+/// sends): refreshed first when it is due, as a read does.
+pub async fn with_credentials(
+    state: &AppState,
+    key: &ConnectionKey,
+) -> Result<ConnectionView, ConnectionsError> {
+    let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
+        return Err(missing(state, key).await);
+    };
+    if let Some(stored) = &data_key {
+        state.commands.vault().prime(stored);
+    }
+    if let Some(stream_id) = state.cache.first_read(&cached) {
+        state.activity.note(stream_id, Utc::now());
+    }
+    fresh(state, key, cached.record.clone(), false).await
+}
+
+/// The connection `key` after the provider rejected the token read at `read_at`: refreshed
+/// through the fence unless someone renewed it since (then that token is answered).
+pub async fn after_rejection(
+    state: &AppState,
+    key: &ConnectionKey,
+    read_at: DateTime<Utc>,
+) -> Result<ConnectionView, ConnectionsError> {
+    match state.refresh.refresh_rejected(key, read_at).await {
+        Ok(fresh) => {
+            let connection = publish(state, &fresh.loaded).await?;
+            Ok(ConnectionView {
+                connection: Arc::new(ConnectionRecord {
+                    id: projections::model::stable_id(fresh.loaded.stream_id.as_str()),
+                    version: fresh.loaded.version,
+                    connection,
+                }),
+                credentials: fresh.credentials,
+            })
+        }
+        Err(RefreshError::NotFound | RefreshError::Deleted) => {
+            state.cache.invalidate(key.stream_id().as_str());
+            Err(missing(state, key).await)
+        }
+        Err(e) => {
+            let _ = refresh_read_model(state, key).await;
+            Err(ConnectionsError::Refresh(e))
+        }
+    }
+}
+
 /// The connection as the read model has it (`record`), with a fresh token: refreshed through
 /// the refresh service when it expires within the margin, or when `force_refresh`.
 ///

@@ -237,6 +237,7 @@ fn trigger_name(trigger: domain::connection::RefreshTrigger) -> &'static str {
         domain::connection::RefreshTrigger::Read => "read",
         domain::connection::RefreshTrigger::Schedule => "schedule",
         domain::connection::RefreshTrigger::Force => "force",
+        domain::connection::RefreshTrigger::Rejected => "rejected",
     }
 }
 

@@ -34,6 +34,7 @@ pub mod http;
 pub mod import;
 pub mod integrations;
 pub mod oauth;
+pub mod proxy;
 pub mod server;
 pub mod startup;
 pub mod state;

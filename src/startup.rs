@@ -26,6 +26,7 @@ use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
 use crate::import::LineFault;
 use crate::oauth::Flows;
+use crate::proxy::ProxyStats;
 use crate::server;
 use crate::state::{AppState, Shared};
 
@@ -124,6 +125,8 @@ impl Application {
                 oauth,
                 sockets: Arc::new(Sockets::default()),
                 server_stats: Arc::default(),
+                proxy_client: crate::proxy::client()?,
+                proxy_stats: ProxyStats::default(),
             }),
         })
     }

@@ -23,6 +23,7 @@ use workers::webhooks::WebhookService;
 use crate::config::Config;
 use crate::connections::Answers;
 use crate::oauth::Flows;
+use crate::proxy::ProxyStats;
 use crate::server::ServerStats;
 
 /// The services of this instance, shared by the request handlers and the background loops.
@@ -96,4 +97,8 @@ pub struct Shared {
     /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
     /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
     pub webhooks: Option<WebhookService>,
+    /// The proxy's client (streams bodies, follows no redirect to another host).
+    pub proxy_client: reqwest::Client,
+    /// What the proxy counted, by integration.
+    pub proxy_stats: ProxyStats,
 }

@@ -6,6 +6,10 @@
 #[allow(dead_code)]
 pub mod fake_provider;
 
+#[path = "../../tests/api/fake_api.rs"]
+#[allow(dead_code)]
+pub mod fake_api;
+
 use std::path::PathBuf;
 
 use domain::testing::TestDatabase;

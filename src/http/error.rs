@@ -29,6 +29,7 @@ use crate::connections::ConnectionsError;
 use crate::history::HistoryError;
 use crate::integrations::IntegrationsError;
 use crate::oauth::FlowError;
+use crate::proxy::ProxyError;
 
 /// A failed request. Each variant's doc names its status.
 #[derive(Debug, thiserror::Error)]
@@ -455,6 +456,36 @@ pub fn form_refusal(error: FlowError) -> ApiError {
         FlowError::TooManyOpenFlows => ApiError::Unavailable(error.to_string()),
         FlowError::Unavailable(cause) => ApiError::Unavailable(cause),
         other => ApiError::Internal(other.to_string()),
+    }
+}
+
+impl From<ProxyError> for ApiError {
+    fn from(e: ProxyError) -> Self {
+        use StatusCode as S;
+        let (status, code) = match &e {
+            ProxyError::UnknownProviderConfig(key) => {
+                return Self::ProviderConfigNotFound(key.clone());
+            }
+            ProxyError::BodyTooLarge => return Self::PayloadTooLarge,
+            ProxyError::NoBaseUrl(_) => (S::BAD_REQUEST, "unsupported_provider"),
+            ProxyError::OverrideNotAllowed(_) => (S::BAD_REQUEST, "base_url_override_not_allowed"),
+            ProxyError::BlockedDestination(_) => (S::BAD_REQUEST, "blocked_destination"),
+            ProxyError::UnsupportedAuthMode(_) => (S::BAD_REQUEST, "unsupported_auth_mode"),
+            ProxyError::InvalidUrl(_) => (S::BAD_REQUEST, "invalid_proxy_url"),
+            ProxyError::Unreachable => (S::BAD_GATEWAY, "upstream_unreachable"),
+            ProxyError::Timeout => (S::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::Connection(_) => {
+                let ProxyError::Connection(e) = e else {
+                    return Self::Internal("unreachable".into());
+                };
+                return e.into();
+            }
+        };
+        Self::Refused {
+            status,
+            code,
+            message: e.to_string(),
+        }
     }
 }
 

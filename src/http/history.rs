@@ -181,6 +181,7 @@ pub enum HistoryTrigger {
     Read,
     Schedule,
     Force,
+    Rejected,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -260,6 +261,7 @@ impl From<HistoryEntry> for HistoryEntryBody {
                 RefreshTrigger::Read => HistoryTrigger::Read,
                 RefreshTrigger::Schedule => HistoryTrigger::Schedule,
                 RefreshTrigger::Force => HistoryTrigger::Force,
+                RefreshTrigger::Rejected => HistoryTrigger::Rejected,
             }),
             instance: entry.instance,
             origin: entry.origin,

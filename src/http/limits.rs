@@ -44,7 +44,13 @@ async fn limited(state: &AppState, request: Request, next: Next) -> Response {
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if announced.is_some_and(|length| length > BODY_LIMIT as u64) {
+    // The proxy streams bodies to the provider and takes larger ones.
+    let limit = if request.uri().path().starts_with("/proxy/") {
+        crate::proxy::MAX_BODY
+    } else {
+        BODY_LIMIT as u64
+    };
+    if announced.is_some_and(|length| length > limit) {
         refused.add(Limit::BodyTooLarge);
         return ApiError::PayloadTooLarge.into_response();
     }

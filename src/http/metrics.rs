@@ -331,10 +331,11 @@ pub async fn metrics(
             ("trigger=\"read\"", calls[0] as f64),
             ("trigger=\"schedule\"", calls[1] as f64),
             ("trigger=\"force\"", calls[2] as f64),
+            ("trigger=\"rejected\"", calls[3] as f64),
         ],
     );
     let mut outcome_samples = Vec::new();
-    for (t, trigger) in ["read", "schedule", "force"].iter().enumerate() {
+    for (t, trigger) in ["read", "schedule", "force", "rejected"].iter().enumerate() {
         for (o, outcome) in [
             "refreshed",
             "failed_permanent",
@@ -383,6 +384,7 @@ pub async fn metrics(
         calls.iter().sum(),
     );
     compactor_families(&mut out, state.compactor.counters());
+    proxy_families(&mut out, &state.proxy_stats.snapshot());
     let scheduler = state.scheduler.counters();
     let ticks = load(&scheduler.ticks);
     family(
@@ -575,6 +577,66 @@ pub async fn metrics(
 }
 
 /// The compactor's totals (all 0 on an instance without the `compactor` role).
+fn as_refs(samples: &[(String, f64)]) -> Vec<(&str, f64)> {
+    samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
+}
+
+/// The proxy's counters, by integration (a label value escaped as the text format asks).
+fn proxy_families(out: &mut String, stats: &[(String, crate::proxy::IntegrationStats)]) {
+    let label = |key: &str| {
+        let escaped = key
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        format!("provider_config_key=\"{escaped}\"")
+    };
+    let classes = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+    let calls: Vec<(String, f64)> = stats
+        .iter()
+        .flat_map(|(key, s)| {
+            classes
+                .iter()
+                .zip(s.calls)
+                .filter(|(_, n)| *n > 0)
+                .map(move |(class, n)| (format!("{},status=\"{class}\"", label(key)), n as f64))
+        })
+        .collect();
+    let per_key = |value: fn(&crate::proxy::IntegrationStats) -> f64| {
+        stats
+            .iter()
+            .map(|(key, s)| (label(key), value(s)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        out,
+        "grantline_proxy_calls_total",
+        "counter",
+        "Proxied calls by integration and the provider's status class (none: no answer).",
+        &as_refs(&calls),
+    );
+    family(
+        out,
+        "grantline_proxy_seconds_total",
+        "counter",
+        "Time spent in proxied calls until the provider's answer began, by integration.",
+        &as_refs(&per_key(|s| s.micros as f64 / 1e6)),
+    );
+    family(
+        out,
+        "grantline_proxy_retries_total",
+        "counter",
+        "Proxied calls sent again after a network error, 5xx, 429 or a Retry-On status.",
+        &as_refs(&per_key(|s| s.retries as f64)),
+    );
+    family(
+        out,
+        "grantline_proxy_rejected_refreshes_total",
+        "counter",
+        "Upstream 401s answered by a fenced refresh and one more attempt.",
+        &as_refs(&per_key(|s| s.rejected as f64)),
+    );
+}
+
 fn compactor_families(out: &mut String, compactor: &workers::compactor::CompactorCounters) {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     family(

@@ -23,6 +23,7 @@ mod metrics;
 mod oauth;
 pub mod observe;
 mod openapi;
+mod proxy;
 mod ready;
 mod socket;
 
@@ -77,7 +78,8 @@ impl Routes {
 
     /// Records `path` and forwards to [`Router::route`].
     fn route(mut self, path: &str, method_router: MethodRouter<HttpState>) -> Self {
-        self.paths.push(path.to_owned());
+        // A catch-all `{*rest}` is documented as the parameter `{rest}`.
+        self.paths.push(path.replace("{*", "{"));
         self.router = self.router.route(path, method_router);
         self
     }
@@ -147,6 +149,14 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .route(
             "/connect/sessions/reconnect",
             axum::routing::post(connect::reconnect_session),
+        )
+        .route(
+            "/proxy/{*path}",
+            axum::routing::post(proxy::proxy_with_body)
+                .put(proxy::proxy_with_body)
+                .patch(proxy::proxy_with_body)
+                // GET, DELETE and every other method (HEAD, OPTIONS, PROPFIND, …).
+                .fallback(proxy::proxy),
         )
         .route("/admin/projections", get(admin::projections_status))
         .route("/admin/webhooks", get(admin::webhooks_status))

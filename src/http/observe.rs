@@ -37,6 +37,10 @@ use tracing::Span;
 /// The request id header, read and echoed.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The request's id, as a request extension.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub HeaderValue);
+
 /// The longest incoming request id that is kept.
 const MAX_REQUEST_ID: usize = 64;
 
@@ -353,7 +357,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let started = Instant::now();
         let route = request
             .extensions()
@@ -361,6 +365,8 @@ where
             .map_or(UNMATCHED, MatchedPath::as_str);
         let series = self.series(route);
         let id = self.observer.request_id(request.headers().get(&REQUEST_ID));
+        // Handlers that call out (the proxy) pass the id on.
+        request.extensions_mut().insert(RequestId(id.clone()));
         let span = tracing::error_span!(
             "http.request",
             request_id = id.to_str().unwrap_or_default(),

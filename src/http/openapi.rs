@@ -46,6 +46,8 @@ const CURRENT_FAMILY: &str = "/connections";
         super::api_auth::api_key,
         super::api_auth::basic,
         super::api_auth::client_credentials,
+        super::proxy::proxy,
+        super::proxy::proxy_with_body,
         super::import::import_connection,
         super::connection::get_connection,
         super::connection::delete_connection,

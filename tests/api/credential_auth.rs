@@ -100,6 +100,30 @@ async fn api_key_and_basic_connections_are_verified_stored_and_read_back(db: &Te
         connection["credentials"],
         json!({"type": "BASIC", "username": username, "password": password})
     );
+    // The proxy puts each credential where its template says: a bearer API key, HTTP Basic.
+    for (key, connection) in [("fake-key", &id), ("fake-login", &basic_id)] {
+        let proxied = env
+            .app
+            .client
+            .get(env.app.url("/proxy/api/echo?from=proxy"))
+            .bearer_auth(SECRET_KEY)
+            .header("Connection-Id", connection.as_str())
+            .header("Provider-Config-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok_json(proxied).await["query"], "from=proxy", "{key}");
+    }
+    let bare = env
+        .app
+        .client
+        .get(env.app.url("/proxy/api/echo"))
+        .header("Connection-Id", id.as_str())
+        .header("Provider-Config-Key", "fake-key")
+        .send()
+        .await
+        .unwrap();
+    assert_error(bare, 401, "missing_auth_header").await;
     // A read neither refreshes nor calls the provider.
     let forced = env
         .app

@@ -109,6 +109,8 @@ struct Shared {
 pub struct FakeProvider {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Its API (`/api/...`, see `fake_api.rs`).
+    pub api: Arc<super::fake_api::ApiState>,
     shared: Arc<Shared>,
     _stop: oneshot::Sender<()>,
 }
@@ -161,11 +163,14 @@ impl FakeProvider {
             .route("/oauth1/access_token", post(oauth1_access_token))
             .route("/api/me", get(api_me))
             .with_state(shared.clone());
+        let api = Arc::new(super::fake_api::ApiState::default());
+        let router = router.merge(super::fake_api::router(api.clone()));
         let (address, stop) = serve_locally(router).await;
         let base = format!("http://{address}");
         base.clone_into(&mut shared.base.lock().unwrap());
         Self {
             base,
+            api,
             shared,
             _stop: stop,
         }

@@ -76,6 +76,9 @@ pub enum RefreshTrigger {
     Schedule,
     /// An explicit `force_refresh`; it is not blocked by a permanent failure.
     Force,
+    /// The provider rejected the token (HTTP 401 to a proxied call) before it expired: refreshed
+    /// unless someone renewed it since it was read.
+    Rejected,
 }
 
 /// Whether retrying a failed refresh can help.

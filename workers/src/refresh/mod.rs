@@ -205,11 +205,11 @@ type SharedRefresh = Shared<BoxFuture<'static, Result<Fresh, RefreshError>>>;
 /// Counters of the refresh service, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct RefreshCounters {
-    /// Provider refresh calls, by trigger: read, schedule, force.
-    pub provider_calls: [AtomicU64; 3],
-    /// Outcomes by trigger (read, schedule, force) and outcome (refreshed, failed permanently,
-    /// failed transiently, lease lost).
-    pub outcomes: [[AtomicU64; 4]; 3],
+    /// Provider refresh calls, by trigger: read, schedule, force, rejected.
+    pub provider_calls: [AtomicU64; 4],
+    /// Outcomes by trigger (read, schedule, force, rejected) and outcome (refreshed, failed
+    /// permanently, failed transiently, lease lost).
+    pub outcomes: [[AtomicU64; 4]; 4],
     /// Callers that joined an in-process refresh.
     pub joined: AtomicU64,
     /// Waits on another holder's lease.
@@ -303,6 +303,22 @@ impl RefreshService {
             .await
     }
 
+    /// A refresh after the provider rejected the token read at `read_at` (an upstream 401):
+    /// refreshed unless it was renewed (refreshed or re-authorized) since, so that any number of
+    /// callers that saw the same token rejected cause one provider call.
+    pub async fn refresh_rejected(
+        &self,
+        key: &ConnectionKey,
+        read_at: DateTime<Utc>,
+    ) -> Result<Fresh, RefreshError> {
+        let due = ScheduledDue {
+            expiring_before: DateTime::<Utc>::MIN_UTC,
+            idle_before: read_at,
+        };
+        self.refresh_when(key, RefreshTrigger::Rejected, Some(due))
+            .await
+    }
+
     async fn refresh_when(
         &self,
         key: &ConnectionKey,
@@ -385,11 +401,12 @@ impl RefreshService {
     }
 }
 
-/// The counters' index of a trigger: read, schedule, force.
+/// The counters' index of a trigger: read, schedule, force, rejected.
 fn trigger_slot(trigger: RefreshTrigger) -> usize {
     match trigger {
         RefreshTrigger::Read => 0,
         RefreshTrigger::Schedule => 1,
         RefreshTrigger::Force => 2,
+        RefreshTrigger::Rejected => 3,
     }
 }

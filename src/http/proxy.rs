@@ -1,0 +1,185 @@
+//! `ANY /proxy/*`: Nango's proxy contract (reference §6.1) — the caller names the connection in
+//! headers, and the rest of the request goes to the provider with the credential put in.
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use axum::http::{HeaderMap, HeaderName, Method, Uri};
+use axum::response::Response;
+use domain::connection::ConnectionKey;
+
+use super::ApiError;
+use super::extract::identifier;
+use super::observe::RequestId;
+use crate::proxy::{self, ProxyCall};
+use crate::state::AppState;
+
+/// The most retries a call may ask for.
+const MAX_RETRIES: u32 = 10;
+/// The prefix of the caller's headers meant for the provider.
+const FORWARD_PREFIX: &str = "nango-proxy-";
+
+/// `ANY /proxy/{path}`: the provider's answer to the same request, with the connection's
+/// credential.
+#[utoipa::path(
+    method(get, delete),
+    path = "/proxy/{path}",
+    tag = "proxy",
+    params(
+        ("path" = String, Path, description = "The provider's path (and query)"),
+        ("Connection-Id" = String, Header, description = "The connection"),
+        ("Provider-Config-Key" = String, Header, description = "Its integration"),
+        ("Retries" = Option<u32>, Header, description = "Attempts after the first (at most 10)"),
+        ("Retry-On" = Option<String>, Header, description = "More statuses to retry, e.g. `409,423`"),
+        ("Base-Url-Override" = Option<String>, Header, description = "Another base URL (GRANTLINE_PROXY_ALLOWED_HOSTS)"),
+    ),
+    responses(
+        (status = 200, description = "The provider's answer, passed through (any status)"),
+        (status = 400, description = "`invalid_headers`, `unsupported_provider`, `base_url_override_not_allowed`, `blocked_destination`, …", body = super::error::ErrorBody),
+        (status = 404, description = "No such integration or connection", body = super::error::ErrorBody),
+        (status = 502, description = "`upstream_unreachable`", body = super::error::ErrorBody),
+        (status = 504, description = "`upstream_timeout`", body = super::error::ErrorBody),
+    ),
+)]
+pub async fn proxy(
+    State(state): State<AppState>,
+    request_id: Option<Extension<RequestId>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let endpoint = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_default()
+        .strip_prefix("/proxy")
+        .unwrap_or_default();
+    let endpoint = if endpoint.starts_with('/') {
+        endpoint.to_owned()
+    } else {
+        format!("/{endpoint}")
+    };
+    let required = |name: &str| -> Result<String, ApiError> {
+        let value = text(&headers, name)?.ok_or_else(|| invalid(format!("{name} is required")))?;
+        identifier(&value, name).map_err(|e| invalid(e.to_string()))?;
+        Ok(value)
+    };
+    let key = ConnectionKey::new(required("provider-config-key")?, required("connection-id")?);
+    let retries = match text(&headers, "retries")? {
+        None => 0,
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_RETRIES)
+            .ok_or_else(|| invalid(format!("Retries must be 0 to {MAX_RETRIES}")))?,
+    };
+    let retry_on = match text(&headers, "retry-on")? {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (100..600).contains(n))
+            })
+            .collect::<Option<Vec<u16>>>()
+            .ok_or_else(|| invalid("Retry-On must be a comma-separated list of statuses".into()))?,
+    };
+    for flag in ["decompress", "forward-headers-on-redirect"] {
+        if let Some(value) = text(&headers, flag)?
+            && !matches!(value.as_str(), "true" | "false")
+        {
+            return Err(invalid(format!("{flag} must be true or false")));
+        }
+    }
+    let mut forwarded = HeaderMap::new();
+    if let Some(content_type) = headers.get(CONTENT_TYPE) {
+        forwarded.insert(CONTENT_TYPE, content_type.clone());
+    }
+    for (name, value) in &headers {
+        if let Some(upstream) = name.as_str().strip_prefix(FORWARD_PREFIX)
+            && let Ok(upstream) = HeaderName::from_bytes(upstream.as_bytes())
+        {
+            forwarded.insert(upstream, value.clone());
+        }
+    }
+    // No length and no chunked body: there is no body (and so the call can be sent again).
+    let body_length = match headers.get(CONTENT_LENGTH) {
+        Some(length) => length.to_str().ok().and_then(|v| v.parse::<u64>().ok()),
+        None if headers.contains_key(TRANSFER_ENCODING) => None,
+        None => Some(0),
+    };
+    let call = ProxyCall {
+        key,
+        method,
+        endpoint,
+        headers: forwarded,
+        body,
+        body_length,
+        retries,
+        retry_on,
+        base_url_override: text(&headers, "base-url-override")?,
+        request_id: request_id
+            .and_then(|Extension(RequestId(id))| id.to_str().ok().map(str::to_owned))
+            .unwrap_or_default(),
+    };
+    Ok(proxy::call(&state, call).await?)
+}
+
+/// `POST`/`PUT`/`PATCH /proxy/{path}`: as [`proxy`], with the request's body sent on.
+#[utoipa::path(
+    method(post, put, patch),
+    request_body(content = Vec<u8>, description = "Sent to the provider as it comes (streamed)", content_type = "*/*"),
+    path = "/proxy/{path}",
+    tag = "proxy",
+    params(
+        ("path" = String, Path, description = "The provider's path (and query)"),
+        ("Connection-Id" = String, Header, description = "The connection"),
+        ("Provider-Config-Key" = String, Header, description = "Its integration"),
+        ("Retries" = Option<u32>, Header, description = "Attempts after the first (at most 10)"),
+        ("Retry-On" = Option<String>, Header, description = "More statuses to retry, e.g. `409,423`"),
+        ("Base-Url-Override" = Option<String>, Header, description = "Another base URL (GRANTLINE_PROXY_ALLOWED_HOSTS)"),
+    ),
+    responses(
+        (status = 200, description = "The provider's answer, passed through (any status)"),
+        (status = 400, description = "`invalid_headers`, `unsupported_provider`, `base_url_override_not_allowed`, `blocked_destination`, …", body = super::error::ErrorBody),
+        (status = 404, description = "No such integration or connection", body = super::error::ErrorBody),
+        (status = 502, description = "`upstream_unreachable`", body = super::error::ErrorBody),
+        (status = 504, description = "`upstream_timeout`", body = super::error::ErrorBody),
+    ),
+)]
+pub async fn proxy_with_body(
+    state: State<AppState>,
+    request_id: Option<Extension<RequestId>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    proxy(state, request_id, method, uri, headers, body).await
+}
+
+/// A header's text, trimmed; blank is absent.
+fn text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| invalid(format!("{name} is not text")))?
+                .trim();
+            Ok((!text.is_empty()).then(|| text.to_owned()))
+        }
+    }
+}
+
+fn invalid(message: String) -> ApiError {
+    ApiError::Refused {
+        status: axum::http::StatusCode::BAD_REQUEST,
+        code: "invalid_headers",
+        message,
+    }
+}

@@ -1,0 +1,218 @@
+//! `/proxy/*`: a call to the provider's API with the connection's credential put in by the
+//! server (README, "The proxy").
+//!
+//! - The token is fresh before the call (the read path's refresh-on-read).
+//! - An upstream 401 is taken as evidence that the token died early: the connection is
+//!   refreshed through the fence unless someone renewed it since it was read
+//!   ([`connections::after_rejection`]), and the call is sent once more with the new token. Any
+//!   number of calls that saw the same token rejected cause one provider refresh.
+//! - Network errors, 5xx, 429 and the caller's `Retry-On` statuses are retried up to `Retries`
+//!   times, after `Retry-After` or an exponential backoff with jitter, all within
+//!   `GRANTLINE_PROXY_TIMEOUT`.
+//! - Bodies stream both ways; a request body small enough to keep (at most 1 MiB) is kept so
+//!   that it can be sent again.
+
+mod stats;
+mod upstream;
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Response, StatusCode};
+use bytes::Bytes;
+use chrono::Utc;
+use domain::connection::ConnectionKey;
+use projections::queries;
+
+pub use self::stats::{IntegrationStats, ProxyStats};
+use self::upstream::{Attempt, Target};
+use crate::connections::{self, ConnectionsError};
+use crate::state::AppState;
+
+/// The largest request body the proxy takes.
+pub const MAX_BODY: u64 = 100 * 1024 * 1024;
+/// The largest request body kept for a second attempt; larger ones stream once.
+const REPLAYABLE_BODY: u64 = 1024 * 1024;
+
+/// A proxied call as the caller asked for it.
+pub struct ProxyCall {
+    pub key: ConnectionKey,
+    pub method: Method,
+    /// The provider's path after `/proxy`, with the query (starts with `/`).
+    pub endpoint: String,
+    /// Headers for the provider: the caller's `Nango-Proxy-*` (prefix removed) and
+    /// `Content-Type`.
+    pub headers: HeaderMap,
+    pub body: Body,
+    /// The body's announced length, if any.
+    pub body_length: Option<u64>,
+    pub retries: u32,
+    pub retry_on: Vec<u16>,
+    pub base_url_override: Option<String>,
+    /// Sent to the provider as `X-Request-Id`.
+    pub request_id: String,
+}
+
+/// Why a proxied call got no answer from the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("unknown provider config key {0:?}")]
+    UnknownProviderConfig(String),
+    #[error(transparent)]
+    Connection(#[from] ConnectionsError),
+    #[error("the provider {0:?} has no proxy base URL; send Base-Url-Override")]
+    NoBaseUrl(String),
+    #[error("Base-Url-Override may not name {0:?} (GRANTLINE_PROXY_ALLOWED_HOSTS)")]
+    OverrideNotAllowed(String),
+    #[error("{0:?} resolves to a loopback, private or link-local address")]
+    BlockedDestination(String),
+    #[error("the proxy does not sign {0} credentials yet")]
+    UnsupportedAuthMode(&'static str),
+    #[error("the upstream URL is not valid: {0}")]
+    InvalidUrl(String),
+    #[error("the request body is larger than the proxy takes")]
+    BodyTooLarge,
+    #[error("the provider could not be reached")]
+    Unreachable,
+    #[error("the provider did not answer in time")]
+    Timeout,
+}
+
+/// The proxy's HTTP client: redirects followed only on the same host (at most 5), bodies
+/// streamed, and a connect timeout so a dead host fails fast.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let same_host = attempt
+                .previous()
+                .first()
+                .is_some_and(|first| first.host_str() == attempt.url().host_str());
+            if attempt.previous().len() >= 5 || !same_host {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
+        .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Sends `call` to the provider and returns its answer (status, useful headers, body streamed).
+#[tracing::instrument(
+    name = "proxy.call",
+    skip_all,
+    fields(provider_config_key = %call.key.provider_config_key(), method = %call.method)
+)]
+pub async fn call(state: &AppState, call: ProxyCall) -> Result<Response<Body>, ProxyError> {
+    let started = Instant::now();
+    let key = call.key.provider_config_key().to_owned();
+    let result = send(state, call).await;
+    state.proxy_stats.record(
+        &key,
+        result.as_ref().map(Response::status).ok(),
+        started.elapsed(),
+    );
+    result
+}
+
+async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, ProxyError> {
+    let integration = queries::find_integration(&state.read_models, call.key.provider_config_key())
+        .await
+        .map_err(ConnectionsError::from)?
+        .ok_or_else(|| {
+            ProxyError::UnknownProviderConfig(call.key.provider_config_key().to_owned())
+        })?
+        .integration;
+    let template = state
+        .catalog
+        .get(&integration.settings.provider)
+        .ok_or_else(|| ProxyError::NoBaseUrl(integration.settings.provider.clone()))?;
+    let mut read_at = Utc::now();
+    let mut view = connections::with_credentials(state, &call.key).await?;
+    let target = Target::new(
+        &state.config.proxy,
+        template,
+        &view.connection.connection.connection_config,
+        call.base_url_override.as_deref(),
+        &call.endpoint,
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + state.config.proxy.timeout;
+    let mut body = Some(body_of(call.body, call.body_length).await?);
+    let mut attempt = 0u32;
+    let mut rejected_once = false;
+    loop {
+        let sending = match &body {
+            Some(upstream::RequestBody::Kept(bytes)) => upstream::RequestBody::Kept(bytes.clone()),
+            _ => body
+                .take()
+                .unwrap_or(upstream::RequestBody::Kept(Bytes::new())),
+        };
+        let replayable = matches!(sending, upstream::RequestBody::Kept(_));
+        let outcome = Attempt {
+            client: &state.proxy_client,
+            target: &target,
+            method: &call.method,
+            headers: &call.headers,
+            credentials: &view.credentials,
+            template,
+            connection_config: &view.connection.connection.connection_config,
+            request_id: &call.request_id,
+        }
+        .send(sending, deadline)
+        .await;
+        let retry_left = replayable && attempt < call.retries;
+        match outcome {
+            Ok(response) => {
+                let status = response.status();
+                if status == StatusCode::UNAUTHORIZED
+                    && replayable
+                    && !rejected_once
+                    && view.connection.connection.renewable()
+                {
+                    rejected_once = true;
+                    state.proxy_stats.rejected(call.key.provider_config_key());
+                    view = connections::after_rejection(state, &call.key, read_at).await?;
+                    read_at = Utc::now();
+                    continue;
+                }
+                if retry_left && retryable(status, &call.retry_on) {
+                    attempt += 1;
+                    state.proxy_stats.retried(call.key.provider_config_key());
+                    upstream::wait(upstream::retry_after(response.headers()), attempt, deadline)
+                        .await?;
+                    continue;
+                }
+                return Ok(upstream::passthrough(response));
+            }
+            Err(ProxyError::Unreachable) if retry_left => {
+                attempt += 1;
+                state.proxy_stats.retried(call.key.provider_config_key());
+                upstream::wait(None, attempt, deadline).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Statuses worth another attempt: 5xx, 429 and those the caller listed.
+fn retryable(status: StatusCode, retry_on: &[u16]) -> bool {
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || retry_on.contains(&status.as_u16())
+}
+
+/// The request body: kept in memory when it is small enough to send again, else streamed once.
+async fn body_of(body: Body, length: Option<u64>) -> Result<upstream::RequestBody, ProxyError> {
+    match length {
+        Some(length) if length > MAX_BODY => Err(ProxyError::BodyTooLarge),
+        Some(length) if length <= REPLAYABLE_BODY => {
+            let bytes = axum::body::to_bytes(body, REPLAYABLE_BODY as usize)
+                .await
+                .map_err(|_| ProxyError::BodyTooLarge)?;
+            Ok(upstream::RequestBody::Kept(bytes))
+        }
+        _ => Ok(upstream::RequestBody::Streamed(body)),
+    }
+}
