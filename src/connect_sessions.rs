@@ -308,7 +308,8 @@ pub async fn create(
         }
         None
     };
-    if body.end_user.is_none() && body.tags.is_none() {
+    // A new session says whom it is for; a reconnect session may leave it to the connection.
+    if reconnect.is_none() && body.end_user.is_none() && body.tags.is_none() {
         return Err(invalid("end_user or tags is required"));
     }
     let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;

@@ -86,11 +86,19 @@ pub struct ConnectionView {
 /// they live no longer than the entry (dropped on eviction, invalidation and expiry alike) and
 /// are wiped when the last reference goes, once the answers sent from them are written out.
 #[derive(Debug, Default)]
-pub struct Answers([OnceCell<Bytes>; 2]);
+pub struct Answers([OnceCell<Bytes>; 4]);
 
 /// Writes a connection's answer, with its refresh token or without.
 pub type Render =
     fn(&ConnectionView, bool, &mut dyn std::io::Write) -> Result<(), serde_json::Error>;
+
+/// Which of a connection's answers: the seed's object (`/connection/:id`) or today's
+/// (`/connections/:id`). Each is rendered and kept on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    Seed,
+    Current,
+}
 
 /// Bytes that are zeroed when the last reference to them goes.
 struct Wiped(Zeroizing<Vec<u8>>);
@@ -139,7 +147,7 @@ pub async fn answer(
     key: &ConnectionKey,
     force_refresh: bool,
     with_refresh_token: bool,
-    render: Render,
+    (shape, render): (Shape, Render),
 ) -> Result<Bytes, ConnectionsError> {
     let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
         return Err(missing(state, key).await);
@@ -156,7 +164,8 @@ pub async fn answer(
             .refresh
             .needs_refresh(&cached.record.connection, Utc::now())
     {
-        let slot = &cached.derived.0[usize::from(with_refresh_token)];
+        let slot = &cached.derived.0
+            [usize::from(with_refresh_token) + 2 * usize::from(shape == Shape::Current)];
         let answer = slot
             .get_or_try_init(|| async {
                 let credentials = state

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{MatchedPath, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,12 +16,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
+use super::connection_list::{EndUserItem, auth_errors};
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, connection_key, flag, identifier, in_body, in_query, object_body,
     optional_str, provider_config_key, without_nul,
 };
 use super::{ApiError, Success};
-use crate::connections::{self, ConnectionView};
+use crate::connections::{self, ConnectionView, Shape};
 use crate::state::AppState;
 
 /// Timestamps as the seed shows them: `2023-03-08T09:43:03.725Z`.
@@ -63,13 +64,20 @@ pub struct GetQuery {
 )]
 pub async fn get_connection(
     State(state): State<AppState>,
+    path: MatchedPath,
     ApiPath(connection_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<GetQuery>,
 ) -> Result<Response, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let force = query.force_refresh == Some(true);
     let with_refresh_token = query.refresh_token != Some(false);
-    let answer = connections::answer(&state, &key, force, with_refresh_token, render).await?;
+    // The seed's route answers the seed's object; `/connections/:id` today's Nango object.
+    let shape = if path.as_str().starts_with("/connections/") {
+        (Shape::Current, render_current as connections::Render)
+    } else {
+        (Shape::Seed, render as connections::Render)
+    };
+    let answer = connections::answer(&state, &key, force, with_refresh_token, shape).await?;
     Ok(([(CONTENT_TYPE, APPLICATION_JSON)], answer).into_response())
 }
 
@@ -82,6 +90,74 @@ fn render(
     out: &mut dyn std::io::Write,
 ) -> Result<(), serde_json::Error> {
     serde_json::to_writer(out, &connection_json(view, with_refresh_token))
+}
+
+/// Today's Nango connection object for `view` as JSON bytes.
+fn render_current(
+    view: &ConnectionView,
+    with_refresh_token: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), serde_json::Error> {
+    let c = &view.connection.connection;
+    let body = CurrentBody {
+        id: view.connection.id,
+        connection_id: &c.connection_id,
+        provider_config_key: &c.provider_config_key,
+        provider: &c.provider,
+        errors: auth_errors(
+            c.blocking_failure.is_some() || c.consecutive_transient_failures > 0,
+            view.connection.version,
+        ),
+        end_user: c.ownership.end_user.clone().map(EndUserItem::from),
+        tags: &c.ownership.tags,
+        metadata: (!c.metadata.is_empty()).then_some(&c.metadata),
+        connection_config: &c.connection_config,
+        webhook_url_override: None,
+        created_at: timestamp(c.created_at),
+        updated_at: timestamp(c.updated_at),
+        last_fetched_at: None,
+        credentials: credentials_body(&view.credentials, with_refresh_token),
+    };
+    serde_json::to_writer(out, &body)
+}
+
+/// Today's Nango connection object (`GET /connections/:id`): every field present, `null` when
+/// unknown. `last_fetched_at` is not tracked per answer (always `null`); webhook URLs are
+/// server-wide (`webhook_url_override` is `null`).
+#[derive(Serialize, ToSchema)]
+#[schema(
+    as = CurrentConnection,
+    description = "A connection with its credentials, as today's Nango answers `GET /connections/:id`"
+)]
+pub struct CurrentBody<'a> {
+    id: i64,
+    connection_id: &'a str,
+    provider_config_key: &'a str,
+    provider: &'a str,
+    /// `{"type": "auth", "log_id"}` while the connection's refresh fails.
+    #[schema(value_type = Vec<Object>)]
+    errors: Vec<Value>,
+    /// `{id, display_name, email, tags, organization}`, or `null`.
+    #[schema(value_type = Option<Object>)]
+    end_user: Option<EndUserItem>,
+    #[schema(value_type = Object)]
+    tags: &'a BTreeMap<String, String>,
+    /// `null` when empty.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<&'a Map<String, Value>>,
+    #[schema(value_type = Object)]
+    connection_config: &'a Map<String, Value>,
+    /// Always `null`: webhook URLs are server-wide.
+    #[schema(value_type = Option<String>)]
+    webhook_url_override: Option<&'a str>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// Not tracked per answer: always `null`.
+    #[schema(value_type = Option<String>)]
+    last_fetched_at: Option<String>,
+    credentials: CredentialsBody<'a>,
 }
 
 /// The seed's Connection object, serialized straight from the state (no intermediate tree: this
@@ -293,9 +369,10 @@ pub async fn delete_connection(
 )]
 pub async fn get_connection_named_metadata(
     state: State<AppState>,
+    path: MatchedPath,
     query: ApiQuery<GetQuery>,
 ) -> Result<Response, ApiError> {
-    get_connection(state, ApiPath("metadata".to_owned()), query).await
+    get_connection(state, path, ApiPath("metadata".to_owned()), query).await
 }
 
 /// `DELETE /connection/metadata?provider_config_key=K`: the connection whose id is `metadata`.

@@ -55,7 +55,7 @@ pub struct ListItem {
 
 /// The end user as a list item shows it: every field present, `null` when unknown.
 #[derive(Serialize)]
-struct EndUserItem {
+pub(super) struct EndUserItem {
     id: String,
     display_name: Option<String>,
     email: Option<String>,
@@ -122,13 +122,21 @@ pub async fn list_connections(
     Ok(Json(ConnectionList { connections }))
 }
 
+/// A connection's active errors as Nango lists them: one `auth` error while its refresh fails
+/// (`log_id` names the history version of the state).
+pub(super) fn auth_errors(failing: bool, version: u32) -> Vec<Value> {
+    if failing {
+        vec![serde_json::json!({"type": "auth", "log_id": version.to_string()})]
+    } else {
+        Vec::new()
+    }
+}
+
 fn item(c: ConnectionSummary, seed_route: bool) -> ListItem {
-    let errors = match c.refresh_state.as_str() {
-        "failed" | "retrying" => {
-            vec![serde_json::json!({"type": "auth", "log_id": c.version.to_string()})]
-        }
-        _ => Vec::new(),
-    };
+    let errors = auth_errors(
+        matches!(c.refresh_state.as_str(), "failed" | "retrying"),
+        c.version,
+    );
     ListItem {
         id: c.id,
         provider: if seed_route {

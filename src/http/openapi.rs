@@ -79,6 +79,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::integrations::get_provider,
         super::socket::websocket,
     ),
+    components(schemas(super::connection::CurrentBody)),
     modifiers(&SecuritySchemes, &SecretKeyByDefault),
     tags(
         (name = "connections", description = "Connections and their credentials"),
@@ -168,6 +169,19 @@ fn build() -> utoipa::openapi::OpenApi {
                 if let Some(id) = &mut operation.operation_id {
                     id.push_str("_plural");
                 }
+            }
+            // One connection reads back in today's shape on the plural routes.
+            if let Some(get) = item.get.as_mut()
+                && (rest == "/{connection_id}" || rest == "/metadata")
+            {
+                let current = ResponseBuilder::new()
+                    .description("The connection with its credentials, in today's shape")
+                    .content(
+                        "application/json",
+                        Content::new(Some(Ref::from_schema_name("CurrentConnection"))),
+                    )
+                    .build();
+                get.responses.responses.insert("200".into(), current.into());
             }
             Some((format!("{CURRENT_FAMILY}{rest}"), item))
         })

@@ -193,12 +193,34 @@ async fn an_imported_connection_reads_back_as_exactly_the_seeds_connection_objec
     let kept = app.get_ok(&format!("{path}&refresh_token=true")).await;
     assert_eq!(kept, body);
 
-    // The plural family, unknown query parameters and `Nango-*` headers change nothing.
+    // The plural family answers today's Nango object: the same credentials and keys, its
+    // own extra fields. Unknown query parameters and `Nango-*` headers change nothing.
+    let current = app
+        .get_ok("/connections/user-1?provider_config_key=github-prod")
+        .await;
+    assert_eq!(current["credentials"], body["credentials"]);
+    assert_eq!(current["id"], body["id"]);
     assert_eq!(
-        app.get_ok("/connections/user-1?provider_config_key=github-prod")
-            .await,
-        body
+        sorted_keys(&current),
+        [
+            "connection_config",
+            "connection_id",
+            "created_at",
+            "credentials",
+            "end_user",
+            "errors",
+            "id",
+            "last_fetched_at",
+            "metadata",
+            "provider",
+            "provider_config_key",
+            "tags",
+            "updated_at",
+            "webhook_url_override"
+        ]
     );
+    assert_eq!(current["metadata"], Value::Null);
+    assert_eq!(current["errors"], json!([]));
     assert_eq!(
         app.get_ok(&format!(
             "{path}&foo=bar&refresh_github_app_jwt_token=true&force_refresh=false"

@@ -154,7 +154,14 @@ async fn the_nango_node_client_runs_its_calls_and_an_oauth_flow_against_the_bina
     for n in 1..=4 {
         fake.accept_refresh_token(&FakeProvider::tokens(n).1);
     }
-    let (dir, providers) = fake.providers_file("");
+    // The fake provider's API behind `fake`, and its API-key and Basic templates.
+    let (dir, providers) = fake.providers_file(
+        "  proxy:\n    base_url: {base}\n\
+         fake-key:\n  auth_mode: API_KEY\n  proxy:\n    base_url: {base}\n    headers:\n      \
+         authorization: Bearer ${apiKey}\n    verification:\n      endpoints: [/api/me]\n\
+         fake-login:\n  auth_mode: BASIC\n  proxy:\n    base_url: {base}\n    verification:\n      \
+         endpoints: [/api/me]\n",
+    );
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
 
@@ -180,7 +187,10 @@ async fn the_nango_node_client_runs_its_calls_and_an_oauth_flow_against_the_bina
         .env("FAKE_PROVIDER", "fake")
         .env("FAKE_PROVIDER_URL", &fake.base)
         .env("FAKE_CLIENT_ID", CLIENT_ID)
-        .env("FAKE_CLIENT_SECRET", CLIENT_SECRET);
+        .env("FAKE_CLIENT_SECRET", CLIENT_SECRET)
+        .env("FAKE_API_KEY", FakeProvider::API_KEY)
+        .env("FAKE_USERNAME", FakeProvider::LOGIN.0)
+        .env("FAKE_PASSWORD", FakeProvider::LOGIN.1);
     let mut script = Running::spawn(command, dir.path().join("client.log"));
     let deadline = Instant::now() + SCRIPT_TIMEOUT;
     let status = loop {
