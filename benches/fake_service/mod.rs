@@ -32,10 +32,16 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new() -> Self {
+        Self::with_template("").await
+    }
+
+    /// As [`Setup::new`], with YAML lines added to the `fake` template (`{base}`: the
+    /// provider's address).
+    pub async fn with_template(extra: &str) -> Self {
         let db = TestDatabase::postgres().await;
         let key = domain::keys::MasterKey::generate().1.as_str().to_owned();
         let fake = FakeProvider::start().await;
-        let (dir, providers) = fake.providers_file("");
+        let (dir, providers) = fake.providers_file(extra);
         Self {
             db,
             key,
