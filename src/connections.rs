@@ -66,7 +66,7 @@ pub enum ConnectionsError {
 
 impl ConnectionsError {
     /// A command's failure on the connection `key`.
-    fn command(key: &ConnectionKey) -> impl FnOnce(CommandError) -> Self + '_ {
+    pub fn command(key: &ConnectionKey) -> impl FnOnce(CommandError) -> Self + '_ {
         move |source| Self::Command {
             key: key.clone(),
             source: Box::new(source),

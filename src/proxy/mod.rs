@@ -138,6 +138,12 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         &call.endpoint,
     )
     .await?;
+    let oauth1 = match &view.credentials {
+        domain::credentials::Credentials::OAuth1 { .. } => {
+            Some(oauth1_signer(state, &call.key, template).await?)
+        }
+        _ => None,
+    };
     let deadline = tokio::time::Instant::now() + state.config.proxy.timeout;
     let mut body = Some(body_of(call.body, call.body_length).await?);
     let mut attempt = 0u32;
@@ -151,6 +157,7 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         };
         let replayable = matches!(sending, upstream::RequestBody::Kept(_));
         let outcome = Attempt {
+            oauth1: oauth1.as_ref(),
             client: &state.proxy_client,
             target: &target,
             method: &call.method,
@@ -194,6 +201,33 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The integration's client, which signs an OAuth 1.0a connection's calls (read from the
+/// database: OAuth 1.0a is rare, and the hot path stays without an integration query).
+async fn oauth1_signer(
+    state: &AppState,
+    key: &ConnectionKey,
+    template: &domain::catalog::Template,
+) -> Result<upstream::Oauth1Signer, ProxyError> {
+    let integration =
+        projections::queries::find_integration(&state.read_models, key.provider_config_key())
+            .await
+            .map_err(ConnectionsError::from)?
+            .ok_or_else(|| ProxyError::UnknownProviderConfig(key.provider_config_key().to_owned()))?
+            .integration;
+    let consumer_secret = state
+        .commands
+        .reveal_client_secret(&integration)
+        .await
+        .map_err(ConnectionsError::command(key))?;
+    Ok(upstream::Oauth1Signer {
+        consumer_key: integration.settings.oauth_client_id.clone(),
+        consumer_secret,
+        method: template
+            .signature_method
+            .unwrap_or(domain::catalog::SignatureMethod::HmacSha1),
+    })
 }
 
 /// Statuses worth another attempt: 5xx, 429 and those the caller listed.

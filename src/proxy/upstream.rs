@@ -1,6 +1,7 @@
 //! One request to the provider: where it goes (base URL, endpoint, template query), what it
-//! carries (the credential, the template's headers, the caller's `Nango-Proxy-*` headers, a
-//! request id) and what of the answer goes back.
+//! carries (the credential — an OAuth 1.0a signature over the method, URL and query for OAuth 1
+//! connections — the template's headers, the caller's `Nango-Proxy-*` headers, a request id)
+//! and what of the answer goes back.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -160,8 +161,17 @@ fn internal(ip: IpAddr) -> bool {
     }
 }
 
+/// How OAuth 1.0a calls are signed: the integration's client (consumer) and the template's
+/// signature method.
+pub struct Oauth1Signer {
+    pub consumer_key: String,
+    pub consumer_secret: domain::credentials::ClientSecret,
+    pub method: domain::catalog::SignatureMethod,
+}
+
 /// One attempt's request.
 pub struct Attempt<'a> {
+    pub oauth1: Option<&'a Oauth1Signer>,
     pub client: &'a reqwest::Client,
     pub target: &'a Target,
     pub method: &'a Method,
@@ -196,7 +206,7 @@ impl Attempt<'_> {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        let mut headers = self.credential_headers()?;
+        let mut headers = self.credential_headers(&url)?;
         for (name, text) in &self.template.proxy.headers {
             if let (Ok(value), Ok(name)) = (
                 catalog::fill_with(text, |p| values.get(p).map(String::as_str)),
@@ -244,7 +254,7 @@ impl Attempt<'_> {
     /// The credential as its type goes into a request: a bearer token for OAuth 2.0 and client
     /// credentials, HTTP Basic for a login; an API key goes where the template's headers or
     /// query put it.
-    fn credential_headers(&self) -> Result<HeaderMap, ProxyError> {
+    fn credential_headers(&self, url: &Url) -> Result<HeaderMap, ProxyError> {
         let mut headers = HeaderMap::new();
         let authorization = match self.credentials {
             Credentials::OAuth2 { access_token, .. } => Some(format!("Bearer {access_token}")),
@@ -254,7 +264,28 @@ impl Attempt<'_> {
                 STANDARD.encode(format!("{username}:{password}"))
             )),
             Credentials::ApiKey { .. } => None,
-            Credentials::OAuth1 { .. } => return Err(ProxyError::UnsupportedAuthMode("OAUTH1")),
+            Credentials::OAuth1 {
+                oauth_token,
+                oauth_token_secret,
+                ..
+            } => {
+                let signer = self
+                    .oauth1
+                    .ok_or(ProxyError::UnsupportedAuthMode("OAUTH1"))?;
+                let request = workers::oauth1::Oauth1Request {
+                    url: url.as_str(),
+                    consumer_key: &signer.consumer_key,
+                    consumer_secret: &signer.consumer_secret,
+                    token: Some((oauth_token, oauth_token_secret)),
+                    signature_method: signer.method,
+                    oauth_params: Vec::new(),
+                    body_params: Vec::new(),
+                };
+                Some(
+                    workers::oauth1::resource_authorization(self.method.as_str(), &request)
+                        .map_err(|e| ProxyError::InvalidUrl(e.to_string()))?,
+                )
+            }
         };
         if let Some(value) = authorization {
             let mut value = HeaderValue::from_str(&value).map_err(|_| {

@@ -31,6 +31,8 @@ pub struct ApiState {
     pub calls: AtomicUsize,
     /// Requests refused with 401.
     pub unauthorized: AtomicUsize,
+    /// The provider's address, which OAuth 1.0a signatures cover.
+    pub base: Mutex<String>,
 }
 
 impl ApiState {
@@ -44,12 +46,16 @@ impl ApiState {
         self.limited_left.store(limited, Ordering::SeqCst);
     }
 
-    /// Whether `headers` carry a live credential.
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    /// Whether `headers` carry a live credential; an OAuth 1.0a signature must be valid for
+    /// `request` (method and URL) with the fake's consumer secret and the token's secret.
+    fn authorized(&self, headers: &HeaderMap, request: Option<(&Method, &Uri)>) -> bool {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
+        if given.starts_with("OAuth ") {
+            return request.is_some_and(|(method, uri)| self.oauth1_valid(given, method, uri));
+        }
         if let Some(token) = given.strip_prefix("Bearer ") {
             let minted = token.starts_with("fake-access-") || token.starts_with("cc-token-");
             return (minted || token == FakeProvider::API_KEY)
@@ -57,6 +63,53 @@ impl ApiState {
         }
         let (user, password) = FakeProvider::LOGIN;
         given == format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
+    }
+}
+
+impl ApiState {
+    fn oauth1_valid(&self, header: &str, method: &Method, uri: &Uri) -> bool {
+        let Some(oauth) = workers::oauth1::parse_authorization_header(header) else {
+            return false;
+        };
+        let field = |name: &str| {
+            oauth
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        // Tokens the fake issued: `fake-access-oauth1-N`, whose secret is known.
+        let Some(n) = field("oauth_token")
+            .and_then(|t| t.strip_prefix("fake-access-oauth1-").map(str::to_owned))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        if field("oauth_consumer_key").as_deref() != Some(super::fake_provider::CLIENT_ID) {
+            return false;
+        }
+        let method_name = match field("oauth_signature_method").as_deref() {
+            Some("HMAC-SHA1") => domain::catalog::SignatureMethod::HmacSha1,
+            Some("PLAINTEXT") => domain::catalog::SignatureMethod::Plaintext,
+            _ => return false,
+        };
+        let signed: Vec<(String, String)> = oauth
+            .iter()
+            .filter(|(k, _)| k != "oauth_signature")
+            .cloned()
+            .collect();
+        let url = format!("{}{uri}", self.base.lock().unwrap());
+        let Ok(url) = url::Url::parse(&url) else {
+            return false;
+        };
+        let base = workers::oauth1::signature_base_string(method.as_str(), &url, &signed);
+        let (_, secret) = FakeProvider::oauth1_tokens(n);
+        let expected = workers::oauth1::sign(
+            method_name,
+            &base,
+            super::fake_provider::CLIENT_SECRET,
+            &secret,
+        );
+        expected.ok() == field("oauth_signature")
     }
 }
 
@@ -72,8 +125,17 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 /// 401 unless authorized; counts the call.
 fn check(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    check_request(state, headers, None)
+}
+
+/// [`check`], with the request an OAuth 1.0a signature covers.
+fn check_request(
+    state: &ApiState,
+    headers: &HeaderMap,
+    request: Option<(&Method, &Uri)>,
+) -> Option<Response> {
     state.calls.fetch_add(1, Ordering::SeqCst);
-    if state.authorized(headers) {
+    if state.authorized(headers, request) {
         return None;
     }
     state.unauthorized.fetch_add(1, Ordering::SeqCst);
@@ -94,7 +156,7 @@ async fn echo(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = check(&state, &headers) {
+    if let Some(refused) = check_request(&state, &headers, Some((&method, &uri))) {
         return refused;
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

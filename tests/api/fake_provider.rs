@@ -168,6 +168,7 @@ impl FakeProvider {
         let (address, stop) = serve_locally(router).await;
         let base = format!("http://{address}");
         base.clone_into(&mut shared.base.lock().unwrap());
+        base.clone_into(&mut api.base.lock().unwrap());
         Self {
             base,
             api,

@@ -96,6 +96,8 @@ fake-oauth1:
   authorization_url: {base}/oauth1/authorize
   token_url: {base}/oauth1/access_token
   signature_method: HMAC-SHA1
+  proxy:
+    base_url: {base}
   authorization_params:
     expiration: never
   token_response_metadata:
@@ -1156,6 +1158,25 @@ async fn an_oauth1_flow_records_signed_token_credentials(db: &TestDatabase) {
     assert_eq!(credentials["oauth_token_secret"], secret.as_str());
     assert_eq!(credentials["raw"]["screen_name"], "ada");
     assert_eq!(connection["connection_config"], json!({ "user_id": "42" }));
+
+    // The proxy signs calls with the token credentials (method, URL and query signed).
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let proxied = env
+            .app
+            .client
+            .request(
+                method.clone(),
+                env.app.url("/proxy/api/echo?page=2&q=a%20b"),
+            )
+            .header("Connection-Id", "o-1")
+            .header("Provider-Config-Key", "fake-oauth1")
+            .send()
+            .await
+            .unwrap();
+        let echo = ok_json(proxied).await;
+        assert_eq!(echo["method"], method.as_str());
+        assert_eq!(echo["query"], "page=2&q=a%20b");
+    }
 
     // PLAINTEXT signatures, and no scopes.
     let authorization_url = env.start("fake-oauth1-plain", "connection_id=o-2").await;

@@ -147,6 +147,26 @@ pub fn authorization_header(
     nonce: &str,
     timestamp: i64,
 ) -> Result<String, TokenError> {
+    authorization_header_for("POST", request, nonce, timestamp)
+}
+
+/// The `Authorization` header of a request to a provider's API (`method` and `request.url`,
+/// whose query is signed) with a connection's token credentials; a body that is not a form is
+/// not signed (RFC 5849 §3.4.1.3).
+pub fn resource_authorization(
+    method: &str,
+    request: &Oauth1Request<'_>,
+) -> Result<String, TokenError> {
+    let nonce = Uuid::new_v4().simple().to_string();
+    authorization_header_for(method, request, &nonce, chrono::Utc::now().timestamp())
+}
+
+fn authorization_header_for(
+    method: &str,
+    request: &Oauth1Request<'_>,
+    nonce: &str,
+    timestamp: i64,
+) -> Result<String, TokenError> {
     let url = url::Url::parse(request.url).map_err(|e| TokenError::InvalidUrl(e.to_string()))?;
     let mut oauth: Vec<(String, String)> = vec![
         ("oauth_consumer_key".into(), request.consumer_key.to_owned()),
@@ -167,7 +187,7 @@ pub fn authorization_header(
         .chain(request.body_params.iter())
         .cloned()
         .collect();
-    let base = signature_base_string("POST", &url, &signed);
+    let base = signature_base_string(method, &url, &signed);
     let token_secret = request.token.map_or("", |(_, secret)| secret);
     let signature = sign(
         request.signature_method,
