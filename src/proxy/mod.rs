@@ -185,10 +185,13 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
                     continue;
                 }
                 if retry_left && retryable(status, &call.retry_on) {
+                    let asked = upstream::retry_after(response.headers(), template);
+                    // A wait past the deadline: the provider's own answer says more than a 504.
+                    if upstream::wait(asked, attempt + 1, deadline).await.is_err() {
+                        return Ok(upstream::passthrough(response));
+                    }
                     attempt += 1;
                     state.proxy_stats.retried(call.key.provider_config_key());
-                    upstream::wait(upstream::retry_after(response.headers()), attempt, deadline)
-                        .await?;
                     continue;
                 }
                 return Ok(upstream::passthrough(response));

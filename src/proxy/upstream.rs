@@ -345,16 +345,48 @@ pub fn passthrough(response: reqwest::Response) -> Response<Body> {
     answer
 }
 
-/// `Retry-After` as a wait: seconds, or an HTTP date.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let text = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
+/// How long the provider asks to wait: `Retry-After` (seconds or an HTTP date) and the
+/// template's rate-limit headers (`retry.after`: seconds; `retry.at`: a Unix time in seconds or
+/// milliseconds, or a date); the longest wins.
+pub fn retry_after(headers: &reqwest::header::HeaderMap, template: &Template) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let until = |at: chrono::DateTime<chrono::Utc>| (at - chrono::Utc::now()).to_std().ok();
+    let seconds = |value: &str| {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .map(Duration::from_secs_f64)
+    };
+    let date = |value: &str| {
+        chrono::DateTime::parse_from_rfc2822(value)
+            .ok()
+            .and_then(|at| until(at.with_timezone(&chrono::Utc)))
+    };
+    let epoch = |value: &str| {
+        let number = value.parse::<f64>().ok()?;
+        // Milliseconds when it could not be seconds (past the year 33658).
+        let seconds = if number > 1e12 {
+            number / 1000.0
+        } else {
+            number
+        };
+        until(chrono::DateTime::from_timestamp_millis(
+            (seconds * 1000.0) as i64,
+        )?)
+    };
+    let standard = text("retry-after").and_then(|v| seconds(v).or_else(|| date(v)));
+    let after = template
+        .proxy
+        .retry_after
+        .iter()
+        .filter_map(|name| text(name).and_then(seconds));
+    let at = template
+        .proxy
+        .retry_at
+        .iter()
+        .filter_map(|name| text(name).and_then(|v| epoch(v).or_else(|| date(v))));
+    standard.into_iter().chain(after).chain(at).max()
 }
 
 /// Waits before attempt `attempt` (from 1): `asked` (the provider's `Retry-After`) or the
@@ -407,13 +439,43 @@ mod tests {
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
+        let template = Template {
+            proxy: domain::catalog::Proxy {
+                retry_after: vec!["x-wait".into()],
+                retry_at: vec!["x-reset".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        assert_eq!(
+            retry_after(&headers, &template),
+            Some(Duration::from_secs(3))
+        );
         headers.insert(
             header::RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
-        assert_eq!(retry_after(&headers), None, "a date in the past");
+        assert_eq!(retry_after(&headers, &template), None, "a date in the past");
+        headers.insert("x-wait", HeaderValue::from_static("7"));
+        assert_eq!(
+            retry_after(&headers, &template),
+            Some(Duration::from_secs(7))
+        );
+        let in_a_minute = (chrono::Utc::now().timestamp() + 60).to_string();
+        headers.insert(
+            "x-reset",
+            HeaderValue::from_str(&in_a_minute).expect("text"),
+        );
+        let wait = retry_after(&headers, &template).expect("a wait");
+        assert!(wait > Duration::from_secs(50), "the longest wins: {wait:?}");
+        let millis = ((chrono::Utc::now().timestamp() + 20) * 1000).to_string();
+        headers.insert("x-reset", HeaderValue::from_str(&millis).expect("text"));
+        let wait = retry_after(&headers, &template).expect("a wait");
+        assert!(
+            wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
     }
 }

@@ -194,7 +194,7 @@ async fn flaky(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Respon
     Json(json!({"ok": true})).into_response()
 }
 
-async fn limited(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+async fn limited(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMap) -> Response {
     if let Some(refused) = check(&state, &headers) {
         return refused;
     }
@@ -203,6 +203,16 @@ async fn limited(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resp
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
     if refusing {
+        // The standard header, or (`?style=reset`) a rate-limit reset time in Unix seconds.
+        if uri.query() == Some("style=reset") {
+            let reset = (chrono::Utc::now().timestamp() + 2).to_string();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("x-ratelimit-reset", reset)],
+                "slow down",
+            )
+                .into_response();
+        }
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, "1")],

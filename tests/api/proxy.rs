@@ -24,7 +24,7 @@ domain::on_both_backends!(
 type Headers = Vec<(&'static str, String)>;
 
 /// The `fake` template with its API's base URL.
-const WITH_API: &str = "  proxy:\n    base_url: {base}\n";
+const WITH_API: &str = "  proxy:\n    base_url: {base}\n    retry:\n      at: X-RateLimit-Reset\n";
 const ACCESS: &str = "fake-access-import-1";
 const REFRESH: &str = "fake-refresh-import-1";
 
@@ -192,6 +192,22 @@ async fn failures_are_retried_as_asked_within_the_deadline(db: &TestDatabase) {
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(900),
         "Retry-After honoured"
+    );
+
+    // The template's rate-limit header (a reset time) sets the wait too.
+    api.fail_next(0, 1);
+    let started = std::time::Instant::now();
+    let response = call(
+        &service,
+        Method::GET,
+        "/api/limited?style=reset",
+        &[("Retries", "1")],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "reset honoured"
     );
 
     // A status the caller names is retried too.

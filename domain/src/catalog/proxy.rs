@@ -24,6 +24,11 @@ pub struct Proxy {
     pub query: BTreeMap<String, String>,
     /// The request that checks a credential before it is stored.
     pub verification: Option<Verification>,
+    /// Rate-limit headers of the provider's answers (lower-cased names): when a refused call
+    /// may be sent again, as a time (`retry.at`: Unix seconds or milliseconds, or an HTTP date)
+    /// or a wait in seconds (`retry.after`).
+    pub retry_at: Vec<String>,
+    pub retry_after: Vec<String>,
 }
 
 /// A request that succeeds (2xx) only with a working credential.
@@ -49,6 +54,34 @@ pub(super) struct RawProxy {
     headers: Option<RawParams>,
     query: Option<RawParams>,
     verification: Option<RawVerification>,
+    retry: Option<RawRetry>,
+}
+
+/// `retry: {at: name | [names], after: name | [names]}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct RawRetry {
+    at: Option<OneOrMany>,
+    after: Option<OneOrMany>,
+}
+
+/// Header names; anything else (other files put statuses here) is read as none.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl OneOrMany {
+    fn names(self) -> Vec<String> {
+        match self {
+            Self::One(name) => vec![name.to_ascii_lowercase()],
+            Self::Many(names) => names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            Self::Other(_) => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -106,11 +139,14 @@ impl RawProxy {
                 })
             }
         };
+        let retry = self.retry.unwrap_or_default();
         Ok(Proxy {
             base_url,
             headers,
             query,
             verification,
+            retry_at: retry.at.map(OneOrMany::names).unwrap_or_default(),
+            retry_after: retry.after.map(OneOrMany::names).unwrap_or_default(),
         })
     }
 }
