@@ -212,17 +212,7 @@ pub async fn after_rejection(
     read_at: DateTime<Utc>,
 ) -> Result<ConnectionView, ConnectionsError> {
     match state.refresh.refresh_rejected(key, read_at).await {
-        Ok(fresh) => {
-            let connection = publish(state, &fresh.loaded).await?;
-            Ok(ConnectionView {
-                connection: Arc::new(ConnectionRecord {
-                    id: projections::model::stable_id(fresh.loaded.stream_id.as_str()),
-                    version: fresh.loaded.version,
-                    connection,
-                }),
-                credentials: fresh.credentials,
-            })
-        }
+        Ok(fresh) => refreshed(state, fresh).await,
         Err(RefreshError::NotFound | RefreshError::Deleted) => {
             state.cache.invalidate(key.stream_id().as_str());
             Err(missing(state, key).await)
@@ -232,6 +222,22 @@ pub async fn after_rejection(
             Err(ConnectionsError::Refresh(e))
         }
     }
+}
+
+/// The view of a refreshed connection, published to the read model and the replica first.
+async fn refreshed(
+    state: &AppState,
+    fresh: workers::refresh::Fresh,
+) -> Result<ConnectionView, ConnectionsError> {
+    let connection = publish(state, &fresh.loaded).await?;
+    Ok(ConnectionView {
+        connection: Arc::new(ConnectionRecord {
+            id: projections::model::stable_id(fresh.loaded.stream_id.as_str()),
+            version: fresh.loaded.version,
+            connection,
+        }),
+        credentials: fresh.credentials,
+    })
 }
 
 /// The connection as the read model has it (`record`), with a fresh token: refreshed through
@@ -263,17 +269,7 @@ async fn fresh(
             RefreshTrigger::Read
         };
         match state.refresh.refresh(key, trigger).await {
-            Ok(fresh) => {
-                let connection = publish(state, &fresh.loaded).await?;
-                return Ok(ConnectionView {
-                    connection: Arc::new(ConnectionRecord {
-                        id: projections::model::stable_id(fresh.loaded.stream_id.as_str()),
-                        version: fresh.loaded.version,
-                        connection,
-                    }),
-                    credentials: fresh.credentials,
-                });
-            }
+            Ok(fresh) => return refreshed(state, fresh).await,
             Err(RefreshError::NotFound | RefreshError::Deleted) => {
                 state.cache.invalidate(key.stream_id().as_str());
                 return Err(missing(state, key).await);
