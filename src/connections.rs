@@ -138,6 +138,24 @@ fn rendered(
     Ok(Bytes::from_owner(Wiped(answer)))
 }
 
+/// A read of the connection `key` from the replica: its data key primed (a miss read it with
+/// the row, so opening the credentials asks the store nothing) and the read noted.
+async fn read(
+    state: &AppState,
+    key: &ConnectionKey,
+) -> Result<Arc<projections::cache::Cached<Answers>>, ConnectionsError> {
+    let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
+        return Err(missing(state, key).await);
+    };
+    if let Some(stored) = &data_key {
+        state.commands.vault().prime(stored);
+    }
+    if let Some(stream_id) = state.cache.first_read(&cached) {
+        state.activity.note(stream_id, Utc::now());
+    }
+    Ok(cached)
+}
+
 /// The answer for the connection `key`, as `render` makes it from the connection with a fresh
 /// token (see [`fresh`] for when it is refreshed first). The hot path: a cached connection whose
 /// token is not due answers what was rendered for it before, without opening its credentials
@@ -149,16 +167,7 @@ pub async fn answer(
     with_refresh_token: bool,
     (shape, render): (Shape, Render),
 ) -> Result<Bytes, ConnectionsError> {
-    let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
-        return Err(missing(state, key).await);
-    };
-    // A miss read the credentials' data key with the row: opening them asks the store nothing.
-    if let Some(stored) = &data_key {
-        state.commands.vault().prime(stored);
-    }
-    if let Some(stream_id) = state.cache.first_read(&cached) {
-        state.activity.note(stream_id, Utc::now());
-    }
+    let cached = read(state, key).await?;
     if !force_refresh
         && !state
             .refresh
@@ -192,15 +201,7 @@ pub async fn with_credentials(
     state: &AppState,
     key: &ConnectionKey,
 ) -> Result<ConnectionView, ConnectionsError> {
-    let Some((cached, data_key)) = state.cache.find_keyed(&state.read_models, key).await? else {
-        return Err(missing(state, key).await);
-    };
-    if let Some(stored) = &data_key {
-        state.commands.vault().prime(stored);
-    }
-    if let Some(stream_id) = state.cache.first_read(&cached) {
-        state.activity.note(stream_id, Utc::now());
-    }
+    let cached = read(state, key).await?;
     fresh(state, key, cached.record.clone(), false).await
 }
 

@@ -34,7 +34,8 @@ mod interpolation;
 mod proxy;
 
 pub use interpolation::{
-    InterpolationError, UrlInterpolationError, fill_with, interpolate, interpolate_url,
+    InterpolationError, UrlInterpolationError, config_values, fill_with, interpolate,
+    interpolate_url, placeholder_values,
 };
 use interpolation::{fill, has_http_scheme};
 pub use proxy::{Proxy, Verification};

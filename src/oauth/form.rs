@@ -96,7 +96,7 @@ async fn authorize(
             client_certificate,
             client_private_key,
         } => {
-            let config = string_values(&connection_config);
+            let config = catalog::config_values(&connection_config);
             let token_url = fill_url(&template.token_url, &config)?;
             let scopes =
                 client_credentials::scopes(&connection_config, &integration.settings.oauth_scopes);
@@ -140,14 +140,6 @@ async fn authorize(
     Ok(connection)
 }
 
-/// The text values of a connection's configuration (what placeholders are filled from).
-fn string_values(connection_config: &Map<String, Value>) -> BTreeMap<String, String> {
-    connection_config
-        .iter()
-        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-        .collect()
-}
-
 /// Sends the template's verification request with `credentials`; anything but a 2xx answer
 /// refuses them. Nothing to do when the template has no verification.
 async fn verify(
@@ -159,7 +151,7 @@ async fn verify(
     let Some(verification) = &template.proxy.verification else {
         return Ok(());
     };
-    let config = string_values(connection_config);
+    let config = catalog::config_values(connection_config);
     let base = verification
         .base_url_override
         .as_ref()
@@ -168,21 +160,7 @@ async fn verify(
     let base =
         catalog::interpolate_url(base, &config).map_err(|e| FlowError::UrlParam(e.to_string()))?;
     let url = format!("{}{}", base.trim_end_matches('/'), verification.endpoint);
-    // Every value a placeholder may name.
-    let mut values: BTreeMap<String, String> = config
-        .iter()
-        .map(|(k, v)| (format!("connectionConfig.{k}"), v.clone()))
-        .collect();
-    match credentials {
-        Credentials::ApiKey { api_key } => {
-            values.insert("apiKey".into(), api_key.clone());
-        }
-        Credentials::Basic { username, password } => {
-            values.insert("username".into(), username.clone());
-            values.insert("password".into(), password.clone());
-        }
-        _ => {}
-    }
+    let values = catalog::placeholder_values(credentials, connection_config);
     let fill = |fields: &BTreeMap<String, String>| -> Result<Vec<(String, String)>, FlowError> {
         fields
             .iter()

@@ -79,7 +79,7 @@ impl Target {
         base_url_override: Option<&str>,
         endpoint: &str,
     ) -> Result<Self, ProxyError> {
-        let values = text_values(connection_config);
+        let values = catalog::config_values(connection_config);
         let (base, checked) = match base_url_override {
             Some(base) => {
                 let url = Url::parse(base).map_err(|e| ProxyError::InvalidUrl(e.to_string()))?;
@@ -189,7 +189,7 @@ impl Attempt<'_> {
         body: RequestBody,
         deadline: tokio::time::Instant,
     ) -> Result<reqwest::Response, ProxyError> {
-        let values = self.placeholder_values();
+        let values = catalog::placeholder_values(self.credentials, self.connection_config);
         let mut url = self.target.url.clone();
         let query: Vec<(String, String)> = self
             .template
@@ -296,37 +296,6 @@ impl Attempt<'_> {
         }
         Ok(headers)
     }
-
-    /// What placeholders in the template's headers and query are filled with.
-    fn placeholder_values(&self) -> std::collections::BTreeMap<String, String> {
-        let mut values: std::collections::BTreeMap<String, String> =
-            text_values(self.connection_config)
-                .into_iter()
-                .map(|(k, v)| (format!("connectionConfig.{k}"), v))
-                .collect();
-        let mut put = |name: &str, value: &str| {
-            values.insert(name.to_owned(), value.to_owned());
-        };
-        match self.credentials {
-            Credentials::OAuth2 { access_token, .. } => put("accessToken", access_token),
-            Credentials::OAuth2Cc { token, .. } => put("accessToken", token),
-            Credentials::ApiKey { api_key } => put("apiKey", api_key),
-            Credentials::Basic { username, password } => {
-                put("username", username);
-                put("password", password);
-            }
-            Credentials::OAuth1 { .. } => {}
-        }
-        values
-    }
-}
-
-/// The text values of a connection config.
-fn text_values(config: &Map<String, Value>) -> std::collections::BTreeMap<String, String> {
-    config
-        .iter()
-        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-        .collect()
 }
 
 /// The provider's answer as the caller gets it: its status, the useful headers, the body

@@ -200,3 +200,40 @@ pub fn fill_with<'v>(
     filled.push_str(rest);
     Ok(filled)
 }
+
+/// The text values of a connection's configuration: what `${connectionConfig.x}` is filled from.
+pub fn config_values(
+    connection_config: &serde_json::Map<String, serde_json::Value>,
+) -> BTreeMap<String, String> {
+    connection_config
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect()
+}
+
+/// Every value a placeholder of a template's `proxy` section may name, for [`fill_with`]: the
+/// credential's (`apiKey`, `username`, `password`, `accessToken`) and `connectionConfig.x`.
+pub fn placeholder_values(
+    credentials: &crate::credentials::Credentials,
+    connection_config: &serde_json::Map<String, serde_json::Value>,
+) -> BTreeMap<String, String> {
+    use crate::credentials::Credentials;
+    let mut values: BTreeMap<String, String> = config_values(connection_config)
+        .into_iter()
+        .map(|(k, v)| (format!("connectionConfig.{k}"), v))
+        .collect();
+    let mut put = |name: &str, value: &str| {
+        values.insert(name.to_owned(), value.to_owned());
+    };
+    match credentials {
+        Credentials::OAuth2 { access_token, .. } => put("accessToken", access_token),
+        Credentials::OAuth2Cc { token, .. } => put("accessToken", token),
+        Credentials::ApiKey { api_key } => put("apiKey", api_key),
+        Credentials::Basic { username, password } => {
+            put("username", username);
+            put("password", password);
+        }
+        Credentials::OAuth1 { .. } => {}
+    }
+    values
+}

@@ -2,7 +2,6 @@
 //! integration's client, the template's URL and parameters) and how a provider's refusal is
 //! classified — permanent (`invalid_grant` and other 4xx but 429, an unusable URL) or transient.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -50,11 +49,7 @@ impl Inner {
             )));
         };
         let client_secret = self.commands.reveal_client_secret(&integration).await?;
-        let config_params: BTreeMap<String, String> = active
-            .connection_config
-            .iter()
-            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-            .collect();
+        let config_params = catalog::config_values(&active.connection_config);
         let url = template
             .refresh_url
             .as_deref()
