@@ -17,6 +17,7 @@ mod import;
 mod limits;
 mod malformed;
 mod nango_import;
+mod node;
 mod node_client;
 mod oauth;
 mod observe;
