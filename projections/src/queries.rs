@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 use crate::store::{Providers, ReadModels, StoredRow};
 use crate::{ConnectionsModel, IntegrationsModel, ProjectionError, StateModel};
 
-pub use crate::store::{ConnectionFilter, ConnectionSummary};
+pub use crate::store::{
+    ConnectionFilter, ConnectionSummary, Health, HealthCounts, RefreshActivity, RefreshBucket,
+};
 
 /// A live connection as the read model has it.
 #[derive(Clone, Debug)]
@@ -127,6 +129,23 @@ pub async fn list_connections(
     filter: &ConnectionFilter,
 ) -> Result<Vec<ConnectionSummary>, ProjectionError> {
     read_models.store().list_connections(filter).await
+}
+
+/// How many live connections are in each health class (`ReadModelStore::health_counts`).
+pub async fn health_counts(
+    read_models: &ReadModels,
+    soon: DateTime<Utc>,
+    read_since: DateTime<Utc>,
+) -> Result<HealthCounts, ProjectionError> {
+    read_models.store().health_counts(soon, read_since).await
+}
+
+/// Refresh outcomes per integration and hour since `since`, and the instances seen.
+pub async fn refresh_activity(
+    read_models: &ReadModels,
+    since: DateTime<Utc>,
+) -> Result<RefreshActivity, ProjectionError> {
+    read_models.store().refresh_activity(since).await
 }
 
 /// Live integrations, by key.

@@ -588,6 +588,12 @@ impl Vault {
         self.inner.cache.stats()
     }
 
+    /// The master keys the database knows, with how many live data keys each wraps: a rotation
+    /// is complete when only the active one wraps any.
+    pub async fn master_keys(&self) -> Result<Vec<MasterKeyRecord>, KeyError> {
+        Ok(self.inner.repository.master_keys().await?)
+    }
+
     /// Re-wraps every data key that is not under the active master key, in batches of `batch`,
     /// calling `progress` with the running count. Safe to interrupt and run again.
     pub async fn rotate(

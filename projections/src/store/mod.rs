@@ -57,7 +57,55 @@ pub struct ConnectionSummary {
     pub ownership: Ownership,
     /// `None` when empty.
     pub metadata: Option<Map<String, Value>>,
+    /// When the access token expires, when known.
+    pub expires_at: Option<DateTime<Utc>>,
 }
+
+/// Where a connection's refresh stands, as the dashboard filters and counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Its refresh failed for good: the end user must authorize again.
+    Failed,
+    /// Its last refresh failed and is being retried.
+    Retrying,
+    /// Its access token expires before the moment given with the filter.
+    Expiring(DateTime<Utc>),
+}
+
+/// How many live connections are in each health class; a connection counts once, in the first
+/// class that holds: failed, retrying, expiring, idle, valid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HealthCounts {
+    pub failed: i64,
+    pub retrying: i64,
+    /// Expiring before the moment given.
+    pub expiring: i64,
+    /// Not read since the moment given.
+    pub idle: i64,
+    pub valid: i64,
+}
+
+/// Refresh outcomes of one integration in one hour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshBucket {
+    pub provider_config_key: String,
+    /// The start of the hour.
+    pub hour: DateTime<Utc>,
+    pub refreshed: i64,
+    pub failed: i64,
+}
+
+/// What the log shows of refreshes since a moment: outcomes per integration and hour, and the
+/// instances that appended events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RefreshActivity {
+    pub buckets: Vec<RefreshBucket>,
+    /// Instance names found in the events' metadata (at most [`MAX_INSTANCES`]).
+    pub instances: Vec<String>,
+}
+
+/// The most instance names [`RefreshActivity`] lists.
+pub const MAX_INSTANCES: i64 = 50;
 
 /// Which connections a list shows (every condition given must hold), and which page of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +121,8 @@ pub struct ConnectionFilter {
     pub integrations: Vec<String>,
     /// All of these tags.
     pub tags: BTreeMap<String, String>,
+    /// Only connections in this health class.
+    pub health: Option<Health>,
     /// At most this many, newest first…
     pub limit: u32,
     /// …after skipping this many.
@@ -94,6 +144,7 @@ impl Default for ConnectionFilter {
             end_user_org_id: None,
             integrations: Vec::new(),
             tags: BTreeMap::new(),
+            health: None,
             limit: Self::DEFAULT_LIMIT,
             offset: 0,
         }
@@ -222,6 +273,21 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
         &self,
         filter: &ConnectionFilter,
     ) -> Result<Vec<ConnectionSummary>, ProjectionError>;
+
+    /// How many live connections are in each health class: expiring before `soon`, idle when
+    /// not read since `read_since`.
+    async fn health_counts(
+        &self,
+        soon: DateTime<Utc>,
+        read_since: DateTime<Utc>,
+    ) -> Result<HealthCounts, ProjectionError>;
+
+    /// Refresh outcomes per integration and hour, and the instances seen, in the log since
+    /// `since` (found by its recording times, which follow the log's order closely).
+    async fn refresh_activity(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<RefreshActivity, ProjectionError>;
 
     /// Live integrations by key, with their stream ids.
     async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError>;
@@ -378,6 +444,10 @@ struct ListDialect {
     ownership_and_metadata: &'static str,
     /// The text `parameter` as an integer.
     integer: fn(&str) -> String,
+    /// The text `parameter` as the type of timestamp columns.
+    timestamp: fn(&str) -> String,
+    /// A moment as the text [`ListDialect::timestamp`] reads.
+    moment: fn(DateTime<Utc>) -> String,
 }
 
 /// The list query for `filter` in `dialect`, with its parameters (all text): live connections of
@@ -385,7 +455,7 @@ struct ListDialect {
 fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<String>) {
     let mut sql = format!(
         "SELECT c.id, c.version, c.connection_id, c.provider_config_key, c.provider, \
-           c.created_at, c.refresh_state, {} FROM connections c \
+           c.created_at, c.refresh_state, {}, c.expires_at FROM connections c \
          WHERE c.deleted_at IS NULL AND EXISTS (SELECT 1 FROM integrations i \
            WHERE i.provider_config_key = c.provider_config_key AND i.deleted_at IS NULL)",
         dialect.ownership_and_metadata
@@ -422,6 +492,25 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
         let tags = serde_json::to_string(&filter.tags).unwrap_or_default();
         condition(tags, &|p| (dialect.tags)(p));
     }
+    match filter.health {
+        // The partial index `connections_failing` serves both.
+        Some(Health::Failed) => {
+            sql.push_str(
+                " AND c.refresh_state IN ('failed', 'retrying') AND c.refresh_state = 'failed'",
+            );
+        }
+        Some(Health::Retrying) => {
+            sql.push_str(
+                " AND c.refresh_state IN ('failed', 'retrying') AND c.refresh_state = 'retrying'",
+            );
+        }
+        Some(Health::Expiring(before)) => {
+            condition((dialect.moment)(before), &|p| {
+                format!("c.expires_at < {}", (dialect.timestamp)(p))
+            });
+        }
+        None => {}
+    }
     // The page is a parameter too, so that one prepared statement serves every page.
     parameters.push(filter.limit.to_string());
     let limit = (dialect.integer)(&(dialect.placeholder)(parameters.len()));
@@ -453,6 +542,62 @@ fn ownership_and_metadata(
         None => None,
     };
     Ok((ownership, metadata.filter(|m| !m.is_empty())))
+}
+
+/// [`HealthCounts`] in a dialect: `[soon, read_since]` are the placeholders.
+fn health_sql([soon, read_since]: [&str; 2]) -> String {
+    format!(
+        "SELECT CASE \
+           WHEN c.refresh_state = 'failed' THEN 'failed' \
+           WHEN c.refresh_state = 'retrying' THEN 'retrying' \
+           WHEN c.expires_at < {soon} THEN 'expiring' \
+           WHEN r.last_read_at IS NULL OR r.last_read_at < {read_since} THEN 'idle' \
+           ELSE 'valid' END AS health, count(*) \
+         FROM connections c LEFT JOIN connection_reads r ON r.stream_id = c.stream_id \
+         WHERE c.deleted_at IS NULL GROUP BY 1"
+    )
+}
+
+impl HealthCounts {
+    /// Adds `count` connections of the class named `health` (as [`health_sql`] names them).
+    fn add(&mut self, health: &str, count: i64) {
+        let class = match health {
+            "failed" => &mut self.failed,
+            "retrying" => &mut self.retrying,
+            "expiring" => &mut self.expiring,
+            "idle" => &mut self.idle,
+            _ => &mut self.valid,
+        };
+        *class += count;
+    }
+}
+
+/// The event types of refresh outcomes, as [`RefreshActivity`] counts them.
+const REFRESHED: &str = "TokensRefreshed";
+const REFRESH_FAILED: &str = "RefreshFailed";
+
+/// Refresh outcomes per integration and hour from the log position `{from}` on, in a dialect
+/// (`hour` truncates `e.recorded_at` to its hour).
+fn refresh_activity_sql(hour: &str, from: &str) -> String {
+    format!(
+        "SELECT c.provider_config_key, {hour} AS hour, \
+           sum(CASE WHEN e.event_type = '{REFRESHED}' THEN 1 ELSE 0 END), \
+           sum(CASE WHEN e.event_type = '{REFRESH_FAILED}' THEN 1 ELSE 0 END) \
+         FROM events e JOIN connections c ON c.stream_id = e.stream_id \
+         WHERE e.global_position >= {from} \
+           AND e.event_type IN ('{REFRESHED}', '{REFRESH_FAILED}') \
+         GROUP BY 1, 2 ORDER BY 2, 1"
+    )
+}
+
+/// The instances named in events' metadata from the log position `{from}` on (`instance`
+/// reads the name from `e.metadata`).
+fn instances_sql(instance: &str, from: &str) -> String {
+    format!(
+        "SELECT DISTINCT {instance} FROM events e \
+         WHERE e.global_position >= {from} AND {instance} IS NOT NULL \
+         ORDER BY 1 LIMIT {MAX_INSTANCES}"
+    )
 }
 
 /// Live integrations by key, their states read as `state` (an expression giving JSON text).

@@ -13,10 +13,11 @@ use serde_json::value::RawValue;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, ListDialect, Planner,
-    Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
-    database, due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, list_sql,
-    ownership_and_metadata, swap_sql, upsert_sql, version,
+    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts, ListDialect,
+    Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket, Snapshot,
+    StoredRow, TAIL_BATCH, Tables, Tail, database, due_expiring_sql, due_keep_alive_sql, find_sql,
+    health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata,
+    refresh_activity_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -43,6 +44,8 @@ const LIST: ListDialect = ListDialect {
     ownership_and_metadata: "(c.state->'Active'->'ownership')::text, \
      (c.state->'Active'->'metadata')::text",
     integer: |p| format!("{p}::text::bigint"),
+    timestamp: |p| format!("{p}::text::timestamptz"),
+    moment: |moment| moment.to_rfc3339(),
 };
 
 /// Whether a row holds OAuth 2.0 credentials.
@@ -349,9 +352,93 @@ impl ReadModelStore for PostgresReadModels {
                     refresh_state: r.get(6),
                     ownership,
                     metadata,
+                    expires_at: r.get(9),
                 })
             })
             .collect()
+    }
+
+    async fn health_counts(
+        &self,
+        soon: DateTime<Utc>,
+        read_since: DateTime<Utc>,
+    ) -> Result<HealthCounts, ProjectionError> {
+        let rows = self
+            .client()
+            .await?
+            .query(&health_sql(["$1", "$2"]), &[&soon, &read_since])
+            .await
+            .map_err(database)?;
+        let mut counts = HealthCounts::default();
+        for row in rows {
+            counts.add(row.get(0), row.get(1));
+        }
+        Ok(counts)
+    }
+
+    async fn refresh_activity(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<RefreshActivity, ProjectionError> {
+        let client = self.client().await?;
+        // The first position recorded at or after `since`, by a binary search on the primary
+        // key (the log has no index on its recording times).
+        let bounds = client
+            .query_one(
+                "SELECT min(global_position), max(global_position) FROM events",
+                &[],
+            )
+            .await
+            .map_err(database)?;
+        let (Some(mut low), Some(mut high)) = (
+            bounds.get::<_, Option<i64>>(0),
+            bounds.get::<_, Option<i64>>(1),
+        ) else {
+            return Ok(RefreshActivity::default());
+        };
+        high += 1;
+        let at = client
+            .prepare_cached(
+                "SELECT recorded_at FROM events WHERE global_position >= $1 \
+                 ORDER BY global_position LIMIT 1",
+            )
+            .await
+            .map_err(database)?;
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let recorded: Option<DateTime<Utc>> = client
+                .query_opt(&at, &[&middle])
+                .await
+                .map_err(database)?
+                .map(|r| r.get(0));
+            match recorded {
+                Some(recorded) if recorded < since => low = middle + 1,
+                _ => high = middle,
+            }
+        }
+        let buckets = client
+            .query(
+                &refresh_activity_sql("date_trunc('hour', e.recorded_at)", "$1"),
+                &[&low],
+            )
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| RefreshBucket {
+                provider_config_key: r.get(0),
+                hour: r.get(1),
+                refreshed: r.get(2),
+                failed: r.get(3),
+            })
+            .collect();
+        let instances = client
+            .query(&instances_sql("e.metadata->>'instance'", "$1"), &[&low])
+            .await
+            .map_err(database)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(RefreshActivity { buckets, instances })
     }
 
     async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {

@@ -12,10 +12,11 @@ use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, ListDialect, Planner,
-    Providers, ReadModelStore, RebuildGuard, Snapshot, StoredRow, TAIL_BATCH, Tables, Tail,
-    due_expiring_sql, due_keep_alive_sql, find_sql, list_integrations_sql, list_sql,
-    ownership_and_metadata, swap_sql, upsert_sql, version,
+    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts, ListDialect,
+    Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket, Snapshot,
+    StoredRow, TAIL_BATCH, Tables, Tail, due_expiring_sql, due_keep_alive_sql, find_sql,
+    health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata,
+    refresh_activity_sql, swap_sql, upsert_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -45,6 +46,8 @@ const LIST: ListDialect = ListDialect {
     ownership_and_metadata: "json_extract(c.state, '$.Active.ownership'), \
      json_extract(c.state, '$.Active.metadata')",
     integer: |p| format!("CAST({p} AS INTEGER)"),
+    timestamp: |p| format!("CAST({p} AS INTEGER)"),
+    moment: |moment| micros(moment).to_string(),
 };
 
 /// The table that keeps the tags of the rows of `table`, if its rows have tags.
@@ -217,6 +220,41 @@ fn set_checkpoint(conn: &Connection, name: &str, at: Position) -> Result<(), Sto
 }
 
 /// Runs `query` (whose rows `map` reads) with `params` and collects the rows.
+/// The first log position recorded at or after `since` (micros), by a binary search on the
+/// primary key: positions and recording times rise together (one writer at a time), and the log
+/// has no index on its recording times.
+fn first_position_since(conn: &Connection, since: i64) -> Result<i64, StoreError> {
+    let (low, high): (Option<i64>, Option<i64>) = conn
+        .query_row(
+            "SELECT min(global_position), max(global_position) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db)?;
+    let (Some(mut low), Some(high)) = (low, high) else {
+        return Ok(0);
+    };
+    let mut high = high + 1;
+    let mut at = conn
+        .prepare_cached(
+            "SELECT recorded_at FROM events WHERE global_position >= ?1 \
+             ORDER BY global_position LIMIT 1",
+        )
+        .map_err(db)?;
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let recorded: Option<i64> = at
+            .query_row(params![middle], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        match recorded {
+            Some(recorded) if recorded < since => low = middle + 1,
+            _ => high = middle,
+        }
+    }
+    Ok(low)
+}
+
 fn collect<T, P: rusqlite::Params>(
     conn: &Connection,
     query: &str,
@@ -331,6 +369,7 @@ impl ReadModelStore for SqliteReadModels {
                                 r.get::<_, Option<String>>(7)?,
                                 r.get::<_, Option<String>>(8)?,
                             ),
+                            r.get::<_, Option<i64>>(9)?,
                         ))
                     },
                 )
@@ -343,6 +382,7 @@ impl ReadModelStore for SqliteReadModels {
                     (key, provider),
                     (created, refresh_state),
                     (ownership, metadata),
+                    expires_at,
                 )| {
                     let (ownership, metadata) = ownership_and_metadata(
                         &connection_id,
@@ -359,10 +399,69 @@ impl ReadModelStore for SqliteReadModels {
                         refresh_state,
                         ownership,
                         metadata,
+                        expires_at: expires_at.map(from_micros),
                     })
                 },
             )
             .collect()
+    }
+
+    async fn health_counts(
+        &self,
+        soon: DateTime<Utc>,
+        read_since: DateTime<Utc>,
+    ) -> Result<HealthCounts, ProjectionError> {
+        let (soon, read_since) = (micros(soon), micros(read_since));
+        let rows = self
+            .store
+            .read(move |conn| {
+                collect(
+                    conn,
+                    &health_sql(["?1", "?2"]),
+                    params![soon, read_since],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )
+            })
+            .await?;
+        let mut counts = HealthCounts::default();
+        for (health, count) in rows {
+            counts.add(&health, count);
+        }
+        Ok(counts)
+    }
+
+    async fn refresh_activity(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<RefreshActivity, ProjectionError> {
+        let since = micros(since);
+        let (buckets, instances) = self
+            .store
+            .read(move |conn| {
+                let from = first_position_since(conn, since)?;
+                let buckets = collect(
+                    conn,
+                    &refresh_activity_sql("(e.recorded_at / 3600000000) * 3600000000", "?1"),
+                    params![from],
+                    |r| {
+                        Ok(RefreshBucket {
+                            provider_config_key: r.get(0)?,
+                            hour: from_micros(r.get(1)?),
+                            refreshed: r.get(2)?,
+                            failed: r.get(3)?,
+                        })
+                    },
+                )?;
+                let instances = collect(
+                    conn,
+                    &instances_sql("json_extract(e.metadata, '$.instance')", "?1"),
+                    params![from],
+                    |r| r.get::<_, String>(0),
+                )?;
+                Ok((buckets, instances))
+            })
+            .await?;
+        Ok(RefreshActivity { buckets, instances })
     }
 
     async fn list_integrations(&self) -> Result<Vec<(String, StoredRow)>, ProjectionError> {
