@@ -205,6 +205,14 @@ pub async fn with_credentials(
     fresh(state, key, cached.record.clone(), false).await
 }
 
+/// Refreshes the connection `key` now, through the fence, as a read with `force_refresh` does
+/// (the dashboard's "refresh now").
+pub async fn refresh_now(state: &AppState, key: &ConnectionKey) -> Result<(), ConnectionsError> {
+    let cached = read(state, key).await?;
+    fresh(state, key, cached.record.clone(), true).await?;
+    Ok(())
+}
+
 /// The connection `key` after the provider rejected the token read at `read_at`: refreshed
 /// through the fence unless someone renewed it since (then that token is answered).
 pub async fn after_rejection(

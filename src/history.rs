@@ -232,7 +232,7 @@ pub fn detail(entry: &HistoryEntry) -> String {
     }
 }
 
-fn trigger_name(trigger: domain::connection::RefreshTrigger) -> &'static str {
+pub fn trigger_name(trigger: domain::connection::RefreshTrigger) -> &'static str {
     match trigger {
         domain::connection::RefreshTrigger::Read => "read",
         domain::connection::RefreshTrigger::Schedule => "schedule",

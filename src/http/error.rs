@@ -158,6 +158,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status it answers.
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     /// The code its body carries.
     pub fn code(&self) -> &'static str {
         self.status_and_code().1

@@ -26,6 +26,7 @@ mod openapi;
 mod proxy;
 mod ready;
 mod socket;
+mod ui;
 
 use std::sync::Arc;
 
@@ -54,6 +55,8 @@ pub struct HttpState {
     requests: Arc<RequestObserver>,
     /// The caps on WebSockets.
     sockets: Arc<SocketGate>,
+    /// The dashboard's sessions, rebuilds and counted figures.
+    ui: Arc<ui::Dashboard>,
 }
 
 /// All routes of the service.
@@ -204,6 +207,8 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .route("/health", get(health))
         .route("/ready", get(ready::ready))
         .route("/openapi.json", get(openapi::openapi_json))
+        // The dashboard's pages are for people: served, not part of the API's document.
+        .map(|router| router.merge(ui::routes().router))
         .merge(flows)
         .merge(api);
     // Outermost, on every route and the fallbacks: request ids, the request span, latency.
@@ -224,6 +229,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
                 state.config.limits,
                 state.server_stats.clone(),
             )),
+            ui: Arc::new(ui::Dashboard::new(&state)),
             app: state,
             requests,
         });

@@ -130,8 +130,25 @@ impl Setup<'_> {
         args.extend(self.args.iter().map(String::as_str));
         let mut apps = Vec::new();
         let mut states = Vec::new();
+        // With a secret key, the instances' clients present it on every request.
+        let secret = args
+            .iter()
+            .position(|a| *a == "--secret-key")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| (*s).to_owned());
         for _ in 0..self.instances {
-            let (app, state) = spawn_with_state(config_on(self.db, &key, &args)).await;
+            let (mut app, state) = spawn_with_state(config_on(self.db, &key, &args)).await;
+            if let Some(secret) = &secret {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {secret}").parse().unwrap(),
+                );
+                app.client = reqwest::Client::builder()
+                    .default_headers(headers)
+                    .build()
+                    .unwrap();
+            }
             apps.push(app);
             states.push(state);
         }

@@ -9,6 +9,7 @@ mod connect_sessions;
 mod connection_lists;
 mod connections;
 mod credential_auth;
+mod dashboard;
 mod fake_api;
 mod fake_provider;
 mod fake_service;

@@ -104,6 +104,21 @@ pub fn install_client(dir: &Path) {
     );
 }
 
+/// Debian's Chromium, which the browser tests drive headless through `playwright-core`. Fails,
+/// naming what to install, when it is missing.
+pub fn require_chromium() -> PathBuf {
+    let path = std::env::var_os("GRANTLINE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.is_file(),
+        "the browser tests need Chromium at {} (`apt-get install -y chromium`, or set \
+         GRANTLINE_CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
 /// A port nothing listens on. The server must know its port before it starts: its OAuth callback
 /// URL (`http://LISTEN/oauth/callback`) is what the provider sends the browser back to.
 pub fn free_port() -> u16 {
@@ -145,6 +160,16 @@ pub async fn run_script(
     timeout: Duration,
     server: &Running,
 ) -> String {
+    run_script_beside(command, output, timeout, || server.output()).await
+}
+
+/// [`run_script`] beside a server whose output `server` tells (an in-process server: none).
+pub async fn run_script_beside(
+    command: Command,
+    output: PathBuf,
+    timeout: Duration,
+    server: impl Fn() -> String,
+) -> String {
     let mut script = Running::spawn(command, output);
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -155,7 +180,7 @@ pub async fn run_script(
             Instant::now() < deadline,
             "the script did not finish in {timeout:?}:\n{}\n--- grantline:\n{}",
             script.output(),
-            server.output()
+            server()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -163,7 +188,7 @@ pub async fn run_script(
     assert!(
         status.success() && printed.contains("all steps passed"),
         "the script failed ({status}):\n{printed}\n--- grantline:\n{}",
-        server.output()
+        server()
     );
     printed
 }
