@@ -104,6 +104,21 @@ pub fn install_client(dir: &Path) {
     );
 }
 
+/// Debian's Chromium, which the browser tests drive headless through `playwright-core`. Fails,
+/// naming what to install, when it is missing.
+pub fn require_chromium() -> PathBuf {
+    let path = std::env::var_os("GRANTLINE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.is_file(),
+        "the browser tests need Chromium at {} (`apt-get install -y chromium`, or set \
+         GRANTLINE_CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
 /// A port nothing listens on. The server must know its port before it starts: its OAuth callback
 /// URL (`http://LISTEN/oauth/callback`) is what the provider sends the browser back to.
 pub fn free_port() -> u16 {
