@@ -490,9 +490,8 @@
         state.attempt = attempt;
         render('view-oauth', (slots) => {
             slots.title.textContent = 'Sign in to ' + item.name;
-            slots.text.textContent =
-                'Finish signing in in the window that opened. This page updates when you are done.';
-            slots.open.textContent = 'Open the sign-in window again';
+            slots.text.textContent = 'Finish in the window that opened. This page updates when you are done.';
+            slots.open.textContent = 'Reopen the window';
             slots.open.addEventListener('click', () => startOAuth(item));
             slots.back.textContent = 'Cancel';
             slots.back.addEventListener('click', () => (hasList() ? showList() : choose(item, false)));
