@@ -271,6 +271,31 @@ try {
         return `refused first (${shown.trim()}), then connected`;
     });
 
+    await step('a sign-in window closed before the end is reported when asked to', async () => {
+        // The provider never answers here: the user gives up and closes the window.
+        await context.route(`${BASE}/oauth/connect/**`, (route) =>
+            route.fulfill({ contentType: 'text/html', body: '<!doctype html><title>Sign in</title><p>Waiting…</p>' }),
+        );
+        try {
+            await page.goto(`${main.link}&detectClosedAuthWindow=true`);
+            const [popup] = await Promise.all([
+                context.waitForEvent('page'),
+                page.locator(`button[data-integration="${OAUTH}"]`).click(),
+            ]);
+            await page.getByRole('heading', { name: 'Sign in to fake' }).waitFor();
+            await shot(page, 'oauth-waiting');
+            await popup.waitForURL(`${BASE}/oauth/connect/**`);
+            await popup.close();
+            await page.getByRole('heading', { name: 'Could not connect fake' }).waitFor();
+            assert.equal(await page.locator('[data-slot=code]').textContent(), 'window_closed');
+            await shot(page, 'oauth-window-closed');
+        } finally {
+            await context.unroute(`${BASE}/oauth/connect/**`);
+        }
+        assert.equal((await connectionsOf(ada.id, OAUTH)).length, 1, 'no second connection');
+        return 'window_closed, with a way to try again';
+    });
+
     await step('(c) openConnectUI on another site frames the page and hears `connect`', async () => {
         const grace = await newSession({ end_user: { id: 'grace' }, allowed_integrations: [OAUTH] });
         hostPage = `<!doctype html>
