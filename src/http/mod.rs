@@ -11,6 +11,7 @@ mod api_auth;
 mod auth;
 mod config;
 mod connect;
+mod connect_ui;
 mod connection;
 mod connection_list;
 mod error;
@@ -202,7 +203,12 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         )
         .route("/providers", get(integrations::list_providers))
         .route("/providers/{provider}", get(integrations::get_provider))
-        .route("/", get(socket::websocket));
+        .route("/", get(socket::websocket))
+        // The hosted Connect UI: the page reads its session token itself.
+        .route("/connect", get(connect_ui::redirect))
+        .route("/connect/", get(connect_ui::page))
+        .route("/connect/assets/connect.js", get(connect_ui::script))
+        .route("/connect/assets/connect.css", get(connect_ui::style));
     let routes = Routes::new()
         .route("/health", get(health))
         .route("/ready", get(ready::ready))

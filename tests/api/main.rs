@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod compaction;
 mod connect_sessions;
+mod connect_ui;
 mod connection_lists;
 mod connections;
 mod credential_auth;

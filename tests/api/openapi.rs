@@ -21,9 +21,14 @@ const METHODS: [Method; 5] = [
 ];
 
 /// Operations that need no secret key (the flows and the credential forms check a session
-/// token, the public key or an `hmac` from the query).
-const OPEN: [(&str, &str); 9] = [
+/// token, the public key or an `hmac` from the query; the Connect UI's page reads its token
+/// itself).
+const OPEN: [(&str, &str); 13] = [
     ("get", "/"),
+    ("get", "/connect"),
+    ("get", "/connect/"),
+    ("get", "/connect/assets/connect.js"),
+    ("get", "/connect/assets/connect.css"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/openapi.json"),
