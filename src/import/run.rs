@@ -245,6 +245,11 @@ async fn project(runner: &Runner) -> anyhow::Result<()> {
     projected.context(
         "the connections are imported; the read models will catch up when the service runs",
     )?;
+    // Plans made from the statistics of the tables before the import can sort every row.
+    runner
+        .analyze()
+        .await
+        .context("the connections are imported; analyzing the read models failed")?;
     println!(
         "read models up to date in {:.1}s",
         started.elapsed().as_secs_f64()

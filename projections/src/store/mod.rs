@@ -362,6 +362,12 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// or not: a rebuild that read fewer must wait for the rest.
     async fn events_through(&self, head: i64) -> Result<i64, ProjectionError>;
 
+    /// Refreshes the planner's statistics of the read-model tables: after a bulk write (an
+    /// import, a rebuild's swap) they describe the tables before it, and plans made from them
+    /// can be orders of magnitude slower (a sort of every row instead of an index walk) until
+    /// autovacuum gets to them.
+    async fn analyze(&self) -> Result<(), ProjectionError>;
+
     /// Stops the live runner of projection `tables.live`, folds the log after `from` into
     /// `tables.shadow` with `planner`, swaps the two tables, empties the new shadow and moves the
     /// checkpoint to the end of the tail, atomically. Returns how many tail events it read.

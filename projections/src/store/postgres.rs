@@ -686,6 +686,14 @@ impl ReadModelStore for PostgresReadModels {
             .get(0))
     }
 
+    async fn analyze(&self) -> Result<(), ProjectionError> {
+        self.client()
+            .await?
+            .batch_execute("ANALYZE connections, integrations")
+            .await
+            .map_err(database)
+    }
+
     async fn swap(
         &self,
         tables: Tables,

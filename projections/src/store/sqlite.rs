@@ -700,6 +700,14 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
+    async fn analyze(&self) -> Result<(), ProjectionError> {
+        // SQLite's own advice: `optimize` analyzes what changed enough to matter.
+        Ok(self
+            .store
+            .write(move |conn| conn.execute_batch("PRAGMA optimize").map_err(db))
+            .await?)
+    }
+
     async fn swap(
         &self,
         tables: Tables,
