@@ -13,6 +13,10 @@
 //! - The follower never skips an event: it reads the log in its global order through
 //!   [`LogReader`], from the position it started at.
 
+mod timeline;
+
+pub use timeline::{Timeline, Timelines};
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write;

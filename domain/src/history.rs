@@ -361,33 +361,53 @@ impl HistoryFolder {
 /// entry per event, with the credentials of every entry whose data key a later deletion destroyed
 /// marked `shredded`. An event that cannot be decoded stops it (never skipped).
 pub fn history(records: &[RecordedEvent]) -> Result<Vec<HistoryEntry>, UnreadableEvent> {
-    let mut folder = HistoryFolder::new();
-    let mut entries = Vec::with_capacity(records.len());
-    let mut deletions = Vec::new();
-    for record in records {
-        let event = ConnectionEvent::from_recorded(record)?;
-        if let ConnectionEvent::ConnectionDeleted(deleted) = &event {
-            deletions.push((entries.len(), deleted.shredded_data_keys.clone()));
+    let mut folded = FoldedHistory::default();
+    folded.extend(records)?;
+    Ok(folded.entries)
+}
+
+/// A stream's history folded up to some version, to be extended with the events appended since:
+/// extended with them, it holds exactly what [`history`] makes of the whole stream.
+#[derive(Clone, Debug, Default)]
+pub struct FoldedHistory {
+    folder: HistoryFolder,
+    entries: Vec<HistoryEntry>,
+}
+
+impl FoldedHistory {
+    /// Folds `records`, the stream's next events in version order.
+    pub fn extend(&mut self, records: &[RecordedEvent]) -> Result<(), UnreadableEvent> {
+        self.entries.reserve(records.len());
+        let mut deletions = Vec::new();
+        for record in records {
+            let event = ConnectionEvent::from_recorded(record)?;
+            if let ConnectionEvent::ConnectionDeleted(deleted) = &event {
+                deletions.push((self.entries.len(), deleted.shredded_data_keys.clone()));
+            }
+            self.entries.push(self.folder.entry(record, &event));
         }
-        entries.push(folder.entry(record, &event));
-    }
-    // Walk backwards, so the keys known to be shredded are those of deletions after the entry.
-    let mut shredded: HashSet<Uuid> = HashSet::new();
-    for (index, entry) in entries.iter_mut().enumerate().rev() {
-        while let Some((at, _)) = deletions.last()
-            && *at > index
-        {
-            if let Some((_, keys)) = deletions.pop() {
-                shredded.extend(keys);
+        // A deletion shreds the credentials of the entries before it (deletions are rare: one
+        // pass over those entries each).
+        for (at, keys) in deletions {
+            let keys: HashSet<Uuid> = keys.into_iter().collect();
+            for entry in &mut self.entries[..at] {
+                if entry.data_key_id.is_some_and(|key| keys.contains(&key)) {
+                    entry.secrets = Some(SecretsState::Shredded);
+                }
             }
         }
-        if let Some(key) = entry.data_key_id
-            && shredded.contains(&key)
-        {
-            entry.secrets = Some(SecretsState::Shredded);
-        }
+        Ok(())
     }
-    Ok(entries)
+
+    /// The entries, in stream order.
+    pub fn entries(&self) -> &[HistoryEntry] {
+        &self.entries
+    }
+
+    /// The stream version folded last (0: none).
+    pub fn version(&self) -> u32 {
+        self.entries.last().map_or(0, |entry| entry.stream_version)
+    }
 }
 
 /// The top-level keys of a metadata object, sorted (whatever order the JSON map keeps).
@@ -780,6 +800,28 @@ mod tests {
             states,
             [Some(Shredded), None, Some(Sealed), None, Some(Sealed)]
         );
+    }
+
+    #[test]
+    fn a_history_folded_in_parts_is_the_history_folded_at_once() {
+        let mut records = stream();
+        records.push(record(
+            records.len() as u32 + 1,
+            &deleted(vec![key(1), key(2)]),
+            json!({}),
+        ));
+        let whole = serde_json::to_value(history(&records).unwrap()).unwrap();
+        for split in 0..=records.len() {
+            let mut folded = FoldedHistory::default();
+            folded.extend(&records[..split]).unwrap();
+            assert_eq!(folded.version() as usize, split);
+            folded.extend(&records[split..]).unwrap();
+            assert_eq!(
+                serde_json::to_value(folded.entries()).unwrap(),
+                whole,
+                "split at {split}"
+            );
+        }
     }
 
     #[test]

@@ -320,6 +320,64 @@ async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDa
         .unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 
+    // A long history pages newest first, and a page seen before shows what was appended since.
+    for n in 0..260 {
+        let body =
+            json!({"connection_id": "beta", "provider_config_key": KEY, "metadata": {"n": n}});
+        assert!(
+            app.post_json("/connection/metadata", &body)
+                .await
+                .status()
+                .is_success()
+        );
+    }
+    let page = |path: String| {
+        let cookie = cookie.clone();
+        let browser = browser.clone();
+        let url = app.url(&path);
+        async move {
+            browser
+                .get(url)
+                .header(COOKIE, cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let newest = page("/ui/connections/fake/beta".to_owned()).await;
+    assert!(newest.contains("261 events, newest first"), "{newest}");
+    assert!(newest.contains("#261 "), "the newest entry first");
+    let body =
+        json!({"connection_id": "beta", "provider_config_key": KEY, "metadata": {"n": "last"}});
+    assert!(
+        app.post_json("/connection/metadata", &body)
+            .await
+            .status()
+            .is_success()
+    );
+    let newest = page("/ui/connections/fake/beta".to_owned()).await;
+    assert!(
+        newest.contains("262 events, newest first") && newest.contains("#262 "),
+        "{newest}"
+    );
+    assert_eq!(
+        newest.matches("<li class=").count(),
+        100,
+        "a page holds 100 entries"
+    );
+    let oldest = page("/ui/connections/fake/beta?before=63".to_owned()).await;
+    assert!(
+        oldest.contains("#1 ") && oldest.contains("connection_authorized"),
+        "{oldest}"
+    );
+    assert!(
+        !oldest.contains("rel=\"next\""),
+        "no page after the first event"
+    );
+
     // Filters that are not filters: the list says so, nothing breaks.
     for query in [
         "tag=novalue",

@@ -262,35 +262,29 @@ async fn connection(
     State(state): State<HttpState>,
     viewer: Viewer,
     Path((key, id)): Path<(String, String)>,
-    Query(timeline): Query<TimelinePage>,
+    Query(page_asked): Query<TimelinePage>,
 ) -> Result<Response, Refusal> {
     let key = ConnectionKey::new(&key, &id);
     let record = queries::find_connection(&state.app.read_models, &key)
         .await
         .map_err(Refusal::api)?;
-    let entries = history::load(&state.app.backend, &key)
+    let timeline = state
+        .ui
+        .timelines
+        .page(
+            &state.app.backend,
+            &key,
+            page_asked.before.unwrap_or(u32::MAX),
+            TIMELINE_PAGE,
+        )
         .await
         .map_err(Refusal::api)?;
-    let compaction = history::compaction(&state.app.backend, &key)
-        .await
-        .map_err(Refusal::api)?;
-    let before = timeline.before.unwrap_or(u32::MAX);
-    let mut shown: Vec<&HistoryEntry> = entries
-        .iter()
-        .rev()
-        .filter(|e| e.stream_version < before)
-        .take(TIMELINE_PAGE + 1)
-        .collect();
-    let older = (shown.len() > TIMELINE_PAGE).then(|| shown[TIMELINE_PAGE - 1].stream_version);
-    shown.truncate(TIMELINE_PAGE);
-    let lineage: Vec<&HistoryEntry> = entries
-        .iter()
-        .filter(|e| {
-            e.fingerprints
-                .as_ref()
-                .is_some_and(|f| f.refresh_token.is_some())
-        })
-        .collect();
+    let (shown, older, lineage, compaction) = (
+        &timeline.entries,
+        timeline.older,
+        &timeline.lineage,
+        &timeline.compaction,
+    );
     let here = href(key.provider_config_key(), key.connection_id());
     let body = html! {
         @match &record {
@@ -359,7 +353,7 @@ async fn connection(
                         th scope="col" { "Fingerprint" }
                         th scope="col" { "Recorded" } th scope="col" { "By" }
                     } }
-                    tbody { @for entry in lineage.iter().rev().take(20) { tr {
+                    tbody { @for entry in lineage { tr {
                         td.num { (entry.refresh_token_generation.unwrap_or(0)) }
                         td.mono { (entry.fingerprints.as_ref().and_then(|f| f.refresh_token.as_deref()).unwrap_or("")) }
                         td { (entry.recorded_at) }
@@ -372,16 +366,17 @@ async fn connection(
         }
         section aria-labelledby="history" {
             h2 #history { "History" }
+            p.muted { (timeline.total) " events, newest first." }
             ol.timeline {
-                @for entry in &shown { (timeline_entry(entry)) }
+                @for entry in shown { (timeline_entry(entry)) }
                 @if older.is_none() {
-                    @if let Some(record) = &compaction {
+                    @if let Some(record) = compaction {
                         li.compaction { strong { "Compacted" } " — " (history::compaction_line(record)) }
                     }
                 }
             }
             nav.pager aria-label="History pages" {
-                @if timeline.before.is_some() { a href=(here) { "← Newest" } }
+                @if page_asked.before.is_some() { a href=(here) { "← Newest" } }
                 @if let Some(version) = older {
                     a rel="next" href=(format!("{here}?before={version}")) { "Older →" }
                 }

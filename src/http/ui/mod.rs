@@ -43,6 +43,8 @@ pub struct Dashboard {
     pub sessions: Sessions,
     pub rebuilds: operations::Rebuilds,
     pub overview: overview::Cache,
+    /// The folded histories of long streams, for connection pages.
+    pub timelines: crate::history::Timelines,
 }
 
 impl Dashboard {
@@ -57,6 +59,7 @@ impl Dashboard {
             sessions: Sessions::new(secret),
             rebuilds: operations::Rebuilds::default(),
             overview: overview::Cache::default(),
+            timelines: crate::history::Timelines::default(),
         }
     }
 }
