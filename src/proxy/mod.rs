@@ -23,7 +23,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use domain::connection::ConnectionKey;
 
-pub use self::stats::{IntegrationStats, ProxyStats};
+pub use self::stats::{DURATION_BUCKETS, IntegrationStats, ProxyStats};
 use self::upstream::{Attempt, Target};
 use crate::connections::{self, ConnectionsError};
 use crate::state::AppState;
@@ -107,11 +107,14 @@ pub async fn call(state: &AppState, call: ProxyCall) -> Result<Response<Body>, P
     let started = Instant::now();
     let key = call.key.provider_config_key().to_owned();
     let result = send(state, call).await;
-    state.proxy_stats.record(
-        &key,
-        result.as_ref().map(Response::status).ok(),
-        started.elapsed(),
-    );
+    // A key that names no integration is not counted: callers cannot add label values.
+    if !matches!(result, Err(ProxyError::UnknownProviderConfig(_))) {
+        state.proxy_stats.record(
+            &key,
+            result.as_ref().map(Response::status).ok(),
+            started.elapsed(),
+        );
+    }
     result
 }
 

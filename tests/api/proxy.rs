@@ -113,6 +113,17 @@ async fn a_proxied_call_carries_the_credential_and_the_callers_headers_and_passe
         "{metrics}"
     );
     assert!(!metrics.contains(ACCESS));
+    assert!(
+        metrics.contains("# TYPE grantline_proxy_request_duration_seconds histogram"),
+        "{metrics}"
+    );
+    for line in [
+        "grantline_proxy_request_duration_seconds_bucket{provider_config_key=\"fake\",le=\"+Inf\"} 2",
+        "grantline_proxy_request_duration_seconds_count{provider_config_key=\"fake\"} 2",
+        "grantline_proxy_request_duration_seconds_bucket{provider_config_key=\"fake\",le=\"60\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
 }
 
 async fn an_upstream_401_refreshes_once_through_the_fence_for_concurrent_calls(db: &TestDatabase) {
@@ -323,6 +334,9 @@ async fn bad_proxy_calls_get_a_json_answer_with_a_code(db: &TestDatabase) {
     }
     // No token was sent anywhere a refusal points.
     assert_eq!(service.fake.api.unauthorized.load(Ordering::SeqCst), 0);
+    // A key that names no integration adds no series to /metrics.
+    let metrics = service.app().get("/metrics").await.text().await.unwrap();
+    assert!(!metrics.contains("provider_config_key=\"nope\""), "{metrics}");
 }
 
 async fn a_large_download_streams_through(db: &TestDatabase) {
