@@ -97,8 +97,9 @@ pub struct Shared {
     /// The webhook subscribers, when `GRANTLINE_WEBHOOK_URLS` names any (run only with the
     /// `webhooks` role; `/admin/webhooks` shows their progress on every instance).
     pub webhooks: Option<WebhookService>,
-    /// The proxy's client (streams bodies, follows no redirect to another host).
-    pub proxy_client: reqwest::Client,
+    /// The proxy's HTTP clients (a template's own hosts; hosts a caller chose, checked where
+    /// they resolve).
+    pub proxy_client: crate::proxy::Clients,
     /// What the proxy counted, by integration.
     pub proxy_stats: ProxyStats,
 }

@@ -384,7 +384,11 @@ pub async fn metrics(
         calls.iter().sum(),
     );
     compactor_families(&mut out, state.compactor.counters());
-    proxy_families(&mut out, &state.proxy_stats.snapshot());
+    proxy_families(
+        &mut out,
+        &state.proxy_stats.snapshot(),
+        state.proxy_stats.unrecorded(),
+    );
     let scheduler = state.scheduler.counters();
     let ticks = load(&scheduler.ticks);
     family(
@@ -581,8 +585,13 @@ fn as_refs(samples: &[(String, f64)]) -> Vec<(&str, f64)> {
     samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
 }
 
-/// The proxy's counters, by integration (a label value escaped as the text format asks).
-fn proxy_families(out: &mut String, stats: &[(String, crate::proxy::IntegrationStats)]) {
+/// The proxy's counters and latency histogram, by integration (a label value escaped as the
+/// text format asks), and what was not counted apart.
+fn proxy_families(
+    out: &mut String,
+    stats: &[(String, crate::proxy::IntegrationStats)],
+    unrecorded: u64,
+) {
     let label = |key: &str| {
         let escaped = key
             .replace('\\', "\\\\")
@@ -621,6 +630,15 @@ fn proxy_families(out: &mut String, stats: &[(String, crate::proxy::IntegrationS
         "Time spent in proxied calls until the provider's answer began, by integration.",
         &as_refs(&per_key(|s| s.micros as f64 / 1e6)),
     );
+    proxy_histogram(out, stats, &label);
+    family(
+        out,
+        "grantline_proxy_unrecorded_total",
+        "counter",
+        "Proxied calls, retries and refreshes of integrations past the first 1000 seen, not \
+         counted by integration.",
+        &[("", unrecorded as f64)],
+    );
     family(
         out,
         "grantline_proxy_retries_total",
@@ -635,6 +653,34 @@ fn proxy_families(out: &mut String, stats: &[(String, crate::proxy::IntegrationS
         "Upstream 401s answered by a fenced refresh and one more attempt.",
         &as_refs(&per_key(|s| s.rejected as f64)),
     );
+}
+
+/// `grantline_proxy_request_duration_seconds`: proxied calls by duration (until the
+/// provider's answer began, retries included), by integration.
+fn proxy_histogram(
+    out: &mut String,
+    stats: &[(String, crate::proxy::IntegrationStats)],
+    label: &dyn Fn(&str) -> String,
+) {
+    const NAME: &str = "grantline_proxy_request_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Proxied calls by duration until the provider's answer began (retries \
+         included), by integration."
+    );
+    let _ = writeln!(out, "# TYPE {NAME} histogram");
+    for (key, s) in stats {
+        let labels = label(key);
+        let mut cumulative = 0;
+        for ((_, le), count) in crate::proxy::DURATION_BUCKETS.iter().zip(&s.buckets) {
+            cumulative += count;
+            let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += s.buckets.last().copied().unwrap_or(0);
+        let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{NAME}_sum{{{labels}}} {}", s.micros as f64 / 1e6);
+        let _ = writeln!(out, "{NAME}_count{{{labels}}} {cumulative}");
+    }
 }
 
 fn compactor_families(out: &mut String, compactor: &workers::compactor::CompactorCounters) {

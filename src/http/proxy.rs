@@ -33,6 +33,8 @@ const FORWARD_PREFIX: &str = "nango-proxy-";
         ("Retries" = Option<u32>, Header, description = "Attempts after the first (at most 10)"),
         ("Retry-On" = Option<String>, Header, description = "More statuses to retry, e.g. `409,423`"),
         ("Base-Url-Override" = Option<String>, Header, description = "Another base URL (GRANTLINE_PROXY_ALLOWED_HOSTS)"),
+        ("Decompress" = Option<bool>, Header, description = "`true`: a gzip or deflate answer comes back decoded"),
+        ("Forward-Headers-On-Redirect" = Option<bool>, Header, description = "`true`: the credential is sent again on a redirect to the same host"),
     ),
     responses(
         (status = 200, description = "The provider's answer, passed through (any status)"),
@@ -88,13 +90,15 @@ pub async fn proxy(
             .collect::<Option<Vec<u16>>>()
             .ok_or_else(|| invalid("Retry-On must be a comma-separated list of statuses".into()))?,
     };
-    for flag in ["decompress", "forward-headers-on-redirect"] {
-        if let Some(value) = text(&headers, flag)?
-            && !matches!(value.as_str(), "true" | "false")
-        {
-            return Err(invalid(format!("{flag} must be true or false")));
+    let flag = |name: &str| -> Result<bool, ApiError> {
+        match text(&headers, name)?.as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(_) => Err(invalid(format!("{name} must be true or false"))),
         }
-    }
+    };
+    let decompress = flag("decompress")?;
+    let forward_headers_on_redirect = flag("forward-headers-on-redirect")?;
     let mut forwarded = HeaderMap::new();
     if let Some(content_type) = headers.get(CONTENT_TYPE) {
         forwarded.insert(CONTENT_TYPE, content_type.clone());
@@ -122,6 +126,8 @@ pub async fn proxy(
         retries,
         retry_on,
         base_url_override: text(&headers, "base-url-override")?,
+        decompress,
+        forward_headers_on_redirect,
         request_id: request_id
             .and_then(|Extension(RequestId(id))| id.to_str().ok().map(str::to_owned))
             .unwrap_or_default(),
@@ -142,6 +148,8 @@ pub async fn proxy(
         ("Retries" = Option<u32>, Header, description = "Attempts after the first (at most 10)"),
         ("Retry-On" = Option<String>, Header, description = "More statuses to retry, e.g. `409,423`"),
         ("Base-Url-Override" = Option<String>, Header, description = "Another base URL (GRANTLINE_PROXY_ALLOWED_HOSTS)"),
+        ("Decompress" = Option<bool>, Header, description = "`true`: a gzip or deflate answer comes back decoded"),
+        ("Forward-Headers-On-Redirect" = Option<bool>, Header, description = "`true`: the credential is sent again on a redirect to the same host"),
     ),
     responses(
         (status = 200, description = "The provider's answer, passed through (any status)"),

@@ -10,8 +10,15 @@
 //!   times, after `Retry-After` or an exponential backoff with jitter, all within
 //!   `GRANTLINE_PROXY_TIMEOUT`.
 //! - Bodies stream both ways; a request body small enough to keep (at most 1 MiB) is kept so
-//!   that it can be sent again.
+//!   that it can be sent again. An OAuth 1.0a call's form body is always kept (up to 1 MiB),
+//!   since its parameters are signed.
+//! - A host the caller chose is checked where the connection is made ([`guard`]); redirects
+//!   are followed by the proxy itself ([`redirect`]); `Decompress: true` decodes the answer
+//!   ([`decompress`]).
 
+mod decompress;
+mod guard;
+mod redirect;
 mod stats;
 mod upstream;
 
@@ -23,7 +30,8 @@ use bytes::Bytes;
 use chrono::Utc;
 use domain::connection::ConnectionKey;
 
-pub use self::stats::{IntegrationStats, ProxyStats};
+pub use self::stats::{DURATION_BUCKETS, IntegrationStats, ProxyStats};
+pub use self::upstream::Clients;
 use self::upstream::{Attempt, Target};
 use crate::connections::{self, ConnectionsError};
 use crate::state::AppState;
@@ -48,6 +56,10 @@ pub struct ProxyCall {
     pub retries: u32,
     pub retry_on: Vec<u16>,
     pub base_url_override: Option<String>,
+    /// `Decompress`: the answer's body decoded (gzip, deflate).
+    pub decompress: bool,
+    /// `Forward-Headers-On-Redirect`: the credential sent again on a redirect to the same host.
+    pub forward_headers_on_redirect: bool,
     /// Sent to the provider as `X-Request-Id`.
     pub request_id: String,
 }
@@ -77,24 +89,9 @@ pub enum ProxyError {
     Timeout,
 }
 
-/// The proxy's HTTP client: redirects followed only on the same host (at most 5), bodies
-/// streamed, and a connect timeout so a dead host fails fast.
-pub fn client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let same_host = attempt
-                .previous()
-                .first()
-                .is_some_and(|first| first.host_str() == attempt.url().host_str());
-            if attempt.previous().len() >= 5 || !same_host {
-                attempt.stop()
-            } else {
-                attempt.follow()
-            }
-        }))
-        .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")))
-        .build()
+/// The proxy's HTTP clients ([`Clients`]).
+pub fn client() -> Result<Clients, reqwest::Error> {
+    Clients::new()
 }
 
 /// Sends `call` to the provider and returns its answer (status, useful headers, body streamed).
@@ -107,11 +104,14 @@ pub async fn call(state: &AppState, call: ProxyCall) -> Result<Response<Body>, P
     let started = Instant::now();
     let key = call.key.provider_config_key().to_owned();
     let result = send(state, call).await;
-    state.proxy_stats.record(
-        &key,
-        result.as_ref().map(Response::status).ok(),
-        started.elapsed(),
-    );
+    // A key that names no integration is not counted: callers cannot add label values.
+    if !matches!(result, Err(ProxyError::UnknownProviderConfig(_))) {
+        state.proxy_stats.record(
+            &key,
+            result.as_ref().map(Response::status).ok(),
+            started.elapsed(),
+        );
+    }
     result
 }
 
@@ -136,8 +136,7 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         &view.connection.connection.connection_config,
         call.base_url_override.as_deref(),
         &call.endpoint,
-    )
-    .await?;
+    )?;
     let oauth1 = match &view.credentials {
         domain::credentials::Credentials::OAuth1 { .. } => {
             Some(oauth1_signer(state, &call.key, template).await?)
@@ -145,7 +144,15 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         _ => None,
     };
     let deadline = tokio::time::Instant::now() + state.config.proxy.timeout;
-    let mut body = Some(body_of(call.body, call.body_length).await?);
+    // An OAuth 1.0a signature covers a form body's parameters (RFC 5849 §3.4.1.3.1).
+    let signs_form = oauth1.is_some() && is_form(&call.headers);
+    let mut body = Some(body_of(call.body, call.body_length, signs_form).await?);
+    let form: Vec<(String, String)> = match &body {
+        Some(upstream::RequestBody::Kept(bytes)) if signs_form => {
+            url::form_urlencoded::parse(bytes).into_owned().collect()
+        }
+        _ => Vec::new(),
+    };
     let mut attempt = 0u32;
     let mut rejected_once = false;
     loop {
@@ -158,22 +165,30 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         let replayable = matches!(sending, upstream::RequestBody::Kept(_));
         let outcome = Attempt {
             oauth1: oauth1.as_ref(),
-            client: &state.proxy_client,
+            clients: &state.proxy_client,
+            config: &state.config.proxy,
             target: &target,
             method: &call.method,
             headers: &call.headers,
+            form: &form,
             credentials: &view.credentials,
             template,
             connection_config: &view.connection.connection.connection_config,
             request_id: &call.request_id,
+            forward_on_redirect: call.forward_headers_on_redirect,
+            decompress: call.decompress,
         }
         .send(sending, deadline)
         .await;
         let retry_left = replayable && attempt < call.retries;
         match outcome {
-            Ok(response) => {
+            Ok(upstream::Answer {
+                response,
+                credentialed,
+            }) => {
                 let status = response.status();
                 if status == StatusCode::UNAUTHORIZED
+                    && credentialed
                     && replayable
                     && !rejected_once
                     && view.connection.connection.renewable()
@@ -188,13 +203,13 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
                     let asked = upstream::retry_after(response.headers(), template);
                     // A wait past the deadline: the provider's own answer says more than a 504.
                     if upstream::wait(asked, attempt + 1, deadline).await.is_err() {
-                        return Ok(upstream::passthrough(response));
+                        return Ok(upstream::passthrough(response, call.decompress));
                     }
                     attempt += 1;
                     state.proxy_stats.retried(call.key.provider_config_key());
                     continue;
                 }
-                return Ok(upstream::passthrough(response));
+                return Ok(upstream::passthrough(response, call.decompress));
             }
             Err(ProxyError::Unreachable) if retry_left => {
                 attempt += 1;
@@ -240,10 +255,35 @@ fn retryable(status: StatusCode, retry_on: &[u16]) -> bool {
         || retry_on.contains(&status.as_u16())
 }
 
-/// The request body: kept in memory when it is small enough to send again, else streamed once.
-async fn body_of(body: Body, length: Option<u64>) -> Result<upstream::RequestBody, ProxyError> {
+/// Whether the caller's body is a form (`application/x-www-form-urlencoded`).
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| {
+            media
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// The request body: kept in memory when it is small enough to send again (or `must_keep`,
+/// up to the same size), else streamed once.
+async fn body_of(
+    body: Body,
+    length: Option<u64>,
+    must_keep: bool,
+) -> Result<upstream::RequestBody, ProxyError> {
     match length {
         Some(length) if length > MAX_BODY => Err(ProxyError::BodyTooLarge),
+        Some(length) if length > REPLAYABLE_BODY && must_keep => Err(ProxyError::BodyTooLarge),
+        _ if must_keep => {
+            let bytes = axum::body::to_bytes(body, REPLAYABLE_BODY as usize)
+                .await
+                .map_err(|_| ProxyError::BodyTooLarge)?;
+            Ok(upstream::RequestBody::Kept(bytes))
+        }
         Some(length) if length <= REPLAYABLE_BODY => {
             let bytes = axum::body::to_bytes(body, REPLAYABLE_BODY as usize)
                 .await

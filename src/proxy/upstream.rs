@@ -1,9 +1,9 @@
-//! One request to the provider: where it goes (base URL, endpoint, template query), what it
-//! carries (the credential — an OAuth 1.0a signature over the method, URL and query for OAuth 1
-//! connections — the template's headers, the caller's `Nango-Proxy-*` headers, a request id)
-//! and what of the answer goes back.
+//! One attempt at the provider: where it goes (base URL, endpoint, template query), what it
+//! carries (the credential — an OAuth 1.0a signature over the method, URL, query and form body
+//! for OAuth 1 connections — the template's headers, the caller's `Nango-Proxy-*` headers, a
+//! request id), the redirects it follows and what of the answer goes back.
 
-use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,7 +18,9 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use url::Url;
 
-use super::{MAX_BODY, ProxyError};
+use super::decompress::{self, Coding};
+use super::redirect::{self, Hop};
+use super::{MAX_BODY, ProxyError, guard};
 use crate::config::ProxyConfig;
 
 /// Headers that belong to one hop, never forwarded either way.
@@ -52,6 +54,10 @@ const PASSED_BACK: [&str; 14] = [
     "mcp-session-id",
 ];
 
+/// The caller's headers that are credentials of their own: sent where the proxy's credential
+/// goes, and nowhere else.
+const CALLER_CREDENTIALS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
 /// The first wait of the exponential backoff, and the longest.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(8);
@@ -66,13 +72,17 @@ pub enum RequestBody {
 #[derive(Debug)]
 pub struct Target {
     url: Url,
+    /// Whether the host was chosen by the caller (an override or a filled placeholder): its
+    /// addresses are checked when the connection is made.
+    guarded: bool,
 }
 
 impl Target {
     /// The upstream URL: `Base-Url-Override` (allowed hosts only) or the template's
     /// `proxy.base_url` filled from the connection config, then the endpoint. A host other than
-    /// the template's own must not resolve to a loopback, private or link-local address.
-    pub async fn new(
+    /// the template's own must not be inside this network: an IP literal is checked here, a
+    /// name when it is resolved to connect ([`super::guard`]).
+    pub fn new(
         config: &ProxyConfig,
         template: &Template,
         connection_config: &Map<String, Value>,
@@ -80,7 +90,7 @@ impl Target {
         endpoint: &str,
     ) -> Result<Self, ProxyError> {
         let values = catalog::config_values(connection_config);
-        let (base, checked) = match base_url_override {
+        let (base, guarded) = match base_url_override {
             Some(base) => {
                 let url = Url::parse(base).map_err(|e| ProxyError::InvalidUrl(e.to_string()))?;
                 let host = url.host_str().unwrap_or_default().to_owned();
@@ -97,7 +107,7 @@ impl Target {
                     .ok_or_else(|| ProxyError::NoBaseUrl(template.name.clone()))?;
                 let filled = catalog::interpolate_url(base, &values)
                     .map_err(|e| ProxyError::InvalidUrl(e.to_string()))?;
-                // A filled placeholder may name any host: check where it resolves.
+                // A filled placeholder may name any host.
                 (filled, base.contains("${"))
             }
         };
@@ -108,56 +118,51 @@ impl Target {
             format!("{base}{endpoint}")
         };
         let url = Url::parse(&joined).map_err(|e| ProxyError::InvalidUrl(e.to_string()))?;
-        if checked {
-            check_destination(&url).await?;
+        if guarded {
+            guard::check_literal(&url)?;
         }
-        Ok(Self { url })
+        Ok(Self { url, guarded })
     }
 }
 
-/// Refuses a URL whose host resolves to an address inside this network.
-async fn check_destination(url: &Url) -> Result<(), ProxyError> {
-    let host = url.host_str().unwrap_or_default().to_owned();
-    let port = url.port_or_known_default().unwrap_or(443);
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addresses: Vec<IpAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((bare, port))
-            .await
-            .map_err(|_| ProxyError::Unreachable)?
-            .map(|a| a.ip())
-            .collect(),
-    };
-    if addresses.iter().any(|ip| internal(*ip)) {
-        return Err(ProxyError::BlockedDestination(host));
-    }
-    Ok(())
+/// The proxy's HTTP clients: one for a template's own hosts, one whose resolver refuses
+/// addresses inside this network for hosts the caller chose. Neither follows redirects (the
+/// proxy does, [`super::redirect`]); bodies stream; a dead host fails fast.
+#[derive(Clone)]
+pub struct Clients {
+    trusted: reqwest::Client,
+    guarded: reqwest::Client,
 }
 
-/// Loopback, private, link-local (cloud metadata), shared, unspecified or multicast.
-fn internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (a == 100 && (64..128).contains(&b))
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients").finish_non_exhaustive()
+    }
+}
+
+impl Clients {
+    /// Builds both clients.
+    pub fn new() -> Result<Self, reqwest::Error> {
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")))
+        };
+        Ok(Self {
+            trusted: builder().build()?,
+            guarded: builder()
+                .dns_resolver(Arc::new(guard::GuardedResolver::system()))
+                .build()?,
+        })
+    }
+
+    fn for_hop(&self, hop: &Hop) -> &reqwest::Client {
+        if hop.guarded {
+            &self.guarded
+        } else {
+            &self.trusted
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => internal(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80
-            }
-        },
     }
 }
 
@@ -172,23 +177,89 @@ pub struct Oauth1Signer {
 /// One attempt's request.
 pub struct Attempt<'a> {
     pub oauth1: Option<&'a Oauth1Signer>,
-    pub client: &'a reqwest::Client,
+    pub clients: &'a Clients,
+    pub config: &'a ProxyConfig,
     pub target: &'a Target,
     pub method: &'a Method,
     pub headers: &'a HeaderMap,
+    /// The parameters of a form body, which an OAuth 1.0a signature covers.
+    pub form: &'a [(String, String)],
     pub credentials: &'a Credentials,
     pub template: &'a Template,
     pub connection_config: &'a Map<String, Value>,
     pub request_id: &'a str,
+    /// `Forward-Headers-On-Redirect`.
+    pub forward_on_redirect: bool,
+    /// `Decompress`: ask for a compressed answer, which [`passthrough`] decodes.
+    pub decompress: bool,
+}
+
+/// The provider's answer to an attempt.
+pub struct Answer {
+    pub response: reqwest::Response,
+    /// Whether the request answered carried the credential (a 401 to one that did not says
+    /// nothing of the token).
+    pub credentialed: bool,
 }
 
 impl Attempt<'_> {
-    /// Sends the request with `body`, and waits for the answer's head until `deadline`.
+    /// Sends the request with `body`, following redirects as [`super::redirect`] allows, and
+    /// waits for the last answer's head until `deadline`.
     pub async fn send(
         &self,
         body: RequestBody,
         deadline: tokio::time::Instant,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<Answer, ProxyError> {
+        let kept = match &body {
+            RequestBody::Kept(bytes) => Some(bytes.clone()),
+            RequestBody::Streamed(_) => None,
+        };
+        let mut body = Some(body);
+        let origin = Hop {
+            url: self.first_url(),
+            method: self.method.clone(),
+            guarded: self.target.guarded,
+            credentials: true,
+            with_body: true,
+        };
+        let policy = redirect::Policy {
+            forward_credentials: self.forward_on_redirect,
+            origin: &origin,
+            body_kept: kept.is_some(),
+            config: self.config,
+        };
+        let mut hop = origin.clone();
+        let mut redirects = 0;
+        loop {
+            let sending = match hop.with_body {
+                true => body.take().or_else(|| kept.clone().map(RequestBody::Kept)),
+                false => None,
+            };
+            let response = self.send_hop(&hop, sending, deadline).await?;
+            let next = (redirects < redirect::MAX_REDIRECTS)
+                .then(|| {
+                    let location = response.headers().get(header::LOCATION);
+                    redirect::follow(response.status(), location, &hop, &policy)
+                })
+                .flatten();
+            match next {
+                Some(next) => {
+                    redirects += 1;
+                    hop = next;
+                }
+                None => {
+                    return Ok(Answer {
+                        response,
+                        credentialed: hop.credentials,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The call's URL with the template's query (an entry whose placeholder has no value is
+    /// left out).
+    fn first_url(&self) -> Url {
         let values = catalog::placeholder_values(self.credentials, self.connection_config);
         let mut url = self.target.url.clone();
         let query: Vec<(String, String)> = self
@@ -196,7 +267,6 @@ impl Attempt<'_> {
             .proxy
             .query
             .iter()
-            // An entry whose placeholder has no value is left out.
             .filter_map(|(name, text)| {
                 catalog::fill_with(text, |p| values.get(p).map(String::as_str))
                     .ok()
@@ -206,55 +276,90 @@ impl Attempt<'_> {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        let mut headers = self.credential_headers(&url)?;
+        url
+    }
+
+    /// One request: the credential (when the hop carries it), the template's headers, the
+    /// caller's, the request id.
+    async fn send_hop(
+        &self,
+        hop: &Hop,
+        body: Option<RequestBody>,
+        deadline: tokio::time::Instant,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let values = catalog::placeholder_values(self.credentials, self.connection_config);
+        let mut headers = match hop.credentials {
+            true => self.credential_headers(hop)?,
+            false => HeaderMap::new(),
+        };
         for (name, text) in &self.template.proxy.headers {
+            // A header with a placeholder may carry a secret: it goes where the credential goes.
+            if !hop.credentials && text.contains("${") {
+                continue;
+            }
             if let (Ok(value), Ok(name)) = (
                 catalog::fill_with(text, |p| values.get(p).map(String::as_str)),
                 HeaderName::from_bytes(name.as_bytes()),
-            ) && let Ok(value) = HeaderValue::from_str(&value)
+            ) && let Ok(mut value) = HeaderValue::from_str(&value)
             {
+                value.set_sensitive(true);
                 headers.insert(name, value);
             }
         }
         for (name, value) in self.headers {
-            if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+            let skipped = HOP_BY_HOP.contains(&name.as_str())
+                || name == header::CONTENT_LENGTH
+                || (body.is_none() && name == header::CONTENT_TYPE)
+                || (!hop.credentials && CALLER_CREDENTIALS.contains(&name.as_str()));
+            if !skipped {
                 headers.insert(name.clone(), value.clone());
             }
         }
         if let Ok(id) = HeaderValue::from_str(self.request_id) {
             headers.entry("x-request-id").or_insert(id);
         }
-        let body = match body {
-            RequestBody::Kept(bytes) => reqwest::Body::from(bytes),
-            RequestBody::Streamed(body) => {
-                let mut sent = 0u64;
-                reqwest::Body::wrap_stream(body.into_data_stream().map(move |chunk| {
-                    let chunk = chunk.map_err(std::io::Error::other)?;
-                    sent += chunk.len() as u64;
-                    if sent > MAX_BODY {
-                        return Err(std::io::Error::other("the request body is too large"));
-                    }
-                    Ok(chunk)
-                }))
-            }
-        };
-        let request = self
-            .client
-            .request(self.method.clone(), url)
-            .headers(headers)
-            .body(body);
+        if self.decompress {
+            headers
+                .entry(header::ACCEPT_ENCODING)
+                .or_insert(HeaderValue::from_static(decompress::ACCEPT_ENCODING));
+        }
+        let mut request = self
+            .clients
+            .for_hop(hop)
+            .request(hop.method.clone(), hop.url.clone())
+            .headers(headers);
+        if let Some(body) = body {
+            request = request.body(match body {
+                RequestBody::Kept(bytes) => reqwest::Body::from(bytes),
+                RequestBody::Streamed(body) => {
+                    let mut sent = 0u64;
+                    reqwest::Body::wrap_stream(body.into_data_stream().map(move |chunk| {
+                        let chunk = chunk.map_err(std::io::Error::other)?;
+                        sent += chunk.len() as u64;
+                        if sent > MAX_BODY {
+                            return Err(std::io::Error::other("the request body is too large"));
+                        }
+                        Ok(chunk)
+                    }))
+                }
+            });
+        }
         match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => Err(ProxyError::Timeout),
-            Ok(Err(e)) if e.is_timeout() => Err(ProxyError::Timeout),
-            Ok(Err(_)) => Err(ProxyError::Unreachable),
+            Ok(Err(e)) => Err(guard::blocked(&e).unwrap_or(if e.is_timeout() {
+                ProxyError::Timeout
+            } else {
+                ProxyError::Unreachable
+            })),
             Ok(Ok(response)) => Ok(response),
         }
     }
 
     /// The credential as its type goes into a request: a bearer token for OAuth 2.0 and client
-    /// credentials, HTTP Basic for a login; an API key goes where the template's headers or
+    /// credentials, HTTP Basic for a login, an OAuth 1.0a signature of the hop's method, URL
+    /// and (when the hop sends it) form body; an API key goes where the template's headers or
     /// query put it.
-    fn credential_headers(&self, url: &Url) -> Result<HeaderMap, ProxyError> {
+    fn credential_headers(&self, hop: &Hop) -> Result<HeaderMap, ProxyError> {
         let mut headers = HeaderMap::new();
         let authorization = match self.credentials {
             Credentials::OAuth2 { access_token, .. } => Some(format!("Bearer {access_token}")),
@@ -273,16 +378,19 @@ impl Attempt<'_> {
                     .oauth1
                     .ok_or(ProxyError::UnsupportedAuthMode("OAUTH1"))?;
                 let request = workers::oauth1::Oauth1Request {
-                    url: url.as_str(),
+                    url: hop.url.as_str(),
                     consumer_key: &signer.consumer_key,
                     consumer_secret: &signer.consumer_secret,
                     token: Some((oauth_token, oauth_token_secret)),
                     signature_method: signer.method,
                     oauth_params: Vec::new(),
-                    body_params: Vec::new(),
+                    body_params: match hop.with_body {
+                        true => self.form.to_vec(),
+                        false => Vec::new(),
+                    },
                 };
                 Some(
-                    workers::oauth1::resource_authorization(self.method.as_str(), &request)
+                    workers::oauth1::resource_authorization(hop.method.as_str(), &request)
                         .map_err(|e| ProxyError::InvalidUrl(e.to_string()))?,
                 )
             }
@@ -299,16 +407,29 @@ impl Attempt<'_> {
 }
 
 /// The provider's answer as the caller gets it: its status, the useful headers, the body
-/// streamed.
-pub fn passthrough(response: reqwest::Response) -> Response<Body> {
+/// streamed — decoded when the caller asked (`Decompress: true`) and the coding is one
+/// [`decompress`] knows, else as it came.
+pub fn passthrough(response: reqwest::Response, decompress: bool) -> Response<Body> {
     let status = response.status();
+    let coding = response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Coding::of)
+        .filter(|_| decompress);
     let mut headers = HeaderMap::new();
     for (name, value) in response.headers() {
-        if PASSED_BACK.contains(&name.as_str()) {
+        let decoded = coding.is_some()
+            && (name == header::CONTENT_ENCODING || name == header::CONTENT_LENGTH);
+        if PASSED_BACK.contains(&name.as_str()) && !decoded {
             headers.append(name.clone(), value.clone());
         }
     }
-    let mut answer = Response::new(Body::from_stream(response.bytes_stream()));
+    let body = Box::pin(response.bytes_stream());
+    let mut answer = Response::new(match coding {
+        Some(coding) => Body::from_stream(decompress::decode(coding, body)),
+        None => Body::from_stream(body),
+    });
     *answer.status_mut() = status;
     *answer.headers_mut() = headers;
     answer
@@ -383,28 +504,6 @@ pub async fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn internal_addresses_are_recognized() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(internal(ip.parse().expect("ip")), "{ip}");
-        }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
-            assert!(!internal(ip.parse().expect("ip")), "{ip}");
-        }
-    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {

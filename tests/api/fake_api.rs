@@ -1,8 +1,10 @@
 //! The fake provider's API, for the proxy: it checks the token like a real API (a token the
-//! provider minted works until it is revoked), and has a flaky endpoint, a rate-limited one, a
-//! slow one and a large download.
+//! provider minted works until it is revoked; an OAuth 1.0a signature must cover the method,
+//! URL, query and form body), and has a flaky endpoint, a rate-limited one, a slow one, a large
+//! download, a redirecting one and a gzip-encoded one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,14 +49,14 @@ impl ApiState {
     }
 
     /// Whether `headers` carry a live credential; an OAuth 1.0a signature must be valid for
-    /// `request` (method and URL) with the fake's consumer secret and the token's secret.
-    fn authorized(&self, headers: &HeaderMap, request: Option<(&Method, &Uri)>) -> bool {
+    /// `request` (method, URL and body) with the fake's consumer secret and the token's secret.
+    fn authorized(&self, headers: &HeaderMap, request: Option<Signed<'_>>) -> bool {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if given.starts_with("OAuth ") {
-            return request.is_some_and(|(method, uri)| self.oauth1_valid(given, method, uri));
+            return request.is_some_and(|request| self.oauth1_valid(given, headers, request));
         }
         if let Some(token) = given.strip_prefix("Bearer ") {
             let minted = token.starts_with("fake-access-") || token.starts_with("cc-token-");
@@ -67,7 +69,7 @@ impl ApiState {
 }
 
 impl ApiState {
-    fn oauth1_valid(&self, header: &str, method: &Method, uri: &Uri) -> bool {
+    fn oauth1_valid(&self, header: &str, headers: &HeaderMap, (method, uri, body): Signed) -> bool {
         let Some(oauth) = workers::oauth1::parse_authorization_header(header) else {
             return false;
         };
@@ -92,10 +94,20 @@ impl ApiState {
             Some("PLAINTEXT") => domain::catalog::SignatureMethod::Plaintext,
             _ => return false,
         };
+        // A form body's parameters are signed too (RFC 5849 §3.4.1.3.1).
+        let form = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        let body_params = form
+            .then(|| url::form_urlencoded::parse(body).into_owned())
+            .into_iter()
+            .flatten();
         let signed: Vec<(String, String)> = oauth
             .iter()
             .filter(|(k, _)| k != "oauth_signature")
             .cloned()
+            .chain(body_params)
             .collect();
         let url = format!("{}{uri}", self.base.lock().unwrap());
         let Ok(url) = url::Url::parse(&url) else {
@@ -120,6 +132,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/limited", get(limited))
         .route("/api/large", get(large))
         .route("/api/slow", get(slow))
+        .route("/api/redirect", any(redirect))
+        .route("/api/landing", any(landing))
+        .route("/api/gzip", get(gzip))
         .with_state(state)
 }
 
@@ -128,11 +143,14 @@ fn check(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     check_request(state, headers, None)
 }
 
+/// What an OAuth 1.0a signature covers: the method, the URL (path and query) and the body.
+type Signed<'a> = (&'a Method, &'a Uri, &'a [u8]);
+
 /// [`check`], with the request an OAuth 1.0a signature covers.
 fn check_request(
     state: &ApiState,
     headers: &HeaderMap,
-    request: Option<(&Method, &Uri)>,
+    request: Option<Signed<'_>>,
 ) -> Option<Response> {
     state.calls.fetch_add(1, Ordering::SeqCst);
     if state.authorized(headers, request) {
@@ -156,7 +174,7 @@ async fn echo(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = check_request(&state, &headers, Some((&method, &uri))) {
+    if let Some(refused) = check_request(&state, &headers, Some((&method, &uri, &body))) {
         return refused;
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -255,4 +273,74 @@ async fn slow(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Respons
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     Json(json!({"ok": true})).into_response()
+}
+
+/// A redirect (after the credential check): `status` (302 unless given) to `to`, or to itself
+/// when `to` is absent (a loop).
+async fn redirect(
+    State(state): State<Arc<ApiState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = check(&state, &headers) {
+        return refused;
+    }
+    let status = query
+        .get("status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FOUND);
+    let to = query.get("to").cloned().unwrap_or_else(|| uri.to_string());
+    (status, [(header::LOCATION, to)], "moved").into_response()
+}
+
+/// Where redirects land: no credential needed; tells what credential headers arrived (whether
+/// they did, never their values), the method and the body.
+async fn landing(method: Method, headers: HeaderMap, body: Bytes) -> Response {
+    let present = |name: &str| headers.contains_key(name);
+    Json(json!({
+        "authorization": present("authorization"),
+        "x-token-copy": present("x-token-copy"),
+        "x-static": headers.get("x-static").and_then(|v| v.to_str().ok()),
+        "method": method.as_str(),
+        "body": String::from_utf8_lossy(&body),
+    }))
+    .into_response()
+}
+
+/// The text the gzip endpoint compresses: `bytes` bytes of it.
+pub fn gzip_text(bytes: usize) -> Vec<u8> {
+    b"grantline proxies gzip. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(bytes)
+        .collect()
+}
+
+/// [`gzip_text`] of `?bytes=` (1000 unless given), gzip-encoded.
+async fn gzip(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = check(&state, &headers) {
+        return refused;
+    }
+    let bytes = query
+        .get("bytes")
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1000);
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(&gzip_text(bytes)).unwrap();
+    let body = encoder.finish().unwrap();
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain"),
+            (header::CONTENT_ENCODING, "gzip"),
+        ],
+        body,
+    )
+        .into_response()
 }

@@ -1,6 +1,7 @@
 //! `/proxy/*` against the fake provider's API, on both backends: the credential goes in and the
 //! caller's secrets do not, an upstream 401 causes one fenced refresh however many calls saw
-//! it, retries, streaming, and every refusal as a JSON answer with a code.
+//! it, retries, streaming, redirects, decompression, OAuth 1.0a form bodies, hosts a caller
+//! chose checked where they resolve, and every refusal as a JSON answer with a code.
 
 use std::sync::atomic::Ordering;
 
@@ -8,9 +9,9 @@ use domain::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::assert_error;
-use crate::fake_provider::FakeProvider;
+use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
 use crate::fake_service::{FakeService, ID, KEY};
+use crate::{assert_error, ok_json};
 
 domain::on_both_backends!(
     a_proxied_call_carries_the_credential_and_the_callers_headers_and_passes_the_answer_back,
@@ -18,6 +19,10 @@ domain::on_both_backends!(
     failures_are_retried_as_asked_within_the_deadline,
     bad_proxy_calls_get_a_json_answer_with_a_code,
     a_large_download_streams_through,
+    a_host_from_a_placeholder_is_checked_where_it_resolves,
+    redirects_carry_the_credential_only_when_asked_and_only_to_the_same_host,
+    a_compressed_answer_is_decoded_only_when_asked,
+    an_oauth1_form_body_is_signed_with_the_call,
 );
 
 /// Request headers of a case.
@@ -113,6 +118,17 @@ async fn a_proxied_call_carries_the_credential_and_the_callers_headers_and_passe
         "{metrics}"
     );
     assert!(!metrics.contains(ACCESS));
+    assert!(
+        metrics.contains("# TYPE grantline_proxy_request_duration_seconds histogram"),
+        "{metrics}"
+    );
+    for line in [
+        "grantline_proxy_request_duration_seconds_bucket{provider_config_key=\"fake\",le=\"+Inf\"} 2",
+        "grantline_proxy_request_duration_seconds_count{provider_config_key=\"fake\"} 2",
+        "grantline_proxy_request_duration_seconds_bucket{provider_config_key=\"fake\",le=\"60\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
 }
 
 async fn an_upstream_401_refreshes_once_through_the_fence_for_concurrent_calls(db: &TestDatabase) {
@@ -323,6 +339,16 @@ async fn bad_proxy_calls_get_a_json_answer_with_a_code(db: &TestDatabase) {
     }
     // No token was sent anywhere a refusal points.
     assert_eq!(service.fake.api.unauthorized.load(Ordering::SeqCst), 0);
+    for flag in ["Decompress", "Forward-Headers-On-Redirect"] {
+        let response = call(&service, Method::GET, "/api/echo", &[(flag, "yes")]).await;
+        assert_error(response, 400, "invalid_headers").await;
+    }
+    // A key that names no integration adds no series to /metrics.
+    let metrics = service.app().get("/metrics").await.text().await.unwrap();
+    assert!(
+        !metrics.contains("provider_config_key=\"nope\""),
+        "{metrics}"
+    );
 }
 
 async fn a_large_download_streams_through(db: &TestDatabase) {
@@ -343,4 +369,290 @@ async fn a_large_download_streams_through(db: &TestDatabase) {
     let body = response.bytes().await.unwrap();
     assert_eq!(body.len(), size);
     assert!(body.iter().all(|b| *b == b'x'));
+}
+
+/// A template whose base URL is a connection's `instance_url`, with an API key.
+const TENANT: &str = "fake-tenant:\n  auth_mode: API_KEY\n  proxy:\n    base_url: \
+                      ${connectionConfig.instance_url}\n    headers:\n      authorization: \
+                      Bearer ${apiKey}\n";
+
+async fn a_host_from_a_placeholder_is_checked_where_it_resolves(db: &TestDatabase) {
+    let service = FakeService::on(db)
+        .template(&format!("{WITH_API}{TENANT}"))
+        .start()
+        .await;
+    service.import(ID, ACCESS, REFRESH, Some(3600)).await;
+    let app = service.app();
+    let integration = json!({"provider_config_key": "tenant", "provider": "fake-tenant"});
+    ok_json(app.post_json("/config", &integration).await).await;
+    let base = service.fake.base.clone();
+    let port = base.rsplit(':').next().unwrap();
+    let instances = [
+        ("by-name", format!("http://localhost:{port}")),
+        ("by-address", base.clone()),
+    ];
+    for (id, instance_url) in &instances {
+        let import = json!({
+            "provider_config_key": "tenant", "connection_id": id,
+            "api_key": FakeProvider::API_KEY,
+            "connection_config": {"instance_url": instance_url},
+        });
+        let response = app.post_json("/connection", &import).await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+    let calls = service.fake.api.calls.load(Ordering::SeqCst);
+    for (id, _) in &instances {
+        for retries in ["0", "3"] {
+            let response = app
+                .client
+                .get(app.url("/proxy/api/echo"))
+                .header("Connection-Id", *id)
+                .header("Provider-Config-Key", "tenant")
+                .header("Retries", retries)
+                .send()
+                .await
+                .unwrap();
+            assert_error(response, 400, "blocked_destination").await;
+        }
+    }
+    assert_eq!(
+        service.fake.api.calls.load(Ordering::SeqCst),
+        calls,
+        "nothing reached the provider on loopback"
+    );
+    // The same provider on loopback, named by its template, is reached.
+    let response = call(&service, Method::GET, "/api/echo", &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// The template of the redirect tests: a header with the token, one without a placeholder.
+const WITH_HEADERS: &str = "  proxy:\n    base_url: {base}\n    headers:\n      x-token-copy: \
+                            ${accessToken}\n      x-static: plain\n";
+
+async fn redirects_carry_the_credential_only_when_asked_and_only_to_the_same_host(
+    db: &TestDatabase,
+) {
+    let service = FakeService::on(db)
+        .template(WITH_HEADERS)
+        .args(&["--proxy-allowed-hosts", "localhost"])
+        .start()
+        .await;
+    service.import(ID, ACCESS, REFRESH, Some(3600)).await;
+    let app = service.app();
+    // The test's own client must not follow the redirects the proxy passes back.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let send = |method: Method, path: String, headers: Vec<(&'static str, &'static str)>| {
+        let mut request = client
+            .request(method, app.url(&format!("/proxy{path}")))
+            .header("Connection-Id", ID)
+            .header("Provider-Config-Key", KEY);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request
+    };
+    let forward = ("Forward-Headers-On-Redirect", "true");
+    let to_landing = "/api/redirect?to=/api/landing".to_owned();
+
+    let landing = ok_json(
+        send(Method::GET, to_landing.clone(), vec![])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(landing["authorization"], false, "{landing}");
+    assert_eq!(landing["x-token-copy"], false, "{landing}");
+    assert_eq!(
+        landing["x-static"], "plain",
+        "a header without a secret still goes"
+    );
+    let landing = ok_json(
+        send(Method::GET, to_landing.clone(), vec![forward])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(landing["authorization"], true, "{landing}");
+    assert_eq!(landing["x-token-copy"], true, "{landing}");
+
+    // A hop to a page that needs the token, without it: the 401 is passed back and is no
+    // reason to refresh the token.
+    let to_echo = "/api/redirect?to=/api/echo".to_owned();
+    let response = send(Method::GET, to_echo.clone(), vec![])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(service.fake.refresh_requests(), 0);
+    let response = send(Method::GET, to_echo, vec![forward])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // 307 keeps the method and body; 303 turns them into a GET.
+    for (status, method, body) in [("307", "POST", "payload"), ("303", "GET", "")] {
+        let landing = ok_json(
+            send(
+                Method::POST,
+                format!("/api/redirect?status={status}&to=/api/landing"),
+                vec![],
+            )
+            .body("payload")
+            .send()
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(landing["method"], method, "{status}");
+        assert_eq!(landing["body"], body, "{status}");
+    }
+
+    // Another host not in GRANTLINE_PROXY_ALLOWED_HOSTS: the redirect is the answer.
+    let port = service.fake.base.rsplit(':').next().unwrap().to_owned();
+    let elsewhere = format!("http://127.0.0.2:{port}/api/landing");
+    let response = send(
+        Method::GET,
+        format!("/api/redirect?to={elsewhere}"),
+        vec![forward],
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(response.headers()["location"], elsewhere.as_str());
+    // An allowed host is followed, as a host the caller chose: it must not be on loopback.
+    let response = send(
+        Method::GET,
+        format!("/api/redirect?to=http://localhost:{port}/api/landing"),
+        vec![forward],
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_error(response, 400, "blocked_destination").await;
+
+    // A loop: five redirects followed, then the sixth answer passed back.
+    let calls = service.fake.api.calls.load(Ordering::SeqCst);
+    let response = send(Method::GET, "/api/redirect".into(), vec![forward])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(service.fake.api.calls.load(Ordering::SeqCst) - calls, 6);
+}
+
+async fn a_compressed_answer_is_decoded_only_when_asked(db: &TestDatabase) {
+    use std::io::Read;
+
+    let service = service(db, &[]).await;
+    let size = 300_000;
+    let expected = crate::fake_api::gzip_text(size);
+    let path = format!("/api/gzip?bytes={size}");
+    let response = call(&service, Method::GET, &path, &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let compressed = response.bytes().await.unwrap();
+    assert!(compressed.len() < size / 10, "the bytes as they came");
+    let mut decoded = Vec::new();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_end(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded, expected);
+
+    for flag in ["false", "true"] {
+        let response = call(&service, Method::GET, &path, &[("Decompress", flag)]).await;
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap();
+        if flag == "true" {
+            assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+            assert_eq!(headers["content-type"], "text/plain");
+            assert_eq!(body.as_ref(), expected.as_slice());
+        } else {
+            assert_eq!(headers["content-encoding"], "gzip");
+            assert_eq!(body, compressed);
+        }
+    }
+    // An answer that is not compressed is passed as it is.
+    let response = call(
+        &service,
+        Method::GET,
+        "/api/echo",
+        &[("Decompress", "true")],
+    )
+    .await;
+    assert_eq!(ok_json(response).await["path"], "/api/echo");
+}
+
+/// An OAuth 1.0a template on the fake provider.
+const OAUTH1: &str = "fake-oauth1:\n  auth_mode: OAUTH1\n  request_url: \
+                      {base}/oauth1/request_token\n  authorization_url: {base}/oauth1/authorize\n  \
+                      token_url: {base}/oauth1/access_token\n  signature_method: HMAC-SHA1\n  \
+                      proxy:\n    base_url: {base}\n";
+
+async fn an_oauth1_form_body_is_signed_with_the_call(db: &TestDatabase) {
+    let service = FakeService::on(db)
+        .template(&format!("{WITH_API}{OAUTH1}"))
+        .start()
+        .await;
+    let app = service.app();
+    let integration = json!({
+        "provider_config_key": "o1", "provider": "fake-oauth1",
+        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
+    });
+    ok_json(app.post_json("/config", &integration).await).await;
+    let (token, secret) = FakeProvider::oauth1_tokens(7);
+    let import = json!({
+        "provider_config_key": "o1", "connection_id": "o-1",
+        "oauth_token": token, "oauth_token_secret": secret,
+    });
+    let response = app.post_json("/connection", &import).await;
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    let request = |method: Method| {
+        app.client
+            .request(method, app.url("/proxy/api/echo?page=2&q=a%20b"))
+            .header("Connection-Id", "o-1")
+            .header("Provider-Config-Key", "o1")
+    };
+    let form = "status=Hello+Ladies+%2B+Gentlemen%2C+a+signed+request%21&emoji=%E2%98%83&empty=";
+    for method in [Method::POST, Method::PUT] {
+        let response = request(method.clone())
+            .header(
+                "Content-Type",
+                "application/x-www-form-urlencoded; charset=utf-8",
+            )
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        let echo = ok_json(response).await;
+        assert_eq!(echo["method"], method.as_str());
+        assert_eq!(echo["body"], form, "the body as it was signed");
+    }
+    // A form sent in chunks (no length) is kept and signed too.
+    let chunks = futures_util::stream::iter(
+        ["a=1&", "b=two"].map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))),
+    );
+    let response = request(Method::POST)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok_json(response).await["body"], "a=1&b=two");
+    // A body that is not a form is not signed; a GET has none.
+    let response = request(Method::POST)
+        .json(&json!({"status": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = request(Method::GET).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(service.fake.api.unauthorized.load(Ordering::SeqCst), 0);
 }

@@ -151,8 +151,9 @@ pub fn authorization_header(
 }
 
 /// The `Authorization` header of a request to a provider's API (`method` and `request.url`,
-/// whose query is signed) with a connection's token credentials; a body that is not a form is
-/// not signed (RFC 5849 §3.4.1.3).
+/// whose query is signed) with a connection's token credentials. A form body's parameters go
+/// in `request.body_params`, decoded, and are signed (RFC 5849 §3.4.1.3.1); a body that is not
+/// a form is not signed.
 pub fn resource_authorization(
     method: &str,
     request: &Oauth1Request<'_>,
@@ -418,6 +419,54 @@ mod tests {
         );
         assert!(
             format!("{request:?}").contains("key") && !format!("{request:?}").contains("SECRET")
+        );
+    }
+
+    #[test]
+    fn a_resource_request_signs_its_form_parameters() {
+        let secret = ClientSecret::new("consumer-SECRET");
+        let request = Oauth1Request {
+            url: "https://api.example.com/1/statuses?page=2",
+            consumer_key: "key",
+            consumer_secret: &secret,
+            token: Some(("tok", "token-SECRET")),
+            signature_method: SignatureMethod::HmacSha1,
+            oauth_params: Vec::new(),
+            body_params: vec![("status".into(), "Hello Ladies + Gentlemen".into())],
+        };
+        let header = resource_authorization("PUT", &request).unwrap();
+        let fields = parse_authorization_header(&header).unwrap();
+        let signature = fields
+            .iter()
+            .find(|(k, _)| k == "oauth_signature")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let oauth: Vec<(String, String)> = fields
+            .iter()
+            .filter(|(k, _)| k != "oauth_signature")
+            .cloned()
+            .collect();
+        let url = url::Url::parse(request.url).unwrap();
+        let check = |params: &[(String, String)]| {
+            let base = signature_base_string("PUT", &url, params);
+            sign(
+                SignatureMethod::HmacSha1,
+                &base,
+                "consumer-SECRET",
+                "token-SECRET",
+            )
+            .unwrap()
+        };
+        let with_body: Vec<_> = oauth.iter().chain(&request.body_params).cloned().collect();
+        assert_eq!(check(&with_body), signature, "the form is signed");
+        assert_ne!(
+            check(&oauth),
+            signature,
+            "without the form it would not match"
+        );
+        assert!(
+            !fields.iter().any(|(k, _)| k == "status"),
+            "not in the header"
         );
     }
 
