@@ -70,6 +70,8 @@ pub enum Health {
     Retrying,
     /// Its access token expires before the moment given with the filter.
     Expiring(DateTime<Utc>),
+    /// Not read since the moment given with the filter.
+    Idle(DateTime<Utc>),
 }
 
 /// How many live connections are in each health class; a connection counts once, in the first
@@ -362,10 +364,10 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// or not: a rebuild that read fewer must wait for the rest.
     async fn events_through(&self, head: i64) -> Result<i64, ProjectionError>;
 
-    /// Refreshes the planner's statistics of the read-model tables: after a bulk write (an
-    /// import, a rebuild's swap) they describe the tables before it, and plans made from them
-    /// can be orders of magnitude slower (a sort of every row instead of an index walk) until
-    /// autovacuum gets to them.
+    /// Refreshes the planner's statistics of the read-model tables and the log: after a bulk
+    /// write (an import, a rebuild's swap) they describe the tables before it, and plans made
+    /// from them can be orders of magnitude slower (a sort or scan of every row instead of an
+    /// index walk) until autovacuum gets to them.
     async fn analyze(&self) -> Result<(), ProjectionError>;
 
     /// Stops the live runner of projection `tables.live`, folds the log after `from` into
@@ -513,6 +515,15 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
         Some(Health::Expiring(before)) => {
             condition((dialect.moment)(before), &|p| {
                 format!("c.expires_at < {}", (dialect.timestamp)(p))
+            });
+        }
+        Some(Health::Idle(since)) => {
+            condition((dialect.moment)(since), &|p| {
+                format!(
+                    "NOT EXISTS (SELECT 1 FROM connection_reads r \
+                     WHERE r.stream_id = c.stream_id AND r.last_read_at >= {})",
+                    (dialect.timestamp)(p)
+                )
             });
         }
         None => {}

@@ -689,7 +689,8 @@ impl ReadModelStore for PostgresReadModels {
     async fn analyze(&self) -> Result<(), ProjectionError> {
         self.client()
             .await?
-            .batch_execute("ANALYZE connections, integrations")
+            // The log too: the runner's and readiness's queries on it plan from its statistics.
+            .batch_execute("ANALYZE events, connections, integrations")
             .await
             .map_err(database)
     }

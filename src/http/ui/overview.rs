@@ -2,18 +2,20 @@
 //! how the loops that follow the log are doing (projections, webhooks, the scheduler, the
 //! instances seen in the log).
 //!
-//! Counting every connection and reading a day of the log are the two costly parts: their
-//! result is kept for [`FRESH_FOR`] on this instance, so reloading the page costs nothing.
+//! Counting every connection and reading a day of the log are the two costly parts (seconds at
+//! a million connections): only the first view waits for them; after that a view shows the last
+//! figures at once and, when they are older than [`FRESH_FOR`], counts again in the background.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Timelike, Utc};
 use maud::{PreEscaped, html};
+use projections::ProjectionError;
 use projections::queries::{self, HealthCounts, RefreshActivity};
 
 use super::Refusal;
@@ -28,9 +30,15 @@ const FRESH_FOR: Duration = Duration::from_secs(15);
 /// What the overview calls "expiring soon".
 const SOON: chrono::Duration = chrono::Duration::minutes(30);
 
-/// The last counted figures of this instance.
+/// The last counted figures of this instance, and whether a count is running.
 #[derive(Debug, Default)]
-pub struct Cache(Mutex<Option<(Instant, Figures)>>);
+pub struct Cache(Arc<Mutex<Counted>>);
+
+#[derive(Debug, Default)]
+struct Counted {
+    figures: Option<(Instant, Figures)>,
+    counting: bool,
+}
 
 /// What is counted for the overview.
 #[derive(Clone, Debug)]
@@ -41,56 +49,93 @@ pub struct Figures {
 }
 
 impl Cache {
+    /// The figures: counted now the first time; later, the last ones at once, counted again in
+    /// the background when older than [`FRESH_FOR`] (a count reads every connection).
     async fn figures(&self, state: &AppState) -> Result<Figures, Refusal> {
-        if let Some((at, figures)) = &*self.0.lock().unwrap_or_else(|p| p.into_inner())
-            && at.elapsed() < FRESH_FOR
         {
-            return Ok(figures.clone());
+            let mut counted = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, figures)) = &counted.figures {
+                let figures = figures.clone();
+                if at.elapsed() >= FRESH_FOR && !counted.counting {
+                    counted.counting = true;
+                    let (cache, state) = (self.0.clone(), state.clone());
+                    tokio::spawn(async move {
+                        let fresh = count(&state).await;
+                        let mut counted = cache.lock().unwrap_or_else(|p| p.into_inner());
+                        counted.counting = false;
+                        match fresh {
+                            Ok(figures) => counted.figures = Some((Instant::now(), figures)),
+                            Err(e) => tracing::warn!(error.message = %e, "overview count failed"),
+                        }
+                    });
+                }
+                return Ok(figures);
+            }
         }
-        let now = Utc::now();
-        let idle_since = now
-            - chrono::Duration::from_std(state.scheduler.policy().active_for)
-                .unwrap_or(chrono::Duration::days(1));
-        let health = queries::health_counts(&state.read_models, now + SOON, idle_since)
-            .await
-            .map_err(Refusal::api)?;
-        let activity =
-            queries::refresh_activity(&state.read_models, now - chrono::Duration::hours(24))
-                .await
-                .map_err(Refusal::api)?;
-        let figures = Figures {
-            counted_at: now,
-            health,
-            activity,
-        };
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), figures.clone()));
+        let figures = count(state).await.map_err(Refusal::api)?;
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).figures =
+            Some((Instant::now(), figures.clone()));
         Ok(figures)
     }
 }
 
-/// Refresh outcomes per hour (the last 24, oldest first) in all and per integration.
-fn by_hour(activity: &RefreshActivity, now: DateTime<Utc>) -> (Hours, BTreeMap<&str, (i64, i64)>) {
+/// Counts the connections by health and reads the last day's refresh outcomes.
+async fn count(state: &AppState) -> Result<Figures, ProjectionError> {
+    let now = Utc::now();
+    let idle_since = now
+        - chrono::Duration::from_std(state.scheduler.policy().active_for)
+            .unwrap_or(chrono::Duration::days(1));
+    let health = queries::health_counts(&state.read_models, now + SOON, idle_since).await?;
+    let activity =
+        queries::refresh_activity(&state.read_models, now - chrono::Duration::hours(24)).await?;
+    Ok(Figures {
+        counted_at: now,
+        health,
+        activity,
+    })
+}
+
+/// The most integrations that get a chart of their own (the busiest); the table lists all.
+const CHARTS: usize = 6;
+
+/// One integration's refresh outcomes over the last day.
+struct Integration<'a> {
+    key: &'a str,
+    hours: Hours,
+    refreshed: i64,
+    failed: i64,
+}
+
+/// Refresh outcomes per integration and hour (the last 24, oldest first), busiest first.
+fn by_integration(activity: &RefreshActivity, now: DateTime<Utc>) -> Vec<Integration<'_>> {
     let this_hour = now
         .with_minute(0)
         .and_then(|t| t.with_second(0))
         .and_then(|t| t.with_nanosecond(0))
         .unwrap_or(now);
-    let mut hours = [(0, 0); 24];
-    let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut integrations: BTreeMap<&str, Integration<'_>> = BTreeMap::new();
     for bucket in &activity.buckets {
+        let key = bucket.provider_config_key.as_str();
+        let integration = integrations.entry(key).or_insert_with(|| Integration {
+            key,
+            hours: [(0, 0); 24],
+            refreshed: 0,
+            failed: 0,
+        });
         let ago = (this_hour - bucket.hour).num_hours();
         if let Ok(ago) = usize::try_from(ago)
             && ago < 24
         {
-            let slot = &mut hours[23 - ago];
+            let slot = &mut integration.hours[23 - ago];
             slot.0 += bucket.refreshed;
             slot.1 += bucket.failed;
         }
-        let total = totals.entry(&bucket.provider_config_key).or_default();
-        total.0 += bucket.refreshed;
-        total.1 += bucket.failed;
+        integration.refreshed += bucket.refreshed;
+        integration.failed += bucket.failed;
     }
-    (hours, totals)
+    let mut integrations: Vec<Integration<'_>> = integrations.into_values().collect();
+    integrations.sort_by_key(|i| std::cmp::Reverse(i.refreshed + i.failed));
+    integrations
 }
 
 /// `GET /ui/`.
@@ -118,8 +163,13 @@ pub async fn overview(State(state): State<HttpState>, viewer: Viewer) -> Result<
     let last_tick = (last_tick > 0)
         .then(|| DateTime::from_timestamp(last_tick, 0))
         .flatten();
-    let (hours, per_integration) = by_hour(&figures.activity, Utc::now());
-    let svg = chart::hourly(&hours, (720, 220));
+    let per_integration = by_integration(&figures.activity, Utc::now());
+    let charts: Vec<(&str, String)> = per_integration
+        .iter()
+        .take(CHARTS)
+        .map(|i| (i.key, chart::hourly(&i.hours, (460, 170))))
+        .filter(|(_, svg)| !svg.is_empty())
+        .collect();
     let h = figures.health;
     let tiles = [
         ("valid", "Valid", h.valid, None),
@@ -136,7 +186,7 @@ pub async fn overview(State(state): State<HttpState>, viewer: Viewer) -> Result<
             Some("retrying"),
         ),
         ("failed", "Failed for good", h.failed, Some("failed")),
-        ("idle", "Idle (not read lately)", h.idle, None),
+        ("idle", "Idle (not read lately)", h.idle, Some("idle")),
     ];
     let body = html! {
         section aria-labelledby="health" {
@@ -152,13 +202,19 @@ pub async fn overview(State(state): State<HttpState>, viewer: Viewer) -> Result<
                     }
                 }
             }
-            p.muted { "Counted " (relative(figures.counted_at)) " (kept for 15 s)." }
+            p.muted { "Counted " (relative(figures.counted_at)) "; counted again in the background
+                when a view finds them older than 15 s." }
         }
         section aria-labelledby="refreshes" {
             h2 #refreshes { "Refreshes over the last 24 hours" }
-            @if !svg.is_empty() {
-                figure.chart role="img" aria-label="Refreshes per hour: successful in green, failed in red" {
-                    (PreEscaped(svg))
+            div.charts {
+                @for (key, svg) in &charts {
+                    figure.chart {
+                        div role="img" aria-label=(format!("{key}: refreshes per hour, successful in green, failed in red")) {
+                            (PreEscaped(svg))
+                        }
+                        figcaption { (key) }
+                    }
                 }
             }
             @if per_integration.is_empty() {
@@ -170,10 +226,10 @@ pub async fn overview(State(state): State<HttpState>, viewer: Viewer) -> Result<
                         th scope="col" class="num" { "Refreshed" }
                         th scope="col" class="num" { "Failed" }
                     } }
-                    tbody { @for (key, (ok, failed)) in &per_integration { tr {
-                        th scope="row" { (key) }
-                        td.num { (ok) }
-                        td.num { (failed) }
+                    tbody { @for i in &per_integration { tr {
+                        th scope="row" { (i.key) }
+                        td.num { (i.refreshed) }
+                        td.num { (i.failed) }
                     } } }
                 }
             }
