@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use domain::connection::ConnectionKey;
-use domain::history::{FoldedHistory, HistoryEntry};
+use domain::history::{EntryType, FoldedHistory, HistoryEntry};
 use domain::store::{Backend, CompactionRecord};
 
 use super::HistoryError;
@@ -30,6 +30,41 @@ pub struct Timeline {
     pub lineage: Vec<HistoryEntry>,
     /// What compaction removed from the stream.
     pub compaction: Option<CompactionRecord>,
+    /// The events that may have made a webhook (authorizations, failures, recoveries,
+    /// deletions), newest first, at most [`WEBHOOK_EVENTS`].
+    pub webhook_events: Vec<uuid::Uuid>,
+}
+
+/// How many of a stream's webhook-making events a timeline names.
+pub const WEBHOOK_EVENTS: usize = 100;
+
+/// The events of `entries` (in stream order) that may have made a webhook, newest first: an
+/// authorization, a failure, a deletion, and a refresh that followed a failure (a recovery).
+fn webhook_events(entries: &[HistoryEntry]) -> Vec<uuid::Uuid> {
+    let mut found = Vec::new();
+    let mut after_failure = false;
+    for entry in entries {
+        match entry.entry_type {
+            EntryType::ConnectionAuthorized | EntryType::ConnectionDeleted => {
+                found.push(entry.event_id);
+                after_failure = false;
+            }
+            EntryType::RefreshFailed => {
+                found.push(entry.event_id);
+                after_failure = true;
+            }
+            EntryType::TokensRefreshed => {
+                if after_failure {
+                    found.push(entry.event_id);
+                }
+                after_failure = false;
+            }
+            _ => {}
+        }
+    }
+    found.reverse();
+    found.truncate(WEBHOOK_EVENTS);
+    found
 }
 
 /// How many entries of the refresh-token lineage a timeline shows.
@@ -139,6 +174,7 @@ impl Timelines {
             .cloned()
             .collect();
         let total = entries.len();
+        let webhook_events = webhook_events(entries);
         let grew = total != before_extension || found.is_none();
         drop(history);
         if total >= KEPT_FROM && grew {
@@ -152,6 +188,7 @@ impl Timelines {
             older,
             lineage,
             compaction,
+            webhook_events,
         })
     }
 }

@@ -27,6 +27,7 @@ use crate::{TestApp, new_key, ok_json, serve_config};
 const SECRET: &str = "whsec-test-7d1f";
 
 domain::on_both_backends!(
+    the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_now,
     every_kind_of_webhook_arrives_once_signed_and_without_secrets,
     compaction_neither_repeats_nor_loses_a_webhook,
 );
@@ -751,4 +752,68 @@ async fn a_server_killed_mid_delivery_delivers_every_event_after_a_restart(db: &
             >= 2
     );
     drop(server);
+}
+
+/// The dashboard (open mode: no secret key) lists the webhooks made for a connection, and its
+/// "retry now" sends a delivery waiting out a long backoff at once.
+async fn the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_now(
+    db: &TestDatabase,
+) {
+    let receiver = Receiver::start().await;
+    receiver.set_mode(Mode::Fail);
+    // The longest backoff: without "retry now" the second attempt waits minutes.
+    let env = env(db, &receiver, "5m").await;
+    env.import("conn-a", "rt-a").await;
+    env.target_when("a delivery waiting for its retry", |t| {
+        t["deliveries"][0]["status"] == "retrying"
+    })
+    .await;
+    receiver.set_mode(Mode::Ok);
+    let page = |path: &str| {
+        let url = env.app().url(path);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let connection = page("/ui/connections/fake/conn-a").await;
+    assert!(connection.contains("Webhooks sent for it"), "{connection}");
+    assert!(connection.contains("connection.created"), "{connection}");
+    assert!(connection.contains("retrying"), "{connection}");
+
+    let operations = page("/ui/operations").await;
+    assert!(operations.contains("Retry now"), "{operations}");
+    let csrf = operations
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let shown = operations
+        .split("name=\"url\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .replace("&amp;", "&");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let retry = |url: String| {
+        client
+            .post(env.app().url("/ui/operations/webhooks/retry"))
+            .form(&[("csrf", csrf.clone()), ("url", url)])
+            .send()
+    };
+    assert_eq!(
+        retry("http://nowhere.example/".into())
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(retry(shown).await.unwrap().status(), 303);
+    // Delivered now, not in minutes.
+    receiver
+        .wait_for("the retried connection.created", |d| {
+            events(d) == ["connection.created"]
+        })
+        .await;
 }

@@ -65,7 +65,7 @@ pub struct Filters {
     tag: String,
     #[serde(default)]
     end_user: String,
-    /// `failed`, `retrying` or `expiring`.
+    /// `failed`, `retrying`, `expiring` or `idle`.
     #[serde(default)]
     health: String,
     #[serde(default)]
@@ -74,7 +74,7 @@ pub struct Filters {
 
 impl Filters {
     /// The filter for the store, or what is wrong with the fields.
-    fn filter(&self) -> Result<ConnectionFilter, String> {
+    fn filter(&self, idle_after: Duration) -> Result<ConnectionFilter, String> {
         let text = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
         let mut tags = BTreeMap::new();
         if let Some(tag) = text(&self.tag) {
@@ -88,6 +88,7 @@ impl Filters {
             "failed" => Some(Health::Failed),
             "retrying" => Some(Health::Retrying),
             "expiring" => Some(Health::Expiring(Utc::now() + EXPIRING_WITHIN)),
+            "idle" => Some(Health::Idle(Utc::now() - idle_after)),
             _ => return Err("Unknown health filter.".to_owned()),
         };
         if [&self.q, &self.integration, &self.tag, &self.end_user]
@@ -142,7 +143,9 @@ async fn list(
     };
     let integrations = integrations::list(&state.app).await.map_err(Refusal::api)?;
     let mut rows = Vec::new();
-    match filters.filter() {
+    let idle_after =
+        Duration::from_std(state.app.scheduler.policy().active_for).unwrap_or(Duration::days(1));
+    match filters.filter(idle_after) {
         Ok(filter) => {
             rows = connections::list(&state.app, &filter)
                 .await
@@ -180,7 +183,8 @@ async fn list(
                 label for="health" { "Health" }
                 select #health name="health" {
                     @for (value, name) in [("", "Any"), ("failed", "Failed"),
-                        ("retrying", "Retrying"), ("expiring", "Expiring within 30 min")] {
+                        ("retrying", "Retrying"), ("expiring", "Expiring within 30 min"),
+                        ("idle", "Idle (not read lately)")] {
                         option value=(value) selected[value == filters.health] { (name) }
                     }
                 }
@@ -279,6 +283,15 @@ async fn connection(
         )
         .await
         .map_err(Refusal::api)?;
+    let webhooks = match &state.app.webhooks {
+        Some(service) => Some(
+            service
+                .deliveries_of(&timeline.webhook_events)
+                .await
+                .map_err(Refusal::api)?,
+        ),
+        None => None,
+    };
     let (shown, older, lineage, compaction) = (
         &timeline.entries,
         timeline.older,
@@ -362,6 +375,28 @@ async fn connection(
                     } } }
                 }
                 p.muted { "Keyed fingerprints: they identify a token without revealing it." }
+            }
+        }
+        section aria-labelledby="webhooks" {
+            h2 #webhooks { "Webhooks sent for it" }
+            @match &webhooks {
+                None => p.muted { "No webhook target on this instance." },
+                Some(deliveries) if deliveries.is_empty() => p.muted { "None yet." },
+                Some(deliveries) => table {
+                    thead { tr {
+                        th scope="col" { "Webhook" } th scope="col" { "To" }
+                        th scope="col" { "Status" } th scope="col" class="num" { "Attempts" }
+                        th scope="col" { "Last attempt" }
+                    } }
+                    tbody { @for (url, d) in deliveries { tr {
+                        td { (d.event) }
+                        td.mono { (url) }
+                        td { span.badge.(d.status) { (d.status) }
+                            @if let Some(status) = d.last_status { " " (status) } }
+                        td.num { (d.attempts) }
+                        td { (relative(d.last_attempt_at)) }
+                    } } }
+                },
             }
         }
         section aria-labelledby="history" {

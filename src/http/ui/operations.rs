@@ -29,6 +29,7 @@ pub(super) fn routes() -> Routes {
     Routes::new()
         .route("/ui/operations", get(operations))
         .route("/ui/operations/rebuild/{name}", post(rebuild))
+        .route("/ui/operations/webhooks/retry", post(retry_webhooks))
 }
 
 /// The rebuilds started from this instance's dashboard, by projection.
@@ -182,6 +183,13 @@ async fn operations(State(state): State<HttpState>, viewer: Viewer) -> Result<Re
                         @if let Some(holder) = &target.lease_holder { " · delivered by " (holder) }
                     }
                     @if let Some(error) = &target.last_error { p.error { (error) } }
+                    @if target.deliveries.iter().any(|d| d.status == "retrying") {
+                        form method="post" action="/ui/operations/webhooks/retry" {
+                            (csrf(&viewer))
+                            input type="hidden" name="url" value=(target.url);
+                            button.secondary type="submit" { "Retry now" }
+                        }
+                    }
                     @if target.deliveries.is_empty() {
                         p.muted { "No delivery yet." }
                     } @else {
@@ -265,4 +273,36 @@ async fn rebuild(
     // No fragment: the page reloads itself while the rebuild runs, and a reload of an address
     // with a fragment is only a scroll in browsers.
     Ok(Redirect::to("/ui/operations").into_response())
+}
+
+/// The "retry now" form of a webhook target.
+#[derive(serde::Deserialize)]
+struct Retry {
+    csrf: String,
+    /// The target as the page shows it (redacted).
+    url: String,
+}
+
+/// `POST /ui/operations/webhooks/retry`: makes the target's retrying deliveries due now.
+async fn retry_webhooks(
+    State(state): State<HttpState>,
+    viewer: Viewer,
+    Posted(retry): Posted<Retry>,
+) -> Result<Response, Refusal> {
+    viewer.check(&retry.csrf)?;
+    let not_found = || {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no such webhook target on this instance.",
+        )
+    };
+    let webhooks = state.app.webhooks.as_ref().ok_or_else(not_found)?;
+    match webhooks.retry_now(&retry.url).await.map_err(Refusal::api)? {
+        Some(due) => {
+            tracing::info!(webhook.url = %retry.url, due, "webhook retries made due from the dashboard");
+            Ok(Redirect::to("/ui/operations").into_response())
+        }
+        None => Err(not_found()),
+    }
 }

@@ -207,6 +207,30 @@ impl WebhookService {
         futures_util::future::join_all(loops).await;
     }
 
+    /// Each target's deliveries of the events `event_ids` (say, a connection's), with the
+    /// target as operators see it (its URL redacted).
+    pub async fn deliveries_of(
+        &self,
+        event_ids: &[uuid::Uuid],
+    ) -> Result<Vec<(String, DeliveryStatus)>, WebhookError> {
+        let mut found = Vec::new();
+        for subscriber in self.subscribers.iter() {
+            for delivery in subscriber.deliveries_of(event_ids).await? {
+                found.push((subscriber.url().to_owned(), delivery));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Makes the retrying deliveries of the target shown as `url` due now (see
+    /// [`WebhookSubscriber::retry_now`]); `None` when no target is shown so.
+    pub async fn retry_now(&self, url: &str) -> Result<Option<u64>, WebhookError> {
+        match self.subscribers.iter().find(|s| s.url() == url) {
+            Some(subscriber) => Ok(Some(subscriber.retry_now().await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Each target's checkpoint, lag, lease and its `recent` latest deliveries.
     pub async fn status(&self, recent: usize) -> Result<Vec<TargetStatus>, WebhookError> {
         let mut statuses = Vec::with_capacity(self.subscribers.len());

@@ -19,11 +19,12 @@ use domain::event::DomainEvent;
 use domain::store::{EventStore, RecordedEvent, StreamId};
 use quick_cache::sync::Cache;
 use url::Url;
+use uuid::Uuid;
 
 use super::delivery::Poster;
 use super::mapping::{Webhook, webhook_for};
 use super::store::{DeliveryState, Outgoing, Target, WebhookStore};
-use super::{TargetStatus, WebhookCounters, WebhookError, redact};
+use super::{DeliveryStatus, TargetStatus, WebhookCounters, WebhookError, redact};
 
 /// Events read per step.
 const BATCH_SIZE: usize = 100;
@@ -66,6 +67,8 @@ pub struct WebhookSubscriber {
     /// Connection states after the last event passed, by stream: `(stream version, state)`.
     /// Bounded by [`CACHE_CAPACITY`].
     states: Arc<Cache<StreamId, (u32, Connection)>>,
+    /// Wakes the loop from a retry's backoff (an operator's "retry now").
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl fmt::Debug for WebhookSubscriber {
@@ -101,7 +104,25 @@ impl WebhookSubscriber {
             poster,
             counters,
             states: Arc::new(Cache::new(CACHE_CAPACITY)),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Makes the target's deliveries that wait for a retry due now, and wakes this instance's
+    /// loop for the target; how many there were. (On an instance whose loop does not hold the
+    /// target's lease, the holder retries them when its current wait ends.)
+    pub async fn retry_now(&self) -> Result<u64, WebhookError> {
+        let due = self.store.retry_now(&self.target).await?;
+        self.wake.notify_one();
+        Ok(due)
+    }
+
+    /// The target's deliveries of the events `event_ids`, most recent attempt first.
+    pub async fn deliveries_of(
+        &self,
+        event_ids: &[Uuid],
+    ) -> Result<Vec<DeliveryStatus>, WebhookError> {
+        Ok(self.store.deliveries_of(&self.target, event_ids).await?)
     }
 
     /// The key and lease of this subscriber's target.
@@ -166,6 +187,7 @@ impl WebhookSubscriber {
                         None => listener.wait().await,
                     }
                 } => {}
+                () = self.wake.notified() => {}
             }
         }
         if let Err(e) = self.store.release(&self.target).await {

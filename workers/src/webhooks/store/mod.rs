@@ -101,7 +101,22 @@ pub(crate) trait WebhookStore: Send + Sync + 'static {
         target: &'a Target,
         recent: usize,
     ) -> StoreFuture<'a, (TargetRow, Vec<DeliveryStatus>)>;
+
+    /// Makes the target's deliveries that wait for a retry due now; how many there were.
+    fn retry_now<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, u64>;
+
+    /// The target's deliveries of the events `event_ids` (by its key: no scan), most recent
+    /// attempt first.
+    fn deliveries_of<'a>(
+        &'a self,
+        target: &'a Target,
+        event_ids: &'a [Uuid],
+    ) -> StoreFuture<'a, Vec<DeliveryStatus>>;
 }
+
+/// The columns of a delivery, in the order both backends read them.
+const DELIVERY_COLUMNS: &str = "event_id, event, global_position, status, attempts, last_status, \
+     last_error, first_attempt_at, last_attempt_at, next_attempt_at, delivered_at";
 
 /// The webhook tables of `backend`: the one place that tells the backends apart.
 pub(crate) fn open(backend: &Backend) -> Arc<dyn WebhookStore> {

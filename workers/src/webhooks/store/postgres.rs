@@ -9,7 +9,8 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
+    DELIVERY_COLUMNS, DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow,
+    WebhookStore, limit_of,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -272,31 +273,71 @@ impl WebhookStore for PostgresWebhooks {
             };
             let deliveries = client
                 .query(
-                    "SELECT event_id, event, global_position, status, attempts, \
-                     last_status, last_error, first_attempt_at, last_attempt_at, \
-                     next_attempt_at, delivered_at FROM webhook_deliveries \
-                     WHERE target = $1 \
-                     ORDER BY last_attempt_at DESC, global_position DESC LIMIT $2",
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE target = $1 \
+                         ORDER BY last_attempt_at DESC, global_position DESC LIMIT $2"
+                    ),
                     &[&target.key, &limit_of(recent)],
                 )
                 .await
                 .map_err(db_error)?
                 .iter()
-                .map(|r| DeliveryStatus {
-                    event_id: r.get(0),
-                    event: r.get(1),
-                    global_position: r.get(2),
-                    status: r.get(3),
-                    attempts: i64::from(r.get::<_, i32>(4)),
-                    last_status: r.get::<_, Option<i32>>(5).map(i64::from),
-                    last_error: r.get(6),
-                    first_attempt_at: r.get(7),
-                    last_attempt_at: r.get(8),
-                    next_attempt_at: r.get(9),
-                    delivered_at: r.get(10),
-                })
+                .map(delivery)
                 .collect();
             Ok((row, deliveries))
         })
+    }
+
+    fn retry_now<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = now() \
+                 WHERE target = $1 AND status = 'retrying'",
+                &[&target.key],
+            )
+            .await
+        })
+    }
+
+    fn deliveries_of<'a>(
+        &'a self,
+        target: &'a Target,
+        event_ids: &'a [Uuid],
+    ) -> StoreFuture<'a, Vec<DeliveryStatus>> {
+        Box::pin(async move {
+            Ok(self
+                .client()
+                .await?
+                .query(
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
+                         WHERE target = $1 AND event_id = ANY($2) \
+                         ORDER BY last_attempt_at DESC, global_position DESC"
+                    ),
+                    &[&target.key, &event_ids],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(delivery)
+                .collect())
+        })
+    }
+}
+
+/// A delivery from a row of [`DELIVERY_COLUMNS`].
+fn delivery(r: &Row) -> DeliveryStatus {
+    DeliveryStatus {
+        event_id: r.get(0),
+        event: r.get(1),
+        global_position: r.get(2),
+        status: r.get(3),
+        attempts: i64::from(r.get::<_, i32>(4)),
+        last_status: r.get::<_, Option<i32>>(5).map(i64::from),
+        last_error: r.get(6),
+        first_attempt_at: r.get(7),
+        last_attempt_at: r.get(8),
+        next_attempt_at: r.get(9),
+        delivered_at: r.get(10),
     }
 }

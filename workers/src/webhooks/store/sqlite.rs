@@ -10,7 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
 use super::{
-    DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow, WebhookStore, limit_of,
+    DELIVERY_COLUMNS, DeliveryState, Failed, Outgoing, StoreFuture, Target, TargetRow,
+    WebhookStore, limit_of,
 };
 use crate::webhooks::DeliveryStatus;
 
@@ -299,32 +300,66 @@ impl WebhookStore for SqliteWebhooks {
                     })
                 },
             )?;
-            let mut statement = conn.prepare(
-                "SELECT event_id, event, global_position, status, attempts, \
-                 last_status, last_error, first_attempt_at, last_attempt_at, \
-                 next_attempt_at, delivered_at FROM webhook_deliveries \
-                 WHERE target = ?1 \
-                 ORDER BY last_attempt_at DESC, global_position DESC LIMIT ?2",
-            )?;
+            let mut statement = conn.prepare(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE target = ?1 \
+                 ORDER BY last_attempt_at DESC, global_position DESC LIMIT ?2"
+            ))?;
             let deliveries = statement
-                .query_map(params![key, limit], |r| {
-                    let event_id: String = r.get(0)?;
-                    Ok(DeliveryStatus {
-                        event_id: Uuid::parse_str(&event_id).unwrap_or_default(),
-                        event: r.get(1)?,
-                        global_position: r.get(2)?,
-                        status: r.get(3)?,
-                        attempts: r.get(4)?,
-                        last_status: r.get(5)?,
-                        last_error: r.get(6)?,
-                        first_attempt_at: from_micros(r.get(7)?),
-                        last_attempt_at: from_micros(r.get(8)?),
-                        next_attempt_at: r.get::<_, Option<i64>>(9)?.map(from_micros),
-                        delivered_at: r.get::<_, Option<i64>>(10)?.map(from_micros),
-                    })
-                })?
+                .query_map(params![key, limit], delivery)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok((row, deliveries))
         }))
     }
+
+    fn retry_now<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, u64> {
+        let params = (target.key.clone(), micros(Utc::now()));
+        Box::pin(
+            self.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = ?2 \
+                 WHERE target = ?1 AND status = 'retrying'",
+                params,
+            )
+            .map_ok(|changed| changed as u64),
+        )
+    }
+
+    fn deliveries_of<'a>(
+        &'a self,
+        target: &'a Target,
+        event_ids: &'a [Uuid],
+    ) -> StoreFuture<'a, Vec<DeliveryStatus>> {
+        let ids: Vec<String> = event_ids.iter().map(Uuid::to_string).collect();
+        let (key, ids) = (
+            target.key.clone(),
+            serde_json::to_string(&ids).unwrap_or_default(),
+        );
+        Box::pin(self.read(move |conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
+                 WHERE target = ?1 AND event_id IN (SELECT value FROM json_each(?2)) \
+                 ORDER BY last_attempt_at DESC, global_position DESC"
+            ))?;
+            statement
+                .query_map(params![key, ids], delivery)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        }))
+    }
+}
+
+/// A delivery from a row of [`DELIVERY_COLUMNS`].
+fn delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryStatus> {
+    let event_id: String = r.get(0)?;
+    Ok(DeliveryStatus {
+        event_id: Uuid::parse_str(&event_id).unwrap_or_default(),
+        event: r.get(1)?,
+        global_position: r.get(2)?,
+        status: r.get(3)?,
+        attempts: r.get(4)?,
+        last_status: r.get(5)?,
+        last_error: r.get(6)?,
+        first_attempt_at: from_micros(r.get(7)?),
+        last_attempt_at: from_micros(r.get(8)?),
+        next_attempt_at: r.get::<_, Option<i64>>(9)?.map(from_micros),
+        delivered_at: r.get::<_, Option<i64>>(10)?.map(from_micros),
+    })
 }
