@@ -143,6 +143,20 @@ async fn main() {
         t.elapsed().as_secs_f64() * 1000.0
     );
 
+    // A connection page's first view folds the whole stream; later views extend what it kept.
+    let t = Instant::now();
+    let response = client
+        .get(format!("{base}/ui/connections/fake/{LONG}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    println!(
+        "connection page, first view (folds {history} events): {:.1} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+
     let middle = size / 2;
     let pages = [
         ("list, newest first", "/ui/connections".to_owned()),

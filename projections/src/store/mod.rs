@@ -367,7 +367,9 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
     /// Refreshes the planner's statistics of the read-model tables and the log: after a bulk
     /// write (an import, a rebuild's swap) they describe the tables before it, and plans made
     /// from them can be orders of magnitude slower (a sort or scan of every row instead of an
-    /// index walk) until autovacuum gets to them.
+    /// index walk) until autovacuum gets to them. On PostgreSQL the read models are vacuumed
+    /// too, which empties the GIN indexes' pending lists (measured on 300,000 imported
+    /// connections: a tag filter 3.4 → 0.8 ms, a search 14 → 10 ms).
     async fn analyze(&self) -> Result<(), ProjectionError>;
 
     /// Stops the live runner of projection `tables.live`, folds the log after `from` into

@@ -687,12 +687,18 @@ impl ReadModelStore for PostgresReadModels {
     }
 
     async fn analyze(&self) -> Result<(), ProjectionError> {
-        self.client()
-            .await?
-            // The log too: the runner's and readiness's queries on it plan from its statistics.
-            .batch_execute("ANALYZE events, connections, integrations")
-            .await
-            .map_err(database)
+        let client = self.client().await?;
+        // One statement per query: VACUUM refuses to run in the implicit transaction of several.
+        // VACUUM also merges the GIN indexes' pending lists (tags, search), which every search
+        // reads through until then; the log only needs its statistics.
+        for statement in [
+            "VACUUM (ANALYZE) connections",
+            "VACUUM (ANALYZE) integrations",
+            "ANALYZE events",
+        ] {
+            client.batch_execute(statement).await.map_err(database)?;
+        }
+        Ok(())
     }
 
     async fn swap(

@@ -440,7 +440,7 @@ fn timeline_entry(entry: &HistoryEntry) -> Markup {
                 " · " span.muted { (instance) }
             }
             @let detail = history::detail(entry);
-            @if !detail.is_empty() { div.mono { (detail) } }
+            @if !detail.is_empty() && detail != "-" { div.mono { (detail) } }
         }
     }
 }
