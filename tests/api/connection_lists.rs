@@ -90,6 +90,13 @@ async fn the_list_filters_by_end_user_organization_integration_tags_and_search_a
         // characters, not wildcards.
         assert_eq!(ids(&app, "search=ANN").await, ["c1"]);
         assert_eq!(ids(&app, "search=example.com").await, ["c1"]);
+        // An e-mail is looked up by its part up to the `@`, and then matched whole.
+        assert_eq!(ids(&app, "search=ann@EXAMPLE.c").await, ["c1"]);
+        assert_eq!(
+            ids(&app, "search=ann@example.org").await,
+            Vec::<String>::new()
+        );
+        assert_eq!(ids(&app, "search=@example").await, ["c1"]);
         assert_eq!(ids(&app, "search=bo").await, ["c2"]);
         assert_eq!(ids(&app, "search=c").await.len(), 4);
         assert_eq!(ids(&app, "search=%25").await, ["c4_%"]);

@@ -486,13 +486,32 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
         condition(id.clone(), &|p| format!("c.end_user_org_id = {p}"));
     }
     if let Some(search) = &filter.search {
-        let escaped = search
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        condition(format!("%{escaped}%"), &|p| {
-            format!("c.search LIKE {p} ESCAPE '\\'")
-        });
+        let contains = |text: &str| {
+            let escaped = text
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%{escaped}%")
+        };
+        match email_local_part(search) {
+            // An e-mail's domain is shared by many end users, so its trigrams select almost
+            // nothing, and reading their posting lists is most of a search's time (measured at
+            // 1,000,000 connections that share one domain: 40 ms for `user500000@example`,
+            // 14 ms for `user500000@`). The index is asked for the part up to the `@`; the
+            // whole text is checked on the rows it finds (`|| ''` keeps that check off the
+            // index).
+            Some(local) => {
+                condition(contains(local), &|p| {
+                    format!("c.search LIKE {p} ESCAPE '\\'")
+                });
+                condition(contains(search), &|p| {
+                    format!("(c.search || '') LIKE {p} ESCAPE '\\'")
+                });
+            }
+            None => condition(contains(search), &|p| {
+                format!("c.search LIKE {p} ESCAPE '\\'")
+            }),
+        }
     }
     if !filter.integrations.is_empty() {
         let keys = serde_json::to_string(&filter.integrations).unwrap_or_default();
@@ -539,6 +558,19 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
         " ORDER BY c.created_at DESC, c.id DESC LIMIT {limit} OFFSET {offset}"
     ));
     (sql, parameters)
+}
+
+/// The part of an e-mail-like search up to and including its `@`, when a domain follows it and
+/// the part before it is long enough to have trigrams of its own (three letters or digits).
+fn email_local_part(search: &str) -> Option<&str> {
+    let at = search.find('@')?;
+    let before = &search[..at];
+    let letters = before
+        .chars()
+        .rev()
+        .take_while(|c| c.is_alphanumeric())
+        .count();
+    (letters >= 3 && at + 1 < search.len()).then(|| &search[..=at])
 }
 
 /// A list row's ownership and metadata, from their JSON text (absent when NULL).
