@@ -16,6 +16,7 @@ pub mod history;
 pub mod integration;
 pub mod keys;
 pub mod oauth_session;
+pub mod sign_out;
 pub mod store;
 pub mod testing;
 

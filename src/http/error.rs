@@ -283,13 +283,7 @@ pub struct ErrorDetail {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        match &self {
-            Self::Internal(cause) => tracing::error!(error.message = %cause, "request failed"),
-            Self::Unavailable(cause) => {
-                tracing::warn!(error.message = %cause, "database unavailable")
-            }
-            _ => {}
-        }
+        self.log();
         let body = ErrorBody {
             error: ErrorDetail {
                 code,
@@ -308,6 +302,18 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
+    /// Logs the cause of a failure that is the server's, not the caller's (never a secret:
+    /// causes are database and internal errors).
+    pub fn log(&self) {
+        match self {
+            Self::Internal(cause) => tracing::error!(error.message = %cause, "request failed"),
+            Self::Unavailable(cause) => {
+                tracing::warn!(error.message = %cause, "database unavailable")
+            }
+            _ => {}
+        }
+    }
+
     /// When a client may try again, in seconds, for the answers that are worth retrying.
     fn retry_after(&self) -> Option<u64> {
         match self {

@@ -25,10 +25,12 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
 
 domain::on_both_backends!(the_dashboard_refuses_what_it_must_and_never_shows_a_secret,);
 
-/// The service with the fake provider, a secret key, and connections `alpha` (tag team=core),
-/// `beta` (team=growth) and `gamma` (no tag) of `fake`, refreshable at the provider.
-async fn service(db: &TestDatabase) -> FakeService {
+/// The service (`instances` of it) with the fake provider, a secret key, and connections `alpha`
+/// (tag team=core), `beta` (team=growth) and `gamma` (no tag) of `fake`, refreshable at the
+/// provider.
+async fn service(db: &TestDatabase, instances: usize) -> FakeService {
     let service = FakeService::on(db)
+        .instances(instances)
         .args(&["--secret-key", SECRET])
         .start()
         .await;
@@ -61,7 +63,7 @@ async fn an_operator_signs_in_finds_a_connection_refreshes_it_and_rebuilds_in_a_
     let node_dir = node_dir();
     install_client(&node_dir);
     let db = TestDatabase::postgres().await;
-    let service = service(&db).await;
+    let service = service(&db, 1).await;
     let shots = tempfile::Builder::new()
         .prefix("grantline-dashboard-")
         .tempdir()
@@ -131,7 +133,7 @@ fn cookie_signed_with(secret: &str, expires: i64, id: &str) -> String {
 }
 
 async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDatabase) {
-    let service = service(db).await;
+    let service = service(db, 2).await;
     let app = service.app();
     // A browser without the API's key and without redirects: what the dashboard answers is seen.
     let browser = reqwest::Client::builder()
@@ -395,7 +397,10 @@ async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDa
         );
     }
 
-    // Signing out ends the session on this instance.
+    // Signing out ends the session on every instance, not only on the one that served it.
+    let other = &service.apps[1];
+    let on_other = |cookie: String| browser.get(other.url("/ui/")).header(COOKIE, cookie).send();
+    assert_eq!(on_other(cookie.clone()).await.unwrap().status(), 200);
     let out = browser
         .post(app.url("/ui/logout"))
         .header(COOKIE, &cookie)
@@ -406,4 +411,15 @@ async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDa
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
     let after = get("/ui/", Some(&cookie)).await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
+    let elsewhere = on_other(cookie.clone()).await.unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::SEE_OTHER);
+    // An action with the signed-out cookie is refused everywhere, and does nothing.
+    let refused = browser
+        .post(other.url("/ui/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }

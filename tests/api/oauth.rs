@@ -664,14 +664,30 @@ async fn expired_sessions_are_swept_and_live_ones_kept(db: &TestDatabase) {
     for s in [&old, &live] {
         backend.sessions().create_session(s).await.unwrap();
     }
+    // Dashboard sign-outs: kept while their session could still be shown, then swept too.
+    let sign_outs = backend.sign_outs();
+    sign_outs
+        .sign_out("expired", now - chrono::Duration::minutes(1))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        sign_outs
+            .sign_out("current", now + chrono::Duration::hours(1))
+            .await
+            .unwrap();
+    }
+    assert!(sign_outs.signed_out("current").await.unwrap());
+    assert!(!sign_outs.signed_out("never").await.unwrap());
     assert!(
         backend.sessions().create_session(&live).await.is_err(),
         "a state exists once"
     );
     assert_eq!(
         workers::sessions::sweep_once(&backend, now).await.unwrap(),
-        1
+        2
     );
+    assert!(!sign_outs.signed_out("expired").await.unwrap());
+    assert!(sign_outs.signed_out("current").await.unwrap());
     assert_eq!(
         workers::sessions::sweep_once(&backend, now).await.unwrap(),
         0

@@ -1,4 +1,5 @@
-//! The OAuth session sweeper: deletes the flow sessions whose `state` has expired.
+//! The session sweeper: deletes the flow sessions whose `state` has expired, expired connect
+//! sessions, and the sign-outs of dashboard sessions that have expired anyway.
 //!
 //! A callback already refuses an expired session ([`domain::oauth_session::FlowSession`] is taken
 //! once and checked against the clock), so sweeping is housekeeping, not security: it keeps
@@ -20,9 +21,10 @@ pub async fn sweep_once(backend: &Backend, now: DateTime<Utc>) -> Result<u64, St
         + backend
             .connect_sessions()
             .sweep_connect_sessions(now)
-            .await?;
+            .await?
+        + backend.sign_outs().sweep_sign_outs(now).await?;
     if swept > 0 {
-        tracing::debug!(swept, "expired oauth and connect sessions swept");
+        tracing::debug!(swept, "expired oauth, connect and dashboard sessions swept");
     }
     Ok(swept)
 }

@@ -32,6 +32,7 @@ pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 use crate::connect_session::ConnectSessionRepository;
 use crate::keys::KeyRepository;
 use crate::oauth_session::SessionRepository;
+use crate::sign_out::SignOutRepository;
 
 /// The identity of a stream: `<category>-<id>`, e.g. `connection-3f0c…`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -390,12 +391,23 @@ impl ChangeSignal {
 
 /// The repositories one database implements; [`Backend`] hands each out from it.
 trait Repositories:
-    EventStore + KeyRepository + SessionRepository + ConnectSessionRepository + LogCompaction
+    EventStore
+    + KeyRepository
+    + SessionRepository
+    + ConnectSessionRepository
+    + SignOutRepository
+    + LogCompaction
 {
 }
 
-impl<T: EventStore + KeyRepository + SessionRepository + ConnectSessionRepository + LogCompaction>
-    Repositories for T
+impl<
+    T: EventStore
+        + KeyRepository
+        + SessionRepository
+        + ConnectSessionRepository
+        + SignOutRepository
+        + LogCompaction,
+> Repositories for T
 {
 }
 
@@ -468,6 +480,11 @@ impl Backend {
 
     /// The connect sessions.
     pub fn connect_sessions(&self) -> &dyn ConnectSessionRepository {
+        self.repositories()
+    }
+
+    /// The dashboard's sign-outs.
+    pub fn sign_outs(&self) -> &dyn SignOutRepository {
         self.repositories()
     }
 

@@ -155,8 +155,7 @@ impl Refusal {
         } else {
             "Something went wrong"
         };
-        // Logs what the API would log (the cause of a 500, never a secret).
-        let _ = error.into_response();
+        error.log();
         Self::new(status, title, &message)
     }
 }
@@ -268,7 +267,7 @@ async fn sign_out(
     Posted(action): Posted<Action>,
 ) -> Result<Response, Refusal> {
     viewer.check(&action.csrf)?;
-    state.ui.sessions.close(&viewer);
+    viewer.sign_out(&state).await?;
     let mut response = Redirect::to("/ui/login").into_response();
     response.headers_mut().insert(
         SET_COOKIE,

@@ -4,21 +4,20 @@
 //!   (`HttpOnly`, `SameSite=Strict`, `Secure` when the server's URL is `https`, path `/ui`) that
 //!   carries an expiry and a random id, signed with a key derived from the secret key. Every
 //!   instance with the same secret key accepts it; changing the secret key signs everyone out.
-//!   Signing out forgets the id on this instance and clears the cookie.
+//!   Signing out records the id in the database ([`domain::sign_out`]), so that every instance
+//!   refuses the cookie from then on, and clears the cookie.
 //! - Without a secret key the server listens on loopback only and the dashboard is open, as the
 //!   API is; actions are still protected against cross-site requests.
 //! - Every action (a `POST`) carries a CSRF token derived from the session's id (a hidden form
 //!   field), and is refused when its `Origin` header names another origin.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::{COOKIE, HOST, ORIGIN};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -32,15 +31,13 @@ pub const COOKIE_NAME: &str = "grantline_ui";
 /// How long a sign-in lasts.
 pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
-/// The keys and the signed-out sessions of the dashboard on this instance.
+/// The key of the dashboard's sessions.
 pub struct Sessions {
     /// Signs cookies and CSRF tokens: derived from the secret key, or random per process in
     /// open mode.
     key: [u8; 32],
     /// Whether signing in is required (a secret key is set).
     required: bool,
-    /// Session ids signed out here, with their expiry (forgotten once expired).
-    signed_out: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -59,6 +56,8 @@ pub struct Viewer {
     /// Whether there is a session to sign out of (secret-key mode).
     pub signed_in: bool,
     id: String,
+    /// When the session expires (seconds since the epoch).
+    expires: i64,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -81,7 +80,6 @@ impl Sessions {
         Self {
             key,
             required: secret_key.is_some(),
-            signed_out: Mutex::new(HashMap::new()),
         }
     }
 
@@ -98,15 +96,8 @@ impl Sessions {
         format!("{expires}.{id}.{signature}")
     }
 
-    /// Forgets the session of `viewer` on this instance.
-    pub fn close(&self, viewer: &Viewer) {
-        let now = Utc::now().timestamp();
-        let mut signed_out = self.signed_out.lock().unwrap_or_else(|p| p.into_inner());
-        signed_out.retain(|_, expires| *expires > now);
-        signed_out.insert(viewer.id.clone(), now + LIFETIME.as_secs() as i64);
-    }
-
-    /// The viewer a cookie value names, if it is ours, unexpired and not signed out.
+    /// The viewer a cookie value names, if it is ours and unexpired (whether it was signed out
+    /// is the database's to say).
     fn viewer_of(&self, value: &str) -> Option<Viewer> {
         let mut parts = value.splitn(3, '.');
         let (expires, id, signature) = (parts.next()?, parts.next()?, parts.next()?);
@@ -118,19 +109,16 @@ impl Sessions {
         if expires <= Utc::now().timestamp() {
             return None;
         }
-        let signed_out = self.signed_out.lock().unwrap_or_else(|p| p.into_inner());
-        if signed_out.contains_key(id) {
-            return None;
-        }
-        Some(self.viewer(id, true))
+        Some(self.viewer(id, true, expires))
     }
 
-    fn viewer(&self, id: &str, signed_in: bool) -> Viewer {
+    fn viewer(&self, id: &str, signed_in: bool, expires: i64) -> Viewer {
         let csrf = hex::encode(&mac(&self.key, format!("csrf|{id}").as_bytes())[..16]);
         Viewer {
             csrf,
             signed_in,
             id: id.to_owned(),
+            expires,
         }
     }
 
@@ -138,13 +126,28 @@ impl Sessions {
     /// key.
     fn viewer_of_request(&self, headers: &HeaderMap) -> Option<Viewer> {
         if !self.required {
-            return Some(self.viewer("open", false));
+            return Some(self.viewer("open", false, i64::MAX));
         }
         cookie(headers, COOKIE_NAME).and_then(|value| self.viewer_of(value))
     }
 }
 
 impl Viewer {
+    /// Ends this viewer's session on every instance.
+    pub async fn sign_out(&self, state: &HttpState) -> Result<(), Refusal> {
+        if !self.signed_in {
+            return Ok(());
+        }
+        let expires = DateTime::from_timestamp(self.expires, 0).unwrap_or_else(Utc::now);
+        state
+            .app
+            .backend
+            .sign_outs()
+            .sign_out(&self.id, expires)
+            .await
+            .map_err(Refusal::api)
+    }
+
     /// Refuses an action whose form does not carry this viewer's CSRF token.
     pub fn check(&self, csrf: &str) -> Result<(), Refusal> {
         if bool::from(self.csrf.as_bytes().ct_eq(csrf.as_bytes())) {
@@ -211,7 +214,18 @@ impl FromRequestParts<HttpState> for Viewer {
                 "This action was sent from another site.",
             ));
         }
-        match state.ui.sessions.viewer_of_request(&parts.headers) {
+        let viewer = match state.ui.sessions.viewer_of_request(&parts.headers) {
+            Some(viewer) if viewer.signed_in => {
+                let signed_out = state.app.backend.sign_outs().signed_out(&viewer.id).await;
+                match signed_out {
+                    Ok(false) => Some(viewer),
+                    Ok(true) => None,
+                    Err(e) => return Err(Refusal::api(e)),
+                }
+            }
+            other => other,
+        };
+        match viewer {
             Some(viewer) => Ok(viewer),
             None if action => Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
@@ -231,7 +245,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cookie_is_accepted_until_it_is_forged_expired_or_signed_out() {
+    fn a_cookie_is_accepted_until_it_is_forged_or_expired() {
         let sessions = Sessions::new(Some(b"secret"));
         let cookie = sessions.open();
         let viewer = sessions.viewer_of(&cookie).expect("a fresh session");
@@ -246,9 +260,6 @@ mod tests {
         assert!(sessions.viewer_of(&later).is_none(), "expiry changed");
         assert!(sessions.viewer_of("garbage").is_none());
         assert!(sessions.viewer_of("1.2.3").is_none());
-
-        sessions.close(&viewer);
-        assert!(sessions.viewer_of(&cookie).is_none(), "signed out");
     }
 
     #[test]

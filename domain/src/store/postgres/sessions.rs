@@ -10,6 +10,7 @@ use super::{PostgresStore, db_error};
 use crate::connect_session::{ConnectSession, ConnectSessionRepository};
 use crate::keys::Sealed;
 use crate::oauth_session::{FlowSession, SessionRepository};
+use crate::sign_out::SignOutRepository;
 use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
 
 #[async_trait]
@@ -86,6 +87,45 @@ impl SessionRepository for PostgresStore {
             .await
             .map_err(db_error)?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl SignOutRepository for PostgresStore {
+    async fn sign_out(&self, id: &str, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
+        let (client, statement) = self
+            .prepared(
+                "INSERT INTO dashboard_sign_outs (session_id, expires_at) VALUES ($1, $2) \
+                 ON CONFLICT (session_id) DO NOTHING",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&id, &expires_at])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn signed_out(&self, id: &str) -> Result<bool, StoreError> {
+        let (client, statement) = self
+            .prepared("SELECT 1 FROM dashboard_sign_outs WHERE session_id = $1")
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&id])
+            .await
+            .map_err(db_error)?;
+        Ok(row.is_some())
+    }
+
+    async fn sweep_sign_outs(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM dashboard_sign_outs WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(db_error)
     }
 }
 

@@ -10,6 +10,7 @@ use super::{SqliteStore, db_error};
 use crate::connect_session::{ConnectSession, ConnectSessionRepository};
 use crate::keys::Sealed;
 use crate::oauth_session::{FlowSession, SessionRepository};
+use crate::sign_out::SignOutRepository;
 use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
 
 #[async_trait]
@@ -109,6 +110,46 @@ struct SessionRow {
     expires_at: i64,
     ownership: Option<String>,
     only_new: bool,
+}
+
+#[async_trait]
+impl SignOutRepository for SqliteStore {
+    async fn sign_out(&self, id: &str, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
+        let (id, expires_at) = (id.to_owned(), expires_at.timestamp_micros());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO dashboard_sign_outs (session_id, expires_at) VALUES (?1, ?2) \
+                 ON CONFLICT (session_id) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![id, expires_at]))
+            .map(|_| ())
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn signed_out(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT 1 FROM dashboard_sign_outs WHERE session_id = ?1")
+                .and_then(|mut s| s.exists([&id]))
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn sweep_sign_outs(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let now = now.timestamp_micros();
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM dashboard_sign_outs WHERE expires_at <= ?1",
+                [now],
+            )
+            .map(|n| n as u64)
+            .map_err(db_error)
+        })
+        .await
+    }
 }
 
 fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {

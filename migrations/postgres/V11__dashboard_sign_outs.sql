@@ -1,0 +1,8 @@
+-- Dashboard sessions signed out (domain::sign_out): every instance refuses their cookies. A row
+-- lives until the session would have expired anyway; the sessions sweeper deletes it then.
+CREATE TABLE dashboard_sign_outs (
+    session_id text        PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);
+
+CREATE INDEX dashboard_sign_outs_by_expiry ON dashboard_sign_outs (expires_at);
