@@ -280,7 +280,13 @@ impl std::ops::Deref for Env {
 }
 
 async fn env(db: &TestDatabase, receiver: &Receiver, backoff: &str) -> Env {
+    instances(db, receiver, backoff, 1).await
+}
+
+/// [`env`] with `count` instances on the database.
+async fn instances(db: &TestDatabase, receiver: &Receiver, backoff: &str, count: usize) -> Env {
     let service = FakeService::on(db)
+        .instances(count)
         .args(&[
             "--roles",
             "api,projections,webhooks",
@@ -762,15 +768,27 @@ async fn the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_no
     let receiver = Receiver::start().await;
     receiver.set_mode(Mode::Fail);
     // The longest backoff: without "retry now" the second attempt waits minutes.
-    let env = env(db, &receiver, "5m").await;
+    // Two instances on PostgreSQL; one process owns a SQLite file, so there it is one.
+    let count = if db.url().starts_with("sqlite") { 1 } else { 2 };
+    let env = instances(db, &receiver, "5m", count).await;
     env.import("conn-a", "rt-a").await;
-    env.target_when("a delivery waiting for its retry", |t| {
-        t["deliveries"][0]["status"] == "retrying"
-    })
-    .await;
+    let target = env
+        .target_when("a delivery waiting for its retry", |t| {
+            t["deliveries"][0]["status"] == "retrying"
+        })
+        .await;
     receiver.set_mode(Mode::Ok);
+    // The operator is served by the instance that does not hold the target's lease: the holder
+    // must hear of it.
+    let holder = target["lease_holder"].as_str().unwrap();
+    let index = env
+        .states
+        .iter()
+        .position(|s| s.webhooks.as_ref().unwrap().holder() != holder)
+        .unwrap_or(0);
+    let app = &env.apps[index];
     let page = |path: &str| {
-        let url = env.app().url(path);
+        let url = app.url(path);
         async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
     };
     let connection = page("/ui/connections/fake/conn-a").await;
@@ -798,7 +816,7 @@ async fn the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_no
         .unwrap();
     let retry = |url: String| {
         client
-            .post(env.app().url("/ui/operations/webhooks/retry"))
+            .post(app.url("/ui/operations/webhooks/retry"))
             .form(&[("csrf", csrf.clone()), ("url", url)])
             .send()
     };
@@ -810,10 +828,13 @@ async fn the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_no
         404
     );
     assert_eq!(retry(shown).await.unwrap().status(), 303);
-    // Delivered now, not in minutes.
+    // Delivered now, not in minutes, and by the holder (woken through the database), not by
+    // the other instance taking the lease over once it lapsed.
     receiver
         .wait_for("the retried connection.created", |d| {
             events(d) == ["connection.created"]
         })
         .await;
+    let after = env.app().get_ok("/admin/webhooks").await;
+    assert_eq!(after["targets"][0]["lease_holder"], holder, "{after}");
 }

@@ -47,7 +47,7 @@ use domain::event::UnreadableEvent;
 use domain::store::{Backend, StoreError};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use url::Url;
 use uuid::Uuid;
@@ -136,6 +136,17 @@ fn target_key(url: &Url) -> String {
 pub struct WebhookService {
     subscribers: Arc<[WebhookSubscriber]>,
     counters: Arc<WebhookCounters>,
+    /// Where "retry now" is told to the instance that holds a target's lease.
+    backend: Backend,
+    /// The name this instance holds leases under.
+    holder: Arc<str>,
+}
+
+/// What an instance tells the others when an operator asks for a target's waiting deliveries
+/// now: the holder of the target's lease wakes its loop (any instance may be asked).
+#[derive(Serialize, Deserialize)]
+struct RetryNow {
+    webhook_retry_now: String,
 }
 
 impl fmt::Debug for WebhookService {
@@ -187,7 +198,14 @@ impl WebhookService {
         Ok(Self {
             subscribers: subscribers.into(),
             counters,
+            holder: settings.holder.as_str().into(),
+            backend,
         })
+    }
+
+    /// The name this instance holds leases under (the instance's name).
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// The subscribers, one per target, in the configured order.
@@ -204,7 +222,39 @@ impl WebhookService {
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let shutdown = (Box::pin(shutdown) as BoxFuture<'static, ()>).shared();
         let loops = self.subscribers.iter().map(|s| s.run(shutdown.clone()));
-        futures_util::future::join_all(loops).await;
+        tokio::join!(
+            futures_util::future::join_all(loops),
+            self.wake_on_request(shutdown.clone())
+        );
+    }
+
+    /// Wakes a target's loop when any instance is asked to retry its deliveries now, until
+    /// `shutdown`. Messages of other kinds share the channel and are skipped.
+    async fn wake_on_request(&self, shutdown: impl Future<Output = ()>) {
+        let mut messages = self.backend.messages();
+        tokio::pin!(shutdown);
+        loop {
+            let payload = tokio::select! {
+                () = &mut shutdown => return,
+                received = messages.recv() => match received {
+                    Ok(payload) => payload,
+                    // A missed request leaves its deliveries due: the holder sends them when
+                    // its current wait ends.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            let Ok(request) = serde_json::from_str::<RetryNow>(&payload) else {
+                continue;
+            };
+            if let Some(subscriber) = self
+                .subscribers
+                .iter()
+                .find(|s| s.target().key == request.webhook_retry_now)
+            {
+                subscriber.wake();
+            }
+        }
     }
 
     /// Each target's deliveries of the events `event_ids` (say, a connection's), with the
@@ -225,10 +275,19 @@ impl WebhookService {
     /// Makes the retrying deliveries of the target shown as `url` due now (see
     /// [`WebhookSubscriber::retry_now`]); `None` when no target is shown so.
     pub async fn retry_now(&self, url: &str) -> Result<Option<u64>, WebhookError> {
-        match self.subscribers.iter().find(|s| s.url() == url) {
-            Some(subscriber) => Ok(Some(subscriber.retry_now().await?)),
-            None => Ok(None),
+        let Some(subscriber) = self.subscribers.iter().find(|s| s.url() == url) else {
+            return Ok(None);
+        };
+        let due = subscriber.retry_now().await?;
+        let request = RetryNow {
+            webhook_retry_now: subscriber.target().key.clone(),
+        };
+        let payload = serde_json::to_string(&request).unwrap_or_default();
+        if let Err(e) = self.backend.publish(&payload).await {
+            // The deliveries are due all the same; the holder sends them when its wait ends.
+            tracing::warn!(error.message = %e, "webhook.retry_now cannot reach the other instances");
         }
+        Ok(Some(due))
     }
 
     /// Each target's checkpoint, lag, lease and its `recent` latest deliveries.

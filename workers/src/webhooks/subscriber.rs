@@ -109,12 +109,17 @@ impl WebhookSubscriber {
     }
 
     /// Makes the target's deliveries that wait for a retry due now, and wakes this instance's
-    /// loop for the target; how many there were. (On an instance whose loop does not hold the
-    /// target's lease, the holder retries them when its current wait ends.)
+    /// loop for the target; how many there were. ([`super::WebhookService::retry_now`] also
+    /// wakes the loop of the instance that holds the target's lease.)
     pub async fn retry_now(&self) -> Result<u64, WebhookError> {
         let due = self.store.retry_now(&self.target).await?;
-        self.wake.notify_one();
+        self.wake();
         Ok(due)
+    }
+
+    /// Ends the loop's current wait (a retry's backoff, an idle wait) now.
+    pub(super) fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// The target's deliveries of the events `event_ids`, most recent attempt first.
