@@ -336,8 +336,7 @@ pub struct KeyQuery {
     params(("connection_id" = String, Path, description = "The connection's id"), KeyQuery),
     responses(
         (status = 200, description = "Deleted", body = Success),
-        (status = 400, description = "Missing or invalid `provider_config_key` or id", body = super::error::ErrorBody),
-        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 400, description = "Missing or invalid `provider_config_key` or id, no such integration (`unknown_provider_config`), or no such connection (`unknown_connection`, 400 on a delete as in Nango)", body = super::error::ErrorBody),
     ),
 )]
 pub async fn delete_connection(
@@ -346,7 +345,12 @@ pub async fn delete_connection(
     ApiQuery(query): ApiQuery<KeyQuery>,
 ) -> Result<Json<Success>, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
-    connections::delete(&state, &key).await?;
+    connections::delete(&state, &key)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::UnknownConnection(key) => ApiError::NothingToDelete(key),
+            other => other,
+        })?;
     Ok(Json(Success::YES))
 }
 
@@ -383,8 +387,7 @@ pub async fn get_connection_named_metadata(
     params(KeyQuery),
     responses(
         (status = 200, description = "Deleted", body = Success),
-        (status = 400, description = "Missing or invalid `provider_config_key`", body = super::error::ErrorBody),
-        (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
+        (status = 400, description = "Missing or invalid `provider_config_key`, no such integration (`unknown_provider_config`), or no such connection (`unknown_connection`)", body = super::error::ErrorBody),
     ),
 )]
 pub async fn delete_connection_named_metadata(

@@ -69,6 +69,14 @@ pub enum ApiError {
         .0.provider_config_key()
     )]
     UnknownConnection(ConnectionKey),
+    /// 400: a delete named no connection (Nango answers `unknown_connection` with 400 there,
+    /// and 404 everywhere else).
+    #[error(
+        "no connection {:?} for provider config key {:?} to delete",
+        .0.connection_id(),
+        .0.provider_config_key()
+    )]
+    NothingToDelete(ConnectionKey),
     /// 400: a required field of the body is missing (`code` names it, e.g. `missing_access_token`).
     #[error("{message}")]
     MissingField {
@@ -180,6 +188,7 @@ impl ApiError {
             Self::DuplicateProviderConfig(_) => (S::CONFLICT, "duplicate_provider_config"),
             Self::MissingConnection => (S::BAD_REQUEST, "missing_connection"),
             Self::UnknownConnection(_) => (S::NOT_FOUND, "unknown_connection"),
+            Self::NothingToDelete(_) => (S::BAD_REQUEST, "unknown_connection"),
             Self::UnknownProviderTemplate(_) => (S::BAD_REQUEST, "unknown_provider_template"),
             Self::MissingField { code, .. } => (S::BAD_REQUEST, code),
             Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
@@ -209,7 +218,7 @@ impl ApiError {
 
     fn payload(&self) -> Value {
         match self {
-            Self::UnknownConnection(key) => json!({
+            Self::UnknownConnection(key) | Self::NothingToDelete(key) => json!({
                 "connection_id": key.connection_id(),
                 "provider_config_key": key.provider_config_key(),
             }),

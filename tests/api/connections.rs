@@ -645,8 +645,9 @@ async fn a_deleted_connection_is_gone_from_reads_and_from_the_list(db: &TestData
             let error = assert_error(app.get(&path).await, 404, "unknown_connection").await;
             assert_eq!(error["payload"]["connection_id"], gone);
             assert_eq!(error["payload"]["provider_config_key"], "d");
-            // Deleting again, or setting metadata, is the same 404.
-            assert_error(app.delete(&path).await, 404, "unknown_connection").await;
+            // Deleting again is Nango's 400; setting metadata the same 404.
+            let again = assert_error(app.delete(&path).await, 400, "unknown_connection").await;
+            assert_eq!(again["payload"]["connection_id"], gone);
             let metadata = format!("{family}/{gone}/metadata?provider_config_key=d");
             assert_error(
                 app.post_json(&metadata, &json!({})).await,

@@ -211,9 +211,10 @@ fn cases() -> Vec<Case> {
             400,
             "unknown_provider_config",
         ),
+        // Nango answers an unknown connection's delete with 400, every other read with 404.
         delete(
             format!("/connection/nobody?{key}"),
-            404,
+            400,
             "unknown_connection",
         ),
         delete(
