@@ -21,6 +21,7 @@ use workers::provider::split_scopes;
 use super::auth::{is_secret, presented};
 use super::connection::timestamp;
 use super::extract::{ApiJson, ApiPath, ApiQuery, identifier, object_body};
+use super::logos::logo_url;
 use super::{ApiError, Success};
 use crate::state::AppState;
 use crate::{connect_sessions, integrations};
@@ -66,10 +67,11 @@ async fn writer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// A template as `/providers` shows it.
-fn provider_json(template: &Template) -> Value {
+fn provider_json(template: &Template, server_url: &str) -> Value {
     let mut body = json!({
         "name": template.name,
         "display_name": template.name,
+        "logo_url": logo_url(server_url, &template.name),
         "auth_mode": template.auth_mode.as_str(),
         "authorization_params": template.authorization_params,
         "token_params": template.token_params,
@@ -137,7 +139,7 @@ pub async fn list_providers(
                 .as_deref()
                 .is_none_or(|s| t.name.to_lowercase().contains(s))
         })
-        .map(provider_json)
+        .map(|t| provider_json(t, &state.config.server_url))
         .collect();
     Ok(Json(json!({ "data": data })))
 }
@@ -167,17 +169,23 @@ pub async fn get_provider(
         .catalog
         .get(&provider)
         .ok_or_else(|| ApiError::UnknownProvider(provider.clone()))?;
-    Ok(Json(json!({ "data": provider_json(template) })))
+    Ok(Json(
+        json!({ "data": provider_json(template, &state.config.server_url) }),
+    ))
 }
 
 /// An integration in Nango's current shape.
-fn integration_json(record: &IntegrationRecord, secret: Option<&ClientSecret>) -> Value {
+fn integration_json(
+    record: &IntegrationRecord,
+    secret: Option<&ClientSecret>,
+    server_url: &str,
+) -> Value {
     let i = &record.integration;
     let mut body = json!({
         "unique_key": i.provider_config_key,
         "provider": i.settings.provider,
         "display_name": i.settings.provider,
-        "logo": null,
+        "logo": logo_url(server_url, &i.settings.provider),
         "forward_webhooks": true,
         "created_at": timestamp(i.created_at),
         "updated_at": timestamp(i.updated_at.unwrap_or(i.created_at)),
@@ -215,7 +223,7 @@ pub async fn list_integrations(
         .await?
         .iter()
         .filter(|r| caller.sees(&r.integration.provider_config_key))
-        .map(|r| integration_json(r, None))
+        .map(|r| integration_json(r, None, &state.config.server_url))
         .collect();
     Ok(Json(json!({ "data": data })))
 }
@@ -263,7 +271,7 @@ pub async fn get_integration(
     }
     let (record, secret) = integrations::get(&state, &key, with_secret).await?;
     Ok(Json(
-        json!({ "data": integration_json(&record, secret.as_ref()) }),
+        json!({ "data": integration_json(&record, secret.as_ref(), &state.config.server_url) }),
     ))
 }
 
@@ -392,7 +400,9 @@ pub async fn create_integration(
     };
     integrations::create(&state, &input.unique_key, config).await?;
     let (record, _) = integrations::get(&state, &input.unique_key, false).await?;
-    Ok(Json(json!({ "data": integration_json(&record, None) })))
+    Ok(Json(
+        json!({ "data": integration_json(&record, None, &state.config.server_url) }),
+    ))
 }
 
 /// `PATCH /integrations/:unique_key`: new credentials.
@@ -432,7 +442,9 @@ pub async fn update_integration(
         integrations::update(&state, &key, config).await?;
     }
     let (record, _) = integrations::get(&state, &key, false).await?;
-    Ok(Json(json!({ "data": integration_json(&record, None) })))
+    Ok(Json(
+        json!({ "data": integration_json(&record, None, &state.config.server_url) }),
+    ))
 }
 
 /// `DELETE /integrations/:unique_key`: the integration and its connections.

@@ -20,6 +20,7 @@ mod history;
 pub mod import;
 mod integrations;
 mod limits;
+mod logos;
 mod metrics;
 mod oauth;
 pub mod observe;
@@ -203,6 +204,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         )
         .route("/providers", get(integrations::list_providers))
         .route("/providers/{provider}", get(integrations::get_provider))
+        .route("/images/template-logos/{file}", get(logos::logo))
         .route("/", get(socket::websocket))
         // The hosted Connect UI: the page reads its session token itself.
         .route("/connect", get(connect_ui::redirect))

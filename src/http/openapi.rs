@@ -77,6 +77,7 @@ const CURRENT_FAMILY: &str = "/connections";
         super::integrations::delete_integration,
         super::integrations::list_providers,
         super::integrations::get_provider,
+        super::logos::logo,
         super::socket::websocket,
         super::connect_ui::page,
         super::connect_ui::redirect,

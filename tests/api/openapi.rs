@@ -22,9 +22,10 @@ const METHODS: [Method; 5] = [
 
 /// Operations that need no secret key (the flows and the credential forms check a session
 /// token, the public key or an `hmac` from the query; the Connect UI's page reads its token
-/// itself).
-const OPEN: [(&str, &str); 13] = [
+/// itself; logos are public).
+const OPEN: [(&str, &str); 14] = [
     ("get", "/"),
+    ("get", "/images/template-logos/{file}"),
     ("get", "/connect"),
     ("get", "/connect/"),
     ("get", "/connect/assets/connect.js"),
@@ -107,6 +108,8 @@ fn sample_path(path: &str) -> String {
             if segment == "{provider}" {
                 // An unknown template is Nango's 404 `not_found`, like an unknown route.
                 "github"
+            } else if segment == "{file}" {
+                "github.svg"
             } else if segment.starts_with('{') && segment.ends_with('}') {
                 "probe-value"
             } else {

@@ -40,13 +40,7 @@ const REFRESHED_TOKEN = /^fake-access-r\d+$/;
  * they fail. Such a step still runs: if it fails it prints `SKIP:` with the reason and the rest
  * goes on; if it passes, a `NOTE:` says the entry can go.
  */
-const KNOWN = new Map([
-    ['provider fields (§4)', 'GET /providers/:provider has no logo_url'],
-    [
-        'deleteConnection of a deleted connection (§2.6)',
-        'DELETE /connections/:id of an unknown connection answers 404 unknown_connection; Nango answers 400',
-    ],
-]);
+const KNOWN = new Map([]);
 
 let skipped = 0;
 
@@ -317,6 +311,11 @@ async function main() {
     await step('provider fields (§4)', async () => {
         const keys = ['name', 'display_name', 'auth_mode', 'authorization_url', 'token_url', 'logo_url'];
         hasKeys(provider, keys, 'provider');
+        const logo = await fetch(provider.logo_url);
+        assert.equal(logo.status, 200);
+        assert.equal(logo.headers.get('content-type'), 'image/svg+xml');
+        assert.match(await logo.text(), /^<svg /);
+        return provider.logo_url;
     });
 
     // §1.1 and §1.7: a connect session, then the browser's OAuth flow with its token.

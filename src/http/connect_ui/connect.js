@@ -164,7 +164,9 @@
     /** The integration's logo, or its initial when it has none (or it does not load). */
     function logo(item) {
         const initial = document.createTextNode((item.name.trim()[0] || '?').toUpperCase());
-        if (typeof item.logo !== 'string' || !/^(https:|data:image\/)/.test(item.logo)) {
+        const shown = typeof item.logo === 'string'
+            && (/^(https:|data:image\/)/.test(item.logo) || item.logo.startsWith(location.origin + '/'));
+        if (!shown) {
             return initial;
         }
         const image = document.createElement('img');
