@@ -103,7 +103,8 @@ fn provider_json(template: &Template, server_url: &str) -> Value {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ProvidersQuery {
-    /// Case-insensitive part of the template's name.
+    /// A case-insensitive regular expression the template's name matches (a plain word matches
+    /// names that contain it).
     #[param(required = false)]
     search: Option<String>,
 }
@@ -127,21 +128,35 @@ pub async fn list_providers(
     ApiQuery(query): ApiQuery<ProvidersQuery>,
 ) -> Result<Json<Value>, ApiError> {
     reader(&state, &headers).await?;
-    let search = query.search.map(|s| s.to_lowercase());
-    if let Some(search) = &search {
-        identifier(search, "search")?;
-    }
+    let search = match &query.search {
+        Some(pattern) => Some(name_pattern(pattern)?),
+        None => None,
+    };
     let data: Vec<Value> = state
         .catalog
         .templates()
-        .filter(|t| {
-            search
-                .as_deref()
-                .is_none_or(|s| t.name.to_lowercase().contains(s))
-        })
+        .filter(|t| search.as_ref().is_none_or(|s| s.is_match(&t.name)))
         .map(|t| provider_json(t, &state.config.server_url))
         .collect();
     Ok(Json(json!({ "data": data })))
+}
+
+/// The largest compiled `search` pattern: room for any name-like pattern, not for a program
+/// that takes long to build.
+const MAX_PATTERN: usize = 64 * 1024;
+
+/// `search` as the case-insensitive regular expression Nango takes it for.
+fn name_pattern(search: &str) -> Result<regex::Regex, ApiError> {
+    identifier(search, "search")?;
+    regex::RegexBuilder::new(search)
+        .case_insensitive(true)
+        .size_limit(MAX_PATTERN)
+        .build()
+        .map_err(|_| {
+            ApiError::InvalidQuery(
+                "search must be a regular expression of a provider's name".into(),
+            )
+        })
 }
 
 /// `GET /providers/:provider`: one template.

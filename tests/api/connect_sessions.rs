@@ -637,6 +637,30 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     let providers = ok_json(get("/providers?search=FAKE-BA", &token).await.unwrap()).await;
     assert_eq!(providers["data"][0]["name"], "fake-basic", "{providers}");
     assert_eq!(providers["data"].as_array().unwrap().len(), 1);
+    // A regular expression, as Nango reads it; a broken one is a 400.
+    let anchored = ok_json(
+        get("/providers?search=%5Egit(hub%7Clab)%24", &token)
+            .await
+            .unwrap(),
+    )
+    .await;
+    let names: Vec<&str> = anchored["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.contains(&"github") && names.contains(&"gitlab"),
+        "{names:?}"
+    );
+    assert_error(
+        get("/providers?search=(unclosed", &token).await.unwrap(),
+        400,
+        "invalid_query_params",
+    )
+    .await;
     let provider = ok_json(get("/providers/github", &token).await.unwrap()).await;
     assert_eq!(provider["data"]["auth_mode"], "OAUTH2");
     assert_error(
