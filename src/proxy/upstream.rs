@@ -3,6 +3,7 @@
 //! for OAuth 1 connections — the template's headers, the caller's `Nango-Proxy-*` headers, a
 //! request id), the redirects it follows and what of the answer goes back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,8 +216,10 @@ impl Attempt<'_> {
             RequestBody::Streamed(_) => None,
         };
         let mut body = Some(body);
+        // What the template's `${…}` placeholders stand for, built once for every hop.
+        let values = catalog::placeholder_values(self.credentials, self.connection_config);
         let origin = Hop {
-            url: self.first_url(),
+            url: self.first_url(&values),
             method: self.method.clone(),
             guarded: self.target.guarded,
             credentials: true,
@@ -235,7 +238,7 @@ impl Attempt<'_> {
                 true => body.take().or_else(|| kept.clone().map(RequestBody::Kept)),
                 false => None,
             };
-            let response = self.send_hop(&hop, sending, deadline).await?;
+            let response = self.send_hop(&hop, &values, sending, deadline).await?;
             let next = (redirects < redirect::MAX_REDIRECTS)
                 .then(|| {
                     let location = response.headers().get(header::LOCATION);
@@ -259,8 +262,7 @@ impl Attempt<'_> {
 
     /// The call's URL with the template's query (an entry whose placeholder has no value is
     /// left out).
-    fn first_url(&self) -> Url {
-        let values = catalog::placeholder_values(self.credentials, self.connection_config);
+    fn first_url(&self, values: &BTreeMap<String, String>) -> Url {
         let mut url = self.target.url.clone();
         let query: Vec<(String, String)> = self
             .template
@@ -284,10 +286,10 @@ impl Attempt<'_> {
     async fn send_hop(
         &self,
         hop: &Hop,
+        values: &BTreeMap<String, String>,
         body: Option<RequestBody>,
         deadline: tokio::time::Instant,
     ) -> Result<reqwest::Response, ProxyError> {
-        let values = catalog::placeholder_values(self.credentials, self.connection_config);
         let mut headers = match hop.credentials {
             true => self.credential_headers(hop)?,
             false => HeaderMap::new(),
