@@ -6,6 +6,7 @@
 
 pub mod client_credentials;
 pub mod compactor;
+pub mod messages;
 pub mod oauth1;
 pub mod provider;
 pub mod refresh;

@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex};
 
 use domain::store::Backend;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
+
+use crate::messages::Message;
 
 /// The WebSocket clients of this instance, by `ws_client_id`.
 #[derive(Debug)]
@@ -141,22 +142,15 @@ impl Sockets {
 /// Delivers the messages other instances relay to this instance's WebSocket clients, until
 /// `shutdown`.
 pub async fn run(sockets: Arc<Sockets>, backend: Backend, shutdown: impl Future<Output = ()>) {
-    let mut messages = backend.messages();
-    tokio::pin!(shutdown);
-    loop {
-        let payload = tokio::select! {
-            () = &mut shutdown => return,
-            received = messages.recv() => match received {
-                Ok(payload) => payload,
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "oauth.relay fell behind; outcomes were lost");
-                    continue;
-                }
-                Err(RecvError::Closed) => return,
-            },
-        };
-        sockets.relay_once(&payload);
-    }
+    crate::messages::follow(&backend, shutdown, |message| match message {
+        Message::Received(payload) => {
+            sockets.relay_once(payload);
+        }
+        Message::Missed(missed) => {
+            tracing::warn!(missed, "oauth.relay fell behind; outcomes were lost");
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

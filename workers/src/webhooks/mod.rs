@@ -231,21 +231,14 @@ impl WebhookService {
     /// Wakes a target's loop when any instance is asked to retry its deliveries now, until
     /// `shutdown`. Messages of other kinds share the channel and are skipped.
     async fn wake_on_request(&self, shutdown: impl Future<Output = ()>) {
-        let mut messages = self.backend.messages();
-        tokio::pin!(shutdown);
-        loop {
-            let payload = tokio::select! {
-                () = &mut shutdown => return,
-                received = messages.recv() => match received {
-                    Ok(payload) => payload,
-                    // A missed request leaves its deliveries due: the holder sends them when
-                    // its current wait ends.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
+        crate::messages::follow(&self.backend, shutdown, |message| {
+            // A missed request leaves its deliveries due: the holder sends them when its current
+            // wait ends.
+            let crate::messages::Message::Received(payload) = message else {
+                return;
             };
-            let Ok(request) = serde_json::from_str::<RetryNow>(&payload) else {
-                continue;
+            let Ok(request) = serde_json::from_str::<RetryNow>(payload) else {
+                return;
             };
             if let Some(subscriber) = self
                 .subscribers
@@ -254,7 +247,8 @@ impl WebhookService {
             {
                 subscriber.wake();
             }
-        }
+        })
+        .await;
     }
 
     /// Each target's deliveries of the events `event_ids` (say, a connection's), with the
