@@ -450,6 +450,9 @@ struct ListDialect {
     integrations: fn(&str) -> String,
     /// The connection `c` has every tag of the JSON object `parameter`.
     tags: fn(&str) -> String,
+    /// `c.search` contains the text of the `LIKE` pattern `parameter` (`%text%`, with `\\`
+    /// escapes; `plain`: the text has no `%`, `_` or `\\`, so the pattern needs none).
+    contains: fn(&str, bool) -> String,
     /// The JSON text of `c`'s ownership and metadata (as two columns).
     ownership_and_metadata: &'static str,
     /// The text `parameter` as an integer.
@@ -503,16 +506,12 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
             // whole text is checked on the rows it finds (`|| ''` keeps that check off the
             // index).
             Some(local) => {
-                condition(contains(local), &|p| {
-                    format!("c.search LIKE {p} ESCAPE '\\'")
-                });
+                condition(contains(local), &|p| (dialect.contains)(p, plain(local)));
                 condition(contains(search), &|p| {
                     format!("(c.search || '') LIKE {p} ESCAPE '\\'")
                 });
             }
-            None => condition(contains(search), &|p| {
-                format!("c.search LIKE {p} ESCAPE '\\'")
-            }),
+            None => condition(contains(search), &|p| (dialect.contains)(p, plain(search))),
         }
     }
     if !filter.integrations.is_empty() {
@@ -565,6 +564,11 @@ fn list_sql(filter: &ConnectionFilter, dialect: &ListDialect) -> (String, Vec<St
         dialect.ownership_and_metadata
     );
     (sql, parameters)
+}
+
+/// Whether `text` has none of the characters a `LIKE` pattern must escape.
+fn plain(text: &str) -> bool {
+    !text.contains(['%', '_', '\\'])
 }
 
 /// The part of an e-mail-like search up to and including its `@`, when a domain follows it and

@@ -41,6 +41,8 @@ const LIST: ListDialect = ListDialect {
         format!("c.provider_config_key IN (SELECT jsonb_array_elements_text({p}::text::jsonb))")
     },
     tags: |p| format!("c.tags @> {p}::text::jsonb"),
+    // The trigram index (`connections_by_search`) takes escaped patterns.
+    contains: |p, _| format!("c.search LIKE {p} ESCAPE '\\'"),
     ownership_and_metadata: "(c.state->'Active'->'ownership')::text, \
      (c.state->'Active'->'metadata')::text",
     integer: |p| format!("{p}::text::bigint"),

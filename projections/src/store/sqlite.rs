@@ -21,6 +21,10 @@ use super::{
 use crate::ProjectionError;
 use crate::model::Row;
 
+mod side;
+
+use self::side::{search_table, side_tables, tags_table, write_search, write_tags};
+
 /// Whether a row holds OAuth 2.0 credentials.
 const OAUTH2: &str = "json_extract(c.state, '$.Active.credentials_type') = 'OAUTH2'";
 
@@ -43,21 +47,24 @@ const LIST: ListDialect = ListDialect {
              GROUP BY t.stream_id HAVING count(*) = (SELECT count(*) FROM json_each({p})))"
         )
     },
+    // The trigram index (`connection_search`) serves `LIKE` only without `ESCAPE`: a text that
+    // needs escapes is matched row by row.
+    contains: |p, plain| {
+        if plain {
+            format!(
+                "c.stream_id IN (SELECT d.stream_id FROM connection_search s \
+                 JOIN connection_search_docs d ON d.doc = s.rowid WHERE s.search LIKE {p})"
+            )
+        } else {
+            format!("c.search LIKE {p} ESCAPE '\\'")
+        }
+    },
     ownership_and_metadata: "json_extract(c.state, '$.Active.ownership'), \
      json_extract(c.state, '$.Active.metadata')",
     integer: |p| format!("CAST({p} AS INTEGER)"),
     timestamp: |p| format!("CAST({p} AS INTEGER)"),
     moment: |moment| micros(moment).to_string(),
 };
-
-/// The table that keeps the tags of the rows of `table`, if its rows have tags.
-fn tags_table(table: &str) -> Option<&'static str> {
-    match table {
-        "connections" => Some("connection_tags"),
-        "connections_shadow" => Some("connection_tags_shadow"),
-        _ => None,
-    }
-}
 
 #[derive(Clone)]
 pub(super) struct SqliteReadModels {
@@ -163,32 +170,16 @@ fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError>
                 row.search,
             ])
             .map_err(db)?;
-        // The tags move with the row: only when the upsert moved it forward.
-        if let Some(tags) = tags_table(table)
-            && written > 0
-        {
-            write_tags(conn, tags, row)?;
+        // The tags and the search text move with the row: only when the upsert moved it
+        // forward.
+        if written > 0 {
+            if let Some(tags) = tags_table(table) {
+                write_tags(conn, tags, row)?;
+            }
+            if let Some(search) = search_table(table) {
+                write_search(conn, search, row)?;
+            }
         }
-    }
-    Ok(())
-}
-
-/// Replaces the tags of `row`'s stream in `tags` with the row's (none once it is deleted).
-fn write_tags(conn: &Connection, tags: &str, row: &Row) -> Result<(), StoreError> {
-    conn.prepare_cached(&format!("DELETE FROM {tags} WHERE stream_id = ?1"))
-        .map_err(db)?
-        .execute([&row.stream_id])
-        .map_err(db)?;
-    if row.deleted_at.is_some() {
-        return Ok(());
-    }
-    let mut insert = conn
-        .prepare_cached(&format!(
-            "INSERT INTO {tags} (stream_id, key, value) VALUES (?1, ?2, ?3)"
-        ))
-        .map_err(db)?;
-    for (key, value) in &row.tags {
-        insert.execute([&row.stream_id, key, value]).map_err(db)?;
     }
     Ok(())
 }
@@ -671,12 +662,11 @@ impl ReadModelStore for SqliteReadModels {
             .write(move |conn| {
                 conn.execute_batch(&format!("DELETE FROM {shadow}"))
                     .map_err(db)?;
-                match tags_table(shadow) {
-                    Some(tags) => conn
-                        .execute_batch(&format!("DELETE FROM {tags}"))
-                        .map_err(db),
-                    None => Ok(()),
+                for side in side_tables(shadow) {
+                    conn.execute_batch(&format!("DELETE FROM {side}"))
+                        .map_err(db)?;
                 }
+                Ok(())
             })
             .await?)
     }
@@ -729,10 +719,10 @@ impl ReadModelStore for SqliteReadModels {
                 }
                 tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tables)))
                     .map_err(db)?;
-                if let (Some(live), Some(shadow)) = (tags_table(name), tags_table(shadow)) {
-                    // The tags go with their rows.
-                    let tags = Tables { live, shadow };
-                    tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(tags)))
+                // The tags and the search index go with their rows.
+                for (live, shadow) in side_tables(name).zip(side_tables(shadow)) {
+                    let side = Tables { live, shadow };
+                    tx.execute_batch(&format!("{} DELETE FROM {shadow};", swap_sql(side)))
                         .map_err(db)?;
                 }
                 set_checkpoint(&tx, name, tail.at)?;
