@@ -29,7 +29,7 @@ use axum::extract::ConnectInfo;
 use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -215,8 +215,10 @@ async fn serve_connection(
             Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
         }
     });
+    // The header timeout is the tick's below, one per connection: hyper's own would arm a
+    // timer in the runtime's wheel for every request head.
     let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(connection);
