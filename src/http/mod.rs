@@ -48,9 +48,40 @@ use crate::state::AppState;
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1024 * 1024;
 
-/// What the handlers and layers of the router share.
-#[derive(Clone, Debug, FromRef)]
-pub struct HttpState {
+/// What the handlers and layers of the router share: one reference-count increment per clone
+/// (axum clones the state for every request, and for every extractor that takes a part of it).
+#[derive(Clone, Debug)]
+pub struct HttpState(Arc<HttpShared>);
+
+impl std::ops::Deref for HttpState {
+    type Target = HttpShared;
+
+    fn deref(&self) -> &HttpShared {
+        &self.0
+    }
+}
+
+impl FromRef<HttpState> for AppState {
+    fn from_ref(state: &HttpState) -> Self {
+        state.app.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<RequestObserver> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.requests.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<SocketGate> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.sockets.clone()
+    }
+}
+
+/// The parts of [`HttpState`].
+#[derive(Debug)]
+pub struct HttpShared {
     /// The services.
     app: AppState,
     /// Request ids and the HTTP latency histograms of `/metrics`.
@@ -227,12 +258,9 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::limit,
-        ))
+        .layer(limits::LimitLayer::new(state.clone()))
         .layer(observe)
-        .with_state(HttpState {
+        .with_state(HttpState(Arc::new(HttpShared {
             sockets: Arc::new(SocketGate::new(
                 state.config.limits,
                 state.server_stats.clone(),
@@ -240,7 +268,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             ui: Arc::new(ui::Dashboard::new(&state)),
             app: state,
             requests,
-        });
+        })));
     (router, routes.paths)
 }
 
