@@ -1,6 +1,7 @@
 //! The binary: help text, configuration errors, migrations and clean shutdown.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -10,7 +11,12 @@ use crate::new_key;
 
 /// The `grantline` binary, without the developer's own `GRANTLINE_*` settings.
 pub(crate) fn grantline() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_grantline"));
+    grantline_at(Path::new(env!("CARGO_BIN_EXE_grantline")))
+}
+
+/// The binary at `path`, started as [`grantline`] starts this build's.
+pub(crate) fn grantline_at(path: &Path) -> Command {
+    let mut command = Command::new(path);
     // Start from a clean environment so the developer's own GRANTLINE_* settings do not leak in.
     for (name, _) in std::env::vars() {
         if name.starts_with("GRANTLINE_") {

@@ -7,13 +7,18 @@
 //!
 //! Node.js and npm are required: without them the test fails rather than passing unnoticed. The
 //! client is installed with `npm ci` on first use.
+//!
+//! The binary is the one `GRANTLINE_TEST_BINARY` names when it is set: `.ci/run` builds the
+//! release binary and points there, so CI drives what is deployed. Without it, the test build's
+//! own binary runs (same code, unoptimized).
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use domain::testing::TestDatabase;
 
-use crate::cli::grantline;
+use crate::cli::{grantline, grantline_at};
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
 use crate::new_key;
 use crate::node::{
@@ -25,6 +30,21 @@ const SECRET: &str = "node-client-test-secret-0123456789abcdef";
 
 /// The script runs in a few seconds; past this it is stuck, not slow.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `grantline`, or the binary `GRANTLINE_TEST_BINARY` names (which must exist).
+fn binary() -> Command {
+    let Some(path) = std::env::var_os("GRANTLINE_TEST_BINARY") else {
+        return grantline();
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "GRANTLINE_TEST_BINARY names {}, which is not a file",
+        path.display()
+    );
+    eprintln!("the client test runs {}", path.display());
+    grantline_at(&path)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nango_node_client_runs_its_calls_and_an_oauth_flow_against_the_binary() {
@@ -50,7 +70,7 @@ async fn the_nango_node_client_runs_its_calls_and_an_oauth_flow_against_the_bina
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
 
-    let mut command = grantline();
+    let mut command = binary();
     command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--secret-key", SECRET])
