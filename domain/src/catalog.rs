@@ -85,6 +85,10 @@ pub enum AuthorizationMethod {
     /// HTTP Basic `Authorization` header. YAML `authorization_method: header`, or
     /// `token_request_auth_method: basic`.
     Header,
+    /// A JWT signed with the connection's private key (RFC 7523 client assertion, OpenID
+    /// Connect's `private_key_jwt`). YAML `token_request_auth_method: private_key_jwt`; client
+    /// credentials (`OAUTH2_CC`) only, where each connection brings its own key.
+    PrivateKeyJwt,
 }
 
 /// Encoding of the token request body.
@@ -579,9 +583,20 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
         Some(method) if method.eq_ignore_ascii_case("basic") => {
             authorization_method = AuthorizationMethod::Header;
         }
+        Some(method) if method.eq_ignore_ascii_case("private_key_jwt") => {
+            if auth_mode != AuthMode::OAuth2Cc {
+                return Err(
+                    "token_request_auth_method `private_key_jwt` is for OAUTH2_CC templates \
+                     (the key is the connection's)"
+                        .to_owned(),
+                );
+            }
+            authorization_method = AuthorizationMethod::PrivateKeyJwt;
+        }
         Some(method) => {
             return Err(format!(
-                "token_request_auth_method `{method}` is not supported (only basic is)"
+                "token_request_auth_method `{method}` is not supported (basic, or \
+                 private_key_jwt for OAUTH2_CC)"
             ));
         }
     }
@@ -1159,6 +1174,13 @@ github:
         assert_eq!(method("basic"), Some(AuthorizationMethod::Header));
         assert_eq!(method("header"), Some(AuthorizationMethod::Header));
         assert_eq!(method("plain"), Some(AuthorizationMethod::Body));
+        let cc = "jwt:\n  auth_mode: OAUTH2_CC\n  token_url: https://x.example/t\n  \
+                  token_request_auth_method: private_key_jwt\n";
+        let catalog = Catalog::from_yaml("f.yaml", cc).expect("loads");
+        assert_eq!(
+            catalog.get("jwt").map(|t| t.authorization_method),
+            Some(AuthorizationMethod::PrivateKeyJwt)
+        );
     }
 
     #[test]
@@ -1364,6 +1386,7 @@ cc:
                 "  token_request_auth_method: private_key_jwt\n",
                 "private_key_jwt",
             ),
+            ("  token_request_auth_method: custom\n", "custom"),
             ("  authorization_method: cookie\n", "cookie"),
         ] {
             let (_, entry, problem) =

@@ -17,6 +17,8 @@ use super::ApiError;
 use super::error::form_refusal;
 use super::extract::{ApiJson, ApiPath, object_body};
 use super::oauth::connect_request;
+use workers::client_credentials;
+
 use crate::oauth::{self, Entered};
 use crate::state::AppState;
 
@@ -128,7 +130,8 @@ pub async fn basic(
 }
 
 /// `POST /oauth2/auth/:key`: a client-credentials grant's client. `client_secret` may be left
-/// out only with `client_private_key` (not supported yet: refused as `missing_client_secret`).
+/// out when `client_private_key` is given: the client then authenticates with a JWT signed by
+/// that key (`private_key_jwt`), as it also does when the template asks for it.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientCredentialsBody {
@@ -179,14 +182,17 @@ pub async fn client_credentials(
             message: "missing client_id",
         })?;
     check_limit(&client_id, "client_id", 255)?;
-    let client_secret = body
-        .client_secret
-        .filter(|secret| !secret.is_empty())
-        .ok_or(ApiError::MissingField {
+    // A private key authenticates the client instead of a secret (a signed assertion).
+    let client_secret = body.client_secret.filter(|secret| !secret.is_empty());
+    if client_secret.is_none() && body.client_private_key.is_none() {
+        return Err(ApiError::MissingField {
             code: "missing_client_secret",
-            message: "missing client_secret",
-        })?;
-    check_limit(&client_secret, "client_secret", 2048)?;
+            message: "missing client_secret (or client_private_key)",
+        });
+    }
+    if let Some(secret) = &client_secret {
+        check_limit(secret, "client_secret", 2048)?;
+    }
     for (value, field) in [
         (&body.client_certificate, "client_certificate"),
         (&body.client_private_key, "client_private_key"),
@@ -195,9 +201,18 @@ pub async fn client_credentials(
             pem(value, field)?;
         }
     }
+    // Unusable PEM is refused here, before any provider is asked.
+    if let Some(key) = &body.client_private_key {
+        client_credentials::check_private_key(key)
+            .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    }
+    if let Some(certificate) = &body.client_certificate {
+        client_credentials::check_certificate(certificate)
+            .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    }
     let entered = Entered::ClientCredentials {
         client_id,
-        client_secret,
+        client_secret: client_secret.unwrap_or_default(),
         client_certificate: body.client_certificate,
         client_private_key: body.client_private_key,
     };

@@ -223,6 +223,7 @@ async fn exchange_oauth2(
                 client_id: &exchange.integration.settings.oauth_client_id,
                 client_secret: exchange.client_secret,
                 authorization_method: exchange.template.authorization_method,
+                client_assertion: None,
                 body_format: exchange.template.body_format,
                 params,
             },

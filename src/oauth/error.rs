@@ -150,6 +150,7 @@ fn public_token_error(e: &TokenError) -> String {
             None => format!("the provider refused it (HTTP {status})"),
         },
         TokenError::Malformed(_) => "the provider's answer is not a token response".into(),
+        TokenError::ClientAuth(why) => format!("the client cannot authenticate: {why}"),
     }
 }
 

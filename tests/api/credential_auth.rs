@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::connect_sessions::{history, post, secured, session};
-use crate::fake_provider::FakeProvider;
+use crate::fake_provider::{EC_KEY, EC_P384_KEY, FakeProvider, RSA_CERTIFICATE, RSA_KEY};
 use crate::oauth::{Env, SECRET_KEY};
 use crate::{assert_error, ok_json};
 
@@ -16,6 +16,7 @@ domain::on_both_backends!(
     refused_credentials_change_nothing_and_get_nangos_codes,
     api_key_integrations_need_no_client_credentials,
     client_credentials_connections_fetch_and_renew_their_token_through_the_fence,
+    a_client_with_a_private_key_signs_a_new_assertion_for_every_token_request,
 );
 
 /// `POST path` with `body` and no key (what a browser sends).
@@ -537,4 +538,130 @@ async fn client_credentials_connections_fetch_and_renew_their_token_through_the_
         "{entries}"
     );
     assert!(!entries.to_string().contains(client_secret));
+}
+
+/// The DER bytes of the PEM certificate `pem`.
+fn der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+async fn a_client_with_a_private_key_signs_a_new_assertion_for_every_token_request(
+    db: &TestDatabase,
+) {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake-cc", "fake-cc-jwt"]}),
+    )
+    .await;
+    let (client_id, client_secret) = FakeProvider::CC_CLIENT;
+    let path = |key: &str| format!("/oauth2/auth/{key}?connect_session_token={token}");
+
+    // Keys and certificates that cannot be used are refused before any provider is asked.
+    for (key, body, code) in [
+        (
+            "fake-cc",
+            json!({"client_id": client_id, "client_private_key": "not a key"}),
+            "invalid_body",
+        ),
+        (
+            "fake-cc",
+            json!({"client_id": client_id, "client_private_key": EC_P384_KEY}),
+            "invalid_body",
+        ),
+        (
+            "fake-cc",
+            json!({"client_id": client_id, "client_private_key": RSA_KEY,
+                   "client_certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}),
+            "invalid_body",
+        ),
+        // The template asks for a signed assertion; a secret alone cannot make one.
+        (
+            "fake-cc-jwt",
+            json!({"client_id": client_id, "client_secret": client_secret}),
+            "client_credentials_fetch_error",
+        ),
+    ] {
+        let error = assert_error(submit(&env, &path(key), &body).await, 400, code).await;
+        assert!(!error.to_string().contains("PRIVATE KEY"), "{error}");
+    }
+    assert!(ids(&env).await.is_empty());
+    assert_eq!(env.fake.token_requests(), 0, "no provider was asked");
+
+    // An RSA key with its certificate and no secret: RS256, the certificate's thumbprints.
+    let answer = submit(
+        &env,
+        &path("fake-cc"),
+        &json!({"client_id": client_id, "client_private_key": RSA_KEY,
+                "client_certificate": RSA_CERTIFICATE}),
+    )
+    .await;
+    let id = ok_json(answer).await["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let header = env
+        .fake
+        .last_assertion()
+        .expect("an assertion was accepted");
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    assert_eq!(
+        header.x5t_s256,
+        Some(url.encode(Sha256::digest(der(RSA_CERTIFICATE))))
+    );
+    assert_eq!(
+        header.x5t.map(|t| url.decode(t).unwrap().len()),
+        Some(20),
+        "a SHA-1 thumbprint"
+    );
+    let connection = env.connection("fake-cc", &id).await;
+    let credentials = &connection["credentials"];
+    assert_eq!(
+        credentials["token"],
+        FakeProvider::cc_token(1),
+        "{connection}"
+    );
+    assert_eq!(credentials["client_secret"], "");
+    assert_eq!(credentials["client_private_key"], RSA_KEY);
+    let entries = history(&env, "fake-cc", &id).await;
+    assert!(!entries.to_string().contains("PRIVATE KEY"), "{entries}");
+
+    // A renewal signs a new assertion (the provider refuses a replayed one).
+    let forced = env
+        .app
+        .client
+        .get(env.app.url(&format!(
+            "/connections/{id}?provider_config_key=fake-cc&force_refresh=true"
+        )))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok_json(forced).await["credentials"]["token"],
+        FakeProvider::cc_token(2)
+    );
+
+    // An EC key signs with ES256; a template asking for private_key_jwt uses it even beside a
+    // secret.
+    let answer = submit(
+        &env,
+        &path("fake-cc-jwt"),
+        &json!({"client_id": client_id, "client_secret": "unused", "client_private_key": EC_KEY}),
+    )
+    .await;
+    ok_json(answer).await;
+    let header = env.fake.last_assertion().unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    assert_eq!(header.x5t, None);
+    assert_eq!(env.fake.token_requests(), 3);
 }

@@ -13,7 +13,7 @@
 //! answers 302 to the `oauth_callback` with the token and a verifier (or `denied=`), and the
 //! verifier and request token are single-use.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,6 +87,10 @@ struct RequestToken {
 }
 
 struct Inner {
+    /// The `jti` of every client assertion accepted: a replayed one is refused.
+    assertions: HashSet<String>,
+    /// The header of the last client assertion accepted (`alg`, thumbprints).
+    last_assertion: Option<jsonwebtoken::Header>,
     deny: bool,
     request_tokens: HashMap<String, RequestToken>,
     mode: TokenMode,
@@ -139,6 +143,8 @@ impl FakeProvider {
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
+                assertions: HashSet::new(),
+                last_assertion: None,
                 deny: false,
                 request_tokens: HashMap::new(),
                 mode: TokenMode::Json,
@@ -238,6 +244,11 @@ impl FakeProvider {
     /// How many requests reached `/token`.
     pub fn token_requests(&self) -> usize {
         self.shared.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// The header of the last client assertion the provider accepted.
+    pub fn last_assertion(&self) -> Option<jsonwebtoken::Header> {
+        self.shared.inner.lock().unwrap().last_assertion.clone()
     }
 
     /// The query of the last `/authorize` request, and its tenant.
@@ -387,6 +398,56 @@ async fn token_tenant(
     token_for(&shared, Some(tenant), &headers, &body).await
 }
 
+/// `client_assertion_type` of a JWT client assertion (RFC 7523).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// The test clients' keys: RSA 2048 (with a self-signed certificate) and EC P-256, as PKCS#8
+/// PEM; and an EC P-384 key, which the client cannot sign with.
+pub const RSA_KEY: &str = include_str!("keys/rsa.key");
+pub const RSA_CERTIFICATE: &str = include_str!("keys/rsa.crt");
+pub const EC_KEY: &str = include_str!("keys/ec.key");
+pub const EC_P384_KEY: &str = include_str!("keys/ec384.key");
+const PUBLIC_KEYS: [(&str, jsonwebtoken::Algorithm); 2] = [
+    (include_str!("keys/rsa.pub"), jsonwebtoken::Algorithm::RS256),
+    (include_str!("keys/ec.pub"), jsonwebtoken::Algorithm::ES256),
+];
+
+/// Whether `assertion` is a JWT signed by a test key, issued by and about `client_id`, for
+/// `endpoint`, current, and not seen before (RFC 7523 §3).
+fn client_assertion_valid(
+    inner: &mut Inner,
+    assertion: &str,
+    client_id: &str,
+    endpoint: &str,
+) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        sub: String,
+        jti: String,
+    }
+    for (public, algorithm) in PUBLIC_KEYS {
+        let key = match algorithm {
+            jsonwebtoken::Algorithm::RS256 => {
+                jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes())
+            }
+            _ => jsonwebtoken::DecodingKey::from_ec_pem(public.as_bytes()),
+        }
+        .unwrap();
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.set_audience(&[endpoint]);
+        validation.set_issuer(&[client_id]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        if let Ok(data) = jsonwebtoken::decode::<Claims>(assertion, &key, &validation) {
+            let fresh = data.claims.sub == client_id && inner.assertions.insert(data.claims.jti);
+            if fresh {
+                inner.last_assertion = Some(data.header);
+            }
+            return fresh;
+        }
+    }
+    false
+}
+
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     (
         status,
@@ -468,9 +529,22 @@ async fn token_for(
     });
     let field = |name: &str| params.get(name).cloned().unwrap_or_default();
     if field("grant_type") == "client_credentials" {
-        // A client-credentials grant: the connection's own client, a new token each time.
+        // A client-credentials grant: the connection's own client, a new token each time,
+        // authenticated by its secret or by a JWT signed with one of the test keys.
         let (id, secret) = FakeProvider::CC_CLIENT;
-        if client_id != id || client_secret != secret {
+        let authenticated = if params.contains_key("client_assertion_type") {
+            let endpoint = match &tenant {
+                Some(tenant) => format!("{}/{tenant}/token", shared.base.lock().unwrap()),
+                None => format!("{}/token", shared.base.lock().unwrap()),
+            };
+            let assertion = field("client_assertion");
+            field("client_assertion_type") == JWT_BEARER
+                && client_id == id
+                && client_assertion_valid(&mut inner, &assertion, id, &endpoint)
+        } else {
+            client_id == id && client_secret == secret
+        };
+        if !authenticated {
             return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "bad client");
         }
         let answer = json!({

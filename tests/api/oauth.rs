@@ -69,7 +69,7 @@ pub(crate) struct Env {
 /// `,` between scopes; `fake-oauth1` and `fake-oauth1-plain` are OAuth 1.0a with HMAC-SHA1 and
 /// PLAINTEXT signatures; `fake-key` (API key) and `fake-login` (Basic) are checked against the
 /// provider's `/api/me`, `fake-key-unchecked` is not checked; `fake-cc` is a client-credentials
-/// grant at `/token`.
+/// grant at `/token`, and `fake-cc-jwt` one whose client must authenticate with a signed JWT.
 const TEMPLATES: &str = "  authorization_params:
     access_type: offline
   token_response_metadata:
@@ -128,6 +128,10 @@ fake-key-unchecked:
 fake-cc:
   auth_mode: OAUTH2_CC
   token_url: {base}/token
+fake-cc-jwt:
+  auth_mode: OAUTH2_CC
+  token_url: {base}/token
+  token_request_auth_method: private_key_jwt
 ";
 
 /// `grantline serve` for these tests on `db` with master key `key`: the providers file
@@ -171,6 +175,7 @@ pub(crate) async fn env(db: &TestDatabase, extra: &[&str]) -> Env {
         ("fake-login", "fake-login", ""),
         ("fake-key-unchecked", "fake-key-unchecked", ""),
         ("fake-cc", "fake-cc", "read"),
+        ("fake-cc-jwt", "fake-cc-jwt", ""),
     ] {
         env.create_config(key, provider, scopes).await;
     }

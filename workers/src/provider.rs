@@ -43,6 +43,9 @@ pub struct ProviderClient {
 #[error("cannot build the provider HTTP client: {0}")]
 pub struct ClientBuildError(String);
 
+/// `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 /// A token request: where, as whom, and the grant's parameters.
 pub struct TokenRequest<'a> {
     /// The token endpoint, already interpolated.
@@ -51,8 +54,11 @@ pub struct TokenRequest<'a> {
     pub client_id: &'a str,
     /// The OAuth client secret.
     pub client_secret: &'a ClientSecret,
-    /// Client credentials in the body, or as HTTP Basic.
+    /// Client credentials in the body, as HTTP Basic, or as a signed client assertion.
     pub authorization_method: AuthorizationMethod,
+    /// The signed JWT that authenticates the client when the method is
+    /// [`AuthorizationMethod::PrivateKeyJwt`] (see [`crate::client_credentials`]).
+    pub client_assertion: Option<&'a str>,
     /// Form-encoded or JSON body.
     pub body_format: BodyFormat,
     /// The grant's parameters (`grant_type`, `code`, …), in order; later keys win.
@@ -140,6 +146,10 @@ pub enum TokenError {
     /// `access_token`).
     #[error("the token endpoint's answer is not a token response: {0}")]
     Malformed(String),
+    /// The client cannot authenticate itself: its private key is unusable or missing. Nothing
+    /// was sent.
+    #[error("the client cannot authenticate: {0}")]
+    ClientAuth(String),
 }
 
 impl TokenError {
@@ -149,7 +159,7 @@ impl TokenError {
         match self {
             Self::Timeout(_) | Self::Network(_) => true,
             Self::Refused { status, .. } => *status >= 500 || *status == 429,
-            Self::InvalidUrl(_) | Self::Malformed(_) => false,
+            Self::InvalidUrl(_) | Self::Malformed(_) | Self::ClientAuth(_) => false,
         }
     }
 }
@@ -259,6 +269,16 @@ impl ProviderClient {
             AuthorizationMethod::Header => {
                 builder =
                     builder.basic_auth(request.client_id, Some(request.client_secret.expose()));
+            }
+            AuthorizationMethod::PrivateKeyJwt => {
+                let Some(assertion) = request.client_assertion else {
+                    return Err(TokenError::ClientAuth(
+                        "private_key_jwt needs the connection's private key".to_owned(),
+                    ));
+                };
+                params.push(("client_id".into(), request.client_id.to_owned()));
+                params.push(("client_assertion_type".into(), JWT_BEARER.to_owned()));
+                params.push(("client_assertion".into(), assertion.to_owned()));
             }
         }
         let params = last_wins(params);
@@ -685,6 +705,7 @@ mod tests {
             client_id: "id",
             client_secret: &secret,
             authorization_method: AuthorizationMethod::Body,
+            client_assertion: None,
             body_format: BodyFormat::Form,
             params: vec![("code".into(), "code-SECRET".into())],
         };

@@ -116,6 +116,7 @@ impl Inner {
             client_id: &integration.settings.oauth_client_id,
             client_secret: &client_secret,
             authorization_method: template.authorization_method,
+            client_assertion: None,
             body_format: template.body_format,
             params,
         };
@@ -181,6 +182,7 @@ fn classify(error: &TokenError) -> RefreshFailure {
         TokenError::Network(_) => (Some("network_error".to_owned()), None),
         TokenError::InvalidUrl(_) => (Some("invalid_token_url".to_owned()), None),
         TokenError::Malformed(_) => (Some("malformed_response".to_owned()), None),
+        TokenError::ClientAuth(_) => (Some("client_auth".to_owned()), None),
     };
     RefreshFailure {
         class,
