@@ -31,6 +31,33 @@ async fn submit(env: &Env, path: &str, body: &Value) -> reqwest::Response {
 }
 
 /// The live connection ids, any integration.
+/// `GET /connections/:id` of `key` with `force_refresh=true`, as JSON.
+async fn forced(env: &Env, key: &str, id: &str) -> Value {
+    let response = env
+        .app
+        .client
+        .get(env.app.url(&format!(
+            "/connections/{id}?provider_config_key={key}&force_refresh=true"
+        )))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    ok_json(response).await
+}
+
+/// A secured instance and a session token for an end user allowed `integrations`.
+async fn with_session(db: &TestDatabase, integrations: &[&str]) -> (Env, String) {
+    let env = secured(db).await;
+    let token = session(
+        &env,
+        "/connect/sessions",
+        &json!({"end_user": {"id": "u1"}, "allowed_integrations": integrations}),
+    )
+    .await;
+    (env, token)
+}
+
 async fn ids(env: &Env) -> Vec<String> {
     let response = env
         .app
@@ -126,17 +153,8 @@ async fn api_key_and_basic_connections_are_verified_stored_and_read_back(db: &Te
         .unwrap();
     assert_error(bare, 401, "missing_auth_header").await;
     // A read neither refreshes nor calls the provider.
-    let forced = env
-        .app
-        .client
-        .get(env.app.url(&format!(
-            "/connections/{basic_id}?provider_config_key=fake-login&force_refresh=true"
-        )))
-        .bearer_auth(SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok_json(forced).await["credentials"]["type"], "BASIC");
+    let forced = forced(&env, "fake-login", &basic_id).await;
+    assert_eq!(forced["credentials"]["type"], "BASIC");
     assert_eq!(env.fake.api_requests(), 2);
 
     // A reconnect session re-authorizes exactly its connection.
@@ -389,13 +407,7 @@ async fn api_key_integrations_need_no_client_credentials(db: &TestDatabase) {
 async fn client_credentials_connections_fetch_and_renew_their_token_through_the_fence(
     db: &TestDatabase,
 ) {
-    let env = secured(db).await;
-    let token = session(
-        &env,
-        "/connect/sessions",
-        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake-cc", "fake-key"]}),
-    )
-    .await;
+    let (env, token) = with_session(db, &["fake-cc", "fake-key"]).await;
     let (client_id, client_secret) = FakeProvider::CC_CLIENT;
     let path = format!("/oauth2/auth/fake-cc?connect_session_token={token}");
 
@@ -469,17 +481,7 @@ async fn client_credentials_connections_fetch_and_renew_their_token_through_the_
     );
 
     // A forced read asks again with the connection's client.
-    let forced = env
-        .app
-        .client
-        .get(env.app.url(&format!(
-            "/connections/{id}?provider_config_key=fake-cc&force_refresh=true"
-        )))
-        .bearer_auth(SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    let forced = ok_json(forced).await;
+    let forced = forced(&env, "fake-cc", &id).await;
     assert_eq!(
         forced["credentials"]["token"],
         FakeProvider::cc_token(before + 2)
@@ -555,13 +557,7 @@ async fn a_client_with_a_private_key_signs_a_new_assertion_for_every_token_reque
     use base64::Engine;
     use sha2::{Digest, Sha256};
 
-    let env = secured(db).await;
-    let token = session(
-        &env,
-        "/connect/sessions",
-        &json!({"end_user": {"id": "u1"}, "allowed_integrations": ["fake-cc", "fake-cc-jwt"]}),
-    )
-    .await;
+    let (env, token) = with_session(db, &["fake-cc", "fake-cc-jwt"]).await;
     let (client_id, client_secret) = FakeProvider::CC_CLIENT;
     let path = |key: &str| format!("/oauth2/auth/{key}?connect_session_token={token}");
 
@@ -636,18 +632,8 @@ async fn a_client_with_a_private_key_signs_a_new_assertion_for_every_token_reque
     assert!(!entries.to_string().contains("PRIVATE KEY"), "{entries}");
 
     // A renewal signs a new assertion (the provider refuses a replayed one).
-    let forced = env
-        .app
-        .client
-        .get(env.app.url(&format!(
-            "/connections/{id}?provider_config_key=fake-cc&force_refresh=true"
-        )))
-        .bearer_auth(SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        ok_json(forced).await["credentials"]["token"],
+        forced(&env, "fake-cc", &id).await["credentials"]["token"],
         FakeProvider::cc_token(2)
     );
 
