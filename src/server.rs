@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,12 +27,13 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::extract::Request;
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -153,7 +154,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let (stop, stopping) = watch::channel(false);
+    let open = Arc::new(OpenConnections::default());
+    let watchdog = tokio::spawn(watch_connections(open.clone(), limits, stats.clone()));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -178,26 +180,128 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (router, stats, stopping) = (router.clone(), stats.clone(), stopping.clone());
+        let (router, stats, open) = (router.clone(), stats.clone(), open.clone());
         connections.spawn(async move {
             stats.open_connections.fetch_add(1, Ordering::Relaxed);
-            serve_connection(stream, peer, router, &limits, &stats, stopping).await;
+            serve_connection(stream, peer, router, &open).await;
             stats.open_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
-    let _ = stop.send(true);
+    // Every connection finishes its request in flight and closes; the watchdog keeps closing
+    // the idle and the trickling meanwhile.
+    open.stop();
     while connections.join_next().await.is_some() {}
+    watchdog.abort();
 }
 
-/// One connection, watched for the header and idle timeouts.
+/// The open connections, for the one task per server that watches their timeouts and tells
+/// them to close: a connection's own task polls only its connection (and reads an atomic), with
+/// no timer or channel of its own to poll at every wake-up.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    inner: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    connections: HashMap<u64, Arc<Activity>>,
+    next: u64,
+    stopping: bool,
+}
+
+impl OpenConnections {
+    /// Watches `activity` until the returned guard is dropped.
+    fn register(self: &Arc<Self>, activity: Arc<Activity>) -> Registered {
+        let mut open = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.stopping {
+            activity.tell(Verdict::Finish);
+        }
+        let id = open.next;
+        open.next += 1;
+        open.connections.insert(id, activity);
+        Registered {
+            open: self.clone(),
+            id,
+        }
+    }
+
+    /// Tells every connection, and any registered later, to finish and close.
+    fn stop(&self) {
+        let mut open = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        open.stopping = true;
+        for activity in open.connections.values() {
+            activity.tell(Verdict::Finish);
+        }
+    }
+
+    /// Tells the connections past a timeout to close, counting each once.
+    fn check(&self, limits: &ServerLimits, stats: &ServerStats) {
+        let open = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        for activity in open.connections.values() {
+            match activity.overdue(limits) {
+                Some(Overdue::Head) if activity.tell(Verdict::Close) => {
+                    stats.refused.add(Limit::HeaderTimeout);
+                }
+                Some(Overdue::Idle) if activity.tell(Verdict::Finish) => {
+                    stats.refused.add(Limit::IdleTimeout);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A watched connection; dropping it ends the watch.
+struct Registered {
+    open: Arc<OpenConnections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.connections.remove(&self.id);
+    }
+}
+
+/// Checks the open connections' timeouts a few times per the shortest of them.
+async fn watch_connections(
+    open: Arc<OpenConnections>,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+) {
+    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        open.check(&limits, &stats);
+    }
+}
+
+/// What the watchdog told a connection; only ever raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Verdict {
+    Serve = 0,
+    /// Finish the request in flight, then close (idle, or the server stops).
+    Finish = 1,
+    /// Close now (no request head in time).
+    Close = 2,
+}
+
+/// One connection, watched for the header and idle timeouts by [`watch_connections`].
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
-    limits: &ServerLimits,
-    stats: &ServerStats,
-    mut stopping: watch::Receiver<bool>,
+    open: &Arc<OpenConnections>,
 ) {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
@@ -215,39 +319,29 @@ async fn serve_connection(
             Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
         }
     });
-    // The header timeout is the tick's below, one per connection: hyper's own would arm a
-    // timer in the runtime's wheel for every request head.
+    // The header timeout is the watchdog's: hyper's own would arm a timer in the runtime's
+    // wheel for every request head.
     let connection = http1::Builder::new()
         .header_read_timeout(None)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(connection);
-    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
-        .clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut ticks = tokio::time::interval(tick);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            _ = connection.as_mut() => return,
-            _ = ticks.tick() => match activity.overdue(limits) {
-                Some(Overdue::Head) => {
-                    // Dropping the connection closes the socket.
-                    stats.refused.add(Limit::HeaderTimeout);
-                    return;
-                }
-                Some(Overdue::Idle) if !closing => {
-                    stats.refused.add(Limit::IdleTimeout);
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                _ => {}
-            },
-            _ = stopping.changed(), if !closing => {
+    let _watched = open.register(activity.clone());
+    let mut finishing = false;
+    std::future::poll_fn(|cx| {
+        activity.waker.register(cx.waker());
+        match activity.verdict() {
+            // Dropping the connection closes the socket.
+            Verdict::Close => return Poll::Ready(()),
+            Verdict::Finish if !finishing => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                finishing = true;
             }
+            _ => {}
         }
-    }
+        connection.as_mut().poll(cx).map(drop)
+    })
+    .await;
 }
 
 /// What a connection is doing, in milliseconds since it was accepted.
@@ -261,6 +355,10 @@ struct Activity {
     head_since: AtomicU64,
     /// When the connection last finished a request (or was accepted).
     idle_since: AtomicU64,
+    /// The watchdog's [`Verdict`].
+    verdict: AtomicU8,
+    /// Wakes the connection's task when the verdict is raised.
+    waker: AtomicWaker,
 }
 
 /// Which timeout a connection has passed.
@@ -277,7 +375,26 @@ impl Activity {
             busy: AtomicUsize::new(0),
             head_since: AtomicU64::new(1),
             idle_since: AtomicU64::new(1),
+            verdict: AtomicU8::new(Verdict::Serve as u8),
+            waker: AtomicWaker::new(),
         }
+    }
+
+    fn verdict(&self) -> Verdict {
+        match self.verdict.load(Ordering::Acquire) {
+            0 => Verdict::Serve,
+            1 => Verdict::Finish,
+            _ => Verdict::Close,
+        }
+    }
+
+    /// Raises the verdict to `verdict` and wakes the connection; whether it was lower.
+    fn tell(&self, verdict: Verdict) -> bool {
+        let raised = self.verdict.fetch_max(verdict as u8, Ordering::AcqRel) < verdict as u8;
+        if raised {
+            self.waker.wake();
+        }
+        raised
     }
 
     /// Now, never 0.
@@ -504,6 +621,38 @@ mod tests {
         assert_eq!(stats.open_websockets.load(Ordering::Relaxed), 3);
         assert_eq!(stats.refused.get(Limit::Websockets), 1);
         assert_eq!(stats.refused.get(Limit::WebsocketsPerClient), 1);
+    }
+
+    #[test]
+    fn the_watchdog_tells_overdue_connections_once_and_every_connection_when_stopping() {
+        let open = Arc::new(OpenConnections::default());
+        let stats = ServerStats::default();
+        let mut limits = limits();
+        let (late, busy) = (Arc::new(Activity::new()), Arc::new(Activity::new()));
+        let watched = open.register(late.clone());
+        let _busy = open.register(busy.clone());
+        busy.begin();
+        limits.header_timeout = Duration::ZERO;
+        open.check(&limits, &stats);
+        open.check(&limits, &stats);
+        assert_eq!(late.verdict(), Verdict::Close);
+        assert_eq!(
+            busy.verdict(),
+            Verdict::Serve,
+            "a request in flight is never overdue"
+        );
+        assert_eq!(stats.refused.get(Limit::HeaderTimeout), 1, "counted once");
+        drop(watched);
+        open.stop();
+        assert_eq!(busy.verdict(), Verdict::Finish);
+        let newcomer = Arc::new(Activity::new());
+        let _newcomer = open.register(newcomer.clone());
+        assert_eq!(
+            newcomer.verdict(),
+            Verdict::Finish,
+            "registered after the stop"
+        );
+        assert_eq!(open.inner.lock().unwrap().connections.len(), 2);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::server::Limit;
 use crate::state::AppState;
 
 /// Applies the request limits to every route. A hand-written layer rather than a
-/// `middleware::from_fn`: the hot path pays no boxed future and no state clone per request.
+/// `middleware::from_fn`: the hot path pays for no boxed future.
 #[derive(Clone)]
 pub struct LimitLayer {
     state: AppState,
