@@ -70,6 +70,62 @@ impl Resolve for SystemResolver {
     }
 }
 
+/// Whether the environment names an egress proxy (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`,
+/// either case), per scheme, as reqwest reads it. Through such a proxy the connection is made
+/// by the proxy, and [`GuardedResolver`] never sees the destination.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Egress {
+    pub http: bool,
+    pub https: bool,
+}
+
+impl Egress {
+    /// The proxies this process's environment names.
+    pub fn from_env() -> Self {
+        let set = |names: [&str; 2]| {
+            names
+                .iter()
+                .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+        };
+        let all = set(["ALL_PROXY", "all_proxy"]);
+        Self {
+            http: all || set(["HTTP_PROXY", "http_proxy"]),
+            https: all || set(["HTTPS_PROXY", "https_proxy"]),
+        }
+    }
+
+    /// Whether a request to `url` may go through the egress proxy (`NO_PROXY` aside: a host it
+    /// exempts is connected to directly and checked by the resolver as well).
+    pub fn covers(&self, url: &Url) -> bool {
+        match url.scheme() {
+            "http" => self.http,
+            "https" => self.https,
+            _ => false,
+        }
+    }
+}
+
+/// Resolves `url`'s host here and refuses it when any of its addresses is inside this network:
+/// the check for a call that an egress proxy will connect. The proxy resolves the name again,
+/// so a DNS server that rebinds between the two lookups is the egress proxy's to stop; a name
+/// that cannot be resolved here is not called (as without a proxy).
+pub async fn check_resolved(url: &Url) -> Result<(), ProxyError> {
+    let host = match url.host() {
+        Some(Host::Domain(host)) => host,
+        _ => return check_literal(url),
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    let addresses = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| ProxyError::Unreachable)?;
+    for address in addresses {
+        if internal(address.ip()) {
+            return Err(ProxyError::BlockedDestination(host.to_owned()));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a URL whose host is an IP address inside this network (names are checked when they
 /// are resolved, by [`GuardedResolver`]).
 pub fn check_literal(url: &Url) -> Result<(), ProxyError> {

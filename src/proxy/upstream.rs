@@ -133,6 +133,9 @@ impl Target {
 pub struct Clients {
     trusted: reqwest::Client,
     guarded: reqwest::Client,
+    /// The egress proxy the environment names: a guarded host that goes through it is resolved
+    /// and checked before the call ([`guard::check_resolved`]).
+    egress: guard::Egress,
 }
 
 impl std::fmt::Debug for Clients {
@@ -142,20 +145,43 @@ impl std::fmt::Debug for Clients {
 }
 
 impl Clients {
-    /// Builds both clients.
+    /// Builds both clients, with the egress proxy the environment names, if any.
     pub fn new() -> Result<Self, reqwest::Error> {
+        Self::build(guard::Egress::from_env(), None)
+    }
+
+    /// Both clients; `through` sets their egress proxy explicitly (tests), else reqwest reads
+    /// the environment as `egress` does.
+    fn build(
+        egress: guard::Egress,
+        through: Option<reqwest::Proxy>,
+    ) -> Result<Self, reqwest::Error> {
         let builder = || {
-            reqwest::Client::builder()
+            let builder = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .redirect(reqwest::redirect::Policy::none())
-                .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")))
+                .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")));
+            match through.clone() {
+                Some(proxy) => builder.proxy(proxy),
+                None => builder,
+            }
         };
         Ok(Self {
             trusted: builder().build()?,
             guarded: builder()
                 .dns_resolver(Arc::new(guard::GuardedResolver::system()))
                 .build()?,
+            egress,
         })
+    }
+
+    /// Checks a guarded hop's host before the call when an egress proxy will connect it (the
+    /// guarded client's resolver checks every other connection as it is made).
+    async fn check(&self, hop: &Hop) -> Result<(), ProxyError> {
+        if hop.guarded && self.egress.covers(&hop.url) {
+            guard::check_resolved(&hop.url).await?;
+        }
+        Ok(())
     }
 
     fn for_hop(&self, hop: &Hop) -> &reqwest::Client {
@@ -346,15 +372,19 @@ impl Attempt<'_> {
                 }
             });
         }
-        match tokio::time::timeout_at(deadline, request.send()).await {
-            Err(_) => Err(ProxyError::Timeout),
-            Ok(Err(e)) => Err(guard::blocked(&e).unwrap_or(if e.is_timeout() {
-                ProxyError::Timeout
-            } else {
-                ProxyError::Unreachable
-            })),
-            Ok(Ok(response)) => Ok(response),
-        }
+        let sent = async {
+            self.clients.check(hop).await?;
+            request.send().await.map_err(|e| {
+                guard::blocked(&e).unwrap_or(if e.is_timeout() {
+                    ProxyError::Timeout
+                } else {
+                    ProxyError::Unreachable
+                })
+            })
+        };
+        tokio::time::timeout_at(deadline, sent)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout))
     }
 
     /// The credential as its type goes into a request: a bearer token for OAuth 2.0 and client
@@ -505,7 +535,89 @@ pub async fn wait(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// An egress proxy that counts the connections made to it and answers each request 200.
+    async fn egress_proxy() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buffer = [0u8; 4096];
+                    let _ = socket.read(&mut buffer).await;
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        (format!("http://{address}"), accepted)
+    }
+
+    fn hop(url: &str, guarded: bool) -> Hop {
+        Hop {
+            url: Url::parse(url).expect("url"),
+            method: Method::GET,
+            guarded,
+            credentials: true,
+            with_body: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guarded_host_is_checked_before_an_egress_proxy_connects_it() {
+        let (proxy, accepted) = egress_proxy().await;
+        let everything = guard::Egress {
+            http: true,
+            https: true,
+        };
+        let through = || Some(reqwest::Proxy::all(&proxy).expect("proxy"));
+        let clients = Clients::build(everything, through()).expect("clients");
+        // Through the proxy the resolver is never asked: the guarded client alone would call a
+        // name that resolves to loopback.
+        let inside = hop("http://localhost:9/latest/meta-data", true);
+        let bypass = clients
+            .guarded
+            .get(inside.url.clone())
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert!(bypass.status().is_success());
+        assert_eq!(accepted.swap(0, Ordering::SeqCst), 1);
+        // So the hop's host is resolved here first, and refused.
+        assert!(matches!(
+            clients.check(&inside).await,
+            Err(ProxyError::BlockedDestination(host)) if host == "localhost"
+        ));
+        assert_eq!(accepted.load(Ordering::SeqCst), 0);
+        // A template's own host is trusted, and a proxy that covers only https leaves http
+        // calls to the resolver.
+        assert!(
+            clients
+                .check(&hop("http://localhost:9/", false))
+                .await
+                .is_ok()
+        );
+        let https_only = guard::Egress {
+            http: false,
+            https: true,
+        };
+        let clients = Clients::build(https_only, through()).expect("clients");
+        assert!(clients.check(&inside).await.is_ok());
+        assert!(matches!(
+            clients.check(&hop("https://localhost/", true)).await,
+            Err(ProxyError::BlockedDestination(_))
+        ));
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
