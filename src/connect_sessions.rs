@@ -213,16 +213,23 @@ pub struct PatchBody {
     pub webhook_url_override: Option<String>,
 }
 
-/// The ownership an import's `end_user` and `tags` give a connection (tags derived from the end
-/// user, overlaid with `tags`).
+/// The ownership an import's `end_user`, `organization` and `tags` give a connection (tags
+/// derived from the end user and organization, overlaid with `tags`).
 pub fn imported_ownership(
     end_user: Option<Value>,
+    organization: Option<Value>,
     tags: Option<Value>,
 ) -> Result<Ownership, SessionsError> {
     let end_user: Option<EndUserBody> = match end_user {
         None | Some(Value::Null) => None,
         Some(value) => {
             Some(serde_json::from_value(value).map_err(|e| invalid(format!("end_user: {e}")))?)
+        }
+    };
+    let organization: Option<OrganizationBody> = match organization {
+        None | Some(Value::Null) => None,
+        Some(value) => {
+            Some(serde_json::from_value(value).map_err(|e| invalid(format!("organization: {e}")))?)
         }
     };
     let tags: Option<BTreeMap<String, String>> = match tags {
@@ -232,7 +239,7 @@ pub fn imported_ownership(
                 .map_err(|e| invalid(format!("tags must map keys to strings: {e}")))?,
         ),
     };
-    let (end_user, tags) = owner(end_user, None, tags)?;
+    let (end_user, tags) = owner(end_user, organization.as_ref(), tags)?;
     Ok(Ownership {
         tags,
         end_user,

@@ -81,6 +81,10 @@ pub struct ImportConnection {
     /// The end user the connection belongs to: `{id, email?, display_name?, tags?}`.
     #[schema(value_type = Option<Object>)]
     end_user: Option<Value>,
+    /// The end user's organization: `{id, display_name?}` (its tags derived as for a connect
+    /// session).
+    #[schema(value_type = Option<Object>)]
+    organization: Option<Value>,
     /// Tags, over those derived from `end_user` (Nango's tag rules).
     #[schema(value_type = Option<Object>)]
     tags: Option<Value>,
@@ -206,8 +210,9 @@ impl ImportConnection {
             }
             None => self.flat_credentials()?,
         };
-        let ownership = connect_sessions::imported_ownership(self.end_user, self.tags)
-            .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+        let ownership =
+            connect_sessions::imported_ownership(self.end_user, self.organization, self.tags)
+                .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
         Ok(Import {
             key: ConnectionKey::new(provider_config_key, connection_id),
             ownership,

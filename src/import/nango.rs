@@ -25,7 +25,7 @@ use super::store::{ConnectionRow, IntegrationRow, NangoDatabase};
 use super::{LineError, LineFault, Record, Source};
 
 /// The credential types Grantline takes today (Nango's `type`).
-const SUPPORTED: [&str; 4] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC"];
+const SUPPORTED: [&str; 5] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC", "OAUTH2_CC"];
 
 /// Connections read from Nango at a time.
 const PAGE: i64 = 1000;
@@ -172,9 +172,9 @@ pub fn plan_integrations(
     (planned, errors)
 }
 
-/// What the connections carried that Grantline does not keep yet.
+/// How many connections came with ownership: tags, an end user.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
+pub struct Owned {
     /// Connections with tags.
     pub tagged: u64,
     /// Connections linked to an end user.
@@ -194,7 +194,7 @@ pub struct NangoConnections<'a> {
     done: bool,
     number: u64,
     pub skipped: u64,
-    pub dropped: Dropped,
+    pub owned: Owned,
 }
 
 impl std::fmt::Debug for NangoConnections<'_> {
@@ -223,7 +223,7 @@ impl<'a> NangoConnections<'a> {
             done: false,
             number: 0,
             skipped: 0,
-            dropped: Dropped::default(),
+            owned: Owned::default(),
         }
     }
 
@@ -260,6 +260,7 @@ impl<'a> NangoConnections<'a> {
         for (field, text) in [
             ("connection_config", &row.connection_config),
             ("metadata", &row.metadata),
+            ("tags", &row.tags),
         ] {
             match text.as_deref().map(serde_json::from_str::<Value>) {
                 None | Some(Ok(Value::Null)) => {}
@@ -272,6 +273,24 @@ impl<'a> NangoConnections<'a> {
                         message: format!("Nango's {field} is not JSON"),
                     });
                 }
+            }
+        }
+        if let Some(user) = &row.end_user {
+            let mut end_user = Map::new();
+            end_user.insert("id".into(), Value::String(user.id.clone()));
+            for (field, value) in [("email", &user.email), ("display_name", &user.display_name)] {
+                if let Some(value) = value {
+                    end_user.insert(field.into(), Value::String(value.clone()));
+                }
+            }
+            body.insert("end_user".into(), Value::Object(end_user));
+            if let Some(id) = &user.organization_id {
+                let mut organization = Map::new();
+                organization.insert("id".into(), Value::String(id.clone()));
+                if let Some(name) = &user.organization_display_name {
+                    organization.insert("display_name".into(), Value::String(name.clone()));
+                }
+                body.insert("organization".into(), Value::Object(organization));
             }
         }
         Ok(Some(Value::Object(body)))
@@ -334,10 +353,10 @@ impl Source for NangoConnections<'_> {
                 .as_deref()
                 .is_some_and(|t| !matches!(t, "null" | "{}"))
             {
-                self.dropped.tagged += 1;
+                self.owned.tagged += 1;
             }
-            if row.end_user_id.is_some() {
-                self.dropped.with_end_user += 1;
+            if row.end_user.is_some() {
+                self.owned.with_end_user += 1;
             }
             return Ok(Some(Record {
                 at: format!(

@@ -156,11 +156,11 @@ async fn from_nango(
             connections.skipped
         );
     }
-    let dropped = connections.dropped;
-    if dropped.tagged + dropped.with_end_user > 0 {
+    let owned = connections.owned;
+    if owned.tagged + owned.with_end_user > 0 {
         println!(
-            "{} connections have tags and {} an end user, which this version does not keep",
-            dropped.tagged, dropped.with_end_user
+            "{} connections come with tags and {} with an end user (kept)",
+            owned.tagged, owned.with_end_user
         );
     }
     if args.dry_run {

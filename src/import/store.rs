@@ -76,8 +76,19 @@ pub struct ConnectionRow {
     pub metadata: Option<String>,
     /// The tags JSON text, when the schema has tags.
     pub tags: Option<String>,
-    /// The linked end user's id, when the schema has end users.
-    pub end_user_id: Option<String>,
+    /// The linked end user, when the schema has end users.
+    pub end_user: Option<EndUserRow>,
+}
+
+/// The end user a connection is linked to (`end_users`); a column this schema lacks reads as
+/// `None`.
+#[derive(Debug, Default)]
+pub struct EndUserRow {
+    pub id: String,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub organization_id: Option<String>,
+    pub organization_display_name: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectionRow {
@@ -97,6 +108,9 @@ pub struct NangoDatabase {
     schema: String,
     has_tags: bool,
     has_end_users: bool,
+    /// The optional columns of `end_users` this schema has, as select expressions (`NULL`
+    /// where it has not): email, display name, organization id and name.
+    end_user_columns: [String; 4],
     /// The newest migration applied.
     pub newest_migration: Option<String>,
 }
@@ -157,8 +171,19 @@ impl NangoDatabase {
             .await
             .context("cannot read Nango's migrations")?
             .get(0);
+        let end_user_columns = [
+            "email",
+            "display_name",
+            "organization_id",
+            "organization_display_name",
+        ]
+        .map(|column| match has("end_users", column) {
+            true => format!("eu.{column}::text"),
+            false => "NULL::text".to_owned(),
+        });
         Ok(Self {
             client,
+            end_user_columns,
             has_tags: has("_nango_connections", "tags"),
             has_end_users: has("_nango_connections", "end_user_id")
                 && has("end_users", "end_user_id"),
@@ -233,14 +258,17 @@ impl NangoDatabase {
         };
         let (end_user, join) = if self.has_end_users {
             (
-                "eu.end_user_id::text",
+                format!("eu.end_user_id::text, {}", self.end_user_columns.join(", ")),
                 format!(
                     "LEFT JOIN {}.end_users eu ON eu.id = c.end_user_id",
                     self.schema
                 ),
             )
         } else {
-            ("NULL::text", String::new())
+            (
+                "NULL::text, NULL::text, NULL::text, NULL::text, NULL::text".to_owned(),
+                String::new(),
+            )
         };
         let rows = self
             .client
@@ -270,7 +298,13 @@ impl NangoDatabase {
                 connection_config: r.get(6),
                 metadata: r.get(7),
                 tags: r.get(8),
-                end_user_id: r.get(9),
+                end_user: r.get::<_, Option<String>>(9).map(|id| EndUserRow {
+                    id,
+                    email: r.get(10),
+                    display_name: r.get(11),
+                    organization_id: r.get(12),
+                    organization_display_name: r.get(13),
+                }),
             })
             .collect())
     }

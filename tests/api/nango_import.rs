@@ -71,10 +71,15 @@ CREATE TABLE nango._nango_connections (
     end_user_id integer REFERENCES nango.end_users (id) ON DELETE SET NULL, tags jsonb);
 ";
 
-/// Builds the Nango database: `github` in both environments; in `prod` an OAuth 2 connection
-/// (sealed, with config, metadata, tags and an end user), an API-key one (sealed), a Basic one
-/// stored before encryption was turned on (plaintext), a deleted one and a client-credentials
-/// one; in `dev` one more.
+/// A client-credentials template that the built-in catalog lacks, as an operator adds one.
+const PROVIDERS: &str =
+    "acme-cc:\n  auth_mode: OAUTH2_CC\n  token_url: https://auth.acme.example/token\n";
+
+/// Builds the Nango database: `github` in both environments and `acme-cc` (client credentials)
+/// in `prod`; in `prod` an OAuth 2 connection (sealed, with config, metadata, tags and an end
+/// user of an organization), an API-key one (sealed), a Basic one stored before encryption was
+/// turned on (plaintext), a deleted one, a client-credentials one and a GitHub App one (an auth
+/// mode Grantline does not take); in `dev` one more.
 async fn nango_database(db: &TestDatabase) {
     let client = db.postgres_client().await;
     client.batch_execute(SCHEMA).await.unwrap();
@@ -86,7 +91,8 @@ async fn nango_database(db: &TestDatabase) {
             "INSERT INTO nango._nango_configs (unique_key, provider, oauth_client_id, \
              oauth_client_secret, oauth_client_secret_iv, oauth_client_secret_tag, oauth_scopes, \
              environment_id) VALUES ('github', 'github', 'gh-client', $1, $2, $3, 'repo,user', 2), \
-             ('github', 'github', 'gh-dev-client', $4, $5, $6, 'repo', 1)",
+             ('github', 'github', 'gh-dev-client', $4, $5, $6, 'repo', 1), \
+             ('acme-cc', 'acme-cc', NULL, NULL, NULL, NULL, NULL, 2)",
             &[
                 &secret,
                 &secret_iv,
@@ -100,8 +106,9 @@ async fn nango_database(db: &TestDatabase) {
         .unwrap();
     client
         .batch_execute(
-            "INSERT INTO nango.end_users (end_user_id, environment_id, email) \
-             VALUES ('u1', 2, 'u1@example.com')",
+            "INSERT INTO nango.end_users (end_user_id, environment_id, email, display_name, \
+             organization_id, organization_display_name) \
+             VALUES ('u1', 2, 'u1@example.com', 'Ann', 'org-1', 'Acme')",
         )
         .await
         .unwrap();
@@ -146,8 +153,15 @@ async fn nango_database(db: &TestDatabase) {
         sealed_row(
             "c-cc",
             json!({"type": "OAUTH2_CC", "token": "ccTOKEN", "client_id": "x",
-                   "client_secret": "ccSECRET"}),
+                   "client_secret": "ccSECRET", "expires_at": "2031-01-01T00:00:00.000Z",
+                   "raw": {"access_token": "ccTOKEN", "expires_in": 3600}}),
             6,
+            "prod",
+        ),
+        sealed_row(
+            "c-app",
+            json!({"type": "APP", "access_token": "appTOKEN", "jwtToken": "appJWT"}),
+            8,
             "prod",
         ),
         sealed_row(
@@ -174,7 +188,9 @@ async fn nango_database(db: &TestDatabase) {
         .batch_execute(
             "UPDATE nango._nango_connections SET connection_config = '{\"subdomain\": \"acme\"}', \
              metadata = '{\"plan\": \"pro\"}', tags = '{\"end_user_id\": \"u1\"}', \
-             end_user_id = (SELECT id FROM nango.end_users) WHERE connection_id = 'c-oauth2'",
+             end_user_id = (SELECT id FROM nango.end_users) WHERE connection_id = 'c-oauth2'; \
+             UPDATE nango._nango_connections SET provider_config_key = 'acme-cc' \
+             WHERE connection_id = 'c-cc'",
         )
         .await
         .unwrap();
@@ -184,7 +200,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `grantline import --from-nango` of `nango` into `db`, with `args` and Nango's key `key`.
+/// `grantline import --from-nango` of `nango` into `db`, with `args`, Nango's key `key` and the
+/// templates of [`PROVIDERS`].
 fn import(
     db: &TestDatabase,
     master: &str,
@@ -192,12 +209,18 @@ fn import(
     key: &str,
     args: &[&str],
 ) -> Output {
-    grantline_on(db, master)
+    let providers =
+        std::env::temp_dir().join(format!("nango-import-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&providers, PROVIDERS).unwrap();
+    let output = grantline_on(db, master)
         .args(["import", "--from-nango", nango.url()])
         .args(args)
         .env("NANGO_ENCRYPTION_KEY", key)
+        .env("GRANTLINE_PROVIDERS_FILE", &providers)
         .output()
-        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(providers);
+    output
 }
 
 /// Nothing was written: no integration, no connection.
@@ -222,16 +245,23 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
             && stderr.contains("nothing was written"),
         "{stderr}"
     );
-    // The client-credentials connection is an auth mode Grantline does not take yet.
+    // The GitHub App connection is an auth mode Grantline does not take yet.
     let unsupported = import(db, &master, &nango, &nango_key(), &[]);
     let stderr = text(&unsupported.stderr);
     assert!(!unsupported.status.success());
     assert!(
-        stderr.contains("Nango connection \"c-cc\" of \"github\"")
-            && stderr.contains("(unsupported_auth_mode)"),
+        stderr.contains("Nango connection \"c-app\" of \"github\"")
+            && stderr.contains("(unsupported_auth_mode)")
+            && !stderr.contains("c-cc"),
         "{stderr}"
     );
-    for leaked in ["ccSECRET", "ccTOKEN", "gh-client-SECRET", "gho_nangoACCESS"] {
+    for leaked in [
+        "ccSECRET",
+        "ccTOKEN",
+        "appJWT",
+        "gh-client-SECRET",
+        "gho_nangoACCESS",
+    ] {
         assert!(!stderr.contains(leaked), "{leaked} in {stderr}");
     }
     let dry = import(
@@ -244,9 +274,9 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     let stdout = text(&dry.stdout);
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     assert!(
-        stdout.contains("3 connections checked")
-            && stdout.contains("1 integrations to create")
-            && stdout.contains("1 connections have tags and 1 an end user")
+        stdout.contains("4 connections checked")
+            && stdout.contains("2 integrations to create")
+            && stdout.contains("1 connections come with tags and 1 with an end user (kept)")
             && stdout.contains("newest migration 20260128120000_backfill_connection_tags.cjs"),
         "{stdout}"
     );
@@ -256,7 +286,7 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     let stdout = text(&done.stdout);
     assert!(done.status.success(), "{}", text(&done.stderr));
     assert!(
-        stdout.contains("3 created, 0 kept, 0 replaced")
+        stdout.contains("4 created, 0 kept, 0 replaced")
             && stdout.contains("1 connections of auth modes Grantline does not take yet"),
         "{stdout}"
     );
@@ -278,7 +308,36 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
         app.get_ok(&connection("c-basic")).await["credentials"]["password"],
         "nangoPASSWORD"
     );
-    for absent in ["c-deleted", "c-cc", "c-dev"] {
+    // The end user, its organization and their tags, under Nango's own.
+    let current = app
+        .get_ok("/connections/c-oauth2?provider_config_key=github")
+        .await;
+    assert_eq!(
+        current["end_user"],
+        json!({"id": "u1", "email": "u1@example.com", "display_name": "Ann", "tags": null,
+               "organization": {"id": "org-1", "display_name": "Acme"}}),
+        "{current}"
+    );
+    for (tag, value) in [
+        ("end_user_id", "u1"),
+        ("end_user_email", "u1@example.com"),
+        ("organization_id", "org-1"),
+    ] {
+        assert_eq!(current["tags"][tag], value, "{current}");
+    }
+    let listed = app.get_ok("/connections?endUserId=u1").await;
+    assert_eq!(
+        listed["connections"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    // The client-credentials connection, with its token and client.
+    let cc = app
+        .get_ok("/connections/c-cc?provider_config_key=acme-cc")
+        .await;
+    assert_eq!(cc["credentials"]["token"], "ccTOKEN", "{cc}");
+    assert_eq!(cc["credentials"]["client_id"], "x", "{cc}");
+    for absent in ["c-deleted", "c-app", "c-dev"] {
         assert_eq!(app.get(&connection(absent)).await.status(), 404, "{absent}");
     }
     let history = app
@@ -292,8 +351,8 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     let stdout = text(&again.stdout);
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(
-        stdout.contains("0 created, 3 kept, 0 replaced")
-            && stdout.contains("1 of Nango's integrations exist here"),
+        stdout.contains("0 created, 4 kept, 0 replaced")
+            && stdout.contains("2 of Nango's integrations exist here"),
         "{stdout}"
     );
 
