@@ -250,13 +250,13 @@ impl Runner {
             .await?;
         progress(replayed);
         // The swapped-in table's statistics are those of the empty shadow.
-        store.analyze().await?;
+        store.analyze(false).await?;
         Ok(replayed)
     }
 
-    /// Refreshes the planner's statistics of the read models (after a bulk import).
+    /// Refreshes the planner's statistics of the read models and the log (after a bulk import).
     pub async fn analyze(&self) -> Result<(), ProjectionError> {
-        self.read_models.store().analyze().await
+        self.read_models.store().analyze(true).await
     }
 }
 

@@ -688,16 +688,17 @@ impl ReadModelStore for PostgresReadModels {
             .get(0))
     }
 
-    async fn analyze(&self) -> Result<(), ProjectionError> {
+    async fn analyze(&self, log: bool) -> Result<(), ProjectionError> {
         let client = self.client().await?;
         // One statement per query: VACUUM refuses to run in the implicit transaction of several.
         // VACUUM also merges the GIN indexes' pending lists (tags, search), which every search
         // reads through until then; the log only needs its statistics.
-        for statement in [
+        let statements = [
             "VACUUM (ANALYZE) connections",
             "VACUUM (ANALYZE) integrations",
             "ANALYZE events",
-        ] {
+        ];
+        for statement in &statements[..if log { 3 } else { 2 }] {
             client.batch_execute(statement).await.map_err(database)?;
         }
         Ok(())

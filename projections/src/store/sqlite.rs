@@ -690,7 +690,7 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
-    async fn analyze(&self) -> Result<(), ProjectionError> {
+    async fn analyze(&self, _log: bool) -> Result<(), ProjectionError> {
         // SQLite's own advice: `optimize` analyzes what changed enough to matter.
         Ok(self
             .store
