@@ -78,15 +78,48 @@ impl ConnectionsError {
 #[derive(Debug)]
 pub struct ConnectionView {
     pub connection: Arc<ConnectionRecord>,
-    pub credentials: Credentials,
+    pub credentials: Arc<Opened>,
+}
+
+/// Credentials opened from the log, wiped when the last reference to them goes.
+pub struct Opened(Credentials);
+
+impl Opened {
+    pub fn new(credentials: Credentials) -> Arc<Self> {
+        Arc::new(Self(credentials))
+    }
+}
+
+impl std::ops::Deref for Opened {
+    type Target = Credentials;
+
+    fn deref(&self) -> &Credentials {
+        &self.0
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.wipe();
+    }
 }
 
 /// What the replica keeps with a cached connection for the hot path: its finished answers, with
-/// and without the refresh token, each rendered on first use. They hold plaintext secrets, so
-/// they live no longer than the entry (dropped on eviction, invalidation and expiry alike) and
-/// are wiped when the last reference goes, once the answers sent from them are written out.
+/// and without the refresh token, each rendered on first use, and its credentials opened once
+/// (what a proxied call sends). They hold plaintext secrets, so they live no longer than the
+/// entry (dropped on eviction, invalidation and expiry alike) and are wiped when the last
+/// reference goes, once the answers sent from them are written out.
 #[derive(Debug, Default)]
-pub struct Answers([OnceCell<Bytes>; 4]);
+pub struct Answers {
+    rendered: [OnceCell<Bytes>; 4],
+    opened: OnceCell<Arc<Opened>>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Writes a connection's answer, with its refresh token or without.
 pub type Render =
@@ -173,18 +206,13 @@ pub async fn answer(
             .refresh
             .needs_refresh(&cached.record.connection, Utc::now())
     {
-        let slot = &cached.derived.0
+        let slot = &cached.derived.rendered
             [usize::from(with_refresh_token) + 2 * usize::from(shape == Shape::Current)];
         let answer = slot
             .get_or_try_init(|| async {
-                let credentials = state
-                    .commands
-                    .reveal_credentials(&cached.record.connection)
-                    .await
-                    .map_err(ConnectionsError::command(key))?;
                 let view = ConnectionView {
                     connection: cached.record.clone(),
-                    credentials,
+                    credentials: opened(state, key, &cached).await?,
                 };
                 rendered(&view, with_refresh_token, render)
             })
@@ -202,7 +230,37 @@ pub async fn with_credentials(
     key: &ConnectionKey,
 ) -> Result<ConnectionView, ConnectionsError> {
     let cached = read(state, key).await?;
+    if !state
+        .refresh
+        .needs_refresh(&cached.record.connection, Utc::now())
+    {
+        return Ok(ConnectionView {
+            connection: cached.record.clone(),
+            credentials: opened(state, key, &cached).await?,
+        });
+    }
     fresh(state, key, cached.record.clone(), false).await
+}
+
+/// The cached connection's credentials, opened on first use and kept with the entry.
+async fn opened(
+    state: &AppState,
+    key: &ConnectionKey,
+    cached: &projections::cache::Cached<Answers>,
+) -> Result<Arc<Opened>, ConnectionsError> {
+    let opened = cached
+        .derived
+        .opened
+        .get_or_try_init(|| async {
+            state
+                .commands
+                .reveal_credentials(&cached.record.connection)
+                .await
+                .map(Opened::new)
+                .map_err(ConnectionsError::command(key))
+        })
+        .await?;
+    Ok(opened.clone())
 }
 
 /// Refreshes the connection `key` now, through the fence, as a read with `force_refresh` does
@@ -245,7 +303,7 @@ async fn refreshed(
             version: fresh.loaded.version,
             connection,
         }),
-        credentials: fresh.credentials,
+        credentials: Opened::new(fresh.credentials),
     })
 }
 
@@ -303,7 +361,7 @@ async fn fresh(
         .map_err(ConnectionsError::command(key))?;
     Ok(ConnectionView {
         connection: record,
-        credentials,
+        credentials: Opened::new(credentials),
     })
 }
 
@@ -389,7 +447,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             version: loaded.version,
             connection,
         }),
-        credentials,
+        credentials: Opened::new(credentials),
     })
 }
 

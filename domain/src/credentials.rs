@@ -92,6 +92,23 @@ pub enum Credentials {
     },
 }
 
+/// Overwrites the strings of `value` (object keys included) with zeros and empties it.
+fn wipe_value(value: &mut Value) {
+    use zeroize::Zeroize;
+    match value {
+        Value::String(text) => text.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe_value),
+        Value::Object(members) => {
+            for (mut name, mut member) in std::mem::take(members) {
+                name.zeroize();
+                wipe_value(&mut member);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    *value = Value::Null;
+}
+
 /// The stored form read in one pass: serde's internally tagged enums buffer every field before
 /// choosing the variant, which showed in the read path's profile. Same JSON either way.
 #[derive(Deserialize)]
@@ -159,6 +176,54 @@ fn empty_object() -> Value {
 }
 
 impl Credentials {
+    /// Overwrites every secret held here with zeros, in place (the keys and strings of `raw`
+    /// too), before the memory is given back. What is left is empty.
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        match self {
+            Self::OAuth2 {
+                access_token,
+                refresh_token,
+                raw,
+                ..
+            } => {
+                access_token.zeroize();
+                refresh_token.zeroize();
+                wipe_value(raw);
+            }
+            Self::OAuth1 {
+                oauth_token,
+                oauth_token_secret,
+                raw,
+            } => {
+                oauth_token.zeroize();
+                oauth_token_secret.zeroize();
+                wipe_value(raw);
+            }
+            Self::ApiKey { api_key } => api_key.zeroize(),
+            Self::Basic { username, password } => {
+                username.zeroize();
+                password.zeroize();
+            }
+            Self::OAuth2Cc {
+                token,
+                client_id,
+                client_secret,
+                client_certificate,
+                client_private_key,
+                raw,
+                ..
+            } => {
+                token.zeroize();
+                client_id.zeroize();
+                client_secret.zeroize();
+                client_certificate.zeroize();
+                client_private_key.zeroize();
+                wipe_value(raw);
+            }
+        }
+    }
+
     /// Checks what a client or provider chose here against the log's bounds: the raw answer
     /// against [`JsonBounds::CLIENT`], the expiry against [`crate::bounds::TimeRange`].
     pub fn check_bounds(&self) -> Result<(), ConnectionRejected> {
@@ -297,6 +362,31 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn wiping_leaves_no_secret_behind() {
+        let mut oauth2 = Credentials::OAuth2 {
+            access_token: "gho_SECRET".into(),
+            refresh_token: Some("ghr_SECRET".into()),
+            expires_at: None,
+            raw: json!({"access_token": "gho_SECRET", "nested": [{"id_token": "SECRET"}]}),
+        };
+        oauth2.wipe();
+        let text = serde_json::to_string(&oauth2).unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+        let mut cc = Credentials::OAuth2Cc {
+            token: "SECRET".into(),
+            client_id: "id".into(),
+            client_secret: "SECRET".into(),
+            client_certificate: None,
+            client_private_key: Some("-----BEGIN PRIVATE KEY----- SECRET".into()),
+            expires_at: None,
+            raw: json!({}),
+        };
+        cc.wipe();
+        let text = serde_json::to_string(&cc).unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+    }
 
     const SECRETS: [&str; 8] = [
         "access-SECRET-1",

@@ -137,7 +137,7 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         call.base_url_override.as_deref(),
         &call.endpoint,
     )?;
-    let oauth1 = match &view.credentials {
+    let oauth1 = match &**view.credentials {
         domain::credentials::Credentials::OAuth1 { .. } => {
             Some(oauth1_signer(state, &call.key, template).await?)
         }
