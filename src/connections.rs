@@ -105,10 +105,12 @@ impl Drop for Opened {
 }
 
 /// What the replica keeps with a cached connection for the hot path: its finished answers, with
-/// and without the refresh token, each rendered on first use, and its credentials opened once
-/// (what a proxied call sends). They hold plaintext secrets, so they live no longer than the
-/// entry (dropped on eviction, invalidation and expiry alike) and are wiped when the last
-/// reference goes, once the answers sent from them are written out.
+/// and without the refresh token, each rendered on first use, and — for a connection a proxied
+/// call used — its credentials opened once (what every proxied call sends; the replica's size
+/// estimate counts the answers, not these). They
+/// hold plaintext secrets, so they live no longer than the entry (dropped on eviction,
+/// invalidation and expiry alike) and are wiped when the last reference goes, once the answers
+/// sent from them are written out.
 #[derive(Debug, Default)]
 pub struct Answers {
     rendered: [OnceCell<Bytes>; 4],
@@ -210,9 +212,15 @@ pub async fn answer(
             [usize::from(with_refresh_token) + 2 * usize::from(shape == Shape::Current)];
         let answer = slot
             .get_or_try_init(|| async {
+                // Opened for this rendering only (unless a proxied call keeps them already):
+                // an answer is rendered once, and the replica's memory budget counts answers.
+                let credentials = match cached.derived.opened.get() {
+                    Some(opened) => opened.clone(),
+                    None => Opened::new(reveal(state, key, &cached.record).await?),
+                };
                 let view = ConnectionView {
                     connection: cached.record.clone(),
-                    credentials: opened(state, key, &cached).await?,
+                    credentials,
                 };
                 rendered(&view, with_refresh_token, render)
             })
@@ -242,7 +250,8 @@ pub async fn with_credentials(
     fresh(state, key, cached.record.clone(), false).await
 }
 
-/// The cached connection's credentials, opened on first use and kept with the entry.
+/// The cached connection's credentials, opened on first use and kept with the entry (a proxied
+/// call sends them on every call).
 async fn opened(
     state: &AppState,
     key: &ConnectionKey,
@@ -251,16 +260,22 @@ async fn opened(
     let opened = cached
         .derived
         .opened
-        .get_or_try_init(|| async {
-            state
-                .commands
-                .reveal_credentials(&cached.record.connection)
-                .await
-                .map(Opened::new)
-                .map_err(ConnectionsError::command(key))
-        })
+        .get_or_try_init(|| async { reveal(state, key, &cached.record).await.map(Opened::new) })
         .await?;
     Ok(opened.clone())
+}
+
+/// The credentials of `record`, opened.
+async fn reveal(
+    state: &AppState,
+    key: &ConnectionKey,
+    record: &ConnectionRecord,
+) -> Result<Credentials, ConnectionsError> {
+    state
+        .commands
+        .reveal_credentials(&record.connection)
+        .await
+        .map_err(ConnectionsError::command(key))
 }
 
 /// Refreshes the connection `key` now, through the fence, as a read with `force_refresh` does
@@ -354,11 +369,7 @@ async fn fresh(
             }
         }
     }
-    let credentials = state
-        .commands
-        .reveal_credentials(&record.connection)
-        .await
-        .map_err(ConnectionsError::command(key))?;
+    let credentials = reveal(state, key, &record).await?;
     Ok(ConnectionView {
         connection: record,
         credentials: Opened::new(credentials),
