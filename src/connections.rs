@@ -104,23 +104,22 @@ impl Drop for Opened {
     }
 }
 
-/// What the replica keeps with a cached connection for the hot path: its finished answers, with
-/// and without the refresh token, each rendered on first use, and — for a connection a proxied
-/// call used — its credentials opened once (what every proxied call sends; the replica's size
-/// estimate counts the answers, not these). They
-/// hold plaintext secrets, so they live no longer than the entry (dropped on eviction,
-/// invalidation and expiry alike) and are wiped when the last reference goes, once the answers
-/// sent from them are written out.
-#[derive(Debug, Default)]
-pub struct Answers {
-    rendered: [OnceCell<Bytes>; 4],
-    opened: OnceCell<Arc<Opened>>,
-}
-
 impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// What the replica keeps with a cached connection for the hot path: its finished answers, with
+/// and without the refresh token, each rendered on first use, and — for a connection a proxied
+/// call used — its credentials opened once (what every proxied call sends; the replica's size
+/// estimate counts the answers, not these). They hold plaintext secrets, so they live no longer
+/// than the entry (dropped on eviction, invalidation and expiry alike) and are wiped when the
+/// last reference goes, once the answers sent from them are written out.
+#[derive(Debug, Default)]
+pub struct Answers {
+    rendered: [OnceCell<Bytes>; 4],
+    opened: OnceCell<Arc<Opened>>,
 }
 
 /// Writes a connection's answer, with its refresh token or without.

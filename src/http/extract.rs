@@ -24,7 +24,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         // The same deserializer as axum's `Query`, without the path tracking its refusal
-        // message needs (about 1,000 instructions of every read); a query that does not
+        // message needs (2.5k of a cached read's 35.7k instructions); a query that does not
         // deserialize goes through `Query` for that message.
         match serde_urlencoded::from_str(parts.uri.query().unwrap_or_default()) {
             Ok(value) => Ok(Self(value)),
