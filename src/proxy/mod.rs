@@ -95,8 +95,11 @@ pub fn client() -> Result<Clients, reqwest::Error> {
 }
 
 /// Sends `call` to the provider and returns its answer (status, useful headers, body streamed).
+/// Its span is at DEBUG: at INFO it cost every proxied call 4.6k of 139k instructions, and the
+/// request's own span already carries its id and route.
 #[tracing::instrument(
     name = "proxy.call",
+    level = "debug",
     skip_all,
     fields(provider_config_key = %call.key.provider_config_key(), method = %call.method)
 )]
