@@ -22,7 +22,8 @@
 //!   lifetime, 10,000 connections per tick), its query built by the scheduler's own
 //!   [`RefreshPolicy::query_at`] and evaluated by [`DueQuery::reason`] (what the store's SQL
 //!   selects); reads refresh within the 15-minute margin. Again with the earlier 30-minute
-//!   window, and with 17 minutes (as late as the margin and a tick allow);
+//!   window, with 17 minutes (as late as the margin and a tick allow), and with a 5-minute
+//!   margin (`GRANTLINE_REFRESH_MARGIN=5m`) and a 7-minute window;
 //! - **every expiring token** (the scheduler before demand-aware refresh): every refreshable
 //!   connection expiring within 30 minutes, soonest first, 10,000 per tick, plus the 7-day
 //!   keep-alive; reads within the margin;
@@ -56,7 +57,7 @@ const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
 /// Token lifetime.
 const TOKEN: i64 = HOUR;
-/// The read margin (GRANTLINE_REFRESH_MARGIN, Nango's REFRESH_MARGIN).
+/// The read margin (GRANTLINE_REFRESH_MARGIN's default, Nango's REFRESH_MARGIN).
 const MARGIN: i64 = 15 * MINUTE;
 /// The provider every simulated connection belongs to (one without a documented lifetime).
 const PROVIDER: &str = "github";
@@ -71,8 +72,8 @@ struct Conn {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Policy {
-    /// With the scheduler's window in minutes.
-    Grantline(i64),
+    /// With the scheduler's window and the read margin, in minutes.
+    Grantline(i64, i64),
     EveryExpiring,
     Nango,
 }
@@ -333,9 +334,10 @@ fn simulated_day(size: usize) {
         "took"
     );
     for (name, policy) in [
-        ("grantline (window 20 min)", Policy::Grantline(20)),
-        ("grantline, window 30 min", Policy::Grantline(30)),
-        ("grantline, window 17 min", Policy::Grantline(17)),
+        ("grantline (window 20 min)", Policy::Grantline(20, 15)),
+        ("grantline, window 30 min", Policy::Grantline(30, 15)),
+        ("grantline, window 17 min", Policy::Grantline(17, 15)),
+        ("grantline, margin 5, w. 7", Policy::Grantline(7, 5)),
         ("every expiring token", Policy::EveryExpiring),
         ("Nango (read + daily)", Policy::Nango),
     ] {
@@ -363,9 +365,9 @@ fn simulated_day(size: usize) {
 
 fn simulate(policy: Policy, mut conns: Vec<Conn>, reads: &[(i64, usize)]) -> Tally {
     let origin = Utc::now();
-    let window = match policy {
-        Policy::Grantline(minutes) => minutes,
-        _ => 20,
+    let (window, margin) = match policy {
+        Policy::Grantline(window, margin) => (window, margin * MINUTE),
+        _ => (20, MARGIN),
     };
     let grantline = RefreshPolicy {
         window: Duration::from_secs(window.unsigned_abs() * 60),
@@ -398,7 +400,7 @@ fn simulate(policy: Policy, mut conns: Vec<Conn>, reads: &[(i64, usize)]) -> Tal
             next_read += 1;
             let conn = &mut conns[i];
             tally.reads += 1;
-            if conn.expires_at - t <= MARGIN {
+            if conn.expires_at - t <= margin {
                 tally.reads_waited += 1;
                 if conn.expires_at <= t {
                     tally.tokens_expired_at_read += 1;
@@ -412,7 +414,7 @@ fn simulate(policy: Policy, mut conns: Vec<Conn>, reads: &[(i64, usize)]) -> Tal
         let now = now + MINUTE;
         due.clear();
         match policy {
-            Policy::Grantline(_) => {
+            Policy::Grantline(..) => {
                 let query: DueQuery = grantline.query_at(at(origin, now));
                 for (i, conn) in conns.iter().enumerate() {
                     let facts = DueFacts {
