@@ -301,6 +301,7 @@ pub(crate) fn batch<M: StateModel>(
         stream_ids,
         fold: Box::new(move |snapshots| fold::<M>(table, snapshots, events)),
         to,
+        fresh: false,
     }
 }
 

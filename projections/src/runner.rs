@@ -324,6 +324,7 @@ async fn replay<M: StateModel>(
             // Nothing to load: fold here, while the writer is busy with the batch before.
             let rows = (batch.fold)(std::collections::HashMap::new())?;
             batch.fold = Box::new(move |_| Ok(rows));
+            batch.fresh = true;
         }
         if batches.send((batch, replayed)).await.is_err() {
             // The writer stopped; its error is the one reported.

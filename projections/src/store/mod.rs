@@ -172,6 +172,9 @@ pub struct Batch {
     pub fold: Fold,
     /// The position of the batch's last event: the checkpoint after it.
     pub to: Position,
+    /// None of its streams has a row in the table it is written to (a rebuild's batch of streams
+    /// it has not written yet): its rows are inserted, with no upsert.
+    pub fresh: bool,
 }
 
 impl std::fmt::Debug for Batch {

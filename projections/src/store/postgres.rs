@@ -232,6 +232,76 @@ async fn fold_into(
     write(client, table, &(batch.fold)(snapshots)?).await
 }
 
+/// Inserts rows of streams `table` has no row of, with `COPY … BINARY`: no upsert to plan, no
+/// arrays to bind and unnest.
+async fn copy_into(
+    client: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    rows: &[Row],
+) -> Result<(), ProjectionError> {
+    use tokio_postgres::types::Type;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sink = client
+        .copy_in(&format!(
+            "COPY {table} ({}, tags) FROM STDIN BINARY",
+            super::COLUMNS
+        ))
+        .await
+        .map_err(database)?;
+    let (text, time) = (Type::TEXT, Type::TIMESTAMPTZ);
+    let types = [
+        text.clone(),
+        Type::INT4,
+        Type::INT8,
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        time.clone(),
+        time.clone(),
+        time.clone(),
+        time.clone(),
+        text.clone(),
+        Type::JSON,
+        time,
+        text.clone(),
+        text.clone(),
+        text,
+        Type::JSONB,
+    ];
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut writer = std::pin::pin!(writer);
+    for row in rows {
+        let version = i32::try_from(row.version).unwrap_or(i32::MAX);
+        writer
+            .as_mut()
+            .write(&[
+                &row.stream_id,
+                &version,
+                &row.id,
+                &row.provider_config_key,
+                &row.connection_id,
+                &row.provider,
+                &row.created_at,
+                &row.updated_at,
+                &row.deleted_at,
+                &row.expires_at,
+                &row.refresh_state,
+                &Json(&*row.state),
+                &row.renewed_at,
+                &row.end_user_id,
+                &row.end_user_org_id,
+                &row.search,
+                &tags_json(&row.tags),
+            ])
+            .await
+            .map_err(database)?;
+    }
+    writer.finish().await.map_err(database)?;
+    Ok(())
+}
+
 /// A row's tags as stored: `NULL` when there are none.
 fn tags_json(tags: &BTreeMap<String, String>) -> Option<Json<&BTreeMap<String, String>>> {
     (!tags.is_empty()).then_some(Json(tags))
@@ -671,7 +741,11 @@ impl ReadModelStore for PostgresReadModels {
     async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(database)?;
-        fold_into(&tx, shadow, batch).await?;
+        if batch.fresh {
+            copy_into(&tx, shadow, &(batch.fold)(HashMap::new())?).await?;
+        } else {
+            fold_into(&tx, shadow, batch).await?;
+        }
         tx.commit().await.map_err(database)
     }
 
