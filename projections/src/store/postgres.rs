@@ -128,33 +128,53 @@ async fn write(
         .prepare_cached(&upsert_sql(table, ROW, true))
         .await
         .map_err(database)?;
-    let version = i32::try_from(row.version).unwrap_or(i32::MAX);
     client
-        .execute(
-            &statement,
-            &[
-                &row.stream_id,
-                &version,
-                &row.id,
-                &row.provider_config_key,
-                &row.connection_id,
-                &row.provider,
-                &row.created_at,
-                &row.updated_at,
-                &row.deleted_at,
-                &row.expires_at,
-                &row.refresh_state,
-                &Json(&*row.state),
-                &row.renewed_at,
-                &row.end_user_id,
-                &row.end_user_org_id,
-                &row.search,
-                &tags_json(&row.tags),
-            ],
-        )
+        .execute(&statement, &Params::of(row).values())
         .await
         .map_err(database)?;
     Ok(())
+}
+
+/// A row's values as statement parameters: `COLUMNS`, then tags.
+struct Params<'a> {
+    row: &'a Row,
+    version: i32,
+    state: Json<&'a RawValue>,
+    tags: Option<Json<&'a BTreeMap<String, String>>>,
+}
+
+impl<'a> Params<'a> {
+    fn of(row: &'a Row) -> Self {
+        Self {
+            row,
+            version: i32::try_from(row.version).unwrap_or(i32::MAX),
+            state: Json(&*row.state),
+            tags: tags_json(&row.tags),
+        }
+    }
+
+    fn values(&self) -> [&(dyn ToSql + Sync); 17] {
+        let row = self.row;
+        [
+            &row.stream_id,
+            &self.version,
+            &row.id,
+            &row.provider_config_key,
+            &row.connection_id,
+            &row.provider,
+            &row.created_at,
+            &row.updated_at,
+            &row.deleted_at,
+            &row.expires_at,
+            &row.refresh_state,
+            &self.state,
+            &row.renewed_at,
+            &row.end_user_id,
+            &row.end_user_org_id,
+            &row.search,
+            &self.tags,
+        ]
+    }
 }
 
 /// Writes a batch's rows in one statement.
@@ -273,28 +293,9 @@ async fn copy_into(
     let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
     let mut writer = std::pin::pin!(writer);
     for row in rows {
-        let version = i32::try_from(row.version).unwrap_or(i32::MAX);
         writer
             .as_mut()
-            .write(&[
-                &row.stream_id,
-                &version,
-                &row.id,
-                &row.provider_config_key,
-                &row.connection_id,
-                &row.provider,
-                &row.created_at,
-                &row.updated_at,
-                &row.deleted_at,
-                &row.expires_at,
-                &row.refresh_state,
-                &Json(&*row.state),
-                &row.renewed_at,
-                &row.end_user_id,
-                &row.end_user_org_id,
-                &row.search,
-                &tags_json(&row.tags),
-            ])
+            .write(&Params::of(row).values())
             .await
             .map_err(database)?;
     }
