@@ -82,7 +82,7 @@ pub struct ConnectionRow {
 
 /// The end user a connection is linked to (`end_users`); a column this schema lacks reads as
 /// `None`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndUserRow {
     pub id: String,
     pub email: Option<String>,

@@ -533,13 +533,17 @@ impl ReadModelStore for PostgresReadModels {
         // One statement per query: VACUUM refuses to run in the implicit transaction of several.
         // VACUUM also merges the GIN indexes' pending lists (tags, search), which every search
         // reads through until then; the log only needs its statistics.
-        let statements = [
+        for statement in [
             "VACUUM (ANALYZE) connections",
             "VACUUM (ANALYZE) integrations",
-            "ANALYZE events",
-        ];
-        for statement in &statements[..if log { 3 } else { 2 }] {
+        ] {
             client.batch_execute(statement).await.map_err(database)?;
+        }
+        if log {
+            client
+                .batch_execute("ANALYZE events")
+                .await
+                .map_err(database)?;
         }
         Ok(())
     }
