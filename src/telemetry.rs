@@ -5,8 +5,8 @@
 //! In JSON every line is one object: `timestamp`, `level`, `target`, the event's fields at the top
 //! (`message`, `connection_id`, …) and `spans`, the list of spans the line was logged in, outermost
 //! first, each with its `name` and fields. A line logged while a request is handled lists the
-//! `http.request` span with its `request_id`, `method` and `route` (see
-//! [`crate::http::observe`]); in text, the same spans prefix the line.
+//! request first, as a span `http.request` with its `request_id`, `method` and `route` (see
+//! [`crate::http::observe`] and [`WithRequest`]); in text, the same spans prefix the line.
 //!
 //! Secrets never reach a log line: token, key and secret types redact themselves, spans and
 //! events carry ids and route templates, never credentials, request URLs with their query, or
@@ -16,12 +16,15 @@
 use std::fmt;
 use std::io::IsTerminal;
 
+use domain::log_scope::{self, RequestLog};
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::Directive;
-use tracing_subscriber::fmt::FormatFields;
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{Format, Full, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::LogFormat;
 
@@ -60,21 +63,135 @@ fn init_at(format: LogFormat, default: &str, dependencies: &str) {
     // broken pipe panics, which would take the service down over a log line.
     // Colours only on a terminal: a log file or collector gets plain text, and the service does
     // not style the fields of every request span it will most likely never print.
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .log_internal_errors(false);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.event_format(text_lines(ansi)).try_init(),
         LogFormat::Json => builder
+            .fmt_fields(JsonSpanFields)
+            .event_format(json_lines())
+            .try_init(),
+    };
+}
+
+/// Text lines: `tracing-subscriber`'s full format, with the request first among the spans.
+fn text_lines(ansi: bool) -> WithRequest<Format<Full>> {
+    WithRequest {
+        inner: tracing_subscriber::fmt::format().with_ansi(ansi),
+        json: false,
+    }
+}
+
+/// JSON lines: `tracing-subscriber`'s JSON format, the event's fields at the top and the list of
+/// spans without the current one repeated, with the request first in that list.
+fn json_lines() -> WithRequest<Format<Json>> {
+    WithRequest {
+        inner: tracing_subscriber::fmt::format()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_span_list(true)
-            .fmt_fields(JsonSpanFields)
-            .try_init(),
+            .with_span_list(true),
+        json: true,
+    }
+}
+
+/// The name a request has among the spans of a line.
+const REQUEST_SPAN: &str = "http.request";
+
+/// Lists the request a line was logged for ([`domain::log_scope`]) as its outermost span, named
+/// [`REQUEST_SPAN`] with the fields `request_id`, `method` and `route`, as if it were a
+/// `tracing` span around everything else.
+///
+/// A line logged outside any request is written by `inner` as it is. One logged for a request
+/// is written by `inner` to a buffer first, and the request is put in: at the head of the JSON
+/// `spans` list (which is added when the line has no other span), or in text right after the
+/// level, where the spans begin.
+struct WithRequest<E> {
+    inner: E,
+    json: bool,
+}
+
+impl<S, N, E> FormatEvent<S, N> for WithRequest<E>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'writer> FormatFields<'writer> + 'static,
+    E: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let Some(request) = log_scope::current() else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let other_spans = ctx.event_scope().is_some();
+        if self.json {
+            put_json(&mut line, &request, other_spans)?;
+        } else {
+            put_text(&mut line, &request, other_spans, *event.metadata().level());
+        }
+        writer.write_str(&line)
+    }
+}
+
+/// Puts `request` first in the `spans` of the JSON object on `line`.
+fn put_json(line: &mut String, request: &RequestLog, other_spans: bool) -> fmt::Result {
+    let mut span = String::with_capacity(128);
+    let mut object = JsonObject::new(&mut span, false);
+    object.member_str("request_id", &request.request_id);
+    object.member_str("method", &request.method);
+    object.member_str("route", &request.route);
+    object.member_str("name", REQUEST_SPAN);
+    object.finish()?;
+    // A string's quotes are escaped inside it, so this text can only be the key itself.
+    const SPANS: &str = "\"spans\":[";
+    match line.find(SPANS) {
+        Some(at) if other_spans => {
+            span.push(',');
+            line.insert_str(at + SPANS.len(), &span);
+        }
+        _ => {
+            let end = line.rfind('}').unwrap_or(line.len());
+            line.insert_str(end, &format!(",{}{span}]", SPANS));
+        }
+    }
+    Ok(())
+}
+
+/// Puts `request` first among the spans of the text `line`, logged at `level`.
+fn put_text(line: &mut String, request: &RequestLog, other_spans: bool, level: Level) {
+    let mut span = format!(
+        "{REQUEST_SPAN}{{request_id={:?} method={:?} route={:?}}}:",
+        &*request.request_id, &*request.method, &*request.route
+    );
+    if !other_spans {
+        span.push(' ');
+    }
+    // The line starts with the timestamp and the level, padded to five characters and maybe
+    // coloured, then a space; a timestamp holds no level's name.
+    let name = match level {
+        Level::TRACE => "TRACE",
+        Level::DEBUG => "DEBUG",
+        Level::INFO => " INFO",
+        Level::WARN => " WARN",
+        Level::ERROR => "ERROR",
     };
+    let at = line.find(name).map_or(0, |start| {
+        let rest = &line[start + name.len()..];
+        // Past the colour's reset, if any, and the space.
+        let after_colour = rest.find(' ').unwrap_or(rest.len());
+        start + name.len() + (after_colour + 1).min(rest.len())
+    });
+    line.insert_str(at, &span);
 }
 
 /// Writes a span's fields as one JSON object, straight to text.
@@ -276,6 +393,107 @@ mod tests {
 
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// What `log` writes through the service's formatter (`json` or text, with `ansi`), as the
+    /// lines written inside a request and outside any.
+    fn logged_in_request(json: bool, ansi: bool, log: impl Fn()) -> (String, String) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(ansi);
+        let dispatch = if json {
+            tracing::Dispatch::new(
+                builder
+                    .fmt_fields(JsonSpanFields)
+                    .event_format(json_lines())
+                    .finish(),
+            )
+        } else {
+            tracing::Dispatch::new(builder.event_format(text_lines(ansi)).finish())
+        };
+        let text = |captured: &Captured| {
+            let bytes = std::mem::take(&mut *captured.0.lock().unwrap());
+            String::from_utf8(bytes).unwrap()
+        };
+        let request = std::sync::Arc::new(RequestLog {
+            request_id: "3f9a1c2b-1a".into(),
+            method: "GET".into(),
+            route: std::sync::Arc::from("/connection/{connection_id}"),
+        });
+        tracing::dispatcher::with_default(&dispatch, || log_scope::within(&request, &log));
+        let inside = text(&captured);
+        tracing::dispatcher::with_default(&dispatch, &log);
+        (inside, text(&captured))
+    }
+
+    #[test]
+    fn a_json_line_logged_for_a_request_lists_it_first_among_its_spans() {
+        let (inside, outside) = logged_in_request(true, false, || {
+            tracing::info!(answer = 42, "alone");
+            let span = tracing::info_span!("store.append", stream_id = "connection-1");
+            let _entered = span.enter();
+            tracing::warn!("in a span");
+        });
+        let lines: Vec<serde_json::Value> = inside
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let request = serde_json::json!({"name": "http.request", "request_id": "3f9a1c2b-1a",
+            "method": "GET", "route": "/connection/{connection_id}"});
+        assert_eq!(lines[0]["message"], "alone");
+        assert_eq!(lines[0]["answer"], 42);
+        assert_eq!(lines[0]["spans"], serde_json::json!([request]));
+        assert_eq!(lines[1]["message"], "in a span");
+        assert_eq!(
+            lines[1]["spans"],
+            serde_json::json!([request, {"name": "store.append", "stream_id": "connection-1"}])
+        );
+        // Outside a request, the lines are as the formatter writes them.
+        let lines: Vec<serde_json::Value> = outside
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert!(lines[0].get("spans").is_none(), "{}", lines[0]);
+        assert_eq!(
+            lines[1]["spans"],
+            serde_json::json!([{"name": "store.append", "stream_id": "connection-1"}])
+        );
+    }
+
+    #[test]
+    fn a_text_line_logged_for_a_request_names_it_where_the_spans_begin() {
+        let log = || {
+            tracing::info!(answer = 42, "alone");
+            let span = tracing::info_span!("store.append", stream_id = "connection-1");
+            let _entered = span.enter();
+            tracing::error!("in a span");
+        };
+        let request = r#"http.request{request_id="3f9a1c2b-1a" method="GET" route="/connection/{connection_id}"}:"#;
+        let (inside, outside) = logged_in_request(false, false, log);
+        let lines: Vec<&str> = inside.lines().collect();
+        let (_, after_time) = lines[0].split_once(' ').unwrap();
+        assert!(
+            after_time.starts_with(&format!(" INFO {request} grantline::telemetry::tests: ")),
+            "{after_time:?}"
+        );
+        let (_, after_time) = lines[1].split_once(' ').unwrap();
+        assert_eq!(
+            after_time,
+            format!(
+                "ERROR {request}store.append{{stream_id=\"connection-1\"}}: \
+                 grantline::telemetry::tests: in a span"
+            )
+        );
+        assert!(!outside.contains("http.request"), "{outside}");
+        // Coloured for a terminal, the request still comes after the level.
+        let (inside, _) = logged_in_request(false, true, log);
+        for line in inside.lines() {
+            let level = line.find("INFO").or_else(|| line.find("ERROR")).unwrap();
+            let at = line.find(request).unwrap_or_else(|| panic!("{line:?}"));
+            assert!(level < at && line[level..at].ends_with(' '), "{line:?}");
         }
     }
 

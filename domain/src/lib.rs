@@ -15,6 +15,7 @@ pub mod event;
 pub mod history;
 pub mod integration;
 pub mod keys;
+pub mod log_scope;
 pub mod oauth_session;
 pub mod sign_out;
 pub mod store;

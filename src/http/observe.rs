@@ -4,11 +4,11 @@
 //! - takes the incoming `x-request-id` when it is sane (1 to 64 characters out of letters, digits
 //!   and `-_.:/+=@`), else makes one: a random per-process prefix and a counter
 //!   (`3f9a1c2b-1a`), no system call; the id is echoed in the `x-request-id` response header;
-//! - runs the request inside a span `http.request{request_id, method, route}`, so every line
-//!   logged while handling it carries the id. The span is at ERROR level: span levels filter
-//!   spans, not lines, and an error or warning logged under `RUST_LOG=warn` must still carry
-//!   the id. `route` is the route template (`/connection/{connection_id}`), never the raw path
-//!   or query (the OAuth callback's query holds the authorization code);
+//! - handles the request as part of a [`RequestLog`] (`request_id`, `method`, `route`), so every
+//!   line logged while handling it, at any level, lists it as its outermost span,
+//!   `http.request` (see [`domain::log_scope`] for why this is not a `tracing` span).
+//!   `route` is the route template (`/connection/{connection_id}`), never the raw path or query
+//!   (the OAuth callback's query holds the authorization code);
 //! - logs one line when the answer is ready, at DEBUG (at INFO, production logs would be one
 //!   line per request), at ERROR for a 5xx;
 //! - counts the latency (until the response head is ready) in a histogram keyed by route
@@ -20,6 +20,7 @@
 //! than [`SLOTS`] distinct `(method, status)` pairs counts the excess in
 //! `grantline_http_requests_unrecorded_total` instead.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::future::Future;
 use std::pin::Pin;
@@ -31,15 +32,11 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::Response;
+use domain::log_scope::{self, RequestLog};
 use tower::{Layer, Service};
-use tracing::Span;
 
 /// The request id header, read and echoed.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The request's id, as a request extension.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub HeaderValue);
 
 /// The longest incoming request id that is kept.
 const MAX_REQUEST_ID: usize = 64;
@@ -104,7 +101,7 @@ struct Slot {
 
 /// The histograms of one route template.
 pub struct RouteSeries {
-    route: Box<str>,
+    route: Arc<str>,
     slots: [Slot; SLOTS],
 }
 
@@ -357,7 +354,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
         let started = Instant::now();
         let route = request
             .extensions()
@@ -365,22 +362,21 @@ where
             .map_or(UNMATCHED, MatchedPath::as_str);
         let series = self.series(route);
         let id = self.observer.request_id(request.headers().get(&REQUEST_ID));
-        // Handlers that call out (the proxy) pass the id on.
-        request.extensions_mut().insert(RequestId(id.clone()));
-        let span = tracing::error_span!(
-            "http.request",
-            request_id = id.to_str().unwrap_or_default(),
-            method = request.method().as_str(),
-            route = &*series.route,
-        );
-        let method = method_index(request.method());
-        let inner = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
+        let method = request.method();
+        let log = Arc::new(RequestLog {
+            // A request id is ASCII (checked, or made here).
+            request_id: id.to_str().unwrap_or_default().into(),
+            method: match method_index(method) {
+                7 => Cow::Owned(method.as_str().to_owned()),
+                known => Cow::Borrowed(METHODS[known]),
+            },
+            route: series.route.clone(),
+        });
+        let method = method_index(method);
+        let inner = log_scope::within(&log, || self.inner.call(request));
         ObservedFuture {
             inner,
-            span,
+            log,
             started,
             series,
             method,
@@ -395,7 +391,7 @@ pin_project_lite::pin_project! {
     pub struct ObservedFuture<F> {
         #[pin]
         inner: F,
-        span: Span,
+        log: Arc<RequestLog>,
         started: Instant,
         series: Arc<RouteSeries>,
         method: usize,
@@ -412,30 +408,31 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let _entered = this.span.enter();
-        let mut response = match this.inner.poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(response)) => response,
-        };
-        let elapsed = this.started.elapsed();
-        let status = response.status();
-        match this.series.histogram(*this.method, status.as_u16()) {
-            Some(histogram) => histogram.record(elapsed),
-            None => {
-                this.observer.unrecorded.fetch_add(1, Ordering::Relaxed);
+        log_scope::within(this.log, || {
+            let mut response = match this.inner.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(response)) => response,
+            };
+            let elapsed = this.started.elapsed();
+            let status = response.status();
+            match this.series.histogram(*this.method, status.as_u16()) {
+                Some(histogram) => histogram.record(elapsed),
+                None => {
+                    this.observer.unrecorded.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
-        if let Some(id) = this.id.take() {
-            response.headers_mut().insert(REQUEST_ID, id);
-        }
-        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-        if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), elapsed_ms, "request finished");
-        } else {
-            tracing::debug!(status = status.as_u16(), elapsed_ms, "request finished");
-        }
-        Poll::Ready(Ok(response))
+            if let Some(id) = this.id.take() {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
+            let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+            if status.is_server_error() {
+                tracing::error!(status = status.as_u16(), elapsed_ms, "request finished");
+            } else {
+                tracing::debug!(status = status.as_u16(), elapsed_ms, "request finished");
+            }
+            Poll::Ready(Ok(response))
+        })
     }
 }
 

@@ -1,17 +1,16 @@
 //! `ANY /proxy/*`: Nango's proxy contract (reference §6.1) — the caller names the connection in
 //! headers, and the rest of the request goes to the provider with the credential put in.
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName, Method, Uri};
 use axum::response::Response;
 use domain::connection::ConnectionKey;
+use domain::log_scope;
 
 use super::ApiError;
 use super::extract::identifier;
-use super::observe::RequestId;
 use crate::proxy::{self, ProxyCall};
 use crate::state::AppState;
 
@@ -46,7 +45,6 @@ const FORWARD_PREFIX: &str = "nango-proxy-";
 )]
 pub async fn proxy(
     State(state): State<AppState>,
-    request_id: Option<Extension<RequestId>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -128,8 +126,9 @@ pub async fn proxy(
         base_url_override: text(&headers, "base-url-override")?,
         decompress,
         forward_headers_on_redirect,
-        request_id: request_id
-            .and_then(|Extension(RequestId(id))| id.to_str().ok().map(str::to_owned))
+        // Passed on upstream, so the provider's logs can be matched with ours.
+        request_id: log_scope::current()
+            .map(|request| request.request_id.to_string())
             .unwrap_or_default(),
     };
     Ok(proxy::call(&state, call).await?)
@@ -161,13 +160,12 @@ pub async fn proxy(
 )]
 pub async fn proxy_with_body(
     state: State<AppState>,
-    request_id: Option<Extension<RequestId>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    proxy(state, request_id, method, uri, headers, body).await
+    proxy(state, method, uri, headers, body).await
 }
 
 /// A header's text, trimmed; blank is absent.

@@ -341,7 +341,8 @@ impl RefreshService {
                 let inner = self.inner.clone();
                 let (key, owned_slot) = (key.clone(), slot.clone());
                 // Spawned: the refresh runs to its outcome even if every caller goes away. It
-                // logs in the span of the caller that started it (a request, a scheduler tick).
+                // logs in the span of the caller that started it (a scheduler tick) and names
+                // the request that started it, if one did.
                 let refresh = async move {
                     let result = inner.ensure_fresh(&key, trigger, due).await;
                     let mut in_flight = inner
@@ -354,7 +355,7 @@ impl RefreshService {
                     result
                 };
                 let task = tokio::spawn(tracing::Instrument::instrument(
-                    refresh,
+                    domain::log_scope::carried(refresh),
                     tracing::Span::current(),
                 ));
                 let shared = async move {
