@@ -4,8 +4,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{MatchedPath, State};
+use axum::extract::{FromRequestParts, MatchedPath, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -46,6 +47,31 @@ pub struct GetQuery {
     refresh_token: Option<bool>,
 }
 
+impl<S: Send + Sync> FromRequestParts<S> for GetQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // The query of nearly every read, `provider_config_key=K` with nothing in it encoded
+        // (no `%` or `+`) and nothing after it, is its own decoding and is taken as it is: the
+        // form decoder cost about 1.5k of a cached read's 25k instructions. Any other query is
+        // decoded as usual.
+        if let Some(key) = parts
+            .uri
+            .query()
+            .and_then(|query| query.strip_prefix("provider_config_key="))
+            && !key.contains(['%', '+', '&'])
+        {
+            return Ok(Self {
+                provider_config_key: Some(key.to_owned()),
+                force_refresh: None,
+                refresh_token: None,
+            });
+        }
+        let ApiQuery(query) = ApiQuery::<Self>::from_request_parts(parts, state).await?;
+        Ok(query)
+    }
+}
+
 /// `GET /connection/:id?provider_config_key=K`: the connection with its credentials.
 ///
 /// The access token is refreshed first when it is due (or with `force_refresh=true`).
@@ -66,7 +92,7 @@ pub async fn get_connection(
     State(state): State<AppState>,
     path: MatchedPath,
     ApiPath(connection_id): ApiPath<String>,
-    ApiQuery(query): ApiQuery<GetQuery>,
+    query: GetQuery,
 ) -> Result<Response, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let force = query.force_refresh == Some(true);
@@ -374,7 +400,7 @@ pub async fn delete_connection(
 pub async fn get_connection_named_metadata(
     state: State<AppState>,
     path: MatchedPath,
-    query: ApiQuery<GetQuery>,
+    query: GetQuery,
 ) -> Result<Response, ApiError> {
     get_connection(state, path, ApiPath("metadata".to_owned()), query).await
 }

@@ -2,7 +2,8 @@
 //! - in open mode (no secret key) only a loopback `Host` is served: a web page on another site
 //!   that rebinds its own name to 127.0.0.1 (DNS rebinding) gets `421`, not the open API;
 //! - a request that announces a body larger than the server takes is refused at once with
-//!   `413`, before a byte of it is read;
+//!   `413`, before a byte of it is read; one that does not announce its length is cut at the
+//!   limit (`413` from the handler that reads it);
 //! - a request that takes longer than `GRANTLINE_REQUEST_TIMEOUT` (a body trickled in, a handler
 //!   stuck) is answered `408`;
 //! - every answer says `Cache-Control: no-store`: many carry a token or a secret, and none is
@@ -16,6 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HOST};
@@ -71,11 +73,11 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        match refusal(&self.state, &request) {
-            Some(refused) => LimitedFuture::Refused {
+        match admit(&self.state, request) {
+            Err(refused) => LimitedFuture::Refused {
                 response: Some(refused.into_response()),
             },
-            None => LimitedFuture::Running {
+            Ok(request) => LimitedFuture::Running {
                 inner: self.inner.call(request),
                 timer: None,
                 state: self.state.clone(),
@@ -84,29 +86,37 @@ where
     }
 }
 
-/// Why a request is refused before its handler runs, counted.
-fn refusal(state: &AppState, request: &Request) -> Option<ApiError> {
+/// The request, with a body that stops at the route's limit, or why it is refused before its
+/// handler runs (counted).
+fn admit(state: &AppState, request: Request) -> Result<Request, ApiError> {
     let refused = &state.server_stats.refused;
-    if state.config.secret_key.is_none() && !loopback_host(request) {
+    if state.config.secret_key.is_none() && !loopback_host(&request) {
         refused.add(Limit::Host);
-        return Some(ApiError::NotLoopbackHost);
+        return Err(ApiError::NotLoopbackHost);
     }
     let announced = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    // The proxy streams bodies to the provider and takes larger ones.
-    let limit = if request.uri().path().starts_with("/proxy/") {
+    // The proxy streams bodies to the provider and takes larger ones (counted as they pass).
+    let proxied = request.uri().path().starts_with("/proxy/");
+    let limit = if proxied {
         crate::proxy::MAX_BODY
     } else {
         BODY_LIMIT as u64
     };
     if announced.is_some_and(|length| length > limit) {
         refused.add(Limit::BodyTooLarge);
-        return Some(ApiError::PayloadTooLarge);
+        return Err(ApiError::PayloadTooLarge);
     }
-    None
+    if proxied || request.body().is_end_stream() {
+        return Ok(request);
+    }
+    // A body sent without its length (chunked) stops at the limit too: the extractors that
+    // read it whole then answer 413, as for axum's own `DefaultBodyLimit`, which this replaces
+    // because its request extension cost every request, bodiless ones too, a map insert.
+    Ok(request.map(|body| Body::new(http_body_util::Limited::new(body, BODY_LIMIT))))
 }
 
 pin_project_lite::pin_project! {
@@ -184,7 +194,9 @@ fn loopback_host(request: &Request) -> bool {
         .len()
         .checked_sub(".localhost".len())
         .is_some_and(|start| name[start..].eq_ignore_ascii_case(b".localhost"));
-    name.eq_ignore_ascii_case(b"localhost")
+    // The usual loopback names first: parsing an address costs more than the rest together.
+    name == b"127.0.0.1"
+        || name.eq_ignore_ascii_case(b"localhost")
         || under_localhost
         || std::str::from_utf8(name)
             .ok()
