@@ -19,6 +19,16 @@ const MAX_RETRIES: u32 = 10;
 /// The prefix of the caller's headers meant for the provider.
 const FORWARD_PREFIX: &str = "nango-proxy-";
 
+// Nango's proxy headers, as names made once: a lookup by `&str` parses the name every time.
+const PROVIDER_CONFIG_KEY: HeaderName = HeaderName::from_static("provider-config-key");
+const CONNECTION_ID: HeaderName = HeaderName::from_static("connection-id");
+const RETRIES: HeaderName = HeaderName::from_static("retries");
+const RETRY_ON: HeaderName = HeaderName::from_static("retry-on");
+const DECOMPRESS: HeaderName = HeaderName::from_static("decompress");
+const FORWARD_HEADERS_ON_REDIRECT: HeaderName =
+    HeaderName::from_static("forward-headers-on-redirect");
+const BASE_URL_OVERRIDE: HeaderName = HeaderName::from_static("base-url-override");
+
 /// `ANY /proxy/{path}`: the provider's answer to the same request, with the connection's
 /// credential.
 #[utoipa::path(
@@ -61,13 +71,13 @@ pub async fn proxy(
     } else {
         format!("/{endpoint}")
     };
-    let required = |name: &str| -> Result<String, ApiError> {
-        let value = text(&headers, name)?.ok_or_else(|| invalid(format!("{name} is required")))?;
-        identifier(&value, name).map_err(|e| invalid(e.to_string()))?;
+    let required = |name: HeaderName| -> Result<String, ApiError> {
+        let value = text(&headers, &name)?.ok_or_else(|| invalid(format!("{name} is required")))?;
+        identifier(&value, name.as_str()).map_err(|e| invalid(e.to_string()))?;
         Ok(value)
     };
-    let key = ConnectionKey::new(required("provider-config-key")?, required("connection-id")?);
-    let retries = match text(&headers, "retries")? {
+    let key = ConnectionKey::new(required(PROVIDER_CONFIG_KEY)?, required(CONNECTION_ID)?);
+    let retries = match text(&headers, &RETRIES)? {
         None => 0,
         Some(n) => n
             .parse::<u32>()
@@ -75,7 +85,7 @@ pub async fn proxy(
             .filter(|n| *n <= MAX_RETRIES)
             .ok_or_else(|| invalid(format!("Retries must be 0 to {MAX_RETRIES}")))?,
     };
-    let retry_on = match text(&headers, "retry-on")? {
+    let retry_on = match text(&headers, &RETRY_ON)? {
         None => Vec::new(),
         Some(list) => list
             .split(',')
@@ -88,15 +98,15 @@ pub async fn proxy(
             .collect::<Option<Vec<u16>>>()
             .ok_or_else(|| invalid("Retry-On must be a comma-separated list of statuses".into()))?,
     };
-    let flag = |name: &str| -> Result<bool, ApiError> {
-        match text(&headers, name)?.as_deref() {
+    let flag = |name: HeaderName| -> Result<bool, ApiError> {
+        match text(&headers, &name)?.as_deref() {
             None | Some("false") => Ok(false),
             Some("true") => Ok(true),
             Some(_) => Err(invalid(format!("{name} must be true or false"))),
         }
     };
-    let decompress = flag("decompress")?;
-    let forward_headers_on_redirect = flag("forward-headers-on-redirect")?;
+    let decompress = flag(DECOMPRESS)?;
+    let forward_headers_on_redirect = flag(FORWARD_HEADERS_ON_REDIRECT)?;
     let mut forwarded = HeaderMap::new();
     if let Some(content_type) = headers.get(CONTENT_TYPE) {
         forwarded.insert(CONTENT_TYPE, content_type.clone());
@@ -123,7 +133,7 @@ pub async fn proxy(
         body_length,
         retries,
         retry_on,
-        base_url_override: text(&headers, "base-url-override")?,
+        base_url_override: text(&headers, &BASE_URL_OVERRIDE)?,
         decompress,
         forward_headers_on_redirect,
         // Passed on upstream, so the provider's logs can be matched with ours.
@@ -169,7 +179,7 @@ pub async fn proxy_with_body(
 }
 
 /// A header's text, trimmed; blank is absent.
-fn text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+fn text(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
         Some(value) => {
