@@ -366,9 +366,9 @@ where
         let log = Arc::new(RequestLog {
             // A request id is ASCII (checked, or made here).
             request_id: id.to_str().unwrap_or_default().into(),
-            method: match method_index(method) {
-                7 => Cow::Owned(method.as_str().to_owned()),
-                known => Cow::Borrowed(METHODS[known]),
+            method: match METHODS[method_index(method)] {
+                "other" => Cow::Owned(method.as_str().to_owned()),
+                known => Cow::Borrowed(known),
             },
             route: series.route.clone(),
         });
