@@ -133,10 +133,10 @@ where
         let mut line = String::with_capacity(256);
         self.inner
             .format_event(ctx, Writer::new(&mut line), event)?;
-        let other_spans = ctx.event_scope().is_some();
         if self.json {
-            put_json(&mut line, &request, other_spans)?;
+            put_json(&mut line, &request)?;
         } else {
+            let other_spans = ctx.event_scope().is_some();
             put_text(&mut line, &request, other_spans, *event.metadata().level());
         }
         writer.write_str(&line)
@@ -144,7 +144,7 @@ where
 }
 
 /// Puts `request` first in the `spans` of the JSON object on `line`.
-fn put_json(line: &mut String, request: &RequestLog, other_spans: bool) -> fmt::Result {
+fn put_json(line: &mut String, request: &RequestLog) -> fmt::Result {
     let mut span = String::with_capacity(128);
     let mut object = JsonObject::new(&mut span, false);
     object.member_str("request_id", &request.request_id);
@@ -155,11 +155,11 @@ fn put_json(line: &mut String, request: &RequestLog, other_spans: bool) -> fmt::
     // A string's quotes are escaped inside it, so this text can only be the key itself.
     const SPANS: &str = "\"spans\":[";
     match line.find(SPANS) {
-        Some(at) if other_spans => {
+        Some(at) => {
             span.push(',');
             line.insert_str(at + SPANS.len(), &span);
         }
-        _ => {
+        None => {
             let end = line.rfind('}').unwrap_or(line.len());
             line.insert_str(end, &format!(",{}{span}]", SPANS));
         }
