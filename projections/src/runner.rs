@@ -209,7 +209,11 @@ impl Runner {
         let store = self.read_models.store();
         // One rebuild per projection at a time, across instances.
         let _rebuilding = store.lock_rebuild(M::NAME).await?;
-        store.clear(M::SHADOW).await?;
+        let tables = Tables {
+            live: M::NAME,
+            shadow: M::SHADOW,
+        };
+        store.clear(tables).await?;
         // Two stages, one batch apart: the replay reads and folds the next batch while this
         // task writes the one before into the shadow.
         let (batches, mut planned) = tokio::sync::mpsc::channel(2);
@@ -236,18 +240,10 @@ impl Runner {
                 "the rebuild's log reader stopped: {e}"
             )))
         })??;
+        store.index(tables).await?;
         // Stop the live runner, take in what it committed meanwhile, swap, hand over.
         let planner: Planner = Arc::new(|events| model::plan::<M>(M::SHADOW, events));
-        replayed += store
-            .swap(
-                Tables {
-                    live: M::NAME,
-                    shadow: M::SHADOW,
-                },
-                through,
-                planner,
-            )
-            .await?;
+        replayed += store.swap(tables, through, planner).await?;
         progress(replayed);
         // The swapped-in table's statistics are those of the empty shadow.
         store.analyze(false).await?;

@@ -357,8 +357,15 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
         name: &'static str,
     ) -> Result<Box<dyn RebuildGuard>, ProjectionError>;
 
-    /// Empties `shadow`.
-    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError>;
+    /// Empties `tables.shadow` for a rebuild to fill.
+    async fn clear(&self, tables: Tables) -> Result<(), ProjectionError>;
+
+    /// Gives `tables.shadow`, now filled, whatever indexes [`clear`](Self::clear) left out
+    /// for the load; the swap follows.
+    async fn index(&self, tables: Tables) -> Result<(), ProjectionError> {
+        let _ = tables;
+        Ok(())
+    }
 
     /// Writes a batch's rows to `shadow`, without a checkpoint.
     async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError>;

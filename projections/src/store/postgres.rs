@@ -23,6 +23,7 @@ use crate::ProjectionError;
 use crate::model::Row;
 
 mod rows;
+mod shadow;
 
 /// How PostgreSQL writes a list query's filters: integrations and tags as JSON parameters, the
 /// tags matched by containment (their GIN index). Every parameter is text (`::text` first, so
@@ -496,12 +497,17 @@ impl ReadModelStore for PostgresReadModels {
         }))
     }
 
-    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError> {
+    async fn clear(&self, tables: Tables) -> Result<(), ProjectionError> {
         self.client()
             .await?
-            .batch_execute(&format!("TRUNCATE {shadow}"))
+            .batch_execute(&shadow::clear_sql(tables))
             .await
             .map_err(database)
+    }
+
+    async fn index(&self, tables: Tables) -> Result<(), ProjectionError> {
+        let statements = shadow::index_statements(&self.client().await?, tables).await?;
+        shadow::build(self.store.pool(), statements).await
     }
 
     async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError> {
@@ -571,6 +577,9 @@ impl ReadModelStore for PostgresReadModels {
             fold_into(&tx, shadow, batch).await?;
         }
         tx.batch_execute(&swap_sql(tables))
+            .await
+            .map_err(database)?;
+        tx.batch_execute(&shadow::after_swap_sql(tables))
             .await
             .map_err(database)?;
         set_checkpoint(&tx, name, tail.at).await?;

@@ -656,7 +656,7 @@ impl ReadModelStore for SqliteReadModels {
         Ok(Box::new(NoLock))
     }
 
-    async fn clear(&self, shadow: &'static str) -> Result<(), ProjectionError> {
+    async fn clear(&self, Tables { shadow, .. }: Tables) -> Result<(), ProjectionError> {
         Ok(self
             .store
             .write(move |conn| {

@@ -309,6 +309,67 @@ async fn a_rebuild_waits_for_committed_events_held_behind_an_open_transaction() 
     assert_eq!(ids, ["early", "held1", "held2"]);
 }
 
+/// On PostgreSQL the shadow loads without its secondary indexes and builds them before the
+/// swap. The live table keeps the same indexes under the same names across rebuilds, including
+/// after a rebuild that stopped half way and left indexes of its own on the shadow; between
+/// rebuilds the shadow holds only its primary key.
+#[tokio::test]
+async fn on_postgres_a_rebuild_keeps_the_live_tables_indexes_and_their_names() {
+    let db = TestDatabase::postgres().await;
+    let f = fixture(&db).await;
+    f.integration("github").await;
+    for n in 0..5 {
+        f.connection("github", &format!("c{n}")).await;
+    }
+    let runner = Runner::new(&f.backend);
+    settle(&runner).await;
+    let client = db.postgres_client().await;
+    let indexes = |table: &'static str| {
+        let client = &client;
+        async move {
+            let mut found: Vec<(String, String)> = client
+                .query(
+                    "SELECT indexname::text, indexdef FROM pg_indexes WHERE tablename = $1",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get::<_, String>(1)
+                            .replace(&format!(" ON public.{table} "), " ON t "),
+                    )
+                })
+                .filter(|(name, _): &(String, String)| !name.ends_with("_pkey"))
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    let live = indexes("connections").await;
+    assert!(live.len() >= 5, "{live:?}");
+    let before = snapshot(&f.read_models).await;
+
+    runner.rebuild("connections", |_| {}).await.unwrap();
+    assert_eq!(indexes("connections").await, live);
+    assert_eq!(indexes("connections_shadow").await, []);
+
+    // What a rebuild that stopped while building indexes leaves behind.
+    client
+        .batch_execute(
+            "CREATE INDEX connections_by_config_rebuilt ON connections_shadow (provider_config_key); \
+             CREATE INDEX stray ON connections_shadow (connection_id)",
+        )
+        .await
+        .unwrap();
+    runner.rebuild("connections", |_| {}).await.unwrap();
+    assert_eq!(indexes("connections").await, live);
+    assert_eq!(indexes("connections_shadow").await, []);
+    assert_eq!(snapshot(&f.read_models).await, before);
+}
+
 /// Every live connection's (id, version, state), sorted.
 async fn snapshot(read_models: &ReadModels) -> Vec<(String, u32, String)> {
     let mut rows = Vec::new();

@@ -1,0 +1,144 @@
+//! A rebuild's shadow table on PostgreSQL loads without its secondary indexes and builds them
+//! once it is full: one sorted build per index costs a fraction of keeping every index up to
+//! date row by row (100,000 connections: 0.5 s of inserts and 0.8 s of builds against 2.5 s of
+//! inserts with the indexes in place). Only the primary key stays, for the upserts and snapshot
+//! loads of streams that span batches.
+//!
+//! The definitions come from the live table each time, so the shadow gets whatever indexes the
+//! migrations gave the live one. A build names its index after the live one with [`REBUILT`]
+//! appended; the swap drops the old table's secondary indexes and takes the suffix off, so the
+//! live table's indexes keep their names across rebuilds. A rebuild that stops anywhere before
+//! the swap leaves the live table as it was; the next one drops whatever the shadow holds.
+
+use deadpool_postgres::GenericClient;
+
+use super::super::{Tables, database};
+use crate::ProjectionError;
+
+/// What a shadow index's name adds to the name of the live index it copies.
+const REBUILT: &str = "_rebuilt";
+
+/// Connections that build indexes at once.
+const BUILDERS: usize = 4;
+
+/// The secondary indexes of `table`: name, whether unique, and definition.
+const SECONDARY: &str = "SELECT c.relname::text, i.indisunique, pg_get_indexdef(i.indexrelid) \
+     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+     WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary ORDER BY c.relname";
+
+/// Drops the secondary indexes of `table`.
+fn drop_secondary(table: &str) -> String {
+    format!(
+        "DO $$ DECLARE r record; BEGIN \
+           FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                    WHERE i.indrelid = '{table}'::regclass AND NOT i.indisprimary LOOP \
+             EXECUTE format('DROP INDEX %I', r.relname); \
+           END LOOP; \
+         END $$;"
+    )
+}
+
+/// Empties the shadow and drops its secondary indexes.
+pub(super) fn clear_sql(Tables { shadow, .. }: Tables) -> String {
+    format!("TRUNCATE {shadow}; {}", drop_secondary(shadow))
+}
+
+/// Run inside the swap, after the tables traded names: the table that was live (now the
+/// shadow) loses its secondary indexes, and the new live table's indexes take their names.
+pub(super) fn after_swap_sql(Tables { live, shadow }: Tables) -> String {
+    format!(
+        "{} \
+         DO $$ DECLARE r record; BEGIN \
+           FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                    WHERE i.indrelid = '{live}'::regclass AND right(c.relname, {len}) = '{REBUILT}' LOOP \
+             EXECUTE format('ALTER INDEX %I RENAME TO %I', r.relname, \
+                            left(r.relname, length(r.relname) - {len})); \
+           END LOOP; \
+         END $$;",
+        drop_secondary(shadow),
+        len = REBUILT.len(),
+    )
+}
+
+/// The statements that give `tables.shadow` the secondary indexes of `tables.live`.
+pub(super) async fn index_statements(
+    client: &impl GenericClient,
+    Tables { live, shadow }: Tables,
+) -> Result<Vec<String>, ProjectionError> {
+    client
+        .query(SECONDARY, &[&live])
+        .await
+        .map_err(database)?
+        .iter()
+        .map(|row| {
+            let (name, unique, definition): (String, bool, String) =
+                (row.get(0), row.get(1), row.get(2));
+            copy_statement(&name, unique, &definition, shadow).ok_or_else(|| {
+                database(format!(
+                    "cannot read the definition of index {name} of {live}: {definition}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `definition` (as `pg_get_indexdef` writes it: `CREATE [UNIQUE] INDEX name ON table USING
+/// method (...) [WHERE ...]`) for `shadow`, named after `name`.
+fn copy_statement(name: &str, unique: bool, definition: &str, shadow: &str) -> Option<String> {
+    let method = &definition[definition.find(" USING ")?..];
+    let unique = if unique { "UNIQUE " } else { "" };
+    let name = format!("{name}{REBUILT}").replace('"', "\"\"");
+    Some(format!(
+        "CREATE {unique}INDEX \"{name}\" ON {shadow}{method}"
+    ))
+}
+
+/// Runs `statements` on up to [`BUILDERS`] connections of `pool` at once.
+pub(super) async fn build(
+    pool: &deadpool_postgres::Pool,
+    statements: Vec<String>,
+) -> Result<(), ProjectionError> {
+    let mut lanes: Vec<Vec<String>> = vec![Vec::new(); BUILDERS.min(statements.len())];
+    for (i, statement) in statements.into_iter().enumerate() {
+        let lanes_len = lanes.len();
+        lanes[i % lanes_len].push(statement);
+    }
+    let lanes = lanes.into_iter().map(|lane| async move {
+        let client = pool.get().await.map_err(database)?;
+        for statement in lane {
+            client.batch_execute(&statement).await.map_err(database)?;
+        }
+        Ok::<_, ProjectionError>(())
+    });
+    futures_util::future::try_join_all(lanes).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_is_copied_to_the_shadow_under_the_live_name_with_the_suffix() {
+        let copied = copy_statement(
+            "connections_by_search",
+            false,
+            "CREATE INDEX connections_by_search ON public.connections USING gin (search \
+             gin_trgm_ops) WHERE (deleted_at IS NULL)",
+            "connections_shadow",
+        );
+        assert_eq!(
+            copied.as_deref(),
+            Some(
+                "CREATE INDEX \"connections_by_search_rebuilt\" ON connections_shadow USING gin \
+                 (search gin_trgm_ops) WHERE (deleted_at IS NULL)"
+            )
+        );
+        let unique = copy_statement("u", true, "CREATE UNIQUE INDEX u ON t USING btree (a)", "s");
+        assert_eq!(
+            unique.as_deref(),
+            Some("CREATE UNIQUE INDEX \"u_rebuilt\" ON s USING btree (a)")
+        );
+        assert_eq!(copy_statement("x", false, "nonsense", "s"), None);
+    }
+}
