@@ -6,9 +6,9 @@
 //!
 //! The definitions come from the live table each time, so the shadow gets whatever indexes the
 //! migrations gave the live one. A build names its index after the live one with [`REBUILT`]
-//! appended; the swap drops the old table's secondary indexes and takes the suffix off, so the
-//! live table's indexes keep their names across rebuilds. A rebuild that stops anywhere before
-//! the swap leaves the live table as it was; the next one drops whatever the shadow holds.
+//! appended; the swap trades the names of the two tables' indexes, so the live table's indexes
+//! keep their names across rebuilds. A rebuild that stops anywhere before the swap leaves the
+//! live table as it was; the next one drops whatever the shadow holds.
 
 use deadpool_postgres::GenericClient;
 
@@ -17,6 +17,9 @@ use crate::ProjectionError;
 
 /// What a shadow index's name adds to the name of the live index it copies.
 const REBUILT: &str = "_rebuilt";
+
+/// An index's name suffix for the moment of the swap.
+const SWAPPING: &str = "_swapping";
 
 /// Connections that build indexes at once.
 const BUILDERS: usize = 4;
@@ -43,20 +46,36 @@ pub(super) fn clear_sql(Tables { shadow, .. }: Tables) -> String {
     format!("TRUNCATE {shadow}; {}", drop_secondary(shadow))
 }
 
-/// Run inside the swap, after the tables traded names: the table that was live (now the
-/// shadow) loses its secondary indexes, and the new live table's indexes take their names.
+/// Run inside the swap, after the tables traded names: the new live table's indexes take the
+/// names they copied, and the table that was live (now the shadow) keeps its indexes, renamed
+/// out of the way. Between rebuilds both tables are fully indexed, as they were before shadows
+/// loaded without indexes, so a rebuild by an earlier build of Grantline still swaps in an
+/// indexed table.
 pub(super) fn after_swap_sql(Tables { live, shadow }: Tables) -> String {
+    let renamed = |table: &str, which: &str, to: &str| {
+        format!(
+            "FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                      WHERE i.indrelid = '{table}'::regclass AND NOT i.indisprimary {which} LOOP \
+               EXECUTE format('ALTER INDEX %I RENAME TO %I', r.relname, {to}); \
+             END LOOP;"
+        )
+    };
+    let len = REBUILT.len();
     format!(
-        "{} \
-         DO $$ DECLARE r record; BEGIN \
-           FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                    WHERE i.indrelid = '{live}'::regclass AND right(c.relname, {len}) = '{REBUILT}' LOOP \
-             EXECUTE format('ALTER INDEX %I RENAME TO %I', r.relname, \
-                            left(r.relname, length(r.relname) - {len})); \
-           END LOOP; \
-         END $$;",
-        drop_secondary(shadow),
-        len = REBUILT.len(),
+        "DO $$ DECLARE r record; BEGIN {} {} {} END $$;",
+        // The copies first move aside, then the old indexes take the suffix, then the copies
+        // take the live names.
+        renamed(
+            live,
+            &format!("AND right(c.relname, {len}) = '{REBUILT}'"),
+            &format!("left(r.relname, length(r.relname) - {len}) || '{SWAPPING}'"),
+        ),
+        renamed(shadow, "", &format!("r.relname || '{REBUILT}'")),
+        renamed(
+            live,
+            &format!("AND right(c.relname, {}) = '{SWAPPING}'", SWAPPING.len()),
+            &format!("left(r.relname, length(r.relname) - {})", SWAPPING.len()),
+        ),
     )
 }
 
