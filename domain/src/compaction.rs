@@ -228,7 +228,7 @@ mod tests {
                     event_id: new.event_id,
                     event_type: new.event_type,
                     event_version: new.event_version,
-                    payload: new.payload,
+                    payload: crate::store::Payload::from_value(&new.payload),
                     metadata: new.metadata,
                     recorded_at: *recorded_at,
                 }

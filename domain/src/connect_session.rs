@@ -251,7 +251,7 @@ impl DomainEvent for ConnectSessionEvent {
         }
     }
 
-    fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError> {
+    fn decode(event_type: &str, event_version: i16, payload: &str) -> Result<Self, DecodeError> {
         match (event_type, event_version) {
             ("ConnectSessionCreated", 1) => {
                 let p: CreatedPayload = read_payload(event_type, payload)?;

@@ -16,8 +16,8 @@ pub trait DomainEvent: Sized {
     fn event_version(&self) -> i16;
     /// The payload as JSON.
     fn to_payload(&self) -> Value;
-    /// Reads a stored event, upcasting older versions.
-    fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError>;
+    /// Reads a stored event from its payload's JSON text, upcasting older versions.
+    fn decode(event_type: &str, event_version: i16, payload: &str) -> Result<Self, DecodeError>;
 
     /// The event ready for appending, with a fresh id.
     fn to_new_event(&self) -> NewEvent {
@@ -26,13 +26,16 @@ pub trait DomainEvent: Sized {
 
     /// Decodes a recorded event, naming its position when it cannot be read.
     fn from_recorded(event: &RecordedEvent) -> Result<Self, UnreadableEvent> {
-        Self::decode(&event.event_type, event.event_version, &event.payload).map_err(|error| {
-            UnreadableEvent {
-                global_position: event.position.global,
-                stream_id: event.stream_id.to_string(),
-                stream_version: event.stream_version,
-                error,
-            }
+        Self::decode(
+            &event.event_type,
+            event.event_version,
+            event.payload.as_str(),
+        )
+        .map_err(|error| UnreadableEvent {
+            global_position: event.position.global,
+            stream_id: event.stream_id.to_string(),
+            stream_version: event.stream_version,
+            error,
         })
     }
 }
@@ -48,13 +51,12 @@ pub(crate) fn payload_json<T: Serialize>(payload: &T) -> Value {
     }
 }
 
-/// Reads an `event_type` payload by borrowing it (`Sealed` deserializes from a borrowed string),
-/// for [`DomainEvent::decode`].
+/// Reads an `event_type` payload from its JSON text, for [`DomainEvent::decode`].
 pub(crate) fn read_payload<'a, T: Deserialize<'a>>(
     event_type: &str,
-    payload: &'a Value,
+    payload: &'a str,
 ) -> Result<T, DecodeError> {
-    T::deserialize(payload).map_err(|error| DecodeError::Malformed {
+    serde_json::from_str(payload).map_err(|error| DecodeError::Malformed {
         event_type: event_type.to_owned(),
         reason: error.to_string(),
     })

@@ -484,7 +484,7 @@ mod tests {
             event_id: Uuid::from_u128(u128::from(version)),
             event_type: event.event_type().to_owned(),
             event_version: event.event_version(),
-            payload: event.to_payload(),
+            payload: crate::store::Payload::from_value(&event.to_payload()),
             metadata,
             recorded_at: at(i64::from(version)),
         }
@@ -852,7 +852,7 @@ mod tests {
     #[test]
     fn an_unreadable_event_stops_the_history() {
         let mut records = stream();
-        records[3].payload = json!({ "nonsense": true });
+        records[3].payload = crate::store::Payload::from_value(&json!({ "nonsense": true }));
         let error = history(&records).unwrap_err();
         assert_eq!(error.stream_version, 4);
     }

@@ -121,7 +121,7 @@ impl DomainEvent for IntegrationEvent {
         }
     }
 
-    fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError> {
+    fn decode(event_type: &str, event_version: i16, payload: &str) -> Result<Self, DecodeError> {
         match (event_type, event_version) {
             (INTEGRATION_CREATED, 1) => {
                 read_payload(event_type, payload).map(Self::IntegrationCreated)

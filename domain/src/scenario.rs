@@ -96,7 +96,10 @@ where
     assert_eq!(event.event_type(), event_type);
     assert_eq!(event.event_version(), 1);
     assert_eq!(&event.to_payload(), expected);
-    assert_eq!(E::decode(event_type, 1, expected).as_ref(), Ok(event));
+    assert_eq!(
+        E::decode(event_type, 1, &expected.to_string()).as_ref(),
+        Ok(event)
+    );
 }
 
 /// Checks that `event_type` at `event_version` is unknown to `E`, whatever the payload.
@@ -106,7 +109,7 @@ where
     E: DomainEvent + Debug + PartialEq,
 {
     assert_eq!(
-        E::decode(event_type, event_version, payload),
+        E::decode(event_type, event_version, &payload.to_string()),
         Err(DecodeError::Unknown {
             event_type: event_type.to_owned(),
             event_version,
@@ -123,7 +126,7 @@ where
 {
     let mut payload = event.to_payload();
     payload.as_object_mut().unwrap().remove(field);
-    let error = E::decode(event_type, 1, &payload).unwrap_err();
+    let error = E::decode(event_type, 1, &payload.to_string()).unwrap_err();
     let DecodeError::Malformed {
         event_type: named,
         reason,

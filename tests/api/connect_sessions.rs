@@ -326,9 +326,9 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         .map(|e| e.event_type.as_str())
         .collect();
     assert_eq!(types, ["ConnectSessionCreated", "ConnectSessionDeleted"]);
-    assert_eq!(session_events[0].payload["end_user"]["id"], "u1");
+    assert_eq!(session_events[0].payload.to_value()["end_user"]["id"], "u1");
     assert!(
-        session_events[0].payload["created_by"].is_string(),
+        session_events[0].payload.to_value()["created_by"].is_string(),
         "{}",
         session_events[0].payload
     );

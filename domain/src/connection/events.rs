@@ -288,7 +288,7 @@ impl DomainEvent for ConnectionEvent {
         }
     }
 
-    fn decode(event_type: &str, event_version: i16, payload: &Value) -> Result<Self, DecodeError> {
+    fn decode(event_type: &str, event_version: i16, payload: &str) -> Result<Self, DecodeError> {
         match (event_type, event_version) {
             (CONNECTION_AUTHORIZED, 1) => {
                 read_payload(event_type, payload).map(Self::ConnectionAuthorized)
@@ -534,7 +534,7 @@ mod tests {
     fn decoding_metadata_that_is_not_an_object_is_malformed() {
         let payload = json!({"metadata": [1], "mode": "replace", "set_at": "2024-05-01T12:00:00Z"});
         assert!(matches!(
-            ConnectionEvent::decode("MetadataSet", 1, &payload),
+            ConnectionEvent::decode("MetadataSet", 1, &payload.to_string()),
             Err(DecodeError::Malformed { .. })
         ));
     }
@@ -544,7 +544,7 @@ mod tests {
         let mut payload = fixed_authorized().to_payload();
         payload.as_object_mut().unwrap().remove("fingerprints");
         let ConnectionEvent::ConnectionAuthorized(event) =
-            ConnectionEvent::decode("ConnectionAuthorized", 1, &payload).unwrap()
+            ConnectionEvent::decode("ConnectionAuthorized", 1, &payload.to_string()).unwrap()
         else {
             panic!("expected ConnectionAuthorized");
         };
@@ -563,7 +563,7 @@ mod tests {
             "refreshed_at": "2024-05-01T12:00:00Z"
         });
         assert!(matches!(
-            ConnectionEvent::decode("TokensRefreshed", 1, &payload),
+            ConnectionEvent::decode("TokensRefreshed", 1, &payload.to_string()),
             Ok(ConnectionEvent::TokensRefreshed(TokensRefreshed { fingerprints, .. }))
                 if fingerprints == TokenFingerprints::default()
         ));

@@ -11,6 +11,7 @@
 //!   on both) and in any case after the poll interval, because notifications can be lost.
 //! - Events are never updated or deleted (the schema refuses it).
 
+mod payload;
 mod postgres;
 mod sqlite;
 
@@ -26,6 +27,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub use payload::Payload;
 pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 
@@ -178,7 +180,7 @@ pub struct RecordedEvent {
     pub event_id: Uuid,
     pub event_type: String,
     pub event_version: i16,
-    pub payload: Value,
+    pub payload: Payload,
     pub metadata: Value,
     pub recorded_at: DateTime<Utc>,
 }

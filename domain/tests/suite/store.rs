@@ -92,7 +92,7 @@ async fn first_append_with_no_stream_starts_the_stream_at_version_one(db: &TestD
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].stream_version, 1);
     assert_eq!(events[0].event_type, "TestEvent");
-    assert_eq!(events[0].payload, json!({ "n": 1 }));
+    assert_eq!(events[0].payload.to_value(), json!({ "n": 1 }));
     assert_eq!(events[0].position.global, appended.global_positions[0]);
 }
 
@@ -222,7 +222,7 @@ async fn read_stream_returns_the_events_after_a_version_in_order(db: &TestDataba
     let tail = store.read_stream(&a, 3).await.unwrap();
     let ns: Vec<_> = tail
         .iter()
-        .map(|e| (e.stream_version, e.payload["n"].as_u64()))
+        .map(|e| (e.stream_version, e.payload.to_value()["n"].as_u64()))
         .collect();
     assert_eq!(ns, vec![(4, Some(4)), (5, Some(5))]);
     assert!(tail.iter().all(|e| e.stream_id == a));
@@ -256,7 +256,7 @@ async fn read_all_in_batches_returns_every_event_once_in_order(db: &TestDatabase
     assert!(reader.next_batch().await.unwrap().is_empty());
     let ns: Vec<u64> = seen
         .iter()
-        .map(|e| e.payload["n"].as_u64().unwrap())
+        .map(|e| e.payload.to_value()["n"].as_u64().unwrap())
         .collect();
     assert_eq!(
         ns,
@@ -463,11 +463,11 @@ impl grantline_domain::event::DomainEvent for TestEvent {
     fn decode(
         event_type: &str,
         event_version: i16,
-        payload: &serde_json::Value,
+        payload: &str,
     ) -> Result<Self, grantline_domain::event::DecodeError> {
         use grantline_domain::event::DecodeError;
         match (event_type, event_version) {
-            ("TestEvent", 1) if payload.is_object() => Ok(TestEvent),
+            ("TestEvent", 1) if payload.trim_start().starts_with('{') => Ok(TestEvent),
             ("TestEvent", 1) => Err(DecodeError::Malformed {
                 event_type: event_type.into(),
                 reason: "payload is not an object".into(),
@@ -544,7 +544,7 @@ async fn a_reader_started_at_the_last_position_sees_only_what_comes_after(db: &T
         seen = reader.next_batch().await.unwrap();
     }
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].payload["n"], 9);
+    assert_eq!(seen[0].payload.to_value()["n"], 9);
 }
 
 mod tls {
@@ -698,7 +698,7 @@ async fn new_streams_are_created_all_or_nothing(db: &TestDatabase) {
     let all = read_all_of(store, 3).await;
     assert_eq!(
         all.iter()
-            .map(|e| e.payload["n"].as_u64().unwrap())
+            .map(|e| e.payload.to_value()["n"].as_u64().unwrap())
             .collect::<Vec<_>>(),
         [1, 2, 3]
     );
@@ -816,7 +816,7 @@ async fn only_the_compactor_removes_events_and_only_those_it_planned(db: &TestDa
     let left = read_all_of(store, 3).await;
     assert_eq!(
         left.iter()
-            .map(|e| e.payload["n"].as_u64().unwrap())
+            .map(|e| e.payload.to_value()["n"].as_u64().unwrap())
             .collect::<Vec<_>>(),
         [1, 4, 5]
     );

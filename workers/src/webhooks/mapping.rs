@@ -310,7 +310,7 @@ mod tests {
             event_id: Uuid::from_u128(99),
             event_type: event.event_type().to_owned(),
             event_version: 1,
-            payload: event.to_payload(),
+            payload: domain::store::Payload::from_value(&event.to_payload()),
             metadata: json!({}),
             recorded_at: at(0),
         }

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::{PostgresStore, db_error};
 use crate::store::{
-    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Position, RecordedEvent,
-    StoreError, StreamId, append_target, check_new_streams,
+    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Payload, Position,
+    RecordedEvent, StoreError, StreamId, append_target, check_new_streams,
 };
 
 const INSERT_AT: &str = "\
@@ -364,8 +364,8 @@ fn decode_row(row: &Row) -> Result<RecordedEvent, StoreError> {
         event_id: row.try_get(4).map_err(|e| corrupt(e.to_string()))?,
         event_type: row.try_get(5).map_err(|e| corrupt(e.to_string()))?,
         event_version: row.try_get(6).map_err(|e| corrupt(e.to_string()))?,
-        // Sent as text (cheaper for the server than jsonb's binary form) and parsed here.
-        payload: serde_json::from_str(row.try_get(7).map_err(|e| corrupt(e.to_string()))?)
+        // Sent as text (cheaper for the server than jsonb's binary form); parsed by the reader.
+        payload: Payload::from_text(row.try_get(7).map_err(|e| corrupt(e.to_string()))?)
             .map_err(|e| corrupt(format!("payload: {e}")))?,
         metadata: match row.try_get(8).map_err(|e| corrupt(e.to_string()))? {
             "{}" => Value::Object(serde_json::Map::new()),

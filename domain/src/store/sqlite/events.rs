@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{SqliteStore, db_error, now_micros};
 use crate::store::{
-    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Position, RecordedEvent,
-    StoreError, StreamId, append_target, check_new_streams,
+    Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Payload, Position,
+    RecordedEvent, StoreError, StreamId, append_target, check_new_streams,
 };
 
 const SELECT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, \
@@ -34,7 +34,7 @@ fn decode_row(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, StoreError> {
         event_type: text(4)?,
         event_version: i16::try_from(event_version)
             .map_err(|_| corrupt(format!("event version {event_version}")))?,
-        payload: serde_json::from_str(&text(6)?).map_err(|e| corrupt(format!("payload: {e}")))?,
+        payload: Payload::from_text(text(6)?).map_err(|e| corrupt(format!("payload: {e}")))?,
         metadata: serde_json::from_str(&text(7)?).map_err(|e| corrupt(format!("metadata: {e}")))?,
         recorded_at: DateTime::from_timestamp_micros(recorded_at)
             .ok_or_else(|| corrupt(format!("recorded_at {recorded_at}")))?,
