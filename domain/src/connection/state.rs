@@ -30,6 +30,10 @@ pub enum Connection {
 }
 
 /// The state of an authorized connection.
+///
+/// Stored as JSON in read-model rows and snapshots. An absent `Option` is left out (about 90
+/// bytes of nulls per row); serde reads a missing `Option` field as `None` with or without
+/// `#[serde(default)]`, so builds from before this read the rows too.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ActiveConnection {
     /// The integration's key.
@@ -56,6 +60,7 @@ pub struct ActiveConnection {
     /// Whether the current credentials include a refresh token.
     pub has_refresh_token: bool,
     /// When the current access token expires, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
     /// The granted scopes.
     pub scopes: Vec<String>,
@@ -64,10 +69,13 @@ pub struct ActiveConnection {
     /// 1 after authorization, + 1 for every rotated refresh token.
     pub refresh_token_generation: u32,
     /// The open lease: taken, with no outcome yet (possibly expired, i.e. orphaned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<RefreshLease>,
     /// The most recent failure since the last success or authorization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<RecordedFailure>,
     /// The permanent failure that blocks non-forced leases, until a success or re-authorization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocking_failure: Option<RecordedFailure>,
     /// Transient failures in a row since the last success, authorization or permanent failure.
     pub consecutive_transient_failures: u32,
@@ -76,6 +84,7 @@ pub struct ActiveConnection {
     /// When the current generation was authorized.
     pub authorized_at: DateTime<Utc>,
     /// When tokens were last refreshed in this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refreshed_at: Option<DateTime<Utc>>,
     /// When the connection was first authorized (kept across re-authorizations, reset by a
     /// deletion).
@@ -290,5 +299,52 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
                 deleted_at: event.deleted_at,
             });
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::connection::fixtures::{active, authorized, key};
+    use crate::scenario::at;
+
+    #[test]
+    fn an_absent_option_is_left_out_of_the_stored_json_and_read_back_as_none() {
+        let mut state = Connection::default();
+        apply(&mut state, &authorized(1, key(1), at(0)));
+        let json = serde_json::to_value(&state).unwrap();
+        let stored = json["Active"].as_object().unwrap();
+        for field in [
+            "lease",
+            "last_failure",
+            "blocking_failure",
+            "last_refreshed_at",
+        ] {
+            assert!(!stored.contains_key(field), "{field} in {json}");
+        }
+        assert_eq!(serde_json::from_value::<Connection>(json).unwrap(), state);
+
+        // The shape rows had before: every field, absent ones as null.
+        let mut earlier = serde_json::to_value(active(&state)).unwrap();
+        for field in [
+            "lease",
+            "last_failure",
+            "blocking_failure",
+            "last_refreshed_at",
+        ] {
+            earlier[field] = Value::Null;
+        }
+        let read: ActiveConnection = serde_json::from_value(earlier).unwrap();
+        assert_eq!(&read, active(&state));
+
+        // An earlier build's struct, without `#[serde(default)]`, reads a missing `Option`.
+        #[derive(Deserialize)]
+        struct Earlier {
+            lease: Option<RefreshLease>,
+            last_refreshed_at: Option<DateTime<Utc>>,
+        }
+        let earlier: Earlier = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert!(earlier.lease.is_none() && earlier.last_refreshed_at.is_none());
     }
 }
