@@ -112,15 +112,16 @@ fn copy_statement(name: &str, unique: bool, definition: &str, shadow: &str) -> O
     ))
 }
 
-/// Runs `statements` on up to [`BUILDERS`] connections of `pool` at once.
+/// Runs `statements` on up to [`BUILDERS`] connections of `pool` at once, and on no more than
+/// a quarter of the pool (a rebuild started from the dashboard shares it with the API).
 pub(super) async fn build(
     pool: &deadpool_postgres::Pool,
     statements: Vec<String>,
 ) -> Result<(), ProjectionError> {
-    let mut lanes: Vec<Vec<String>> = vec![Vec::new(); BUILDERS.min(statements.len())];
+    let n = (pool.status().max_size / 4).clamp(1, BUILDERS);
+    let mut lanes: Vec<Vec<String>> = vec![Vec::new(); n.min(statements.len())];
     for (i, statement) in statements.into_iter().enumerate() {
-        let lanes_len = lanes.len();
-        lanes[i % lanes_len].push(statement);
+        lanes[i % n].push(statement);
     }
     let lanes = lanes.into_iter().map(|lane| async move {
         let client = pool.get().await.map_err(database)?;
