@@ -309,30 +309,28 @@ mod tests {
     use crate::connection::fixtures::{active, authorized, key};
     use crate::scenario::at;
 
+    /// The fields an authorized connection without a refresh yet leaves out.
+    const LEFT_OUT: [&str; 4] = [
+        "lease",
+        "last_failure",
+        "blocking_failure",
+        "last_refreshed_at",
+    ];
+
     #[test]
     fn an_absent_option_is_left_out_of_the_stored_json_and_read_back_as_none() {
         let mut state = Connection::default();
         apply(&mut state, &authorized(1, key(1), at(0)));
         let json = serde_json::to_value(&state).unwrap();
         let stored = json["Active"].as_object().unwrap();
-        for field in [
-            "lease",
-            "last_failure",
-            "blocking_failure",
-            "last_refreshed_at",
-        ] {
+        for field in LEFT_OUT {
             assert!(!stored.contains_key(field), "{field} in {json}");
         }
         assert_eq!(serde_json::from_value::<Connection>(json).unwrap(), state);
 
         // The shape rows had before: every field, absent ones as null.
         let mut earlier = serde_json::to_value(active(&state)).unwrap();
-        for field in [
-            "lease",
-            "last_failure",
-            "blocking_failure",
-            "last_refreshed_at",
-        ] {
+        for field in LEFT_OUT {
             earlier[field] = Value::Null;
         }
         let read: ActiveConnection = serde_json::from_value(earlier).unwrap();
