@@ -29,21 +29,42 @@ const SECONDARY: &str = "SELECT c.relname::text, i.indisunique, pg_get_indexdef(
      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
      WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary ORDER BY c.relname";
 
-/// Drops the secondary indexes of `table`.
-fn drop_secondary(table: &str) -> String {
+/// A PL/pgSQL loop that runs `command` (an SQL expression making the statement, with the index
+/// named `r.relname`) for each secondary index of `table` that `filter` (SQL on `c.relname`,
+/// or empty) lets through.
+fn for_each_secondary(table: &str, filter: &str, command: &str) -> String {
     format!(
-        "DO $$ DECLARE r record; BEGIN \
-           FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                    WHERE i.indrelid = '{table}'::regclass AND NOT i.indisprimary LOOP \
-             EXECUTE format('DROP INDEX %I', r.relname); \
-           END LOOP; \
-         END $$;"
+        "FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                  WHERE i.indrelid = '{table}'::regclass AND NOT i.indisprimary {filter} LOOP \
+           EXECUTE {command}; \
+         END LOOP;"
     )
+}
+
+/// `loops` as one anonymous block.
+fn block(loops: &[String]) -> String {
+    format!("DO $$ DECLARE r record; BEGIN {} END $$;", loops.join(" "))
+}
+
+/// The `for_each_secondary` filter for names ending in `suffix`.
+fn ending(suffix: &str) -> String {
+    format!("AND right(c.relname, {}) = '{suffix}'", suffix.len())
+}
+
+/// The index's name without `suffix`.
+fn without(suffix: &str) -> String {
+    format!("left(r.relname, length(r.relname) - {})", suffix.len())
+}
+
+/// The statement renaming the index to `name` (an SQL expression).
+fn rename_to(name: &str) -> String {
+    format!("format('ALTER INDEX %I RENAME TO %I', r.relname, {name})")
 }
 
 /// Empties the shadow and drops its secondary indexes.
 pub(super) fn clear_sql(Tables { shadow, .. }: Tables) -> String {
-    format!("TRUNCATE {shadow}; {}", drop_secondary(shadow))
+    let drop = for_each_secondary(shadow, "", "format('DROP INDEX %I', r.relname)");
+    format!("TRUNCATE {shadow}; {}", block(&[drop]))
 }
 
 /// Run inside the swap, after the tables traded names: the new live table's indexes take the
@@ -52,31 +73,17 @@ pub(super) fn clear_sql(Tables { shadow, .. }: Tables) -> String {
 /// loaded without indexes, so a rebuild by an earlier build of Grantline still swaps in an
 /// indexed table.
 pub(super) fn after_swap_sql(Tables { live, shadow }: Tables) -> String {
-    let renamed = |table: &str, which: &str, to: &str| {
-        format!(
-            "FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                      WHERE i.indrelid = '{table}'::regclass AND NOT i.indisprimary {which} LOOP \
-               EXECUTE format('ALTER INDEX %I RENAME TO %I', r.relname, {to}); \
-             END LOOP;"
-        )
-    };
-    let len = REBUILT.len();
-    format!(
-        "DO $$ DECLARE r record; BEGIN {} {} {} END $$;",
-        // The copies first move aside, then the old indexes take the suffix, then the copies
-        // take the live names.
-        renamed(
+    // The copies first move aside, then the old indexes take the suffix, then the copies take
+    // the live names.
+    block(&[
+        for_each_secondary(
             live,
-            &format!("AND right(c.relname, {len}) = '{REBUILT}'"),
-            &format!("left(r.relname, length(r.relname) - {len}) || '{SWAPPING}'"),
+            &ending(REBUILT),
+            &rename_to(&format!("{} || '{SWAPPING}'", without(REBUILT))),
         ),
-        renamed(shadow, "", &format!("r.relname || '{REBUILT}'")),
-        renamed(
-            live,
-            &format!("AND right(c.relname, {}) = '{SWAPPING}'", SWAPPING.len()),
-            &format!("left(r.relname, length(r.relname) - {})", SWAPPING.len()),
-        ),
-    )
+        for_each_secondary(shadow, "", &rename_to(&format!("r.relname || '{REBUILT}'"))),
+        for_each_secondary(live, &ending(SWAPPING), &rename_to(&without(SWAPPING))),
+    ])
 }
 
 /// The statements that give `tables.shadow` the secondary indexes of `tables.live`.
