@@ -1,15 +1,23 @@
 //! Proxy benchmark: the overhead of `/proxy/*` on the real `grantline serve` binary
 //! (PostgreSQL backend) against the in-process fake provider's API.
 //!
-//! 1. The same small authenticated GET (`/api/echo`) sent directly to the fake provider and
-//!    through the proxy, 32 concurrent clients, alternating for several rounds in one run:
-//!    requests/s, p50 and p99 of each (medians over the rounds), the ratio and the added p99.
-//! 2. A large download (`BENCH_DOWNLOAD_MB`, default 100 MB) through the proxy, read and
+//! 1. **An upstream that answers at once**: the same small authenticated GET (`/api/echo`) sent
+//!    directly to the fake provider, through two bare pass-through proxies, and through
+//!    Grantline's proxy, 32 concurrent clients, in turn for several rounds in one run:
+//!    requests/s, p50 and p99 of each (medians over the rounds), Grantline's share of direct and
+//!    of each bare proxy, its added p99 and its CPU per call. Every process shares the same
+//!    cores, so this measures CPU: the bare proxies (each its own process, forwarding with the
+//!    bearer token put in and nothing else: one with reqwest, as Grantline's, one with
+//!    hyper-util's client) show what any proxy pays here for a second server and client hop.
+//! 2. **An upstream at a provider's distance**: the same, with an API that answers after
+//!    `BENCH_UPSTREAM_MS` (default 20 ms; `/api/wait`): direct against Grantline's proxy, the
+//!    throughput share and the added p99 as a caller sees them.
+//! 3. A large download (`BENCH_DOWNLOAD_MB`, default 100 MB) through the proxy, read and
 //!    discarded by the client: the server's peak RSS before and after.
 //!
 //! `cargo bench --bench proxy` (`BENCH_SECONDS` per measurement, default 5; `BENCH_ROUNDS`,
 //! default 3). The load generator runs in this process, beside the fake provider, on the same
-//! cores as the server: both paths pay for it alike.
+//! cores as the servers: every path pays for it alike.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)] // shared with the refresh benchmarks; this one uses part of it
@@ -93,11 +101,114 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// One way of sending the small GET, with each round's figures.
+struct Path {
+    name: &'static str,
+    send: Arc<dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync>,
+    /// The process whose CPU is counted per call (Grantline's).
+    pid: Option<u32>,
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu_per_call: Vec<f64>,
+}
+
+impl Path {
+    fn new(
+        name: &'static str,
+        pid: Option<u32>,
+        send: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            send: Arc::new(send),
+            pid,
+            rps: Vec::new(),
+            p50: Vec::new(),
+            p99: Vec::new(),
+            cpu_per_call: Vec::new(),
+        }
+    }
+}
+
+/// Measures `paths` in turn for `rounds` rounds of `seconds` after a warm-up, printing each
+/// round; returns the medians as (requests/s, p50, p99) per path.
+async fn compare(
+    client: &reqwest::Client,
+    paths: &mut [Path],
+    rounds: usize,
+    seconds: u64,
+) -> Vec<(f64, f64, f64)> {
+    for path in paths.iter() {
+        let send = path.send.clone();
+        load(client, 1, move |c| send(c)).await;
+    }
+    for round in 1..=rounds {
+        let mut line = format!("round {round}:");
+        for path in paths.iter_mut() {
+            let send = path.send.clone();
+            let cpu_before = path.pid.map(support::cpu_seconds);
+            let l = load(client, seconds, move |c| send(c)).await;
+            if let (Some(pid), Some(before)) = (path.pid, cpu_before) {
+                let calls = l.requests_per_second * seconds as f64;
+                path.cpu_per_call
+                    .push((support::cpu_seconds(pid) - before) / calls * 1e6);
+            }
+            line += &format!(
+                " | {} {:.0}/s p50 {:.2} p99 {:.2} ms{}",
+                path.name,
+                l.requests_per_second,
+                l.p50_ms,
+                l.p99_ms,
+                match l.failures {
+                    0 => String::new(),
+                    n => format!(" ({n} failed)"),
+                }
+            );
+            path.rps.push(l.requests_per_second);
+            path.p50.push(l.p50_ms);
+            path.p99.push(l.p99_ms);
+        }
+        println!("{line}");
+    }
+    paths
+        .iter()
+        .map(|p| {
+            (
+                median(p.rps.clone()),
+                median(p.p50.clone()),
+                median(p.p99.clone()),
+            )
+        })
+        .collect()
+}
+
+/// Prints each path's medians.
+fn summary(paths: &[Path], medians: &[(f64, f64, f64)]) {
+    for (path, (rps, p50, p99)) in paths.iter().zip(medians) {
+        println!(
+            "  {:<24} {rps:>8.0} req/s   p50 {p50:.2} ms   p99 {p99:.2} ms{}",
+            path.name,
+            match path.cpu_per_call.is_empty() {
+                true => String::new(),
+                false => format!(
+                    "   server CPU {:.0} µs per call",
+                    median(path.cpu_per_call.clone())
+                ),
+            }
+        );
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if let Ok(kind) = std::env::var(bare::KIND) {
+        return bare::serve(&kind).await;
+    }
     let seconds: u64 = setting("BENCH_SECONDS", 5);
     let rounds: usize = setting("BENCH_ROUNDS", 3usize).max(1);
     let download_mb: usize = setting("BENCH_DOWNLOAD_MB", 100);
+    let upstream_ms: u64 = setting("BENCH_UPSTREAM_MS", 20);
 
     let setup = Setup::with_template("  proxy:\n    base_url: {base}\n").await;
     let server = setup.start(&[], "warn,grantline::startup=info");
@@ -115,62 +226,84 @@ async fn main() {
             86_400,
         )
         .await;
+    let with_reqwest = bare::Running::start("reqwest", &setup.fake.base);
+    let with_hyper = bare::Running::start("hyper", &setup.fake.base);
 
-    let direct_url = format!("{}/api/echo", setup.fake.base);
-    let proxy_url = format!("{}/proxy/api/echo", server.base);
-    let direct = move |c: &reqwest::Client| c.get(&direct_url).bearer_auth(ACCESS);
-    let proxied = move |c: &reqwest::Client| {
-        c.get(&proxy_url)
-            .header("Connection-Id", "c1")
-            .header("Provider-Config-Key", KEY)
+    let direct = |url: String| move |c: &reqwest::Client| c.get(&url).bearer_auth(ACCESS);
+    let proxied = |url: String| {
+        move |c: &reqwest::Client| {
+            c.get(&url)
+                .header("Connection-Id", "c1")
+                .header("Provider-Config-Key", KEY)
+        }
     };
-    // Warm both paths (connections, the replica, the data key).
-    load(&client, 1, direct.clone()).await;
-    load(&client, 1, proxied.clone()).await;
+    let bare = |url: String| move |c: &reqwest::Client| c.get(&url);
 
-    let (mut d_rps, mut d_p50, mut d_p99) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut p_rps, mut p_p50, mut p_p99) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut server_cpu, mut proxied_requests) = (0.0, 0.0);
-    for round in 1..=rounds {
-        let d = load(&client, seconds, direct.clone()).await;
-        let cpu_before = support::cpu_seconds(server.pid());
-        let p = load(&client, seconds, proxied.clone()).await;
-        server_cpu += support::cpu_seconds(server.pid()) - cpu_before;
-        proxied_requests += p.requests_per_second * seconds as f64;
-        println!(
-            "round {round}: direct {:.0} req/s p50 {:.2} ms p99 {:.2} ms ({} failed) | proxy {:.0} \
-             req/s p50 {:.2} ms p99 {:.2} ms ({} failed)",
-            d.requests_per_second,
-            d.p50_ms,
-            d.p99_ms,
-            d.failures,
-            p.requests_per_second,
-            p.p50_ms,
-            p.p99_ms,
-            p.failures
-        );
-        d_rps.push(d.requests_per_second);
-        d_p50.push(d.p50_ms);
-        d_p99.push(d.p99_ms);
-        p_rps.push(p.requests_per_second);
-        p_p50.push(p.p50_ms);
-        p_p99.push(p.p99_ms);
-    }
-    let (d_rps, p_rps) = (median(d_rps), median(p_rps));
-    let (d_p99, p_p99) = (median(d_p99), median(p_p99));
     println!(
-        "small GET, c={CONCURRENCY}, medians of {rounds} rounds of {seconds} s: direct {d_rps:.0} \
-         req/s (p50 {:.2} ms, p99 {d_p99:.2} ms), proxy {p_rps:.0} req/s (p50 {:.2} ms, p99 \
-         {p_p99:.2} ms): {:.0}% of direct, p99 +{:.2} ms",
-        median(d_p50),
-        median(p_p50),
-        100.0 * p_rps / d_rps,
-        p_p99 - d_p99
+        "1. small GET (/api/echo), an upstream that answers at once, c={CONCURRENCY}, {rounds} \
+         rounds of {seconds} s"
     );
+    let mut paths = [
+        Path::new(
+            "direct",
+            None,
+            direct(format!("{}/api/echo", setup.fake.base)),
+        ),
+        Path::new(
+            "bare proxy, reqwest",
+            None,
+            bare(format!("{}/proxy/api/echo", with_reqwest.base)),
+        ),
+        Path::new(
+            "bare proxy, hyper-util",
+            None,
+            bare(format!("{}/proxy/api/echo", with_hyper.base)),
+        ),
+        Path::new(
+            "grantline proxy",
+            Some(server.pid()),
+            proxied(format!("{}/proxy/api/echo", server.base)),
+        ),
+    ];
+    let medians = compare(&client, &mut paths, rounds, seconds).await;
+    summary(&paths, &medians);
+    let [direct_at_once, with_reqwest_m, with_hyper_m, grantline_m] = medians[..] else {
+        unreachable!("four paths")
+    };
+    println!(
+        "  grantline: {:.0}% of direct (p99 +{:.2} ms), {:.0}% of the bare reqwest proxy, {:.0}% \
+         of the bare hyper-util proxy",
+        100.0 * grantline_m.0 / direct_at_once.0,
+        grantline_m.2 - direct_at_once.2,
+        100.0 * grantline_m.0 / with_reqwest_m.0,
+        100.0 * grantline_m.0 / with_hyper_m.0,
+    );
+    drop((with_reqwest, with_hyper));
 
     println!(
-        "server CPU per proxied call: {:.0} µs (user and system)",
-        server_cpu / proxied_requests * 1e6
+        "\n2. small GET (/api/wait), an upstream that answers after {upstream_ms} ms, \
+         c={CONCURRENCY}, {rounds} rounds of {seconds} s"
+    );
+    let endpoint = format!("/api/wait?ms={upstream_ms}");
+    let mut paths = [
+        Path::new(
+            "direct",
+            None,
+            direct(format!("{}{endpoint}", setup.fake.base)),
+        ),
+        Path::new(
+            "grantline proxy",
+            Some(server.pid()),
+            proxied(format!("{}/proxy{endpoint}", server.base)),
+        ),
+    ];
+    let medians = compare(&client, &mut paths, rounds, seconds).await;
+    summary(&paths, &medians);
+    println!(
+        "  grantline: {:.1}% of direct, p50 +{:.2} ms, p99 +{:.2} ms",
+        100.0 * medians[1].0 / medians[0].0,
+        medians[1].1 - medians[0].1,
+        medians[1].2 - medians[0].2,
     );
 
     let before = server.peak_rss_mb();
@@ -195,10 +328,151 @@ async fn main() {
     assert_eq!(received, download_mb * 1024 * 1024);
     let after = server.peak_rss_mb();
     println!(
-        "download of {download_mb} MB through the proxy in {:.2} s: server peak RSS {before:.1} MB \
-         before, {after:.1} MB after (+{:.1} MB)",
+        "\n3. download of {download_mb} MB through the proxy in {:.2} s: server peak RSS \
+         {before:.1} MB before, {after:.1} MB after (+{:.1} MB)",
         started.elapsed().as_secs_f64(),
         after - before
     );
     server.stop();
+}
+
+/// Pass-through proxies with none of Grantline's work (no key check, no connection, no header
+/// rules, no metrics): the method, path and query forwarded with the bench's bearer token, the
+/// status, content type and body streamed back. Each runs as this executable in its own
+/// process, as Grantline does.
+mod bare {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::http::{HeaderValue, StatusCode, Uri, header};
+    use axum::response::{IntoResponse, Response};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    /// The variable that makes this executable a bare proxy (`reqwest` or `hyper`).
+    pub const KIND: &str = "BENCH_BARE_PROXY";
+    /// The provider's address it forwards to.
+    const UPSTREAM: &str = "BENCH_BARE_UPSTREAM";
+
+    /// A bare proxy process, ended when dropped.
+    pub struct Running {
+        child: Child,
+        /// `http://127.0.0.1:<port>`.
+        pub base: String,
+    }
+
+    impl Running {
+        pub fn start(kind: &str, upstream: &str) -> Self {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .env(KIND, kind)
+                .env(UPSTREAM, upstream)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut port = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut port)
+                .unwrap();
+            Self {
+                child,
+                base: format!("http://127.0.0.1:{}", port.trim()),
+            }
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    struct Upstream<C> {
+        base: String,
+        client: C,
+        authorization: HeaderValue,
+    }
+
+    /// Serves until killed, after printing its port.
+    pub async fn serve(kind: &str) {
+        let base = std::env::var(UPSTREAM).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        let authorization = HeaderValue::try_from(format!("Bearer {}", super::ACCESS)).unwrap();
+        let app = match kind {
+            "reqwest" => Router::new()
+                .fallback(with_reqwest)
+                .with_state(Arc::new(Upstream {
+                    base,
+                    client: reqwest::Client::new(),
+                    authorization,
+                })),
+            _ => Router::new()
+                .fallback(with_hyper)
+                .with_state(Arc::new(Upstream {
+                    base,
+                    client: Client::builder(TokioExecutor::new()).build_http::<Body>(),
+                    authorization,
+                })),
+        };
+        axum::serve(listener, app).await.unwrap();
+    }
+
+    /// Where a proxied request goes: the path after `/proxy`, with the query.
+    fn target(base: &str, uri: &Uri) -> String {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        format!("{base}{}", path.strip_prefix("/proxy").unwrap_or(path))
+    }
+
+    async fn with_reqwest(
+        State(upstream): State<Arc<Upstream<reqwest::Client>>>,
+        request: Request,
+    ) -> Response {
+        let url = target(&upstream.base, request.uri());
+        let sent = upstream
+            .client
+            .request(request.method().clone(), url)
+            .header(header::AUTHORIZATION, upstream.authorization.clone())
+            .send()
+            .await;
+        let Ok(answer) = sent else {
+            return StatusCode::BAD_GATEWAY.into_response();
+        };
+        let mut response = Response::builder().status(answer.status());
+        if let Some(kind) = answer.headers().get(header::CONTENT_TYPE) {
+            response = response.header(header::CONTENT_TYPE, kind.clone());
+        }
+        response
+            .body(Body::from_stream(answer.bytes_stream()))
+            .unwrap()
+    }
+
+    async fn with_hyper(
+        State(upstream): State<Arc<Upstream<Client<HttpConnector, Body>>>>,
+        request: Request,
+    ) -> Response {
+        let Ok(uri) = target(&upstream.base, request.uri()).parse::<Uri>() else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        let outgoing = axum::http::Request::builder()
+            .method(request.method().clone())
+            .uri(uri)
+            .header(header::AUTHORIZATION, upstream.authorization.clone())
+            .body(Body::empty())
+            .unwrap();
+        let Ok(answer) = upstream.client.request(outgoing).await else {
+            return StatusCode::BAD_GATEWAY.into_response();
+        };
+        let (parts, body) = answer.into_parts();
+        let mut response = Response::builder().status(parts.status);
+        if let Some(kind) = parts.headers.get(header::CONTENT_TYPE) {
+            response = response.header(header::CONTENT_TYPE, kind.clone());
+        }
+        response.body(Body::new(body)).unwrap()
+    }
 }

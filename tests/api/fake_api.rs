@@ -132,6 +132,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/limited", get(limited))
         .route("/api/large", get(large))
         .route("/api/slow", get(slow))
+        .route("/api/wait", get(wait))
         .route("/api/redirect", any(redirect))
         .route("/api/landing", any(landing))
         .route("/api/gzip", get(gzip))
@@ -272,6 +273,26 @@ async fn slow(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Respons
         return refused;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
+    Json(json!({"ok": true})).into_response()
+}
+
+/// How long `/api/wait` takes to answer.
+#[derive(serde::Deserialize)]
+struct Wait {
+    ms: u64,
+}
+
+/// A small answer after `ms` milliseconds (at most 10 s): an API as far away as a real
+/// provider's.
+async fn wait(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(wait): Query<Wait>,
+) -> Response {
+    if let Some(refused) = check(&state, &headers) {
+        return refused;
+    }
+    tokio::time::sleep(Duration::from_millis(wait.ms.min(10_000))).await;
     Json(json!({"ok": true})).into_response()
 }
 
