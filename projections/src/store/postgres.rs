@@ -22,6 +22,7 @@ use super::{
 use crate::ProjectionError;
 use crate::model::Row;
 
+mod misses;
 mod rows;
 mod shadow;
 
@@ -56,6 +57,8 @@ const STATE: &str = "state::text";
 #[derive(Clone)]
 pub(super) struct PostgresReadModels {
     store: PostgresStore,
+    /// The replica's misses, fetched together ([`misses`]).
+    misses: misses::Misses,
 }
 
 impl std::fmt::Debug for PostgresReadModels {
@@ -66,7 +69,10 @@ impl std::fmt::Debug for PostgresReadModels {
 
 impl PostgresReadModels {
     pub(super) fn new(store: PostgresStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            misses: misses::Misses::default(),
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ProjectionError> {
@@ -125,36 +131,7 @@ impl ReadModelStore for PostgresReadModels {
         &self,
         stream_id: &str,
     ) -> Result<Option<(StoredRow, Option<StoredDataKey>)>, ProjectionError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT c.id, c.version, c.state::text, k.key_id, k.owner, k.master_key_id, \
-                 k.wrapped FROM connections c LEFT JOIN data_keys k \
-                 ON k.key_id = (c.state #>> '{Active,credentials,key_id}')::uuid \
-                 WHERE c.stream_id = $1 AND c.deleted_at IS NULL",
-            )
-            .await
-            .map_err(database)?;
-        Ok(client
-            .query_opt(&statement, &[&stream_id])
-            .await
-            .map_err(database)?
-            .map(|r| {
-                let row = StoredRow {
-                    id: r.get(0),
-                    version: version(r.get::<_, i32>(1).into()),
-                    state: r.get(2),
-                };
-                let key = r
-                    .get::<_, Option<uuid::Uuid>>(3)
-                    .map(|key_id| StoredDataKey {
-                        key_id,
-                        owner: r.get::<_, Option<String>>(4).unwrap_or_default(),
-                        master_key_id: r.get(5),
-                        wrapped: r.get(6),
-                    });
-                (row, key)
-            }))
+        self.misses.find(&self.store, stream_id).await
     }
 
     async fn upsert(&self, table: &'static str, row: Row) -> Result<(), ProjectionError> {

@@ -14,6 +14,7 @@ domain::on_both_backends!(
     an_invalidated_or_expired_entry_is_read_again_from_the_read_model,
     an_expired_entry_found_unchanged_keeps_what_was_derived_from_it,
     a_miss_reads_the_credentials_data_key_with_the_row,
+    concurrent_misses_each_get_their_own_row_and_key,
 );
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -155,6 +156,12 @@ async fn while_the_database_is_away_an_expired_entry_is_still_served(db: &TestDa
     assert_eq!(served.record.connection.connection_id, "kept");
     let never = ConnectionKey::new("github", "never-read");
     assert!(cache.find(&f.read_models, &never).await.is_err());
+    // Misses at once (fetched together on PostgreSQL) each get the error; none waits forever.
+    let misses = (0..20).map(|_| cache.find(&f.read_models, &never));
+    let failed = tokio::time::timeout(LONG, futures_util::future::join_all(misses))
+        .await
+        .expect("every miss is answered");
+    assert!(failed.iter().all(Result::is_err));
 
     admin
         .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
@@ -201,4 +208,35 @@ async fn a_miss_reads_the_credentials_data_key_with_the_row(db: &TestDatabase) {
         .reveal_credentials(&found.record.connection)
         .await
         .unwrap();
+}
+
+/// Many misses at once, some for the same connection and some for none: each gets its own row
+/// with its own data key (on PostgreSQL they are fetched together, [`ReadModelStore`]'s
+/// `find_connection`).
+async fn concurrent_misses_each_get_their_own_row_and_key(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    for n in 0..30 {
+        f.connection("github", &format!("c{n}")).await;
+    }
+    settle(&Runner::new(&f.backend)).await;
+    let read_models = &f.read_models;
+    let asked: Vec<String> = (0..300).map(|i| format!("c{}", (i * 7) % 40)).collect();
+    let misses = asked.iter().map(|id| async move {
+        let key = ConnectionKey::new("github", id.as_str());
+        queries::find_connection_keyed(read_models, &key.stream_id()).await
+    });
+    let found = futures_util::future::join_all(misses).await;
+    for (id, found) in asked.iter().zip(found) {
+        let n: usize = id[1..].parse().unwrap();
+        match found.unwrap() {
+            Some((record, key)) => {
+                assert!(n < 30, "{id} was never created");
+                assert_eq!(&record.connection.connection_id, id);
+                let key = key.expect("its data key comes with it");
+                assert_eq!(key.key_id, record.connection.credentials.key_id, "{id}");
+            }
+            None => assert!(n >= 30, "{id} was created"),
+        }
+    }
 }
