@@ -9,7 +9,7 @@ use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, Sto
 use serde::Serialize;
 
 use crate::model::{self, EventOf, StateModel, decode};
-use crate::store::{Batch, Planner, ReadModels, Tables};
+use crate::store::{Analyzed, Batch, Planner, ReadModels, Tables};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
 /// Lag is counted up to this many events.
@@ -246,13 +246,14 @@ impl Runner {
         replayed += store.swap(tables, through, planner).await?;
         progress(replayed);
         // The swapped-in table's statistics are those of the empty shadow.
-        store.analyze(false).await?;
+        store.analyze(Analyzed::ReadModels).await?;
         Ok(replayed)
     }
 
-    /// Refreshes the planner's statistics of the read models and the log (after a bulk import).
-    pub async fn analyze(&self) -> Result<(), ProjectionError> {
-        self.read_models.store().analyze(true).await
+    /// Refreshes the planner's statistics of the read models, the log or both (after a bulk
+    /// import).
+    pub async fn analyze(&self, what: Analyzed) -> Result<(), ProjectionError> {
+        self.read_models.store().analyze(what).await
     }
 }
 

@@ -12,6 +12,7 @@ use domain::commands::Commands;
 use domain::integration::IntegrationSettings;
 use domain::keys::{Sealed, Vault};
 use domain::store::Backend;
+use projections::store::Analyzed;
 use projections::{ConnectionsModel, ReadModels, Runner, StateModel};
 
 use super::nango::{NangoConnections, NangoKey, PlannedIntegration, plan_integrations};
@@ -246,16 +247,22 @@ const REBUILD_AHEAD: i64 = 20_000;
 async fn project(runner: &Runner) -> anyhow::Result<()> {
     let started = Instant::now();
     let bar = progress("events projected".to_owned());
-    if rebuilding_is_cheaper(runner).await
-        && let Err(error) = runner
+    // A rebuild analyzes the read models it swaps in; what the catch-up after it adds is a
+    // rounding error on those statistics.
+    let mut analyze = Analyzed::Both;
+    if rebuilding_is_cheaper(runner).await {
+        match runner
             .rebuild(ConnectionsModel::NAME, |n| bar.set_position(n))
             .await
-    {
-        bar.suspend(|| {
-            eprintln!(
-                "rebuilding the connections read model failed ({error}); catching it up instead"
-            )
-        });
+        {
+            Ok(_) => analyze = Analyzed::Log,
+            Err(error) => bar.suspend(|| {
+                eprintln!(
+                    "rebuilding the connections read model failed ({error}); catching it up \
+                     instead"
+                )
+            }),
+        }
     }
     let projected = project_through_head(runner, |n| bar.set_position(n)).await;
     bar.finish_and_clear();
@@ -264,7 +271,7 @@ async fn project(runner: &Runner) -> anyhow::Result<()> {
     )?;
     // Plans made from the statistics of the tables before the import can sort every row.
     runner
-        .analyze()
+        .analyze(analyze)
         .await
         .context("the connections are imported; analyzing the read models failed")?;
     println!(

@@ -13,11 +13,11 @@ use tokio_postgres::types::ToSql;
 
 use self::rows::{copy_into, fold_into, write};
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts, ListDialect,
-    Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket, StoredRow,
-    TAIL_BATCH, Tables, Tail, database, due_expiring_sql, due_keep_alive_sql, find_sql, health_sql,
-    instances_sql, list_integrations_sql, list_sql, ownership_and_metadata, refresh_activity_sql,
-    swap_sql, version,
+    Analyzed, Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts,
+    ListDialect, Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket,
+    StoredRow, TAIL_BATCH, Tables, Tail, database, due_expiring_sql, due_keep_alive_sql, find_sql,
+    health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata,
+    refresh_activity_sql, swap_sql, version,
 };
 use crate::ProjectionError;
 use crate::model::Row;
@@ -511,18 +511,20 @@ impl ReadModelStore for PostgresReadModels {
             .get(0))
     }
 
-    async fn analyze(&self, log: bool) -> Result<(), ProjectionError> {
+    async fn analyze(&self, what: Analyzed) -> Result<(), ProjectionError> {
         let client = self.client().await?;
         // One statement per query: VACUUM refuses to run in the implicit transaction of several.
         // VACUUM also merges the GIN indexes' pending lists (tags, search), which every search
         // reads through until then; the log only needs its statistics.
-        for statement in [
-            "VACUUM (ANALYZE) connections",
-            "VACUUM (ANALYZE) integrations",
-        ] {
-            client.batch_execute(statement).await.map_err(database)?;
+        if what != Analyzed::Log {
+            for statement in [
+                "VACUUM (ANALYZE) connections",
+                "VACUUM (ANALYZE) integrations",
+            ] {
+                client.batch_execute(statement).await.map_err(database)?;
+            }
         }
-        if log {
+        if what != Analyzed::ReadModels {
             client
                 .batch_execute("ANALYZE events")
                 .await

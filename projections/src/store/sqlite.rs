@@ -12,9 +12,9 @@ use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts, ListDialect,
-    Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket, Snapshot,
-    StoredRow, TAIL_BATCH, Tables, Tail, due_expiring_sql, due_keep_alive_sql, find_sql,
+    Analyzed, Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts,
+    ListDialect, Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket,
+    Snapshot, StoredRow, TAIL_BATCH, Tables, Tail, due_expiring_sql, due_keep_alive_sql, find_sql,
     health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata,
     refresh_activity_sql, swap_sql, upsert_sql, version,
 };
@@ -690,7 +690,7 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
-    async fn analyze(&self, _log: bool) -> Result<(), ProjectionError> {
+    async fn analyze(&self, _what: Analyzed) -> Result<(), ProjectionError> {
         // SQLite's own advice: `optimize` analyzes what changed enough to matter.
         Ok(self
             .store
