@@ -9,9 +9,9 @@
 //!    cores, so this measures CPU: the bare proxies (each its own process, forwarding with the
 //!    bearer token put in and nothing else: one with reqwest, as Grantline's, one with
 //!    hyper-util's client) show what any proxy pays here for a second server and client hop.
-//! 2. **An upstream at a provider's distance**: the same, with an API that answers after
-//!    `BENCH_UPSTREAM_MS` (default 20 ms; `/api/wait`): direct against Grantline's proxy, the
-//!    throughput share and the added p99 as a caller sees them.
+//! 2. **An upstream at a provider's distance**: the same four paths, with an API that answers
+//!    after `BENCH_UPSTREAM_MS` (default 20 ms; `/api/wait`): each proxy's share of the direct
+//!    rate and the p50 and p99 it adds, as a caller sees them.
 //! 3. A large download (`BENCH_DOWNLOAD_MB`, default 100 MB) through the proxy, read and
 //!    discarded by the client: the server's peak RSS before and after.
 //!
@@ -278,7 +278,6 @@ async fn main() {
         100.0 * grantline_m.0 / with_reqwest_m.0,
         100.0 * grantline_m.0 / with_hyper_m.0,
     );
-    drop((with_reqwest, with_hyper));
 
     println!(
         "\n2. small GET (/api/wait), an upstream that answers after {upstream_ms} ms, \
@@ -292,6 +291,16 @@ async fn main() {
             direct(format!("{}{endpoint}", setup.fake.base)),
         ),
         Path::new(
+            "bare proxy, reqwest",
+            None,
+            bare(format!("{}/proxy{endpoint}", with_reqwest.base)),
+        ),
+        Path::new(
+            "bare proxy, hyper-util",
+            None,
+            bare(format!("{}/proxy{endpoint}", with_hyper.base)),
+        ),
+        Path::new(
             "grantline proxy",
             Some(server.pid()),
             proxied(format!("{}/proxy{endpoint}", server.base)),
@@ -299,12 +308,17 @@ async fn main() {
     ];
     let medians = compare(&client, &mut paths, rounds, seconds).await;
     summary(&paths, &medians);
-    println!(
-        "  grantline: {:.1}% of direct, p50 +{:.2} ms, p99 +{:.2} ms",
-        100.0 * medians[1].0 / medians[0].0,
-        medians[1].1 - medians[0].1,
-        medians[1].2 - medians[0].2,
-    );
+    let direct_m = medians[0];
+    for (path, (rps, p50, p99)) in paths.iter().zip(&medians).skip(1) {
+        println!(
+            "  {}: {:.1}% of direct, p50 +{:.2} ms, p99 +{:.2} ms",
+            path.name,
+            100.0 * rps / direct_m.0,
+            p50 - direct_m.1,
+            p99 - direct_m.2,
+        );
+    }
+    drop((with_reqwest, with_hyper));
 
     let before = server.peak_rss_mb();
     let started = Instant::now();
