@@ -1,19 +1,24 @@
 //! Cache misses fetched together. Each miss of the connection replica is one row found by its
-//! stream id; sent one query each, PostgreSQL spends most of its time per statement, not per row
-//! (measured with pgbench on 200,000 connections: 40,000 single-row lookups a second against
+//! stream id, and a query of its own costs a round trip, a pool connection and PostgreSQL's work
+//! per statement (pgbench on 200,000 connections: 40,000 single-row lookups a second against
 //! 97,000 rows a second in lookups of 16). So concurrent misses queue here, and at most
 //! [`IN_FLIGHT`] queries take up to [`BATCH`] of them each: a lone miss goes at once, and under
-//! load the queue that builds while the queries run becomes the next batch.
+//! load the queue that builds while the queries run becomes the next batch. (Uniform reads over
+//! 1,000,000 connections, server and PostgreSQL on two cores: 17,700 against 15,100 reads a
+//! second, with 39 against 54 µs of server CPU each; the rows' own work dominates there.)
 //!
 //! The queries run in tasks of their own, so a reader that goes away (its client hung up) never
-//! strands the others waiting on its batch. A miss still reads the database after it was asked
-//! for, as a query of its own would, so the replica's invalidation epochs hold as before.
+//! strands the others waiting on its batch, and a query that fails or panics answers every miss
+//! it took with an error. A miss still reads the database after it was asked for, as a query of
+//! its own would, so the replica's invalidation epochs hold as before.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use domain::keys::StoredDataKey;
 use domain::store::{PostgresStore, StoreError};
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::super::{StoredRow, database, version};
@@ -86,7 +91,11 @@ impl Misses {
                 let take = queue.waiting.len().min(BATCH);
                 queue.waiting.drain(..take).collect()
             };
-            let found = fetch_many(&store, &batch_ids(&batch)).await;
+            // A panic must not leave `running` counting a task that is gone.
+            let found = AssertUnwindSafe(fetch_many(&store, &batch_ids(&batch)))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(database("the lookup failed")));
             answer(batch, found);
         }
     }
