@@ -183,7 +183,7 @@ async fn compare(
         .collect()
 }
 
-/// Prints each path's medians.
+/// Prints each path's medians, and what each proxy adds to the direct path (the first).
 fn summary(paths: &[Path], medians: &[(f64, f64, f64)]) {
     for (path, (rps, p50, p99)) in paths.iter().zip(medians) {
         println!(
@@ -196,6 +196,16 @@ fn summary(paths: &[Path], medians: &[(f64, f64, f64)]) {
                     median(path.cpu_per_call.clone())
                 ),
             }
+        );
+    }
+    let (direct_rps, direct_p50, direct_p99) = medians[0];
+    for (path, (rps, p50, p99)) in paths.iter().zip(medians).skip(1) {
+        println!(
+            "  {}: {:.1}% of direct, p50 +{:.2} ms, p99 +{:.2} ms",
+            path.name,
+            100.0 * rps / direct_rps,
+            p50 - direct_p50,
+            p99 - direct_p99,
         );
     }
 }
@@ -238,43 +248,44 @@ async fn main() {
         }
     };
     let bare = |url: String| move |c: &reqwest::Client| c.get(&url);
+    // The same provider endpoint, directly and through each proxy.
+    let paths_to = |endpoint: &str| {
+        [
+            Path::new(
+                "direct",
+                None,
+                direct(format!("{}{endpoint}", setup.fake.base)),
+            ),
+            Path::new(
+                "bare proxy, reqwest",
+                None,
+                bare(format!("{}/proxy{endpoint}", with_reqwest.base)),
+            ),
+            Path::new(
+                "bare proxy, hyper-util",
+                None,
+                bare(format!("{}/proxy{endpoint}", with_hyper.base)),
+            ),
+            Path::new(
+                "grantline proxy",
+                Some(server.pid()),
+                proxied(format!("{}/proxy{endpoint}", server.base)),
+            ),
+        ]
+    };
 
     println!(
         "1. small GET (/api/echo), an upstream that answers at once, c={CONCURRENCY}, {rounds} \
          rounds of {seconds} s"
     );
-    let mut paths = [
-        Path::new(
-            "direct",
-            None,
-            direct(format!("{}/api/echo", setup.fake.base)),
-        ),
-        Path::new(
-            "bare proxy, reqwest",
-            None,
-            bare(format!("{}/proxy/api/echo", with_reqwest.base)),
-        ),
-        Path::new(
-            "bare proxy, hyper-util",
-            None,
-            bare(format!("{}/proxy/api/echo", with_hyper.base)),
-        ),
-        Path::new(
-            "grantline proxy",
-            Some(server.pid()),
-            proxied(format!("{}/proxy/api/echo", server.base)),
-        ),
-    ];
+    let mut paths = paths_to("/api/echo");
     let medians = compare(&client, &mut paths, rounds, seconds).await;
     summary(&paths, &medians);
-    let [direct_at_once, with_reqwest_m, with_hyper_m, grantline_m] = medians[..] else {
+    let [_, with_reqwest_m, with_hyper_m, grantline_m] = medians[..] else {
         unreachable!("four paths")
     };
     println!(
-        "  grantline: {:.0}% of direct (p99 +{:.2} ms), {:.0}% of the bare reqwest proxy, {:.0}% \
-         of the bare hyper-util proxy",
-        100.0 * grantline_m.0 / direct_at_once.0,
-        grantline_m.2 - direct_at_once.2,
+        "  grantline: {:.0}% of the bare reqwest proxy, {:.0}% of the bare hyper-util proxy",
         100.0 * grantline_m.0 / with_reqwest_m.0,
         100.0 * grantline_m.0 / with_hyper_m.0,
     );
@@ -283,41 +294,9 @@ async fn main() {
         "\n2. small GET (/api/wait), an upstream that answers after {upstream_ms} ms, \
          c={CONCURRENCY}, {rounds} rounds of {seconds} s"
     );
-    let endpoint = format!("/api/wait?ms={upstream_ms}");
-    let mut paths = [
-        Path::new(
-            "direct",
-            None,
-            direct(format!("{}{endpoint}", setup.fake.base)),
-        ),
-        Path::new(
-            "bare proxy, reqwest",
-            None,
-            bare(format!("{}/proxy{endpoint}", with_reqwest.base)),
-        ),
-        Path::new(
-            "bare proxy, hyper-util",
-            None,
-            bare(format!("{}/proxy{endpoint}", with_hyper.base)),
-        ),
-        Path::new(
-            "grantline proxy",
-            Some(server.pid()),
-            proxied(format!("{}/proxy{endpoint}", server.base)),
-        ),
-    ];
+    let mut paths = paths_to(&format!("/api/wait?ms={upstream_ms}"));
     let medians = compare(&client, &mut paths, rounds, seconds).await;
     summary(&paths, &medians);
-    let direct_m = medians[0];
-    for (path, (rps, p50, p99)) in paths.iter().zip(&medians).skip(1) {
-        println!(
-            "  {}: {:.1}% of direct, p50 +{:.2} ms, p99 +{:.2} ms",
-            path.name,
-            100.0 * rps / direct_m.0,
-            p50 - direct_m.1,
-            p99 - direct_m.2,
-        );
-    }
     drop((with_reqwest, with_hyper));
 
     let before = server.peak_rss_mb();
