@@ -176,19 +176,34 @@ pub async fn run_script_beside(
         if let Some(status) = script.child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the script did not finish in {timeout:?}:\n{}\n--- grantline:\n{}",
-            script.output(),
-            server()
-        );
+        if Instant::now() >= deadline {
+            script_failed(
+                &format!("the script did not finish in {timeout:?}"),
+                &script.output(),
+                &server(),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let printed = script.output();
-    assert!(
-        status.success() && printed.contains("all steps passed"),
-        "the script failed ({status}):\n{printed}\n--- grantline:\n{}",
-        server()
-    );
+    if !status.success() || !printed.contains("all steps passed") {
+        script_failed(
+            &format!("the script failed ({status})"),
+            &printed,
+            &server(),
+        );
+    }
     printed
+}
+
+/// Fails the test with the server's output first and the script's last, and without a
+/// backtrace: CI keeps only the head and the tail of a long run's output, and the script's
+/// lines (which step failed, and why) must be in that tail.
+fn script_failed(what: &str, script: &str, server: &str) -> ! {
+    if !server.is_empty() {
+        println!("--- grantline:\n{server}");
+    }
+    println!("--- {what}:\n{script}");
+    // Unlike `panic!`, this skips the panic hook, which would print a backtrace after the lines.
+    std::panic::resume_unwind(Box::new(what.to_owned()))
 }
