@@ -1,7 +1,7 @@
 //! The fake provider's API, for the proxy: it checks the token like a real API (a token the
 //! provider minted works until it is revoked; an OAuth 1.0a signature must cover the method,
 //! URL, query and form body), and has a flaky endpoint, a rate-limited one, a slow one, a large
-//! download, a redirecting one and a gzip-encoded one.
+//! download, one that breaks off mid-answer, a redirecting one and a gzip-encoded one.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -131,6 +131,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/flaky", get(flaky))
         .route("/api/limited", get(limited))
         .route("/api/large", get(large))
+        .route("/api/cut", get(cut))
         .route("/api/slow", get(slow))
         .route("/api/wait", get(wait))
         .route("/api/redirect", any(redirect))
@@ -264,6 +265,33 @@ async fn large(
     (
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+        .into_response()
+}
+
+/// Announces `bytes` bytes, sends half of them and breaks off, as a provider that fails
+/// mid-answer.
+async fn cut(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(size): Query<Size>,
+) -> Response {
+    if let Some(refused) = check(&state, &headers) {
+        return refused;
+    }
+    let half = Ok(Bytes::from(vec![b'x'; size.bytes / 2]));
+    // The break comes after the first half has gone out.
+    let broken = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Err(std::io::Error::other("the provider broke off"))
+    });
+    let chunks = futures_util::StreamExt::chain(futures_util::stream::iter([half]), broken);
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, size.bytes.to_string()),
+        ],
+        Body::from_stream(chunks),
     )
         .into_response()
 }

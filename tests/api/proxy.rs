@@ -19,6 +19,7 @@ domain::on_both_backends!(
     failures_are_retried_as_asked_within_the_deadline,
     bad_proxy_calls_get_a_json_answer_with_a_code,
     a_large_download_streams_through,
+    an_answer_that_breaks_off_reaches_the_caller_as_broken,
     a_host_from_a_placeholder_is_checked_where_it_resolves,
     redirects_carry_the_credential_only_when_asked_and_only_to_the_same_host,
     a_compressed_answer_is_decoded_only_when_asked,
@@ -369,6 +370,32 @@ async fn a_large_download_streams_through(db: &TestDatabase) {
     let body = response.bytes().await.unwrap();
     assert_eq!(body.len(), size);
     assert!(body.iter().all(|b| *b == b'x'));
+}
+
+/// The provider announces a length and stops short: the caller gets the provider's length and
+/// a body that fails, never a short answer that looks whole.
+async fn an_answer_that_breaks_off_reaches_the_caller_as_broken(db: &TestDatabase) {
+    let service = service(db, &[]).await;
+    let size = 256 * 1024;
+    let response = call(
+        &service,
+        Method::GET,
+        &format!("/api/cut?bytes={size}"),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-length"],
+        size.to_string().as_str()
+    );
+    assert!(
+        response.bytes().await.is_err(),
+        "a broken answer read as whole"
+    );
+    // The server is unharmed: the next call goes through.
+    let response = call(&service, Method::GET, "/api/echo", &[]).await;
+    assert_eq!(ok_json(response).await["path"], "/api/echo");
 }
 
 /// A template whose base URL is a connection's `instance_url`, with an API key.
