@@ -160,6 +160,9 @@ impl Clients {
             let builder = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .redirect(reqwest::redirect::Policy::none())
+                // The proxy retries as the caller asks; reqwest's own layer would only copy
+                // every request in case.
+                .retry(reqwest::retry::never())
                 .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")));
             match through.clone() {
                 Some(proxy) => builder.proxy(proxy),
@@ -457,10 +460,14 @@ pub fn passthrough(response: reqwest::Response, decompress: bool) -> Response<Bo
             headers.append(name.clone(), value.clone());
         }
     }
-    let body = Box::pin(response.bytes_stream());
     let mut answer = Response::new(match coding {
-        Some(coding) => Body::from_stream(decompress::decode(coding, body)),
-        None => Body::from_stream(body),
+        Some(coding) => Body::from_stream(decompress::decode(
+            coding,
+            Box::pin(response.bytes_stream()),
+        )),
+        // As a body rather than a stream of chunks: its length goes with it, so the answer is
+        // sent with the provider's `content-length` and ends with its last byte.
+        None => Body::new(Response::from(response).into_body()),
     });
     *answer.status_mut() = status;
     *answer.headers_mut() = headers;
