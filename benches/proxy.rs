@@ -440,9 +440,9 @@ mod bare {
         if let Some(kind) = answer.headers().get(header::CONTENT_TYPE) {
             response = response.header(header::CONTENT_TYPE, kind.clone());
         }
-        response
-            .body(Body::from_stream(answer.bytes_stream()))
-            .unwrap()
+        // The body as an `http_body::Body`, which keeps its length and its end.
+        let body = axum::http::Response::from(answer).into_body();
+        response.body(Body::new(body)).unwrap()
     }
 
     async fn with_hyper(
