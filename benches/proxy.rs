@@ -5,7 +5,7 @@
 //!    directly to the fake provider, through two bare pass-through proxies, and through
 //!    Grantline's proxy, 32 concurrent clients, in turn for several rounds in one run:
 //!    requests/s, p50 and p99 of each (medians over the rounds), Grantline's share of direct and
-//!    of each bare proxy, its added p99 and its CPU per call. Every process shares the same
+//!    of each bare proxy, its added p99, and each proxy's CPU per call. Every process shares the same
 //!    cores, so this measures CPU: the bare proxies (each its own process, forwarding with the
 //!    bearer token put in and nothing else: one with reqwest, as Grantline's, one with
 //!    hyper-util's client) show what any proxy pays here for a second server and client hop.
@@ -105,7 +105,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 struct Path {
     name: &'static str,
     send: Arc<dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync>,
-    /// The process whose CPU is counted per call (Grantline's).
+    /// The proxy process whose CPU is counted per call.
     pid: Option<u32>,
     rps: Vec<f64>,
     p50: Vec<f64>,
@@ -192,7 +192,7 @@ fn summary(paths: &[Path], medians: &[(f64, f64, f64)]) {
             match path.cpu_per_call.is_empty() {
                 true => String::new(),
                 false => format!(
-                    "   server CPU {:.0} µs per call",
+                    "   proxy CPU {:.0} µs per call",
                     median(path.cpu_per_call.clone())
                 ),
             }
@@ -258,12 +258,12 @@ async fn main() {
             ),
             Path::new(
                 "bare proxy, reqwest",
-                None,
+                Some(with_reqwest.pid()),
                 bare(format!("{}/proxy{endpoint}", with_reqwest.base)),
             ),
             Path::new(
                 "bare proxy, hyper-util",
-                None,
+                Some(with_hyper.pid()),
                 bare(format!("{}/proxy{endpoint}", with_hyper.base)),
             ),
             Path::new(
@@ -375,6 +375,12 @@ mod bare {
                 child,
                 base: format!("http://127.0.0.1:{}", port.trim()),
             }
+        }
+    }
+
+    impl Running {
+        pub fn pid(&self) -> u32 {
+            self.child.id()
         }
     }
 
