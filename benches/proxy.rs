@@ -5,8 +5,8 @@
 //!    directly to the fake provider, through two bare pass-through proxies, and through
 //!    Grantline's proxy, 32 concurrent clients, in turn for several rounds in one run:
 //!    requests/s, p50 and p99 of each (medians over the rounds), Grantline's share of direct and
-//!    of each bare proxy, its added p99, and each proxy's CPU per call. Every process shares the same
-//!    cores, so this measures CPU: the bare proxies (each its own process, forwarding with the
+//!    of each bare proxy, its added p99, and each proxy's CPU per call. Every process shares the
+//!    same cores, so this measures CPU: the bare proxies (each its own process, forwarding with the
 //!    bearer token put in and nothing else: one with reqwest, as Grantline's, one with
 //!    hyper-util's client) show what any proxy pays here for a second server and client hop.
 //! 2. **An upstream at a provider's distance**: the same four paths, with an API that answers
