@@ -26,6 +26,7 @@ mod observe;
 mod openapi;
 mod operators;
 mod proxy;
+mod proxy_tls;
 mod refresh;
 mod scheduler;
 mod serve;
