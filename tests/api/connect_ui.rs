@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use crate::cli::grantline;
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
 use crate::node::{
-    Running, free_port, install_client, node_dir, require_chromium, require_node, run_script,
-    wait_healthy,
+    Running, install_client, node_dir, require_chromium, require_node, run_script,
+    serve_on_loopback, wait_healthy,
 };
 use crate::{TestApp, new_key, spawn_app_with_secret};
 
@@ -168,17 +168,7 @@ async fn an_end_user_connects_through_the_connect_ui_in_a_real_browser() {
         "fake-key:\n  auth_mode: API_KEY\n  proxy:\n    base_url: {base}\n    headers:\n      \
          authorization: Bearer ${apiKey}\n    verification:\n      endpoints: [/api/me]\n",
     );
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut command = grantline();
-    command
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--secret-key", SECRET])
-        .arg("--providers-file")
-        .arg(&providers)
-        .args(["--roles", "api,projections"])
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", new_key());
+    let (command, base) = serve_on_loopback(grantline(), SECRET, &providers, db.url());
     let mut server = Running::spawn(command, dir.path().join("grantline.log"));
     wait_healthy(&mut server, &base).await;
     let app = TestApp::client_of(&base);

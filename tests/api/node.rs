@@ -126,6 +126,28 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// `command` (a `grantline` binary) set to serve on a free loopback port with `secret`, the
+/// providers file `providers` and the database at `database_url`, in the API and projections
+/// roles only (no scheduler refreshes tokens under a test), with a new encryption key; the
+/// command and the server's base URL.
+pub fn serve_on_loopback(
+    mut command: Command,
+    secret: &str,
+    providers: &Path,
+    database_url: &str,
+) -> (Command, String) {
+    let port = free_port();
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--secret-key", secret])
+        .arg("--providers-file")
+        .arg(providers)
+        .args(["--roles", "api,projections"])
+        .env("GRANTLINE_DATABASE_URL", database_url)
+        .env("GRANTLINE_ENCRYPTION_KEY", crate::new_key());
+    (command, format!("http://127.0.0.1:{port}"))
+}
+
 /// Waits until the server at `base` answers `/health`; fails with its output if it exits first.
 pub async fn wait_healthy(server: &mut Running, base: &str) {
     let client = reqwest::Client::new();

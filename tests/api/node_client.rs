@@ -20,9 +20,8 @@ use domain::testing::TestDatabase;
 
 use crate::cli::{grantline, grantline_at};
 use crate::fake_provider::{CLIENT_ID, CLIENT_SECRET, FakeProvider};
-use crate::new_key;
 use crate::node::{
-    Running, free_port, install_client, node_dir, require_node, run_script, wait_healthy,
+    Running, install_client, node_dir, require_node, run_script, serve_on_loopback, wait_healthy,
 };
 
 /// The server's secret key, as the client sends it.
@@ -67,19 +66,8 @@ async fn the_nango_node_client_runs_its_calls_and_an_oauth_flow_against_the_bina
          fake-login:\n  auth_mode: BASIC\n  proxy:\n    base_url: {base}\n    verification:\n      \
          endpoints: [/api/me]\n",
     );
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-
-    let mut command = binary();
-    command
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--secret-key", SECRET])
-        .arg("--providers-file")
-        .arg(&providers)
-        // Without the scheduler, no background refresh can rotate tokens under the script.
-        .args(["--roles", "api,projections"])
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", new_key());
+    // Without the scheduler, no background refresh can rotate tokens under the script.
+    let (command, base) = serve_on_loopback(binary(), SECRET, &providers, db.url());
     let mut server = Running::spawn(command, dir.path().join("grantline.log"));
     wait_healthy(&mut server, &base).await;
 

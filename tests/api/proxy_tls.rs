@@ -14,10 +14,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::TestApp;
 use crate::cli::grantline;
 use crate::fake_provider::FakeProvider;
-use crate::node::{Running, free_port, wait_healthy};
-use crate::{TestApp, new_key};
+use crate::node::{Running, serve_on_loopback, wait_healthy};
 
 const SECRET: &str = "proxy-tls-test-secret-0123456789abcdef";
 
@@ -115,17 +115,8 @@ async fn serve(
         "fake-tls:\n  auth_mode: API_KEY\n  proxy:\n    base_url: https://127.0.0.1:{tls_port}\n    \
          headers:\n      authorization: Bearer ${{apiKey}}\n"
     ));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut command = grantline();
+    let (mut command, base) = serve_on_loopback(grantline(), SECRET, &providers, db.url());
     command
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--secret-key", SECRET])
-        .arg("--providers-file")
-        .arg(&providers)
-        .args(["--roles", "api,projections"])
-        .env("GRANTLINE_DATABASE_URL", db.url())
-        .env("GRANTLINE_ENCRYPTION_KEY", new_key())
         .env("SSL_CERT_FILE", roots)
         .env_remove("SSL_CERT_DIR");
     let mut server = Running::spawn(command, dir.path().join("grantline.log"));
