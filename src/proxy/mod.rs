@@ -16,6 +16,7 @@
 //!   are followed by the proxy itself ([`redirect`]); `Decompress: true` decodes the answer
 //!   ([`decompress`]).
 
+mod clients;
 mod decompress;
 mod guard;
 mod redirect;
@@ -30,8 +31,8 @@ use bytes::Bytes;
 use chrono::Utc;
 use domain::connection::ConnectionKey;
 
+pub use self::clients::{Clients, ClientsError};
 pub use self::stats::{DURATION_BUCKETS, IntegrationStats, ProxyStats};
-pub use self::upstream::Clients;
 use self::upstream::{Attempt, Target};
 use crate::connections::{self, ConnectionsError};
 use crate::state::AppState;
@@ -90,7 +91,7 @@ pub enum ProxyError {
 }
 
 /// The proxy's HTTP clients ([`Clients`]).
-pub fn client() -> Result<Clients, reqwest::Error> {
+pub fn client() -> Result<Clients, ClientsError> {
     Clients::new()
 }
 

@@ -4,7 +4,6 @@
 //! request id), the redirects it follows and what of the answer goes back.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,13 +14,13 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use domain::catalog::{self, Template};
 use domain::credentials::Credentials;
-use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use url::Url;
 
+use super::clients::Clients;
 use super::decompress::{self, Coding};
 use super::redirect::{self, Hop};
-use super::{MAX_BODY, ProxyError, guard};
+use super::{ProxyError, guard};
 use crate::config::ProxyConfig;
 
 /// Headers that belong to one hop, never forwarded either way.
@@ -126,76 +125,6 @@ impl Target {
     }
 }
 
-/// The proxy's HTTP clients: one for a template's own hosts, one whose resolver refuses
-/// addresses inside this network for hosts the caller chose. Neither follows redirects (the
-/// proxy does, [`super::redirect`]); bodies stream; a dead host fails fast.
-#[derive(Clone)]
-pub struct Clients {
-    trusted: reqwest::Client,
-    guarded: reqwest::Client,
-    /// The egress proxy the environment names: a guarded host that goes through it is resolved
-    /// and checked before the call ([`guard::check_resolved`]).
-    egress: guard::Egress,
-}
-
-impl std::fmt::Debug for Clients {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Clients").finish_non_exhaustive()
-    }
-}
-
-impl Clients {
-    /// Builds both clients, with the egress proxy the environment names, if any.
-    pub fn new() -> Result<Self, reqwest::Error> {
-        Self::build(guard::Egress::from_env(), None)
-    }
-
-    /// Both clients; `through` sets their egress proxy explicitly (tests), else reqwest reads
-    /// the environment as `egress` does.
-    fn build(
-        egress: guard::Egress,
-        through: Option<reqwest::Proxy>,
-    ) -> Result<Self, reqwest::Error> {
-        let builder = || {
-            let builder = reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                // The proxy retries as the caller asks; reqwest's own layer would only copy
-                // every request in case.
-                .retry(reqwest::retry::never())
-                .user_agent(concat!("grantline/", env!("CARGO_PKG_VERSION")));
-            match through.clone() {
-                Some(proxy) => builder.proxy(proxy),
-                None => builder,
-            }
-        };
-        Ok(Self {
-            trusted: builder().build()?,
-            guarded: builder()
-                .dns_resolver(Arc::new(guard::GuardedResolver::system()))
-                .build()?,
-            egress,
-        })
-    }
-
-    /// Checks a guarded hop's host before the call when an egress proxy will connect it (the
-    /// guarded client's resolver checks every other connection as it is made).
-    async fn check(&self, hop: &Hop) -> Result<(), ProxyError> {
-        if hop.guarded && self.egress.covers(&hop.url) {
-            guard::check_resolved(&hop.url).await?;
-        }
-        Ok(())
-    }
-
-    fn for_hop(&self, hop: &Hop) -> &reqwest::Client {
-        if hop.guarded {
-            &self.guarded
-        } else {
-            &self.trusted
-        }
-    }
-}
-
 /// How OAuth 1.0a calls are signed: the integration's client (consumer) and the template's
 /// signature method.
 pub struct Oauth1Signer {
@@ -226,7 +155,7 @@ pub struct Attempt<'a> {
 
 /// The provider's answer to an attempt.
 pub struct Answer {
-    pub response: reqwest::Response,
+    pub response: Response<Body>,
     /// Whether the request answered carried the credential (a 401 to one that did not says
     /// nothing of the token).
     pub credentialed: bool,
@@ -318,7 +247,7 @@ impl Attempt<'_> {
         values: &BTreeMap<String, String>,
         body: Option<RequestBody>,
         deadline: tokio::time::Instant,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let mut headers = match hop.credentials {
             true => self.credential_headers(hop)?,
             false => HeaderMap::new(),
@@ -354,37 +283,7 @@ impl Attempt<'_> {
                 .entry(header::ACCEPT_ENCODING)
                 .or_insert(HeaderValue::from_static(decompress::ACCEPT_ENCODING));
         }
-        let mut request = self
-            .clients
-            .for_hop(hop)
-            .request(hop.method.clone(), hop.url.clone())
-            .headers(headers);
-        if let Some(body) = body {
-            request = request.body(match body {
-                RequestBody::Kept(bytes) => reqwest::Body::from(bytes),
-                RequestBody::Streamed(body) => {
-                    let mut sent = 0u64;
-                    reqwest::Body::wrap_stream(body.into_data_stream().map(move |chunk| {
-                        let chunk = chunk.map_err(std::io::Error::other)?;
-                        sent += chunk.len() as u64;
-                        if sent > MAX_BODY {
-                            return Err(std::io::Error::other("the request body is too large"));
-                        }
-                        Ok(chunk)
-                    }))
-                }
-            });
-        }
-        let sent = async {
-            self.clients.check(hop).await?;
-            request.send().await.map_err(|e| {
-                guard::blocked(&e).unwrap_or(if e.is_timeout() {
-                    ProxyError::Timeout
-                } else {
-                    ProxyError::Unreachable
-                })
-            })
-        };
+        let sent = self.clients.send(hop, headers, body);
         tokio::time::timeout_at(deadline, sent)
             .await
             .unwrap_or(Err(ProxyError::Timeout))
@@ -444,7 +343,7 @@ impl Attempt<'_> {
 /// The provider's answer as the caller gets it: its status, the useful headers, the body
 /// streamed — decoded when the caller asked (`Decompress: true`) and the coding is one
 /// [`decompress`] knows, else as it came.
-pub fn passthrough(response: reqwest::Response, decompress: bool) -> Response<Body> {
+pub fn passthrough(response: Response<Body>, decompress: bool) -> Response<Body> {
     let status = response.status();
     let coding = response
         .headers()
@@ -460,14 +359,12 @@ pub fn passthrough(response: reqwest::Response, decompress: bool) -> Response<Bo
             headers.append(name.clone(), value.clone());
         }
     }
+    let body = response.into_body();
     let mut answer = Response::new(match coding {
-        Some(coding) => Body::from_stream(decompress::decode(
-            coding,
-            Box::pin(response.bytes_stream()),
-        )),
-        // As a body rather than a stream of chunks: its length goes with it, so the answer is
-        // sent with the provider's `content-length` and ends with its last byte.
-        None => Body::new(Response::from(response).into_body()),
+        Some(coding) => Body::from_stream(decompress::decode(coding, body.into_data_stream())),
+        // As it came rather than as a stream of chunks: its length goes with it, so the answer
+        // is sent with the provider's `content-length` and ends with its last byte.
+        None => body,
     });
     *answer.status_mut() = status;
     *answer.headers_mut() = headers;
@@ -477,7 +374,7 @@ pub fn passthrough(response: reqwest::Response, decompress: bool) -> Response<Bo
 /// How long the provider asks to wait: `Retry-After` (seconds or an HTTP date) and the
 /// template's rate-limit headers (`retry.after`: seconds; `retry.at`: a Unix time in seconds or
 /// milliseconds, or a date); the longest wins.
-pub fn retry_after(headers: &reqwest::header::HeaderMap, template: &Template) -> Option<Duration> {
+pub fn retry_after(headers: &HeaderMap, template: &Template) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
     let until = |at: chrono::DateTime<chrono::Utc>| (at - chrono::Utc::now()).to_std().ok();
     let seconds = |value: &str| {
@@ -542,89 +439,7 @@ pub async fn wait(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
-
-    /// An egress proxy that counts the connections made to it and answers each request 200.
-    async fn egress_proxy() -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buffer = [0u8; 4096];
-                    let _ = socket.read(&mut buffer).await;
-                    let _ = socket
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .await;
-                });
-            }
-        });
-        (format!("http://{address}"), accepted)
-    }
-
-    fn hop(url: &str, guarded: bool) -> Hop {
-        Hop {
-            url: Url::parse(url).expect("url"),
-            method: Method::GET,
-            guarded,
-            credentials: true,
-            with_body: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_guarded_host_is_checked_before_an_egress_proxy_connects_it() {
-        let (proxy, accepted) = egress_proxy().await;
-        let everything = guard::Egress {
-            http: true,
-            https: true,
-        };
-        let through = || Some(reqwest::Proxy::all(&proxy).expect("proxy"));
-        let clients = Clients::build(everything, through()).expect("clients");
-        // Through the proxy the resolver is never asked: the guarded client alone would call a
-        // name that resolves to loopback.
-        let inside = hop("http://localhost:9/latest/meta-data", true);
-        let bypass = clients
-            .guarded
-            .get(inside.url.clone())
-            .send()
-            .await
-            .expect("the proxy answers");
-        assert!(bypass.status().is_success());
-        assert_eq!(accepted.swap(0, Ordering::SeqCst), 1);
-        // So the hop's host is resolved here first, and refused.
-        assert!(matches!(
-            clients.check(&inside).await,
-            Err(ProxyError::BlockedDestination(host)) if host == "localhost"
-        ));
-        assert_eq!(accepted.load(Ordering::SeqCst), 0);
-        // A template's own host is trusted, and a proxy that covers only https leaves http
-        // calls to the resolver.
-        assert!(
-            clients
-                .check(&hop("http://localhost:9/", false))
-                .await
-                .is_ok()
-        );
-        let https_only = guard::Egress {
-            http: false,
-            https: true,
-        };
-        let clients = Clients::build(https_only, through()).expect("clients");
-        assert!(clients.check(&inside).await.is_ok());
-        assert!(matches!(
-            clients.check(&hop("https://localhost/", true)).await,
-            Err(ProxyError::BlockedDestination(_))
-        ));
-    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
@@ -636,7 +451,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(
             retry_after(&headers, &template),
