@@ -1,17 +1,19 @@
 //! The proxy to a provider API over TLS, as every real provider is: the `grantline` binary calls
 //! the fake provider's API through a TLS front whose certificate is signed by a root the test
-//! makes (given to the binary as `SSL_CERT_FILE`). A root that did not sign it is refused with
-//! `upstream_unreachable`, and the credential never leaves.
+//! makes (given to the binary as `SSL_CERT_FILE`), directly and through an egress proxy
+//! (`HTTPS_PROXY`, the two clients the proxy has for a template's own host). A root that did
+//! not sign it is refused with `upstream_unreachable`, and the credential never leaves.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use domain::testing::TestDatabase;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::TestApp;
@@ -103,13 +105,54 @@ async fn tls_front(dir: &Path, backend: String) -> u16 {
     port
 }
 
+/// An egress proxy on loopback that tunnels `CONNECT host:port` requests; its URL and the
+/// number of tunnels it opened.
+async fn egress_proxy() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let counted = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(socket);
+                let mut line = String::new();
+                client.read_line(&mut line).await.unwrap();
+                let target = match line.split_whitespace().collect::<Vec<_>>()[..] {
+                    ["CONNECT", target, _] => target.to_owned(),
+                    _ => return,
+                };
+                // The rest of the request's head.
+                while line != "\r\n" {
+                    line.clear();
+                    if client.read_line(&mut line).await.unwrap() == 0 {
+                        return;
+                    }
+                }
+                let mut upstream = TcpStream::connect(target).await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut client = client.into_inner();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (url, tunnels)
+}
+
 /// `grantline serve` on `db` with the template `fake-tls` at `https://127.0.0.1:{tls_port}`,
-/// trusting the roots in `roots`; the server and a client of it.
+/// trusting the roots in `roots`, through the egress proxy `egress` if given; the server and a
+/// client of it.
 async fn serve(
     db: &TestDatabase,
     fake: &FakeProvider,
     tls_port: u16,
     roots: &Path,
+    egress: Option<&str>,
 ) -> (tempfile::TempDir, Running, TestApp) {
     let (dir, providers) = fake.providers_file(&format!(
         "fake-tls:\n  auth_mode: API_KEY\n  proxy:\n    base_url: https://127.0.0.1:{tls_port}\n    \
@@ -119,6 +162,12 @@ async fn serve(
     command
         .env("SSL_CERT_FILE", roots)
         .env_remove("SSL_CERT_DIR");
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"] {
+        command.env_remove(name).env_remove(name.to_lowercase());
+    }
+    if let Some(egress) = egress {
+        command.env("HTTPS_PROXY", egress);
+    }
     let mut server = Running::spawn(command, dir.path().join("grantline.log"));
     wait_healthy(&mut server, &base).await;
     let app = TestApp::client_of(&base);
@@ -178,8 +227,14 @@ async fn a_provider_api_over_tls_is_reached_only_with_a_certificate_the_roots_vo
 
     // Trusting the root that signed the certificate: the call goes through with the key.
     let db = TestDatabase::postgres().await;
-    let (_dir, server, app) =
-        serve(&db, &fake, tls_port, &certificates.path().join("ca.pem")).await;
+    let (_dir, server, app) = serve(
+        &db,
+        &fake,
+        tls_port,
+        &certificates.path().join("ca.pem"),
+        None,
+    )
+    .await;
     connect(&app).await;
     let response = echo(&app).await;
     let status = response.status();
@@ -189,10 +244,41 @@ async fn a_provider_api_over_tls_is_reached_only_with_a_certificate_the_roots_vo
     assert_eq!(body["path"], "/api/echo");
     drop(server);
 
+    // The same through an egress proxy: the TLS goes through its tunnel, checked the same way.
+    let (egress, tunnels) = egress_proxy().await;
+    let ca = certificates.path().join("ca.pem");
+    let db = TestDatabase::postgres().await;
+    let (_dir, server, app) = serve(&db, &fake, tls_port, &ca, Some(&egress)).await;
+    connect(&app).await;
+    let response = echo(&app).await;
+    assert_eq!(response.status(), 200, "{}", server.output());
+    assert_eq!(
+        tunnels.load(Ordering::SeqCst),
+        1,
+        "one tunnel, kept for the call"
+    );
+    drop(server);
+    let other = certificates.path().join("other.pem");
+    let db = TestDatabase::postgres().await;
+    let (_dir, server, app) = serve(&db, &fake, tls_port, &other, Some(&egress)).await;
+    connect(&app).await;
+    let calls = fake.api.calls.load(Ordering::SeqCst);
+    let response = echo(&app).await;
+    assert_eq!(response.status(), 502, "{}", server.output());
+    assert_eq!(tunnels.load(Ordering::SeqCst), 2);
+    assert_eq!(fake.api.calls.load(Ordering::SeqCst), calls);
+    drop(server);
+
     // Trusting another root only: refused before anything is sent.
     let db = TestDatabase::postgres().await;
-    let (_dir, server, app) =
-        serve(&db, &fake, tls_port, &certificates.path().join("other.pem")).await;
+    let (_dir, server, app) = serve(
+        &db,
+        &fake,
+        tls_port,
+        &certificates.path().join("other.pem"),
+        None,
+    )
+    .await;
     connect(&app).await;
     let calls = fake.api.calls.load(Ordering::SeqCst);
     let response = echo(&app).await;
