@@ -23,6 +23,7 @@ pub mod activity;
 pub mod cache;
 pub mod model;
 pub mod queries;
+pub(crate) mod resident;
 pub mod runner;
 pub mod snapshots;
 pub mod store;

@@ -226,9 +226,38 @@ pub(crate) fn decode<M: StateModel>(
 /// below a snapshot's version were applied already and are skipped.
 pub(crate) fn fold<M: StateModel>(
     table: &'static str,
-    mut snapshots: HashMap<String, Snapshot>,
+    snapshots: HashMap<String, Snapshot>,
     events: Vec<(String, u32, EventOf<M>)>,
 ) -> Result<Vec<Row>, ProjectionError> {
+    let folded = fold_states::<M>(table, snapshots, events)?;
+    Ok(folded.iter().filter_map(Folded::row::<M>).collect())
+}
+
+/// A stream's state after a batch's events.
+pub(crate) struct Folded<S> {
+    pub(crate) stream_id: String,
+    pub(crate) version: u32,
+    pub(crate) state: S,
+    /// The batch moved it past its snapshot: its row must be written.
+    pub(crate) changed: bool,
+}
+
+impl<S> Folded<S> {
+    /// The row to write, if the batch changed the state.
+    pub(crate) fn row<M: StateModel<State = S>>(&self) -> Option<Row> {
+        self.changed
+            .then(|| M::row(&self.stream_id, self.version, &self.state))
+            .flatten()
+    }
+}
+
+/// Folds decoded events onto the stored snapshots: every touched stream's state, in the order
+/// the batch first touched them.
+pub(crate) fn fold_states<M: StateModel>(
+    table: &'static str,
+    snapshots: HashMap<String, Snapshot>,
+    events: Vec<(String, u32, EventOf<M>)>,
+) -> Result<Vec<Folded<M::State>>, ProjectionError> {
     let mut states: HashMap<String, (u32, M::State)> = HashMap::new();
     let mut order = Vec::new();
     for (stream_id, version, event) in events {
@@ -256,20 +285,22 @@ pub(crate) fn fold<M: StateModel>(
             *v = version;
         }
     }
-    let mut rows = Vec::with_capacity(order.len());
+    let mut folded = Vec::with_capacity(order.len());
     for stream_id in order {
         let Some((version, state)) = states.remove(&stream_id) else {
             continue;
         };
-        if snapshots
-            .remove(&stream_id)
-            .is_some_and(|previous| previous.version >= version)
-        {
-            continue;
-        }
-        rows.extend(M::row(&stream_id, version, &state));
+        let changed = snapshots
+            .get(&stream_id)
+            .is_none_or(|previous| previous.version < version);
+        folded.push(Folded {
+            stream_id,
+            version,
+            state,
+            changed,
+        });
     }
-    Ok(rows)
+    Ok(folded)
 }
 
 /// The batch that folds `events` (of any category; those of `M`'s are decoded) into `table`.

@@ -9,6 +9,7 @@ use domain::store::{Backend, EventStore, LogReader, Position, RecordedEvent, Sto
 use serde::Serialize;
 
 use crate::model::{self, EventOf, StateModel, decode};
+use crate::resident::{CAPACITY as RESIDENT, Resident};
 use crate::store::{Analyzed, Batch, Planner, ReadModels, Tables};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
@@ -40,6 +41,8 @@ pub struct Runner {
     events: Arc<dyn EventStore>,
     batch_size: usize,
     rebuild_batch_size: usize,
+    /// States a rebuild holds in memory at most.
+    resident: usize,
 }
 
 impl std::fmt::Debug for Runner {
@@ -59,7 +62,14 @@ impl Runner {
             events: backend.event_store(),
             batch_size: 1000,
             rebuild_batch_size: REBUILD_BATCH,
+            resident: RESIDENT,
         }
+    }
+
+    /// States a rebuild holds in memory at most (see [`crate::resident`]).
+    pub fn with_resident_states(mut self, states: usize) -> Self {
+        self.resident = states.max(1);
+        self
     }
 
     /// Events per batch, for the live runner and rebuilds alike.
@@ -221,11 +231,14 @@ impl Runner {
             self.read_models.clone(),
             self.events.clone(),
             self.rebuild_batch_size,
+            self.resident,
             batches,
         ));
         let written = async {
             while let Some((batch, replayed)) = planned.recv().await {
-                store.write(M::SHADOW, batch).await?;
+                if let Some(batch) = batch {
+                    store.write(M::SHADOW, batch).await?;
+                }
                 progress(replayed);
             }
             Ok::<_, ProjectionError>(())
@@ -257,9 +270,10 @@ impl Runner {
     }
 }
 
-/// A rebuild's first stage: reads the whole log into batches for the shadow of `M`, folding a
-/// batch right away when none of its streams is in the shadow yet, and sends each on with the
-/// running count of events read. Returns where it stopped and that count.
+/// A rebuild's first stage: reads the whole log and folds it, holding the states of streams not
+/// yet written in memory ([`Resident`]), and sends on the batches for the shadow of `M` (rows
+/// that leave memory, events of streams already written) with the running count of events
+/// read; `None` when a batch leaves nothing to write. Returns where it stopped and that count.
 ///
 /// Everything committed before the rebuild started must be in the shadow before it is swapped
 /// in. Readers see the log only up to the oldest running transaction (the xid8 horizon on
@@ -270,7 +284,8 @@ async fn replay<M: StateModel>(
     read_models: ReadModels,
     events: Arc<dyn EventStore>,
     batch_size: usize,
-    batches: tokio::sync::mpsc::Sender<(Batch, u64)>,
+    resident: usize,
+    batches: tokio::sync::mpsc::Sender<(Option<Batch>, u64)>,
 ) -> Result<(Position, u64), ProjectionError> {
     let store = read_models.store();
     let head = events.head_position().await?;
@@ -279,13 +294,22 @@ async fn replay<M: StateModel>(
     let mut listener = events.listener();
     let mut reader = LogReader::new(events, Position::START, batch_size);
     let mut replayed = 0u64;
-    let hasher = std::hash::RandomState::new();
-    let mut written: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut resident = Resident::<M>::new(resident);
+    // Sends a batch on; `false` once the writer stopped (its error is the one reported).
+    let send = |batch: Option<Batch>, replayed: u64| {
+        let batches = batches.clone();
+        async move { batches.send((batch, replayed)).await.is_ok() }
+    };
     loop {
         let events = reader.next_batch().await?;
         if events.is_empty() {
             let committed = store.events_through(head).await?;
             if seen_to_head >= committed {
+                for batch in resident.drain(batch_size) {
+                    if !send(Some(batch), replayed).await {
+                        break;
+                    }
+                }
                 return Ok((reader.position(), replayed));
             }
             let since = *waited_since.get_or_insert_with(std::time::Instant::now);
@@ -304,28 +328,18 @@ async fn replay<M: StateModel>(
         waited_since = None;
         seen_to_head += events.iter().filter(|e| e.position.global <= head).count() as i64;
         replayed += events.len() as u64;
-        let mut batch = model::plan::<M>(M::SHADOW, &events)?;
-        // The shadow started empty: only a stream an earlier batch wrote has a snapshot to
-        // load. (A hash that collides only costs a load that finds nothing.)
-        let mut first_seen = Vec::new();
-        batch.stream_ids.retain(|id| {
-            let hash = std::hash::BuildHasher::hash_one(&hasher, id);
-            let seen = written.contains(&hash);
-            if !seen {
-                first_seen.push(hash);
+        let to = events.last().map_or(Position::START, |e| e.position);
+        let batches = resident.take(decode::<M>(&events)?, to);
+        // A batch that leaves nothing to write still reports the progress.
+        let batches: Vec<Option<Batch>> = if batches.is_empty() {
+            vec![None]
+        } else {
+            batches.into_iter().map(Some).collect()
+        };
+        for batch in batches {
+            if !send(batch, replayed).await {
+                return Ok((reader.position(), replayed));
             }
-            seen
-        });
-        written.extend(first_seen);
-        if batch.stream_ids.is_empty() {
-            // Nothing to load: fold here, while the writer is busy with the batch before.
-            let rows = (batch.fold)(std::collections::HashMap::new())?;
-            batch.fold = Box::new(move |_| Ok(rows));
-            batch.fresh = true;
-        }
-        if batches.send((batch, replayed)).await.is_err() {
-            // The writer stopped; its error is the one reported.
-            return Ok((reader.position(), replayed));
         }
     }
 }
