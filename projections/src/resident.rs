@@ -134,12 +134,11 @@ impl<M: StateModel> Resident<M> {
 
     /// The batch folding `events` onto the shadow's rows, which hands the states back.
     fn handing_back(&self, events: Vec<Decoded<M>>, to: Position) -> Batch {
-        let mut batch = model::batch::<M>(M::SHADOW, Vec::new(), to);
-        batch.stream_ids = events.iter().map(|(id, ..)| id.clone()).collect();
-        batch.stream_ids.sort_unstable();
-        batch.stream_ids.dedup();
+        let mut stream_ids: Vec<String> = events.iter().map(|(id, ..)| id.clone()).collect();
+        stream_ids.sort_unstable();
+        stream_ids.dedup();
         let (back, number) = (self.hand_back.clone(), self.clock);
-        batch.fold = Box::new(move |snapshots| {
+        let fold = Box::new(move |snapshots| {
             let folded = model::fold_states::<M>(M::SHADOW, snapshots, events)?;
             let rows = folded.iter().filter_map(model::Folded::row::<M>).collect();
             for f in folded {
@@ -153,7 +152,12 @@ impl<M: StateModel> Resident<M> {
             }
             Ok(rows)
         });
-        batch
+        Batch {
+            stream_ids,
+            fold,
+            to,
+            fresh: false,
+        }
     }
 
     /// When memory is full, the least recently touched half of the held states, leaving it.
