@@ -4,8 +4,10 @@
 //! connections interleave, so a rebuild batch of a few thousand events holds about one event
 //! pair per stream. Folding each batch onto snapshots in the shadow table meant, per refresh
 //! cycle, a row read back, parsed, serialized and written again. The replay instead holds
-//! states in memory, folds events onto them there and writes each state when it leaves memory:
-//! with `COPY` if the shadow has no row of it yet, else as an upsert.
+//! states in memory and folds events onto them there. A new stream's row is written (with
+//! `COPY`) with the batch that created it, so the shadow fills while the log is read; a held
+//! state that changed after that is written again (upserted) when it leaves memory or the
+//! log ends, once however many events it took in between.
 //!
 //! Memory is bounded by a number of states: past it, the least recently touched half leaves.
 //! A later event of a stream that left is folded onto its row in the shadow as before, by the
@@ -21,9 +23,10 @@ use crate::store::Batch;
 use domain::commands::Aggregate;
 use domain::store::Position;
 
-/// States held at most. (100,000 connections, 20,000 of them refreshed 20 times: 900,001 events
-/// rebuilt in 8.9 s with 50,000 held, peak RSS 305 MB; 10.6 s and 221 MB with 25,000; 18–20 s
-/// and 110 MB folding every batch onto the shadow's rows.)
+/// States held at most. (100,000 imported connections, 20,000 of them then refreshed 20 times:
+/// 900,001 events rebuilt in 7.3–9.4 s against 16–17 s folding every batch onto the shadow's
+/// rows, peak RSS 280–290 MB against 110 MB; the import alone, 100,001 events, 2.6–2.9 s
+/// either way.)
 pub(crate) const CAPACITY: usize = 50_000;
 
 /// A decoded event: stream, version, event.
@@ -36,8 +39,19 @@ struct Held<S> {
     touched: u64,
     /// When it was first seen: rows are written in the order the log created them.
     seen: u64,
-    /// The shadow has a (older) row of it.
-    in_shadow: bool,
+    /// What the shadow has of it.
+    shadow: Shadow,
+}
+
+/// What the shadow has of a held state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shadow {
+    /// No row: it is inserted.
+    Nothing,
+    /// An older row: it is upserted.
+    Behind,
+    /// This state's row.
+    Current,
 }
 
 /// A state the writer folded, handed back with the number of the batch that folded it.
@@ -61,12 +75,15 @@ pub(crate) struct Resident<M: StateModel> {
     handed_back: mpsc::Receiver<Returned<M::State>>,
     hasher: RandomState,
     capacity: usize,
+    /// Rows per batch written out.
+    chunk: usize,
     clock: u64,
     seen: u64,
 }
 
 impl<M: StateModel> Resident<M> {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Holds up to `capacity` states and writes them out `chunk` rows to a batch.
+    pub(crate) fn new(capacity: usize, chunk: usize) -> Self {
         let (hand_back, handed_back) = mpsc::channel();
         Self {
             hand_back,
@@ -76,6 +93,7 @@ impl<M: StateModel> Resident<M> {
             in_flight: HashMap::new(),
             hasher: RandomState::new(),
             capacity: capacity.max(1),
+            chunk: chunk.max(1),
             clock: 0,
             seen: 0,
         }
@@ -90,15 +108,19 @@ impl<M: StateModel> Resident<M> {
             if self.in_flight.get(&back.stream_id) == Some(&back.batch) {
                 self.in_flight.remove(&back.stream_id);
                 leaving.extend(self.make_room());
-                self.hold(back.stream_id, back.version, back.state, true);
+                self.hold(back.stream_id, back.version, back.state, Shadow::Current);
             }
         }
         let mut rest = Vec::new();
+        let mut created = Vec::new();
         for (stream_id, version, event) in events {
             if let Some(held) = self.held.get_mut(&stream_id) {
                 if version > held.version {
                     held.state.apply(&event);
                     held.version = version;
+                    if held.shadow == Shadow::Current {
+                        held.shadow = Shadow::Behind;
+                    }
                 }
                 held.touched = self.clock;
             } else if self.in_flight.contains_key(&stream_id)
@@ -110,24 +132,35 @@ impl<M: StateModel> Resident<M> {
                 leaving.extend(self.make_room());
                 let mut state = M::State::default();
                 state.apply(&event);
-                self.hold(stream_id, version, state, false);
+                created.push(stream_id.clone());
+                self.hold(stream_id, version, state, Shadow::Nothing);
             }
         }
-        let mut batches = written_out(leaving);
+        // The streams this batch created, with the events it has of them.
+        for stream_id in created {
+            if let Some(held) = self.held.get_mut(&stream_id)
+                && held.shadow == Shadow::Nothing
+            {
+                held.shadow = Shadow::Current;
+                let row = M::row(&stream_id, held.version, &held.state);
+                leaving.push((held.seen, Shadow::Nothing, row));
+            }
+        }
+        let mut batches = written_out(leaving, self.chunk);
         if !rest.is_empty() {
             batches.push(self.handing_back(rest, to));
         }
         batches
     }
 
-    fn hold(&mut self, stream_id: String, version: u32, state: M::State, in_shadow: bool) {
+    fn hold(&mut self, stream_id: String, version: u32, state: M::State, shadow: Shadow) {
         self.seen += 1;
         let held = Held {
             version,
             state,
             touched: self.clock,
             seen: self.seen,
-            in_shadow,
+            shadow,
         };
         self.held.insert(stream_id, held);
     }
@@ -161,7 +194,7 @@ impl<M: StateModel> Resident<M> {
     }
 
     /// When memory is full, the least recently touched half of the held states, leaving it.
-    fn make_room(&mut self) -> Vec<(u64, bool, Option<Row>)> {
+    fn make_room(&mut self) -> Vec<Leaving> {
         if self.held.len() < self.capacity {
             return Vec::new();
         }
@@ -178,51 +211,136 @@ impl<M: StateModel> Resident<M> {
         ids.into_iter()
             .filter_map(|id| {
                 let held = self.held.remove(&id)?;
-                Some(self.leave(&id, held))
+                self.leave(&id, held)
             })
             .collect()
     }
 
-    /// A held state leaving memory for the shadow: when it was first seen, whether the shadow
-    /// has a row of it, and its row.
-    fn leave(&mut self, stream_id: &str, held: Held<M::State>) -> (u64, bool, Option<Row>) {
+    /// A held state leaving memory for the shadow: the row to write, unless the shadow has it.
+    fn leave(&mut self, stream_id: &str, held: Held<M::State>) -> Option<Leaving> {
         self.written.insert(self.hasher.hash_one(stream_id));
-        let row = M::row(stream_id, held.version, &held.state);
-        (held.seen, held.in_shadow, row)
+        (held.shadow != Shadow::Current).then(|| {
+            let row = M::row(stream_id, held.version, &held.state);
+            (held.seen, held.shadow, row)
+        })
     }
 
-    /// Every held state, as batches of up to `chunk` rows; nothing is held after.
-    pub(crate) fn drain(&mut self, chunk: usize) -> impl Iterator<Item = Batch> + '_ {
+    /// Every held state, in batches; nothing is held after.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Batch> + '_ {
+        let chunk = self.chunk;
         let mut held: Vec<(String, Held<M::State>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(_, h)| std::cmp::Reverse(h.seen));
         std::iter::from_fn(move || {
-            let at = held.len().saturating_sub(chunk.max(1));
+            let at = held.len().saturating_sub(chunk);
             let leaving: Vec<_> = held
                 .drain(at..)
                 .rev()
-                .map(|(id, h)| self.leave(&id, h))
+                .filter_map(|(id, h)| self.leave(&id, h))
                 .collect();
-            (!leaving.is_empty()).then(|| written_out(leaving))
+            (!held.is_empty() || !leaving.is_empty()).then(|| written_out(leaving, chunk))
         })
         .flatten()
     }
 }
 
-/// The batches writing out states that left memory, in the order the log created them: new
-/// rows with `COPY`, the others as upserts.
-fn written_out(mut leaving: Vec<(u64, bool, Option<Row>)>) -> Vec<Batch> {
+/// A row to write: when its stream was first seen, what the shadow has of it, the row.
+type Leaving = (u64, Shadow, Option<Row>);
+
+/// The batches writing `leaving`, up to `chunk` rows each, in the order the log created the
+/// streams: new rows with `COPY`, the others as upserts.
+fn written_out(mut leaving: Vec<Leaving>, chunk: usize) -> Vec<Batch> {
     leaving.sort_unstable_by_key(|(seen, ..)| *seen);
-    let (updated, new): (Vec<_>, Vec<_>) = leaving.into_iter().partition(|(_, s, _)| *s);
-    [(new, true), (updated, false)]
+    let (new, behind): (Vec<_>, Vec<_>) = leaving
         .into_iter()
-        .filter_map(|(rows, fresh)| {
-            let rows: Vec<Row> = rows.into_iter().filter_map(|(.., row)| row).collect();
-            (!rows.is_empty()).then(|| Batch {
+        .partition(|(_, shadow, _)| *shadow == Shadow::Nothing);
+    let mut batches = Vec::new();
+    for (rows, fresh) in [(new, true), (behind, false)] {
+        let mut rows = rows.into_iter().filter_map(|(.., row)| row).peekable();
+        while rows.peek().is_some() {
+            let rows: Vec<Row> = rows.by_ref().take(chunk).collect();
+            batches.push(Batch {
                 stream_ids: Vec::new(),
                 fold: Box::new(move |_| Ok(rows)),
                 to: Position::START,
                 fresh,
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    batches
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::{TimeZone, Utc};
+    use domain::integration::{IntegrationDeleted, IntegrationEvent};
+
+    use super::*;
+    use crate::IntegrationsModel;
+    use crate::store::Snapshot;
+
+    /// The shadow table as the writer leaves it: stream → (version, state JSON).
+    type Table = HashMap<String, (u32, String)>;
+
+    /// Event `version` of stream `id`: every one replaces the state, which names its version.
+    fn event(id: &str, version: u32) -> Decoded<IntegrationsModel> {
+        let at = Utc
+            .timestamp_opt(1_700_000_000 + i64::from(version), 0)
+            .unwrap();
+        (
+            id.to_owned(),
+            version,
+            IntegrationEvent::IntegrationDeleted(IntegrationDeleted { deleted_at: at }),
+        )
+    }
+
+    /// Writes `batches` as the rebuild's writer does.
+    fn write(table: &mut Table, batches: Vec<Batch>) {
+        for batch in batches {
+            let snapshots = batch
+                .stream_ids
+                .iter()
+                .filter_map(|id| {
+                    let (version, state) = table.get(id)?.clone();
+                    Some((id.clone(), Snapshot { version, state }))
+                })
+                .collect();
+            for row in (batch.fold)(snapshots).unwrap() {
+                assert!(!batch.fresh || !table.contains_key(&row.stream_id));
+                table.insert(row.stream_id, (row.version, row.state.get().to_owned()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_handed_back_by_a_batch_older_than_the_last_one_in_flight_is_not_taken_in() {
+        let mut resident = Resident::<IntegrationsModel>::new(1, 10);
+        let mut table = Table::new();
+        let to = Position::START;
+        write(&mut table, resident.take(vec![event("a", 1)], to));
+        // Room for one: `a` leaves for `b`, and its next events go to the writer, two batches.
+        write(&mut table, resident.take(vec![event("b", 1)], to));
+        let second = resident.take(vec![event("a", 2)], to);
+        let third = resident.take(vec![event("a", 3)], to);
+        // The older batch is written and hands `a` back at version 2 while the newer one, with
+        // version 3, is still on its way: `a` stays out, and version 4 goes to the writer too.
+        // (Taken in, the stale state would later replace the newer one held in memory.)
+        write(&mut table, second);
+        let fourth = resident.take(vec![event("a", 4)], to);
+        write(&mut table, third);
+        write(&mut table, fourth);
+        // The last batch's state comes back and is held, with nothing left to write.
+        write(&mut table, resident.take(Vec::new(), to));
+        assert_eq!(resident.held["a"].version, 4);
+        write(&mut table, resident.drain().collect());
+        assert_eq!(table["a"].0, 4);
+        assert_eq!(table["b"].0, 1);
+        assert!(
+            table["a"].1.contains("2023-11-14T22:13:24Z"),
+            "{}",
+            table["a"].1
+        );
+    }
 }

@@ -294,7 +294,7 @@ async fn replay<M: StateModel>(
     let mut listener = events.listener();
     let mut reader = LogReader::new(events, Position::START, batch_size);
     let mut replayed = 0u64;
-    let mut resident = Resident::<M>::new(resident);
+    let mut resident = Resident::<M>::new(resident, batch_size);
     // Sends a batch on; `false` once the writer stopped (its error is the one reported).
     let send = |batch: Option<Batch>, replayed: u64| {
         let batches = batches.clone();
@@ -305,7 +305,7 @@ async fn replay<M: StateModel>(
         if events.is_empty() {
             let committed = store.events_through(head).await?;
             if seen_to_head >= committed {
-                for batch in resident.drain(batch_size) {
+                for batch in resident.drain() {
                     if !send(Some(batch), replayed).await {
                         break;
                     }
