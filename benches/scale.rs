@@ -7,7 +7,9 @@
 //! rates, the bytes per connection (database size before and after, and
 //! per table with its indexes), the bytes per refresh cycle (2,000 forced refreshes against the
 //! in-process fake provider), the start-up time on the filled database, and the rebuild rate of
-//! the connections read model (`grantline projections rebuild connections`).
+//! the connections read model (`grantline projections rebuild connections`); then
+//! `BENCH_REFRESH_ROUNDS` (default 10) more rounds of forced refreshes of the same 2,000
+//! connections, and the rebuild rate of that log of refresh cycles.
 //!
 //! **The simulated day** (`BENCH_SIZE`, default 1,000,000; 0 to skip):
 //!
@@ -36,8 +38,8 @@
 //! keep-alive ages spread uniformly over the last 7 days (1 day for Nango's), and each in-use
 //! connection last read at a random time in the 24 hours before.
 //!
-//! `cargo bench --bench scale` (`BENCH_DB_SIZE`, `BENCH_SIZE`, `BENCH_READ_SHARE`,
-//! `BENCH_READS_PER_DAY`, `BENCH_SEED`).
+//! `cargo bench --bench scale` (`BENCH_DB_SIZE`, `BENCH_REFRESH_ROUNDS`, `BENCH_SIZE`,
+//! `BENCH_READ_SHARE`, `BENCH_READS_PER_DAY`, `BENCH_SEED`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fake_service;
@@ -230,24 +232,7 @@ async fn storage(n: usize) {
     // Refresh cycles: a forced refresh of some of them, once each.
     let cycles = n.min(2000);
     let (before, tables_before) = (after, tables_after);
-    futures_util::stream::iter(0..cycles)
-        .map(|i| {
-            let (client, base) = (&client, &server.base);
-            async move {
-                let response = client
-                    .get(format!(
-                        "{base}/connection/c{i:07}?provider_config_key={}&force_refresh=true",
-                        fake_service::KEY
-                    ))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
+    force_refreshes(&client, &server.base, cycles).await;
     support::caught_up(&client, &server.base, None).await;
     pg.batch_execute("VACUUM ANALYZE").await.unwrap();
     let (after, tables_after) = sizes(&pg).await;
@@ -274,6 +259,50 @@ async fn storage(n: usize) {
         startup.as_secs_f64()
     );
     drop(server);
+    rebuild(&setup, &pg, "").await;
+
+    // A log of refresh cycles: the same connections refreshed round after round.
+    let rounds: usize = setting("BENCH_REFRESH_ROUNDS", 10);
+    if rounds > 0 {
+        let server = setup.start(&["--roles", "api,projections"], "warn,grantline=info");
+        let started = Instant::now();
+        for _ in 0..rounds {
+            force_refreshes(&client, &server.base, cycles).await;
+        }
+        let took = started.elapsed().as_secs_f64();
+        support::caught_up(&client, &server.base, None).await;
+        drop(server);
+        println!(
+            "  {rounds} more rounds of {cycles} forced refreshes in {took:.1} s ({:.0}/s)",
+            (rounds * cycles) as f64 / took
+        );
+        rebuild(&setup, &pg, " after them").await;
+    }
+}
+
+/// Forces a refresh of connections `c0000000` to `c{count - 1}`, 16 at a time.
+async fn force_refreshes(client: &reqwest::Client, base: &str, count: usize) {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let response = client
+                .get(format!(
+                    "{base}/connection/c{i:07}?provider_config_key={}&force_refresh=true",
+                    fake_service::KEY
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Rebuilds the connections read model with `grantline projections rebuild connections` and
+/// prints the rate.
+async fn rebuild(setup: &fake_service::Setup, pg: &tokio_postgres::Client, when: &str) {
     let started = Instant::now();
     let output = std::process::Command::new(support::grantline())
         .args(["projections", "rebuild", "connections"])
@@ -289,7 +318,7 @@ async fn storage(n: usize) {
         .unwrap()
         .get(0);
     println!(
-        "  rebuild of the connections read model: {events} events in {took:.1} s (process \
+        "  rebuild of the connections read model{when}: {events} events in {took:.1} s (process \
          included): {:.0} events/s\n",
         events as f64 / took
     );
