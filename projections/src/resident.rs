@@ -10,9 +10,9 @@
 //! log ends, once however many events it took in between.
 //!
 //! Memory is bounded by a number of states: past it, the least recently touched half leaves.
-//! A later event of a stream that left is folded onto its row in the shadow as before, by the
-//! writer, which hands the state back; the replay takes it in again once no later batch of
-//! that stream is on its way to the writer.
+//! The next event of a stream that left is folded onto its row in the shadow as before, by the
+//! writer, which hands the state back; events of that stream read meanwhile wait for it and are
+//! folded in memory once it is back (or, if the log ends first, by the writer after it).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -70,6 +70,8 @@ pub(crate) struct Resident<M: StateModel> {
     written: HashSet<u64>,
     /// Streams whose events went to the writer, with the last batch that took any.
     in_flight: HashMap<String, u64>,
+    /// Events of streams in flight, kept until their state is handed back.
+    pending: HashMap<String, Vec<(u32, EventOf<M>)>>,
     /// Where the writer hands states back, and where the replay takes them.
     hand_back: mpsc::Sender<Returned<M::State>>,
     handed_back: mpsc::Receiver<Returned<M::State>>,
@@ -91,6 +93,7 @@ impl<M: StateModel> Resident<M> {
             held: HashMap::new(),
             written: HashSet::new(),
             in_flight: HashMap::new(),
+            pending: HashMap::new(),
             hasher: RandomState::new(),
             capacity: capacity.max(1),
             chunk: chunk.max(1),
@@ -108,7 +111,15 @@ impl<M: StateModel> Resident<M> {
             if self.in_flight.get(&back.stream_id) == Some(&back.batch) {
                 self.in_flight.remove(&back.stream_id);
                 leaving.extend(self.make_room());
-                self.hold(back.stream_id, back.version, back.state, Shadow::Current);
+                let (mut version, mut state, mut shadow) =
+                    (back.version, back.state, Shadow::Current);
+                for (v, event) in self.pending.remove(&back.stream_id).unwrap_or_default() {
+                    if v > version {
+                        state.apply(&event);
+                        (version, shadow) = (v, Shadow::Behind);
+                    }
+                }
+                self.hold(back.stream_id, version, state, shadow);
             }
         }
         let mut rest = Vec::new();
@@ -123,9 +134,13 @@ impl<M: StateModel> Resident<M> {
                     }
                 }
                 held.touched = self.clock;
-            } else if self.in_flight.contains_key(&stream_id)
-                || self.written.contains(&self.hasher.hash_one(&stream_id))
-            {
+            } else if self.in_flight.contains_key(&stream_id) {
+                // Its state comes back with the batch in flight; these wait for it.
+                self.pending
+                    .entry(stream_id)
+                    .or_default()
+                    .push((version, event));
+            } else if self.written.contains(&self.hasher.hash_one(&stream_id)) {
                 self.in_flight.insert(stream_id.clone(), self.clock);
                 rest.push((stream_id, version, event));
             } else {
@@ -225,12 +240,20 @@ impl<M: StateModel> Resident<M> {
         })
     }
 
-    /// Every held state, in batches; nothing is held after.
+    /// Every held state, in batches, after the events still waiting for a state in flight
+    /// (folded onto the rows their batches write); nothing is held after.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Batch> + '_ {
         let chunk = self.chunk;
+        let waiting: Vec<Decoded<M>> = self
+            .pending
+            .drain()
+            .flat_map(|(id, events)| events.into_iter().map(move |(v, e)| (id.clone(), v, e)))
+            .collect();
+        let waiting =
+            (!waiting.is_empty()).then(|| model::batch::<M>(M::SHADOW, waiting, Position::START));
         let mut held: Vec<(String, Held<M::State>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(_, h)| std::cmp::Reverse(h.seen));
-        std::iter::from_fn(move || {
+        let rows = std::iter::from_fn(move || {
             let at = held.len().saturating_sub(chunk);
             let leaving: Vec<_> = held
                 .drain(at..)
@@ -239,7 +262,8 @@ impl<M: StateModel> Resident<M> {
                 .collect();
             (!held.is_empty() || !leaving.is_empty()).then(|| written_out(leaving, chunk))
         })
-        .flatten()
+        .flatten();
+        waiting.into_iter().chain(rows)
     }
 }
 
@@ -314,33 +338,62 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_state_handed_back_by_a_batch_older_than_the_last_one_in_flight_is_not_taken_in() {
+    /// Holding one state, `a` leaves memory for `b`; `a`'s next event goes to the writer.
+    fn with_a_in_flight() -> (Resident<IntegrationsModel>, Table, Vec<Batch>) {
         let mut resident = Resident::<IntegrationsModel>::new(1, 10);
         let mut table = Table::new();
-        let to = Position::START;
-        write(&mut table, resident.take(vec![event("a", 1)], to));
-        // Room for one: `a` leaves for `b`, and its next events go to the writer, two batches.
-        write(&mut table, resident.take(vec![event("b", 1)], to));
-        let second = resident.take(vec![event("a", 2)], to);
-        let third = resident.take(vec![event("a", 3)], to);
-        // The older batch is written and hands `a` back at version 2 while the newer one, with
-        // version 3, is still on its way: `a` stays out, and version 4 goes to the writer too.
-        // (Taken in, the stale state would later replace the newer one held in memory.)
-        write(&mut table, second);
-        let fourth = resident.take(vec![event("a", 4)], to);
-        write(&mut table, third);
-        write(&mut table, fourth);
-        // The last batch's state comes back and is held, with nothing left to write.
-        write(&mut table, resident.take(Vec::new(), to));
+        write(
+            &mut table,
+            resident.take(vec![event("a", 1)], Position::START),
+        );
+        write(
+            &mut table,
+            resident.take(vec![event("b", 1)], Position::START),
+        );
+        let in_flight = resident.take(vec![event("a", 2)], Position::START);
+        assert_eq!(in_flight.len(), 1);
+        (resident, table, in_flight)
+    }
+
+    #[test]
+    fn events_of_a_stream_in_flight_wait_for_its_state_and_are_folded_in_memory() {
+        let (mut resident, mut table, in_flight) = with_a_in_flight();
+        // Nothing more goes to the writer for `a` while its state is on the way back.
+        assert!(
+            resident
+                .take(vec![event("a", 3)], Position::START)
+                .is_empty()
+        );
+        assert!(
+            resident
+                .take(vec![event("a", 4)], Position::START)
+                .is_empty()
+        );
+        write(&mut table, in_flight);
+        assert_eq!(table["a"].0, 2);
+        // Handed back at version 2, it takes in 3 and 4 and is written once, at the end.
+        assert!(resident.take(Vec::new(), Position::START).is_empty());
         assert_eq!(resident.held["a"].version, 4);
         write(&mut table, resident.drain().collect());
-        assert_eq!(table["a"].0, 4);
-        assert_eq!(table["b"].0, 1);
+        assert_eq!((table["a"].0, table["b"].0), (4, 1));
         assert!(
             table["a"].1.contains("2023-11-14T22:13:24Z"),
             "{}",
             table["a"].1
         );
+    }
+
+    #[test]
+    fn events_still_waiting_when_the_log_ends_are_folded_onto_the_row_by_the_writer() {
+        let (mut resident, mut table, in_flight) = with_a_in_flight();
+        assert!(
+            resident
+                .take(vec![event("a", 3)], Position::START)
+                .is_empty()
+        );
+        let drained: Vec<Batch> = resident.drain().collect();
+        write(&mut table, in_flight);
+        write(&mut table, drained);
+        assert_eq!((table["a"].0, table["b"].0), (3, 1));
     }
 }
