@@ -320,6 +320,13 @@ mod tests {
         )
     }
 
+    fn take(
+        resident: &mut Resident<IntegrationsModel>,
+        events: Vec<Decoded<IntegrationsModel>>,
+    ) -> Vec<Batch> {
+        resident.take(events, Position::START)
+    }
+
     /// Writes `batches` as the rebuild's writer does.
     fn write(table: &mut Table, batches: Vec<Batch>) {
         for batch in batches {
@@ -342,15 +349,9 @@ mod tests {
     fn with_a_in_flight() -> (Resident<IntegrationsModel>, Table, Vec<Batch>) {
         let mut resident = Resident::<IntegrationsModel>::new(1, 10);
         let mut table = Table::new();
-        write(
-            &mut table,
-            resident.take(vec![event("a", 1)], Position::START),
-        );
-        write(
-            &mut table,
-            resident.take(vec![event("b", 1)], Position::START),
-        );
-        let in_flight = resident.take(vec![event("a", 2)], Position::START);
+        write(&mut table, take(&mut resident, vec![event("a", 1)]));
+        write(&mut table, take(&mut resident, vec![event("b", 1)]));
+        let in_flight = take(&mut resident, vec![event("a", 2)]);
         assert_eq!(in_flight.len(), 1);
         (resident, table, in_flight)
     }
@@ -359,20 +360,12 @@ mod tests {
     fn events_of_a_stream_in_flight_wait_for_its_state_and_are_folded_in_memory() {
         let (mut resident, mut table, in_flight) = with_a_in_flight();
         // Nothing more goes to the writer for `a` while its state is on the way back.
-        assert!(
-            resident
-                .take(vec![event("a", 3)], Position::START)
-                .is_empty()
-        );
-        assert!(
-            resident
-                .take(vec![event("a", 4)], Position::START)
-                .is_empty()
-        );
+        assert!(take(&mut resident, vec![event("a", 3)]).is_empty());
+        assert!(take(&mut resident, vec![event("a", 4)]).is_empty());
         write(&mut table, in_flight);
         assert_eq!(table["a"].0, 2);
         // Handed back at version 2, it takes in 3 and 4 and is written once, at the end.
-        assert!(resident.take(Vec::new(), Position::START).is_empty());
+        assert!(take(&mut resident, Vec::new()).is_empty());
         assert_eq!(resident.held["a"].version, 4);
         write(&mut table, resident.drain().collect());
         assert_eq!((table["a"].0, table["b"].0), (4, 1));
@@ -386,11 +379,7 @@ mod tests {
     #[test]
     fn events_still_waiting_when_the_log_ends_are_folded_onto_the_row_by_the_writer() {
         let (mut resident, mut table, in_flight) = with_a_in_flight();
-        assert!(
-            resident
-                .take(vec![event("a", 3)], Position::START)
-                .is_empty()
-        );
+        assert!(take(&mut resident, vec![event("a", 3)]).is_empty());
         let drained: Vec<Batch> = resident.drain().collect();
         write(&mut table, in_flight);
         write(&mut table, drained);
