@@ -54,12 +54,11 @@ enum Shadow {
     Current,
 }
 
-/// A state the writer folded, handed back with the number of the batch that folded it.
+/// A state the writer folded, handed back.
 struct Returned<S> {
     stream_id: String,
     version: u32,
     state: S,
-    batch: u64,
 }
 
 /// The states of `M` a rebuild holds, and which streams it has written to the shadow.
@@ -68,10 +67,9 @@ pub(crate) struct Resident<M: StateModel> {
     /// Hashes of the streams written to the shadow. (A new stream whose hash collides with one
     /// of them is folded onto a snapshot that is not there, i.e. from its start, as it should.)
     written: HashSet<u64>,
-    /// Streams whose events went to the writer, with the last batch that took any.
-    in_flight: HashMap<String, u64>,
-    /// Events of streams in flight, kept until their state is handed back.
-    pending: HashMap<String, Vec<(u32, EventOf<M>)>>,
+    /// Streams whose events went to the writer (one batch at a time), with the events read
+    /// since, which wait for the state to come back.
+    in_flight: HashMap<String, Vec<(u32, EventOf<M>)>>,
     /// Where the writer hands states back, and where the replay takes them.
     hand_back: mpsc::Sender<Returned<M::State>>,
     handed_back: mpsc::Receiver<Returned<M::State>>,
@@ -93,7 +91,6 @@ impl<M: StateModel> Resident<M> {
             held: HashMap::new(),
             written: HashSet::new(),
             in_flight: HashMap::new(),
-            pending: HashMap::new(),
             hasher: RandomState::new(),
             capacity: capacity.max(1),
             chunk: chunk.max(1),
@@ -108,12 +105,11 @@ impl<M: StateModel> Resident<M> {
         self.clock += 1;
         let mut leaving = Vec::new();
         while let Ok(back) = self.handed_back.try_recv() {
-            if self.in_flight.get(&back.stream_id) == Some(&back.batch) {
-                self.in_flight.remove(&back.stream_id);
+            if let Some(waiting) = self.in_flight.remove(&back.stream_id) {
                 leaving.extend(self.make_room());
                 let (mut version, mut state, mut shadow) =
                     (back.version, back.state, Shadow::Current);
-                for (v, event) in self.pending.remove(&back.stream_id).unwrap_or_default() {
+                for (v, event) in waiting {
                     if v > version {
                         state.apply(&event);
                         (version, shadow) = (v, Shadow::Behind);
@@ -134,14 +130,11 @@ impl<M: StateModel> Resident<M> {
                     }
                 }
                 held.touched = self.clock;
-            } else if self.in_flight.contains_key(&stream_id) {
-                // Its state comes back with the batch in flight; these wait for it.
-                self.pending
-                    .entry(stream_id)
-                    .or_default()
-                    .push((version, event));
+            } else if let Some(waiting) = self.in_flight.get_mut(&stream_id) {
+                // Its state comes back with the batch in flight; this waits for it.
+                waiting.push((version, event));
             } else if self.written.contains(&self.hasher.hash_one(&stream_id)) {
-                self.in_flight.insert(stream_id.clone(), self.clock);
+                self.in_flight.insert(stream_id.clone(), Vec::new());
                 rest.push((stream_id, version, event));
             } else {
                 leaving.extend(self.make_room());
@@ -185,7 +178,7 @@ impl<M: StateModel> Resident<M> {
         let mut stream_ids: Vec<String> = events.iter().map(|(id, ..)| id.clone()).collect();
         stream_ids.sort_unstable();
         stream_ids.dedup();
-        let (back, number) = (self.hand_back.clone(), self.clock);
+        let back = self.hand_back.clone();
         let fold = Box::new(move |snapshots| {
             let folded = model::fold_states::<M>(M::SHADOW, snapshots, events)?;
             let rows = folded.iter().filter_map(model::Folded::row::<M>).collect();
@@ -195,7 +188,6 @@ impl<M: StateModel> Resident<M> {
                     stream_id: f.stream_id,
                     version: f.version,
                     state: f.state,
-                    batch: number,
                 });
             }
             Ok(rows)
@@ -245,7 +237,7 @@ impl<M: StateModel> Resident<M> {
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Batch> + '_ {
         let chunk = self.chunk;
         let waiting: Vec<Decoded<M>> = self
-            .pending
+            .in_flight
             .drain()
             .flat_map(|(id, events)| events.into_iter().map(move |(v, e)| (id.clone(), v, e)))
             .collect();

@@ -295,18 +295,15 @@ async fn replay<M: StateModel>(
     let mut reader = LogReader::new(events, Position::START, batch_size);
     let mut replayed = 0u64;
     let mut resident = Resident::<M>::new(resident, batch_size);
-    // Sends a batch on; `false` once the writer stopped (its error is the one reported).
-    let send = |batch: Option<Batch>, replayed: u64| {
-        let batches = batches.clone();
-        async move { batches.send((batch, replayed)).await.is_ok() }
-    };
+    // Sends a batch on; fails once the writer stopped (its error is the one reported).
+    let send = |batch: Option<Batch>, replayed: u64| batches.send((batch, replayed));
     loop {
         let events = reader.next_batch().await?;
         if events.is_empty() {
             let committed = store.events_through(head).await?;
             if seen_to_head >= committed {
                 for batch in resident.drain() {
-                    if !send(Some(batch), replayed).await {
+                    if send(Some(batch), replayed).await.is_err() {
                         break;
                     }
                 }
@@ -337,7 +334,7 @@ async fn replay<M: StateModel>(
             batches.into_iter().map(Some).collect()
         };
         for batch in batches {
-            if !send(batch, replayed).await {
+            if send(batch, replayed).await.is_err() {
                 return Ok((reader.position(), replayed));
             }
         }
