@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use domain::commands::{AuthorizeConnection, Commands, IntegrationConfig};
-use domain::connection::{ConnectionKey, Flow};
+use domain::connection::{ConnectionKey, Flow, MetadataMode};
 use domain::credentials::{ClientSecret, Credentials};
 use domain::keys::{MasterKey, Vault};
 use domain::store::Backend;
@@ -91,6 +91,20 @@ impl Fixture {
                 now: Utc::now(),
                 metadata: None,
             })
+            .await
+            .unwrap();
+    }
+
+    /// Sets the metadata of connection `id` of integration `key`.
+    pub async fn metadata(
+        &self,
+        key: &str,
+        id: &str,
+        metadata: serde_json::Value,
+        mode: MetadataMode,
+    ) {
+        self.commands
+            .set_metadata(&ConnectionKey::new(key, id), metadata, mode, Utc::now())
             .await
             .unwrap();
     }

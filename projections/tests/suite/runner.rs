@@ -186,15 +186,9 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     for n in 0..count {
         f.connection("github", &format!("c{n}")).await;
         if n % 3 == 0 {
-            f.commands
-                .set_metadata(
-                    &ConnectionKey::new("github", format!("c{n}")),
-                    json!({"n": n}),
-                    MetadataMode::Replace,
-                    Utc::now(),
-                )
-                .await
-                .unwrap();
+            let (id, metadata) = (format!("c{n}"), json!({"n": n}));
+            f.metadata("github", &id, metadata, MetadataMode::Replace)
+                .await;
         }
     }
     f.commands
@@ -207,15 +201,9 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
     let mut created = count;
     for round in 0..4 {
         for n in (2..count).step_by(5) {
-            f.commands
-                .set_metadata(
-                    &ConnectionKey::new("github", format!("c{n}")),
-                    json!({"round": round}),
-                    MetadataMode::Merge,
-                    Utc::now(),
-                )
-                .await
-                .unwrap();
+            let (id, metadata) = (format!("c{n}"), json!({"round": round}));
+            f.metadata("github", &id, metadata, MetadataMode::Merge)
+                .await;
         }
         for n in 0..15 {
             f.connection("github", &format!("r{round}-{n}")).await;
