@@ -14,6 +14,8 @@ use serde_json::Value;
 use crate::bounds::{JsonBounds, in_range};
 use crate::connection::{ConnectionRejected, CredentialsType};
 
+mod stored;
+
 const REDACTED: &str = "<redacted>";
 
 /// Stands in for a secret in `Debug` output.
@@ -26,9 +28,10 @@ impl fmt::Debug for Redacted {
 }
 
 /// A connection's credentials, tagged by `type` with the Nango API's names (`OAUTH2`, `OAUTH1`,
-/// `API_KEY`, `BASIC`). Its `Debug` shows no secret.
-#[derive(Serialize, Deserialize, Clone, PartialEq)]
-#[serde(tag = "type", try_from = "CredentialsFields")]
+/// `API_KEY`, `BASIC`). Its `Debug` shows no secret. Serialized, it is the form that gets sealed
+/// (`credentials/stored.rs`): no empty fields, and no second copy of a token inside `raw`.
+#[derive(Deserialize, Clone, PartialEq)]
+#[serde(tag = "type", try_from = "stored::CredentialsFields")]
 pub enum Credentials {
     /// OAuth 2 tokens.
     #[serde(rename = "OAUTH2")]
@@ -109,69 +112,7 @@ fn wipe_value(value: &mut Value) {
     *value = Value::Null;
 }
 
-/// The stored form read in one pass: serde's internally tagged enums buffer every field before
-/// choosing the variant, which showed in the read path's profile. Same JSON either way.
-#[derive(Deserialize)]
-struct CredentialsFields {
-    #[serde(rename = "type")]
-    kind: String,
-    access_token: Option<String>,
-    refresh_token: Option<String>,
-    expires_at: Option<DateTime<Utc>>,
-    raw: Option<Value>,
-    oauth_token: Option<String>,
-    oauth_token_secret: Option<String>,
-    api_key: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
-    client_certificate: Option<String>,
-    client_private_key: Option<String>,
-}
-
-impl TryFrom<CredentialsFields> for Credentials {
-    type Error = String;
-
-    fn try_from(f: CredentialsFields) -> Result<Self, String> {
-        let missing = |field: &str| format!("missing field `{field}`");
-        Ok(match f.kind.as_str() {
-            "OAUTH2" => Self::OAuth2 {
-                access_token: f.access_token.ok_or_else(|| missing("access_token"))?,
-                refresh_token: f.refresh_token,
-                expires_at: f.expires_at,
-                raw: f.raw.unwrap_or_else(empty_object),
-            },
-            "OAUTH1" => Self::OAuth1 {
-                oauth_token: f.oauth_token.ok_or_else(|| missing("oauth_token"))?,
-                oauth_token_secret: f
-                    .oauth_token_secret
-                    .ok_or_else(|| missing("oauth_token_secret"))?,
-                raw: f.raw.unwrap_or_else(empty_object),
-            },
-            "API_KEY" => Self::ApiKey {
-                api_key: f.api_key.ok_or_else(|| missing("api_key"))?,
-            },
-            "BASIC" => Self::Basic {
-                username: f.username.ok_or_else(|| missing("username"))?,
-                password: f.password.ok_or_else(|| missing("password"))?,
-            },
-            "OAUTH2_CC" => Self::OAuth2Cc {
-                token: f.token.ok_or_else(|| missing("token"))?,
-                client_id: f.client_id.ok_or_else(|| missing("client_id"))?,
-                client_secret: f.client_secret.unwrap_or_default(),
-                client_certificate: f.client_certificate,
-                client_private_key: f.client_private_key,
-                expires_at: f.expires_at,
-                raw: f.raw.unwrap_or_else(empty_object),
-            },
-            other => return Err(format!("unknown credentials type `{other}`")),
-        })
-    }
-}
-
-fn empty_object() -> Value {
+pub(crate) fn empty_object() -> Value {
     Value::Object(serde_json::Map::new())
 }
 
