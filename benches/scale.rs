@@ -9,7 +9,9 @@
 //! in-process fake provider), the start-up time on the filled database, and the rebuild rate of
 //! the connections read model (`grantline projections rebuild connections`); then
 //! `BENCH_REFRESH_ROUNDS` (default 10) more rounds of forced refreshes of the same 2,000
-//! connections, and the rebuild rate of that log of refresh cycles.
+//! connections, and the rebuild rate of that log of refresh cycles. With `BENCH_BASELINE_BIN`
+//! (a release build of an earlier commit) the same part runs first with that binary, on a
+//! database of its own, so that a change's before and after come from one run.
 //!
 //! **The simulated day** (`BENCH_SIZE`, default 1,000,000; 0 to skip):
 //!
@@ -100,7 +102,12 @@ fn at(origin: DateTime<Utc>, t: i64) -> DateTime<Utc> {
 async fn main() {
     let db_size: usize = setting("BENCH_DB_SIZE", 20_000);
     if db_size > 0 {
-        storage(db_size).await;
+        if let Some(baseline) = support::baseline() {
+            println!("Baseline: {}", baseline.display());
+            storage(db_size, &baseline).await;
+            println!("This build:");
+        }
+        storage(db_size, &support::grantline()).await;
     }
     let size: usize = setting("BENCH_SIZE", 1_000_000);
     if size > 0 {
@@ -146,9 +153,11 @@ fn growth(before: &[(String, i64)], after: &[(String, i64)], count: usize, per: 
     }
 }
 
-async fn storage(n: usize) {
+/// The storage part with the `grantline` binary at `binary`.
+async fn storage(n: usize, binary: &std::path::Path) {
     use futures_util::StreamExt;
-    let setup = fake_service::Setup::new().await;
+    let mut setup = fake_service::Setup::new().await;
+    setup.binary = binary.to_owned();
     let client = reqwest::Client::new();
     let server = setup.start(&["--roles", "api,projections"], "warn,grantline=info");
     setup.create_integration(&client, &server.base).await;
@@ -194,7 +203,7 @@ async fn storage(n: usize) {
         }
     }
     let started = Instant::now();
-    let output = std::process::Command::new(support::grantline())
+    let output = std::process::Command::new(&setup.binary)
         .arg("import")
         .arg(file.path())
         .env("GRANTLINE_DATABASE_URL", setup.db.url())
@@ -304,7 +313,7 @@ async fn force_refreshes(client: &reqwest::Client, base: &str, count: usize) {
 /// prints the rate.
 async fn rebuild(setup: &fake_service::Setup, pg: &tokio_postgres::Client, when: &str) {
     let started = Instant::now();
-    let output = std::process::Command::new(support::grantline())
+    let output = std::process::Command::new(&setup.binary)
         .args(["projections", "rebuild", "connections"])
         .env("GRANTLINE_DATABASE_URL", setup.db.url())
         .env("GRANTLINE_ENCRYPTION_KEY", &setup.key)

@@ -26,6 +26,9 @@ pub struct Setup {
     pub db: TestDatabase,
     pub key: String,
     pub fake: FakeProvider,
+    /// The `grantline` binary [`Setup::start`] runs: this build's unless a benchmark sets
+    /// another (a baseline's).
+    pub binary: PathBuf,
     providers: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -46,24 +49,19 @@ impl Setup {
             db,
             key,
             fake,
+            binary: support::grantline(),
             providers,
             _dir: dir,
         }
     }
 
-    /// This build's `grantline serve` on the database with the fake provider's templates and
+    /// `grantline serve` (`binary`) on the database with the fake provider's templates and
     /// the flags `extra`, logging at `rust_log`.
     pub fn start(&self, extra: &[&str], rust_log: &str) -> Server {
         let providers = self.providers.to_string_lossy();
         let mut args = vec!["--providers-file", providers.as_ref()];
         args.extend_from_slice(extra);
-        Server::start(
-            &support::grantline(),
-            self.db.url(),
-            &self.key,
-            &args,
-            rust_log,
-        )
+        Server::start(&self.binary, self.db.url(), &self.key, &args, rust_log)
     }
 
     /// Creates the integration `fake` on the server at `base`.
