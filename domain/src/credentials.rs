@@ -165,12 +165,20 @@ impl Credentials {
         }
     }
 
+    /// The provider's whole answer, for the kinds that keep one.
+    fn raw(&self) -> Option<&Value> {
+        match self {
+            Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } | Self::OAuth2Cc { raw, .. } => {
+                Some(raw)
+            }
+            Self::ApiKey { .. } | Self::Basic { .. } => None,
+        }
+    }
+
     /// Checks what a client or provider chose here against the log's bounds: the raw answer
     /// against [`JsonBounds::CLIENT`], the expiry against [`crate::bounds::TimeRange`].
     pub fn check_bounds(&self) -> Result<(), ConnectionRejected> {
-        if let Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } | Self::OAuth2Cc { raw, .. } =
-            self
-        {
+        if let Some(raw) = self.raw() {
             JsonBounds::CLIENT
                 .check(raw)
                 .map_err(|reason| ConnectionRejected::OutOfBounds {

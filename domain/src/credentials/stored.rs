@@ -47,15 +47,6 @@ impl Credentials {
         }
     }
 
-    fn raw(&self) -> Option<&Value> {
-        match self {
-            Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } | Self::OAuth2Cc { raw, .. } => {
-                Some(raw)
-            }
-            Self::ApiKey { .. } | Self::Basic { .. } => None,
-        }
-    }
-
     fn raw_mut(&mut self) -> Option<&mut Value> {
         match self {
             Self::OAuth2 { raw, .. } | Self::OAuth1 { raw, .. } | Self::OAuth2Cc { raw, .. } => {
