@@ -377,12 +377,14 @@ pub fn passthrough(response: Response<Body>, decompress: bool) -> Response<Body>
 pub fn retry_after(headers: &HeaderMap, template: &Template) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
     let until = |at: chrono::DateTime<chrono::Utc>| (at - chrono::Utc::now()).to_std().ok();
+    // A provider's number can be anything a float parses: infinity and values past what a
+    // `Duration` holds wait forever (i.e. past any deadline), NaN and negatives not at all.
     let seconds = |value: &str| {
         value
             .parse::<f64>()
             .ok()
             .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
     };
     let date = |value: &str| {
         chrono::DateTime::parse_from_rfc2822(value)
@@ -429,10 +431,10 @@ pub async fn wait(
         // Full jitter over the upper half, so that callers that failed together spread out.
         base / 2 + base.mul_f64(fastrand::f64() / 2.0)
     });
-    let until = tokio::time::Instant::now() + wait;
-    if until >= deadline {
-        return Err(ProxyError::Timeout);
-    }
+    let until = match tokio::time::Instant::now().checked_add(wait) {
+        Some(until) if until < deadline => until,
+        _ => return Err(ProxyError::Timeout),
+    };
     tokio::time::sleep_until(until).await;
     Ok(())
 }
@@ -474,6 +476,20 @@ mod tests {
         );
         let wait = retry_after(&headers, &template).expect("a wait");
         assert!(wait > Duration::from_secs(50), "the longest wins: {wait:?}");
+        for endless in ["inf", "1e30", "18446744073709551616"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(endless));
+            assert_eq!(
+                retry_after(&headers, &template),
+                Some(Duration::MAX),
+                "{endless}"
+            );
+        }
+        for nothing in ["NaN", "-1", "-inf"] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-wait", HeaderValue::from_static(nothing));
+            assert_eq!(retry_after(&headers, &template), None, "{nothing}");
+        }
         let millis = ((chrono::Utc::now().timestamp() + 20) * 1000).to_string();
         headers.insert("x-reset", HeaderValue::from_str(&millis).expect("text"));
         let wait = retry_after(&headers, &template).expect("a wait");
@@ -481,5 +497,19 @@ mod tests {
             wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
             "{wait:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_too_long_to_add_gives_up_instead_of_panicking() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for asked in [
+            Duration::MAX,
+            Duration::from_secs(10_000_000_000_000_000_000),
+        ] {
+            assert!(matches!(
+                wait(Some(asked), 1, deadline).await,
+                Err(ProxyError::Timeout)
+            ));
+        }
     }
 }

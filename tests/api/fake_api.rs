@@ -27,7 +27,8 @@ pub struct ApiState {
     revoked: Mutex<HashSet<String>>,
     /// Calls `/api/flaky` fails (503) before it answers.
     flaky_left: AtomicUsize,
-    /// Calls `/api/limited` refuses (429, `Retry-After: 1`) before it answers.
+    /// Calls `/api/limited` refuses (429, `Retry-After: 1`, or `?after=`'s value) before it
+    /// answers.
     limited_left: AtomicUsize,
     /// Requests that reached an API route (any answer).
     pub calls: AtomicUsize,
@@ -233,9 +234,15 @@ async fn limited(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
             )
                 .into_response();
         }
+        // `?after=…`: whatever `Retry-After` a provider may send ("inf", 1e30, …).
+        let after = uri
+            .query()
+            .and_then(|q| q.strip_prefix("after="))
+            .unwrap_or("1")
+            .to_owned();
         return (
             StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "1")],
+            [(header::RETRY_AFTER, after)],
             "slow down",
         )
             .into_response();

@@ -242,6 +242,24 @@ async fn failures_are_retried_as_asked_within_the_deadline(db: &TestDatabase) {
         metrics.contains("grantline_proxy_retries_total{provider_config_key=\"fake\"}"),
         "{metrics}"
     );
+
+    // A wait no clock can hold (or past the deadline) passes the provider's answer back.
+    for after in [
+        "inf",
+        "1e30",
+        "99999999999999999999",
+        "10000000000000000000",
+    ] {
+        api.fail_next(0, 1);
+        let response = call(
+            &service,
+            Method::GET,
+            &format!("/api/limited?after={after}"),
+            &[("Retries", "1")],
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{after}");
+    }
 }
 
 async fn bad_proxy_calls_get_a_json_answer_with_a_code(db: &TestDatabase) {
