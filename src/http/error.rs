@@ -492,6 +492,7 @@ impl From<ProxyError> for ApiError {
             ProxyError::BlockedDestination(_) => (S::BAD_REQUEST, "blocked_destination"),
             ProxyError::UnsupportedAuthMode(_) => (S::BAD_REQUEST, "unsupported_auth_mode"),
             ProxyError::InvalidUrl(_) => (S::BAD_REQUEST, "invalid_proxy_url"),
+            ProxyError::UnusableCredential(_) => (S::UNPROCESSABLE_ENTITY, "invalid_credentials"),
             ProxyError::Unreachable => (S::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::Timeout => (S::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::Connection(_) => {

@@ -210,6 +210,7 @@ impl ImportConnection {
             }
             None => self.flat_credentials()?,
         };
+        printable(&credentials)?;
         let ownership =
             connect_sessions::imported_ownership(self.end_user, self.organization, self.tags)
                 .map_err(|e| ApiError::InvalidBody(e.to_string()))?;
@@ -248,6 +249,53 @@ impl ImportConnection {
                 self.raw.as_ref(),
             )
         }
+    }
+}
+
+/// Refuses credentials with control characters in the fields that go into requests (headers,
+/// query strings, form bodies), as the form routes do: they could never be sent. PEM text keeps
+/// its line breaks.
+fn printable(credentials: &Credentials) -> Result<(), ApiError> {
+    let fields: Vec<(&str, Option<&str>)> = match credentials {
+        Credentials::OAuth2 {
+            access_token,
+            refresh_token,
+            ..
+        } => vec![
+            ("access_token", Some(access_token)),
+            ("refresh_token", refresh_token.as_deref()),
+        ],
+        Credentials::OAuth1 {
+            oauth_token,
+            oauth_token_secret,
+            ..
+        } => vec![
+            ("oauth_token", Some(oauth_token)),
+            ("oauth_token_secret", Some(oauth_token_secret)),
+        ],
+        Credentials::ApiKey { api_key } => vec![("apiKey", Some(api_key))],
+        Credentials::Basic { username, password } => {
+            vec![("username", Some(username)), ("password", Some(password))]
+        }
+        Credentials::OAuth2Cc {
+            token,
+            client_id,
+            client_secret,
+            ..
+        } => vec![
+            ("token", Some(token)),
+            ("client_id", Some(client_id)),
+            ("client_secret", Some(client_secret)),
+        ],
+    };
+    match fields
+        .into_iter()
+        .find(|(_, value)| value.is_some_and(|v| v.chars().any(char::is_control)))
+    {
+        Some((field, _)) => Err(ApiError::InvalidBody(format!(
+            "{field} contains control characters"
+        ))),
+        None => Ok(()),
     }
 }
 

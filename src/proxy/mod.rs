@@ -82,6 +82,12 @@ pub enum ProxyError {
     UnsupportedAuthMode(&'static str),
     #[error("the upstream URL is not valid: {0}")]
     InvalidUrl(String),
+    /// The connection's credential (or a template header filled from it) cannot be sent in
+    /// a header: it holds control characters. Re-import or re-authorize the connection.
+    #[error(
+        "the connection's credentials cannot be sent: {0} would hold characters a header cannot"
+    )]
+    UnusableCredential(&'static str),
     #[error("the request body is larger than the proxy takes")]
     BodyTooLarge,
     #[error("the provider could not be reached")]

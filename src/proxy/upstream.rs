@@ -260,8 +260,11 @@ impl Attempt<'_> {
             if let (Ok(value), Ok(name)) = (
                 catalog::fill_with(text, |p| values.get(p).map(String::as_str)),
                 HeaderName::from_bytes(name.as_bytes()),
-            ) && let Ok(mut value) = HeaderValue::from_str(&value)
-            {
+            ) {
+                // A credential that cannot be a header value refuses the call: sent without
+                // it, the call would go out unauthenticated.
+                let mut value = HeaderValue::from_str(&value)
+                    .map_err(|_| ProxyError::UnusableCredential("a template header"))?;
                 value.set_sensitive(true);
                 headers.insert(name, value);
             }
@@ -330,9 +333,8 @@ impl Attempt<'_> {
             }
         };
         if let Some(value) = authorization {
-            let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                ProxyError::InvalidUrl("the credential is not a header value".into())
-            })?;
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| ProxyError::UnusableCredential("Authorization"))?;
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }

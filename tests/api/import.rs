@@ -187,6 +187,10 @@ async fn a_file_with_bad_lines_is_refused_whole_with_their_numbers(db: &TestData
         "[1, 2]".to_owned(),
         "x".repeat(1024 * 1024 + 1),
         good("two"),
+        // A key that could never go into a header.
+        json!({"provider_config_key": "github", "connection_id": "ctl",
+               "credentials": {"type": "API_KEY", "apiKey": "k\nX-Evil: 1"}})
+        .to_string(),
     ]
     .join("\n");
     file.push('\n');
@@ -209,12 +213,13 @@ async fn a_file_with_bad_lines_is_refused_whole_with_their_numbers(db: &TestData
         "line 7: ",
         "line 8: ",
         "line 9: longer than 1048576 bytes",
-        "8 lines cannot be imported; nothing was written",
+        "line 11: invalid body: apiKey contains control characters (invalid_body)",
+        "9 lines cannot be imported; nothing was written",
     ] {
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
     }
     assert!(
-        !stderr.contains("line 1:") && !stderr.contains("line 10:"),
+        !stderr.contains("line 1:") && !stderr.contains("line 10:") && !stderr.contains("X-Evil"),
         "{stderr}"
     );
     assert!(
