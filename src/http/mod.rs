@@ -192,7 +192,13 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             axum::routing::post(proxy::proxy_with_body)
                 .put(proxy::proxy_with_body)
                 .patch(proxy::proxy_with_body)
-                // GET, DELETE and every other method (HEAD, OPTIONS, PROPFIND, …).
+                // Named, so that the router adds no `Allow` header to the provider's answer
+                // (it does to what a fallback answers).
+                .get(proxy::proxy)
+                .delete(proxy::proxy)
+                .head(proxy::proxy)
+                .options(proxy::proxy)
+                // Every other method (PROPFIND, …).
                 .fallback(proxy::proxy),
         )
         .route("/admin/projections", get(admin::projections_status))

@@ -178,18 +178,27 @@ pub async fn proxy_with_body(
     proxy(state, method, uri, headers, body).await
 }
 
-/// A header's text, trimmed; blank is absent.
+/// A header's text, trimmed; blank is absent. Ids may hold any character the API takes, so
+/// the bytes are read as UTF-8, else as Latin-1 (what Node's HTTP client sends for characters
+/// up to U+00FF). Sent twice, it is refused rather than read one way or the other.
 fn text(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, ApiError> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(value) => {
-            let text = value
-                .to_str()
-                .map_err(|_| invalid(format!("{name} is not text")))?
-                .trim();
-            Ok((!text.is_empty()).then(|| text.to_owned()))
-        }
-    }
+    let mut values = headers.get_all(name).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return match headers.contains_key(name) {
+            true => Err(invalid(format!("{name} is sent more than once"))),
+            false => Ok(None),
+        };
+    };
+    let text = match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => text.to_owned(),
+        Err(_) => value
+            .as_bytes()
+            .iter()
+            .map(|&b| char::from(b))
+            .collect::<String>(),
+    };
+    let text = text.trim();
+    Ok((!text.is_empty()).then(|| text.to_owned()))
 }
 
 fn invalid(message: String) -> ApiError {

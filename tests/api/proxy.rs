@@ -24,6 +24,7 @@ domain::on_both_backends!(
     redirects_carry_the_credential_only_when_asked_and_only_to_the_same_host,
     a_compressed_answer_is_decoded_only_when_asked,
     an_oauth1_form_body_is_signed_with_the_call,
+    ids_in_any_script_reach_the_proxy_and_answers_carry_only_the_providers_headers,
 );
 
 /// Request headers of a case.
@@ -700,4 +701,59 @@ async fn an_oauth1_form_body_is_signed_with_the_call(db: &TestDatabase) {
     let response = request(Method::GET).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(service.fake.api.unauthorized.load(Ordering::SeqCst), 0);
+}
+
+async fn ids_in_any_script_reach_the_proxy_and_answers_carry_only_the_providers_headers(
+    db: &TestDatabase,
+) {
+    let service = service(db, &[]).await;
+    let app = service.app();
+    // The API takes ids in any script; so does the proxy's header, as UTF-8 (curl, Python)
+    // or as Latin-1 (what Node's HTTP client sends for characters up to U+00FF).
+    for id in ["ünï-😀", "café"] {
+        service
+            .import(
+                id,
+                "fake-access-unicode",
+                "fake-refresh-unicode",
+                Some(3600),
+            )
+            .await;
+    }
+    let sends = [
+        ("ünï-😀", "ünï-😀".as_bytes().to_vec()),
+        ("café", "café".as_bytes().to_vec()),
+        ("café", b"caf\xe9".to_vec()),
+    ];
+    for (id, bytes) in sends {
+        let response = app
+            .client
+            .get(app.url("/proxy/api/echo"))
+            .header(
+                "Connection-Id",
+                reqwest::header::HeaderValue::from_bytes(&bytes).unwrap(),
+            )
+            .header("Provider-Config-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{id}");
+    }
+    // Sent twice, an id is neither guessed nor merged.
+    let response = app
+        .client
+        .get(app.url("/proxy/api/echo"))
+        .header("Connection-Id", ID)
+        .header("Connection-Id", "someone-else")
+        .header("Provider-Config-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_headers").await;
+    // The router adds nothing of its own (an `Allow` header) to the provider's answer.
+    for method in [Method::GET, Method::DELETE, Method::OPTIONS] {
+        let response = call(&service, method.clone(), "/api/echo", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{method}");
+        assert!(response.headers().get("allow").is_none(), "{method}");
+    }
 }
