@@ -156,8 +156,10 @@ impl ConfigInput {
         identifier(&provider, "provider").map_err(in_body)?;
         // Required for OAuth providers only: the service checks against the template.
         let oauth_client_id = text(self.oauth_client_id, "oauth_client_id")?.unwrap_or_default();
+        identifier(&oauth_client_id, "oauth_client_id").map_err(in_body)?;
         let client_secret =
             text(self.oauth_client_secret, "oauth_client_secret")?.unwrap_or_default();
+        secret_text(&client_secret, "oauth_client_secret")?;
         let oauth_scopes = scopes(self.oauth_scopes)?;
         Ok((
             key,
@@ -180,6 +182,17 @@ fn config_input(body: Value) -> Result<ConfigInput, ApiError> {
         });
     }
     object_body(body)
+}
+
+/// A client secret goes into token requests (a form body or Basic authorization): no control
+/// characters, as `POST /integrations` also requires.
+pub(super) fn secret_text(value: &str, field: &str) -> Result<(), ApiError> {
+    match value.chars().any(char::is_control) {
+        true => Err(ApiError::InvalidBody(format!(
+            "{field} contains control characters"
+        ))),
+        false => Ok(()),
+    }
 }
 
 /// A text field, trimmed; blank is absent.

@@ -20,7 +20,7 @@ use workers::provider::split_scopes;
 
 use super::auth::{is_secret, presented};
 use super::connection::timestamp;
-use super::extract::{ApiJson, ApiPath, ApiQuery, identifier, object_body};
+use super::extract::{ApiJson, ApiPath, ApiQuery, identifier, in_body, object_body};
 use super::logos::logo_url;
 use super::{ApiError, Success};
 use crate::state::AppState;
@@ -362,12 +362,13 @@ fn config_of(
             "credentials.webhook_secret: provider webhooks are not supported".into(),
         ));
     }
-    identifier(&credentials.client_id, "credentials.client_id")?;
+    identifier(&credentials.client_id, "credentials.client_id").map_err(in_body)?;
     if credentials.client_secret.is_empty() {
         return Err(ApiError::InvalidBody(
             "credentials.client_secret is required".into(),
         ));
     }
+    super::config::secret_text(&credentials.client_secret, "credentials.client_secret")?;
     let scopes = split_scopes(&credentials.scopes.unwrap_or_default());
     Ok(IntegrationConfig {
         provider,
@@ -400,8 +401,8 @@ pub async fn create_integration(
     writer(&state, &headers).await?;
     let input: CreateInput = object_body(body)?;
     unkept(input.display_name.as_ref(), input.forward_webhooks)?;
-    identifier(&input.unique_key, "unique_key")?;
-    identifier(&input.provider, "provider")?;
+    identifier(&input.unique_key, "unique_key").map_err(in_body)?;
+    identifier(&input.provider, "provider").map_err(in_body)?;
     // API-key and Basic providers need no credentials; the service refuses an OAuth provider
     // without them.
     let config = match input.credentials {

@@ -717,6 +717,18 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
         let refused = post(&env, "/integrations", &bad).await;
         assert!(refused.status().is_client_error(), "{bad}");
     }
+    // Body fields are reported as the body's, not as the path's.
+    for bad in [
+        json!({"provider": "github", "unique_key": "gh7",
+               "credentials": {"type": "OAUTH2", "client_id": "a\r\nX-Injected: 1",
+                               "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh8",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s\u{1}"}}),
+        json!({"provider": "github", "unique_key": "k\u{0}",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+    ] {
+        assert_error(post(&env, "/integrations", &bad).await, 400, "invalid_body").await;
+    }
     let patch = |path: &str, body: Value| {
         env.app
             .client

@@ -572,6 +572,12 @@ fn cases() -> Vec<Case> {
         ),
         bad_config(json!({ "oauth_client_id": "id\u{0}" }), "invalid_body"),
         bad_config(
+            json!({ "oauth_client_id": "a\r\nX-Injected: 1" }),
+            "invalid_body",
+        ),
+        bad_config(json!({ "oauth_client_id": "c".repeat(300) }), "invalid_body"),
+        bad_config(json!({ "oauth_client_secret": "s\u{1}" }), "invalid_body"),
+        bad_config(
             json!({ "oauth_scopes": ["repo", "nul\u{0}"] }),
             "invalid_body",
         ),
