@@ -120,3 +120,47 @@ async fn deleting_an_integration_evicts_its_data_keys_on_every_instance() {
         "instance B still holds the deleted integration's data key"
     );
 }
+
+/// Two processes on one SQLite file (an import beside `projections rebuild`, or two imports)
+/// must not rebuild at once: their clears, loads and swaps would interleave and swap in a
+/// table missing most rows. A rebuild holds a lock on a file beside the database; one that
+/// finds it held is refused and leaves the model as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_rebuild_while_another_process_rebuilds_is_refused() {
+    let db = TestDatabase::sqlite();
+    let key = new_key();
+    let app = spawn_app(&db, &key).await;
+    app.create_github_integration("secret").await;
+    for n in 0..5 {
+        app.import_github(&format!("c{n}"), &format!("token-{n}"))
+            .await;
+    }
+    let before = app.get_ok("/connection").await;
+    let rebuild = || {
+        crate::cli::grantline_on(&db, &key)
+            .args(["projections", "rebuild", "connections"])
+            .output()
+            .unwrap()
+    };
+    let path = db.url().strip_prefix("sqlite://").unwrap().to_owned();
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(format!("{path}.rebuild-connections.lock"))
+        .unwrap();
+    held.try_lock().unwrap();
+    let refused = rebuild();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("a rebuild of connections is already running"),
+        "{stderr}"
+    );
+    assert_eq!(app.get_ok("/connection").await, before);
+    // Once the other process lets go (as the system does when it ends), a rebuild runs.
+    drop(held);
+    let output = rebuild();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(app.get_ok("/connection").await, before);
+}

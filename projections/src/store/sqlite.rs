@@ -91,10 +91,16 @@ impl SqliteReadModels {
     }
 }
 
-/// Nothing to hold: the single writer already keeps rebuilds apart.
-struct NoLock;
+/// A lock on a file beside the database, held for the rebuild: the single writer keeps
+/// rebuilds in one process apart, not those of two processes on the file (a `grantline import`
+/// beside another, or beside `projections rebuild`), whose clears, loads and swaps would
+/// interleave and swap in a table missing most rows. The operating system lets the lock go when
+/// the process ends, however it ends.
+struct FileLock {
+    _file: std::fs::File,
+}
 
-impl RebuildGuard for NoLock {}
+impl RebuildGuard for FileLock {}
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
@@ -651,9 +657,25 @@ impl ReadModelStore for SqliteReadModels {
 
     async fn lock_rebuild(
         &self,
-        _name: &'static str,
+        name: &'static str,
     ) -> Result<Box<dyn RebuildGuard>, ProjectionError> {
-        Ok(Box::new(NoLock))
+        let failed = |e: String| ProjectionError::Store(StoreError::Database(e));
+        let path = format!("{}.rebuild-{name}.lock", self.store.path());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| failed(format!("cannot open the rebuild lock {path}: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(FileLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(failed(format!("a rebuild of {name} is already running")))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(failed(format!("cannot take the rebuild lock {path}: {e}")))
+            }
+        }
     }
 
     async fn clear(&self, Tables { shadow, .. }: Tables) -> Result<(), ProjectionError> {

@@ -51,6 +51,8 @@ struct Inner {
     poll_interval: Duration,
     /// Messages [`SqliteStore::publish`]ed in this process (the only instance on the file).
     messages: broadcast::Sender<String>,
+    /// The database file.
+    path: String,
 }
 
 impl SqliteStore {
@@ -72,6 +74,7 @@ impl SqliteStore {
                 signal: ChangeSignal::new(),
                 poll_interval: options.poll_interval,
                 messages: broadcast::channel(MESSAGE_BACKLOG).0,
+                path: path.to_owned(),
             }),
         };
         store
@@ -83,6 +86,11 @@ impl SqliteStore {
             })
             .await?;
         Ok(store)
+    }
+
+    /// The database file's path, as opened.
+    pub fn path(&self) -> &str {
+        &self.inner.path
     }
 
     /// Sends `payload` to this process's [`SqliteStore::messages`] subscribers: one process
