@@ -13,6 +13,7 @@ use crate::{TestApp, new_key, spawn_app};
 domain::on_both_backends!(
     an_import_file_of_every_credential_type_is_served_and_a_second_run_keeps_it,
     a_file_with_bad_lines_is_refused_whole_with_their_numbers,
+    two_imports_of_one_file_at_once_both_succeed,
 );
 
 /// `command` with `input` on its standard input.
@@ -251,4 +252,62 @@ async fn a_file_with_bad_lines_is_refused_whole_with_their_numbers(db: &TestData
         text(&dry.stdout)
     );
     assert_eq!(app.get_ok("/connection").await["connections"], json!([]));
+}
+
+/// Two runs of one file at once (an operator's retry while the first still runs): the batches
+/// of one are refused as wholes where the other got there first and fall back to keeping those
+/// connections. Both finish with status 0 (on SQLite the second no longer fails "database is
+/// locked" while catching the read models up), and every connection is served once.
+async fn two_imports_of_one_file_at_once_both_succeed(db: &TestDatabase) {
+    let key = new_key();
+    let app = spawn_app(db, &key).await;
+    app.create_github_integration("import-client-SECRET").await;
+    let lines: Vec<Value> = (0..3000)
+        .map(|n| {
+            json!({"provider_config_key": "github", "connection_id": format!("twice-{n}"),
+                   "access_token": format!("gho_TWICE_{n}")})
+        })
+        .collect();
+    let file = jsonl(&lines);
+    let start = || {
+        let mut command = grantline_on(db, &key);
+        command.args(["import", "-"]);
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(file.as_bytes())
+            .unwrap();
+        child
+    };
+    let (first, second) = (start(), start());
+    let mut created = 0;
+    for child in [first, second] {
+        let output = child.wait_with_output().unwrap();
+        let stdout = text(&output.stdout);
+        assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+        let summary = stdout
+            .lines()
+            .find(|l| l.starts_with("imported 3000 connections"))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let count = summary
+            .split(": ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{summary}"));
+        created += count;
+    }
+    assert_eq!(created, 3000, "each connection created by one of the runs");
+    app.projected().await;
+    for n in [0, 1499, 2999] {
+        let body = connection(&app, &format!("twice-{n}")).await;
+        assert_eq!(body["credentials"]["access_token"], format!("gho_TWICE_{n}"));
+    }
 }

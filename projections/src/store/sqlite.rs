@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use domain::connection::ConnectionKey;
 use domain::keys::StoredDataKey;
 use domain::store::{Position, SqliteStore, StoreError, sqlite_read_all_on};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     Analyzed, Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts,
@@ -554,7 +554,9 @@ impl ReadModelStore for SqliteReadModels {
         Ok(self
             .store
             .write(move |conn| {
-                let tx = conn.transaction().map_err(db)?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
                 {
                     let mut statement = tx
                         .prepare_cached(
@@ -641,7 +643,9 @@ impl ReadModelStore for SqliteReadModels {
         Ok(self
             .store
             .write(move |conn| {
-                let tx = conn.transaction().map_err(db)?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
                 // Someone (a rebuild) moved the checkpoint since it was read: start over.
                 if checkpoint(&tx, name)? != from {
                     return Ok(false);
@@ -697,7 +701,9 @@ impl ReadModelStore for SqliteReadModels {
         Ok(self
             .store
             .write(move |conn| {
-                let tx = conn.transaction().map_err(db)?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
                 fold_into(&tx, shadow, batch)?;
                 tx.commit().map_err(db)
             })
@@ -731,7 +737,9 @@ impl ReadModelStore for SqliteReadModels {
         Ok(self
             .store
             .write(move |conn| {
-                let tx = conn.transaction().map_err(db)?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
                 let mut tail = Tail::after(from);
                 while let Some(batch) = tail
                     .plan(&planner, &sqlite_read_all_on(&tx, tail.at, TAIL_BATCH)?)

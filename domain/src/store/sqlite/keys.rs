@@ -1,7 +1,7 @@
 //! The SQLite [`KeyRepository`]: master-key records and wrapped data keys.
 
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{SqliteStore, db_error, now_micros};
@@ -58,7 +58,9 @@ impl KeyRepository for SqliteStore {
     ) -> Result<(), StoreError> {
         let (key_id, check_value) = (key_id.to_owned(), check_value.to_vec());
         self.write(move |conn| {
-            let tx = conn.transaction().map_err(db_error)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
             tx.execute(
                 "UPDATE master_keys SET active = 0 WHERE active = 1 AND key_id <> ?1",
                 [&key_id],
@@ -128,7 +130,9 @@ impl KeyRepository for SqliteStore {
             .map(|(id, owner, wrapped)| (id.to_string(), (*owner).to_owned(), wrapped.clone()))
             .collect();
         self.write(move |conn| {
-            let tx = conn.transaction().map_err(db_error)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
             {
                 let mut insert = tx
                     .prepare_cached(
