@@ -56,7 +56,8 @@ impl<R: BufRead> Lines<R> {
     fn next_line(&mut self) -> io::Result<Option<(u64, Result<&[u8], LineFault>)>> {
         let (start, end) = loop {
             self.buffer.clear();
-            let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+            // Room for a line of `MAX_LINE` bytes and its CR LF.
+            let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 2;
             let read = (&mut self.input)
                 .take(limit)
                 .read_until(b'\n', &mut self.buffer)?;
@@ -64,16 +65,20 @@ impl<R: BufRead> Lines<R> {
                 return Ok(None);
             }
             self.number += 1;
-            if self.buffer.last() != Some(&b'\n') && self.buffer.len() > MAX_LINE {
+            let ending = match self.buffer.as_slice() {
+                [.., b'\r', b'\n'] => 2,
+                [.., b'\n'] => 1,
+                _ => 0,
+            };
+            if self.buffer.len() - ending > MAX_LINE {
                 // Skip the rest of the line, a chunk at a time.
-                loop {
+                let mut ended = ending > 0;
+                while !ended {
                     self.buffer.clear();
                     let more = (&mut self.input)
                         .take(limit)
                         .read_until(b'\n', &mut self.buffer)?;
-                    if more == 0 || self.buffer.last() == Some(&b'\n') {
-                        break;
-                    }
+                    ended = more == 0 || self.buffer.last() == Some(&b'\n');
                 }
                 return Ok(Some((
                     self.number,
@@ -154,5 +159,21 @@ mod tests {
         let mut text = vec![b' '; MAX_LINE - 2];
         text.extend_from_slice(b"{}\n");
         assert_eq!(lines(&text), vec![(1, Ok("{}".into()))]);
+    }
+
+    #[test]
+    fn the_limit_counts_neither_a_cr_lf_nor_an_lf() {
+        let mut text = vec![b' '; MAX_LINE - 2];
+        text.extend_from_slice(b"{}\r\n");
+        text.extend(vec![b' '; MAX_LINE - 1]);
+        text.extend_from_slice(b"{}\r\n{}");
+        assert_eq!(
+            lines(&text),
+            vec![
+                (1, Ok("{}".into())),
+                (2, Err("line_too_long")),
+                (3, Ok("{}".into()))
+            ]
+        );
     }
 }
