@@ -89,9 +89,31 @@ impl Commands {
         }
         let streams: Vec<_> = commands.iter().map(|c| c.key.stream_id()).collect();
         let key_ids = self.vault.create_data_keys(&streams).await?;
+        let appended = self.append_created(commands, streams, &key_ids).await;
+        // Refused as a whole (or never sent): the keys sealed nothing that was written, and the
+        // single-connection path makes its own. An append that may have gone through (a lost
+        // connection) keeps them: its events would name them.
+        if let Err(
+            CommandError::Store(StoreError::Conflict { .. })
+            | CommandError::Connection(_)
+            | CommandError::Keys(_),
+        ) = &appended
+        {
+            self.vault.discard(&key_ids).await?;
+        }
+        appended
+    }
+
+    /// Seals each of `commands`' credentials with its key and appends their streams at once.
+    async fn append_created(
+        &self,
+        commands: &[AuthorizeConnection],
+        streams: Vec<crate::store::StreamId>,
+        key_ids: &[uuid::Uuid],
+    ) -> Result<(), CommandError> {
         let empty = Connection::default();
         let mut new_streams = Vec::with_capacity(commands.len());
-        for ((command, stream), key_id) in commands.iter().zip(streams).zip(key_ids) {
+        for ((command, stream), &key_id) in commands.iter().zip(streams).zip(key_ids) {
             let sealed = self.vault.seal_json(key_id, &command.credentials).await?;
             let fingerprints = self.fingerprints(&command.credentials).await?;
             let events = command.decide(&empty, key_id, &sealed, &fingerprints)?;

@@ -296,6 +296,9 @@ pub trait KeyRepository: Send + Sync {
     async fn live_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
     /// Destroys every live data key of `owner`; returns their ids.
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError>;
+    /// Removes the records of data keys that nothing was sealed with (a batch whose append was
+    /// refused): no event names them, so no history is lost.
+    async fn discard_data_keys(&self, key_ids: &[Uuid]) -> Result<(), StoreError>;
     /// Live data keys not wrapped by the active master key.
     async fn data_keys_to_rewrap(
         &self,
@@ -533,6 +536,15 @@ impl Vault {
         // destroyed earlier, by another instance, is dropped by the log follower.
         self.forget_cached(&destroyed);
         Ok(destroyed.len() as u64)
+    }
+
+    /// Removes the data keys `key_ids`, which sealed nothing that was written (a bulk import's
+    /// append that another writer beat), so that they do not stay behind as live keys of
+    /// connections that never used them.
+    pub async fn discard(&self, key_ids: &[Uuid]) -> Result<(), KeyError> {
+        self.inner.repository.discard_data_keys(key_ids).await?;
+        self.forget_cached(key_ids);
+        Ok(())
     }
 
     /// Drops these data keys from this process's memory. Every instance calls it for the keys a

@@ -33,6 +33,7 @@ grantline_domain::on_both_backends!(
     an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed,
     an_import_with_metadata_is_one_append,
     resuming_from_an_old_snapshot_reaches_the_same_head_as_a_full_load,
+    two_imports_of_one_batch_at_once_leave_one_data_key_per_connection,
 );
 
 const KEY: &str = "github-prod";
@@ -756,4 +757,33 @@ async fn a_bulk_import_creates_new_connections_keeps_live_ones_and_replaces_on_r
             .unwrap();
         assert_eq!(loaded.version, 0, "{id} was written");
     }
+}
+
+/// Two imports of the same new connections at once: one batch is appended, the other is
+/// refused as a whole (another writer created its streams) and falls back to the connection
+/// path, which keeps them. The refused batch's data keys sealed nothing that was written; they
+/// are removed rather than left live under connections that never used them.
+async fn two_imports_of_one_batch_at_once_leave_one_data_key_per_connection(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    let batch = || {
+        (0..200)
+            .map(|n| AuthorizeConnection {
+                key: ConnectionKey::new(KEY, format!("bulk-{n}")),
+                ..import(oauth2(ACCESS, REFRESH), at(1))
+            })
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = tokio::join!(
+        commands.import_connections(batch(), false),
+        commands.import_connections(batch(), false)
+    );
+    let mut outcomes = [first.unwrap(), second.unwrap()];
+    outcomes.sort_by_key(|o| o.contains(&Imported::Kept));
+    assert!(outcomes[0].iter().all(|o| *o == Imported::Created));
+    assert!(outcomes[1].iter().all(|o| *o == Imported::Kept));
+    assert_eq!(
+        live_data_keys(&commands).await,
+        200 + 1,
+        "one per connection, and the fingerprint key"
+    );
 }

@@ -150,6 +150,20 @@ impl KeyRepository for PostgresStore {
         .await
     }
 
+    async fn discard_data_keys(&self, key_ids: &[Uuid]) -> Result<(), StoreError> {
+        if key_ids.is_empty() {
+            return Ok(());
+        }
+        let (client, statement) = self
+            .prepared("DELETE FROM data_keys WHERE key_id = ANY($1::uuid[])")
+            .await?;
+        client
+            .execute(&statement, &[&key_ids])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
     async fn data_keys_to_rewrap(
         &self,
         active_master_key_id: &str,

@@ -184,6 +184,28 @@ impl KeyRepository for SqliteStore {
         .await
     }
 
+    async fn discard_data_keys(&self, key_ids: &[Uuid]) -> Result<(), StoreError> {
+        if key_ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = key_ids.iter().map(Uuid::to_string).collect();
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
+            {
+                let mut delete = tx
+                    .prepare_cached("DELETE FROM data_keys WHERE key_id = ?1")
+                    .map_err(db_error)?;
+                for id in &ids {
+                    delete.execute([id]).map_err(db_error)?;
+                }
+            }
+            tx.commit().map_err(db_error)
+        })
+        .await
+    }
+
     async fn destroy_data_keys(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
         let owner = owner.to_owned();
         self.write(move |conn| {
