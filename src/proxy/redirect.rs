@@ -76,6 +76,9 @@ pub fn follow(
         return None;
     }
     let downgraded = origin.scheme() == "https" && url.scheme() == "http";
+    // Another port of the host is another service: the credential stays with the origin's (a
+    // port is `None` when it is its scheme's default, so http → https on the host keeps it).
+    let same_port = url.port() == origin.port();
     Some(Hop {
         method: if keeps_method {
             hop.method.clone()
@@ -83,7 +86,7 @@ pub fn follow(
             Method::GET
         },
         guarded: !same_host || policy.origin.guarded,
-        credentials: policy.forward_credentials && same_host && !downgraded,
+        credentials: policy.forward_credentials && same_host && same_port && !downgraded,
         with_body,
         url,
     })
@@ -148,6 +151,32 @@ mod tests {
         )
         .expect("followed");
         assert!(!down.credentials, "never from https down to http");
+        for (elsewhere, carries) in [
+            ("https://api.example.com:8443/v1/b", false),
+            ("https://api.example.com:443/v1/b", true),
+        ] {
+            let next = follow(
+                StatusCode::FOUND,
+                Some(&location(elsewhere)),
+                &origin,
+                &policy,
+            )
+            .expect("followed");
+            assert_eq!(next.credentials, carries, "{elsewhere}");
+        }
+        let plain = hop("http://api.example.com/a", Method::GET);
+        let policy = Policy {
+            origin: &plain,
+            ..policy
+        };
+        let up = follow(
+            StatusCode::FOUND,
+            Some(&location("https://api.example.com/a")),
+            &plain,
+            &policy,
+        )
+        .expect("followed");
+        assert!(up.credentials, "http up to https on the same host keeps it");
     }
 
     #[test]
