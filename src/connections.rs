@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use domain::catalog::Catalog;
 use domain::commands::{AuthorizeConnection, CommandError, Loaded};
 use domain::connect_session::Ownership;
 use domain::connection::{
@@ -56,6 +57,12 @@ pub enum ConnectionsError {
     /// New tags or end user break a rule.
     #[error("{0}")]
     InvalidOwnership(String),
+    /// Imported credentials of a kind the integration's provider does not use.
+    #[error("provider {provider:?} does not take {kind} credentials")]
+    UnfitCredentials {
+        provider: String,
+        kind: &'static str,
+    },
     /// A command left the connection not live where it must be (a bug).
     #[error("{0} is not live after the command")]
     NotLive(&'static str),
@@ -435,6 +442,26 @@ impl Import {
     }
 }
 
+/// Refuses `credentials` that the provider of the integration with `settings` does not use:
+/// an API key under an OAuth 2 template, say, would reach no request the template makes (a
+/// proxied call would go out without it). A provider the catalog no longer has is not checked.
+pub fn fitting(
+    catalog: &Catalog,
+    settings: &IntegrationSettings,
+    credentials: &Credentials,
+) -> Result<(), ConnectionsError> {
+    let kind = credentials.credentials_type();
+    match catalog.get(&settings.provider) {
+        Some(template) if !template.auth_mode.takes(kind) => {
+            Err(ConnectionsError::UnfitCredentials {
+                provider: settings.provider.clone(),
+                kind: kind.as_str(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Records imported credentials (a new connection, or the next generation of an existing one).
 pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, ConnectionsError> {
     let integration =
@@ -443,7 +470,9 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
             .ok_or_else(|| {
                 ConnectionsError::UnknownProviderConfig(import.key.provider_config_key().to_owned())
             })?;
-    let command = import.authorization(&integration.integration.settings, Utc::now());
+    let settings = &integration.integration.settings;
+    fitting(&state.catalog, settings, &import.credentials)?;
+    let command = import.authorization(settings, Utc::now());
     let (key, credentials) = (command.key.clone(), command.credentials.clone());
     let loaded = state
         .commands

@@ -74,6 +74,21 @@ impl AuthMode {
     pub fn is_oauth(self) -> bool {
         matches!(self, AuthMode::OAuth2 | AuthMode::OAuth1)
     }
+
+    /// Whether a connection of this mode can hold credentials of `kind`: the ones its flow or
+    /// form makes, and no others (an API key under an OAuth 2 template would reach no request
+    /// the template makes).
+    pub fn takes(self, kind: crate::connection::CredentialsType) -> bool {
+        use crate::connection::CredentialsType as Kind;
+        matches!(
+            (self, kind),
+            (AuthMode::OAuth2, Kind::Oauth2)
+                | (AuthMode::OAuth1, Kind::Oauth1)
+                | (AuthMode::ApiKey, Kind::ApiKey)
+                | (AuthMode::Basic, Kind::Basic)
+                | (AuthMode::OAuth2Cc, Kind::Oauth2Cc)
+        )
+    }
 }
 
 /// Where the client credentials go at the token endpoint.

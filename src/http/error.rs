@@ -382,6 +382,9 @@ impl From<ConnectionsError> for ApiError {
             ConnectionsError::Command { key, source } => command_error(*source, &key),
             ConnectionsError::ReadModel(e) => e.into(),
             ConnectionsError::InvalidOwnership(message) => Self::InvalidBody(message),
+            error @ ConnectionsError::UnfitCredentials { .. } => {
+                Self::InvalidBody(error.to_string())
+            }
             other @ (ConnectionsError::NotLive(_) | ConnectionsError::Render(_)) => {
                 Self::Internal(other.to_string())
             }

@@ -15,6 +15,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 
 use chrono::Utc;
+use domain::catalog::Catalog;
 use domain::commands::{AuthorizeConnection, CommandError, Commands, Imported};
 use domain::integration::IntegrationSettings;
 use projections::queries::IntegrationRecord;
@@ -126,6 +127,8 @@ impl Report {
 pub struct Importer {
     commands: Commands,
     integrations: HashMap<String, IntegrationSettings>,
+    /// The templates, for the kind of credentials each provider takes.
+    catalog: Catalog,
     parse: ParseBody,
 }
 
@@ -138,15 +141,26 @@ impl fmt::Debug for Importer {
 }
 
 impl Importer {
-    pub fn new(commands: Commands, integrations: Vec<IntegrationRecord>, parse: ParseBody) -> Self {
+    pub fn new(
+        commands: Commands,
+        integrations: Vec<IntegrationRecord>,
+        catalog: Catalog,
+        parse: ParseBody,
+    ) -> Self {
         Self {
             commands,
+            catalog,
             integrations: integrations
                 .into_iter()
                 .map(|r| (r.integration.provider_config_key, r.integration.settings))
                 .collect(),
             parse,
         }
+    }
+
+    /// The provider templates lines are checked against.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// Adds integrations the import itself creates before writing (Nango's), unless one of the
@@ -276,6 +290,12 @@ impl Importer {
                     import.key.provider_config_key()
                 ),
             })?;
+        crate::connections::fitting(&self.catalog, settings, &import.credentials).map_err(|e| {
+            LineFault {
+                code: "invalid_body",
+                message: e.to_string(),
+            }
+        })?;
         let command = import.authorization(settings, Utc::now());
         command.check().map_err(|e| LineFault {
             code: "invalid_body",

@@ -28,6 +28,11 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
     // The integrations as the log has them now.
     runner.catch_up().await?;
     let integrations = projections::queries::list_integrations(&ReadModels::open(&backend)).await?;
+    let catalog = match &args.providers_file {
+        Some(path) => Catalog::with_file(path)
+            .map_err(|e| anyhow::anyhow!("GRANTLINE_PROVIDERS_FILE: {e}"))?,
+        None => Catalog::builtin(),
+    };
     let instance = format!("grantline-import-{}", uuid::Uuid::new_v4().simple());
     let commands = Commands::new(backend.clone(), vault).with_instance(instance);
     match (&args.from_nango, &args.file) {
@@ -37,11 +42,16 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
                 .iter()
                 .map(|r| r.integration.provider_config_key.clone())
                 .collect();
-            let importer = Importer::new(commands.clone(), integrations, import_body);
+            let importer = Importer::new(commands.clone(), integrations, catalog, import_body);
             from_nango(args, url, &commands, importer, &existing, &runner).await
         }
         (None, Some(file)) => {
-            let importer = Importer::new(commands.with_origin("file"), integrations, import_body);
+            let importer = Importer::new(
+                commands.with_origin("file"),
+                integrations,
+                catalog,
+                import_body,
+            );
             let mut source = if file.as_os_str() == "-" {
                 // Read twice: standard input is kept in an unnamed temporary file.
                 let mut spool = tempfile::tempfile().context("cannot create a temporary file")?;
@@ -102,11 +112,7 @@ async fn from_nango(
         );
     }
     let environment = database.environment(&args.nango_environment).await?;
-    let catalog = match &args.providers_file {
-        Some(path) => Catalog::with_file(path)
-            .map_err(|e| anyhow::anyhow!("GRANTLINE_PROVIDERS_FILE: {e}"))?,
-        None => Catalog::builtin(),
-    };
+    let catalog = importer.catalog().clone();
     let (planned, refused) = plan_integrations(
         database.integrations(environment).await?,
         &key,

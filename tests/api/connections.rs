@@ -325,6 +325,10 @@ async fn the_nested_credentials_form_on_the_plural_route_imports_too(db: &TestDa
 
 async fn oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes(db: &TestDatabase) {
     let app = app_with_config(db, "k").await;
+    // Each kind under a template of its kind.
+    for (key, provider) in [("k1", "twitter"), ("kk", "openai"), ("kb", "jira-basic")] {
+        app.create_integration_of(key, provider).await;
+    }
     let cases = [
         (
             "/connection",
@@ -363,13 +367,22 @@ async fn oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes(db: &Tes
         ),
     ];
     for (path, mut body, expected) in cases {
-        body["provider_config_key"] = json!("k");
+        let key = match expected["type"].as_str() {
+            Some("OAUTH1") => "k1",
+            Some("API_KEY") => "kk",
+            _ => "kb",
+        };
+        body["provider_config_key"] = json!(key);
         let id = body["connection_id"].as_str().unwrap().to_owned();
+        // Not under the OAuth 2 template of `k`: no request it makes would carry them.
+        let mut elsewhere = body.clone();
+        elsewhere["provider_config_key"] = json!("k");
+        assert_error(app.post_json(path, &elsewhere).await, 400, "invalid_body").await;
         let created = import(&app, path, body).await;
         assert_eq!(created["credentials"], expected, "import of {id}");
         for family in ["/connection", "/connections"] {
             let read = app
-                .get_ok(&format!("{family}/{id}?provider_config_key=k"))
+                .get_ok(&format!("{family}/{id}?provider_config_key={key}"))
                 .await;
             assert_eq!(read["credentials"], expected, "{family}/{id}");
             assert_eq!(read["id"], created["id"], "{family}/{id}");
@@ -377,7 +390,7 @@ async fn oauth1_api_key_and_basic_imports_come_back_in_their_own_shapes(db: &Tes
         // `refresh_token=false` only concerns OAuth2: these shapes are unchanged.
         let read = app
             .get_ok(&format!(
-                "/connection/{id}?provider_config_key=k&refresh_token=false"
+                "/connection/{id}?provider_config_key={key}&refresh_token=false"
             ))
             .await;
         assert_eq!(read["credentials"], expected, "{id} without refresh token");

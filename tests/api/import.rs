@@ -38,7 +38,11 @@ fn jsonl(lines: &[Value]) -> String {
 }
 
 async fn connection(app: &TestApp, id: &str) -> Value {
-    app.get_ok(&format!("/connection/{id}?provider_config_key=github"))
+    connection_in(app, "github", id).await
+}
+
+async fn connection_in(app: &TestApp, key: &str, id: &str) -> Value {
+    app.get_ok(&format!("/connection/{id}?provider_config_key={key}"))
         .await
 }
 
@@ -48,6 +52,13 @@ async fn an_import_file_of_every_credential_type_is_served_and_a_second_run_keep
     let key = new_key();
     let app = spawn_app(db, &key).await;
     app.create_github_integration("import-client-SECRET").await;
+    for (key, provider) in [
+        ("twitter", "twitter"),
+        ("openai", "openai"),
+        ("jira", "jira-basic"),
+    ] {
+        app.create_integration_of(key, provider).await;
+    }
     let lines = [
         json!({"provider_config_key": "github", "connection_id": "flat",
                "access_token": "gho_flatACCESS", "refresh_token": "ghr_flatREFRESH",
@@ -55,12 +66,12 @@ async fn an_import_file_of_every_credential_type_is_served_and_a_second_run_keep
         json!({"provider_config_key": "github", "connection_id": "nested",
                "credentials": {"type": "OAUTH2", "access_token": "gho_nestedACCESS",
                                "expires_at": 1_924_992_000}}),
-        json!({"provider_config_key": "github", "connection_id": "oauth1",
+        json!({"provider_config_key": "twitter", "connection_id": "oauth1",
                "credentials": {"type": "OAUTH1", "oauth_token": "tokenONE",
                                "oauth_token_secret": "tokenSECRET"}}),
-        json!({"provider_config_key": "github", "connection_id": "key",
+        json!({"provider_config_key": "openai", "connection_id": "key",
                "credentials": {"type": "API_KEY", "apiKey": "apiKEY"}}),
-        json!({"provider_config_key": "github", "connection_id": "basic",
+        json!({"provider_config_key": "jira", "connection_id": "basic",
                "credentials": {"type": "BASIC", "username": "ann", "password": "basicPASSWORD"}}),
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -90,15 +101,15 @@ async fn an_import_file_of_every_credential_type_is_served_and_a_second_run_keep
         "2031-01-01T00:00:00.000Z"
     );
     assert_eq!(
-        connection(&app, "oauth1").await["credentials"]["oauth_token_secret"],
+        connection_in(&app, "twitter", "oauth1").await["credentials"]["oauth_token_secret"],
         "tokenSECRET"
     );
     assert_eq!(
-        connection(&app, "key").await["credentials"]["apiKey"],
+        connection_in(&app, "openai", "key").await["credentials"]["apiKey"],
         "apiKEY"
     );
     assert_eq!(
-        connection(&app, "basic").await["credentials"]["password"],
+        connection_in(&app, "jira", "basic").await["credentials"]["password"],
         "basicPASSWORD"
     );
     let history = app
@@ -192,6 +203,10 @@ async fn a_file_with_bad_lines_is_refused_whole_with_their_numbers(db: &TestData
         json!({"provider_config_key": "github", "connection_id": "ctl",
                "credentials": {"type": "API_KEY", "apiKey": "k\nX-Evil: 1"}})
         .to_string(),
+        // A key no request of the OAuth 2 template would carry.
+        json!({"provider_config_key": "github", "connection_id": "unfit",
+               "credentials": {"type": "API_KEY", "apiKey": "k"}})
+        .to_string(),
     ]
     .join("\n");
     file.push('\n');
@@ -215,7 +230,8 @@ async fn a_file_with_bad_lines_is_refused_whole_with_their_numbers(db: &TestData
         "line 8: ",
         "line 9: longer than 1048576 bytes",
         "line 11: invalid body: apiKey contains control characters (invalid_body)",
-        "9 lines cannot be imported; nothing was written",
+        "line 12: provider \"github\" does not take API_KEY credentials (invalid_body)",
+        "10 lines cannot be imported; nothing was written",
     ] {
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
     }
@@ -291,7 +307,11 @@ async fn two_imports_of_one_file_at_once_both_succeed(db: &TestDatabase) {
     for child in [first, second] {
         let output = child.wait_with_output().unwrap();
         let stdout = text(&output.stdout);
-        assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            text(&output.stderr)
+        );
         let summary = stdout
             .lines()
             .find(|l| l.starts_with("imported 3000 connections"))
@@ -308,6 +328,9 @@ async fn two_imports_of_one_file_at_once_both_succeed(db: &TestDatabase) {
     app.projected().await;
     for n in [0, 1499, 2999] {
         let body = connection(&app, &format!("twice-{n}")).await;
-        assert_eq!(body["credentials"]["access_token"], format!("gho_TWICE_{n}"));
+        assert_eq!(
+            body["credentials"]["access_token"],
+            format!("gho_TWICE_{n}")
+        );
     }
 }

@@ -206,6 +206,16 @@ impl TestApp {
         ok_json(self.post_json("/config", &body).await).await
     }
 
+    /// Creates the integration `key` on the built-in template `provider`, expecting success
+    /// (a client id and secret go along; templates without an OAuth flow ignore them).
+    pub async fn create_integration_of(&self, key: &str, provider: &str) -> Value {
+        let body = serde_json::json!({
+            "provider_config_key": key, "provider": provider,
+            "oauth_client_id": "id", "oauth_client_secret": "client-secret",
+        });
+        ok_json(self.post_json("/config", &body).await).await
+    }
+
     /// Waits until every projection has applied the log up to its head (events committed by
     /// any process, as the instance's runner sees them).
     pub async fn projected(&self) {

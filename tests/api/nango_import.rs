@@ -75,8 +75,8 @@ CREATE TABLE nango._nango_connections (
 const PROVIDERS: &str =
     "acme-cc:\n  auth_mode: OAUTH2_CC\n  token_url: https://auth.acme.example/token\n";
 
-/// Builds the Nango database: `github` in both environments and `acme-cc` (client credentials)
-/// in `prod`; in `prod` an OAuth 2 connection (sealed, with config, metadata, tags and an end
+/// Builds the Nango database: `github` in both environments and `acme-cc` (client credentials),
+/// `openai` (API key) and `jira` (Basic) in `prod`; in `prod` an OAuth 2 connection (sealed, with config, metadata, tags and an end
 /// user of an organization), an API-key one (sealed), a Basic one stored before encryption was
 /// turned on (plaintext), a deleted one, a client-credentials one and a GitHub App one (an auth
 /// mode Grantline does not take); in `dev` one more.
@@ -92,7 +92,9 @@ async fn nango_database(db: &TestDatabase) {
              oauth_client_secret, oauth_client_secret_iv, oauth_client_secret_tag, oauth_scopes, \
              environment_id) VALUES ('github', 'github', 'gh-client', $1, $2, $3, 'repo,user', 2), \
              ('github', 'github', 'gh-dev-client', $4, $5, $6, 'repo', 1), \
-             ('acme-cc', 'acme-cc', NULL, NULL, NULL, NULL, NULL, 2)",
+             ('acme-cc', 'acme-cc', NULL, NULL, NULL, NULL, NULL, 2), \
+             ('openai', 'openai', NULL, NULL, NULL, NULL, NULL, 2), \
+             ('jira', 'jira-basic', NULL, NULL, NULL, NULL, NULL, 2)",
             &[
                 &secret,
                 &secret_iv,
@@ -190,7 +192,11 @@ async fn nango_database(db: &TestDatabase) {
              metadata = '{\"plan\": \"pro\"}', tags = '{\"end_user_id\": \"u1\"}', \
              end_user_id = (SELECT id FROM nango.end_users) WHERE connection_id = 'c-oauth2'; \
              UPDATE nango._nango_connections SET provider_config_key = 'acme-cc' \
-             WHERE connection_id = 'c-cc'",
+             WHERE connection_id = 'c-cc'; \
+             UPDATE nango._nango_connections SET provider_config_key = 'openai' \
+             WHERE connection_id = 'c-apikey'; \
+             UPDATE nango._nango_connections SET provider_config_key = 'jira' \
+             WHERE connection_id = 'c-basic'",
         )
         .await
         .unwrap();
@@ -275,7 +281,7 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     assert!(
         stdout.contains("4 connections checked")
-            && stdout.contains("2 integrations to create")
+            && stdout.contains("4 integrations to create")
             && stdout.contains("1 connections come with tags and 1 with an end user (kept)")
             && stdout.contains("newest migration 20260128120000_backfill_connection_tags.cjs"),
         "{stdout}"
@@ -301,11 +307,13 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     assert_eq!(oauth2["connection_config"]["subdomain"], "acme");
     assert_eq!(oauth2["metadata"], json!({"plan": "pro"}));
     assert_eq!(
-        app.get_ok(&connection("c-apikey")).await["credentials"]["apiKey"],
+        app.get_ok("/connection/c-apikey?provider_config_key=openai")
+            .await["credentials"]["apiKey"],
         "nangoAPIKEY"
     );
     assert_eq!(
-        app.get_ok(&connection("c-basic")).await["credentials"]["password"],
+        app.get_ok("/connection/c-basic?provider_config_key=jira")
+            .await["credentials"]["password"],
         "nangoPASSWORD"
     );
     // The end user, its organization and their tags, under Nango's own.
@@ -352,7 +360,7 @@ async fn a_nango_database_comes_over_with_its_secrets_opened_and_nothing_else(db
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(
         stdout.contains("0 created, 4 kept, 0 replaced")
-            && stdout.contains("2 of Nango's integrations exist here"),
+            && stdout.contains("4 of Nango's integrations exist here"),
         "{stdout}"
     );
 

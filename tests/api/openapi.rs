@@ -480,15 +480,25 @@ async fn real_answers_match_their_documented_schemas() {
     check("get", "/config/{provider_config_key}", status, &body);
     assert!(body["config"]["oauth_client_secret"].is_string());
 
+    // Each kind of credentials under a template of its kind.
+    for (key, provider) in [
+        ("crm1", "twitter"),
+        ("crmk", "openai"),
+        ("crmb", "jira-basic"),
+    ] {
+        let body = json!({ "provider_config_key": key, "provider": provider,
+                           "oauth_client_id": "client-id", "oauth_client_secret": "s" });
+        assert_eq!(call(Method::POST, "/config", Some(body)).await.0, 200);
+    }
     let imports = [
         json!({ "provider_config_key": "crm", "connection_id": "flat", "access_token": "a1",
             "refresh_token": "r1", "expires_at": "2030-01-02T03:04:05Z",
             "raw": { "access_token": "a1" } }),
-        json!({ "provider_config_key": "crm", "connection_id": "one",
+        json!({ "provider_config_key": "crm1", "connection_id": "one",
             "credentials": { "type": "OAUTH1", "oauth_token": "t", "oauth_token_secret": "s" } }),
-        json!({ "provider_config_key": "crm", "connection_id": "key",
+        json!({ "provider_config_key": "crmk", "connection_id": "key",
             "credentials": { "type": "API_KEY", "apiKey": "k" } }),
-        json!({ "provider_config_key": "crm", "connection_id": "basic",
+        json!({ "provider_config_key": "crmb", "connection_id": "basic",
             "credentials": { "type": "BASIC", "username": "u", "password": "p" } }),
         json!({ "provider_config_key": "crm", "connection_id": "metadata", "access_token": "a2" }),
     ];
@@ -507,15 +517,15 @@ async fn real_answers_match_their_documented_schemas() {
             "/connections/{connection_id}",
         ),
         (
-            "/connection/one?provider_config_key=crm",
+            "/connection/one?provider_config_key=crm1",
             "/connection/{connection_id}",
         ),
         (
-            "/connection/key?provider_config_key=crm",
+            "/connection/key?provider_config_key=crmk",
             "/connection/{connection_id}",
         ),
         (
-            "/connection/basic?provider_config_key=crm",
+            "/connection/basic?provider_config_key=crmb",
             "/connection/{connection_id}",
         ),
         (
@@ -536,7 +546,7 @@ async fn real_answers_match_their_documented_schemas() {
         let (status, body) = call(Method::GET, path, None).await;
         check("get", template, status, &body);
     }
-    let metadata = json!({ "connection_id": ["flat", "one"], "provider_config_key": "crm",
+    let metadata = json!({ "connection_id": ["flat", "metadata"], "provider_config_key": "crm",
         "metadata": { "a": 1 } });
     let (status, body) = call(Method::POST, "/connection/metadata", Some(metadata.clone())).await;
     check("post", "/connection/metadata", status, &body);

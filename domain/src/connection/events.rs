@@ -54,6 +54,19 @@ pub enum CredentialsType {
     Oauth2Cc,
 }
 
+impl CredentialsType {
+    /// The API's spelling: `OAUTH2`, `API_KEY`, ….
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Oauth2 => "OAUTH2",
+            Self::Oauth1 => "OAUTH1",
+            Self::ApiKey => "API_KEY",
+            Self::Basic => "BASIC",
+            Self::Oauth2Cc => "OAUTH2_CC",
+        }
+    }
+}
+
 /// Short keyed (HMAC) fingerprints of the tokens, computed outside the domain, so that auditors
 /// can tell token generations apart without seeing a token.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
