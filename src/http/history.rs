@@ -338,7 +338,8 @@ fn parse_after(text: Option<&str>) -> Result<u32, ApiError> {
         None | Some("") => Ok(0),
         Some(text) => text.parse().map_err(|_| {
             ApiError::InvalidQuery(format!(
-                "after must be a stream version (a whole number from 0), not {text:?}"
+                "after must be a stream version (a whole number from 0 to {}), not {text:?}",
+                u32::MAX
             ))
         }),
     }
