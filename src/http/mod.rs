@@ -187,20 +187,9 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/connect/sessions/reconnect",
             axum::routing::post(connect::reconnect_session),
         )
-        .route(
-            "/proxy/{*path}",
-            axum::routing::post(proxy::proxy_with_body)
-                .put(proxy::proxy_with_body)
-                .patch(proxy::proxy_with_body)
-                // Named, so that the router adds no `Allow` header to the provider's answer
-                // (it does to what a fallback answers).
-                .get(proxy::proxy)
-                .delete(proxy::proxy)
-                .head(proxy::proxy)
-                .options(proxy::proxy)
-                // Every other method (PROPFIND, …).
-                .fallback(proxy::proxy),
-        )
+        // `/proxy/` calls the base URL itself.
+        .route("/proxy/", proxy_methods())
+        .route("/proxy/{*path}", proxy_methods())
         .route("/admin/projections", get(admin::projections_status))
         .route("/admin/webhooks", get(admin::webhooks_status))
         .route("/metrics", get(metrics::metrics));
@@ -324,4 +313,19 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// The proxy's handlers by method.
+fn proxy_methods() -> axum::routing::MethodRouter<HttpState> {
+    axum::routing::post(proxy::proxy_with_body)
+        .put(proxy::proxy_with_body)
+        .patch(proxy::proxy_with_body)
+        // Named, so that the router adds no `Allow` header to the provider's answer (it does to
+        // what a fallback answers).
+        .get(proxy::proxy)
+        .delete(proxy::proxy)
+        .head(proxy::proxy)
+        .options(proxy::proxy)
+        // Every other method (PROPFIND, …).
+        .fallback(proxy::proxy)
 }

@@ -11,7 +11,7 @@ use domain::log_scope;
 
 use super::ApiError;
 use super::extract::identifier;
-use crate::proxy::{self, ProxyCall};
+use crate::proxy::{self, ProxyCall, ProxyError};
 use crate::state::AppState;
 
 /// The most retries a call may ask for.
@@ -72,6 +72,17 @@ pub async fn proxy(
     } else {
         format!("/{endpoint}")
     };
+    // `..` (or `%2e%2e`) would climb out of the template's base path once the URL is parsed.
+    let path = endpoint.split(['?', '#']).next().unwrap_or_default();
+    if path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    }) {
+        return Err(ProxyError::InvalidUrl(
+            "the path has a `.` or `..` segment, which would leave the base URL's path".into(),
+        )
+        .into());
+    }
     let required = |name: HeaderName| -> Result<String, ApiError> {
         let value = text(&headers, &name)?.ok_or_else(|| invalid(format!("{name} is required")))?;
         identifier(&value, name.as_str()).map_err(|e| invalid(e.to_string()))?;

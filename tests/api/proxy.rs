@@ -750,6 +750,38 @@ async fn ids_in_any_script_reach_the_proxy_and_answers_carry_only_the_providers_
         .await
         .unwrap();
     assert_error(response, 400, "invalid_headers").await;
+    // A path that would climb out of the base URL's path is refused; `/proxy/` is the root.
+    // (Sent raw: an HTTP client resolves dot segments before it sends.)
+    for climbing in [
+        "/proxy/api/../api/echo",
+        "/proxy/api/%2e%2E/api/echo",
+        "/proxy/./api/echo",
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = app.address.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!(
+            "GET {climbing} HTTP/1.1\r\nHost: {address}\r\nConnection-Id: {ID}\r\n\
+             Provider-Config-Key: {KEY}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("invalid_proxy_url"),
+            "{climbing}: {answer}"
+        );
+    }
+    let root = call(&service, Method::GET, "/", &[]).await;
+    assert_eq!(
+        root.status(),
+        StatusCode::NOT_FOUND,
+        "the fake API has no root"
+    );
+    assert!(
+        !root.text().await.unwrap().contains("not_found"),
+        "the provider's answer"
+    );
     // The router adds nothing of its own (an `Allow` header) to the provider's answer.
     for method in [Method::GET, Method::DELETE, Method::OPTIONS] {
         let response = call(&service, method.clone(), "/api/echo", &[]).await;
