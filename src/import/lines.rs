@@ -88,7 +88,13 @@ impl<R: BufRead> Lines<R> {
                     }),
                 )));
             }
-            let start = self.buffer.len() - self.buffer.trim_ascii_start().len();
+            // A byte order mark (what some editors on Windows write first) is not content.
+            let bom = match self.number == 1 && self.buffer.starts_with(b"\xEF\xBB\xBF") {
+                true => 3,
+                false => 0,
+            };
+            let unmarked = self.buffer.get(bom..).unwrap_or_default();
+            let start = bom + unmarked.len() - unmarked.trim_ascii_start().len();
             let end = self.buffer.trim_ascii_end().len();
             if start >= end {
                 continue;
@@ -159,6 +165,15 @@ mod tests {
         let mut text = vec![b' '; MAX_LINE - 2];
         text.extend_from_slice(b"{}\n");
         assert_eq!(lines(&text), vec![(1, Ok("{}".into()))]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_line_is_skipped() {
+        assert_eq!(
+            lines(b"\xEF\xBB\xBF{}\n\xEF\xBB\xBF{}"),
+            // Only there: elsewhere it stays, and the line is not JSON.
+            vec![(1, Ok("{}".into())), (2, Ok("\u{feff}{}".into()))]
+        );
     }
 
     #[test]
