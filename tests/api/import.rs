@@ -17,7 +17,12 @@ domain::on_both_backends!(
 );
 
 /// `command` with `input` on its standard input.
-fn run_with_input(mut command: Command, input: &[u8]) -> Output {
+fn run_with_input(command: Command, input: &[u8]) -> Output {
+    spawn_with_input(command, input).wait_with_output().unwrap()
+}
+
+/// `command` started with `input` on its standard input, its output captured.
+fn spawn_with_input(mut command: Command, input: &[u8]) -> std::process::Child {
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -25,7 +30,7 @@ fn run_with_input(mut command: Command, input: &[u8]) -> Output {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    child
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -288,19 +293,7 @@ async fn two_imports_of_one_file_at_once_both_succeed(db: &TestDatabase) {
     let start = || {
         let mut command = grantline_on(db, &key);
         command.args(["import", "-"]);
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(file.as_bytes())
-            .unwrap();
-        child
+        spawn_with_input(command, file.as_bytes())
     };
     let (first, second) = (start(), start());
     let mut created = 0;
