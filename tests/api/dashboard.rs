@@ -274,6 +274,26 @@ async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDa
         .await
         .unwrap();
     assert_eq!(signed_out.status(), StatusCode::UNAUTHORIZED);
+    // A client secret the API would refuse (a line break) is refused by the form too.
+    let form = browser
+        .post(app.url("/ui/integrations"))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("key", "ctl"),
+            ("provider", "github"),
+            ("client_id", "abc"),
+            ("client_secret", "ab\r\nX-Injected: 1"),
+            ("scopes", "repo"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        form.text().await.unwrap().contains("control characters"),
+        "the form says why"
+    );
+    assert_eq!(app.get("/config/ctl").await.status(), 404, "nothing stored");
     // The real thing refreshes, once.
     let done = post(&[("csrf", &csrf)], Some(&app.address)).await.unwrap();
     assert_eq!(done.status(), StatusCode::SEE_OTHER);

@@ -193,6 +193,11 @@ fn config_of(form: &IntegrationForm, secret: ClientSecret) -> Result<Integration
     if form.client_secret.len() > 4096 || form.scopes.len() > 4096 {
         return Err("A field is longer than 4096 characters.".to_owned());
     }
+    // As the API refuses them: they go into token requests' form bodies and headers.
+    if form.client_secret.chars().any(char::is_control) || form.scopes.chars().any(char::is_control)
+    {
+        return Err("The client secret and scopes may not hold control characters.".to_owned());
+    }
     Ok(IntegrationConfig {
         provider: form.provider.trim().to_owned(),
         oauth_client_id: form.client_id.trim().to_owned(),
