@@ -256,12 +256,19 @@ pub(super) async fn caller(
         Some(session) => (session_connection(session, &key, &request)?, false),
         None => public_connection(config, key, &request)?,
     };
-    if only_new
-        && queries::find_connection(&state.read_models, &connection)
+    let reconnects = session.as_ref().is_some_and(|s| s.reconnect.is_some());
+    if only_new || reconnects {
+        let exists = queries::find_connection(&state.read_models, &connection)
             .await?
-            .is_some()
-    {
-        return Err(FlowError::ConnectionExists);
+            .is_some();
+        if only_new && exists {
+            return Err(FlowError::ConnectionExists);
+        }
+        // A reconnect re-authorizes the connection it names; one deleted since is not
+        // created anew through it.
+        if reconnects && !exists {
+            return Err(FlowError::ReconnectTargetGone);
+        }
     }
     report.connection_id = Some(connection.connection_id().to_owned());
     if let Some(defaults) = session.as_ref().and_then(|s| {

@@ -43,6 +43,9 @@ pub enum FlowError {
     /// connections, not replace them.
     #[error("The connection exists already; re-authorizing it needs a connect session or an hmac.")]
     ConnectionExists,
+    /// The connection a reconnect session names was deleted since the session was made.
+    #[error("The connection this session reconnects does not exist any more.")]
+    ReconnectTargetGone,
     /// A `connection_id` came with a session token (the server chooses the id then).
     #[error("connection_id is forbidden when using session token")]
     ConnectionIdWithSessionToken,
@@ -166,7 +169,7 @@ impl FlowError {
             Self::IntegrationNotAllowed(_) => "integration_not_allowed",
             Self::ConnectionIdWithSessionToken => "invalid_query_params",
             Self::SessionRequired => "missing_connect_session_token",
-            Self::ConnectionExists => "invalid_connection",
+            Self::ConnectionExists | Self::ReconnectTargetGone => "invalid_connection",
             Self::InvalidParam(_) => "invalid_param",
             Self::MissingHmac => "missing_hmac",
             Self::InvalidHmac => "invalid_hmac",
