@@ -95,6 +95,18 @@ async fn finish(
         });
     }
 
+    // A flow that may only create the connection (the public key alone) and finds it created
+    // since is refused before the provider is asked: its code stays unredeemed. (The command
+    // refuses it again, should it appear between this read and the append.)
+    if session.only_new {
+        let connection = ConnectionKey::new(&session.provider_config_key, &session.connection_id);
+        if queries::find_connection(&state.read_models, &connection)
+            .await?
+            .is_some()
+        {
+            return Err(FlowError::ConnectionExists);
+        }
+    }
     let key = &session.provider_config_key;
     let integration = queries::find_integration(&state.read_models, key)
         .await?

@@ -396,7 +396,13 @@ async fn with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_onl
     let two = env.authorize(&two).await;
     assert_eq!(env.get(&one).await.status(), StatusCode::OK);
     let created = env.connection("fake", "b").await;
+    let calls = env.fake.token_requests();
     error_page(env.get(&two).await, "invalid_connection").await;
+    assert_eq!(
+        env.fake.token_requests(),
+        calls,
+        "its code was not redeemed"
+    );
     let kept = env.connection("fake", "b").await;
     assert_eq!(
         kept["credentials"]["access_token"],
