@@ -243,6 +243,10 @@ impl OpenConnections {
                 Some(Overdue::Head) if activity.tell(Verdict::Close) => {
                     stats.refused.add(Limit::HeaderTimeout);
                 }
+                // Counted with the idle connections: a reader that takes nothing is idle too.
+                Some(Overdue::Stalled) if activity.tell(Verdict::Close) => {
+                    stats.refused.add(Limit::IdleTimeout);
+                }
                 Some(Overdue::Idle) if activity.tell(Verdict::Finish) => {
                     stats.refused.add(Limit::IdleTimeout);
                 }
@@ -355,6 +359,8 @@ struct Activity {
     head_since: AtomicU64,
     /// When the connection last finished a request (or was accepted).
     idle_since: AtomicU64,
+    /// Since when the socket has taken none of the bytes written to it (0: it takes them).
+    write_blocked_since: AtomicU64,
     /// The watchdog's [`Verdict`].
     verdict: AtomicU8,
     /// Wakes the connection's task when the verdict is raised.
@@ -366,6 +372,10 @@ struct Activity {
 enum Overdue {
     Head,
     Idle,
+    /// The client has read none of the answer for the idle timeout: it holds the connection
+    /// (and the answer's memory) without using it, whatever the requests' state. A client
+    /// that reads slowly is not stalled.
+    Stalled,
 }
 
 impl Activity {
@@ -375,6 +385,7 @@ impl Activity {
             busy: AtomicUsize::new(0),
             head_since: AtomicU64::new(1),
             idle_since: AtomicU64::new(1),
+            write_blocked_since: AtomicU64::new(0),
             verdict: AtomicU8::new(Verdict::Serve as u8),
             waker: AtomicWaker::new(),
         }
@@ -420,14 +431,32 @@ impl Activity {
         self.busy.fetch_sub(1, Ordering::AcqRel);
     }
 
-    fn overdue(&self, limits: &ServerLimits) -> Option<Overdue> {
-        if self.busy.load(Ordering::Acquire) > 0 {
-            return None;
+    /// Notes how a write went: blocked (the socket's buffer is full) or through.
+    fn wrote<T>(&self, polled: &Poll<io::Result<T>>) {
+        if polled.is_pending() {
+            if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
+                self.write_blocked_since
+                    .store(self.now(), Ordering::Relaxed);
+            }
+        } else {
+            self.write_blocked_since.store(0, Ordering::Relaxed);
         }
+    }
+
+    fn overdue(&self, limits: &ServerLimits) -> Option<Overdue> {
         let now = self.now();
         let passed = |since: u64, limit: Duration| {
             since != 0 && u128::from(now.saturating_sub(since)) >= limit.as_millis()
         };
+        if passed(
+            self.write_blocked_since.load(Ordering::Relaxed),
+            limits.idle_timeout,
+        ) {
+            return Some(Overdue::Stalled);
+        }
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
         if passed(
             self.head_since.load(Ordering::Relaxed),
             limits.header_timeout,
@@ -474,7 +503,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        this.activity.wrote(&polled);
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -490,7 +522,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        this.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -673,5 +708,19 @@ mod tests {
         assert_eq!(activity.overdue(&limits), Some(Overdue::Idle));
         activity.read();
         assert_eq!(activity.overdue(&limits), Some(Overdue::Head));
+    }
+
+    #[test]
+    fn a_client_that_takes_none_of_the_answer_is_stalled_even_mid_request() {
+        let activity = Activity::new();
+        let mut limits = limits();
+        activity.begin();
+        activity.wrote(&Poll::<io::Result<usize>>::Pending);
+        assert_eq!(activity.overdue(&limits), None, "within the idle timeout");
+        limits.idle_timeout = Duration::ZERO;
+        assert_eq!(activity.overdue(&limits), Some(Overdue::Stalled));
+        // Bytes taken, however slowly, start the count again.
+        activity.wrote(&Poll::Ready(Ok(1)));
+        assert_eq!(activity.overdue(&limits), None);
     }
 }

@@ -175,6 +175,31 @@ const HUGE_BODY: &[u8] = b"POST /connection HTTP/1.1\r\nHost: 127.0.0.1\r\nConte
 /// A request that announces 100 bytes of body and sends 5 of them.
 const BODY_THAT_NEVER_COMES: &[u8] = b"POST /config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":";
 
+/// Clients that pipeline requests for a large answer and never read: once the sockets'
+/// buffers are full, nothing of the answers moves. Each connection is closed after the idle
+/// timeout, so that such clients cannot hold every place under the connection cap (4 here)
+/// for as long as they like.
+#[tokio::test]
+async fn clients_that_never_read_their_answers_are_closed_after_the_idle_timeout() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let request = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(300);
+    let mut hoarders = Vec::new();
+    for _ in 0..4 {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut hoarding = socket.connect(address(&app)).await.unwrap();
+        // The server stops reading once its answers back up, so the requests may not all go.
+        let _ = tokio::time::timeout(Duration::from_secs(1), hoarding.write_all(&request)).await;
+        hoarders.push(hoarding);
+    }
+    // Past the idle timeout (1 s) and the watchdog's tick, without reading a byte.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.get("/health").await.status(), 200, "a place is free");
+    assert!(refused(&app, "idle_timeout").await >= 4.0);
+    drop(hoarders);
+}
+
 #[tokio::test]
 async fn a_huge_announced_body_is_refused_at_once_and_a_body_that_never_comes_times_out() {
     let db = TestDatabase::sqlite();
