@@ -187,8 +187,6 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
             "/connect/sessions/reconnect",
             axum::routing::post(connect::reconnect_session),
         )
-        // `/proxy/` calls the base URL itself.
-        .route("/proxy/", proxy_methods())
         .route("/proxy/{*path}", proxy_methods())
         .route("/admin/projections", get(admin::projections_status))
         .route("/admin/webhooks", get(admin::webhooks_status))
