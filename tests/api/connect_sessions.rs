@@ -220,28 +220,28 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
     assert_eq!(generations, [1, 2], "{entries}");
 
     // Deleted since: the session does not create it anew.
-    let deleted = env
-        .app
-        .client
-        .delete(env.app.url("/connection/existing?provider_config_key=fake"))
-        .bearer_auth(SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert!(deleted.status().is_success());
+    let existing = |method: reqwest::Method| {
+        env.app
+            .client
+            .request(
+                method,
+                env.app.url("/connection/existing?provider_config_key=fake"),
+            )
+            .bearer_auth(SECRET_KEY)
+            .send()
+    };
+    assert!(
+        existing(reqwest::Method::DELETE)
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
     let gone = env
         .connect("fake", &format!("connect_session_token={token}"))
         .await;
     error_page(gone, "invalid_connection").await;
-    let response = env
-        .app
-        .client
-        .get(env.app.url("/connection/existing?provider_config_key=fake"))
-        .bearer_auth(SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
+    assert_eq!(existing(reqwest::Method::GET).await.unwrap().status(), 404);
 }
 
 async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens(
