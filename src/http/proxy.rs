@@ -202,13 +202,9 @@ fn text(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, ApiErr
             false => Ok(None),
         };
     };
-    let text = match std::str::from_utf8(value.as_bytes()) {
-        Ok(text) => text.to_owned(),
-        Err(_) => value
-            .as_bytes()
-            .iter()
-            .map(|&b| char::from(b))
-            .collect::<String>(),
+    let text: std::borrow::Cow<'_, str> = match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => text.into(),
+        Err(_) => value.as_bytes().iter().map(|&b| char::from(b)).collect(),
     };
     let text = text.trim();
     Ok((!text.is_empty()).then(|| text.to_owned()))
