@@ -139,6 +139,21 @@ async function assertTokenNowhere(page, token) {
     assert.equal(stored, 0, 'something was stored');
 }
 
+/** Resolves when `page` has closed, including when it closed before this was called. */
+function closed(page) {
+    return new Promise((resolve, reject) => {
+        if (page.isClosed()) {
+            resolve();
+            return;
+        }
+        const timer = setTimeout(() => reject(new Error(`${page.url()} did not close`)), WAIT.timeout);
+        page.once('close', () => {
+            clearTimeout(timer);
+            resolve();
+        });
+    });
+}
+
 /**
  * Clicks `target` (in `page` or a frame of it) and waits for the popup it opens to run its flow
  * and close; the addresses the popup went through, without their queries.
@@ -153,8 +168,9 @@ async function throughPopup(context, target) {
     context.on('request', record);
     try {
         const [popup] = await Promise.all([context.waitForEvent('page', WAIT), target.click()]);
-        // The fake provider says yes at once; the callback page closes itself.
-        await popup.waitForEvent('close', WAIT);
+        // The fake provider says yes at once; the callback page closes itself, possibly before
+        // `click()` above has returned, so a 'close' event may already be past.
+        await closed(popup);
         const start = visited.find((url) => url.pathname.startsWith('/oauth/connect/'));
         assert.ok(start, 'the popup did not start a flow');
         // The flow names the page's WebSocket, over which the page learns the outcome.
