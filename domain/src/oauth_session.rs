@@ -140,6 +140,9 @@ pub trait SessionRepository: Send + Sync {
     /// this does not happen by chance).
     async fn create_session(&self, session: &FlowSession) -> Result<(), StoreError>;
 
+    /// The session with this state, left in place; `None` if there is none.
+    async fn find_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError>;
+
     /// Deletes the session with this state and returns it, in one statement; `None` if there is
     /// none (never created, already taken, or swept).
     async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError>;

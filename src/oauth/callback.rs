@@ -68,10 +68,11 @@ async fn finish(
     if !plausible_state(flow_state) {
         return Err(FlowError::UnknownState);
     }
-    let session = state
-        .backend
-        .sessions()
-        .take_session(flow_state)
+    // Read first and taken only once the browser is known: a callback URL replayed elsewhere
+    // (its state is in the address) must not use up the flow of the browser that started it.
+    let sessions = state.backend.sessions();
+    let session = sessions
+        .find_session(flow_state)
         .await?
         .ok_or(FlowError::UnknownState)?;
     let span = tracing::Span::current();
@@ -87,6 +88,20 @@ async fn finish(
         .and_then(|url| allowed_redirect(&state.config, url).ok());
     if session.is_expired(now) {
         return Err(FlowError::ExpiredState);
+    }
+    let secrets: FlowSecrets = match &session.secrets {
+        Some(sealed) => state.commands.vault().unseal_json(sealed).await?,
+        None => FlowSecrets::default(),
+    };
+    if let Some(expected) = &secrets.browser_binding {
+        let presented = binding(&binding_cookie_name(flow_state)).unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(FlowError::ForeignBrowser);
+        }
+    }
+    // The first callback that takes it finishes the flow; a concurrent one finds it gone.
+    if sessions.take_session(flow_state).await?.is_none() {
+        return Err(FlowError::UnknownState);
     }
     if let Some(error) = param("error") {
         return Err(FlowError::ProviderDenied {
@@ -118,16 +133,6 @@ async fn finish(
         .reveal_client_secret(&integration)
         .await
         .map_err(|e| FlowError::Internal(e.to_string()))?;
-    let secrets: FlowSecrets = match &session.secrets {
-        Some(sealed) => state.commands.vault().unseal_json(sealed).await?,
-        None => FlowSecrets::default(),
-    };
-    if let Some(expected) = &secrets.browser_binding {
-        let presented = binding(&binding_cookie_name(flow_state)).unwrap_or_default();
-        if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(FlowError::ForeignBrowser);
-        }
-    }
     let config_params: BTreeMap<String, String> = session
         .connection_config
         .iter()

@@ -14,7 +14,7 @@ domain::on_both_backends!(
     sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tokens,
     with_a_secret_key_a_flow_needs_a_session_or_hmac_and_the_public_key_only_creates,
     with_a_secret_key_and_no_public_key_a_bare_flow_is_refused,
-    a_callback_in_another_browser_is_refused_before_the_provider_is_asked,
+    a_callback_in_another_browser_is_refused_and_the_flow_stays_open,
     patching_a_connection_replaces_its_tags_and_end_user,
     integrations_and_providers_answer_the_key_and_a_session_in_todays_shape,
 );
@@ -421,7 +421,7 @@ async fn with_a_secret_key_and_no_public_key_a_bare_flow_is_refused(db: &TestDat
     assert_eq!(env.fake.token_requests(), 0);
 }
 
-async fn a_callback_in_another_browser_is_refused_before_the_provider_is_asked(db: &TestDatabase) {
+async fn a_callback_in_another_browser_is_refused_and_the_flow_stays_open(db: &TestDatabase) {
     let env = secured(db).await;
     let token = session(
         &env,
@@ -466,8 +466,12 @@ async fn a_callback_in_another_browser_is_refused_before_the_provider_is_asked(d
     let page = refused.text().await.unwrap();
     assert!(page.contains("state_cookie_err"), "{page}");
     assert_eq!(env.fake.token_requests(), calls, "the provider was asked");
-    // A forged cookie of the right name does not help either (a second flow: a state is taken
-    // by the first callback that carries it).
+    // Nor did the refusal use up the flow: the browser that started it still finishes it.
+    let finished = env.get(&callback).await;
+    assert_eq!(finished.status(), StatusCode::OK);
+    assert_eq!(env.fake.token_requests(), calls + 1);
+    let calls = calls + 1;
+    // A forged cookie of the right name does not help either.
     let started = env
         .connect("fake", &format!("connect_session_token={token}"))
         .await;
@@ -485,6 +489,7 @@ async fn a_callback_in_another_browser_is_refused_before_the_provider_is_asked(d
     assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
     assert!(forged.text().await.unwrap().contains("state_cookie_err"));
     assert_eq!(env.fake.token_requests(), calls);
+    assert_eq!(env.get(&callback).await.status(), StatusCode::OK);
 }
 
 async fn patching_a_connection_replaces_its_tags_and_end_user(db: &TestDatabase) {

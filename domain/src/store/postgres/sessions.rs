@@ -56,6 +56,19 @@ impl SessionRepository for PostgresStore {
         Ok(())
     }
 
+    async fn find_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
+        let (client, statement) = self
+            .prepared(&format!(
+                "SELECT {SESSION_COLUMNS} FROM oauth_sessions WHERE state = $1"
+            ))
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&state])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(flow_session).transpose()
+    }
+
     async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
         let (client, statement) = self
             .prepared(&format!(

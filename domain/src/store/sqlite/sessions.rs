@@ -53,6 +53,20 @@ impl SessionRepository for SqliteStore {
         .await
     }
 
+    async fn find_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
+        let state = state.to_owned();
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLUMNS} FROM oauth_sessions WHERE state = ?1"
+                ))
+                .and_then(|mut s| s.query_row([&state], session_row).optional())
+                .map_err(db_error)?;
+            row.map(flow_session).transpose()
+        })
+        .await
+    }
+
     async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
         let state = state.to_owned();
         // The one writer connection serializes this with every other take.
