@@ -429,6 +429,7 @@ impl Import {
     ) -> AuthorizeConnection {
         AuthorizeConnection {
             only_new: Default::default(),
+            only_existing: Default::default(),
             ownership: self.ownership,
             key: self.key,
             provider: settings.provider.clone(),

@@ -69,6 +69,9 @@ pub struct FlowSession {
     /// The flow may create its connection but not replace an existing one (started with only
     /// the public key).
     pub only_new: bool,
+    /// The flow re-authorizes its connection (a reconnect session) and may not create it: one
+    /// deleted while the user was at the provider stays deleted.
+    pub only_existing: bool,
 }
 
 impl FlowSession {
@@ -94,6 +97,7 @@ impl fmt::Debug for FlowSession {
             .field("expires_at", &self.expires_at)
             .field("ownership", &self.ownership)
             .field("only_new", &self.only_new)
+            .field("only_existing", &self.only_existing)
             .finish_non_exhaustive()
     }
 }

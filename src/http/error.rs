@@ -468,7 +468,9 @@ pub fn form_refusal(error: FlowError) -> ApiError {
         FlowError::ConnectionTestFailed(_) => {
             refused(S::BAD_REQUEST, "connection_test_failed", &error)
         }
-        FlowError::ConnectionExists => refused(S::BAD_REQUEST, "invalid_connection", &error),
+        FlowError::ConnectionExists | FlowError::ReconnectTargetGone => {
+            refused(S::BAD_REQUEST, "invalid_connection", &error)
+        }
         FlowError::MissingConnectionId => refused(S::BAD_REQUEST, "missing_connection_id", &error),
         FlowError::MissingHmac => refused(S::BAD_REQUEST, "missing_hmac", &error),
         FlowError::InvalidHmac => refused(S::BAD_REQUEST, "invalid_hmac", &error),

@@ -111,15 +111,19 @@ async fn finish(
     }
 
     // A flow that may only create the connection (the public key alone) and finds it created
-    // since is refused before the provider is asked: its code stays unredeemed. (The command
-    // refuses it again, should it appear between this read and the append.)
-    if session.only_new {
+    // since, or only re-authorize it (a reconnect) and finds it deleted since, is refused before
+    // the provider is asked: its code stays unredeemed. (The command refuses it again, should
+    // the connection change between this read and the append.)
+    if session.only_new || session.only_existing {
         let connection = ConnectionKey::new(&session.provider_config_key, &session.connection_id);
-        if queries::find_connection(&state.read_models, &connection)
+        let exists = queries::find_connection(&state.read_models, &connection)
             .await?
-            .is_some()
-        {
+            .is_some();
+        if session.only_new && exists {
             return Err(FlowError::ConnectionExists);
+        }
+        if session.only_existing && !exists {
+            return Err(FlowError::ReconnectTargetGone);
         }
     }
     let key = &session.provider_config_key;
@@ -189,6 +193,7 @@ async fn finish(
         .commands
         .authorize_connection(AuthorizeConnection {
             only_new: session.only_new,
+            only_existing: session.only_existing,
             ownership: session.ownership.clone().unwrap_or_default(),
             key: connection.clone(),
             provider: integration.settings.provider.clone(),

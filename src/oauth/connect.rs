@@ -130,6 +130,7 @@ async fn start(
     let Caller {
         connection,
         only_new,
+        only_existing,
         session,
         integration,
         connection_config,
@@ -183,6 +184,7 @@ async fn start(
         .map_err(|e| FlowError::Internal(e.to_string()))?;
     let session = FlowSession {
         only_new,
+        only_existing,
         ownership: session.as_ref().map(ConnectSession::ownership),
         state: flow_state,
         provider_config_key: key.to_owned(),
@@ -223,6 +225,8 @@ pub(super) struct Caller {
     pub connection: ConnectionKey,
     /// Whether the flow may only create the connection (public key alone).
     pub only_new: bool,
+    /// Whether the flow may only re-authorize the connection (a reconnect session).
+    pub only_existing: bool,
     pub session: Option<ConnectSession>,
     pub integration: ActiveIntegration,
     /// `params[x]`, with the session's defaults, as the connection's configuration.
@@ -256,8 +260,8 @@ pub(super) async fn caller(
         Some(session) => (session_connection(session, &key, &request)?, false),
         None => public_connection(config, key, &request)?,
     };
-    let reconnects = session.as_ref().is_some_and(|s| s.reconnect.is_some());
-    if only_new || reconnects {
+    let only_existing = session.as_ref().is_some_and(|s| s.reconnect.is_some());
+    if only_new || only_existing {
         let exists = queries::find_connection(&state.read_models, &connection)
             .await?
             .is_some();
@@ -266,7 +270,7 @@ pub(super) async fn caller(
         }
         // A reconnect re-authorizes the connection it names; one deleted since is not
         // created anew through it.
-        if reconnects && !exists {
+        if only_existing && !exists {
             return Err(FlowError::ReconnectTargetGone);
         }
     }
@@ -310,6 +314,7 @@ pub(super) async fn caller(
     Ok(Caller {
         connection,
         only_new,
+        only_existing,
         session,
         integration,
         connection_config,

@@ -239,6 +239,10 @@ impl From<CommandError> for FlowError {
     fn from(e: CommandError) -> Self {
         match e {
             CommandError::Connection(ConnectionRejected::AlreadyExists) => Self::ConnectionExists,
+            // Only a reconnect refuses a connection that is not there.
+            CommandError::Connection(
+                ConnectionRejected::NotFound | ConnectionRejected::Deleted,
+            ) => Self::ReconnectTargetGone,
             CommandError::Store(e) => e.into(),
             CommandError::Keys(e) => e.into(),
             other => Self::Internal(other.to_string()),

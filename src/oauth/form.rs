@@ -68,6 +68,7 @@ async fn authorize(
     let Caller {
         connection,
         only_new,
+        only_existing,
         session,
         integration,
         connection_config,
@@ -121,6 +122,7 @@ async fn authorize(
         .commands
         .authorize_connection(AuthorizeConnection {
             only_new,
+            only_existing,
             ownership: session
                 .as_ref()
                 .map(ConnectSession::ownership)

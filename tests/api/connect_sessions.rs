@@ -219,7 +219,14 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
         .collect();
     assert_eq!(generations, [1, 2], "{entries}");
 
-    // Deleted since: the session does not create it anew.
+    // Deleted since: the session does not create it anew, neither through a flow that was at
+    // the provider when it was deleted (refused before the code is redeemed) nor a new one.
+    let pending = env
+        .authorize(
+            &env.start("fake", &format!("connect_session_token={token}"))
+                .await,
+        )
+        .await;
     let existing = |method: reqwest::Method| {
         env.app
             .client
@@ -237,6 +244,9 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
             .status()
             .is_success()
     );
+    let calls = env.fake.token_requests();
+    error_page(env.get(&pending).await, "invalid_connection").await;
+    assert_eq!(env.fake.token_requests(), calls, "the code was redeemed");
     let gone = env
         .connect("fake", &format!("connect_session_token={token}"))
         .await;

@@ -173,6 +173,35 @@ async fn api_key_and_basic_connections_are_verified_stored_and_read_back(db: &Te
     assert_eq!(ok_json(answer).await["connectionId"], id.as_str());
     let entries = history(&env, "fake-key", &id).await;
     assert_eq!(entries["events"].as_array().unwrap().len(), 2, "{entries}");
+    // Deleted since, it is not created anew through the reconnect session.
+    let connection = env
+        .app
+        .url(&format!("/connection/{id}?provider_config_key=fake-key"));
+    let deleted = env
+        .app
+        .client
+        .delete(&connection)
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    let refused = submit(
+        &env,
+        &format!("/api-auth/api-key/fake-key?connect_session_token={reconnect}"),
+        &json!({"apiKey": FakeProvider::API_KEY}),
+    )
+    .await;
+    assert_error(refused, 400, "invalid_connection").await;
+    let gone = env
+        .app
+        .client
+        .get(&connection)
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
 
     // A template without verification stores what it is given, asking no one.
     let open = session(

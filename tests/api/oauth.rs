@@ -640,6 +640,7 @@ async fn an_expired_state_is_refused_without_calling_the_provider(db: &TestDatab
 fn session(state: &str, created_at: DateTime<Utc>, lifetime: chrono::Duration) -> FlowSession {
     FlowSession {
         only_new: Default::default(),
+        only_existing: true,
         ownership: Default::default(),
         state: state.to_owned(),
         provider_config_key: "k".into(),

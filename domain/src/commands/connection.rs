@@ -43,6 +43,10 @@ pub struct AuthorizeConnection {
     /// Refuse ([`ConnectionRejected::AlreadyExists`]) when the connection is authorized now:
     /// a flow started with only the public key may create a connection, never replace one.
     pub only_new: bool,
+    /// Refuse ([`ConnectionRejected::NotFound`], [`ConnectionRejected::Deleted`]) when the
+    /// connection is not authorized now: a reconnect re-authorizes a connection, never
+    /// creates one.
+    pub only_existing: bool,
 }
 
 impl AuthorizeConnection {
@@ -74,6 +78,17 @@ impl AuthorizeConnection {
     ) -> Result<Vec<ConnectionEvent>, CommandError> {
         if self.only_new && state.active().is_some() {
             return Err(CommandError::Connection(ConnectionRejected::AlreadyExists));
+        }
+        if self.only_existing {
+            match state {
+                Connection::Active(_) => {}
+                Connection::NeverAuthorized => {
+                    return Err(CommandError::Connection(ConnectionRejected::NotFound));
+                }
+                Connection::Deleted(_) => {
+                    return Err(CommandError::Connection(ConnectionRejected::Deleted));
+                }
+            }
         }
         let authorization = Authorization {
             provider_config_key: self.key.provider_config_key().to_owned(),

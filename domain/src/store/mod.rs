@@ -665,7 +665,7 @@ const MESSAGE_BACKLOG: usize = 256;
 /// The columns of `oauth_sessions`, in the order both backends read and write them.
 const SESSION_COLUMNS: &str = "state, provider_config_key, provider, connection_id, callback_url, \
      connection_config, scopes, api_redirect_url, ws_client_id, secrets_key_id, secrets, \
-     created_at, expires_at, ownership, only_new";
+     created_at, expires_at, ownership, only_new, only_existing";
 
 /// A stored OAuth flow session that cannot be read back.
 fn unreadable_session(reason: String) -> StoreError {

@@ -29,6 +29,7 @@ grantline_domain::on_both_backends!(
     fingerprints_are_stable_per_token_differ_between_tokens_and_survive_another_vault,
     metadata_is_replaced_or_merged_and_must_be_an_object,
     deletion_shreds_every_generation_and_a_second_delete_is_rejected,
+    a_reconnect_reauthorizes_only_a_connection_that_is_there,
     twenty_concurrent_metadata_merges_on_one_connection_all_land,
     an_integration_is_created_updated_and_deleted_with_its_client_secret_sealed,
     an_import_with_metadata_is_one_append,
@@ -84,6 +85,7 @@ fn import(credentials: Credentials, now: DateTime<Utc>) -> AuthorizeConnection {
     connection_config.insert("subdomain".to_owned(), json!("acme"));
     AuthorizeConnection {
         only_new: Default::default(),
+        only_existing: Default::default(),
         ownership: Default::default(),
         key: key(),
         provider: "github".to_owned(),
@@ -424,6 +426,49 @@ async fn deletion_shreds_every_generation_and_a_second_delete_is_rejected(db: &T
         commands.reveal_credentials(active(&revived)).await.unwrap(),
         oauth2(ACCESS, REFRESH)
     );
+}
+
+/// A reconnect (`only_existing`) re-authorizes the connection; it never creates one, neither
+/// where there was none nor over a deletion, and a refusal appends nothing.
+async fn a_reconnect_reauthorizes_only_a_connection_that_is_there(db: &TestDatabase) {
+    let (commands, _) = commands(db).await;
+    let reconnect = |access: &str, refresh: &str, now| AuthorizeConnection {
+        only_existing: true,
+        ..import(oauth2(access, refresh), now)
+    };
+    let refused = commands
+        .authorize_connection(reconnect(ACCESS, REFRESH, at(0)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            CommandError::Connection(ConnectionRejected::NotFound)
+        ),
+        "{refused:?}"
+    );
+    commands
+        .authorize_connection(import(oauth2(ACCESS, REFRESH), at(1)))
+        .await
+        .unwrap();
+    let again = commands
+        .authorize_connection(reconnect(ACCESS_2, REFRESH_2, at(2)))
+        .await
+        .unwrap();
+    assert_eq!(active(&again).generation, 2);
+    commands.delete_connection(&key(), at(3)).await.unwrap();
+    let refused = commands
+        .authorize_connection(reconnect(ACCESS, REFRESH, at(4)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            CommandError::Connection(ConnectionRejected::Deleted)
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(connection_events(&commands).await.len(), 3);
 }
 
 async fn twenty_concurrent_metadata_merges_on_one_connection_all_land(db: &TestDatabase) {

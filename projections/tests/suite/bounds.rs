@@ -97,6 +97,7 @@ async fn every_accepted_value_reads_back_equal_and_every_refused_one_writes_noth
             .commands
             .authorize_connection(AuthorizeConnection {
                 only_new: Default::default(),
+                only_existing: Default::default(),
                 ownership: Default::default(),
                 key: key.clone(),
                 provider: "github".into(),

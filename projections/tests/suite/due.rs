@@ -73,6 +73,7 @@ async fn the_queries_select_what_the_policy_statement_says(db: &TestDatabase) {
         f.commands
             .authorize_connection(AuthorizeConnection {
                 only_new: Default::default(),
+                only_existing: Default::default(),
                 ownership: Default::default(),
                 key: key.clone(),
                 provider: case.provider.into(),

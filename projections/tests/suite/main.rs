@@ -76,6 +76,7 @@ impl Fixture {
         self.commands
             .authorize_connection(AuthorizeConnection {
                 only_new: Default::default(),
+                only_existing: Default::default(),
                 ownership: Default::default(),
                 key: ConnectionKey::new(key, id),
                 provider: "github".into(),

@@ -19,7 +19,7 @@ impl SessionRepository for PostgresStore {
         let (client, statement) = self
             .prepared(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             ))
             .await?;
         let config = Value::Object(session.connection_config.clone());
@@ -49,6 +49,7 @@ impl SessionRepository for PostgresStore {
                     &session.expires_at,
                     &ownership,
                     &session.only_new,
+                    &session.only_existing,
                 ],
             )
             .await
@@ -175,6 +176,7 @@ fn flow_session(row: &Row) -> Result<FlowSession, StoreError> {
             .transpose()
             .map_err(|e| unreadable_session(e.to_string()))?,
         only_new: row.get(14),
+        only_existing: row.get(15),
     })
 }
 

@@ -26,7 +26,7 @@ impl SessionRepository for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(&format!(
                 "INSERT INTO oauth_sessions ({SESSION_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             ))
             .and_then(|mut s| {
                 s.execute(params![
@@ -45,6 +45,7 @@ impl SessionRepository for SqliteStore {
                     session.expires_at.timestamp_micros(),
                     ownership,
                     session.only_new,
+                    session.only_existing,
                 ])
             })
             .map(|_| ())
@@ -124,6 +125,7 @@ struct SessionRow {
     expires_at: i64,
     ownership: Option<String>,
     only_new: bool,
+    only_existing: bool,
 }
 
 #[async_trait]
@@ -183,6 +185,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         expires_at: row.get(12)?,
         ownership: row.get(13)?,
         only_new: row.get(14)?,
+        only_existing: row.get(15)?,
     })
 }
 
@@ -224,6 +227,7 @@ fn flow_session(row: SessionRow) -> Result<FlowSession, StoreError> {
             .transpose()
             .map_err(|e| unreadable_session(e.to_string()))?,
         only_new: row.only_new,
+        only_existing: row.only_existing,
     })
 }
 
