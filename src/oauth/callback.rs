@@ -48,6 +48,17 @@ pub async fn callback(
     }
 }
 
+/// Sends the outcome to where the flow asked: its page's WebSocket and the app's
+/// `api_redirect_url`, if the allow-list (which may have changed since the flow started) still
+/// has it.
+fn tell_the_flows_page(state: &AppState, session: &FlowSession, report: &mut Report) {
+    report.ws_client_id = session.ws_client_id.clone();
+    report.api_redirect_url = session
+        .api_redirect_url
+        .as_deref()
+        .and_then(|url| allowed_redirect(&state.config, url).ok());
+}
+
 /// `binding(name)`: the value of the request's cookie `name`.
 async fn finish(
     state: &AppState,
@@ -80,25 +91,24 @@ async fn finish(
     span.record("connection_id", session.connection_id.as_str());
     report.provider_config_key = Some(session.provider_config_key.clone());
     report.connection_id = Some(session.connection_id.clone());
-    report.ws_client_id = session.ws_client_id.clone();
-    // Checked again: the allow-list may have changed since the flow started.
-    report.api_redirect_url = session
-        .api_redirect_url
-        .as_deref()
-        .and_then(|url| allowed_redirect(&state.config, url).ok());
+    // An expired flow is over whoever calls (its binding cookie expired with it).
     if session.is_expired(now) {
+        tell_the_flows_page(state, &session, report);
         return Err(FlowError::ExpiredState);
     }
     let secrets: FlowSecrets = match &session.secrets {
         Some(sealed) => state.commands.vault().unseal_json(sealed).await?,
         None => FlowSecrets::default(),
     };
+    // Another browser's refusal is its own: the flow's page and the app hear only what
+    // happens in the browser that started it.
     if let Some(expected) = &secrets.browser_binding {
         let presented = binding(&binding_cookie_name(flow_state)).unwrap_or_default();
         if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
             return Err(FlowError::ForeignBrowser);
         }
     }
+    tell_the_flows_page(state, &session, report);
     // The first callback that takes it finishes the flow; a concurrent one finds it gone.
     if sessions.take_session(flow_state).await?.is_none() {
         return Err(FlowError::UnknownState);

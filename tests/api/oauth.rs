@@ -1112,6 +1112,25 @@ async fn a_websocket_client_hears_the_outcome_of_its_flow(db: &TestDatabase) {
     let mut socket = Socket::open(&env.app).await;
     socket.hears_a_failed_connect(&env, "user-3").await;
 
+    // A callback replayed in another browser is refused there and told to no one else: the
+    // socket hears the outcome of the flow's own browser, which still finishes it.
+    env.fake.deny(false);
+    let mut socket = Socket::open(&env.app).await;
+    let callback = env
+        .authorize(&env.start("fake", &socket.query("user-4")).await)
+        .await;
+    let stranger = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    error_page(
+        stranger.get(&callback).send().await.unwrap(),
+        "state_cookie_err",
+    )
+    .await;
+    success_page(env.get(&callback).await, "fake", "user-4").await;
+    assert_eq!(socket.next().await.unwrap()["message_type"], "success");
+
     // Nothing reached the client that was not named.
     drop(env);
     assert_eq!(other.next().await, None);
