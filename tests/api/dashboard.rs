@@ -185,6 +185,17 @@ async fn the_dashboard_refuses_what_it_must_and_never_shows_a_secret(db: &TestDa
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    // A way back that no Location header can hold is dropped too, not a 500.
+    for next in ["/ui/\u{7f}x", "/ui/a\r\nb", "/ui/é", "/ui/a b"] {
+        let signed_in = browser
+            .post(app.url("/ui/login"))
+            .form(&[("secret_key", SECRET), ("next", next)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(signed_in.status(), StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(signed_in.headers()[LOCATION], "/ui/", "{next:?}");
+    }
 
     // Pages carry a strict policy and never a token or a secret.
     let page = get("/ui/connections/fake/alpha", Some(&cookie))

@@ -178,8 +178,9 @@ impl IntoResponse for Refusal {
 }
 
 /// Whether `path` is a path of the dashboard (where signing in may send the browser back to).
+/// Only visible ASCII: the path goes into a `Location` header as it is.
 fn is_dashboard_path(path: &str) -> bool {
-    path.starts_with("/ui/") && !path.starts_with("//") && !path.contains("://")
+    path.starts_with("/ui/") && !path.contains("://") && path.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[derive(Deserialize)]
