@@ -285,7 +285,7 @@ pub enum TagError {
     BadKey(String),
     #[error("tag keys must be unique regardless of case: {0:?}")]
     DuplicateKey(String),
-    #[error("the value of tag {0:?} must be 1 to 255 characters")]
+    #[error("the value of tag {0:?} must be 1 to 255 characters, none of them a control character")]
     BadValue(String),
     #[error("tag end_user_email must be an e-mail address")]
     BadEmail,
@@ -302,7 +302,7 @@ pub fn check_tags(tags: &BTreeMap<String, String>) -> Result<BTreeMap<String, St
             return Err(TagError::BadKey(key.clone()));
         }
         let lower = key.to_lowercase();
-        if value.is_empty() || value.chars().count() > 255 {
+        if value.is_empty() || value.chars().count() > 255 || value.chars().any(char::is_control) {
             return Err(TagError::BadValue(key.clone()));
         }
         if lower == "end_user_email" && !plausible_email(value) {
@@ -404,10 +404,12 @@ mod tests {
             check_tags(&map(&[("a", "1"), ("A", "2")])),
             Err(TagError::DuplicateKey("a".into()))
         );
-        assert_eq!(
-            check_tags(&map(&[("a", "")])),
-            Err(TagError::BadValue("a".into()))
-        );
+        for value in ["", "a\0b", "a\nb", "\u{7f}"] {
+            assert_eq!(
+                check_tags(&map(&[("a", value)])),
+                Err(TagError::BadValue("a".into()))
+            );
+        }
         assert_eq!(
             check_tags(&map(&[("end_user_email", "nope")])),
             Err(TagError::BadEmail)

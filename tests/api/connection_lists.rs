@@ -206,6 +206,8 @@ async fn bad_list_parameters_get_invalid_query_params(db: &TestDatabase) {
         "tags[a]=1&tags[A]=2",
         "search=a%0Ab",
         "endUserId=%00",
+        "tags[a]=%00",
+        "tags[a]=x%0Ay",
     ] {
         for family in ["/connection", "/connections"] {
             let response = app.get(&format!("{family}?{query}")).await;

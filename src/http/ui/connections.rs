@@ -97,6 +97,12 @@ impl Filters {
         {
             return Err("A filter is longer than 255 characters.".to_owned());
         }
+        if [&self.q, &self.integration, &self.tag, &self.end_user]
+            .iter()
+            .any(|s| s.chars().any(char::is_control))
+        {
+            return Err("A filter contains control characters.".to_owned());
+        }
         Ok(ConnectionFilter {
             search: text(&self.q).map(|q| q.to_lowercase()),
             integrations: text(&self.integration).into_iter().collect(),
