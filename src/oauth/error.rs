@@ -131,11 +131,7 @@ pub enum FlowError {
 /// An OAuth error code as a page may show it: a short token of letters, digits, `_`, `.`, `-`,
 /// else `unrecognized` (the callback's query is anyone's text).
 fn error_code(code: &str) -> &str {
-    let plausible = (1..=64).contains(&code.len())
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if plausible { code } else { "unrecognized" }
+    workers::provider::plausible_error_code(code)
 }
 
 /// What the browser may learn of a failed token exchange: its class, the HTTP status and the

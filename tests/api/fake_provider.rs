@@ -48,6 +48,8 @@ pub enum TokenMode {
     NotJson,
     /// Answers 400 `invalid_grant` (the grant is gone).
     InvalidGrant,
+    /// JSON tokens, the refresh answer with an extra field `padding` of this many characters.
+    Padded(usize),
 }
 
 /// The refresh tokens the fake accepts: each use rotates the token; a spent token is refused
@@ -488,7 +490,7 @@ async fn token_for(
             )
                 .into_response();
         }
-        TokenMode::Json | TokenMode::Form => {}
+        TokenMode::Json | TokenMode::Form | TokenMode::Padded(_) => {}
     }
     let json_body = headers
         .get(header::CONTENT_TYPE)
@@ -675,12 +677,15 @@ fn refresh_grant(tokens: &mut RefreshTokens, presented: &str, mode: TokenMode) -
     tokens.issued += 1;
     let (access, refresh) = FakeProvider::refreshed_tokens(tokens.issued);
     tokens.live.insert(refresh.clone(), None);
-    let answer = json!({
+    let mut answer = json!({
         "access_token": access,
         "refresh_token": refresh,
         "token_type": "bearer",
         "expires_in": 3600,
     });
+    if let TokenMode::Padded(n) = mode {
+        answer["padding"] = json!("p".repeat(n));
+    }
     if mode == TokenMode::Form {
         return form(format!(
             "access_token={access}&refresh_token={refresh}&expires_in=3600"

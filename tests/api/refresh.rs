@@ -17,6 +17,7 @@ domain::on_both_backends!(
     invalid_grant_is_permanent_until_forced_or_reauthorized,
     a_transient_failure_is_retried_after_the_backoff,
     a_fresh_token_is_not_refreshed_unless_forced,
+    an_answer_too_large_beside_the_old_raw_is_kept_alone,
 );
 
 domain::on_postgres_only!(
@@ -316,5 +317,51 @@ async fn a_fresh_token_is_not_refreshed_unless_forced(db: &TestDatabase) {
     assert_eq!(
         env.app().access_token(CONNECTION).await,
         FakeProvider::refreshed_tokens(2).0
+    );
+}
+
+/// A refresh answer within the bounds whose union with the stored `raw` is not: the provider
+/// has rotated the refresh token by then, so the answer is kept (alone) rather than lost, and
+/// the next refresh spends the new refresh token.
+async fn an_answer_too_large_beside_the_old_raw_is_kept_alone(db: &TestDatabase) {
+    let env = env(db, 1, &[]).await;
+    env.fake.accept_refresh_token("rt-big");
+    let imported = env
+        .app()
+        .post_json(
+            "/connection",
+            &serde_json::json!({
+                "provider_config_key": KEY, "connection_id": ID,
+                "access_token": "old-access", "refresh_token": "rt-big",
+                "expires_at": chrono::Utc::now().timestamp() - 60,
+                "raw": {"imported": "i".repeat(40_000), "id_token": "kept"},
+            }),
+        )
+        .await;
+    assert_eq!(imported.status(), 201);
+    env.fake.set_mode(TokenMode::Padded(30_000));
+    let body = env.app().get_ok(CONNECTION).await;
+    let (access, refresh) = FakeProvider::refreshed_tokens(1);
+    let credentials = &body["credentials"];
+    assert_eq!(credentials["access_token"], access.as_str());
+    assert_eq!(credentials["refresh_token"], refresh.as_str());
+    let raw = credentials["raw"].as_object().unwrap();
+    assert_eq!(raw["padding"].as_str().unwrap().len(), 30_000);
+    assert!(raw.get("imported").is_none() && raw.get("id_token").is_none());
+    assert_eq!(raw["refresh_token"], refresh.as_str());
+    // Within the bounds again, the old fields come back beside the new answer's, and the
+    // previous answer's tokens are not among them.
+    env.fake.set_mode(TokenMode::Json);
+    let body = env.app().get_ok(FORCED).await;
+    let (access, refresh) = FakeProvider::refreshed_tokens(2);
+    assert_eq!(body["credentials"]["access_token"], access.as_str());
+    let raw = body["credentials"]["raw"].as_object().unwrap();
+    assert_eq!(raw["access_token"], access.as_str());
+    assert_eq!(raw["refresh_token"], refresh.as_str());
+    assert_eq!(raw["padding"].as_str().unwrap().len(), 30_000);
+    assert_eq!(env.fake.refresh_requests(), 2);
+    assert_eq!(
+        kinds(&env.events().await)[2..],
+        ["leased", "refreshed", "leased", "refreshed"]
     );
 }

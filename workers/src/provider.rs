@@ -10,8 +10,10 @@
 //! - Every request ends within the configured timeout (connecting, sending and reading the
 //!   answer), and an answer larger than [`MAX_RESPONSE_BYTES`] is refused.
 //! - A [`TokenError`]'s message never contains a secret: neither the client secret, the code,
-//!   the verifier nor a token. It quotes only the provider's `error` and `error_description`
-//!   (shortened), the HTTP status, and what was wrong with the answer's shape.
+//!   the verifier nor a token. It quotes the HTTP status, the provider's `error` code when it
+//!   looks like one ([`plausible_error_code`], else `unrecognized`), and what was wrong with
+//!   the answer's shape; never the provider's free text (`error_description`), which may echo
+//!   what it was sent, and which failures recorded in the log would keep forever.
 //! - Redirects are not followed: a token endpoint that redirects is misconfigured.
 
 use std::fmt;
@@ -133,7 +135,7 @@ pub enum TokenError {
     #[error("the token endpoint could not be reached: {0}")]
     Network(String),
     /// The endpoint answered with an error: a non-2xx status, or a 2xx carrying `error`.
-    #[error("the token endpoint answered {}", describe_refusal(.status, .error, .description))]
+    #[error("the token endpoint answered {}", describe_refusal(.status, .error))]
     Refused {
         /// The HTTP status.
         status: u16,
@@ -178,13 +180,10 @@ pub(crate) fn loggable_url(url: &str) -> String {
     }
 }
 
-fn describe_refusal(status: &u16, error: &Option<String>, description: &Option<String>) -> String {
+fn describe_refusal(status: &u16, error: &Option<String>) -> String {
     let mut text = format!("HTTP {status}");
     if let Some(error) = error {
         text.push_str(&format!(" with error {error:?}"));
-    }
-    if let Some(description) = description {
-        text.push_str(&format!(": {description}"));
     }
     text
 }
@@ -420,6 +419,17 @@ pub fn parse_token_response(
         Some(Value::String(token)) if !token.is_empty() => Some(token.clone()),
         _ => None,
     };
+    // The rule for imported tokens: no header (nor the log's JSON, for NUL) could carry them.
+    for (name, token) in [
+        ("access_token", Some(&access_token)),
+        ("refresh_token", refresh_token.as_ref()),
+    ] {
+        if token.is_some_and(|t| t.chars().any(char::is_control)) {
+            return Err(TokenError::Malformed(format!(
+                "{name} contains control characters"
+            )));
+        }
+    }
     let expires_at = raw
         .get("expires_in")
         .and_then(seconds)
@@ -499,7 +509,8 @@ pub(crate) fn decode_body(content_type: Option<&str>, body: &[u8]) -> Option<Map
     Some(map)
 }
 
-/// The provider's `error` and `error_description`, shortened.
+/// The provider's `error` (as [`plausible_error_code`] lets it through) and its
+/// `error_description`, shortened.
 pub(crate) fn error_fields(fields: &Map<String, Value>) -> (Option<String>, Option<String>) {
     let text = |key: &str| match fields.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Some(shorten(s)),
@@ -507,7 +518,19 @@ pub(crate) fn error_fields(fields: &Map<String, Value>) -> (Option<String>, Opti
         Some(Value::Object(inner)) => inner.get("message").and_then(Value::as_str).map(shorten),
         _ => None,
     };
-    (text("error"), text("error_description"))
+    let code = text("error").map(|code| plausible_error_code(&code).to_owned());
+    (code, text("error_description"))
+}
+
+/// `code` if it looks like an OAuth error code (1–64 ASCII letters, digits, `_`, `.`, `-`),
+/// else `unrecognized`: it is recorded in the log, shown in history and webhooks and logged,
+/// so a provider's text (which may echo what it was sent) does not pass for one.
+pub fn plausible_error_code(code: &str) -> &str {
+    let plausible = (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if plausible { code } else { "unrecognized" }
 }
 
 fn shorten(text: &str) -> String {
@@ -523,16 +546,15 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// A number of seconds, given as a JSON number or a numeric string.
+/// A number of seconds, given as a JSON number or a numeric string; a negative lifetime is an
+/// expired token (0), not an unknown one.
 fn seconds(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .filter(|s| *s >= 0),
-        Value::String(s) => s.trim().parse::<i64>().ok().filter(|s| *s >= 0),
+    let seconds = match value {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
-    }
+    };
+    seconds.map(|s| s.max(0))
 }
 
 /// `expires_at` as a provider (or an import) gives it: UNIX seconds (number or numeric string)
@@ -633,6 +655,15 @@ mod tests {
                 json!({"access_token": "a", "expires_in": "60"}),
                 1_700_000_060,
             ),
+            // A negative lifetime: expired, not unknown.
+            (
+                json!({"access_token": "a", "expires_in": -60}),
+                1_700_000_000,
+            ),
+            (
+                json!({"access_token": "a", "expires_in": "-60"}),
+                1_700_000_000,
+            ),
         ] {
             let token = parse(200, "application/json", &body.to_string()).unwrap();
             assert_eq!(
@@ -653,9 +684,21 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             error.to_string(),
-            "the token endpoint answered HTTP 400 with error \"invalid_grant\": Bad code"
+            "the token endpoint answered HTTP 400 with error \"invalid_grant\""
         );
         assert!(!error.is_retryable());
+        // A code that is not one (here it echoes the refresh token) is not quoted either.
+        let error = parse(
+            400,
+            "application/json",
+            r#"{"error":"invalid_grant:rt-SECRET"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, TokenError::Refused { error: Some(code), .. } if code == "unrecognized"),
+            "{error:?}"
+        );
+        assert!(!error.to_string().contains("SECRET"));
         let error = parse(503, "text/html", "<html>down</html>").unwrap_err();
         assert_eq!(error.to_string(), "the token endpoint answered HTTP 503");
         assert!(error.is_retryable());
@@ -677,6 +720,15 @@ mod tests {
             ("application/json", r#"{"token_type":"bearer"}"#),
             ("application/json", r#"{"access_token":""}"#),
             ("application/json", r#"{"access_token":42}"#),
+            (
+                "application/json",
+                r#"{"access_token":"a\r\nX-Injected: 1"}"#,
+            ),
+            ("application/json", r#"{"access_token":"a\u0000"}"#),
+            (
+                "application/json",
+                r#"{"access_token":"a","refresh_token":"r\u0000"}"#,
+            ),
             ("text/plain", "hello world"),
         ] {
             let error = parse(200, content_type, body).unwrap_err();

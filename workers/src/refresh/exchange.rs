@@ -6,10 +6,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use chrono::Utc;
+use domain::bounds::JsonBounds;
 use domain::catalog;
 use domain::connection::{FailureClass, RefreshFailure, RefreshTrigger};
 use domain::credentials::Credentials;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{Inner, Leased, ProviderAnswer, RefreshError, trigger_slot};
 use crate::client_credentials::{self, ClientCredentials};
@@ -129,19 +130,20 @@ impl Inner {
                     .refresh_token
                     .as_ref()
                     .is_some_and(|new| new != refresh_token);
-                // The new answer's fields over the old ones: a refresh answer often lacks fields
-                // the authorization had (and the kept refresh token stays in `raw` too).
-                let mut raw = old_raw.as_object().cloned().unwrap_or_default();
-                raw.extend(token.raw);
-                Ok((
-                    Credentials::OAuth2 {
-                        access_token: token.access_token,
-                        refresh_token: token.refresh_token.or_else(|| Some(refresh_token.clone())),
-                        expires_at: token.expires_at,
-                        raw: Value::Object(raw),
-                    },
-                    rotated,
-                ))
+                let refresh_token = token.refresh_token.unwrap_or_else(|| refresh_token.clone());
+                let raw = refreshed_raw(old_raw, token.raw, &refresh_token);
+                let credentials = Credentials::OAuth2 {
+                    access_token: token.access_token,
+                    refresh_token: Some(refresh_token),
+                    expires_at: token.expires_at,
+                    raw: Value::Object(raw),
+                };
+                // What the provider sent must be recordable, or the refresh fails here (and is
+                // recorded as failed, closing the lease) rather than when it is appended.
+                match credentials.check_bounds() {
+                    Ok(()) => Ok((credentials, rotated)),
+                    Err(e) => Err(classify(&TokenError::Malformed(e.to_string()))),
+                }
             }
             Err(e) => Err(classify(&e)),
         })
@@ -165,6 +167,30 @@ impl Inner {
             Ordering::Relaxed,
         );
         answer
+    }
+}
+
+/// The `raw` of refreshed credentials: the new answer's fields over the old ones, since a
+/// refresh answer often lacks fields the authorization had (`id_token`, `scope`…). The old
+/// answer's token fields never outlive it (its `access_token` and lifetime are the old
+/// token's), `refresh_token` is the one the credentials keep, and when the union would pass
+/// the log's bounds the new answer stands alone (it is within them already).
+fn refreshed_raw(old: &Value, new: Map<String, Value>, refresh_token: &str) -> Map<String, Value> {
+    let mut raw = old.as_object().cloned().unwrap_or_default();
+    for stale in ["access_token", "expires_in", "expires_at", "refresh_token"] {
+        raw.remove(stale);
+    }
+    raw.extend(new.clone());
+    if raw.contains_key("refresh_token") || old.get("refresh_token").is_some() {
+        raw.insert(
+            "refresh_token".into(),
+            Value::String(refresh_token.to_owned()),
+        );
+    }
+    if JsonBounds::CLIENT.check_object(&raw).is_ok() {
+        raw
+    } else {
+        new
     }
 }
 
