@@ -673,6 +673,13 @@ impl ServeArgs {
                 format!("{:?} is not a cron expression: {e}", self.refresh_schedule),
             )
         })?;
+        if schedule.upcoming(chrono::Utc).next().is_none() {
+            let never = format!(
+                "{:?} never fires (no date matches it)",
+                self.refresh_schedule
+            );
+            return Err(invalid("GRANTLINE_REFRESH_SCHEDULE", never));
+        }
         let lease = parse_duration("GRANTLINE_REFRESH_LEASE", &self.refresh_lease)?;
         let provider_timeout =
             parse_duration("GRANTLINE_PROVIDER_TIMEOUT", &self.provider_timeout)?;
@@ -725,8 +732,12 @@ fn parse_positive(variable: &'static str, text: &str) -> Result<usize, ConfigErr
     }
 }
 
+/// The longest duration setting: a century, so now ± it fits every store's timestamps.
+const LONGEST_SETTING: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 fn parse_duration(variable: &'static str, text: &str) -> Result<Duration, ConfigError> {
     match humantime::parse_duration(text.trim()) {
+        Ok(d) if d > LONGEST_SETTING => Err(invalid(variable, "must be at most 100 years")),
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(invalid(variable, "must be longer than zero")),
         Err(e) => Err(invalid(
