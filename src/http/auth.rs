@@ -82,8 +82,11 @@ fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
             .decode(rest)
             .map_err(|_| ApiError::MalformedAuthHeader)?;
         let text = String::from_utf8(decoded).map_err(|_| ApiError::MalformedAuthHeader)?;
-        // The key is the user name; the password is empty (or ignored).
-        let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
+        // The key is the user name; the password is empty (or ignored). Split at the last
+        // colon: a key may hold one, a password Nango's clients send is empty.
+        let user = text
+            .rsplit_once(':')
+            .map_or(text.as_str(), |(user, _)| user);
         if !user.is_empty() {
             return Ok(Cow::Owned(user.to_owned()));
         }
@@ -99,6 +102,10 @@ mod tests {
     fn bearer_and_basic_headers_yield_the_key() {
         assert_eq!(presented_key("Bearer abc").ok().as_deref(), Some("abc"));
         let basic = format!("Basic {}", BASE64.encode("abc:"));
+        assert_eq!(presented_key(&basic).ok().as_deref(), Some("abc"));
+        let basic = format!("Basic {}", BASE64.encode("k3y:abc:"));
+        assert_eq!(presented_key(&basic).ok().as_deref(), Some("k3y:abc"));
+        let basic = format!("Basic {}", BASE64.encode("abc:ignored"));
         assert_eq!(presented_key(&basic).ok().as_deref(), Some("abc"));
     }
 
