@@ -11,10 +11,11 @@ use domain::catalog::Catalog;
 use domain::commands::{AuthorizeConnection, CommandError, Loaded};
 use domain::connect_session::Ownership;
 use domain::connection::{
-    ActiveConnection, Connection, ConnectionKey, Flow, MetadataMode, RefreshTrigger, check_metadata,
+    ActiveConnection, Connection, ConnectionKey, ConnectionRejected, Flow, MetadataMode,
+    RefreshTrigger, check_metadata,
 };
 use domain::credentials::Credentials;
-use domain::integration::IntegrationSettings;
+use domain::integration::{ActiveIntegration, IntegrationSettings};
 use projections::queries::{self, ConnectionFilter, ConnectionRecord, ConnectionSummary};
 use projections::{ConnectionsModel, ProjectionError, StateModel};
 use serde_json::{Map, Value};
@@ -480,7 +481,7 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
         .authorize_connection(command)
         .await
         .map_err(ConnectionsError::command(&key))?;
-    let connection = publish(state, &loaded).await?;
+    let connection = publish_authorized(state, &loaded, &integration.integration).await?;
     Ok(ConnectionView {
         connection: Arc::new(ConnectionRecord {
             id: projections::model::stable_id(loaded.stream_id.as_str()),
@@ -555,18 +556,20 @@ pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), Connect
 }
 
 /// Deletes the connection, shredding its secrets, without looking for it in the read model
-/// first (its integration is being deleted).
+/// first (its integration is being deleted). One deleted already is left as it is: the
+/// deletion of its integration and its own authorization may both see to it.
 pub(crate) async fn shred(
     state: &AppState,
     key: &ConnectionKey,
     now: DateTime<Utc>,
 ) -> Result<(), ConnectionsError> {
-    let loaded = state
-        .commands
-        .delete_connection(key, now)
-        .await
-        .map_err(ConnectionsError::command(key))?;
-    write_read_model(state, &loaded).await
+    match state.commands.delete_connection(key, now).await {
+        Ok(loaded) => write_read_model(state, &loaded).await,
+        Err(CommandError::Connection(
+            ConnectionRejected::Deleted | ConnectionRejected::NotFound,
+        )) => Ok(()),
+        Err(e) => Err(ConnectionsError::command(key)(e)),
+    }
 }
 
 /// Writes a command's resulting state to the read model (and drops the cached copy).
@@ -577,6 +580,29 @@ async fn write_read_model(
     state.write_read_model::<ConnectionsModel>(loaded).await?;
     state.cache.invalidate(loaded.stream_id.as_str());
     Ok(())
+}
+
+/// [`publish`] for an authorization made under `integration`, which must still be there once
+/// the connection is in the read model. Deleting an integration deletes the connections it
+/// lists after its own deletion is in the read model; one authorized meanwhile is either
+/// listed then or finds the integration gone (or replaced by a new one of the same key) here,
+/// and deletes itself: no connection outlives its integration to come back with a new one.
+pub(crate) async fn publish_authorized(
+    state: &AppState,
+    loaded: &Loaded<Connection>,
+    integration: &ActiveIntegration,
+) -> Result<ActiveConnection, ConnectionsError> {
+    let active = publish(state, loaded).await?;
+    let key = &integration.provider_config_key;
+    let still = queries::find_integration(&state.read_models, key)
+        .await?
+        .is_some_and(|found| found.integration.created_at == integration.created_at);
+    if !still {
+        let connection = ConnectionKey::new(key, &active.connection_id);
+        shred(state, &connection, Utc::now()).await?;
+        return Err(ConnectionsError::UnknownProviderConfig(key.clone()));
+    }
+    Ok(active)
 }
 
 /// Writes a command's resulting state to the read model and returns it, which must be live.

@@ -215,7 +215,7 @@ async fn finish(
             metadata: None,
         })
         .await?;
-    connections::publish(state, &loaded).await?;
+    connections::publish_authorized(state, &loaded, &integration).await?;
     tracing::info!(stream_version = loaded.version, "oauth flow completed");
     Ok(connection)
 }

@@ -263,6 +263,7 @@ impl From<ConnectionsError> for FlowError {
         match e {
             ConnectionsError::ReadModel(e) => e.into(),
             ConnectionsError::Command { source, .. } => (*source).into(),
+            ConnectionsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
             other => Self::Internal(other.to_string()),
         }
     }

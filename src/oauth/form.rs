@@ -137,7 +137,7 @@ async fn authorize(
             metadata: None,
         })
         .await?;
-    connections::publish(state, &loaded).await?;
+    connections::publish_authorized(state, &loaded, &integration).await?;
     tracing::info!(stream_version = loaded.version, "credentials authorized");
     Ok(connection)
 }

@@ -18,6 +18,7 @@ domain::on_both_backends!(
     a_deleted_connection_is_gone_from_reads_and_from_the_list,
     config_crud_hides_the_client_secret_unless_asked,
     deleting_a_config_deletes_its_connections,
+    connections_imported_while_their_config_is_deleted_do_not_come_back,
     a_reimport_replaces_the_credentials_and_keeps_the_identity,
     connection_ids_with_reserved_characters_round_trip,
     a_connection_named_metadata_is_readable_and_deletable,
@@ -783,6 +784,47 @@ async fn config_crud_hides_the_client_secret_unless_asked(db: &TestDatabase) {
         app.get_ok("/config/crm").await["config"]["oauth_client_id"],
         "client-id-of-crm"
     );
+}
+
+/// Imports racing the deletion of their config: each one either fails or is deleted with it,
+/// so none reappears (with its old credentials) when the key is configured again.
+async fn connections_imported_while_their_config_is_deleted_do_not_come_back(db: &TestDatabase) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let app = spawn_app(db, &new_key()).await;
+    for round in 0..3 {
+        create_config(&app, "race").await;
+        for i in 0..60 {
+            import_oauth2(&app, "race", &format!("pre-{round}-{i}"), "t").await;
+        }
+        let deleted = AtomicBool::new(false);
+        let importer = |worker: usize| {
+            let (app, deleted) = (&app, &deleted);
+            async move {
+                let mut i = 0;
+                while !deleted.load(Ordering::SeqCst) {
+                    let body = json!({
+                        "provider_config_key": "race",
+                        "connection_id": format!("racing-{round}-{worker}-{i}"),
+                        "access_token": "racing-token",
+                    });
+                    let answer = app.post_json("/connection", &body).await;
+                    if answer.status() != 201 {
+                        assert_error(answer, 400, "unknown_provider_config").await;
+                    }
+                    i += 1;
+                }
+            }
+        };
+        let delete = async {
+            ok_json(app.delete("/config/race").await).await;
+            deleted.store(true, Ordering::SeqCst);
+        };
+        tokio::join!(delete, importer(0), importer(1), importer(2), importer(3));
+        create_config(&app, "race").await;
+        let left = app.get_ok("/connection?integrationId=race").await;
+        assert_eq!(left["connections"], json!([]), "round {round}");
+        ok_json(app.delete("/config/race").await).await;
+    }
 }
 
 async fn deleting_a_config_deletes_its_connections(db: &TestDatabase) {
