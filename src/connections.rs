@@ -492,15 +492,17 @@ pub async fn import(state: &AppState, import: Import) -> Result<ConnectionView, 
     })
 }
 
-/// Sets (replace) or merges metadata on each of the connections `keys`; if any is unknown,
-/// nothing is written.
+/// Sets (replace) or merges metadata on each of the connections `keys` (each once), in one
+/// append: if any is unknown, deleted meanwhile or would pass the bounds, nothing is written.
 pub async fn set_metadata(
     state: &AppState,
     keys: &[ConnectionKey],
     metadata: Map<String, Value>,
     mode: MetadataMode,
 ) -> Result<(), ConnectionsError> {
-    for key in keys {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    let keys: Vec<ConnectionKey> = keys.iter().filter(|k| seen.insert(*k)).cloned().collect();
+    for key in &keys {
         let Some(found) = queries::find_connection(&state.read_models, key).await? else {
             return Err(missing(state, key).await);
         };
@@ -511,13 +513,38 @@ pub async fn set_metadata(
         })?;
     }
     let now = Utc::now();
-    for key in keys {
-        let loaded = state
+    let written = if let [key] = keys.as_slice() {
+        let one = state
             .commands
-            .set_metadata(key, Value::Object(metadata.clone()), mode, now)
-            .await
-            .map_err(ConnectionsError::command(key))?;
-        publish(state, &loaded).await?;
+            .set_metadata(key, Value::Object(metadata), mode, now);
+        vec![one.await.map_err(ConnectionsError::command(key))?]
+    } else {
+        let all = state
+            .commands
+            .set_metadata_of_all(&keys, Value::Object(metadata), mode, now);
+        match all.await {
+            Ok(written) => written,
+            Err(e) => {
+                // Deleted since the check: the answer names the first one gone.
+                if let CommandError::Connection(
+                    ConnectionRejected::NotFound | ConnectionRejected::Deleted,
+                ) = e
+                {
+                    for key in &keys {
+                        if queries::find_connection(&state.read_models, key)
+                            .await?
+                            .is_none()
+                        {
+                            return Err(missing(state, key).await);
+                        }
+                    }
+                }
+                return Err(ConnectionsError::command(&keys[0])(e));
+            }
+        }
+    };
+    for loaded in &written {
+        publish(state, loaded).await?;
     }
     Ok(())
 }

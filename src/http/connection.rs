@@ -519,6 +519,9 @@ pub async fn set_metadata_of(
     ))
 }
 
+/// The most connections one metadata update names (all of them are written in one append).
+const MAX_METADATA_IDS: usize = 1000;
+
 /// `POST`/`PATCH /connections/metadata` with `{connection_id: id | [ids], provider_config_key,
 /// metadata}`.
 ///
@@ -546,6 +549,11 @@ pub async fn set_metadata(
     let key = provider_config_key(key).map_err(in_body)?;
     let ids: Vec<String> = match &update.connection_id {
         Some(Value::String(id)) if !id.trim().is_empty() => vec![id.trim().to_owned()],
+        Some(Value::Array(items)) if items.len() > MAX_METADATA_IDS => {
+            return Err(ApiError::InvalidBody(format!(
+                "connection_id lists at most {MAX_METADATA_IDS} connections"
+            )));
+        }
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
             .map(|item| match item.as_str().map(str::trim) {

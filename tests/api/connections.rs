@@ -637,6 +637,33 @@ async fn bulk_metadata_sets_every_listed_connection_or_none(db: &TestDatabase) {
     }
     assert_eq!(metadata_of("a").await, json!({ "plan": "pro", "seats": 4 }));
     assert_eq!(metadata_of("b").await, json!({ "plan": "pro", "seats": 3 }));
+
+    // An id named twice is written once; a list of more than 1,000 is refused whole.
+    let twice = json!({ "connection_id": ["a", "b", "a"], "provider_config_key": "bulk", "metadata": { "n": 1 } });
+    let response = app.patch_json("/connections/metadata", &twice).await;
+    assert_eq!(response.status(), 200);
+    let history = app
+        .get_ok("/connection/a/history?provider_config_key=bulk")
+        .await;
+    let merges = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "metadata_set")
+        .count();
+    assert_eq!(merges, 3, "{history}");
+    let many: Vec<String> = (0..1001).map(|_| "a".to_owned()).collect();
+    let response = app
+        .patch_json(
+            "/connections/metadata",
+            &json!({ "connection_id": many, "provider_config_key": "bulk", "metadata": { "n": 2 } }),
+        )
+        .await;
+    assert_error(response, 400, "invalid_body").await;
+    assert_eq!(
+        metadata_of("b").await,
+        json!({ "plan": "pro", "seats": 3, "n": 1 })
+    );
 }
 
 async fn a_deleted_connection_is_gone_from_reads_and_from_the_list(db: &TestDatabase) {

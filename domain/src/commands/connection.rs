@@ -201,6 +201,34 @@ impl Commands {
         Ok(loaded.traced())
     }
 
+    /// [`Commands::set_metadata`] on every connection of `keys` (each once) in one atomic
+    /// append: all of them change, or none does (an unknown or deleted one refuses them all).
+    pub async fn set_metadata_of_all(
+        &self,
+        keys: &[ConnectionKey],
+        metadata: Value,
+        mode: MetadataMode,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Loaded<Connection>>, CommandError> {
+        let mut loaded = Vec::with_capacity(keys.len());
+        for key in keys {
+            let one: Loaded<Connection> = self.load(key.stream_id()).await?;
+            if one.version == 0 {
+                return Err(CommandError::Connection(ConnectionRejected::NotFound));
+            }
+            loaded.push(one);
+        }
+        self.execute_on_all(loaded, |state: &Connection| {
+            let command = ConnectionCommand::SetMetadata {
+                metadata: metadata.clone(),
+                mode,
+                now,
+            };
+            Ok(connection::decide(state, command)?)
+        })
+        .await
+    }
+
     /// Replaces or merges the connection's metadata (a JSON object).
     #[tracing::instrument(
         name = "commands.set_metadata",

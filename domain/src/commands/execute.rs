@@ -15,7 +15,7 @@ use crate::connection::TokenFingerprints;
 use crate::credentials::Credentials;
 use crate::event::DomainEvent;
 use crate::keys::{KeyError, Sealed};
-use crate::store::{ExpectedVersion, RecordedEvent, StoreError, StreamId};
+use crate::store::{Appended, ExpectedVersion, RecordedEvent, StoreError, StreamAppend, StreamId};
 
 /// How many times a new data key is made when concurrent deletions keep shredding it.
 const MAX_RESEALS: u32 = 3;
@@ -136,20 +136,7 @@ impl Commands {
                 .await
             {
                 Ok(appended) => {
-                    let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
-                    let first = appended.stream_version.saturating_sub(count) + 1;
-                    loaded.events = Vec::with_capacity(events.len());
-                    for ((stream_version, global_position), event) in
-                        (first..).zip(appended.global_positions).zip(events)
-                    {
-                        loaded.state.apply(&event);
-                        loaded.events.push(AppendedEvent {
-                            stream_version,
-                            global_position,
-                            event,
-                        });
-                    }
-                    loaded.version = appended.stream_version;
+                    absorb(&mut loaded, events, appended);
                     return Ok(loaded);
                 }
                 Err(conflict @ StoreError::Conflict { .. }) if max_attempts <= 1 => {
@@ -173,6 +160,55 @@ impl Commands {
                     attempt += 1;
                     self.catch_up(&mut loaded).await?;
                 }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// [`Commands::execute_at_most`] on several streams at once: decides on each of `loaded`
+    /// and appends to all of them in one atomic write ([`EventStore::append_streams`]), so the
+    /// change lands on every stream or on none; a rejection on any one refuses it for all.
+    /// Every stream must exist.
+    ///
+    /// [`EventStore::append_streams`]: crate::store::EventStore::append_streams
+    pub(super) async fn execute_on_all<S: Aggregate>(
+        &self,
+        mut loaded: Vec<Loaded<S>>,
+        mut decide: impl Decide<S>,
+    ) -> Result<Vec<Loaded<S>>, CommandError> {
+        let mut attempt = 1;
+        loop {
+            let decided = loaded
+                .iter()
+                .map(|l| decide(&l.state))
+                .collect::<Result<Vec<_>, _>>()?;
+            let appends = loaded
+                .iter()
+                .zip(&decided)
+                .map(|(l, events)| StreamAppend {
+                    stream: l.stream_id.clone(),
+                    expected: l.version,
+                    events: events
+                        .iter()
+                        .map(|e| e.to_new_event().with_metadata(self.event_metadata.clone()))
+                        .collect(),
+                })
+                .collect();
+            match self.backend.events().append_streams(appends).await {
+                Ok(appended) => {
+                    for ((l, events), appended) in loaded.iter_mut().zip(decided).zip(appended) {
+                        absorb(l, events, appended);
+                    }
+                    return Ok(loaded);
+                }
+                Err(StoreError::Conflict { .. }) if attempt < MAX_ATTEMPTS => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    for l in &mut loaded {
+                        self.catch_up(l).await?;
+                    }
+                }
+                Err(StoreError::Conflict { .. }) => return Err(CommandError::Conflict),
                 Err(error) => return Err(error.into()),
             }
         }
@@ -309,6 +345,24 @@ impl Commands {
 
 /// A random wait before attempt `attempt + 1`: up to twice as long as the previous bound, capped
 /// ("full jitter"), so that writers who conflicted do not meet again in lockstep.
+/// `events`, just appended as `appended`, applied to `loaded` and kept as its new events.
+fn absorb<S: Aggregate>(loaded: &mut Loaded<S>, events: Vec<S::Event>, appended: Appended) {
+    let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    let first = appended.stream_version.saturating_sub(count) + 1;
+    loaded.events = Vec::with_capacity(events.len());
+    for ((stream_version, global_position), event) in
+        (first..).zip(appended.global_positions).zip(events)
+    {
+        loaded.state.apply(&event);
+        loaded.events.push(AppendedEvent {
+            stream_version,
+            global_position,
+            event,
+        });
+    }
+    loaded.version = appended.stream_version;
+}
+
 fn backoff(attempt: u32) -> Duration {
     let bound = BACKOFF_BASE
         .saturating_mul(1 << attempt.min(16))

@@ -11,6 +11,7 @@
 //!   on both) and in any case after the poll interval, because notifications can be lost.
 //! - Events are never updated or deleted (the schema refuses it).
 
+mod batch;
 mod payload;
 mod postgres;
 mod sqlite;
@@ -27,6 +28,8 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub use batch::StreamAppend;
+use batch::check_stream_appends;
 pub use payload::Payload;
 pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
@@ -236,6 +239,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// exists already, nothing is written and the error is a [`StoreError::Conflict`] naming it.
     /// For bulk imports; one [`Appended`] per stream, in the order given.
     async fn create_streams(&self, streams: Vec<NewStream>) -> Result<Vec<Appended>, StoreError>;
+
+    /// Appends to every existing stream of `appends` at its `expected` version, in one atomic
+    /// write: when one of them is elsewhere, nothing is written and the error is a
+    /// [`StoreError::Conflict`] naming it. One [`Appended`] per stream, in the order given.
+    async fn append_streams(&self, appends: Vec<StreamAppend>)
+    -> Result<Vec<Appended>, StoreError>;
 
     /// The current version of each of `streams` (0: it does not exist), in the order given.
     async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError>;

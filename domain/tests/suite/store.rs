@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use grantline_domain::store::{
     Appended, Backend, EventStore, ExpectedVersion, LogReader, NewEvent, NewStream, Position,
-    StoreError, StoreOptions, StreamCompaction, StreamId,
+    StoreError, StoreOptions, StreamAppend, StreamCompaction, StreamId,
 };
 use grantline_domain::testing::TestDatabase;
 use serde_json::json;
@@ -29,6 +29,7 @@ grantline_domain::on_both_backends!(
     empty_appends_and_exact_zero_are_refused,
     a_reader_started_at_the_last_position_sees_only_what_comes_after,
     new_streams_are_created_all_or_nothing,
+    appends_to_several_streams_are_all_or_nothing,
     only_the_compactor_removes_events_and_only_those_it_planned,
 );
 
@@ -728,6 +729,89 @@ async fn new_streams_are_created_all_or_nothing(db: &TestDatabase) {
     }
     assert!(store.create_streams(Vec::new()).await.unwrap().is_empty());
     assert_eq!(store.head_position().await.unwrap(), 3);
+}
+
+async fn appends_to_several_streams_are_all_or_nothing(db: &TestDatabase) {
+    let backend = db.open().await;
+    let store = backend.events();
+    let (a, b, c) = (stream("a"), stream("b"), stream("c"));
+    let new = |s: &StreamId, events: Vec<NewEvent>| NewStream {
+        stream: s.clone(),
+        events,
+    };
+    store
+        .create_streams(vec![
+            new(&a, vec![event(1)]),
+            new(&b, vec![event(2), event(3)]),
+        ])
+        .await
+        .unwrap();
+    let to = |s: &StreamId, expected: u32, events: Vec<NewEvent>| StreamAppend {
+        stream: s.clone(),
+        expected,
+        events,
+    };
+    let appended = store
+        .append_streams(vec![
+            to(&b, 2, vec![event(4)]),
+            to(&a, 1, vec![event(5), event(6)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        appended
+            .iter()
+            .map(|x| x.stream_version)
+            .collect::<Vec<_>>(),
+        [3, 3]
+    );
+    assert_eq!(versions(store, &a).await, [1, 2, 3]);
+    assert_eq!(versions(store, &b).await, [1, 2, 3]);
+
+    // One stream elsewhere (behind, ahead, missing) refuses the whole write, naming it.
+    for (stale, named, actual) in [
+        (
+            vec![to(&a, 3, vec![event(7)]), to(&b, 2, vec![event(8)])],
+            &b,
+            3,
+        ),
+        (
+            vec![to(&a, 4, vec![event(7)]), to(&b, 3, vec![event(8)])],
+            &a,
+            3,
+        ),
+        (
+            vec![to(&a, 3, vec![event(7)]), to(&c, 1, vec![event(8)])],
+            &c,
+            0,
+        ),
+    ] {
+        match store.append_streams(stale).await {
+            Err(StoreError::Conflict {
+                stream, actual: at, ..
+            }) => {
+                assert_eq!((&stream, at), (named, actual));
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(versions(store, &a).await, [1, 2, 3]);
+    assert_eq!(versions(store, &b).await, [1, 2, 3]);
+    assert_eq!(versions(store, &c).await, Vec::<u32>::new());
+
+    // A stream twice, one without events or at version 0 is refused before anything is written.
+    for appends in [
+        vec![to(&a, 3, vec![event(9)]), to(&a, 3, vec![event(10)])],
+        vec![to(&a, 3, vec![])],
+        vec![to(&c, 0, vec![event(11)])],
+    ] {
+        assert!(matches!(
+            store.append_streams(appends).await,
+            Err(StoreError::InvalidAppend(_))
+        ));
+    }
+    assert!(store.append_streams(Vec::new()).await.unwrap().is_empty());
+    assert_eq!(store.head_position().await.unwrap(), 6);
 }
 
 /// A `DELETE` of every event behind the store's back, as a client of the database would send

@@ -13,7 +13,8 @@ use uuid::Uuid;
 use super::{PostgresStore, db_error};
 use crate::store::{
     Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Payload, Position,
-    RecordedEvent, StoreError, StreamId, append_target, check_new_streams,
+    RecordedEvent, StoreError, StreamAppend, StreamId, append_target, check_new_streams,
+    check_stream_appends,
 };
 
 const INSERT_AT: &str = "\
@@ -45,6 +46,17 @@ INSERT INTO events (stream_id, stream_version, event_id, event_type, event_versi
 SELECT * FROM unnest($1::text[], $2::int4[], $3::uuid[], $4::text[], $5::int2[], $6::jsonb[], $7::jsonb[])
 RETURNING stream_id, stream_version, global_position";
 
+/// [`CREATE_STREAMS`] for existing streams: nothing is inserted unless every stream has the
+/// version it is expected at (`$8`, `$9`); one ahead of it is refused by the unique index.
+const APPEND_STREAMS: &str = "\
+INSERT INTO events (stream_id, stream_version, event_id, event_type, event_version, payload, metadata)
+SELECT * FROM unnest($1::text[], $2::int4[], $3::uuid[], $4::text[], $5::int2[], $6::jsonb[], $7::jsonb[])
+WHERE NOT EXISTS (
+    SELECT 1 FROM unnest($8::text[], $9::int4[]) AS h(stream_id, version)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM events e WHERE e.stream_id = h.stream_id AND e.stream_version = h.version))
+RETURNING stream_id, stream_version, global_position";
+
 /// Each stream's head, by the unique `(stream_id, stream_version)` index: one row read each.
 const STREAM_VERSIONS: &str = "\
 SELECT coalesce((SELECT max(stream_version) FROM events WHERE stream_id = s.id), 0)
@@ -54,6 +66,33 @@ const SELECT_COLUMNS: &str = "global_position, transaction_id, stream_id, stream
      event_id, event_type, event_version, payload::text, metadata::text, recorded_at";
 
 impl PostgresStore {
+    /// The conflict of a refused [`EventStore::append_streams`]: the first stream that is not at
+    /// its expected version (or that `detail`, the database's message, names).
+    async fn append_conflict(
+        &self,
+        client: &deadpool_postgres::Object,
+        appends: &[StreamAppend],
+        detail: &str,
+    ) -> Result<StoreError, StoreError> {
+        for append in appends {
+            let actual = self.stream_head(client, &append.stream).await?;
+            if actual != append.expected || detail.contains(append.stream.as_str()) {
+                return Ok(StoreError::Conflict {
+                    stream: append.stream.clone(),
+                    expected: ExpectedVersion::Exact(append.expected),
+                    actual,
+                });
+            }
+        }
+        // Moved back meanwhile (not for a log that only grows): still nothing was written.
+        let first = &appends[0];
+        Ok(StoreError::Conflict {
+            stream: first.stream.clone(),
+            expected: ExpectedVersion::Exact(first.expected),
+            actual: first.expected,
+        })
+    }
+
     async fn stream_head(
         &self,
         client: &deadpool_postgres::Object,
@@ -232,6 +271,93 @@ impl EventStore for PostgresStore {
             .iter()
             .map(|s| {
                 let mut written = positions.remove(s.stream.as_str()).unwrap_or_default();
+                written.sort_unstable();
+                Appended {
+                    stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
+                    global_positions: written.into_iter().map(|w| w.1).collect(),
+                }
+            })
+            .collect())
+    }
+
+    async fn append_streams(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        check_stream_appends(&appends)?;
+        if appends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let version = |v: u32| {
+            i32::try_from(v).map_err(|_| StoreError::InvalidAppend("version out of range"))
+        };
+        let count: usize = appends.iter().map(|a| a.events.len()).sum();
+        let mut columns = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        let mut heads = (Vec::with_capacity(appends.len()), Vec::new());
+        for append in &appends {
+            let at = version(append.expected)?;
+            heads.0.push(append.stream.as_str());
+            heads.1.push(at);
+            for (offset, event) in (1..).zip(&append.events) {
+                columns.0.push(append.stream.as_str());
+                columns.1.push(
+                    at.checked_add(offset)
+                        .ok_or(StoreError::InvalidAppend("version out of range"))?,
+                );
+                columns.2.push(event.event_id);
+                columns.3.push(event.event_type.as_str());
+                columns.4.push(event.event_version);
+                columns.5.push(&event.payload);
+                columns.6.push(&event.metadata);
+            }
+        }
+        let (client, statement) = self.prepared(APPEND_STREAMS).await?;
+        let written = client
+            .query(
+                &statement,
+                &[
+                    &columns.0, &columns.1, &columns.2, &columns.3, &columns.4, &columns.5,
+                    &columns.6, &heads.0, &heads.1,
+                ],
+            )
+            .await;
+        let rows = match written {
+            Ok(rows) if rows.len() == count => rows,
+            Ok(_) => return Err(self.append_conflict(&client, &appends, "").await?),
+            Err(e) => {
+                return Err(match unique_violation(&e) {
+                    Some("events_event_id_key") => {
+                        StoreError::DuplicateEvent(duplicate_id(&columns.2, &e))
+                    }
+                    Some(_) => {
+                        let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("");
+                        self.append_conflict(&client, &appends, detail).await?
+                    }
+                    None => db_error(e),
+                });
+            }
+        };
+        self.committed();
+        let mut positions: std::collections::HashMap<&str, Vec<(i32, i64)>> =
+            std::collections::HashMap::with_capacity(appends.len());
+        for row in &rows {
+            positions
+                .entry(row.get(0))
+                .or_default()
+                .push((row.get(1), row.get(2)));
+        }
+        Ok(appends
+            .iter()
+            .map(|a| {
+                let mut written = positions.remove(a.stream.as_str()).unwrap_or_default();
                 written.sort_unstable();
                 Appended {
                     stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),

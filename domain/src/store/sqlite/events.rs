@@ -9,7 +9,8 @@ use uuid::Uuid;
 use super::{SqliteStore, db_error, now_micros};
 use crate::store::{
     Appended, EventStore, ExpectedVersion, Listener, NewEvent, NewStream, Payload, Position,
-    RecordedEvent, StoreError, StreamId, append_target, check_new_streams,
+    RecordedEvent, StoreError, StreamAppend, StreamId, append_target, check_new_streams,
+    check_stream_appends,
 };
 
 const SELECT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, \
@@ -182,6 +183,46 @@ impl EventStore for SqliteStore {
                     let positions = insert_events(&tx, &new.stream, 0, &new.events)?;
                     appended.push(Appended {
                         stream_version: u32::try_from(positions.len()).unwrap_or(u32::MAX),
+                        global_positions: positions,
+                    });
+                }
+                tx.commit().map_err(db_error)?;
+                Ok(appended)
+            })
+            .await?;
+        self.inner.signal.notify();
+        Ok(appended)
+    }
+
+    async fn append_streams(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        check_stream_appends(&appends)?;
+        if appends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let appended = self
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_error)?;
+                let mut appended = Vec::with_capacity(appends.len());
+                for append in &appends {
+                    let head = stream_head(&tx, append.stream.as_str())?;
+                    if head != append.expected {
+                        // Dropping the transaction rolls back what this call inserted.
+                        return Err(StoreError::Conflict {
+                            stream: append.stream.clone(),
+                            expected: ExpectedVersion::Exact(append.expected),
+                            actual: head,
+                        });
+                    }
+                    let positions =
+                        insert_events(&tx, &append.stream, append.expected, &append.events)?;
+                    appended.push(Appended {
+                        stream_version: append.expected
+                            + u32::try_from(positions.len()).unwrap_or(u32::MAX),
                         global_positions: positions,
                     });
                 }
