@@ -193,7 +193,7 @@ impl ApiError {
             Self::MissingField { code, .. } => (S::BAD_REQUEST, code),
             Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
-            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_content_type"),
             Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::InvalidQuery(_) => (S::BAD_REQUEST, "invalid_query_params"),
             Self::InvalidPath(_) => (S::BAD_REQUEST, "invalid_uri_params"),

@@ -5,7 +5,7 @@
 //! and `include=credentials` take the secret key.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use chrono::Utc;
 use domain::catalog::Template;
@@ -243,13 +243,17 @@ pub async fn list_integrations(
     Ok(Json(json!({ "data": data })))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct IntegrationQuery {
-    /// `credentials` adds the client id, secret and scopes (secret key only); `webhook` is
-    /// accepted and adds nothing.
-    #[param(required = false)]
-    include: Option<String>,
+/// Every `include` value of `query`: repeated, comma-separated, or both.
+fn includes(query: Option<&str>) -> Vec<String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(name, _)| name == "include")
+        .flat_map(|(_, value)| {
+            value
+                .split(',')
+                .map(|part| part.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `GET /integrations/:unique_key[?include=credentials]`.
@@ -257,7 +261,12 @@ pub struct IntegrationQuery {
     get,
     path = "/integrations/{unique_key}",
     tag = "integrations",
-    params(("unique_key" = String, Path, description = "The integration's key"), IntegrationQuery),
+    params(
+        ("unique_key" = String, Path, description = "The integration's key"),
+        ("include" = Option<String>, Query, description = "`credentials` adds the client id, \
+            secret and scopes (secret key only); `webhook` is accepted and adds nothing. Repeated \
+            or comma-separated."),
+    ),
     responses(
         (status = 200, description = "`{\"data\": integration}`", body = Value),
         (status = 404, description = "No such integration", body = super::error::ErrorBody),
@@ -270,14 +279,13 @@ pub async fn get_integration(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiPath(key): ApiPath<String>,
-    ApiQuery(query): ApiQuery<IntegrationQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let caller = reader(&state, &headers).await?;
     identifier(&key, "unique_key")?;
-    let with_secret = query
-        .include
-        .as_deref()
-        .is_some_and(|i| i.split(',').any(|part| part.trim() == "credentials"));
+    let with_secret = includes(query.as_deref())
+        .iter()
+        .any(|i| i == "credentials");
     if with_secret && !matches!(caller, Caller::Key) {
         return Err(ApiError::InvalidSecretKey);
     }

@@ -654,6 +654,17 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     assert_eq!(one["data"]["credentials"]["type"], "OAUTH2");
     assert_eq!(one["data"]["credentials"]["scopes"], "read,write");
     assert!(one["data"]["credentials"]["client_secret"].is_string());
+    // `include` repeated, as Nango takes it.
+    let repeated = ok_json(
+        get(
+            "/integrations/fake?include=webhook&include=credentials",
+            SECRET_KEY,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(repeated["data"]["credentials"], one["data"]["credentials"]);
 
     // A session sees what it allows, and never credentials.
     let token = session(

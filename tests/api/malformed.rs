@@ -245,7 +245,7 @@ fn cases() -> Vec<Case> {
                 import_body(json!({})).to_string().into_bytes(),
             ),
             415,
-            "unsupported_media_type",
+            "invalid_content_type",
         ),
         case(
             Method::POST,
@@ -255,14 +255,14 @@ fn cases() -> Vec<Case> {
                 b"provider_config_key=gh&connection_id=form".to_vec(),
             ),
             415,
-            "unsupported_media_type",
+            "invalid_content_type",
         ),
         case(
             Method::POST,
             "/connections",
             Body::Raw(None, import_body(json!({})).to_string().into_bytes()),
             415,
-            "unsupported_media_type",
+            "invalid_content_type",
         ),
         case(
             Method::POST,
@@ -476,7 +476,7 @@ fn cases() -> Vec<Case> {
             format!("/connection/c1/metadata?{key}"),
             Body::Raw(Some("text/plain"), b"{}".to_vec()),
             415,
-            "unsupported_media_type",
+            "invalid_content_type",
         ),
         post(
             &format!("/connection/%00/metadata?{key}"),
