@@ -25,6 +25,12 @@ pub enum IntegrationsError {
     /// The config names a provider that is not a template of the catalog.
     #[error("unknown provider template {0:?}")]
     UnknownTemplate(String),
+    /// A new integration's key is not one every route can name (see [`valid_key`]).
+    #[error(
+        "invalid integration key {0:?}: 1 to 255 letters, digits, spaces, `~`, `:`, `.`, `@`, \
+         `_` or `-`, neither beginning nor ending with a space"
+    )]
+    InvalidKey(String),
     /// An OAuth provider's config has no client id.
     #[error("missing oauth_client_id")]
     MissingClientId,
@@ -91,6 +97,9 @@ pub async fn create(
     key: &str,
     config: IntegrationConfig,
 ) -> Result<i64, IntegrationsError> {
+    if !valid_key(key) {
+        return Err(IntegrationsError::InvalidKey(key.to_owned()));
+    }
     known_template(state, &config)?;
     let loaded = state
         .commands
@@ -137,6 +146,18 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), IntegrationsError
         connections::shred(state, &ConnectionKey::new(key, connection), now).await?;
     }
     Ok(())
+}
+
+/// Whether `key` may name a new integration: Nango's characters for a unique key, and no
+/// space at either end (request fields are trimmed, so such a key could hold no connection),
+/// no comma (lists of keys are comma-separated) and no slash (it is a path segment).
+pub fn valid_key(key: &str) -> bool {
+    (1..=255).contains(&key.len())
+        && !key.starts_with(' ')
+        && !key.ends_with(' ')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "~:.@ _-".contains(c))
 }
 
 /// The integration `key` as the read model has it.

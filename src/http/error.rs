@@ -410,6 +410,7 @@ impl From<IntegrationsError> for ApiError {
             IntegrationsError::NotFound(key) => Self::ProviderConfigNotFound(key),
             IntegrationsError::UnknownProviderConfig(key) => Self::UnknownProviderConfig(key),
             IntegrationsError::UnknownTemplate(provider) => Self::UnknownProviderTemplate(provider),
+            IntegrationsError::InvalidKey(_) => Self::InvalidBody(e.to_string()),
             IntegrationsError::MissingClientId => Self::MissingField {
                 code: "missing_client_id",
                 message: "missing oauth_client_id",

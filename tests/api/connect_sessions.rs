@@ -785,6 +785,30 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     ] {
         assert_error(post(&env, "/integrations", &bad).await, 400, "invalid_body").await;
     }
+    // Keys some route could not name: empty, blank, padded, a list separator, a path
+    // separator, characters outside Nango's; on both creating routes.
+    for key in ["", " ", " gh9", "gh9 ", "a,b", "a/b", "é"] {
+        let body = json!({"provider": "github", "unique_key": key,
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}});
+        let refused = post(&env, "/integrations", &body).await;
+        assert!(refused.status() == 400, "{key:?}: {}", refused.status());
+        // `/config` trims the key, as every route that takes one does.
+        if key.trim() != key && !key.trim().is_empty() {
+            continue;
+        }
+        let config = json!({"provider_config_key": key, "provider": "github",
+               "oauth_client_id": "c", "oauth_client_secret": "s"});
+        let refused = post(&env, "/config", &config).await;
+        assert!(refused.status() == 400, "{key:?}: {}", refused.status());
+    }
+    let spaced = json!({"provider": "github", "unique_key": "my gh~1:2.3@x_y-z",
+           "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}});
+    assert!(
+        post(&env, "/integrations", &spaced)
+            .await
+            .status()
+            .is_success()
+    );
     let patch = |path: &str, body: Value| {
         env.app
             .client
