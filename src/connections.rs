@@ -571,13 +571,23 @@ pub async fn set_ownership(
     Ok(())
 }
 
-/// Deletes the connection and shreds its secrets.
+/// Deletes the connection and shreds its secrets. One the read model no longer has is
+/// answered as missing, after the command has destroyed any data key of it still live: a
+/// deletion whose shredding failed after its append (the database went away) is finished by
+/// the client's retry.
 pub async fn delete(state: &AppState, key: &ConnectionKey) -> Result<(), ConnectionsError> {
     if queries::find_connection(&state.read_models, key)
         .await?
         .is_none()
     {
-        return Err(missing(state, key).await);
+        return match state.commands.delete_connection(key, Utc::now()).await {
+            // The read model had not caught up with the log: deleted now.
+            Ok(loaded) => write_read_model(state, &loaded).await,
+            Err(CommandError::Connection(
+                ConnectionRejected::Deleted | ConnectionRejected::NotFound,
+            )) => Err(missing(state, key).await),
+            Err(e) => Err(ConnectionsError::command(key)(e)),
+        };
     }
     shred(state, key, Utc::now()).await
 }

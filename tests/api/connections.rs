@@ -16,6 +16,7 @@ domain::on_both_backends!(
     metadata_post_replaces_and_patch_merges,
     bulk_metadata_sets_every_listed_connection_or_none,
     a_deleted_connection_is_gone_from_reads_and_from_the_list,
+    a_deletion_whose_shredding_failed_is_finished_by_the_retry,
     config_crud_hides_the_client_secret_unless_asked,
     deleting_a_config_deletes_its_connections,
     connections_imported_while_their_config_is_deleted_do_not_come_back,
@@ -664,6 +665,39 @@ async fn bulk_metadata_sets_every_listed_connection_or_none(db: &TestDatabase) {
         metadata_of("b").await,
         json!({ "plan": "pro", "seats": 3, "n": 1 })
     );
+}
+
+/// The database went away between a deletion's append and its shredding: a data key of the
+/// deleted stream is still live. The client's retry is refused as before, and shreds it.
+async fn a_deletion_whose_shredding_failed_is_finished_by_the_retry(db: &TestDatabase) {
+    use domain::keys::Wrapping;
+    let app = app_with_config(db, "d").await;
+    import_oauth2(&app, "d", "c1", "t1").await;
+    ok_json(app.delete("/connection/c1?provider_config_key=d").await).await;
+    let backend = db.open().await;
+    let keys = backend.keys();
+    let owner = domain::connection::stream_id("d", "c1");
+    let master = keys.master_keys().await.unwrap();
+    let master = master.iter().find(|m| m.active).unwrap();
+    let wrapping = Wrapping {
+        master_key_id: &master.key_id,
+        wrapped: &[7; 40],
+    };
+    keys.insert_data_key(uuid::Uuid::new_v4(), owner.as_str(), wrapping)
+        .await
+        .unwrap();
+    assert_eq!(keys.live_data_keys(owner.as_str()).await.unwrap().len(), 1);
+    let again = app.delete("/connection/c1?provider_config_key=d").await;
+    assert_error(again, 400, "unknown_connection").await;
+    assert!(
+        keys.live_data_keys(owner.as_str())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Never authorized: refused, and nothing else.
+    let never = app.delete("/connection/never?provider_config_key=d").await;
+    assert_error(never, 400, "unknown_connection").await;
 }
 
 async fn a_deleted_connection_is_gone_from_reads_and_from_the_list(db: &TestDatabase) {
