@@ -11,6 +11,7 @@ mod connection_lists;
 mod connections;
 mod credential_auth;
 mod dashboard;
+mod db_outage;
 mod fake_api;
 mod fake_provider;
 mod fake_service;

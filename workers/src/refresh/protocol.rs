@@ -18,6 +18,11 @@ use super::{
     TRANSIENT_BACKOFF_BASE, TRANSIENT_BACKOFF_CAP, WAIT_POLL, trigger_slot,
 };
 
+/// The first pause before recording a refresh's outcome again when the database is
+/// unavailable; it doubles up to [`OUTCOME_RETRY_MAX`].
+const OUTCOME_RETRY_FIRST: Duration = Duration::from_millis(250);
+const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(4);
+
 impl Inner {
     pub(super) fn needs_refresh(&self, active: &ActiveConnection, now: DateTime<Utc>) -> bool {
         if !active.renewable() {
@@ -211,17 +216,56 @@ impl Inner {
         };
         let outcomes =
             &self.counters.outcomes[trigger_slot(trigger.unwrap_or(RefreshTrigger::Read))];
-        let result = match &answer {
-            Ok((credentials, rotated)) => {
-                self.commands
-                    .complete_refresh(loaded, lease_id, credentials, *rotated, Utc::now())
-                    .await
+        // The provider may have rotated the refresh token: its answer is the only copy, so an
+        // unreachable database is waited out for as long as the lease lasts (the fence still
+        // decides whether the outcome may land), rather than dropping it at the first error.
+        let lease_ends = match &loaded.state {
+            Connection::Active(active) => active.lease.as_ref().map(|lease| lease.expires_at),
+            _ => None,
+        }
+        .unwrap_or_else(Utc::now);
+        let mut pause = OUTCOME_RETRY_FIRST;
+        let result = loop {
+            let attempt = match &answer {
+                Ok((credentials, rotated)) => {
+                    self.commands
+                        .complete_refresh(
+                            loaded.clone(),
+                            lease_id,
+                            credentials,
+                            *rotated,
+                            Utc::now(),
+                        )
+                        .await
+                }
+                Err(failure) => {
+                    self.commands
+                        .fail_refresh(loaded.clone(), lease_id, failure.clone(), Utc::now())
+                        .await
+                }
+            };
+            let unavailable = matches!(
+                &attempt,
+                Err(CommandError::Store(StoreError::Database(_))
+                    | CommandError::Keys(KeyError::Store(StoreError::Database(_))))
+            );
+            if !unavailable || Utc::now() + pause >= lease_ends {
+                if unavailable && answer.is_ok() {
+                    tracing::error!(
+                        stream_id = %stream_id,
+                        lease_id = %lease_id,
+                        "the database stayed unavailable until the refresh lease ended; the \
+                         provider's new tokens are dropped (a rotated refresh token is lost)"
+                    );
+                }
+                break attempt;
             }
-            Err(failure) => {
-                self.commands
-                    .fail_refresh(loaded, lease_id, failure.clone(), Utc::now())
-                    .await
-            }
+            tracing::warn!(
+                stream_id = %stream_id,
+                "the database is unavailable; recording the refresh outcome again shortly"
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(OUTCOME_RETRY_MAX);
         };
         let loaded = match result {
             Ok(loaded) => loaded,
