@@ -44,6 +44,24 @@ fn help_documents_every_environment_variable() {
     assert!(documented.contains("serve") && documented.contains("migrate"));
 }
 
+/// A URL the driver refuses says why, not only that it is invalid.
+#[test]
+fn an_unusable_database_url_names_the_cause() {
+    let key = new_key();
+    let output = grantline()
+        .args(["migrate", "--encryption-key", &key])
+        .env(
+            "GRANTLINE_DATABASE_URL",
+            "postgres://postgres:pw-SECRET@127.0.0.1/postgres?bogus=1",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("unknown option `bogus`"), "{stderr}");
+    assert!(!stderr.contains("pw-SECRET"), "{stderr}");
+}
+
 #[test]
 fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();

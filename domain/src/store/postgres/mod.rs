@@ -205,7 +205,7 @@ async fn migrate(target: &Target) -> Result<(), StoreError> {
     let outcome = embedded::migrations::runner()
         .run_async(&mut client)
         .await
-        .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
+        .map_err(|e| StoreError::Database(format!("migration failed: {}", with_causes(&e))));
     // Closing the session releases the lock even if the unlock is never sent.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -213,6 +213,22 @@ async fn migrate(target: &Target) -> Result<(), StoreError> {
     drop(client);
     let _ = driver.await;
     outcome.map(|_| ())
+}
+
+/// `error` and the errors beneath it, `: `-separated: a migration or URL error's own message
+/// ("db error", "invalid connection string") says less than its cause.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 fn db_error(e: tokio_postgres::Error) -> StoreError {
