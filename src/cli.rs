@@ -15,14 +15,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.validate()?;
             telemetry::init(config.log_format);
-            let shutdown = shutdown_signal();
-            let application = Application::build(config).await?;
+            let mut shutdown = Box::pin(shutdown_signal());
+            let application = tokio::select! {
+                built = Application::build(config) => built?,
+                () = &mut shutdown => return Ok(()),
+            };
             application.run_until_stopped(shutdown).await
         }
         Command::Migrate(args) => {
             let config = args.validate()?;
             telemetry::init(LogFormat::Text);
-            open_storage(&config).await?;
+            tokio::select! {
+                opened = open_storage(&config) => opened?,
+                () = shutdown_signal() => anyhow::bail!("stopped before the migrations finished"),
+            };
             println!("migrations applied");
             Ok(())
         }
@@ -171,7 +177,9 @@ pub(crate) fn progress(message: String) -> indicatif::ProgressBar {
 }
 
 /// Completes on ctrl-c or SIGTERM. The handlers are installed when this is called, not when the
-/// future is first polled, so a signal that arrives during start-up is not lost.
+/// future is first polled, so a signal that arrives during start-up is not lost: start-up
+/// (opening and migrating the database, which may wait on a database that never answers) is
+/// raced against it.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -44,6 +44,59 @@ fn help_documents_every_environment_variable() {
     assert!(documented.contains("serve") && documented.contains("migrate"));
 }
 
+/// A database that takes the connection and never answers holds start-up (and `migrate`) for
+/// as long as it stays so; SIGTERM still ends them.
+#[test]
+fn start_up_on_a_silent_database_ends_on_sigterm() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().collect();
+        drop(held);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["serve", "migrate"] {
+        let mut child = grantline()
+            .arg(command)
+            .env("GRANTLINE_DATA_DIR", dir.path())
+            .env(
+                "GRANTLINE_DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:{port}/silent?sslmode=disable"),
+            )
+            .env("GRANTLINE_ENCRYPTION_KEY", new_key())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{command} ended by itself"
+        );
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(
+            status.is_some(),
+            "{command} ignored SIGTERM during start-up"
+        );
+    }
+}
+
 /// A URL the driver refuses says why, not only that it is invalid.
 #[test]
 fn an_unusable_database_url_names_the_cause() {
