@@ -127,6 +127,39 @@ fn check_len(value: &str, field: &str, min: usize, max: usize) -> Result<(), Ses
 }
 
 /// Integration keys as Nango accepts them.
+/// The most `authorization_params` a session's defaults may give an integration, and the
+/// longest value (one of them, or `user_scopes`): they go into the provider's authorization
+/// URL, which browsers and providers cut at a few kilobytes.
+const MAX_AUTHORIZATION_PARAMS: usize = 32;
+const MAX_AUTHORIZATION_VALUE: usize = 1024;
+
+/// Refuses defaults that could not go into an authorization URL.
+fn check_authorization_defaults(key: &str, given: &DefaultsBody) -> Result<(), SessionsError> {
+    let fits = |text: &str| {
+        text.chars().count() <= MAX_AUTHORIZATION_VALUE && !text.chars().any(char::is_control)
+    };
+    if given.user_scopes.as_deref().is_some_and(|s| !fits(s)) {
+        return Err(invalid(format!(
+            "integrations_config_defaults.{key}.user_scopes: at most {MAX_AUTHORIZATION_VALUE} \
+             characters, none of them a control character"
+        )));
+    }
+    let params = given.authorization_params.as_ref();
+    if params.is_some_and(|p| {
+        p.len() > MAX_AUTHORIZATION_PARAMS
+            || p.iter().any(|(name, value)| {
+                name.is_empty() || name.chars().count() > 64 || !fits(name) || !fits(value)
+            })
+    }) {
+        return Err(invalid(format!(
+            "integrations_config_defaults.{key}.authorization_params: at most \
+             {MAX_AUTHORIZATION_PARAMS} parameters, names of 1 to 64 and values of at most \
+             {MAX_AUTHORIZATION_VALUE} characters, no control characters"
+        )));
+    }
+    Ok(())
+}
+
 fn check_integration_key(key: &str, field: &str) -> Result<(), SessionsError> {
     let ok = !key.is_empty()
         && key.len() <= 255
@@ -343,6 +376,7 @@ pub async fn create(
                 "integrations_config_defaults.{key}.connection_config: {reason}"
             )));
         }
+        check_authorization_defaults(&key, &given)?;
         defaults.insert(
             key,
             ConfigDefaults {

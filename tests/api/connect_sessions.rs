@@ -280,6 +280,12 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         json!({"end_user": {"id": "u1", "display_name": "A\u{0}"}}),
         json!({"end_user": user, "webhook_url_override": "ftp://x"}),
         json!({"end_user": user, "connection_id": "c"}),
+        json!({"end_user": user, "integrations_config_defaults":
+            {"fake": {"authorization_params": {"prompt": "x".repeat(1025)}}}}),
+        json!({"end_user": user, "integrations_config_defaults":
+            {"fake": {"authorization_params": {"a\nb": "x"}}}}),
+        json!({"end_user": user, "integrations_config_defaults":
+            {"fake": {"user_scopes": "s".repeat(1025)}}}),
         json!([1, 2]),
     ] {
         let response = post(&env, "/connect/sessions", &body).await;
