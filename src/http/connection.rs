@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::connection_list::{EndUserItem, auth_errors};
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, connection_key, flag, identifier, in_body, in_query, object_body,
-    optional_str, provider_config_key, without_nul,
+    optional_str, provider_config_key, unpadded, without_nul,
 };
 use super::{ApiError, Success};
 use crate::connections::{self, ConnectionView, Shape};
@@ -548,7 +548,7 @@ pub async fn set_metadata(
     let key = optional_str(update.provider_config_key.as_ref(), "provider_config_key")?;
     let key = provider_config_key(key).map_err(in_body)?;
     let ids: Vec<String> = match &update.connection_id {
-        Some(Value::String(id)) if !id.trim().is_empty() => vec![id.trim().to_owned()],
+        Some(Value::String(id)) if !id.trim().is_empty() => vec![id.clone()],
         Some(Value::Array(items)) if items.len() > MAX_METADATA_IDS => {
             return Err(ApiError::InvalidBody(format!(
                 "connection_id lists at most {MAX_METADATA_IDS} connections"
@@ -556,12 +556,14 @@ pub async fn set_metadata(
         }
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
-            .map(|item| match item.as_str().map(str::trim) {
-                Some(id) if !id.is_empty() => Ok(id.to_owned()),
-                _ => Err(ApiError::InvalidBody(
-                    "connection_id must hold non-empty strings".into(),
-                )),
-            })
+            .map(
+                |item| match item.as_str().filter(|id| !id.trim().is_empty()) {
+                    Some(id) if !id.is_empty() => Ok(id.to_owned()),
+                    _ => Err(ApiError::InvalidBody(
+                        "connection_id must hold non-empty strings".into(),
+                    )),
+                },
+            )
             .collect::<Result<_, _>>()?,
         None | Some(Value::Null) => return Err(ApiError::MissingConnection),
         Some(_) => {
@@ -571,6 +573,7 @@ pub async fn set_metadata(
         }
     };
     for id in &ids {
+        unpadded(id, "connection_id")?;
         identifier(id, "connection_id").map_err(in_body)?;
     }
     let Some(Value::Object(metadata)) = update.metadata else {

@@ -67,6 +67,18 @@ pub fn identifier(value: &str, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Refuses a body's id with white space at either end: ids are kept as sent (a path names
+/// them so), and trimming would make `"acct-42 "` write over `"acct-42"`.
+pub fn unpadded(value: &str, what: &str) -> Result<(), ApiError> {
+    if value.trim() == value {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidBody(format!(
+            "{what} begins or ends with white space"
+        )))
+    }
+}
+
 /// A required `provider_config_key`: present, not blank, well-formed.
 pub fn provider_config_key(value: Option<&str>) -> Result<String, ApiError> {
     match value.map(str::trim) {

@@ -23,6 +23,7 @@ use super::ApiError;
 use super::connection::{ConnectionBody, connection_json};
 use super::extract::{
     ApiJson, identifier, in_body, object_body, optional_object, optional_str, provider_config_key,
+    unpadded,
 };
 use crate::connect_sessions;
 use crate::connections::{self, Import};
@@ -193,14 +194,15 @@ impl ImportConnection {
     fn into_import(self) -> Result<Import, ApiError> {
         let key = optional_str(self.provider_config_key.as_ref(), "provider_config_key")?;
         let provider_config_key = provider_config_key(key).map_err(in_body)?;
-        let connection_id =
-            match optional_str(self.connection_id.as_ref(), "connection_id")?.map(str::trim) {
-                None | Some("") => return Err(ApiError::MissingConnection),
-                Some(id) => {
-                    identifier(id, "connection_id").map_err(in_body)?;
-                    id.to_owned()
-                }
-            };
+        let connection_id = match optional_str(self.connection_id.as_ref(), "connection_id")? {
+            None => return Err(ApiError::MissingConnection),
+            Some(id) if id.trim().is_empty() => return Err(ApiError::MissingConnection),
+            Some(id) => {
+                unpadded(id, "connection_id")?;
+                identifier(id, "connection_id").map_err(in_body)?;
+                id.to_owned()
+            }
+        };
         let credentials = match &self.credentials {
             Some(Value::Object(fields)) => nested_credentials(fields)?,
             Some(_) => {

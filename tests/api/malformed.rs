@@ -283,6 +283,15 @@ fn cases() -> Vec<Case> {
         // POST /connection: fields.
         bad_import(json!({ "connection_id": null }), "missing_connection"),
         bad_import(json!({ "connection_id": " " }), "missing_connection"),
+        // Kept as sent, so a padded id would be another connection than it looks.
+        bad_import(json!({ "connection_id": "new-one " }), "invalid_body"),
+        bad_import(json!({ "connection_id": "\u{a0}new-one" }), "invalid_body"),
+        post(
+            "/connections/metadata",
+            json!({ "connection_id": ["a", " b"], "provider_config_key": "gh", "metadata": {} }),
+            400,
+            "invalid_body",
+        ),
         bad_import(json!({ "access_token": null }), "missing_access_token"),
         bad_import(json!({ "access_token": "" }), "missing_access_token"),
         bad_import(
