@@ -355,7 +355,12 @@ pub fn session_tags(
     };
     if let Some(user) = end_user {
         put("end_user_id", Some(&user.id));
-        put("end_user_email", user.email.as_ref());
+        // An address longer than a tag value (up to 320 characters) is not cut into one that
+        // is no address: it gets no tag.
+        put(
+            "end_user_email",
+            user.email.as_ref().filter(|e| e.chars().count() <= 255),
+        );
         put("end_user_display_name", user.display_name.as_ref());
         if let Some(org) = &user.organization {
             put("organization_id", Some(&org.id));
@@ -416,6 +421,17 @@ mod tests {
         );
         let eleven: BTreeMap<_, _> = (0..11).map(|i| (format!("k{i}"), "v".to_owned())).collect();
         assert_eq!(check_tags(&eleven), Err(TagError::TooMany));
+    }
+
+    #[test]
+    fn a_long_e_mail_address_gets_no_tag() {
+        let user = EndUser {
+            id: "u1".into(),
+            email: Some(format!("{}@b.co", "x".repeat(300))),
+            ..EndUser::default()
+        };
+        let tags = session_tags(Some(&user), &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert_eq!(tags, map(&[("end_user_id", "u1")]));
     }
 
     #[test]
