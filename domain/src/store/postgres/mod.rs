@@ -53,6 +53,13 @@ struct Inner {
     messages: broadcast::Sender<String>,
 }
 
+/// How long the database's host may leave data unacknowledged (or an idle connection
+/// unprobed) before the connection is given up.
+const UNANSWERED_LIMIT: Duration = Duration::from_secs(30);
+
+/// tokio-postgres' keepalive idle time when the URL sets none (libpq's too).
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 impl PostgresStore {
     /// Connects, applies the migrations under an advisory lock, and starts the notifier.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
@@ -60,6 +67,15 @@ impl PostgresStore {
         // A database that drops packets must not hold a connect for the kernel's minutes.
         if target.config.get_connect_timeout().is_none() {
             target.config.connect_timeout(options.pool_wait);
+        }
+        // Nor hold a pooled connection to a host that stopped answering (frozen, failed over,
+        // cut off) for as long: data unacknowledged for this long closes it, and an idle one
+        // is probed after this long. (A URL's `tcp_user_timeout`/`keepalives_idle` wins.)
+        if target.config.get_tcp_user_timeout().is_none() {
+            target.config.tcp_user_timeout(UNANSWERED_LIMIT);
+        }
+        if target.config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+            target.config.keepalives_idle(UNANSWERED_LIMIT);
         }
         migrate(&target).await?;
 
