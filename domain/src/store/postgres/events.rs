@@ -203,41 +203,18 @@ impl EventStore for PostgresStore {
                 .zip(&s.events)
                 .map(move |(version, event)| (s.stream.as_str(), version, event))
         });
-        let count = streams.iter().map(|s| s.events.len()).sum();
-        let mut columns = (
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-        );
+        let mut columns = Columns::with_capacity(streams.iter().map(|s| s.events.len()).sum());
         for (stream, version, event) in rows {
-            columns.0.push(stream);
-            columns.1.push(version);
-            columns.2.push(event.event_id);
-            columns.3.push(event.event_type.as_str());
-            columns.4.push(event.event_version);
-            columns.5.push(&event.payload);
-            columns.6.push(&event.metadata);
+            columns.push(stream, version, event);
         }
         let (client, statement) = self.prepared(CREATE_STREAMS).await?;
-        let written = client
-            .query(
-                &statement,
-                &[
-                    &columns.0, &columns.1, &columns.2, &columns.3, &columns.4, &columns.5,
-                    &columns.6,
-                ],
-            )
-            .await;
+        let written = client.query(&statement, &columns.params()).await;
         let rows = match written {
             Ok(rows) => rows,
             Err(e) => {
                 return Err(match unique_violation(&e) {
                     Some("events_event_id_key") => {
-                        StoreError::DuplicateEvent(duplicate_id(&columns.2, &e))
+                        StoreError::DuplicateEvent(duplicate_id(&columns.ids, &e))
                     }
                     Some(_) => {
                         let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("");
@@ -259,25 +236,7 @@ impl EventStore for PostgresStore {
             }
         };
         self.committed();
-        let mut positions: std::collections::HashMap<&str, Vec<(i32, i64)>> =
-            std::collections::HashMap::with_capacity(streams.len());
-        for row in &rows {
-            positions
-                .entry(row.get(0))
-                .or_default()
-                .push((row.get(1), row.get(2)));
-        }
-        Ok(streams
-            .iter()
-            .map(|s| {
-                let mut written = positions.remove(s.stream.as_str()).unwrap_or_default();
-                written.sort_unstable();
-                Appended {
-                    stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
-                    global_positions: written.into_iter().map(|w| w.1).collect(),
-                }
-            })
-            .collect())
+        Ok(per_stream(&rows, streams.iter().map(|s| &s.stream)))
     }
 
     async fn append_streams(
@@ -292,50 +251,29 @@ impl EventStore for PostgresStore {
             i32::try_from(v).map_err(|_| StoreError::InvalidAppend("version out of range"))
         };
         let count: usize = appends.iter().map(|a| a.events.len()).sum();
-        let mut columns = (
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-        );
+        let mut columns = Columns::with_capacity(count);
         let mut heads = (Vec::with_capacity(appends.len()), Vec::new());
         for append in &appends {
             let at = version(append.expected)?;
             heads.0.push(append.stream.as_str());
             heads.1.push(at);
             for (offset, event) in (1..).zip(&append.events) {
-                columns.0.push(append.stream.as_str());
-                columns.1.push(
-                    at.checked_add(offset)
-                        .ok_or(StoreError::InvalidAppend("version out of range"))?,
-                );
-                columns.2.push(event.event_id);
-                columns.3.push(event.event_type.as_str());
-                columns.4.push(event.event_version);
-                columns.5.push(&event.payload);
-                columns.6.push(&event.metadata);
+                let version = at.checked_add(offset);
+                let version = version.ok_or(StoreError::InvalidAppend("version out of range"))?;
+                columns.push(append.stream.as_str(), version, event);
             }
         }
         let (client, statement) = self.prepared(APPEND_STREAMS).await?;
-        let written = client
-            .query(
-                &statement,
-                &[
-                    &columns.0, &columns.1, &columns.2, &columns.3, &columns.4, &columns.5,
-                    &columns.6, &heads.0, &heads.1,
-                ],
-            )
-            .await;
+        let mut params = columns.params().to_vec();
+        params.extend([&heads.0 as &(dyn ToSql + Sync), &heads.1]);
+        let written = client.query(&statement, &params).await;
         let rows = match written {
             Ok(rows) if rows.len() == count => rows,
             Ok(_) => return Err(self.append_conflict(&client, &appends, "").await?),
             Err(e) => {
                 return Err(match unique_violation(&e) {
                     Some("events_event_id_key") => {
-                        StoreError::DuplicateEvent(duplicate_id(&columns.2, &e))
+                        StoreError::DuplicateEvent(duplicate_id(&columns.ids, &e))
                     }
                     Some(_) => {
                         let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("");
@@ -346,25 +284,7 @@ impl EventStore for PostgresStore {
             }
         };
         self.committed();
-        let mut positions: std::collections::HashMap<&str, Vec<(i32, i64)>> =
-            std::collections::HashMap::with_capacity(appends.len());
-        for row in &rows {
-            positions
-                .entry(row.get(0))
-                .or_default()
-                .push((row.get(1), row.get(2)));
-        }
-        Ok(appends
-            .iter()
-            .map(|a| {
-                let mut written = positions.remove(a.stream.as_str()).unwrap_or_default();
-                written.sort_unstable();
-                Appended {
-                    stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
-                    global_positions: written.into_iter().map(|w| w.1).collect(),
-                }
-            })
-            .collect())
+        Ok(per_stream(&rows, appends.iter().map(|a| &a.stream)))
     }
 
     async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError> {
@@ -532,4 +452,75 @@ fn duplicate_id(ids: &[Uuid], e: &tokio_postgres::Error) -> Uuid {
         .copied()
         .find(|id| detail.contains(&id.to_string()))
         .unwrap_or_else(|| ids.first().copied().unwrap_or_default())
+}
+
+/// The columns of a multi-row insert of events, one array each, as [`CREATE_STREAMS`] and
+/// [`APPEND_STREAMS`] take them (`$1` to `$7`).
+struct Columns<'a> {
+    streams: Vec<&'a str>,
+    versions: Vec<i32>,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    type_versions: Vec<i16>,
+    payloads: Vec<&'a Value>,
+    metadata: Vec<&'a Value>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(count: usize) -> Self {
+        Self {
+            streams: Vec::with_capacity(count),
+            versions: Vec::with_capacity(count),
+            ids: Vec::with_capacity(count),
+            types: Vec::with_capacity(count),
+            type_versions: Vec::with_capacity(count),
+            payloads: Vec::with_capacity(count),
+            metadata: Vec::with_capacity(count),
+        }
+    }
+
+    fn push(&mut self, stream: &'a str, version: i32, event: &'a NewEvent) {
+        self.streams.push(stream);
+        self.versions.push(version);
+        self.ids.push(event.event_id);
+        self.types.push(event.event_type.as_str());
+        self.type_versions.push(event.event_version);
+        self.payloads.push(&event.payload);
+        self.metadata.push(&event.metadata);
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.streams,
+            &self.versions,
+            &self.ids,
+            &self.types,
+            &self.type_versions,
+            &self.payloads,
+            &self.metadata,
+        ]
+    }
+}
+
+/// What a multi-stream insert appended to each of `streams` (in their order), from the rows it
+/// returned (`stream_id, stream_version, global_position`).
+fn per_stream<'a>(rows: &[Row], streams: impl Iterator<Item = &'a StreamId>) -> Vec<Appended> {
+    let mut positions: std::collections::HashMap<&str, Vec<(i32, i64)>> =
+        std::collections::HashMap::new();
+    for row in rows {
+        positions
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2)));
+    }
+    streams
+        .map(|stream| {
+            let mut written = positions.remove(stream.as_str()).unwrap_or_default();
+            written.sort_unstable();
+            Appended {
+                stream_version: written.last().map_or(0, |w| w.0.unsigned_abs()),
+                global_positions: written.into_iter().map(|w| w.1).collect(),
+            }
+        })
+        .collect()
 }

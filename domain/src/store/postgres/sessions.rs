@@ -13,6 +13,18 @@ use crate::oauth_session::{FlowSession, SessionRepository};
 use crate::sign_out::SignOutRepository;
 use crate::store::{SESSION_COLUMNS, StoreError, unreadable_session};
 
+impl PostgresStore {
+    /// The session `sql` (with the state as `$1`) answers, if any.
+    async fn session_by(&self, sql: &str, state: &str) -> Result<Option<FlowSession>, StoreError> {
+        let (client, statement) = self.prepared(sql).await?;
+        let row = client
+            .query_opt(&statement, &[&state])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(flow_session).transpose()
+    }
+}
+
 #[async_trait]
 impl SessionRepository for PostgresStore {
     async fn create_session(&self, session: &FlowSession) -> Result<(), StoreError> {
@@ -58,29 +70,14 @@ impl SessionRepository for PostgresStore {
     }
 
     async fn find_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
-        let (client, statement) = self
-            .prepared(&format!(
-                "SELECT {SESSION_COLUMNS} FROM oauth_sessions WHERE state = $1"
-            ))
-            .await?;
-        let row = client
-            .query_opt(&statement, &[&state])
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(flow_session).transpose()
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM oauth_sessions WHERE state = $1");
+        self.session_by(&sql, state).await
     }
 
     async fn take_session(&self, state: &str) -> Result<Option<FlowSession>, StoreError> {
-        let (client, statement) = self
-            .prepared(&format!(
-                "DELETE FROM oauth_sessions WHERE state = $1 RETURNING {SESSION_COLUMNS}"
-            ))
-            .await?;
-        let row = client
-            .query_opt(&statement, &[&state])
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(flow_session).transpose()
+        let sql =
+            format!("DELETE FROM oauth_sessions WHERE state = $1 RETURNING {SESSION_COLUMNS}");
+        self.session_by(&sql, state).await
     }
 
     async fn sweep_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -122,6 +122,51 @@ fn insert_events(
     Ok(positions)
 }
 
+impl SqliteStore {
+    /// Appends each stream's events if it is at its expected version (`NoStream`: a new
+    /// stream), all in one IMMEDIATE transaction: one stream elsewhere writes nothing.
+    async fn write_streams(
+        &self,
+        writes: Vec<(StreamId, ExpectedVersion, Vec<NewEvent>)>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let appended = self
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_error)?;
+                let mut appended = Vec::with_capacity(writes.len());
+                for (stream, expected, events) in &writes {
+                    let at = match expected {
+                        ExpectedVersion::Exact(version) => *version,
+                        _ => 0,
+                    };
+                    let head = stream_head(&tx, stream.as_str())?;
+                    if head != at {
+                        // Dropping the transaction rolls back what this call inserted.
+                        return Err(StoreError::Conflict {
+                            stream: stream.clone(),
+                            expected: *expected,
+                            actual: head,
+                        });
+                    }
+                    let positions = insert_events(&tx, stream, at, events)?;
+                    appended.push(Appended {
+                        stream_version: at + u32::try_from(positions.len()).unwrap_or(u32::MAX),
+                        global_positions: positions,
+                    });
+                }
+                tx.commit().map_err(db_error)?;
+                Ok(appended)
+            })
+            .await?;
+        self.inner.signal.notify();
+        Ok(appended)
+    }
+}
+
 #[async_trait]
 impl EventStore for SqliteStore {
     #[tracing::instrument(name = "store.append", skip_all, fields(stream_id = %stream))]
@@ -161,37 +206,11 @@ impl EventStore for SqliteStore {
     #[tracing::instrument(name = "store.create_streams", skip_all, fields(streams = streams.len()))]
     async fn create_streams(&self, streams: Vec<NewStream>) -> Result<Vec<Appended>, StoreError> {
         check_new_streams(&streams)?;
-        if streams.is_empty() {
-            return Ok(Vec::new());
-        }
-        let appended = self
-            .write(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db_error)?;
-                let mut appended = Vec::with_capacity(streams.len());
-                for new in &streams {
-                    let head = stream_head(&tx, new.stream.as_str())?;
-                    if head != 0 {
-                        // Dropping the transaction rolls back what this call inserted.
-                        return Err(StoreError::Conflict {
-                            stream: new.stream.clone(),
-                            expected: ExpectedVersion::NoStream,
-                            actual: head,
-                        });
-                    }
-                    let positions = insert_events(&tx, &new.stream, 0, &new.events)?;
-                    appended.push(Appended {
-                        stream_version: u32::try_from(positions.len()).unwrap_or(u32::MAX),
-                        global_positions: positions,
-                    });
-                }
-                tx.commit().map_err(db_error)?;
-                Ok(appended)
-            })
-            .await?;
-        self.inner.signal.notify();
-        Ok(appended)
+        let writes = streams
+            .into_iter()
+            .map(|s| (s.stream, ExpectedVersion::NoStream, s.events))
+            .collect();
+        self.write_streams(writes).await
     }
 
     async fn append_streams(
@@ -199,39 +218,11 @@ impl EventStore for SqliteStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<Appended>, StoreError> {
         check_stream_appends(&appends)?;
-        if appends.is_empty() {
-            return Ok(Vec::new());
-        }
-        let appended = self
-            .write(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db_error)?;
-                let mut appended = Vec::with_capacity(appends.len());
-                for append in &appends {
-                    let head = stream_head(&tx, append.stream.as_str())?;
-                    if head != append.expected {
-                        // Dropping the transaction rolls back what this call inserted.
-                        return Err(StoreError::Conflict {
-                            stream: append.stream.clone(),
-                            expected: ExpectedVersion::Exact(append.expected),
-                            actual: head,
-                        });
-                    }
-                    let positions =
-                        insert_events(&tx, &append.stream, append.expected, &append.events)?;
-                    appended.push(Appended {
-                        stream_version: append.expected
-                            + u32::try_from(positions.len()).unwrap_or(u32::MAX),
-                        global_positions: positions,
-                    });
-                }
-                tx.commit().map_err(db_error)?;
-                Ok(appended)
-            })
-            .await?;
-        self.inner.signal.notify();
-        Ok(appended)
+        let writes = appends
+            .into_iter()
+            .map(|a| (a.stream, ExpectedVersion::Exact(a.expected), a.events))
+            .collect();
+        self.write_streams(writes).await
     }
 
     async fn stream_versions(&self, streams: &[StreamId]) -> Result<Vec<u32>, StoreError> {
