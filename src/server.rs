@@ -570,8 +570,9 @@ impl SocketGate {
         &self.stats
     }
 
-    /// A pass for one more socket of `client`, or why not (counted).
+    /// A pass for one more socket of `client` (counted by [`client_key`]), or why not (counted).
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<SocketPass, SocketRefusal> {
+        let client = client_key(client);
         let mut per_client = self
             .per_client
             .lock()
@@ -592,6 +593,22 @@ impl SocketGate {
             gate: self.clone(),
             client,
         })
+    }
+}
+
+/// The client a per-client limit counts `address` as: an IPv4 address itself (also when it
+/// arrives IPv4-mapped), an IPv6 address by its /64, the block one subscriber is usually given
+/// whole, and can pick any of 2^64 addresses from.
+pub fn client_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -656,6 +673,20 @@ mod tests {
         assert_eq!(stats.open_websockets.load(Ordering::Relaxed), 3);
         assert_eq!(stats.refused.get(Limit::Websockets), 1);
         assert_eq!(stats.refused.get(Limit::WebsocketsPerClient), 1);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_and_a_mapped_ipv4_one_as_ipv4() {
+        let gate = Arc::new(SocketGate::new(limits(), Arc::default()));
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let _first = gate.admit(one).unwrap();
+        let _second = gate.admit(same_64).unwrap();
+        assert_eq!(gate.admit(one).unwrap_err(), SocketRefusal::ClientFull);
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(gate.admit(other_64).is_ok());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -83,7 +83,9 @@ impl Flows {
         if self.starts.len() > 10_000 {
             self.starts.retain_recent();
         }
-        self.starts.check_key(&client).is_ok()
+        self.starts
+            .check_key(&crate::server::client_key(client))
+            .is_ok()
     }
 
     /// The data key that seals flow secrets: made once per process, on the first flow.
