@@ -161,12 +161,7 @@ fn check_authorization_defaults(key: &str, given: &DefaultsBody) -> Result<(), S
 }
 
 fn check_integration_key(key: &str, field: &str) -> Result<(), SessionsError> {
-    let ok = !key.is_empty()
-        && key.len() <= 255
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "~:.@ _-".contains(c));
-    if ok {
+    if crate::integrations::in_nango_key_charset(key) {
         Ok(())
     } else {
         Err(invalid(format!("{field}: invalid integration key {key:?}")))

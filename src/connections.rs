@@ -513,34 +513,27 @@ pub async fn set_metadata(
         })?;
     }
     let now = Utc::now();
-    let written = if let [key] = keys.as_slice() {
-        let one = state
-            .commands
-            .set_metadata(key, Value::Object(metadata), mode, now);
-        vec![one.await.map_err(ConnectionsError::command(key))?]
-    } else {
-        let all = state
-            .commands
-            .set_metadata_of_all(&keys, Value::Object(metadata), mode, now);
-        match all.await {
-            Ok(written) => written,
-            Err(e) => {
-                // Deleted since the check: the answer names the first one gone.
-                if let CommandError::Connection(
-                    ConnectionRejected::NotFound | ConnectionRejected::Deleted,
-                ) = e
-                {
-                    for key in &keys {
-                        if queries::find_connection(&state.read_models, key)
-                            .await?
-                            .is_none()
-                        {
-                            return Err(missing(state, key).await);
-                        }
+    let all = state
+        .commands
+        .set_metadata_of_all(&keys, Value::Object(metadata), mode, now);
+    let written = match all.await {
+        Ok(written) => written,
+        Err(e) => {
+            // Deleted since the check: the answer names the first one gone.
+            if let CommandError::Connection(
+                ConnectionRejected::NotFound | ConnectionRejected::Deleted,
+            ) = e
+            {
+                for key in &keys {
+                    if queries::find_connection(&state.read_models, key)
+                        .await?
+                        .is_none()
+                    {
+                        return Err(missing(state, key).await);
                     }
                 }
-                return Err(ConnectionsError::command(&keys[0])(e));
             }
+            return Err(ConnectionsError::command(&keys[0])(e));
         }
     };
     for loaded in &written {

@@ -152,9 +152,13 @@ pub async fn delete(state: &AppState, key: &str) -> Result<(), IntegrationsError
 /// space at either end (request fields are trimmed, so such a key could hold no connection),
 /// no comma (lists of keys are comma-separated) and no slash (it is a path segment).
 pub fn valid_key(key: &str) -> bool {
+    in_nango_key_charset(key) && !key.starts_with(' ') && !key.ends_with(' ')
+}
+
+/// Whether `key` is 1–255 of the characters Nango allows in a unique key (letters, digits,
+/// space, `~ : . @ _ -`).
+pub fn in_nango_key_charset(key: &str) -> bool {
     (1..=255).contains(&key.len())
-        && !key.starts_with(' ')
-        && !key.ends_with(' ')
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "~:.@ _-".contains(c))

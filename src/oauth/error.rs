@@ -7,7 +7,7 @@ use domain::connection::ConnectionRejected;
 use domain::keys::KeyError;
 use domain::store::StoreError;
 use projections::ProjectionError;
-use workers::provider::TokenError;
+use workers::provider::{TokenError, plausible_error_code};
 
 use super::Report;
 use crate::connections::ConnectionsError;
@@ -96,7 +96,7 @@ pub enum FlowError {
     /// The provider refused the authorization (its `error` and `error_description`). The page
     /// shows the error code only: the description is the provider's (or whoever forged the
     /// callback's) text, and is logged instead.
-    #[error("The provider refused the authorization ({}).", error_code(.error))]
+    #[error("The provider refused the authorization ({}).", plausible_error_code(.error))]
     ProviderDenied {
         error: String,
         description: Option<String>,
@@ -128,12 +128,6 @@ pub enum FlowError {
     Internal(String),
 }
 
-/// An OAuth error code as a page may show it: a short token of letters, digits, `_`, `.`, `-`,
-/// else `unrecognized` (the callback's query is anyone's text).
-fn error_code(code: &str) -> &str {
-    workers::provider::plausible_error_code(code)
-}
-
 /// What the browser may learn of a failed token exchange: its class, the HTTP status and the
 /// OAuth error code.
 fn public_token_error(e: &TokenError) -> String {
@@ -144,7 +138,7 @@ fn public_token_error(e: &TokenError) -> String {
         TokenError::Refused { status, error, .. } => match error {
             Some(code) => format!(
                 "the provider refused it (HTTP {status}, {})",
-                error_code(code)
+                plausible_error_code(code)
             ),
             None => format!("the provider refused it (HTTP {status})"),
         },
