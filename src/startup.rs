@@ -112,7 +112,8 @@ impl Application {
                 scheduler,
                 compactor,
                 webhooks,
-                runner: Runner::new(&backend),
+                // A projection step gets as long as a request.
+                runner: Runner::new(&backend).with_step_limit(config.limits.request_timeout),
                 read_models,
                 cache: Arc::new(ConnectionCache::with_budget(
                     CACHE_TTL,

@@ -43,6 +43,8 @@ pub struct Runner {
     rebuild_batch_size: usize,
     /// States a rebuild holds in memory at most.
     resident: usize,
+    /// The longest one step of [`Runner::run`] may take before it is given up and retried.
+    step_limit: Duration,
 }
 
 impl std::fmt::Debug for Runner {
@@ -63,7 +65,16 @@ impl Runner {
             batch_size: 1000,
             rebuild_batch_size: REBUILD_BATCH,
             resident: RESIDENT,
+            step_limit: Duration::from_secs(60),
         }
+    }
+
+    /// How long one step of [`Runner::run`] may take. A step waiting longer is waiting on a
+    /// database that stopped answering on its connection (a hung pooler keeps the socket
+    /// open): it is given up, its transaction with it, and retried like a failed step.
+    pub fn with_step_limit(mut self, limit: Duration) -> Self {
+        self.step_limit = limit;
+        self
     }
 
     /// States a rebuild holds in memory at most (see [`crate::resident`]).
@@ -104,7 +115,14 @@ impl Runner {
         let mut backoff = Duration::from_millis(100);
         tokio::pin!(shutdown);
         loop {
-            let pause = match self.run_once().await {
+            let step = tokio::time::timeout(self.step_limit, self.run_once()).await;
+            let step = step.unwrap_or_else(|_| {
+                Err(ProjectionError::Store(StoreError::Database(format!(
+                    "the database did not answer within {:?}",
+                    self.step_limit
+                ))))
+            });
+            let pause = match step {
                 Ok(0) => {
                     backoff = Duration::from_millis(100);
                     None

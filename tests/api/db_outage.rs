@@ -1,6 +1,11 @@
-//! The database goes away in the middle of a refresh: between the provider's answer (which
-//! rotated the refresh token) and the append of the outcome. The outcome is recorded once the
-//! database is back, within the lease, so the next refresh spends the new refresh token.
+//! The database goes away, or stops answering, behind a TCP relay.
+//!
+//! - In the middle of a refresh, between the provider's answer (which rotated the refresh token)
+//!   and the append of the outcome: the outcome is recorded once the database is back, within
+//!   the lease, so the next refresh spends the new refresh token.
+//! - A peer that keeps the connections open and stops answering on them (a hung pooler): once
+//!   new connections are answered again, requests succeed again; the pool does not keep handing
+//!   out the connections whose queries nobody will answer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,12 +22,16 @@ use crate::{config_on, new_key, ok_json, spawn_config};
 
 domain::on_postgres_only!(
     a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded,
+    requests_succeed_again_after_the_database_stopped_answering_on_open_connections,
 );
 
-/// A TCP relay to the database that can cut every connection and refuse new ones.
+/// A TCP relay to the database that can cut every connection and refuse new ones, or freeze:
+/// keep every open connection open and never pass anything on them again (new ones are held
+/// unanswered while frozen).
 struct Relay {
     port: u16,
     down: Arc<AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -32,16 +41,27 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
+        let frozen = tokio::sync::watch::Sender::new(false);
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (flag, held) = (down.clone(), links.clone());
+        let (flag, freezes, held) = (down.clone(), frozen.clone(), links.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if flag.load(Ordering::SeqCst) {
                     continue;
                 }
+                let mut freeze = freezes.subscribe();
                 let link = tokio::spawn(async move {
+                    if *freeze.borrow_and_update() {
+                        return std::future::pending::<()>().await;
+                    }
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = async { drop(freeze.wait_for(|frozen| *frozen).await) } => {
+                                // Both sockets stay open; nothing passes any more.
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 });
                 held.lock().unwrap().push(link);
@@ -50,9 +70,19 @@ impl Relay {
         Self {
             port,
             down,
+            frozen,
             links,
             accept,
         }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// New connections are passed on again; those open while frozen stay frozen.
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     fn cut(&self) {
@@ -74,9 +104,9 @@ impl Drop for Relay {
     }
 }
 
-async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded(
-    db: &TestDatabase,
-) {
+/// `db` behind a new relay, as a database to configure the service with (not to be dropped:
+/// `db` is the same database).
+async fn relayed(db: &TestDatabase) -> (Relay, std::mem::ManuallyDrop<TestDatabase>) {
     let mut url = url::Url::parse(db.url()).unwrap();
     let target: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
         .parse()
@@ -87,6 +117,76 @@ async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_r
         name: String::new(),
         url: url.to_string(),
     };
+    (relay, std::mem::ManuallyDrop::new(relayed))
+}
+
+async fn requests_succeed_again_after_the_database_stopped_answering_on_open_connections(
+    db: &TestDatabase,
+) {
+    let (relay, relayed) = relayed(db).await;
+    let args = [
+        "--database-pool-wait",
+        "1s",
+        "--provider-timeout",
+        "1s",
+        "--request-timeout",
+        "2s",
+    ];
+    let app = spawn_config(config_on(&relayed, &new_key(), &args)).await;
+    let list = "/connections";
+    // Several pooled connections, all open when the relay freezes.
+    let lists = futures_util::future::join_all((0..6).map(|_| app.get(list))).await;
+    assert!(lists.iter().all(|answer| answer.status() == 200));
+
+    relay.freeze();
+    let answer = tokio::time::timeout(Duration::from_secs(10), app.get(list))
+        .await
+        .expect("a request gives up at its timeout");
+    assert_eq!(answer.status(), 408);
+
+    // The database answers new connections again; the ones open before never will.
+    relay.thaw();
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let status = tokio::time::timeout(Duration::from_secs(10), app.get(list))
+            .await
+            .expect("a request gives up at its timeout")
+            .status();
+        statuses.push(status.as_u16());
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+
+    // The projections take in what is written now: the runner is not left waiting on a
+    // frozen connection either.
+    let integration = json!({
+        "provider_config_key": "after", "provider": "github",
+        "oauth_client_id": "id", "oauth_client_secret": "secret",
+    });
+    ok_json(app.post_json("/config", &integration).await).await;
+    let mut lags = Vec::new();
+    for _ in 0..120 {
+        let status = app.get("/admin/projections").await;
+        if status.status() == 200 {
+            let status: serde_json::Value = status.json().await.unwrap();
+            let projections = status["projections"].as_array().unwrap();
+            if projections.iter().all(|p| p["caught_up"] == true) {
+                return;
+            }
+            lags.push(status["projections"].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the projections stayed behind: {lags:?}");
+}
+
+async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded(
+    db: &TestDatabase,
+) {
+    let (relay, relayed) = relayed(db).await;
     let fake = FakeProvider::start().await;
     let (_dir, file) = fake.providers_file("");
     let key = new_key();
@@ -101,7 +201,6 @@ async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_r
         "10s",
     ];
     let app = spawn_config(config_on(&relayed, &key, &args)).await;
-    std::mem::forget(relayed); // Not ours to drop: `db` is the same database.
     let integration = json!({
         "provider_config_key": "fake", "provider": "fake",
         "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,

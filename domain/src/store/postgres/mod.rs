@@ -24,7 +24,7 @@ mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{Notify, broadcast};
 use tokio_postgres::types::FromSqlOwned;
 
@@ -56,6 +56,10 @@ struct Inner {
 /// How long the database's host may leave data unacknowledged (or an idle connection
 /// unprobed) before the connection is given up.
 const UNANSWERED_LIMIT: Duration = Duration::from_secs(30);
+
+/// A pooled connection last handed out this long ago is asked an empty query before it is
+/// handed out again (see [`answering`]).
+const QUIET_BEFORE_CHECK: Duration = Duration::from_secs(1);
 
 /// tokio-postgres' keepalive idle time when the URL sets none (libpq's too).
 const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
@@ -91,6 +95,7 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(options.pool_wait))
             .create_timeout(Some(options.pool_wait))
+            .pre_recycle(answering(options.pool_wait))
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
         // Fail at start-up, not at the first request, when the database cannot be reached.
@@ -150,6 +155,31 @@ impl PostgresStore {
             .map_err(db_error)?;
         row.try_get(0).map_err(db_error)
     }
+}
+
+/// The check a pooled connection passes before it is handed out again, when it was last handed
+/// out [`QUIET_BEFORE_CHECK`] ago or longer: an empty query answered within `limit`, else the
+/// connection is dropped from the pool and another one taken (or opened).
+///
+/// A peer that acknowledges and never answers (a hung pooler, a frozen proxy) leaves a query
+/// waiting on its connection with the socket healthy, so neither the keepalives nor the fast
+/// check (is it closed?) notice; the request that waited gives up at its timeout and the
+/// connection went back to the pool, where every later query would queue behind the lost one.
+/// The check finds those. It costs a round trip only on connections that sat out a second, so
+/// a busy pool pays nothing.
+fn answering(limit: Duration) -> Hook {
+    Hook::async_fn(move |client, metrics| {
+        Box::pin(async move {
+            if metrics.last_used() < QUIET_BEFORE_CHECK {
+                return Ok(());
+            }
+            match tokio::time::timeout(limit, client.simple_query("")).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(HookError::Backend(error)),
+                Err(_) => Err(HookError::message("the database did not answer")),
+            }
+        })
+    })
 }
 
 /// The highest migration version embedded in this binary.
