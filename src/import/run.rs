@@ -2,16 +2,19 @@
 //! database, checked whole, then written, then projected, with progress on stderr and a summary
 //! on stdout.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Seek};
 use std::time::Instant;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use domain::catalog::Catalog;
-use domain::commands::Commands;
+use domain::commands::{CommandError, Commands};
+use domain::connection::{ConnectionKey, ConnectionRejected, is_authorization};
 use domain::integration::IntegrationSettings;
 use domain::keys::{Sealed, Vault};
 use domain::store::Backend;
+use futures_util::StreamExt;
 use projections::store::Analyzed;
 use projections::{ConnectionsModel, ReadModels, Runner, StateModel};
 
@@ -34,24 +37,29 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
         None => Catalog::builtin(),
     };
     let instance = format!("grantline-import-{}", uuid::Uuid::new_v4().simple());
-    let commands = Commands::new(backend.clone(), vault).with_instance(instance);
+    let commands = Commands::new(backend.clone(), vault).with_instance(&instance);
+    let origin = if args.from_nango.is_some() {
+        "nango"
+    } else {
+        "file"
+    };
+    let commands = commands.with_origin(origin);
+    let imported = Imported {
+        commands: commands.clone(),
+        instance: &instance,
+        runner: &runner,
+    };
     match (&args.from_nango, &args.file) {
         (Some(url), _) => {
-            let commands = commands.with_origin("nango");
             let existing: HashSet<String> = integrations
                 .iter()
                 .map(|r| r.integration.provider_config_key.clone())
                 .collect();
             let importer = Importer::new(commands.clone(), integrations, catalog, import_body);
-            from_nango(args, url, &commands, importer, &existing, &runner).await
+            from_nango(args, url, &imported, importer, &existing).await
         }
         (None, Some(file)) => {
-            let importer = Importer::new(
-                commands.with_origin("file"),
-                integrations,
-                catalog,
-                import_body,
-            );
+            let importer = Importer::new(commands, integrations, catalog, import_body);
             let mut source = if file.as_os_str() == "-" {
                 // Read twice: standard input is kept in an unnamed temporary file.
                 let mut spool = tempfile::tempfile().context("cannot create a temporary file")?;
@@ -76,8 +84,10 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
             }
             source.rewind()?;
             let mut lines = JsonLines::new(BufReader::new(&source));
+            let born = imported.births().await?;
             write(&importer, &mut lines, args, checked.connections).await?;
-            project(&runner).await
+            project(&runner).await?;
+            imported.undo_orphans(&born).await
         }
         (None, None) => anyhow::bail!("name a file (or -) or --from-nango"),
     }
@@ -88,11 +98,11 @@ pub async fn run(args: &ImportArgs, backend: Backend, vault: Vault) -> anyhow::R
 async fn from_nango(
     args: &ImportArgs,
     url: &str,
-    commands: &Commands,
+    imported: &Imported<'_>,
     importer: Importer,
     existing: &HashSet<String>,
-    runner: &Runner,
 ) -> anyhow::Result<()> {
+    let commands = &imported.commands;
     let key = NangoKey::from_base64(args.nango_encryption_key.as_deref().ok_or_else(|| {
         anyhow::anyhow!(
             "--from-nango needs Nango's key: NANGO_ENCRYPTION_KEY or --nango-encryption-key"
@@ -183,8 +193,95 @@ async fn from_nango(
     }
     let mut connections =
         NangoConnections::new(&database, &key, environment, args.skip_unsupported);
+    let born = imported.births().await?;
     write(&importer, &mut connections, args, checked.connections).await?;
-    project(runner).await
+    project(imported.runner).await?;
+    imported.undo_orphans(&born).await
+}
+
+/// Orphaned connections deleted at once.
+const UNDO_CONCURRENCY: usize = 8;
+
+/// What an import writes with, to find what it wrote.
+struct Imported<'a> {
+    commands: Commands,
+    /// The instance name in the metadata of the events it appends.
+    instance: &'a str,
+    runner: &'a Runner,
+}
+
+impl Imported<'_> {
+    /// When each integration was created, as the log has them now.
+    async fn births(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>> {
+        self.runner.catch_up().await?;
+        let read_models = ReadModels::open(self.commands.backend());
+        Ok(projections::queries::list_integrations(&read_models)
+            .await?
+            .into_iter()
+            .map(|r| (r.integration.provider_config_key, r.integration.created_at))
+            .collect())
+    }
+
+    /// Deletes again the connections this import authorized under an integration that was
+    /// deleted (or deleted and created again) while it ran, and fails saying so. Deleting an
+    /// integration deletes the connections the read model lists then, and the import's were
+    /// not there yet: they would have stayed, hidden, to come back with their old credentials
+    /// once an integration of that key is created again. (A connection authorized again since,
+    /// by someone else, is not this import's and stays.)
+    async fn undo_orphans(&self, born: &HashMap<String, DateTime<Utc>>) -> anyhow::Result<()> {
+        let now = self.births().await?;
+        let mut gone: Vec<&String> = born
+            .iter()
+            .filter(|(key, at)| now.get(*key) != Some(*at))
+            .map(|(key, _)| key)
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        gone.sort_unstable();
+        let read_models = ReadModels::open(self.commands.backend());
+        let mut undone = 0usize;
+        for key in &gone {
+            let ids = projections::queries::list_connections_of(&read_models, key).await?;
+            let mut undoing = futures_util::stream::iter(ids)
+                .map(|id| self.undo(ConnectionKey::new(key.as_str(), id)))
+                .buffer_unordered(UNDO_CONCURRENCY);
+            while let Some(outcome) = undoing.next().await {
+                undone += usize::from(outcome?);
+            }
+        }
+        self.runner.catch_up().await?;
+        anyhow::bail!(
+            "the integrations {gone:?} were deleted while the import ran: the {undone} \
+             connections it had imported for them are deleted again (the rest of the import \
+             stands)"
+        )
+    }
+
+    /// Deletes `connection` if its credentials are this import's; whether it did.
+    async fn undo(&self, connection: ConnectionKey) -> anyhow::Result<bool> {
+        let events = self.commands.backend().events();
+        let stream = events.read_stream(&connection.stream_id(), 0).await?;
+        let ours = stream
+            .iter()
+            .rev()
+            .find(|event| is_authorization(event))
+            .is_some_and(|event| event.metadata["instance"] == self.instance);
+        if !ours {
+            return Ok(false);
+        }
+        match self
+            .commands
+            .delete_connection(&connection, Utc::now())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(CommandError::Connection(
+                ConnectionRejected::Deleted | ConnectionRejected::NotFound,
+            )) => Ok(false),
+            Err(e) => Err(e).context("cannot delete an orphaned connection"),
+        }
+    }
 }
 
 /// The first pass over `source`, reported; an error unless every record (and nothing in

@@ -14,6 +14,7 @@ domain::on_both_backends!(
     an_import_file_of_every_credential_type_is_served_and_a_second_run_keeps_it,
     a_file_with_bad_lines_is_refused_whole_with_their_numbers,
     two_imports_of_one_file_at_once_both_succeed,
+    connections_imported_while_their_integration_is_deleted_do_not_come_back,
 );
 
 /// `command` with `input` on its standard input.
@@ -325,5 +326,58 @@ async fn two_imports_of_one_file_at_once_both_succeed(db: &TestDatabase) {
             body["credentials"]["access_token"],
             format!("gho_TWICE_{n}")
         );
+    }
+}
+
+/// An integration deleted while `grantline import` writes its connections: whether the
+/// deletion lands before, between or after the import's batches, none of the imported
+/// connections is left to come back when an integration of that key is created again.
+async fn connections_imported_while_their_integration_is_deleted_do_not_come_back(
+    db: &TestDatabase,
+) {
+    let key = new_key();
+    let app = spawn_app(db, &key).await;
+    app.create_github_integration("import-client-SECRET").await;
+    let lines: Vec<Value> = (0..1000)
+        .map(|n| {
+            json!({"provider_config_key": "github", "connection_id": format!("orphan-{n}"),
+                   "access_token": format!("gho_ORPHAN_{n}")})
+        })
+        .collect();
+    let file = jsonl(&lines);
+    let head = |status: Value| status["projections"][0]["head_position"].as_i64().unwrap();
+    let before = head(app.get_ok("/admin/projections").await);
+    let mut command = grantline_on(db, &key);
+    command.args(["import", "-", "--batch", "50"]);
+    let mut child = spawn_with_input(command, file.as_bytes());
+    // Delete once the first batches are in the log (or the import has ended).
+    while head(app.get_ok("/admin/projections").await) == before
+        && child.try_wait().unwrap().is_none()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(app.delete("/config/github").await.status().is_success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    if !output.status.success() {
+        assert!(
+            stderr.contains("were deleted while the import ran"),
+            "{}\n{stderr}",
+            text(&output.stdout)
+        );
+    }
+
+    app.create_github_integration("another-SECRET").await;
+    app.projected().await;
+    let listed = app.get_ok("/connections?integrationId=github").await;
+    let left = listed["connections"].as_array().unwrap().len();
+    assert_eq!(left, 0, "{stderr}");
+    for n in [0, 499, 999] {
+        let answer = app
+            .get(&format!(
+                "/connection/orphan-{n}?provider_config_key=github"
+            ))
+            .await;
+        assert_eq!(answer.status(), 404);
     }
 }

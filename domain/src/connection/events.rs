@@ -19,6 +19,12 @@ const METADATA_SET: &str = "MetadataSet";
 const OWNERSHIP_SET: &str = "OwnershipSet";
 const CONNECTION_DELETED: &str = "ConnectionDeleted";
 
+/// Whether `event` (of a connection stream) is an authorization: credentials set by a flow or
+/// an import, which the ones after it are refreshed from.
+pub fn is_authorization(event: &crate::store::RecordedEvent) -> bool {
+    event.event_type == CONNECTION_AUTHORIZED
+}
+
 /// How the credentials were obtained.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

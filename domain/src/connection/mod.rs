@@ -46,7 +46,7 @@ pub use decide::{ConnectionCommand, ConnectionRejected, check_metadata, decide};
 pub use events::{
     Authorization, ConnectionAuthorized, ConnectionDeleted, ConnectionEvent, CredentialsType,
     FailureClass, Flow, MetadataMode, MetadataSet, OwnershipSet, RefreshFailed, RefreshFailure,
-    RefreshLeased, RefreshTrigger, TokenFingerprints, TokensRefreshed,
+    RefreshLeased, RefreshTrigger, TokenFingerprints, TokensRefreshed, is_authorization,
 };
 pub use state::{
     ActiveConnection, Connection, DeletedConnection, RecordedFailure, RefreshLease, apply,
