@@ -18,6 +18,12 @@
 //! `cargo bench --bench proxy` (`BENCH_SECONDS` per measurement, default 5; `BENCH_ROUNDS`,
 //! default 3). The load generator runs in this process, beside the fake provider, on the same
 //! cores as the servers: every path pays for it alike.
+//!
+//! With `BENCH_PROXY_CPUS` (a `taskset` CPU list, e.g. `1`) every proxy process (Grantline's and
+//! the bare ones) runs on those CPUs and this process (load generator and fake provider) on
+//! `BENCH_WORLD_CPUS` (default `0`): the deployment where the proxy has its own host, and the
+//! callers and the provider are elsewhere. Direct calls then get the world's CPUs only, as
+//! they would without the proxy's host.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)] // shared with the refresh benchmarks; this one uses part of it
@@ -94,6 +100,16 @@ async fn load(
         p99_ms: at(0.99),
         failures,
     }
+}
+
+/// Every thread of process `pid` on `cpus` (a `taskset` list).
+fn pin(pid: u32, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-cp", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("taskset runs");
+    assert!(status.success(), "taskset -a -cp {cpus} {pid}");
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -238,6 +254,14 @@ async fn main() {
         .await;
     let with_reqwest = bare::Running::start("reqwest", &setup.fake.base);
     let with_hyper = bare::Running::start("hyper", &setup.fake.base);
+    if let Ok(proxies) = std::env::var("BENCH_PROXY_CPUS") {
+        let world = std::env::var("BENCH_WORLD_CPUS").unwrap_or_else(|_| "0".to_owned());
+        pin(std::process::id(), &world);
+        for pid in [server.pid(), with_reqwest.pid(), with_hyper.pid()] {
+            pin(pid, &proxies);
+        }
+        println!("proxies on CPUs {proxies}, load generator and fake provider on CPUs {world}\n");
+    }
 
     let direct = |url: String| move |c: &reqwest::Client| c.get(&url).bearer_auth(ACCESS);
     let proxied = |url: String| {

@@ -95,6 +95,9 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(options.pool_wait))
             .create_timeout(Some(options.pool_wait))
+            // The most recently used connection first: at a low request rate the others sit
+            // out, and only those pay the check below.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .pre_recycle(answering(options.pool_wait))
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
