@@ -31,6 +31,7 @@ grantline_domain::on_both_backends!(
     new_streams_are_created_all_or_nothing,
     appends_to_several_streams_are_all_or_nothing,
     only_the_compactor_removes_events_and_only_those_it_planned,
+    a_database_migrated_by_a_newer_release_still_opens,
 );
 
 fn event(n: u64) -> NewEvent {
@@ -908,4 +909,32 @@ async fn only_the_compactor_removes_events_and_only_those_it_planned(db: &TestDa
     let refused = delete_behind_the_stores_back(db).await;
     assert!(refused.contains("append-only"), "{refused}");
     assert_eq!(versions(store, &a).await, [1, 4, 5]);
+}
+
+/// A rolling upgrade: the new release migrated the database; an instance of this one (the one
+/// being replaced, or one restarting meanwhile) still opens it, and sees the schema past its
+/// own latest migration.
+async fn a_database_migrated_by_a_newer_release_still_opens(db: &TestDatabase) {
+    let backend = db.open().await;
+    let future = backend.latest_migration() + 1;
+    drop(backend);
+    let insert = "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+                  VALUES ($1, 'a_later_release', '2026-12-05T00:00:00Z', '1')";
+    match db {
+        TestDatabase::Postgres { .. } => {
+            let version = i32::try_from(future).unwrap();
+            db.postgres_client()
+                .await
+                .execute(insert, &[&version])
+                .await
+                .unwrap();
+        }
+        TestDatabase::Sqlite { .. } => {
+            let path = db.url().trim_start_matches("sqlite://").to_owned();
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute(&insert.replace("$1", "?1"), [future]).unwrap();
+        }
+    }
+    let backend = db.open().await;
+    assert_eq!(backend.applied_migration().await.unwrap(), future);
 }

@@ -252,6 +252,7 @@ async fn migrate(target: &Target) -> Result<(), StoreError> {
         .await
         .map_err(db_error)?;
     let outcome = embedded::migrations::runner()
+        .set_abort_missing(false)
         .run_async(&mut client)
         .await
         .map_err(|e| StoreError::Database(format!("migration failed: {}", with_causes(&e))));

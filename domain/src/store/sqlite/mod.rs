@@ -80,6 +80,7 @@ impl SqliteStore {
         store
             .write(|conn| {
                 embedded::migrations::runner()
+                    .set_abort_missing(false)
                     .run(conn)
                     .map(|_| ())
                     .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
