@@ -1,8 +1,9 @@
 //! `GET /ready`: whether this instance should get traffic (`/health` only says it is alive).
 //!
 //! Ready means: the database answers, its schema is at (or past) the latest migration this
-//! binary embeds, and every projection is at most `GRANTLINE_READY_MAX_LAG` events behind the
-//! log. The answer is `200 {"status": "ready", "checks": {...}, "failing": []}` or
+//! binary embeds, this instance's master key is still one the database knows (a rotation run
+//! with another key retires it), and every projection is at most `GRANTLINE_READY_MAX_LAG`
+//! events behind the log. The answer is `200 {"status": "ready", "checks": {...}, "failing": []}` or
 //! `503 {"status": "not_ready", "checks": {...}, "failing": ["projections", ...]}`; each check is
 //! `{"status": "ok" | "failing" | "skipped", ...}` with a `message` unless ok. Every check has a
 //! deadline, so a database that hangs makes a 503, not a hung probe. No secret key is needed:
@@ -118,6 +119,7 @@ async fn check(state: &AppState) -> (BTreeMap<&'static str, Check>, Vec<&'static
             checks.insert("database", Check::failing("the database does not answer"));
             checks.insert("migrations", Check::skipped());
             checks.insert("projections", Check::skipped());
+            checks.insert("master_key", Check::skipped());
             return (checks, vec!["database"]);
         }
         Err(_) => {
@@ -131,6 +133,7 @@ async fn check(state: &AppState) -> (BTreeMap<&'static str, Check>, Vec<&'static
             );
             checks.insert("migrations", Check::skipped());
             checks.insert("projections", Check::skipped());
+            checks.insert("master_key", Check::skipped());
             return (checks, vec!["database"]);
         }
     };
@@ -194,5 +197,30 @@ async fn check(state: &AppState) -> (BTreeMap<&'static str, Check>, Vec<&'static
             failed.push("projections");
         }
     }
+    let master_key = match tokio::time::timeout(
+        CHECK_TIMEOUT,
+        state.commands.vault().active_key_retired(),
+    )
+    .await
+    {
+        Ok(Ok(false)) => Check::ok(),
+        Ok(Ok(true)) => Check::failing(format!(
+            "this instance's master key (id {}) was retired by a key rotation: restart it with \
+             the current key in GRANTLINE_ENCRYPTION_KEY",
+            state.commands.vault().active_key_id()
+        )),
+        Ok(Err(e)) => {
+            tracing::warn!(error.message = %e, "readiness: the master keys were not read");
+            Check::failing("the master keys were not read")
+        }
+        Err(_) => Check::failing(format!(
+            "the master keys were not read within {}s",
+            CHECK_TIMEOUT.as_secs()
+        )),
+    };
+    if master_key.status != "ok" {
+        failed.push("master_key");
+    }
+    checks.insert("master_key", master_key);
     (checks, failed)
 }

@@ -20,6 +20,7 @@ domain::on_both_backends!(
     metrics_show_latency_histograms_by_route_template_method_and_status,
     every_answer_carries_a_request_id_and_a_sane_incoming_one_is_echoed,
     ready_is_ok_on_a_migrated_database_and_fails_when_a_projection_lags,
+    ready_fails_once_a_key_rotation_retired_the_instances_master_key,
 );
 
 mod postgres_only {
@@ -193,6 +194,34 @@ async fn every_answer_carries_a_request_id_and_a_sane_incoming_one_is_echoed(db:
         assert_ne!(id, insane);
         assert!(seen.insert(id));
     }
+}
+
+/// A rotation run with a new key while this instance still has only the old one: its data
+/// keys could not be wrapped any more, and `/ready` says so instead of staying ready.
+async fn ready_fails_once_a_key_rotation_retired_the_instances_master_key(db: &TestDatabase) {
+    let old = new_key();
+    let app = spawn_app(db, &old).await;
+    app.create_github_integration("rotated-SECRET").await;
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"]["master_key"]["status"], "ok");
+
+    let new = new_key();
+    let output = crate::cli::grantline_on(db, &new)
+        .env("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", &old)
+        .args(["keys", "rotate"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["failing"], json!(["master_key"]), "{body}");
+    let message = body["checks"]["master_key"]["message"].as_str().unwrap();
+    assert!(message.contains("retired by a key rotation"), "{message}");
+    assert!(
+        !message.contains(&old) && !message.contains(&new),
+        "{message}"
+    );
 }
 
 /// `GET /ready` as status and JSON body.

@@ -273,6 +273,8 @@ pub struct Wrapping<'a> {
 #[async_trait]
 pub trait KeyRepository: Send + Sync {
     async fn master_keys(&self) -> Result<Vec<MasterKeyRecord>, StoreError>;
+    /// Whether the database has the record of master key `key_id`.
+    async fn knows_master_key(&self, key_id: &str) -> Result<bool, StoreError>;
     /// Records the key if new and makes it the only active one.
     async fn activate_master_key(&self, key_id: &str, check_value: &[u8])
     -> Result<(), StoreError>;
@@ -604,6 +606,13 @@ impl Vault {
     /// is complete when only the active one wraps any.
     pub async fn master_keys(&self) -> Result<Vec<MasterKeyRecord>, KeyError> {
         Ok(self.inner.repository.master_keys().await?)
+    }
+
+    /// Whether a key rotation (run with another key) retired this instance's active master key:
+    /// its record is gone, so no data key can be wrapped with it any more.
+    pub async fn active_key_retired(&self) -> Result<bool, KeyError> {
+        let known = self.inner.repository.knows_master_key(self.active_key_id());
+        Ok(!known.await?)
     }
 
     /// Re-wraps every data key that is not under the active master key, in batches of `batch`,

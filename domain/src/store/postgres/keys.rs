@@ -35,6 +35,18 @@ impl KeyRepository for PostgresStore {
             .collect())
     }
 
+    async fn knows_master_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM master_keys WHERE key_id = $1)",
+                &[&key_id],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+
     async fn activate_master_key(
         &self,
         key_id: &str,

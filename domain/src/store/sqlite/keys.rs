@@ -51,6 +51,19 @@ impl KeyRepository for SqliteStore {
         .await
     }
 
+    async fn knows_master_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let key_id = key_id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM master_keys WHERE key_id = ?1)",
+                [&key_id],
+                |r| r.get(0),
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn activate_master_key(
         &self,
         key_id: &str,
