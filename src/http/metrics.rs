@@ -491,7 +491,7 @@ pub async fn metrics(
     let keep_alive: Vec<(String, f64)> = policy
         .keep_alive
         .iter()
-        .map(|(provider, age)| (format!("provider=\"{provider}\""), age.as_secs_f64()))
+        .map(|(provider, age)| (label("provider", provider), age.as_secs_f64()))
         .collect();
     family(
         &mut out,
@@ -585,20 +585,22 @@ fn as_refs(samples: &[(String, f64)]) -> Vec<(&str, f64)> {
     samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
 }
 
-/// The proxy's counters and latency histogram, by integration (a label value escaped as the
-/// text format asks), and what was not counted apart.
+/// `name="value"`, the value escaped as the text format asks.
+fn label(name: &str, value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{name}=\"{escaped}\"")
+}
+
+/// The proxy's counters and latency histogram, by integration, and what was not counted apart.
 fn proxy_families(
     out: &mut String,
     stats: &[(String, crate::proxy::IntegrationStats)],
     unrecorded: u64,
 ) {
-    let label = |key: &str| {
-        let escaped = key
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        format!("provider_config_key=\"{escaped}\"")
-    };
+    let label = |key: &str| label("provider_config_key", key);
     let classes = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
     let calls: Vec<(String, f64)> = stats
         .iter()
@@ -720,4 +722,17 @@ fn compactor_families(out: &mut String, compactor: &workers::compactor::Compacto
         "When the last compaction pass finished (0: never).",
         &[("", load(&compactor.last_pass_at) as f64)],
     );
+}
+
+#[cfg(test)]
+mod tests {
+    /// A provider template's name goes into a label: quotes, backslashes and line breaks stay
+    /// inside the value (a raw one broke the scrape or added lines of its own).
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            super::label("provider", "evil\"} 1\ninjected 9\\"),
+            r#"provider="evil\"} 1\ninjected 9\\""#
+        );
+    }
 }
