@@ -79,6 +79,13 @@ impl SqliteStore {
         };
         store
             .write(|conn| {
+                // SQLite opens a file it may not write read-only, without a word: every write
+                // would fail later (503s) while reads and /ready look fine.
+                if conn.is_readonly(rusqlite::MAIN_DB).map_err(db_error)? {
+                    return Err(StoreError::Database(
+                        "the database file is read-only for this process".to_owned(),
+                    ));
+                }
                 embedded::migrations::runner()
                     .set_abort_missing(false)
                     .run(conn)
