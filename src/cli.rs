@@ -47,12 +47,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "projection", "checkpoint", "head", "lag"
             );
             for s in statuses {
+                // The lag is counted up to a cap: past it, the true lag is larger.
+                let lag = if usize::try_from(s.lag).is_ok_and(|lag| lag >= projections::LAG_CAP) {
+                    format!("{}+", s.lag)
+                } else {
+                    s.lag.to_string()
+                };
                 println!(
                     "{:<14} {:>22} {:>12} {:>10}  {}",
                     s.name,
                     s.checkpoint,
                     s.head_position,
-                    s.lag,
+                    lag,
                     s.last_error.unwrap_or_else(|| "-".into())
                 );
             }

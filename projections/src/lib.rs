@@ -29,7 +29,7 @@ pub mod snapshots;
 pub mod store;
 
 pub use model::{ConnectionsModel, IntegrationsModel, StateModel};
-pub use runner::{ProjectionStatus, Runner};
+pub use runner::{LAG_CAP, ProjectionStatus, Runner};
 pub use store::ReadModels;
 
 use domain::event::UnreadableEvent;

@@ -14,7 +14,7 @@ use crate::store::{Analyzed, Batch, Planner, ReadModels, Tables};
 use crate::{ConnectionsModel, IntegrationsModel, PROJECTIONS, ProjectionError};
 
 /// Lag is counted up to this many events.
-const LAG_CAP: usize = 10_000;
+pub const LAG_CAP: usize = 10_000;
 
 /// Events a rebuild reads per batch (the live runner reads fewer, to stay close to the head).
 const REBUILD_BATCH: usize = 5000;
