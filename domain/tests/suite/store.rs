@@ -938,3 +938,26 @@ async fn a_database_migrated_by_a_newer_release_still_opens(db: &TestDatabase) {
     let backend = db.open().await;
     assert_eq!(backend.applied_migration().await.unwrap(), future);
 }
+
+/// SQLite goes on writing to a database file removed while it is open, and what it wrote is
+/// gone with the process: once the file is removed (or replaced), writes and the readiness
+/// check fail instead of acknowledging.
+#[tokio::test]
+async fn sqlite_refuses_writes_once_its_file_was_removed() {
+    let db = TestDatabase::sqlite();
+    let backend = db.open().await;
+    let store = backend.events();
+    started(store).await;
+    let path = db.url().trim_start_matches("sqlite://").to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+    let refused = store
+        .append(&stream("b"), ExpectedVersion::NoStream, vec![event(2)])
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Database(m)) if m.contains("removed or replaced")),
+        "{refused:?}"
+    );
+    assert!(backend.applied_migration().await.is_err());
+}

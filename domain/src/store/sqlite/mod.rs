@@ -53,6 +53,8 @@ struct Inner {
     messages: broadcast::Sender<String>,
     /// The database file.
     path: String,
+    /// Which file that was once opened (device, inode).
+    file: std::sync::OnceLock<(u64, u64)>,
 }
 
 impl SqliteStore {
@@ -75,6 +77,7 @@ impl SqliteStore {
                 poll_interval: options.poll_interval,
                 messages: broadcast::channel(MESSAGE_BACKLOG).0,
                 path: path.to_owned(),
+                file: std::sync::OnceLock::new(),
             }),
         };
         store
@@ -93,7 +96,27 @@ impl SqliteStore {
                     .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
             })
             .await?;
+        if let Ok(file) = file_identity(path) {
+            let _ = store.inner.file.set(file);
+        }
         Ok(store)
+    }
+
+    /// An error once the database file was removed or replaced since it was opened: SQLite
+    /// would go on writing to the unlinked file, acknowledging writes that are gone with the
+    /// process.
+    fn still_the_file(&self) -> Result<(), StoreError> {
+        let Some(&opened) = self.inner.file.get() else {
+            return Ok(());
+        };
+        match file_identity(&self.inner.path) {
+            Ok(now) if now == opened => Ok(()),
+            _ => Err(StoreError::Database(format!(
+                "the database file {} was removed or replaced while this process had it open; \
+                 restart it",
+                self.inner.path
+            ))),
+        }
     }
 
     /// The database file's path, as opened.
@@ -119,6 +142,7 @@ impl SqliteStore {
         F: FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
+        self.still_the_file()?;
         run(&self.writer, f).await
     }
 
@@ -132,6 +156,13 @@ impl SqliteStore {
     }
 }
 
+/// The device and inode of the file at `path`.
+fn file_identity(path: &str) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
 /// The highest migration version embedded in this binary.
 pub(super) fn latest_migration() -> i64 {
     newest_migration(&embedded::migrations::runner())
@@ -140,6 +171,7 @@ pub(super) fn latest_migration() -> i64 {
 impl SqliteStore {
     /// The highest migration version applied to the database (0: none).
     pub(super) async fn applied_migration(&self) -> Result<i64, StoreError> {
+        self.still_the_file()?;
         self.read_scalar("SELECT coalesce(max(version), 0) FROM refinery_schema_history")
             .await
     }
