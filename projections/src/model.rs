@@ -136,9 +136,13 @@ impl StateModel for ConnectionsModel {
                     ..Row::keyless(stream_id, version, state, active.created_at)
                 })
             }
-            // A deleted connection's row keeps the keys and creation time it had (the upsert
-            // does not overwrite them with these blanks).
+            // A deleted connection's row keeps the keys and creation time it had: the state
+            // carries them, and where an older state lacks them the upsert keeps the row's.
             Connection::Deleted(deleted) => Some(Row {
+                provider_config_key: deleted.provider_config_key.clone(),
+                connection_id: deleted.connection_id.clone(),
+                provider: deleted.provider.clone(),
+                created_at: deleted.created_at.unwrap_or(deleted.deleted_at),
                 deleted_at: Some(deleted.deleted_at),
                 refresh_state: "deleted",
                 ..Row::keyless(stream_id, version, state, deleted.deleted_at)

@@ -516,8 +516,9 @@ pub async fn metrics(
         &mut out,
         "grantline_read_activity_total",
         "counter",
-        "Reads noted for the scheduler (at most one per connection per minute), written to the \
-         database, or dropped because too many were waiting.",
+        "Reads noted for the scheduler (the first read of each cached copy of a connection), \
+         written to the database (one per connection and flush), or dropped because too many \
+         were waiting.",
         &[
             ("result=\"noted\"", activity.noted as f64),
             ("result=\"written\"", activity.written as f64),

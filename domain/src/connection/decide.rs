@@ -785,6 +785,10 @@ mod tests {
                 generation: 2,
                 data_key_ids: vec![key(1), key(2)],
                 deleted_at: at(2),
+                provider_config_key: "github".to_owned(),
+                connection_id: "user-1".to_owned(),
+                provider: "github".to_owned(),
+                created_at: Some(at(0)),
             })
         );
     }

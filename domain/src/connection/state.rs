@@ -138,6 +138,16 @@ pub struct DeletedConnection {
     pub data_key_ids: Vec<Uuid>,
     /// When it was deleted.
     pub deleted_at: DateTime<Utc>,
+    /// Which connection it was and when it was created, so that a read model rebuilt from the
+    /// log keeps them as the live one does (empty in states recorded before they were kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider_config_key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub connection_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 impl ActiveConnection {
@@ -292,12 +302,22 @@ pub fn apply(state: &mut Connection, event: &ConnectionEvent) {
             }
         }
         ConnectionEvent::ConnectionDeleted(event) => {
-            let generation = state.generation();
-            *state = Connection::Deleted(DeletedConnection {
-                generation,
+            let mut deleted = DeletedConnection {
+                generation: state.generation(),
                 data_key_ids: event.shredded_data_keys.clone(),
                 deleted_at: event.deleted_at,
-            });
+                provider_config_key: String::new(),
+                connection_id: String::new(),
+                provider: String::new(),
+                created_at: None,
+            };
+            if let Connection::Active(active) = state {
+                deleted.provider_config_key = active.provider_config_key.clone();
+                deleted.connection_id = active.connection_id.clone();
+                deleted.provider = active.provider.clone();
+                deleted.created_at = Some(active.created_at);
+            }
+            *state = Connection::Deleted(deleted);
         }
     }
 }

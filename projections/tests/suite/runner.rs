@@ -210,12 +210,22 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
             created += 1;
         }
     }
+    // Created and deleted while the rebuild still holds its state.
+    f.connection("github", "brief").await;
+    f.commands
+        .delete_connection(&ConnectionKey::new("github", "brief"), Utc::now())
+        .await
+        .unwrap();
     let runner = Runner::new(&f.backend)
         .with_batch_size(7)
         .with_resident_states(8);
     settle(&runner).await;
     let before = snapshot(&f.read_models).await;
     assert_eq!(before.len(), created - 1);
+    let deleted_before = deleted_rows(db).await;
+    let mut ids: Vec<&str> = deleted_before.iter().map(|row| row.1.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["brief", "c1"]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
@@ -274,6 +284,7 @@ async fn a_rebuild_under_concurrent_reads_fails_no_read_and_ends_identical_to_th
         before,
         "the rebuilt model equals the live one"
     );
+    assert_eq!(deleted_rows(db).await, deleted_before, "deleted rows too");
     settle(&runner).await;
     // The rebuilt model keeps following the log.
     f.connection("github", "late").await;
@@ -397,6 +408,33 @@ async fn on_postgres_a_rebuild_keeps_the_live_tables_indexes_and_their_names() {
 }
 
 /// Every live connection's (id, version, state), sorted.
+/// The deleted connections' rows: key, id, provider and creation time, as the table has them.
+async fn deleted_rows(db: &TestDatabase) -> Vec<(String, String, String, String)> {
+    let sql = "SELECT provider_config_key, connection_id, provider, CAST(created_at AS TEXT) \
+               FROM connections WHERE deleted_at IS NOT NULL ORDER BY stream_id";
+    match db {
+        TestDatabase::Postgres { .. } => db
+            .postgres_client()
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect(),
+        TestDatabase::Sqlite { .. } => {
+            let path = db.url().trim_start_matches("sqlite://").to_owned();
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut statement = conn.prepare(sql).unwrap();
+            statement
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        }
+    }
+}
+
 async fn snapshot(read_models: &ReadModels) -> Vec<(String, u32, String)> {
     let mut rows = Vec::new();
     for summary in queries::list_connections(read_models, &ConnectionFilter::default())
