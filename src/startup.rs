@@ -304,14 +304,22 @@ pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, V
         ),
         Err(e) => tracing::warn!(error.message = %e, "cannot tell the database connection's TLS"),
     }
-    let master = match &config.master_key {
-        MasterKeySource::Configured(key) => (**key).clone(),
-        MasterKeySource::File(path) => load_or_create_key_file(path)?,
-    };
     let repository: Arc<dyn domain::keys::KeyRepository> = backend.key_repository();
+    let (master, source) = match &config.master_key {
+        MasterKeySource::Configured(key) => {
+            ((**key).clone(), "GRANTLINE_ENCRYPTION_KEY".to_owned())
+        }
+        MasterKeySource::File(path) => {
+            refuse_a_new_key_for_sealed_data(repository.as_ref(), path).await?;
+            (
+                load_or_create_key_file(path)?,
+                format!("the key file {}", path.display()),
+            )
+        }
+    };
     let vault = Vault::open(repository, master, config.previous_master_key.clone())
         .await
-        .context("the master key check failed (GRANTLINE_ENCRYPTION_KEY)")?
+        .with_context(|| format!("the master key check failed ({source})"))?
         .with_cache_budget(config.data_key_cache);
     Ok((backend, vault))
 }
@@ -322,6 +330,36 @@ pub fn import_body(body: serde_json::Value) -> Result<crate::connections::Import
         code: e.code(),
         message: e.to_string(),
     })
+}
+
+/// A missing key file is created only for a database nothing was sealed in yet: next to one
+/// that holds data, a new key could open none of it, and writing it would leave a second key
+/// file for the operator to tell from the lost one.
+async fn refuse_a_new_key_for_sealed_data(
+    repository: &dyn domain::keys::KeyRepository,
+    path: &Path,
+) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let keys = repository
+        .master_keys()
+        .await
+        .context("cannot read the database's master keys")?;
+    let sealed_with = keys.iter().find(|k| k.active).or(keys.first());
+    // Another instance may have created both the file and the record meanwhile.
+    if let Some(key) = sealed_with
+        && !path.exists()
+    {
+        bail!(
+            "the key file {} is missing, and this database is sealed with master key {}: \
+             restore that file (or set GRANTLINE_ENCRYPTION_KEY to that key); no new key was \
+             written",
+            path.display(),
+            key.key_id
+        );
+    }
+    Ok(())
 }
 
 /// Reads the embedded default's master key, creating it (mode 0600) on first start.

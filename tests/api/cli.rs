@@ -264,6 +264,39 @@ async fn concurrent_migrate_runs_on_one_database_both_succeed() {
     assert_eq!(pending, Vec::<String>::new());
 }
 
+/// The embedded default's key file is created once, for a new database: next to a database
+/// that holds sealed data, a missing key file is reported, not replaced by a new key that
+/// opens nothing.
+#[test]
+fn a_missing_key_file_next_to_a_sealed_database_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = || {
+        grantline()
+            .args(["projections", "status"])
+            .env("GRANTLINE_DATA_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let first = status();
+    assert!(first.status.success(), "{first:?}");
+    let file = dir.path().join("master.key");
+    let key = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+
+    let refused = status();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("is missing") && stderr.contains("no new key was written"),
+        "{stderr}"
+    );
+    assert!(!file.exists(), "no new key file");
+
+    std::fs::write(&file, key).unwrap();
+    let restored = status();
+    assert!(restored.status.success(), "{restored:?}");
+}
+
 #[test]
 fn serve_shuts_down_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
