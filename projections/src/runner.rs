@@ -69,11 +69,13 @@ impl Runner {
         }
     }
 
-    /// How long one step of [`Runner::run`] may take. A step waiting longer is waiting on a
-    /// database that stopped answering on its connection (a hung pooler keeps the socket
-    /// open): it is given up, its transaction with it, and retried like a failed step.
+    /// How long one step of [`Runner::run`] may take (at least 10 s, so that a short setting
+    /// never gives up a slow but answering database's batch again and again). A step waiting
+    /// longer is waiting on a database that stopped answering on its connection (a hung pooler
+    /// keeps the socket open): it is given up, its transaction with it, and retried like a
+    /// failed step.
     pub fn with_step_limit(mut self, limit: Duration) -> Self {
-        self.step_limit = limit;
+        self.step_limit = limit.max(Duration::from_secs(10));
         self
     }
 
