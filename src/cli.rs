@@ -6,7 +6,7 @@ use domain::connection::ConnectionKey;
 use crate::config::{
     Cli, Command, EventsCommand, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
 };
-use crate::startup::{Application, open_storage};
+use crate::startup::{Application, WhileDown, open_storage};
 use crate::telemetry;
 
 /// Runs the parsed command line.
@@ -26,7 +26,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.validate()?;
             telemetry::init(LogFormat::Text);
             tokio::select! {
-                opened = open_storage(&config) => opened?,
+                opened = open_storage(&config, WhileDown::Wait) => opened?,
                 () = shutdown_signal() => anyhow::bail!("stopped before the migrations finished"),
             };
             println!("migrations applied");
@@ -40,7 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projections(ProjectionsCommand::Status(args)) => {
             let config = args.validate()?;
             telemetry::init_tool();
-            let (backend, _) = open_storage(&config).await?;
+            let (backend, _) = open_storage(&config, WhileDown::Fail).await?;
             let statuses = projections::Runner::new(&backend).status().await?;
             println!(
                 "{:<14} {:>22} {:>12} {:>10}  last error",
@@ -67,7 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projections(ProjectionsCommand::Rebuild { name, database }) => {
             let config = database.validate()?;
             telemetry::init_tool();
-            let (backend, _) = open_storage(&config).await?;
+            let (backend, _) = open_storage(&config, WhileDown::Fail).await?;
             let started = std::time::Instant::now();
             let bar = progress(format!("events replayed into {name}"));
             let replayed = projections::Runner::new(&backend)
@@ -84,7 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Rotate(args)) => {
             let config = args.validate()?;
             telemetry::init_tool();
-            let (_, vault) = open_storage(&config).await?;
+            let (_, vault) = open_storage(&config, WhileDown::Fail).await?;
             let bar = progress("data keys re-wrapped".to_owned());
             let report = vault.rotate(500, |n| bar.set_position(n)).await;
             bar.finish_and_clear();
@@ -99,7 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History(args) => {
             let config = args.database.validate()?;
             telemetry::init_tool();
-            let (backend, _) = open_storage(&config).await?;
+            let (backend, _) = open_storage(&config, WhileDown::Fail).await?;
             let key = ConnectionKey::new(&args.provider_config_key, &args.connection_id);
             let entries = crate::history::load(&backend, &key).await?;
             let compaction = crate::history::compaction(&backend, &key).await?;
@@ -124,7 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = database.validate()?;
             telemetry::init_tool();
             let shutdown = shutdown_signal();
-            let (backend, _) = open_storage(&config).await?;
+            let (backend, _) = open_storage(&config, WhileDown::Fail).await?;
             let mut out = std::io::stdout();
             crate::history::follow(&backend, from_start, json, &mut out, shutdown).await
         }
@@ -135,7 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let retention = retention.validate()?;
             let config = database.validate()?;
             telemetry::init_tool();
-            let (backend, _) = open_storage(&config).await?;
+            let (backend, _) = open_storage(&config, WhileDown::Fail).await?;
             let compactor = workers::compactor::Compactor::new(backend, retention);
             let bar = progress("events past retention looked at".to_owned());
             let report = compactor
@@ -157,7 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => {
             let config = args.database.validate()?;
             telemetry::init_tool();
-            let (backend, vault) = open_storage(&config).await?;
+            let (backend, vault) = open_storage(&config, WhileDown::Fail).await?;
             crate::import::run(&args, backend, vault).await
         }
     }

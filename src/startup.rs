@@ -57,7 +57,7 @@ impl Application {
             config.refresh.provider_timeout,
             config.limits.flows_per_minute,
         )?;
-        let (backend, vault) = open_storage(&config.database).await?;
+        let (backend, vault) = open_storage(&config.database, WhileDown::Wait).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (GRANTLINE_LISTEN)", config.listen))?;
@@ -286,11 +286,24 @@ fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
     Ok(catalog)
 }
 
+/// What opening the database does while PostgreSQL refuses connections or is starting up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhileDown {
+    /// Wait for it, however long (the service and `migrate`: a container may start first).
+    Wait,
+    /// Fail at once (a one-off command).
+    Fail,
+}
+
 /// Opens the database (applying migrations under a lock) and the vault.
-pub async fn open_storage(config: &DatabaseConfig) -> anyhow::Result<(Backend, Vault)> {
+pub async fn open_storage(
+    config: &DatabaseConfig,
+    while_down: WhileDown,
+) -> anyhow::Result<(Backend, Vault)> {
     let options = StoreOptions {
         pool_size: config.pool_size,
         pool_wait: config.pool_wait,
+        wait_until_up: while_down == WhileDown::Wait,
         ..StoreOptions::default()
     };
     let backend = Backend::open(&config.url, &options)

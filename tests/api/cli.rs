@@ -97,6 +97,40 @@ fn start_up_on_a_silent_database_ends_on_sigterm() {
     }
 }
 
+/// A one-off command does not wait for a database that refuses connections (the service does:
+/// `db_outage`), and says why it stopped.
+#[test]
+fn a_command_fails_at_once_when_the_database_refuses_connections() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = grantline()
+        .args(["projections", "status", "--encryption-key", &new_key()])
+        .env(
+            "GRANTLINE_DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/refused?sslmode=disable"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the command waited for the database");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("cannot connect to PostgreSQL"), "{stderr}");
+}
+
 /// A URL the driver refuses says why, not only that it is invalid.
 #[test]
 fn an_unusable_database_url_names_the_cause() {

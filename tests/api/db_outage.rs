@@ -6,6 +6,8 @@
 //! - A peer that keeps the connections open and stops answering on them (a hung pooler): once
 //!   new connections are answered again, requests succeed again; the pool does not keep handing
 //!   out the connections whose queries nobody will answer.
+//! - Refusing connections when the service starts (PostgreSQL still starting, a container
+//!   started first): the service waits for it and then serves.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +25,7 @@ use crate::{config_on, new_key, ok_json, spawn_config};
 domain::on_postgres_only!(
     a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded,
     requests_succeed_again_after_the_database_stopped_answering_on_open_connections,
+    the_service_waits_at_start_up_for_a_database_that_refuses_connections,
 );
 
 /// A TCP relay to the database that can cut every connection and refuse new ones, or freeze:
@@ -38,7 +41,12 @@ struct Relay {
 
 impl Relay {
     async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(target, 0).await
+    }
+
+    /// A relay listening on `port` (0: any free one).
+    async fn start_on(target: SocketAddr, port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let frozen = tokio::sync::watch::Sender::new(false);
@@ -107,17 +115,51 @@ impl Drop for Relay {
 /// `db` behind a new relay, as a database to configure the service with (not to be dropped:
 /// `db` is the same database).
 async fn relayed(db: &TestDatabase) -> (Relay, std::mem::ManuallyDrop<TestDatabase>) {
-    let mut url = url::Url::parse(db.url()).unwrap();
-    let target: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+    let relay = Relay::start(address_of(db)).await;
+    let relayed = on_port(db, relay.port);
+    (relay, relayed)
+}
+
+/// Where `db`'s server listens.
+fn address_of(db: &TestDatabase) -> SocketAddr {
+    let url = url::Url::parse(db.url()).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
         .parse()
-        .unwrap();
-    let relay = Relay::start(target).await;
-    url.set_port(Some(relay.port)).unwrap();
-    let relayed = TestDatabase::Postgres {
+        .unwrap()
+}
+
+/// `db` as reached through `port` on this host (not to be dropped: `db` is the same database).
+fn on_port(db: &TestDatabase, port: u16) -> std::mem::ManuallyDrop<TestDatabase> {
+    let mut url = url::Url::parse(db.url()).unwrap();
+    url.set_port(Some(port)).unwrap();
+    std::mem::ManuallyDrop::new(TestDatabase::Postgres {
         name: String::new(),
         url: url.to_string(),
-    };
-    (relay, std::mem::ManuallyDrop::new(relayed))
+    })
+}
+
+async fn the_service_waits_at_start_up_for_a_database_that_refuses_connections(db: &TestDatabase) {
+    // A port nobody listens on, yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = config_on(&on_port(db, port), &new_key(), &[]);
+    let starting = tokio::spawn(spawn_config(config));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !starting.is_finished(),
+        "the service waits while connections are refused"
+    );
+
+    let _relay = Relay::start_on(address_of(db), port).await;
+    let app = tokio::time::timeout(Duration::from_secs(30), starting)
+        .await
+        .expect("the service starts once the database takes connections")
+        .unwrap();
+    let list = app.get("/connections").await;
+    assert_eq!(list.status(), 200);
 }
 
 async fn requests_succeed_again_after_the_database_stopped_answering_on_open_connections(

@@ -608,12 +608,14 @@ impl PoolStatus {
 pub struct StoreOptions {
     /// Maximum connections in the pool.
     pub pool_size: usize,
-    /// How long a caller waits for a pooled connection (and a new connection to be made) before
-    /// the store answers [`StoreError::Database`]: a request fails fast instead of hanging while
-    /// the database is away or every connection is busy.
+    /// How long a caller waits for a pooled (or new) connection before [`StoreError::Database`]:
+    /// a request fails fast instead of hanging while the database is away or every one is busy.
     pub pool_wait: Duration,
     /// How often listeners poll when no wake-up arrives.
     pub poll_interval: Duration,
+    /// Whether opening waits (until cancelled) while the database refuses connections or starts
+    /// up (the service does), or fails at once (a one-off command).
+    pub wait_until_up: bool,
 }
 
 impl Default for StoreOptions {
@@ -622,6 +624,7 @@ impl Default for StoreOptions {
             pool_size: 16,
             pool_wait: Duration::from_secs(5),
             poll_interval: Duration::from_millis(500),
+            wait_until_up: false,
         }
     }
 }

@@ -81,7 +81,7 @@ impl PostgresStore {
         if target.config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
             target.config.keepalives_idle(UNANSWERED_LIMIT);
         }
-        migrate(&target).await?;
+        migrate(&target, options.wait_until_up).await?;
 
         let manager = Manager::from_config(
             target.config.clone(),
@@ -240,12 +240,23 @@ pub async fn connect_other(url: &str) -> Result<tokio_postgres::Client, StoreErr
     Ok(client)
 }
 
-async fn migrate(target: &Target) -> Result<(), StoreError> {
-    let (mut client, connection) = target
-        .config
-        .connect(target.tls.clone())
-        .await
-        .map_err(|e| target.connect_error(&e))?;
+async fn migrate(target: &Target, wait_until_up: bool) -> Result<(), StoreError> {
+    let mut pause = Duration::from_millis(200);
+    let (mut client, connection) = loop {
+        match target.config.connect(target.tls.clone()).await {
+            Ok(connected) => break connected,
+            Err(e) if wait_until_up && not_up_yet(&e) => {
+                tracing::warn!(
+                    error.message = %target.connect_error(&e),
+                    retry_in_ms = pause.as_millis() as u64,
+                    "the database does not take connections yet; waiting for it"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(target.connect_error(&e)),
+        }
+    };
     let driver = tokio::spawn(connection);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -263,6 +274,41 @@ async fn migrate(target: &Target) -> Result<(), StoreError> {
     drop(client);
     let _ = driver.await;
     outcome.map(|_| ())
+}
+
+/// Whether `e` says the database is not up, yet or again: the connection was refused, reset or
+/// timed out, or the server is starting, stopping or full. A wrong password, database, host name
+/// or certificate is not waited out.
+fn not_up_yet(e: &tokio_postgres::Error) -> bool {
+    use std::io::ErrorKind;
+    use tokio_postgres::error::SqlState;
+    if let Some(db) = e.as_db_error() {
+        return [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::ADMIN_SHUTDOWN,
+        ]
+        .contains(db.code());
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    // The driver's own "connection closed" during the handshake (a proxy in front of a server
+    // that is not up yet).
+    e.is_closed()
 }
 
 /// `error` and the errors beneath it, `: `-separated: a migration or URL error's own message
