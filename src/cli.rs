@@ -152,6 +152,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.routine_cycles,
                 report.lifecycle_events
             );
+            if report.held_back {
+                println!(
+                    "stopped at the checkpoint of a webhook target that is behind (named above): \
+                     the rest stays until it has delivered it"
+                );
+            }
             Ok(())
         }
         Command::Import(args) => {

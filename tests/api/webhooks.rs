@@ -30,6 +30,7 @@ domain::on_both_backends!(
     the_dashboard_shows_a_connections_webhooks_and_retries_a_waiting_one_now,
     every_kind_of_webhook_arrives_once_signed_and_without_secrets,
     compaction_neither_repeats_nor_loses_a_webhook,
+    a_target_that_is_behind_holds_compaction_back_and_misses_nothing,
 );
 
 domain::on_postgres_only!(
@@ -285,20 +286,33 @@ async fn env(db: &TestDatabase, receiver: &Receiver, backoff: &str) -> Env {
 
 /// [`env`] with `count` instances on the database.
 async fn instances(db: &TestDatabase, receiver: &Receiver, backoff: &str, count: usize) -> Env {
+    configured(db, receiver, backoff, count, &[]).await
+}
+
+/// [`instances`] with `extra` settings.
+async fn configured(
+    db: &TestDatabase,
+    receiver: &Receiver,
+    backoff: &str,
+    count: usize,
+    extra: &[&str],
+) -> Env {
+    let mut args = vec![
+        "--roles",
+        "api,projections,webhooks",
+        "--webhook-urls",
+        &receiver.url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-timeout",
+        "5s",
+        "--webhook-backoff",
+        backoff,
+    ];
+    args.extend_from_slice(extra);
     let service = FakeService::on(db)
         .instances(count)
-        .args(&[
-            "--roles",
-            "api,projections,webhooks",
-            "--webhook-urls",
-            &receiver.url,
-            "--webhook-secret",
-            SECRET,
-            "--webhook-timeout",
-            "5s",
-            "--webhook-backoff",
-            backoff,
-        ])
+        .args(&args)
         .start()
         .await;
     Env(service)
@@ -488,6 +502,50 @@ async fn compaction_neither_repeats_nor_loses_a_webhook(db: &TestDatabase) {
             .iter()
             .all(|d| d["status"] == "delivered" && d["attempts"] == 1),
         "{target}"
+    );
+}
+
+/// A receiver that is down while the history of its events passes retention gets every webhook
+/// once it is back: the compactor removes nothing the target has not delivered, then resumes.
+async fn a_target_that_is_behind_holds_compaction_back_and_misses_nothing(db: &TestDatabase) {
+    let receiver = Receiver::start().await;
+    receiver.set_mode(Mode::Fail);
+    let lifecycle = ["--history-lifecycle-retention", "90d"];
+    let env = configured(db, &receiver, "100ms", 1, &lifecycle).await;
+    env.import("conn-1", "rt-0").await;
+    let forced = "/connection/conn-1?provider_config_key=fake&force_refresh=true";
+    env.fake.set_mode(TokenMode::InvalidGrant);
+    assert_eq!(env.app().get(forced).await.status(), 424);
+    env.fake.set_mode(TokenMode::Json);
+    for _ in 0..3 {
+        env.app().get_ok(forced).await;
+    }
+    env.app().projected().await;
+    let compact = || {
+        env.state()
+            .compactor
+            .pass(chrono::Utc::now() + chrono::TimeDelta::days(91), |_| {})
+    };
+    // The failure, its lease and two routine cycles are past retention and superseded, but the
+    // target has not delivered even the creation.
+    let held = compact().await.unwrap();
+    assert!(held.held_back, "{held:?}");
+    assert_eq!(held.events_removed, 0, "{held:?}");
+
+    receiver.set_mode(Mode::Ok);
+    let expected = ["connection.created", "refresh.failed", "refresh.recovered"];
+    receiver
+        .wait_for("three webhooks", |d| d.len() >= expected.len())
+        .await;
+    env.target_when("the target to catch up", |t| t["lag"] == 0)
+        .await;
+    assert_eq!(events(&receiver.delivered()), expected);
+    let resumed = compact().await.unwrap();
+    assert!(!resumed.held_back, "{resumed:?}");
+    assert_eq!(
+        (resumed.routine_cycles, resumed.lifecycle_events),
+        (2, 2),
+        "{resumed:?}"
     );
 }
 

@@ -7,8 +7,10 @@
 //! cutoff, a batch at a time; for each connection stream a batch touches, it plans from the
 //! whole stream and hands the plans and the new cursor to the store in one transaction. A stream
 //! is looked at again whenever more of its events pass the cursor, so what a later event
-//! supersedes goes then. Two compactors (instances with the role) never remove twice: the
-//! store moves the cursor only from where the pass found it.
+//! supersedes goes then. A webhook target that is behind (see [`webhooks::slowest_target`])
+//! holds the pass back at its checkpoint: nothing at or after it goes, in the log or in a
+//! stream, until the target has delivered it. Two compactors (instances with the role) never
+//! remove twice: the store moves the cursor only from where the pass found it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +20,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use domain::compaction::{self, Cutoffs};
 use domain::connection;
-use domain::store::{Backend, StoreError, StreamCompaction};
+use domain::store::{Backend, RecordedEvent, StoreError, StreamCompaction};
+
+use crate::webhooks;
 use futures_util::{StreamExt, TryStreamExt};
 
 /// How long routine cycles and lifecycle events stay.
@@ -62,6 +66,9 @@ pub struct PassReport {
     pub routine_cycles: u64,
     pub lifecycle_events: u64,
     pub events_removed: u64,
+    /// The pass stopped at the checkpoint of a webhook target that is behind (what comes after
+    /// it stays until the target has delivered it).
+    pub held_back: bool,
 }
 
 /// Totals over the compactor's passes, for `/metrics`.
@@ -126,13 +133,30 @@ impl Compactor {
             .lifecycle
             .map_or(cutoffs.routine, |l| l.max(cutoffs.routine));
         let mut report = PassReport::default();
+        // A webhook target still has to map what comes after its checkpoint, each event from
+        // the state its stream's earlier events fold to: nothing from there on may go.
+        let slowest = webhooks::slowest_target(&self.backend).await?;
+        let horizon = slowest.as_ref().map(|(position, _)| *position);
+        let passed = |e: &RecordedEvent| horizon.is_none_or(|h| e.position <= h);
         let mut cursor = self.backend.compaction().compaction_cursor().await?;
         loop {
             let batch = self.backend.events().read_all(cursor, BATCH).await?;
             let old: Vec<_> = batch
                 .iter()
-                .take_while(|e| e.recorded_at < scan_before)
+                .take_while(|e| e.recorded_at < scan_before && passed(e))
                 .collect();
+            if let Some(next) = batch.get(old.len())
+                && next.recorded_at < scan_before
+                && let Some((position, url)) = &slowest
+            {
+                report.held_back = true;
+                tracing::warn!(
+                    webhook.url = %url,
+                    webhook.checkpoint = %position,
+                    "compactor: a webhook target has not delivered the history past retention \
+                     yet; it stays until the target has"
+                );
+            }
             let Some(last) = old.last() else {
                 break;
             };
@@ -145,7 +169,9 @@ impl Compactor {
             let plans: Vec<StreamCompaction> = futures_util::stream::iter(streams)
                 .map(|stream| async move {
                     let events = self.backend.events().read_stream(&stream, 0).await?;
-                    Ok::<_, StoreError>(match compaction::plan(&events, cutoffs) {
+                    let unpassed = events.iter().position(|e| !passed(e));
+                    let events = &events[..unpassed.unwrap_or(events.len())];
+                    Ok::<_, StoreError>(match compaction::plan(events, cutoffs) {
                         Ok(plan) => plan,
                         Err(unreadable) => {
                             tracing::warn!(

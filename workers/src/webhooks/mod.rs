@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::event::UnreadableEvent;
-use domain::store::{Backend, StoreError};
+use domain::store::{Backend, Position, StoreError};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,19 @@ use self::store::Target;
 /// The shortest lease; it is longer with long timeouts (see [`WebhookService::open`]). After a
 /// crash, the target waits this long before another instance (or the restarted one) takes over.
 const MIN_LEASE: Duration = Duration::from_secs(15);
+
+/// How long after an instance last registered or leased a webhook target the target still
+/// holds the compactor back (see [`slowest_target`]): longer than any planned stop of every
+/// instance, so that a restart finds its targets' history whole.
+pub const FOLLOWED_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The checkpoint of the webhook target furthest behind, among those an instance followed in the
+/// last [`FOLLOWED_WITHIN`], and its URL (as operators may see it); `None` when there is none.
+/// The compactor removes nothing at or after it in a stream: the target still has to map those
+/// events, each from the state its stream's earlier events fold to.
+pub async fn slowest_target(backend: &Backend) -> Result<Option<(Position, String)>, StoreError> {
+    store::open(backend).slowest_followed(FOLLOWED_WITHIN).await
+}
 
 /// How webhooks are sent.
 #[derive(Clone)]

@@ -36,13 +36,17 @@ pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 ///   and this instance's on SQLite (one process owns the file).
 pub(crate) trait WebhookStore: Send + Sync + 'static {
     /// Adds `target` (shown as `url`) with its checkpoint at `start`, unless it exists: then its
-    /// checkpoint stays where it is.
+    /// checkpoint stays where it is. Either way the target counts as followed from now.
     fn register<'a>(
         &'a self,
         target: &'a Target,
         url: &'a str,
         start: Position,
     ) -> StoreFuture<'a, ()>;
+
+    /// The checkpoint and URL of the target furthest behind among those an instance registered
+    /// or leased within `within`; `None` when there is none.
+    fn slowest_followed(&self, within: Duration) -> StoreFuture<'_, Option<(Position, String)>>;
 
     /// Takes or renews the lease for `target.holder`; the checkpoint, or `None` while another
     /// holder's lease runs.
@@ -200,6 +204,7 @@ mod tests {
         one_holder_has_a_target_until_it_hands_the_lease_back,
         an_expired_lease_is_taken_over_at_the_checkpoint,
         attempts_are_counted_and_their_outcomes_kept_until_pruned,
+        the_slowest_target_is_the_one_furthest_behind_among_those_followed_lately,
     );
 
     const START: Position = Position {
@@ -295,6 +300,53 @@ mod tests {
             "no attempt without the lease"
         );
         assert_eq!(store.delivery_state(&a, Uuid::nil()).await.unwrap(), None);
+    }
+
+    async fn the_slowest_target_is_the_one_furthest_behind_among_those_followed_lately(
+        db: &TestDatabase,
+    ) {
+        let (store, [a, _]) = registered(db, Duration::from_secs(60)).await;
+        let hour = Duration::from_secs(3600);
+        let slowest = store.slowest_followed(hour).await.unwrap();
+        assert_eq!(slowest, Some((START, URL.to_owned())));
+        // Another target, further ahead: the first one is still the slowest.
+        let other = Target {
+            key: "target-2".to_owned(),
+            ..a.clone()
+        };
+        let ahead = Position {
+            commit: 9,
+            global: 20,
+        };
+        store
+            .register(&other, "https://other.example/in", ahead)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.slowest_followed(hour).await.unwrap(),
+            Some((START, URL.to_owned()))
+        );
+        // Once the first one moves past the other, the other is.
+        assert_eq!(store.claim(&a).await.unwrap(), Some(START));
+        let past = Position {
+            commit: 10,
+            global: 21,
+        };
+        assert!(store.advance(&a, past).await.unwrap());
+        let slowest = store.slowest_followed(hour).await.unwrap();
+        assert_eq!(
+            slowest,
+            Some((ahead, "https://other.example/in".to_owned()))
+        );
+        // A target nobody registered or leased within the time asked about holds nothing back.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let lately = Duration::from_millis(10);
+        assert_eq!(store.slowest_followed(lately).await.unwrap(), None);
+        assert_eq!(store.claim(&a).await.unwrap(), Some(past));
+        assert_eq!(
+            store.slowest_followed(lately).await.unwrap(),
+            Some((past, URL.to_owned()))
+        );
     }
 
     async fn attempts_are_counted_and_their_outcomes_kept_until_pruned(db: &TestDatabase) {

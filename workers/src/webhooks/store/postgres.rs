@@ -1,6 +1,8 @@
 //! The webhook tables on PostgreSQL. Each method takes a pooled connection for one or two
 //! statements, outside any transaction; lease times are the server's `now()`.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 use domain::store::{Position, PostgresStore, StoreError};
@@ -74,11 +76,25 @@ impl WebhookStore for PostgresWebhooks {
         Box::pin(async move {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO UPDATE SET followed_at = now()",
                 &[&target.key, &url, &start.commit_column(), &start.global],
             )
             .await
             .map(|_| ())
+        })
+    }
+
+    fn slowest_followed(&self, within: Duration) -> StoreFuture<'_, Option<(Position, String)>> {
+        Box::pin(async move {
+            let row = self
+                .query_opt(
+                    "SELECT commit_position, global_position, url FROM webhook_targets \
+                     WHERE followed_at > now() - make_interval(secs => $1) \
+                     ORDER BY commit_position, global_position LIMIT 1",
+                    &[&within.as_secs_f64()],
+                )
+                .await?;
+            Ok(row.map(|r| (Position::from_columns(r.get(0), r.get(1)), r.get(2))))
         })
     }
 
@@ -87,7 +103,7 @@ impl WebhookStore for PostgresWebhooks {
             let row = self
                 .query_opt(
                     "UPDATE webhook_targets SET lease_holder = $2, \
-                     lease_expires_at = now() + make_interval(secs => $3) \
+                     lease_expires_at = now() + make_interval(secs => $3), followed_at = now() \
                      WHERE target = $1 AND (lease_holder IS NULL OR lease_holder = $2 \
                      OR lease_expires_at < now()) \
                      RETURNING commit_position, global_position",

@@ -102,21 +102,35 @@ impl WebhookStore for SqliteWebhooks {
         Box::pin(
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position, \
-                 created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
-                 ON CONFLICT (target) DO NOTHING",
+                 created_at, updated_at, followed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5) \
+                 ON CONFLICT (target) DO UPDATE SET followed_at = ?5",
                 params,
             )
             .map_ok(|_| ()),
         )
     }
 
+    fn slowest_followed(&self, within: Duration) -> StoreFuture<'_, Option<(Position, String)>> {
+        let since =
+            now_micros().saturating_sub(i64::try_from(within.as_micros()).unwrap_or(i64::MAX));
+        Box::pin(self.read(move |conn| {
+            conn.query_row(
+                "SELECT commit_position, global_position, url FROM webhook_targets \
+                 WHERE followed_at > ?1 ORDER BY commit_position, global_position LIMIT 1",
+                params![since],
+                |r| Ok((Position::from_columns(r.get(0)?, r.get(1)?), r.get(2)?)),
+            )
+            .optional()
+        }))
+    }
+
     fn claim<'a>(&'a self, target: &'a Target) -> StoreFuture<'a, Option<Position>> {
         let (key, holder, lease) = lease_params(target);
         Box::pin(self.write(move |conn| {
             conn.query_row(
-                "UPDATE webhook_targets SET lease_holder = ?2, lease_expires_at = ?3 + ?4 \
-                 WHERE target = ?1 AND (lease_holder IS NULL OR lease_holder = ?2 \
-                 OR lease_expires_at < ?3) \
+                "UPDATE webhook_targets SET lease_holder = ?2, lease_expires_at = ?3 + ?4, \
+                 followed_at = ?3 WHERE target = ?1 AND (lease_holder IS NULL \
+                 OR lease_holder = ?2 OR lease_expires_at < ?3) \
                  RETURNING commit_position, global_position",
                 params![key, holder, now_micros(), lease],
                 |r| Ok(Position::from_columns(r.get(0)?, r.get(1)?)),
