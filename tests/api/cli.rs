@@ -331,6 +331,36 @@ fn a_missing_key_file_next_to_a_sealed_database_is_not_replaced() {
     assert!(restored.status.success(), "{restored:?}");
 }
 
+/// Starting with the keys of a rotation swapped makes the retired key active again (a rollback
+/// is allowed), and says so.
+#[test]
+fn swapped_rotation_keys_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let (old, new) = (new_key(), new_key());
+    let status = |key: &str, previous: Option<&str>| {
+        let mut command = grantline();
+        command
+            .args(["projections", "status"])
+            .env("GRANTLINE_DATABASE_URL", &url)
+            .env("GRANTLINE_ENCRYPTION_KEY", key);
+        if let Some(previous) = previous {
+            command.env("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", previous);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    status(&old, None);
+    let rotated = status(&new, Some(&old));
+    assert!(!rotated.contains("retired"), "{rotated}");
+    let swapped = status(&old, Some(&new));
+    assert!(
+        swapped.contains("retired by an earlier rotation") && swapped.contains("swapped"),
+        "{swapped}"
+    );
+}
+
 #[test]
 fn serve_shuts_down_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

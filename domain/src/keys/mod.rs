@@ -384,6 +384,19 @@ impl Vault {
                         active: current.key_id.clone(),
                     });
                 }
+                if known(&active).is_some() {
+                    tracing::warn!(
+                        key_id = %active.id, replaced = %current.key_id,
+                        "the configured master key was retired by an earlier rotation and is \
+                         active again (are GRANTLINE_ENCRYPTION_KEY and \
+                         GRANTLINE_ENCRYPTION_KEY_PREVIOUS swapped?)"
+                    );
+                } else {
+                    tracing::info!(
+                        key_id = %active.id, replaced = %current.key_id,
+                        "a new master key is active; `grantline keys rotate` re-wraps the data keys"
+                    );
+                }
                 repository
                     .activate_master_key(&active.id, &active.check_value())
                     .await?;
