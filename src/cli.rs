@@ -6,7 +6,7 @@ use domain::connection::ConnectionKey;
 use crate::config::{
     Cli, Command, EventsCommand, KeysCommand, LogCommand, LogFormat, ProjectionsCommand,
 };
-use crate::startup::{Application, WhileDown, open_storage};
+use crate::startup::{Application, WhileDown, open_storage, sole_server};
 use crate::telemetry;
 
 /// Runs the parsed command line.
@@ -16,6 +16,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = args.validate()?;
             telemetry::init(config.log_format);
             let mut shutdown = Box::pin(shutdown_signal());
+            let _sole = tokio::select! {
+                held = sole_server(&config.database.url) => held?,
+                () = &mut shutdown => return Ok(()),
+            };
             let application = tokio::select! {
                 built = Application::build(config) => built?,
                 () = &mut shutdown => return Ok(()),

@@ -286,6 +286,43 @@ fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
     Ok(catalog)
 }
 
+/// On SQLite, which serves one instance: the lock `<database>.serve.lock` beside the file, held
+/// for as long as the returned file is (the system lets it go when the process ends, however it
+/// ends). While another `grantline serve` holds it (a restart that overlaps the old process, or a
+/// second instance by mistake), this waits, with a warning; `None` on PostgreSQL.
+pub async fn sole_server(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let lock = format!("{path}.serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&lock)
+        .with_context(|| format!("cannot open the lock file {lock}"))?;
+    let mut warned = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !warned {
+                    tracing::warn!(
+                        lock = %lock,
+                        "another grantline serve uses this SQLite database; waiting until it \
+                         stops (several instances need PostgreSQL)"
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("cannot take the lock file {lock}: {e}")
+            }
+        }
+    }
+}
+
 /// What opening the database does while PostgreSQL refuses connections or is starting up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhileDown {

@@ -331,6 +331,82 @@ fn a_missing_key_file_next_to_a_sealed_database_is_not_replaced() {
     assert!(restored.status.success(), "{restored:?}");
 }
 
+/// A child process, killed when dropped (a failed test leaves nothing running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `grantline serve` on the SQLite database in `dir`, and its log lines (JSON) as they come.
+fn serve_in(dir: &Path) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let mut child = grantline()
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("GRANTLINE_DATA_DIR", dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str(&line) {
+                let _ = lines.send(entry);
+            }
+        }
+    });
+    (Killed(child), log)
+}
+
+/// The first line of `log` whose message contains `text`, within 30 s.
+fn logged(log: &std::sync::mpsc::Receiver<serde_json::Value>, text: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let entry = log
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no log line with {text:?}: {e}"));
+        if entry["message"].as_str().is_some_and(|m| m.contains(text)) {
+            return entry;
+        }
+    }
+}
+
+/// Sends SIGTERM to `child` and waits (20 s at most) for it to exit 0.
+fn stop(Killed(child): &mut Killed) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_shuts_down_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log) = serve_in(dir.path());
+    let port = logged(&log, "grantline listening")["port"].as_u64();
+    let port = port.expect("the server logged its port");
+    let health = std::net::TcpStream::connect(("127.0.0.1", port as u16));
+    assert!(health.is_ok(), "the server accepts connections");
+    stop(&mut child);
+}
+
 /// Starting with the keys of a rotation swapped makes the retired key active again (a rollback
 /// is allowed), and says so.
 #[test]
@@ -361,47 +437,29 @@ fn swapped_rotation_keys_are_reported() {
     );
 }
 
+/// SQLite serves one instance: a second `serve` on the same file waits for the first to stop
+/// (a restart that overlaps the old process) instead of serving beside it.
 #[test]
-fn serve_shuts_down_cleanly_on_sigterm() {
+fn a_second_serve_on_one_sqlite_file_waits_until_the_first_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = grantline()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("GRANTLINE_DATA_DIR", dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut port = None;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
-            && entry["message"] == "grantline listening"
-        {
-            port = entry["port"].as_u64();
-            break;
-        }
-    }
-    let port = port.expect("the server logged its port");
-    let health = std::net::TcpStream::connect(("127.0.0.1", port as u16));
-    assert!(health.is_ok(), "the server accepts connections");
-
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut first, first_log) = serve_in(dir.path());
+    logged(&first_log, "grantline listening");
+    let (mut second, second_log) = serve_in(dir.path());
+    let waiting = logged(
+        &second_log,
+        "another grantline serve uses this SQLite database",
+    );
+    assert_eq!(waiting["level"], "WARN", "{waiting}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        second_log
+            .try_iter()
+            .all(|entry| entry["message"] != "grantline listening"),
+        "the second one does not serve beside the first"
+    );
+    stop(&mut first);
+    logged(&second_log, "grantline listening");
+    stop(&mut second);
 }
 
 /// `grantline` on this database with this master key.
