@@ -84,10 +84,24 @@ impl DatabaseArgs {
                         "must start with postgres:// or sqlite://",
                     ));
                 }
+                if url == "sqlite://" {
+                    // SQLite would open a private temporary database per connection.
+                    return Err(invalid(
+                        "GRANTLINE_DATABASE_URL",
+                        "sqlite:// needs a file's path, e.g. sqlite:///var/lib/grantline/grantline.db",
+                    ));
+                }
                 url.clone()
             }
             None => format!("sqlite://{}", self.data_dir.join("grantline.db").display()),
         };
+        let uses_data_dir = self.database_url.is_none() || self.encryption_key.is_none();
+        if uses_data_dir && self.data_dir.exists() && !self.data_dir.is_dir() {
+            return Err(invalid(
+                "GRANTLINE_DATA_DIR",
+                format!("{} is not a directory", self.data_dir.display()),
+            ));
+        }
         let is_postgres = !url.starts_with("sqlite://");
         let master_key = match &self.encryption_key {
             Some(text) => MasterKeySource::Configured(Box::new(
@@ -106,6 +120,8 @@ impl DatabaseArgs {
         let previous_master_key = self
             .encryption_key_previous
             .as_deref()
+            // Set and empty, as a template leaves it when there is no rotation: none.
+            .filter(|key| !key.is_empty())
             .map(MasterKey::from_base64)
             .transpose()
             .map_err(|e| invalid("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", e.to_string()))?;

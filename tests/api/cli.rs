@@ -156,6 +156,7 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_LISTEN", "not-an-address"),
         ("GRANTLINE_LISTEN", "0.0.0.0:3003"),
         ("GRANTLINE_DATABASE_URL", "mysql://localhost/x"),
+        ("GRANTLINE_DATABASE_URL", "sqlite://"),
         ("GRANTLINE_ENCRYPTION_KEY", "c2hvcnQ="),
         ("GRANTLINE_ENCRYPTION_KEY", "not base64!"),
         ("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", "c2hvcnQ="),
@@ -210,6 +211,28 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // A data directory that is a file is named as such.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let output = grantline()
+        .arg("serve")
+        .env("GRANTLINE_DATA_DIR", &file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("GRANTLINE_DATA_DIR") && stderr.contains("is not a directory"),
+        "{stderr}"
+    );
+    // An empty previous key, as a template leaves it outside a rotation, is no previous key.
+    let output = grantline()
+        .args(["projections", "status"])
+        .env("GRANTLINE_DATA_DIR", dir.path())
+        .env("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", "")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
     // PostgreSQL without a master key is refused (instances must share one).
     let output = grantline()
         .arg("serve")
