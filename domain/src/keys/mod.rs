@@ -70,6 +70,9 @@ pub enum KeyError {
     /// Data keys are wrapped by a master key that is not configured.
     #[error("{count} data keys are wrapped by master key {key_id}, which is not configured")]
     MissingMasterKey { key_id: String, count: u64 },
+    /// The configured previous key is not the one data keys are still wrapped by.
+    #[error("the previous master key is {given}; data keys are wrapped by {key_id}: configure it")]
+    WrongPreviousKey { given: String, key_id: String },
     /// No data key with this id exists.
     #[error("data key {0} does not exist")]
     UnknownDataKey(Uuid),
@@ -408,9 +411,13 @@ impl Vault {
             .iter()
             .find(|r| r.data_keys > 0 && !configured(&r.key_id))
         {
-            return Err(KeyError::MissingMasterKey {
-                key_id: missing.key_id.clone(),
-                count: missing.data_keys,
+            let (key_id, count) = (missing.key_id.clone(), missing.data_keys);
+            return Err(match &previous {
+                Some(p) => KeyError::WrongPreviousKey {
+                    given: p.id.clone(),
+                    key_id,
+                },
+                None => KeyError::MissingMasterKey { key_id, count },
             });
         }
         Ok(Self {

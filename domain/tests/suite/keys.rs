@@ -200,18 +200,31 @@ async fn rotation_rewraps_data_keys_and_old_events_still_decrypt(db: &TestDataba
 async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(db: &TestDatabase) {
     let backend = db.open().await;
     let (old, _) = MasterKey::generate();
+    let old_id = old.id().to_owned();
     let vault = open_vault(&backend, old.clone(), None).await;
     store_token(&backend, &vault, &StreamId::new("connection", "a")).await;
     let (new, _) = MasterKey::generate();
     // Switch to the new key (rotation started) but do not rotate...
     open_vault(&backend, new.clone(), Some(old)).await;
     // ...then start without the previous key: its data keys would be unreadable.
-    let err = Vault::open(backend.key_repository(), new, None)
+    let err = Vault::open(backend.key_repository(), new.clone(), None)
         .await
         .unwrap_err();
     assert!(
         matches!(err, KeyError::MissingMasterKey { count: 1, .. }),
         "{err:?}"
+    );
+    // With another key as the previous one, the error says which one is given and which needed.
+    let (other, _) = MasterKey::generate();
+    let err = Vault::open(backend.key_repository(), new, Some(other.clone()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, KeyError::WrongPreviousKey { .. })
+            && text.contains(other.id())
+            && text.contains(old_id.as_str()),
+        "{text}"
     );
 }
 
