@@ -6,6 +6,9 @@
 //! - A peer that keeps the connections open and stops answering on them (a hung pooler): once
 //!   new connections are answered again, requests succeed again; the pool does not keep handing
 //!   out the connections whose queries nobody will answer.
+//! - Stopping to answer while a refresh is between the provider's answer and recording it: the
+//!   refresh is given up after twice the lease, so later reads of the connection are not kept
+//!   waiting behind it for good.
 //! - Refusing connections when the service starts (PostgreSQL still starting, a container
 //!   started first): the service waits for it and then serves.
 
@@ -26,6 +29,7 @@ domain::on_postgres_only!(
     a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded,
     requests_succeed_again_after_the_database_stopped_answering_on_open_connections,
     the_service_waits_at_start_up_for_a_database_that_refuses_connections,
+    a_refresh_whose_query_is_never_answered_is_given_up,
 );
 
 /// A TCP relay to the database that can cut every connection and refuse new ones, or freeze:
@@ -292,4 +296,67 @@ async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_r
         "{body}"
     );
     assert_eq!(fake.refresh_requests(), 2);
+}
+
+async fn a_refresh_whose_query_is_never_answered_is_given_up(db: &TestDatabase) {
+    let (relay, relayed) = relayed(db).await;
+    let fake = FakeProvider::start().await;
+    let (_dir, file) = fake.providers_file("");
+    let args = [
+        "--providers-file",
+        file.to_str().unwrap(),
+        "--database-pool-wait",
+        "1s",
+        "--refresh-lease",
+        "3s",
+        "--provider-timeout",
+        "1s",
+        "--request-timeout",
+        "2s",
+    ];
+    let app = spawn_config(config_on(&relayed, &new_key(), &args)).await;
+    let integration = json!({
+        "provider_config_key": "fake", "provider": "fake",
+        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
+    });
+    ok_json(app.post_json("/config", &integration).await).await;
+    fake.accept_refresh_token("rt-0");
+    let import = json!({
+        "provider_config_key": "fake", "connection_id": "c1",
+        "access_token": "old", "refresh_token": "rt-0",
+    });
+    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+
+    // The provider answers after 300 ms; the relay freezes as soon as it is asked, so the
+    // outcome's append goes out on a connection (the lease's, used a moment ago) that never
+    // answers.
+    fake.set_mode(TokenMode::Slow(Duration::from_millis(300)));
+    let forced = "/connection/c1?provider_config_key=fake&force_refresh=true";
+    let freeze = async {
+        while fake.refresh_requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        relay.freeze();
+    };
+    let (answer, ()) = tokio::join!(app.get(forced), freeze);
+    assert_eq!(answer.status(), 408, "the request gives up at its timeout");
+    relay.thaw();
+
+    // New connections are answered again. The first attempt is given up after twice the
+    // lease (6 s); a read after that is answered (whatever the provider then says of the
+    // refresh token the lost outcome rotated), not held behind the lost attempt.
+    fake.set_mode(TokenMode::Json);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = app.get(forced).await.status();
+        if status != 408 {
+            assert_ne!(status, 500);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads of the connection stayed behind the lost refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

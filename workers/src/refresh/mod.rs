@@ -344,7 +344,24 @@ impl RefreshService {
                 // logs in the span of the caller that started it (a scheduler tick) and names
                 // the request that started it, if one did.
                 let refresh = async move {
-                    let result = inner.ensure_fresh(&key, trigger, due).await;
+                    // A query the database never answers (a hung pooler) would keep this attempt,
+                    // and every later caller that joins it, waiting for good. Past twice the
+                    // lease, another instance may have taken over anyway: give it up.
+                    let limit = inner.settings.lease.saturating_mul(2);
+                    let attempt = inner.ensure_fresh(&key, trigger, due);
+                    let result = tokio::time::timeout(limit, attempt)
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(
+                                connection_id = key.connection_id(),
+                                limit_ms = limit.as_millis() as u64,
+                                "refresh: the attempt did not finish within twice the lease (a \
+                             database query unanswered?); given up"
+                            );
+                            Err(RefreshError::Unavailable(format!(
+                                "the refresh did not finish within {limit:?}"
+                            )))
+                        });
                     let mut in_flight = inner
                         .in_flight
                         .lock()
