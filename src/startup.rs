@@ -101,7 +101,9 @@ impl Application {
                 budget: config.refresh.rate,
             },
             config.refresh.concurrency,
-        );
+        )
+        // Listing the due connections gets as long as a request.
+        .with_query_limit(config.limits.request_timeout);
         let compactor = Compactor::new(backend.clone(), config.retention);
         Ok(Self {
             listener,

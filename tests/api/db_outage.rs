@@ -30,6 +30,7 @@ domain::on_postgres_only!(
     requests_succeed_again_after_the_database_stopped_answering_on_open_connections,
     the_service_waits_at_start_up_for_a_database_that_refuses_connections,
     a_refresh_whose_query_is_never_answered_is_given_up,
+    a_scheduler_tick_whose_query_is_never_answered_is_given_up,
 );
 
 /// A TCP relay to the database that can cut every connection and refuse new ones, or freeze:
@@ -359,4 +360,33 @@ async fn a_refresh_whose_query_is_never_answered_is_given_up(db: &TestDatabase) 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn a_scheduler_tick_whose_query_is_never_answered_is_given_up(db: &TestDatabase) {
+    let (relay, relayed) = relayed(db).await;
+    let args = [
+        "--database-pool-wait",
+        "1s",
+        "--provider-timeout",
+        "1s",
+        "--request-timeout",
+        "2s",
+    ];
+    let (app, state) = crate::spawn_with_state(config_on(&relayed, &new_key(), &args)).await;
+    assert!(state.scheduler.tick_once(chrono::Utc::now()).await.is_ok());
+    assert_eq!(app.get("/connections").await.status(), 200);
+    // The tick's query goes out on the connection just used, which never answers now.
+    relay.freeze();
+    let tick = tokio::time::timeout(
+        Duration::from_secs(30),
+        state.scheduler.tick_once(chrono::Utc::now()),
+    )
+    .await
+    .expect("the tick gives up (after 10 s, the least limit)");
+    assert!(
+        matches!(tick, Err(workers::scheduler::TickError::Unanswered(_))),
+        "{tick:?}"
+    );
+    relay.thaw();
+    assert!(state.scheduler.tick_once(chrono::Utc::now()).await.is_ok());
 }

@@ -86,6 +86,10 @@ pub enum TickError {
     /// The due connections could not be listed.
     #[error("cannot list the connections due for refresh: {0}")]
     Query(#[from] projections::ProjectionError),
+    /// Listing them took longer than the scheduler's query limit (a database that stopped
+    /// answering): given up, the next tick tries again.
+    #[error("listing the connections due for refresh took longer than {0:?}; given up")]
+    Unanswered(Duration),
 }
 
 /// Which connections the scheduler refreshes, and how fast.
@@ -156,6 +160,7 @@ pub struct Scheduler {
     budget: Option<Arc<Budget>>,
     concurrency: usize,
     limit: usize,
+    query_limit: Duration,
     counters: Arc<SchedulerCounters>,
 }
 
@@ -180,8 +185,16 @@ impl Scheduler {
             budget,
             concurrency: concurrency.max(1),
             limit: TICK_LIMIT,
+            query_limit: Duration::from_secs(60),
             counters: Arc::new(SchedulerCounters::default()),
         }
+    }
+
+    /// How long listing the due connections may take before the tick gives up (at least 10 s;
+    /// default a minute), so that a query the database never answers cannot stop the scheduler.
+    pub fn with_query_limit(mut self, limit: Duration) -> Self {
+        self.query_limit = limit.max(Duration::from_secs(10));
+        self
     }
 
     /// At most `limit` connections per tick (at least one).
@@ -236,18 +249,19 @@ impl Scheduler {
                 .map(|(_, before)| *before)
                 .fold(query.renewed_before, DateTime::max),
         };
-        let connections = match projections::queries::due_for_refresh(
-            &self.read_models,
-            &query,
-            self.limit,
+        let listed = tokio::time::timeout(
+            self.query_limit,
+            projections::queries::due_for_refresh(&self.read_models, &query, self.limit),
         )
         .await
-        {
+        .map_err(|_| TickError::Unanswered(self.query_limit))
+        .and_then(|listed| listed.map_err(TickError::from));
+        let connections = match listed {
             Ok(connections) => connections,
             Err(e) => {
                 self.counters.ticks.fetch_add(1, Ordering::Relaxed);
                 self.counters.tick_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(e.into());
+                return Err(e);
             }
         };
         let keep_alive = connections
