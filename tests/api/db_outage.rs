@@ -31,6 +31,7 @@ domain::on_postgres_only!(
     the_service_waits_at_start_up_for_a_database_that_refuses_connections,
     a_refresh_whose_query_is_never_answered_is_given_up,
     a_scheduler_tick_whose_query_is_never_answered_is_given_up,
+    a_webhook_step_whose_query_is_never_answered_is_given_up,
 );
 
 /// A TCP relay to the database that can cut every connection and refuse new ones, or freeze:
@@ -389,4 +390,34 @@ async fn a_scheduler_tick_whose_query_is_never_answered_is_given_up(db: &TestDat
     );
     relay.thaw();
     assert!(state.scheduler.tick_once(chrono::Utc::now()).await.is_ok());
+}
+
+async fn a_webhook_step_whose_query_is_never_answered_is_given_up(db: &TestDatabase) {
+    let (relay, relayed) = relayed(db).await;
+    // Delivered by hand below (no webhooks role); a 1 s timeout makes the lease 15 s.
+    let args = [
+        "--webhook-urls",
+        "http://127.0.0.1:9/in",
+        "--webhook-secret",
+        "whsec-outage",
+        "--webhook-timeout",
+        "1s",
+        "--database-pool-wait",
+        "1s",
+    ];
+    let (_app, state) = crate::spawn_with_state(config_on(&relayed, &new_key(), &args)).await;
+    let webhooks = state.webhooks.clone().expect("a target is configured");
+    let subscriber = &webhooks.subscribers()[0];
+    assert!(subscriber.step_once(chrono::Utc::now()).await.is_ok());
+    // The step's first query goes out on the connection just used, which never answers now.
+    relay.freeze();
+    let step = tokio::time::timeout(
+        Duration::from_secs(40),
+        subscriber.step_once(chrono::Utc::now()),
+    )
+    .await
+    .expect("the step gives up after the lease");
+    assert!(step.is_err(), "{step:?}");
+    relay.thaw();
+    assert!(subscriber.step_once(chrono::Utc::now()).await.is_ok());
 }

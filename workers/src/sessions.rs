@@ -39,8 +39,14 @@ pub async fn run(backend: Backend, shutdown: impl Future<Output = ()>) {
         tokio::select! {
             () = &mut shutdown => return,
             _ = ticks.tick() => {
-                if let Err(e) = sweep_once(&backend, Utc::now()).await {
-                    tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
+                // Bounded: a database that stopped answering on an open connection (a hung
+                // pooler) must not stop the sweeps for good.
+                match tokio::time::timeout(SWEEP_INTERVAL, sweep_once(&backend, Utc::now())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
+                    }
+                    Err(_) => tracing::warn!("sweeping oauth sessions: no answer; tried again later"),
                 }
             }
         }

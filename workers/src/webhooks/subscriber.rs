@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use domain::connection::{self, Connection, ConnectionEvent};
 use domain::event::DomainEvent;
-use domain::store::{EventStore, RecordedEvent, StreamId};
+use domain::store::{EventStore, RecordedEvent, StoreError, StreamId};
 use quick_cache::sync::Cache;
 use url::Url;
 use uuid::Uuid;
@@ -153,7 +153,7 @@ impl WebhookSubscriber {
                 let before = Utc::now()
                     - chrono::Duration::from_std(DELIVERY_RETENTION)
                         .unwrap_or(chrono::Duration::zero());
-                if let Err(e) = self.store.prune(&self.target, before).await {
+                if let Err(e) = self.bounded(self.store.prune(&self.target, before)).await {
                     tracing::warn!(webhook.url = %self.shown, error.message = %e, "webhook.prune failed");
                 }
                 pruned = Some(Instant::now());
@@ -195,7 +195,7 @@ impl WebhookSubscriber {
                 () = self.wake.notified() => {}
             }
         }
-        if let Err(e) = self.store.release(&self.target).await {
+        if let Err(e) = self.bounded(self.store.release(&self.target)).await {
             tracing::warn!(webhook.url = %self.shown, error.message = %e, "webhook lease not released");
         }
     }
@@ -204,22 +204,43 @@ impl WebhookSubscriber {
     /// its webhooks in order, stopping at the first that fails (or whose retry is not due at
     /// `now`). Errors are recorded on the target.
     #[tracing::instrument(name = "webhook.step", skip_all, fields(webhook.url = %self.shown))]
+    /// `work` (one call to the database), given up after the lease: a database that stopped
+    /// answering on an open connection (a hung pooler) must not hold this target for good, and
+    /// past the lease another instance may take it over anyway.
+    async fn bounded<T, E>(
+        &self,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, WebhookError>
+    where
+        WebhookError: From<E>,
+    {
+        match tokio::time::timeout(self.target.lease, work).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(WebhookError::Store(StoreError::Database(format!(
+                "the database did not answer within {:?}",
+                self.target.lease
+            )))),
+        }
+    }
+
     pub async fn step_once(&self, now: DateTime<Utc>) -> Result<WebhookStep, WebhookError> {
         let outcome = self.step(now).await;
         if let Err(error) = &outcome {
+            let message = error.to_string();
             let _ = self
-                .store
-                .record_error(&self.target, &error.to_string())
+                .bounded(self.store.record_error(&self.target, &message))
                 .await;
         }
         outcome
     }
 
     async fn step(&self, now: DateTime<Utc>) -> Result<WebhookStep, WebhookError> {
-        let Some(position) = self.store.claim(&self.target).await? else {
+        let Some(position) = self.bounded(self.store.claim(&self.target)).await? else {
             return Ok(WebhookStep::Busy);
         };
-        let events = self.log.read_all(position, BATCH_SIZE).await?;
+        let events = self
+            .bounded(self.log.read_all(position, BATCH_SIZE))
+            .await?;
         if events.is_empty() {
             return Ok(WebhookStep::Idle);
         }
@@ -242,13 +263,17 @@ impl WebhookSubscriber {
                     Delivery::Delivered => {}
                     Delivery::Retrying(until) => {
                         if let Some(position) = unsaved {
-                            self.store.advance(&self.target, position).await?;
+                            self.bounded(self.store.advance(&self.target, position))
+                                .await?;
                         }
                         return Ok(WebhookStep::Retrying(until));
                     }
                     Delivery::LeaseLost => return Ok(WebhookStep::Busy),
                 }
-                if !self.store.advance(&self.target, event.position).await? {
+                if !self
+                    .bounded(self.store.advance(&self.target, event.position))
+                    .await?
+                {
                     return Ok(WebhookStep::Busy);
                 }
                 unsaved = None;
@@ -261,7 +286,9 @@ impl WebhookSubscriber {
             passed += 1;
         }
         if let Some(position) = unsaved
-            && !self.store.advance(&self.target, position).await?
+            && !self
+                .bounded(self.store.advance(&self.target, position))
+                .await?
         {
             return Ok(WebhookStep::Busy);
         }
@@ -278,7 +305,10 @@ impl WebhookSubscriber {
             return Ok(state);
         }
         let mut state = Connection::default();
-        for earlier in self.log.read_stream(&event.stream_id, 0).await? {
+        let stream = self
+            .bounded(self.log.read_stream(&event.stream_id, 0))
+            .await?;
+        for earlier in stream {
             if earlier.stream_version >= event.stream_version {
                 break;
             }
@@ -303,11 +333,8 @@ impl WebhookSubscriber {
         webhook: &Webhook,
         now: DateTime<Utc>,
     ) -> Result<Delivery, WebhookError> {
-        match self
-            .store
-            .delivery_state(&self.target, event.event_id)
-            .await?
-        {
+        let state = self.store.delivery_state(&self.target, event.event_id);
+        match self.bounded(state).await? {
             // Answered 2xx before a crash kept the checkpoint from moving.
             Some(DeliveryState::Delivered) => return Ok(Delivery::Delivered),
             Some(DeliveryState::Retrying(next)) if next > now => {
@@ -315,16 +342,13 @@ impl WebhookSubscriber {
             }
             _ => {}
         }
+        let outgoing = Outgoing {
+            id: event.event_id,
+            name: webhook.event.name(),
+            global_position: event.position.global,
+        };
         let Some(attempt) = self
-            .store
-            .start_attempt(
-                &self.target,
-                Outgoing {
-                    id: event.event_id,
-                    name: webhook.event.name(),
-                    global_position: event.position.global,
-                },
-            )
+            .bounded(self.store.start_attempt(&self.target, outgoing))
             .await?
         else {
             return Ok(Delivery::LeaseLost);
@@ -336,8 +360,7 @@ impl WebhookSubscriber {
             .await
         {
             Ok(status) => {
-                self.store
-                    .delivered(&self.target, event.event_id, status)
+                self.bounded(self.store.delivered(&self.target, event.event_id, status))
                     .await?;
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(status, "webhook delivered");
@@ -345,10 +368,10 @@ impl WebhookSubscriber {
             }
             Err(failed) => failed,
         };
-        self.store
-            .failed(&self.target, event.event_id, &failed)
+        self.bounded(self.store.failed(&self.target, event.event_id, &failed))
             .await?;
-        self.store.record_error(&self.target, &failed.error).await?;
+        self.bounded(self.store.record_error(&self.target, &failed.error))
+            .await?;
         self.counters
             .failed_attempts
             .fetch_add(1, Ordering::Relaxed);
