@@ -99,6 +99,21 @@ const BATCH: usize = 1000;
 /// How many streams are read at once while planning.
 const CONCURRENT_STREAMS: usize = 8;
 
+/// How long one database call of a pass may take: a database that stopped answering on an open
+/// connection (a hung pooler) must not stop compaction for good. (A batch's removal is one
+/// transaction: given up, it is rolled back.)
+const CALL_LIMIT: Duration = Duration::from_secs(300);
+
+async fn bounded<T>(work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_LIMIT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Database(format!(
+                "the database did not answer within {CALL_LIMIT:?}"
+            )))
+        })
+}
+
 /// Runs compaction passes.
 #[derive(Clone, Debug)]
 pub struct Compactor {
@@ -135,12 +150,12 @@ impl Compactor {
         let mut report = PassReport::default();
         // A webhook target still has to map what comes after its checkpoint, each event from
         // the state its stream's earlier events fold to: nothing from there on may go.
-        let slowest = webhooks::slowest_target(&self.backend).await?;
+        let slowest = bounded(webhooks::slowest_target(&self.backend)).await?;
         let horizon = slowest.as_ref().map(|(position, _)| *position);
         let passed = |e: &RecordedEvent| horizon.is_none_or(|h| e.position <= h);
-        let mut cursor = self.backend.compaction().compaction_cursor().await?;
+        let mut cursor = bounded(self.backend.compaction().compaction_cursor()).await?;
         loop {
-            let batch = self.backend.events().read_all(cursor, BATCH).await?;
+            let batch = bounded(self.backend.events().read_all(cursor, BATCH)).await?;
             let old: Vec<_> = batch
                 .iter()
                 .take_while(|e| e.recorded_at < scan_before && passed(e))
@@ -168,7 +183,7 @@ impl Compactor {
                 .collect();
             let plans: Vec<StreamCompaction> = futures_util::stream::iter(streams)
                 .map(|stream| async move {
-                    let events = self.backend.events().read_stream(&stream, 0).await?;
+                    let events = bounded(self.backend.events().read_stream(&stream, 0)).await?;
                     let unpassed = events.iter().position(|e| !passed(e));
                     let events = &events[..unpassed.unwrap_or(events.len())];
                     Ok::<_, StoreError>(match compaction::plan(events, cutoffs) {
@@ -187,12 +202,8 @@ impl Compactor {
                 .try_filter_map(|plan| async move { Ok(plan) })
                 .try_collect()
                 .await?;
-            let removed = self
-                .backend
-                .compaction()
-                .compact(&plans, cursor, to, now)
-                .await?
-                .ok_or(CompactionError::Busy)?;
+            let compacted = self.backend.compaction().compact(&plans, cursor, to, now);
+            let removed = bounded(compacted).await?.ok_or(CompactionError::Busy)?;
             report.events_read += old.len() as u64;
             report.streams += plans.len() as u64;
             report.routine_cycles += plans.iter().map(|p| p.routine_cycles).sum::<u64>();
