@@ -293,10 +293,29 @@ fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
 /// ends). While another `grantline serve` holds it (a restart that overlaps the old process, or a
 /// second instance by mistake), this waits, with a warning; `None` on PostgreSQL.
 pub async fn sole_server(url: &str) -> anyhow::Result<Option<std::fs::File>> {
-    let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) else {
+    let Some(path) = url.strip_prefix("sqlite://").map(std::path::Path::new) else {
         return Ok(None);
     };
-    let lock = format!("{path}.serve.lock");
+    // Named after the file itself, however the URL reaches it (a symlink, `..`), beside it;
+    // its directory is created here on a first start, before the store would.
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(None);
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    std::fs::create_dir_all(parent).with_context(|| {
+        format!(
+            "cannot create the database's directory {}",
+            parent.display()
+        )
+    })?;
+    let file = std::fs::canonicalize(path)
+        .or_else(|_| std::fs::canonicalize(parent).map(|dir| dir.join(name)))
+        .with_context(|| format!("cannot resolve the database's path {}", path.display()))?;
+    let lock = format!("{}.serve.lock", file.display());
     let file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)

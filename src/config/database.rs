@@ -84,24 +84,21 @@ impl DatabaseArgs {
                         "must start with postgres:// or sqlite://",
                     ));
                 }
-                if url == "sqlite://" {
-                    // SQLite would open a private temporary database per connection.
+                if let Some(path) = url.strip_prefix("sqlite://")
+                    && !is_file_path(path)
+                {
+                    // No path or `:memory:` would open a private temporary database per
+                    // connection; a query would be part of the file's name.
                     return Err(invalid(
                         "GRANTLINE_DATABASE_URL",
-                        "sqlite:// needs a file's path, e.g. sqlite:///var/lib/grantline/grantline.db",
+                        "sqlite:// takes a file's path and nothing else, e.g. \
+                         sqlite:///var/lib/grantline/grantline.db",
                     ));
                 }
                 url.clone()
             }
             None => format!("sqlite://{}", self.data_dir.join("grantline.db").display()),
         };
-        let uses_data_dir = self.database_url.is_none() || self.encryption_key.is_none();
-        if uses_data_dir && self.data_dir.exists() && !self.data_dir.is_dir() {
-            return Err(invalid(
-                "GRANTLINE_DATA_DIR",
-                format!("{} is not a directory", self.data_dir.display()),
-            ));
-        }
         let is_postgres = !url.starts_with("sqlite://");
         let master_key = match &self.encryption_key {
             Some(text) => MasterKeySource::Configured(Box::new(
@@ -117,6 +114,15 @@ impl DatabaseArgs {
             }
             None => MasterKeySource::File(self.data_dir.join("master.key")),
         };
+        let uses_data_dir = self.database_url.is_none() || self.encryption_key.is_none();
+        // The nearest part of the path that exists must be a directory.
+        let existing = self.data_dir.ancestors().find(|dir| dir.exists());
+        if uses_data_dir && existing.is_some_and(|dir| !dir.is_dir()) {
+            return Err(invalid(
+                "GRANTLINE_DATA_DIR",
+                format!("{} is not a directory", self.data_dir.display()),
+            ));
+        }
         let previous_master_key = self
             .encryption_key_previous
             .as_deref()
@@ -136,4 +142,14 @@ impl DatabaseArgs {
             data_key_cache: parse_budget("GRANTLINE_DATA_KEY_CACHE", &self.data_key_cache)?,
         })
     }
+}
+
+/// Whether `path` (after `sqlite://`) names a file: not empty, not `:memory:`, not a directory,
+/// no query and no surrounding blanks.
+fn is_file_path(path: &str) -> bool {
+    !path.is_empty()
+        && path != ":memory:"
+        && !path.ends_with('/')
+        && !path.contains('?')
+        && path.trim() == path
 }

@@ -157,6 +157,9 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_LISTEN", "0.0.0.0:3003"),
         ("GRANTLINE_DATABASE_URL", "mysql://localhost/x"),
         ("GRANTLINE_DATABASE_URL", "sqlite://"),
+        ("GRANTLINE_DATABASE_URL", "sqlite://:memory:"),
+        ("GRANTLINE_DATABASE_URL", "sqlite://x.db?mode=ro"),
+        ("GRANTLINE_DATABASE_URL", "sqlite:///tmp/"),
         ("GRANTLINE_ENCRYPTION_KEY", "c2hvcnQ="),
         ("GRANTLINE_ENCRYPTION_KEY", "not base64!"),
         ("GRANTLINE_ENCRYPTION_KEY_PREVIOUS", "c2hvcnQ="),
@@ -211,20 +214,22 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
-    // A data directory that is a file is named as such.
+    // A data directory that is a file, or below one, is named as such.
     let file = dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();
-    let output = grantline()
-        .arg("serve")
-        .env("GRANTLINE_DATA_DIR", &file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("GRANTLINE_DATA_DIR") && stderr.contains("is not a directory"),
-        "{stderr}"
-    );
+    for data_dir in [file.clone(), file.join("sub")] {
+        let output = grantline()
+            .arg("serve")
+            .env("GRANTLINE_DATA_DIR", &data_dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains("GRANTLINE_DATA_DIR") && stderr.contains("is not a directory"),
+            "{stderr}"
+        );
+    }
     // An empty previous key, as a template leaves it outside a rotation, is no previous key.
     let output = grantline()
         .args(["projections", "status"])
@@ -366,12 +371,25 @@ impl Drop for Killed {
 
 /// `grantline serve` on the SQLite database in `dir`, and its log lines (JSON) as they come.
 fn serve_in(dir: &Path) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
-    let mut child = grantline()
+    serve_on(dir, None)
+}
+
+/// [`serve_in`], on the SQLite file at `database` if given.
+fn serve_on(
+    dir: &Path,
+    database: Option<&Path>,
+) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let mut command = grantline();
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("GRANTLINE_DATA_DIR", dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env("GRANTLINE_DATA_DIR", dir);
+    if let Some(database) = database {
+        command.env(
+            "GRANTLINE_DATABASE_URL",
+            format!("sqlite://{}", database.display()),
+        );
+    }
+    let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (lines, log) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -422,7 +440,8 @@ fn stop(Killed(child): &mut Killed) {
 #[test]
 fn serve_shuts_down_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, log) = serve_in(dir.path());
+    // A first start: the data directory does not exist yet.
+    let (mut child, log) = serve_in(&dir.path().join("first").join("start"));
     let port = logged(&log, "grantline listening")["port"].as_u64();
     let port = port.expect("the server logged its port");
     let health = std::net::TcpStream::connect(("127.0.0.1", port as u16));
@@ -467,7 +486,10 @@ fn a_second_serve_on_one_sqlite_file_waits_until_the_first_stops() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, first_log) = serve_in(dir.path());
     logged(&first_log, "grantline listening");
-    let (mut second, second_log) = serve_in(dir.path());
+    // The second one reaches the file through a symlink.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(dir.path().join("grantline.db"), &link).unwrap();
+    let (mut second, second_log) = serve_on(dir.path(), Some(&link));
     let waiting = logged(
         &second_log,
         "another grantline serve uses this SQLite database",
