@@ -71,7 +71,10 @@ pub enum KeyError {
     #[error("{count} data keys are wrapped by master key {key_id}, which is not configured")]
     MissingMasterKey { key_id: String, count: u64 },
     /// The configured previous key is not the one data keys are still wrapped by.
-    #[error("the previous master key is {given}; data keys are wrapped by {key_id}: configure it")]
+    #[error(
+        "data keys are still wrapped by master key {key_id}, neither this key nor the previous \
+         one ({given}): finish that rotation first (`grantline keys rotate` with it as previous)"
+    )]
     WrongPreviousKey { given: String, key_id: String },
     /// No data key with this id exists.
     #[error("data key {0} does not exist")]
@@ -370,41 +373,19 @@ impl Vault {
                 active: record.key_id.clone(),
             });
         }
-        match records.iter().find(|r| r.active) {
-            None => {
-                repository
-                    .activate_master_key(&active.id, &active.check_value())
-                    .await?;
-            }
-            Some(current) if current.key_id == active.id => {}
-            Some(current) => {
-                let previous_matches = previous
-                    .as_ref()
-                    .is_some_and(|p| p.id == current.key_id && p.verifies(&current.check_value));
-                if !previous_matches {
-                    return Err(KeyError::WrongMasterKey {
-                        given: active.id.clone(),
-                        active: current.key_id.clone(),
-                    });
-                }
-                if known(&active).is_some() {
-                    tracing::warn!(
-                        key_id = %active.id, replaced = %current.key_id,
-                        "the configured master key was retired by an earlier rotation and is \
-                         active again (are GRANTLINE_ENCRYPTION_KEY and \
-                         GRANTLINE_ENCRYPTION_KEY_PREVIOUS swapped?)"
-                    );
-                } else {
-                    tracing::info!(
-                        key_id = %active.id, replaced = %current.key_id,
-                        "a new master key is active; `grantline keys rotate` re-wraps the data keys"
-                    );
-                }
-                repository
-                    .activate_master_key(&active.id, &active.check_value())
-                    .await?;
+        let current = records.iter().find(|r| r.active);
+        if let Some(current) = current.filter(|c| c.key_id != active.id) {
+            let previous_matches = previous
+                .as_ref()
+                .is_some_and(|p| p.id == current.key_id && p.verifies(&current.check_value));
+            if !previous_matches {
+                return Err(KeyError::WrongMasterKey {
+                    given: active.id.clone(),
+                    active: current.key_id.clone(),
+                });
             }
         }
+        // Before anything changes: a start that fails leaves the active key as it was.
         let configured =
             |id: &str| id == active.id || previous.as_ref().is_some_and(|p| p.id == id);
         if let Some(missing) = records
@@ -419,6 +400,26 @@ impl Vault {
                 },
                 None => KeyError::MissingMasterKey { key_id, count },
             });
+        }
+        if current.is_none_or(|c| c.key_id != active.id) {
+            if let Some(current) = current {
+                if known(&active).is_some() {
+                    tracing::warn!(
+                        key_id = %active.id, replaced = %current.key_id,
+                        "the configured master key was retired by an earlier rotation and is \
+                         active again (are GRANTLINE_ENCRYPTION_KEY and \
+                         GRANTLINE_ENCRYPTION_KEY_PREVIOUS swapped?)"
+                    );
+                } else {
+                    tracing::info!(
+                        key_id = %active.id, replaced = %current.key_id,
+                        "a new master key is active; `grantline keys rotate` re-wraps the data keys"
+                    );
+                }
+            }
+            repository
+                .activate_master_key(&active.id, &active.check_value())
+                .await?;
         }
         Ok(Self {
             inner: Arc::new(VaultInner {

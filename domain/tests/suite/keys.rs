@@ -205,7 +205,7 @@ async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(
     store_token(&backend, &vault, &StreamId::new("connection", "a")).await;
     let (new, _) = MasterKey::generate();
     // Switch to the new key (rotation started) but do not rotate...
-    open_vault(&backend, new.clone(), Some(old)).await;
+    open_vault(&backend, new.clone(), Some(old.clone())).await;
     // ...then start without the previous key: its data keys would be unreadable.
     let err = Vault::open(backend.key_repository(), new.clone(), None)
         .await
@@ -216,7 +216,7 @@ async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(
     );
     // With another key as the previous one, the error says which one is given and which needed.
     let (other, _) = MasterKey::generate();
-    let err = Vault::open(backend.key_repository(), new, Some(other.clone()))
+    let err = Vault::open(backend.key_repository(), new.clone(), Some(other.clone()))
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -226,6 +226,14 @@ async fn data_keys_under_an_unconfigured_master_key_stop_the_vault_from_opening(
             && text.contains(old_id.as_str()),
         "{text}"
     );
+    // A further key on top of an unfinished rotation is refused before it becomes active: the
+    // configuration that worked still does.
+    let (further, _) = MasterKey::generate();
+    let err = Vault::open(backend.key_repository(), further, Some(new.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyError::WrongPreviousKey { .. }), "{err:?}");
+    open_vault(&backend, new, Some(old)).await;
 }
 
 async fn a_small_key_cache_stays_within_its_capacity_and_every_secret_still_opens(
