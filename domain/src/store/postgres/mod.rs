@@ -247,6 +247,7 @@ async fn migrate(target: &Target, wait_until_up: bool) -> Result<(), StoreError>
             Ok(connected) => break connected,
             Err(e) if wait_until_up && not_up_yet(&e) => {
                 tracing::warn!(
+                    database = %target.address(),
                     error.message = %target.connect_error(&e),
                     retry_in_ms = pause.as_millis() as u64,
                     "the database does not take connections yet; waiting for it"
@@ -302,6 +303,7 @@ fn not_up_yet(e: &tokio_postgres::Error) -> bool {
                     | ErrorKind::HostUnreachable
                     | ErrorKind::NetworkUnreachable
                     | ErrorKind::UnexpectedEof
+                    | ErrorKind::BrokenPipe
             );
         }
         source = cause.source();

@@ -125,6 +125,17 @@ impl Target {
     }
 
     /// Says which TLS settings a connection failure happened under.
+    /// Where the connections go, as `host:port` (or the socket directory), for log lines.
+    pub fn address(&self) -> String {
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => format!("{host}:{port}"),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(dir)) => format!("{}:{port}", dir.display()),
+            None => format!("localhost:{port}"),
+        }
+    }
+
     pub fn connect_error(&self, e: &tokio_postgres::Error) -> StoreError {
         let root = self
             .root
