@@ -63,12 +63,12 @@ use self::store::Target;
 /// crash, the target waits this long before another instance (or the restarted one) takes over.
 const MIN_LEASE: Duration = Duration::from_secs(15);
 
-/// How long after an instance last registered or leased a webhook target the target still
-/// holds the compactor back (see [`slowest_target`]): longer than any planned stop of every
+/// How long after it was registered, or last leased by an instance that delivers webhooks, a
+/// target still holds the compactor back (see [`slowest_target`]): longer than any planned stop of every
 /// instance, so that a restart finds its targets' history whole.
 pub const FOLLOWED_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// The checkpoint of the webhook target furthest behind, among those an instance followed in the
+/// The checkpoint of the webhook target furthest behind, among those registered or leased in the
 /// last [`FOLLOWED_WITHIN`], and its URL (as operators may see it); `None` when there is none.
 /// The compactor removes nothing at or after it in a stream: the target still has to map those
 /// events, each from the state its stream's earlier events fold to.

@@ -200,10 +200,6 @@ impl WebhookSubscriber {
         }
     }
 
-    /// One step at `now`: claims the target, reads a batch after its checkpoint and delivers
-    /// its webhooks in order, stopping at the first that fails (or whose retry is not due at
-    /// `now`). Errors are recorded on the target.
-    #[tracing::instrument(name = "webhook.step", skip_all, fields(webhook.url = %self.shown))]
     /// `work` (one call to the database), given up after the lease: a database that stopped
     /// answering on an open connection (a hung pooler) must not hold this target for good, and
     /// past the lease another instance may take it over anyway.
@@ -223,6 +219,10 @@ impl WebhookSubscriber {
         }
     }
 
+    /// One step at `now`: claims the target, reads a batch after its checkpoint and delivers
+    /// its webhooks in order, stopping at the first that fails (or whose retry is not due at
+    /// `now`). Errors are recorded on the target.
+    #[tracing::instrument(name = "webhook.step", skip_all, fields(webhook.url = %self.shown))]
     pub async fn step_once(&self, now: DateTime<Utc>) -> Result<WebhookStep, WebhookError> {
         let outcome = self.step(now).await;
         if let Err(error) = &outcome {

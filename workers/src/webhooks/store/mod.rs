@@ -36,7 +36,8 @@ pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 ///   and this instance's on SQLite (one process owns the file).
 pub(crate) trait WebhookStore: Send + Sync + 'static {
     /// Adds `target` (shown as `url`) with its checkpoint at `start`, unless it exists: then its
-    /// checkpoint stays where it is. Either way the target counts as followed from now.
+    /// checkpoint stays where it is. A new target counts as followed from now; after that, only
+    /// a lease (taken by an instance that delivers) renews it.
     fn register<'a>(
         &'a self,
         target: &'a Target,
@@ -339,8 +340,11 @@ mod tests {
             Some((ahead, "https://other.example/in".to_owned()))
         );
         // A target nobody registered or leased within the time asked about holds nothing back.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let lately = Duration::from_millis(10);
+        let lately = Duration::from_secs(2);
+        tokio::time::sleep(lately + Duration::from_millis(100)).await;
+        assert_eq!(store.slowest_followed(lately).await.unwrap(), None);
+        // Registering it again (an instance that may not deliver) does not; a lease does.
+        store.register(&a, URL, START).await.unwrap();
         assert_eq!(store.slowest_followed(lately).await.unwrap(), None);
         assert_eq!(store.claim(&a).await.unwrap(), Some(past));
         assert_eq!(

@@ -76,7 +76,7 @@ impl WebhookStore for PostgresWebhooks {
         Box::pin(async move {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO UPDATE SET followed_at = now()",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (target) DO NOTHING",
                 &[&target.key, &url, &start.commit_column(), &start.global],
             )
             .await

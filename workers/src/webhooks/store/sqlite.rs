@@ -103,7 +103,7 @@ impl WebhookStore for SqliteWebhooks {
             self.execute(
                 "INSERT INTO webhook_targets (target, url, commit_position, global_position, \
                  created_at, updated_at, followed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5) \
-                 ON CONFLICT (target) DO UPDATE SET followed_at = ?5",
+                 ON CONFLICT (target) DO NOTHING",
                 params,
             )
             .map_ok(|_| ()),
