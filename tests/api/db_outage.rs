@@ -231,6 +231,22 @@ async fn requests_succeed_again_after_the_database_stopped_answering_on_open_con
     panic!("the projections stayed behind: {lags:?}");
 }
 
+/// The `fake` integration on `app`, and its connection `c1` with refresh token `rt-0` (which
+/// the fake provider accepts once).
+async fn connect_c1(app: &crate::TestApp, fake: &FakeProvider) {
+    let integration = json!({
+        "provider_config_key": "fake", "provider": "fake",
+        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
+    });
+    ok_json(app.post_json("/config", &integration).await).await;
+    fake.accept_refresh_token("rt-0");
+    let import = json!({
+        "provider_config_key": "fake", "connection_id": "c1",
+        "access_token": "old", "refresh_token": "rt-0",
+    });
+    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+}
+
 async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_recorded(
     db: &TestDatabase,
 ) {
@@ -249,17 +265,7 @@ async fn a_rotated_refresh_token_survives_the_database_going_away_before_it_is_r
         "10s",
     ];
     let app = spawn_config(config_on(&relayed, &key, &args)).await;
-    let integration = json!({
-        "provider_config_key": "fake", "provider": "fake",
-        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-    });
-    ok_json(app.post_json("/config", &integration).await).await;
-    fake.accept_refresh_token("rt-0");
-    let import = json!({
-        "provider_config_key": "fake", "connection_id": "c1",
-        "access_token": "old", "refresh_token": "rt-0",
-    });
-    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+    connect_c1(&app, &fake).await;
 
     // The provider answers after 2 s; the database is gone from 1 s to 4 s.
     fake.set_mode(TokenMode::Slow(Duration::from_secs(2)));
@@ -317,17 +323,7 @@ async fn a_refresh_whose_query_is_never_answered_is_given_up(db: &TestDatabase) 
         "2s",
     ];
     let app = spawn_config(config_on(&relayed, &new_key(), &args)).await;
-    let integration = json!({
-        "provider_config_key": "fake", "provider": "fake",
-        "oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET,
-    });
-    ok_json(app.post_json("/config", &integration).await).await;
-    fake.accept_refresh_token("rt-0");
-    let import = json!({
-        "provider_config_key": "fake", "connection_id": "c1",
-        "access_token": "old", "refresh_token": "rt-0",
-    });
-    assert_eq!(app.post_json("/connection", &import).await.status(), 201);
+    connect_c1(&app, &fake).await;
 
     // The provider answers after 300 ms; the relay freezes as soon as it is asked, so the
     // outcome's append goes out on a connection (the lease's, used a moment ago) that never
