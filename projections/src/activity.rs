@@ -18,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::store::{StoreError, StreamId};
+use domain::store::{StreamId, answered_within};
 
 use crate::ProjectionError;
 use crate::store::ReadModels;
@@ -29,12 +29,6 @@ pub const PENDING_LIMIT: usize = 200_000;
 /// How long writing the reads (or forgetting old ones) may take: a database that stopped
 /// answering on an open connection (a hung pooler) must not stop the flushes for good.
 const WRITE_LIMIT: Duration = Duration::from_secs(30);
-
-fn unanswered() -> ProjectionError {
-    ProjectionError::Store(StoreError::Database(format!(
-        "the database did not answer within {WRITE_LIMIT:?}"
-    )))
-}
 
 /// Reads noted and not yet written, and what became of them.
 #[derive(Debug, Default)]
@@ -101,9 +95,7 @@ impl ReadActivity {
             .iter()
             .map(|(stream_id, at)| (stream_id.as_str().to_owned(), *at))
             .collect();
-        let written = tokio::time::timeout(WRITE_LIMIT, read_models.store().note_reads(rows))
-            .await
-            .unwrap_or_else(|_| Err(unanswered()));
+        let written = answered_within(WRITE_LIMIT, read_models.store().note_reads(rows)).await;
         match written {
             Ok(()) => {
                 self.written.fetch_add(count as u64, Ordering::Relaxed);
@@ -157,11 +149,10 @@ impl ReadActivity {
                 let before = chrono::Duration::from_std(keep)
                     .ok()
                     .and_then(|keep| Utc::now().checked_sub_signed(keep));
-                let forget = |before| {
-                    tokio::time::timeout(WRITE_LIMIT, read_models.store().forget_reads(before))
-                };
+                let forget =
+                    |before| answered_within(WRITE_LIMIT, read_models.store().forget_reads(before));
                 if let Some(before) = before
-                    && let Err(e) = forget(before).await.unwrap_or_else(|_| Err(unanswered()))
+                    && let Err(e) = forget(before).await
                 {
                     tracing::warn!(error.message = %e, "cannot prune old reads");
                 }

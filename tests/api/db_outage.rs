@@ -168,18 +168,21 @@ async fn the_service_waits_at_start_up_for_a_database_that_refuses_connections(d
     assert_eq!(list.status(), 200);
 }
 
+/// Waits short enough that a test sees each one given up.
+const QUICK_TO_GIVE_UP: [&str; 6] = [
+    "--database-pool-wait",
+    "1s",
+    "--provider-timeout",
+    "1s",
+    "--request-timeout",
+    "2s",
+];
+
 async fn requests_succeed_again_after_the_database_stopped_answering_on_open_connections(
     db: &TestDatabase,
 ) {
     let (relay, relayed) = relayed(db).await;
-    let args = [
-        "--database-pool-wait",
-        "1s",
-        "--provider-timeout",
-        "1s",
-        "--request-timeout",
-        "2s",
-    ];
+    let args = QUICK_TO_GIVE_UP;
     let app = spawn_config(config_on(&relayed, &new_key(), &args)).await;
     let list = "/connections";
     // Several pooled connections, all open when the relay freezes.
@@ -361,14 +364,7 @@ async fn a_refresh_whose_query_is_never_answered_is_given_up(db: &TestDatabase) 
 
 async fn a_scheduler_tick_whose_query_is_never_answered_is_given_up(db: &TestDatabase) {
     let (relay, relayed) = relayed(db).await;
-    let args = [
-        "--database-pool-wait",
-        "1s",
-        "--provider-timeout",
-        "1s",
-        "--request-timeout",
-        "2s",
-    ];
+    let args = QUICK_TO_GIVE_UP;
     let (app, state) = crate::spawn_with_state(config_on(&relayed, &new_key(), &args)).await;
     assert!(state.scheduler.tick_once(chrono::Utc::now()).await.is_ok());
     assert_eq!(app.get("/connections").await.status(), 200);

@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use domain::compaction::{self, Cutoffs};
 use domain::connection;
-use domain::store::{Backend, RecordedEvent, StoreError, StreamCompaction};
+use domain::store::{Backend, RecordedEvent, StoreError, StreamCompaction, answered_within};
 
 use crate::webhooks;
 use futures_util::{StreamExt, TryStreamExt};
@@ -105,13 +105,7 @@ const CONCURRENT_STREAMS: usize = 8;
 const CALL_LIMIT: Duration = Duration::from_secs(300);
 
 async fn bounded<T>(work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-    tokio::time::timeout(CALL_LIMIT, work)
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Database(format!(
-                "the database did not answer within {CALL_LIMIT:?}"
-            )))
-        })
+    answered_within(CALL_LIMIT, work).await
 }
 
 /// Runs compaction passes.

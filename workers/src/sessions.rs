@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::store::{Backend, StoreError};
+use domain::store::{Backend, StoreError, answered_within};
 
 /// How often expired sessions are swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -41,12 +41,9 @@ pub async fn run(backend: Backend, shutdown: impl Future<Output = ()>) {
             _ = ticks.tick() => {
                 // Bounded: a database that stopped answering on an open connection (a hung
                 // pooler) must not stop the sweeps for good.
-                match tokio::time::timeout(SWEEP_INTERVAL, sweep_once(&backend, Utc::now())).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
-                    }
-                    Err(_) => tracing::warn!("sweeping oauth sessions: no answer; tried again later"),
+                let swept = answered_within(SWEEP_INTERVAL, sweep_once(&backend, Utc::now()));
+                if let Err(e) = swept.await {
+                    tracing::warn!(error.message = %e, "sweeping oauth sessions failed");
                 }
             }
         }

@@ -15,11 +15,9 @@ mod batch;
 mod payload;
 mod postgres;
 mod sqlite;
+mod unanswered;
 
-use std::fmt;
-use std::time::Duration;
-
-use std::sync::Arc;
+use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -33,6 +31,7 @@ use batch::check_stream_appends;
 pub use payload::Payload;
 pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
+pub use unanswered::{answered_within, unanswered};
 
 use crate::connect_session::ConnectSessionRepository;
 use crate::keys::KeyRepository;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use domain::connection::{self, Connection, ConnectionEvent};
 use domain::event::DomainEvent;
-use domain::store::{EventStore, RecordedEvent, StoreError, StreamId};
+use domain::store::{EventStore, RecordedEvent, StoreError, StreamId, answered_within};
 use quick_cache::sync::Cache;
 use url::Url;
 use uuid::Uuid;
@@ -203,20 +203,11 @@ impl WebhookSubscriber {
     /// `work` (one call to the database), given up after the lease: a database that stopped
     /// answering on an open connection (a hung pooler) must not hold this target for good, and
     /// past the lease another instance may take it over anyway.
-    async fn bounded<T, E>(
+    async fn bounded<T>(
         &self,
-        work: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, WebhookError>
-    where
-        WebhookError: From<E>,
-    {
-        match tokio::time::timeout(self.target.lease, work).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(WebhookError::Store(StoreError::Database(format!(
-                "the database did not answer within {:?}",
-                self.target.lease
-            )))),
-        }
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, WebhookError> {
+        Ok(answered_within(self.target.lease, work).await?)
     }
 
     /// One step at `now`: claims the target, reads a batch after its checkpoint and delivers
