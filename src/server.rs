@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -31,11 +31,13 @@ use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
+
+mod unparsed;
 
 /// The server's limits (`GRANTLINE_HEADER_TIMEOUT` and the rest; see the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,10 +142,6 @@ impl Refused {
     }
 }
 
-/// What a connection refused for the connection cap reads before it is closed.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\n\
-connection: close\r\n\r\n";
-
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets every
 /// connection finish its request in flight, and returns.
 pub async fn serve(
@@ -175,7 +173,16 @@ pub async fn serve(
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             stats.refused.add(Limit::Connections);
             connections.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+                let refuse = async {
+                    stream.write_all(unparsed::BUSY).await?;
+                    stream.shutdown().await?;
+                    // What the client sent is read and dropped: closed unread, the socket
+                    // would answer with a reset, and the client could lose the 503.
+                    let mut sink = [0u8; 1024];
+                    while stream.read(&mut sink).await? > 0 {}
+                    Ok::<_, io::Error>(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
             });
             continue;
         };
@@ -311,16 +318,25 @@ async fn serve_connection(
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
+        replacing: None,
     });
     let requests = activity.clone();
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        requests.begin();
-        let (router, requests) = (router.clone(), requests.clone());
+        // A request is in progress until its answer's body has been handed over whole (or
+        // dropped), not only until the router returns: a streamed body can take long.
+        let answering = Answering::begin(&requests);
+        let router = router.clone();
         async move {
             let response = router.oneshot(request.map(axum::body::Body::new)).await;
-            requests.end();
-            Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
+            let response = response.unwrap_or_else(|never| match never {});
+            if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                answering.0.upgraded.store(true, Ordering::Relaxed);
+            }
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                answering: Some(answering),
+            }))
         }
     });
     // The header timeout is the watchdog's: hyper's own would arm a timer in the runtime's
@@ -352,8 +368,13 @@ async fn serve_connection(
 #[derive(Debug)]
 struct Activity {
     accepted: Instant,
-    /// Requests handed to the router and not answered yet.
+    /// Requests handed to the router whose answers' bodies are not yet handed over whole.
     busy: AtomicUsize,
+    /// Whether everything answered so far has been flushed to the socket (no request begun
+    /// since): the next bytes written, if no request begins, can only be hyper's own answer.
+    settled: AtomicBool,
+    /// Whether the connection was upgraded (a WebSocket): hyper writes nothing any more.
+    upgraded: AtomicBool,
     /// When the first byte of a request head not yet handed to the router arrived (0: none;
     /// a new connection counts as waiting for its first head from the start).
     head_since: AtomicU64,
@@ -383,6 +404,8 @@ impl Activity {
         Self {
             accepted: Instant::now(),
             busy: AtomicUsize::new(0),
+            settled: AtomicBool::new(true),
+            upgraded: AtomicBool::new(false),
             head_since: AtomicU64::new(1),
             idle_since: AtomicU64::new(1),
             write_blocked_since: AtomicU64::new(0),
@@ -421,8 +444,24 @@ impl Activity {
         }
     }
 
+    /// Whether hyper may be writing an answer of its own: no request in progress, everything
+    /// answered flushed, not upgraded.
+    fn hyper_may_answer(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+            && self.settled.load(Ordering::Acquire)
+            && !self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// hyper flushed its buffer to the socket.
+    fn flushed(&self) {
+        if self.busy.load(Ordering::Acquire) == 0 {
+            self.settled.store(true, Ordering::Release);
+        }
+    }
+
     fn begin(&self) {
         self.busy.fetch_add(1, Ordering::AcqRel);
+        self.settled.store(false, Ordering::Release);
         self.head_since.store(0, Ordering::Relaxed);
     }
 
@@ -473,11 +512,14 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// A socket that reports reads to its connection's [`Activity`].
+    /// A socket that reports reads and writes to its connection's [`Activity`], and puts a
+    /// JSON answer in place of hyper's bodiless one to a request it cannot parse.
     struct Watched {
         #[pin]
         inner: TcpStream,
         activity: Arc<Activity>,
+        // The answer written in place of hyper's, and how much of it is out.
+        replacing: Option<(Vec<u8>, usize)>,
     }
 }
 
@@ -497,23 +539,64 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Writes what is left of the answer put in place of hyper's.
+    fn poll_replacement(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        while let Some((answer, sent)) = this.replacing.as_mut() {
+            if *sent == answer.len() {
+                *this.replacing = None;
+                break;
+            }
+            let polled = this.inner.as_mut().poll_write(cx, &answer[*sent..]);
+            this.activity.wrote(&polled);
+            match std::task::ready!(polled) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.as_mut().poll_replacement(cx))?;
+        // hyper's own answer is written alone, after everything answered before was flushed.
+        if self.activity.hyper_may_answer()
+            && let Some(answer) = unparsed::hyper_answer(buf)
+        {
+            *self.as_mut().project().replacing = Some((answer, 0));
+            // Taken: what is left of it goes out on the next write, flush or shutdown.
+            if let Poll::Ready(Err(e)) = self.poll_replacement(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
         let this = self.project();
         let polled = this.inner.poll_write(cx, buf);
         this.activity.wrote(&polled);
         polled
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_replacement(cx))?;
+        let this = self.project();
+        // hyper flushes the socket only once its own buffer is empty.
+        let flushed = std::task::ready!(this.inner.poll_flush(cx));
+        if flushed.is_ok() {
+            this.activity.flushed();
+        }
+        Poll::Ready(flushed)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_replacement(cx))?;
         self.project().inner.poll_shutdown(cx)
     }
 
@@ -522,6 +605,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.replacing.is_some() || self.activity.hyper_may_answer() {
+            // Rare (nothing is being answered): one slice at a time, looked at in poll_write.
+            let first = bufs.iter().find(|buf| !buf.is_empty());
+            return self.poll_write(cx, first.map_or(&[][..], |buf| &**buf));
+        }
         let this = self.project();
         let polled = this.inner.poll_write_vectored(cx, bufs);
         this.activity.wrote(&polled);
@@ -530,6 +618,57 @@ impl AsyncWrite for Watched {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A request in progress on its connection's [`Activity`], until dropped.
+struct Answering(Arc<Activity>);
+
+impl Answering {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.begin();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body, which ends its request's [`Answering`] when it has been read whole
+    /// (or is dropped unread).
+    struct Tracked {
+        #[pin]
+        body: axum::body::Body,
+        answering: Option<Answering>,
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.answering.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

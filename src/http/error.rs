@@ -279,7 +279,8 @@ pub struct ErrorDetail {
     /// `unknown_connection`, `missing_access_token`, `invalid_body`, `invalid_json`,
     /// `invalid_query_params`, `invalid_uri_params`, `missing_auth_header`,
     /// `invalid_secret_key`, `connection_refresh_failed`, `connection_refresh_retrying`,
-    /// `not_found`, `method_not_allowed`, `service_unavailable`, `internal_error`.
+    /// `not_found`, `method_not_allowed`, `service_unavailable`, `internal_error`; for a request
+    /// the HTTP parser cannot read, `invalid_request`, `uri_too_long`, `headers_too_large`.
     code: &'static str,
     /// What went wrong, for people; never holds a secret.
     message: String,

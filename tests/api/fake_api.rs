@@ -134,6 +134,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/large", get(large))
         .route("/api/cut", get(cut))
         .route("/api/slow", get(slow))
+        .route("/api/trickle", get(trickle))
         .route("/api/wait", get(wait))
         .route("/api/redirect", any(redirect))
         .route("/api/landing", any(landing))
@@ -299,6 +300,29 @@ async fn cut(
             (header::CONTENT_LENGTH, size.bytes.to_string()),
         ],
         Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
+/// What `/api/trickle` sends last: bytes shaped like the server's own bare 400, as a hostile
+/// or unlucky provider could.
+pub const TRICKLE_TAIL: &str = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                                date: Sat, 05 Dec 2026 05:38:55 GMT\r\n\r\n";
+
+/// 1,000 bytes of `A`, then, 1.5 s later, [`TRICKLE_TAIL`]: an answer that takes its time.
+async fn trickle(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check(&state, &headers) {
+        return refused;
+    }
+    let first =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![b'A'; 1000]))]);
+    let last = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok(Bytes::from_static(TRICKLE_TAIL.as_bytes()))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(futures_util::StreamExt::chain(first, last)),
     )
         .into_response()
 }

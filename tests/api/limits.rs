@@ -132,6 +132,94 @@ async fn trickled_headers_and_idle_sockets_are_closed_within_their_timeouts() {
     assert_eq!(app.get("/health").await.status(), 200);
 }
 
+/// A request the HTTP parser cannot read is answered with a JSON error with a code, like every
+/// other bad request, and the connection is closed.
+#[tokio::test]
+async fn a_request_that_cannot_be_parsed_gets_a_json_error() {
+    let db = TestDatabase::sqlite();
+    let app = limited(&db).await;
+    let address = address(&app);
+    let many_headers: String = (0..200).map(|i| format!("X-{i}: a\r\n")).collect();
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let cases = [
+        (
+            format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{many_headers}\r\n"),
+            "431",
+            "headers_too_large",
+        ),
+        (long_uri, "414", "uri_too_long"),
+        (
+            "NOT HTTP AT ALL\r\n\r\n".to_owned(),
+            "400",
+            "invalid_request",
+        ),
+        (
+            "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n".to_owned(),
+            "400",
+            "invalid_request",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (mut stream, _) = connect_and_send(address, request.as_bytes()).await;
+        let (answer, _) = until_closed(&mut stream).await;
+        assert_json_error(&answer, status, code);
+    }
+    // After an answered request, on the same connection.
+    let (mut stream, _) =
+        connect_and_send(address, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    let first = first_answer(&mut stream, Duration::from_secs(5)).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    stream.write_all(b"NOT HTTP\r\n\r\n").await.unwrap();
+    let (answer, _) = until_closed(&mut stream).await;
+    assert_json_error(&answer, "400", "invalid_request");
+    // Behind answered requests in the same segment (pipelined), and after HTTP/1.0.
+    for (requests, version) in [
+        (
+            "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "HTTP/1.1",
+        ),
+        (
+            "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n",
+            "HTTP/1.0",
+        ),
+    ] {
+        let pipelined = format!("{requests}{requests}NOT HTTP\r\n\r\n");
+        let (mut stream, _) = connect_and_send(address, pipelined.as_bytes()).await;
+        let (answer, _) = until_closed(&mut stream).await;
+        let last = answer.rfind(&format!("{version} 400 ")).unwrap_or(0);
+        assert_eq!(
+            answer.matches(&format!("{version} 200 ")).count(),
+            2,
+            "{answer}"
+        );
+        assert_json_error(
+            &answer[last..].replace(version, "HTTP/1.1"),
+            "400",
+            "invalid_request",
+        );
+    }
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+/// `answer` is a `status` answer whose body, as long as it says, is a JSON error with `code`.
+fn assert_json_error(answer: &str, status: &str, code: &str) {
+    assert!(
+        answer.starts_with(&format!("HTTP/1.1 {status} ")),
+        "{answer}"
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("content-type: application/json"), "{answer}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", body.len())),
+        "{answer}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"]["code"], code, "{answer}");
+}
+
 #[tokio::test]
 async fn past_the_connection_cap_a_connection_gets_503_and_the_cap_frees_up() {
     let db = TestDatabase::sqlite();
@@ -152,7 +240,19 @@ async fn past_the_connection_cap_a_connection_gets_503_and_the_cap_frees_up() {
     let (answer, waited) = until_closed(&mut refused_one).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    assert!(answer.ends_with(r#""code":"service_unavailable","message":"the server has too many open connections; try again"}}"#), "{answer}");
     assert!(waited < Duration::from_secs(1), "{waited:?}");
+    // One still sending its request when refused is not reset: what it sends is read, and it
+    // gets the whole answer.
+    let (mut eager, _) = connect_and_send(address, b"GET /health HTT").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest = eager.write_all(b"P/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    assert!(rest.is_ok(), "{rest:?}");
+    let (answer, _) = until_closed(&mut eager).await;
+    assert!(
+        answer.contains(r#""code":"service_unavailable""#),
+        "{answer}"
+    );
     drop(held);
     // The cap frees up as the held connections close.
     let mut served = false;

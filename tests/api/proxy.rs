@@ -4,6 +4,7 @@
 //! chose checked where they resolve, and every refusal as a JSON answer with a code.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use domain::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
@@ -19,6 +20,7 @@ domain::on_both_backends!(
     failures_are_retried_as_asked_within_the_deadline,
     bad_proxy_calls_get_a_json_answer_with_a_code,
     a_large_download_streams_through,
+    a_streamed_answer_passes_whole_while_the_next_request_comes_early,
     an_answer_that_breaks_off_reaches_the_caller_as_broken,
     a_host_from_a_placeholder_is_checked_where_it_resolves,
     redirects_carry_the_credential_only_when_asked_and_only_to_the_same_host,
@@ -369,6 +371,56 @@ async fn bad_proxy_calls_get_a_json_answer_with_a_code(db: &TestDatabase) {
         !metrics.contains("provider_config_key=\"nope\""),
         "{metrics}"
     );
+}
+
+/// A proxied answer that streams for longer than the header timeout passes through byte for
+/// byte while the client already sends its next request (pipelining), even when its last bytes
+/// look like the server's own bare error answer; then the next request is answered.
+async fn a_streamed_answer_passes_whole_while_the_next_request_comes_early(db: &TestDatabase) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let service = service(db, &["--header-timeout", "1s"]).await;
+    let address = service
+        .app()
+        .address
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!(
+        "GET /proxy/api/trickle HTTP/1.1\r\nHost: localhost\r\nConnection-Id: {ID}\r\n\
+         Provider-Config-Key: {KEY}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    stream.write_all(next.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("both answers within 10 s")
+        .unwrap();
+    let received = String::from_utf8_lossy(&received);
+    let expected_body = format!("{}{}", "A".repeat(1000), crate::fake_api::TRICKLE_TAIL);
+    // Chunked: the body's bytes appear in order, unchanged, between chunk sizes.
+    let (first, rest) = received.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{received}");
+    let (body, after) = dechunk(rest);
+    assert_eq!(body, expected_body, "{received}");
+    assert!(after.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(after.ends_with(r#"{"result":"ok"}"#), "{received}");
+}
+
+/// The body of a chunked answer, and what follows it.
+fn dechunk(mut rest: &str) -> (String, &str) {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        if size == 0 {
+            return (body, after.strip_prefix("\r\n").unwrap());
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").unwrap();
+    }
 }
 
 async fn a_large_download_streams_through(db: &TestDatabase) {
