@@ -227,6 +227,7 @@ impl Application {
             }));
         }
         tracing::info!(port = self.port, "grantline listening");
+        let backend = self.state.backend.clone();
         let (limits, stats) = (self.state.config.limits, self.state.server_stats.clone());
         server::serve(
             self.listener,
@@ -242,6 +243,7 @@ impl Application {
         for task in tasks {
             let _ = task.await;
         }
+        backend.close().await;
         Ok(())
     }
 }

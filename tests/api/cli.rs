@@ -374,20 +374,20 @@ fn serve_in(dir: &Path) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>
     serve_on(dir, None)
 }
 
-/// [`serve_in`], on the SQLite file at `database` if given.
+/// [`serve_in`], on the database at `url` if given (a PostgreSQL one with a new key).
 fn serve_on(
     dir: &Path,
-    database: Option<&Path>,
+    url: Option<&str>,
 ) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
     let mut command = grantline();
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("GRANTLINE_DATA_DIR", dir);
-    if let Some(database) = database {
-        command.env(
-            "GRANTLINE_DATABASE_URL",
-            format!("sqlite://{}", database.display()),
-        );
+    if let Some(url) = url {
+        command.env("GRANTLINE_DATABASE_URL", url);
+        if url.starts_with("postgres") {
+            command.env("GRANTLINE_ENCRYPTION_KEY", new_key());
+        }
     }
     let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -449,6 +449,81 @@ fn serve_shuts_down_cleanly_on_sigterm() {
     stop(&mut child);
 }
 
+/// Every PostgreSQL session `serve` opened (the pool's and the notifier's) ends with a
+/// Terminate message when it stops, so the database logs no "connection reset" for it at each
+/// deploy; the sessions pass a relay (TLS off) that keeps what the service sent last on each.
+#[tokio::test]
+async fn serve_ends_its_database_sessions_properly_when_it_stops() {
+    let db = TestDatabase::postgres().await;
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    url.set_port(Some(relay.local_addr().unwrap().port()))
+        .unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "disable");
+    let endings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = endings.clone();
+    std::thread::spawn(move || {
+        for inbound in relay.incoming().map_while(Result::ok) {
+            let outbound = std::net::TcpStream::connect(&target).unwrap();
+            let (mut from_db, mut to_service) =
+                (outbound.try_clone().unwrap(), inbound.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut from_db, &mut to_service));
+            let (mut from_service, mut to_db) = (inbound, outbound);
+            let recorded = recorded.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut last = Vec::new();
+                let mut buffer = [0u8; 8192];
+                while let Ok(n @ 1..) = from_service.read(&mut buffer) {
+                    last.extend_from_slice(&buffer[..n]);
+                    last.drain(..last.len().saturating_sub(5));
+                    if to_db.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_db.shutdown(std::net::Shutdown::Both);
+                recorded.lock().unwrap().push(last);
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log) = serve_on(dir.path(), Some(url.as_str()));
+    let port = logged(&log, "grantline listening")["port"]
+        .as_u64()
+        .unwrap();
+    // A few requests at once, for a few pooled sessions.
+    let reads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+                let request =
+                    "GET /connections HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+                stream.write_all(request.as_bytes()).unwrap();
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                answer
+            })
+        })
+        .collect();
+    for read in reads {
+        let answer = read.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    stop(&mut child);
+    std::thread::sleep(Duration::from_millis(300));
+    let endings = endings.lock().unwrap();
+    assert!(
+        endings.len() >= 3,
+        "the pool's sessions and the notifier's: {endings:?}"
+    );
+    for last in endings.iter() {
+        // 'X' and the length 4: PostgreSQL's Terminate message.
+        assert_eq!(last.as_slice(), b"X\0\0\0\x04", "{endings:?}");
+    }
+}
+
 /// Starting with the keys of a rotation swapped makes the retired key active again (a rollback
 /// is allowed), and says so.
 #[test]
@@ -489,7 +564,8 @@ fn a_second_serve_on_one_sqlite_file_waits_until_the_first_stops() {
     // The second one reaches the file through a symlink.
     let link = dir.path().join("link.db");
     std::os::unix::fs::symlink(dir.path().join("grantline.db"), &link).unwrap();
-    let (mut second, second_log) = serve_on(dir.path(), Some(&link));
+    let (mut second, second_log) =
+        serve_on(dir.path(), Some(&format!("sqlite://{}", link.display())));
     let waiting = logged(
         &second_log,
         "another grantline serve uses this SQLite database",

@@ -12,6 +12,7 @@
 //! - Events are never updated or deleted (the schema refuses it).
 
 mod batch;
+mod listen;
 mod payload;
 mod postgres;
 mod sqlite;
@@ -22,12 +23,14 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use batch::StreamAppend;
 use batch::check_stream_appends;
+pub(crate) use listen::ChangeSignal;
+pub use listen::Listener;
 pub use payload::Payload;
 pub use postgres::{PostgresStore, connect_other as connect_other_postgres};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
@@ -338,67 +341,6 @@ pub trait LogCompaction: Send + Sync {
     ) -> Result<Option<CompactionRecord>, StoreError>;
 }
 
-/// Waits for new events: woken by commits (in-process and, on PostgreSQL, NOTIFY) and by a poll
-/// interval, since wake-ups can be lost.
-#[derive(Clone, Debug)]
-pub struct Listener {
-    changes: watch::Receiver<u64>,
-    poll_interval: Duration,
-}
-
-impl Listener {
-    pub(crate) fn new(changes: watch::Receiver<u64>, poll_interval: Duration) -> Self {
-        Self {
-            changes,
-            poll_interval,
-        }
-    }
-
-    /// Returns when an event may have been appended since the last call, or after the poll
-    /// interval. Call it after a read came back short.
-    pub async fn wait(&mut self) {
-        let poll_interval = self.poll_interval;
-        self.wait_at_most(poll_interval).await;
-    }
-
-    /// Like [`Listener::wait`] with an explicit bound.
-    pub async fn wait_at_most(&mut self, bound: Duration) {
-        // A closed sender means the store is gone; fall back to the timer alone.
-        let _ = tokio::time::timeout(bound, self.changes.changed()).await;
-    }
-}
-
-/// Signals in-process listeners and, where the backend has one, the cross-process notifier.
-#[derive(Debug)]
-pub(crate) struct ChangeSignal {
-    changes: watch::Sender<u64>,
-    // Keeps the channel open while the store lives, so a notifier task (which ends when the
-    // channel closes) outlives moments without listeners.
-    _alive: watch::Receiver<u64>,
-}
-
-impl ChangeSignal {
-    pub(crate) fn new() -> Self {
-        let (changes, alive) = watch::channel(0);
-        Self {
-            changes,
-            _alive: alive,
-        }
-    }
-
-    pub(crate) fn notify(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    pub(crate) fn sender(&self) -> watch::Sender<u64> {
-        self.changes.clone()
-    }
-}
-
 /// The repositories one database implements; [`Backend`] hands each out from it.
 trait Repositories:
     EventStore
@@ -441,6 +383,14 @@ impl Backend {
             Err(StoreError::Database(
                 "the database URL must start with postgres:// or sqlite://".into(),
             ))
+        }
+    }
+
+    /// Ends the database sessions properly at the end of the process, after the last use
+    /// (PostgreSQL would log a "connection reset" for each one dropped instead).
+    pub async fn close(&self) {
+        if let Self::Postgres(store) = self {
+            store.close().await;
         }
     }
 

@@ -15,6 +15,7 @@
 //! and the message relay); this module opens the pool and applies the migrations.
 
 mod compaction;
+mod drivers;
 mod events;
 mod keys;
 mod notifier;
@@ -25,9 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::types::FromSqlOwned;
 
+use self::drivers::{Drivers, GOODBYE_LIMIT, GoodbyeConnect};
 use self::tls::Target;
 use super::{ChangeSignal, MESSAGE_BACKLOG, StoreError, StoreOptions, newest_migration};
 
@@ -51,6 +53,10 @@ struct Inner {
     poll_interval: Duration,
     /// Messages from every instance (this one included), as the notifier receives them.
     messages: broadcast::Sender<String>,
+    /// The connection tasks (the pool's and the notifier's), for a clean close.
+    drivers: Arc<Drivers>,
+    /// Set when the store closes: the notifier says goodbye and stops.
+    closing: watch::Sender<bool>,
 }
 
 /// How long the database's host may leave data unacknowledged (or an idle connection
@@ -83,9 +89,14 @@ impl PostgresStore {
         }
         migrate(&target, options.wait_until_up).await?;
 
-        let manager = Manager::from_config(
+        let drivers = Arc::new(Drivers::default());
+        let connect = GoodbyeConnect {
+            tls: target.tls.clone(),
+            drivers: drivers.clone(),
+        };
+        let manager = Manager::from_connect(
             target.config.clone(),
-            target.tls.clone(),
+            connect,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -107,11 +118,13 @@ impl PostgresStore {
         let signal = ChangeSignal::new();
         let kick = Arc::new(Notify::new());
         let (messages, _) = broadcast::channel(MESSAGE_BACKLOG);
+        let (closing, closed) = watch::channel(false);
         tokio::spawn(notifier::run(
             target,
             signal.sender(),
             kick.clone(),
             messages.clone(),
+            (closed, drivers.running()),
         ));
         Ok(Self {
             pool,
@@ -120,8 +133,19 @@ impl PostgresStore {
                 kick,
                 poll_interval: options.poll_interval,
                 messages,
+                drivers,
+                closing,
             }),
         })
+    }
+
+    /// Ends every session of this store properly (PostgreSQL logs no "connection reset" for
+    /// them), waiting at most a few seconds; for the end of the process, after the last use.
+    /// A connection still in use is ended when it is returned.
+    pub async fn close(&self) {
+        self.pool.close();
+        self.inner.closing.send_replace(true);
+        self.inner.drivers.all_closed(GOODBYE_LIMIT * 2).await;
     }
 
     /// The connection pool, for the projections and workers that keep their tables here.

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::AsyncMessage;
 
+use super::drivers::{GOODBYE_LIMIT, Running};
 use super::tls::Target;
 use super::{PostgresStore, db_error};
 use crate::store::StoreError;
@@ -46,10 +47,11 @@ pub(super) async fn run(
     changes: watch::Sender<u64>,
     kick: Arc<Notify>,
     relay: broadcast::Sender<String>,
+    (mut closing, _running): (watch::Receiver<bool>, Running),
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        if changes.is_closed() {
+        if changes.is_closed() || *closing.borrow() {
             return;
         }
         match target.config.connect(target.tls.clone()).await {
@@ -99,6 +101,13 @@ pub(super) async fn run(
                                 driver.abort();
                                 return;
                             }
+                            () = closed(&mut closing) => {
+                                // With its client dropped, the connection sends Terminate.
+                                drop(client);
+                                let _ = tokio::time::timeout(GOODBYE_LIMIT, &mut driver).await;
+                                driver.abort();
+                                return;
+                            }
                         }
                     }
                 }
@@ -109,7 +118,13 @@ pub(super) async fn run(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = changes.closed() => return,
+            () = closed(&mut closing) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Until the store closes.
+async fn closed(closing: &mut watch::Receiver<bool>) {
+    let _ = closing.wait_for(|closing| *closing).await;
 }
