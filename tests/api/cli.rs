@@ -371,24 +371,19 @@ impl Drop for Killed {
 
 /// `grantline serve` on the SQLite database in `dir`, and its log lines (JSON) as they come.
 fn serve_in(dir: &Path) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
-    serve_on(dir, None)
+    serve_on(dir, &[])
 }
 
-/// [`serve_in`], on the database at `url` if given (a PostgreSQL one with a new key).
+/// [`serve_in`], with these environment variables too.
 fn serve_on(
     dir: &Path,
-    url: Option<&str>,
+    variables: &[(&str, &str)],
 ) -> (Killed, std::sync::mpsc::Receiver<serde_json::Value>) {
     let mut command = grantline();
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("GRANTLINE_DATA_DIR", dir);
-    if let Some(url) = url {
-        command.env("GRANTLINE_DATABASE_URL", url);
-        if url.starts_with("postgres") {
-            command.env("GRANTLINE_ENCRYPTION_KEY", new_key());
-        }
-    }
+        .env("GRANTLINE_DATA_DIR", dir)
+        .envs(variables.iter().copied());
     let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (lines, log) = std::sync::mpsc::channel();
@@ -451,7 +446,8 @@ fn serve_shuts_down_cleanly_on_sigterm() {
 
 /// Every PostgreSQL session `serve` opened (the pool's and the notifier's) ends with a
 /// Terminate message when it stops, so the database logs no "connection reset" for it at each
-/// deploy; the sessions pass a relay (TLS off) that keeps what the service sent last on each.
+/// deploy, and so does a one-off command's; the sessions pass a relay (TLS off) that keeps what
+/// the service sent last on each.
 #[tokio::test]
 async fn serve_ends_its_database_sessions_properly_when_it_stops() {
     let db = TestDatabase::postgres().await;
@@ -488,7 +484,12 @@ async fn serve_ends_its_database_sessions_properly_when_it_stops() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, log) = serve_on(dir.path(), Some(url.as_str()));
+    let key = new_key();
+    let variables = [
+        ("GRANTLINE_DATABASE_URL", url.as_str()),
+        ("GRANTLINE_ENCRYPTION_KEY", &key),
+    ];
+    let (mut child, log) = serve_on(dir.path(), &variables);
     let port = logged(&log, "grantline listening")["port"]
         .as_u64()
         .unwrap();
@@ -512,10 +513,17 @@ async fn serve_ends_its_database_sessions_properly_when_it_stops() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
     stop(&mut child);
+    // A one-off command's sessions too.
+    let status = grantline()
+        .args(["projections", "status"])
+        .envs(variables)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
     std::thread::sleep(Duration::from_millis(300));
     let endings = endings.lock().unwrap();
     assert!(
-        endings.len() >= 3,
+        endings.len() >= 4,
         "the pool's sessions and the notifier's: {endings:?}"
     );
     for last in endings.iter() {
@@ -564,8 +572,13 @@ fn a_second_serve_on_one_sqlite_file_waits_until_the_first_stops() {
     // The second one reaches the file through a symlink.
     let link = dir.path().join("link.db");
     std::os::unix::fs::symlink(dir.path().join("grantline.db"), &link).unwrap();
-    let (mut second, second_log) =
-        serve_on(dir.path(), Some(&format!("sqlite://{}", link.display())));
+    let (mut second, second_log) = serve_on(
+        dir.path(),
+        &[(
+            "GRANTLINE_DATABASE_URL",
+            &format!("sqlite://{}", link.display()),
+        )],
+    );
     let waiting = logged(
         &second_log,
         "another grantline serve uses this SQLite database",

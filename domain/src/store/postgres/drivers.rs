@@ -5,8 +5,8 @@
 //! receive data from client: Connection reset by peer" for each one, at every deploy. Here the
 //! task deadpool holds only stands in for the driver: its end tells the driver that the client
 //! is gone, and the driver then ends the session properly (a Terminate message, a TLS
-//! close_notify) within [`GOODBYE_LIMIT`]. [`Drivers::all_closed`] waits for every driver at
-//! shutdown.
+//! close_notify) within [`GOODBYE_LIMIT`]. [`Drivers::all_closed`] waits for a store's drivers
+//! when it closes, [`sessions_ended`] for every store's at the end of the process.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,20 +29,36 @@ pub(super) struct Drivers {
     gone: Notify,
 }
 
-/// Counts one running task in its [`Drivers`] until dropped.
+/// Every store's connection tasks, for the end of the process: [`sessions_ended`].
+static EVERY: Drivers = Drivers {
+    live: AtomicUsize::new(0),
+    gone: Notify::const_new(),
+};
+
+/// Counts one running task in its store's [`Drivers`] and in [`EVERY`] until dropped.
 pub(super) struct Running(Arc<Drivers>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::AcqRel);
-        self.0.gone.notify_waiters();
+        for drivers in [&*self.0, &EVERY] {
+            drivers.live.fetch_sub(1, Ordering::AcqRel);
+            drivers.gone.notify_waiters();
+        }
     }
+}
+
+/// Waits until the connection tasks of every store the process opened have ended (the
+/// stores dropped, or closed), or `limit` passes: for the end of `main`, where the runtime
+/// would otherwise drop them before they say goodbye.
+pub async fn sessions_ended(limit: Duration) {
+    EVERY.all_closed(limit).await;
 }
 
 impl Drivers {
     /// Counts a task as running until the returned guard is dropped.
     pub(super) fn running(self: &Arc<Self>) -> Running {
         self.live.fetch_add(1, Ordering::AcqRel);
+        EVERY.live.fetch_add(1, Ordering::AcqRel);
         Running(self.clone())
     }
 

@@ -16,6 +16,7 @@
 
 mod compaction;
 mod drivers;
+pub use drivers::sessions_ended;
 mod events;
 mod keys;
 mod notifier;
@@ -256,7 +257,10 @@ pub async fn connect_other(url: &str) -> Result<tokio_postgres::Client, StoreErr
         .connect(target.tls.clone())
         .await
         .map_err(|e| target.connect_error(&e))?;
+    // Counted, so that the end of the process waits for its goodbye once the client is gone.
+    let running = Arc::new(Drivers::default()).running();
     tokio::spawn(async move {
+        let _running = running;
         if let Err(error) = connection.await {
             tracing::warn!(error.message = %error, "the source database connection failed");
         }

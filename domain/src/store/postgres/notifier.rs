@@ -97,12 +97,14 @@ pub(super) async fn run(
                                 tokio::time::sleep(NOTIFY_INTERVAL).await;
                             }
                             _ = &mut driver => break,
-                            () = changes.closed() => {
-                                driver.abort();
-                                return;
-                            }
-                            () = closed(&mut closing) => {
-                                // With its client dropped, the connection sends Terminate.
+                            // The store dropped or closed: with its client dropped, the
+                            // connection sends Terminate.
+                            () = async {
+                                tokio::select! {
+                                    () = changes.closed() => {}
+                                    () = closed(&mut closing) => {}
+                                }
+                            } => {
                                 drop(client);
                                 let _ = tokio::time::timeout(GOODBYE_LIMIT, &mut driver).await;
                                 driver.abort();
