@@ -32,7 +32,10 @@ use batch::check_stream_appends;
 pub(crate) use listen::ChangeSignal;
 pub use listen::Listener;
 pub use payload::Payload;
-pub use postgres::{PostgresStore, connect_other as connect_other_postgres, sessions_ended};
+pub use postgres::{
+    PostgresStore, connect_other as connect_other_postgres, error_text as postgres_error_text,
+    sessions_ended,
+};
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
 pub use unanswered::{answered_within, unanswered};
 

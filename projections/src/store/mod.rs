@@ -746,3 +746,8 @@ fn version(stored: i64) -> u32 {
 fn database(e: impl std::fmt::Display) -> ProjectionError {
     ProjectionError::Store(StoreError::Database(e.to_string()))
 }
+
+/// A PostgreSQL (or pool) error with the server's message (tokio-postgres says only "db error").
+fn pg_error(e: impl std::error::Error + 'static) -> ProjectionError {
+    ProjectionError::Store(StoreError::Database(domain::store::postgres_error_text(&e)))
+}

@@ -16,7 +16,7 @@ use super::{
     Analyzed, Batch, CHECKPOINTS, Checkpoint, ConnectionFilter, ConnectionSummary, HealthCounts,
     ListDialect, Planner, Providers, ReadModelStore, RebuildGuard, RefreshActivity, RefreshBucket,
     StoredRow, TAIL_BATCH, Tables, Tail, database, due_expiring_sql, due_keep_alive_sql, find_sql,
-    health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata,
+    health_sql, instances_sql, list_integrations_sql, list_sql, ownership_and_metadata, pg_error,
     refresh_activity_sql, swap_sql, version,
 };
 use crate::ProjectionError;
@@ -76,7 +76,7 @@ impl PostgresReadModels {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ProjectionError> {
-        self.store.pool().get().await.map_err(database)
+        self.store.pool().get().await.map_err(pg_error)
     }
 }
 
@@ -92,7 +92,7 @@ async fn set_checkpoint(
             &[&name, &at.commit_column(), &at.global],
         )
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     Ok(())
 }
 
@@ -115,11 +115,11 @@ impl ReadModelStore for PostgresReadModels {
         let statement = client
             .prepare_cached(&find_sql(table, STATE, "$1"))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         Ok(client
             .query_opt(&statement, &[&stream_id])
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .map(|r| StoredRow {
                 id: r.get(0),
                 version: version(r.get::<_, i32>(1).into()),
@@ -148,11 +148,11 @@ impl ReadModelStore for PostgresReadModels {
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
         let client = self.client().await?;
-        let statement = client.prepare_cached(&sql).await.map_err(database)?;
+        let statement = client.prepare_cached(&sql).await.map_err(pg_error)?;
         let rows = client
             .query(&statement, &parameters)
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         rows.iter()
             .map(|r| {
                 let connection_id: String = r.get(2);
@@ -184,7 +184,7 @@ impl ReadModelStore for PostgresReadModels {
             .await?
             .query(&health_sql(["$1", "$2"]), &[&soon, &read_since])
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         let mut counts = HealthCounts::default();
         for row in rows {
             counts.add(row.get(0), row.get(1));
@@ -205,7 +205,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[],
             )
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         let (Some(mut low), Some(mut high)) = (
             bounds.get::<_, Option<i64>>(0),
             bounds.get::<_, Option<i64>>(1),
@@ -219,13 +219,13 @@ impl ReadModelStore for PostgresReadModels {
                  ORDER BY global_position LIMIT 1",
             )
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         while low < high {
             let middle = low + (high - low) / 2;
             let recorded: Option<DateTime<Utc>> = client
                 .query_opt(&at, &[&middle])
                 .await
-                .map_err(database)?
+                .map_err(pg_error)?
                 .map(|r| r.get(0));
             match recorded {
                 Some(recorded) if recorded < since => low = middle + 1,
@@ -238,7 +238,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&low],
             )
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .iter()
             .map(|r| RefreshBucket {
                 provider_config_key: r.get(0),
@@ -250,7 +250,7 @@ impl ReadModelStore for PostgresReadModels {
         let instances = client
             .query(&instances_sql("e.metadata->>'instance'", "$1"), &[&low])
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -263,7 +263,7 @@ impl ReadModelStore for PostgresReadModels {
             .await?
             .query(&list_integrations_sql(STATE), &[])
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .iter()
             .map(|r| {
                 (
@@ -291,7 +291,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&provider_config_key],
             )
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .iter()
             .map(|r| r.get(0))
             .collect())
@@ -309,7 +309,7 @@ impl ReadModelStore for PostgresReadModels {
         let statement = client
             .prepare_cached(&due_expiring_sql(RENEWABLE, ["$1", "$2", "$3"]))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         keys(
             client
                 .query(&statement, &[&expiring_before, &read_since, &limit])
@@ -332,7 +332,7 @@ impl ReadModelStore for PostgresReadModels {
         let statement = client
             .prepare_cached(&due_keep_alive_sql(OAUTH2, pick, ["$1", "$3"]))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         keys(
             client
                 .query(&statement, &[&renewed_before, names, &limit])
@@ -355,7 +355,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&streams, &times],
             )
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         Ok(())
     }
 
@@ -367,7 +367,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&before],
             )
             .await
-            .map_err(database)
+            .map_err(pg_error)
     }
 
     async fn count_reads(&self, since: DateTime<Utc>) -> Result<u64, ProjectionError> {
@@ -379,7 +379,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&since],
             )
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .get(0);
         Ok(u64::try_from(count).unwrap_or_default())
     }
@@ -394,7 +394,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&name],
             )
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         Ok(Position::from_columns(row.get(0), row.get(1)))
     }
 
@@ -404,7 +404,7 @@ impl ReadModelStore for PostgresReadModels {
             .await?
             .query(CHECKPOINTS, &[])
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .iter()
             .map(|r| Checkpoint {
                 name: r.get(0),
@@ -433,7 +433,7 @@ impl ReadModelStore for PostgresReadModels {
         batch: Batch,
     ) -> Result<bool, ProjectionError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(database)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
         let Some(row) = tx
             .query_opt(
                 "SELECT commit_position, global_position FROM projection_checkpoints \
@@ -441,7 +441,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&name],
             )
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
         else {
             return Ok(false);
         };
@@ -451,7 +451,7 @@ impl ReadModelStore for PostgresReadModels {
         let to = batch.to;
         fold_into(&tx, name, batch).await?;
         set_checkpoint(&tx, name, to).await?;
-        tx.commit().await.map_err(database)?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(true)
     }
 
@@ -464,7 +464,7 @@ impl ReadModelStore for PostgresReadModels {
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .get(0);
         if !locked {
             return Err(database(format!("a rebuild of {name} is already running")));
@@ -479,7 +479,7 @@ impl ReadModelStore for PostgresReadModels {
             .await?
             .batch_execute(&shadow::clear_sql(tables))
             .await
-            .map_err(database)
+            .map_err(pg_error)
     }
 
     async fn index(&self, tables: Tables) -> Result<(), ProjectionError> {
@@ -489,13 +489,13 @@ impl ReadModelStore for PostgresReadModels {
 
     async fn write(&self, shadow: &'static str, batch: Batch) -> Result<(), ProjectionError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(database)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
         if batch.fresh {
             copy_into(&tx, shadow, &(batch.fold)(HashMap::new())?).await?;
         } else {
             fold_into(&tx, shadow, batch).await?;
         }
-        tx.commit().await.map_err(database)
+        tx.commit().await.map_err(pg_error)
     }
 
     async fn events_through(&self, head: i64) -> Result<i64, ProjectionError> {
@@ -507,7 +507,7 @@ impl ReadModelStore for PostgresReadModels {
                 &[&head],
             )
             .await
-            .map_err(database)?
+            .map_err(pg_error)?
             .get(0))
     }
 
@@ -521,14 +521,14 @@ impl ReadModelStore for PostgresReadModels {
                 "VACUUM (ANALYZE) connections",
                 "VACUUM (ANALYZE) integrations",
             ] {
-                client.batch_execute(statement).await.map_err(database)?;
+                client.batch_execute(statement).await.map_err(pg_error)?;
             }
         }
         if what != Analyzed::ReadModels {
             client
                 .batch_execute("ANALYZE events")
                 .await
-                .map_err(database)?;
+                .map_err(pg_error)?;
         }
         Ok(())
     }
@@ -541,14 +541,14 @@ impl ReadModelStore for PostgresReadModels {
     ) -> Result<u64, ProjectionError> {
         let Tables { live: name, shadow } = tables;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(database)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
         // Waits for the live runner's batch in flight, and keeps the next one out.
         tx.query_one(
             "SELECT global_position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
             &[&name],
         )
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
         let mut tail = Tail::after(from);
         while let Some(batch) =
             tail.plan(&planner, &self.store.read_all(tail.at, TAIL_BATCH).await?)?
@@ -557,16 +557,16 @@ impl ReadModelStore for PostgresReadModels {
         }
         tx.batch_execute(&swap_sql(tables))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         tx.batch_execute(&shadow::after_swap_sql(tables))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         set_checkpoint(&tx, name, tail.at).await?;
-        tx.commit().await.map_err(database)?;
+        tx.commit().await.map_err(pg_error)?;
         client
             .batch_execute(&format!("TRUNCATE {shadow}"))
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
         Ok(tail.read)
     }
 }
@@ -576,7 +576,7 @@ fn keys(
     rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
 ) -> Result<Vec<ConnectionKey>, ProjectionError> {
     Ok(rows
-        .map_err(database)?
+        .map_err(pg_error)?
         .iter()
         .map(|r| ConnectionKey::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect())

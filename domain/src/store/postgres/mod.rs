@@ -295,7 +295,7 @@ async fn migrate(target: &Target, wait_until_up: bool) -> Result<(), StoreError>
         .set_abort_missing(false)
         .run_async(&mut client)
         .await
-        .map_err(|e| StoreError::Database(format!("migration failed: {}", with_causes(&e))));
+        .map_err(|e| StoreError::Database(format!("migration failed: {}", error_text(&e))));
     // Closing the session releases the lock even if the unlock is never sent.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -343,24 +343,89 @@ fn not_up_yet(e: &tokio_postgres::Error) -> bool {
 
 /// `error` and the errors beneath it, `: `-separated: a migration or URL error's own message
 /// ("db error", "invalid connection string") says less than its cause.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
+/// What an error says, cause after cause, for logs and messages. A server error shows its
+/// severity, message and SQLSTATE, never its DETAIL, which can quote a row's values.
+/// (tokio-postgres's own text is only "db error".)
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let more = match e.downcast_ref::<tokio_postgres::error::DbError>() {
+            Some(db) => {
+                use tokio_postgres::error::SqlState;
+                let code = db.code();
+                // This session's prepared statements are another's: a pooler in transaction
+                // mode moved it between server connections.
+                let hint = if [
+                    SqlState::DUPLICATE_PSTATEMENT,
+                    SqlState::INVALID_SQL_STATEMENT_NAME,
+                ]
+                .contains(code)
+                {
+                    " (a connection pooler in transaction mode? Grantline needs session \
+                     pooling or a direct connection)"
+                } else {
+                    ""
+                };
+                let (severity, message) = (db.severity(), db.message());
+                format!("{severity}: {message} (SQLSTATE {}){hint}", code.code())
+            }
+            None => e.to_string(),
+        };
         if !text.contains(&more) {
-            text.push_str(": ");
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
             text.push_str(&more);
         }
-        cause = e.source();
+        next = e.source();
     }
     text
 }
 
 fn db_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    StoreError::Database(error_text(&e))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Database(e.to_string())
+    StoreError::Database(error_text(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    #[tokio::test]
+    async fn a_database_error_says_what_the_server_said_without_its_detail() {
+        let db = TestDatabase::postgres().await;
+        let client = db.postgres_client().await;
+        let setup = "CREATE TABLE t (v text UNIQUE); INSERT INTO t VALUES ('row-value-7');";
+        assert!(client.batch_execute(setup).await.is_ok());
+        let Err(duplicate) = client
+            .execute("INSERT INTO t VALUES ('row-value-7')", &[])
+            .await
+        else {
+            panic!("a duplicate was inserted");
+        };
+        let text = error_text(&duplicate);
+        assert!(
+            text.contains("duplicate key value violates unique constraint"),
+            "{text}"
+        );
+        assert!(text.contains("SQLSTATE 23505"), "{text}");
+        // The DETAIL quotes the row: "Key (v)=(row-value-7) already exists".
+        assert!(!text.contains("row-value-7"), "{text}");
+        assert!(!text.contains("pooler"), "{text}");
+
+        let Err(unknown) = client.batch_execute("EXECUTE never_prepared").await else {
+            panic!("an unknown prepared statement ran");
+        };
+        let text = error_text(&unknown);
+        assert!(
+            text.contains("prepared statement \"never_prepared\" does not exist"),
+            "{text}"
+        );
+        assert!(text.contains("pooler in transaction mode"), "{text}");
+    }
 }

@@ -94,7 +94,7 @@ impl Target {
             .as_deref()
             .map_or(Ok(SslMode::Prefer), SslMode::parse)?;
         let mut config: tokio_postgres::Config =
-            rest.parse().map_err(|e| invalid(super::with_causes(&e)))?;
+            rest.parse().map_err(|e| invalid(super::error_text(&e)))?;
         config.ssl_mode(match mode {
             SslMode::Disable => DriverSslMode::Disable,
             SslMode::Prefer => DriverSslMode::Prefer,

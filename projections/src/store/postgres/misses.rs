@@ -21,7 +21,7 @@ use domain::store::{PostgresStore, StoreError};
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use super::super::{StoredRow, database, version};
+use super::super::{StoredRow, database, pg_error, version};
 use crate::ProjectionError;
 
 /// Most queries at once; the rest of the pool stays for everything else.
@@ -137,7 +137,7 @@ async fn fetch_many(
     store: &PostgresStore,
     stream_ids: &[&str],
 ) -> Result<HashMap<String, (StoredRow, Option<StoredDataKey>)>, ProjectionError> {
-    let client = store.pool().get().await.map_err(database)?;
+    let client = store.pool().get().await.map_err(pg_error)?;
     let statement = client
         .prepare_cached(
             "SELECT c.stream_id, c.id, c.version, c.state::text, k.key_id, k.owner, \
@@ -146,11 +146,11 @@ async fn fetch_many(
              WHERE c.stream_id = ANY($1) AND c.deleted_at IS NULL",
         )
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     let rows = client
         .query(&statement, &[&stream_ids])
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     Ok(rows
         .into_iter()
         .map(|r| {

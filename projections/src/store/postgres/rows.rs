@@ -9,7 +9,7 @@ use deadpool_postgres::GenericClient;
 use serde_json::value::RawValue;
 use tokio_postgres::types::{Json, ToSql};
 
-use super::super::{Batch, Snapshot, database, upsert_sql, version};
+use super::super::{Batch, Snapshot, pg_error, upsert_sql, version};
 use super::STATE;
 use crate::ProjectionError;
 use crate::model::Row;
@@ -37,11 +37,11 @@ pub(super) async fn load(
             "SELECT stream_id, version, {STATE} FROM {table} WHERE stream_id = ANY($1)"
         ))
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     let rows = client
         .query(&statement, &[&stream_ids])
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -70,11 +70,11 @@ pub(super) async fn write(
     let statement = client
         .prepare_cached(&upsert_sql(table, ROW, true))
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     client
         .execute(&statement, &Params::of(row).values())
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     Ok(())
 }
 
@@ -132,7 +132,7 @@ async fn write_many(
     let statement = client
         .prepare_cached(&upsert_sql(table, ROWS, true))
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     let stream_ids: Vec<&str> = rows.iter().map(|r| r.stream_id.as_str()).collect();
     let versions: Vec<i32> = rows
         .iter()
@@ -181,7 +181,7 @@ async fn write_many(
             ],
         )
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     Ok(())
 }
 
@@ -212,7 +212,7 @@ pub(super) async fn copy_into(
             super::super::COLUMNS
         ))
         .await
-        .map_err(database)?;
+        .map_err(pg_error)?;
     let (text, time) = (Type::TEXT, Type::TIMESTAMPTZ);
     let types = [
         text.clone(),
@@ -240,9 +240,9 @@ pub(super) async fn copy_into(
             .as_mut()
             .write(&Params::of(row).values())
             .await
-            .map_err(database)?;
+            .map_err(pg_error)?;
     }
-    writer.finish().await.map_err(database)?;
+    writer.finish().await.map_err(pg_error)?;
     Ok(())
 }
 

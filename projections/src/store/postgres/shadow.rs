@@ -12,7 +12,7 @@
 
 use deadpool_postgres::GenericClient;
 
-use super::super::{Tables, database};
+use super::super::{Tables, database, pg_error};
 use crate::ProjectionError;
 
 /// What a shadow index's name adds to the name of the live index it copies.
@@ -94,7 +94,7 @@ pub(super) async fn index_statements(
     client
         .query(SECONDARY, &[&live])
         .await
-        .map_err(database)?
+        .map_err(pg_error)?
         .iter()
         .map(|row| {
             let (name, unique, definition): (String, bool, String) =
@@ -131,9 +131,9 @@ pub(super) async fn build(
         lanes[i % n].push(statement);
     }
     let lanes = lanes.into_iter().map(|lane| async move {
-        let client = pool.get().await.map_err(database)?;
+        let client = pool.get().await.map_err(pg_error)?;
         for statement in lane {
-            client.batch_execute(&statement).await.map_err(database)?;
+            client.batch_execute(&statement).await.map_err(pg_error)?;
         }
         Ok::<_, ProjectionError>(())
     });

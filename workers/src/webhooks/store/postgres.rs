@@ -58,7 +58,7 @@ impl PostgresWebhooks {
 }
 
 fn db_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    StoreError::Database(domain::store::postgres_error_text(&e))
 }
 
 /// The lease's length as `make_interval` takes it.
