@@ -55,9 +55,12 @@ impl SecretKey {
 /// The key (the secret key or a connect session's token) in a request's `Authorization`
 /// header.
 pub(super) fn presented(headers: &HeaderMap) -> Result<Cow<'_, str>, ApiError> {
-    let header = headers
-        .get(AUTHORIZATION)
-        .ok_or(ApiError::MissingAuthHeader)?;
+    let mut all = headers.get_all(AUTHORIZATION).iter();
+    let header = all.next().ok_or(ApiError::MissingAuthHeader)?;
+    // Two keys are ambiguous: a proxy in front may have checked the other one.
+    if all.next().is_some() {
+        return Err(ApiError::MalformedAuthHeader);
+    }
     let value = header.to_str().map_err(|_| ApiError::MalformedAuthHeader)?;
     presented_key(value)
 }
@@ -96,6 +99,8 @@ fn presented_key(value: &str) -> Result<Cow<'_, str>, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -117,5 +122,24 @@ mod tests {
                 Err(ApiError::MalformedAuthHeader)
             ));
         }
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused_in_either_order() {
+        for (first, second) in [
+            ("Bearer right", "Bearer wrong"),
+            ("Bearer wrong", "Bearer right"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.append(AUTHORIZATION, HeaderValue::from_static(first));
+            headers.append(AUTHORIZATION, HeaderValue::from_static(second));
+            assert!(matches!(
+                presented(&headers),
+                Err(ApiError::MalformedAuthHeader)
+            ));
+        }
+        let mut one = HeaderMap::new();
+        one.append(AUTHORIZATION, HeaderValue::from_static("Bearer right"));
+        assert_eq!(presented(&one).ok().as_deref(), Some("right"));
     }
 }
