@@ -195,6 +195,8 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // New connections are refused from now on, not left in the backlog with no answer.
+    drop(listener);
     // Every connection finishes its request in flight and closes; the watchdog keeps closing
     // the idle and the trickling meanwhile.
     open.stop();
