@@ -26,7 +26,6 @@ use crate::config::{Config, DatabaseConfig, MasterKeySource};
 use crate::http;
 use crate::import::LineFault;
 use crate::oauth::Flows;
-use crate::proxy::ProxyStats;
 use crate::server;
 use crate::state::{AppState, Shared};
 
@@ -129,7 +128,7 @@ impl Application {
                 sockets: Arc::new(Sockets::default()),
                 server_stats: Arc::default(),
                 proxy_client: crate::proxy::client()?,
-                proxy_stats: ProxyStats::default(),
+                proxy_stats: Arc::default(),
             }),
         })
     }

@@ -101,5 +101,5 @@ pub struct Shared {
     /// they resolve).
     pub proxy_client: crate::proxy::Clients,
     /// What the proxy counted, by integration.
-    pub proxy_stats: ProxyStats,
+    pub proxy_stats: Arc<ProxyStats>,
 }

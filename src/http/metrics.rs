@@ -656,6 +656,14 @@ fn proxy_families(
         "Upstream 401s answered by a fenced refresh and one more attempt.",
         &as_refs(&per_key(|s| s.rejected as f64)),
     );
+    family(
+        out,
+        "grantline_proxy_broken_total",
+        "counter",
+        "Provider answers that broke off after their body had begun (the caller's answer \
+         breaks off too).",
+        &as_refs(&per_key(|s| s.broken as f64)),
+    );
 }
 
 /// `grantline_proxy_request_duration_seconds`: proxied calls by duration (until the

@@ -154,6 +154,10 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
         _ => None,
     };
     let deadline = tokio::time::Instant::now() + state.config.proxy.timeout;
+    let watch = || upstream::BreakWatch {
+        stats: state.proxy_stats.clone(),
+        provider_config_key: call.key.provider_config_key().to_owned(),
+    };
     // An OAuth 1.0a signature covers a form body's parameters (RFC 5849 §3.4.1.3.1).
     let signs_form = oauth1.is_some() && is_form(&call.headers);
     let mut body = Some(body_of(call.body, call.body_length, signs_form).await?);
@@ -213,13 +217,13 @@ async fn send(state: &AppState, call: ProxyCall) -> Result<Response<Body>, Proxy
                     let asked = upstream::retry_after(response.headers(), template);
                     // A wait past the deadline: the provider's own answer says more than a 504.
                     if upstream::wait(asked, attempt + 1, deadline).await.is_err() {
-                        return Ok(upstream::passthrough(response, call.decompress));
+                        return Ok(upstream::passthrough(response, call.decompress, watch()));
                     }
                     attempt += 1;
                     state.proxy_stats.retried(call.key.provider_config_key());
                     continue;
                 }
-                return Ok(upstream::passthrough(response, call.decompress));
+                return Ok(upstream::passthrough(response, call.decompress, watch()));
             }
             Err(ProxyError::Unreachable) if retry_left => {
                 attempt += 1;

@@ -1,5 +1,6 @@
 //! What the proxy counts per integration, for `/metrics`: calls by status class, a latency
-//! histogram, retries and refreshes after a 401. Never a header, token or body.
+//! histogram, retries, refreshes after a 401 and answers broken off. Never a header, token or
+//! body.
 //!
 //! Label values are integration keys that named an integration (the proxy does not count a
 //! call whose key named none), and at most [`MAX_INTEGRATIONS`] of them: calls of integrations
@@ -47,6 +48,8 @@ pub struct IntegrationStats {
     pub retries: u64,
     /// 401s that led to a fenced refresh and a second attempt.
     pub rejected: u64,
+    /// Answers whose body the provider broke off after it had begun.
+    pub broken: u64,
 }
 
 /// The proxy's counters, by integration key.
@@ -95,6 +98,10 @@ impl ProxyStats {
 
     pub fn rejected(&self, key: &str) {
         self.with(key, |s| s.rejected += 1);
+    }
+
+    pub fn broke_off(&self, key: &str) {
+        self.with(key, |s| s.broken += 1);
     }
 
     /// Every integration's counters, by key.

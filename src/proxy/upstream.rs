@@ -4,6 +4,9 @@
 //! request id), the redirects it follows and what of the answer goes back.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,6 +23,7 @@ use url::Url;
 use super::clients::Clients;
 use super::decompress::{self, Coding};
 use super::redirect::{self, Hop};
+use super::stats::ProxyStats;
 use super::{ProxyError, guard};
 use crate::config::ProxyConfig;
 
@@ -345,7 +349,11 @@ impl Attempt<'_> {
 /// The provider's answer as the caller gets it: its status, the useful headers, the body
 /// streamed — decoded when the caller asked (`Decompress: true`) and the coding is one
 /// [`decompress`] knows, else as it came.
-pub fn passthrough(response: Response<Body>, decompress: bool) -> Response<Body> {
+pub fn passthrough(
+    response: Response<Body>,
+    decompress: bool,
+    watch: BreakWatch,
+) -> Response<Body> {
     let status = response.status();
     let coding = response
         .headers()
@@ -362,15 +370,67 @@ pub fn passthrough(response: Response<Body>, decompress: bool) -> Response<Body>
         }
     }
     let body = response.into_body();
-    let mut answer = Response::new(match coding {
+    let body = match coding {
         Some(coding) => Body::from_stream(decompress::decode(coding, body.into_data_stream())),
         // As it came rather than as a stream of chunks: its length goes with it, so the answer
         // is sent with the provider's `content-length` and ends with its last byte.
         None => body,
-    });
+    };
+    let mut answer = Response::new(Body::new(Watched {
+        body,
+        watch: Some(watch),
+    }));
     *answer.status_mut() = status;
     *answer.headers_mut() = headers;
     answer
+}
+
+/// Whom to tell when a provider's answer breaks off mid-body: the integration's counters.
+pub struct BreakWatch {
+    pub stats: Arc<ProxyStats>,
+    pub provider_config_key: String,
+}
+
+pin_project_lite::pin_project! {
+    /// A provider's answer body that counts and logs its breaking off (the caller sees it break
+    /// off too: the connection closes before the announced end).
+    struct Watched {
+        #[pin]
+        body: Body,
+        watch: Option<BreakWatch>,
+    }
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled
+            && let Some(watch) = this.watch.take()
+        {
+            watch.stats.broke_off(&watch.provider_config_key);
+            tracing::warn!(
+                provider_config_key = %watch.provider_config_key,
+                error.message = %e,
+                "proxy: the provider's answer broke off mid-body"
+            );
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// How long the provider asks to wait: `Retry-After` (seconds or an HTTP date) and the

@@ -464,6 +464,10 @@ async fn an_answer_that_breaks_off_reaches_the_caller_as_broken(db: &TestDatabas
         response.bytes().await.is_err(),
         "a broken answer read as whole"
     );
+    // Counted for the operator, by integration.
+    let metrics = service.app().get("/metrics").await.text().await.unwrap();
+    let broken = format!("grantline_proxy_broken_total{{provider_config_key=\"{KEY}\"}} 1");
+    assert!(metrics.contains(&broken), "{metrics}");
     // The server is unharmed: the next call goes through.
     let response = call(&service, Method::GET, "/api/echo", &[]).await;
     assert_eq!(ok_json(response).await["path"], "/api/echo");
