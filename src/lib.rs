@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod connect_sessions;
 pub mod connections;
+pub mod ended;
 pub mod history;
 pub mod http;
 pub mod import;

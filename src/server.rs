@@ -37,6 +37,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::ended::OnEnd;
+
 mod unparsed;
 
 /// The server's limits (`GRANTLINE_HEADER_TIMEOUT` and the rest; see the README).
@@ -335,10 +337,8 @@ async fn serve_connection(
             if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
                 answering.0.upgraded.store(true, Ordering::Relaxed);
             }
-            Ok::<_, Infallible>(response.map(|body| Tracked {
-                body,
-                answering: Some(answering),
-            }))
+            // Read whole, broken off or dropped: the request is over.
+            Ok::<_, Infallible>(response.map(|body| OnEnd::new(body, move |_| drop(answering))))
         }
     });
     // The header timeout is the watchdog's: hyper's own would arm a timer in the runtime's
@@ -636,41 +636,6 @@ impl Answering {
 impl Drop for Answering {
     fn drop(&mut self) {
         self.0.end();
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// An answer's body, which ends its request's [`Answering`] when it has been read whole
-    /// (or is dropped unread).
-    struct Tracked {
-        #[pin]
-        body: axum::body::Body,
-        answering: Option<Answering>,
-    }
-}
-
-impl hyper::body::Body for Tracked {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.body.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            this.answering.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
     }
 }
 

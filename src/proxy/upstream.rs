@@ -4,9 +4,7 @@
 //! request id), the redirects it follows and what of the answer goes back.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -26,6 +24,7 @@ use super::redirect::{self, Hop};
 use super::stats::ProxyStats;
 use super::{ProxyError, guard};
 use crate::config::ProxyConfig;
+use crate::ended::OnEnd;
 
 /// Headers that belong to one hop, never forwarded either way.
 const HOP_BY_HOP: [&str; 9] = [
@@ -376,10 +375,11 @@ pub fn passthrough(
         // is sent with the provider's `content-length` and ends with its last byte.
         None => body,
     };
-    let mut answer = Response::new(Body::new(Watched {
-        body,
-        watch: Some(watch),
-    }));
+    let mut answer = Response::new(Body::new(OnEnd::new(body, move |error| {
+        if let Some(error) = error {
+            watch.broke_off(error);
+        }
+    })));
     *answer.status_mut() = status;
     *answer.headers_mut() = headers;
     answer
@@ -391,45 +391,16 @@ pub struct BreakWatch {
     pub provider_config_key: String,
 }
 
-pin_project_lite::pin_project! {
-    /// A provider's answer body that counts and logs its breaking off (the caller sees it break
-    /// off too: the connection closes before the announced end).
-    struct Watched {
-        #[pin]
-        body: Body,
-        watch: Option<BreakWatch>,
-    }
-}
-
-impl hyper::body::Body for Watched {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
-        let this = self.project();
-        let polled = this.body.poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled
-            && let Some(watch) = this.watch.take()
-        {
-            watch.stats.broke_off(&watch.provider_config_key);
-            tracing::warn!(
-                provider_config_key = %watch.provider_config_key,
-                error.message = %e,
-                "proxy: the provider's answer broke off mid-body"
-            );
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+impl BreakWatch {
+    /// The provider broke its answer off mid-body (the caller's answer breaks off too: the
+    /// connection closes before the announced end).
+    fn broke_off(self, error: &axum::Error) {
+        self.stats.broke_off(&self.provider_config_key);
+        tracing::warn!(
+            provider_config_key = %self.provider_config_key,
+            error.message = %error,
+            "proxy: the provider's answer broke off mid-body"
+        );
     }
 }
 
