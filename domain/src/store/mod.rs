@@ -37,7 +37,7 @@ pub use postgres::{
     sessions_ended,
 };
 pub use sqlite::{SqliteStore, read_all_on as sqlite_read_all_on};
-pub use unanswered::{answered_within, unanswered};
+pub use unanswered::answered_within;
 
 use crate::connect_session::ConnectSessionRepository;
 use crate::keys::KeyRepository;

@@ -23,7 +23,7 @@ pub async fn answered_within<T, E: From<StoreError>>(
 }
 
 /// The error of a call given up after `limit`.
-pub fn unanswered(limit: Duration) -> StoreError {
+fn unanswered(limit: Duration) -> StoreError {
     StoreError::Database(format!("the database did not answer within {limit:?}"))
 }
 
