@@ -47,12 +47,11 @@ struct Relay {
 
 impl Relay {
     async fn start(target: SocketAddr) -> Self {
-        Self::start_on(target, 0).await
+        Self::on(target, TcpListener::bind(("127.0.0.1", 0)).await.unwrap())
     }
 
-    /// A relay listening on `port` (0: any free one).
-    async fn start_on(target: SocketAddr, port: u16) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    /// A relay taking connections from `listener`.
+    fn on(target: SocketAddr, listener: TcpListener) -> Self {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let frozen = tokio::sync::watch::Sender::new(false);
@@ -145,12 +144,11 @@ fn on_port(db: &TestDatabase, port: u16) -> std::mem::ManuallyDrop<TestDatabase>
 }
 
 async fn the_service_waits_at_start_up_for_a_database_that_refuses_connections(db: &TestDatabase) {
-    // A port nobody listens on, yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nobody listens on, yet: bound, so that no other test's server can take it before
+    // the relay does, but not listening, so that connections to it are refused.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let config = config_on(&on_port(db, port), &new_key(), &[]);
     let starting = tokio::spawn(spawn_config(config));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -159,7 +157,7 @@ async fn the_service_waits_at_start_up_for_a_database_that_refuses_connections(d
         "the service waits while connections are refused"
     );
 
-    let _relay = Relay::start_on(address_of(db), port).await;
+    let _relay = Relay::on(address_of(db), reserved.listen(64).unwrap());
     let app = tokio::time::timeout(Duration::from_secs(30), starting)
         .await
         .expect("the service starts once the database takes connections")
