@@ -106,6 +106,15 @@ fn admit(state: &AppState, request: Request) -> Result<Request, ApiError> {
     } else {
         BODY_LIMIT as u64
     };
+    // Queries are decoded with U+FFFD in place of bytes that are not UTF-8, so `%ff` and `%fe`
+    // would name the same key. A query the proxy passes on is the provider's business, and the
+    // OAuth flow's pages answer the browser with their own error page (an unknown `state`).
+    let flow = request.uri().path().starts_with("/oauth/");
+    if !proxied && !flow && request.uri().query().is_some_and(not_utf8) {
+        return Err(ApiError::InvalidQuery(
+            "the query string is not UTF-8 once percent-decoded".into(),
+        ));
+    }
     if announced.is_some_and(|length| length > limit) {
         refused.add(Limit::BodyTooLarge);
         return Err(ApiError::PayloadTooLarge);
@@ -117,6 +126,14 @@ fn admit(state: &AppState, request: Request) -> Result<Request, ApiError> {
     // read it whole then answer 413, as for axum's own `DefaultBodyLimit`, which this replaces
     // because its request extension cost every request, bodiless ones too, a map insert.
     Ok(request.map(|body| Body::new(http_body_util::Limited::new(body, BODY_LIMIT))))
+}
+
+/// Whether `query`, percent-decoded, is not UTF-8.
+fn not_utf8(query: &str) -> bool {
+    query.contains('%')
+        && percent_encoding::percent_decode_str(query)
+            .decode_utf8()
+            .is_err()
 }
 
 pin_project_lite::pin_project! {
@@ -208,6 +225,16 @@ fn loopback_host(request: &Request) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_is_utf8_when_its_escapes_decode_to_utf8() {
+        for query in ["", "a=b", "search=%E2%82%AC", "a=%41+b", "a=100%"] {
+            assert!(!not_utf8(query), "{query}");
+        }
+        for query in ["search=%ff", "a=%C3", "a=%e2%82"] {
+            assert!(not_utf8(query), "{query}");
+        }
+    }
 
     #[test]
     fn only_loopback_names_and_addresses_are_loopback_hosts() {

@@ -177,6 +177,10 @@ fn cases() -> Vec<Case> {
             "/connection/c1?provider_config_key=g%01h".to_owned(),
             format!("/connection?connectionId={long_id}"),
             "/connections?connectionId=%00".to_owned(),
+            // Not UTF-8 once decoded: `%ff` and `%fe` would both read as U+FFFD.
+            "/connection/c1?provider_config_key=g%ffh".to_owned(),
+            format!("/connections?search=ok%C3&{key}"),
+            "/integrations?x=%fe".to_owned(),
         ],
     ));
     // Path segments.
