@@ -446,24 +446,8 @@ impl ServeArgs {
                 format!("{} is not a readable file", file.display()),
             ));
         }
-        let redirect_allowlist = self
-            .redirect_allowlist
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|origin| {
-                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
-                    && !origin["https://".len().min(origin.len())..].contains('/');
-                if valid {
-                    Ok(origin.trim_end_matches('/').to_owned())
-                } else {
-                    Err(invalid(
-                        "GRANTLINE_REDIRECT_ALLOWLIST",
-                        format!("{origin:?} is not an origin like https://app.example.com"),
-                    ))
-                }
-            })
-            .collect::<Result<_, _>>()?;
+        let redirect_allowlist =
+            parse_origins("GRANTLINE_REDIRECT_ALLOWLIST", &self.redirect_allowlist)?;
         let refresh = self.refresh()?;
         let limits = self.limits.validate(refresh.provider_timeout)?;
         let oauth_session_lifetime = parse_duration(
@@ -612,14 +596,45 @@ fn non_empty(value: Option<&str>) -> Option<&str> {
     value.map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// The largest count a setting takes: far past what one process can hold open, and within
+/// what its semaphores can count.
+const MOST: usize = 1_000_000_000;
+
 fn parse_positive(variable: &'static str, text: &str) -> Result<usize, ConfigError> {
     match text.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if (1..=MOST).contains(&n) => Ok(n),
         _ => Err(invalid(
             variable,
-            format!("{text:?} is not a whole number above 0"),
+            format!("{text:?} is not a whole number from 1 to {MOST}"),
         )),
     }
+}
+
+/// A comma-separated list of origins (`https://app.example.com`, `http://localhost:3000`),
+/// each kept as a browser sends it in `Origin` (host lower-case, default port left out).
+fn parse_origins(variable: &'static str, text: &str) -> Result<Vec<String>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|origin| {
+            let url = url::Url::parse(origin).ok().filter(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.has_host()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.path() == "/"
+                    && url.query().is_none()
+                    && url.fragment().is_none()
+            });
+            match url {
+                Some(url) => Ok(url.origin().ascii_serialization()),
+                None => Err(invalid(
+                    variable,
+                    format!("{origin:?} is not an origin like https://app.example.com"),
+                )),
+            }
+        })
+        .collect()
 }
 
 /// The longest duration setting: a century, so now ± it fits every store's timestamps.

@@ -63,6 +63,16 @@ impl LimitArgs {
                  cut off",
             ));
         }
+        let websocket_idle_timeout = parse_duration(
+            "GRANTLINE_WEBSOCKET_IDLE_TIMEOUT",
+            &self.websocket_idle_timeout,
+        )?;
+        if websocket_idle_timeout < std::time::Duration::from_secs(1) {
+            return Err(invalid(
+                "GRANTLINE_WEBSOCKET_IDLE_TIMEOUT",
+                "must be at least 1s (a socket is pinged at half of it)",
+            ));
+        }
         Ok(ServerLimits {
             header_timeout: parse_duration("GRANTLINE_HEADER_TIMEOUT", &self.header_timeout)?,
             request_timeout,
@@ -73,10 +83,7 @@ impl LimitArgs {
                 "GRANTLINE_MAX_WEBSOCKETS_PER_CLIENT",
                 &self.max_websockets_per_client,
             )?,
-            websocket_idle_timeout: parse_duration(
-                "GRANTLINE_WEBSOCKET_IDLE_TIMEOUT",
-                &self.websocket_idle_timeout,
-            )?,
+            websocket_idle_timeout,
             max_open_flows: parse_positive("GRANTLINE_MAX_OPEN_FLOWS", &self.max_open_flows)?,
             flows_per_minute: parse_positive("GRANTLINE_FLOWS_PER_MINUTE", &self.flows_per_minute)?,
         })

@@ -166,6 +166,12 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_DATABASE_POOL_SIZE", "0"),
         ("GRANTLINE_SERVER_URL", "ftp://example.com"),
         ("GRANTLINE_REDIRECT_ALLOWLIST", "example.com"),
+        // A multi-byte character where an `https://` prefix would end.
+        ("GRANTLINE_REDIRECT_ALLOWLIST", "http://é.example.com/x"),
+        (
+            "GRANTLINE_REDIRECT_ALLOWLIST",
+            "https://app.example.com/callback",
+        ),
         ("GRANTLINE_REFRESH_MARGIN", "soon"),
         ("GRANTLINE_REFRESH_WINDOW", "1m"),
         ("GRANTLINE_REFRESH_SCHEDULE", "every minute"),
@@ -196,6 +202,8 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
         ("GRANTLINE_MAX_WEBSOCKETS", "-1"),
         ("GRANTLINE_MAX_WEBSOCKETS_PER_CLIENT", "many"),
         ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "0s"),
+        ("GRANTLINE_WEBSOCKET_IDLE_TIMEOUT", "1ns"),
+        ("GRANTLINE_MAX_CONNECTIONS", "18446744073709551615"),
         ("GRANTLINE_CONNECTION_CACHE", "0"),
         ("GRANTLINE_CONNECTION_CACHE", "lots"),
         ("GRANTLINE_CONNECTION_CACHE", "12KiB"),
