@@ -115,6 +115,11 @@ pub struct ServeArgs {
     #[arg(long, env = "GRANTLINE_REDIRECT_ALLOWLIST", default_value = "")]
     pub redirect_allowlist: String,
 
+    /// Comma-separated origins of pages that may call the API from a browser (CORS) and open
+    /// the WebSocket, or `*` for any. Default: any with a secret key, loopback origins without.
+    #[arg(long, env = "GRANTLINE_BROWSER_ORIGINS")]
+    pub browser_origins: Option<String>,
+
     /// Refresh on read when the token expires within this margin.
     #[arg(long, env = "GRANTLINE_REFRESH_MARGIN", default_value = "15m")]
     pub refresh_margin: String,
@@ -365,6 +370,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// The origins whose pages may call the API from a browser and open the WebSocket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrowserOrigins {
+    Any,
+    /// Pages served from this machine: `localhost`, a name under it, or a loopback address.
+    Loopback,
+    /// These origins, as browsers send them.
+    Listed(Vec<String>),
+}
+
+impl BrowserOrigins {
+    /// Whether a page of `origin` (an `Origin` header's value) is one of them.
+    pub fn allow(&self, origin: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Listed(origins) => origins.iter().any(|listed| listed == origin),
+            Self::Loopback => url::Url::parse(origin).is_ok_and(|url| match url.host() {
+                Some(url::Host::Domain(name)) => {
+                    name == "localhost" || name.ends_with(".localhost")
+                }
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            }),
+        }
+    }
+}
+
 /// The validated configuration of `grantline serve`.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -379,6 +412,8 @@ pub struct Config {
     /// How long an OAuth flow's state is accepted.
     pub oauth_session_lifetime: Duration,
     pub redirect_allowlist: Vec<String>,
+    /// Whose pages may read the API's answers and open the WebSocket.
+    pub browser_origins: BrowserOrigins,
     pub refresh: RefreshConfig,
     pub roles: Roles,
     /// `None` when no webhook URL is configured.
@@ -448,6 +483,15 @@ impl ServeArgs {
         }
         let redirect_allowlist =
             parse_origins("GRANTLINE_REDIRECT_ALLOWLIST", &self.redirect_allowlist)?;
+        let browser_origins = match self.browser_origins.as_deref().map(str::trim) {
+            Some("*") => BrowserOrigins::Any,
+            Some(list) => BrowserOrigins::Listed(parse_origins("GRANTLINE_BROWSER_ORIGINS", list)?),
+            // With a secret key every route a page could call needs the key, a session token or
+            // the public key; without one the API is open to whoever reaches it, so only pages
+            // served from this machine may read its answers.
+            None if secret_key.is_some() => BrowserOrigins::Any,
+            None => BrowserOrigins::Loopback,
+        };
         let refresh = self.refresh()?;
         let limits = self.limits.validate(refresh.provider_timeout)?;
         let oauth_session_lifetime = parse_duration(
@@ -464,6 +508,7 @@ impl ServeArgs {
             providers_file: self.providers_file.clone(),
             oauth_session_lifetime,
             redirect_allowlist,
+            browser_origins,
             refresh,
             roles: parse_roles(&self.roles)?,
             webhooks: self.webhooks()?,

@@ -14,6 +14,7 @@ mod connect;
 mod connect_ui;
 mod connection;
 mod connection_list;
+mod cors;
 mod error;
 mod extract;
 mod history;
@@ -200,6 +201,7 @@ pub fn router_with_paths(state: AppState) -> (Router, Vec<String>) {
     let requests = Arc::new(RequestObserver::new());
     let stack = ServiceBuilder::new()
         .layer(requests.layer())
+        .layer(cors::CorsLayer::new(&state.config.browser_origins))
         .layer(limits::LimitLayer::new(state.clone()));
     let layered = |routes: Routes, stack| {
         routes.map(|router| {

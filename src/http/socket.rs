@@ -82,8 +82,8 @@ pub async fn websocket(
         .on_upgrade(move |socket| serve_socket(state, gate, pass, socket))
 }
 
-/// Whether a browser on `origin` may open the socket: the server's own origin, or one
-/// `api_redirect_url` may point to.
+/// Whether a browser on `origin` may open the socket: the server's own origin, one
+/// `api_redirect_url` may point to, or one of `GRANTLINE_BROWSER_ORIGINS`.
 fn allowed_origin(state: &AppState, origin: &[u8]) -> bool {
     let Ok(origin) = std::str::from_utf8(origin) else {
         return false;
@@ -97,6 +97,7 @@ fn allowed_origin(state: &AppState, origin: &[u8]) -> bool {
             .redirect_allowlist
             .iter()
             .any(|allowed| allowed == origin)
+        || config.browser_origins.allow(origin)
 }
 
 async fn serve_socket(

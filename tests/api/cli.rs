@@ -172,6 +172,8 @@ fn invalid_configuration_stops_start_up_with_a_message_naming_the_variable() {
             "GRANTLINE_REDIRECT_ALLOWLIST",
             "https://app.example.com/callback",
         ),
+        ("GRANTLINE_BROWSER_ORIGINS", "app.example.com"),
+        ("GRANTLINE_BROWSER_ORIGINS", "https://app.example.com, *"),
         ("GRANTLINE_REFRESH_MARGIN", "soon"),
         ("GRANTLINE_REFRESH_WINDOW", "1m"),
         ("GRANTLINE_REFRESH_SCHEDULE", "every minute"),

@@ -9,6 +9,7 @@ mod connect_sessions;
 mod connect_ui;
 mod connection_lists;
 mod connections;
+mod cors;
 mod credential_auth;
 mod dashboard;
 mod db_outage;

@@ -1,8 +1,9 @@
 // Drives Grantline's hosted Connect UI (/connect/) in headless Chromium through playwright-core,
 // as an end user would: through a session's connect_link (an OAuth popup, an API-key form used
 // with the keyboard), framed by another site's page through @nangohq/frontend's openConnectUI,
-// through a reconnect session, and with links that cannot work (expired, deleted, unknown tokens;
-// an integration the session does not allow). Each step prints one line and saves a screenshot
+// through a reconnect session, and with links that cannot work (expired, deleted, unknown
+// tokens; an integration the session does not allow). Also @nangohq/frontend alone on another
+// site's page, as an app that draws its own UI uses it. Each step prints one line and saves a screenshot
 // of the page; the first failure exits non-zero. Tokens are never printed.
 //
 // Started by tests/api/connect_ui.rs, which provides:
@@ -362,6 +363,53 @@ document.getElementById('connect').addEventListener('click', () => {
         await app.locator('#connect-ui').waitFor({ state: 'detached' });
         await app.close();
         return `events ${events.map((e) => e.type).join(', ')}, then close`;
+    });
+
+    await step('(e) the frontend on another site connects an API key and an OAuth account itself', async () => {
+        // No Connect UI: the app's page calls Grantline across origins (CORS preflights for the
+        // JSON post) and listens on its WebSocket for the popup's outcome.
+        const lin = await newSession({ end_user: { id: 'lin' }, allowed_integrations: [OAUTH, API_KEY] });
+        hostPage = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Example app</title></head>
+<body style="font-family: sans-serif; padding: 2rem">
+<h1>Example app</h1>
+<button id="key">Connect with a key</button>
+<button id="oauth">Connect with OAuth</button>
+<script type="module">
+import Nango from '/nango/index.js';
+const nango = new Nango({ host: ${JSON.stringify(BASE)}, connectSessionToken: ${JSON.stringify(lin.token)} });
+window.outcomes = [];
+const connect = (button, run) => document.getElementById(button).addEventListener('click', () => {
+    run().then(
+        (result) => window.outcomes.push({ button, result }),
+        (error) => window.outcomes.push({ button, error: String(error.type ?? error.message) }),
+    );
+});
+connect('key', () => nango.auth(${JSON.stringify(API_KEY)}, { credentials: { apiKey: ${JSON.stringify(FAKE_API_KEY)} } }));
+connect('oauth', () => nango.auth(${JSON.stringify(OAUTH)}));
+</script>
+</body></html>`;
+        const app = await context.newPage();
+        await app.goto(`${APP}/`);
+
+        await app.locator('#key').click();
+        await app.waitForFunction(() => window.outcomes.length === 1);
+        const [key] = await app.evaluate(() => window.outcomes);
+        assert.equal(key.error, undefined, `auth() with a key failed: ${key.error}`);
+        assert.equal(key.result.providerConfigKey, API_KEY);
+        assert.match(key.result.connectionId, UUID_V4);
+
+        await throughPopup(context, app.locator('#oauth'));
+        await app.waitForFunction(() => window.outcomes.length === 2);
+        const [, oauth] = await app.evaluate(() => window.outcomes);
+        assert.equal(oauth.error, undefined, `auth() through the popup failed: ${oauth.error}`);
+        assert.equal(oauth.result.providerConfigKey, OAUTH);
+        await shot(app, 'frontend-connected');
+        await app.close();
+
+        assert.deepEqual((await connectionsOf('lin', API_KEY)).map((c) => c.connection_id), [key.result.connectionId]);
+        assert.deepEqual((await connectionsOf('lin', OAUTH)).map((c) => c.connection_id), [oauth.result.connectionId]);
+        return `from ${APP}, both connected`;
     });
 
     await step('a reconnect session goes straight to its integration', async () => {
