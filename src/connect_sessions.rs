@@ -327,14 +327,16 @@ pub async fn create(
         check_integration_key(integration_id, "integration_id")?;
         check_len(connection_id, "connection_id", 1, 255)?;
         let key = ConnectionKey::new(integration_id, connection_id);
-        let found = queries::find_connection(&state.read_models, &key).await?;
-        if found.is_none() {
+        let Some(found) = queries::find_connection(&state.read_models, &key).await? else {
             return Err(SessionsError::UnknownConnection);
-        }
-        Some(Reconnect {
-            provider_config_key: integration_id.to_owned(),
-            connection_id: connection_id.to_owned(),
-        })
+        };
+        Some((
+            Reconnect {
+                provider_config_key: integration_id.to_owned(),
+                connection_id: connection_id.to_owned(),
+            },
+            found.connection.ownership.end_user,
+        ))
     } else {
         if body.connection_id.is_some() || body.integration_id.is_some() {
             return Err(invalid(
@@ -348,6 +350,12 @@ pub async fn create(
         return Err(invalid("end_user or tags is required"));
     }
     let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
+    // A reconnect session names no end user to keep the connection's: the re-authorized
+    // connection stays with the end user it has (its tags are the session's, as any flow's).
+    let (reconnect, end_user) = match reconnect {
+        Some((reconnect, current)) => (Some(reconnect), end_user.or(current)),
+        None => (None, end_user),
+    };
 
     let allowed_integrations = match body.allowed_integrations {
         Some(keys) if !keys.is_empty() => {

@@ -209,6 +209,33 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
         before["credentials"]["access_token"]
     );
     assert_eq!(after["tags"]["end_user_id"], "u2");
+
+    // A reconnect session that names no end user keeps the connection's: it shows it, and the
+    // connection is still found by it afterwards.
+    let token = session(
+        &env,
+        "/connect/sessions/reconnect",
+        &json!({"connection_id": "existing", "integration_id": "fake"}),
+    )
+    .await;
+    let shown = ok_json(with_token(&env, reqwest::Method::GET, &token).await).await;
+    assert_eq!(shown["data"]["endUser"]["id"], "u2", "{shown}");
+    assert_eq!(flow_with(&env, "fake", &token).await, "existing");
+    let listed = env
+        .app
+        .client
+        .get(env.app.url("/connections?endUserId=u2"))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let listed = ok_json(listed).await;
+    assert_eq!(
+        listed["connections"][0]["connection_id"], "existing",
+        "{listed}"
+    );
+    assert_eq!(listed["connections"][0]["end_user"]["id"], "u2", "{listed}");
+
     let entries = history(&env, "fake", "existing").await;
     let generations: Vec<_> = entries["events"]
         .as_array()
@@ -217,7 +244,7 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
         .filter(|e| e["type"] == "connection_authorized")
         .map(|e| e["generation"].as_u64().unwrap())
         .collect();
-    assert_eq!(generations, [1, 2], "{entries}");
+    assert_eq!(generations, [1, 2, 3], "{entries}");
 
     // Deleted since: the session does not create it anew, neither through a flow that was at
     // the provider when it was deleted (refused before the code is redeemed) nor a new one.
