@@ -41,9 +41,11 @@ pub struct GetQuery {
     #[serde(default, deserialize_with = "flag")]
     #[param(value_type = bool, default = false)]
     force_refresh: Option<bool>,
-    /// `false` (or `0`) leaves the refresh token out, also from `credentials.raw`.
+    /// Whether the answer shows the refresh token (also in `credentials.raw`): on
+    /// `/connections/:id` only with `true` (or `1`), as today's Nango; on `/connection/:id`
+    /// unless `false` (or `0`), as the seed's.
     #[serde(default, deserialize_with = "flag")]
-    #[param(value_type = bool, default = true)]
+    #[param(value_type = bool)]
     refresh_token: Option<bool>,
 }
 
@@ -96,12 +98,18 @@ pub async fn get_connection(
 ) -> Result<Response, ApiError> {
     let key = connection_key(connection_id, query.provider_config_key.as_deref())?;
     let force = query.force_refresh == Some(true);
-    let with_refresh_token = query.refresh_token != Some(false);
-    // The seed's route answers the seed's object; `/connections/:id` today's Nango object.
-    let shape = if path.as_str().starts_with("/connections/") {
-        (Shape::Current, render_current as connections::Render)
+    // The seed's route answers the seed's object; `/connections/:id` today's Nango object,
+    // which leaves the refresh token out unless asked for.
+    let (shape, with_refresh_token) = if path.as_str().starts_with("/connections/") {
+        (
+            (Shape::Current, render_current as connections::Render),
+            query.refresh_token == Some(true),
+        )
     } else {
-        (Shape::Seed, render as connections::Render)
+        (
+            (Shape::Seed, render as connections::Render),
+            query.refresh_token != Some(false),
+        )
     };
     let answer = connections::answer(&state, &key, force, with_refresh_token, shape).await?;
     Ok(([(CONTENT_TYPE, APPLICATION_JSON)], answer).into_response())

@@ -196,9 +196,15 @@ async fn an_imported_connection_reads_back_as_exactly_the_seeds_connection_objec
     assert_eq!(kept, body);
 
     // The plural family answers today's Nango object: the same credentials and keys, its
-    // own extra fields. Unknown query parameters and `Nango-*` headers change nothing.
+    // own extra fields, and the refresh token only when asked for. Unknown query parameters
+    // and `Nango-*` headers change nothing.
     let current = app
         .get_ok("/connections/user-1?provider_config_key=github-prod")
+        .await;
+    assert_eq!(current["credentials"], stripped["credentials"]);
+    assert!(!current.to_string().contains("gho_refresh_1"), "{current}");
+    let current = app
+        .get_ok("/connections/user-1?provider_config_key=github-prod&refresh_token=true")
         .await;
     assert_eq!(current["credentials"], body["credentials"]);
     assert_eq!(current["id"], body["id"]);
