@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::ApiError;
@@ -254,7 +254,8 @@ fn failed(error: &FlowError, report: &Report) -> Response {
     )
 }
 
-/// What the page posts to `window.opener` (Nango's frontend ≤ 0.8 protocol).
+/// What the page posts to `window.opener` (Nango's frontend ≤ 0.8 protocol; today's is
+/// [`PageMessage::current`]).
 #[derive(Serialize)]
 #[serde(tag = "eventType")]
 enum PageMessage<'a> {
@@ -262,6 +263,20 @@ enum PageMessage<'a> {
     Succeeded { data: Connected<'a> },
     #[serde(rename = "AUTHORIZATION_FAILED")]
     Failed { data: Refused },
+}
+
+impl PageMessage<'_> {
+    /// The message today's Nango posts, to the opener and on the `nango-oauth-callback`
+    /// broadcast channel, for a Connect UI that listens for it: no ids, only the outcome.
+    fn current(&self) -> Value {
+        match self {
+            Self::Succeeded { .. } => json!({"type": "nango_oauth_callback_success"}),
+            Self::Failed { data } => json!({
+                "type": "nango_oauth_callback_error",
+                "payload": {"message": data.error.message, "errorType": data.error.error_type},
+            }),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -303,12 +318,16 @@ fn found(location: &str) -> Response {
 /// The page that reports an outcome: `text` for the user, `message` posted to the opener.
 fn page(status: StatusCode, title: &str, text: &str, message: &PageMessage<'_>) -> Response {
     // Strings only: this cannot fail.
+    let current = message.current();
     let message = serde_json::to_value(message).unwrap_or_default();
     let script = format!(
-        "(function () {{\n  var message = {};\n  if (window.opener) {{\n    try {{ \
-         window.opener.postMessage(message, '*'); }} catch (e) {{}}\n    setTimeout(function () \
-         {{ window.close(); }}, 300);\n  }}\n}})();",
-        script_json(&message)
+        "(function () {{\n  var message = {};\n  var current = {};\n  try {{ var channel = new \
+         BroadcastChannel('nango-oauth-callback'); channel.postMessage(current); channel.close(); \
+         }} catch (e) {{}}\n  if (window.opener) {{\n    try {{ \
+         window.opener.postMessage(message, '*'); window.opener.postMessage(current, '*'); }} \
+         catch (e) {{}}\n    setTimeout(function () {{ window.close(); }}, 300);\n  }}\n}})();",
+        script_json(&message),
+        script_json(&current)
     );
     let hash = BASE64.encode(Sha256::digest(script.as_bytes()));
     let body = format!(

@@ -306,6 +306,15 @@ async fn success_page(response: reqwest::Response, key: &str, connection_id: &st
         "{body}"
     );
     assert!(body.contains("window.opener.postMessage"));
+    // Today's Nango message too, also on the channel its Connect UI listens on.
+    assert!(
+        body.contains(r#"{"type":"nango_oauth_callback_success"}"#),
+        "{body}"
+    );
+    assert!(
+        body.contains("BroadcastChannel('nango-oauth-callback')"),
+        "{body}"
+    );
     assert_no_secrets(&body);
     body
 }
@@ -324,6 +333,11 @@ pub(crate) async fn error_page(response: reqwest::Response, error_type: &str) ->
     assert!(
         body.contains("\"eventType\":\"AUTHORIZATION_FAILED\""),
         "{body}"
+    );
+    assert!(
+        body.contains(&format!("\"errorType\":\"{error_type}\""))
+            && body.contains("\"type\":\"nango_oauth_callback_error\""),
+        "expected today's message too: {body}"
     );
     assert!(
         body.contains(&format!("\"type\":\"{error_type}\"")),

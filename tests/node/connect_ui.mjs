@@ -431,6 +431,27 @@ connect('oauth', () => nango.auth(${JSON.stringify(OAUTH)}));
         return 'the same connection, re-authorized';
     });
 
+    await step('the callback page broadcasts its outcome, as today’s Nango Connect UI expects', async () => {
+        // A page of Grantline's origin listening, as Nango's Connect UI does; the outcome of a
+        // callback whose state is unknown (a success page closes before it could be watched:
+        // the WebSocket settles the flow first).
+        await page.goto(`${BASE}/connect/`);
+        await page.evaluate(() => {
+            window.broadcasts = [];
+            window.channel = new BroadcastChannel('nango-oauth-callback');
+            window.channel.onmessage = (event) => window.broadcasts.push(event.data);
+        });
+        const callback = await context.newPage();
+        await callback.goto(`${BASE}/oauth/callback?state=unknown&code=x`);
+        await page.waitForFunction(() => window.broadcasts.length > 0);
+        const [broadcast, ...more] = await page.evaluate(() => window.broadcasts);
+        await callback.close();
+        assert.equal(more.length, 0);
+        assert.equal(broadcast.type, 'nango_oauth_callback_error');
+        assert.equal(broadcast.payload.errorType, 'state_err');
+        return `${broadcast.type} (${broadcast.payload.errorType})`;
+    });
+
     await step('(d) expired, deleted, unknown and missing tokens show the clear message', async () => {
         const deleted = await newSession({ end_user: { id: 'gone' } });
         const answer = await fetch(`${BASE}/connect/session`, {
