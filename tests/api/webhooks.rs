@@ -399,7 +399,7 @@ async fn every_kind_of_webhook_arrives_once_signed_and_without_secrets(db: &Test
         let body = &request.body;
         assert_eq!(body["event"], event);
         for (field, value) in [
-            ("from", "grantline"),
+            ("from", "nango"),
             ("type", "auth"),
             ("connection_id", "conn-1"),
             ("connectionId", "conn-1"),

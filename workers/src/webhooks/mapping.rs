@@ -122,8 +122,9 @@ pub fn webhook_for(
         "provider": identity.provider,
         "generation": identity.generation,
         "global_position": recorded.position.global,
-        // Nango's auth webhook fields.
-        "from": "grantline",
+        // Nango's auth webhook fields. `from` says the webhook is the service's own, not a
+        // provider's it forwards, which is what Nango handlers tell apart by it.
+        "from": "nango",
         "type": "auth",
         "operation": kind.operation(),
         "success": kind != WebhookEvent::RefreshFailed,
@@ -448,7 +449,7 @@ mod tests {
         assert_eq!(body["id"], "00000000-0000-0000-0000-000000000063");
         assert_eq!(body["event"], "refresh.failed");
         assert_eq!(body["occurred_at"], "2024-05-01T12:03:00.000Z");
-        assert_eq!(body["from"], "grantline");
+        assert_eq!(body["from"], "nango");
         assert_eq!(body["type"], "auth");
         assert_eq!(body["operation"], "refresh");
         assert_eq!(body["success"], false);
