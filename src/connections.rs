@@ -238,6 +238,14 @@ pub async fn answer(
     rendered(&view, with_refresh_token, render)
 }
 
+/// The connection `key` as the replica holds it (no refresh, credentials sealed).
+pub async fn record(
+    state: &AppState,
+    key: &ConnectionKey,
+) -> Result<Arc<ConnectionRecord>, ConnectionsError> {
+    Ok(read(state, key).await?.record.clone())
+}
+
 /// The connection `key` with a fresh token and its credentials opened (what a proxied call
 /// sends): refreshed first when it is due, as a read does.
 pub async fn with_credentials(

@@ -13,6 +13,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use domain::connect_session::EndUser;
 use domain::connection::{ConnectionKey, MetadataMode};
 use domain::credentials::Credentials;
+use projections::queries::ConnectionRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -23,7 +24,7 @@ use super::extract::{
     optional_str, provider_config_key, unpadded, without_nul,
 };
 use super::{ApiError, Success};
-use crate::connections::{self, ConnectionView, Shape};
+use crate::connections::{self, ConnectionView, ConnectionsError, Shape};
 use crate::state::AppState;
 
 /// Timestamps as the seed shows them: `2023-03-08T09:43:03.725Z`.
@@ -86,7 +87,7 @@ impl<S: Send + Sync> FromRequestParts<S> for GetQuery {
         (status = 200, description = "The connection with its credentials", body = ConnectionBody),
         (status = 400, description = "Missing or invalid `provider_config_key`, flag or id", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
-        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
+        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`; on `/connections/:id` `invalid_credentials`, as today's Nango, with the connection in `payload.connection`)", body = super::error::ErrorBody),
         (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
     ),
 )]
@@ -111,8 +112,33 @@ pub async fn get_connection(
             query.refresh_token != Some(false),
         )
     };
-    let answer = connections::answer(&state, &key, force, with_refresh_token, shape).await?;
+    let answer = match connections::answer(&state, &key, force, with_refresh_token, shape).await {
+        Ok(answer) => answer,
+        Err(ConnectionsError::Refresh(failure)) if shape.0 == Shape::Current => {
+            return Err(invalid_credentials(&state, &key, failure.into()).await);
+        }
+        Err(error) => return Err(error.into()),
+    };
     Ok(([(CONTENT_TYPE, APPLICATION_JSON)], answer).into_response())
+}
+
+/// A refresh failure as today's Nango answers it: `invalid_credentials`, with the connection
+/// (no credentials) in the payload.
+async fn invalid_credentials(state: &AppState, key: &ConnectionKey, cause: ApiError) -> ApiError {
+    if !matches!(
+        cause,
+        ApiError::RefreshFailed(_) | ApiError::RefreshRetrying { .. }
+    ) {
+        return cause;
+    }
+    let connection = match connections::record(state, key).await {
+        Ok(record) => serde_json::to_value(current_body(&record, None)).unwrap_or_default(),
+        Err(_) => Value::Null,
+    };
+    ApiError::InvalidCredentials {
+        cause: Box::new(cause),
+        connection,
+    }
 }
 
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -132,15 +158,24 @@ fn render_current(
     with_refresh_token: bool,
     out: &mut dyn std::io::Write,
 ) -> Result<(), serde_json::Error> {
-    let c = &view.connection.connection;
-    let body = CurrentBody {
-        id: view.connection.id,
+    let credentials = credentials_body(&view.credentials, with_refresh_token);
+    serde_json::to_writer(out, &current_body(&view.connection, Some(credentials)))
+}
+
+/// Today's Nango connection object of `record`, with `credentials` when given.
+fn current_body<'a>(
+    record: &'a ConnectionRecord,
+    credentials: Option<CredentialsBody<'a>>,
+) -> CurrentBody<'a> {
+    let c = &record.connection;
+    CurrentBody {
+        id: record.id,
         connection_id: &c.connection_id,
         provider_config_key: &c.provider_config_key,
         provider: &c.provider,
         errors: auth_errors(
             c.blocking_failure.is_some() || c.consecutive_transient_failures > 0,
-            view.connection.version,
+            record.version,
         ),
         end_user: c.ownership.end_user.clone().map(EndUserItem::from),
         tags: &c.ownership.tags,
@@ -150,9 +185,8 @@ fn render_current(
         created_at: timestamp(c.created_at),
         updated_at: timestamp(c.updated_at),
         last_fetched_at: None,
-        credentials: credentials_body(&view.credentials, with_refresh_token),
-    };
-    serde_json::to_writer(out, &body)
+        credentials,
+    }
 }
 
 /// Today's Nango connection object (`GET /connections/:id`): every field present, `null` when
@@ -191,7 +225,9 @@ pub struct CurrentBody<'a> {
     /// Not tracked per answer: always `null`.
     #[schema(value_type = Option<String>)]
     last_fetched_at: Option<String>,
-    credentials: CredentialsBody<'a>,
+    /// Left out of a refresh failure's `payload.connection`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials: Option<CredentialsBody<'a>>,
 }
 
 /// The seed's Connection object, serialized straight from the state (no intermediate tree: this
@@ -401,7 +437,7 @@ pub async fn delete_connection(
         (status = 200, description = "The connection `metadata` with its credentials", body = ConnectionBody),
         (status = 400, description = "Missing or invalid `provider_config_key` or flag", body = super::error::ErrorBody),
         (status = 404, description = "No such connection (`unknown_connection`)", body = super::error::ErrorBody),
-        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`)", body = super::error::ErrorBody),
+        (status = 424, description = "The last refresh failed permanently (`connection_refresh_failed`; on `/connections/:id` `invalid_credentials`, as today's Nango, with the connection in `payload.connection`)", body = super::error::ErrorBody),
         (status = 503, description = "Refresh failed transiently, or the database is unreachable", body = super::error::ErrorBody),
     ),
 )]

@@ -137,6 +137,14 @@ pub enum ApiError {
         failure: RecordedFailure,
         retry_at: DateTime<Utc>,
     },
+    /// A refresh failure as today's Nango reports it on `/connections/:id`: code
+    /// `invalid_credentials`, the cause's status and message, and the connection (without
+    /// credentials) in the payload beside the failure.
+    #[error("{cause}")]
+    InvalidCredentials {
+        cause: Box<ApiError>,
+        connection: Value,
+    },
     /// 401: no live connect session has this token (never made, expired or deleted).
     #[error("unknown or expired connect session token")]
     UnknownConnectSessionToken,
@@ -206,6 +214,9 @@ impl ApiError {
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::RefreshFailed(_) => (S::FAILED_DEPENDENCY, "connection_refresh_failed"),
             Self::RefreshRetrying { .. } => (S::SERVICE_UNAVAILABLE, "connection_refresh_retrying"),
+            Self::InvalidCredentials { cause, .. } => {
+                (cause.status_and_code().0, "invalid_credentials")
+            }
             Self::UnknownConnectSessionToken => (S::UNAUTHORIZED, "unknown_connect_session_token"),
             Self::IntegrationNotAllowed(_) => (S::BAD_REQUEST, "integration_not_allowed"),
             Self::UnknownProvider(_) => (S::NOT_FOUND, "not_found"),
@@ -229,6 +240,11 @@ impl ApiError {
             Self::RefreshFailed(failure) => failure_payload(failure, None),
             Self::RefreshRetrying { failure, retry_at } => {
                 failure_payload(failure, Some(*retry_at))
+            }
+            Self::InvalidCredentials { cause, connection } => {
+                let mut payload = cause.payload();
+                payload["connection"] = connection.clone();
+                payload
             }
             _ => json!({}),
         }
@@ -328,6 +344,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Unavailable(_) | Self::TooManySockets => Some(1),
+            Self::InvalidCredentials { cause, .. } => cause.retry_after(),
             Self::RefreshRetrying { retry_at, .. } => Some(
                 u64::try_from((*retry_at - chrono::Utc::now()).num_seconds())
                     .unwrap_or(0)

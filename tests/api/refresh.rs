@@ -240,6 +240,23 @@ async fn invalid_grant_is_permanent_until_forced_or_reauthorized(db: &TestDataba
         )
         .await;
     }
+    // Today's route says it as today's Nango does: `invalid_credentials`, with the connection
+    // (never its credentials) beside the failure.
+    let current = assert_error(
+        env.apps[0]
+            .get("/connections/conn-1?provider_config_key=fake")
+            .await,
+        424,
+        "invalid_credentials",
+    )
+    .await;
+    assert_eq!(current["payload"]["failure_class"], "permanent");
+    let connection = &current["payload"]["connection"];
+    assert_eq!(connection["connection_id"], "conn-1", "{current}");
+    assert_eq!(connection["provider_config_key"], "fake");
+    assert_eq!(connection["errors"][0]["type"], "auth", "{current}");
+    assert!(connection.get("credentials").is_none(), "{current}");
+    assert!(!current.to_string().contains("rt-0"), "{current}");
     assert_eq!(env.fake.refresh_requests(), 1, "no further provider calls");
     // A forced refresh tries again.
     env.fake.set_mode(TokenMode::Json);
@@ -282,6 +299,13 @@ async fn a_transient_failure_is_retried_after_the_backoff(db: &TestDatabase) {
         "connection_refresh_retrying",
     )
     .await;
+    let current = env.apps[0]
+        .get("/connections/conn-1?provider_config_key=fake")
+        .await;
+    assert!(current.headers().contains_key("retry-after"));
+    let current = assert_error(current, 503, "invalid_credentials").await;
+    assert_eq!(current["payload"]["failure_class"], "transient");
+    assert_eq!(current["payload"]["connection"]["connection_id"], "conn-1");
     assert_eq!(env.fake.refresh_requests(), 1);
     env.fake.set_mode(TokenMode::Json);
     tokio::time::sleep(Duration::from_millis(1100)).await;
