@@ -153,7 +153,7 @@ fn render(
 }
 
 /// Today's Nango connection object for `view` as JSON bytes.
-fn render_current(
+pub(super) fn render_current(
     view: &ConnectionView,
     with_refresh_token: bool,
     out: &mut dyn std::io::Write,

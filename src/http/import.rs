@@ -7,8 +7,9 @@
 //! schemas say what each field must be.
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{MatchedPath, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use domain::bounds::{TimeOutOfRange, TimeRange};
@@ -20,13 +21,13 @@ use utoipa::ToSchema;
 use workers::provider::parse_expires_at;
 
 use super::ApiError;
-use super::connection::{ConnectionBody, connection_json};
+use super::connection::{ConnectionBody, connection_json, render_current};
 use super::extract::{
     ApiJson, identifier, in_body, object_body, optional_object, optional_str, provider_config_key,
     unpadded,
 };
 use crate::connect_sessions;
-use crate::connections::{self, Import};
+use crate::connections::{self, ConnectionsError, Import};
 use crate::state::AppState;
 
 /// `POST /connection`: existing credentials to import. Either `credentials: {type, …}` (current
@@ -176,10 +177,54 @@ const CREDENTIALS_TYPES: [&str; 5] = ["OAUTH2", "OAUTH1", "API_KEY", "BASIC", "O
 )]
 pub async fn import_connection(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    path: MatchedPath,
+    ApiJson(mut body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    // Today's Nango route: the id is the server's when none is given, an unknown integration
+    // is not found, and the answer is today's connection object.
+    let current = path.as_str() == "/connections";
+    if current
+        && let Some(fields) = body.as_object_mut()
+        && fields.get("connection_id").is_none_or(Value::is_null)
+    {
+        fields.insert(
+            "connection_id".into(),
+            Value::String(uuid::Uuid::new_v4().to_string()),
+        );
+    }
+    if body
+        .get("webhook_url_override")
+        .is_some_and(|url| !matches!(url, Value::Null) && url != "")
+    {
+        return Err(ApiError::InvalidBody(
+            "webhook_url_override: per-connection webhook URLs are not supported; \
+             GRANTLINE_WEBHOOK_URLS applies to every connection"
+                .into(),
+        ));
+    }
     let import = import_of(body)?;
-    let view = connections::import(&state, import).await?;
+    let view = match connections::import(&state, import).await {
+        Ok(view) => view,
+        Err(ConnectionsError::UnknownProviderConfig(key)) if current => {
+            return Err(ApiError::Refused {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found",
+                message: format!("integration {key:?} does not exist"),
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if current {
+        let mut answer = Vec::new();
+        render_current(&view, true, &mut answer)
+            .map_err(|e| ApiError::Internal(format!("rendering the connection: {e}")))?;
+        return Ok((
+            StatusCode::CREATED,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            answer,
+        )
+            .into_response());
+    }
     Ok((StatusCode::CREATED, Json(connection_json(&view, true))).into_response())
 }
 

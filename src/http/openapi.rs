@@ -188,6 +188,34 @@ fn build() -> utoipa::openapi::OpenApi {
                     .build();
                 get.responses.responses.insert("200".into(), current.into());
             }
+            // So does an import there, which may leave the id to the server.
+            if let Some(post) = item.post.as_mut()
+                && rest.is_empty()
+            {
+                let current = ResponseBuilder::new()
+                    .description(
+                        "Imported (`connection_id`: a new UUID when none is given); the \
+                         connection with its credentials, in today's shape",
+                    )
+                    .content(
+                        "application/json",
+                        Content::new(Some(Ref::from_schema_name("CurrentConnection"))),
+                    )
+                    .build();
+                post.responses
+                    .responses
+                    .insert("201".into(), current.into());
+                let not_found = ResponseBuilder::new()
+                    .description("`not_found`: no such integration")
+                    .content(
+                        "application/json",
+                        Content::new(Some(Ref::from_schema_name("Error"))),
+                    )
+                    .build();
+                post.responses
+                    .responses
+                    .insert("404".into(), not_found.into());
+            }
             Some((format!("{CURRENT_FAMILY}{rest}"), item))
         })
         .collect();

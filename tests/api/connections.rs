@@ -309,6 +309,43 @@ async fn the_nested_credentials_form_on_the_plural_route_imports_too(db: &TestDa
         json!({ "type": "OAUTH2", "access_token": "only_access", "raw": {} })
     );
 
+    // Today's route: the server picks the id when none is given, and answers today's object.
+    let created = app
+        .post_json(
+            "/connections",
+            &json!({
+                "provider_config_key": "gh",
+                "credentials": { "type": "OAUTH2", "access_token": "generated_access" },
+                "webhook_url_override": "",
+            }),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let id = created["connection_id"].as_str().unwrap();
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 4),
+        "{created}"
+    );
+    assert_eq!(created["credentials"]["access_token"], "generated_access");
+    assert_eq!(created["errors"], json!([]));
+    assert_eq!(created["end_user"], Value::Null);
+    let read = app
+        .get_ok(&format!("/connections/{id}?provider_config_key=gh"))
+        .await;
+    assert_eq!(read["id"], created["id"]);
+    // An integration that does not exist is not found, as today's Nango says it.
+    let unknown = app
+        .post_json(
+            "/connections",
+            &json!({
+                "provider_config_key": "nope",
+                "credentials": { "type": "OAUTH2", "access_token": "a" },
+            }),
+        )
+        .await;
+    assert_error(unknown, 404, "not_found").await;
+
     // Flat expiry as UNIX seconds.
     import(
         &app,

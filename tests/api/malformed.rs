@@ -287,6 +287,18 @@ fn cases() -> Vec<Case> {
         // POST /connection: fields.
         bad_import(json!({ "connection_id": null }), "missing_connection"),
         bad_import(json!({ "connection_id": " " }), "missing_connection"),
+        // Per-connection webhook URLs are not kept: refused, not dropped.
+        bad_import(
+            json!({ "webhook_url_override": "https://hooks.example.com/x" }),
+            "invalid_body",
+        ),
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "webhook_url_override": "https://h.example/x",
+                    "credentials": { "type": "OAUTH2", "access_token": "a" } }),
+            400,
+            "invalid_body",
+        ),
         // Kept as sent, so a padded id would be another connection than it looks.
         bad_import(json!({ "connection_id": "new-one " }), "invalid_body"),
         bad_import(json!({ "connection_id": "\u{a0}new-one" }), "invalid_body"),
