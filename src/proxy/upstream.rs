@@ -57,6 +57,14 @@ const PASSED_BACK: [&str; 14] = [
     "mcp-session-id",
 ];
 
+/// A provider's rate-limit header (`x-ratelimit-remaining`, `ratelimit-reset`,
+/// `x-rate-limit-limit`, …): the caller paces itself by it, on every answer.
+fn rate_limit(name: &str) -> bool {
+    ["x-ratelimit-", "ratelimit", "x-rate-limit-"]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
 /// The caller's headers that are credentials of their own: sent where the proxy's credential
 /// goes, and nowhere else.
 const CALLER_CREDENTIALS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
@@ -361,10 +369,17 @@ pub fn passthrough(
         .and_then(Coding::of)
         .filter(|_| decompress);
     let mut headers = HeaderMap::new();
+    // A refusal comes with what says why and when to come back (`www-authenticate`, a scope
+    // header, a provider's own error id): all of its end-to-end headers but cookies.
+    let refused = !status.is_success();
     for (name, value) in response.headers() {
         let decoded = coding.is_some()
             && (name == header::CONTENT_ENCODING || name == header::CONTENT_LENGTH);
-        if PASSED_BACK.contains(&name.as_str()) && !decoded {
+        let name_text = name.as_str();
+        let passed = PASSED_BACK.contains(&name_text)
+            || rate_limit(name_text)
+            || (refused && !HOP_BY_HOP.contains(&name_text) && name != header::SET_COOKIE);
+        if passed && !decoded {
             headers.append(name.clone(), value.clone());
         }
     }

@@ -186,6 +186,7 @@ async fn echo(
         [
             ("x-request-id", "upstream-id"),
             ("x-secret-header", "not-for-the-caller"),
+            ("x-ratelimit-remaining", "4999"),
         ],
         Json(json!({
             "method": method.as_str(),
@@ -243,7 +244,14 @@ async fn limited(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
             .to_owned();
         return (
             StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, after)],
+            [
+                (header::RETRY_AFTER, after),
+                (
+                    header::HeaderName::from_static("x-provider-error-id"),
+                    "e-429".into(),
+                ),
+                (header::SET_COOKIE, "provider-session=1".into()),
+            ],
             "slow down",
         )
             .into_response();

@@ -99,6 +99,10 @@ async fn a_proxied_call_carries_the_credential_and_the_callers_headers_and_passe
     // only the useful answer headers came back.
     assert_eq!(headers["content-type"], "application/json");
     assert!(headers.get("x-secret-header").is_none());
+    assert_eq!(
+        headers["x-ratelimit-remaining"], "4999",
+        "the caller paces itself by it"
+    );
 
     let response = service
         .app()
@@ -204,6 +208,14 @@ async fn failures_are_retried_as_asked_within_the_deadline(db: &TestDatabase) {
         StatusCode::SERVICE_UNAVAILABLE,
         "retries used up"
     );
+
+    // A refusal passed back keeps its headers (not its cookies).
+    api.fail_next(0, 1);
+    let response = call(&service, Method::GET, "/api/limited", &[("Retries", "0")]).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-provider-error-id"], "e-429");
+    assert!(response.headers().get("set-cookie").is_none());
 
     api.fail_next(0, 1);
     let started = std::time::Instant::now();
