@@ -114,14 +114,15 @@ pub async fn create(
 pub async fn update(
     state: &AppState,
     key: &str,
-    config: IntegrationConfig,
+    mut config: IntegrationConfig,
 ) -> Result<(), IntegrationsError> {
     known_template(state, &config)?;
-    if queries::find_integration(&state.read_models, key)
-        .await?
-        .is_none()
-    {
+    let Some(current) = queries::find_integration(&state.read_models, key).await? else {
         return Err(IntegrationsError::UnknownProviderConfig(key.to_owned()));
+    };
+    // A name is kept until one replaces it (`/config` and the dashboard never set one).
+    if config.display_name.is_none() {
+        config.display_name = current.integration.settings.display_name;
     }
     let loaded = state
         .commands

@@ -18,7 +18,7 @@
 //! - Entries whose auth mode is a Nango mode Grantline does not serve (API_KEY, BASIC, APP, …)
 //!   are left out and listed by [`Catalog::skipped`]; anything else that is wrong is a
 //!   [`CatalogError`] naming the file and, when known, the entry.
-//! - Fields Grantline does not use (`display_name`, `categories`, `proxy`, `connection_config`,
+//! - Fields Grantline does not use (`categories`, `connection_config`,
 //!   `docs_connect`, …) are ignored. Parameter values keep their YAML text (`2.0` stays `"2.0"`).
 //!
 //! The YAML is read with `serde-saphyr`: pure Rust without `unsafe`, fuzzed to not panic on
@@ -135,6 +135,8 @@ pub enum SignatureMethod {
 pub struct Template {
     /// The catalog key, e.g. `github`.
     pub name: String,
+    /// The provider's name as people read it (`GitHub`), when the template gives one.
+    pub display_name: Option<String>,
     /// OAuth 2.0 or OAuth 1.0a.
     pub auth_mode: AuthMode,
     /// Where the user's browser is sent to grant access.
@@ -363,6 +365,7 @@ type RawParams = BTreeMap<String, Option<String>>;
 #[serde(default)]
 struct RawTemplate {
     alias: Option<String>,
+    display_name: Option<String>,
     auth_mode: Option<String>,
     authorization_url: Option<String>,
     token_url: Option<RawUrl>,
@@ -400,6 +403,7 @@ impl RawTemplate {
     fn over(self, base: RawTemplate) -> RawTemplate {
         RawTemplate {
             alias: None,
+            display_name: self.display_name.or(base.display_name),
             auth_mode: self.auth_mode.or(base.auth_mode),
             authorization_url: self.authorization_url.or(base.authorization_url),
             token_url: self.token_url.or(base.token_url),
@@ -532,6 +536,17 @@ enum Built {
     Skipped(String),
 }
 
+/// A template's `display_name`: 1 to 255 characters without control characters, or none.
+fn display_name(name: Option<String>) -> Result<Option<String>, String> {
+    match name {
+        Some(name) if name.trim().is_empty() => Ok(None),
+        Some(name) if name.chars().count() > 255 || name.chars().any(char::is_control) => Err(
+            "display_name must be at most 255 characters, without control characters".to_owned(),
+        ),
+        name => Ok(name),
+    }
+}
+
 fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
     let auth_mode = match raw.auth_mode.as_deref() {
         None => return Err("auth_mode is missing".to_owned()),
@@ -553,6 +568,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
     if matches!(auth_mode, AuthMode::ApiKey | AuthMode::Basic) {
         return Ok(Built::Template(Box::new(Template {
             name: name.to_owned(),
+            display_name: display_name(raw.display_name)?,
             auth_mode,
             proxy: raw.proxy.unwrap_or_default().build()?,
             docs: raw.docs,
@@ -642,6 +658,7 @@ fn build(name: &str, raw: RawTemplate) -> Result<Built, String> {
 
     Ok(Built::Template(Box::new(Template {
         name: name.to_owned(),
+        display_name: display_name(raw.display_name)?,
         auth_mode,
         authorization_url,
         token_url,
@@ -763,6 +780,11 @@ mod tests {
                 assert!(template.proxy.verification.is_some(), "{}", template.name);
             }
             assert!(template.docs.is_some(), "{} has no docs", template.name);
+            assert!(
+                template.display_name.is_some(),
+                "{} has no display name",
+                template.name
+            );
             if template.auth_mode == AuthMode::OAuth1 {
                 assert!(template.request_url.is_some(), "{}", template.name);
             }
@@ -1243,7 +1265,7 @@ acme:
     }
 
     #[test]
-    fn unknown_fields_of_later_nango_files_are_ignored() {
+    fn unknown_fields_of_later_nango_files_are_ignored_and_the_display_name_kept() {
         let yaml = "\
 acme:
   display_name: Acme
@@ -1271,6 +1293,7 @@ acme:
             acme.token_url,
             "https://${connectionConfig.subdomain}.acme.example/token"
         );
+        assert_eq!(acme.display_name.as_deref(), Some("Acme"));
     }
 
     #[test]

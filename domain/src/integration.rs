@@ -58,6 +58,10 @@ pub struct IntegrationSettings {
     pub client_secret: Sealed,
     /// The scopes to request.
     pub oauth_scopes: Vec<String>,
+    /// The name it is shown by; the template's when absent. (Absent in events written before
+    /// integrations had one.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 /// The integration was created (first time, or again after a deletion).
@@ -321,6 +325,7 @@ mod tests {
             oauth_client_id: "client-1".to_owned(),
             client_secret: secret(b"secret-1"),
             oauth_scopes: vec!["repo".to_owned()],
+            display_name: None,
         }
     }
 
@@ -331,6 +336,7 @@ mod tests {
             oauth_client_id: "client-2".to_owned(),
             client_secret: secret(b"secret-2"),
             oauth_scopes: vec!["repo".to_owned(), "user".to_owned()],
+            display_name: Some("GitHub (production)".to_owned()),
         }
     }
 
@@ -514,6 +520,7 @@ mod tests {
                     "ciphertext": "c2VjcmV0LTI="
                 },
                 "oauth_scopes": ["repo", "user"],
+                "display_name": "GitHub (production)",
                 "updated_at": "2024-05-01T12:01:00Z"
             }),
         );

@@ -168,6 +168,7 @@ impl ConfigInput {
                 oauth_client_id,
                 client_secret: ClientSecret::new(client_secret),
                 oauth_scopes,
+                display_name: None,
             },
         ))
     }

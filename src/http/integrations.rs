@@ -70,7 +70,7 @@ async fn writer(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 fn provider_json(template: &Template, server_url: &str) -> Value {
     let mut body = json!({
         "name": template.name,
-        "display_name": template.name,
+        "display_name": template.display_name.as_deref().unwrap_or(&template.name),
         "logo_url": logo_url(server_url, &template.name),
         "auth_mode": template.auth_mode.as_str(),
         "authorization_params": template.authorization_params,
@@ -193,14 +193,21 @@ pub async fn get_provider(
 fn integration_json(
     record: &IntegrationRecord,
     secret: Option<&ClientSecret>,
-    server_url: &str,
+    state: &AppState,
 ) -> Value {
     let i = &record.integration;
     let mut body = json!({
         "unique_key": i.provider_config_key,
         "provider": i.settings.provider,
-        "display_name": i.settings.provider,
-        "logo": logo_url(server_url, &i.settings.provider),
+        // Its own name, else its template's, else the template's key.
+        "display_name": i.settings.display_name.as_deref().unwrap_or_else(|| {
+            state
+                .catalog
+                .get(&i.settings.provider)
+                .and_then(|t| t.display_name.as_deref())
+                .unwrap_or(&i.settings.provider)
+        }),
+        "logo": logo_url(&state.config.server_url, &i.settings.provider),
         "forward_webhooks": true,
         "created_at": timestamp(i.created_at),
         "updated_at": timestamp(i.updated_at.unwrap_or(i.created_at)),
@@ -238,7 +245,7 @@ pub async fn list_integrations(
         .await?
         .iter()
         .filter(|r| caller.sees(&r.integration.provider_config_key))
-        .map(|r| integration_json(r, None, &state.config.server_url))
+        .map(|r| integration_json(r, None, &state))
         .collect();
     Ok(Json(json!({ "data": data })))
 }
@@ -294,7 +301,7 @@ pub async fn get_integration(
     }
     let (record, secret) = integrations::get(&state, &key, with_secret).await?;
     Ok(Json(
-        json!({ "data": integration_json(&record, secret.as_ref(), &state.config.server_url) }),
+        json!({ "data": integration_json(&record, secret.as_ref(), &state) }),
     ))
 }
 
@@ -341,18 +348,26 @@ pub struct UpdateInput {
 }
 
 /// Fields Grantline does not keep: refused rather than silently dropped.
-fn unkept(display_name: Option<&String>, forward_webhooks: Option<bool>) -> Result<(), ApiError> {
-    if display_name.is_some() {
-        return Err(ApiError::InvalidBody(
-            "display_name: integrations are shown by their provider's name".into(),
-        ));
-    }
+fn unkept(forward_webhooks: Option<bool>) -> Result<(), ApiError> {
     if forward_webhooks == Some(false) {
         return Err(ApiError::InvalidBody(
             "forward_webhooks: Grantline does not forward provider webhooks".into(),
         ));
     }
     Ok(())
+}
+
+/// A `display_name`: 1 to 255 characters, no control characters (Nango's bounds).
+fn display_name(name: Option<String>) -> Result<Option<String>, ApiError> {
+    match name {
+        Some(name) if name.trim().is_empty() || name.chars().count() > 255 => Err(
+            ApiError::InvalidBody("display_name must be 1 to 255 characters".into()),
+        ),
+        Some(name) if name.chars().any(char::is_control) => Err(ApiError::InvalidBody(
+            "display_name contains control characters".into(),
+        )),
+        name => Ok(name),
+    }
 }
 
 fn config_of(
@@ -383,6 +398,7 @@ fn config_of(
         oauth_client_id: credentials.client_id,
         client_secret: ClientSecret::new(credentials.client_secret),
         oauth_scopes: scopes,
+        display_name: None,
     })
 }
 
@@ -408,24 +424,27 @@ pub async fn create_integration(
 ) -> Result<Json<Value>, ApiError> {
     writer(&state, &headers).await?;
     let input: CreateInput = object_body(body)?;
-    unkept(input.display_name.as_ref(), input.forward_webhooks)?;
+    unkept(input.forward_webhooks)?;
+    let name = display_name(input.display_name)?;
     identifier(&input.unique_key, "unique_key").map_err(in_body)?;
     identifier(&input.provider, "provider").map_err(in_body)?;
     // API-key and Basic providers need no credentials; the service refuses an OAuth provider
     // without them.
-    let config = match input.credentials {
+    let mut config = match input.credentials {
         Some(credentials) => config_of(input.provider, credentials)?,
         None => IntegrationConfig {
             provider: input.provider,
             oauth_client_id: String::new(),
             client_secret: ClientSecret::new(String::new()),
             oauth_scopes: Vec::new(),
+            display_name: None,
         },
     };
+    config.display_name = name;
     integrations::create(&state, &input.unique_key, config).await?;
     let (record, _) = integrations::get(&state, &input.unique_key, false).await?;
     Ok(Json(
-        json!({ "data": integration_json(&record, None, &state.config.server_url) }),
+        json!({ "data": integration_json(&record, None, &state) }),
     ))
 }
 
@@ -454,20 +473,37 @@ pub async fn update_integration(
     writer(&state, &headers).await?;
     identifier(&key, "unique_key")?;
     let input: UpdateInput = object_body(body)?;
-    unkept(input.display_name.as_ref(), input.forward_webhooks)?;
+    unkept(input.forward_webhooks)?;
+    let name = display_name(input.display_name)?;
     if input.unique_key.as_ref().is_some_and(|k| *k != key) {
         return Err(ApiError::InvalidBody(
             "unique_key: integrations cannot be renamed".into(),
         ));
     }
     let (record, _) = integrations::get(&state, &key, false).await?;
-    if let Some(credentials) = input.credentials {
-        let config = config_of(record.integration.settings.provider.clone(), credentials)?;
+    let settings = &record.integration.settings;
+    let config = match input.credentials {
+        Some(credentials) => Some(config_of(settings.provider.clone(), credentials)?),
+        // A new name alone: the credentials stay as they are.
+        None if name.is_some() => {
+            let (_, secret) = integrations::get(&state, &key, true).await?;
+            Some(IntegrationConfig {
+                provider: settings.provider.clone(),
+                oauth_client_id: settings.oauth_client_id.clone(),
+                client_secret: secret.unwrap_or_else(|| ClientSecret::new(String::new())),
+                oauth_scopes: settings.oauth_scopes.clone(),
+                display_name: None,
+            })
+        }
+        None => None,
+    };
+    if let Some(mut config) = config {
+        config.display_name = name;
         integrations::update(&state, &key, config).await?;
     }
     let (record, _) = integrations::get(&state, &key, false).await?;
     Ok(Json(
-        json!({ "data": integration_json(&record, None, &state.config.server_url) }),
+        json!({ "data": integration_json(&record, None, &state) }),
     ))
 }
 

@@ -164,6 +164,7 @@ pub fn plan_integrations(
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned)
                         .collect(),
+                    display_name: None,
                 },
             }),
             Err(fault) => errors.push(LineError { at, fault }),

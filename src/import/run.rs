@@ -141,6 +141,7 @@ async fn from_nango(
                 oauth_client_id: config.oauth_client_id.clone(),
                 client_secret: placeholder.clone(),
                 oauth_scopes: config.oauth_scopes.clone(),
+                display_name: config.display_name.clone(),
             },
         )),
         PlannedIntegration::Kept { .. } => None,

@@ -793,11 +793,63 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     )
     .await;
     assert_eq!(config["config"]["oauth_scopes"], "repo,user");
+    // Without a name of its own, an integration is shown by its template's.
+    assert_eq!(created["data"]["display_name"], "GitHub");
+    assert_eq!(provider["data"]["display_name"], "GitHub");
+    // A name of its own: set, replaced alone (the credentials stay), kept by a credentials
+    // update and by the older `/config` routes.
+    let named = json!({"provider": "github", "unique_key": "gh-named", "display_name": "Work GitHub",
+        "credentials": {"type": "OAUTH2", "client_id": "cid", "client_secret": "cs"}});
+    let named = ok_json(post(&env, "/integrations", &named).await).await;
+    assert_eq!(named["data"]["display_name"], "Work GitHub");
+    let patch = |body: Value| {
+        env.app
+            .client
+            .patch(env.app.url("/integrations/gh-named"))
+            .bearer_auth(SECRET_KEY)
+            .json(&body)
+            .send()
+    };
+    let renamed = ok_json(
+        patch(json!({"display_name": "GitHub at work"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(renamed["data"]["display_name"], "GitHub at work");
+    let with_credentials = ok_json(
+        env.app
+            .client
+            .get(env.app.url("/integrations/gh-named?include=credentials"))
+            .bearer_auth(SECRET_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(with_credentials["data"]["credentials"]["client_id"], "cid");
+    assert_eq!(
+        with_credentials["data"]["credentials"]["client_secret"],
+        "cs"
+    );
+    let updated = ok_json(
+        patch(
+            json!({"credentials": {"type": "OAUTH2", "client_id": "cid2", "client_secret": "cs2"}}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(updated["data"]["display_name"], "GitHub at work");
     for bad in [
         json!({"provider": "github", "unique_key": "gh2"}),
         json!({"provider": "nope", "unique_key": "gh3",
                "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
-        json!({"provider": "github", "unique_key": "gh4", "display_name": "GitHub",
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "x".repeat(256),
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "a\u{7}b",
                "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
         json!({"provider": "github", "unique_key": "gh5",
                "credentials": {"type": "APP", "client_id": "c", "client_secret": "s"}}),

@@ -249,6 +249,7 @@ async function main() {
         created = await nango.createIntegration({
             unique_key: KEY,
             provider: PROVIDER,
+            display_name: 'Fake CRM (tests)',
             credentials: {
                 type: 'OAUTH2',
                 client_id: CLIENT_ID,
@@ -266,7 +267,7 @@ async function main() {
             'unique_key', 'provider', 'display_name', 'logo', 'forward_webhooks', 'created_at', 'updated_at',
         ];
         hasKeys(created.data, keys, 'integration');
-        assert.equal(typeof created.data.display_name, 'string');
+        assert.equal(created.data.display_name, 'Fake CRM (tests)');
         assert.equal(typeof created.data.forward_webhooks, 'boolean');
         isTimestamp(created.data.created_at, 'created_at');
         isTimestamp(created.data.updated_at, 'updated_at');
@@ -278,6 +279,12 @@ async function main() {
         assert.ok(mine, `${KEY} not listed`);
         assert.equal(mine.provider, PROVIDER);
         return `${configs.length} integration(s)`;
+    });
+    await step('updateIntegration', async () => {
+        // A new name alone keeps the credentials.
+        const { data } = await nango.updateIntegration({ uniqueKey: KEY }, { display_name: 'Fake CRM' });
+        assert.equal(data.display_name, 'Fake CRM');
+        return data.display_name;
     });
     await step('getIntegration', async () => {
         const { data } = await nango.getIntegration({ uniqueKey: KEY });

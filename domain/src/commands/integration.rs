@@ -22,6 +22,8 @@ pub struct IntegrationConfig {
     pub client_secret: ClientSecret,
     /// The scopes to request.
     pub oauth_scopes: Vec<String>,
+    /// The name it is shown by; on an update, `None` keeps the current one.
+    pub display_name: Option<String>,
 }
 
 impl IntegrationConfig {
@@ -55,6 +57,7 @@ impl IntegrationConfig {
             oauth_client_id: self.oauth_client_id.clone(),
             client_secret: sealed.clone(),
             oauth_scopes: self.oauth_scopes.clone(),
+            display_name: self.display_name.clone(),
         }
     }
 }

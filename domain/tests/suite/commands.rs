@@ -536,6 +536,7 @@ async fn an_integration_is_created_updated_and_deleted_with_its_client_secret_se
         oauth_client_id: client_id.to_owned(),
         client_secret: ClientSecret::new(secret),
         oauth_scopes: vec!["repo".to_owned()],
+        display_name: None,
     };
     const SECRET_1: &str = "client-secret-PlaintextOne0123456789";
     const SECRET_2: &str = "client-secret-PlaintextTwo0123456789";

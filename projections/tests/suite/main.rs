@@ -51,6 +51,7 @@ impl Fixture {
                     oauth_client_id: "client".into(),
                     client_secret: ClientSecret::new("secret"),
                     oauth_scopes: vec!["repo".into()],
+                    display_name: None,
                 },
                 Utc::now(),
             )

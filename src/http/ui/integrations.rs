@@ -208,6 +208,7 @@ fn config_of(form: &IntegrationForm, secret: ClientSecret) -> Result<Integration
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
+        display_name: None,
     })
 }
 
