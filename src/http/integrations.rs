@@ -371,6 +371,7 @@ fn display_name(name: Option<String>) -> Result<Option<String>, ApiError> {
 }
 
 fn config_of(
+    state: &AppState,
     provider: String,
     credentials: CredentialsInput,
 ) -> Result<IntegrationConfig, ApiError> {
@@ -378,6 +379,18 @@ fn config_of(
         return Err(ApiError::InvalidBody(format!(
             "credentials.type: {:?} integrations are not supported",
             credentials.kind
+        )));
+    }
+    // The credentials must be of the kind the provider's flow uses: an OAuth 1.0a client under
+    // an OAuth 2 template (or any client under an API-key one) would never be used.
+    if let Some(template) = state.catalog.get(&provider)
+        && template.auth_mode.as_str() != credentials.kind
+    {
+        return Err(ApiError::InvalidBody(format!(
+            "credentials.type: provider {provider:?} does not take {} credentials (its auth mode \
+             is {})",
+            credentials.kind,
+            template.auth_mode.as_str()
         )));
     }
     if credentials.webhook_secret.is_some_and(|s| !s.is_empty()) {
@@ -431,7 +444,7 @@ pub async fn create_integration(
     // API-key and Basic providers need no credentials; the service refuses an OAuth provider
     // without them.
     let mut config = match input.credentials {
-        Some(credentials) => config_of(input.provider, credentials)?,
+        Some(credentials) => config_of(&state, input.provider, credentials)?,
         None => IntegrationConfig {
             provider: input.provider,
             oauth_client_id: String::new(),
@@ -483,7 +496,7 @@ pub async fn update_integration(
     let (record, _) = integrations::get(&state, &key, false).await?;
     let settings = &record.integration.settings;
     let config = match input.credentials {
-        Some(credentials) => Some(config_of(settings.provider.clone(), credentials)?),
+        Some(credentials) => Some(config_of(&state, settings.provider.clone(), credentials)?),
         // A new name alone: the credentials stay as they are.
         None if name.is_some() => {
             let (_, secret) = integrations::get(&state, &key, true).await?;

@@ -858,8 +858,13 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
         let refused = post(&env, "/integrations", &bad).await;
         assert!(refused.status().is_client_error(), "{bad}");
     }
-    // Body fields are reported as the body's, not as the path's.
+    // Body fields are reported as the body's, not as the path's; credentials of a kind the
+    // provider's flow does not use are refused.
     for bad in [
+        json!({"provider": "github", "unique_key": "gh10",
+               "credentials": {"type": "OAUTH1", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "stripe-api-key", "unique_key": "sk",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
         json!({"provider": "github", "unique_key": "gh7",
                "credentials": {"type": "OAUTH2", "client_id": "a\r\nX-Injected: 1",
                                "client_secret": "s"}}),
