@@ -114,19 +114,38 @@ pub async fn create(
 pub async fn update(
     state: &AppState,
     key: &str,
-    mut config: IntegrationConfig,
+    config: IntegrationConfig,
 ) -> Result<(), IntegrationsError> {
     known_template(state, &config)?;
-    let Some(current) = queries::find_integration(&state.read_models, key).await? else {
+    if queries::find_integration(&state.read_models, key)
+        .await?
+        .is_none()
+    {
         return Err(IntegrationsError::UnknownProviderConfig(key.to_owned()));
-    };
-    // A name is kept until one replaces it (`/config` and the dashboard never set one).
-    if config.display_name.is_none() {
-        config.display_name = current.integration.settings.display_name;
     }
     let loaded = state
         .commands
         .update_integration(key, config, Utc::now())
+        .await
+        .map_err(IntegrationsError::command(key))?;
+    Ok(state.write_read_model::<IntegrationsModel>(&loaded).await?)
+}
+
+/// Gives an integration a new name, nothing else changed.
+pub async fn rename(
+    state: &AppState,
+    key: &str,
+    display_name: &str,
+) -> Result<(), IntegrationsError> {
+    if queries::find_integration(&state.read_models, key)
+        .await?
+        .is_none()
+    {
+        return Err(IntegrationsError::UnknownProviderConfig(key.to_owned()));
+    }
+    let loaded = state
+        .commands
+        .rename_integration(key, display_name, Utc::now())
         .await
         .map_err(IntegrationsError::command(key))?;
     Ok(state.write_read_model::<IntegrationsModel>(&loaded).await?)

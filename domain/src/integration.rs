@@ -204,9 +204,16 @@ pub enum IntegrationCommand {
         settings: IntegrationSettings,
         now: DateTime<Utc>,
     },
-    /// Replace the live integration's configuration.
+    /// Replace the live integration's configuration; a `display_name` of `None` keeps the
+    /// current one.
     Update {
         settings: IntegrationSettings,
+        now: DateTime<Utc>,
+    },
+    /// Give the live integration a new name; the rest of its configuration stays as the log
+    /// has it when this is decided (so a concurrent update is never undone).
+    Rename {
+        display_name: String,
         now: DateTime<Utc>,
     },
     /// Delete the live integration.
@@ -251,10 +258,23 @@ pub fn decide(
                 created_at: now,
             })
         }
-        IntegrationCommand::Update { settings, now } => {
-            existing(state)?;
+        IntegrationCommand::Update { mut settings, now } => {
+            let current = existing(state)?;
+            if settings.display_name.is_none() {
+                settings.display_name = current.settings.display_name.clone();
+            }
             IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
                 settings,
+                updated_at: now,
+            })
+        }
+        IntegrationCommand::Rename { display_name, now } => {
+            let current = existing(state)?;
+            IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+                settings: IntegrationSettings {
+                    display_name: Some(display_name),
+                    ..current.settings.clone()
+                },
                 updated_at: now,
             })
         }
@@ -433,6 +453,52 @@ mod tests {
         assert_eq!(active.settings.oauth_client_id, "client-1");
         assert_eq!(active.created_at, at(3));
         assert_eq!(active.updated_at, None);
+    }
+
+    #[test]
+    fn a_rename_changes_only_the_name_and_an_update_without_one_keeps_it() {
+        let named = |name: &str| IntegrationSettings {
+            display_name: Some(name.to_owned()),
+            ..second_settings()
+        };
+        // Renamed after the update: the update's configuration stays.
+        given(&[created(at(0)), updated(at(1))])
+            .when(IntegrationCommand::Rename {
+                display_name: "Work".to_owned(),
+                now: at(2),
+            })
+            .then(&[IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+                settings: named("Work"),
+                updated_at: at(2),
+            })]);
+        // An update that names none keeps the one the log has.
+        let renamed = IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+            settings: IntegrationSettings {
+                display_name: Some("Work".to_owned()),
+                ..first_settings()
+            },
+            updated_at: at(1),
+        });
+        given(&[created(at(0)), renamed])
+            .when(IntegrationCommand::Update {
+                settings: IntegrationSettings {
+                    display_name: None,
+                    ..second_settings()
+                },
+                now: at(2),
+            })
+            .then(&[IntegrationEvent::IntegrationUpdated(IntegrationUpdated {
+                settings: named("Work"),
+                updated_at: at(2),
+            })]);
+        rejected(
+            &[created(at(0)), deleted(at(1))],
+            IntegrationCommand::Rename {
+                display_name: "Work".to_owned(),
+                now: at(2),
+            },
+            Deleted,
+        );
     }
 
     #[test]

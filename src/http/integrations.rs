@@ -494,25 +494,16 @@ pub async fn update_integration(
         ));
     }
     let (record, _) = integrations::get(&state, &key, false).await?;
-    let settings = &record.integration.settings;
-    let config = match input.credentials {
-        Some(credentials) => Some(config_of(&state, settings.provider.clone(), credentials)?),
-        // A new name alone: the credentials stay as they are.
-        None if name.is_some() => {
-            let (_, secret) = integrations::get(&state, &key, true).await?;
-            Some(IntegrationConfig {
-                provider: settings.provider.clone(),
-                oauth_client_id: settings.oauth_client_id.clone(),
-                client_secret: secret.unwrap_or_else(|| ClientSecret::new(String::new())),
-                oauth_scopes: settings.oauth_scopes.clone(),
-                display_name: None,
-            })
+    match (input.credentials, name) {
+        (Some(credentials), name) => {
+            let provider = record.integration.settings.provider.clone();
+            let mut config = config_of(&state, provider, credentials)?;
+            config.display_name = name;
+            integrations::update(&state, &key, config).await?;
         }
-        None => None,
-    };
-    if let Some(mut config) = config {
-        config.display_name = name;
-        integrations::update(&state, &key, config).await?;
+        // A new name alone: the credentials stay as the log has them.
+        (None, Some(name)) => integrations::rename(&state, &key, &name).await?,
+        (None, None) => {}
     }
     let (record, _) = integrations::get(&state, &key, false).await?;
     Ok(Json(

@@ -841,6 +841,39 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     )
     .await;
     assert_eq!(updated["data"]["display_name"], "GitHub at work");
+    // A rename and a credentials update at once: both land, neither undoes the other.
+    for round in 0..10 {
+        let credentials = json!({"credentials": {"type": "OAUTH2",
+            "client_id": format!("cid-{round}"), "client_secret": format!("cs-{round}")}});
+        let name = json!({"display_name": format!("name {round}")});
+        let (a, b) = tokio::join!(patch(credentials), patch(name));
+        assert!(a.unwrap().status().is_success() && b.unwrap().status().is_success());
+        let now = ok_json(
+            env.app
+                .client
+                .get(env.app.url("/integrations/gh-named?include=credentials"))
+                .bearer_auth(SECRET_KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            now["data"]["display_name"],
+            format!("name {round}"),
+            "{now}"
+        );
+        assert_eq!(
+            now["data"]["credentials"]["client_id"],
+            format!("cid-{round}"),
+            "{now}"
+        );
+        assert_eq!(
+            now["data"]["credentials"]["client_secret"],
+            format!("cs-{round}"),
+            "{now}"
+        );
+    }
     for bad in [
         json!({"provider": "github", "unique_key": "gh2"}),
         json!({"provider": "nope", "unique_key": "gh3",

@@ -22,7 +22,7 @@ pub struct IntegrationConfig {
     pub client_secret: ClientSecret,
     /// The scopes to request.
     pub oauth_scopes: Vec<String>,
-    /// The name it is shown by; on an update, `None` keeps the current one.
+    /// The name it is shown by; on an update, `None` keeps the one the log has then.
     pub display_name: Option<String>,
 }
 
@@ -118,6 +118,35 @@ impl Commands {
             config.update(sealed, now)
         })
         .await
+    }
+
+    /// Gives the live integration a new name; its client secret stays sealed as it is.
+    #[tracing::instrument(
+        name = "commands.rename_integration",
+        skip_all,
+        fields(provider_config_key = %provider_config_key, stream_version = Empty)
+    )]
+    pub async fn rename_integration(
+        &self,
+        provider_config_key: &str,
+        display_name: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Loaded<Integration>, CommandError> {
+        let loaded = self
+            .execute(
+                integration::stream_id(provider_config_key),
+                |state: &Integration| {
+                    Ok(integration::decide(
+                        state,
+                        IntegrationCommand::Rename {
+                            display_name: display_name.to_owned(),
+                            now,
+                        },
+                    )?)
+                },
+            )
+            .await?;
+        Ok(loaded.traced())
     }
 
     /// Deletes the integration, then destroys the data keys of its client secrets.
