@@ -483,7 +483,7 @@ impl ServeArgs {
         }
         let redirect_allowlist =
             parse_origins("GRANTLINE_REDIRECT_ALLOWLIST", &self.redirect_allowlist)?;
-        let browser_origins = match self.browser_origins.as_deref().map(str::trim) {
+        let browser_origins = match non_empty(self.browser_origins.as_deref()) {
             Some("*") => BrowserOrigins::Any,
             Some(list) => BrowserOrigins::Listed(parse_origins("GRANTLINE_BROWSER_ORIGINS", list)?),
             // With a secret key every route a page could call needs the key, a session token or

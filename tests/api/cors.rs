@@ -163,3 +163,16 @@ async fn listed_origins_are_the_only_ones_allowed() {
     websocket(&app, APP).await.unwrap();
     assert_eq!(websocket(&app, "https://other.example.com").await, Err(403));
 }
+
+#[tokio::test]
+async fn an_empty_setting_means_the_default() {
+    let db = TestDatabase::sqlite();
+    let app = spawn_app_with(
+        &db,
+        &new_key(),
+        &["--secret-key", SECRET, "--browser-origins", " "],
+    )
+    .await;
+    let answer = preflight(&app, "/connections", APP).await;
+    assert_eq!(header(&answer, &ACCESS_CONTROL_ALLOW_ORIGIN), Some("*"));
+}
