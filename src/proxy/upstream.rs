@@ -57,6 +57,17 @@ const PASSED_BACK: [&str; 14] = [
     "mcp-session-id",
 ];
 
+/// Whether a `Connection` header lists `name` (a header of that hop only, RFC 9110 §7.6.1).
+fn named_in(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
+    connection.iter().any(|value| {
+        value.to_str().is_ok_and(|tokens| {
+            tokens
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case(name))
+        })
+    })
+}
+
 /// A provider's rate-limit header (`x-ratelimit-remaining`, `ratelimit-reset`,
 /// `x-rate-limit-limit`, …): the caller paces itself by it, on every answer.
 fn rate_limit(name: &str) -> bool {
@@ -369,17 +380,20 @@ pub fn passthrough(
         .and_then(Coding::of)
         .filter(|_| decompress);
     let mut headers = HeaderMap::new();
-    // A refusal comes with what says why and when to come back (`www-authenticate`, a scope
-    // header, a provider's own error id): all of its end-to-end headers but cookies.
+    // A refusal comes with what says why (`www-authenticate`, a scope header, the provider's
+    // own error id): those pass too, but never what would speak for Grantline's origin
+    // (CORS, cookies, security policies: only `x-` headers and `www-authenticate`), nor a
+    // header the provider's `Connection` names as its own hop's.
     let refused = !status.is_success();
+    let hop_only = response.headers().get_all(header::CONNECTION);
     for (name, value) in response.headers() {
         let decoded = coding.is_some()
             && (name == header::CONTENT_ENCODING || name == header::CONTENT_LENGTH);
         let name_text = name.as_str();
         let passed = PASSED_BACK.contains(&name_text)
             || rate_limit(name_text)
-            || (refused && !HOP_BY_HOP.contains(&name_text) && name != header::SET_COOKIE);
-        if passed && !decoded {
+            || (refused && (name_text.starts_with("x-") || name == header::WWW_AUTHENTICATE));
+        if passed && !decoded && !named_in(&hop_only, name_text) {
             headers.append(name.clone(), value.clone());
         }
     }

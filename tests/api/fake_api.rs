@@ -251,6 +251,15 @@ async fn limited(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
                     "e-429".into(),
                 ),
                 (header::SET_COOKIE, "provider-session=1".into()),
+                // What would speak for the proxy's own origin, and a header of this hop only.
+                (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".into()),
+                (header::STRICT_TRANSPORT_SECURITY, "max-age=63072000".into()),
+                (
+                    header::HeaderName::from_static("clear-site-data"),
+                    "\"cookies\"".into(),
+                ),
+                (header::CONNECTION, "x-hop-only".into()),
+                (header::HeaderName::from_static("x-hop-only"), "1".into()),
             ],
             "slow down",
         )
