@@ -335,7 +335,7 @@ pub async fn create(
                 provider_config_key: integration_id.to_owned(),
                 connection_id: connection_id.to_owned(),
             },
-            found.connection.ownership.end_user,
+            found.connection.ownership,
         ))
     } else {
         if body.connection_id.is_some() || body.integration_id.is_some() {
@@ -349,12 +349,31 @@ pub async fn create(
     if reconnect.is_none() && body.end_user.is_none() && body.tags.is_none() {
         return Err(invalid("end_user or tags is required"));
     }
+    if body.organization.is_some() && body.end_user.is_none() {
+        return Err(invalid(
+            "organization: it belongs to an end_user, and there is none",
+        ));
+    }
+    let (keeps_end_user, keeps_tags) = (body.end_user.is_none(), body.tags.is_none());
     let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
-    // A reconnect session names no end user to keep the connection's: the re-authorized
-    // connection stays with the end user it has (its tags are the session's, as any flow's).
-    let (reconnect, end_user) = match reconnect {
-        Some((reconnect, current)) => (Some(reconnect), end_user.or(current)),
-        None => (None, end_user),
+    // A reconnect session that names no end user keeps the connection's, and with no tags
+    // either, its tags: the re-authorized connection stays whose it was, found by the same
+    // end user and tags.
+    let (reconnect, end_user, tags) = match reconnect {
+        Some((reconnect, current)) => (
+            Some(reconnect),
+            if keeps_end_user {
+                current.end_user
+            } else {
+                end_user
+            },
+            if keeps_end_user && keeps_tags {
+                current.tags
+            } else {
+                tags
+            },
+        ),
+        None => (None, end_user, tags),
     };
 
     let allowed_integrations = match body.allowed_integrations {

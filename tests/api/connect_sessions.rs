@@ -235,6 +235,11 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
         "{listed}"
     );
     assert_eq!(listed["connections"][0]["end_user"]["id"], "u2", "{listed}");
+    // Its tags too: it is still found by them.
+    assert_eq!(
+        listed["connections"][0]["tags"]["end_user_id"], "u2",
+        "{listed}"
+    );
 
     let entries = history(&env, "fake", "existing").await;
     let generations: Vec<_> = entries["events"]
@@ -307,6 +312,8 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         json!({"end_user": {"id": "u1", "display_name": "A\u{0}"}}),
         json!({"end_user": user, "webhook_url_override": "ftp://x"}),
         json!({"end_user": user, "connection_id": "c"}),
+        // An organization is an end user's: alone, it would be dropped.
+        json!({"tags": {"k": "v"}, "organization": {"id": "org9"}}),
         json!({"end_user": user, "integrations_config_defaults":
             {"fake": {"authorization_params": {"prompt": "x".repeat(1025)}}}}),
         json!({"end_user": user, "integrations_config_defaults":
