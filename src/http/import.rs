@@ -231,6 +231,19 @@ pub async fn import_connection(
 /// The import a `POST /connection` body asks for, checked field by field; also one line of
 /// `grantline import`.
 pub fn import_of(body: Value) -> Result<Import, ApiError> {
+    // Other fields are ignored, but these are the wrong spelling of ones that matter: taken
+    // for absent, a server id would stand in for the caller's.
+    for (camel, snake) in [
+        ("connectionId", "connection_id"),
+        ("providerConfigKey", "provider_config_key"),
+        ("connectionConfig", "connection_config"),
+    ] {
+        if body.get(camel).is_some() {
+            return Err(ApiError::InvalidBody(format!(
+                "{camel}: the field is {snake}"
+            )));
+        }
+    }
     object_body::<ImportConnection>(body)?.into_import()
 }
 

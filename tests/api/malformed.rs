@@ -287,6 +287,14 @@ fn cases() -> Vec<Case> {
         // POST /connection: fields.
         bad_import(json!({ "connection_id": null }), "missing_connection"),
         bad_import(json!({ "connection_id": " " }), "missing_connection"),
+        // The camel-case spelling of a field that matters is refused, not ignored.
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "connectionId": "c7",
+                    "credentials": { "type": "OAUTH2", "access_token": "a" } }),
+            400,
+            "invalid_body",
+        ),
         // Per-connection webhook URLs are not kept: refused, not dropped.
         bad_import(
             json!({ "webhook_url_override": "https://hooks.example.com/x" }),
