@@ -187,6 +187,12 @@ fn owner(
     organization: Option<&OrganizationBody>,
     tags: Option<BTreeMap<String, String>>,
 ) -> Result<(Option<EndUser>, BTreeMap<String, String>), SessionsError> {
+    // Sent alone, it would be dropped.
+    if organization.is_some() && end_user.is_none() {
+        return Err(invalid(
+            "organization: it belongs to an end_user, and there is none",
+        ));
+    }
     let mut end_user_tags = BTreeMap::new();
     let end_user = match end_user {
         Some(user) => {
@@ -304,6 +310,17 @@ pub fn patched_ownership(
     }))
 }
 
+/// The end user the connection a reconnect session names has now, if any.
+pub async fn current_end_user(
+    state: &AppState,
+    reconnect: &Reconnect,
+) -> Result<Option<EndUser>, SessionsError> {
+    let key = ConnectionKey::new(&reconnect.provider_config_key, &reconnect.connection_id);
+    Ok(queries::find_connection(&state.read_models, &key)
+        .await?
+        .and_then(|found| found.connection.ownership.end_user))
+}
+
 /// Makes a session (a reconnect session when `reconnect` is set).
 pub async fn create(
     state: &AppState,
@@ -327,16 +344,16 @@ pub async fn create(
         check_integration_key(integration_id, "integration_id")?;
         check_len(connection_id, "connection_id", 1, 255)?;
         let key = ConnectionKey::new(integration_id, connection_id);
-        let Some(found) = queries::find_connection(&state.read_models, &key).await? else {
+        if queries::find_connection(&state.read_models, &key)
+            .await?
+            .is_none()
+        {
             return Err(SessionsError::UnknownConnection);
-        };
-        Some((
-            Reconnect {
-                provider_config_key: integration_id.to_owned(),
-                connection_id: connection_id.to_owned(),
-            },
-            found.connection.ownership,
-        ))
+        }
+        Some(Reconnect {
+            provider_config_key: integration_id.to_owned(),
+            connection_id: connection_id.to_owned(),
+        })
     } else {
         if body.connection_id.is_some() || body.integration_id.is_some() {
             return Err(invalid(
@@ -349,32 +366,9 @@ pub async fn create(
     if reconnect.is_none() && body.end_user.is_none() && body.tags.is_none() {
         return Err(invalid("end_user or tags is required"));
     }
-    if body.organization.is_some() && body.end_user.is_none() {
-        return Err(invalid(
-            "organization: it belongs to an end_user, and there is none",
-        ));
-    }
-    let (keeps_end_user, keeps_tags) = (body.end_user.is_none(), body.tags.is_none());
-    let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
     // A reconnect session that names no end user keeps the connection's, and with no tags
-    // either, its tags: the re-authorized connection stays whose it was, found by the same
-    // end user and tags.
-    let (reconnect, end_user, tags) = match reconnect {
-        Some((reconnect, current)) => (
-            Some(reconnect),
-            if keeps_end_user {
-                current.end_user
-            } else {
-                end_user
-            },
-            if keeps_end_user && keeps_tags {
-                current.tags
-            } else {
-                tags
-            },
-        ),
-        None => (None, end_user, tags),
-    };
+    // either, its tags (resolved when its flow authorizes: see `connection::decide`).
+    let (end_user, tags) = owner(body.end_user, body.organization.as_ref(), body.tags)?;
 
     let allowed_integrations = match body.allowed_integrations {
         Some(keys) if !keys.is_empty() => {

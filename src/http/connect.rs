@@ -179,7 +179,13 @@ pub async fn get_session(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let token = session_token(&headers)?;
-    let session = connect_sessions::find(&state, &token, Utc::now()).await?;
+    let mut session = connect_sessions::find(&state, &token, Utc::now()).await?;
+    // A reconnect session that names no end user shows the connection's, which it keeps.
+    if session.end_user.is_none()
+        && let Some(reconnect) = &session.reconnect
+    {
+        session.end_user = connect_sessions::current_end_user(&state, reconnect).await?;
+    }
     Ok(Json(session_view(&session)))
 }
 

@@ -220,26 +220,37 @@ async fn a_reconnect_session_reauthorizes_exactly_the_connection_it_names(db: &T
     .await;
     let shown = ok_json(with_token(&env, reqwest::Method::GET, &token).await).await;
     assert_eq!(shown["data"]["endUser"]["id"], "u2", "{shown}");
+    // The connection changes hands after the session was made: the session follows, and the
+    // re-authorization keeps what the connection has then, not what it had before.
+    let patched = env
+        .app
+        .client
+        .patch(
+            env.app
+                .url("/connections/existing?provider_config_key=fake"),
+        )
+        .bearer_auth(SECRET_KEY)
+        .json(&json!({"end_user": {"id": "u3"}, "tags": {"team": "ops"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(patched.status().is_success());
+    let shown = ok_json(with_token(&env, reqwest::Method::GET, &token).await).await;
+    assert_eq!(shown["data"]["endUser"]["id"], "u3", "{shown}");
     assert_eq!(flow_with(&env, "fake", &token).await, "existing");
     let listed = env
         .app
         .client
-        .get(env.app.url("/connections?endUserId=u2"))
+        .get(env.app.url("/connections?endUserId=u3&tags[team]=ops"))
         .bearer_auth(SECRET_KEY)
         .send()
         .await
         .unwrap();
     let listed = ok_json(listed).await;
-    assert_eq!(
-        listed["connections"][0]["connection_id"], "existing",
-        "{listed}"
-    );
-    assert_eq!(listed["connections"][0]["end_user"]["id"], "u2", "{listed}");
-    // Its tags too: it is still found by them.
-    assert_eq!(
-        listed["connections"][0]["tags"]["end_user_id"], "u2",
-        "{listed}"
-    );
+    let found = &listed["connections"][0];
+    assert_eq!(found["connection_id"], "existing", "{listed}");
+    assert_eq!(found["end_user"]["id"], "u3", "{listed}");
+    assert_eq!(found["tags"]["end_user_id"], "u3", "{listed}");
 
     let entries = history(&env, "fake", "existing").await;
     let generations: Vec<_> = entries["events"]

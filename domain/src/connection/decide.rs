@@ -161,9 +161,26 @@ pub fn decide(
     command: ConnectionCommand,
 ) -> Result<Vec<ConnectionEvent>, ConnectionRejected> {
     let event = match command {
-        ConnectionCommand::Authorize { authorization, now } => {
+        ConnectionCommand::Authorize {
+            mut authorization,
+            now,
+        } => {
             bounded("connection_config", &authorization.connection_config)?;
             expiry_in_range(authorization.expires_at)?;
+            // A connect session that names no end user (a reconnect session) leaves the
+            // connection with the end user it has now, and, naming no tags either, its tags:
+            // resolved here, against the state this is appended after, so that a change made
+            // since the session was created is not undone.
+            if let Connection::Active(active) = state
+                && authorization.ownership.connect_session_id.is_some()
+                && authorization.ownership.end_user.is_none()
+            {
+                let ownership = &mut authorization.ownership;
+                ownership.end_user = active.ownership.end_user.clone();
+                if ownership.tags.is_empty() {
+                    ownership.tags = active.ownership.tags.clone();
+                }
+            }
             ConnectionEvent::ConnectionAuthorized(ConnectionAuthorized {
                 authorization,
                 generation: state.generation().saturating_add(1),
