@@ -57,15 +57,27 @@ const PASSED_BACK: [&str; 14] = [
     "mcp-session-id",
 ];
 
-/// Whether a `Connection` header lists `name` (a header of that hop only, RFC 9110 §7.6.1).
+/// Whether a `Connection` header lists `name` (a header of that hop only, RFC 9110 §7.6.1),
+/// also in a value with bytes that are not text.
 fn named_in(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
     connection.iter().any(|value| {
-        value.to_str().is_ok_and(|tokens| {
-            tokens
-                .split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name))
-        })
+        value
+            .as_bytes()
+            .split(|byte| *byte == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
     })
+}
+
+/// An `x-` header a web server in front of Grantline acts on (nginx's internal redirects and
+/// cache control, the send-file headers of Apache, lighttpd and LiteSpeed): never a provider's
+/// to set.
+fn for_the_front_server(name: &str) -> bool {
+    name.starts_with("x-accel-")
+        || name.starts_with("x-litespeed-")
+        || matches!(
+            name,
+            "x-sendfile" | "x-lighttpd-send-file" | "x-sendfile-type"
+        )
 }
 
 /// A provider's rate-limit header (`x-ratelimit-remaining`, `ratelimit-reset`,
@@ -392,7 +404,9 @@ pub fn passthrough(
         let name_text = name.as_str();
         let passed = PASSED_BACK.contains(&name_text)
             || rate_limit(name_text)
-            || (refused && (name_text.starts_with("x-") || name == header::WWW_AUTHENTICATE));
+            || (refused
+                && ((name_text.starts_with("x-") && !for_the_front_server(name_text))
+                    || name == header::WWW_AUTHENTICATE));
         if passed && !decoded && !named_in(&hop_only, name_text) {
             headers.append(name.clone(), value.clone());
         }

@@ -258,8 +258,14 @@ async fn limited(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
                     header::HeaderName::from_static("clear-site-data"),
                     "\"cookies\"".into(),
                 ),
-                (header::CONNECTION, "x-hop-only".into()),
+                // Not text: a byte that is not ASCII.
+                (header::CONNECTION, "x-hop-only, café".into()),
                 (header::HeaderName::from_static("x-hop-only"), "1".into()),
+                // What a web server in front of the proxy would act on.
+                (
+                    header::HeaderName::from_static("x-accel-redirect"),
+                    "/internal/secret".into(),
+                ),
             ],
             "slow down",
         )

@@ -221,6 +221,7 @@ async fn failures_are_retried_as_asked_within_the_deadline(db: &TestDatabase) {
         "strict-transport-security",
         "clear-site-data",
         "x-hop-only",
+        "x-accel-redirect",
     ] {
         assert!(
             response.headers().get(theirs).is_none(),
