@@ -141,7 +141,7 @@ pub async fn rename(
         .await?
         .is_none()
     {
-        return Err(IntegrationsError::UnknownProviderConfig(key.to_owned()));
+        return Err(IntegrationsError::NotFound(key.to_owned()));
     }
     let loaded = state
         .commands

@@ -237,6 +237,11 @@ pub fn import_of(body: Value) -> Result<Import, ApiError> {
         ("connectionId", "connection_id"),
         ("providerConfigKey", "provider_config_key"),
         ("connectionConfig", "connection_config"),
+        ("accessToken", "access_token"),
+        ("refreshToken", "refresh_token"),
+        ("expiresAt", "expires_at"),
+        ("expiresIn", "expires_in"),
+        ("endUser", "end_user"),
     ] {
         if body.get(camel).is_some() {
             return Err(ApiError::InvalidBody(format!(

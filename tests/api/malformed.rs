@@ -287,6 +287,15 @@ fn cases() -> Vec<Case> {
         // POST /connection: fields.
         bad_import(json!({ "connection_id": null }), "missing_connection"),
         bad_import(json!({ "connection_id": " " }), "missing_connection"),
+        // An organization without its end user would be dropped.
+        post(
+            "/connections",
+            json!({ "provider_config_key": "gh", "organization": { "id": "o5" },
+                    "credentials": { "type": "OAUTH2", "access_token": "a" } }),
+            400,
+            "invalid_body",
+        ),
+        bad_import(json!({ "refreshToken": "r" }), "invalid_body"),
         // The camel-case spelling of a field that matters is refused, not ignored.
         post(
             "/connections",
