@@ -800,16 +800,20 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     assert_error(as_session, 401, "invalid_secret_key").await;
     let created = ok_json(post(&env, "/integrations", &body).await).await;
     assert_eq!(created["data"]["unique_key"], "gh");
-    let config = ok_json(
-        env.app
-            .client
-            .get(env.app.url("/config/gh?include_creds=true"))
-            .bearer_auth(SECRET_KEY)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    // A read with the key, answered 2xx.
+    let app = &env.app;
+    let keyed = |path: &'static str| async move {
+        ok_json(
+            app.client
+                .get(app.url(path))
+                .bearer_auth(SECRET_KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+    let config = keyed("/config/gh?include_creds=true").await;
     assert_eq!(config["config"]["oauth_scopes"], "repo,user");
     // Without a name of its own, an integration is shown by its template's.
     assert_eq!(created["data"]["display_name"], "GitHub");
@@ -835,16 +839,7 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     )
     .await;
     assert_eq!(renamed["data"]["display_name"], "GitHub at work");
-    let with_credentials = ok_json(
-        env.app
-            .client
-            .get(env.app.url("/integrations/gh-named?include=credentials"))
-            .bearer_auth(SECRET_KEY)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let with_credentials = keyed("/integrations/gh-named?include=credentials").await;
     assert_eq!(with_credentials["data"]["credentials"]["client_id"], "cid");
     assert_eq!(
         with_credentials["data"]["credentials"]["client_secret"],
@@ -859,6 +854,21 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
     )
     .await;
     assert_eq!(updated["data"]["display_name"], "GitHub at work");
+    let replaced = env
+        .app
+        .client
+        .put(env.app.url("/config"))
+        .bearer_auth(SECRET_KEY)
+        .json(
+            &json!({"provider_config_key": "gh-named", "provider": "github",
+            "oauth_client_id": "cid3", "oauth_client_secret": "cs3"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(replaced.status().is_success());
+    let kept = keyed("/integrations/gh-named").await;
+    assert_eq!(kept["data"]["display_name"], "GitHub at work", "{kept}");
     // A rename and a credentials update at once: both land, neither undoes the other.
     for round in 0..10 {
         let credentials = json!({"credentials": {"type": "OAUTH2",
@@ -866,16 +876,7 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
         let name = json!({"display_name": format!("name {round}")});
         let (a, b) = tokio::join!(patch(credentials), patch(name));
         assert!(a.unwrap().status().is_success() && b.unwrap().status().is_success());
-        let now = ok_json(
-            env.app
-                .client
-                .get(env.app.url("/integrations/gh-named?include=credentials"))
-                .bearer_auth(SECRET_KEY)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let now = keyed("/integrations/gh-named?include=credentials").await;
         assert_eq!(
             now["data"]["display_name"],
             format!("name {round}"),
