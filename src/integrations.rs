@@ -131,18 +131,13 @@ pub async fn update(
     Ok(state.write_read_model::<IntegrationsModel>(&loaded).await?)
 }
 
-/// Gives an integration a new name, nothing else changed.
+/// Gives an integration a new name, nothing else changed (one that does not exist, or no
+/// longer, is refused by the command itself: not found).
 pub async fn rename(
     state: &AppState,
     key: &str,
     display_name: &str,
 ) -> Result<(), IntegrationsError> {
-    if queries::find_integration(&state.read_models, key)
-        .await?
-        .is_none()
-    {
-        return Err(IntegrationsError::NotFound(key.to_owned()));
-    }
     let loaded = state
         .commands
         .rename_integration(key, display_name, Utc::now())
