@@ -179,39 +179,25 @@ fn build() -> utoipa::openapi::OpenApi {
             if let Some(get) = item.get.as_mut()
                 && (rest == "/{connection_id}" || rest == "/metadata")
             {
-                let current = ResponseBuilder::new()
-                    .description("The connection with its credentials, in today's shape")
-                    .content(
-                        "application/json",
-                        Content::new(Some(Ref::from_schema_name("CurrentConnection"))),
-                    )
-                    .build();
+                let current = json_response(
+                    "The connection with its credentials, in today's shape",
+                    "CurrentConnection",
+                );
                 get.responses.responses.insert("200".into(), current.into());
             }
             // So does an import there, which may leave the id to the server.
             if let Some(post) = item.post.as_mut()
                 && rest.is_empty()
             {
-                let current = ResponseBuilder::new()
-                    .description(
-                        "Imported (`connection_id`: a new UUID when none is given); the \
-                         connection with its credentials, in today's shape",
-                    )
-                    .content(
-                        "application/json",
-                        Content::new(Some(Ref::from_schema_name("CurrentConnection"))),
-                    )
-                    .build();
+                let current = json_response(
+                    "Imported (`connection_id`: a new UUID when none is given); the connection \
+                     with its credentials, in today's shape",
+                    "CurrentConnection",
+                );
                 post.responses
                     .responses
                     .insert("201".into(), current.into());
-                let not_found = ResponseBuilder::new()
-                    .description("`not_found`: no such integration")
-                    .content(
-                        "application/json",
-                        Content::new(Some(Ref::from_schema_name("Error"))),
-                    )
-                    .build();
+                let not_found = json_response("`not_found`: no such integration", "Error");
                 post.responses
                     .responses
                     .insert("404".into(), not_found.into());
@@ -241,6 +227,17 @@ fn build() -> utoipa::openapi::OpenApi {
         }
     }
     doc
+}
+
+/// A JSON answer of the schema `schema`.
+fn json_response(description: &str, schema: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            Content::new(Some(Ref::from_schema_name(schema))),
+        )
+        .build()
 }
 
 /// The operations of a path item.
