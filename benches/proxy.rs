@@ -19,6 +19,10 @@
 //! default 3). The load generator runs in this process, beside the fake provider, on the same
 //! cores as the servers: every path pays for it alike.
 //!
+//! With `BENCH_BASELINE_BIN` (a release build of an earlier commit) a second `grantline serve`
+//! from it runs beside this build's, on the same database, and its proxy is a fifth path in
+//! every round: a change's before and after from one run.
+//!
 //! With `BENCH_PROXY_CPUS` (a `taskset` CPU list, e.g. `1`) every proxy process (Grantline's and
 //! the bare ones) runs on those CPUs and this process (load generator and fake provider) on
 //! `BENCH_WORLD_CPUS` (default `0`): the deployment where the proxy has its own host, and the
@@ -236,8 +240,16 @@ async fn main() {
     let download_mb: usize = setting("BENCH_DOWNLOAD_MB", 100);
     let upstream_ms: u64 = setting("BENCH_UPSTREAM_MS", 20);
 
-    let setup = Setup::with_template("  proxy:\n    base_url: {base}\n").await;
+    let mut setup = Setup::with_template("  proxy:\n    base_url: {base}\n").await;
     let server = setup.start(&[], "warn,grantline::startup=info");
+    // The earlier build, on the same database (instances share one): started after this
+    // build's, so that this one's migrations are the ones applied.
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(|binary| {
+        let own = std::mem::replace(&mut setup.binary, binary.into());
+        let baseline = setup.start(&[], "warn,grantline::startup=info");
+        setup.binary = own;
+        baseline
+    });
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()
@@ -257,7 +269,11 @@ async fn main() {
     if let Ok(proxies) = std::env::var("BENCH_PROXY_CPUS") {
         let world = std::env::var("BENCH_WORLD_CPUS").unwrap_or_else(|_| "0".to_owned());
         pin(std::process::id(), &world);
-        for pid in [server.pid(), with_reqwest.pid(), with_hyper.pid()] {
+        let baseline_pid = baseline.as_ref().map(|b| b.pid());
+        for pid in [server.pid(), with_reqwest.pid(), with_hyper.pid()]
+            .into_iter()
+            .chain(baseline_pid)
+        {
             pin(pid, &proxies);
         }
         println!("proxies on CPUs {proxies}, load generator and fake provider on CPUs {world}\n");
@@ -274,7 +290,7 @@ async fn main() {
     let bare = |url: String| move |c: &reqwest::Client| c.get(&url);
     // The same provider endpoint, directly and through each proxy.
     let paths_to = |endpoint: &str| {
-        [
+        let mut paths = vec![
             Path::new(
                 "direct",
                 None,
@@ -295,7 +311,15 @@ async fn main() {
                 Some(server.pid()),
                 proxied(format!("{}/proxy{endpoint}", server.base)),
             ),
-        ]
+        ];
+        if let Some(baseline) = &baseline {
+            paths.push(Path::new(
+                "grantline, baseline",
+                Some(baseline.pid()),
+                proxied(format!("{}/proxy{endpoint}", baseline.base)),
+            ));
+        }
+        paths
     };
 
     println!(
@@ -305,8 +329,8 @@ async fn main() {
     let mut paths = paths_to("/api/echo");
     let medians = compare(&client, &mut paths, rounds, seconds).await;
     summary(&paths, &medians);
-    let [_, with_reqwest_m, with_hyper_m, grantline_m] = medians[..] else {
-        unreachable!("four paths")
+    let [_, with_reqwest_m, with_hyper_m, grantline_m, ..] = medians[..] else {
+        unreachable!("four paths or more")
     };
     println!(
         "  grantline: {:.0}% of the bare reqwest proxy, {:.0}% of the bare hyper-util proxy",
@@ -321,7 +345,7 @@ async fn main() {
     let mut paths = paths_to(&format!("/api/wait?ms={upstream_ms}"));
     let medians = compare(&client, &mut paths, rounds, seconds).await;
     summary(&paths, &medians);
-    drop((with_reqwest, with_hyper));
+    drop((with_reqwest, with_hyper, baseline));
 
     let before = server.peak_rss_mb();
     let started = Instant::now();
