@@ -5,8 +5,8 @@ use clap::Parser;
 use grantline::config::Cli;
 
 /// mimalloc in place of glibc's allocator: with glibc, a buffer freed on another worker thread than
-/// the one that allocated it waited on a lock shared between threads (`_int_free`), which put
-/// about one proxied call in a hundred a millisecond or more behind.
+/// the one that allocated it waited for that arena's lock (`_int_free`), which lengthened the
+/// slowest proxied calls and reads (README, "Performance").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
