@@ -6,7 +6,7 @@ use grantline::config::Cli;
 
 /// mimalloc in place of glibc's allocator: with glibc, a buffer freed on another worker thread than
 /// the one that allocated it waited for that arena's lock (`_int_free`), which lengthened the
-/// slowest proxied calls and reads (README, "Performance").
+/// slowest proxied calls (README, "Benchmarks").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
