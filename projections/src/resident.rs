@@ -253,12 +253,18 @@ impl<M: StateModel> Resident<M> {
             .filter(|(_, h)| h.touched <= newest_leaving)
             .map(|(id, _)| id.clone())
             .collect();
-        ids.into_iter()
+        let leaving = ids
+            .into_iter()
             .filter_map(|id| {
                 let held = self.held.remove(&id)?;
                 self.leave(&id, held)
             })
-            .collect()
+            .collect();
+        // Those that left unwritten were written now: the queue forgets them, so that it holds
+        // no more streams than memory does.
+        let held = &self.held;
+        self.unwritten.retain(|(_, id)| held.contains_key(id));
+        leaving
     }
 
     /// A held state leaving memory for the shadow: the row to write, unless the shadow has it.
@@ -479,6 +485,27 @@ mod tests {
             assert!(written(&mut resident, Vec::new()).is_empty());
         }
         assert_eq!(written(&mut resident, Vec::new()), ["b"]);
+    }
+
+    #[test]
+    fn the_streams_waiting_unwritten_are_never_more_than_memory_holds() {
+        let mut resident = Resident::<IntegrationsModel>::new(4, 10);
+        // A gap that long makes every new stream wait until it leaves memory.
+        resident.ripens_after = 1_000;
+        let mut table = Table::new();
+        for i in 0..100 {
+            write(
+                &mut table,
+                take(&mut resident, vec![event(&format!("s{i}"), 1)]),
+            );
+            assert!(
+                resident.unwritten.len() <= 4,
+                "{}",
+                resident.unwritten.len()
+            );
+        }
+        write(&mut table, resident.drain().collect());
+        assert_eq!(table.len(), 100);
     }
 
     #[test]
