@@ -13,8 +13,9 @@
 //! cycles, a connection refreshed every so many batches stays in memory and is written once,
 //! when it leaves memory or the log ends. (Writing every new stream with the batch that created
 //! it wrote each connection of such a log twice, a `COPY` and an upsert: 20,000 imported
-//! connections then refreshed 5 times each, 220,001 events, rebuilt on PostgreSQL in 3.4–3.7 s
-//! against 2.2–2.9 s written once; a log of 200,001 imports took as long either way, 5.9–6.8 s.)
+//! connections then refreshed 5 times each, 220,001 events, rebuilt on PostgreSQL in 2.7–3.7 s
+//! against 2.2–2.9 s written once, the latter faster in each of 9 pairs run alternately; a log
+//! of 200,001 imports took as long either way, 5.7–6.8 s.)
 //! A held state that changed after its row was written is written again (upserted) when it
 //! leaves memory or the log ends, once however many events it took in between.
 //!
