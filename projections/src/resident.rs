@@ -431,13 +431,18 @@ mod tests {
         streams
     }
 
+    /// `batches` batches without events, none of which writes anything.
+    fn nothing_written_for(resident: &mut Resident<IntegrationsModel>, batches: u64) {
+        for _ in 0..batches {
+            assert!(written(resident, Vec::new()).is_empty());
+        }
+    }
+
     #[test]
     fn a_new_stream_nothing_touches_is_written_a_few_batches_later() {
         let mut resident = Resident::<IntegrationsModel>::new(100, 10);
         assert!(written(&mut resident, vec![event("a", 1)]).is_empty());
-        for _ in 1..RIPENS_AFTER {
-            assert!(written(&mut resident, Vec::new()).is_empty());
-        }
+        nothing_written_for(&mut resident, RIPENS_AFTER - 1);
         assert_eq!(written(&mut resident, vec![event("b", 1)]), ["a"]);
         assert_eq!(resident.held["a"].shadow, Shadow::Current);
         // Written once: held on, it has nothing more to write at the end.
@@ -452,9 +457,7 @@ mod tests {
         let mut version = 1;
         assert!(written(&mut resident, vec![event("a", version)]).is_empty());
         for _ in 0..5 {
-            for _ in 1..RIPENS_AFTER {
-                assert!(written(&mut resident, Vec::new()).is_empty());
-            }
+            nothing_written_for(&mut resident, RIPENS_AFTER - 1);
             version += 1;
             assert!(written(&mut resident, vec![event("a", version)]).is_empty());
         }
@@ -469,22 +472,16 @@ mod tests {
     fn new_streams_wait_as_long_as_the_longest_gap_seen_between_touches() {
         let mut resident = Resident::<IntegrationsModel>::new(100, 10);
         assert!(written(&mut resident, vec![event("a", 1)]).is_empty());
-        for _ in 1..RIPENS_AFTER {
-            assert!(written(&mut resident, Vec::new()).is_empty());
-        }
+        nothing_written_for(&mut resident, RIPENS_AFTER - 1);
         assert_eq!(written(&mut resident, Vec::new()), ["a"]);
-        for _ in 0..3 {
-            assert!(written(&mut resident, Vec::new()).is_empty());
-        }
+        nothing_written_for(&mut resident, 3);
         // `a`, written, is touched again 2 × RIPENS_AFTER batches after it was created: `b`,
         // new in that batch, waits that long and one more.
         let gap = 2 * RIPENS_AFTER;
         let batches = take(&mut resident, vec![event("a", 2), event("b", 1)]);
         assert!(batches.is_empty());
         assert_eq!(resident.ripens_after, gap + 1);
-        for _ in 0..gap {
-            assert!(written(&mut resident, Vec::new()).is_empty());
-        }
+        nothing_written_for(&mut resident, gap);
         assert_eq!(written(&mut resident, Vec::new()), ["b"]);
     }
 
