@@ -147,10 +147,17 @@ async fn fetch_many(
         )
         .await
         .map_err(pg_error)?;
-    let rows = client
-        .query(&statement, &[&stream_ids])
-        .await
-        .map_err(pg_error)?;
+    // Planned once: PostgreSQL would otherwise plan the query afresh for every batch (the
+    // known length of the array makes each custom plan look cheaper than the generic one), and
+    // planning cost more than running it. The three go out together, in order, on this one
+    // connection, so the setting never outlives the query, whatever its outcome.
+    let (_, rows, _) = futures_util::future::join3(
+        client.batch_execute("SET plan_cache_mode = force_generic_plan"),
+        client.query(&statement, &[&stream_ids]),
+        client.batch_execute("RESET plan_cache_mode"),
+    )
+    .await;
+    let rows = rows.map_err(pg_error)?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -170,4 +177,55 @@ async fn fetch_many(
             (r.get(0), (row, key))
         })
         .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use domain::store::{Backend, StoreOptions};
+    use domain::testing::TestDatabase;
+
+    use super::*;
+
+    /// The query that misses share is planned once for all batches, whatever their length
+    /// (PostgreSQL would plan it afresh for each), and the connection it ran on goes back to
+    /// the pool with the default planning for every other statement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn misses_are_planned_once_and_leave_their_connection_planning_as_before() {
+        let db = TestDatabase::postgres().await;
+        let options = StoreOptions {
+            pool_size: 1,
+            ..StoreOptions::default()
+        };
+        let Backend::Postgres(store) = db.open_with(&options).await else {
+            unreachable!("a PostgreSQL database");
+        };
+        let misses = Misses::default();
+        for batch in 1..=12 {
+            let ids: Vec<String> = (0..batch)
+                .map(|n| format!("connection-{batch}-{n}"))
+                .collect();
+            let found =
+                futures_util::future::join_all(ids.iter().map(|id| misses.find(&store, id)));
+            for found in found.await {
+                assert!(found.unwrap().is_none());
+            }
+        }
+        // The pool's one connection ran every batch.
+        let client = store.pool().get().await.unwrap();
+        let mode = client.query_one("SHOW plan_cache_mode", &[]).await.unwrap();
+        assert_eq!(mode.get::<_, String>(0), "auto");
+        let plans = client
+            .query_one(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+                 WHERE statement LIKE '%LEFT JOIN data_keys%' \
+                 AND statement NOT LIKE '%pg_prepared_statements%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (generic, custom): (i64, i64) = (plans.get(0), plans.get(1));
+        assert_eq!(custom, 0, "custom plans");
+        assert!(generic >= 12, "{generic} generic plans");
+    }
 }
