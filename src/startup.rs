@@ -120,7 +120,7 @@ impl Application {
                     CACHE_TTL,
                     config.connection_cache,
                 )),
-                activity: Arc::new(ReadActivity::new()),
+                activity: Arc::new(ReadActivity::new(config.refresh.active_for)),
                 backend,
                 config: Arc::new(config),
                 catalog,

@@ -7,7 +7,10 @@
 //! through at most one note per cached connection per minute ([`ConnectionCache::first_read`]),
 //! and a note is a map insert under a short lock. The pending map is bounded; past its bound a
 //! note is dropped and counted (the connection is then refreshed on read, as any idle one).
-//! Several instances write the same table; a stream's time only moves forward.
+//! Several instances write the same table; a stream's time only moves forward, and only by more
+//! than a [`STEPS_PER_WINDOW`]th of the activity window (10 minutes of 24 hours): whether a
+//! connection is in use then ends at most that much early, and a connection read all day costs
+//! one row write per step, not one per minute and instance.
 //!
 //! [`ConnectionCache::first_read`]: crate::cache::ConnectionCache::first_read
 
@@ -26,6 +29,12 @@ use crate::store::ReadModels;
 /// Notes waiting for a flush, at most.
 pub const PENDING_LIMIT: usize = 200_000;
 
+/// How many steps of a stored read time make up the activity window.
+pub const STEPS_PER_WINDOW: u32 = 144;
+
+/// The longest step, whatever the window.
+const LONGEST_STEP: Duration = Duration::from_secs(24 * 3600);
+
 /// How long writing the reads (or forgetting old ones) may take: a database that stopped
 /// answering on an open connection (a hung pooler) must not stop the flushes for good.
 const WRITE_LIMIT: Duration = Duration::from_secs(30);
@@ -34,6 +43,8 @@ const WRITE_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 pub struct ReadActivity {
     pending: Mutex<HashMap<StreamId, DateTime<Utc>>>,
+    /// A stored read time is moved only by more than this.
+    step: Duration,
     noted: AtomicU64,
     written: AtomicU64,
     dropped: AtomicU64,
@@ -56,8 +67,12 @@ pub struct ActivityStats {
 }
 
 impl ReadActivity {
-    pub fn new() -> Self {
-        Self::default()
+    /// Notes for an activity window of `window` (`GRANTLINE_REFRESH_ACTIVE_FOR`).
+    pub fn new(window: Duration) -> Self {
+        Self {
+            step: (window / STEPS_PER_WINDOW).min(LONGEST_STEP),
+            ..Self::default()
+        }
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, DateTime<Utc>>> {
@@ -95,7 +110,8 @@ impl ReadActivity {
             .iter()
             .map(|(stream_id, at)| (stream_id.as_str().to_owned(), *at))
             .collect();
-        let written = answered_within(WRITE_LIMIT, read_models.store().note_reads(rows)).await;
+        let written =
+            answered_within(WRITE_LIMIT, read_models.store().note_reads(rows, self.step)).await;
         match written {
             Ok(()) => {
                 self.written.fetch_add(count as u64, Ordering::Relaxed);

@@ -20,6 +20,7 @@ mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -333,8 +334,13 @@ pub trait ReadModelStore: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Vec<ConnectionKey>, ProjectionError>;
 
-    /// Records reads: each stream's last read moves forward to the time given (never back).
-    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError>;
+    /// Records reads: each stream's last read moves forward to the time given (never back), and
+    /// only when by more than `step` (a stream read all the time is written once per `step`).
+    async fn note_reads(
+        &self,
+        reads: Vec<(String, DateTime<Utc>)>,
+        step: Duration,
+    ) -> Result<(), ProjectionError>;
 
     /// Forgets the reads older than `before`; returns how many.
     async fn forget_reads(&self, before: DateTime<Utc>) -> Result<u64, ProjectionError>;

@@ -2,6 +2,7 @@
 //! that text and parsed once.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -340,19 +341,24 @@ impl ReadModelStore for PostgresReadModels {
         )
     }
 
-    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError> {
+    async fn note_reads(
+        &self,
+        reads: Vec<(String, DateTime<Utc>)>,
+        step: Duration,
+    ) -> Result<(), ProjectionError> {
         if reads.is_empty() {
             return Ok(());
         }
         let (streams, times): (Vec<String>, Vec<DateTime<Utc>>) = reads.into_iter().unzip();
+        let step = i64::try_from(step.as_micros()).unwrap_or(i64::MAX);
         self.client()
             .await?
             .execute(
                 "INSERT INTO connection_reads AS r (stream_id, last_read_at) \
                  SELECT * FROM unnest($1::text[], $2::timestamptz[]) \
-                 ON CONFLICT (stream_id) DO UPDATE \
-                   SET last_read_at = greatest(r.last_read_at, excluded.last_read_at)",
-                &[&streams, &times],
+                 ON CONFLICT (stream_id) DO UPDATE SET last_read_at = excluded.last_read_at \
+                 WHERE r.last_read_at < excluded.last_read_at - $3::bigint * interval '1 microsecond'",
+                &[&streams, &times, &step],
             )
             .await
             .map_err(pg_error)?;

@@ -3,6 +3,7 @@
 //! makes a checkpoint's owner unique.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -547,10 +548,15 @@ impl ReadModelStore for SqliteReadModels {
             .await?)
     }
 
-    async fn note_reads(&self, reads: Vec<(String, DateTime<Utc>)>) -> Result<(), ProjectionError> {
+    async fn note_reads(
+        &self,
+        reads: Vec<(String, DateTime<Utc>)>,
+        step: Duration,
+    ) -> Result<(), ProjectionError> {
         if reads.is_empty() {
             return Ok(());
         }
+        let step = i64::try_from(step.as_micros()).unwrap_or(i64::MAX);
         Ok(self
             .store
             .write(move |conn| {
@@ -562,12 +568,13 @@ impl ReadModelStore for SqliteReadModels {
                         .prepare_cached(
                             "INSERT INTO connection_reads (stream_id, last_read_at) \
                              VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE \
-                               SET last_read_at = max(last_read_at, excluded.last_read_at)",
+                               SET last_read_at = excluded.last_read_at \
+                               WHERE last_read_at < excluded.last_read_at - ?3",
                         )
                         .map_err(db)?;
                     for (stream_id, at) in &reads {
                         statement
-                            .execute(params![stream_id, micros(*at)])
+                            .execute(params![stream_id, micros(*at), step])
                             .map_err(db)?;
                     }
                 }

@@ -14,7 +14,10 @@ use projections::queries::{self, DueFacts, DueQuery, DueReason};
 
 use crate::{fixture, settle};
 
-domain::on_both_backends!(the_queries_select_what_the_policy_statement_says);
+domain::on_both_backends!(
+    the_queries_select_what_the_policy_statement_says,
+    a_stored_read_time_moves_only_forward_and_by_more_than_the_step,
+);
 
 /// A connection of the test: its id, provider, token expiry and last read (from `now`).
 struct Case {
@@ -96,7 +99,11 @@ async fn the_queries_select_what_the_policy_statement_says(db: &TestDatabase) {
         }
     }
     settle(&Runner::new(&f.backend)).await;
-    f.read_models.store().note_reads(reads).await.unwrap();
+    f.read_models
+        .store()
+        .note_reads(reads, std::time::Duration::ZERO)
+        .await
+        .unwrap();
 
     // Ticks at several times: now, a day on, four days on (past the salesforce-like
     // provider's keep-alive age), eight days on (past everyone's).
@@ -138,4 +145,39 @@ async fn the_queries_select_what_the_policy_statement_says(db: &TestDatabase) {
             );
         }
     }
+}
+
+/// A stream's stored read time moves forward only, and only by more than the step the reads
+/// are written with (every instance writes them; a connection read all day is written once a
+/// step).
+async fn a_stored_read_time_moves_only_forward_and_by_more_than_the_step(db: &TestDatabase) {
+    let f = fixture(db).await;
+    let store = f.read_models.store();
+    let step = std::time::Duration::from_secs(600);
+    let note = |at, step| store.note_reads(vec![("connection-s".to_owned(), at)], step);
+    // Whether the one stored time is `at`, give or take a second.
+    let stored_at = |at| async move {
+        let since = |t| store.count_reads(t);
+        (
+            since(at - Duration::seconds(1)).await.unwrap(),
+            since(at + Duration::seconds(1)).await.unwrap(),
+        ) == (1, 0)
+    };
+    let t0 = Utc::now();
+    note(t0, step).await.unwrap();
+    assert!(stored_at(t0).await);
+    // Less than a step on: unchanged.
+    note(t0 + Duration::minutes(5), step).await.unwrap();
+    assert!(stored_at(t0).await);
+    // Back in time: unchanged.
+    note(t0 - Duration::hours(1), step).await.unwrap();
+    assert!(stored_at(t0).await);
+    // More than a step on: moved.
+    let later = t0 + Duration::minutes(11);
+    note(later, step).await.unwrap();
+    assert!(stored_at(later).await);
+    // Without a step, any move forward is written.
+    let soon = later + Duration::seconds(30);
+    note(soon, std::time::Duration::ZERO).await.unwrap();
+    assert!(stored_at(soon).await);
 }
