@@ -59,6 +59,9 @@ pub struct Row {
     pub end_user_org_id: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub search: Option<String>,
+    /// The data key the current credentials are sealed under, so that a cache miss finds the
+    /// key without reading inside the state. `None` for everything else.
+    pub data_key_id: Option<uuid::Uuid>,
 }
 
 impl Row {
@@ -84,6 +87,7 @@ impl Row {
             end_user_org_id: None,
             tags: BTreeMap::new(),
             search: None,
+            data_key_id: None,
         }
     }
 }
@@ -133,6 +137,7 @@ impl StateModel for ConnectionsModel {
                         .map(|o| o.id.clone()),
                     tags: active.ownership.tags.clone(),
                     search: Some(search_text(active)),
+                    data_key_id: Some(active.credentials.key_id),
                     ..Row::keyless(stream_id, version, state, active.created_at)
                 })
             }

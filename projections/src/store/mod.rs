@@ -435,7 +435,7 @@ impl ReadModels {
 /// Columns written by an upsert, in order.
 const COLUMNS: &str = "stream_id, version, id, provider_config_key, connection_id, provider, \
      created_at, updated_at, deleted_at, expires_at, refresh_state, state, renewed_at, \
-     end_user_id, end_user_org_id, search";
+     end_user_id, end_user_org_id, search, data_key_id";
 
 /// Upsert that only moves a row forward, and keeps a deleted row's keys and creation time; the
 /// rows come from `source` (`VALUES (…)`, or a `SELECT` of many rows, one per stream), with a
@@ -458,7 +458,7 @@ fn upsert_sql(table: &str, source: &str, tags_column: bool) -> String {
            expires_at = excluded.expires_at, refresh_state = excluded.refresh_state, \
            state = excluded.state, renewed_at = excluded.renewed_at, \
            end_user_id = excluded.end_user_id, end_user_org_id = excluded.end_user_org_id, \
-           search = excluded.search{set_tags} \
+           search = excluded.search, data_key_id = excluded.data_key_id{set_tags} \
          WHERE t.version < excluded.version"
     )
 }

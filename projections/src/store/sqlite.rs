@@ -34,7 +34,8 @@ const OAUTH2: &str = "json_extract(c.state, '$.Active.credentials_type') = 'OAUT
 const RENEWABLE: &str =
     "json_extract(c.state, '$.Active.credentials_type') IN ('OAUTH2', 'OAUTH2_CC')";
 
-const ROW: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const ROW: &str =
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 /// How SQLite writes a list query's filters: integrations and tags as JSON parameters, the
 /// tags looked up pair by pair in `connection_tags` (its `(key, value)` index).
@@ -175,6 +176,7 @@ fn write(conn: &Connection, table: &str, rows: &[Row]) -> Result<(), StoreError>
                 row.end_user_id,
                 row.end_user_org_id,
                 row.search,
+                row.data_key_id.map(|key| key.to_string()),
             ])
             .map_err(db)?;
         // The tags and the search text move with the row: only when the upsert moved it

@@ -121,7 +121,10 @@ async fn an_expired_entry_found_unchanged_keeps_what_was_derived_from_it(db: &Te
     assert_eq!(brief.stats().entries, 1);
 }
 
-domain::on_postgres_only!(while_the_database_is_away_an_expired_entry_is_still_served);
+domain::on_postgres_only!(
+    while_the_database_is_away_an_expired_entry_is_still_served,
+    a_miss_finds_the_data_key_by_the_rows_column_and_without_it,
+);
 
 /// An expired entry whose reload fails because the database cannot be reached is served as it
 /// is (nothing can be committed meanwhile); an entry never loaded is still an error.
@@ -239,4 +242,42 @@ async fn concurrent_misses_each_get_their_own_row_and_key(db: &TestDatabase) {
             None => assert!(n >= 30, "{id} was created"),
         }
     }
+}
+
+/// A live connection's row names the data key of its credentials in a column of its own, which
+/// a miss joins on; a row written before that column (NULL there) still brings its key.
+async fn a_miss_finds_the_data_key_by_the_rows_column_and_without_it(db: &TestDatabase) {
+    let f = fixture(db).await;
+    f.integration("github").await;
+    f.connection("github", "c1").await;
+    settle(&Runner::new(&f.backend)).await;
+    let key = ConnectionKey::new("github", "c1");
+    let pg = db.postgres_client().await;
+    let column = "SELECT data_key_id FROM connections WHERE stream_id = $1";
+    let stream_id = key.stream_id().as_str().to_owned();
+
+    let (sealed_under, brought) = missed_key(&f, &key).await;
+    let stored: Option<uuid::Uuid> = pg.query_one(column, &[&stream_id]).await.unwrap().get(0);
+    assert_eq!(stored, Some(sealed_under));
+    assert_eq!(brought, sealed_under);
+
+    pg.execute("UPDATE connections SET data_key_id = NULL", &[])
+        .await
+        .unwrap();
+    let stored: Option<uuid::Uuid> = pg.query_one(column, &[&stream_id]).await.unwrap().get(0);
+    assert_eq!(stored, None);
+    let (sealed_under, brought) = missed_key(&f, &key).await;
+    assert_eq!(brought, sealed_under, "found through the state");
+}
+
+/// What a miss of `key` in a new replica finds: the data key its credentials name, and the data
+/// key it brings.
+async fn missed_key(f: &crate::Fixture, key: &ConnectionKey) -> (uuid::Uuid, uuid::Uuid) {
+    let (found, data_key) = ConnectionCache::<()>::new(LONG, 16)
+        .find_keyed(&f.read_models, key)
+        .await
+        .unwrap()
+        .unwrap();
+    let brought = data_key.expect("a miss brings the data key").key_id;
+    (found.record.connection.credentials.key_id, brought)
 }

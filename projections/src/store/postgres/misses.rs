@@ -137,7 +137,8 @@ fn answer(
     }
 }
 
-/// The live rows of `stream_ids` with the data keys their credentials are sealed under.
+/// The live rows of `stream_ids` with the data keys their credentials are sealed under (named by
+/// the row's column, or inside its state for rows written before that column).
 async fn fetch_many(
     store: &PostgresStore,
     stream_ids: &[&str],
@@ -147,7 +148,8 @@ async fn fetch_many(
         .prepare_cached(
             "SELECT c.stream_id, c.id, c.version, c.state::text, k.key_id, k.owner, \
              k.master_key_id, k.wrapped FROM connections c LEFT JOIN data_keys k \
-             ON k.key_id = (c.state #>> '{Active,credentials,key_id}')::uuid \
+             ON k.key_id = coalesce(c.data_key_id, \
+                                    (c.state #>> '{Active,credentials,key_id}')::uuid) \
              WHERE c.stream_id = ANY($1) AND c.deleted_at IS NULL",
         )
         .await

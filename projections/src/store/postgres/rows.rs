@@ -16,13 +16,13 @@ use crate::model::Row;
 
 /// One row.
 const ROW: &str =
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 
 /// A batch's rows as one array per column: one statement, one round trip, however many rows.
 const ROWS: &str = "SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], \
      $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
      $10::timestamptz[], $11::text[], $12::json[], $13::timestamptz[], $14::text[], $15::text[], \
-     $16::text[], $17::jsonb[])";
+     $16::text[], $17::uuid[], $18::jsonb[])";
 
 pub(super) async fn load(
     client: &impl GenericClient,
@@ -96,7 +96,7 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn values(&self) -> [&(dyn ToSql + Sync); 17] {
+    fn values(&self) -> [&(dyn ToSql + Sync); 18] {
         let row = self.row;
         [
             &row.stream_id,
@@ -115,6 +115,7 @@ impl<'a> Params<'a> {
             &row.end_user_id,
             &row.end_user_org_id,
             &row.search,
+            &row.data_key_id,
             &self.tags,
         ]
     }
@@ -155,6 +156,7 @@ async fn write_many(
     let end_users: Vec<Option<&str>> = rows.iter().map(|r| r.end_user_id.as_deref()).collect();
     let orgs: Vec<Option<&str>> = rows.iter().map(|r| r.end_user_org_id.as_deref()).collect();
     let searches: Vec<Option<&str>> = rows.iter().map(|r| r.search.as_deref()).collect();
+    let data_keys: Vec<Option<uuid::Uuid>> = rows.iter().map(|r| r.data_key_id).collect();
     let tags: Vec<Option<Json<&BTreeMap<String, String>>>> =
         rows.iter().map(|r| tags_json(&r.tags)).collect();
     client
@@ -177,6 +179,7 @@ async fn write_many(
                 &end_users,
                 &orgs,
                 &searches,
+                &data_keys,
                 &tags,
             ],
         )
@@ -231,6 +234,7 @@ pub(super) async fn copy_into(
         text.clone(),
         text.clone(),
         text,
+        Type::UUID,
         Type::JSONB,
     ];
     let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
