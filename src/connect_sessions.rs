@@ -126,6 +126,18 @@ fn check_len(value: &str, field: &str, min: usize, max: usize) -> Result<(), Ses
     Ok(())
 }
 
+/// A name shown on the dashboard and the Connect page: at most 255 characters that display as
+/// they read ([`domain::bounds::displayable`]).
+fn check_display_name(value: &str, field: &str) -> Result<(), SessionsError> {
+    if value.chars().count() > 255 || !domain::bounds::displayable(value) {
+        return Err(invalid(format!(
+            "{field} must be at most 255 characters without control, bidirectional or \
+             zero-width characters"
+        )));
+    }
+    Ok(())
+}
+
 /// Integration keys as Nango accepts them.
 /// The most `authorization_params` a session's defaults may give an integration, and the
 /// longest value (one of them, or `user_scopes`): they go into the provider's authorization
@@ -203,14 +215,14 @@ fn owner(
                 return Err(invalid("end_user.email must be an e-mail address"));
             }
             if let Some(name) = &user.display_name {
-                check_len(name, "end_user.display_name", 0, 255)?;
+                check_display_name(name, "end_user.display_name")?;
             }
             end_user_tags = user.tags.unwrap_or_default();
             let organization = match organization {
                 Some(org) => {
                     check_len(&org.id, "organization.id", 0, 255)?;
                     if let Some(name) = &org.display_name {
-                        check_len(name, "organization.display_name", 0, 255)?;
+                        check_display_name(name, "organization.display_name")?;
                     }
                     Some(Organization {
                         id: org.id.clone(),

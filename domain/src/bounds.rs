@@ -187,12 +187,60 @@ pub fn in_range(t: Option<DateTime<Utc>>) -> Result<(), TimeOutOfRange> {
     }
 }
 
+/// Whether `text` can be shown to a person as it reads: no control characters, and none of the
+/// invisible characters that change how the text around them looks: the bidirectional controls
+/// (which can make a name display as another, the "Trojan Source" trick) and the zero-width
+/// spaces and joiners that hide inside a look-alike. The zero-width joiner and non-joiner stay
+/// allowed: emoji sequences and Persian and Indic spelling need them.
+pub fn displayable(text: &str) -> bool {
+    !text.chars().any(|c| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061C}'                   // Arabic letter mark
+                | '\u{200B}'                 // zero-width space
+                | '\u{200E}' | '\u{200F}'     // left-to-right and right-to-left marks
+                | '\u{202A}'..='\u{202E}'     // embeddings, overrides and their end
+                | '\u{2060}'..='\u{2064}'     // word joiner and invisible operators
+                | '\u{2066}'..='\u{2069}'     // isolates and their end
+                | '\u{FEFF}' // zero-width no-break space
+            )
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn displayable_text_refuses_controls_and_invisible_reordering() {
+        for good in [
+            "GitHub",
+            "Zoë's CRM",
+            "\u{05E9}\u{05DC}\u{05D5}\u{05DD}",
+            "\u{1F468}\u{200D}\u{1F4BB} dev",
+            "\u{0645}\u{06CC}\u{200C}\u{062E}\u{0648}\u{0627}\u{0647}\u{0645}",
+            "",
+        ] {
+            assert!(displayable(good), "{good:?}");
+        }
+        for bad in [
+            "a\u{0007}b",
+            "tab\there",
+            "\u{202E}buHtiG",
+            "Git\u{200B}Hub",
+            "a\u{2066}b\u{2069}",
+            "\u{FEFF}x",
+            "\u{200F}x",
+            "\u{061C}x",
+            "\u{0085}x",
+        ] {
+            assert!(!displayable(bad), "{bad:?}");
+        }
+    }
 
     fn nested(levels: usize) -> Value {
         (1..levels).fold(json!({}), |inner, _| json!({ "a": inner }))

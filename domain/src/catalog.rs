@@ -536,12 +536,15 @@ enum Built {
     Skipped(String),
 }
 
-/// A template's `display_name`: 1 to 255 characters without control characters, or none.
+/// A template's `display_name`: 1 to 255 characters that display as they read
+/// ([`crate::bounds::displayable`]), or none.
 fn display_name(name: Option<String>) -> Result<Option<String>, String> {
     match name {
         Some(name) if name.trim().is_empty() => Ok(None),
-        Some(name) if name.chars().count() > 255 || name.chars().any(char::is_control) => Err(
-            "display_name must be at most 255 characters, without control characters".to_owned(),
+        Some(name) if name.chars().count() > 255 || !crate::bounds::displayable(&name) => Err(
+            "display_name must be at most 255 characters, without control, bidirectional or \
+             zero-width characters"
+                .to_owned(),
         ),
         name => Ok(name),
     }

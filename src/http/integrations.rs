@@ -357,14 +357,15 @@ fn unkept(forward_webhooks: Option<bool>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A `display_name`: 1 to 255 characters, no control characters (Nango's bounds).
+/// A `display_name`: 1 to 255 characters (Nango's bounds) that display as they read (no control
+/// characters, no bidirectional or zero-width ones: end users see the name on the Connect page).
 fn display_name(name: Option<String>) -> Result<Option<String>, ApiError> {
     match name {
         Some(name) if name.trim().is_empty() || name.chars().count() > 255 => Err(
             ApiError::InvalidBody("display_name must be 1 to 255 characters".into()),
         ),
-        Some(name) if name.chars().any(char::is_control) => Err(ApiError::InvalidBody(
-            "display_name contains control characters".into(),
+        Some(name) if !domain::bounds::displayable(&name) => Err(ApiError::InvalidBody(
+            "display_name contains control, bidirectional or zero-width characters".into(),
         )),
         name => Ok(name),
     }

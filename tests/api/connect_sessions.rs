@@ -321,6 +321,10 @@ async fn sessions_refuse_bad_bodies_foreign_integrations_chosen_ids_and_dead_tok
         // PostgreSQL's jsonb (the log) cannot hold U+0000.
         json!({"tags": {"k": "v\u{0}"}}),
         json!({"end_user": {"id": "u1", "display_name": "A\u{0}"}}),
+        // Names the Connect page and the dashboard show: nothing that reorders or hides text.
+        json!({"end_user": {"id": "u1", "display_name": "\u{202E}nimdA"}}),
+        json!({"end_user": {"id": "u1", "display_name": "Ad\u{200B}min"}}),
+        json!({"end_user": user, "organization": {"id": "o1", "display_name": "Acme\u{2067}"}}),
         json!({"end_user": user, "webhook_url_override": "ftp://x"}),
         json!({"end_user": user, "connection_id": "c"}),
         // An organization is an end user's: alone, it would be dropped.
@@ -902,6 +906,10 @@ async fn integrations_and_providers_answer_the_key_and_a_session_in_todays_shape
         json!({"provider": "github", "unique_key": "gh4", "display_name": "x".repeat(256),
                "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
         json!({"provider": "github", "unique_key": "gh4", "display_name": "a\u{7}b",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "\u{202E}buHtiG",
+               "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
+        json!({"provider": "github", "unique_key": "gh4", "display_name": "Git\u{FEFF}Hub",
                "credentials": {"type": "OAUTH2", "client_id": "c", "client_secret": "s"}}),
         json!({"provider": "github", "unique_key": "gh5",
                "credentials": {"type": "APP", "client_id": "c", "client_secret": "s"}}),
