@@ -92,6 +92,10 @@ pub enum ApiError {
     /// 415: the body is not sent as `application/json`.
     #[error("send the body as application/json")]
     UnsupportedMediaType,
+    /// 400: more than one `Content-Type`, so what the body is in is ambiguous (a server behind
+    /// might read it as the other).
+    #[error("send one Content-Type: this request has several")]
+    DuplicateContentType,
     /// 413: the body is larger than the server accepts.
     #[error("the body is too large")]
     PayloadTooLarge,
@@ -202,6 +206,7 @@ impl ApiError {
             Self::InvalidBody(_) => (S::BAD_REQUEST, "invalid_body"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
             Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_content_type"),
+            Self::DuplicateContentType => (S::BAD_REQUEST, "invalid_content_type"),
             Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::InvalidQuery(_) => (S::BAD_REQUEST, "invalid_query_params"),
             Self::InvalidPath(_) => (S::BAD_REQUEST, "invalid_uri_params"),

@@ -6,6 +6,7 @@
 //!   limit (`413` from the handler that reads it);
 //! - a request that takes longer than `GRANTLINE_REQUEST_TIMEOUT` (a body trickled in, a handler
 //!   stuck) is answered `408`;
+//! - a request with more than one `Content-Type` gets `400 invalid_content_type`;
 //! - every answer says `Cache-Control: no-store`: many carry a token or a secret, and none is
 //!   worth keeping in a cache.
 //!
@@ -20,7 +21,7 @@ use std::time::Duration;
 use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::HeaderValue;
-use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HOST};
+use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use axum::response::{IntoResponse, Response};
 use tokio::time::Sleep;
 use tower::{Layer, Service};
@@ -114,6 +115,17 @@ fn admit(state: &AppState, request: Request) -> Result<Request, ApiError> {
         return Err(ApiError::InvalidQuery(
             "the query string is not UTF-8 once percent-decoded".into(),
         ));
+    }
+    // A single-valued field given twice: the handler (and a provider behind the proxy) could
+    // each read the body as a different type.
+    if request
+        .headers()
+        .get_all(CONTENT_TYPE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(ApiError::DuplicateContentType);
     }
     if announced.is_some_and(|length| length > limit) {
         refused.add(Limit::BodyTooLarge);

@@ -268,6 +268,21 @@ fn cases() -> Vec<Case> {
             415,
             "invalid_content_type",
         ),
+        // Two types for one body: refused before any handler picks one.
+        with_header(
+            case(
+                Method::POST,
+                "/connection",
+                Body::Raw(
+                    Some("application/json"),
+                    import_body(json!({})).to_string().into_bytes(),
+                ),
+                400,
+                "invalid_content_type",
+            ),
+            "Content-Type",
+            "text/plain",
+        ),
         case(
             Method::POST,
             "/connection",
