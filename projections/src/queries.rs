@@ -80,20 +80,38 @@ fn connection_record(
     }
 }
 
-/// [`find_connection_in`], with the data key its credentials are sealed under as the key store
-/// holds it (when the store has it): one query for both.
+/// A live connection as a cache miss loads it.
+#[derive(Debug)]
+pub struct KeyedConnection {
+    pub record: ConnectionRecord,
+    /// The data key its credentials are sealed under, as the key store holds it (when the
+    /// store has it).
+    pub data_key: Option<StoredDataKey>,
+    /// The length of the stored state's JSON text, which the record was parsed from: what it
+    /// takes in memory goes with it.
+    pub stored_bytes: usize,
+}
+
+/// [`find_connection_in`], with the data key its credentials are sealed under: one query for
+/// both.
 pub async fn find_connection_keyed(
     read_models: &ReadModels,
     stream_id: &StreamId,
-) -> Result<Option<(ConnectionRecord, Option<StoredDataKey>)>, ProjectionError> {
-    let Some((row, key)) = read_models
+) -> Result<Option<KeyedConnection>, ProjectionError> {
+    let Some((row, data_key)) = read_models
         .store()
         .find_connection(stream_id.as_str())
         .await?
     else {
         return Ok(None);
     };
-    Ok(connection_record(stream_id, &row)?.map(|record| (record, key)))
+    Ok(
+        connection_record(stream_id, &row)?.map(|record| KeyedConnection {
+            record,
+            data_key,
+            stored_bytes: row.state.len(),
+        }),
+    )
 }
 
 /// The integration `provider_config_key`, unless absent or deleted.

@@ -233,7 +233,11 @@ async fn concurrent_misses_each_get_their_own_row_and_key(db: &TestDatabase) {
     for (id, found) in asked.iter().zip(found) {
         let n: usize = id[1..].parse().unwrap();
         match found.unwrap() {
-            Some((record, key)) => {
+            Some(queries::KeyedConnection {
+                record,
+                data_key: key,
+                ..
+            }) => {
                 assert!(n < 30, "{id} was never created");
                 assert_eq!(&record.connection.connection_id, id);
                 let key = key.expect("its data key comes with it");
