@@ -187,25 +187,27 @@ pub fn in_range(t: Option<DateTime<Utc>>) -> Result<(), TimeOutOfRange> {
     }
 }
 
-/// Whether `text` can be shown to a person as it reads: no control characters, and none of the
-/// invisible characters that change how the text around them looks: the bidirectional controls
-/// (which can make a name display as another, the "Trojan Source" trick) and the zero-width
-/// spaces and joiners that hide inside a look-alike. The zero-width joiner and non-joiner stay
-/// allowed: emoji sequences and Persian and Indic spelling need them.
+/// Whether `text` can be shown to a person as it reads: no control characters, none of the
+/// bidirectional controls (which can make a name display as another, the "Trojan Source"
+/// trick), and none of the invisible characters that can hide inside a look-alike (zero-width
+/// space, word joiner, invisible operators, zero-width no-break space). The zero-width joiner
+/// and non-joiner stay allowed: emoji sequences and Persian and Indic spelling need them.
 pub fn displayable(text: &str) -> bool {
-    !text.chars().any(|c| {
-        c.is_control()
-            || matches!(
-                c,
-                '\u{061C}'                   // Arabic letter mark
-                | '\u{200B}'                 // zero-width space
-                | '\u{200E}' | '\u{200F}'     // left-to-right and right-to-left marks
-                | '\u{202A}'..='\u{202E}'     // embeddings, overrides and their end
-                | '\u{2060}'..='\u{2064}'     // word joiner and invisible operators
-                | '\u{2066}'..='\u{2069}'     // isolates and their end
-                | '\u{FEFF}' // zero-width no-break space
-            )
-    })
+    !text
+        .chars()
+        .any(|c| c.is_control() || BIDI_CONTROLS.contains(&c) || hides(c))
+}
+
+/// The Arabic letter mark, the left-to-right and right-to-left marks, the embeddings and
+/// overrides with their end, and the isolates with theirs.
+const BIDI_CONTROLS: &[char] = &[
+    '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}',
+    '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+];
+
+/// Whether `c` takes no room and joins nothing a reader needs.
+fn hides(c: char) -> bool {
+    matches!(c, '\u{200B}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
 }
 
 #[cfg(test)]
