@@ -304,7 +304,8 @@ impl ReadModelStore for SqliteReadModels {
                 conn.prepare_cached(
                     "SELECT c.id, c.version, c.state, k.key_id, k.owner, k.master_key_id, \
                      k.wrapped FROM connections c LEFT JOIN data_keys k \
-                     ON k.key_id = json_extract(c.state, '$.Active.credentials.key_id') \
+                     ON k.key_id = coalesce(c.data_key_id, \
+                                            json_extract(c.state, '$.Active.credentials.key_id')) \
                      WHERE c.stream_id = ?1 AND c.deleted_at IS NULL",
                 )
                 .and_then(|mut s| {
